@@ -1,0 +1,53 @@
+// swift-tools-version: 6.2
+// The module diagram: a target imports only targets below it.
+//   fammig (executable)   flags, logging bootstrap, driver choice, exit codes
+//   Oracles               register/state compare, page digests, end-to-end checksums
+//   Engine                actors, FAM image, real FAM backend, threaded driver
+//   Sys (+ CSys)          the only raw syscalls and unsafe pointers
+import PackageDescription
+
+let package = Package(
+    name: "fammig",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "fammig", targets: ["fammig"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-atomics", from: "1.3.0"),
+        .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.2.0"),
+    ],
+    targets: [
+        .target(name: "CSys"),
+        .systemLibrary(name: "CSeccomp", pkgConfig: "libseccomp", providers: [.apt(["libseccomp-dev"])]),
+        .systemLibrary(name: "CCap", pkgConfig: "libcap", providers: [.apt(["libcap-dev"])]),
+        .target(
+            name: "Sys",
+            dependencies: [
+                "CSys", "CSeccomp", "CCap",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
+        .target(
+            name: "Engine",
+            dependencies: [
+                "Sys",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Atomics", package: "swift-atomics"),
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
+            ]
+        ),
+        .target(name: "Oracles", dependencies: ["Engine", "Sys"]),
+        .executableTarget(
+            name: "fammig",
+            dependencies: [
+                "Engine", "Oracles",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .testTarget(name: "EngineTests", dependencies: ["Engine", "Oracles", "Sys"]),
+    ]
+)

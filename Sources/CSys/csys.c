@@ -1,0 +1,134 @@
+#define _GNU_SOURCE
+#include "CSys.h"
+
+#include <errno.h>
+#include <sched.h>
+#include <signal.h>
+#include <unistd.h>
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/ptrace.h>
+#include <sys/prctl.h>
+#include <sys/personality.h>
+#include <sys/syscall.h>
+
+long csys_ptrace(long request, pid_t pid, void *address, void *data) {
+    return syscall(SYS_ptrace, request, pid, address, data);
+}
+
+long csys_syscall6(long number, long a1, long a2, long a3, long a4, long a5, long a6) {
+    return syscall(number, a1, a2, a3, a4, a5, a6);
+}
+
+pid_t csys_gettid(void) { return (pid_t)syscall(SYS_gettid); }
+int csys_pidfd_open(pid_t pid) { return (int)syscall(SYS_pidfd_open, pid, 0); }
+int csys_pidfd_getfd(int pidfd, int targetfd) { return (int)syscall(SYS_pidfd_getfd, pidfd, targetfd, 0); }
+int csys_pidfd_send_signal(int pidfd, int signal) {
+    return (int)syscall(SYS_pidfd_send_signal, pidfd, signal, NULL, 0);
+}
+
+ssize_t csys_process_vm_readv(pid_t pid, const struct iovec *local, unsigned long localCount,
+                              const struct iovec *remote, unsigned long remoteCount) {
+    return process_vm_readv(pid, local, localCount, remote, remoteCount, 0);
+}
+
+ssize_t csys_process_vm_writev(pid_t pid, const struct iovec *local, unsigned long localCount,
+                               const struct iovec *remote, unsigned long remoteCount) {
+    return process_vm_writev(pid, local, localCount, remote, remoteCount, 0);
+}
+
+int csys_pin_to_cpu(pid_t tid, int cpu) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    return sched_setaffinity(tid, sizeof set, &set);
+}
+
+int csys_prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4, unsigned long a5) {
+    return prctl(option, a2, a3, a4, a5);
+}
+
+pid_t csys_spawn_traced(const char *path, char *const argv[], char *const envp[], pid_t wantedPID,
+                        unsigned long personalityValue) {
+    struct clone_args arguments = {0};
+    pid_t tids[1] = {wantedPID};
+    arguments.exit_signal = SIGCHLD;
+    if (wantedPID > 0) {
+        arguments.set_tid = (uint64_t)(uintptr_t)tids;
+        arguments.set_tid_size = 1;
+    }
+    long child = syscall(SYS_clone3, &arguments, sizeof arguments);
+    if (child != 0) return (pid_t)child;
+    // Child: only raw syscalls from here on (the parent may have had other threads).
+    syscall(SYS_prctl, PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+    if (personalityValue != 0xffffffffUL) syscall(SYS_personality, personalityValue);
+    if (syscall(SYS_ptrace, PTRACE_TRACEME, 0, 0, 0) != 0) syscall(SYS_exit_group, 126);
+    syscall(SYS_execve, path, argv, envp);
+    syscall(SYS_exit_group, 127);
+    return -1;
+}
+
+__attribute__((target("clwb"))) static void flush_clwb(const char *p, const char *end) {
+    for (; p < end; p += 64) _mm_clwb((void *)p);
+}
+__attribute__((target("clflushopt"))) static void flush_clflushopt(const char *p, const char *end) {
+    for (; p < end; p += 64) _mm_clflushopt((void *)p);
+}
+static void flush_clflush(const char *p, const char *end) {
+    for (; p < end; p += 64) _mm_clflush((void *)p);
+}
+
+void csys_flush_range(const void *address, size_t byteCount, int method) {
+    if (byteCount == 0) return;
+    const char *start = (const char *)((uintptr_t)address & ~(uintptr_t)63);
+    const char *end = (const char *)address + byteCount;
+    switch (method) {
+    case 0: flush_clwb(start, end); break;
+    case 1: flush_clflushopt(start, end); break;
+    default: flush_clflush(start, end); break;
+    }
+}
+
+void csys_sfence(void) { _mm_sfence(); }
+
+int csys_best_flush_method(void) {
+    unsigned int a, b, c, d;
+    if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) {
+        if (b & (1u << 24)) return 0;
+        if (b & (1u << 23)) return 1;
+    }
+    return 2;
+}
+
+uint64_t csys_digest64(const void *address, size_t byteCount, uint64_t seed) {
+    // Four independent multiply-rotate lanes keep the loop near memory bandwidth.
+    const uint64_t *word = (const uint64_t *)address;
+    size_t count = byteCount / 8;
+    const uint64_t k1 = 0x9E3779B97F4A7C15ULL, k2 = 0xC2B2AE3D27D4EB4FULL;
+    uint64_t h[4] = {seed ^ k1, seed ^ k2, seed + k1, seed - k2};
+    size_t i = 0;
+    for (; i + 4 <= count; i += 4) {
+        for (int lane = 0; lane < 4; lane++) {
+            uint64_t v = h[lane] ^ (word[i + lane] * k2);
+            h[lane] = ((v << 31) | (v >> 33)) * k1;
+        }
+    }
+    uint64_t result = byteCount * k1;
+    for (; i < count; i++) result ^= ((word[i] * k2) << 27 | (word[i] * k2) >> 37) * k1;
+    for (int lane = 0; lane < 4; lane++) {
+        result ^= h[lane];
+        result = ((result << 27) | (result >> 37)) * k1 + k2;
+    }
+    result ^= result >> 33;
+    result *= 0xFF51AFD7ED558CCDULL;
+    result ^= result >> 33;
+    return result;
+}
+
+int csys_ioctl_pointer(int fd, unsigned long request, void *argument) {
+    return ioctl(fd, request, argument);
+}
+
+int csys_spawn_actions_close_from(posix_spawn_file_actions_t *actions, int firstDescriptor) {
+    return posix_spawn_file_actions_addclosefrom_np(actions, firstDescriptor);
+}

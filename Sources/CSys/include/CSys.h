@@ -1,0 +1,58 @@
+// CSys: one-line C shims for what Swift's Glibc module lacks (ptrace, raw syscalls, cache-line flushes,
+// ioctl numbers). Only the Sys module imports this header.
+#ifndef CSYS_H
+#define CSYS_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+#include <spawn.h>
+#include <sys/user.h>
+#include <sys/ioctl.h>
+#include <linux/userfaultfd.h>
+#include <linux/sched.h>
+#include <sys/ptrace.h>
+
+/// All return -1 and set errno on failure, like libc.
+long csys_ptrace(long request, pid_t pid, void *address, void *data);
+long csys_syscall6(long number, long a1, long a2, long a3, long a4, long a5, long a6);
+pid_t csys_gettid(void);
+int csys_pidfd_open(pid_t pid);
+int csys_pidfd_getfd(int pidfd, int targetfd);
+int csys_pidfd_send_signal(int pidfd, int signal);
+ssize_t csys_process_vm_readv(pid_t pid, const struct iovec *local, unsigned long localCount,
+                              const struct iovec *remote, unsigned long remoteCount);
+ssize_t csys_process_vm_writev(pid_t pid, const struct iovec *local, unsigned long localCount,
+                               const struct iovec *remote, unsigned long remoteCount);
+int csys_pin_to_cpu(pid_t tid, int cpu);
+int csys_prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4, unsigned long a5);
+
+/// Starts `path` in a new process whose PID is `wantedPID` (0: any), which calls PTRACE_TRACEME and
+/// stops at its exec. `personality` is applied before exec unless it is 0xffffffff. Only syscalls run
+/// in the child, so this is safe from a multi-threaded parent. Returns the PID or -1 (errno).
+pid_t csys_spawn_traced(const char *path, char *const argv[], char *const envp[], pid_t wantedPID,
+                        unsigned long personality);
+
+/// posix_spawn_file_actions_addclosefrom_np (glibc 2.34), which Swift does not import.
+int csys_spawn_actions_close_from(posix_spawn_file_actions_t *actions, int firstDescriptor);
+
+/// Cache-line write-back. method: 0 clwb, 1 clflushopt, 2 clflush. Each flushes every 64-byte line
+/// overlapping [address, address+byteCount).
+void csys_flush_range(const void *address, size_t byteCount, int method);
+void csys_sfence(void);
+/// Which flush instruction this CPU has (cpuid leaf 7 ebx bit 24 clwb, bit 23 clflushopt).
+int csys_best_flush_method(void);
+
+/// Fast 64-bit digest of a buffer whose size is a multiple of 8 (pages always are).
+uint64_t csys_digest64(const void *address, size_t byteCount, uint64_t seed);
+
+static const unsigned long CSYS_UFFDIO_API = UFFDIO_API;
+static const unsigned long CSYS_UFFDIO_REGISTER = UFFDIO_REGISTER;
+static const unsigned long CSYS_UFFDIO_UNREGISTER = UFFDIO_UNREGISTER;
+static const unsigned long CSYS_UFFDIO_COPY = UFFDIO_COPY;
+static const unsigned long CSYS_UFFDIO_ZEROPAGE = UFFDIO_ZEROPAGE;
+static const unsigned long CSYS_UFFDIO_WAKE = UFFDIO_WAKE;
+int csys_ioctl_pointer(int fd, unsigned long request, void *argument);
+
+#endif

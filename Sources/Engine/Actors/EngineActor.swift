@@ -1,0 +1,84 @@
+// The seam between the engine and whoever drives it (DESIGN.md §4). Every concurrent part of the engine
+// is an actor: a state machine that says what it would do next and does exactly one step when told.
+// The threaded driver gives each actor a thread; torture's deterministic driver runs them all on one
+// thread in an order its seeded scheduler picks. Actors never know which driver runs them: what differs
+// is the ports they were given (FAM backend, transport, clock, observer).
+import Sys
+
+/// What an actor would do if asked now. Asking changes nothing.
+public enum NextAction: Equatable, Sendable {
+    /// `perform()` will take this step.
+    case ready(String)
+    /// Nothing to do until the condition may have changed.
+    case waiting(WaitCondition)
+    case finished
+}
+
+/// What a waiting actor waits for, so a threaded driver can block on it instead of spinning.
+public enum WaitCondition: Equatable, Sendable {
+    /// Poll again after this long (a state in FAM written by another node, a PID to be freed).
+    case retryAfter(Duration)
+    /// Another actor of this migration must make progress first.
+    case peer(String)
+}
+
+/// One steppable part of the engine. Methods are called from one thread for the actor's whole life
+/// (ptrace requires it), never concurrently.
+public protocol EngineActor: AnyObject {
+    var name: String { get }
+    func nextAction() -> NextAction
+    /// Takes exactly the step `nextAction()` announced as ready.
+    func perform() throws(EngineError)
+    /// The migration failed elsewhere (or here): release what this actor holds. A target that has not
+    /// resumed is killed; a victim that was not yet killed is resumed untouched (or killed, if its
+    /// memory already moved). Must not throw; may be called in any state, more than once.
+    func abort(reason: String)
+}
+
+/// The time source actors read; the threaded driver passes the monotonic clock, torture a step counter.
+public protocol EngineClock: Sendable {
+    /// Time since an origin fixed for one migration.
+    func now() -> Duration
+}
+
+/// Everything that can end a migration early, by area.
+public enum EngineError: Error, CustomStringConvertible, Sendable {
+    case checkpoint(CheckpointError)
+    case restore(RestoreError)
+    case image(ImageError)
+    case fam(String)
+    case aborted(String)
+    case timedOut(String)
+
+    public var description: String {
+        switch self {
+        case .checkpoint(let error): "\(error)"
+        case .restore(let error): "\(error)"
+        case .image(let error): "\(error)"
+        case .fam(let message): "FAM: \(message)"
+        case .aborted(let reason): "aborted: \(reason)"
+        case .timedOut(let what): "timed out: \(what)"
+        }
+    }
+
+    /// Bad input or environment (exit 2) versus a failed migration (exit 1).
+    public var isUsageOrEnvironment: Bool {
+        switch self {
+        case .checkpoint(.noSuchProcess), .checkpoint(.cannotCheckpointSelf), .checkpoint(.alreadyTraced),
+             .checkpoint(.multipleThreads), .checkpoint(.unsupportedDescriptor), .checkpoint(.unsupportedMapping):
+            true
+        case .image: true
+        case .restore(.processIDInUse): true
+        default: false
+        }
+    }
+}
+
+/// Hooks the oracles use, called by actors at the two instants the oracles care about.
+public protocol MigrationObserver: AnyObject, Sendable {
+    /// The victim is frozen and its state read; nothing is dumped yet and it cannot change.
+    func victimFrozen(state: ProcessState, pageAddresses: [UInt64]) throws
+    /// The target is fully built and stopped before its first instruction; `restored` was read back
+    /// from it the same way the victim was read at freeze.
+    func targetReady(checkpointed: ProcessState, restored: ProcessState) throws
+}

@@ -1,0 +1,35 @@
+// The instants and counts of one migration, written by actors (each on its own thread) and read by the
+// report. Times come from the actors' EngineClock.
+import Synchronization
+
+public enum MigrationEvent: String, CaseIterable, Sendable, Codable {
+    case started, frozen, metadataCommitted, dumpCommitted, victimReleased
+    case restoreStarted, targetResumed, lastPageInstalled
+}
+
+public final class MigrationTimeline: Sendable {
+    private struct Contents {
+        var instants: [MigrationEvent: Duration] = [:]
+        var counters: [String: Int] = [:]
+    }
+    private let contents = Mutex(Contents())
+
+    public init() {}
+
+    public func record(_ event: MigrationEvent, at instant: Duration) {
+        contents.withLock { if $0.instants[event] == nil { $0.instants[event] = instant } }
+    }
+
+    public func add(_ amount: Int, to counter: String) {
+        contents.withLock { $0.counters[counter, default: 0] += amount }
+    }
+
+    public func instant(_ event: MigrationEvent) -> Duration? { contents.withLock { $0.instants[event] } }
+    public func counter(_ name: String) -> Int { contents.withLock { $0.counters[name] ?? 0 } }
+
+    /// Time between two events, if both happened.
+    public func span(from start: MigrationEvent, to end: MigrationEvent) -> Duration? {
+        guard let startInstant = instant(start), let endInstant = instant(end) else { return nil }
+        return endInstant - startInstant
+    }
+}

@@ -1,0 +1,34 @@
+// Errors of the source node: each says what is wrong and what to do about it.
+import Sys
+
+public enum CheckpointError: Error, CustomStringConvertible, Sendable {
+    case noSuchProcess(ProcessID)
+    case cannotCheckpointSelf(ProcessID)
+    case alreadyTraced(ProcessID, tracer: String)
+    case multipleThreads(ProcessID, count: Int)
+    case unsupportedDescriptor(ProcessID, descriptor: Int32, target: String)
+    case unsupportedMapping(ProcessID, range: String, reason: String)
+    case victimDied(ProcessID, reason: String)
+    case system(ProcessID, String)
+
+    public var description: String {
+        switch self {
+        case .noSuchProcess(let pid):
+            "pid \(pid): no such process; pass the PID of a running process."
+        case .cannotCheckpointSelf(let pid):
+            "pid \(pid) is fammig itself or its parent; pass the PID of another process."
+        case .alreadyTraced(let pid, let tracer):
+            "pid \(pid) is already traced by pid \(tracer) (a debugger?); detach it first."
+        case .multipleThreads(let pid, let count):
+            "pid \(pid) has \(count) threads; only single-threaded processes can be migrated yet. It was left running untouched."
+        case .unsupportedDescriptor(let pid, let descriptor, let target):
+            "pid \(pid): fd \(descriptor) is \(target); only regular files and /dev/null can be migrated. Close or redirect it (e.g. stdout to a file). The process was left running untouched."
+        case .unsupportedMapping(let pid, let range, let reason):
+            "pid \(pid): mapping \(range) cannot be migrated (\(reason)). The process was left running untouched."
+        case .victimDied(let pid, let reason):
+            "pid \(pid) ended during the checkpoint (\(reason)); nothing was migrated."
+        case .system(let pid, let message):
+            "checkpoint of pid \(pid) failed: \(message)"
+        }
+    }
+}

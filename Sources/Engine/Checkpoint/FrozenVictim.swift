@@ -1,0 +1,144 @@
+// The victim between freeze and release: seized and interrupted by the dumper's thread, its state read
+// through ptrace, /proc and a few injected syscalls, and its dirty pages listed from pagemap.
+import Sys
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A seized, stopped victim. Every method must run on the thread that called `freeze`.
+final class FrozenVictim {
+    let processID: ProcessID
+    let tracee: Tracee
+    private(set) var isReleased = false
+
+    private init(processID: ProcessID, tracee: Tracee) {
+        self.processID = processID
+        self.tracee = tracee
+    }
+
+    /// PTRACE_SEIZE + PTRACE_INTERRUPT, then waits for the interrupt stop. A signal that arrives first is
+    /// delivered (the victim handles it before the freeze) rather than lost.
+    static func freeze(_ processID: ProcessID) throws(CheckpointError) -> FrozenVictim {
+        let tracee: Tracee
+        do { tracee = try Tracee.seize(processID) } catch {
+            if (error as? SyscallError)?.errno == .noSuchProcess { throw .noSuchProcess(processID) }
+            throw .system(processID, "\(error)")
+        }
+        let victim = FrozenVictim(processID: processID, tracee: tracee)
+        do {
+            try tracee.interrupt()
+            for _ in 0..<1000 {
+                let reason = try tracee.waitForStop()
+                switch reason {
+                case .event(Tracee.eventStop, _): return victim
+                case .event: try tracee.resume()
+                case .signal(let signal): try tracee.resume(signal: signal)
+                case .syscall: try tracee.resume()
+                case .exited, .killed: throw CheckpointError.victimDied(processID, reason: "\(reason)")
+                }
+            }
+            throw CheckpointError.system(processID, "no interrupt stop after 1000 other stops")
+        } catch let error as CheckpointError {
+            throw error
+        } catch {
+            if tracee.isAttached { try? tracee.detach() }
+            throw .system(processID, "\(error)")
+        }
+    }
+
+    /// Reads everything but page contents. Leaves the victim exactly as it was (registers, memory).
+    func capture() throws(CheckpointError) -> ProcessState {
+        do {
+            return try captureThrowing()
+        } catch let error as CheckpointError {
+            throw error
+        } catch {
+            if !ProcFS.isAlive(processID) { throw .victimDied(processID, reason: "\(error)") }
+            throw .system(processID, "\(error)")
+        }
+    }
+
+    private func captureThrowing() throws -> ProcessState {
+        let registers = try tracee.registers()
+        let signalMask = try tracee.signalMask()
+        let injected = try injectQueries(registers: registers, signalMask: signalMask)
+        return try StateReader.read(tracee: tracee, processID: processID, injected: injected)
+    }
+
+    /// Runs StateReader's injected queries from a scratch mapping that is removed again, with every
+    /// signal blocked meanwhile; the victim's code, mask and registers are put back afterwards.
+    private func injectQueries(registers: GeneralRegisters, signalMask: UInt64) throws -> InjectedAnswers {
+        let memory = try ProcessMemory(processID, writable: true)
+        defer { memory.close() }
+        let mappings = try Preflight.mappings(processID)
+        let scratchByteCount: UInt64 = 4 * 4096
+        guard let scratch = AddressSpace.freeRange(byteCount: scratchByteCount, avoiding: mappings.map { ($0.start, $0.end) }) else {
+            throw CheckpointError.system(processID, "no free address range for a scratch mapping")
+        }
+        let originalCode = try memory.read(at: registers.rip, byteCount: syscallTrapInstruction.count)
+        try tracee.setSignalMask(~UInt64(0))
+        defer {
+            try? memory.write(originalCode, at: registers.rip)
+            try? tracee.setSignalMask(signalMask)
+            try? tracee.setRegisters(registers)
+        }
+        try memory.write(syscallTrapInstruction, at: registers.rip)
+        let injector = SyscallInjector(tracee: tracee, instructionAddress: registers.rip, template: registers)
+        try injector.call("mmap(scratch)", Syscall.mmap, scratch, scratchByteCount, 7, 0x22 | 0x100000, UInt64.max, 0)
+        defer { _ = try? injector.raw("munmap(scratch)", Syscall.munmap, [scratch, scratchByteCount]) }
+        try memory.write(originalCode, at: registers.rip)
+        try memory.write(syscallTrapInstruction, at: scratch)
+        injector.instructionAddress = scratch
+        return try StateReader.injectQueries(injector: injector, memory: memory, dataAddress: scratch + 4096)
+    }
+
+    /// Lists every page that must be dumped: present or swapped anonymous pages, and private file pages
+    /// that are no longer the file's (bit 61 clear). Shared file pages live in the file itself.
+    func dirtyPageAddresses(mappings: [Mapping]) throws(CheckpointError) -> [UInt64] {
+        var addresses: [UInt64] = []
+        for mapping in mappings {
+            switch mapping.kind {
+            case .vdsoPart, .vsyscall: continue
+            case .file where mapping.shared: continue
+            default: break
+            }
+            let pageCount = Int(mapping.byteCount / 4096)
+            let words: [UInt64]
+            do { words = try ProcFS.pagemap(processID, address: mapping.start, pageCount: pageCount) } catch {
+                throw .system(processID, "\(error)")
+            }
+            let isFile: Bool
+            if case .file = mapping.kind { isFile = true } else { isFile = false }
+            for (index, word) in words.enumerated() {
+                let present = word & (1 << 63) != 0
+                let swapped = word & (1 << 62) != 0
+                let fileBacked = word & (1 << 61) != 0
+                if (present || swapped) && !(isFile && fileBacked) {
+                    addresses.append(mapping.start + UInt64(index) * 4096)
+                }
+            }
+        }
+        return addresses
+    }
+
+    /// Ends the checkpoint: kills the victim (migration) or lets it run on (`--leave-running`).
+    func release(kill: Bool) {
+        guard !isReleased else { return }
+        isReleased = true
+        if kill {
+            Spawn.kill(processID)
+            // The tracer sees the death; the parent (maybe us) reaps it.
+            while let reason = try? tracee.waitForStop(), !reason.isTerminal { try? tracee.resume() }
+        } else {
+            try? tracee.detach()
+        }
+    }
+}
+
+extension Array where Element == UInt8 {
+    func littleEndianWord(at offset: Int) -> UInt64 {
+        var value: UInt64 = 0
+        for index in 0..<8 { value |= UInt64(self[offset + index]) << (8 * index) }
+        return value
+    }
+}

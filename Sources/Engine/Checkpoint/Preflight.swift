@@ -1,0 +1,105 @@
+// The checks that run before the freeze, so that a process we cannot migrate is refused while it keeps
+// running untouched. They read /proc only.
+import Sys
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A regular file or /dev/null that the victim holds open.
+struct DescriptorInfo: Equatable {
+    var descriptor: Int32
+    var path: String
+    var flags: Int32
+    var position: Int64
+}
+
+enum Preflight {
+    /// Throws the first reason `processID` cannot be migrated.
+    static func check(_ processID: ProcessID) throws(CheckpointError) {
+        guard processID.rawValue > 0, ProcFS.isAlive(processID) else { throw .noSuchProcess(processID) }
+        if processID.rawValue == getpid() || processID.rawValue == getppid() { throw .cannotCheckpointSelf(processID) }
+        guard let status = try? ProcFS.status(processID) else { throw .noSuchProcess(processID) }
+        if let tracer = status["TracerPid"], tracer != "0" { throw .alreadyTraced(processID, tracer: tracer) }
+        guard let threads = try? ProcFS.threadIDs(processID) else { throw .noSuchProcess(processID) }
+        if threads.count != 1 { throw .multipleThreads(processID, count: threads.count) }
+        _ = try descriptors(processID)
+        _ = try mappings(processID)
+    }
+
+    /// Every open descriptor, refusing anything but regular files and /dev/null.
+    static func descriptors(_ processID: ProcessID) throws(CheckpointError) -> [DescriptorInfo] {
+        let numbers: [Int32]
+        do { numbers = try ProcFS.descriptors(processID) } catch { throw .noSuchProcess(processID) }
+        var result: [DescriptorInfo] = []
+        for number in numbers {
+            let linkPath = "/proc/\(processID)/fd/\(number)"
+            guard let target = try? ProcFS.readLink(linkPath) else { continue }  // closed meanwhile
+            var info = stat()
+            guard stat(linkPath, &info) == 0 else {
+                throw .unsupportedDescriptor(processID, descriptor: number, target: target)
+            }
+            let fileType = info.st_mode & S_IFMT
+            let isDevNull = fileType == S_IFCHR && target == "/dev/null"
+            guard (fileType == S_IFREG && !target.hasSuffix(" (deleted)")) || isDevNull else {
+                throw .unsupportedDescriptor(processID, descriptor: number, target: target)
+            }
+            guard let fdinfo = try? ProcFS.readText("/proc/\(processID)/fdinfo/\(number)") else { continue }
+            var position: Int64 = 0
+            var flags: Int32 = 0
+            for line in fdinfo.split(separator: "\n") {
+                let parts = line.split(separator: ":", maxSplits: 1)
+                guard parts.count == 2 else { continue }
+                let value = parts[1].trimmingCharacters()
+                if parts[0] == "pos" { position = Int64(value) ?? 0 }
+                if parts[0] == "flags" { flags = Int32(value, radix: 8) ?? 0 }
+            }
+            result.append(DescriptorInfo(descriptor: number, path: target, flags: flags, position: position))
+        }
+        return result
+    }
+
+    /// The VMA table, classified, refusing what the restorer cannot rebuild.
+    static func mappings(_ processID: ProcessID) throws(CheckpointError) -> [Mapping] {
+        let entries: [MapsEntry]
+        do { entries = try ProcFS.maps(processID) } catch { throw .noSuchProcess(processID) }
+        var result: [Mapping] = []
+        for entry in entries {
+            let range = "\(hex(entry.start))-\(hex(entry.end)) \(entry.path)"
+            let kind: MappingKind
+            switch entry.path {
+            case "": kind = .anonymous
+            case "[heap]": kind = .heap
+            case "[stack]": kind = .stack
+            case "[vvar]", "[vvar_vclock]", "[vdso]": kind = .vdsoPart(name: entry.path)
+            case "[vsyscall]": kind = .vsyscall
+            default:
+                if entry.path.hasPrefix("[") {
+                    throw .unsupportedMapping(processID, range: range, reason: "special mapping \(entry.path)")
+                }
+                if entry.path.hasSuffix(" (deleted)") {
+                    throw .unsupportedMapping(processID, range: range, reason: "its file was deleted")
+                }
+                guard entry.path.hasPrefix("/"), !entry.path.hasPrefix("/dev/"), !entry.path.hasPrefix("/memfd:"),
+                      !entry.path.hasPrefix("/SYSV") else {
+                    throw .unsupportedMapping(processID, range: range, reason: "not a regular file")
+                }
+                kind = .file(path: entry.path)
+            }
+            if entry.shared, case .anonymous = kind {
+                throw .unsupportedMapping(processID, range: range, reason: "shared anonymous memory")
+            }
+            result.append(Mapping(start: entry.start, end: entry.end, readable: entry.readable,
+                                  writable: entry.writable, executable: entry.executable, shared: entry.shared,
+                                  fileOffset: entry.fileOffset, kind: kind))
+        }
+        return result
+    }
+}
+
+func hex(_ value: UInt64) -> String { "0x" + String(value, radix: 16) }
+
+extension Substring {
+    func trimmingCharacters() -> String {
+        String(drop(while: { $0 == " " || $0 == "\t" }).reversed().drop(while: { $0 == " " || $0 == "\t" }).reversed())
+    }
+}

@@ -1,0 +1,54 @@
+// Why this file exists: the production FAM backend. A MAP_SHARED file (under /dev/shm, or a DAX file on
+// persistent/CXL memory) where stores, flushes and fences are the real instructions.
+import Sys
+
+/// FAM backed by a real shared mapping; every call goes straight to `SharedMapping`.
+public final class RealFAM: FAMBackend {
+    public let mapping: SharedMapping
+
+    public init(mapping: SharedMapping) {
+        self.mapping = mapping
+    }
+
+    /// Creates a new FAM file of `byteCount` bytes (use `ImageLayout.byteCount(...)`). `prefault` maps
+    /// every page before the freeze so the dump does not pay first-touch faults.
+    public static func create(path: String, byteCount: Int, prefault: Bool) throws(ImageError) -> RealFAM {
+        do {
+            return RealFAM(mapping: try SharedMapping.create(path: path, byteCount: byteCount, prefault: prefault))
+        } catch {
+            throw .cannotCreate(path: path, error)
+        }
+    }
+
+    /// Maps an existing FAM file whole; `ImageReader.open` then decides whether it holds an image.
+    public static func open(path: String, writable: Bool) throws(ImageError) -> RealFAM {
+        do {
+            return RealFAM(mapping: try SharedMapping.open(path: path, writable: writable))
+        } catch {
+            throw .cannotOpen(path: path, error)
+        }
+    }
+
+    public var byteCount: Int { mapping.byteCount }
+    public var path: String? { mapping.path }
+    public var readableMapping: SharedMapping { mapping }
+    /// Which write-back instruction `flush` uses on this CPU.
+    public var flushInstruction: FlushInstruction { mapping.flushInstruction }
+
+    public func store(_ bytes: [UInt8], at byteOffset: Int) { mapping.store(bytes: bytes, at: byteOffset) }
+    public func storeUInt64(_ value: UInt64, at byteOffset: Int) { mapping.storeUInt64(value, at: byteOffset) }
+
+    @discardableResult
+    public func storeFromProcess(processID: ProcessID, ranges: [ProcessReadRange]) throws(SyscallError) -> Int {
+        try mapping.readFromProcess(processID: processID, ranges: ranges)
+    }
+
+    public func flush(at byteOffset: Int, count: Int) { mapping.flush(at: byteOffset, count: count) }
+    public func fence() { mapping.fence() }
+
+    public func loadBytes(at byteOffset: Int, count: Int) -> [UInt8] { mapping.loadBytes(at: byteOffset, count: count) }
+    public func loadUInt64(at byteOffset: Int) -> UInt64 { mapping.loadUInt64(at: byteOffset) }
+    public func digest(at byteOffset: Int, count: Int, seed: UInt64) -> UInt64 {
+        mapping.digest(at: byteOffset, count: count, seed: seed)
+    }
+}

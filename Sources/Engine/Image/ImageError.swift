@@ -1,0 +1,83 @@
+// Why this file exists: an image is input (another node wrote it, a copy may be cut short, memory may
+// be corrupt), so every way it can be wrong is a case here, and each description says what is wrong,
+// where, and what to do about it.
+import Sys
+
+public enum ImageError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// The FAM file could not be created (exists already, no space, no permission).
+    case cannotCreate(path: String, SyscallError)
+    /// The FAM file could not be opened or mapped.
+    case cannotOpen(path: String, SyscallError)
+    /// The FAM region is smaller than the image that must go into it.
+    case backendTooSmall(path: String, byteCount: Int, requiredByteCount: Int)
+    case badMagic(path: String)
+    case truncated(path: String, byteCount: Int, requiredByteCount: Int)
+    case unsupportedVersion(path: String, version: UInt32)
+    case unsupportedPageSize(path: String, pageSize: UInt32)
+    case superblockChecksumMismatch(path: String)
+    /// The self-checking state word is neither a known state nor consistent.
+    case damagedState(path: String, word: UInt64)
+    /// A region in the superblock's table is misaligned, outside the file, too small or overlapping.
+    case badRegion(path: String, region: ImageRegionKind, reason: String)
+    case uncommitted(path: String, state: ImageState)
+    case aborted(path: String)
+    case metadataChecksumMismatch(path: String)
+    case pageTableChecksumMismatch(path: String)
+    /// Page table entry `slot` is not page-aligned or not above the previous entry.
+    case badPageAddress(path: String, slot: Int, address: UInt64, reason: String)
+    /// The state says complete, but the commit record is missing, damaged or disagrees.
+    case badCommitRecord(path: String, reason: String)
+    case marksChecksumMismatch(path: String)
+    /// A complete image with a slot whose mark is not stored.
+    case pageNotMarked(path: String, slot: Int, address: UInt64)
+    case pageChecksumMismatch(path: String, slot: Int, address: UInt64)
+    /// The engine's metadata blob does not decode.
+    case malformedMetadata(reason: String)
+
+    public var description: String {
+        switch self {
+        case .cannotCreate(let path, let error):
+            "cannot create FAM file \(path) (\(error)); remove a stale file or choose another FAM directory."
+        case .cannotOpen(let path, let error):
+            "cannot open FAM file \(path) (\(error)); pass the file the source node wrote, and check this node maps the same FAM."
+        case .backendTooSmall(let path, let byteCount, let requiredByteCount):
+            "\(path): the FAM file has \(byteCount) bytes, the image needs \(requiredByteCount); create it with ImageLayout.byteCount."
+        case .badMagic(let path):
+            "\(path) is not a FAM image (bad magic); pass the file the source node wrote."
+        case .truncated(let path, let byteCount, let requiredByteCount):
+            "\(path): image is truncated: \(byteCount) bytes, the superblock says \(requiredByteCount); the copy is incomplete."
+        case .unsupportedVersion(let path, let version):
+            "\(path): format version \(version) is not supported (this fammig reads version \(ImageLayout.formatVersion))."
+        case .unsupportedPageSize(let path, let pageSize):
+            "\(path): page size \(pageSize) is not supported (this fammig uses \(ImageLayout.pageSize)); restore on a node with the source's page size."
+        case .superblockChecksumMismatch(let path):
+            "\(path): the superblock does not match its checksum; the image is corrupted, take the checkpoint again."
+        case .damagedState(let path, let word):
+            "\(path): the image state word 0x\(String(word, radix: 16)) is damaged; the image is corrupted, take the checkpoint again."
+        case .badRegion(let path, let region, let reason):
+            "\(path): the \(region) region \(reason); the image is corrupted, take the checkpoint again."
+        case .uncommitted(let path, .metadataCommitted):
+            "\(path): image is not complete (state: metadataCommitted); the dump did not finish: wait for it, or open it for post-copy."
+        case .uncommitted(let path, let state):
+            "\(path): image is not committed (state: \(state)); the checkpoint did not finish, take it again."
+        case .aborted(let path):
+            "\(path): image was aborted by the source; the checkpoint failed, take it again."
+        case .metadataChecksumMismatch(let path):
+            "\(path): the process metadata does not match its checksum; the image is corrupted, take the checkpoint again."
+        case .pageTableChecksumMismatch(let path):
+            "\(path): the page table does not match its checksum; the image is corrupted, take the checkpoint again."
+        case .badPageAddress(let path, let slot, let address, let reason):
+            "\(path): page table entry \(slot) (address 0x\(String(address, radix: 16))) \(reason); the image is corrupted, take the checkpoint again."
+        case .badCommitRecord(let path, let reason):
+            "\(path): the commit record \(reason); the image is corrupted or unfinished, take the checkpoint again."
+        case .marksChecksumMismatch(let path):
+            "\(path): the dumped marks do not match the commit record's checksum; the image is corrupted, take the checkpoint again."
+        case .pageNotMarked(let path, let slot, let address):
+            "\(path): page slot \(slot) (address 0x\(String(address, radix: 16))) has no dumped mark in a complete image; the image is corrupted."
+        case .pageChecksumMismatch(let path, let slot, let address):
+            "\(path): page slot \(slot) (address 0x\(String(address, radix: 16))) does not match its mark checksum; the image is corrupted."
+        case .malformedMetadata(let reason):
+            "process metadata is malformed: \(reason); the image was written by an incompatible fammig or is corrupted."
+        }
+    }
+}

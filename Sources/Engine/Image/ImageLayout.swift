@@ -1,0 +1,201 @@
+// Why this file exists: writer and reader must agree on where everything lives in a FAM image, byte for
+// byte, on two nodes that share nothing else. This file is that agreement (format version 1):
+//
+//   offset 0       superblock (one 4 KiB page; fields below, little endian)
+//   4096           metadata region      opaque engine blob (BinaryWriter), zero-padded to 8 bytes
+//   ...            page table region    pageCount × u64 page address, page-aligned, strictly increasing
+//   ...            marks region         pageCount × 16-byte dumped mark (u64 digest, u32 generation, u32 magic)
+//   ...            commit record region one 64-byte line: magic, generation, pageCount, marks digest, digest
+//   ...            page area            pageCount × 4096-byte page slots; slot i at pageArea.offset + i*4096
+//
+// Every region starts on a 4 KiB boundary and is rounded up to whole pages, so a page slot never shares a
+// cache line with anything else and regions never share a page. Every checksum is csys_digest64, seeded
+// per purpose and bound to the generation, so a region copied from another image never verifies.
+
+/// The life of an image, stored in the superblock's state word.
+public enum ImageState: UInt32, Sendable, CaseIterable, CustomStringConvertible {
+    /// Being written; nothing in it may be read.
+    case creating = 0
+    /// Superblock, metadata and page table are durable: a target may restore and start faulting.
+    case metadataCommitted = 1
+    /// Every page and mark is durable and the commit record verifies.
+    case complete = 2
+    /// The source gave up; never read.
+    case aborted = 3
+
+    public var description: String {
+        switch self {
+        case .creating: "creating"
+        case .metadataCommitted: "metadataCommitted"
+        case .complete: "complete"
+        case .aborted: "aborted"
+        }
+    }
+}
+
+/// A byte range of the image file.
+public struct ImageRegion: Equatable, Sendable {
+    public var offset: Int
+    public var byteCount: Int
+    public var endOffset: Int { offset + byteCount }
+
+    public init(offset: Int, byteCount: Int) {
+        self.offset = offset
+        self.byteCount = byteCount
+    }
+}
+
+/// The regions in superblock region-table order.
+public enum ImageRegionKind: Int, Sendable, CaseIterable, CustomStringConvertible {
+    case metadata, pageTable, marks, pageArea, commitRecord
+
+    public var description: String {
+        switch self {
+        case .metadata: "metadata"
+        case .pageTable: "page table"
+        case .marks: "marks"
+        case .pageArea: "page area"
+        case .commitRecord: "commit record"
+        }
+    }
+}
+
+/// Where everything of one image lives.
+public struct ImageLayout: Equatable, Sendable {
+    public static let formatVersion: UInt32 = 1
+    public static let pageSize = 4096
+    /// "FAMMIGI\0"
+    public static let magic: [UInt8] = [0x46, 0x41, 0x4D, 0x4D, 0x49, 0x47, 0x49, 0x00]
+    /// "FAMMIGC\0" read as a little-endian u64.
+    static let commitRecordMagic: UInt64 = 0x0043_4749_4D4D_4146
+    /// "MARK" read as a little-endian u32.
+    static let markMagic: UInt32 = 0x4B52_414D
+    static let markByteCount = 16
+    static let pageTableEntryByteCount = 8
+    static let commitRecordByteCount = 40
+
+    // Superblock field offsets. The state word sits after the digested fields: it is the only field that
+    // changes once the superblock is durable, so it is left out of the superblock digest and instead
+    // checks itself (state in the low half, its complement in the high half). A state change is then one
+    // aligned 8-byte store followed by flush + fence, and a reader never sees half of it.
+    static let versionOffset = 8            // u32 formatVersion, then u32 pageSize
+    static let generationOffset = 16
+    static let fileByteCountOffset = 24
+    static let pageCountOffset = 32
+    static let metadataByteCountOffset = 40
+    static let metadataDigestOffset = 48
+    static let pageTableDigestOffset = 56
+    static let regionTableOffset = 64       // 5 × (u64 offset, u64 byteCount)
+    static let superblockDigestOffset = 144 // digest of bytes [0, 144)
+    static let stateWordOffset = 152
+    static let superblockEncodedByteCount = 160
+
+    public let metadataByteCount: Int
+    public let pageCount: Int
+    public let metadata: ImageRegion
+    public let pageTable: ImageRegion
+    public let marks: ImageRegion
+    public let pageArea: ImageRegion
+    public let commitRecord: ImageRegion
+    public let fileByteCount: Int
+
+    /// The layout the writer uses for this much metadata and this many pages.
+    public init(metadataByteCount: Int, pageCount: Int) {
+        precondition(metadataByteCount >= 0 && pageCount >= 0, "negative image size: \(metadataByteCount), \(pageCount)")
+        var nextOffset = Self.pageSize  // after the superblock
+        func allocate(_ byteCount: Int) -> ImageRegion {
+            let region = ImageRegion(offset: nextOffset, byteCount: Self.roundedUpToPage(byteCount))
+            nextOffset = region.endOffset
+            return region
+        }
+        self.metadataByteCount = metadataByteCount
+        self.pageCount = pageCount
+        metadata = allocate(metadataByteCount)
+        pageTable = allocate(pageCount * Self.pageTableEntryByteCount)
+        marks = allocate(pageCount * Self.markByteCount)
+        commitRecord = allocate(Self.commitRecordByteCount)
+        pageArea = allocate(pageCount * Self.pageSize)
+        fileByteCount = nextOffset
+    }
+
+    /// A layout read back from a superblock; the reader has checked every region against the file.
+    init(metadataByteCount: Int, pageCount: Int, regions: [ImageRegion], fileByteCount: Int) {
+        precondition(regions.count == ImageRegionKind.allCases.count, "\(regions.count) regions")
+        self.metadataByteCount = metadataByteCount
+        self.pageCount = pageCount
+        metadata = regions[ImageRegionKind.metadata.rawValue]
+        pageTable = regions[ImageRegionKind.pageTable.rawValue]
+        marks = regions[ImageRegionKind.marks.rawValue]
+        pageArea = regions[ImageRegionKind.pageArea.rawValue]
+        commitRecord = regions[ImageRegionKind.commitRecord.rawValue]
+        self.fileByteCount = fileByteCount
+    }
+
+    /// The file size an image with this much metadata and this many pages needs: create the FAM file
+    /// with exactly this many bytes.
+    public static func byteCount(metadataByteCount: Int, pageCount: Int) -> Int {
+        ImageLayout(metadataByteCount: metadataByteCount, pageCount: pageCount).fileByteCount
+    }
+
+    public func region(_ kind: ImageRegionKind) -> ImageRegion {
+        switch kind {
+        case .metadata: metadata
+        case .pageTable: pageTable
+        case .marks: marks
+        case .pageArea: pageArea
+        case .commitRecord: commitRecord
+        }
+    }
+
+    /// Metadata is stored zero-padded to 8 bytes because the digest works on whole 8-byte words.
+    var paddedMetadataByteCount: Int { (metadataByteCount + 7) / 8 * 8 }
+    var pageTableByteCount: Int { pageCount * Self.pageTableEntryByteCount }
+    var marksByteCount: Int { pageCount * Self.markByteCount }
+
+    public func pageOffset(slot: Int) -> Int {
+        precondition(slot >= 0 && slot < pageCount, "page slot \(slot) outside 0..<\(pageCount)")
+        return pageArea.offset + slot * Self.pageSize
+    }
+
+    func markOffset(slot: Int) -> Int {
+        precondition(slot >= 0 && slot < pageCount, "mark slot \(slot) outside 0..<\(pageCount)")
+        return marks.offset + slot * Self.markByteCount
+    }
+
+    static func roundedUpToPage(_ byteCount: Int) -> Int {
+        (byteCount + pageSize - 1) / pageSize * pageSize
+    }
+
+    // MARK: Records
+
+    /// The second word of a mark: generation and magic together, stored after the digest word (same
+    /// cache line, program order), so a reader that sees this word also sees the digest it vouches for.
+    static func markTag(generation: UInt64) -> UInt64 {
+        UInt64(UInt32(truncatingIfNeeded: generation)) | UInt64(markMagic) << 32
+    }
+
+    static func stateWord(_ state: ImageState) -> UInt64 {
+        UInt64(state.rawValue) | UInt64(~state.rawValue) << 32
+    }
+
+    /// The state a state word holds, or nil when the word is damaged (halves disagree) or unknown.
+    static func state(fromWord word: UInt64) -> ImageState? {
+        let low = UInt32(truncatingIfNeeded: word)
+        guard UInt32(truncatingIfNeeded: word >> 32) == ~low else { return nil }
+        return ImageState(rawValue: low)
+    }
+}
+
+/// Digest seeds: one per purpose, mixed with the generation, so that no region verifies in the place of
+/// another or in an image of another generation.
+enum ImageDigestSeed {
+    static let superblock: UInt64 = 0x5355_5045_5242_4C4B
+    static func metadata(generation: UInt64) -> UInt64 { generation ^ 0x4D45_5441_4441_5441 }
+    static func pageTable(generation: UInt64) -> UInt64 { generation ^ 0x5041_4745_5441_424C }
+    static func marks(generation: UInt64) -> UInt64 { generation ^ 0x4D41_524B_5245_4749 }
+    static func commitRecord(generation: UInt64) -> UInt64 { generation ^ 0x434F_4D4D_4954_5245 }
+    /// Bound to the page's address too: a page in the wrong slot fails its mark.
+    static func page(generation: UInt64, address: UInt64) -> UInt64 {
+        generation ^ (address &* 0x9E37_79B9_7F4A_7C15) ^ 0x5041_4745_4441_5441
+    }
+}

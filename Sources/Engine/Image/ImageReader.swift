@@ -1,0 +1,201 @@
+// Why this file exists: the target node's side of the image. An image is input: another node wrote it,
+// a copy may be cut short, memory may be corrupted. So `open` checks everything it will rely on before
+// returning (protocol invariant 4), works from snapshots it verified rather than re-reading, and page
+// reads go through `isMarked(slot:)` first (invariant 3), enforced by a precondition on our own
+// bookkeeping of which marks this reader has seen.
+import Sys
+
+/// A verified view of one image in a FAM backend.
+public struct ImageReader: Sendable {
+    public let backend: any FAMBackend
+    public let path: String
+    public let generation: UInt64
+    public let layout: ImageLayout
+    /// The state when opened: metadataCommitted or complete.
+    public let openedState: ImageState
+    /// The engine's metadata blob, exactly as verified.
+    public let metadata: [UInt8]
+    /// The page address of each slot, page-aligned and strictly increasing.
+    public let pageAddresses: [UInt64]
+    public let superblockDigest: UInt64
+    public let metadataDigest: UInt64
+    public let pageTableDigest: UInt64
+    /// From the verified commit record, when opened with `requireComplete`.
+    public let marksDigest: UInt64?
+    /// True when opened with `requireComplete`: commit record, marks and every page verified.
+    public let isVerifiedComplete: Bool
+    /// Slots whose mark this reader has observed; only those pages may be read.
+    private var observedMarks: [Bool]
+
+    public var pageCount: Int { layout.pageCount }
+
+    /// Opens and verifies an image. With `requireComplete` the image must be complete, and the commit
+    /// record, every mark and every page are verified too; without it (post-copy, where the dump is still
+    /// running) the metadata commit is enough, and each page is read only after its mark is observed.
+    public static func open(backend: any FAMBackend, requireComplete: Bool) throws(ImageError) -> ImageReader {
+        let path = backend.path ?? "FAM"
+        guard backend.byteCount >= ImageLayout.pageSize else {
+            let magicByteCount = ImageLayout.magic.count
+            if backend.byteCount >= magicByteCount && backend.loadBytes(at: 0, count: magicByteCount) != ImageLayout.magic {
+                throw .badMagic(path: path)
+            }
+            throw .truncated(path: path, byteCount: backend.byteCount, requiredByteCount: ImageLayout.pageSize)
+        }
+        let snapshot = backend.loadBytes(at: 0, count: ImageLayout.superblockEncodedByteCount)
+        let (superblock, state) = try ImageSuperblock.decode(snapshot, path: path, fileByteCount: backend.byteCount,
+                                                             requireComplete: requireComplete)
+        let layout = superblock.layout
+        let generation = superblock.generation
+
+        let paddedMetadata = backend.loadBytes(at: layout.metadata.offset, count: layout.paddedMetadataByteCount)
+        guard SharedMapping.digest(of: paddedMetadata, seed: ImageDigestSeed.metadata(generation: generation)) == superblock.metadataDigest else {
+            throw .metadataChecksumMismatch(path: path)
+        }
+        let pageTable = backend.loadBytes(at: layout.pageTable.offset, count: layout.pageTableByteCount)
+        guard SharedMapping.digest(of: pageTable, seed: ImageDigestSeed.pageTable(generation: generation)) == superblock.pageTableDigest else {
+            throw .pageTableChecksumMismatch(path: path)
+        }
+        let pageAddresses = try decodedPageAddresses(pageTable, pageCount: layout.pageCount, path: path)
+
+        let marksDigest = requireComplete
+            ? try verifiedCommitRecord(backend: backend, layout: layout, generation: generation, path: path) : nil
+        var reader = ImageReader(
+            backend: backend, path: path, generation: generation, layout: layout, openedState: state,
+            metadata: Array(paddedMetadata.prefix(layout.metadataByteCount)), pageAddresses: pageAddresses,
+            superblockDigest: superblock.superblockDigest, metadataDigest: superblock.metadataDigest,
+            pageTableDigest: superblock.pageTableDigest,
+            marksDigest: marksDigest,
+            isVerifiedComplete: requireComplete,
+            observedMarks: Array(repeating: false, count: layout.pageCount))
+        if requireComplete { try reader.verifyEveryPage() }
+        return reader
+    }
+
+    private static func decodedPageAddresses(_ pageTable: [UInt8], pageCount: Int, path: String) throws(ImageError) -> [UInt64] {
+        var tableReader = BinaryReader(pageTable)
+        var addresses: [UInt64] = []
+        addresses.reserveCapacity(pageCount)
+        for slot in 0..<pageCount {
+            let address = try tableReader.readUInt64()
+            guard address % UInt64(ImageLayout.pageSize) == 0 else {
+                throw .badPageAddress(path: path, slot: slot, address: address, reason: "is not page-aligned")
+            }
+            if let previous = addresses.last, previous >= address {
+                throw .badPageAddress(path: path, slot: slot, address: address,
+                                      reason: "is not above entry \(slot - 1) (0x\(String(previous, radix: 16)))")
+            }
+            addresses.append(address)
+        }
+        return addresses
+    }
+
+    /// Checks the commit record and returns the marks digest it holds.
+    private static func verifiedCommitRecord(backend: any FAMBackend, layout: ImageLayout, generation: UInt64,
+                                             path: String) throws(ImageError) -> UInt64 {
+        let bytes = backend.loadBytes(at: layout.commitRecord.offset, count: ImageLayout.commitRecordByteCount)
+        var recordReader = BinaryReader(bytes)
+        let magic = try recordReader.readUInt64()
+        let recordGeneration = try recordReader.readUInt64()
+        let recordPageCount = try recordReader.readUInt64()
+        let marksDigest = try recordReader.readUInt64()
+        let recordDigest = try recordReader.readUInt64()
+        if bytes.allSatisfy({ $0 == 0 }) {
+            throw .badCommitRecord(path: path, reason: "is missing although the state says complete")
+        }
+        guard magic == ImageLayout.commitRecordMagic else { throw .badCommitRecord(path: path, reason: "has a bad magic") }
+        guard recordGeneration == generation else {
+            throw .badCommitRecord(path: path, reason: "is for generation \(recordGeneration), the superblock says \(generation)")
+        }
+        guard recordPageCount == UInt64(layout.pageCount) else {
+            throw .badCommitRecord(path: path, reason: "counts \(recordPageCount) pages, the superblock says \(layout.pageCount)")
+        }
+        let digestedBytes = Array(bytes.prefix(ImageLayout.commitRecordByteCount - 8))
+        guard SharedMapping.digest(of: digestedBytes, seed: ImageDigestSeed.commitRecord(generation: generation)) == recordDigest else {
+            throw .badCommitRecord(path: path, reason: "does not match its checksum")
+        }
+        let marksBytes = backend.loadBytes(at: layout.marks.offset, count: layout.marksByteCount)
+        guard SharedMapping.digest(of: marksBytes, seed: ImageDigestSeed.marks(generation: generation)) == marksDigest else {
+            throw .marksChecksumMismatch(path: path)
+        }
+        return marksDigest
+    }
+
+    /// Every slot must be marked and its page must match the mark's digest.
+    private mutating func verifyEveryPage() throws(ImageError) {
+        for slot in 0..<pageCount {
+            guard isMarked(slot: slot) else {
+                throw .pageNotMarked(path: path, slot: slot, address: pageAddresses[slot])
+            }
+            try verifyPage(slot: slot)
+        }
+    }
+
+    // MARK: Marks and pages
+
+    /// Reads the slot's mark from FAM now; once it is seen, this reader may read the page. The tag is
+    /// read before the digest: the writer stored them in the opposite order in one cache line.
+    public mutating func isMarked(slot: Int) -> Bool {
+        if observedMarks[slot] { return true }
+        let tag = backend.loadUInt64(at: layout.markOffset(slot: slot) + 8)
+        guard tag == ImageLayout.markTag(generation: generation) else { return false }
+        observedMarks[slot] = true
+        return true
+    }
+
+    /// Whether this reader has already observed the slot's mark (no FAM read).
+    public func hasObservedMark(slot: Int) -> Bool { observedMarks[slot] }
+
+    /// The page digest its mark holds, or nil while the mark is not stored.
+    public func pageDigest(slot: Int) -> UInt64? {
+        let markOffset = layout.markOffset(slot: slot)
+        guard backend.loadUInt64(at: markOffset + 8) == ImageLayout.markTag(generation: generation) else { return nil }
+        return backend.loadUInt64(at: markOffset)
+    }
+
+    /// Byte offset of the slot's page in FAM (for UFFDIO_COPY straight from `backend.readableMapping`).
+    /// Invariant (3): only for a slot whose mark this reader observed.
+    public func pageOffset(slot: Int) -> Int {
+        precondition(observedMarks[slot], "page slot \(slot) read before its mark was observed")
+        return layout.pageOffset(slot: slot)
+    }
+
+    /// The page's bytes. Invariant (3): only for a slot whose mark this reader observed.
+    public func loadPage(slot: Int) -> [UInt8] {
+        backend.loadBytes(at: pageOffset(slot: slot), count: ImageLayout.pageSize)
+    }
+
+    /// Checks the page in FAM against its mark's digest. Only for an observed mark.
+    public func verifyPage(slot: Int) throws(ImageError) {
+        let offset = pageOffset(slot: slot)
+        let address = pageAddresses[slot]
+        guard let expected = pageDigest(slot: slot) else {
+            throw .pageNotMarked(path: path, slot: slot, address: address)
+        }
+        let actual = backend.digest(at: offset, count: ImageLayout.pageSize,
+                                    seed: ImageDigestSeed.page(generation: generation, address: address))
+        guard actual == expected else { throw .pageChecksumMismatch(path: path, slot: slot, address: address) }
+    }
+
+    /// The slot holding the page at `address` (page-aligned), or nil when the image has no such page.
+    public func slot(forAddress address: UInt64) -> Int? {
+        var lowerSlot = 0
+        var upperSlot = pageAddresses.count
+        while lowerSlot < upperSlot {
+            let middleSlot = (lowerSlot + upperSlot) / 2
+            if pageAddresses[middleSlot] < address { lowerSlot = middleSlot + 1 } else { upperSlot = middleSlot }
+        }
+        return lowerSlot < pageAddresses.count && pageAddresses[lowerSlot] == address ? lowerSlot : nil
+    }
+
+    /// The state word as it is in FAM now (a post-copy target polls it for complete or aborted).
+    public func currentState() throws(ImageError) -> ImageState {
+        let word = backend.loadUInt64(at: ImageLayout.stateWordOffset)
+        guard let state = ImageLayout.state(fromWord: word) else { throw .damagedState(path: path, word: word) }
+        return state
+    }
+
+    /// How many marks are stored now (reads every mark; for inspection, not the fault path).
+    public func storedMarkCount() -> Int {
+        (0..<pageCount).count(where: { pageDigest(slot: $0) != nil })
+    }
+}

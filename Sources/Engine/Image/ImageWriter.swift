@@ -1,0 +1,231 @@
+// Why this file exists: the source node's side of the image. It is the one place that orders stores,
+// flushes and fences into FAM, so the protocol invariants of DESIGN.md §2 are preconditions here:
+//   (1) a page's dumped mark is stored only after all of that page's lines are flushed and fenced;
+//   (2) the commit record is stored only after every mark is flushed and fenced, and the metadata commit
+//       (state metadataCommitted) only after superblock, metadata and page table are flushed and fenced.
+// The other two, (3) read a page only after its mark and (4) read nothing that does not verify, are
+// `ImageReader`'s. Fences are counted as epochs: a flush done in epoch e is durable once a fence has
+// ended epoch e, i.e. once `fenceEpoch > e`.
+//
+// The writer works in small steps (one batch of slots at a time, slots in any order) so a dumper actor
+// can interleave it with everything else and dump priority pages first.
+import Sys
+
+/// Writes one image into a FAM backend. One owner at a time: it keeps per-slot progress that a copy
+/// would split, so hand it on, don't copy it.
+public struct ImageWriter: Sendable {
+    public enum Phase: Equatable, Sendable {
+        case created, metadataCommitted, complete, aborted
+    }
+
+    public let backend: any FAMBackend
+    public let generation: UInt64
+    public let layout: ImageLayout
+    public let pageAddresses: [UInt64]
+    public private(set) var phase: Phase
+    public private(set) var markedPageCount = 0
+
+    /// Incremented by every fence; see the file comment.
+    private var fenceEpoch = 0
+    /// The epoch in which each page slot's lines were last flushed; nil before the first flush.
+    private var pageFlushEpochs: [Int?]
+    private var markedSlots: [Bool]
+    /// The epoch of the latest mark flush; every mark is durable once `fenceEpoch` passes it.
+    private var lastMarkFlushEpoch = -1
+    /// The epoch in which superblock, metadata, page table and cleared marks were flushed.
+    private var headerFlushEpoch: Int?
+
+    private var path: String { backend.path ?? "FAM" }
+
+    /// Lays out a new image in `backend` and stores superblock, metadata and page table (not yet
+    /// durable: `commitMetadata()` makes them so). `pageAddresses` are the victim's pages to dump, one
+    /// slot each, page-aligned and strictly increasing. Size the backend with `ImageLayout.byteCount`.
+    public static func create(backend: any FAMBackend, generation: UInt64, metadata: [UInt8],
+                              pageAddresses: [UInt64]) throws(ImageError) -> ImageWriter {
+        for (slot, address) in pageAddresses.enumerated() {
+            precondition(address % UInt64(ImageLayout.pageSize) == 0, "page \(slot) at 0x\(String(address, radix: 16)) is not page-aligned")
+            precondition(slot == 0 || pageAddresses[slot - 1] < address, "page addresses not increasing at slot \(slot)")
+        }
+        let layout = ImageLayout(metadataByteCount: metadata.count, pageCount: pageAddresses.count)
+        guard backend.byteCount >= layout.fileByteCount else {
+            throw .backendTooSmall(path: backend.path ?? "FAM", byteCount: backend.byteCount, requiredByteCount: layout.fileByteCount)
+        }
+        var writer = ImageWriter(backend: backend, generation: generation, layout: layout, pageAddresses: pageAddresses)
+        writer.storeInitialImage(metadata: metadata)
+        return writer
+    }
+
+    private init(backend: any FAMBackend, generation: UInt64, layout: ImageLayout, pageAddresses: [UInt64]) {
+        self.backend = backend
+        self.generation = generation
+        self.layout = layout
+        self.pageAddresses = pageAddresses
+        self.phase = .created
+        self.pageFlushEpochs = Array(repeating: nil, count: layout.pageCount)
+        self.markedSlots = Array(repeating: false, count: layout.pageCount)
+    }
+
+    private mutating func storeInitialImage(metadata: [UInt8]) {
+        // The file may hold an older image: first make it unreadable, durably, before overwriting any of
+        // it, so no reader ever mixes old and new regions.
+        storeState(.creating)
+
+        var paddedMetadata = metadata
+        paddedMetadata.append(contentsOf: repeatElement(0, count: layout.paddedMetadataByteCount - metadata.count))
+        backend.store(paddedMetadata, at: layout.metadata.offset)
+        var pageTable = BinaryWriter()
+        for address in pageAddresses { pageTable.writeUInt64(address) }
+        backend.store(pageTable.bytes, at: layout.pageTable.offset)
+        // Old marks would not count (their generation differs), but clearing them keeps the marks digest
+        // independent of whatever the file held; likewise the commit record line.
+        backend.store(Array(repeating: 0, count: layout.marksByteCount), at: layout.marks.offset)
+        backend.store(Array(repeating: 0, count: ImageLayout.commitRecordByteCount), at: layout.commitRecord.offset)
+
+        let superblock = ImageSuperblock(
+            generation: generation, layout: layout,
+            metadataDigest: SharedMapping.digest(of: paddedMetadata, seed: ImageDigestSeed.metadata(generation: generation)),
+            pageTableDigest: SharedMapping.digest(of: pageTable.bytes, seed: ImageDigestSeed.pageTable(generation: generation)))
+        backend.store(superblock.encoded(), at: 0)
+    }
+
+    // MARK: Metadata commit
+
+    /// Makes superblock, metadata and page table durable, then publishes state metadataCommitted: from
+    /// here a target may restore the process and fault pages in.
+    public mutating func commitMetadata() {
+        precondition(phase == .created, "commitMetadata in phase \(phase)")
+        backend.flush(at: 0, count: ImageLayout.superblockEncodedByteCount)
+        backend.flush(at: layout.metadata.offset, count: layout.paddedMetadataByteCount)
+        backend.flush(at: layout.pageTable.offset, count: layout.pageTableByteCount)
+        backend.flush(at: layout.marks.offset, count: layout.marksByteCount)
+        backend.flush(at: layout.commitRecord.offset, count: ImageLayout.commitRecordByteCount)
+        headerFlushEpoch = fenceEpoch
+        fence()
+        // Invariant (2), metadata half: everything the state vouches for is flushed and fenced.
+        precondition(headerFlushEpoch.map { $0 < fenceEpoch } == true, "metadata commit before the metadata is durable")
+        storeState(.metadataCommitted)
+        phase = .metadataCommitted
+    }
+
+    // MARK: Dumping pages, in steps
+
+    /// The whole dump of a batch of slots: copy the pages from the victim straight into their slots,
+    /// flush every line of them, fence, then digest each page from FAM and store and flush its mark.
+    /// The marks are not fenced here: the next batch's page fence orders them (one fence per batch, not
+    /// two), and `commit()` or `fenceMarks()` fences the last ones. A reader may see a mark late, never
+    /// early. Slots may come in any order across calls; each slot is dumped once.
+    public mutating func dumpPages(processID: ProcessID, slots: Range<Int>) throws(SyscallError) {
+        try copyPagesFromProcess(processID: processID, slots: slots)
+        flushPages(slots: slots)
+        fence()
+        for slot in slots { storeMark(slot: slot) }
+    }
+
+    /// Step 1: process_vm_readv the pages of `slots` into their slots, one range per run of adjacent
+    /// pages. If a page cannot be read, nothing of the batch is marked; the caller may retry or abort.
+    public mutating func copyPagesFromProcess(processID: ProcessID, slots: Range<Int>) throws(SyscallError) {
+        precondition(phase == .created || phase == .metadataCommitted, "dump in phase \(phase)")
+        precondition(slots.lowerBound >= 0 && slots.upperBound <= layout.pageCount, "slots \(slots) outside 0..<\(layout.pageCount)")
+        var ranges: [ProcessReadRange] = []
+        for slot in slots {
+            precondition(!markedSlots[slot], "page slot \(slot) dumped twice")
+            let address = pageAddresses[slot]
+            // Slots are consecutive, so adjacent pages are adjacent in FAM too: extend the last range.
+            if let last = ranges.last, last.remoteAddress + UInt64(last.byteCount) == address {
+                ranges[ranges.count - 1].byteCount += ImageLayout.pageSize
+            } else {
+                ranges.append((remoteAddress: address, byteCount: ImageLayout.pageSize, mappingOffset: layout.pageOffset(slot: slot)))
+            }
+        }
+        if ranges.isEmpty { return }
+        // A page copied again after an earlier flush is no longer durable until flushed anew.
+        for slot in slots { pageFlushEpochs[slot] = nil }
+        try backend.storeFromProcess(processID: processID, ranges: ranges)
+    }
+
+    /// Step 2: write back every line of the slots' pages (not yet ordered: see `fence()`).
+    public mutating func flushPages(slots: Range<Int>) {
+        precondition(slots.lowerBound >= 0 && slots.upperBound <= layout.pageCount, "slots \(slots) outside 0..<\(layout.pageCount)")
+        if slots.isEmpty { return }
+        backend.flush(at: layout.pageOffset(slot: slots.lowerBound), count: slots.count * ImageLayout.pageSize)
+        for slot in slots { pageFlushEpochs[slot] = fenceEpoch }
+    }
+
+    /// Step 3: sfence; every flush before it is durable before any store after it.
+    public mutating func fence() {
+        backend.fence()
+        fenceEpoch += 1
+    }
+
+    /// Step 4: digest the slot's page as it is in FAM, store its mark and flush the mark's line.
+    public mutating func storeMark(slot: Int) {
+        precondition(phase == .created || phase == .metadataCommitted, "storeMark in phase \(phase)")
+        precondition(!markedSlots[slot], "mark of page slot \(slot) stored twice")
+        // Invariant (1): the page's lines were flushed, and a fence has passed since.
+        guard let flushEpoch = pageFlushEpochs[slot] else { preconditionFailure("mark of page slot \(slot) before its page was flushed") }
+        precondition(flushEpoch < fenceEpoch, "mark of page slot \(slot) before its flush was fenced")
+        let address = pageAddresses[slot]
+        let digest = backend.digest(at: layout.pageOffset(slot: slot), count: ImageLayout.pageSize,
+                                    seed: ImageDigestSeed.page(generation: generation, address: address))
+        let markOffset = layout.markOffset(slot: slot)
+        // Digest first, tag second, both in one cache line: a reader that sees the tag sees the digest.
+        backend.storeUInt64(digest, at: markOffset)
+        backend.storeUInt64(ImageLayout.markTag(generation: generation), at: markOffset + 8)
+        backend.flush(at: markOffset, count: ImageLayout.markByteCount)
+        lastMarkFlushEpoch = fenceEpoch
+        markedSlots[slot] = true
+        markedPageCount += 1
+    }
+
+    /// Fences the marks stored since the last fence, so readers see them now rather than at the next batch.
+    public mutating func fenceMarks() { fence() }
+
+    public func isMarked(slot: Int) -> Bool { markedSlots[slot] }
+
+    // MARK: Commit and abort
+
+    /// After every page is marked: fence the marks, store the commit record, fence it, then publish
+    /// state complete. From here the source's memory is no longer needed.
+    public mutating func commit() {
+        precondition(phase == .metadataCommitted, "commit in phase \(phase)")
+        precondition(markedPageCount == layout.pageCount, "commit record before every mark: \(markedPageCount)/\(layout.pageCount)")
+        fence()
+        // Invariant (2): every mark is flushed (at store) and fenced.
+        precondition(lastMarkFlushEpoch < fenceEpoch, "commit record before the marks are fenced")
+        let marksDigest = backend.digest(at: layout.marks.offset, count: layout.marksByteCount,
+                                         seed: ImageDigestSeed.marks(generation: generation))
+        let record = Self.encodedCommitRecord(generation: generation, pageCount: layout.pageCount, marksDigest: marksDigest)
+        backend.store(record, at: layout.commitRecord.offset)
+        backend.flush(at: layout.commitRecord.offset, count: record.count)
+        fence()
+        storeState(.complete)
+        phase = .complete
+    }
+
+    /// Marks the image unusable, durably. Allowed in any phase (a complete image can be withdrawn);
+    /// aborting twice does nothing more.
+    public mutating func abort() {
+        if phase == .aborted { return }
+        storeState(.aborted)
+        phase = .aborted
+    }
+
+    /// One aligned 8-byte store of the self-checking state word, written back and fenced.
+    private mutating func storeState(_ state: ImageState) {
+        backend.storeUInt64(ImageLayout.stateWord(state), at: ImageLayout.stateWordOffset)
+        backend.flush(at: ImageLayout.stateWordOffset, count: 8)
+        fence()
+    }
+
+    /// magic, generation, pageCount, marks digest, then a digest over those four words.
+    static func encodedCommitRecord(generation: UInt64, pageCount: Int, marksDigest: UInt64) -> [UInt8] {
+        var writer = BinaryWriter()
+        writer.writeUInt64(ImageLayout.commitRecordMagic)
+        writer.writeUInt64(generation)
+        writer.writeUInt64(UInt64(pageCount))
+        writer.writeUInt64(marksDigest)
+        writer.writeUInt64(SharedMapping.digest(of: writer.bytes, seed: ImageDigestSeed.commitRecord(generation: generation)))
+        precondition(writer.bytes.count == ImageLayout.commitRecordByteCount, "commit record of \(writer.bytes.count) bytes")
+        return writer.bytes
+    }
+}

@@ -1,0 +1,25 @@
+// Errors of the target node: each says what is wrong and what to do about it.
+import Sys
+
+public enum RestoreError: Error, CustomStringConvertible, Sendable {
+    case processIDInUse(ProcessID)
+    case stubFailed(String)
+    case layout(String)
+    case injected(InjectionError)
+    case system(String)
+    case targetDied(String)
+    case oracle(String)
+
+    public var description: String {
+        switch self {
+        case .processIDInUse(let pid):
+            "pid \(pid) is still in use on this node; the restored process needs its old PID. Kill that process (or wait for its parent to reap it) and restore again."
+        case .stubFailed(let message): "could not start the restore stub: \(message)"
+        case .layout(let message): "could not rebuild the memory layout: \(message)"
+        case .injected(let error): "restore failed: \(error)"
+        case .system(let message): "restore failed: \(message)"
+        case .targetDied(let message): "the restored process died before it could run: \(message)"
+        case .oracle(let message): "oracle rejected the restored process before it ran: \(message)"
+        }
+    }
+}

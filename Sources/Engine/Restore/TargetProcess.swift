@@ -1,0 +1,304 @@
+// The restored process while the restorer builds it: a stub started with the victim's PID, stopped at
+// its exec, turned into the victim by injected syscalls run from a scratch page, and finally given the
+// victim's registers. Every method must run on the thread that called `spawn`.
+import Sys
+#if canImport(Glibc)
+import Glibc
+#endif
+
+final class TargetProcess {
+    let processID: ProcessID
+    let tracee: Tracee
+    let memory: ProcessMemory
+    let injector: SyscallInjector
+    let scratchAddress: UInt64
+    static let scratchByteCount: UInt64 = 16 * 4096
+    private var dataAddress: UInt64 { scratchAddress + 4096 }
+    private(set) var isResumed = false
+
+    private init(processID: ProcessID, tracee: Tracee, memory: ProcessMemory, injector: SyscallInjector, scratchAddress: UInt64) {
+        self.processID = processID
+        self.tracee = tracee
+        self.memory = memory
+        self.injector = injector
+        self.scratchAddress = scratchAddress
+    }
+
+    /// Starts the stub (this executable, stopped at exec) as `state.processID` and maps the scratch page.
+    static func spawn(state: ProcessState, stubPath: String) throws(RestoreError) -> TargetProcess {
+        let processID: ProcessID
+        do {
+            processID = try Spawn.tracedStub(path: stubPath, wantedPID: state.processID, personality: nil)
+        } catch {
+            if error.errno == .fileExists { throw .processIDInUse(state.processID) }
+            throw .stubFailed("\(error)")
+        }
+        precondition(processID == state.processID, "clone3(set_tid) gave pid \(processID), wanted \(state.processID)")
+        do {
+            let (tracee, reason) = try Tracee.adoptTracedChild(processID)
+            guard reason == .signal(SIGTRAP) else {
+                throw RestoreError.stubFailed("\(stubPath) did not stop at exec: \(reason)")
+            }
+            let memory = try ProcessMemory(processID, writable: true)
+            let registers = try tracee.registers()
+            let stubRanges = try ProcFS.maps(processID).map { ($0.start, $0.end) }
+            guard let scratch = AddressSpace.freeRange(
+                byteCount: scratchByteCount, avoiding: stubRanges + state.mappings.map { ($0.start, $0.end) }) else {
+                throw RestoreError.layout("no free range for the scratch mapping")
+            }
+            try memory.write(syscallTrapInstruction, at: registers.rip)
+            let injector = SyscallInjector(tracee: tracee, instructionAddress: registers.rip, template: registers)
+            let target = TargetProcess(processID: processID, tracee: tracee, memory: memory, injector: injector,
+                                       scratchAddress: scratch)
+            try injector.call("mmap(scratch)", Syscall.mmap, scratch, scratchByteCount, 7, 0x22 | 0x100000, UInt64.max, 0)
+            try memory.write(syscallTrapInstruction, at: scratch)
+            injector.instructionAddress = scratch
+            try tracee.setSignalMask(~UInt64(0))
+            return target
+        } catch let error as RestoreError {
+            Spawn.kill(processID)
+            _ = try? Spawn.waitForExit(processID)
+            throw error
+        } catch {
+            Spawn.kill(processID)
+            _ = try? Spawn.waitForExit(processID)
+            throw .stubFailed("\(error)")
+        }
+    }
+
+    /// Kills the target (a target must never run on holes) and reaps it.
+    func kill() {
+        guard !isResumed else { return }
+        Spawn.kill(processID)
+        while let reason = try? tracee.waitForStop(), !reason.isTerminal {}
+        memory.close()
+    }
+
+    // MARK: Layout
+
+    /// Closes inherited fds, removes the stub's mappings, moves the vDSO, sets the mm fields and the exe,
+    /// and maps every victim VMA at its address.
+    func buildLayout(_ state: ProcessState) throws(RestoreError) {
+        do {
+            try injector.call("close_range", Syscall.closeRange, 0, UInt64(UInt32.max), 0)
+            let stubMaps = try ProcFS.maps(processID)
+            for entry in stubMaps where entry.start != scratchAddress && !entry.path.hasPrefix("[v") {
+                try injector.call("munmap(stub \(entry.path))", Syscall.munmap, entry.start, entry.byteCount)
+            }
+            try moveVDSO(stubMaps: stubMaps, state: state)
+            try setMemoryDescriptor(state)
+            try mapVictimMappings(state)
+        } catch let error as RestoreError {
+            throw error
+        } catch let error as InjectionError {
+            throw .injected(error)
+        } catch {
+            throw .system("\(error)")
+        }
+    }
+
+    private func moveVDSO(stubMaps: [MapsEntry], state: ProcessState) throws {
+        let names = ["[vvar]", "[vvar_vclock]", "[vdso]"]
+        let stubParts = names.compactMap { name in stubMaps.first { $0.path == name } }
+        var victimParts: [String: Mapping] = [:]
+        for mapping in state.mappings {
+            if case .vdsoPart(let name) = mapping.kind { victimParts[name] = mapping }
+        }
+        let alreadyInPlace = stubParts.allSatisfy { victimParts[$0.path]?.start == $0.start }
+        if alreadyInPlace && stubParts.count == victimParts.count { return }
+        for part in stubParts {
+            guard let wanted = victimParts[part.path] else {
+                try injector.call("munmap(\(part.path))", Syscall.munmap, part.start, part.byteCount)
+                continue
+            }
+            guard wanted.byteCount == part.byteCount else {
+                throw RestoreError.layout("\(part.path) is \(part.byteCount) bytes here and \(wanted.byteCount) on the source; both nodes need the same kernel")
+            }
+        }
+        // Park every part in a free range first, so that moves never overlap their own source.
+        let totalByteCount = stubParts.reduce(0) { $0 + $1.byteCount }
+        let avoid = stubMaps.map { ($0.start, $0.end) } + state.mappings.map { ($0.start, $0.end) }
+        guard var parking = AddressSpace.freeRange(byteCount: totalByteCount, avoiding: avoid) else {
+            throw RestoreError.layout("no free range to move the vDSO through")
+        }
+        var parked: [(name: String, address: UInt64, byteCount: UInt64)] = []
+        for part in stubParts where victimParts[part.path] != nil {
+            try injector.call("mremap(\(part.path))", Syscall.mremap, part.start, part.byteCount, part.byteCount, 3, parking)
+            parked.append((part.path, parking, part.byteCount))
+            parking += part.byteCount
+        }
+        for part in parked {
+            let wanted = victimParts[part.name]!.start
+            try injector.call("mremap(\(part.name))", Syscall.mremap, part.address, part.byteCount, part.byteCount, 3, wanted)
+        }
+    }
+
+    private func setMemoryDescriptor(_ state: ProcessState) throws {
+        let fields = state.memoryDescriptor
+        let exeDescriptor = try openInTarget(state.executablePath, flags: O_RDONLY | O_CLOEXEC)
+        let auxvAddress = dataAddress + 256
+        try memory.write(fields.auxiliaryVector, at: auxvAddress)
+        var record: [UInt8] = []
+        for word in [fields.startCode, fields.endCode, fields.startData, fields.endData, fields.startBrk, fields.brk,
+                     fields.startStack, fields.argStart, fields.argEnd, fields.envStart, fields.envEnd, auxvAddress] {
+            record.appendLittleEndian(word)
+        }
+        record.appendLittleEndian(UInt32(fields.auxiliaryVector.count))
+        record.appendLittleEndian(UInt32(exeDescriptor))
+        try memory.write(record, at: dataAddress)
+        try injector.call("prctl(PR_SET_MM, PR_SET_MM_MAP)", Syscall.prctl, 35, 14, dataAddress, UInt64(record.count))
+        try injector.call("close(exe)", Syscall.close, UInt64(exeDescriptor))
+    }
+
+    private func mapVictimMappings(_ state: ProcessState) throws {
+        var openFiles: [String: UInt64] = [:]
+        defer { for descriptor in openFiles.values { _ = try? injector.raw("close", Syscall.close, [descriptor]) } }
+        for mapping in state.mappings {
+            let fixedNoReplace: UInt64 = 0x100000
+            switch mapping.kind {
+            case .vdsoPart, .vsyscall:
+                continue
+            case .anonymous, .heap, .stack:
+                var flags: UInt64 = 0x02 | 0x20 | fixedNoReplace  // MAP_PRIVATE | MAP_ANONYMOUS
+                if mapping.kind == .stack { flags |= 0x0100 }     // MAP_GROWSDOWN
+                try injector.call("mmap(\(hex(mapping.start)))", Syscall.mmap, mapping.start, mapping.byteCount,
+                                  UInt64(mapping.protection), flags, UInt64.max, 0)
+            case .file(let path):
+                let writableShared = mapping.shared && mapping.writable
+                let key = (writableShared ? "rw:" : "r:") + path
+                let descriptor: UInt64
+                if let open = openFiles[key] {
+                    descriptor = open
+                } else {
+                    descriptor = UInt64(try openInTarget(path, flags: (writableShared ? O_RDWR : O_RDONLY) | O_CLOEXEC))
+                    openFiles[key] = descriptor
+                }
+                let flags: UInt64 = (mapping.shared ? 0x01 : 0x02) | fixedNoReplace
+                try injector.call("mmap(\(hex(mapping.start)) \(path))", Syscall.mmap, mapping.start, mapping.byteCount,
+                                  UInt64(mapping.protection), flags, descriptor, mapping.fileOffset)
+            }
+        }
+    }
+
+    /// openat(AT_FDCWD, path, flags) inside the target; returns the new descriptor.
+    private func openInTarget(_ path: String, flags: Int32) throws -> Int32 {
+        let pathAddress = dataAddress + 8192
+        try memory.write(Array(path.utf8) + [0], at: pathAddress)
+        let descriptor = try injector.call("openat(\(path))", Syscall.openat, UInt64(bitPattern: -100), pathAddress,
+                                           UInt64(UInt32(bitPattern: flags)), 0)
+        return Int32(descriptor)
+    }
+
+    // MARK: Pages
+
+    /// Writes `byteCount` bytes of a FAM mapping at `address` of the target (eager install).
+    func writePages(from mapping: SharedMapping, at mappingOffset: Int, byteCount: Int, to address: UInt64) throws(RestoreError) {
+        do { try memory.write(from: mapping, at: mappingOffset, byteCount: byteCount, to: address) } catch {
+            throw .system("\(error)")
+        }
+    }
+
+    // MARK: State
+
+    /// Descriptors, signal actions, pending signals, personality, rseq, seccomp, credentials, xstate, mask.
+    func restoreState(_ state: ProcessState) throws(RestoreError) {
+        do {
+            try restoreFiles(state.files)
+            for action in state.signalActions where !action.isDefault {
+                var record: [UInt8] = []
+                for word in [action.handler, action.flags, action.restorer, action.mask] { record.appendLittleEndian(word) }
+                try memory.write(record, at: dataAddress)
+                try injector.call("rt_sigaction(\(action.signal))", Syscall.rtSigaction, UInt64(action.signal), dataAddress, 0, 8)
+            }
+            try injector.call("personality", Syscall.personality, UInt64(state.personality))
+            // Always: the stub was started with PDEATHSIG SIGKILL, so that it dies with a crashed restorer.
+            try injector.call("prctl(PR_SET_PDEATHSIG)", Syscall.prctl, 1, UInt64(state.parentDeathSignal))
+            let thread = state.mainThread
+            if let rseq = thread.rseq {
+                try injector.call("rseq", Syscall.rseq, rseq.address, UInt64(rseq.byteCount), 0, UInt64(rseq.signature))
+            }
+            for pending in thread.pendingSignals + state.sharedPendingSignals {
+                try memory.write(pending.siginfo, at: dataAddress)
+                if pending.shared {
+                    try injector.call("rt_sigqueueinfo(\(pending.signal))", Syscall.rtSigqueueinfo,
+                                      UInt64(processID.rawValue), UInt64(pending.signal), dataAddress)
+                } else {
+                    try injector.call("rt_tgsigqueueinfo(\(pending.signal))", Syscall.rtTgsigqueueinfo,
+                                      UInt64(processID.rawValue), UInt64(thread.threadID.rawValue),
+                                      UInt64(pending.signal), dataAddress)
+                }
+            }
+            // Filters go in while the target still holds every capability (seccomp needs CAP_SYS_ADMIN or
+            // no_new_privs); PTRACE_O_SUSPEND_SECCOMP keeps them from judging our later injections.
+            for filter in state.seccompFilters {
+                let programAddress = dataAddress + 4096
+                try memory.write(filter.program, at: programAddress)
+                var header: [UInt8] = []
+                header.appendLittleEndian(UInt64(filter.program.count / 8))
+                header.appendLittleEndian(programAddress)
+                try memory.write(header, at: dataAddress)
+                try injector.call("seccomp(SET_MODE_FILTER)", Syscall.seccomp, 1, filter.flags, dataAddress)
+            }
+            try CredentialRestorer(injector: injector, memory: memory, dataAddress: dataAddress, processID: processID)
+                .restore(state.credentials)
+            try tracee.setExtendedState(thread.extendedState)
+        } catch let error as RestoreError {
+            throw error
+        } catch let error as InjectionError {
+            throw .injected(error)
+        } catch {
+            throw .system("\(error)")
+        }
+    }
+
+    private func restoreFiles(_ files: [OpenFile]) throws {
+        let ignoredFlags: Int32 = O_CREAT | O_EXCL | O_TRUNC | O_NOCTTY
+        for file in files.sorted(by: { $0.descriptor < $1.descriptor }) {
+            let opened = try openInTarget(file.path, flags: file.flags & ~ignoredFlags)
+            if opened != file.descriptor {
+                try injector.call("dup3", Syscall.dup3, UInt64(opened), UInt64(file.descriptor),
+                                  UInt64(UInt32(bitPattern: file.flags & O_CLOEXEC)))
+                try injector.call("close", Syscall.close, UInt64(opened))
+            }
+            if file.position != 0 {
+                try injector.call("lseek", Syscall.lseek, UInt64(file.descriptor), UInt64(bitPattern: file.position), 0)
+            }
+        }
+    }
+
+    // MARK: Resume
+
+    /// Reads the rebuilt state back for the oracles (while the scratch page still exists), removes the
+    /// scratch page (running its munmap to the syscall-exit stop, since the int3 after it is gone), then
+    /// sets the victim's mask and registers. The target is stopped, about to run the victim's next
+    /// instruction; returns the state read back from it.
+    func prepareToResume(_ state: ProcessState) throws(RestoreError) -> ProcessState {
+        do {
+            let injected = try StateReader.injectQueries(injector: injector, memory: memory, dataAddress: dataAddress)
+            let result = try injector.callToExitStop("munmap(scratch)", Syscall.munmap, scratchAddress, Self.scratchByteCount)
+            guard result == 0 else { throw RestoreError.system("munmap(scratch) failed: \(result)") }
+            try tracee.setSignalMask(state.mainThread.signalMask)
+            try tracee.setRegisters(state.mainThread.registers.resumableAfterRestore)
+            return try StateReader.read(tracee: tracee, processID: processID, injected: injected)
+        } catch let error as RestoreError {
+            throw error
+        } catch let error as InjectionError {
+            throw .injected(error)
+        } catch {
+            throw .system("\(error)")
+        }
+    }
+
+    /// Lets the restored process run.
+    func resume() throws(RestoreError) {
+        do { try tracee.detach() } catch { throw .system("\(error)") }
+        isResumed = true
+        memory.close()
+    }
+}
+
+extension Array where Element == UInt8 {
+    mutating func appendLittleEndian<T: FixedWidthInteger>(_ value: T) {
+        Swift.withUnsafeBytes(of: value.littleEndian) { append(contentsOf: $0) }
+    }
+}

@@ -1,0 +1,38 @@
+// Address arithmetic shared by the dumper and the restorer.
+
+/// x86-64 syscall numbers the engine injects.
+enum Syscall {
+    static let read = 0, write = 1, open = 2, close = 3, lseek = 8, mmap = 9, mprotect = 10, munmap = 11
+    static let brk = 12, rtSigaction = 13, mremap = 25, dup2 = 33, prctl = 157, personality = 135
+    static let setresuid = 117, setresgid = 119, setgroups = 116, capset = 126, rtSigqueueinfo = 129
+    static let arch_prctl = 158, openat = 257, rtTgsigqueueinfo = 297, dup3 = 292, rseq = 334, seccomp = 317
+    static let userfaultfd = 323, closeRange = 436
+}
+
+enum AddressSpace {
+    /// The lowest user address mmap may use here, and the top of user space (47-bit).
+    static let lowestAddress: UInt64 = 0x10000
+    static let userSpaceEnd: UInt64 = 0x7fff_ffff_f000
+
+    /// A free, page-aligned range of `byteCount` bytes with a free page on both sides (so the kernel
+    /// never merges it with a neighbour), avoiding every range given. Searches from high addresses down,
+    /// below the usual mmap area.
+    static func freeRange(byteCount: UInt64, avoiding ranges: [(UInt64, UInt64)]) -> UInt64? {
+        let guardBytes: UInt64 = 4096
+        let taken = ranges.filter { $0.0 < userSpaceEnd }.sorted { $0.0 < $1.0 }
+        // Try a fixed, memorable area first (easy to spot in maps), then any gap.
+        let preferred: UInt64 = 0x5f0_0000_0000
+        if taken.allSatisfy({ $0.1 + guardBytes <= preferred || $0.0 >= preferred + byteCount + guardBytes }) {
+            return preferred
+        }
+        var cursor = lowestAddress + 0x1000_0000
+        for range in taken {
+            if range.0 > cursor + guardBytes && range.0 - cursor - guardBytes >= byteCount + guardBytes {
+                return cursor + guardBytes
+            }
+            cursor = max(cursor, range.1)
+        }
+        if userSpaceEnd > cursor + 2 * guardBytes + byteCount { return cursor + guardBytes }
+        return nil
+    }
+}

@@ -1,0 +1,121 @@
+// What a checkpoint holds besides page contents: everything the restorer needs to rebuild the victim,
+// and everything the state oracle compares.
+import Sys
+
+/// One signal's disposition (`struct kernel_sigaction` as rt_sigaction sees it).
+public struct SignalAction: Equatable, Sendable {
+    public var signal: Int32
+    public var handler: UInt64
+    public var flags: UInt64
+    public var restorer: UInt64
+    public var mask: UInt64
+
+    public var isDefault: Bool { handler == 0 && flags == 0 && restorer == 0 && mask == 0 }
+}
+
+/// The fields of `struct prctl_mm_map` (PR_SET_MM_MAP) except exe_fd, plus the current brk.
+public struct MemoryDescriptorFields: Equatable, Sendable {
+    public var startCode: UInt64 = 0, endCode: UInt64 = 0
+    public var startData: UInt64 = 0, endData: UInt64 = 0
+    public var startBrk: UInt64 = 0, brk: UInt64 = 0
+    public var startStack: UInt64 = 0
+    public var argStart: UInt64 = 0, argEnd: UInt64 = 0
+    public var envStart: UInt64 = 0, envEnd: UInt64 = 0
+    /// The raw auxiliary vector (/proc/PID/auxv).
+    public var auxiliaryVector: [UInt8] = []
+}
+
+/// Who the process is and what it may do.
+public struct Credentials: Equatable, Sendable {
+    /// Real, effective, saved, filesystem.
+    public var userIDs: [UInt32] = [0, 0, 0, 0]
+    public var groupIDs: [UInt32] = [0, 0, 0, 0]
+    public var supplementaryGroups: [UInt32] = []
+    public var inheritable: UInt64 = 0, permitted: UInt64 = 0, effective: UInt64 = 0
+    public var bounding: UInt64 = 0, ambient: UInt64 = 0
+    public var securebits: UInt32 = 0
+    public var noNewPrivileges: Bool = false
+}
+
+/// A seccomp filter program, as PTRACE_SECCOMP_GET_FILTER gives it.
+public struct SeccompFilter: Equatable, Sendable {
+    public var program: [UInt8]
+    public var flags: UInt64
+}
+
+/// What a mapping is, which decides how the restorer recreates it.
+public enum MappingKind: Equatable, Sendable {
+    case anonymous
+    case heap
+    case stack
+    /// A private or shared mapping of a regular file at `path`.
+    case file(path: String)
+    /// `[vvar]`, `[vvar_vclock]`, `[vdso]`: moved from the restorer's own copy, never dumped.
+    case vdsoPart(name: String)
+    /// `[vsyscall]`: fixed by the kernel; nothing to do.
+    case vsyscall
+}
+
+/// One VMA of the victim.
+public struct Mapping: Equatable, Sendable {
+    public var start: UInt64
+    public var end: UInt64
+    public var readable: Bool
+    public var writable: Bool
+    public var executable: Bool
+    public var shared: Bool
+    public var fileOffset: UInt64
+    public var kind: MappingKind
+
+    public var byteCount: UInt64 { end - start }
+    public var protection: Int32 { (readable ? 1 : 0) | (writable ? 2 : 0) | (executable ? 4 : 0) }
+    public func contains(_ address: UInt64) -> Bool { address >= start && address < end }
+}
+
+/// An open descriptor the restorer reopens: a regular file or /dev/null.
+public struct OpenFile: Equatable, Sendable {
+    public var descriptor: Int32
+    public var path: String
+    /// open(2) flags as /proc/PID/fdinfo shows them (octal there), O_CLOEXEC included.
+    public var flags: Int32
+    public var position: Int64
+}
+
+/// A queued signal, as the raw 128-byte siginfo PTRACE_PEEKSIGINFO gives.
+public struct PendingSignal: Equatable, Sendable {
+    public var shared: Bool
+    public var siginfo: [UInt8]
+    public var signal: Int32 {
+        Int32(siginfo[0]) | Int32(siginfo[1]) << 8 | Int32(siginfo[2]) << 16 | Int32(siginfo[3]) << 24
+    }
+}
+
+/// The state of one thread.
+public struct ThreadState: Equatable, Sendable {
+    public var threadID: ProcessID
+    public var registers: GeneralRegisters
+    public var extendedState: [UInt8]
+    public var signalMask: UInt64
+    public var rseq: RseqConfiguration?
+    public var pendingSignals: [PendingSignal]
+}
+
+/// Everything about the victim but its page contents.
+public struct ProcessState: Equatable, Sendable {
+    public var processID: ProcessID
+    public var executablePath: String
+    public var threads: [ThreadState]
+    public var signalActions: [SignalAction]
+    public var sharedPendingSignals: [PendingSignal]
+    public var memoryDescriptor: MemoryDescriptorFields
+    public var personality: UInt32
+    public var parentDeathSignal: Int32
+    public var credentials: Credentials
+    public var seccompMode: Int32
+    /// Oldest first, the order in which the restorer installs them.
+    public var seccompFilters: [SeccompFilter]
+    public var mappings: [Mapping]
+    public var files: [OpenFile]
+
+    public var mainThread: ThreadState { threads[0] }
+}

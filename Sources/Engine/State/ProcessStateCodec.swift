@@ -1,0 +1,206 @@
+// The metadata region of an image: a ProcessState in little-endian binary. The reader treats the bytes
+// as untrusted: every count is bounded, and values the restorer will use as addresses are checked.
+import Sys
+
+extension ProcessState {
+    /// Bumped whenever the encoding changes; the image format version covers the layout around it.
+    static let encodingVersion: UInt32 = 1
+
+    public func encoded() -> [UInt8] {
+        var writer = BinaryWriter()
+        writer.writeUInt32(Self.encodingVersion)
+        writer.writeInt32(processID.rawValue)
+        writer.writeString(executablePath)
+        writer.writeArray(threads) { writer, thread in thread.encode(into: &writer) }
+        writer.writeArray(signalActions) { writer, action in
+            writer.writeInt32(action.signal)
+            for word in [action.handler, action.flags, action.restorer, action.mask] { writer.writeUInt64(word) }
+        }
+        writer.writeArray(sharedPendingSignals) { writer, pending in writer.writeBytes(pending.siginfo) }
+        let fields = memoryDescriptor
+        for word in [fields.startCode, fields.endCode, fields.startData, fields.endData, fields.startBrk, fields.brk,
+                     fields.startStack, fields.argStart, fields.argEnd, fields.envStart, fields.envEnd] {
+            writer.writeUInt64(word)
+        }
+        writer.writeBytes(fields.auxiliaryVector)
+        writer.writeUInt32(personality)
+        writer.writeInt32(parentDeathSignal)
+        writer.writeArray(credentials.userIDs) { writer, id in writer.writeUInt32(id) }
+        writer.writeArray(credentials.groupIDs) { writer, id in writer.writeUInt32(id) }
+        writer.writeArray(credentials.supplementaryGroups) { writer, id in writer.writeUInt32(id) }
+        for set in [credentials.inheritable, credentials.permitted, credentials.effective, credentials.bounding,
+                    credentials.ambient] {
+            writer.writeUInt64(set)
+        }
+        writer.writeUInt32(credentials.securebits)
+        writer.writeBool(credentials.noNewPrivileges)
+        writer.writeInt32(seccompMode)
+        writer.writeArray(seccompFilters) { writer, filter in
+            writer.writeBytes(filter.program)
+            writer.writeUInt64(filter.flags)
+        }
+        writer.writeArray(mappings) { writer, mapping in mapping.encode(into: &writer) }
+        writer.writeArray(files) { writer, file in
+            writer.writeInt32(file.descriptor)
+            writer.writeString(file.path)
+            writer.writeInt32(file.flags)
+            writer.writeInt64(file.position)
+        }
+        return writer.bytes
+    }
+
+    public static func decode(_ bytes: [UInt8]) throws(ImageError) -> ProcessState {
+        var reader = BinaryReader(bytes)
+        let version = try reader.readUInt32()
+        guard version == encodingVersion else {
+            throw .malformedMetadata(reason: "process-state encoding \(version), this fammig reads \(encodingVersion)")
+        }
+        let processID = ProcessID(try reader.readInt32())
+        guard processID.rawValue > 1 else { throw .malformedMetadata(reason: "pid \(processID) cannot be restored") }
+        let executablePath = try reader.readString(maximumByteCount: 4096)
+        let threads = try reader.readArray(maximumCount: 1) { (reader) throws(ImageError) in try ThreadState.decode(&reader) }
+        guard !threads.isEmpty else { throw .malformedMetadata(reason: "no threads") }
+        let actions = try reader.readArray(maximumCount: 64) { (reader) throws(ImageError) -> SignalAction in
+            let signal = try reader.readInt32()
+            guard (1...64).contains(signal) else { throw .malformedMetadata(reason: "signal action for signal \(signal)") }
+            return SignalAction(signal: signal, handler: try reader.readUInt64(), flags: try reader.readUInt64(),
+                                restorer: try reader.readUInt64(), mask: try reader.readUInt64())
+        }
+        let shared = try reader.readArray(maximumCount: 4096) { (reader) throws(ImageError) in
+            PendingSignal(shared: true, siginfo: try readSiginfo(&reader))
+        }
+        var fields = MemoryDescriptorFields()
+        fields.startCode = try reader.readUInt64(); fields.endCode = try reader.readUInt64()
+        fields.startData = try reader.readUInt64(); fields.endData = try reader.readUInt64()
+        fields.startBrk = try reader.readUInt64(); fields.brk = try reader.readUInt64()
+        fields.startStack = try reader.readUInt64()
+        fields.argStart = try reader.readUInt64(); fields.argEnd = try reader.readUInt64()
+        fields.envStart = try reader.readUInt64(); fields.envEnd = try reader.readUInt64()
+        fields.auxiliaryVector = try reader.readBytes(maximumByteCount: 1024)
+        let personality = try reader.readUInt32()
+        let parentDeathSignal = try reader.readInt32()
+        var credentials = Credentials()
+        credentials.userIDs = try reader.readArray(maximumCount: 4) { (reader) throws(ImageError) in try reader.readUInt32() }
+        credentials.groupIDs = try reader.readArray(maximumCount: 4) { (reader) throws(ImageError) in try reader.readUInt32() }
+        guard credentials.userIDs.count == 4, credentials.groupIDs.count == 4 else {
+            throw .malformedMetadata(reason: "credentials need 4 user and 4 group IDs")
+        }
+        credentials.supplementaryGroups = try reader.readArray(maximumCount: 65536) { (reader) throws(ImageError) in try reader.readUInt32() }
+        credentials.inheritable = try reader.readUInt64(); credentials.permitted = try reader.readUInt64()
+        credentials.effective = try reader.readUInt64(); credentials.bounding = try reader.readUInt64()
+        credentials.ambient = try reader.readUInt64()
+        credentials.securebits = try reader.readUInt32()
+        credentials.noNewPrivileges = try reader.readBool()
+        let seccompMode = try reader.readInt32()
+        let filters = try reader.readArray(maximumCount: 512) { (reader) throws(ImageError) -> SeccompFilter in
+            let program = try reader.readBytes(maximumByteCount: 4096 * 8)
+            guard !program.isEmpty, program.count % 8 == 0 else {
+                throw .malformedMetadata(reason: "seccomp filter of \(program.count) bytes")
+            }
+            return SeccompFilter(program: program, flags: try reader.readUInt64())
+        }
+        let mappings = try reader.readArray(maximumCount: 65530) { (reader) throws(ImageError) in try Mapping.decode(&reader) }
+        for (previous, next) in zip(mappings, mappings.dropFirst()) where previous.end > next.start {
+            throw .malformedMetadata(reason: "mappings \(hex(previous.start))-\(hex(previous.end)) and \(hex(next.start))-\(hex(next.end)) overlap or are out of order")
+        }
+        let files = try reader.readArray(maximumCount: 65536) { (reader) throws(ImageError) -> OpenFile in
+            let descriptor = try reader.readInt32()
+            guard descriptor >= 0 else { throw .malformedMetadata(reason: "fd \(descriptor)") }
+            return OpenFile(descriptor: descriptor, path: try reader.readString(maximumByteCount: 4096),
+                            flags: try reader.readInt32(), position: try reader.readInt64())
+        }
+        try reader.expectEnd()
+        return ProcessState(processID: processID, executablePath: executablePath, threads: threads,
+                            signalActions: actions, sharedPendingSignals: shared, memoryDescriptor: fields,
+                            personality: personality, parentDeathSignal: parentDeathSignal, credentials: credentials,
+                            seccompMode: seccompMode, seccompFilters: filters, mappings: mappings, files: files)
+    }
+
+    static func readSiginfo(_ reader: inout BinaryReader) throws(ImageError) -> [UInt8] {
+        let siginfo = try reader.readBytes(maximumByteCount: 128)
+        guard siginfo.count == 128 else { throw .malformedMetadata(reason: "siginfo of \(siginfo.count) bytes") }
+        return siginfo
+    }
+}
+
+extension ThreadState {
+    func encode(into writer: inout BinaryWriter) {
+        writer.writeInt32(threadID.rawValue)
+        writer.writeArray(registers.words) { writer, word in writer.writeUInt64(word) }
+        writer.writeBytes(extendedState)
+        writer.writeUInt64(signalMask)
+        writer.writeBool(rseq != nil)
+        if let rseq {
+            writer.writeUInt64(rseq.address)
+            writer.writeUInt32(rseq.byteCount)
+            writer.writeUInt32(rseq.signature)
+            writer.writeUInt32(rseq.flags)
+        }
+        writer.writeArray(pendingSignals) { writer, pending in writer.writeBytes(pending.siginfo) }
+    }
+
+    static func decode(_ reader: inout BinaryReader) throws(ImageError) -> ThreadState {
+        let threadID = ProcessID(try reader.readInt32())
+        let words = try reader.readArray(maximumCount: 27) { (reader) throws(ImageError) in try reader.readUInt64() }
+        guard words.count == 27 else { throw .malformedMetadata(reason: "thread \(threadID) has \(words.count) registers, not 27") }
+        let extendedState = try reader.readBytes(maximumByteCount: 16384)
+        let signalMask = try reader.readUInt64()
+        var rseq: RseqConfiguration?
+        if try reader.readBool() {
+            rseq = RseqConfiguration(address: try reader.readUInt64(), byteCount: try reader.readUInt32(),
+                                     signature: try reader.readUInt32(), flags: try reader.readUInt32())
+        }
+        let pending = try reader.readArray(maximumCount: 4096) { (reader) throws(ImageError) in
+            PendingSignal(shared: false, siginfo: try ProcessState.readSiginfo(&reader))
+        }
+        return ThreadState(threadID: threadID, registers: GeneralRegisters(words: words), extendedState: extendedState,
+                           signalMask: signalMask, rseq: rseq, pendingSignals: pending)
+    }
+}
+
+extension Mapping {
+    func encode(into writer: inout BinaryWriter) {
+        writer.writeUInt64(start)
+        writer.writeUInt64(end)
+        writer.writeUInt8((readable ? 1 : 0) | (writable ? 2 : 0) | (executable ? 4 : 0) | (shared ? 8 : 0))
+        writer.writeUInt64(fileOffset)
+        switch kind {
+        case .anonymous: writer.writeUInt8(0)
+        case .heap: writer.writeUInt8(1)
+        case .stack: writer.writeUInt8(2)
+        case .file(let path): writer.writeUInt8(3); writer.writeString(path)
+        case .vdsoPart(let name): writer.writeUInt8(4); writer.writeString(name)
+        case .vsyscall: writer.writeUInt8(5)
+        }
+    }
+
+    static func decode(_ reader: inout BinaryReader) throws(ImageError) -> Mapping {
+        let start = try reader.readUInt64()
+        let end = try reader.readUInt64()
+        let bits = try reader.readUInt8()
+        let fileOffset = try reader.readUInt64()
+        let kind: MappingKind
+        switch try reader.readUInt8() {
+        case 0: kind = .anonymous
+        case 1: kind = .heap
+        case 2: kind = .stack
+        case 3: kind = .file(path: try reader.readString(maximumByteCount: 4096))
+        case 4:
+            let name = try reader.readString(maximumByteCount: 32)
+            guard ["[vvar]", "[vvar_vclock]", "[vdso]"].contains(name) else {
+                throw .malformedMetadata(reason: "unknown vDSO part \(name)")
+            }
+            kind = .vdsoPart(name: name)
+        case 5: kind = .vsyscall
+        case let other: throw .malformedMetadata(reason: "unknown mapping kind \(other)")
+        }
+        let isVsyscall = kind == .vsyscall
+        guard start % 4096 == 0, end % 4096 == 0, start < end,
+              isVsyscall || (start >= AddressSpace.lowestAddress && end <= AddressSpace.userSpaceEnd + 4096),
+              fileOffset % 4096 == 0 else {
+            throw .malformedMetadata(reason: "mapping \(hex(start))-\(hex(end)) lies outside user space or is not page-aligned")
+        }
+        return Mapping(start: start, end: end, readable: bits & 1 != 0, writable: bits & 2 != 0,
+                       executable: bits & 4 != 0, shared: bits & 8 != 0, fileOffset: fileOffset, kind: kind)
+    }
+}

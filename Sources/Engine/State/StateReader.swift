@@ -1,0 +1,118 @@
+// Reads a stopped process's state: the dumper reads the victim with it at freeze, and the state oracle
+// reads the restored target with it before the target runs, so both sides are read the same way.
+import Sys
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What only the process itself can tell (asked by injected syscalls).
+struct InjectedAnswers: Equatable {
+    var brk: UInt64
+    var actions: [SignalAction]
+    var securebits: UInt32
+    var parentDeathSignal: Int32
+}
+
+enum StateReader {
+    /// brk(0), rt_sigaction for every signal, PR_GET_SECUREBITS and PR_GET_PDEATHSIG.
+    static func injectQueries(injector: SyscallInjector, memory: ProcessMemory, dataAddress: UInt64) throws -> InjectedAnswers {
+        var answers = InjectedAnswers(brk: 0, actions: [], securebits: 0, parentDeathSignal: 0)
+        answers.brk = try injector.call("brk(0)", Syscall.brk, 0)
+        for signal in Int32(1)...64 where signal != SIGKILL && signal != SIGSTOP {
+            try injector.call("rt_sigaction(\(signal))", Syscall.rtSigaction, UInt64(signal), 0, dataAddress, 8)
+            let raw = try memory.read(at: dataAddress, byteCount: 32)
+            answers.actions.append(SignalAction(signal: signal, handler: raw.littleEndianWord(at: 0),
+                                                flags: raw.littleEndianWord(at: 8), restorer: raw.littleEndianWord(at: 16),
+                                                mask: raw.littleEndianWord(at: 24)))
+        }
+        answers.securebits = UInt32(truncatingIfNeeded: try injector.call("prctl(PR_GET_SECUREBITS)", Syscall.prctl, 27))
+        try injector.call("prctl(PR_GET_PDEATHSIG)", Syscall.prctl, 2, dataAddress)
+        answers.parentDeathSignal = Int32(truncatingIfNeeded: try memory.read(at: dataAddress, byteCount: 8).littleEndianWord(at: 0))
+        return answers
+    }
+
+    /// Everything else, through ptrace and /proc. The tracee must be stopped, on the caller's thread.
+    static func read(tracee: Tracee, processID: ProcessID, injected: InjectedAnswers,
+                     excluding excludedRange: Range<UInt64>? = nil) throws -> ProcessState {
+        let registers = try tracee.registers()
+        let extendedState = try tracee.extendedState()
+        let signalMask = try tracee.signalMask()
+        let rseq = try tracee.rseqConfiguration()
+        let filters = try tracee.seccompFilters().map { SeccompFilter(program: $0.program, flags: $0.flags) }
+        let privatePending = try tracee.pendingSignals(shared: false).map { PendingSignal(shared: false, siginfo: $0) }
+        let sharedPending = try tracee.pendingSignals(shared: true).map { PendingSignal(shared: true, siginfo: $0) }
+
+        let status = try ProcFS.status(processID)
+        let stat = try ProcFS.statFields(processID)
+        func statField(_ number: Int) throws -> UInt64 {
+            guard let text = stat[number], let value = UInt64(text) else {
+                throw CheckpointError.system(processID, "/proc/\(processID)/stat field \(number) unreadable")
+            }
+            return value
+        }
+        var descriptor = MemoryDescriptorFields()
+        descriptor.startCode = try statField(26)
+        descriptor.endCode = try statField(27)
+        descriptor.startStack = try statField(28)
+        descriptor.startData = try statField(45)
+        descriptor.endData = try statField(46)
+        descriptor.startBrk = try statField(47)
+        descriptor.argStart = try statField(48)
+        descriptor.argEnd = try statField(49)
+        descriptor.envStart = try statField(50)
+        descriptor.envEnd = try statField(51)
+        descriptor.brk = injected.brk
+        descriptor.auxiliaryVector = try ProcFS.readFile("/proc/\(processID)/auxv")
+
+        let personalityText = try ProcFS.readText("/proc/\(processID)/personality")
+        let personality = UInt32(personalityText.filter { $0.isHexDigit }, radix: 16) ?? 0
+        let files = try Preflight.descriptors(processID).map {
+            OpenFile(descriptor: $0.descriptor, path: $0.path, flags: $0.flags, position: $0.position)
+        }
+        var mappings = try Preflight.mappings(processID)
+        if let excludedRange { mappings.removeAll { excludedRange.contains($0.start) } }
+        let thread = ThreadState(threadID: processID, registers: registers, extendedState: extendedState,
+                                 signalMask: signalMask, rseq: rseq, pendingSignals: privatePending)
+        return ProcessState(
+            processID: processID,
+            executablePath: try ProcFS.readLink("/proc/\(processID)/exe"),
+            threads: [thread],
+            signalActions: injected.actions,
+            sharedPendingSignals: sharedPending,
+            memoryDescriptor: descriptor,
+            personality: personality,
+            parentDeathSignal: injected.parentDeathSignal,
+            credentials: try credentials(status: status, securebits: injected.securebits, processID: processID),
+            seccompMode: Int32(status["Seccomp"] ?? "0") ?? 0,
+            seccompFilters: filters,
+            mappings: mappings,
+            files: files)
+    }
+
+    static func credentials(status: [String: String], securebits: UInt32, processID: ProcessID) throws -> Credentials {
+        func numbers(_ key: String) -> [UInt32] {
+            (status[key] ?? "").split(whereSeparator: { $0 == " " || $0 == "\t" }).compactMap { UInt32($0) }
+        }
+        func capabilitySet(_ key: String) throws -> UInt64 {
+            guard let text = status[key], let value = UInt64(text, radix: 16) else {
+                throw CheckpointError.system(processID, "/proc/\(processID)/status has no \(key)")
+            }
+            return value
+        }
+        var credentials = Credentials()
+        credentials.userIDs = numbers("Uid")
+        credentials.groupIDs = numbers("Gid")
+        guard credentials.userIDs.count == 4, credentials.groupIDs.count == 4 else {
+            throw CheckpointError.system(processID, "/proc/\(processID)/status has malformed Uid/Gid lines")
+        }
+        credentials.supplementaryGroups = numbers("Groups")
+        credentials.inheritable = try capabilitySet("CapInh")
+        credentials.permitted = try capabilitySet("CapPrm")
+        credentials.effective = try capabilitySet("CapEff")
+        credentials.bounding = try capabilitySet("CapBnd")
+        credentials.ambient = try capabilitySet("CapAmb")
+        credentials.noNewPrivileges = status["NoNewPrivs"] == "1"
+        credentials.securebits = securebits
+        return credentials
+    }
+}

@@ -1,0 +1,54 @@
+// All oracles of one migration behind the engine's observer hooks, with their verdicts for the report.
+import Engine
+import Sys
+import Synchronization
+
+public struct OracleVerdict: Sendable, Codable, Equatable {
+    public var name: String
+    public var passed: Bool
+    public var detail: String
+
+    public init(name: String, passed: Bool, detail: String) {
+        self.name = name
+        self.passed = passed
+        self.detail = detail
+    }
+}
+
+public final class MigrationOracles: MigrationObserver {
+    private let pages = Mutex(PageOracle())
+    private let verdictList = Mutex<[OracleVerdict]>([])
+    private let victim = Mutex<ProcessID?>(nil)
+
+    public init() {}
+
+    public var verdicts: [OracleVerdict] { verdictList.withLock { $0 } }
+
+    public func record(_ verdict: OracleVerdict) { verdictList.withLock { $0.append(verdict) } }
+
+    public func victimFrozen(state: ProcessState, pageAddresses: [UInt64]) throws {
+        try pages.withLock { try $0.recordFrozen(processID: state.processID, pageAddresses: pageAddresses, rseq: state.mainThread.rseq) }
+        victim.withLock { $0 = state.processID }
+    }
+
+    public func targetReady(checkpointed: ProcessState, restored: ProcessState) throws {
+        let mismatches = StateOracle.compare(checkpointed: checkpointed, restored: restored)
+        record(OracleVerdict(name: "registers and state", passed: mismatches.isEmpty,
+                             detail: mismatches.isEmpty ? "identical (rseq cpu fields masked)" : mismatches.map(\.description).joined(separator: "; ")))
+        // Pages are compared only when this process also saw the freeze (fammig run); a standalone
+        // restore has no independent freeze digest.
+        if victim.withLock({ $0 }) != nil {
+            do {
+                let count = try pages.withLock { (oracle) throws -> Int in
+                    try oracle.verifyTarget(processID: restored.processID)
+                    return oracle.checkedPageCount
+                }
+                record(OracleVerdict(name: "pages", passed: true, detail: "\(count) pages match the freeze digests"))
+            } catch {
+                record(OracleVerdict(name: "pages", passed: false, detail: "\(error)"))
+                throw error
+            }
+        }
+        if let first = mismatches.first { throw first }
+    }
+}

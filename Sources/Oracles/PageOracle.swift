@@ -1,0 +1,80 @@
+// The page oracle: at freeze it digests every page the dumper will dump, reading through /proc/PID/mem
+// (the dumper reads with process_vm_readv); before the target runs it reads each page back from the
+// target with process_vm_readv and compares. The kernel rewrites rseq's cpu fields whenever a process
+// runs, so those bytes are masked on both sides.
+import Engine
+import Sys
+
+public struct PageMismatch: Error, CustomStringConvertible, Sendable {
+    public let address: UInt64
+    public let reason: String
+    public var description: String { "page 0x\(String(address, radix: 16)): \(reason)" }
+}
+
+public final class PageOracle: @unchecked Sendable {
+    private(set) var digests: [UInt64: UInt64] = [:]
+    private var maskedRanges: [(UInt64, UInt64)] = []
+    public private(set) var checkedPageCount = 0
+    static let runByteLimit = 2 << 20
+
+    public init() {}
+
+    /// Digests every page of `pageAddresses` in the frozen process.
+    public func recordFrozen(processID: ProcessID, pageAddresses: [UInt64], rseq: RseqConfiguration?) throws {
+        maskedRanges = Self.rseqCPUFields(rseq)
+        let memory = try ProcessMemory(processID, writable: false)
+        defer { memory.close() }
+        digests.reserveCapacity(pageAddresses.count)
+        try Self.forEachRun(pageAddresses) { start, pageCount in
+            let bytes = try memory.read(at: start, byteCount: pageCount * 4096)
+            for index in 0..<pageCount {
+                let address = start + UInt64(index) * 4096
+                digests[address] = digestPage(bytes, offset: index * 4096, address: address)
+            }
+        }
+    }
+
+    /// Reads every recorded page back from the target and compares; throws on the first mismatch.
+    public func verifyTarget(processID: ProcessID) throws {
+        checkedPageCount = 0
+        let addresses = digests.keys.sorted()
+        try Self.forEachRun(addresses) { start, pageCount in
+            let bytes = try processVMRead(processID, address: start, byteCount: pageCount * 4096)
+            for index in 0..<pageCount {
+                let address = start + UInt64(index) * 4096
+                guard digestPage(bytes, offset: index * 4096, address: address) == digests[address] else {
+                    throw PageMismatch(address: address, reason: "restored contents differ from the freeze digest")
+                }
+                checkedPageCount += 1
+            }
+        }
+    }
+
+    private func digestPage(_ bytes: [UInt8], offset: Int, address: UInt64) -> UInt64 {
+        var page = Array(bytes[offset..<(offset + 4096)])
+        for (start, end) in maskedRanges where start < address + 4096 && end > address {
+            for byteAddress in max(start, address)..<min(end, address + 4096) { page[Int(byteAddress - address)] = 0 }
+        }
+        return pageDigest(page)
+    }
+
+    /// rseq+0..8 (cpu_id_start, cpu_id) and rseq+24..32 (node_id, mm_cid) belong to the kernel.
+    static func rseqCPUFields(_ rseq: RseqConfiguration?) -> [(UInt64, UInt64)] {
+        guard let rseq else { return [] }
+        return [(rseq.address, rseq.address + 8), (rseq.address + 24, rseq.address + 32)]
+    }
+
+    /// Calls `body` for each run of adjacent pages, at most `runByteLimit` bytes each.
+    static func forEachRun(_ addresses: [UInt64], _ body: (UInt64, Int) throws -> Void) throws {
+        var index = 0
+        while index < addresses.count {
+            var count = 1
+            while index + count < addresses.count, count * 4096 < runByteLimit,
+                  addresses[index + count] == addresses[index] + UInt64(count) * 4096 {
+                count += 1
+            }
+            try body(addresses[index], count)
+            index += count
+        }
+    }
+}

@@ -1,0 +1,88 @@
+// The state oracle: the restored target, read back before its first instruction, must hold exactly the
+// checkpointed state. Each mismatch names the field.
+import Engine
+import Sys
+
+public struct StateMismatch: Error, CustomStringConvertible, Sendable {
+    public let field: String
+    public let expected: String
+    public let actual: String
+    public var description: String { "\(field): expected \(expected), restored \(actual)" }
+}
+
+public enum StateOracle {
+    /// Every difference between what was checkpointed and what was restored.
+    public static func compare(checkpointed: ProcessState, restored: ProcessState) -> [StateMismatch] {
+        var mismatches: [StateMismatch] = []
+        func check<T: Equatable>(_ field: String, _ expected: T, _ actual: T, render: (T) -> String = { "\($0)" }) {
+            if expected != actual { mismatches.append(StateMismatch(field: field, expected: render(expected), actual: render(actual))) }
+        }
+        check("pid", checkpointed.processID, restored.processID)
+        check("executable", checkpointed.executablePath, restored.executablePath)
+        check("thread count", checkpointed.threads.count, restored.threads.count)
+        for (expectedThread, actualThread) in zip(checkpointed.threads, restored.threads) {
+            let prefix = "thread \(expectedThread.threadID)"
+            let expectedWords = expectedThread.registers.resumableAfterRestore.words
+            let actualWords = actualThread.registers.words
+            for (index, name) in GeneralRegisters.fieldNames.enumerated() where name != "orig_rax" {
+                check("\(prefix) register \(name)", expectedWords[index], actualWords[index], render: hex)
+            }
+            if expectedThread.extendedState != actualThread.extendedState {
+                let offset = zip(expectedThread.extendedState, actualThread.extendedState).enumerated().first { $0.element.0 != $0.element.1 }?.offset
+                mismatches.append(StateMismatch(field: "\(prefix) xstate",
+                                                expected: "\(expectedThread.extendedState.count) bytes",
+                                                actual: "\(actualThread.extendedState.count) bytes, first difference at byte \(offset.map(String.init) ?? "end")"))
+            }
+            check("\(prefix) signal mask", expectedThread.signalMask, actualThread.signalMask, render: hex)
+            check("\(prefix) rseq", expectedThread.rseq, actualThread.rseq)
+            check("\(prefix) pending signals", expectedThread.pendingSignals.map(\.signal), actualThread.pendingSignals.map(\.signal))
+            check("\(prefix) pending siginfo", expectedThread.pendingSignals, actualThread.pendingSignals) { "\($0.count) entries" }
+        }
+        let expectedActions = Dictionary(uniqueKeysWithValues: checkpointed.signalActions.map { ($0.signal, $0) })
+        for action in restored.signalActions {
+            check("sigaction \(action.signal)", expectedActions[action.signal], action)
+        }
+        check("shared pending signals", checkpointed.sharedPendingSignals, restored.sharedPendingSignals) { "\($0.map(\.signal))" }
+        check("mm fields", checkpointed.memoryDescriptor, restored.memoryDescriptor)
+        check("personality", checkpointed.personality, restored.personality, render: { hex(UInt64($0)) })
+        check("parent death signal", checkpointed.parentDeathSignal, restored.parentDeathSignal)
+        check("credentials", checkpointed.credentials, restored.credentials)
+        check("seccomp mode", checkpointed.seccompMode, restored.seccompMode)
+        check("seccomp filters", checkpointed.seccompFilters, restored.seccompFilters) { "\($0.count) filters" }
+        let expectedLayout = coverage(checkpointed.mappings)
+        let actualLayout = coverage(restored.mappings)
+        if expectedLayout != actualLayout {
+            mismatches.append(StateMismatch(field: "memory layout",
+                                            expected: describe(expectedLayout.filter { !actualLayout.contains($0) }),
+                                            actual: describe(actualLayout.filter { !expectedLayout.contains($0) })))
+        }
+        check("open files", checkpointed.files, restored.files)
+        return mismatches
+    }
+
+    /// Mappings with adjacent, alike VMAs merged (same kind, sharing and protection; files at
+    /// contiguous offsets): the kernel merges such neighbours when the restorer maps them one by one.
+    static func coverage(_ mappings: [Mapping]) -> [Mapping] {
+        var result: [Mapping] = []
+        for mapping in mappings {
+            if var last = result.last, last.end == mapping.start, last.kind == mapping.kind, last.shared == mapping.shared,
+               last.protection == mapping.protection {
+                let contiguous: Bool
+                if case .file = mapping.kind { contiguous = last.fileOffset + last.byteCount == mapping.fileOffset } else { contiguous = true }
+                if contiguous {
+                    last.end = mapping.end
+                    result[result.count - 1] = last
+                    continue
+                }
+            }
+            result.append(mapping)
+        }
+        return result
+    }
+
+    static func describe(_ mappings: [Mapping]) -> String {
+        mappings.map { "\(hex($0.start))-\(hex($0.end)) \($0.kind)" }.joined(separator: ", ")
+    }
+}
+
+func hex(_ value: UInt64) -> String { "0x" + String(value, radix: 16) }

@@ -1,0 +1,166 @@
+// Why this file exists: /proc is input from the kernel, read as text or packed words. Every parser here
+// throws on text it does not understand instead of guessing.
+internal import CSys
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Something in /proc that could not be read or understood.
+public struct ProcFSError: Error, CustomStringConvertible, Sendable {
+    public let path: String
+    public let reason: String
+    public var description: String { "\(path): \(reason)" }
+}
+
+/// One line of /proc/PID/maps.
+public struct MapsEntry: Equatable, Sendable {
+    public var start: UInt64
+    public var end: UInt64
+    public var readable: Bool
+    public var writable: Bool
+    public var executable: Bool
+    public var shared: Bool
+    public var fileOffset: UInt64
+    public var device: String
+    public var inode: UInt64
+    /// The path column: a file path, `[heap]`, `[stack]`, `[vdso]`… or empty for anonymous memory.
+    public var path: String
+
+    public var byteCount: UInt64 { end - start }
+}
+
+public enum ProcFS {
+    /// Reads a whole /proc file (their sizes are not known in advance).
+    public static func readFile(_ path: String) throws -> [UInt8] {
+        let descriptor = try retryingInterrupts("open(\(path))") { open(path, O_RDONLY | O_CLOEXEC) }
+        defer { close(descriptor) }
+        var result: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let count = try chunk.withUnsafeMutableBytes { (bytes) throws -> Int in
+                try retryingInterrupts("read(\(path))") { read(descriptor, bytes.baseAddress, bytes.count) }
+            }
+            if count == 0 { return result }
+            result.append(contentsOf: chunk[0..<count])
+        }
+    }
+
+    public static func readText(_ path: String) throws -> String {
+        String(decoding: try readFile(path), as: UTF8.self)
+    }
+
+    public static func readLink(_ path: String) throws -> String {
+        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        let count = try checked("readlink(\(path))") { readlink(path, &buffer, buffer.count - 1) }
+        return String(decoding: buffer[0..<count].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
+    public static func exists(_ path: String) -> Bool { access(path, F_OK) == 0 }
+
+    public static func maps(_ processID: ProcessID) throws -> [MapsEntry] {
+        let path = "/proc/\(processID)/maps"
+        let text = try readText(path)
+        var entries: [MapsEntry] = []
+        for line in text.split(separator: "\n", omittingEmptySubsequences: true) {
+            entries.append(try parseMapsLine(Substring(line), path: path))
+        }
+        return entries
+    }
+
+    static func parseMapsLine(_ line: Substring, path: String) throws(ProcFSError) -> MapsEntry {
+        // Six columns; the path column may itself contain spaces, so split at most five times.
+        let columns = line.split(separator: " ", maxSplits: 5, omittingEmptySubsequences: true)
+        guard columns.count >= 5 else { throw ProcFSError(path: path, reason: "bad maps line '\(line)'") }
+        let range = columns[0].split(separator: "-")
+        let permissions = Array(columns[1].utf8)
+        guard range.count == 2, let start = UInt64(range[0], radix: 16), let end = UInt64(range[1], radix: 16),
+              permissions.count == 4, let offset = UInt64(columns[2], radix: 16),
+              let inode = UInt64(columns[4]) else {
+            throw ProcFSError(path: path, reason: "bad maps line '\(line)'")
+        }
+        let name = columns.count > 5 ? String(columns[5].drop(while: { $0 == " " })) : ""
+        return MapsEntry(start: start, end: end, readable: permissions[0] == UInt8(ascii: "r"),
+                         writable: permissions[1] == UInt8(ascii: "w"),
+                         executable: permissions[2] == UInt8(ascii: "x"),
+                         shared: permissions[3] == UInt8(ascii: "s"), fileOffset: offset,
+                         device: String(columns[3]), inode: inode, path: name)
+    }
+
+    /// `Key:\tvalue` lines of /proc/PID/status.
+    public static func status(_ processID: ProcessID) throws -> [String: String] {
+        var result: [String: String] = [:]
+        for line in try readText("/proc/\(processID)/status").split(separator: "\n") {
+            guard let colon = line.firstIndex(of: ":") else { continue }
+            result[String(line[..<colon])] = line[line.index(after: colon)...].trimmingSpaces()
+        }
+        return result
+    }
+
+    /// The fields of /proc/PID/stat after the command name, numbered as in proc(5) (field 1 = pid).
+    public static func statFields(_ processID: ProcessID) throws -> [Int: String] {
+        let path = "/proc/\(processID)/stat"
+        let text = try readText(path)
+        // The command name is in parentheses and may contain anything: split after the last ')'.
+        guard let close = text.lastIndex(of: ")") else { throw ProcFSError(path: path, reason: "no ')' in stat") }
+        let rest = text[text.index(after: close)...].split(separator: " ", omittingEmptySubsequences: true)
+        var result: [Int: String] = [:]
+        for (index, field) in rest.enumerated() { result[index + 3] = String(field) }
+        return result
+    }
+
+    /// The thread IDs of a process.
+    public static func threadIDs(_ processID: ProcessID) throws -> [ProcessID] {
+        try directoryEntries("/proc/\(processID)/task").compactMap { Int32($0, radix: 10) }.sorted().map { ProcessID(rawValue: $0) }
+    }
+
+    /// Open descriptor numbers of a process, sorted.
+    public static func descriptors(_ processID: ProcessID) throws -> [Int32] {
+        try directoryEntries("/proc/\(processID)/fd").compactMap { Int32($0, radix: 10) }.sorted()
+    }
+
+    public static func directoryEntries(_ path: String) throws -> [String] {
+        guard let directory = opendir(path) else { throw SyscallError.current("opendir(\(path))") }
+        defer { closedir(directory) }
+        var names: [String] = []
+        while let entry = readdir(directory) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { bytes in
+                String(decoding: bytes.prefix(while: { $0 != 0 }), as: UTF8.self)
+            }
+            if name != "." && name != ".." { names.append(name) }
+        }
+        return names
+    }
+
+    /// The pagemap words of `pageCount` pages starting at `address`.
+    public static func pagemap(_ processID: ProcessID, address: UInt64, pageCount: Int) throws -> [UInt64] {
+        let path = "/proc/\(processID)/pagemap"
+        let descriptor = try retryingInterrupts("open(\(path))") { open(path, O_RDONLY | O_CLOEXEC) }
+        defer { close(descriptor) }
+        var words = [UInt64](repeating: 0, count: pageCount)
+        var doneByteCount = 0
+        let totalByteCount = pageCount * 8
+        try words.withUnsafeMutableBytes { (bytes) throws in
+            while doneByteCount < totalByteCount {
+                let count = try retryingInterrupts("pread(\(path))") {
+                    pread(descriptor, bytes.baseAddress! + doneByteCount, totalByteCount - doneByteCount,
+                          off_t(address / 4096 * 8) + off_t(doneByteCount))
+                }
+                if count == 0 { throw SyscallError(call: "pread(\(path)) ended early", errno: .ioError) }
+                doneByteCount += count
+            }
+        }
+        return words
+    }
+
+    /// Whether a PID names a live (not zombie) process.
+    public static func isAlive(_ processID: ProcessID) -> Bool {
+        guard let status = try? status(processID), let state = status["State"] else { return false }
+        return !state.hasPrefix("Z") && !state.hasPrefix("X")
+    }
+}
+
+extension Substring {
+    func trimmingSpaces() -> String {
+        String(drop(while: { $0 == " " || $0 == "\t" }).reversed().drop(while: { $0 == " " || $0 == "\t" }).reversed())
+    }
+}

@@ -1,0 +1,100 @@
+// Why this file exists: starting processes is where fds, PIDs and signals leak. Victims are started with
+// posix_spawn and explicit stdio; restore targets with clone3(set_tid) + PTRACE_TRACEME from the tracer
+// thread, in C, because the child may run only raw syscalls.
+internal import CSys
+#if canImport(Glibc)
+import Glibc
+#endif
+
+public enum ExitStatus: Equatable, Sendable, CustomStringConvertible {
+    case exited(Int32)
+    case killed(signal: Int32)
+
+    public var description: String {
+        switch self {
+        case .exited(let code): "exited with status \(code)"
+        case .killed(let signal): "killed by signal \(signal)"
+        }
+    }
+}
+
+public enum Spawn {
+    /// Starts `path` with stdin from /dev/null and stdout/stderr appended to the given files.
+    public static func program(path: String, arguments: [String], environment: [String],
+                               standardOutputPath: String, standardErrorPath: String) throws(SyscallError) -> ProcessID {
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, standardOutputPath, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+        posix_spawn_file_actions_addopen(&actions, 2, standardErrorPath, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+        // Nothing else of ours leaks into the program (a pipe there would make it unmigratable).
+        csys_spawn_actions_close_from(&actions, 3)
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        // Start with default dispositions and an empty mask, whatever this (multi-threaded) process has.
+        var everySignal = sigset_t()
+        sigfillset(&everySignal)
+        var noSignal = sigset_t()
+        sigemptyset(&noSignal)
+        posix_spawnattr_setsigdefault(&attributes, &everySignal)
+        posix_spawnattr_setsigmask(&attributes, &noSignal)
+        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK))
+        let argv = ([path] + arguments).map { strdup($0) } + [nil]
+        let envp = environment.map { strdup($0) } + [nil]
+        defer { (argv + envp).forEach { free($0) } }
+        var processID: pid_t = 0
+        let result = posix_spawn(&processID, path, &actions, &attributes, argv, envp)
+        guard result == 0 else { throw SyscallError(call: "posix_spawn(\(path))", errno: .init(rawValue: result)) }
+        return ProcessID(processID)
+    }
+
+    /// Starts `path` as PID `wantedPID` (clone3 set_tid), traced by the calling thread and stopped at exec.
+    public static func tracedStub(path: String, wantedPID: ProcessID, personality: UInt32?) throws(SyscallError) -> ProcessID {
+        let argv: [UnsafeMutablePointer<CChar>?] = [strdup(path), nil]
+        let envp: [UnsafeMutablePointer<CChar>?] = [nil]
+        defer { argv.forEach { free($0) } }
+        let processID = try checked("clone3(set_tid=\(wantedPID))") {
+            argv.withUnsafeBufferPointer { argvBuffer in
+                envp.withUnsafeBufferPointer { envpBuffer in
+                    csys_spawn_traced(path, argvBuffer.baseAddress, envpBuffer.baseAddress, wantedPID.rawValue,
+                                      UInt(personality ?? 0xffff_ffff))
+                }
+            }
+        }
+        return ProcessID(processID)
+    }
+
+    /// Waits for a child to end (EINTR retried).
+    public static func waitForExit(_ processID: ProcessID) throws(SyscallError) -> ExitStatus {
+        var status: Int32 = 0
+        while true {
+            try retryingInterrupts("waitpid(\(processID))") { waitpid(processID.rawValue, &status, __WALL) }
+            if status & 0x7f == 0 { return .exited((status >> 8) & 0xff) }
+            if status & 0xff != 0x7f { return .killed(signal: status & 0x7f) }
+        }
+    }
+
+    /// Non-blocking check whether a child ended; nil while it runs.
+    public static func pollExit(_ processID: ProcessID) throws(SyscallError) -> ExitStatus? {
+        var status: Int32 = 0
+        let result = try retryingInterrupts("waitpid(\(processID), WNOHANG)") {
+            waitpid(processID.rawValue, &status, __WALL | WNOHANG)
+        }
+        if result == 0 { return nil }
+        if status & 0x7f == 0 { return .exited((status >> 8) & 0xff) }
+        return .killed(signal: status & 0x7f)
+    }
+
+    public static func kill(_ processID: ProcessID, signal: Int32 = SIGKILL) {
+        _ = Glibc.kill(processID.rawValue, signal)
+    }
+
+    /// Pins the calling thread (or `threadID`) to one CPU: cross-CPU ptrace wake-ups are slow in VMs.
+    public static func pin(threadID: ProcessID? = nil, cpu: Int32) {
+        _ = csys_pin_to_cpu(threadID?.rawValue ?? 0, cpu)
+    }
+
+    public static func currentThreadID() -> ProcessID { ProcessID(csys_gettid()) }
+}

@@ -1,0 +1,166 @@
+// The fammig command: parses flags, bootstraps logging, builds actors, picks the threaded driver and
+// turns outcomes into exit codes (0 success, 1 oracle or program failure, 2 usage/environment/bad input).
+import ArgumentParser
+import Engine
+import Foundation
+import Logging
+import Oracles
+import Sys
+
+@main
+struct Fammig: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "fammig",
+        abstract: "Migrate a live Linux process between nodes through fabric-attached memory (FAM).",
+        subcommands: [Checkpoint.self, Restore.self, Inspect.self, Run.self])
+}
+
+/// Options every command shares.
+struct CommonOptions: ParsableArguments {
+    @Flag(name: .shortAndLong, help: "Log engine steps to stderr.")
+    var verbose = false
+
+    func bootstrapLogging() -> Logger {
+        let level: Logger.Level = verbose ? .debug : .warning
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+        return Logger(label: "fammig")
+    }
+}
+
+/// A failure the command reports with its exit code, having already printed the message.
+struct CommandFailure: Error {
+    let code: Int32
+}
+
+func fail(_ message: String, code: Int32) -> ExitCode {
+    FileHandle.standardError.write(Data(("fammig: " + message + "\n").utf8))
+    return ExitCode(code)
+}
+
+func engineFailure(_ error: EngineError) -> ExitCode {
+    fail("\(error)", code: error.isUsageOrEnvironment ? 2 : 1)
+}
+
+/// The image file: a new file under /dev/shm unless given.
+func defaultFAMPath() -> String {
+    "/dev/shm/fammig-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).img"
+}
+
+/// The executable the restorer starts (stopped at exec) and turns into the victim.
+func stubPath() throws(ExitCode) -> String {
+    guard let path = try? ProcFS.readLink("/proc/self/exe") else { throw fail("cannot read /proc/self/exe", code: 2) }
+    return path
+}
+
+func makeRealBackend(path: String) -> (Int) throws(ImageError) -> any FAMBackend {
+    { (byteCount) throws(ImageError) in try RealFAM.create(path: path, byteCount: byteCount, prefault: true) }
+}
+
+func openRealBackend(path: String) -> () throws(ImageError) -> (any FAMBackend)? {
+    { () throws(ImageError) in
+        guard ProcFS.exists(path) else { return nil }
+        return try RealFAM.open(path: path, writable: false)
+    }
+}
+
+struct Checkpoint: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Checkpoint a running process into a FAM image (nonlive) and kill it.")
+
+    @Option(help: "The PID of the process to checkpoint.")
+    var pid: Int32
+
+    @Option(help: "The FAM image file to create (it must not exist).")
+    var fam: String
+
+    @Flag(help: "Let the process run on after the checkpoint instead of killing it.")
+    var leaveRunning = false
+
+    @OptionGroup var common: CommonOptions
+
+    func run() throws {
+        let logger = common.bootstrapLogging()
+        if ProcFS.exists(fam) { throw fail("\(fam) already exists; pass a new path or remove it.", code: 2) }
+        let timeline = MigrationTimeline()
+        let dumper = Dumper(victim: ProcessID(pid), makeBackend: makeRealBackend(path: fam), generation: 1,
+                            release: leaveRunning ? .leaveRunning : .kill, observer: nil, clock: MonotonicClock(),
+                            timeline: timeline, logger: logger)
+        do {
+            try ThreadedDriver(logger: logger, pinToCPU: 0).run([dumper])
+        } catch {
+            _ = try? SharedMapping.remove(path: fam)
+            throw engineFailure(error)
+        }
+        let pages = timeline.counter("pagesDumped")
+        print("checkpointed pid \(pid) into \(fam): \(pages) pages (\(pages * 4096) bytes)"
+              + ", frozen for \(format(timeline.span(from: .frozen, to: .victimReleased)))"
+              + (leaveRunning ? "; the process runs on" : "; the process was killed"))
+    }
+}
+
+struct Restore: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Restore a process from a committed FAM image, with its old PID, and let it run.")
+
+    @Option(help: "The FAM image file the source node wrote.")
+    var fam: String
+
+    @OptionGroup var common: CommonOptions
+
+    func run() throws {
+        let logger = common.bootstrapLogging()
+        guard ProcFS.exists(fam) else { throw fail("\(fam): no such file; pass the image the checkpoint wrote.", code: 2) }
+        let timeline = MigrationTimeline()
+        let oracles = MigrationOracles()
+        let restorer = Restorer(openBackend: openRealBackend(path: fam), stubPath: try stubPath(), observer: oracles,
+                                clock: MonotonicClock(), timeline: timeline, logger: logger, processIDWait: .seconds(2))
+        do {
+            // An image that is not committed is an error here, not something to wait for.
+            _ = try ImageReader.open(backend: RealFAM.open(path: fam, writable: false), requireComplete: true)
+            try ThreadedDriver(logger: logger, pinToCPU: 0).run([restorer])
+        } catch let error as ImageError {
+            throw fail("\(error)", code: 2)
+        } catch let error as EngineError {
+            throw engineFailure(error)
+        }
+        print("restored pid \(restorer.restoredProcessID.map { "\($0)" } ?? "?") from \(fam) in \(format(timeline.span(from: .restoreStarted, to: .targetResumed)))")
+    }
+}
+
+struct Inspect: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Verify a FAM image's checksums and print what it holds.")
+
+    @Option(help: "The FAM image file to inspect.")
+    var fam: String
+
+    @OptionGroup var common: CommonOptions
+
+    func run() throws {
+        _ = common.bootstrapLogging()
+        guard ProcFS.exists(fam) else { throw fail("\(fam): no such file; pass an image file.", code: 2) }
+        do {
+            let reader = try ImageReader.open(backend: RealFAM.open(path: fam, writable: false), requireComplete: true)
+            let state = try ProcessState.decode(reader.metadata)
+            for line in ImageSummary(reader: reader).lines { print(line) }
+            for line in StateSummary.lines(state) { print(line) }
+        } catch let error as ImageError {
+            throw fail("\(error)", code: 2)
+        }
+    }
+}
+
+func format(_ duration: Duration?) -> String {
+    guard let duration else { return "n/a" }
+    let milliseconds = Double(duration.components.seconds) * 1000 + Double(duration.components.attoseconds) / 1e15
+    return String(format: "%.2f ms", milliseconds)
+}
+
+func milliseconds(_ duration: Duration?) -> Double? {
+    guard let duration else { return nil }
+    return Double(duration.components.seconds) * 1000 + Double(duration.components.attoseconds) / 1e15
+}

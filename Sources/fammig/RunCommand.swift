@@ -1,0 +1,208 @@
+// `fammig run`: start a program, migrate it after a while, let it finish, and judge the migration with
+// every oracle, including the end-to-end one (the final checksum of an unmigrated reference run).
+import ArgumentParser
+import Engine
+import Foundation
+import Logging
+import Oracles
+import Sys
+
+enum MigrationMode: String, ExpressibleByArgument, CaseIterable, Codable {
+    case nonlive
+}
+
+struct Run: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Start a program, migrate it after a delay, let it finish, and check it with every oracle.")
+
+    @Option(help: "The migration mode.")
+    var mode: MigrationMode = .nonlive
+
+    @Option(help: "The FAM image file (default: a new file under /dev/shm, removed afterwards).")
+    var fam: String?
+
+    @Option(help: "Milliseconds the program runs before it is migrated.")
+    var afterMs: Int = 100
+
+    @Option(help: "Also write the report as JSON to this file.")
+    var json: String?
+
+    @Flag(help: "Skip the unmigrated reference run (no end-to-end oracle).")
+    var noReference = false
+
+    @OptionGroup var common: CommonOptions
+
+    @Argument(parsing: .captureForPassthrough, help: "The program and its arguments (after --).")
+    var command: [String] = []
+
+    mutating func validate() throws {
+        if command.first == "--" { command.removeFirst() }
+        guard let program = command.first else { throw ValidationError("Give the program to run after --, e.g. -- ./TestPrograms/build/memwalk --mib 4.") }
+        guard access(program, X_OK) == 0, program.contains("/") else {
+            throw ValidationError("\(program) is not an executable path; give its path (e.g. ./TestPrograms/build/memwalk).")
+        }
+        guard afterMs >= 0 else { throw ValidationError("--after-ms must be 0 or more.") }
+        if let fam, ProcFS.exists(fam) { throw ValidationError("\(fam) already exists; pass a new path or remove it.") }
+    }
+
+    func run() throws {
+        let logger = common.bootstrapLogging()
+        let program = absolutePath(command[0])
+        let arguments = Array(command.dropFirst())
+        let workDirectory = try makeWorkDirectory()
+        let famPath = fam ?? defaultFAMPath()
+        defer {
+            if fam == nil { _ = try? SharedMapping.remove(path: famPath) }
+            removeWorkDirectory(workDirectory)
+        }
+        var report = RunReport(program: command, mode: mode.rawValue, afterMilliseconds: afterMs)
+
+        if !noReference {
+            let reference = try runToCompletion(program: program, arguments: arguments, outputPath: workDirectory + "/reference.out",
+                                                errorPath: workDirectory + "/reference.err")
+            report.referenceChecksum = reference.checksum
+            guard reference.status == .exited(0), reference.checksum != nil else {
+                throw fail("the unmigrated reference run \(reference.status) without a checksum line; see \(workDirectory)/reference.err", code: 1)
+            }
+        }
+
+        let outputPath = workDirectory + "/migrated.out"
+        let victim: ProcessID
+        do {
+            victim = try Spawn.program(path: program, arguments: arguments, environment: ["PATH=/usr/bin:/bin"],
+                                       standardOutputPath: outputPath, standardErrorPath: workDirectory + "/migrated.err")
+        } catch { throw fail("cannot start \(program): \(error)", code: 2) }
+        usleep(UInt32(afterMs) * 1000)
+        if let status = try? Spawn.pollExit(victim) {
+            throw fail("\(command[0]) \(status) before the migration at \(afterMs) ms; give it more work or lower --after-ms.", code: 2)
+        }
+
+        let timeline = MigrationTimeline()
+        let oracles = MigrationOracles()
+        let clock = MonotonicClock()
+        let dumper = Dumper(victim: victim, makeBackend: makeRealBackend(path: famPath), generation: 1, release: .kill,
+                            observer: oracles, clock: clock, timeline: timeline, logger: logger)
+        let restorer = Restorer(openBackend: openRealBackend(path: famPath), stubPath: try stubPath(), observer: oracles,
+                                clock: clock, timeline: timeline, logger: logger)
+        do {
+            try ThreadedDriver(logger: logger, pinToCPU: 0).run([dumper, restorer])
+        } catch {
+            Spawn.kill(victim)
+            _ = try? Spawn.waitForExit(victim)
+            report.verdicts = oracles.verdicts
+            report.error = "\(error)"
+            try writeJSON(report)
+            throw engineFailure(error)
+        }
+        guard let restored = restorer.restoredProcessID else { preconditionFailure("restorer finished without a process") }
+        let status: ExitStatus
+        do { status = try Spawn.waitForExit(restored) } catch { throw fail("waiting for pid \(restored): \(error)", code: 1) }
+        let checksum = lastChecksum(outputPath)
+        report.fill(timeline: timeline)
+        report.migratedChecksum = checksum
+        report.programStatus = "\(status)"
+        var verdicts = oracles.verdicts
+        verdicts.append(OracleVerdict(name: "program", passed: status == .exited(0), detail: "\(status)"))
+        if !noReference {
+            let same = checksum != nil && checksum == report.referenceChecksum
+            verdicts.append(OracleVerdict(name: "end to end", passed: same,
+                                          detail: "migrated \(checksum ?? "none"), reference \(report.referenceChecksum ?? "none")"))
+        }
+        report.verdicts = verdicts
+        print(report.text)
+        try writeJSON(report)
+        if verdicts.contains(where: { !$0.passed }) { throw ExitCode(1) }
+    }
+
+    private func writeJSON(_ report: RunReport) throws {
+        guard let json else { return }
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        do { try encoder.encode(report).write(to: URL(fileURLWithPath: json)) } catch {
+            throw fail("cannot write \(json): \(error)", code: 2)
+        }
+    }
+
+    private func runToCompletion(program: String, arguments: [String], outputPath: String, errorPath: String) throws -> (status: ExitStatus, checksum: String?) {
+        do {
+            let processID = try Spawn.program(path: program, arguments: arguments, environment: ["PATH=/usr/bin:/bin"],
+                                              standardOutputPath: outputPath, standardErrorPath: errorPath)
+            let status = try Spawn.waitForExit(processID)
+            return (status, lastChecksum(outputPath))
+        } catch { throw fail("cannot run \(program): \(error)", code: 2) }
+    }
+}
+
+/// The value of the last `checksum=` line a test program printed.
+func lastChecksum(_ path: String) -> String? {
+    guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return nil }
+    return text.split(separator: "\n").last { $0.hasPrefix("checksum=") }.map { String($0.dropFirst("checksum=".count)) }
+}
+
+func absolutePath(_ path: String) -> String {
+    path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path
+}
+
+func makeWorkDirectory() throws -> String {
+    var template = Array("/tmp/fammig-run-XXXXXX".utf8CString)
+    guard let result = mkdtemp(&template) else { throw fail("cannot create a directory under /tmp", code: 2) }
+    return String(cString: result)
+}
+
+func removeWorkDirectory(_ path: String) {
+    try? FileManager.default.removeItem(atPath: path)
+}
+
+struct RunReport: Codable {
+    var program: [String]
+    var mode: String
+    var afterMilliseconds: Int
+    var referenceChecksum: String?
+    var migratedChecksum: String?
+    var programStatus: String?
+    var freezeMilliseconds: Double?
+    var dumpMilliseconds: Double?
+    var restoreMilliseconds: Double?
+    var downtimeMilliseconds: Double?
+    var busyMilliseconds: Double?
+    var totalMilliseconds: Double?
+    var pageCount = 0
+    var famByteCount = 0
+    var verdicts: [OracleVerdict] = []
+    var error: String?
+
+    init(program: [String], mode: String, afterMilliseconds: Int) {
+        self.program = program
+        self.mode = mode
+        self.afterMilliseconds = afterMilliseconds
+    }
+
+    mutating func fill(timeline: MigrationTimeline) {
+        freezeMilliseconds = milliseconds(timeline.span(from: .started, to: .frozen))
+        dumpMilliseconds = milliseconds(timeline.span(from: .frozen, to: .dumpCommitted))
+        restoreMilliseconds = milliseconds(timeline.span(from: .restoreStarted, to: .targetResumed))
+        downtimeMilliseconds = milliseconds(timeline.span(from: .frozen, to: .targetResumed))
+        busyMilliseconds = milliseconds(timeline.span(from: .started, to: .victimReleased))
+        totalMilliseconds = milliseconds(timeline.span(from: .started, to: .targetResumed))
+        pageCount = timeline.counter("pagesDumped")
+        famByteCount = pageCount * 4096
+    }
+
+    var text: String {
+        func ms(_ value: Double?) -> String { value.map { String(format: "%.2f ms", $0) } ?? "n/a" }
+        var lines = [
+            "migration   \(mode) of \(program.joined(separator: " ")) after \(afterMilliseconds) ms",
+            "freeze      \(ms(freezeMilliseconds))",
+            "dump        \(ms(dumpMilliseconds))",
+            "restore     \(ms(restoreMilliseconds))",
+            "downtime    \(ms(downtimeMilliseconds))",
+            "busy        \(ms(busyMilliseconds))",
+            "total       \(ms(totalMilliseconds))",
+            "pages       \(pageCount) (\(famByteCount) bytes through FAM)",
+        ]
+        for verdict in verdicts {
+            lines.append("oracle      \(verdict.name): \(verdict.passed ? "PASS" : "FAIL") (\(verdict.detail))")
+        }
+        return lines.joined(separator: "\n")
+    }
+}

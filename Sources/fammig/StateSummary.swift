@@ -1,0 +1,32 @@
+// Human-readable lines about a checkpointed process, for `fammig inspect`.
+import Engine
+import Sys
+
+enum StateSummary {
+    static func lines(_ state: ProcessState) -> [String] {
+        func hex(_ value: UInt64) -> String { "0x" + String(value, radix: 16) }
+        let thread = state.mainThread
+        var lines = [
+            "process         pid \(state.processID), \(state.executablePath)",
+            "registers       rip \(hex(thread.registers.rip)) rsp \(hex(thread.registers.rsp)) fs_base \(hex(thread.registers.fsBase))"
+                + (thread.registers.interruptedSyscallRestartCode != nil ? " (inside syscall \(thread.registers.origRax))" : ""),
+            "xstate          \(thread.extendedState.count) bytes",
+            "signals         mask \(hex(thread.signalMask)), \(state.signalActions.filter { !$0.isDefault }.count) non-default actions, "
+                + "\(thread.pendingSignals.count + state.sharedPendingSignals.count) pending",
+            "rseq            " + (thread.rseq.map { "\(hex($0.address)) (\($0.byteCount) bytes)" } ?? "none"),
+            "brk             \(hex(state.memoryDescriptor.startBrk))...\(hex(state.memoryDescriptor.brk))",
+            "credentials     uid \(state.credentials.userIDs) gid \(state.credentials.groupIDs) caps eff \(hex(state.credentials.effective))"
+                + (state.credentials.noNewPrivileges ? " no_new_privs" : ""),
+            "seccomp         mode \(state.seccompMode), \(state.seccompFilters.count) filters",
+            "mappings        \(state.mappings.count)",
+        ]
+        for mapping in state.mappings {
+            let protection = (mapping.readable ? "r" : "-") + (mapping.writable ? "w" : "-") + (mapping.executable ? "x" : "-")
+                + (mapping.shared ? "s" : "p")
+            lines.append("  \(hex(mapping.start))-\(hex(mapping.end)) \(protection) \(mapping.kind)")
+        }
+        lines.append("files           \(state.files.count)")
+        for file in state.files { lines.append("  fd \(file.descriptor) \(file.path) at \(file.position)") }
+        return lines
+    }
+}

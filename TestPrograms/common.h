@@ -1,0 +1,306 @@
+/*
+ * common.h - shared helpers for the fammig victim test programs.
+ *
+ * Everything here is static inline so each program only pays for what it
+ * uses (and -Wunused-function stays quiet).
+ *
+ * Exit codes used by all programs:
+ *   0  self-check passed, checksum line printed
+ *   1  self-check failed ("selfcheck FAILED: ..." on stderr)
+ *   2  bad command line
+ *   3  system/environment error (mmap failed, stdout write failed, ...)
+ */
+#ifndef FAMMIG_TESTPROGRAMS_COMMON_H
+#define FAMMIG_TESTPROGRAMS_COMMON_H
+
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define TP_EXIT_OK       0
+#define TP_EXIT_SELFCHK  1
+#define TP_EXIT_USAGE    2
+#define TP_EXIT_SYSERR   3
+
+/* ------------------------------------------------------------------ */
+/* PRNG and hashing                                                    */
+/* ------------------------------------------------------------------ */
+
+#define TP_GOLDEN 0x9e3779b97f4a7c15ULL
+
+/* Bijective 64-bit finaliser (splitmix64 output function). */
+static inline uint64_t tp_mix64(uint64_t z)
+{
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+/* splitmix64 generator: state advances by the golden gamma. */
+static inline uint64_t tp_rand(uint64_t *state)
+{
+    *state += TP_GOLDEN;
+    return tp_mix64(*state);
+}
+
+/* Uniform value in [0, n) without a division (n > 0). */
+static inline uint64_t tp_rand_below(uint64_t *state, uint64_t n)
+{
+    return (uint64_t)(((unsigned __int128)tp_rand(state) * n) >> 64);
+}
+
+/* Fold one 64-bit word into a running hash. Cheap enough for bulk data. */
+static inline uint64_t tp_hash_word(uint64_t h, uint64_t w)
+{
+    h ^= w;
+    h *= 0x100000001b3ULL ^ TP_GOLDEN;   /* odd multiplier */
+    return h ^ (h >> 29);
+}
+
+/* Stronger fold for a handful of values (counts, ids, ...). */
+static inline uint64_t tp_hash_mix(uint64_t h, uint64_t w)
+{
+    return tp_mix64(h ^ tp_mix64(w + TP_GOLDEN));
+}
+
+static inline uint64_t tp_hash_words(uint64_t h, const uint64_t *w, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        h = tp_hash_word(h, w[i]);
+    return h;
+}
+
+/* ------------------------------------------------------------------ */
+/* Errors and output                                                   */
+/* ------------------------------------------------------------------ */
+
+static inline const char *tp_progname(const char *set)
+{
+    static const char *name = "testprog";
+    if (set)
+        name = set;
+    return name;
+}
+
+__attribute__((noreturn, format(printf, 1, 2)))
+static inline void tp_selfcheck_fail(const char *fmt, ...)
+{
+    va_list ap;
+    fflush(stdout);
+    fprintf(stderr, "selfcheck FAILED: ");
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+    fflush(stderr);
+    exit(TP_EXIT_SELFCHK);
+}
+
+__attribute__((noreturn, format(printf, 1, 2)))
+static inline void tp_syserr(const char *fmt, ...)
+{
+    int saved = errno;
+    va_list ap;
+    fflush(stdout);
+    fprintf(stderr, "%s: error: ", tp_progname(NULL));
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, ": %s\n", strerror(saved));
+    fflush(stderr);
+    exit(TP_EXIT_SYSERR);
+}
+
+/* printf to stdout and flush at once, so a frozen process has its output
+ * so far already in the (regular) output file. Only deterministic text may
+ * be printed on stdout. */
+__attribute__((format(printf, 1, 2)))
+static inline void tp_say(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vprintf(fmt, ap);
+    va_end(ap);
+    if (fflush(stdout) != 0 || ferror(stdout))
+        tp_syserr("writing stdout");
+}
+
+/* Print the final checksum line (must be the last stdout line) and exit 0. */
+__attribute__((noreturn))
+static inline void tp_finish(uint64_t checksum)
+{
+    printf("checksum=%016llx\n", (unsigned long long)checksum);
+    if (fflush(stdout) != 0 || ferror(stdout))
+        tp_syserr("writing stdout");
+    exit(TP_EXIT_OK);
+}
+
+/* ------------------------------------------------------------------ */
+/* Sleeping                                                            */
+/* ------------------------------------------------------------------ */
+
+static inline struct timespec tp_ts_from_ns(uint64_t ns)
+{
+    struct timespec ts;
+    ts.tv_sec = (time_t)(ns / 1000000000ULL);
+    ts.tv_nsec = (long)(ns % 1000000000ULL);
+    return ts;
+}
+
+/* Relative nanosleep; on EINTR continue with the remaining time. */
+static inline void tp_nanosleep_ns(uint64_t ns)
+{
+    struct timespec req = tp_ts_from_ns(ns), rem;
+    while (nanosleep(&req, &rem) != 0) {
+        if (errno != EINTR)
+            tp_syserr("nanosleep");
+        req = rem;
+    }
+}
+
+/* Relative clock_nanosleep on CLOCK_MONOTONIC; EINTR -> remaining time. */
+static inline void tp_clock_nanosleep_ns(uint64_t ns)
+{
+    struct timespec req = tp_ts_from_ns(ns), rem;
+    int rc;
+    while ((rc = clock_nanosleep(CLOCK_MONOTONIC, 0, &req, &rem)) != 0) {
+        if (rc != EINTR) {
+            errno = rc;
+            tp_syserr("clock_nanosleep");
+        }
+        req = rem;
+    }
+}
+
+/* Monotonic seconds, for optional stderr diagnostics only (never hashed). */
+static inline double tp_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* ------------------------------------------------------------------ */
+/* Command line: only "--name value" (also "--name=value") and --help   */
+/* ------------------------------------------------------------------ */
+
+struct tp_opt {
+    const char *name;          /* without the leading "--" */
+    unsigned long long *val;   /* holds the default on entry */
+    unsigned long long min, max;
+    const char *help;
+};
+
+#define TP_NOPTS(a) (sizeof(a) / sizeof((a)[0]))
+
+static inline void tp_usage(FILE *f, const char *desc,
+                            const struct tp_opt *opts, size_t n)
+{
+    fprintf(f, "usage: %s [--name value]...\n%s\n\noptions:\n",
+            tp_progname(NULL), desc);
+    for (size_t i = 0; i < n; i++)
+        fprintf(f, "  --%-10s %s (default %llu, range %llu..%llu)\n",
+                opts[i].name, opts[i].help, *opts[i].val,
+                opts[i].min, opts[i].max);
+    fprintf(f, "  --%-10s print this help and exit\n", "help");
+    fprintf(f, "\nThe last stdout line is checksum=<16 hex digits>. Exit codes: "
+               "0 ok, 1 self-check failed, 2 bad usage, 3 system error.\n");
+}
+
+__attribute__((noreturn, format(printf, 1, 2)))
+static inline void tp_usage_error(const char *fmt, ...)
+{
+    va_list ap;
+    fprintf(stderr, "%s: ", tp_progname(NULL));
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "\n(try --help)\n");
+    exit(TP_EXIT_USAGE);
+}
+
+/* Decimal, or hexadecimal with a 0x prefix. No sign, no trailing junk. */
+static inline int tp_parse_u64(const char *s, unsigned long long *out)
+{
+    int base = 10;
+    char *end;
+    if (s == NULL || *s == '\0')
+        return -1;
+    if (s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {
+        base = 16;
+        s += 2;
+        if (*s == '\0')
+            return -1;
+    }
+    if (*s < '0' || (*s > '9' && base == 10) ||
+        (base == 16 && !((*s >= '0' && *s <= '9') ||
+                         (*s >= 'a' && *s <= 'f') ||
+                         (*s >= 'A' && *s <= 'F'))))
+        return -1;
+    errno = 0;
+    *out = strtoull(s, &end, base);
+    if (errno != 0 || *end != '\0')
+        return -1;
+    return 0;
+}
+
+static inline void tp_parse_args(int argc, char **argv, const char *desc,
+                                 const struct tp_opt *opts, size_t n)
+{
+    if (argc > 0 && argv[0] != NULL) {
+        const char *slash = strrchr(argv[0], '/');
+        tp_progname(slash ? slash + 1 : argv[0]);
+    }
+    for (int i = 1; i < argc; i++) {
+        const char *arg = argv[i];
+        const char *value = NULL;
+        size_t namelen;
+
+        if (strcmp(arg, "--help") == 0 || strcmp(arg, "-h") == 0) {
+            tp_usage(stdout, desc, opts, n);
+            fflush(stdout);
+            exit(TP_EXIT_OK);
+        }
+        if (strncmp(arg, "--", 2) != 0 || arg[2] == '\0')
+            tp_usage_error("unexpected argument '%s'", arg);
+        arg += 2;
+        namelen = strcspn(arg, "=");
+        if (arg[namelen] == '=')
+            value = arg + namelen + 1;
+
+        const struct tp_opt *o = NULL;
+        for (size_t k = 0; k < n; k++) {
+            if (strlen(opts[k].name) == namelen &&
+                strncmp(opts[k].name, arg, namelen) == 0) {
+                o = &opts[k];
+                break;
+            }
+        }
+        if (o == NULL)
+            tp_usage_error("unknown flag '--%.*s'", (int)namelen, arg);
+        if (value == NULL) {
+            if (i + 1 >= argc)
+                tp_usage_error("flag '--%s' needs a value", o->name);
+            value = argv[++i];
+        }
+        unsigned long long v;
+        if (tp_parse_u64(value, &v) != 0)
+            tp_usage_error("bad value '%s' for '--%s' "
+                           "(want an unsigned integer)", value, o->name);
+        if (v < o->min || v > o->max)
+            tp_usage_error("value %llu for '--%s' out of range "
+                           "%llu..%llu", v, o->name, o->min, o->max);
+        *o->val = v;
+    }
+}
+
+#endif /* FAMMIG_TESTPROGRAMS_COMMON_H */
