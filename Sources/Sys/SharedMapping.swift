@@ -157,6 +157,8 @@ public final class SharedMapping: @unchecked Sendable {
 
     public func store(bytes: some Collection<UInt8>, at byteOffset: Int) {
         let target = pointer(at: byteOffset, count: bytes.count, forWriting: true)
+        // An empty collection may have no base address at all.
+        if bytes.isEmpty { return }
         let copied: Void? = bytes.withContiguousStorageIfAvailable { source in
             target.copyMemory(from: source.baseAddress!, byteCount: source.count)
         }

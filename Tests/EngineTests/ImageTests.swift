@@ -272,6 +272,18 @@ func flipByte(path: String, at byteOffset: Int) throws {
         #expect(openError(imagePath, requireComplete: false) == .aborted(path: imagePath))
     }
 
+    @Test func emptyImageRoundTrips() throws {
+        let files = ScratchFiles()
+        defer { files.removeAll() }
+        let imagePath = files.path("image")
+        let fam = try RealFAM.create(path: imagePath, byteCount: ImageLayout.byteCount(metadataByteCount: 0, pageCount: 0), prefault: false)
+        var writer = try ImageWriter.create(backend: fam, generation: 3, metadata: [], pageAddresses: [])
+        writer.commitMetadata()
+        writer.commit()
+        let reader = try ImageReader.open(backend: try RealFAM.open(path: imagePath, writable: false), requireComplete: true)
+        #expect(reader.metadata.isEmpty && reader.pageCount == 0 && reader.openedState == .complete)
+    }
+
     @Test func unreadablePageIsAnErrorAndStaysUnmarked() throws {
         let files = ScratchFiles()
         defer { files.removeAll() }
