@@ -43,7 +43,7 @@ let package = Package(
         .executableTarget(
             name: "fammig",
             dependencies: [
-                "Engine", "Oracles",
+                "Engine", "Oracles", "Sys",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

@@ -160,12 +160,15 @@ struct RunReport: Codable {
     var referenceChecksum: String?
     var migratedChecksum: String?
     var programStatus: String?
+    var prepareMilliseconds: Double?
     var freezeMilliseconds: Double?
+    var pageDumpMilliseconds: Double?
     var dumpMilliseconds: Double?
     var restoreMilliseconds: Double?
     var downtimeMilliseconds: Double?
     var busyMilliseconds: Double?
     var totalMilliseconds: Double?
+    var oracleMilliseconds: Double?
     var pageCount = 0
     var famByteCount = 0
     var verdicts: [OracleVerdict] = []
@@ -177,13 +180,19 @@ struct RunReport: Codable {
         self.afterMilliseconds = afterMilliseconds
     }
 
+    /// Times exclude what the oracles spent reading (they run inside the freeze and before the resume).
     mutating func fill(timeline: MigrationTimeline) {
-        freezeMilliseconds = milliseconds(timeline.span(from: .started, to: .frozen))
-        dumpMilliseconds = milliseconds(timeline.span(from: .frozen, to: .dumpCommitted))
-        restoreMilliseconds = milliseconds(timeline.span(from: .restoreStarted, to: .targetResumed))
-        downtimeMilliseconds = milliseconds(timeline.span(from: .frozen, to: .targetResumed))
-        busyMilliseconds = milliseconds(timeline.span(from: .started, to: .victimReleased))
-        totalMilliseconds = milliseconds(timeline.span(from: .started, to: .targetResumed))
+        let freezeOracle = Double(timeline.counter(MigrationTimeline.freezeOracleNanoseconds)) / 1e6
+        let targetOracle = Double(timeline.counter(MigrationTimeline.targetOracleNanoseconds)) / 1e6
+        prepareMilliseconds = milliseconds(timeline.span(from: .started, to: .freezeRequested))
+        freezeMilliseconds = milliseconds(timeline.span(from: .freezeRequested, to: .frozen))
+        pageDumpMilliseconds = milliseconds(timeline.span(from: .metadataCommitted, to: .dumpCommitted))
+        dumpMilliseconds = milliseconds(timeline.span(from: .frozen, to: .dumpCommitted)).map { $0 - freezeOracle }
+        restoreMilliseconds = milliseconds(timeline.span(from: .restoreStarted, to: .targetResumed)).map { $0 - targetOracle }
+        downtimeMilliseconds = milliseconds(timeline.span(from: .frozen, to: .targetResumed)).map { $0 - freezeOracle - targetOracle }
+        busyMilliseconds = milliseconds(timeline.span(from: .started, to: .victimReleased)).map { $0 - freezeOracle }
+        totalMilliseconds = milliseconds(timeline.span(from: .started, to: .targetResumed)).map { $0 - freezeOracle - targetOracle }
+        oracleMilliseconds = freezeOracle + targetOracle
         pageCount = timeline.counter("pagesDumped")
         famByteCount = pageCount * 4096
     }
@@ -192,8 +201,9 @@ struct RunReport: Codable {
         func ms(_ value: Double?) -> String { value.map { String(format: "%.2f ms", $0) } ?? "n/a" }
         var lines = [
             "migration   \(mode) of \(program.joined(separator: " ")) after \(afterMilliseconds) ms",
+            "prepare     \(ms(prepareMilliseconds)) (before the freeze: checks, FAM file allocated and pre-faulted)",
             "freeze      \(ms(freezeMilliseconds))",
-            "dump        \(ms(dumpMilliseconds))",
+            "dump        \(ms(dumpMilliseconds)) (pages alone: \(ms(pageDumpMilliseconds)))",
             "restore     \(ms(restoreMilliseconds))",
             "downtime    \(ms(downtimeMilliseconds))",
             "busy        \(ms(busyMilliseconds))",

@@ -40,8 +40,14 @@ public final class Dumper: EngineActor {
     public private(set) var checkpointedState: ProcessState?
     private var pageAddresses: [UInt64] = []
     private var writer: ImageWriter?
+    private var backend: (any FAMBackend)?
+    /// Room for the metadata region in the pre-sized FAM (a process state is a few KiB; filters and
+    /// the VMA table of a big process stay far below this).
+    static let metadataAllowanceByteCount = 1 << 20
 
-    /// `makeBackend(byteCount)` creates the FAM the image goes to, once its size is known.
+    /// `makeBackend(byteCount)` creates the FAM the image goes to. It is called before the freeze with
+    /// an estimate (pages present then, plus a margin), so that allocating and pre-faulting the FAM
+    /// file is not part of the downtime.
     public init(victim: ProcessID, makeBackend: @escaping (Int) throws(ImageError) -> any FAMBackend,
                 generation: UInt64, release: Release, batchPageCount: Int = 512,
                 observer: (any MigrationObserver)?, clock: any EngineClock, timeline: MigrationTimeline, logger: Logger) {
@@ -78,8 +84,19 @@ public final class Dumper: EngineActor {
         case .preflight:
             timeline.record(.started, at: clock.now())
             do { try Preflight.check(victimProcessID) } catch { throw .checkpoint(error) }
+            let estimatedPageCount: Int
+            do {
+                estimatedPageCount = try Preflight.estimatedDirtyPageCount(victimProcessID)
+            } catch { throw .checkpoint(error) }
+            // The victim still runs and may touch more pages before the freeze: leave a margin.
+            let plannedPageCount = estimatedPageCount + estimatedPageCount / 8 + 4096
+            do {
+                backend = try makeBackend(ImageLayout.byteCount(metadataByteCount: Self.metadataAllowanceByteCount,
+                                                                pageCount: plannedPageCount))
+            } catch { throw .image(error) }
             state = .freeze
         case .freeze:
+            timeline.record(.freezeRequested, at: clock.now())
             do { victim = try FrozenVictim.freeze(victimProcessID) } catch { throw .checkpoint(error) }
             timeline.record(.frozen, at: clock.now())
             logger.debug("victim frozen", metadata: ["pid": "\(victimProcessID)"])
@@ -92,15 +109,18 @@ public final class Dumper: EngineActor {
                 pageAddresses = try victim.dirtyPageAddresses(mappings: captured.mappings)
             } catch { throw .checkpoint(error) }
             checkpointedState = captured
+            let oracleStart = clock.now()
             do { try observer?.victimFrozen(state: captured, pageAddresses: pageAddresses) } catch {
                 throw .aborted("freeze oracle: \(error)")
             }
+            // The oracles' own reading is not part of the migration: reports subtract it.
+            timeline.add(nanoseconds(clock.now() - oracleStart), to: MigrationTimeline.freezeOracleNanoseconds)
             state = .writeMetadata
         case .writeMetadata:
             guard let captured = checkpointedState else { preconditionFailure("metadata before capture") }
             let metadata = captured.encoded()
             do {
-                let backend = try makeBackend(ImageLayout.byteCount(metadataByteCount: metadata.count, pageCount: pageAddresses.count))
+                guard let backend else { preconditionFailure("metadata before the FAM was created") }
                 var newWriter = try ImageWriter.create(backend: backend, generation: generation, metadata: metadata,
                                                        pageAddresses: pageAddresses)
                 newWriter.commitMetadata()

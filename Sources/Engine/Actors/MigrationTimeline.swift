@@ -3,7 +3,7 @@
 import Synchronization
 
 public enum MigrationEvent: String, CaseIterable, Sendable, Codable {
-    case started, frozen, metadataCommitted, dumpCommitted, victimReleased
+    case started, freezeRequested, frozen, metadataCommitted, dumpCommitted, victimReleased
     case restoreStarted, targetResumed, lastPageInstalled
 }
 
@@ -13,6 +13,10 @@ public final class MigrationTimeline: Sendable {
         var counters: [String: Int] = [:]
     }
     private let contents = Mutex(Contents())
+
+    /// Counters of time spent in oracles (the report subtracts them from the migration's figures).
+    public static let freezeOracleNanoseconds = "freezeOracleNanoseconds"
+    public static let targetOracleNanoseconds = "targetOracleNanoseconds"
 
     public init() {}
 
@@ -32,4 +36,9 @@ public final class MigrationTimeline: Sendable {
         guard let startInstant = instant(start), let endInstant = instant(end) else { return nil }
         return endInstant - startInstant
     }
+}
+
+/// Whole nanoseconds of a duration.
+public func nanoseconds(_ duration: Duration) -> Int {
+    Int(duration.components.seconds) * 1_000_000_000 + Int(duration.components.attoseconds / 1_000_000_000)
 }

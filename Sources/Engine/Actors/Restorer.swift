@@ -136,6 +136,8 @@ public final class Restorer: EngineActor {
         case .prepare:
             do {
                 let restored = try target!.prepareToResume(checkpointedState!)
+                let oracleStart = clock.now()
+                defer { timeline.add(nanoseconds(clock.now() - oracleStart), to: MigrationTimeline.targetOracleNanoseconds) }
                 try observer?.targetReady(checkpointed: checkpointedState!, restored: restored)
             } catch let error as RestoreError {
                 throw .restore(error)

@@ -92,33 +92,9 @@ final class FrozenVictim {
         return try StateReader.injectQueries(injector: injector, memory: memory, dataAddress: scratch + 4096)
     }
 
-    /// Lists every page that must be dumped: present or swapped anonymous pages, and private file pages
-    /// that are no longer the file's (bit 61 clear). Shared file pages live in the file itself.
+    /// The pages to dump, read now that the victim cannot change them.
     func dirtyPageAddresses(mappings: [Mapping]) throws(CheckpointError) -> [UInt64] {
-        var addresses: [UInt64] = []
-        for mapping in mappings {
-            switch mapping.kind {
-            case .vdsoPart, .vsyscall: continue
-            case .file where mapping.shared: continue
-            default: break
-            }
-            let pageCount = Int(mapping.byteCount / 4096)
-            let words: [UInt64]
-            do { words = try ProcFS.pagemap(processID, address: mapping.start, pageCount: pageCount) } catch {
-                throw .system(processID, "\(error)")
-            }
-            let isFile: Bool
-            if case .file = mapping.kind { isFile = true } else { isFile = false }
-            for (index, word) in words.enumerated() {
-                let present = word & (1 << 63) != 0
-                let swapped = word & (1 << 62) != 0
-                let fileBacked = word & (1 << 61) != 0
-                if (present || swapped) && !(isFile && fileBacked) {
-                    addresses.append(mapping.start + UInt64(index) * 4096)
-                }
-            }
-        }
-        return addresses
+        try Preflight.dirtyPageAddresses(processID, mappings: mappings)
     }
 
     /// Ends the checkpoint: kills the victim (migration) or lets it run on (`--leave-running`).

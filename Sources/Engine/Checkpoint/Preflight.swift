@@ -26,6 +26,41 @@ enum Preflight {
         _ = try mappings(processID)
     }
 
+    /// How many pages a dump would take now (the process still runs; the count is a plan, not a promise).
+    static func estimatedDirtyPageCount(_ processID: ProcessID) throws(CheckpointError) -> Int {
+        let mappings = try mappings(processID)
+        return try dirtyPageAddresses(processID, mappings: mappings).count
+    }
+
+    /// Every page that must be dumped: present or swapped anonymous pages, and private file pages that
+    /// are no longer the file's (pagemap bit 61 clear). Shared file pages live in the file itself.
+    static func dirtyPageAddresses(_ processID: ProcessID, mappings: [Mapping]) throws(CheckpointError) -> [UInt64] {
+        var addresses: [UInt64] = []
+        for mapping in mappings {
+            switch mapping.kind {
+            case .vdsoPart, .vsyscall: continue
+            case .file where mapping.shared: continue
+            default: break
+            }
+            let pageCount = Int(mapping.byteCount / 4096)
+            let words: [UInt64]
+            do { words = try ProcFS.pagemap(processID, address: mapping.start, pageCount: pageCount) } catch {
+                throw .system(processID, "\(error)")
+            }
+            let isFile: Bool
+            if case .file = mapping.kind { isFile = true } else { isFile = false }
+            for (index, word) in words.enumerated() {
+                let present = word & (1 << 63) != 0
+                let swapped = word & (1 << 62) != 0
+                let fileBacked = word & (1 << 61) != 0
+                if (present || swapped) && !(isFile && fileBacked) {
+                    addresses.append(mapping.start + UInt64(index) * 4096)
+                }
+            }
+        }
+        return addresses
+    }
+
     /// Every open descriptor, refusing anything but regular files and /dev/null.
     static func descriptors(_ processID: ProcessID) throws(CheckpointError) -> [DescriptorInfo] {
         let numbers: [Int32]

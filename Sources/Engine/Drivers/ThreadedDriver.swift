@@ -64,7 +64,11 @@ public final class ThreadedDriver: Sendable {
                         Thread.sleep(forTimeInterval: 0.0001)
                         continue
                     case .ready(let step):
-                        logger.trace("step", metadata: ["actor": "\(actor.name)", "step": "\(step)"])
+                        let stepStart = clock.now
+                        defer {
+                            logger.debug("step", metadata: ["actor": "\(actor.name)", "step": "\(step)",
+                                                            "microseconds": "\((clock.now - stepStart).components.attoseconds / 1_000_000_000_000)"])
+                        }
                         do {
                             try actor.perform()
                         } catch {
