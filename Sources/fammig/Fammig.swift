@@ -12,7 +12,7 @@ struct Fammig: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "fammig",
         abstract: "Migrate a live Linux process between nodes through fabric-attached memory (FAM).",
-        subcommands: [Checkpoint.self, Restore.self, Inspect.self, Run.self])
+        subcommands: [Checkpoint.self, Restore.self, Inspect.self, Run.self, Bench.self])
 }
 
 /// Options every command shares.

@@ -138,3 +138,8 @@ extension Substring {
         String(drop(while: { $0 == " " || $0 == "\t" }).reversed().drop(while: { $0 == " " || $0 == "\t" }).reversed())
     }
 }
+
+/// The pages a dump of `processID` would hold right now (benchmarks use it for their baselines).
+public func dumpablePageAddresses(of processID: ProcessID) throws(CheckpointError) -> [UInt64] {
+    try Preflight.dirtyPageAddresses(processID, mappings: Preflight.mappings(processID))
+}
