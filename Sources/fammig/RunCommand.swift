@@ -107,6 +107,10 @@ struct Run: ParsableCommand {
             let same = checksum != nil && checksum == report.referenceChecksum
             verdicts.append(OracleVerdict(name: "end to end", passed: same,
                                           detail: "migrated \(checksum ?? "none"), reference \(report.referenceChecksum ?? "none")"))
+            // The test programs' whole stdout is deterministic: the migrated run's must be the reference's.
+            let sameOutput = FileManager.default.contentsEqual(atPath: outputPath, andPath: workDirectory + "/reference.out")
+            verdicts.append(OracleVerdict(name: "output", passed: sameOutput,
+                                          detail: sameOutput ? "stdout identical to the reference run" : "stdout differs from the reference run"))
         }
         report.verdicts = verdicts
         print(report.text)

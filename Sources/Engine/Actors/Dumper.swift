@@ -89,7 +89,7 @@ public final class Dumper: EngineActor {
                 estimatedPageCount = try Preflight.estimatedDirtyPageCount(victimProcessID)
             } catch { throw .checkpoint(error) }
             // The victim still runs and may touch more pages before the freeze: leave a margin.
-            let plannedPageCount = estimatedPageCount + estimatedPageCount / 8 + 4096
+            let plannedPageCount = estimatedPageCount + estimatedPageCount / 8 + 256
             do {
                 backend = try makeBackend(ImageLayout.byteCount(metadataByteCount: Self.metadataAllowanceByteCount,
                                                                 pageCount: plannedPageCount))
