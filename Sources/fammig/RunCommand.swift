@@ -62,7 +62,9 @@ struct Run: ParsableCommand {
                                                 errorPath: workDirectory + "/reference.err")
             report.referenceChecksum = reference.checksum
             guard reference.status == .exited(0), reference.checksum != nil else {
-                throw fail("the unmigrated reference run \(reference.status) without a checksum line; see \(workDirectory)/reference.err", code: 1)
+                let errorText = (try? String(contentsOfFile: workDirectory + "/reference.err", encoding: .utf8)) ?? ""
+                let code: Int32 = reference.status == .exited(2) ? 2 : 1
+                throw fail("the unmigrated reference run \(reference.status) without a checksum line: \(errorText.split(separator: "\n").first ?? "(no stderr)")", code: code)
             }
         }
 

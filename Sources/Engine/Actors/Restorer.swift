@@ -119,9 +119,11 @@ public final class Restorer: EngineActor {
                     || reader.pageAddresses[slot + 1] != reader.pageAddresses[slot] + UInt64(ImageLayout.pageSize)
                 guard runEnds else { continue }
                 do {
-                    try target!.writePages(from: reader.backend.readableMapping, at: reader.pageOffset(slot: runStart),
+                    let newlyInstalled = try target!.writePages(from: reader.backend.readableMapping, at: reader.pageOffset(slot: runStart),
                                            byteCount: (slot + 1 - runStart) * ImageLayout.pageSize,
                                            to: reader.pageAddresses[runStart])
+                    // In a nonlive restore nothing else installs pages: every page must be new.
+                    precondition(newlyInstalled == slot + 1 - runStart, "page run at \(hex(reader.pageAddresses[runStart])) was partly present already")
                 } catch { throw .restore(error) }
                 runStart = slot + 1
             }
@@ -131,7 +133,10 @@ public final class Restorer: EngineActor {
             precondition(installedPageCount == reader!.pageCount,
                          "\(reader!.pageCount - installedPageCount) dumped pages not installed")
             timeline.record(.lastPageInstalled, at: clock.now())
-            do { try target!.restoreState(checkpointedState!) } catch { throw .restore(error) }
+            do {
+                try target!.finishInstalling()
+                try target!.restoreState(checkpointedState!)
+            } catch { throw .restore(error) }
             state = .prepare
         case .prepare:
             do {

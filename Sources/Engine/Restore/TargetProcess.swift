@@ -15,6 +15,10 @@ final class TargetProcess {
     static let scratchByteCount: UInt64 = 16 * 4096
     private var dataAddress: UInt64 { scratchAddress + 4096 }
     private(set) var isResumed = false
+    /// Anonymous private ranges registered with the target's userfaultfd: pages go in by UFFDIO_COPY
+    /// straight from FAM; everything else (private file pages) by pwrite to /proc/PID/mem.
+    private var userfaultfd: Userfaultfd?
+    private var registeredRanges: [Range<UInt64>] = []
 
     private init(processID: ProcessID, tracee: Tracee, memory: ProcessMemory, injector: SyscallInjector, scratchAddress: UInt64) {
         self.processID = processID
@@ -88,6 +92,7 @@ final class TargetProcess {
             try moveVDSO(stubMaps: stubMaps, state: state)
             try setMemoryDescriptor(state)
             try mapVictimMappings(state)
+            try registerAnonymousMemory(state)
         } catch let error as RestoreError {
             throw error
         } catch let error as InjectionError {
@@ -180,6 +185,25 @@ final class TargetProcess {
         }
     }
 
+    /// Creates a userfaultfd inside the target (it binds to the target's mm), takes it over with
+    /// pidfd_getfd, and registers every private anonymous mapping for missing-page faults. (Private
+    /// mappings of ext4 files cannot be registered: their dirty pages are written with pwrite.)
+    private func registerAnonymousMemory(_ state: ProcessState) throws {
+        let remote = try injector.call("userfaultfd", Syscall.userfaultfd, UInt64(O_CLOEXEC | O_NONBLOCK))
+        let taken = try Userfaultfd(processID: processID, remoteDescriptor: Int32(remote))
+        try injector.call("close(userfaultfd)", Syscall.close, remote)
+        try taken.handshake()
+        for mapping in state.mappings where !mapping.shared {
+            switch mapping.kind {
+            case .anonymous, .heap, .stack:
+                try taken.registerMissing(start: mapping.start, byteCount: mapping.byteCount)
+                registeredRanges.append(mapping.start..<mapping.end)
+            default: continue
+            }
+        }
+        userfaultfd = taken
+    }
+
     /// openat(AT_FDCWD, path, flags) inside the target; returns the new descriptor.
     private func openInTarget(_ path: String, flags: Int32) throws -> Int32 {
         let pathAddress = dataAddress + 8192
@@ -191,11 +215,59 @@ final class TargetProcess {
 
     // MARK: Pages
 
-    /// Writes `byteCount` bytes of a FAM mapping at `address` of the target (eager install).
-    func writePages(from mapping: SharedMapping, at mappingOffset: Int, byteCount: Int, to address: UInt64) throws(RestoreError) {
-        do { try memory.write(from: mapping, at: mappingOffset, byteCount: byteCount, to: address) } catch {
-            throw .system("\(error)")
-        }
+    /// Installs `byteCount` bytes of a FAM mapping at `address` of the target: UFFDIO_COPY inside
+    /// registered ranges (one copy never crosses a mapping), pwrite elsewhere. Returns the pages newly
+    /// installed (pages already present are skipped, as UFFDIO_COPY reports them).
+    @discardableResult
+    func writePages(from mapping: SharedMapping, at mappingOffset: Int, byteCount: Int, to address: UInt64) throws(RestoreError) -> Int {
+        var installedPageCount = 0
+        var done = 0
+        do {
+            while done < byteCount {
+                let current = address + UInt64(done)
+                let remaining = byteCount - done
+                if let range = registeredRanges.first(where: { $0.contains(current) }), let userfaultfd {
+                    let pieceByteCount = min(remaining, Int(range.upperBound - current))
+                    var pieceDone = 0
+                    while pieceDone < pieceByteCount {
+                        let outcome = try userfaultfd.copy(from: mapping, at: mappingOffset + done + pieceDone,
+                                                           to: current + UInt64(pieceDone), byteCount: pieceByteCount - pieceDone,
+                                                           dontWake: false)
+                        switch outcome {
+                        case .copied:
+                            installedPageCount += (pieceByteCount - pieceDone) / 4096
+                            pieceDone = pieceByteCount
+                        case .partial(let copiedByteCount):
+                            installedPageCount += copiedByteCount / 4096
+                            pieceDone += copiedByteCount
+                        case .firstPageAlreadyPresent:
+                            pieceDone += 4096
+                        }
+                    }
+                    done += pieceByteCount
+                } else {
+                    let nextRegistered = registeredRanges.map(\.lowerBound).filter { $0 > current }.min() ?? UInt64.max
+                    let pieceByteCount = min(remaining, Int(min(nextRegistered - current, UInt64(remaining))))
+                    try memory.write(from: mapping, at: mappingOffset + done, byteCount: pieceByteCount, to: current)
+                    installedPageCount += pieceByteCount / 4096
+                    done += pieceByteCount
+                }
+            }
+        } catch { throw .system("installing pages at \(hex(address)): \(error)") }
+        return installedPageCount
+    }
+
+    /// Ends eager installation: unregisters every range and lets the userfaultfd go.
+    func finishInstalling() throws(RestoreError) {
+        guard let userfaultfd else { return }
+        do {
+            for range in registeredRanges {
+                try userfaultfd.unregister(start: range.lowerBound, byteCount: range.upperBound - range.lowerBound)
+            }
+        } catch { throw .system("\(error)") }
+        userfaultfd.close()
+        self.userfaultfd = nil
+        registeredRanges = []
     }
 
     // MARK: State
