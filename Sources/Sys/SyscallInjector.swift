@@ -44,8 +44,8 @@ public final class SyscallInjector: @unchecked Sendable {
         self.template = template
     }
 
-    /// Runs one syscall; returns the raw result (negative errno on failure).
-    public func raw(_ name: String, _ number: Int, _ arguments: [UInt64]) throws(InjectionError) -> Int64 {
+    /// The template with `syscall(number, arguments...)` loaded, at the injected instruction.
+    private func registersFor(_ number: Int, _ arguments: [UInt64]) -> GeneralRegisters {
         precondition(arguments.count <= 6, "a syscall takes at most six arguments")
         var registers = template
         let values = arguments + [UInt64](repeating: 0, count: 6 - arguments.count)
@@ -54,6 +54,12 @@ public final class SyscallInjector: @unchecked Sendable {
         (registers.rdi, registers.rsi, registers.rdx) = (values[0], values[1], values[2])
         (registers.r10, registers.r8, registers.r9) = (values[3], values[4], values[5])
         registers.rip = instructionAddress
+        return registers
+    }
+
+    /// Runs one syscall; returns the raw result (negative errno on failure).
+    public func raw(_ name: String, _ number: Int, _ arguments: [UInt64]) throws(InjectionError) -> Int64 {
+        let registers = registersFor(number, arguments)
         do {
             try tracee.setRegisters(registers)
             try tracee.resume()
@@ -96,13 +102,7 @@ public final class SyscallInjector: @unchecked Sendable {
 
     /// Runs the final syscall (munmap of the code it runs from) to its exit stop, never reaching the int3.
     public func callToExitStop(_ name: String, _ number: Int, _ arguments: UInt64...) throws(InjectionError) -> Int64 {
-        var registers = template
-        let values = arguments + [UInt64](repeating: 0, count: 6 - arguments.count)
-        registers.rax = UInt64(number)
-        registers.origRax = UInt64(bitPattern: -1)
-        (registers.rdi, registers.rsi, registers.rdx) = (values[0], values[1], values[2])
-        (registers.r10, registers.r8, registers.r9) = (values[3], values[4], values[5])
-        registers.rip = instructionAddress
+        let registers = registersFor(number, arguments)
         do {
             try tracee.setRegisters(registers)
             var syscallStops = 0

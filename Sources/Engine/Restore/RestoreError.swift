@@ -23,3 +23,14 @@ public enum RestoreError: Error, CustomStringConvertible, Sendable {
         }
     }
 }
+
+extension RestoreError {
+    /// Classifies whatever a restore step threw.
+    init(_ error: any Error) {
+        switch error {
+        case let error as RestoreError: self = error
+        case let error as InjectionError: self = .injected(error)
+        default: self = .system("\(error)")
+        }
+    }
+}

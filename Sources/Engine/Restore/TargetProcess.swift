@@ -93,12 +93,8 @@ final class TargetProcess {
             try setMemoryDescriptor(state)
             try mapVictimMappings(state)
             try registerAnonymousMemory(state)
-        } catch let error as RestoreError {
-            throw error
-        } catch let error as InjectionError {
-            throw .injected(error)
         } catch {
-            throw .system("\(error)")
+            throw RestoreError(error)
         }
     }
 
@@ -314,12 +310,8 @@ final class TargetProcess {
             try CredentialRestorer(injector: injector, memory: memory, dataAddress: dataAddress, processID: processID)
                 .restore(state.credentials)
             try tracee.setExtendedState(thread.extendedState)
-        } catch let error as RestoreError {
-            throw error
-        } catch let error as InjectionError {
-            throw .injected(error)
         } catch {
-            throw .system("\(error)")
+            throw RestoreError(error)
         }
     }
 
@@ -352,12 +344,8 @@ final class TargetProcess {
             try tracee.setSignalMask(state.mainThread.signalMask)
             try tracee.setRegisters(state.mainThread.registers.resumableAfterRestore)
             return try StateReader.read(tracee: tracee, processID: processID, injected: injected)
-        } catch let error as RestoreError {
-            throw error
-        } catch let error as InjectionError {
-            throw .injected(error)
         } catch {
-            throw .system("\(error)")
+            throw RestoreError(error)
         }
     }
 
