@@ -47,6 +47,10 @@ public enum StateOracle {
         check("personality", checkpointed.personality, restored.personality, render: { hex(UInt64($0)) })
         check("parent death signal", checkpointed.parentDeathSignal, restored.parentDeathSignal)
         check("credentials", checkpointed.credentials, restored.credentials)
+        for (expected, actual) in zip(checkpointed.resourceLimits, restored.resourceLimits) {
+            check("resource limit \(expected.resource)", expected, actual)
+        }
+        check("resource limit count", checkpointed.resourceLimits.count, restored.resourceLimits.count)
         check("seccomp mode", checkpointed.seccompMode, restored.seccompMode)
         check("seccomp filters", checkpointed.seccompFilters, restored.seccompFilters) { "\($0.count) filters" }
         let expectedLayout = coverage(checkpointed.mappings)

@@ -296,6 +296,15 @@ final class TargetProcess {
                                       UInt64(pending.signal), dataAddress)
                 }
             }
+            // Limits before credentials: lowering needs nothing, raising a hard limit needs the
+            // restorer's privileges, which the target still has here.
+            for limit in state.resourceLimits {
+                var record: [UInt8] = []
+                record.appendLittleEndian(limit.soft)
+                record.appendLittleEndian(limit.hard)
+                try memory.write(record, at: dataAddress)
+                try injector.call("prlimit64(\(limit.resource))", Syscall.prlimit64, 0, UInt64(limit.resource), dataAddress, 0)
+            }
             // Filters go in while the target still holds every capability (seccomp needs CAP_SYS_ADMIN or
             // no_new_privs); PTRACE_O_SUSPEND_SECCOMP keeps them from judging our later injections.
             for filter in state.seccompFilters {

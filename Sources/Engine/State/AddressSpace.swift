@@ -6,7 +6,7 @@ enum Syscall {
     static let brk = 12, rtSigaction = 13, mremap = 25, dup2 = 33, prctl = 157, personality = 135
     static let setresuid = 117, setresgid = 119, setgroups = 116, capset = 126, rtSigqueueinfo = 129
     static let arch_prctl = 158, openat = 257, rtTgsigqueueinfo = 297, dup3 = 292, rseq = 334, seccomp = 317
-    static let userfaultfd = 323, closeRange = 436
+    static let userfaultfd = 323, closeRange = 436, prlimit64 = 302
 }
 
 enum AddressSpace {

@@ -90,6 +90,13 @@ public struct PendingSignal: Equatable, Sendable {
     }
 }
 
+/// One resource limit (getrlimit/prlimit64).
+public struct ResourceLimit: Equatable, Sendable {
+    public var resource: Int32
+    public var soft: UInt64
+    public var hard: UInt64
+}
+
 /// The state of one thread.
 public struct ThreadState: Equatable, Sendable {
     public var threadID: ProcessID
@@ -111,6 +118,8 @@ public struct ProcessState: Equatable, Sendable {
     public var personality: UInt32
     public var parentDeathSignal: Int32
     public var credentials: Credentials
+    /// Every RLIMIT_*, in resource order.
+    public var resourceLimits: [ResourceLimit]
     public var seccompMode: Int32
     /// Oldest first, the order in which the restorer installs them.
     public var seccompFilters: [SeccompFilter]

@@ -34,6 +34,11 @@ extension ProcessState {
         }
         writer.writeUInt32(credentials.securebits)
         writer.writeBool(credentials.noNewPrivileges)
+        writer.writeArray(resourceLimits) { writer, limit in
+            writer.writeInt32(limit.resource)
+            writer.writeUInt64(limit.soft)
+            writer.writeUInt64(limit.hard)
+        }
         writer.writeInt32(seccompMode)
         writer.writeArray(seccompFilters) { writer, filter in
             writer.writeBytes(filter.program)
@@ -91,6 +96,11 @@ extension ProcessState {
         credentials.ambient = try reader.readUInt64()
         credentials.securebits = try reader.readUInt32()
         credentials.noNewPrivileges = try reader.readBool()
+        let limits = try reader.readArray(maximumCount: 16) { (reader) throws(ImageError) -> ResourceLimit in
+            let resource = try reader.readInt32()
+            guard (0..<16).contains(resource) else { throw .malformedMetadata(reason: "resource limit \(resource)") }
+            return ResourceLimit(resource: resource, soft: try reader.readUInt64(), hard: try reader.readUInt64())
+        }
         let seccompMode = try reader.readInt32()
         let filters = try reader.readArray(maximumCount: 512) { (reader) throws(ImageError) -> SeccompFilter in
             let program = try reader.readBytes(maximumByteCount: 4096 * 8)
@@ -113,6 +123,7 @@ extension ProcessState {
         return ProcessState(processID: processID, executablePath: executablePath, threads: threads,
                             signalActions: actions, sharedPendingSignals: shared, memoryDescriptor: fields,
                             personality: personality, parentDeathSignal: parentDeathSignal, credentials: credentials,
+                            resourceLimits: limits,
                             seccompMode: seccompMode, seccompFilters: filters, mappings: mappings, files: files)
     }
 

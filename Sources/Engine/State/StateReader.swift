@@ -11,6 +11,7 @@ struct InjectedAnswers: Equatable {
     var actions: [SignalAction]
     var securebits: UInt32
     var parentDeathSignal: Int32
+    var resourceLimits: [ResourceLimit] = []
 }
 
 enum StateReader {
@@ -28,6 +29,12 @@ enum StateReader {
         answers.securebits = UInt32(truncatingIfNeeded: try injector.call("prctl(PR_GET_SECUREBITS)", Syscall.prctl, 27))
         try injector.call("prctl(PR_GET_PDEATHSIG)", Syscall.prctl, 2, dataAddress)
         answers.parentDeathSignal = Int32(truncatingIfNeeded: try memory.read(at: dataAddress, byteCount: 8).littleEndianWord(at: 0))
+        for resource in Int32(0)..<16 {
+            try injector.call("prlimit64(\(resource))", Syscall.prlimit64, 0, UInt64(resource), 0, dataAddress)
+            let raw = try memory.read(at: dataAddress, byteCount: 16)
+            answers.resourceLimits.append(ResourceLimit(resource: resource, soft: raw.littleEndianWord(at: 0),
+                                                        hard: raw.littleEndianWord(at: 8)))
+        }
         return answers
     }
 
@@ -83,6 +90,7 @@ enum StateReader {
             personality: personality,
             parentDeathSignal: injected.parentDeathSignal,
             credentials: try credentials(status: status, securebits: injected.securebits, processID: processID),
+            resourceLimits: injected.resourceLimits,
             seccompMode: Int32(status["Seccomp"] ?? "0") ?? 0,
             seccompFilters: filters,
             mappings: mappings,
