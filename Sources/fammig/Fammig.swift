@@ -13,6 +13,21 @@ struct Fammig: ParsableCommand {
         commandName: "fammig",
         abstract: "Migrate a live Linux process between nodes through fabric-attached memory (FAM).",
         subcommands: [Checkpoint.self, Restore.self, Inspect.self, Run.self, Bench.self])
+
+    /// As ParsableCommand's, except that usage errors exit 2 (argument-parser's default is 64), the
+    /// code this tool promises for every kind of bad input.
+    static func main() {
+        do {
+            var command = try parseAsRoot()
+            try command.run()
+        } catch {
+            if exitCode(for: error) == .validationFailure {
+                FileHandle.standardError.write(Data((fullMessage(for: error) + "\n").utf8))
+                Foundation.exit(2)
+            }
+            exit(withError: error)
+        }
+    }
 }
 
 /// Options every command shares.

@@ -32,11 +32,10 @@ struct Run: ParsableCommand {
 
     @OptionGroup var common: CommonOptions
 
-    @Argument(parsing: .captureForPassthrough, help: "The program and its arguments (after --).")
+    @Argument(parsing: .postTerminator, help: "The program and its arguments, after --.")
     var command: [String] = []
 
     mutating func validate() throws {
-        if command.first == "--" { command.removeFirst() }
         guard let program = command.first else { throw ValidationError("Give the program to run after --, e.g. -- ./TestPrograms/build/memwalk --mib 4.") }
         guard access(program, X_OK) == 0, program.contains("/") else {
             throw ValidationError("\(program) is not an executable path; give its path (e.g. ./TestPrograms/build/memwalk).")

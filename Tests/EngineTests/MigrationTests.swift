@@ -1,0 +1,89 @@
+// Whole migrations of the real test programs through `fammig run`: the run's own oracles must all pass,
+// the migrated program must end with the unmigrated run's checksum, and nothing may be left behind.
+import Foundation
+import Glibc
+import Testing
+
+/// The part of `fammig run --json` these tests read.
+struct MigrationReport: Decodable {
+    struct Verdict: Decodable {
+        var name: String
+        var passed: Bool
+        var detail: String
+    }
+
+    var verdicts: [Verdict]
+    var referenceChecksum: String?
+    var migratedChecksum: String?
+    var programStatus: String?
+    var pageCount: Int
+    var downtimeMilliseconds: Double?
+    var error: String?
+}
+
+/// One program, its arguments and when to migrate it.
+struct MigrationCase: Sendable, CustomTestStringConvertible {
+    var program: String
+    var arguments: [String]
+    var afterMilliseconds: Int
+    var minimumPageCount: Int
+
+    var testDescription: String { "\(program) \(arguments.joined(separator: " ")) after \(afterMilliseconds) ms" }
+
+    // Each program runs about 2.5 s, so a migration at 300 ms has 8x slack. memwalk fills 256 MiB in
+    // 0.13-0.16 s on the 2-core test machine (README: up to 0.5 s), so 800 ms has 5x slack over the
+    // fill, after which every one of the 65536 region pages is present and must be dumped.
+    static let all: [MigrationCase] = ["memwalk-static", "memwalk"].flatMap { program in
+        [MigrationCase(program: program, arguments: ["--mib", "4", "--steps", "50000", "--pause-us", "25000"],
+                       afterMilliseconds: 300, minimumPageCount: 1024),
+         MigrationCase(program: program, arguments: ["--mib", "256", "--steps", "50000", "--pause-us", "25000"],
+                       afterMilliseconds: 800, minimumPageCount: 65536)]
+    } + ["sleeper-static", "sleeper"].map {
+        MigrationCase(program: $0, arguments: ["--rounds", "50", "--sleep-ms", "50"], afterMilliseconds: 300, minimumPageCount: 1)
+    } + ["signals-static", "signals"].map {
+        MigrationCase(program: $0, arguments: ["--rounds", "250", "--pause-us", "10000"], afterMilliseconds: 300, minimumPageCount: 1)
+    }
+}
+
+extension ProcessTests {
+    @Suite(.serialized) struct MigrationTests {
+        @Test func addressSpaceRandomizationIsOn() throws {
+            // Same PID and same addresses mean something only when the kernel would otherwise move them.
+            let setting = try String(contentsOfFile: "/proc/sys/kernel/randomize_va_space", encoding: .utf8)
+            #expect(setting.trimmingCharacters(in: .whitespacesAndNewlines) == "2")
+        }
+
+        @Test(arguments: MigrationCase.all) func migratedRunMatchesReference(_ migration: MigrationCase) throws {
+            let program = try TestPaths.testProgram(migration.program)
+            let directory = try ScratchDirectory(under: "/tmp")
+            defer { directory.remove() }
+            let leftovers = LeftoverCheck()
+            defer { leftovers.finish() }
+            // The victim, and the process restored from it, which keeps its command line.
+            leftovers.expectProgram([program] + migration.arguments)
+
+            let jsonPath = directory.path("report.json")
+            let outcome = try leftovers.fammig(["run", "--after-ms", "\(migration.afterMilliseconds)", "--json", jsonPath, "--", program]
+                                     + migration.arguments, timeout: .seconds(90))
+            #expect(outcome.exitStatus == 0 && !outcome.killedBySignal, "fammig run failed:\n\(outcome.standardOutput)\n\(outcome.standardError)")
+
+            let report = try JSONDecoder().decode(MigrationReport.self, from: Data(contentsOf: URL(fileURLWithPath: jsonPath)))
+            #expect(report.error == nil)
+            let failed = report.verdicts.filter { !$0.passed }.map { "\($0.name): \($0.detail)" }
+            #expect(failed.isEmpty, "failed verdicts: \(failed)")
+            let names = Set(report.verdicts.map(\.name))
+            for required in ["registers and state", "pages", "program", "end to end"] {
+                #expect(names.contains(required), "no \"\(required)\" verdict among \(names.sorted())")
+            }
+            #expect(report.programStatus == "exited with status 0")
+            let referenceChecksum = try #require(report.referenceChecksum)
+            #expect(referenceChecksum.count == 16 && referenceChecksum.allSatisfy(\.isHexDigit))
+            #expect(report.migratedChecksum == referenceChecksum)
+            #expect(report.pageCount >= migration.minimumPageCount)
+            let downtime = try #require(report.downtimeMilliseconds)
+            #expect(downtime > 0 && downtime.isFinite)
+            // Else the check that the run removed its work directory would check nothing.
+            #expect(leftovers.ourRunDirectories.count == 1, "run directories seen: \(leftovers.ourRunDirectories)")
+        }
+    }
+}
