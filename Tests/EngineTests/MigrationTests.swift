@@ -42,7 +42,11 @@ struct MigrationCase: Sendable, CustomTestStringConvertible {
         MigrationCase(program: $0, arguments: ["--rounds", "50", "--sleep-ms", "50"], afterMilliseconds: 300, minimumPageCount: 1)
     } + ["signals-static", "signals"].map {
         MigrationCase(program: $0, arguments: ["--rounds", "250", "--pause-us", "10000"], afterMilliseconds: 300, minimumPageCount: 1)
-    }
+    } + ["seccomp-static", "seccomp", "caps-static", "caps"].map {
+        // Filters, no_new_privs, dropped capabilities and a lowered RLIMIT_CORE must all survive.
+        MigrationCase(program: $0, arguments: ["--rounds", "120", "--pause-us", "20000"], afterMilliseconds: 300, minimumPageCount: 1)
+    } + [MigrationCase(program: "caps", arguments: ["--rounds", "120", "--pause-us", "20000", "--try-regain-at", "60"],
+                       afterMilliseconds: 300, minimumPageCount: 1)]
 }
 
 extension ProcessTests {
@@ -84,6 +88,27 @@ extension ProcessTests {
             #expect(downtime > 0 && downtime.isFinite)
             // Else the check that the run removed its work directory would check nothing.
             #expect(leftovers.ourRunDirectories.count == 1, "run directories seen: \(leftovers.ourRunDirectories)")
+        }
+
+        /// The seccomp filter still kills the restored process when it makes its forbidden syscall
+        /// (round 60 of 120; the migration happens at about round 15).
+        @Test(arguments: ["seccomp-static", "seccomp"]) func seccompFilterIsEnforcedAfterRestore(_ name: String) throws {
+            let program = try TestPaths.testProgram(name)
+            let directory = try ScratchDirectory(under: "/tmp")
+            defer { directory.remove() }
+            let leftovers = LeftoverCheck()
+            defer { leftovers.finish() }
+            let arguments = ["--rounds", "120", "--pause-us", "20000", "--violate-at", "60"]
+            leftovers.expectProgram([program] + arguments)
+            let jsonPath = directory.path("report.json")
+            let outcome = try leftovers.fammig(["run", "--no-reference", "--after-ms", "300", "--json", jsonPath, "--", program] + arguments,
+                                               timeout: .seconds(90))
+            #expect(outcome.exitStatus == 1, "the program's death must fail the run: \(outcome.standardError)")
+            let report = try JSONDecoder().decode(MigrationReport.self, from: Data(contentsOf: URL(fileURLWithPath: jsonPath)))
+            #expect(report.programStatus == "killed by signal \(SIGSYS)")
+            #expect(report.migratedChecksum == nil)
+            let passed = Set(report.verdicts.filter(\.passed).map(\.name))
+            #expect(passed.isSuperset(of: ["registers and state", "pages"]))
         }
     }
 }
