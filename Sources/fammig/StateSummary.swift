@@ -15,8 +15,11 @@ enum StateSummary {
                 + "\(thread.pendingSignals.count + state.sharedPendingSignals.count) pending",
             "rseq            " + (thread.rseq.map { "\(hex($0.address)) (\($0.byteCount) bytes)" } ?? "none"),
             "brk             \(hex(state.memoryDescriptor.startBrk))...\(hex(state.memoryDescriptor.brk))",
-            "credentials     uid \(state.credentials.userIDs) gid \(state.credentials.groupIDs) caps eff \(hex(state.credentials.effective))"
+            "credentials     uid \(state.credentials.userIDs) gid \(state.credentials.groupIDs)"
                 + (state.credentials.noNewPrivileges ? " no_new_privs" : ""),
+            "capabilities    " + CapabilityText.describe(effective: state.credentials.effective, permitted: state.credentials.permitted,
+                                                        inheritable: state.credentials.inheritable)
+                + ", bounding \(hex(state.credentials.bounding))",
             "seccomp         mode \(state.seccompMode), \(state.seccompFilters.count) filters",
             "mappings        \(state.mappings.count)",
         ]
