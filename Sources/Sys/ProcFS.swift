@@ -160,7 +160,8 @@ public enum ProcFS {
 }
 
 extension Substring {
-    func trimmingSpaces() -> String {
+    /// The text without leading and trailing spaces and tabs (/proc pads its columns with both).
+    public func trimmingSpaces() -> String {
         String(drop(while: { $0 == " " || $0 == "\t" }).reversed().drop(while: { $0 == " " || $0 == "\t" }).reversed())
     }
 }

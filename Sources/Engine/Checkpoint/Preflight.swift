@@ -84,7 +84,7 @@ enum Preflight {
             for line in fdinfo.split(separator: "\n") {
                 let parts = line.split(separator: ":", maxSplits: 1)
                 guard parts.count == 2 else { continue }
-                let value = parts[1].trimmingCharacters()
+                let value = parts[1].trimmingSpaces()
                 if parts[0] == "pos" { position = Int64(value) ?? 0 }
                 if parts[0] == "flags" { flags = Int32(value, radix: 8) ?? 0 }
             }
@@ -133,11 +133,6 @@ enum Preflight {
 
 func hex(_ value: UInt64) -> String { "0x" + String(value, radix: 16) }
 
-extension Substring {
-    func trimmingCharacters() -> String {
-        String(drop(while: { $0 == " " || $0 == "\t" }).reversed().drop(while: { $0 == " " || $0 == "\t" }).reversed())
-    }
-}
 
 /// The pages a dump of `processID` would hold right now (benchmarks use it for their baselines).
 public func dumpablePageAddresses(of processID: ProcessID) throws(CheckpointError) -> [UInt64] {
