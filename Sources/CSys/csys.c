@@ -11,6 +11,7 @@
 #include <sys/prctl.h>
 #include <sys/personality.h>
 #include <sys/syscall.h>
+#include <fcntl.h>
 
 long csys_ptrace(long request, pid_t pid, void *address, void *data) {
     return syscall(SYS_ptrace, request, pid, address, data);
@@ -131,4 +132,51 @@ int csys_ioctl_pointer(int fd, unsigned long request, void *argument) {
 
 int csys_spawn_actions_close_from(posix_spawn_file_actions_t *actions, int firstDescriptor) {
     return posix_spawn_file_actions_addclosefrom_np(actions, firstDescriptor);
+}
+
+pid_t csys_spawn_traced_new_pid_namespace(const char *path, char *const argv[], char *const envp[]) {
+    struct clone_args arguments = {0};
+    arguments.flags = CLONE_NEWPID;
+    arguments.exit_signal = SIGCHLD;
+    long child = syscall(SYS_clone3, &arguments, sizeof arguments);
+    if (child != 0) return (pid_t)child;
+    syscall(SYS_prctl, PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+    if (syscall(SYS_ptrace, PTRACE_TRACEME, 0, 0, 0) != 0) syscall(SYS_exit_group, 126);
+    syscall(SYS_execve, path, argv, envp);
+    syscall(SYS_exit_group, 127);
+    return -1;
+}
+
+static int open_onto(const char *path, int flags, int descriptor) {
+    long opened = syscall(SYS_openat, AT_FDCWD, path, flags, 0600);
+    if (opened < 0) return -1;
+    if (opened != descriptor) {
+        if (syscall(SYS_dup2, opened, descriptor) < 0) return -1;
+        syscall(SYS_close, opened);
+    }
+    return 0;
+}
+
+pid_t csys_spawn_program_new_pid_namespace(const char *path, char *const argv[], char *const envp[],
+                                           const char *standardInput, const char *standardOutput,
+                                           const char *standardError) {
+    struct clone_args arguments = {0};
+    arguments.flags = CLONE_NEWPID;
+    arguments.exit_signal = SIGCHLD;
+    long child = syscall(SYS_clone3, &arguments, sizeof arguments);
+    if (child != 0) return (pid_t)child;
+    // Child: only raw syscalls. Default dispositions and an empty mask, whatever the parent had.
+    for (int signal = 1; signal < 65; signal++) {
+        struct { unsigned long handler, flags, restorer, mask; } action = {0, 0, 0, 0};
+        syscall(SYS_rt_sigaction, signal, &action, 0, 8);
+    }
+    unsigned long empty = 0;
+    syscall(SYS_rt_sigprocmask, SIG_SETMASK, &empty, 0, 8);
+    if (open_onto(standardInput, O_RDONLY, 0) != 0) syscall(SYS_exit_group, 125);
+    if (open_onto(standardOutput, O_WRONLY | O_CREAT | O_TRUNC, 1) != 0) syscall(SYS_exit_group, 125);
+    if (open_onto(standardError, O_WRONLY | O_CREAT | O_TRUNC, 2) != 0) syscall(SYS_exit_group, 125);
+    syscall(SYS_close_range, 3, ~0U, 0);
+    syscall(SYS_execve, path, argv, envp);
+    syscall(SYS_exit_group, 127);
+    return -1;
 }

@@ -26,12 +26,12 @@ public final class MigrationOracles: MigrationObserver {
 
     public func record(_ verdict: OracleVerdict) { verdictList.withLock { $0.append(verdict) } }
 
-    public func victimFrozen(state: ProcessState, pageAddresses: [UInt64]) throws {
-        try pages.withLock { try $0.recordFrozen(processID: state.processID, pageAddresses: pageAddresses, rseq: state.mainThread.rseq) }
-        victim.withLock { $0 = state.processID }
+    public func victimFrozen(processID: ProcessID, state: ProcessState, pageAddresses: [UInt64]) throws {
+        try pages.withLock { try $0.recordFrozen(processID: processID, pageAddresses: pageAddresses, rseq: state.mainThread.rseq) }
+        victim.withLock { $0 = processID }
     }
 
-    public func targetReady(checkpointed: ProcessState, restored: ProcessState) throws {
+    public func targetReady(processID: ProcessID, checkpointed: ProcessState, restored: ProcessState) throws {
         let mismatches = StateOracle.compare(checkpointed: checkpointed, restored: restored)
         record(OracleVerdict(name: "registers and state", passed: mismatches.isEmpty,
                              detail: mismatches.isEmpty ? "identical (rseq cpu fields masked)" : mismatches.map(\.description).joined(separator: "; ")))
@@ -40,7 +40,7 @@ public final class MigrationOracles: MigrationObserver {
         if victim.withLock({ $0 }) != nil {
             do {
                 let count = try pages.withLock { (oracle) throws -> Int in
-                    try oracle.verifyTarget(processID: restored.processID)
+                    try oracle.verifyTarget(processID: processID)
                     return oracle.checkedPageCount
                 }
                 record(OracleVerdict(name: "pages", passed: true, detail: "\(count) pages match the freeze digests"))

@@ -152,6 +152,15 @@ public enum ProcFS {
         return words
     }
 
+    /// The PID a process has in its own PID namespace (the last NSpid field), e.g. 1 for a namespace's
+    /// first process; the same PID when it lives in ours.
+    public static func innermostProcessID(_ processID: ProcessID) throws -> ProcessID {
+        let status = try status(processID)
+        guard let last = status["NSpid"]?.split(whereSeparator: { $0 == " " || $0 == "\t" }).last,
+              let value = Int32(last, radix: 10) else { return processID }
+        return ProcessID(value)
+    }
+
     /// Whether a PID names a live (not zombie) process.
     public static func isAlive(_ processID: ProcessID) -> Bool {
         guard let status = try? status(processID), let state = status["State"] else { return false }

@@ -50,6 +50,39 @@ public enum Spawn {
         return ProcessID(processID)
     }
 
+    /// Starts `path` as pid 1 of a new PID namespace (a node of its own on this machine), stdio from and
+    /// to the given files, nothing else inherited. Returns the PID this namespace sees.
+    public static func programInNewPIDNamespace(path: String, arguments: [String], environment: [String],
+                                                standardOutputPath: String, standardErrorPath: String) throws(SyscallError) -> ProcessID {
+        let argv = ([path] + arguments).map { strdup($0) } + [nil]
+        let envp = environment.map { strdup($0) } + [nil]
+        defer { (argv + envp).forEach { free($0) } }
+        let processID = try checked("clone3(CLONE_NEWPID) for \(path)") {
+            argv.withUnsafeBufferPointer { argvBuffer in
+                envp.withUnsafeBufferPointer { envpBuffer in
+                    csys_spawn_program_new_pid_namespace(path, argvBuffer.baseAddress, envpBuffer.baseAddress, "/dev/null",
+                                                         standardOutputPath, standardErrorPath)
+                }
+            }
+        }
+        return ProcessID(processID)
+    }
+
+    /// Starts `path` as pid 1 of a new PID namespace, traced by the calling thread and stopped at exec.
+    public static func tracedStubInNewPIDNamespace(path: String) throws(SyscallError) -> ProcessID {
+        let argv: [UnsafeMutablePointer<CChar>?] = [strdup(path), nil]
+        let envp: [UnsafeMutablePointer<CChar>?] = [nil]
+        defer { argv.forEach { free($0) } }
+        let processID = try checked("clone3(CLONE_NEWPID)") {
+            argv.withUnsafeBufferPointer { argvBuffer in
+                envp.withUnsafeBufferPointer { envpBuffer in
+                    csys_spawn_traced_new_pid_namespace(path, argvBuffer.baseAddress, envpBuffer.baseAddress)
+                }
+            }
+        }
+        return ProcessID(processID)
+    }
+
     /// Starts `path` as PID `wantedPID` (clone3 set_tid), traced by the calling thread and stopped at exec.
     public static func tracedStub(path: String, wantedPID: ProcessID, personality: UInt32?) throws(SyscallError) -> ProcessID {
         let argv: [UnsafeMutablePointer<CChar>?] = [strdup(path), nil]

@@ -27,6 +27,9 @@ struct Run: ParsableCommand {
     @Option(help: "Also write the report as JSON to this file.")
     var json: String?
 
+    @Flag(help: "Run the program as pid 1 of its own PID namespace and restore it into another one (two nodes on one machine; always on in post-copy modes, where victim and target live at once).")
+    var nodeNamespaces = false
+
     @Flag(help: "Skip the unmigrated reference run (no end-to-end oracle).")
     var noReference = false
 
@@ -69,9 +72,15 @@ struct Run: ParsableCommand {
 
         let outputPath = workDirectory + "/migrated.out"
         let victim: ProcessID
+        let separateNodes = nodeNamespaces || mode != .nonlive
         do {
-            victim = try Spawn.program(path: program, arguments: arguments, environment: ["PATH=/usr/bin:/bin"],
-                                       standardOutputPath: outputPath, standardErrorPath: workDirectory + "/migrated.err")
+            if separateNodes {
+                victim = try Spawn.programInNewPIDNamespace(path: program, arguments: arguments, environment: ["PATH=/usr/bin:/bin"],
+                                                            standardOutputPath: outputPath, standardErrorPath: workDirectory + "/migrated.err")
+            } else {
+                victim = try Spawn.program(path: program, arguments: arguments, environment: ["PATH=/usr/bin:/bin"],
+                                           standardOutputPath: outputPath, standardErrorPath: workDirectory + "/migrated.err")
+            }
         } catch { throw fail("cannot start \(program): \(error)", code: 2) }
         usleep(UInt32(afterMs) * 1000)
         if let status = try? Spawn.pollExit(victim) {
@@ -84,7 +93,8 @@ struct Run: ParsableCommand {
         let dumper = Dumper(victim: victim, makeBackend: makeRealBackend(path: famPath), generation: 1, release: .kill,
                             observer: oracles, clock: clock, timeline: timeline, logger: logger)
         let restorer = Restorer(openBackend: openRealBackend(path: famPath), stubPath: try stubPath(), observer: oracles,
-                                clock: clock, timeline: timeline, logger: logger)
+                                clock: clock, timeline: timeline, logger: logger,
+                                pidNamespace: separateNodes ? .fresh : .shared)
         do {
             try ThreadedDriver(logger: logger, pinToCPU: 0).run([dumper, restorer])
         } catch {

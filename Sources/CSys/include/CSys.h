@@ -34,6 +34,17 @@ int csys_prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4,
 pid_t csys_spawn_traced(const char *path, char *const argv[], char *const envp[], pid_t wantedPID,
                         unsigned long personality);
 
+/// Like csys_spawn_traced, but the child is the first process (pid 1) of a new PID namespace: a target
+/// node's PID space on a machine that also hosts the source node.
+pid_t csys_spawn_traced_new_pid_namespace(const char *path, char *const argv[], char *const envp[]);
+
+/// Starts `path` as pid 1 of a new PID namespace with stdin, stdout and stderr opened from the given
+/// paths (stdout/stderr created 0600, truncated) and every other descriptor closed. Returns the PID
+/// (as this namespace sees it) or -1 (errno).
+pid_t csys_spawn_program_new_pid_namespace(const char *path, char *const argv[], char *const envp[],
+                                           const char *standardInput, const char *standardOutput,
+                                           const char *standardError);
+
 /// posix_spawn_file_actions_addclosefrom_np (glibc 2.34), which Swift does not import.
 int csys_spawn_actions_close_from(posix_spawn_file_actions_t *actions, int firstDescriptor);
 

@@ -110,7 +110,7 @@ public final class Dumper: EngineActor {
             } catch { throw .checkpoint(error) }
             checkpointedState = captured
             let oracleStart = clock.now()
-            do { try observer?.victimFrozen(state: captured, pageAddresses: pageAddresses) } catch {
+            do { try observer?.victimFrozen(processID: victimProcessID, state: captured, pageAddresses: pageAddresses) } catch {
                 throw .aborted("freeze oracle: \(error)")
             }
             // The oracles' own reading is not part of the migration: reports subtract it.

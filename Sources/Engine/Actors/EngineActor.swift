@@ -77,8 +77,9 @@ public enum EngineError: Error, CustomStringConvertible, Sendable {
 /// Hooks the oracles use, called by actors at the two instants the oracles care about.
 public protocol MigrationObserver: AnyObject, Sendable {
     /// The victim is frozen and its state read; nothing is dumped yet and it cannot change.
-    func victimFrozen(state: ProcessState, pageAddresses: [UInt64]) throws
+    /// `processID` is the victim as this node sees it (state.processID is as the victim sees itself).
+    func victimFrozen(processID: ProcessID, state: ProcessState, pageAddresses: [UInt64]) throws
     /// The target is fully built and stopped before its first instruction; `restored` was read back
     /// from it the same way the victim was read at freeze.
-    func targetReady(checkpointed: ProcessState, restored: ProcessState) throws
+    func targetReady(processID: ProcessID, checkpointed: ProcessState, restored: ProcessState) throws
 }

@@ -31,6 +31,7 @@ public final class Restorer: EngineActor {
     private let timeline: MigrationTimeline
     private let logger: Logger
     private let processIDWait: Duration
+    private let pidNamespace: PIDNamespace
 
     private var state = State.waitingForImage
     private var reader: ImageReader?
@@ -43,7 +44,8 @@ public final class Restorer: EngineActor {
     /// `openBackend()` returns the FAM holding the image, or nil while it does not exist yet.
     public init(openBackend: @escaping () throws(ImageError) -> (any FAMBackend)?, stubPath: String, batchPageCount: Int = 512,
                 observer: (any MigrationObserver)?, clock: any EngineClock, timeline: MigrationTimeline,
-                logger: Logger, processIDWait: Duration = .seconds(5)) {
+                logger: Logger, processIDWait: Duration = .seconds(5), pidNamespace: PIDNamespace = .shared) {
+        self.pidNamespace = pidNamespace
         self.openBackend = openBackend
         self.stubPath = stubPath
         self.batchPageCount = batchPageCount
@@ -95,7 +97,7 @@ public final class Restorer: EngineActor {
             state = .spawn
         case .spawn:
             do {
-                target = try TargetProcess.spawn(state: checkpointedState!, stubPath: stubPath)
+                target = try TargetProcess.spawn(state: checkpointedState!, stubPath: stubPath, pidNamespace: pidNamespace)
             } catch .processIDInUse(let processID) {
                 // The victim may not be reaped yet: retry for a while before giving up.
                 let now = clock.now()
@@ -143,7 +145,7 @@ public final class Restorer: EngineActor {
                 let restored = try target!.prepareToResume(checkpointedState!)
                 let oracleStart = clock.now()
                 defer { timeline.add(nanoseconds(clock.now() - oracleStart), to: MigrationTimeline.targetOracleNanoseconds) }
-                try observer?.targetReady(checkpointed: checkpointedState!, restored: restored)
+                try observer?.targetReady(processID: target!.processID, checkpointed: checkpointedState!, restored: restored)
             } catch let error as RestoreError {
                 throw .restore(error)
             } catch {

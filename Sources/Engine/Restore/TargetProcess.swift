@@ -6,6 +6,11 @@ import Sys
 import Glibc
 #endif
 
+/// Where the restored process gets its PID: the old number in this node's PID namespace (`shared`, the
+/// old PID must be free), or pid 1 of a new namespace (`fresh`: a victim that was pid 1 of its own
+/// namespace, so a target node on the same machine can hold it while the victim still lives).
+public enum PIDNamespace: Sendable { case shared, fresh }
+
 final class TargetProcess {
     let processID: ProcessID
     let tracee: Tracee
@@ -29,15 +34,21 @@ final class TargetProcess {
     }
 
     /// Starts the stub (this executable, stopped at exec) as `state.processID` and maps the scratch page.
-    static func spawn(state: ProcessState, stubPath: String) throws(RestoreError) -> TargetProcess {
+    static func spawn(state: ProcessState, stubPath: String, pidNamespace: PIDNamespace) throws(RestoreError) -> TargetProcess {
         let processID: ProcessID
-        do {
-            processID = try Spawn.tracedStub(path: stubPath, wantedPID: state.processID, personality: nil)
-        } catch {
-            if error.errno == .fileExists { throw .processIDInUse(state.processID) }
-            throw .stubFailed("\(error)")
+        switch pidNamespace {
+        case .shared:
+            do {
+                processID = try Spawn.tracedStub(path: stubPath, wantedPID: state.processID, personality: nil)
+            } catch {
+                if error.errno == .fileExists { throw .processIDInUse(state.processID) }
+                throw .stubFailed("\(error)")
+            }
+            precondition(processID == state.processID, "clone3(set_tid) gave pid \(processID), wanted \(state.processID)")
+        case .fresh:
+            guard state.processID.rawValue == 1 else { throw .processIDInUse(state.processID) }
+            do { processID = try Spawn.tracedStubInNewPIDNamespace(path: stubPath) } catch { throw .stubFailed("\(error)") }
         }
-        precondition(processID == state.processID, "clone3(set_tid) gave pid \(processID), wanted \(state.processID)")
         do {
             let (tracee, reason) = try Tracee.adoptTracedChild(processID)
             guard reason == .signal(SIGTRAP) else {
@@ -289,10 +300,10 @@ final class TargetProcess {
                 try memory.write(pending.siginfo, at: dataAddress)
                 if pending.shared {
                     try injector.call("rt_sigqueueinfo(\(pending.signal))", Syscall.rtSigqueueinfo,
-                                      UInt64(processID.rawValue), UInt64(pending.signal), dataAddress)
+                                      UInt64(state.processID.rawValue), UInt64(pending.signal), dataAddress)
                 } else {
                     try injector.call("rt_tgsigqueueinfo(\(pending.signal))", Syscall.rtTgsigqueueinfo,
-                                      UInt64(processID.rawValue), UInt64(thread.threadID.rawValue),
+                                      UInt64(state.processID.rawValue), UInt64(thread.threadID.rawValue),
                                       UInt64(pending.signal), dataAddress)
                 }
             }

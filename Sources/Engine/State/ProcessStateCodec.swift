@@ -61,7 +61,7 @@ extension ProcessState {
             throw .malformedMetadata(reason: "process-state encoding \(version), this fammig reads \(encodingVersion)")
         }
         let processID = ProcessID(try reader.readInt32())
-        guard processID.rawValue > 1 else { throw .malformedMetadata(reason: "pid \(processID) cannot be restored") }
+        guard processID.rawValue >= 1 else { throw .malformedMetadata(reason: "pid \(processID) cannot be restored") }
         let executablePath = try reader.readString(maximumByteCount: 4096)
         let threads = try reader.readArray(maximumCount: 1) { (reader) throws(ImageError) in try ThreadState.decode(&reader) }
         guard !threads.isEmpty else { throw .malformedMetadata(reason: "no threads") }

@@ -78,10 +78,12 @@ enum StateReader {
         }
         var mappings = try Preflight.mappings(processID)
         if let excludedRange { mappings.removeAll { excludedRange.contains($0.start) } }
-        let thread = ThreadState(threadID: processID, registers: registers, extendedState: extendedState,
+        // Inside its own PID namespace (a node of its own) the process knows itself by another number.
+        let ownProcessID = try ProcFS.innermostProcessID(processID)
+        let thread = ThreadState(threadID: ownProcessID, registers: registers, extendedState: extendedState,
                                  signalMask: signalMask, rseq: rseq, pendingSignals: privatePending)
         return ProcessState(
-            processID: processID,
+            processID: ownProcessID,
             executablePath: try ProcFS.readLink("/proc/\(processID)/exe"),
             threads: [thread],
             signalActions: injected.actions,
