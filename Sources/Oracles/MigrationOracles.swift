@@ -31,13 +31,36 @@ public final class MigrationOracles: MigrationObserver {
         victim.withLock { $0 = processID }
     }
 
+    /// Set for post-copy: pages are checked as they are installed, not all before the target runs.
+    private let lazyPages = Mutex(false)
+    public func expectLazyPages() { lazyPages.withLock { $0 = true } }
+
+    public func pagesInstalled(processID: ProcessID, address: UInt64, byteCount: Int) throws {
+        guard victim.withLock({ $0 }) != nil else { return }
+        let addresses = (0..<(byteCount / 4096)).map { address + UInt64($0) * 4096 }
+        do {
+            try pages.withLock { try $0.verifyTarget(processID: processID, addresses: addresses) }
+        } catch {
+            record(OracleVerdict(name: "pages", passed: false, detail: "\(error)"))
+            throw error
+        }
+    }
+
+    /// The page verdict of a post-copy migration, once the last page is in.
+    public func recordLazyPageVerdict() {
+        let count = pages.withLock { $0.checkedPageCount }
+        if !verdicts.contains(where: { $0.name == "pages" }) {
+            record(OracleVerdict(name: "pages", passed: true, detail: "\(count) pages matched the freeze digests as they were installed"))
+        }
+    }
+
     public func targetReady(processID: ProcessID, checkpointed: ProcessState, restored: ProcessState) throws {
         let mismatches = StateOracle.compare(checkpointed: checkpointed, restored: restored)
         record(OracleVerdict(name: "registers and state", passed: mismatches.isEmpty,
                              detail: mismatches.isEmpty ? "identical (rseq cpu fields masked)" : mismatches.map(\.description).joined(separator: "; ")))
         // Pages are compared only when this process also saw the freeze (fammig run); a standalone
         // restore has no independent freeze digest.
-        if victim.withLock({ $0 }) != nil {
+        if victim.withLock({ $0 }) != nil && !lazyPages.withLock({ $0 }) {
             do {
                 let count = try pages.withLock { (oracle) throws -> Int in
                     try oracle.verifyTarget(processID: processID)

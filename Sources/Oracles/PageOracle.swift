@@ -34,10 +34,11 @@ public final class PageOracle: @unchecked Sendable {
         }
     }
 
-    /// Reads every recorded page back from the target and compares; throws on the first mismatch.
-    public func verifyTarget(processID: ProcessID) throws {
-        checkedPageCount = 0
-        let addresses = digests.keys.sorted()
+    /// Reads recorded pages back from the target and compares; throws on the first mismatch. Without
+    /// `addresses`, every recorded page (a nonlive target holds them all before it runs).
+    public func verifyTarget(processID: ProcessID, addresses requested: [UInt64]? = nil) throws {
+        if requested == nil { checkedPageCount = 0 }
+        let addresses = requested ?? digests.keys.sorted()
         try Self.forEachRun(addresses) { start, pageCount in
             let bytes = try processVMRead(processID, address: start, byteCount: pageCount * 4096)
             for index in 0..<pageCount {

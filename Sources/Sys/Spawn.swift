@@ -129,5 +129,11 @@ public enum Spawn {
         _ = csys_pin_to_cpu(threadID?.rawValue ?? 0, cpu)
     }
 
+    /// Blocks until one of the descriptors is readable or the timeout passes.
+    public static func waitReadable(_ descriptors: [Int32], timeoutMilliseconds: Int32) {
+        var pollers = descriptors.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
+        _ = poll(&pollers, nfds_t(pollers.count), timeoutMilliseconds)
+    }
+
     public static func currentThreadID() -> ProcessID { ProcessID(csys_gettid()) }
 }

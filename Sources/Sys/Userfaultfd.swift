@@ -67,7 +67,19 @@ public final class Userfaultfd: @unchecked Sendable {
     public func copy(from mapping: SharedMapping, at mappingOffset: Int, to address: UInt64, byteCount: Int,
                      dontWake: Bool) throws(SyscallError) -> CopyOutcome {
         precondition(mappingOffset >= 0 && mappingOffset + byteCount <= mapping.byteCount, "copy past the FAM mapping")
-        var copy = uffdio_copy(dst: address, src: UInt64(mapping.address(at: mappingOffset)), len: UInt64(byteCount),
+        return try copyRaw(source: UInt64(mapping.address(at: mappingOffset)), to: address, byteCount: byteCount, dontWake: dontWake)
+    }
+
+    /// UFFDIO_COPY from bytes in this process (pages that came over a socket).
+    public func copy(bytes: [UInt8], to address: UInt64, dontWake: Bool) throws -> CopyOutcome {
+        precondition(bytes.count % 4096 == 0 && !bytes.isEmpty, "copy of \(bytes.count) bytes: not whole pages")
+        return try bytes.withUnsafeBytes { (buffer) throws -> CopyOutcome in
+            try copyRaw(source: UInt64(UInt(bitPattern: buffer.baseAddress)), to: address, byteCount: bytes.count, dontWake: dontWake)
+        }
+    }
+
+    private func copyRaw(source: UInt64, to address: UInt64, byteCount: Int, dontWake: Bool) throws(SyscallError) -> CopyOutcome {
+        var copy = uffdio_copy(dst: address, src: source, len: UInt64(byteCount),
                                mode: dontWake ? UInt64(UFFDIO_COPY_MODE_DONTWAKE) : 0, copy: 0)
         while true {
             if csys_ioctl_pointer(descriptor, CSYS_UFFDIO_COPY, &copy) == 0 { return .copied }
@@ -75,6 +87,20 @@ public final class Userfaultfd: @unchecked Sendable {
             switch error.errno {
             case .interrupted: continue
             case .resourceTemporarilyUnavailable where copy.copy > 0: return .partial(byteCount: Int(copy.copy))
+            case .fileExists: return .firstPageAlreadyPresent
+            default: throw error
+            }
+        }
+    }
+
+    /// UFFDIO_ZEROPAGE: a page the victim never touched (it was not dumped) reads as zeros.
+    public func zeroPage(at address: UInt64, dontWake: Bool) throws(SyscallError) -> CopyOutcome {
+        var zero = uffdio_zeropage(range: uffdio_range(start: address, len: 4096), mode: dontWake ? UInt64(UFFDIO_ZEROPAGE_MODE_DONTWAKE) : 0, zeropage: 0)
+        while true {
+            if csys_ioctl_pointer(descriptor, CSYS_UFFDIO_ZEROPAGE, &zero) == 0 { return .copied }
+            let error = SyscallError.current("ioctl(UFFDIO_ZEROPAGE, 0x\(String(address, radix: 16)))")
+            switch error.errno {
+            case .interrupted: continue
             case .fileExists: return .firstPageAlreadyPresent
             default: throw error
             }

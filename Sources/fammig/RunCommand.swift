@@ -9,6 +9,12 @@ import Sys
 
 enum MigrationMode: String, ExpressibleByArgument, CaseIterable, Codable {
     case nonlive
+    case postcopySocket = "postcopy-socket"
+    case postcopyFAM = "postcopy-fam"
+}
+
+enum Switch: String, ExpressibleByArgument, CaseIterable, Codable {
+    case on, off
 }
 
 struct Run: ParsableCommand {
@@ -17,6 +23,9 @@ struct Run: ParsableCommand {
 
     @Option(help: "The migration mode.")
     var mode: MigrationMode = .nonlive
+
+    @Option(help: "Post-copy: push the remaining pages in the background (on) or install pages only on faults (off).")
+    var push: Switch = .on
 
     @Option(help: "The FAM image file (default: a new file under /dev/shm, removed afterwards).")
     var fam: String?
@@ -90,13 +99,21 @@ struct Run: ParsableCommand {
         let timeline = MigrationTimeline()
         let oracles = MigrationOracles()
         let clock = MonotonicClock()
-        let dumper = Dumper(victim: victim, makeBackend: makeRealBackend(path: famPath), generation: 1, release: .kill,
-                            observer: oracles, clock: clock, timeline: timeline, logger: logger)
-        let restorer = Restorer(openBackend: openRealBackend(path: famPath), stubPath: try stubPath(), observer: oracles,
-                                clock: clock, timeline: timeline, logger: logger,
-                                pidNamespace: separateNodes ? .fresh : .shared)
+        let metrics = FaultMetrics()
+        let nodes: Nodes
         do {
-            try ThreadedDriver(logger: logger, pinToCPU: 0).run([dumper, restorer])
+            nodes = try Nodes.make(mode: mode, push: push == .on, victim: victim, famPath: famPath, stubPath: try stubPath(),
+                                   separateNodes: separateNodes, oracles: oracles, clock: clock, timeline: timeline,
+                                   metrics: metrics, logger: logger)
+        } catch {
+            Spawn.kill(victim)
+            _ = try? Spawn.waitForExit(victim)
+            throw fail("cannot connect the two nodes: \(error)", code: 2)
+        }
+        let restorer = nodes.restorer
+        defer { nodes.close() }
+        do {
+            try ThreadedDriver(logger: logger, pinToCPU: mode == .nonlive ? 0 : nil).run(nodes.actors)
         } catch {
             Spawn.kill(victim)
             _ = try? Spawn.waitForExit(victim)
@@ -110,6 +127,12 @@ struct Run: ParsableCommand {
         do { status = try Spawn.waitForExit(restored) } catch { throw fail("waiting for pid \(restored): \(error)", code: 1) }
         let checksum = lastChecksum(outputPath)
         report.fill(timeline: timeline)
+        report.faultPaths = metrics.summaries
+        report.faultCount = metrics.faultCount.load(ordering: .relaxed)
+        report.zeroPageCount = metrics.zeroPageCount.load(ordering: .relaxed)
+        report.tcpByteCount = nodes.transportByteCount
+        report.famByteCount = mode == .postcopySocket ? 0 : report.pageCount * 4096
+        if mode != .nonlive { oracles.recordLazyPageVerdict() }
         report.migratedChecksum = checksum
         report.programStatus = "\(status)"
         var verdicts = oracles.verdicts
@@ -185,6 +208,10 @@ struct RunReport: Codable {
     var totalMilliseconds: Double?
     var oracleMilliseconds: Double?
     var pageCount = 0
+    var faultCount = 0
+    var zeroPageCount = 0
+    var tcpByteCount = 0
+    var faultPaths: [FaultMetrics.PathSummary] = []
     var famByteCount = 0
     var verdicts: [OracleVerdict] = []
     var error: String?
@@ -206,10 +233,10 @@ struct RunReport: Codable {
         restoreMilliseconds = milliseconds(timeline.span(from: .restoreStarted, to: .targetResumed)).map { $0 - targetOracle }
         downtimeMilliseconds = milliseconds(timeline.span(from: .frozen, to: .targetResumed)).map { $0 - freezeOracle - targetOracle }
         busyMilliseconds = milliseconds(timeline.span(from: .started, to: .victimReleased)).map { $0 - freezeOracle }
-        totalMilliseconds = milliseconds(timeline.span(from: .started, to: .targetResumed)).map { $0 - freezeOracle - targetOracle }
+        totalMilliseconds = milliseconds(timeline.span(from: .started, to: .lastPageInstalled)
+                                         ?? timeline.span(from: .started, to: .targetResumed)).map { $0 - freezeOracle - targetOracle }
         oracleMilliseconds = freezeOracle + targetOracle
         pageCount = timeline.counter("pagesDumped")
-        famByteCount = pageCount * 4096
     }
 
     var text: String {
@@ -223,8 +250,15 @@ struct RunReport: Codable {
             "downtime    \(ms(downtimeMilliseconds))",
             "busy        \(ms(busyMilliseconds))",
             "total       \(ms(totalMilliseconds))",
-            "pages       \(pageCount) (\(famByteCount) bytes through FAM)",
+            "pages       \(pageCount) (\(famByteCount) bytes through FAM, \(tcpByteCount) bytes over TCP)",
         ]
+        if faultCount > 0 || !faultPaths.isEmpty {
+            lines.append("faults      \(faultCount) (\(zeroPageCount) never-touched pages zero-filled)")
+            for path in faultPaths {
+                lines.append(String(format: "  %-13@ %6d  median %8.1f us  p99 %8.1f us  max %8.1f us", path.path as NSString,
+                                    path.count, path.medianMicroseconds, path.p99Microseconds, path.maxMicroseconds))
+            }
+        }
         for verdict in verdicts {
             lines.append("oracle      \(verdict.name): \(verdict.passed ? "PASS" : "FAIL") (\(verdict.detail))")
         }

@@ -4,6 +4,18 @@
 import Logging
 import Sys
 
+/// What the source does with the victim's memory.
+public enum DumpMode: Sendable {
+    /// Everything into FAM while the victim is frozen; the target starts after the commit.
+    case nonlive
+    /// Metadata into FAM first (the target starts then), pages in the background, pages the target
+    /// asks for first; the victim is killed when the commit record is durable.
+    case postcopyFAM(transport: any Transport)
+    /// No FAM: state and pages over the socket; the frozen victim lives until every page was sent (or
+    /// the target needs no more), then it is killed.
+    case postcopySocket(transport: any Transport, push: Bool)
+}
+
 public final class Dumper: EngineActor {
     public enum Release: Sendable { case kill, leaveRunning }
 
@@ -34,6 +46,7 @@ public final class Dumper: EngineActor {
     private let clock: any EngineClock
     private let timeline: MigrationTimeline
     private let logger: Logger
+    private let mode: DumpMode
 
     private var state = State.preflight
     private var victim: FrozenVictim?
@@ -41,6 +54,14 @@ public final class Dumper: EngineActor {
     private var pageAddresses: [UInt64] = []
     private var writer: ImageWriter?
     private var backend: (any FAMBackend)?
+    /// Post-copy: slots the target asked for, served before the background order.
+    private var prioritySlots: [Int] = []
+    /// Post-copy: the background order's next candidate slot.
+    private var backgroundCursor = 0
+    /// postcopy-socket: which pages went over the socket.
+    private var sent: [Bool] = []
+    private var sentPageCount = 0
+    private var targetDone = false
     /// Room for the metadata region in the pre-sized FAM (a process state is a few KiB; filters and
     /// the VMA table of a big process stay far below this).
     static let metadataAllowanceByteCount = 1 << 20
@@ -50,7 +71,9 @@ public final class Dumper: EngineActor {
     /// file is not part of the downtime.
     public init(victim: ProcessID, makeBackend: @escaping (Int) throws(ImageError) -> any FAMBackend,
                 generation: UInt64, release: Release, batchPageCount: Int = 512,
-                observer: (any MigrationObserver)?, clock: any EngineClock, timeline: MigrationTimeline, logger: Logger) {
+                observer: (any MigrationObserver)?, clock: any EngineClock, timeline: MigrationTimeline, logger: Logger,
+                mode: DumpMode = .nonlive) {
+        self.mode = mode
         precondition(batchPageCount > 0, "a dump batch holds at least one page")
         self.victimProcessID = victim
         self.makeBackend = makeBackend
@@ -63,10 +86,24 @@ public final class Dumper: EngineActor {
         self.logger = logger
     }
 
+    private var transport: (any Transport)? {
+        switch mode {
+        case .nonlive: nil
+        case .postcopyFAM(let transport), .postcopySocket(let transport, _): transport
+        }
+    }
+
     public func nextAction() -> NextAction {
         switch state {
-        case .finished, .failed: .finished
-        default: .ready(state.description)
+        case .finished, .failed: return .finished
+        case .dumping:
+            // Without pushing, a socket source only answers: wait for the target's next request.
+            if case .postcopySocket(let transport, false) = mode, prioritySlots.isEmpty,
+               !transport.waitReadable(timeoutMilliseconds: 0) {
+                return .waiting(.retryAfter(.microseconds(100)))
+            }
+            return .ready(state.description)
+        default: return .ready(state.description)
         }
     }
 
@@ -90,6 +127,10 @@ public final class Dumper: EngineActor {
             } catch { throw .checkpoint(error) }
             // The victim still runs and may touch more pages before the freeze: leave a margin.
             let plannedPageCount = estimatedPageCount + estimatedPageCount / 8 + 256
+            if case .postcopySocket = mode {
+                state = .freeze
+                return
+            }
             do {
                 backend = try makeBackend(ImageLayout.byteCount(metadataByteCount: Self.metadataAllowanceByteCount,
                                                                 pageCount: plannedPageCount))
@@ -119,6 +160,15 @@ public final class Dumper: EngineActor {
         case .writeMetadata:
             guard let captured = checkpointedState else { preconditionFailure("metadata before capture") }
             let metadata = captured.encoded()
+            if case .postcopySocket(let transport, _) = mode {
+                do { try transport.send(.metadata(state: metadata, pageAddresses: pageAddresses)) } catch {
+                    throw .aborted("sending the process state to the target: \(error)")
+                }
+                sent = [Bool](repeating: false, count: pageAddresses.count)
+                timeline.record(.metadataCommitted, at: clock.now())
+                state = pageAddresses.isEmpty ? .commit : .dumping(nextSlot: 0)
+                return
+            }
             do {
                 guard let backend else { preconditionFailure("metadata before the FAM was created") }
                 var newWriter = try ImageWriter.create(backend: backend, generation: generation, metadata: metadata,
@@ -127,8 +177,22 @@ public final class Dumper: EngineActor {
                 writer = newWriter
             } catch { throw .image(error) }
             timeline.record(.metadataCommitted, at: clock.now())
+            if case .postcopyFAM(let transport) = mode {
+                do { try transport.send(.metadataCommitted(generation: generation)) } catch {
+                    throw .aborted("telling the target the metadata is committed: \(error)")
+                }
+            }
             state = pageAddresses.isEmpty ? .commit : .dumping(nextSlot: 0)
         case .dumping(let nextSlot):
+            switch mode {
+            case .nonlive: break
+            case .postcopyFAM(let transport):
+                try dumpPostcopy(transport: transport)
+                return
+            case .postcopySocket(let transport, let push):
+                try servePages(transport: transport, push: push)
+                return
+            }
             let slots = nextSlot..<min(nextSlot + batchPageCount, pageAddresses.count)
             do { try writer!.dumpPages(processID: victimProcessID, slots: slots) } catch {
                 throw .fam("dumping pages \(slots) of pid \(victimProcessID): \(error)")
@@ -136,16 +200,118 @@ public final class Dumper: EngineActor {
             timeline.add(slots.count, to: "pagesDumped")
             state = slots.upperBound == pageAddresses.count ? .commit : .dumping(nextSlot: slots.upperBound)
         case .commit:
-            writer!.commit()
+            writer?.commit()
             timeline.record(.dumpCommitted, at: clock.now())
             state = .release
         case .release:
             victim?.release(kill: release == .kill)
             timeline.record(.victimReleased, at: clock.now())
+            // The target may already be gone (it finished): nobody needs to hear it then.
+            try? transport?.send(.complete(generation: generation))
             state = .finished
         case .finished, .failed:
             preconditionFailure("Dumper cannot step while \(state)")
         }
+    }
+
+    // MARK: Post-copy
+
+    /// Takes the target's page requests off the transport (without waiting).
+    private func receiveRequests(transport: any Transport) throws(EngineError) {
+        while true {
+            let message: Message?
+            do { message = try transport.receive() } catch {
+                if targetDone { return }
+                throw .aborted("the target node went away: \(error)")
+            }
+            guard let message else { return }
+            switch message {
+            case .pageRequest(let address):
+                guard let slot = slot(for: address) else {
+                    throw .aborted("the target asked for page \(hex(address)), which the victim never touched")
+                }
+                prioritySlots.append(slot)
+            case .complete:
+                targetDone = true
+            case .abort(let reason):
+                throw .aborted("the target aborted: \(reason)")
+            default:
+                logger.debug("dumper ignores \(message)")
+            }
+        }
+    }
+
+    private func slot(for address: UInt64) -> Int? {
+        var low = 0, high = pageAddresses.count
+        while low < high {
+            let middle = (low + high) / 2
+            if pageAddresses[middle] < address { low = middle + 1 } else { high = middle }
+        }
+        return low < pageAddresses.count && pageAddresses[low] == address ? low : nil
+    }
+
+    /// postcopy-fam: one step dumps either every requested page (then fences their marks and tells the
+    /// target) or the next background batch of pages not dumped yet.
+    private func dumpPostcopy(transport: any Transport) throws(EngineError) {
+        try receiveRequests(transport: transport)
+        let requested = prioritySlots.filter { !writer!.isMarked(slot: $0) }
+        prioritySlots.removeAll()
+        do {
+            if !requested.isEmpty {
+                for slot in Set(requested).sorted() { try writer!.dumpPages(processID: victimProcessID, slots: slot..<(slot + 1)) }
+                writer!.fenceMarks()
+                try? transport.send(.marked(slots: Set(requested).sorted().map { UInt32($0) }))
+                timeline.add(Set(requested).count, to: "pagesDumped")
+            } else {
+                while backgroundCursor < pageAddresses.count && writer!.isMarked(slot: backgroundCursor) { backgroundCursor += 1 }
+                var end = backgroundCursor
+                while end < pageAddresses.count && end - backgroundCursor < batchPageCount && !writer!.isMarked(slot: end) { end += 1 }
+                if end > backgroundCursor {
+                    try writer!.dumpPages(processID: victimProcessID, slots: backgroundCursor..<end)
+                    timeline.add(end - backgroundCursor, to: "pagesDumped")
+                    backgroundCursor = end
+                }
+            }
+        } catch {
+            throw .fam("dumping pages of pid \(victimProcessID): \(error)")
+        }
+        if writer!.markedPageCount == pageAddresses.count { state = .commit }
+    }
+
+    /// postcopy-socket: answers every request with its page, then (pushing) sends the next run of
+    /// pages not sent yet. Done when every page went out, or the target needs no more.
+    private func servePages(transport: any Transport, push: Bool) throws(EngineError) {
+        try receiveRequests(transport: transport)
+        do {
+            for slot in Set(prioritySlots).sorted() where !sent[slot] {
+                try send(slots: slot..<(slot + 1), transport: transport)
+            }
+            prioritySlots.removeAll()
+            if push {
+                while backgroundCursor < sent.count && sent[backgroundCursor] { backgroundCursor += 1 }
+                var end = backgroundCursor
+                while end < sent.count && end - backgroundCursor < batchPageCount && !sent[end]
+                        && (end == backgroundCursor || pageAddresses[end] == pageAddresses[end - 1] + 4096) {
+                    end += 1
+                }
+                if end > backgroundCursor { try send(slots: backgroundCursor..<end, transport: transport) }
+            }
+        } catch let error as EngineError {
+            throw error
+        } catch {
+            throw .aborted("sending pages to the target: \(error)")
+        }
+        if sentPageCount == pageAddresses.count || targetDone { state = .commit }
+    }
+
+    private func send(slots: Range<Int>, transport: any Transport) throws {
+        let bytes = try processVMRead(victimProcessID, address: pageAddresses[slots.lowerBound], byteCount: slots.count * 4096)
+        try transport.send(.pages(address: pageAddresses[slots.lowerBound], bytes: bytes))
+        for slot in slots where !sent[slot] {
+            sent[slot] = true
+            sentPageCount += 1
+        }
+        timeline.add(slots.count, to: "pagesDumped")
     }
 
     /// Before the commit the victim is resumed untouched and the image withdrawn; after it the victim is

@@ -20,6 +20,8 @@ public enum WaitCondition: Equatable, Sendable {
     case retryAfter(Duration)
     /// Another actor of this migration must make progress first.
     case peer(String)
+    /// One of these descriptors becomes readable (a userfaultfd, a socket), or `timeout` passes.
+    case readable([Int32], timeout: Duration)
 }
 
 /// One steppable part of the engine. Methods are called from one thread for the actor's whole life
@@ -82,4 +84,6 @@ public protocol MigrationObserver: AnyObject, Sendable {
     /// The target is fully built and stopped before its first instruction; `restored` was read back
     /// from it the same way the victim was read at freeze.
     func targetReady(processID: ProcessID, checkpointed: ProcessState, restored: ProcessState) throws
+    /// Post-copy: pages were just installed in the target (woken only after this returns).
+    func pagesInstalled(processID: ProcessID, address: UInt64, byteCount: Int) throws
 }

@@ -1,18 +1,33 @@
-// The target node's restorer for a complete image (nonlive): waits for the commit, opens and verifies
-// the image, starts the stub with the victim's PID, rebuilds the layout, installs every page from FAM,
-// restores the rest of the state, lets the oracles look, and lets the process run.
+// The target node's restorer. Nonlive (`eager`): waits for the commit, opens and verifies the whole
+// image, starts the stub with the victim's PID, rebuilds the layout, installs every page, restores the
+// rest of the state, lets the oracles look, and lets the process run. Post-copy (`lazy`): starts as soon
+// as the metadata is there (in FAM, or over the socket), installs only the pages the kernel itself will
+// touch before the process runs (private file pages, the rseq area), and hands the userfaultfd to the
+// fault handler and the pusher when it resumes the process.
 import Logging
+import Synchronization
 import Sys
+
+/// How the restorer gets pages.
+public enum RestoreMode: Sendable {
+    /// Nonlive: every page from a committed image, before the process runs.
+    case eager
+    /// postcopy-fam: metadata and pages from FAM once marked; requests for the rest to the source.
+    case lazyFromFAM(transport: any Transport)
+    /// postcopy-socket: metadata and every page over the socket.
+    case lazyFromSocket(transport: any Transport)
+}
 
 public final class Restorer: EngineActor {
     private enum State: CustomStringConvertible {
-        case waitingForImage, spawn, layout, installing(nextSlot: Int), restoreState, prepare, resume, finished, failed
+        case waitingForImage, spawn, layout, installing(nextSlot: Int), eagerPages, restoreState, prepare, resume, finished, failed
         var description: String {
             switch self {
             case .waitingForImage: "wait for image"
             case .spawn: "spawn"
             case .layout: "layout"
             case .installing(let nextSlot): "install from slot \(nextSlot)"
+            case .eagerPages: "install pages the kernel touches"
             case .restoreState: "restore state"
             case .prepare: "prepare"
             case .resume: "resume"
@@ -32,19 +47,29 @@ public final class Restorer: EngineActor {
     private let logger: Logger
     private let processIDWait: Duration
     private let pidNamespace: PIDNamespace
+    private let mode: RestoreMode
 
     private var state = State.waitingForImage
     private var reader: ImageReader?
+    private var pageAddresses: [UInt64] = []
     public private(set) var checkpointedState: ProcessState?
     private var target: TargetProcess?
     private var spawnFirstTried: Duration?
     public private(set) var restoredProcessID: ProcessID?
     public private(set) var installedPageCount = 0
+    /// Post-copy: pages that must be in before the process runs, not yet installed.
+    private var eagerSlotsLeft: Set<Int> = []
+    private var eagerRequested = false
+    private let handedOver = Mutex<LazyMemory?>(nil)
+
+    /// The target's memory, once the process runs (post-copy); the fault handler and pusher read it.
+    public var lazyMemory: LazyMemory? { handedOver.withLock { $0 } }
 
     /// `openBackend()` returns the FAM holding the image, or nil while it does not exist yet.
     public init(openBackend: @escaping () throws(ImageError) -> (any FAMBackend)?, stubPath: String, batchPageCount: Int = 512,
                 observer: (any MigrationObserver)?, clock: any EngineClock, timeline: MigrationTimeline,
-                logger: Logger, processIDWait: Duration = .seconds(5), pidNamespace: PIDNamespace = .shared) {
+                logger: Logger, processIDWait: Duration = .seconds(5), pidNamespace: PIDNamespace = .shared,
+                mode: RestoreMode = .eager) {
         self.pidNamespace = pidNamespace
         self.openBackend = openBackend
         self.stubPath = stubPath
@@ -54,20 +79,39 @@ public final class Restorer: EngineActor {
         self.timeline = timeline
         self.logger = logger
         self.processIDWait = processIDWait
+        self.mode = mode
+    }
+
+    private var transport: (any Transport)? {
+        switch mode {
+        case .eager: nil
+        case .lazyFromFAM(let transport), .lazyFromSocket(let transport): transport
+        }
     }
 
     public func nextAction() -> NextAction {
         switch state {
         case .finished, .failed: return .finished
         case .waitingForImage:
-            guard let backend = try? openBackend() else { return .waiting(.retryAfter(.microseconds(200))) }
-            guard let imageState = ImageReader.peekState(backend: backend), imageState != .creating,
-                  imageState != .metadataCommitted else {
+            if case .lazyFromSocket(let transport) = mode {
+                return transport.waitReadable(timeoutMilliseconds: 0) ? .ready(state.description) : .waiting(.retryAfter(.microseconds(200)))
+            }
+            guard let backend = try? openBackend(), let imageState = ImageReader.peekState(backend: backend) else {
                 return .waiting(.retryAfter(.microseconds(200)))
             }
-            return .ready(state.description)
+            let usable: Bool
+            switch mode {
+            case .eager: usable = imageState == .complete || imageState == .aborted
+            default: usable = imageState != .creating
+            }
+            return usable ? .ready(state.description) : .waiting(.retryAfter(.microseconds(200)))
         case .spawn:
             if let spawnFirstTried, clock.now() - spawnFirstTried < .milliseconds(2) { return .waiting(.retryAfter(.microseconds(500))) }
+            return .ready(state.description)
+        case .eagerPages:
+            if case .lazyFromSocket(let transport) = mode, eagerRequested, !transport.waitReadable(timeoutMilliseconds: 0) {
+                return .waiting(.retryAfter(.microseconds(100)))
+            }
             return .ready(state.description)
         default: return .ready(state.description)
         }
@@ -86,13 +130,7 @@ public final class Restorer: EngineActor {
     private func step() throws(EngineError) {
         switch state {
         case .waitingForImage:
-            do {
-                guard let backend = try openBackend() else { preconditionFailure("ready without a backend") }
-                let opened = try ImageReader.open(backend: backend, requireComplete: true)
-                checkpointedState = try ProcessState.decode(opened.metadata)
-                try checkpointedState!.validate(pageAddresses: opened.pageAddresses, path: opened.path)
-                reader = opened
-            } catch { throw .image(error) }
+            try openImage()
             timeline.record(.restoreStarted, at: clock.now())
             state = .spawn
         case .spawn:
@@ -103,40 +141,29 @@ public final class Restorer: EngineActor {
                 let now = clock.now()
                 if spawnFirstTried == nil { spawnFirstTried = now }
                 if now - spawnFirstTried! > processIDWait { throw .restore(.processIDInUse(processID)) }
-                spawnFirstTried = spawnFirstTried ?? now
                 return
             } catch { throw .restore(error) }
             restoredProcessID = target!.processID
             state = .layout
         case .layout:
             do { try target!.buildLayout(checkpointedState!) } catch { throw .restore(error) }
-            state = reader!.pageCount == 0 ? .restoreState : .installing(nextSlot: 0)
-        case .installing(let nextSlot):
-            let reader = reader!
-            let slots = nextSlot..<min(nextSlot + batchPageCount, reader.pageCount)
-            // Write runs of pages that are adjacent both in the victim and in FAM with one pwrite each.
-            var runStart = slots.lowerBound
-            for slot in slots {
-                let runEnds = slot + 1 == slots.upperBound
-                    || reader.pageAddresses[slot + 1] != reader.pageAddresses[slot] + UInt64(ImageLayout.pageSize)
-                guard runEnds else { continue }
-                do {
-                    let newlyInstalled = try target!.writePages(from: reader.backend.readableMapping, at: reader.pageOffset(slot: runStart),
-                                           byteCount: (slot + 1 - runStart) * ImageLayout.pageSize,
-                                           to: reader.pageAddresses[runStart])
-                    // In a nonlive restore nothing else installs pages: every page must be new.
-                    precondition(newlyInstalled == slot + 1 - runStart, "page run at \(hex(reader.pageAddresses[runStart])) was partly present already")
-                } catch { throw .restore(error) }
-                runStart = slot + 1
+            if case .eager = mode {
+                state = pageAddresses.isEmpty ? .restoreState : .installing(nextSlot: 0)
+            } else {
+                startLazy()
+                state = .eagerPages
             }
-            installedPageCount += slots.count
-            state = slots.upperBound == reader.pageCount ? .restoreState : .installing(nextSlot: slots.upperBound)
+        case .installing(let nextSlot):
+            try installBatch(from: nextSlot)
+        case .eagerPages:
+            try installEagerPages()
         case .restoreState:
-            precondition(installedPageCount == reader!.pageCount,
-                         "\(reader!.pageCount - installedPageCount) dumped pages not installed")
-            timeline.record(.lastPageInstalled, at: clock.now())
+            if case .eager = mode {
+                precondition(installedPageCount == pageAddresses.count, "\(pageAddresses.count - installedPageCount) dumped pages not installed")
+                timeline.record(.lastPageInstalled, at: clock.now())
+            }
             do {
-                try target!.finishInstalling()
+                if case .eager = mode { try target!.finishInstalling() }
                 try target!.restoreState(checkpointedState!)
             } catch { throw .restore(error) }
             state = .prepare
@@ -155,10 +182,154 @@ public final class Restorer: EngineActor {
         case .resume:
             do { try target!.resume() } catch { throw .restore(error) }
             timeline.record(.targetResumed, at: clock.now())
+            lazyMemory?.markRunning()
             state = .finished
         case .finished, .failed:
             preconditionFailure("Restorer cannot step while \(state)")
         }
+    }
+
+    private func openImage() throws(EngineError) {
+        if case .lazyFromSocket(let transport) = mode {
+            let message: Message?
+            do { message = try transport.receive() } catch { throw .aborted("waiting for the process state from the source: \(error)") }
+            guard let message else { return }
+            guard case .metadata(let stateBytes, let addresses) = message else {
+                throw .aborted("the source sent \(message) before the process state")
+            }
+            do {
+                checkpointedState = try ProcessState.decode(stateBytes)
+                try checkpointedState!.validate(pageAddresses: addresses, path: "the source's socket")
+                try Self.checkPageTable(addresses)
+            } catch { throw .image(error) }
+            pageAddresses = addresses
+            return
+        }
+        do {
+            guard let backend = try openBackend() else { preconditionFailure("ready without a backend") }
+            let complete: Bool
+            if case .eager = mode { complete = true } else { complete = false }
+            let opened = try ImageReader.open(backend: backend, requireComplete: complete)
+            checkpointedState = try ProcessState.decode(opened.metadata)
+            try checkpointedState!.validate(pageAddresses: opened.pageAddresses, path: opened.path)
+            reader = opened
+            pageAddresses = opened.pageAddresses
+        } catch { throw .image(error) }
+    }
+
+    /// Page addresses from a peer: page-aligned and strictly increasing (the image reader checks its own).
+    static func checkPageTable(_ addresses: [UInt64]) throws(ImageError) {
+        for (index, address) in addresses.enumerated() where address % 4096 != 0 || (index > 0 && addresses[index - 1] >= address) {
+            throw .badPageAddress(path: "the source's socket", slot: index, address: address, reason: "not page-aligned and increasing")
+        }
+    }
+
+    private func installBatch(from nextSlot: Int) throws(EngineError) {
+        let reader = reader!
+        let slots = nextSlot..<min(nextSlot + batchPageCount, reader.pageCount)
+        // Write runs of pages that are adjacent both in the victim and in FAM with one call each.
+        var runStart = slots.lowerBound
+        for slot in slots {
+            let runEnds = slot + 1 == slots.upperBound
+                || reader.pageAddresses[slot + 1] != reader.pageAddresses[slot] + UInt64(ImageLayout.pageSize)
+            guard runEnds else { continue }
+            do {
+                let newlyInstalled = try target!.writePages(from: reader.backend.readableMapping, at: reader.pageOffset(slot: runStart),
+                                                            byteCount: (slot + 1 - runStart) * ImageLayout.pageSize,
+                                                            to: reader.pageAddresses[runStart])
+                // In a nonlive restore nothing else installs pages: every page must be new.
+                precondition(newlyInstalled == slot + 1 - runStart, "page run at \(hex(reader.pageAddresses[runStart])) was partly present already")
+            } catch { throw .restore(error) }
+            runStart = slot + 1
+        }
+        installedPageCount += slots.count
+        state = slots.upperBound == reader.pageCount ? .restoreState : .installing(nextSlot: slots.upperBound)
+    }
+
+    // MARK: Post-copy
+
+    /// Hands the userfaultfd over to shared lazy memory and lists the pages needed before the resume:
+    /// those outside registered memory (private file pages, written with pwrite) and the rseq area
+    /// (rseq registration makes the kernel write it, and no fault handler may be needed mid-injection).
+    private func startLazy() {
+        let origin: PageOrigin = reader.map { .fam($0) } ?? .socket
+        let memory = target!.makeLazyMemory(pageAddresses: pageAddresses, origin: origin, observer: observer)
+        handedOver.withLock { $0 = memory }
+        var slots = Set<Int>()
+        for (slot, address) in pageAddresses.enumerated() where !memory.isRegistered(address) { slots.insert(slot) }
+        if let rseq = checkpointedState!.mainThread.rseq {
+            let firstPage = rseq.address & ~UInt64(4095)
+            let lastPage = (rseq.address + UInt64(max(rseq.byteCount, 1)) - 1) & ~UInt64(4095)
+            for page in stride(from: firstPage, through: lastPage, by: 4096) {
+                if let slot = memory.slot(for: page) { slots.insert(slot) }
+            }
+        }
+        eagerSlotsLeft = slots
+    }
+
+    private func installEagerPages() throws(EngineError) {
+        guard let memory = lazyMemory, let transport else { preconditionFailure("eager pages without lazy memory") }
+        do {
+            if !eagerRequested {
+                for slot in eagerSlotsLeft.sorted() { try transport.send(.pageRequest(address: pageAddresses[slot])) }
+                eagerRequested = true
+            }
+            if reader != nil {
+                for slot in eagerSlotsLeft.sorted() where memory.isDumped(slot) {
+                    try installEager(slot: slot, memory: memory)
+                }
+                // Drain the source's messages: the marks themselves are read from FAM.
+                while let message = try transport.receive() {
+                    if case .abort(let reason) = message { throw EngineError.aborted("the source aborted: \(reason)") }
+                }
+            } else {
+                while let message = try transport.receive() {
+                    switch message {
+                    case .pages(let address, let bytes):
+                        try installReceived(address: address, bytes: bytes, memory: memory)
+                    case .abort(let reason):
+                        throw EngineError.aborted("the source aborted: \(reason)")
+                    default:
+                        continue
+                    }
+                }
+            }
+        } catch let error as EngineError {
+            throw error
+        } catch {
+            throw .aborted("installing the pages needed before the resume: \(error)")
+        }
+        if eagerSlotsLeft.isEmpty { state = .restoreState }
+    }
+
+    private func installEager(slot: Int, memory: LazyMemory) throws {
+        let address = pageAddresses[slot]
+        if memory.isRegistered(address) {
+            try memory.installFromFAM(slot: slot, count: 1)
+        } else {
+            precondition(memory.isDumped(slot), "page slot \(slot) read before its mark was seen")
+            let location = memory.famLocation(slot: slot)
+            try target!.writePages(from: location.mapping, at: location.offset, byteCount: 4096, to: address)
+            try observer?.pagesInstalled(processID: target!.processID, address: address, byteCount: 4096)
+            memory.noteInstalledElsewhere(slot: slot)
+        }
+        eagerSlotsLeft.remove(slot)
+    }
+
+    /// Socket mode: any page that arrives before the resume goes in now.
+    private func installReceived(address: UInt64, bytes: [UInt8], memory: LazyMemory) throws {
+        if memory.isRegistered(address) {
+            try memory.installBytes(address: address, bytes: bytes)
+        } else {
+            guard let slot = memory.slot(for: address) else { throw EngineError.aborted("the source sent page \(hex(address)), not in the page table") }
+            try target!.writeBytes(bytes, to: address)
+            for index in 0..<(bytes.count / 4096) {
+                try observer?.pagesInstalled(processID: target!.processID, address: address + UInt64(index) * 4096, byteCount: 4096)
+                memory.noteInstalledElsewhere(slot: slot + index)
+            }
+        }
+        guard let first = memory.slot(for: address) else { return }
+        for slot in first..<(first + bytes.count / 4096) { eagerSlotsLeft.remove(slot) }
     }
 
     public func abort(reason: String) {

@@ -60,6 +60,9 @@ public final class ThreadedDriver: Sendable {
                     case .waiting(.retryAfter(let duration)):
                         Thread.sleep(forTimeInterval: Double(duration.components.attoseconds) / 1e18 + Double(duration.components.seconds))
                         continue
+                    case .waiting(.readable(let descriptors, let timeout)):
+                        Spawn.waitReadable(descriptors, timeoutMilliseconds: Int32(max(1, nanoseconds(timeout) / 1_000_000)))
+                        continue
                     case .waiting(.peer):
                         Thread.sleep(forTimeInterval: 0.0001)
                         continue

@@ -264,6 +264,21 @@ final class TargetProcess {
         return installedPageCount
     }
 
+    /// Post-copy: the userfaultfd and its registered ranges move to lazy memory shared by the fault
+    /// handler and the pusher; the target keeps no installer of its own.
+    func makeLazyMemory(pageAddresses: [UInt64], origin: PageOrigin, observer: (any MigrationObserver)?) -> LazyMemory {
+        guard let userfaultfd else { preconditionFailure("lazy memory before the userfaultfd was registered") }
+        let memory = LazyMemory(targetProcessID: processID, pageAddresses: pageAddresses, userfaultfd: userfaultfd,
+                                registeredRanges: registeredRanges, origin: origin, observer: observer)
+        self.userfaultfd = nil
+        return memory
+    }
+
+    /// Writes bytes that came over the socket into the target (private file pages).
+    func writeBytes(_ bytes: [UInt8], to address: UInt64) throws {
+        try memory.write(bytes, at: address)
+    }
+
     /// Ends eager installation: unregisters every range and lets the userfaultfd go.
     func finishInstalling() throws(RestoreError) {
         guard let userfaultfd else { return }

@@ -1,0 +1,171 @@
+// The target node's fault handler (post-copy): reads missing-page faults from the userfaultfd and the
+// source's messages, and serves each fault by the fastest path there is: synchronously from FAM when
+// the page's dumped mark is stored (postcopy-fam), else asynchronously, by asking the source and
+// installing the page when the answer comes (a mark in FAM, or the page over the socket).
+import Histogram
+import Logging
+import Sys
+
+public final class FaultHandler: EngineActor {
+    public let name = "fault-handler"
+    private let lazy: () -> LazyMemory?
+    private let transport: (any Transport)?
+    private let clock: any EngineClock
+    private let timeline: MigrationTimeline
+    private let metrics: FaultMetrics
+    private let logger: Logger
+    private let generation: UInt64
+
+    private struct Pending {
+        var address: UInt64
+        var since: Duration
+    }
+    /// Faults waiting for the source, by slot.
+    private var pending: [Int: [Pending]] = [:]
+    private var sourceComplete = false
+    private var sourceGone = false
+    private var finished = false
+    private var toldSourceDone = false
+
+    /// `lazy()` is nil until the restorer has built the target and handed its memory over.
+    public init(lazy: @escaping () -> LazyMemory?, transport: (any Transport)?, generation: UInt64, clock: any EngineClock,
+                timeline: MigrationTimeline, metrics: FaultMetrics, logger: Logger) {
+        self.lazy = lazy
+        self.transport = transport
+        self.generation = generation
+        self.clock = clock
+        self.timeline = timeline
+        self.metrics = metrics
+        self.logger = logger
+    }
+
+    public func nextAction() -> NextAction {
+        if finished { return .finished }
+        guard let memory = lazy(), memory.isRunning else { return .waiting(.peer("restorer")) }
+        if memory.isComplete || !ProcFS.isAlive(memory.targetProcessID) { return .ready("finish") }
+        let descriptors = [memory.userfaultfd.descriptor]
+        if memory.userfaultfd.waitReadable(timeoutMilliseconds: 0) || transportHasData() || !pending.isEmpty && memory.usesFAM {
+            return .ready("serve")
+        }
+        return .waiting(.readable(descriptors, timeout: .milliseconds(1)))
+    }
+
+    private func transportHasData() -> Bool {
+        guard let transport, !sourceGone else { return false }
+        return transport.waitReadable(timeoutMilliseconds: 0)
+    }
+
+    public func perform() throws(EngineError) {
+        guard let memory = lazy() else { preconditionFailure("FaultHandler ran before the restorer handed over") }
+        do {
+            if memory.isComplete || !ProcFS.isAlive(memory.targetProcessID) {
+                try finish(memory)
+                return
+            }
+            try receiveMessages(memory)
+            try serveFaults(memory)
+            if memory.usesFAM { try servePendingFromFAM(memory) }
+        } catch let error as EngineError {
+            throw error
+        } catch {
+            throw .aborted("fault handler: \(error)")
+        }
+    }
+
+    private func finish(_ memory: LazyMemory) throws {
+        if memory.isComplete {
+            try memory.unregisterAll()
+            timeline.record(.lastPageInstalled, at: clock.now())
+        }
+        if !toldSourceDone, let transport, !sourceGone {
+            // The target needs nothing more: a socket-mode source may now release the victim.
+            try? transport.send(.complete(generation: generation))
+            toldSourceDone = true
+        }
+        finished = true
+    }
+
+    private func receiveMessages(_ memory: LazyMemory) throws {
+        guard let transport, !sourceGone else { return }
+        for _ in 0..<64 {
+            let message: Message?
+            do { message = try transport.receive() } catch {
+                sourceGone = true
+                // After the commit record the image alone completes the migration; before it, pages
+                // the target still needs are lost with the source: fail (the target gets killed).
+                if memory.isComplete || memory.imageIsCommitted() { return }
+                throw EngineError.aborted("the source node went away before the migration completed (\(error)); the target was killed")
+            }
+            guard let message else { return }
+            switch message {
+            case .pages(let address, let bytes):
+                let start = clock.now()
+                try memory.installBytes(address: address, bytes: bytes)
+                wakePending(memory, slots: slotRange(memory, address: address, count: bytes.count / 4096), path: .sourceAsync, installedAt: start)
+            case .marked:
+                continue  // servePendingFromFAM checks the marks themselves.
+            case .complete:
+                sourceComplete = true
+            case .abort(let reason):
+                throw EngineError.aborted("the source aborted: \(reason)")
+            default:
+                logger.debug("fault handler ignores \(message)")
+            }
+        }
+    }
+
+    private func slotRange(_ memory: LazyMemory, address: UInt64, count: Int) -> Range<Int> {
+        guard let first = memory.slot(for: address) else { return 0..<0 }
+        return first..<(first + count)
+    }
+
+    private func serveFaults(_ memory: LazyMemory) throws {
+        for _ in 0..<256 {
+            guard let fault = try memory.userfaultfd.nextFault() else { return }
+            let start = clock.now()
+            metrics.faultCount.wrappingIncrement(ordering: .relaxed)
+            guard let slot = memory.slot(for: fault.address) else {
+                // Never dumped: the victim never touched it, so it reads as zeros.
+                try memory.installZeroPage(address: fault.address)
+                metrics.record(.famSync, latency: clock.now() - start, zero: true)
+                continue
+            }
+            if memory.isInstalled(slot) {
+                try memory.wake(address: fault.address)
+                continue
+            }
+            if memory.usesFAM && memory.isDumped(slot) {
+                try memory.installFromFAM(slot: slot, count: 1)
+                metrics.record(.famSync, latency: clock.now() - start)
+                continue
+            }
+            pending[slot, default: []].append(Pending(address: fault.address, since: start))
+            if memory.noteRequested(slot) {
+                try transport?.send(.pageRequest(address: memory.pageAddresses[slot]))
+            }
+        }
+    }
+
+    private func servePendingFromFAM(_ memory: LazyMemory) throws {
+        for slot in pending.keys.sorted() where memory.isDumped(slot) {
+            let start = clock.now()
+            if !memory.isInstalled(slot) { try memory.installFromFAM(slot: slot, count: 1) } else { try memory.wake(address: memory.pageAddresses[slot]) }
+            wakePending(memory, slots: slot..<(slot + 1), path: .sourceAsync, installedAt: start)
+        }
+    }
+
+    /// Faults on these slots are served: record their latency from the fault to now.
+    private func wakePending(_ memory: LazyMemory, slots: Range<Int>, path: InstallPath, installedAt: Duration) {
+        let now = clock.now()
+        for slot in slots {
+            guard let waiting = pending.removeValue(forKey: slot) else { continue }
+            for fault in waiting { metrics.record(path, latency: now - fault.since) }
+        }
+    }
+
+    public func abort(reason: String) {
+        logger.info("fault handler aborting", metadata: ["reason": "\(reason)"])
+        if let memory = lazy(), !memory.isComplete { memory.killTarget() }
+        finished = true
+    }
+}

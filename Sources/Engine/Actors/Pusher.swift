@@ -1,0 +1,55 @@
+// The target node's active pusher (postcopy-fam, --push on): installs dumped pages from FAM in the
+// background, in runs of adjacent pages whose marks are stored, so that faults become rare and the
+// migration ends without the victim's program touching every page.
+import Logging
+import Sys
+
+public final class Pusher: EngineActor {
+    public let name = "pusher"
+    private let lazy: () -> LazyMemory?
+    private let batchPageCount: Int
+    private let clock: any EngineClock
+    private let metrics: FaultMetrics
+    private let logger: Logger
+    private var cursor = 0
+    private var finished = false
+
+    public init(lazy: @escaping () -> LazyMemory?, batchPageCount: Int = 512, clock: any EngineClock, metrics: FaultMetrics, logger: Logger) {
+        precondition(batchPageCount > 0, "a push batch holds at least one page")
+        self.lazy = lazy
+        self.batchPageCount = batchPageCount
+        self.clock = clock
+        self.metrics = metrics
+        self.logger = logger
+    }
+
+    public func nextAction() -> NextAction {
+        if finished { return .finished }
+        guard let memory = lazy(), memory.isRunning else { return .waiting(.peer("restorer")) }
+        if memory.isComplete || !ProcFS.isAlive(memory.targetProcessID) { return .ready("finish") }
+        guard let first = memory.firstMissing(from: 0) else { return .ready("finish") }
+        // Restart the scan from the first hole: faults may have filled pages behind the cursor.
+        if memory.nextInstallableRun(from: min(cursor, first), limit: 1) != nil { return .ready("push") }
+        return .waiting(.retryAfter(.microseconds(200)))
+    }
+
+    public func perform() throws(EngineError) {
+        guard let memory = lazy() else { preconditionFailure("Pusher ran before the restorer handed over") }
+        if memory.isComplete || !ProcFS.isAlive(memory.targetProcessID) {
+            finished = true
+            return
+        }
+        let first = memory.firstMissing(from: 0) ?? memory.pageCount
+        guard let run = memory.nextInstallableRun(from: min(cursor, first), limit: batchPageCount) else { return }
+        let start = clock.now()
+        do { try memory.installFromFAM(slot: run.slot, count: run.count) } catch {
+            throw .aborted("pusher installing \(run.count) pages at slot \(run.slot): \(error)")
+        }
+        metrics.record(.push, latency: clock.now() - start)
+        cursor = run.slot + run.count
+    }
+
+    public func abort(reason: String) {
+        finished = true
+    }
+}

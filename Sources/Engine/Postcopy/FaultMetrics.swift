@@ -1,0 +1,45 @@
+// Fault counts and latency histograms per install path (HdrHistogram), shared by the target's actors.
+import Atomics
+import Foundation
+import Histogram
+
+public final class FaultMetrics: @unchecked Sendable {
+    public let faultCount = ManagedAtomic<Int>(0)
+    public let zeroPageCount = ManagedAtomic<Int>(0)
+    private let lock = NSLock()
+    private var histograms: [InstallPath: Histogram<UInt64>] = [:]
+
+    public init() {}
+
+    /// Records one served fault (or, for `.push`, one installed batch) taking `latency`.
+    public func record(_ path: InstallPath, latency: Duration, zero: Bool = false) {
+        if zero { zeroPageCount.wrappingIncrement(ordering: .relaxed); return }
+        let nanoseconds = UInt64(max(1, Engine.nanoseconds(latency)))
+        lock.withLock {
+            var histogram = histograms[path] ?? Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
+            _ = histogram.record(nanoseconds)
+            histograms[path] = histogram
+        }
+    }
+
+    /// Count, median, 99th percentile and maximum in microseconds, per path that saw any.
+    public struct PathSummary: Codable, Sendable {
+        public var path: String
+        public var count: Int
+        public var medianMicroseconds: Double
+        public var p99Microseconds: Double
+        public var maxMicroseconds: Double
+    }
+
+    public var summaries: [PathSummary] {
+        lock.withLock {
+            InstallPath.allCases.compactMap { path in
+                guard let histogram = histograms[path], histogram.totalCount > 0 else { return nil }
+                return PathSummary(path: path.rawValue, count: Int(histogram.totalCount),
+                                   medianMicroseconds: Double(histogram.valueAtPercentile(50)) / 1000,
+                                   p99Microseconds: Double(histogram.valueAtPercentile(99)) / 1000,
+                                   maxMicroseconds: Double(histogram.max) / 1000)
+            }
+        }
+    }
+}

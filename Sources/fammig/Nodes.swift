@@ -1,0 +1,51 @@
+// The two nodes of a `fammig run`, built for the chosen mode: the source's dumper and the target's
+// restorer, plus (post-copy) the target's fault handler and pusher, joined by a real TCP connection on
+// loopback. Each actor gets its own thread from the threaded driver.
+import Engine
+import Logging
+import Oracles
+import Sys
+
+struct Nodes {
+    var actors: [any EngineActor]
+    var restorer: Restorer
+    var transports: [any Transport]
+
+    var transportByteCount: Int { transports.reduce(0) { $0 + $1.bytesSent } }
+
+    func close() { transports.forEach { $0.close() } }
+
+    static func make(mode: MigrationMode, push: Bool, victim: ProcessID, famPath: String, stubPath: String, separateNodes: Bool,
+                     oracles: MigrationOracles?, clock: MonotonicClock, timeline: MigrationTimeline, metrics: FaultMetrics,
+                     logger: Logger) throws -> Nodes {
+        let pidNamespace: PIDNamespace = separateNodes ? .fresh : .shared
+        guard mode != .nonlive else {
+            let dumper = Dumper(victim: victim, makeBackend: makeRealBackend(path: famPath), generation: 1, release: .kill,
+                                observer: oracles, clock: clock, timeline: timeline, logger: logger)
+            let restorer = Restorer(openBackend: openRealBackend(path: famPath), stubPath: stubPath, observer: oracles,
+                                    clock: clock, timeline: timeline, logger: logger, pidNamespace: pidNamespace)
+            return Nodes(actors: [dumper, restorer], restorer: restorer, transports: [])
+        }
+        let listener = try TCPTransport.listen(on: Endpoint(host: "127.0.0.1", port: 0))
+        defer { listener.close() }
+        let targetSide = try TCPTransport.connect(to: listener.endpoint, timeoutMilliseconds: 5000)
+        guard let sourceSide = try TCPTransport.accept(on: listener, timeoutMilliseconds: 5000) else {
+            targetSide.close()
+            throw EngineError.timedOut("the target's connection never arrived at the source")
+        }
+        oracles?.expectLazyPages()
+        let dumpMode: DumpMode = mode == .postcopyFAM ? .postcopyFAM(transport: sourceSide) : .postcopySocket(transport: sourceSide, push: push)
+        let restoreMode: RestoreMode = mode == .postcopyFAM ? .lazyFromFAM(transport: targetSide) : .lazyFromSocket(transport: targetSide)
+        let dumper = Dumper(victim: victim, makeBackend: makeRealBackend(path: famPath), generation: 1, release: .kill,
+                            observer: oracles, clock: clock, timeline: timeline, logger: logger, mode: dumpMode)
+        let restorer = Restorer(openBackend: openRealBackend(path: famPath), stubPath: stubPath, observer: oracles,
+                                clock: clock, timeline: timeline, logger: logger, pidNamespace: pidNamespace, mode: restoreMode)
+        let faultHandler = FaultHandler(lazy: { restorer.lazyMemory }, transport: targetSide, generation: 1, clock: clock,
+                                        timeline: timeline, metrics: metrics, logger: logger)
+        var actors: [any EngineActor] = [dumper, restorer, faultHandler]
+        if mode == .postcopyFAM && push {
+            actors.append(Pusher(lazy: { restorer.lazyMemory }, clock: clock, metrics: metrics, logger: logger))
+        }
+        return Nodes(actors: actors, restorer: restorer, transports: [sourceSide, targetSide])
+    }
+}
