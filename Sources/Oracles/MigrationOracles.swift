@@ -35,11 +35,15 @@ public final class MigrationOracles: MigrationObserver {
     private let lazyPages = Mutex(false)
     public func expectLazyPages() { lazyPages.withLock { $0 = true } }
 
-    public func pagesInstalled(processID: ProcessID, address: UInt64, byteCount: Int) throws {
+    public func pagesInstalled(processID: ProcessID, address: UInt64, byteCount: Int, installedBytes: [UInt8]?) throws {
         guard victim.withLock({ $0 }) != nil else { return }
         let addresses = (0..<(byteCount / 4096)).map { address + UInt64($0) * 4096 }
         do {
-            try pages.withLock { try $0.verifyTarget(processID: processID, addresses: addresses) }
+            if let installedBytes {
+                try pages.withLock { try $0.verify(bytes: installedBytes, at: address) }
+            } else {
+                try pages.withLock { try $0.verifyTarget(processID: processID, addresses: addresses) }
+            }
         } catch {
             record(OracleVerdict(name: "pages", passed: false, detail: "\(error)"))
             throw error

@@ -51,6 +51,17 @@ public final class PageOracle: @unchecked Sendable {
         }
     }
 
+    /// Checks bytes that were installed at `address` (whole pages) against the freeze digests.
+    public func verify(bytes: [UInt8], at address: UInt64) throws {
+        for index in 0..<(bytes.count / 4096) {
+            let pageAddress = address + UInt64(index) * 4096
+            guard digestPage(bytes, offset: index * 4096, address: pageAddress) == digests[pageAddress] else {
+                throw PageMismatch(address: pageAddress, reason: "the installed contents differ from the freeze digest")
+            }
+            checkedPageCount += 1
+        }
+    }
+
     private func digestPage(_ bytes: [UInt8], offset: Int, address: UInt64) -> UInt64 {
         var page = Array(bytes[offset..<(offset + 4096)])
         for (start, end) in maskedRanges where start < address + 4096 && end > address {

@@ -54,6 +54,22 @@ public final class TCPSocket: @unchecked Sendable {
         return result == 0 ? UInt16(bigEndian: address.sin_port) : 0
     }
 
+    /// True when the local and the peer address are the same (a self-connect).
+    private var isConnectedToItself: Bool {
+        var localAddress = sockaddr_in()
+        var peerAddress = sockaddr_in()
+        var localLength = socklen_t(MemoryLayout<sockaddr_in>.size)
+        var peerLength = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let localResult = withUnsafeMutablePointer(to: &localAddress) { pointer in
+            pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(descriptor, $0, &localLength) }
+        }
+        let peerResult = withUnsafeMutablePointer(to: &peerAddress) { pointer in
+            pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { getpeername(descriptor, $0, &peerLength) }
+        }
+        return localResult == 0 && peerResult == 0 && localAddress.sin_port == peerAddress.sin_port
+            && localAddress.sin_addr.s_addr == peerAddress.sin_addr.s_addr
+    }
+
     // MARK: Listening
 
     /// A listener bound to `host` (a dotted IPv4 address; "0.0.0.0" alone means every interface) and
@@ -77,7 +93,7 @@ public final class TCPSocket: @unchecked Sendable {
         return socket
     }
 
-    /// The next connection, or nil when none arrived within `timeoutMilliseconds`.
+    /// The next connection, or nil when none arrived within `timeoutMilliseconds` (negative: no limit).
     public func accept(timeoutMilliseconds: Int32) throws(SyscallError) -> TCPSocket? {
         let deadline = Self.deadline(afterMilliseconds: timeoutMilliseconds)
         // Bounded: a wake-up without a connection to take (the client left before we took it) is rare;
@@ -120,7 +136,7 @@ public final class TCPSocket: @unchecked Sendable {
         precondition(timeoutMilliseconds >= 0, "negative connect timeout")
         var address = try socketAddress(host: host, port: port)
         let call = "connect(\(host):\(port))"
-        let deadline = deadline(afterMilliseconds: timeoutMilliseconds)
+        let deadline = Self.deadline(afterMilliseconds: timeoutMilliseconds)
         var lastRefusal: SyscallError?
         // Bounded: every refused attempt but the last sleeps the retry delay.
         let attemptLimit = Int(timeoutMilliseconds / connectRetryDelayMilliseconds) + 2
@@ -138,6 +154,11 @@ public final class TCPSocket: @unchecked Sendable {
                     throw lastRefusal ?? SyscallError(call: call, errno: .timedOut)
                 }
                 outcome = try socket.pendingError(call: call)
+            }
+            if outcome == nil, socket.isConnectedToItself {
+                // Retrying a local port in the ephemeral range with no listener can pick that very port as
+                // the source and connect the socket to itself (TCP simultaneous open): that is a refusal too.
+                outcome = SyscallError(call: call, errno: .connectionRefused)
             }
             guard let failure = outcome else {
                 try socket.disableDelay()
@@ -173,8 +194,8 @@ public final class TCPSocket: @unchecked Sendable {
     // MARK: Sending and receiving
 
     /// Sends every byte. When the kernel's buffer is full it waits for room, but throws ETIMEDOUT after
-    /// `stallTimeoutMilliseconds` without any progress (a peer that stopped reading). EPIPE, not SIGPIPE,
-    /// reports a peer that is gone.
+    /// `stallTimeoutMilliseconds` without any progress (a peer that stopped reading; negative: no limit).
+    /// EPIPE, not SIGPIPE, reports a peer that is gone.
     public func send(_ bytes: [UInt8], stallTimeoutMilliseconds: Int32 = 30_000) throws(SyscallError) {
         let call = "send(\(bytes.count) bytes)"
         var sentByteCount = 0
@@ -225,8 +246,8 @@ public final class TCPSocket: @unchecked Sendable {
         return buffer
     }
 
-    /// Waits up to `timeoutMilliseconds` for something to read: data, end-of-stream or an error (so the
-    /// caller's next receive reports it). False on timeout.
+    /// Waits up to `timeoutMilliseconds` (negative: no limit) for something to read: data, end-of-stream
+    /// or an error (so the caller's next receive reports it). False on timeout.
     public func waitReadable(timeoutMilliseconds: Int32) -> Bool {
         do {
             return try waitFor(events: Int16(POLLIN), until: Self.deadline(afterMilliseconds: timeoutMilliseconds),
@@ -241,7 +262,7 @@ public final class TCPSocket: @unchecked Sendable {
 
     /// Polls for `events` until `deadline`, across EINTR. True when any event (or an error or hang-up,
     /// which the next call reports) is pending; false when the deadline passed.
-    private func waitFor(events: Int16, until deadline: ContinuousClock.Instant, call: String) throws(SyscallError) -> Bool {
+    private func waitFor(events: Int16, until deadline: ContinuousClock.Instant?, call: String) throws(SyscallError) -> Bool {
         var poller = pollfd(fd: descriptor, events: events, revents: 0)
         while true {
             let result = poll(&poller, 1, Self.remainingMilliseconds(until: deadline))
@@ -254,11 +275,14 @@ public final class TCPSocket: @unchecked Sendable {
 
     // Timeouts here are real time on purpose: this is the threaded driver's real network. Torture swaps
     // the whole transport for an in-memory one and never reaches this file.
-    private static func deadline(afterMilliseconds milliseconds: Int32) -> ContinuousClock.Instant {
-        ContinuousClock.now + .milliseconds(max(milliseconds, 0))
+    /// The instant `milliseconds` from now; nil (no deadline) for a negative timeout, as poll reads -1.
+    private static func deadline(afterMilliseconds milliseconds: Int32) -> ContinuousClock.Instant? {
+        milliseconds < 0 ? nil : ContinuousClock.now + .milliseconds(milliseconds)
     }
 
-    private static func remainingMilliseconds(until deadline: ContinuousClock.Instant) -> Int32 {
+    /// Milliseconds left until `deadline`, for poll: -1 without a deadline, 0 once it passed.
+    private static func remainingMilliseconds(until deadline: ContinuousClock.Instant?) -> Int32 {
+        guard let deadline else { return -1 }
         let remaining = deadline - ContinuousClock.now
         guard remaining > .zero else { return 0 }
         let (seconds, attoseconds) = remaining.components

@@ -120,6 +120,15 @@ public enum Spawn {
         return .killed(signal: status & 0x7f)
     }
 
+    /// Whether a child of this process has ended (a zombie counts), without reaping it: cheap enough
+    /// for a fault loop, unlike parsing /proc.
+    public static func hasEnded(_ processID: ProcessID) -> Bool {
+        var information = siginfo_t()
+        let result = waitid(P_PID, id_t(processID.rawValue), &information, WEXITED | WNOHANG | WNOWAIT)
+        if result != 0 { return !ProcFS.isAlive(processID) }  // not our child: fall back to /proc
+        return information._sifields._sigchld.si_pid == processID.rawValue
+    }
+
     public static func kill(_ processID: ProcessID, signal: Int32 = SIGKILL) {
         _ = Glibc.kill(processID.rawValue, signal)
     }

@@ -36,7 +36,8 @@ struct CommonOptions: ParsableArguments {
     var verbose = false
 
     func bootstrapLogging() -> Logger {
-        let level: Logger.Level = verbose ? .debug : .warning
+        // FAMMIG_LOG=trace adds the fault path (every request and answer) to --verbose.
+        let level: Logger.Level = verbose ? (ProcessInfo.processInfo.environment["FAMMIG_LOG"] == "trace" ? .trace : .debug) : .warning
         LoggingSystem.bootstrap { label in
             var handler = StreamLogHandler.standardError(label: label)
             handler.logLevel = level

@@ -100,7 +100,8 @@ public final class Dumper: EngineActor {
             // Without pushing, a socket source only answers: wait for the target's next request.
             if case .postcopySocket(let transport, false) = mode, prioritySlots.isEmpty,
                !transport.waitReadable(timeoutMilliseconds: 0) {
-                return .waiting(.retryAfter(.microseconds(100)))
+                guard let descriptor = transport.readableDescriptor else { return .waiting(.retryAfter(.microseconds(100))) }
+                return .waiting(.readable([descriptor], timeout: .milliseconds(5)))
             }
             return .ready(state.description)
         default: return .ready(state.description)
@@ -227,6 +228,7 @@ public final class Dumper: EngineActor {
             guard let message else { return }
             switch message {
             case .pageRequest(let address):
+                logger.trace("request arrived", metadata: ["address": "\(hex(address))", "us": "\(nanoseconds(clock.now()) / 1000)"])
                 guard let slot = slot(for: address) else {
                     throw .aborted("the target asked for page \(hex(address)), which the victim never touched")
                 }
@@ -306,7 +308,9 @@ public final class Dumper: EngineActor {
 
     private func send(slots: Range<Int>, transport: any Transport) throws {
         let bytes = try processVMRead(victimProcessID, address: pageAddresses[slots.lowerBound], byteCount: slots.count * 4096)
+        logger.trace("page read", metadata: ["us": "\(nanoseconds(clock.now()) / 1000)"])
         try transport.send(.pages(address: pageAddresses[slots.lowerBound], bytes: bytes))
+        logger.trace("reply sent", metadata: ["us": "\(nanoseconds(clock.now()) / 1000)"])
         for slot in slots where !sent[slot] {
             sent[slot] = true
             sentPageCount += 1

@@ -84,6 +84,10 @@ public protocol MigrationObserver: AnyObject, Sendable {
     /// The target is fully built and stopped before its first instruction; `restored` was read back
     /// from it the same way the victim was read at freeze.
     func targetReady(processID: ProcessID, checkpointed: ProcessState, restored: ProcessState) throws
-    /// Post-copy: pages were just installed in the target (woken only after this returns).
-    func pagesInstalled(processID: ProcessID, address: UInt64, byteCount: Int) throws
+    /// Post-copy: pages were just installed in the target (woken only after this returns). With
+    /// `installedBytes` nil the oracle reads them back through the target (race-free only while nothing
+    /// in the target can run on them: before the resume, or while the faulting thread sleeps); else it
+    /// checks the exact bytes the installer copied (pushed pages, which a running target may already
+    /// be changing).
+    func pagesInstalled(processID: ProcessID, address: UInt64, byteCount: Int, installedBytes: [UInt8]?) throws
 }

@@ -42,8 +42,9 @@ public final class FaultHandler: EngineActor {
     public func nextAction() -> NextAction {
         if finished { return .finished }
         guard let memory = lazy(), memory.isRunning else { return .waiting(.peer("restorer")) }
-        if memory.isComplete || !ProcFS.isAlive(memory.targetProcessID) { return .ready("finish") }
-        let descriptors = [memory.userfaultfd.descriptor]
+        if memory.isComplete || Spawn.hasEnded(memory.targetProcessID) { return .ready("finish") }
+        var descriptors = [memory.userfaultfd.descriptor]
+        if let transport, !sourceGone, let descriptor = transport.readableDescriptor { descriptors.append(descriptor) }
         if memory.userfaultfd.waitReadable(timeoutMilliseconds: 0) || transportHasData() || !pending.isEmpty && memory.usesFAM {
             return .ready("serve")
         }
@@ -58,7 +59,7 @@ public final class FaultHandler: EngineActor {
     public func perform() throws(EngineError) {
         guard let memory = lazy() else { preconditionFailure("FaultHandler ran before the restorer handed over") }
         do {
-            if memory.isComplete || !ProcFS.isAlive(memory.targetProcessID) {
+            if memory.isComplete || Spawn.hasEnded(memory.targetProcessID) {
                 try finish(memory)
                 return
             }
@@ -73,6 +74,8 @@ public final class FaultHandler: EngineActor {
     }
 
     private func finish(_ memory: LazyMemory) throws {
+        logger.debug("fault handler finishing", metadata: ["ms": "\(nanoseconds(clock.now()) / 1_000_000)", "installed": "\(memory.installedPageCount)", "pages": "\(memory.pageCount)",
+                                                          "missing": "\(memory.firstMissing(from: 0).map { hex(memory.pageAddresses[$0]) } ?? "none")"])
         if memory.isComplete {
             try memory.unregisterAll()
             timeline.record(.lastPageInstalled, at: clock.now())
@@ -100,6 +103,7 @@ public final class FaultHandler: EngineActor {
             switch message {
             case .pages(let address, let bytes):
                 let start = clock.now()
+                logger.trace("received", metadata: ["address": "\(hex(address))", "us": "\(nanoseconds(start) / 1000)"])
                 try memory.installBytes(address: address, bytes: bytes)
                 wakePending(memory, slots: slotRange(memory, address: address, count: bytes.count / 4096), path: .sourceAsync, installedAt: start)
             case .marked:
@@ -135,13 +139,14 @@ public final class FaultHandler: EngineActor {
                 continue
             }
             if memory.usesFAM && memory.isDumped(slot) {
-                try memory.installFromFAM(slot: slot, count: 1)
+                try memory.installFromFAM(slot: slot, count: 1, readBack: true)
                 metrics.record(.famSync, latency: clock.now() - start)
                 continue
             }
             pending[slot, default: []].append(Pending(address: fault.address, since: start))
             if memory.noteRequested(slot) {
                 try transport?.send(.pageRequest(address: memory.pageAddresses[slot]))
+                logger.trace("requested", metadata: ["slot": "\(slot)", "us": "\(nanoseconds(clock.now()) / 1000)", "faultUs": "\(nanoseconds(start) / 1000)"])
             }
         }
     }
@@ -149,7 +154,7 @@ public final class FaultHandler: EngineActor {
     private func servePendingFromFAM(_ memory: LazyMemory) throws {
         for slot in pending.keys.sorted() where memory.isDumped(slot) {
             let start = clock.now()
-            if !memory.isInstalled(slot) { try memory.installFromFAM(slot: slot, count: 1) } else { try memory.wake(address: memory.pageAddresses[slot]) }
+            if !memory.isInstalled(slot) { try memory.installFromFAM(slot: slot, count: 1, readBack: true) } else { try memory.wake(address: memory.pageAddresses[slot]) }
             wakePending(memory, slots: slot..<(slot + 1), path: .sourceAsync, installedAt: start)
         }
     }

@@ -26,7 +26,7 @@ public final class Pusher: EngineActor {
     public func nextAction() -> NextAction {
         if finished { return .finished }
         guard let memory = lazy(), memory.isRunning else { return .waiting(.peer("restorer")) }
-        if memory.isComplete || !ProcFS.isAlive(memory.targetProcessID) { return .ready("finish") }
+        if memory.isComplete || Spawn.hasEnded(memory.targetProcessID) { return .ready("finish") }
         guard let first = memory.firstMissing(from: 0) else { return .ready("finish") }
         // Restart the scan from the first hole: faults may have filled pages behind the cursor.
         if memory.nextInstallableRun(from: min(cursor, first), limit: 1) != nil { return .ready("push") }
@@ -35,17 +35,18 @@ public final class Pusher: EngineActor {
 
     public func perform() throws(EngineError) {
         guard let memory = lazy() else { preconditionFailure("Pusher ran before the restorer handed over") }
-        if memory.isComplete || !ProcFS.isAlive(memory.targetProcessID) {
+        if memory.isComplete || Spawn.hasEnded(memory.targetProcessID) {
             finished = true
             return
         }
         let first = memory.firstMissing(from: 0) ?? memory.pageCount
         guard let run = memory.nextInstallableRun(from: min(cursor, first), limit: batchPageCount) else { return }
         let start = clock.now()
-        do { try memory.installFromFAM(slot: run.slot, count: run.count) } catch {
+        do { try memory.installFromFAM(slot: run.slot, count: run.count, readBack: false) } catch {
             throw .aborted("pusher installing \(run.count) pages at slot \(run.slot): \(error)")
         }
         metrics.record(.push, latency: clock.now() - start)
+        logger.debug("pushed", metadata: ["slot": "\(run.slot)", "count": "\(run.count)", "ms": "\(nanoseconds(clock.now()) / 1_000_000)"])
         cursor = run.slot + run.count
     }
 

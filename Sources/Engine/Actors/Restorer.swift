@@ -283,7 +283,9 @@ public final class Restorer: EngineActor {
                     if case .abort(let reason) = message { throw EngineError.aborted("the source aborted: \(reason)") }
                 }
             } else {
-                while let message = try transport.receive() {
+                // Only until the pages needed before the resume are in: what the source pushes after
+                // that is the fault handler's, once the process runs (it must not lengthen the downtime).
+                while !eagerSlotsLeft.isEmpty, let message = try transport.receive() {
                     switch message {
                     case .pages(let address, let bytes):
                         try installReceived(address: address, bytes: bytes, memory: memory)
@@ -305,31 +307,36 @@ public final class Restorer: EngineActor {
     private func installEager(slot: Int, memory: LazyMemory) throws {
         let address = pageAddresses[slot]
         if memory.isRegistered(address) {
-            try memory.installFromFAM(slot: slot, count: 1)
+            try memory.installFromFAM(slot: slot, count: 1, readBack: true)
         } else {
             precondition(memory.isDumped(slot), "page slot \(slot) read before its mark was seen")
             let location = memory.famLocation(slot: slot)
             try target!.writePages(from: location.mapping, at: location.offset, byteCount: 4096, to: address)
-            try observer?.pagesInstalled(processID: target!.processID, address: address, byteCount: 4096)
+            try observer?.pagesInstalled(processID: target!.processID, address: address, byteCount: 4096, installedBytes: nil)
             memory.noteInstalledElsewhere(slot: slot)
         }
         eagerSlotsLeft.remove(slot)
     }
 
-    /// Socket mode: any page that arrives before the resume goes in now.
+    /// Socket mode: any page that arrives before the resume goes in now, page by page into registered
+    /// memory (UFFDIO_COPY) or not (pwrite), since one run of pages may span both.
     private func installReceived(address: UInt64, bytes: [UInt8], memory: LazyMemory) throws {
-        if memory.isRegistered(address) {
-            try memory.installBytes(address: address, bytes: bytes)
-        } else {
-            guard let slot = memory.slot(for: address) else { throw EngineError.aborted("the source sent page \(hex(address)), not in the page table") }
-            try target!.writeBytes(bytes, to: address)
-            for index in 0..<(bytes.count / 4096) {
-                try observer?.pagesInstalled(processID: target!.processID, address: address + UInt64(index) * 4096, byteCount: 4096)
-                memory.noteInstalledElsewhere(slot: slot + index)
+        guard let first = memory.slot(for: address) else { throw EngineError.aborted("the source sent page \(hex(address)), not in the page table") }
+        for index in 0..<(bytes.count / 4096) {
+            let pageAddress = address + UInt64(index) * 4096
+            let page = Array(bytes[(index * 4096)..<((index + 1) * 4096)])
+            guard memory.slot(for: pageAddress) == first + index else {
+                throw EngineError.aborted("the source sent pages at \(hex(address)) that are not adjacent dumped pages")
             }
+            if memory.isRegistered(pageAddress) {
+                try memory.installBytes(address: pageAddress, bytes: page)
+            } else if !memory.isInstalled(first + index) {
+                try target!.writeBytes(page, to: pageAddress)
+                try observer?.pagesInstalled(processID: target!.processID, address: pageAddress, byteCount: 4096, installedBytes: nil)
+                memory.noteInstalledElsewhere(slot: first + index)
+            }
+            eagerSlotsLeft.remove(first + index)
         }
-        guard let first = memory.slot(for: address) else { return }
-        for slot in first..<(first + bytes.count / 4096) { eagerSlotsLeft.remove(slot) }
     }
 
     public func abort(reason: String) {

@@ -109,8 +109,10 @@ public final class LazyMemory: @unchecked Sendable {
 
     /// Installs `count` adjacent slots from FAM (the marks must be stored), lets the oracle read them
     /// back, then wakes whoever faulted on them. Returns how many were newly installed here.
+    /// `readBack`: the oracle reads the pages back through the target (see MigrationObserver); else it
+    /// checks the FAM bytes that were copied.
     @discardableResult
-    func installFromFAM(slot: Int, count: Int) throws -> Int {
+    func installFromFAM(slot: Int, count: Int, readBack: Bool) throws -> Int {
         guard let reader = lock.withLock({ reader }) else { preconditionFailure("installFromFAM without an image") }
         for index in slot..<(slot + count) {
             precondition(lock.withLock { self.reader!.hasObservedMark(slot: index) }, "page slot \(index) read before its mark was seen")
@@ -121,7 +123,9 @@ public final class LazyMemory: @unchecked Sendable {
             try userfaultfd.copy(from: reader.backend.readableMapping, at: reader.pageOffset(slot: slot) + offset,
                                  to: address + UInt64(offset), byteCount: remaining, dontWake: true)
         }
-        try finishInstall(slot: slot, count: count, newly: newly)
+        try finishInstall(slot: slot, count: count, newly: newly) { offset in
+            readBack ? nil : reader.backend.loadBytes(at: reader.pageOffset(slot: slot) + offset * 4096, count: 4096)
+        }
         return newly.count
     }
 
@@ -137,7 +141,7 @@ public final class LazyMemory: @unchecked Sendable {
         let newly = try copyAll(address: address, byteCount: bytes.count) { offset, remaining throws -> CopyOutcome in
             try userfaultfd.copy(bytes: Array(bytes[offset..<(offset + remaining)]), to: address + UInt64(offset), dontWake: true)
         }
-        try finishInstall(slot: slot, count: count, newly: newly)
+        try finishInstall(slot: slot, count: count, newly: newly) { offset in Array(bytes[(offset * 4096)..<((offset + 1) * 4096)]) }
         return newly.count
     }
 
@@ -192,7 +196,7 @@ public final class LazyMemory: @unchecked Sendable {
         return newly
     }
 
-    private func finishInstall(slot: Int, count: Int, newly: [Int]) throws {
+    private func finishInstall(slot: Int, count: Int, newly: [Int], installedBytes: (Int) -> [UInt8]?) throws {
         lock.withLock {
             for offset in newly where !installed[slot + offset] {
                 installed[slot + offset] = true
@@ -201,7 +205,9 @@ public final class LazyMemory: @unchecked Sendable {
         }
         // The oracle reads the installed pages back through the target before anyone runs on them.
         for offset in newly {
-            try observer?.pagesInstalled(processID: targetProcessID, address: pageAddresses[slot + offset], byteCount: 4096)
+            guard let observer else { break }
+            try observer.pagesInstalled(processID: targetProcessID, address: pageAddresses[slot + offset], byteCount: 4096,
+                                        installedBytes: installedBytes(offset))
         }
         // Wake explicitly: the copies used DONTWAKE; pages skipped for EEXIST may have waiters too.
         try userfaultfd.wake(address: pageAddresses[slot], byteCount: count * 4096)

@@ -86,6 +86,8 @@ public final class TCPTransport: Transport {
         }
     }
 
+    public var readableDescriptor: Int32? { socket.descriptor >= 0 ? socket.descriptor : nil }
+
     public func close() {
         guard !isClosed.exchange(true, ordering: .acquiringAndReleasing) else { return }
         // Wake any thread blocked in send or waitReadable, then wait for both to let go before the number

@@ -13,9 +13,12 @@ public protocol Transport: AnyObject, Sendable {
     /// The next whole message, without waiting: nil when none has fully arrived yet. Throws `peerClosed`
     /// once every message the peer sent before closing was received.
     func receive() throws(TransportError) -> Message?
-    /// Waits up to `timeoutMilliseconds` (0: just look) until `receive` has something to say: a whole
+    /// Waits up to `timeoutMilliseconds` (0: just look; negative: no limit) until `receive` has something to say: a whole
     /// message, the peer's close, or an error. False on timeout.
     func waitReadable(timeoutMilliseconds: Int32) -> Bool
+    /// A descriptor a threaded driver may poll together with others (nil: poll `waitReadable` instead).
+    /// Readable means "look": `waitReadable(0)` first, since whole messages may already be buffered.
+    var readableDescriptor: Int32? { get }
     /// Ends the connection; a thread blocked in `send` or `waitReadable` wakes up. Idempotent.
     func close()
     /// Bytes of whole frames handed to the wire (length prefix included), as `Message.encoded()` counts them.
