@@ -201,7 +201,9 @@ public final class Dumper: EngineActor {
             timeline.add(slots.count, to: "pagesDumped")
             state = slots.upperBound == pageAddresses.count ? .commit : .dumping(nextSlot: slots.upperBound)
         case .commit:
+            if writer != nil { observer?.imageWillCommit() }
             writer?.commit()
+            if writer != nil { observer?.imageCommitted() }
             timeline.record(.dumpCommitted, at: clock.now())
             state = .release
         case .release:

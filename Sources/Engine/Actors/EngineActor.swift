@@ -90,4 +90,12 @@ public protocol MigrationObserver: AnyObject, Sendable {
     /// checks the exact bytes the installer copied (pushed pages, which a running target may already
     /// be changing).
     func pagesInstalled(processID: ProcessID, address: UInt64, byteCount: Int, installedBytes: [UInt8]?) throws
+    /// The source is about to store the commit record (every mark is durable), and has stored it.
+    func imageWillCommit()
+    func imageCommitted()
+}
+
+extension MigrationObserver {
+    public func imageWillCommit() {}
+    public func imageCommitted() {}
 }

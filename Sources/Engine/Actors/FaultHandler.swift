@@ -104,7 +104,8 @@ public final class FaultHandler: EngineActor {
             case .pages(let address, let bytes):
                 let start = clock.now()
                 logger.trace("received", metadata: ["address": "\(hex(address))", "us": "\(nanoseconds(start) / 1000)"])
-                try memory.installBytes(address: address, bytes: bytes)
+                let newly = try memory.installBytes(address: address, bytes: bytes)
+                if pending[memory.slot(for: address) ?? -1] == nil && newly > 0 { metrics.record(.push, latency: clock.now() - start) }
                 wakePending(memory, slots: slotRange(memory, address: address, count: bytes.count / 4096), path: .sourceAsync, installedAt: start)
             case .marked:
                 continue  // servePendingFromFAM checks the marks themselves.

@@ -270,19 +270,31 @@ public final class Restorer: EngineActor {
     private func installEagerPages() throws(EngineError) {
         guard let memory = lazyMemory, let transport else { preconditionFailure("eager pages without lazy memory") }
         do {
-            if !eagerRequested {
-                for slot in eagerSlotsLeft.sorted() { try transport.send(.pageRequest(address: pageAddresses[slot])) }
-                eagerRequested = true
-            }
             if reader != nil {
+                // After the commit record FAM alone completes the migration: the source may be gone.
+                let committed = memory.imageIsCommitted()
+                if !eagerRequested {
+                    for slot in eagerSlotsLeft.sorted() where !memory.isDumped(slot) {
+                        do { try transport.send(.pageRequest(address: pageAddresses[slot])) } catch { if !committed { throw error } }
+                    }
+                    eagerRequested = true
+                }
                 for slot in eagerSlotsLeft.sorted() where memory.isDumped(slot) {
                     try installEager(slot: slot, memory: memory)
                 }
                 // Drain the source's messages: the marks themselves are read from FAM.
-                while let message = try transport.receive() {
-                    if case .abort(let reason) = message { throw EngineError.aborted("the source aborted: \(reason)") }
+                do {
+                    while let message = try transport.receive() {
+                        if case .abort(let reason) = message { throw EngineError.aborted("the source aborted: \(reason)") }
+                    }
+                } catch let error as TransportError {
+                    if !memory.imageIsCommitted() { throw error }
                 }
             } else {
+                if !eagerRequested {
+                    for slot in eagerSlotsLeft.sorted() { try transport.send(.pageRequest(address: pageAddresses[slot])) }
+                    eagerRequested = true
+                }
                 // Only until the pages needed before the resume are in: what the source pushes after
                 // that is the fault handler's, once the process runs (it must not lengthen the downtime).
                 while !eagerSlotsLeft.isEmpty, let message = try transport.receive() {

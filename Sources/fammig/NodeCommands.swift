@@ -1,0 +1,191 @@
+// The two nodes as two processes: `fammig source` (on the victim's node) and `fammig target` (on the node
+// the process moves to), joined by TCP; and `fammig launch`, which starts a program as pid 1 of its own
+// PID namespace so that both nodes can share one machine.
+import ArgumentParser
+import Engine
+import Foundation
+import Logging
+import Oracles
+import Sys
+
+enum PostcopyMode: String, ExpressibleByArgument, CaseIterable {
+    case postcopySocket = "postcopy-socket"
+    case postcopyFAM = "postcopy-fam"
+}
+
+/// Kills this process at a point of the source's protocol: how tests show what a dead source leaves.
+final class SourceNemesis: MigrationObserver, @unchecked Sendable {
+    enum Moment: String, ExpressibleByArgument, CaseIterable { case beforeCommit = "before-commit", afterCommit = "after-commit" }
+    let moment: Moment
+    init(moment: Moment) { self.moment = moment }
+    func victimFrozen(processID: ProcessID, state: ProcessState, pageAddresses: [UInt64]) throws {}
+    func targetReady(processID: ProcessID, checkpointed: ProcessState, restored: ProcessState) throws {}
+    func pagesInstalled(processID: ProcessID, address: UInt64, byteCount: Int, installedBytes: [UInt8]?) throws {}
+    func imageWillCommit() { if moment == .beforeCommit { Glibc.kill(getpid(), SIGKILL) } }
+    func imageCommitted() { if moment == .afterCommit { Glibc.kill(getpid(), SIGKILL) } }
+}
+
+struct Source: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "The source node of a post-copy migration: freeze PID, then serve the target that connects.")
+
+    @Option(help: "The PID of the process to migrate.")
+    var pid: Int32
+
+    @Option(help: "The migration mode.")
+    var mode: PostcopyMode
+
+    @Option(help: "The FAM image file to create (postcopy-fam; it must not exist).")
+    var fam: String?
+
+    @Option(help: "Where to wait for the target node, as IPV4:PORT (only that address is bound).")
+    var listen: String
+
+    @Option(help: "postcopy-socket: push the remaining pages in the background (on) or send pages only on request (off).")
+    var push: Switch = .on
+
+    @Option(help: "Seconds to wait for the target node to connect.")
+    var acceptTimeout: Int32 = 30
+
+    @Option(help: "Testing: kill this source node at this point of the protocol.")
+    var dieAt: SourceNemesis.Moment?
+
+    @OptionGroup var common: CommonOptions
+
+    func validate() throws {
+        if mode == .postcopyFAM && fam == nil { throw ValidationError("postcopy-fam needs --fam PATH, the FAM file both nodes map.") }
+        if let fam, ProcFS.exists(fam) { throw ValidationError("\(fam) already exists; pass a new path or remove it.") }
+        do { _ = try Endpoint(parsing: listen) } catch { throw ValidationError("--listen: \(error)") }
+    }
+
+    func run() throws {
+        let logger = common.bootstrapLogging()
+        let endpoint = try! Endpoint(parsing: listen)
+        guard ProcFS.isAlive(ProcessID(pid)) else { throw fail("pid \(pid): no such process; pass the PID of a running process.", code: 2) }
+        let transport: TCPTransport
+        do {
+            let listener = try TCPTransport.listen(on: endpoint)
+            defer { listener.close() }
+            FileHandle.standardError.write(Data("fammig source: listening on \(listener.endpoint)\n".utf8))
+            guard let accepted = try TCPTransport.accept(on: listener, timeoutMilliseconds: acceptTimeout * 1000) else {
+                throw fail("no target node connected to \(endpoint) within \(acceptTimeout) s; start `fammig target --connect \(endpoint)`.", code: 2)
+            }
+            transport = accepted
+        } catch let error as TransportError {
+            throw fail("\(error)", code: 2)
+        }
+        defer { transport.close() }
+        let timeline = MigrationTimeline()
+        let famPath = fam ?? ""
+        let dumpMode: DumpMode = mode == .postcopyFAM ? .postcopyFAM(transport: transport) : .postcopySocket(transport: transport, push: push == .on)
+        let dumper = Dumper(victim: ProcessID(pid), makeBackend: makeRealBackend(path: famPath), generation: 1, release: .kill,
+                            observer: dieAt.map { SourceNemesis(moment: $0) }, clock: MonotonicClock(), timeline: timeline,
+                            logger: logger, mode: dumpMode)
+        do {
+            try ThreadedDriver(logger: logger).run([dumper])
+        } catch {
+            try? transport.send(.abort(reason: "\(error)"))
+            if let fam { _ = try? SharedMapping.remove(path: fam) }
+            throw engineFailure(error)
+        }
+        print("source: pid \(pid) migrated (\(mode.rawValue)); busy \(format(timeline.span(from: .started, to: .victimReleased))), "
+              + "downtime starts at the freeze, \(timeline.counter("pagesDumped")) pages, \(transport.bytesSent) bytes sent over TCP")
+    }
+}
+
+struct Target: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "The target node of a post-copy migration: connect to the source, restore the process, serve its faults.")
+
+    @Option(help: "The migration mode (the source's).")
+    var mode: PostcopyMode
+
+    @Option(help: "The FAM image file the source writes (postcopy-fam).")
+    var fam: String?
+
+    @Option(help: "The source node, as IPV4:PORT.")
+    var connect: String
+
+    @Option(help: "postcopy-fam: install the remaining pages from FAM in the background (on) or only on faults (off).")
+    var push: Switch = .on
+
+    @Option(help: "shared: the old PID in this node's PID namespace; fresh: pid 1 of a new namespace (a victim started by `fammig launch`).")
+    var pidNamespace: PIDNamespaceChoice = .shared
+
+    @Option(help: "Seconds to keep trying to reach the source.")
+    var connectTimeout: Int32 = 30
+
+    @OptionGroup var common: CommonOptions
+
+    enum PIDNamespaceChoice: String, ExpressibleByArgument, CaseIterable { case shared, fresh }
+
+    func validate() throws {
+        if mode == .postcopyFAM && fam == nil { throw ValidationError("postcopy-fam needs --fam PATH, the FAM file the source writes.") }
+        do { _ = try Endpoint(parsing: connect) } catch { throw ValidationError("--connect: \(error)") }
+    }
+
+    func run() throws {
+        let logger = common.bootstrapLogging()
+        let transport: TCPTransport
+        do {
+            transport = try TCPTransport.connect(to: try Endpoint(parsing: connect), timeoutMilliseconds: connectTimeout * 1000)
+        } catch {
+            throw fail("\(error)", code: 2)
+        }
+        defer { transport.close() }
+        let timeline = MigrationTimeline()
+        let metrics = FaultMetrics()
+        let clock = MonotonicClock()
+        let restoreMode: RestoreMode = mode == .postcopyFAM ? .lazyFromFAM(transport: transport) : .lazyFromSocket(transport: transport)
+        let oracles = MigrationOracles()
+        oracles.expectLazyPages()
+        let restorer = Restorer(openBackend: openRealBackend(path: fam ?? "/nonexistent"), stubPath: try stubPath(), observer: oracles,
+                                clock: clock, timeline: timeline, logger: logger,
+                                pidNamespace: pidNamespace == .fresh ? .fresh : .shared, mode: restoreMode)
+        let faultHandler = FaultHandler(lazy: { restorer.lazyMemory }, transport: transport, generation: 1, clock: clock,
+                                        timeline: timeline, metrics: metrics, logger: logger)
+        var actors: [any EngineActor] = [restorer, faultHandler]
+        if mode == .postcopyFAM && push == .on {
+            actors.append(Pusher(lazy: { restorer.lazyMemory }, clock: clock, metrics: metrics, logger: logger))
+        }
+        do {
+            try ThreadedDriver(logger: logger).run(actors)
+        } catch {
+            if let restored = restorer.restoredProcessID { Spawn.kill(restored); _ = try? Spawn.waitForExit(restored) }
+            throw engineFailure(error)
+        }
+        let restored = restorer.restoredProcessID.map { "\($0)" } ?? "?"
+        print("target: restored pid \(restored); downtime from resume: restore \(format(timeline.span(from: .restoreStarted, to: .targetResumed))), "
+              + "\(metrics.faultCount.load(ordering: .relaxed)) faults")
+        for summary in metrics.summaries {
+            print(String(format: "  %@: %d, median %.1f us, p99 %.1f us", summary.path as NSString, summary.count,
+                         summary.medianMicroseconds, summary.p99Microseconds))
+        }
+    }
+}
+
+struct Launch: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Start a program as pid 1 of its own PID namespace (a node of its own), stdout to a file; print its PID.")
+
+    @Option(help: "The file the program's stdout goes to (stdin is /dev/null).")
+    var output: String
+
+    @Argument(parsing: .postTerminator, help: "The program and its arguments, after --.")
+    var command: [String] = []
+
+    func validate() throws {
+        guard let program = command.first, program.contains("/"), access(program, X_OK) == 0 else {
+            throw ValidationError("give the program's path after --, e.g. -- ./TestPrograms/build/sleeper.")
+        }
+    }
+
+    func run() throws {
+        do {
+            let processID = try Spawn.programInNewPIDNamespace(path: absolutePath(command[0]), arguments: Array(command.dropFirst()),
+                                                               environment: ["PATH=/usr/bin:/bin"], standardOutputPath: output,
+                                                               standardErrorPath: output + ".err")
+            print(processID)
+        } catch { throw fail("cannot start \(command[0]): \(error)", code: 2) }
+    }
+}
