@@ -49,6 +49,18 @@ int csys_prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4,
     return prctl(option, a2, a3, a4, a5);
 }
 
+
+/// In a freshly cloned child: every signal back to its default action and an empty mask, since ignored
+/// signals and the mask survive execve and the restored process must start from nothing of ours.
+static void reset_signals(void) {
+    for (int signal = 1; signal < 65; signal++) {
+        struct { unsigned long handler, flags, restorer, mask; } action = {0, 0, 0, 0};
+        syscall(SYS_rt_sigaction, signal, &action, 0, 8);
+    }
+    unsigned long empty = 0;
+    syscall(SYS_rt_sigprocmask, SIG_SETMASK, &empty, 0, 8);
+}
+
 pid_t csys_spawn_traced(const char *path, char *const argv[], char *const envp[], pid_t wantedPID,
                         unsigned long personalityValue) {
     struct clone_args arguments = {0};
@@ -61,6 +73,7 @@ pid_t csys_spawn_traced(const char *path, char *const argv[], char *const envp[]
     long child = syscall(SYS_clone3, &arguments, sizeof arguments);
     if (child != 0) return (pid_t)child;
     // Child: only raw syscalls from here on (the parent may have had other threads).
+    reset_signals();
     syscall(SYS_prctl, PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
     if (personalityValue != 0xffffffffUL) syscall(SYS_personality, personalityValue);
     if (syscall(SYS_ptrace, PTRACE_TRACEME, 0, 0, 0) != 0) syscall(SYS_exit_group, 126);
@@ -140,6 +153,7 @@ pid_t csys_spawn_traced_new_pid_namespace(const char *path, char *const argv[], 
     arguments.exit_signal = SIGCHLD;
     long child = syscall(SYS_clone3, &arguments, sizeof arguments);
     if (child != 0) return (pid_t)child;
+    reset_signals();
     syscall(SYS_prctl, PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
     if (syscall(SYS_ptrace, PTRACE_TRACEME, 0, 0, 0) != 0) syscall(SYS_exit_group, 126);
     syscall(SYS_execve, path, argv, envp);
@@ -166,12 +180,7 @@ pid_t csys_spawn_program_new_pid_namespace(const char *path, char *const argv[],
     long child = syscall(SYS_clone3, &arguments, sizeof arguments);
     if (child != 0) return (pid_t)child;
     // Child: only raw syscalls. Default dispositions and an empty mask, whatever the parent had.
-    for (int signal = 1; signal < 65; signal++) {
-        struct { unsigned long handler, flags, restorer, mask; } action = {0, 0, 0, 0};
-        syscall(SYS_rt_sigaction, signal, &action, 0, 8);
-    }
-    unsigned long empty = 0;
-    syscall(SYS_rt_sigprocmask, SIG_SETMASK, &empty, 0, 8);
+    reset_signals();
     if (open_onto(standardInput, O_RDONLY, 0) != 0) syscall(SYS_exit_group, 125);
     if (open_onto(standardOutput, O_WRONLY | O_CREAT | O_TRUNC, 1) != 0) syscall(SYS_exit_group, 125);
     if (open_onto(standardError, O_WRONLY | O_CREAT | O_TRUNC, 2) != 0) syscall(SYS_exit_group, 125);

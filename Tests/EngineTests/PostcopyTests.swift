@@ -1,0 +1,167 @@
+// Post-copy migrations of the real test programs: through `fammig run` in both post-copy modes with
+// pushing on and off (every oracle, the reference checksum, nothing left over), and as two separate
+// node processes (`fammig source` / `fammig target`) including a source that dies before or after the
+// commit record.
+import Foundation
+import Glibc
+import Sys
+import Testing
+
+/// The part of `fammig run --json` the post-copy tests read.
+struct PostcopyReport: Decodable {
+    struct Verdict: Decodable { var name: String; var passed: Bool; var detail: String }
+    struct FaultPath: Decodable { var path: String; var count: Int; var medianMicroseconds: Double }
+    var verdicts: [Verdict]
+    var referenceChecksum: String?
+    var migratedChecksum: String?
+    var pageCount: Int
+    var faultPaths: [FaultPath]
+    var tcpByteCount: Int
+    var famByteCount: Int
+    var busyMilliseconds: Double?
+    var downtimeMilliseconds: Double?
+}
+
+struct PostcopyCase: Sendable, CustomTestStringConvertible {
+    var mode: String
+    var push: String
+    var program: String
+    var arguments: [String]
+
+    var testDescription: String { "\(mode) push \(push): \(program) \(arguments.joined(separator: " "))" }
+
+    static let programs: [(String, [String])] = [
+        ("memwalk-static", ["--mib", "4", "--steps", "40000", "--pause-us", "25000"]),
+        ("memwalk", ["--mib", "4", "--steps", "40000", "--pause-us", "25000"]),
+        ("sleeper-static", ["--rounds", "40", "--sleep-ms", "50"]),
+        ("signals", ["--rounds", "200", "--pause-us", "10000"]),
+        ("seccomp-static", ["--rounds", "100", "--pause-us", "20000"]),
+        ("caps", ["--rounds", "100", "--pause-us", "20000"]),
+    ]
+
+    static let all: [PostcopyCase] = ["postcopy-fam", "postcopy-socket"].flatMap { mode in
+        ["on", "off"].flatMap { push in programs.map { PostcopyCase(mode: mode, push: push, program: $0.0, arguments: $0.1) } }
+    }
+}
+
+extension ProcessTests {
+    @Suite(.serialized) struct PostcopyTests {
+        func runMigration(mode: String, push: String, program name: String, arguments: [String], afterMilliseconds: Int = 300)
+            throws -> (outcome: CommandOutcome, report: PostcopyReport) {
+            let program = try TestPaths.testProgram(name)
+            let directory = try ScratchDirectory(under: "/tmp")
+            defer { directory.remove() }
+            let leftovers = LeftoverCheck()
+            defer { leftovers.finish() }
+            leftovers.expectProgram([program] + arguments)
+            let jsonPath = directory.path("report.json")
+            let outcome = try leftovers.fammig(["run", "--mode", mode, "--push", push, "--after-ms", "\(afterMilliseconds)",
+                                                "--json", jsonPath, "--", program] + arguments, timeout: .seconds(120))
+            let report = try JSONDecoder().decode(PostcopyReport.self, from: Data(contentsOf: URL(fileURLWithPath: jsonPath)))
+            return (outcome, report)
+        }
+
+        @Test(arguments: PostcopyCase.all) func migratedRunMatchesReference(_ migration: PostcopyCase) throws {
+            let (outcome, report) = try runMigration(mode: migration.mode, push: migration.push, program: migration.program,
+                                                     arguments: migration.arguments)
+            #expect(outcome.exitStatus == 0 && !outcome.killedBySignal, "fammig run failed:\n\(outcome.standardOutput)\n\(outcome.standardError)")
+            let failed = report.verdicts.filter { !$0.passed }.map { "\($0.name): \($0.detail)" }
+            #expect(failed.isEmpty, "failed verdicts: \(failed)")
+            let names = Set(report.verdicts.map(\.name))
+            for required in ["registers and state", "pages", "program", "end to end", "output"] {
+                #expect(names.contains(required), "no \"\(required)\" verdict among \(names.sorted())")
+            }
+            #expect(report.migratedChecksum != nil && report.migratedChecksum == report.referenceChecksum)
+            #expect(report.pageCount > 0)
+            if migration.mode == "postcopy-socket" {
+                // Every page crossed the socket, none went through FAM.
+                #expect(report.famByteCount == 0)
+                #expect(report.tcpByteCount >= report.pageCount * 4096)
+            } else {
+                // Only requests and notices cross the socket: pages go through FAM.
+                #expect(report.famByteCount == report.pageCount * 4096)
+                #expect(report.tcpByteCount < 64 * 1024 + report.pageCount * 8)
+            }
+        }
+
+        /// The target touches pages of a 256 MiB region while the dumper is still writing it: faults on
+        /// pages already dumped are served from FAM, the others by asking the source, and every page
+        /// still matches its freeze digest.
+        @Test func faultsRacingTheBackgroundDumpAreServedCorrectly() throws {
+            let (outcome, report) = try runMigration(mode: "postcopy-fam", push: "off", program: "memwalk-static",
+                                                     arguments: ["--mib", "256", "--steps", "400000", "--pause-us", "0"],
+                                                     afterMilliseconds: 900)
+            #expect(outcome.exitStatus == 0, "\(outcome.standardOutput)\n\(outcome.standardError)")
+            let failed = report.verdicts.filter { !$0.passed }.map(\.detail)
+            #expect(failed.isEmpty, "\(failed)")
+            let paths = Dictionary(uniqueKeysWithValues: report.faultPaths.map { ($0.path, $0.count) })
+            #expect((paths["fam-sync"] ?? 0) > 0, "paths: \(paths)")
+            #expect((paths["source-async"] ?? 0) > 0, "no fault reached a page before its dump: \(paths)")
+            #expect(report.migratedChecksum == report.referenceChecksum)
+        }
+    }
+
+    /// The two nodes as two processes: `fammig launch` starts the victim as pid 1 of its own PID
+    /// namespace, `fammig source` serves it, `fammig target` restores it into a fresh namespace.
+    @Suite(.serialized) struct TwoNodeTests {
+        enum Ending { case completes, failsCleanly }
+
+        @Test(arguments: [("postcopy-fam", "none", Ending.completes), ("postcopy-fam", "before-commit", .failsCleanly),
+                          ("postcopy-fam", "after-commit", .completes), ("postcopy-socket", "none", .completes)])
+        func sourceAndTargetProcesses(mode: String, dieAt: String, ending: Ending) throws {
+            let program = try TestPaths.testProgram("memwalk-static")
+            let arguments = ["--mib", "64", "--steps", "40000", "--pause-us", "20000"]
+            let directory = try ScratchDirectory(under: "/tmp")
+            defer { directory.remove() }
+            let leftovers = LeftoverCheck()
+            defer { leftovers.finish() }
+            leftovers.expectProgram([program] + arguments)
+            let reference = try runCommand(program, arguments, timeout: .seconds(60))
+            let referenceChecksum = try #require(reference.standardOutput.split(separator: "\n").last.map(String.init))
+
+            let outputPath = directory.path("victim.out")
+            let famPath = "/dev/shm/fammig-twonode-\(getpid()).img"
+            defer { try? FileManager.default.removeItem(atPath: famPath) }
+            let launched = try leftovers.fammig(["launch", "--output", outputPath, "--", program] + arguments)
+            let victim = try #require(Int32(launched.standardOutput.trimmingCharacters(in: .whitespacesAndNewlines)))
+            defer { _ = kill(victim, SIGKILL) }
+            usleep(500_000)
+
+            let port = 17000 + Int(getpid() % 2000)
+            var sourceArguments = ["source", "--pid", "\(victim)", "--mode", mode, "--listen", "127.0.0.1:\(port)"]
+            var targetArguments = ["target", "--mode", mode, "--connect", "127.0.0.1:\(port)", "--pid-namespace", "fresh"]
+            if mode == "postcopy-fam" {
+                sourceArguments += ["--fam", famPath]
+                targetArguments += ["--fam", famPath]
+            }
+            if dieAt != "none" { sourceArguments += ["--die-at", dieAt] }
+            let source = leftovers.own(try StartedProcess(try TestPaths.fammig(), sourceArguments,
+                                                          standardOutputPath: directory.path("source.out"),
+                                                          standardErrorPath: directory.path("source.err")))
+            let target = try leftovers.fammig(targetArguments, timeout: .seconds(60))
+            let sourceOutcome = try source.waitForExit(timeout: .seconds(30))
+
+            switch ending {
+            case .completes:
+                #expect(target.exitStatus == 0, "target: \(target.standardOutput) \(target.standardError) source: \(sourceOutcome.standardError)")
+                let sourceEndedAsPlanned = dieAt == "none" ? sourceOutcome.exitStatus == 0 : sourceOutcome.killedBySignal
+                #expect(sourceEndedAsPlanned, "source: \(sourceOutcome.standardError)")
+                // The restored process finishes on its own; its stdout is the victim's file, reopened.
+                let finished = pollUntil(timeout: .seconds(30)) {
+                    (try? String(contentsOfFile: outputPath, encoding: .utf8))?.contains("checksum=") == true
+                }
+                #expect(finished, "the restored process never printed its checksum")
+                #expect(lastChecksum(inFile: outputPath).map { "checksum=" + $0 } == referenceChecksum)
+            case .failsCleanly:
+                #expect(target.exitStatus == 1, "target: \(target.standardOutput) \(target.standardError)")
+                let namesTheCause = target.standardError.contains("closed the connection") || target.standardError.contains("went away")
+                #expect(namesTheCause, "\(target.standardError)")
+                #expect(sourceOutcome.killedBySignal)
+                // The victim died with its tracer, and no restored process runs on holes.
+                let victimEnded = pollUntil(timeout: .seconds(5)) { processLife(ProcessID(victim)) != .running }
+                #expect(victimEnded)
+                #expect(lastChecksum(inFile: outputPath) == nil)
+            }
+        }
+    }
+}
