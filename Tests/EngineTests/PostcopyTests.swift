@@ -89,7 +89,7 @@ extension ProcessTests {
         /// still matches its freeze digest.
         @Test func faultsRacingTheBackgroundDumpAreServedCorrectly() throws {
             let (outcome, report) = try runMigration(mode: "postcopy-fam", push: "off", program: "memwalk-static",
-                                                     arguments: ["--mib", "256", "--steps", "400000", "--pause-us", "0"],
+                                                     arguments: ["--mib", "256", "--steps", "400000", "--pause-us", "2000"],
                                                      afterMilliseconds: 900)
             #expect(outcome.exitStatus == 0, "\(outcome.standardOutput)\n\(outcome.standardError)")
             let failed = report.verdicts.filter { !$0.passed }.map(\.detail)
