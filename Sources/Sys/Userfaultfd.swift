@@ -34,6 +34,11 @@ public final class Userfaultfd: @unchecked Sendable {
         descriptor = try checked("pidfd_getfd(\(processID), \(remoteDescriptor))") { csys_pidfd_getfd(pidfd, remoteDescriptor) }
     }
 
+    /// Takes ownership of a userfaultfd descriptor of this process.
+    init(descriptor: Int32) {
+        self.descriptor = descriptor
+    }
+
     deinit { close() }
 
     public func close() {

@@ -1,20 +1,33 @@
-// `fammig bench`: figures, not tests. Migrates memwalk at several sizes and prints, from one run, the
-// dump throughput into FAM against a process_vm_readv baseline into the same kind of mapping, the
-// downtime and the restore time, as medians with their spread.
+// `fammig bench`: figures, not tests. Migrates memwalk at several sizes in every mode (push on and off)
+// and prints one table of medians with their spread, next to baselines measured in the same run:
+// process_vm_readv bandwidth into a FAM-like mapping, a raw UFFDIO_COPY-from-FAM loop, a TCP round trip.
 import ArgumentParser
 import Engine
 import Foundation
 import Logging
+import Synchronization
 import Sys
+
+/// Hands the actors to the one driver thread that owns them from then on.
+final class UncheckedSendable<Value>: @unchecked Sendable {
+    let value: Value
+    init(_ value: Value) { self.value = value }
+}
 
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Measure migrations of memwalk at several sizes against raw baselines (figures, not a test).")
+        abstract: "Measure migrations of memwalk in every mode against raw baselines (figures, not a test).")
 
     @Option(help: "Comma-separated memwalk sizes in MiB.")
     var sizes: String = "64,256,512"
 
-    @Option(help: "Repetitions per size (the table shows the median and the spread).")
+    @Option(help: "Comma-separated modes (nonlive, postcopy-socket, postcopy-fam).")
+    var modes: String = "nonlive,postcopy-socket,postcopy-fam"
+
+    @Option(help: "Comma-separated push settings for the post-copy modes (on, off).")
+    var push: String = "on,off"
+
+    @Option(help: "Repetitions per configuration (the table shows the median and the spread).")
     var repetitions: Int = 3
 
     @Option(help: "The memwalk executable.")
@@ -25,111 +38,179 @@ struct Bench: ParsableCommand {
 
     @OptionGroup var common: CommonOptions
 
+    var parsedSizes: [Int] { sizes.split(separator: ",").compactMap { Int($0) } }
+    var parsedModes: [MigrationMode] { modes.split(separator: ",").compactMap { MigrationMode(rawValue: String($0)) } }
+    var parsedPush: [Bool] { push.split(separator: ",").compactMap { $0 == "on" ? true : $0 == "off" ? false : nil } }
+
     func validate() throws {
         guard repetitions >= 1 && repetitions <= 50 else { throw ValidationError("--repetitions must be 1...50.") }
         guard !parsedSizes.isEmpty, parsedSizes.allSatisfy({ $0 >= 1 && $0 <= 8192 }) else {
             throw ValidationError("--sizes takes MiB counts from 1 to 8192, e.g. 64,256,512.")
         }
+        guard parsedModes.count == modes.split(separator: ",").count, !parsedModes.isEmpty else {
+            throw ValidationError("--modes takes nonlive, postcopy-socket and postcopy-fam, comma-separated.")
+        }
+        guard parsedPush.count == push.split(separator: ",").count, !parsedPush.isEmpty else { throw ValidationError("--push takes on, off or on,off.") }
         guard access(program, X_OK) == 0 else { throw ValidationError("\(program) is not executable; run ./scripts/setup first.") }
     }
 
-    var parsedSizes: [Int] { sizes.split(separator: ",").compactMap { Int($0) } }
-
     struct Sample: Codable {
         var mebibytes: Int
+        var mode: String
+        var push: Bool
         var pageCount: Int
-        var baselineGigabytesPerSecond: Double
-        var dumpGigabytesPerSecond: Double
-        var dumpRatio: Double
+        var busyMilliseconds: Double
         var downtimeMilliseconds: Double
-        var copyMilliseconds: Double
+        var totalMilliseconds: Double
         var restoreMilliseconds: Double
         var pageDumpMilliseconds: Double
+        var dumpGigabytesPerSecond: Double
+        var famSyncMedianMicroseconds: Double?
+        var sourceAsyncMedianMicroseconds: Double?
+        var tcpByteCount: Int
+    }
+
+    struct BaselineFigures: Codable {
+        var processVMReadvGigabytesPerSecond: [Int: Double] = [:]
+        var userfaultfdCopyMicroseconds: Double = .nan
+        var tcpRoundTripMicroseconds: Double = .nan
     }
 
     func run() throws {
         let logger = common.bootstrapLogging()
         let workDirectory = try makeWorkDirectory()
         defer { removeWorkDirectory(workDirectory) }
+        var baselines = BaselineFigures()
+        baselines.userfaultfdCopyMicroseconds = try userfaultfdBaseline()
+        baselines.tcpRoundTripMicroseconds = try tcpRoundTripBaseline()
+        print(String(format: "baselines: UFFDIO_COPY from FAM %.2f us per 4 KiB, TCP round trip %.1f us, flush %@",
+                     baselines.userfaultfdCopyMicroseconds, baselines.tcpRoundTripMicroseconds, "\(FlushInstruction.best())" as NSString))
         var samples: [Sample] = []
-        print("flush instruction: \(FlushInstruction.best())")
         for mebibytes in parsedSizes {
-            for repetition in 0..<repetitions {
-                let sample = try measure(mebibytes: mebibytes, workDirectory: workDirectory, logger: logger)
-                samples.append(sample)
-                print(String(format: "  %4d MiB #%d: baseline %.2f GB/s, dump %.2f GB/s (%.2fx), downtime %.1f ms, restore %.1f ms",
-                             mebibytes, repetition + 1, sample.baselineGigabytesPerSecond, sample.dumpGigabytesPerSecond,
-                             sample.dumpRatio, sample.downtimeMilliseconds, sample.restoreMilliseconds))
+            for mode in parsedModes {
+                for pushing in (mode == .nonlive ? [true] : parsedPush) {
+                    for _ in 0..<repetitions {
+                        let (sample, bandwidth) = try measure(mebibytes: mebibytes, mode: mode, push: pushing,
+                                                              workDirectory: workDirectory, logger: logger)
+                        if mode == .nonlive { baselines.processVMReadvGigabytesPerSecond[mebibytes] = bandwidth }
+                        samples.append(sample)
+                        print(String(format: "  %4d MiB %@ push %@: busy %7.1f ms, downtime %6.1f ms, total %7.1f ms, fam-sync %@, async %@",
+                                     mebibytes, mode.rawValue as NSString, (pushing ? "on " : "off") as NSString, sample.busyMilliseconds,
+                                     sample.downtimeMilliseconds, sample.totalMilliseconds,
+                                     (sample.famSyncMedianMicroseconds.map { String(format: "%.1f us", $0) } ?? "-") as NSString,
+                                     (sample.sourceAsyncMedianMicroseconds.map { String(format: "%.1f us", $0) } ?? "-") as NSString))
+                    }
+                }
             }
         }
-        print("")
-        print("size     pages   pvm_readv GB/s   dump GB/s   dump/pvm (goal>=0.8)   downtime ms (goal<=20+copy)   copy ms   restore ms")
-        for mebibytes in parsedSizes {
-            let group = samples.filter { $0.mebibytes == mebibytes }
-            func stat(_ values: [Double], _ format: String) -> String {
-                let sorted = values.sorted()
-                return String(format: format, sorted[sorted.count / 2], sorted.first!, sorted.last!)
-            }
-            print(String(format: "%4d MiB %7d   ", mebibytes, group[0].pageCount)
-                  + stat(group.map(\.baselineGigabytesPerSecond), "%.2f [%.2f-%.2f]") + "   "
-                  + stat(group.map(\.dumpGigabytesPerSecond), "%.2f [%.2f-%.2f]") + "   "
-                  + stat(group.map(\.dumpRatio), "%.2f [%.2f-%.2f]") + "        "
-                  + stat(group.map(\.downtimeMilliseconds), "%.1f [%.1f-%.1f]") + "        "
-                  + stat(group.map(\.copyMilliseconds), "%.1f") .components(separatedBy: " ")[0] + "   "
-                  + stat(group.map(\.restoreMilliseconds), "%.1f [%.1f-%.1f]"))
-        }
-        print("copy = page dump + page install (the part of the downtime that grows with memory size)")
+        printTable(samples, baselines: baselines)
         if let json {
+            struct Output: Codable { var baselines: BaselineFigures; var samples: [Sample] }
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-            try encoder.encode(samples).write(to: URL(fileURLWithPath: json))
+            try encoder.encode(Output(baselines: baselines, samples: samples)).write(to: URL(fileURLWithPath: json))
         }
     }
 
-    private func measure(mebibytes: Int, workDirectory: String, logger: Logger) throws -> Sample {
-        let outputPath = workDirectory + "/bench-\(mebibytes).out"
-        let victim = try Spawn.program(path: absolutePath(program),
-                                       arguments: ["--mib", "\(mebibytes)", "--steps", "100000000", "--pause-us", "20000"],
-                                       environment: [], standardOutputPath: outputPath, standardErrorPath: "/dev/null")
+    private func printTable(_ samples: [Sample], baselines: BaselineFigures) {
+        func median(_ values: [Double]) -> String {
+            let sorted = values.filter { !$0.isNaN }.sorted()
+            guard let first = sorted.first, let last = sorted.last else { return "-" }
+            return String(format: "%.1f [%.1f-%.1f]", sorted[sorted.count / 2], first, last).padding(toLength: 26, withPad: " ", startingAt: 0)
+        }
+        print("")
+        print(["size", "mode", "push"].enumerated().map { $0.element.padding(toLength: [6, 17, 6][$0.offset], withPad: " ", startingAt: 0) }.joined()
+              + ["busy ms", "downtime ms", "total ms", "fam-sync us", "async us", "dump GB/s"].map { $0.padding(toLength: 26, withPad: " ", startingAt: 0) }.joined())
+        for mebibytes in parsedSizes {
+            for mode in parsedModes {
+                for pushing in (mode == .nonlive ? [true] : parsedPush) {
+                    let group = samples.filter { $0.mebibytes == mebibytes && $0.mode == mode.rawValue && $0.push == pushing }
+                    guard !group.isEmpty else { continue }
+                    let columns = [median(group.map(\.busyMilliseconds)), median(group.map(\.downtimeMilliseconds)),
+                                   median(group.map(\.totalMilliseconds)), median(group.compactMap(\.famSyncMedianMicroseconds)),
+                                   median(group.compactMap(\.sourceAsyncMedianMicroseconds)), median(group.map(\.dumpGigabytesPerSecond))]
+                    print("\(mebibytes)".padding(toLength: 6, withPad: " ", startingAt: 0) + mode.rawValue.padding(toLength: 17, withPad: " ", startingAt: 0)
+                          + (mode == .nonlive ? "-" : pushing ? "on" : "off").padding(toLength: 6, withPad: " ", startingAt: 0)
+                          + columns.map { $0.padding(toLength: 26, withPad: " ", startingAt: 0) }.joined())
+                }
+            }
+            if let bandwidth = baselines.processVMReadvGigabytesPerSecond[mebibytes] {
+                print(String(format: "      process_vm_readv into a FAM-like mapping: %.2f GB/s", bandwidth))
+            }
+        }
+        print(String(format: "goals: busy postcopy-fam <= 1.15x nonlive and <= 0.3x postcopy-socket; fam-sync median <= 2x UFFDIO_COPY (%.2f us) "
+                     + "and <= 0.5x the socket path; downtime <= 20 ms at 512 MiB; nonlive dump >= 0.8x process_vm_readv.",
+                     baselines.userfaultfdCopyMicroseconds))
+    }
+
+    private func measure(mebibytes: Int, mode: MigrationMode, push: Bool, workDirectory: String, logger: Logger) throws -> (Sample, Double) {
+        // A new file per run: waiting for "fill done" must never read an earlier run's output.
+        let outputPath = workDirectory + "/bench-\(mebibytes)-\(mode.rawValue)-\(push)-\(UInt32.random(in: 0...UInt32.max)).out"
+        // Full speed: with pushing off, the migration ends when the walk has touched every page.
+        let victim = try Spawn.programInNewPIDNamespace(path: absolutePath(program),
+                                                        arguments: ["--mib", "\(mebibytes)", "--steps", "1000000000", "--pause-us", "0"],
+                                                        environment: [], standardOutputPath: outputPath, standardErrorPath: "/dev/null")
         var restored: ProcessID?
         defer {
             Spawn.kill(victim)
             _ = try? Spawn.waitForExit(victim)
             if let restored { Spawn.kill(restored); _ = try? Spawn.waitForExit(restored) }
         }
-        // Wait until memwalk has filled its memory (it prints "fill done"), at most 60 s.
         for _ in 0..<6000 {
             if let text = try? String(contentsOfFile: outputPath, encoding: .utf8), text.contains("fill done") { break }
             usleep(10_000)
         }
-        let baseline = try processVMReadvBandwidth(victim: victim, workDirectory: workDirectory)
-
+        let bandwidth = mode == .nonlive ? try processVMReadvBandwidth(victim: victim) : .nan
         let famPath = "/dev/shm/fammig-bench-\(getpid())-\(mebibytes).img"
         defer { _ = try? SharedMapping.remove(path: famPath) }
         let timeline = MigrationTimeline()
-        let clock = MonotonicClock()
-        let dumper = Dumper(victim: victim, makeBackend: makeRealBackend(path: famPath), generation: 1, release: .kill,
-                            observer: nil, clock: clock, timeline: timeline, logger: logger)
-        let restorer = Restorer(openBackend: openRealBackend(path: famPath), stubPath: try stubPath(), observer: nil,
-                                clock: clock, timeline: timeline, logger: logger)
-        do { try ThreadedDriver(logger: logger, pinToCPU: 0).run([dumper, restorer]) } catch { throw engineFailure(error) }
-        restored = restorer.restoredProcessID
+        let metrics = FaultMetrics()
+        let nodes = try Nodes.make(mode: mode, push: push, victim: victim, famPath: famPath, stubPath: try stubPath(), separateNodes: true,
+                                   oracles: nil, clock: MonotonicClock(), timeline: timeline, metrics: metrics, logger: logger)
+        defer { nodes.close() }
+        // Demand paging alone never ends while the program skips some dumped pages (stack, libc data):
+        // without pushing, the program runs for a fixed window after its resume, then is killed, which
+        // ends the target's fault handler and releases a socket source.
+        let driverResult = Mutex<EngineError?>(nil)
+        let finished = DispatchSemaphore(value: 0)
+        let actors = UncheckedSendable(nodes.actors)
+        let driver = Thread {
+            do { try ThreadedDriver(logger: logger, pinToCPU: mode == .nonlive ? 0 : nil).run(actors.value) } catch {
+                driverResult.withLock { $0 = error as? EngineError ?? .aborted("\(error)") }
+            }
+            finished.signal()
+        }
+        driver.start()
+        if mode != .nonlive && !push {
+            while timeline.instant(.targetResumed) == nil && finished.wait(timeout: .now() + .milliseconds(10)) == .timedOut {}
+            if timeline.instant(.targetResumed) != nil, finished.wait(timeout: .now() + .seconds(2)) == .timedOut,
+               let target = nodes.restorer.restoredProcessID {
+                Spawn.kill(target)
+            }
+        }
+        finished.wait()
+        if let error = driverResult.withLock({ $0 }) { throw engineFailure(error) }
+        restored = nodes.restorer.restoredProcessID
         let pageCount = timeline.counter("pagesDumped")
-        let byteCount = Double(pageCount * 4096)
         let pageDump = milliseconds(timeline.span(from: .metadataCommitted, to: .dumpCommitted)) ?? .nan
-        let install = milliseconds(timeline.span(from: .restoreStarted, to: .lastPageInstalled)) ?? .nan
-        let dumpRate = byteCount / (pageDump / 1000) / 1e9
-        return Sample(mebibytes: mebibytes, pageCount: pageCount, baselineGigabytesPerSecond: baseline,
-                      dumpGigabytesPerSecond: dumpRate, dumpRatio: dumpRate / baseline,
-                      downtimeMilliseconds: milliseconds(timeline.span(from: .frozen, to: .targetResumed)) ?? .nan,
-                      copyMilliseconds: pageDump + install,
-                      restoreMilliseconds: milliseconds(timeline.span(from: .restoreStarted, to: .targetResumed)) ?? .nan,
-                      pageDumpMilliseconds: pageDump)
+        let paths = Dictionary(uniqueKeysWithValues: metrics.summaries.map { ($0.path, $0.medianMicroseconds) })
+        let sample = Sample(
+            mebibytes: mebibytes, mode: mode.rawValue, push: push, pageCount: pageCount,
+            busyMilliseconds: milliseconds(timeline.span(from: .started, to: .victimReleased)) ?? .nan,
+            downtimeMilliseconds: milliseconds(timeline.span(from: .frozen, to: .targetResumed)) ?? .nan,
+            totalMilliseconds: milliseconds(timeline.span(from: .started, to: .lastPageInstalled)) ?? .nan,
+            restoreMilliseconds: milliseconds(timeline.span(from: .restoreStarted, to: .targetResumed)) ?? .nan,
+            pageDumpMilliseconds: pageDump,
+            dumpGigabytesPerSecond: Double(pageCount * 4096) / (pageDump / 1000) / 1e9,
+            famSyncMedianMicroseconds: paths[InstallPath.famSync.rawValue],
+            sourceAsyncMedianMicroseconds: paths[InstallPath.sourceAsync.rawValue],
+            tcpByteCount: nodes.transportByteCount)
+        return (sample, bandwidth)
     }
 
     /// process_vm_readv of every page a dump would take, into a pre-faulted /dev/shm mapping of the
     /// same size (the second of two passes, so both sides are warm like the dumper's).
-    private func processVMReadvBandwidth(victim: ProcessID, workDirectory: String) throws -> Double {
+    private func processVMReadvBandwidth(victim: ProcessID) throws -> Double {
         let addresses = try dumpablePageAddresses(of: victim)
         let path = "/dev/shm/fammig-bench-baseline-\(getpid()).img"
         let mapping = try SharedMapping.create(path: path, byteCount: max(addresses.count, 1) * 4096, prefault: true)
@@ -150,5 +231,42 @@ struct Bench: ParsableCommand {
             seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
         }
         return Double(addresses.count * 4096) / seconds / 1e9
+    }
+
+    private func userfaultfdBaseline() throws -> Double {
+        let path = "/dev/shm/fammig-bench-uffd-\(getpid()).img"
+        let mapping = try SharedMapping.create(path: path, byteCount: 4096 * 4096, prefault: true)
+        defer { mapping.close(); _ = try? SharedMapping.remove(path: path) }
+        return try Baselines.userfaultfdCopyMicroseconds(from: mapping, pageCount: 4096)
+    }
+
+    /// Median of 2,000 round trips of a page request and a 4 KiB answer over loopback TCP.
+    private func tcpRoundTripBaseline() throws -> Double {
+        let listener = try TCPTransport.listen(on: Endpoint(host: "127.0.0.1", port: 0))
+        defer { listener.close() }
+        let client = try TCPTransport.connect(to: listener.endpoint, timeoutMilliseconds: 5000)
+        guard let server = try TCPTransport.accept(on: listener, timeoutMilliseconds: 5000) else { throw EngineError.timedOut("baseline accept") }
+        defer { client.close(); server.close() }
+        let page = [UInt8](repeating: 7, count: 4096)
+        let echo = Thread {
+            for _ in 0..<2000 {
+                while !server.waitReadable(timeoutMilliseconds: 1000) {}
+                guard case .pageRequest(let address)? = try? server.receive() else { return }
+                try? server.send(.pages(address: address, bytes: page))
+            }
+        }
+        echo.start()
+        var samples: [Double] = []
+        let clock = ContinuousClock()
+        for index in 0..<2000 {
+            let before = clock.now
+            try client.send(.pageRequest(address: UInt64(index) * 4096))
+            while !client.waitReadable(timeoutMilliseconds: 1000) {}
+            _ = try client.receive()
+            let elapsed = clock.now - before
+            samples.append(Double(elapsed.components.attoseconds) / 1e12 + Double(elapsed.components.seconds) * 1e6)
+        }
+        samples.sort()
+        return samples[samples.count / 2]
     }
 }
