@@ -17,7 +17,7 @@ struct Nodes {
 
     static func make(mode: MigrationMode, push: Bool, victim: ProcessID, famPath: String, stubPath: String, separateNodes: Bool,
                      oracles: MigrationOracles?, clock: MonotonicClock, timeline: MigrationTimeline, metrics: FaultMetrics,
-                     logger: Logger) throws -> Nodes {
+                     logger: Logger, network: NodeNetwork? = nil) throws -> Nodes {
         let pidNamespace: PIDNamespace = separateNodes ? .fresh : .shared
         guard mode != .nonlive else {
             let dumper = Dumper(victim: victim, makeBackend: makeRealBackend(path: famPath), generation: 1, release: .kill,
@@ -26,9 +26,15 @@ struct Nodes {
                                     clock: clock, timeline: timeline, logger: logger, pidNamespace: pidNamespace)
             return Nodes(actors: [dumper, restorer], restorer: restorer, transports: [])
         }
-        let listener = try TCPTransport.listen(on: Endpoint(host: "127.0.0.1", port: 0))
+        // With a node network, each side's socket lives in its node's network namespace: the connection
+        // crosses a veth pair between two separate network stacks.
+        let listener = try network.map { network in
+            try network.inside(network.sourceNamespace) { try TCPTransport.listen(on: Endpoint(host: network.sourceAddress, port: 0)) }
+        } ?? TCPTransport.listen(on: Endpoint(host: "127.0.0.1", port: 0))
         defer { listener.close() }
-        let targetSide = try TCPTransport.connect(to: listener.endpoint, timeoutMilliseconds: 5000)
+        let targetSide = try network.map { network in
+            try network.inside(network.targetNamespace) { try TCPTransport.connect(to: listener.endpoint, timeoutMilliseconds: 5000) }
+        } ?? TCPTransport.connect(to: listener.endpoint, timeoutMilliseconds: 5000)
         guard let sourceSide = try TCPTransport.accept(on: listener, timeoutMilliseconds: 5000) else {
             targetSide.close()
             throw EngineError.timedOut("the target's connection never arrived at the source")

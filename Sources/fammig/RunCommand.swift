@@ -39,6 +39,9 @@ struct Run: ParsableCommand {
     @Flag(help: "Run the program as pid 1 of its own PID namespace and restore it into another one (two nodes on one machine; always on in post-copy modes, where victim and target live at once).")
     var nodeNamespaces = false
 
+    @Flag(help: "Post-copy: put each node's socket in its own network namespace, joined by a veth pair (created and removed here).")
+    var netns = false
+
     @Flag(help: "Skip the unmigrated reference run (no end-to-end oracle).")
     var noReference = false
 
@@ -101,10 +104,17 @@ struct Run: ParsableCommand {
         let clock = MonotonicClock()
         let metrics = FaultMetrics()
         let nodes: Nodes
+        let network: NodeNetwork?
+        do { network = netns && mode != .nonlive ? try NodeNetwork(tag: getpid()) : nil } catch {
+            Spawn.kill(victim)
+            _ = try? Spawn.waitForExit(victim)
+            throw fail("\(error)", code: 2)
+        }
+        defer { network?.remove() }
         do {
             nodes = try Nodes.make(mode: mode, push: push == .on, victim: victim, famPath: famPath, stubPath: try stubPath(),
                                    separateNodes: separateNodes, oracles: oracles, clock: clock, timeline: timeline,
-                                   metrics: metrics, logger: logger)
+                                   metrics: metrics, logger: logger, network: network)
         } catch {
             Spawn.kill(victim)
             _ = try? Spawn.waitForExit(victim)

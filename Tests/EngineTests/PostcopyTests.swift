@@ -84,6 +84,29 @@ extension ProcessTests {
             }
         }
 
+        /// Each node's socket in its own network namespace, joined by a veth pair that fammig creates and
+        /// removes: the migration crosses two separate network stacks, and no namespace is left behind.
+        @Test(arguments: ["postcopy-fam", "postcopy-socket"]) func acrossNetworkNamespaces(_ mode: String) throws {
+            let program = try TestPaths.testProgram("memwalk-static")
+            let arguments = ["--mib", "8", "--steps", "40000", "--pause-us", "25000"]
+            let directory = try ScratchDirectory(under: "/tmp")
+            defer { directory.remove() }
+            let leftovers = LeftoverCheck()
+            defer { leftovers.finish() }
+            leftovers.expectProgram([program] + arguments)
+            let jsonPath = directory.path("report.json")
+            let outcome = try leftovers.fammig(["run", "--netns", "--mode", mode, "--after-ms", "300", "--json", jsonPath, "--", program]
+                                               + arguments, timeout: .seconds(120))
+            #expect(outcome.exitStatus == 0, "\(outcome.standardOutput)\n\(outcome.standardError)")
+            let report = try JSONDecoder().decode(PostcopyReport.self, from: Data(contentsOf: URL(fileURLWithPath: jsonPath)))
+            let failed = report.verdicts.filter { !$0.passed }.map(\.detail)
+            #expect(failed.isEmpty, "\(failed)")
+            #expect(report.migratedChecksum == report.referenceChecksum)
+            let namespaces = (try? ProcFS.directoryEntries("/run/netns")) ?? []
+            let ours = namespaces.filter { $0.hasSuffix("-\(outcome.processID)") }
+            #expect(ours.isEmpty, "network namespaces left: \(ours)")
+        }
+
         /// The target touches pages of a 256 MiB region while the dumper is still writing it: faults on
         /// pages already dumped are served from FAM, the others by asking the source, and every page
         /// still matches its freeze digest.

@@ -66,9 +66,14 @@ public final class FaultHandler: EngineActor {
             try receiveMessages(memory)
             try serveFaults(memory)
             if memory.usesFAM { try servePendingFromFAM(memory) }
-        } catch let error as EngineError {
-            throw error
         } catch {
+            // A target that ended meanwhile (it exited, or was killed) makes installs fail with ESRCH:
+            // nothing is left to serve, which is an end, not a failure.
+            if Spawn.hasEnded(memory.targetProcessID) {
+                finished = true
+                return
+            }
+            if let error = error as? EngineError { throw error }
             throw .aborted("fault handler: \(error)")
         }
     }
