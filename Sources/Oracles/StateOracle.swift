@@ -19,6 +19,7 @@ public enum StateOracle {
         }
         check("pid", checkpointed.processID, restored.processID)
         check("executable", checkpointed.executablePath, restored.executablePath)
+        check("command name", checkpointed.commandName, restored.commandName)
         check("thread count", checkpointed.threads.count, restored.threads.count)
         for (expectedThread, actualThread) in zip(checkpointed.threads, restored.threads) {
             let prefix = "thread \(expectedThread.threadID)"

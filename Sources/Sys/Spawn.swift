@@ -129,6 +129,16 @@ public enum Spawn {
         return information._sifields._sigchld.si_pid == processID.rawValue
     }
 
+    /// Whether a child has ended or ends within `grace` (an install that failed with ESRCH may have
+    /// met a target whose memory is already gone but whose exit is not yet visible).
+    public static func endsSoon(_ processID: ProcessID, graceMilliseconds: Int = 200) -> Bool {
+        for _ in 0..<max(1, graceMilliseconds) {
+            if hasEnded(processID) { return true }
+            usleep(1000)
+        }
+        return false
+    }
+
     public static func kill(_ processID: ProcessID, signal: Int32 = SIGKILL) {
         _ = Glibc.kill(processID.rawValue, signal)
     }

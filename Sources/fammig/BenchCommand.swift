@@ -108,6 +108,8 @@ struct Bench: ParsableCommand {
             struct Output: Codable { var baselines: BaselineFigures; var samples: [Sample] }
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            // A figure that does not exist (total time without pushing) is "nan" in the JSON too.
+            encoder.nonConformingFloatEncodingStrategy = .convertToString(positiveInfinity: "inf", negativeInfinity: "-inf", nan: "nan")
             try encoder.encode(Output(baselines: baselines, samples: samples)).write(to: URL(fileURLWithPath: json))
         }
     }

@@ -188,7 +188,7 @@ public final class Dumper: EngineActor {
             switch mode {
             case .nonlive: break
             case .postcopyFAM(let transport):
-                try dumpPostcopy(transport: transport)
+                try dumpPostcopy(transport: transport, backgroundBatchPageCount: min(batchPageCount, 64))
                 return
             case .postcopySocket(let transport, let push):
                 try servePages(transport: transport, push: push)
@@ -256,7 +256,8 @@ public final class Dumper: EngineActor {
 
     /// postcopy-fam: one step dumps either every requested page (then fences their marks and tells the
     /// target) or the next background batch of pages not dumped yet.
-    private func dumpPostcopy(transport: any Transport) throws(EngineError) {
+    /// Background batches are small (64 pages) so that a request waits for at most one of them.
+    private func dumpPostcopy(transport: any Transport, backgroundBatchPageCount: Int) throws(EngineError) {
         try receiveRequests(transport: transport)
         let requested = prioritySlots.filter { !writer!.isMarked(slot: $0) }
         prioritySlots.removeAll()
@@ -269,7 +270,7 @@ public final class Dumper: EngineActor {
             } else {
                 while backgroundCursor < pageAddresses.count && writer!.isMarked(slot: backgroundCursor) { backgroundCursor += 1 }
                 var end = backgroundCursor
-                while end < pageAddresses.count && end - backgroundCursor < batchPageCount && !writer!.isMarked(slot: end) { end += 1 }
+                while end < pageAddresses.count && end - backgroundCursor < backgroundBatchPageCount && !writer!.isMarked(slot: end) { end += 1 }
                 if end > backgroundCursor {
                     try writer!.dumpPages(processID: victimProcessID, slots: backgroundCursor..<end)
                     timeline.add(end - backgroundCursor, to: "pagesDumped")

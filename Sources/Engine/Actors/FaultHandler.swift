@@ -69,8 +69,9 @@ public final class FaultHandler: EngineActor {
         } catch {
             // A target that ended meanwhile (it exited, or was killed) makes installs fail with ESRCH:
             // nothing is left to serve, which is an end, not a failure.
-            if Spawn.hasEnded(memory.targetProcessID) {
-                finished = true
+            if Spawn.endsSoon(memory.targetProcessID) {
+                // Still tell the source: a socket-mode source waits for this before it lets go of the victim.
+                try? finish(memory)
                 return
             }
             if let error = error as? EngineError { throw error }

@@ -43,7 +43,7 @@ public final class Pusher: EngineActor {
         guard let run = memory.nextInstallableRun(from: min(cursor, first), limit: batchPageCount) else { return }
         let start = clock.now()
         do { try memory.installFromFAM(slot: run.slot, count: run.count, readBack: false) } catch {
-            if Spawn.hasEnded(memory.targetProcessID) { finished = true; return }
+            if Spawn.endsSoon(memory.targetProcessID) { finished = true; return }
             throw .aborted("pusher installing \(run.count) pages at slot \(run.slot): \(error)")
         }
         metrics.record(.push, latency: clock.now() - start)

@@ -305,6 +305,8 @@ final class TargetProcess {
                 try injector.call("rt_sigaction(\(action.signal))", Syscall.rtSigaction, UInt64(action.signal), dataAddress, 0, 8)
             }
             try injector.call("personality", Syscall.personality, UInt64(state.personality))
+            try memory.write(Array(state.commandName.utf8.prefix(15)) + [0], at: dataAddress)
+            try injector.call("prctl(PR_SET_NAME)", Syscall.prctl, 15, dataAddress)
             // Always: the stub was started with PDEATHSIG SIGKILL, so that it dies with a crashed restorer.
             try injector.call("prctl(PR_SET_PDEATHSIG)", Syscall.prctl, 1, UInt64(state.parentDeathSignal))
             let thread = state.mainThread

@@ -111,6 +111,8 @@ public struct ThreadState: Equatable, Sendable {
 public struct ProcessState: Equatable, Sendable {
     public var processID: ProcessID
     public var executablePath: String
+    /// The thread's name (/proc/PID/comm, PR_SET_NAME), as `ps` shows it.
+    public var commandName: String
     public var threads: [ThreadState]
     public var signalActions: [SignalAction]
     public var sharedPendingSignals: [PendingSignal]

@@ -11,6 +11,7 @@ extension ProcessState {
         writer.writeUInt32(Self.encodingVersion)
         writer.writeInt32(processID.rawValue)
         writer.writeString(executablePath)
+        writer.writeString(commandName)
         writer.writeArray(threads) { writer, thread in thread.encode(into: &writer) }
         writer.writeArray(signalActions) { writer, action in
             writer.writeInt32(action.signal)
@@ -63,6 +64,7 @@ extension ProcessState {
         let processID = ProcessID(try reader.readInt32())
         guard processID.rawValue >= 1 else { throw .malformedMetadata(reason: "pid \(processID) cannot be restored") }
         let executablePath = try reader.readString(maximumByteCount: 4096)
+        let commandName = try reader.readString(maximumByteCount: 15)
         let threads = try reader.readArray(maximumCount: 1) { (reader) throws(ImageError) in try ThreadState.decode(&reader) }
         guard !threads.isEmpty else { throw .malformedMetadata(reason: "no threads") }
         let actions = try reader.readArray(maximumCount: 64) { (reader) throws(ImageError) -> SignalAction in
@@ -120,7 +122,7 @@ extension ProcessState {
                             flags: try reader.readInt32(), position: try reader.readInt64())
         }
         try reader.expectEnd()
-        return ProcessState(processID: processID, executablePath: executablePath, threads: threads,
+        return ProcessState(processID: processID, executablePath: executablePath, commandName: commandName, threads: threads,
                             signalActions: actions, sharedPendingSignals: shared, memoryDescriptor: fields,
                             personality: personality, parentDeathSignal: parentDeathSignal, credentials: credentials,
                             resourceLimits: limits,

@@ -85,6 +85,7 @@ enum StateReader {
         return ProcessState(
             processID: ownProcessID,
             executablePath: try ProcFS.readLink("/proc/\(processID)/exe"),
+            commandName: String(try ProcFS.readText("/proc/\(processID)/comm").prefix { $0 != "\n" }),
             threads: [thread],
             signalActions: injected.actions,
             sharedPendingSignals: sharedPending,
