@@ -209,7 +209,7 @@ public final class Restorer: EngineActor {
             guard let backend = try openBackend() else { preconditionFailure("ready without a backend") }
             let complete: Bool
             if case .eager = mode { complete = true } else { complete = false }
-            let opened = try ImageReader.open(backend: backend, requireComplete: complete)
+            let opened = try ImageReader.open(backend: backend, requireComplete: complete, deferPageChecks: true)
             checkpointedState = try ProcessState.decode(opened.metadata)
             try checkpointedState!.validate(pageAddresses: opened.pageAddresses, path: opened.path)
             reader = opened
@@ -225,8 +225,17 @@ public final class Restorer: EngineActor {
     }
 
     private func installBatch(from nextSlot: Int) throws(EngineError) {
+        let slots = nextSlot..<min(nextSlot + batchPageCount, reader!.pageCount)
+        // Each page against its mark digest, just before it is installed (invariants 3 and 4: its mark
+        // observed, nothing used that does not verify); a corrupted page stops the restore, and the
+        // target is killed.
+        for slot in slots {
+            guard self.reader!.isMarked(slot: slot) else {
+                throw .image(.pageNotMarked(path: self.reader!.path, slot: slot, address: self.reader!.pageAddresses[slot]))
+            }
+            do { try self.reader!.verifyPage(slot: slot) } catch { throw .image(error) }
+        }
         let reader = reader!
-        let slots = nextSlot..<min(nextSlot + batchPageCount, reader.pageCount)
         // Write runs of pages that are adjacent both in the victim and in FAM with one call each.
         var runStart = slots.lowerBound
         for slot in slots {

@@ -32,7 +32,10 @@ public struct ImageReader: Sendable {
     /// Opens and verifies an image. With `requireComplete` the image must be complete, and the commit
     /// record, every mark and every page are verified too; without it (post-copy, where the dump is still
     /// running) the metadata commit is enough, and each page is read only after its mark is observed.
-    public static func open(backend: any FAMBackend, requireComplete: Bool) throws(ImageError) -> ImageReader {
+    /// `deferPageChecks`: a complete image's pages are not digested here; the caller checks each page
+    /// with `verifyPage(slot:)` right before it uses it (the restorer does, batch by batch, so the
+    /// check reads FAM once, just before the install reads it again from cache).
+    public static func open(backend: any FAMBackend, requireComplete: Bool, deferPageChecks: Bool = false) throws(ImageError) -> ImageReader {
         let path = backend.path ?? "FAM"
         guard backend.byteCount >= ImageLayout.pageSize else {
             let magicByteCount = ImageLayout.magic.count
@@ -67,7 +70,7 @@ public struct ImageReader: Sendable {
             marksDigest: marksDigest,
             isVerifiedComplete: requireComplete,
             observedMarks: Array(repeating: false, count: layout.pageCount))
-        if requireComplete { try reader.verifyEveryPage() }
+        if requireComplete && !deferPageChecks { try reader.verifyEveryPage() }
         return reader
     }
 
