@@ -246,12 +246,7 @@ public final class Dumper: EngineActor {
     }
 
     private func slot(for address: UInt64) -> Int? {
-        var low = 0, high = pageAddresses.count
-        while low < high {
-            let middle = (low + high) / 2
-            if pageAddresses[middle] < address { low = middle + 1 } else { high = middle }
-        }
-        return low < pageAddresses.count && pageAddresses[low] == address ? low : nil
+        slotIndex(of: address, in: pageAddresses)
     }
 
     /// postcopy-fam: one step dumps either every requested page (then fences their marks and tells the

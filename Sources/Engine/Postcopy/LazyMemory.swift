@@ -53,12 +53,7 @@ public final class LazyMemory: @unchecked Sendable {
 
     /// The slot of a dumped page, or nil for a page the victim never touched.
     public func slot(for address: UInt64) -> Int? {
-        var low = 0, high = pageAddresses.count
-        while low < high {
-            let middle = (low + high) / 2
-            if pageAddresses[middle] < address { low = middle + 1 } else { high = middle }
-        }
-        return low < pageAddresses.count && pageAddresses[low] == address ? low : nil
+        slotIndex(of: address, in: pageAddresses)
     }
 
     func isRegistered(_ address: UInt64) -> Bool { registeredRanges.contains { $0.contains(address) } }

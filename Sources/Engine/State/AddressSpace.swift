@@ -36,3 +36,13 @@ enum AddressSpace {
         return nil
     }
 }
+
+/// The slot of `address` in a strictly increasing page table (binary search), or nil.
+func slotIndex(of address: UInt64, in pageAddresses: [UInt64]) -> Int? {
+    var low = 0, high = pageAddresses.count
+    while low < high {
+        let middle = (low + high) / 2
+        if pageAddresses[middle] < address { low = middle + 1 } else { high = middle }
+    }
+    return low < pageAddresses.count && pageAddresses[low] == address ? low : nil
+}
