@@ -122,10 +122,12 @@ public enum ProcFS {
         guard let directory = opendir(path) else { throw SyscallError.current("opendir(\(path))") }
         defer { closedir(directory) }
         var names: [String] = []
+        // A dirent is as long as its name, not sizeof(dirent): copying the whole d_name array (256
+        // bytes) read past the last record of getdents' buffer, and crashed when that crossed into an
+        // unmapped page. Read the name in place, up to its NUL.
+        let nameOffset = MemoryLayout<dirent>.offset(of: \dirent.d_name)!
         while let entry = readdir(directory) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { bytes in
-                String(decoding: bytes.prefix(while: { $0 != 0 }), as: UTF8.self)
-            }
+            let name = String(cString: UnsafeRawPointer(entry).advanced(by: nameOffset).assumingMemoryBound(to: CChar.self))
             if name != "." && name != ".." { names.append(name) }
         }
         return names
