@@ -12,6 +12,8 @@
 #include <sys/personality.h>
 #include <sys/syscall.h>
 #include <fcntl.h>
+#include <string.h>
+#include <pthread.h>
 
 long csys_ptrace(long request, pid_t pid, void *address, void *data) {
     return syscall(SYS_ptrace, request, pid, address, data);
@@ -188,4 +190,52 @@ pid_t csys_spawn_program_new_pid_namespace(const char *path, char *const argv[],
     syscall(SYS_execve, path, argv, envp);
     syscall(SYS_exit_group, 127);
     return -1;
+}
+
+static char cleanup_paths[16][512];
+static volatile sig_atomic_t cleanup_path_count = 0;
+static volatile pid_t cleanup_processes[8];
+static volatile sig_atomic_t cleanup_process_count = 0;
+
+static void cleanup_on_signal(int signal) {
+    // Registered files before their directory: a directory is removed once it is empty.
+    for (int index = 0; index < cleanup_path_count; index++) {
+        if (unlink(cleanup_paths[index]) != 0) rmdir(cleanup_paths[index]);
+    }
+    for (int index = 0; index < cleanup_process_count; index++) {
+        if (cleanup_processes[index] > 0) kill(cleanup_processes[index], SIGKILL);
+    }
+    struct sigaction defaultAction = {0};
+    defaultAction.sa_handler = SIG_DFL;
+    sigaction(signal, &defaultAction, 0);
+    raise(signal);
+}
+
+void csys_cleanup_install(void) {
+    struct sigaction action = {0};
+    action.sa_handler = cleanup_on_signal;
+    sigemptyset(&action.sa_mask);
+    sigaction(SIGINT, &action, 0);
+    sigaction(SIGTERM, &action, 0);
+    sigaction(SIGHUP, &action, 0);
+    // A parent may have started us with these blocked (the mask survives exec): take them back, so the
+    // handler can run. Threads started later inherit this mask.
+    sigset_t termination;
+    sigemptyset(&termination);
+    sigaddset(&termination, SIGINT);
+    sigaddset(&termination, SIGTERM);
+    sigaddset(&termination, SIGHUP);
+    pthread_sigmask(SIG_UNBLOCK, &termination, 0);
+}
+
+void csys_cleanup_register_path(const char *path) {
+    if (cleanup_path_count >= 16 || strlen(path) >= sizeof cleanup_paths[0]) return;
+    strcpy(cleanup_paths[cleanup_path_count], path);
+    cleanup_path_count = cleanup_path_count + 1;
+}
+
+void csys_cleanup_register_process(pid_t processID) {
+    if (cleanup_process_count >= 8) return;
+    cleanup_processes[cleanup_process_count] = processID;
+    cleanup_process_count = cleanup_process_count + 1;
 }

@@ -154,5 +154,13 @@ public enum Spawn {
         _ = poll(&pollers, nfds_t(pollers.count), timeoutMilliseconds)
     }
 
+    /// On SIGINT, SIGTERM or SIGHUP this process removes these files and kills these processes before it
+    /// dies: a killed `fammig run` must not leave a FAM file or a victim behind.
+    public static func cleanUpOnTermination(paths: [String], processes: [ProcessID]) {
+        csys_cleanup_install()
+        for path in paths { csys_cleanup_register_path(path) }
+        for process in processes { csys_cleanup_register_process(process.rawValue) }
+    }
+
     public static func currentThreadID() -> ProcessID { ProcessID(csys_gettid()) }
 }

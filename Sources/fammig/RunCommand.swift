@@ -70,6 +70,10 @@ struct Run: ParsableCommand {
             removeWorkDirectory(workDirectory)
         }
         var report = RunReport(program: command, mode: mode.rawValue, afterMilliseconds: afterMs)
+        // Killed (Ctrl-C, SIGTERM) at any point, fammig still removes its files; the processes it starts
+        // are registered below as they appear.
+        let workFiles = ["reference.out", "reference.err", "migrated.out", "migrated.err"].map { workDirectory + "/" + $0 }
+        Spawn.cleanUpOnTermination(paths: (fam == nil ? [famPath] : []) + workFiles + [workDirectory], processes: [])
 
         if !noReference {
             let reference = try runToCompletion(program: program, arguments: arguments, outputPath: workDirectory + "/reference.out",
@@ -95,6 +99,7 @@ struct Run: ParsableCommand {
             }
         } catch { throw fail("cannot start \(program): \(error)", code: 2) }
         usleep(UInt32(afterMs) * 1000)
+        Spawn.cleanUpOnTermination(paths: [], processes: [victim])
         if let status = try? Spawn.pollExit(victim) {
             throw fail("\(command[0]) \(status) before the migration at \(afterMs) ms; give it more work or lower --after-ms.", code: 2)
         }
@@ -133,6 +138,7 @@ struct Run: ParsableCommand {
             throw engineFailure(error)
         }
         guard let restored = restorer.restoredProcessID else { preconditionFailure("restorer finished without a process") }
+        Spawn.cleanUpOnTermination(paths: [], processes: [restored])
         let status: ExitStatus
         do { status = try Spawn.waitForExit(restored) } catch { throw fail("waiting for pid \(restored): \(error)", code: 1) }
         let checksum = lastChecksum(outputPath)
@@ -175,6 +181,7 @@ struct Run: ParsableCommand {
         do {
             let processID = try Spawn.program(path: program, arguments: arguments, environment: ["PATH=/usr/bin:/bin"],
                                               standardOutputPath: outputPath, standardErrorPath: errorPath)
+            Spawn.cleanUpOnTermination(paths: [], processes: [processID])
             let status = try Spawn.waitForExit(processID)
             return (status, lastChecksum(outputPath))
         } catch { throw fail("cannot run \(program): \(error)", code: 2) }

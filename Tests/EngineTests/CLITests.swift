@@ -256,3 +256,35 @@ extension ProcessTests {
         }
     }
 }
+
+extension ProcessTests {
+    /// A `fammig run` killed with SIGTERM (while its reference run works) still removes its files and
+    /// kills the program it started.
+    @Suite(.serialized) struct TerminationTests {
+        @Test func terminatedRunLeavesNothingBehind() throws {
+            let program = try TestPaths.testProgram("memwalk-static")
+            let arguments = ["--mib", "16", "--steps", "300001", "--pause-us", "20000"]
+            let directory = try ScratchDirectory(under: "/tmp")
+            defer { directory.remove() }
+            let runDirectoriesBefore = Set(((try? ProcFS.directoryEntries("/tmp")) ?? []).filter { $0.hasPrefix("fammig-run-") })
+            let run = try StartedProcess(try TestPaths.fammig(), ["run", "--after-ms", "300", "--", program] + arguments,
+                                         standardOutputPath: directory.path("stdout"), standardErrorPath: directory.path("stderr"))
+            defer { run.kill() }
+            let started = pollUntil(timeout: .seconds(10)) {
+                allProcessIDs().contains { commandLineArguments($0) == [program] + arguments }
+            }
+            #expect(started, "the reference run never started")
+            _ = kill(run.processID.rawValue, SIGTERM)
+            let outcome = try run.waitForExit(timeout: .seconds(10))
+            #expect(outcome.killedBySignal && outcome.exitStatus == SIGTERM)
+            let programGone = pollUntil(timeout: .seconds(5)) {
+                !allProcessIDs().contains { processLife($0) == .running && commandLineArguments($0) == [program] + arguments }
+            }
+            #expect(programGone, "the program fammig started still runs")
+            let famFiles = ((try? ProcFS.directoryEntries("/dev/shm")) ?? []).filter { $0.hasPrefix("fammig-\(run.processID)-") }
+            #expect(famFiles.isEmpty, "FAM files left: \(famFiles)")
+            let newRunDirectories = ((try? ProcFS.directoryEntries("/tmp")) ?? []).filter { $0.hasPrefix("fammig-run-") && !runDirectoriesBefore.contains($0) }
+            #expect(newRunDirectories.isEmpty, "run directories left: \(newRunDirectories)")
+        }
+    }
+}

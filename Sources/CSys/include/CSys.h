@@ -48,6 +48,13 @@ pid_t csys_spawn_program_new_pid_namespace(const char *path, char *const argv[],
 /// posix_spawn_file_actions_addclosefrom_np (glibc 2.34), which Swift does not import.
 int csys_spawn_actions_close_from(posix_spawn_file_actions_t *actions, int firstDescriptor);
 
+/// Cleanup on SIGINT/SIGTERM/SIGHUP: the handler (async-signal-safe) unlinks every registered path and
+/// SIGKILLs every registered process, then dies of the same signal. At most 16 paths (an empty directory
+/// is removed too) and 8 processes.
+void csys_cleanup_install(void);
+void csys_cleanup_register_path(const char *path);
+void csys_cleanup_register_process(pid_t processID);
+
 /// Cache-line write-back. method: 0 clwb, 1 clflushopt, 2 clflush. Each flushes every 64-byte line
 /// overlapping [address, address+byteCount).
 void csys_flush_range(const void *address, size_t byteCount, int method);
