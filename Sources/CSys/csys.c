@@ -63,10 +63,14 @@ static void reset_signals(void) {
     syscall(SYS_rt_sigprocmask, SIG_SETMASK, &empty, 0, 8);
 }
 
-pid_t csys_spawn_traced(const char *path, char *const argv[], char *const envp[], pid_t wantedPID,
-                        unsigned long personalityValue) {
+/// clone3 (with `flags`, and `wantedPID` as set_tid unless 0), then in the child: default signals,
+/// PDEATHSIG, personality, PTRACE_TRACEME and execve; only raw syscalls there (the parent may have
+/// other threads).
+static pid_t spawn_traced(const char *path, char *const argv[], char *const envp[], pid_t wantedPID,
+                          unsigned long personalityValue, unsigned long long flags) {
     struct clone_args arguments = {0};
     pid_t tids[1] = {wantedPID};
+    arguments.flags = flags;
     arguments.exit_signal = SIGCHLD;
     if (wantedPID > 0) {
         arguments.set_tid = (uint64_t)(uintptr_t)tids;
@@ -74,7 +78,6 @@ pid_t csys_spawn_traced(const char *path, char *const argv[], char *const envp[]
     }
     long child = syscall(SYS_clone3, &arguments, sizeof arguments);
     if (child != 0) return (pid_t)child;
-    // Child: only raw syscalls from here on (the parent may have had other threads).
     reset_signals();
     syscall(SYS_prctl, PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
     if (personalityValue != 0xffffffffUL) syscall(SYS_personality, personalityValue);
@@ -82,6 +85,11 @@ pid_t csys_spawn_traced(const char *path, char *const argv[], char *const envp[]
     syscall(SYS_execve, path, argv, envp);
     syscall(SYS_exit_group, 127);
     return -1;
+}
+
+pid_t csys_spawn_traced(const char *path, char *const argv[], char *const envp[], pid_t wantedPID,
+                        unsigned long personalityValue) {
+    return spawn_traced(path, argv, envp, wantedPID, personalityValue, 0);
 }
 
 __attribute__((target("clwb"))) static void flush_clwb(const char *p, const char *end) {
@@ -150,17 +158,7 @@ int csys_spawn_actions_close_from(posix_spawn_file_actions_t *actions, int first
 }
 
 pid_t csys_spawn_traced_new_pid_namespace(const char *path, char *const argv[], char *const envp[]) {
-    struct clone_args arguments = {0};
-    arguments.flags = CLONE_NEWPID;
-    arguments.exit_signal = SIGCHLD;
-    long child = syscall(SYS_clone3, &arguments, sizeof arguments);
-    if (child != 0) return (pid_t)child;
-    reset_signals();
-    syscall(SYS_prctl, PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
-    if (syscall(SYS_ptrace, PTRACE_TRACEME, 0, 0, 0) != 0) syscall(SYS_exit_group, 126);
-    syscall(SYS_execve, path, argv, envp);
-    syscall(SYS_exit_group, 127);
-    return -1;
+    return spawn_traced(path, argv, envp, 0, 0xffffffffUL, CLONE_NEWPID);
 }
 
 static int open_onto(const char *path, int flags, int descriptor) {

@@ -306,7 +306,6 @@ public final class Dumper: EngineActor {
 
     private func send(slots: Range<Int>, transport: any Transport) throws {
         let bytes = try processVMRead(victimProcessID, address: pageAddresses[slots.lowerBound], byteCount: slots.count * 4096)
-        logger.trace("page read", metadata: ["us": "\(nanoseconds(clock.now()) / 1000)"])
         try transport.send(.pages(address: pageAddresses[slots.lowerBound], bytes: bytes))
         logger.trace("reply sent", metadata: ["us": "\(nanoseconds(clock.now()) / 1000)"])
         for slot in slots where !sent[slot] {

@@ -112,7 +112,7 @@ public final class FaultHandler: EngineActor {
                 logger.trace("received", metadata: ["address": "\(hex(address))", "us": "\(nanoseconds(start) / 1000)"])
                 let newly = try memory.installBytes(address: address, bytes: bytes)
                 if pending[memory.slot(for: address) ?? -1] == nil && newly > 0 { metrics.record(.push, latency: clock.now() - start) }
-                wakePending(memory, slots: slotRange(memory, address: address, count: bytes.count / 4096), path: .sourceAsync, installedAt: start)
+                wakePending(memory, slots: slotRange(memory, address: address, count: bytes.count / 4096), path: .sourceAsync)
             case .marked:
                 continue  // servePendingFromFAM checks the marks themselves.
             case .complete:
@@ -160,14 +160,13 @@ public final class FaultHandler: EngineActor {
 
     private func servePendingFromFAM(_ memory: LazyMemory) throws {
         for slot in pending.keys.sorted() where memory.isDumped(slot) {
-            let start = clock.now()
             if !memory.isInstalled(slot) { try memory.installFromFAM(slot: slot, count: 1, readBack: true) } else { try memory.wake(address: memory.pageAddresses[slot]) }
-            wakePending(memory, slots: slot..<(slot + 1), path: .sourceAsync, installedAt: start)
+            wakePending(memory, slots: slot..<(slot + 1), path: .sourceAsync)
         }
     }
 
     /// Faults on these slots are served: record their latency from the fault to now.
-    private func wakePending(_ memory: LazyMemory, slots: Range<Int>, path: InstallPath, installedAt: Duration) {
+    private func wakePending(_ memory: LazyMemory, slots: Range<Int>, path: InstallPath) {
         let now = clock.now()
         for slot in slots {
             guard let waiting = pending.removeValue(forKey: slot) else { continue }

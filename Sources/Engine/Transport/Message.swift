@@ -194,7 +194,7 @@ public enum Message: Equatable, Sendable {
         let utf8 = Array(text.utf8)
         guard utf8.count > maximumStringByteCount else { return utf8 }
         var endIndex = maximumStringByteCount
-        // Step back over continuation bytes (10xxxxxx) so the cut lands before a character's first byte.
+        // Step back over continuation bytes (top bits 10) so the cut lands before a character's first byte.
         while endIndex > 0, utf8[endIndex] & 0xC0 == 0x80 { endIndex -= 1 }
         return Array(utf8[..<endIndex])
     }
