@@ -1,6 +1,7 @@
 // swift-tools-version: 6.2
 // The module diagram: a target imports only targets below it.
-//   fammig (executable)   flags, logging bootstrap, driver choice, exit codes
+//   fammig, torture (executables)   flags, logging bootstrap, driver choice, exit codes
+//   Torture               deterministic driver, model FAM, in-memory transport, strategies, campaigns
 //   Oracles               register/state compare, page digests, end-to-end checksums
 //   Engine                actors, FAM image, real FAM backend, threaded driver
 //   Sys (+ CSys)          the only raw syscalls and unsafe pointers
@@ -11,6 +12,7 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "fammig", targets: ["fammig"]),
+        .executable(name: "torture", targets: ["TortureCommand"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -48,6 +50,22 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        .target(
+            name: "Torture",
+            dependencies: [
+                "Engine", "Oracles", "Sys",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .executableTarget(
+            name: "TortureCommand",
+            dependencies: [
+                "Torture", "Engine", "Oracles", "Sys",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         .testTarget(name: "EngineTests", dependencies: ["Engine", "Oracles", "Sys"]),
+        .testTarget(name: "TortureTests", dependencies: ["Torture", "Engine", "Oracles", "Sys"]),
     ]
 )

@@ -220,6 +220,7 @@ int main(int argc, char **argv)
     tp_say("dropped CAP_SYS_ADMIN CAP_NET_RAW CAP_SYS_PTRACE CAP_CHOWN\n");
 
     for (uint64_t r = 0; r < rounds; r++) {
+        tp_rendezvous(r + 1);
         update_buf(buf, r);
         uint64_t h = hash_buf(buf, r);
         uint64_t st = check_caps(r + 1, "round");

@@ -9,6 +9,9 @@
  *   1  self-check failed ("selfcheck FAILED: ..." on stderr)
  *   2  bad command line
  *   3  system/environment error (mmap failed, stdout write failed, ...)
+ *
+ * Every program also takes the common flag --rendezvous N (see
+ * tp_rendezvous below); tp_parse_args handles it, so no program lists it.
  */
 #ifndef FAMMIG_TESTPROGRAMS_COMMON_H
 #define FAMMIG_TESTPROGRAMS_COMMON_H
@@ -18,6 +21,7 @@
 #endif
 
 #include <errno.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -190,6 +194,57 @@ static inline double tp_now(void)
 }
 
 /* ------------------------------------------------------------------ */
+/* Rendezvous: a deterministic freeze point                            */
+/* ------------------------------------------------------------------ */
+
+/*
+ * With --rendezvous N (N > 0) the program blocks SIGUSR2 as soon as its
+ * command line is parsed, and waits in sigwaitinfo() for SIGUSR2 just before
+ * it starts step N of its main loop. A migrator freezes it there, so a seed
+ * replays from exactly the same point; the reference run is released the
+ * same way, so stdout does not depend on the option. SIGUSR2 stays blocked
+ * for the rest of the run: unblocking it would make the mask depend on
+ * whether the rendezvous was reached. If the program takes fewer than N
+ * steps it never waits. Nothing about the rendezvous is ever printed.
+ */
+
+/* The step to wait before; 0 = no rendezvous. Set once by tp_parse_args. */
+static inline unsigned long long *tp_rendezvous_step_slot(void)
+{
+    static unsigned long long step;
+    return &step;
+}
+
+static inline void tp_rendezvous_block_signal(void)
+{
+    sigset_t usr2;
+    sigemptyset(&usr2);
+    sigaddset(&usr2, SIGUSR2);
+    if (sigprocmask(SIG_BLOCK, &usr2, NULL) != 0)
+        tp_syserr("sigprocmask(block SIGUSR2) for --rendezvous");
+}
+
+/* Call once per step of the main loop, before the step's work, with the
+ * 1-based number of the step about to run. */
+static inline void tp_rendezvous(uint64_t step)
+{
+    unsigned long long target = *tp_rendezvous_step_slot();
+    if (target == 0 || step != target)
+        return;
+    int saved = errno;
+    sigset_t usr2;
+    sigemptyset(&usr2);
+    sigaddset(&usr2, SIGUSR2);
+    /* A ptrace or freezer stop ends rt_sigtimedwait with EINTR (it is not
+     * restarted), so wait again: only SIGUSR2 itself releases us. */
+    while (sigwaitinfo(&usr2, NULL) != SIGUSR2) {
+        if (errno != EINTR)
+            tp_syserr("sigwaitinfo(SIGUSR2) for --rendezvous");
+    }
+    errno = saved;
+}
+
+/* ------------------------------------------------------------------ */
 /* Command line: only "--name value" (also "--name=value") and --help   */
 /* ------------------------------------------------------------------ */
 
@@ -211,6 +266,9 @@ static inline void tp_usage(FILE *f, const char *desc,
         fprintf(f, "  --%-10s %s (default %llu, range %llu..%llu)\n",
                 opts[i].name, opts[i].help, *opts[i].val,
                 opts[i].min, opts[i].max);
+    fprintf(f, "  --%-10s step (1-based) before which to wait for SIGUSR2; "
+               "0 = never (default 0, range 0..%llu)\n",
+            "rendezvous", (unsigned long long)UINT64_MAX);
     fprintf(f, "  --%-10s print this help and exit\n", "help");
     fprintf(f, "\nThe last stdout line is checksum=<16 hex digits>. Exit codes: "
                "0 ok, 1 self-check failed, 2 bad usage, 3 system error.\n");
@@ -277,8 +335,16 @@ static inline void tp_parse_args(int argc, char **argv, const char *desc,
         if (arg[namelen] == '=')
             value = arg + namelen + 1;
 
+        /* --rendezvous is common to every program, so it is not in opts. */
+        const struct tp_opt rendezvous = {
+            "rendezvous", tp_rendezvous_step_slot(), 0, UINT64_MAX,
+            "step before which to wait for SIGUSR2",
+        };
         const struct tp_opt *o = NULL;
-        for (size_t k = 0; k < n; k++) {
+        if (strlen(rendezvous.name) == namelen &&
+            strncmp(rendezvous.name, arg, namelen) == 0)
+            o = &rendezvous;
+        for (size_t k = 0; o == NULL && k < n; k++) {
             if (strlen(opts[k].name) == namelen &&
                 strncmp(opts[k].name, arg, namelen) == 0) {
                 o = &opts[k];
@@ -301,6 +367,10 @@ static inline void tp_parse_args(int argc, char **argv, const char *desc,
                            "%llu..%llu", v, o->name, o->min, o->max);
         *o->val = v;
     }
+    /* Before the program does anything else, so SIGUSR2 is blocked for the
+     * whole run and the signal mask is the same in every run. */
+    if (*tp_rendezvous_step_slot() != 0)
+        tp_rendezvous_block_signal();
 }
 
 #endif /* FAMMIG_TESTPROGRAMS_COMMON_H */

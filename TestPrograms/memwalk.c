@@ -111,6 +111,7 @@ int main(int argc, char **argv)
     uint64_t rng = tp_mix64(seed ^ 0x77616c6b6572ULL);
     uint64_t report_every = steps >= 10 ? steps / 10 : 1;
     for (uint64_t s = 0; s < steps; s++) {
+        tp_rendezvous(s + 1);
         uint64_t p = tp_rand_below(&rng, npages);
         uint64_t *page = mem + p * PAGE_WORDS;
         long bad = page_check(page, p, ver[p]);

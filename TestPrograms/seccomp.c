@@ -15,6 +15,10 @@
  *   getpid           called once per round
  *   prctl            only with option PR_GET_NO_NEW_PRIVS or PR_GET_SECCOMP
  *   exit_group       exit()
+ *   rt_sigtimedwait  the --rendezvous wait (glibc's sigwaitinfo())
+ *   rt_sigprocmask   --rendezvous too; SIGUSR2 is blocked before the
+ *                    filter is loaded, so today no such call happens
+ *                    under the filter
  *
  * Everything else, notably getppid, kills the whole process with SIGSYS.
  *
@@ -26,6 +30,10 @@
  * filter must kill it (exit by SIGSYS, shell status 159), so no checksum
  * is printed. At the end the computation is replayed in the second buffer
  * and compared. The checksum covers the computation only.
+ *
+ * With --rendezvous N the program waits for SIGUSR2 before round N's
+ * update, under the filter; at N == --violate-at it waits before that
+ * round, so a migrated process makes the forbidden call after restore.
  */
 #include "common.h"
 
@@ -101,9 +109,12 @@ static void allow_prctl_option(scmp_filter_ctx ctx, int option)
 
 static void install_filter(void)
 {
+    /* rt_sigtimedwait and rt_sigprocmask are for --rendezvous. They are
+     * allowed whether or not the flag is given, so the filter is the same
+     * in every run. */
     static const char *const allowed[] = {
         "write", "clock_nanosleep", "restart_syscall",
-        "getpid", "exit_group",
+        "getpid", "exit_group", "rt_sigtimedwait", "rt_sigprocmask",
     };
     scmp_filter_ctx ctx = seccomp_init(SCMP_ACT_KILL_PROCESS);
     if (ctx == NULL) {
@@ -172,6 +183,7 @@ int main(int argc, char **argv)
 
     uint64_t sum = tp_hash_mix(0x736563636f6d70ULL, rounds);
     for (uint64_t r = 0; r < rounds; r++) {
+        tp_rendezvous(r + 1);
         update_buf(buf, r);
         uint64_t h = hash_buf(buf, r);
         sum = tp_hash_mix(sum, h);

@@ -286,6 +286,9 @@ int main(int argc, char **argv)
     uint64_t rng = tp_mix64(seed ^ 0x7369676e616c73ULL);
     uint64_t want_usr1 = 0, want_usr2 = 0, want_rt = 0;
     for (uint64_t r = 0; r < rounds; r++) {
+        /* SIGUSR2 is blocked here (only the SIGUSR2 check below unblocks
+         * it, briefly), so the rendezvous can wait for it. */
+        tp_rendezvous(r + 1);
         uint64_t sends = 1 + tp_rand_below(&rng, 3);
         for (uint64_t k = 0; k < sends; k++) {
             if (kill(getpid(), SIGUSR1) != 0)

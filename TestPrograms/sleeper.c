@@ -79,6 +79,7 @@ int main(int argc, char **argv)
     init_state(seed, heap, stk);
 
     for (uint64_t r = 0; r < rounds; r++) {
+        tp_rendezvous(r + 1);
         round_no = r;
         update_state(seed, r, heap, stk);
         expect = hash_state(heap, stk, r);

@@ -58,6 +58,9 @@ public final class Dumper: EngineActor {
     private var prioritySlots: [Int] = []
     /// Post-copy: the background order's next candidate slot.
     private var backgroundCursor = 0
+    /// A batch copied into FAM whose flush, fence and marks are the next step (two steps per batch, so a
+    /// driver can run the target while pages sit in FAM unmarked).
+    private var unsealed: Range<Int>?
     /// postcopy-socket: which pages went over the socket.
     private var sent: [Bool] = []
     private var sentPageCount = 0
@@ -103,6 +106,7 @@ public final class Dumper: EngineActor {
                 guard let descriptor = transport.readableDescriptor else { return .waiting(.retryAfter(.microseconds(100))) }
                 return .waiting(.readable([descriptor], timeout: .milliseconds(5)))
             }
+            if let unsealed { return .ready("seal slots \(unsealed)") }
             return .ready(state.description)
         default: return .ready(state.description)
         }
@@ -185,6 +189,15 @@ public final class Dumper: EngineActor {
             }
             state = pageAddresses.isEmpty ? .commit : .dumping(nextSlot: 0)
         case .dumping(let nextSlot):
+            if let slots = unsealed {
+                try seal(slots)
+                if case .nonlive = mode {
+                    state = slots.upperBound == pageAddresses.count ? .commit : .dumping(nextSlot: slots.upperBound)
+                } else if writer!.markedPageCount == pageAddresses.count {
+                    state = .commit
+                }
+                return
+            }
             switch mode {
             case .nonlive: break
             case .postcopyFAM(let transport):
@@ -194,12 +207,7 @@ public final class Dumper: EngineActor {
                 try servePages(transport: transport, push: push)
                 return
             }
-            let slots = nextSlot..<min(nextSlot + batchPageCount, pageAddresses.count)
-            do { try writer!.dumpPages(processID: victimProcessID, slots: slots) } catch {
-                throw .fam("dumping pages \(slots) of pid \(victimProcessID): \(error)")
-            }
-            timeline.add(slots.count, to: "pagesDumped")
-            state = slots.upperBound == pageAddresses.count ? .commit : .dumping(nextSlot: slots.upperBound)
+            try copy(nextSlot..<min(nextSlot + batchPageCount, pageAddresses.count))
         case .commit:
             if writer != nil { observer?.imageWillCommit() }
             writer?.commit()
@@ -267,15 +275,34 @@ public final class Dumper: EngineActor {
                 var end = backgroundCursor
                 while end < pageAddresses.count && end - backgroundCursor < backgroundBatchPageCount && !writer!.isMarked(slot: end) { end += 1 }
                 if end > backgroundCursor {
-                    try writer!.dumpPages(processID: victimProcessID, slots: backgroundCursor..<end)
-                    timeline.add(end - backgroundCursor, to: "pagesDumped")
+                    try copy(backgroundCursor..<end)
                     backgroundCursor = end
                 }
             }
+        } catch let error as EngineError {
+            throw error
         } catch {
             throw .fam("dumping pages of pid \(victimProcessID): \(error)")
         }
         if writer!.markedPageCount == pageAddresses.count { state = .commit }
+    }
+
+    /// First step of a batch: the pages go from the victim into their FAM slots, not yet durable.
+    private func copy(_ slots: Range<Int>) throws(EngineError) {
+        do { try writer!.copyPagesFromProcess(processID: victimProcessID, slots: slots) } catch {
+            throw .fam("dumping pages \(slots) of pid \(victimProcessID): \(error)")
+        }
+        unsealed = slots
+    }
+
+    /// Second step: flush the batch's lines, fence, then store and flush each page's mark (fenced by the
+    /// next batch's fence, or by `fenceMarks`/`commit`).
+    private func seal(_ slots: Range<Int>) throws(EngineError) {
+        writer!.flushPages(slots: slots)
+        writer!.fence()
+        for slot in slots { writer!.storeMark(slot: slot) }
+        timeline.add(slots.count, to: "pagesDumped")
+        unsealed = nil
     }
 
     /// postcopy-socket: answers every request with its page, then (pushing) sends the next run of

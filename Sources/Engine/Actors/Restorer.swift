@@ -48,6 +48,8 @@ public final class Restorer: EngineActor {
     private let processIDWait: Duration
     private let pidNamespace: PIDNamespace
     private let mode: RestoreMode
+    private let gate: any TargetGate
+    private let imageWait: Duration
 
     private var state = State.waitingForImage
     private var reader: ImageReader?
@@ -69,7 +71,9 @@ public final class Restorer: EngineActor {
     public init(openBackend: @escaping () throws(ImageError) -> (any FAMBackend)?, stubPath: String, batchPageCount: Int = 512,
                 observer: (any MigrationObserver)?, clock: any EngineClock, timeline: MigrationTimeline,
                 logger: Logger, processIDWait: Duration = .seconds(5), pidNamespace: PIDNamespace = .shared,
-                mode: RestoreMode = .eager) {
+                mode: RestoreMode = .eager, gate: any TargetGate = ImmediateTargetGate(), imageWait: Duration = .seconds(600)) {
+        self.gate = gate
+        self.imageWait = imageWait
         self.pidNamespace = pidNamespace
         self.openBackend = openBackend
         self.stubPath = stubPath
@@ -93,18 +97,9 @@ public final class Restorer: EngineActor {
         switch state {
         case .finished, .failed: return .finished
         case .waitingForImage:
-            if case .lazyFromSocket(let transport) = mode {
-                return transport.waitReadable(timeoutMilliseconds: 0) ? .ready(state.description) : .waiting(.retryAfter(.microseconds(200)))
-            }
-            guard let backend = try? openBackend(), let imageState = ImageReader.peekState(backend: backend) else {
-                return .waiting(.retryAfter(.microseconds(200)))
-            }
-            let usable: Bool
-            switch mode {
-            case .eager: usable = imageState == .complete || imageState == .aborted
-            default: usable = imageState != .creating
-            }
-            return usable ? .ready(state.description) : .waiting(.retryAfter(.microseconds(200)))
+            if imageAvailable() { return .ready(state.description) }
+            if clock.now() > imageWait { return .ready("give up waiting for the image") }
+            return .waiting(.retryAfter(.microseconds(200)))
         case .spawn:
             if let spawnFirstTried, clock.now() - spawnFirstTried < .milliseconds(2) { return .waiting(.retryAfter(.microseconds(500))) }
             return .ready(state.description)
@@ -130,6 +125,9 @@ public final class Restorer: EngineActor {
     private func step() throws(EngineError) {
         switch state {
         case .waitingForImage:
+            guard imageAvailable() else {
+                throw .timedOut("no usable image or process state from the source within \(imageWait); the source failed or is too slow")
+            }
             try openImage()
             timeline.record(.restoreStarted, at: clock.now())
             state = .spawn
@@ -180,12 +178,24 @@ public final class Restorer: EngineActor {
             }
             state = .resume
         case .resume:
-            do { try target!.resume() } catch { throw .restore(error) }
+            let target = target!
+            do { try gate.resume(processID: target.processID) { () throws(RestoreError) in try target.resume() } } catch { throw .restore(error) }
             timeline.record(.targetResumed, at: clock.now())
             lazyMemory?.markRunning()
             state = .finished
         case .finished, .failed:
             preconditionFailure("Restorer cannot step while \(state)")
+        }
+    }
+
+    /// Whether what the restore starts from is there: the process state on the socket, or an image in
+    /// FAM in a state this mode can restore from.
+    private func imageAvailable() -> Bool {
+        if case .lazyFromSocket(let transport) = mode { return transport.waitReadable(timeoutMilliseconds: 0) }
+        guard let backend = try? openBackend(), let imageState = ImageReader.peekState(backend: backend) else { return false }
+        switch mode {
+        case .eager: return imageState == .complete || imageState == .aborted
+        default: return imageState != .creating
         }
     }
 
@@ -243,8 +253,9 @@ public final class Restorer: EngineActor {
                 || reader.pageAddresses[slot + 1] != reader.pageAddresses[slot] + UInt64(ImageLayout.pageSize)
             guard runEnds else { continue }
             do {
-                let newlyInstalled = try target!.writePages(from: reader.backend.readableMapping, at: reader.pageOffset(slot: runStart),
-                                                            byteCount: (slot + 1 - runStart) * ImageLayout.pageSize,
+                let byteCount = (slot + 1 - runStart) * ImageLayout.pageSize
+                let region = reader.backend.readableRegion(at: reader.pageOffset(slot: runStart), count: byteCount)
+                let newlyInstalled = try target!.writePages(from: region.mapping, at: region.offset, byteCount: byteCount,
                                                             to: reader.pageAddresses[runStart])
                 // In a nonlive restore nothing else installs pages: every page must be new.
                 precondition(newlyInstalled == slot + 1 - runStart, "page run at \(hex(reader.pageAddresses[runStart])) was partly present already")
@@ -262,7 +273,7 @@ public final class Restorer: EngineActor {
     /// (rseq registration makes the kernel write it, and no fault handler may be needed mid-injection).
     private func startLazy() {
         let origin: PageOrigin = reader.map { .fam($0) } ?? .socket
-        let memory = target!.makeLazyMemory(pageAddresses: pageAddresses, origin: origin, observer: observer)
+        let memory = target!.makeLazyMemory(pageAddresses: pageAddresses, origin: origin, observer: observer, gate: gate)
         handedOver.withLock { $0 = memory }
         var slots = Set<Int>()
         for (slot, address) in pageAddresses.enumerated() where !memory.isRegistered(address) { slots.insert(slot) }

@@ -31,7 +31,7 @@ public final class RealFAM: FAMBackend {
 
     public var byteCount: Int { mapping.byteCount }
     public var path: String? { mapping.path }
-    public var readableMapping: SharedMapping { mapping }
+    public func readableRegion(at byteOffset: Int, count: Int) -> (mapping: SharedMapping, offset: Int) { (mapping, byteOffset) }
     /// Which write-back instruction `flush` uses on this CPU.
     public var flushInstruction: FlushInstruction { mapping.flushInstruction }
 

@@ -29,12 +29,14 @@ public final class LazyMemory: @unchecked Sendable {
     private var requested: [Bool]
     public private(set) var installedPageCount = 0
     private let observer: (any MigrationObserver)?
+    private let gate: any TargetGate
     /// Set by the restorer once the target runs: from then on faults may come.
     private var running = false
     private var unregistered = false
 
     init(targetProcessID: ProcessID, pageAddresses: [UInt64], userfaultfd: Userfaultfd, registeredRanges: [Range<UInt64>],
-         origin: PageOrigin, observer: (any MigrationObserver)?) {
+         origin: PageOrigin, observer: (any MigrationObserver)?, gate: any TargetGate) {
+        self.gate = gate
         self.targetProcessID = targetProcessID
         self.pageAddresses = pageAddresses
         self.userfaultfd = userfaultfd
@@ -114,8 +116,9 @@ public final class LazyMemory: @unchecked Sendable {
         }
         let address = pageAddresses[slot]
         let byteCount = count * 4096
+        let region = reader.backend.readableRegion(at: reader.pageOffset(slot: slot), count: byteCount)
         let newly = try copyAll(address: address, byteCount: byteCount) { offset, remaining throws -> CopyOutcome in
-            try userfaultfd.copy(from: reader.backend.readableMapping, at: reader.pageOffset(slot: slot) + offset,
+            try userfaultfd.copy(from: region.mapping, at: region.offset + offset,
                                  to: address + UInt64(offset), byteCount: remaining, dontWake: true)
         }
         try finishInstall(slot: slot, count: count, newly: newly) { offset in
@@ -145,7 +148,7 @@ public final class LazyMemory: @unchecked Sendable {
     func famLocation(slot: Int) -> (mapping: SharedMapping, offset: Int) {
         lock.withLock {
             guard let reader else { preconditionFailure("famLocation without an image") }
-            return (reader.backend.readableMapping, reader.pageOffset(slot: slot))
+            return reader.backend.readableRegion(at: reader.pageOffset(slot: slot), count: 4096)
         }
     }
 
@@ -163,12 +166,16 @@ public final class LazyMemory: @unchecked Sendable {
 
     /// A never-touched anonymous page: zeros, then wake.
     func installZeroPage(address: UInt64) throws {
-        _ = try userfaultfd.zeroPage(at: address, dontWake: false)
+        _ = try userfaultfd.zeroPage(at: address, dontWake: true)
+        try wake(address: address)
     }
 
     /// Wakes threads waiting on a page someone else installed (EEXIST still needs a wake).
     func wake(address: UInt64, byteCount: Int = 4096) throws {
-        try userfaultfd.wake(address: address, byteCount: byteCount)
+        let userfaultfd = self.userfaultfd
+        try gate.wake(processID: targetProcessID, address: address, byteCount: byteCount) { () throws(SyscallError) in
+            try userfaultfd.wake(address: address, byteCount: byteCount)
+        }
     }
 
     /// Runs a multi-page UFFDIO_COPY to the end: EAGAIN advances by what was copied, EEXIST skips one
@@ -205,7 +212,7 @@ public final class LazyMemory: @unchecked Sendable {
                                         installedBytes: installedBytes(offset))
         }
         // Wake explicitly: the copies used DONTWAKE; pages skipped for EEXIST may have waiters too.
-        try userfaultfd.wake(address: pageAddresses[slot], byteCount: count * 4096)
+        try wake(address: pageAddresses[slot], byteCount: count * 4096)
     }
 
     /// After every dumped page is proved installed: unregister, so the kernel serves the rest (never

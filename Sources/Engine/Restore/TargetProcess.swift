@@ -266,10 +266,10 @@ final class TargetProcess {
 
     /// Post-copy: the userfaultfd and its registered ranges move to lazy memory shared by the fault
     /// handler and the pusher; the target keeps no installer of its own.
-    func makeLazyMemory(pageAddresses: [UInt64], origin: PageOrigin, observer: (any MigrationObserver)?) -> LazyMemory {
+    func makeLazyMemory(pageAddresses: [UInt64], origin: PageOrigin, observer: (any MigrationObserver)?, gate: any TargetGate) -> LazyMemory {
         guard let userfaultfd else { preconditionFailure("lazy memory before the userfaultfd was registered") }
         let memory = LazyMemory(targetProcessID: processID, pageAddresses: pageAddresses, userfaultfd: userfaultfd,
-                                registeredRanges: registeredRanges, origin: origin, observer: observer)
+                                registeredRanges: registeredRanges, origin: origin, observer: observer, gate: gate)
         self.userfaultfd = nil
         return memory
     }
