@@ -255,10 +255,25 @@ struct tp_opt {
     const char *help;
 };
 
+/* A flag whose value is text (a path, a workload letter, a mode list).
+ * With choices (a NULL-terminated list) the value must be one of them,
+ * compared without regard to case, and *val is then set to the list's own
+ * spelling; without choices any non-empty text is taken as it is. A
+ * separate type (not extra tp_opt fields) keeps every existing
+ * { name, &val, min, max, help } initialiser complete under
+ * -Wmissing-field-initializers. */
+struct tp_stropt {
+    const char *name;            /* without the leading "--" */
+    const char **val;            /* holds the default on entry */
+    const char *const *choices;  /* NULL-terminated, or NULL = any text */
+    const char *help;
+};
+
 #define TP_NOPTS(a) (sizeof(a) / sizeof((a)[0]))
 
 static inline void tp_usage(FILE *f, const char *desc,
-                            const struct tp_opt *opts, size_t n)
+                            const struct tp_opt *opts, size_t n,
+                            const struct tp_stropt *sopts, size_t ns)
 {
     fprintf(f, "usage: %s [--name value]...\n%s\n\noptions:\n",
             tp_progname(NULL), desc);
@@ -266,6 +281,16 @@ static inline void tp_usage(FILE *f, const char *desc,
         fprintf(f, "  --%-10s %s (default %llu, range %llu..%llu)\n",
                 opts[i].name, opts[i].help, *opts[i].val,
                 opts[i].min, opts[i].max);
+    for (size_t i = 0; i < ns; i++) {
+        fprintf(f, "  --%-10s %s (default %s", sopts[i].name, sopts[i].help,
+                *sopts[i].val);
+        if (sopts[i].choices != NULL) {
+            fprintf(f, ", one of ");
+            for (size_t k = 0; sopts[i].choices[k] != NULL; k++)
+                fprintf(f, "%s%s", k ? "|" : "", sopts[i].choices[k]);
+        }
+        fprintf(f, ")\n");
+    }
     fprintf(f, "  --%-10s step (1-based) before which to wait for SIGUSR2; "
                "0 = never (default 0, range 0..%llu)\n",
             "rendezvous", (unsigned long long)UINT64_MAX);
@@ -311,8 +336,51 @@ static inline int tp_parse_u64(const char *s, unsigned long long *out)
     return 0;
 }
 
-static inline void tp_parse_args(int argc, char **argv, const char *desc,
-                                 const struct tp_opt *opts, size_t n)
+/* ASCII-only case-insensitive equality (no locale involved). */
+static inline int tp_same_text_ignoring_case(const char *a, const char *b)
+{
+    for (;; a++, b++) {
+        char x = *a, y = *b;
+        if (x >= 'A' && x <= 'Z')
+            x = (char)(x - 'A' + 'a');
+        if (y >= 'A' && y <= 'Z')
+            y = (char)(y - 'A' + 'a');
+        if (x != y)
+            return 0;
+        if (x == '\0')
+            return 1;
+    }
+}
+
+static inline void tp_set_string(const struct tp_stropt *o, const char *value)
+{
+    if (*value == '\0')
+        tp_usage_error("flag '--%s' needs a non-empty value", o->name);
+    if (o->choices == NULL) {
+        *o->val = value;
+        return;
+    }
+    for (size_t k = 0; o->choices[k] != NULL; k++) {
+        if (tp_same_text_ignoring_case(value, o->choices[k])) {
+            *o->val = o->choices[k];
+            return;
+        }
+    }
+    fprintf(stderr, "%s: bad value '%s' for '--%s' (want one of ",
+            tp_progname(NULL), value, o->name);
+    for (size_t k = 0; o->choices[k] != NULL; k++)
+        fprintf(stderr, "%s%s", k ? "|" : "", o->choices[k]);
+    fprintf(stderr, ")\n(try --help)\n");
+    exit(TP_EXIT_USAGE);
+}
+
+/* Parses numeric flags (opts) and text flags (sopts). */
+static inline void tp_parse_args_with_strings(int argc, char **argv,
+                                              const char *desc,
+                                              const struct tp_opt *opts,
+                                              size_t n,
+                                              const struct tp_stropt *sopts,
+                                              size_t ns)
 {
     if (argc > 0 && argv[0] != NULL) {
         const char *slash = strrchr(argv[0], '/');
@@ -324,7 +392,7 @@ static inline void tp_parse_args(int argc, char **argv, const char *desc,
         size_t namelen;
 
         if (strcmp(arg, "--help") == 0 || strcmp(arg, "-h") == 0) {
-            tp_usage(stdout, desc, opts, n);
+            tp_usage(stdout, desc, opts, n, sopts, ns);
             fflush(stdout);
             exit(TP_EXIT_OK);
         }
@@ -341,6 +409,7 @@ static inline void tp_parse_args(int argc, char **argv, const char *desc,
             "step before which to wait for SIGUSR2",
         };
         const struct tp_opt *o = NULL;
+        const struct tp_stropt *so = NULL;
         if (strlen(rendezvous.name) == namelen &&
             strncmp(rendezvous.name, arg, namelen) == 0)
             o = &rendezvous;
@@ -351,12 +420,22 @@ static inline void tp_parse_args(int argc, char **argv, const char *desc,
                 break;
             }
         }
-        if (o == NULL)
+        for (size_t k = 0; o == NULL && so == NULL && k < ns; k++) {
+            if (strlen(sopts[k].name) == namelen &&
+                strncmp(sopts[k].name, arg, namelen) == 0)
+                so = &sopts[k];
+        }
+        if (o == NULL && so == NULL)
             tp_usage_error("unknown flag '--%.*s'", (int)namelen, arg);
         if (value == NULL) {
             if (i + 1 >= argc)
-                tp_usage_error("flag '--%s' needs a value", o->name);
+                tp_usage_error("flag '--%s' needs a value",
+                               o ? o->name : so->name);
             value = argv[++i];
+        }
+        if (so != NULL) {
+            tp_set_string(so, value);
+            continue;
         }
         unsigned long long v;
         if (tp_parse_u64(value, &v) != 0)
@@ -371,6 +450,13 @@ static inline void tp_parse_args(int argc, char **argv, const char *desc,
      * whole run and the signal mask is the same in every run. */
     if (*tp_rendezvous_step_slot() != 0)
         tp_rendezvous_block_signal();
+}
+
+/* Parses numeric flags only (all programs without text flags). */
+static inline void tp_parse_args(int argc, char **argv, const char *desc,
+                                 const struct tp_opt *opts, size_t n)
+{
+    tp_parse_args_with_strings(argc, argv, desc, opts, n, NULL, 0);
 }
 
 #endif /* FAMMIG_TESTPROGRAMS_COMMON_H */

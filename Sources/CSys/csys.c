@@ -173,7 +173,7 @@ static int open_onto(const char *path, int flags, int descriptor) {
 
 pid_t csys_spawn_program_new_pid_namespace(const char *path, char *const argv[], char *const envp[],
                                            const char *standardInput, const char *standardOutput,
-                                           const char *standardError) {
+                                           const char *standardError, unsigned long personalityValue) {
     struct clone_args arguments = {0};
     arguments.flags = CLONE_NEWPID;
     arguments.exit_signal = SIGCHLD;
@@ -185,6 +185,11 @@ pid_t csys_spawn_program_new_pid_namespace(const char *path, char *const argv[],
     if (open_onto(standardOutput, O_WRONLY | O_CREAT | O_TRUNC, 1) != 0) syscall(SYS_exit_group, 125);
     if (open_onto(standardError, O_WRONLY | O_CREAT | O_TRUNC, 2) != 0) syscall(SYS_exit_group, 125);
     syscall(SYS_close_range, 3, ~0U, 0);
+    if (personalityValue != 0xffffffffUL) {
+        // A fixed layout for a run that must be repeatable; and it dies with whoever started it.
+        syscall(SYS_personality, personalityValue);
+        syscall(SYS_prctl, PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+    }
     syscall(SYS_execve, path, argv, envp);
     syscall(SYS_exit_group, 127);
     return -1;

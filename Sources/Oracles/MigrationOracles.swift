@@ -50,6 +50,10 @@ public final class MigrationOracles: MigrationObserver {
         }
     }
 
+    /// Pages digested at the freeze, and pages checked in the target so far.
+    public var frozenPageCount: Int { pages.withLock { $0.digests.count } }
+    public var checkedPageCount: Int { pages.withLock { $0.checkedPageCount } }
+
     /// The page verdict of a post-copy migration, once the last page is in.
     public func recordLazyPageVerdict() {
         let count = pages.withLock { $0.checkedPageCount }

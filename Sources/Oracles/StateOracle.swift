@@ -67,11 +67,16 @@ public enum StateOracle {
 
     /// Mappings with adjacent, alike VMAs merged (same kind, sharing and protection; files at
     /// contiguous offsets): the kernel merges such neighbours when the restorer maps them one by one.
+    /// The heap is anonymous memory the kernel labels by the brk range: an anonymous VMA right before it
+    /// (a static program's bss when brk is not randomised) merges with it, and the whole shows as heap.
     static func coverage(_ mappings: [Mapping]) -> [Mapping] {
+        func anonymousLike(_ kind: MappingKind) -> Bool { kind == .anonymous || kind == .heap }
         var result: [Mapping] = []
         for mapping in mappings {
-            if var last = result.last, last.end == mapping.start, last.kind == mapping.kind, last.shared == mapping.shared,
-               last.protection == mapping.protection {
+            if var last = result.last, last.end == mapping.start,
+               last.kind == mapping.kind || anonymousLike(last.kind) && anonymousLike(mapping.kind),
+               last.shared == mapping.shared, last.protection == mapping.protection {
+                if mapping.kind == .heap { last.kind = .heap }
                 let contiguous: Bool
                 if case .file = mapping.kind { contiguous = last.fileOffset + last.byteCount == mapping.fileOffset } else { contiguous = true }
                 if contiguous {

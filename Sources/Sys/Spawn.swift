@@ -52,8 +52,11 @@ public enum Spawn {
 
     /// Starts `path` as pid 1 of a new PID namespace (a node of its own on this machine), stdio from and
     /// to the given files, nothing else inherited. Returns the PID this namespace sees.
+    /// With `personality` (e.g. ADDR_NO_RANDOMIZE for a repeatable layout) the program also dies with
+    /// the thread that started it (PDEATHSIG).
     public static func programInNewPIDNamespace(path: String, arguments: [String], environment: [String],
-                                                standardOutputPath: String, standardErrorPath: String) throws(SyscallError) -> ProcessID {
+                                                standardOutputPath: String, standardErrorPath: String,
+                                                personality: UInt32? = nil) throws(SyscallError) -> ProcessID {
         let argv = ([path] + arguments).map { strdup($0) } + [nil]
         let envp = environment.map { strdup($0) } + [nil]
         defer { (argv + envp).forEach { free($0) } }
@@ -61,7 +64,8 @@ public enum Spawn {
             argv.withUnsafeBufferPointer { argvBuffer in
                 envp.withUnsafeBufferPointer { envpBuffer in
                     csys_spawn_program_new_pid_namespace(path, argvBuffer.baseAddress, envpBuffer.baseAddress, "/dev/null",
-                                                         standardOutputPath, standardErrorPath)
+                                                         standardOutputPath, standardErrorPath,
+                                                         UInt(personality ?? 0xffff_ffff))
                 }
             }
         }

@@ -1,9 +1,198 @@
 // `torture`: the whole engine under seeded adversarial schedules (DESIGN.md §4), the CI correctness gate.
+// Exit 0: every iteration passed; 1: an oracle failed; 2: usage or environment error.
 import ArgumentParser
+import Foundation
+import Sys
 import Torture
 
 @main
 struct TortureCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "torture", abstract: "Run the engine under seeded adversarial schedules.")
-    func run() throws {}
+    static let configuration = CommandConfiguration(
+        commandName: "torture",
+        abstract: "Migrate the test programs with the real engine under seeded adversarial schedules, and judge every run with every oracle.",
+        discussion: """
+            Each iteration's seed is derived from --seed and its index; a failure prints one command that replays it exactly, \
+            with the same trace hash. Exit status: 0 all passed, 1 an oracle failed, 2 usage or environment error.
+            """)
+
+    @Option(help: "Iterations to run (all shards together).")
+    var iterations = 100
+
+    @Option(help: "The campaign seed (decimal or 0x hex).", transform: parseSeed)
+    var seed: UInt64 = 1
+
+    @Option(help: "Replay one iteration by its seed (printed by a failure), instead of a campaign.", transform: parseSeed)
+    var replay: UInt64?
+
+    @Flag(help: "Print the schedule step by step (with --replay).")
+    var trace = false
+
+    @Option(help: "Only these modes (comma-separated: nonlive, postcopy-socket, postcopy-fam).", transform: { try parseList($0, TortureMode.init) })
+    var mode: [TortureMode]?
+
+    @Option(help: "Only these programs (comma-separated: \(ProgramSpec.catalog.map(\.name).joined(separator: ", "))).", transform: { try parseList($0) { ProgramSpec.named($0)?.name } })
+    var program: [String]?
+
+    @Option(help: "Only these strategies (comma-separated: \(StrategyName.allCases.map(\.rawValue).joined(separator: ", "))).", transform: { try parseList($0, StrategyName.init) })
+    var strategy: [StrategyName]?
+
+    @Option(help: "Post-copy pushing: on or off (default: drawn per seed).", transform: parseSwitch)
+    var push: Bool?
+
+    @Option(help: "Override the program size level (0 smallest, 1, 2).")
+    var size: Int?
+
+    @Flag(help: "Never kill the source (shrinking uses it).")
+    var noKill = false
+
+    @Option(help: "Adversarial scheduling for this many steps only, then a fixed fair order (shrinking uses it).")
+    var adversarialSteps: Int?
+
+    @Option(help: "Run only part K of N of the campaign's iterations (K/N, e.g. 2/4).", transform: parseShard)
+    var shard: Shard = Shard(part: 1, count: 1)
+
+    @Option(help: "Worker threads (each runs whole iterations).")
+    var jobs = 2
+
+    @Option(help: "Write a JSON report to this file.")
+    var json: String?
+
+    @Option(help: "Write a JUnit XML report to this file.")
+    var junit: String?
+
+    @Flag(help: "On failure, minimise the failing schedule and print the shrunk replay command.")
+    var shrink = false
+
+    @Option(help: "Directory of the built test programs (default: TestPrograms/build here or beside the package).")
+    var programs: String?
+
+    mutating func validate() throws {
+        guard iterations >= 1 else { throw ValidationError("--iterations must be at least 1.") }
+        guard jobs >= 1 && jobs <= 64 else { throw ValidationError("--jobs must be between 1 and 64.") }
+        if let size, !(0...2).contains(size) { throw ValidationError("--size must be 0, 1 or 2.") }
+        if let adversarialSteps, adversarialSteps < 0 { throw ValidationError("--adversarial-steps must be 0 or more.") }
+        if trace && replay == nil { throw ValidationError("--trace needs --replay SEED (a campaign's schedules are not printed).") }
+    }
+
+    var filter: ScenarioFilter {
+        var filter = ScenarioFilter(modes: mode, programs: program, strategies: strategy, push: push)
+        filter.size = size
+        filter.noKill = noKill
+        filter.adversarialSteps = adversarialSteps
+        return filter
+    }
+
+    func run() throws {
+        let environment = try locateEnvironment()
+        var options = CampaignOptions(seed: seed, iterations: iterations, filter: filter, programDirectory: environment.programs,
+                                      stubPath: environment.stub, workDirectory: environment.work)
+        options.shard = (shard.part, shard.count)
+        options.jobs = jobs
+        Spawn.cleanUpOnTermination(paths: [environment.work], processes: [])
+        defer { try? FileManager.default.removeItem(atPath: environment.work) }
+        let campaign = Campaign(options: options)
+        if let replay {
+            let result = campaign.runOne(seed: replay, filter: filter, keepTrace: false, traceSink: trace ? { print($0) } : nil)
+            print(Report.line(result))
+            if !result.passed { print(Report.failureText(result, filter: filter)) }
+            try Report.write(results: [result], json: json, junit: junit, campaignSeed: nil, filter: filter)
+            if result.environmentError != nil { throw ExitCode(2) }
+            if !result.passed { throw ExitCode(1) }
+            return
+        }
+        let total = options.indices.count
+        let progress = ProgressPrinter(total: total)
+        let start = ContinuousClock.now
+        let results = campaign.run { result, done in progress.show(result, done: done) }
+        progress.finish()
+        let elapsed = ContinuousClock.now - start
+        print(Report.summary(results, elapsed: elapsed))
+        var failed = results.filter { !$0.passed && $0.environmentError == nil }
+        for result in failed.prefix(10) { print(Report.failureText(result, filter: filter)) }
+        if shrink, let first = failed.first {
+            let shrunk = Shrinker(campaign: campaign, filter: filter).shrink(first)
+            print("shrunk: \(Report.replayCommand(seed: shrunk.scenario.seed, filter: shrunk.filter))")
+            print("        \(shrunk.result.scenario.summary), \(shrunk.result.stepCount) steps, trace \(shrunk.result.traceHash)")
+            failed[0] = shrunk.result
+        }
+        try Report.write(results: results, json: json, junit: junit, campaignSeed: seed, filter: filter)
+        if results.contains(where: { $0.environmentError != nil }) && failed.isEmpty { throw ExitCode(2) }
+        if !failed.isEmpty { throw ExitCode(1) }
+    }
+
+    private func locateEnvironment() throws -> (programs: String, stub: String, work: String) {
+        let executable = (try? ProcFS.readLink("/proc/self/exe")) ?? CommandLine.arguments[0]
+        let candidates: [String?] = [programs, ProcessInfo.processInfo.environment["FAMMIG_TEST_PROGRAMS"], "TestPrograms/build",
+                          URL(fileURLWithPath: executable).deletingLastPathComponent().appendingPathComponent("../../TestPrograms/build").standardized.path]
+        guard let directory = candidates.compactMap({ $0 }).first(where: { ProcFS.exists($0 + "/memwalk-static") }) else {
+            throw ValidationError("no built test programs found (looked for memwalk-static in \(programs ?? "TestPrograms/build")); run scripts/setup or pass --programs DIR.")
+        }
+        let absolute = directory.hasPrefix("/") ? directory : FileManager.default.currentDirectoryPath + "/" + directory
+        for spec in ProgramSpec.catalog where !ProcFS.exists(absolute + "/" + spec.binary) {
+            throw ValidationError("\(absolute)/\(spec.binary) is missing; run make -C TestPrograms.")
+        }
+        return (absolute, executable, "/tmp/torture-\(getpid())")
+    }
+}
+
+struct Shard: Sendable {
+    var part: Int
+    var count: Int
+}
+
+func parseShard(_ text: String) throws -> Shard {
+    let parts = text.split(separator: "/")
+    guard parts.count == 2, let part = Int(parts[0]), let count = Int(parts[1]), count >= 1, (1...count).contains(part) else {
+        throw ValidationError("--shard takes K/N with 1 <= K <= N, e.g. 1/4; got \(text).")
+    }
+    return Shard(part: part, count: count)
+}
+
+func parseSeed(_ text: String) throws -> UInt64 {
+    let value = text.hasPrefix("0x") ? UInt64(text.dropFirst(2), radix: 16) : UInt64(text)
+    guard let value else { throw ValidationError("\(text) is not a seed; give a decimal or 0x-hex 64-bit number.") }
+    return value
+}
+
+func parseSwitch(_ text: String) throws -> Bool {
+    switch text {
+    case "on": return true
+    case "off": return false
+    default: throw ValidationError("give on or off, not \(text).")
+    }
+}
+
+func parseList<Value>(_ text: String, _ make: (String) -> Value?) throws -> [Value] {
+    let values = text.split(separator: ",").map(String.init)
+    return try values.map { value in
+        guard let parsed = make(value) else { throw ValidationError("unknown value \(value).") }
+        return parsed
+    }
+}
+
+/// A progress bar on a terminal, plain lines otherwise (one per failure, and every 50 iterations).
+final class ProgressPrinter: @unchecked Sendable {
+    private let total: Int
+    private let isTerminal = isatty(STDOUT_FILENO) != 0
+    private var failed = 0
+
+    init(total: Int) { self.total = total }
+
+    func show(_ result: IterationResult, done: Int) {
+        if !result.passed { failed += 1 }
+        if isTerminal {
+            let width = 40
+            let filled = total == 0 ? width : done * width / total
+            let bar = String(repeating: "#", count: filled) + String(repeating: ".", count: width - filled)
+            print("\r[\(bar)] \(done)/\(total) failed \(failed)", terminator: "")
+            if !result.passed { print("\n" + Report.line(result)) }
+            fflush(nil)
+        } else {
+            if !result.passed || done % 50 == 0 || done == total { print("\(done)/\(total) " + Report.line(result)) }
+        }
+    }
+
+    func finish() {
+        if isTerminal { print("") }
+    }
 }

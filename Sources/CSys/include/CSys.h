@@ -43,7 +43,7 @@ pid_t csys_spawn_traced_new_pid_namespace(const char *path, char *const argv[], 
 /// (as this namespace sees it) or -1 (errno).
 pid_t csys_spawn_program_new_pid_namespace(const char *path, char *const argv[], char *const envp[],
                                            const char *standardInput, const char *standardOutput,
-                                           const char *standardError);
+                                           const char *standardError, unsigned long personality);
 
 /// posix_spawn_file_actions_addclosefrom_np (glibc 2.34), which Swift does not import.
 int csys_spawn_actions_close_from(posix_spawn_file_actions_t *actions, int firstDescriptor);

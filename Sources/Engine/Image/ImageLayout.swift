@@ -67,12 +67,12 @@ public struct ImageLayout: Equatable, Sendable {
     /// "FAMMIGI\0"
     public static let magic: [UInt8] = [0x46, 0x41, 0x4D, 0x4D, 0x49, 0x47, 0x49, 0x00]
     /// "FAMMIGC\0" read as a little-endian u64.
-    static let commitRecordMagic: UInt64 = 0x0043_4749_4D4D_4146
+    package static let commitRecordMagic: UInt64 = 0x0043_4749_4D4D_4146
     /// "MARK" read as a little-endian u32.
     static let markMagic: UInt32 = 0x4B52_414D
-    static let markByteCount = 16
+    package static let markByteCount = 16
     static let pageTableEntryByteCount = 8
-    static let commitRecordByteCount = 40
+    package static let commitRecordByteCount = 40
 
     // Superblock field offsets. The state word sits after the digested fields: it is the only field that
     // changes once the superblock is durable, so it is left out of the superblock digest and instead
@@ -87,8 +87,8 @@ public struct ImageLayout: Equatable, Sendable {
     static let pageTableDigestOffset = 56
     static let regionTableOffset = 64       // 5 × (u64 offset, u64 byteCount)
     static let superblockDigestOffset = 144 // digest of bytes [0, 144)
-    static let stateWordOffset = 152
-    static let superblockEncodedByteCount = 160
+    package static let stateWordOffset = 152
+    package static let superblockEncodedByteCount = 160
 
     public let metadataByteCount: Int
     public let pageCount: Int
@@ -148,16 +148,16 @@ public struct ImageLayout: Equatable, Sendable {
     }
 
     /// Metadata is stored zero-padded to 8 bytes because the digest works on whole 8-byte words.
-    var paddedMetadataByteCount: Int { (metadataByteCount + 7) / 8 * 8 }
-    var pageTableByteCount: Int { pageCount * Self.pageTableEntryByteCount }
-    var marksByteCount: Int { pageCount * Self.markByteCount }
+    package var paddedMetadataByteCount: Int { (metadataByteCount + 7) / 8 * 8 }
+    package var pageTableByteCount: Int { pageCount * Self.pageTableEntryByteCount }
+    package var marksByteCount: Int { pageCount * Self.markByteCount }
 
     public func pageOffset(slot: Int) -> Int {
         precondition(slot >= 0 && slot < pageCount, "page slot \(slot) outside 0..<\(pageCount)")
         return pageArea.offset + slot * Self.pageSize
     }
 
-    func markOffset(slot: Int) -> Int {
+    package func markOffset(slot: Int) -> Int {
         precondition(slot >= 0 && slot < pageCount, "mark slot \(slot) outside 0..<\(pageCount)")
         return marks.offset + slot * Self.markByteCount
     }
@@ -170,16 +170,16 @@ public struct ImageLayout: Equatable, Sendable {
 
     /// The second word of a mark: generation and magic together, stored after the digest word (same
     /// cache line, program order), so a reader that sees this word also sees the digest it vouches for.
-    static func markTag(generation: UInt64) -> UInt64 {
+    package static func markTag(generation: UInt64) -> UInt64 {
         UInt64(UInt32(truncatingIfNeeded: generation)) | UInt64(markMagic) << 32
     }
 
-    static func stateWord(_ state: ImageState) -> UInt64 {
+    package static func stateWord(_ state: ImageState) -> UInt64 {
         UInt64(state.rawValue) | UInt64(~state.rawValue) << 32
     }
 
     /// The state a state word holds, or nil when the word is damaged (halves disagree) or unknown.
-    static func state(fromWord word: UInt64) -> ImageState? {
+    package static func state(fromWord word: UInt64) -> ImageState? {
         let low = UInt32(truncatingIfNeeded: word)
         guard UInt32(truncatingIfNeeded: word >> 32) == ~low else { return nil }
         return ImageState(rawValue: low)

@@ -145,3 +145,20 @@ struct ImageSuperblock: Equatable, Sendable {
         }
     }
 }
+
+extension ImageLayout {
+    /// For the torture FAM checker, which interprets the writer's own superblock whatever its state word
+    /// says (it reads it while the image is still being created): the generation and layout `snapshot`
+    /// (the first `superblockEncodedByteCount` bytes of a file of `fileByteCount` bytes) describes,
+    /// checked as `ImageReader.open` checks them, or nil when it is not a valid superblock.
+    package static func decodeIgnoringState(_ snapshot: [UInt8], fileByteCount: Int) -> (generation: UInt64, layout: ImageLayout)? {
+        guard snapshot.count == superblockEncodedByteCount else { return nil }
+        // The state word is not digested; `decode` judges it before anything else, so put a readable one there.
+        var patched = snapshot
+        let word = stateWord(.complete)
+        for byteIndex in 0..<8 { patched[stateWordOffset + byteIndex] = UInt8(truncatingIfNeeded: word >> (8 * UInt64(byteIndex))) }
+        guard let (superblock, _) = try? ImageSuperblock.decode(patched, path: "the writer's superblock", fileByteCount: fileByteCount,
+                                                                requireComplete: false) else { return nil }
+        return (superblock.generation, superblock.layout)
+    }
+}

@@ -1,0 +1,86 @@
+// Why this file exists: a campaign is many iterations, each with a seed derived from the campaign's
+// seed and its index, spread over worker threads (each iteration stays on one thread: ptrace and the
+// deterministic driver need that) and, with shards, over CI machines.
+import Foundation
+import Synchronization
+import Sys
+
+public struct CampaignOptions: Sendable {
+    public var seed: UInt64
+    public var iterations: Int
+    public var filter: ScenarioFilter
+    /// This machine runs indices with index % count == part - 1.
+    public var shard: (part: Int, count: Int) = (1, 1)
+    public var jobs: Int = 1
+    public var programDirectory: String
+    public var stubPath: String
+    public var workDirectory: String
+
+    public init(seed: UInt64, iterations: Int, filter: ScenarioFilter, programDirectory: String, stubPath: String, workDirectory: String) {
+        self.seed = seed
+        self.iterations = iterations
+        self.filter = filter
+        self.programDirectory = programDirectory
+        self.stubPath = stubPath
+        self.workDirectory = workDirectory
+    }
+
+    /// The iteration indices this shard runs.
+    public var indices: [Int] { (0..<iterations).filter { $0 % shard.count == shard.part - 1 } }
+}
+
+public final class Campaign: Sendable {
+    public let options: CampaignOptions
+    private let references = ReferenceCache()
+    public let ledger = ModelFAMLedger()
+
+    public init(options: CampaignOptions) {
+        self.options = options
+    }
+
+    /// Runs one iteration on the calling thread.
+    public func runOne(seed: UInt64, filter: ScenarioFilter, worker: Int = 0, keepTrace: Bool,
+                       traceSink: ((String) -> Void)? = nil) -> IterationResult {
+        let scenario = Scenario.make(seed: seed, filter: filter)
+        var environment = TortureEnvironment(programDirectory: options.programDirectory, stubPath: options.stubPath,
+                                             workDirectory: options.workDirectory + "/w\(worker)")
+        environment.stepLimit = 400_000
+        return Iteration(scenario: scenario, environment: environment, references: references, ledger: ledger)
+            .run(keepTrace: keepTrace, traceSink: traceSink)
+    }
+
+    /// Runs the shard's iterations on `jobs` threads; `report` is called (serialised) after each.
+    public func run(report: @escaping @Sendable (IterationResult, Int) -> Void) -> [IterationResult] {
+        let indices = options.indices
+        let next = Mutex(0)
+        let results = Mutex<[Int: IterationResult]>([:])
+        let reportLock = Mutex(0)
+        let group = DispatchGroup()
+        for worker in 0..<max(1, options.jobs) {
+            group.enter()
+            let thread = Thread { [self] in
+                defer { group.leave() }
+                while true {
+                    let position = next.withLock { value -> Int in
+                        defer { value += 1 }
+                        return value
+                    }
+                    guard position < indices.count else { return }
+                    let index = indices[position]
+                    let seed = Scenario.iterationSeed(campaignSeed: options.seed, index: index)
+                    let result = runOne(seed: seed, filter: options.filter, worker: worker, keepTrace: false)
+                    results.withLock { $0[index] = result }
+                    reportLock.withLock { done in
+                        done += 1
+                        report(result, done)
+                    }
+                }
+            }
+            thread.stackSize = 16 << 20
+            thread.start()
+        }
+        group.wait()
+        let collected = results.withLock { $0 }
+        return indices.compactMap { collected[$0] }
+    }
+}

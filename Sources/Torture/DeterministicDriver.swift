@@ -1,0 +1,202 @@
+// Why this file exists: torture's driver (DESIGN.md §4). One thread; at each step it asks every
+// participant what it could do, lets the strategy pick one, takes it, and appends it to the trace. The
+// engine's actors run unchanged; the target process, the transport's deliveries, the fabric's early
+// write-backs and the nemesis are participants too. Time is virtual: a step costs a microsecond, and when
+// everyone waits the clock jumps to the earliest retry, so timeouts fire without waiting for them.
+import Engine
+import Synchronization
+
+/// The clock actors read under torture: virtual, advanced only by the driver.
+public final class VirtualClock: EngineClock, @unchecked Sendable {
+    private let elapsed = Mutex(Duration.zero)
+    public init() {}
+    public func now() -> Duration { elapsed.withLock { $0 } }
+    func advance(by duration: Duration) { elapsed.withLock { $0 += duration } }
+}
+
+/// What a participant can do now.
+enum Availability {
+    case choices([String])
+    /// Nothing until another participant moves, or until this much virtual time passed (nil: never by itself).
+    case waiting(Duration?, String)
+    case finished
+}
+
+/// Anything the driver schedules.
+protocol Participant: AnyObject {
+    var actor: ActorName { get }
+    /// Must end before a run counts as over (the engine's actors and the target process); the link,
+    /// the fabric and the nemesis only serve them.
+    var isEssential: Bool { get }
+    func availability() -> Availability
+    /// Takes choice `index` of the last `availability()`; returns what happened, for the trace.
+    func take(_ index: Int, rng: inout SeededGenerator) throws -> String?
+    func abort(reason: String)
+}
+
+/// An engine actor as a participant: its one ready step is its one choice.
+final class EngineParticipant: Participant {
+    let engineActor: any EngineActor
+    let actor: ActorName
+    let isEssential = true
+    /// Set by the nemesis: a dead node's actors never step again, and nothing of theirs is cleaned up.
+    var crashed = false
+    private(set) var stepsTaken = 0
+    /// Notes the observer collected during the current step (pages installed), for the trace.
+    let notes: StepNotes
+
+    init(_ engineActor: any EngineActor, actor: ActorName, notes: StepNotes) {
+        self.engineActor = engineActor
+        self.actor = actor
+        self.notes = notes
+    }
+
+    func availability() -> Availability {
+        if crashed { return .finished }
+        switch engineActor.nextAction() {
+        case .ready(let label): return .choices([label])
+        case .finished: return .finished
+        case .waiting(.retryAfter(let duration)): return .waiting(duration, "retry after \(duration)")
+        case .waiting(.readable(_, let timeout)): return .waiting(timeout, "a descriptor")
+        case .waiting(.peer(let peer)): return .waiting(nil, "peer \(peer)")
+        }
+    }
+
+    func take(_ index: Int, rng: inout SeededGenerator) throws -> String? {
+        stepsTaken += 1
+        try engineActor.perform()
+        return notes.take()
+    }
+
+    func abort(reason: String) {
+        if !crashed { engineActor.abort(reason: reason) }
+    }
+}
+
+/// What the observer saw during one step (addresses installed), so the trace shows faults and pushes.
+public final class StepNotes: @unchecked Sendable {
+    private var installed: [UInt64] = []
+    func noteInstalled(_ address: UInt64) { installed.append(address) }
+    func take() -> String? {
+        defer { installed.removeAll() }
+        switch installed.count {
+        case 0: return nil
+        case 1: return "installed \(hex(installed[0]))"
+        default: return "installed \(installed.count) pages from \(hex(installed[0]))"
+        }
+    }
+}
+
+func hex(_ value: UInt64) -> String { "0x" + String(value, radix: 16) }
+
+/// How a scheduled run ended.
+public enum DriverOutcome: Sendable {
+    /// Every essential participant finished without an error.
+    case completed
+    /// An engine actor threw: every participant was aborted.
+    case failed(step: Int, actor: ActorName, error: String)
+    /// Nobody could move and nothing waits on time, or the step limit was reached.
+    case stuck(String)
+}
+
+final class DeterministicDriver {
+    private let participants: [Participant]
+    private let clock: VirtualClock
+    private var scheduler: Scheduler
+    private let stepLimit: Int
+    /// After this many steps the strategy stops: the rest runs in a fixed, fair order (shrinking cuts
+    /// the adversarial part of a schedule short with it).
+    private let adversarialSteps: Int
+    private let traceSink: ((String) -> Void)?
+    private(set) var trace: [String] = []
+    private(set) var hash = TraceHash()
+    private(set) var stepCount = 0
+    private let keepTrace: Bool
+    /// The participant whose step is running, for the FAM model's store log.
+    var onStep: ((Int) -> Void)?
+
+    init(participants: [Participant], clock: VirtualClock, scheduler: Scheduler, stepLimit: Int, adversarialSteps: Int,
+         keepTrace: Bool, traceSink: ((String) -> Void)?) {
+        self.participants = participants
+        self.clock = clock
+        self.scheduler = scheduler
+        self.stepLimit = stepLimit
+        self.adversarialSteps = adversarialSteps
+        self.keepTrace = keepTrace
+        self.traceSink = traceSink
+    }
+
+    func run(rng: inout SeededGenerator) -> DriverOutcome {
+        var idleRounds = 0
+        while stepCount < stepLimit {
+            var choices: [Choice] = []
+            var owners: [(Participant, Int)] = []
+            var earliestRetry: Duration?
+            var essentialLeft = false
+            var waitingOn: [String] = []
+            for participant in participants {
+                let availability = participant.availability()
+                switch availability {
+                case .choices(let labels):
+                    if participant.isEssential { essentialLeft = true }
+                    for (index, label) in labels.enumerated() {
+                        choices.append(Choice(actor: participant.actor, label: label))
+                        owners.append((participant, index))
+                    }
+                case .waiting(let retry, let reason):
+                    if participant.isEssential {
+                        essentialLeft = true
+                        waitingOn.append("\(participant.actor.rawValue): \(reason)")
+                    }
+                    if let retry { earliestRetry = min(earliestRetry ?? retry, retry) }
+                case .finished:
+                    break
+                }
+            }
+            if !essentialLeft { return .completed }
+            guard !choices.isEmpty else {
+                guard let retry = earliestRetry, idleRounds < 100_000 else {
+                    abortAll(reason: "deadlock")
+                    return .stuck("no participant can move: " + waitingOn.joined(separator: "; "))
+                }
+                idleRounds += 1
+                clock.advance(by: max(retry, .microseconds(1)))
+                continue
+            }
+            idleRounds = 0
+            let index: Int
+            if stepCount < adversarialSteps {
+                index = scheduler.pick(choices, step: stepCount, rng: &rng)
+            } else {
+                // Fair and fixed: the engine's actors in list order, the fabric last.
+                index = choices.firstIndex { $0.actor != .fabric } ?? 0
+            }
+            let choice = choices[index]
+            let (participant, ownIndex) = owners[index]
+            stepCount += 1
+            clock.advance(by: .microseconds(1))
+            onStep?(stepCount)
+            do {
+                let outcome = try participant.take(ownIndex, rng: &rng)
+                record("\(stepCount) \(choice.actor.rawValue): \(choice.label)" + (outcome.map { " → \($0)" } ?? ""))
+            } catch {
+                // The error text may name this machine's PIDs: the hash takes only that it failed here.
+                record("\(stepCount) \(choice.actor.rawValue): \(choice.label) → error", detail: ": \(error)")
+                abortAll(reason: "\(error)")
+                return .failed(step: stepCount, actor: choice.actor, error: "\(error)")
+            }
+        }
+        abortAll(reason: "step limit")
+        return .stuck("the schedule did not finish within \(stepLimit) steps")
+    }
+
+    private func record(_ line: String, detail: String = "") {
+        hash.add(line)
+        if keepTrace { trace.append(line + detail) }
+        traceSink?(line + detail)
+    }
+
+    private func abortAll(reason: String) {
+        for participant in participants { participant.abort(reason: reason) }
+    }
+}

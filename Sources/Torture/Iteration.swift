@@ -1,0 +1,304 @@
+// Why this file exists: one torture iteration, start to end. The victim runs to its rendezvous (a fixed
+// point, no address randomisation), the engine's actors migrate it under the deterministic driver with
+// the model FAM and the in-memory transport, the restored program runs to its end, and every oracle
+// judges the result: state and registers, every page, the program's whole output against a reference
+// run, the FAM checker, the nemesis' expected ending, and that nothing is left behind.
+import Engine
+import Foundation
+import Logging
+import Oracles
+import Sys
+
+/// Where an iteration finds its programs and puts its files.
+public struct TortureEnvironment: Sendable {
+    public var programDirectory: String
+    /// The executable the restorer starts stopped at exec and turns into the target.
+    public var stubPath: String
+    public var workDirectory: String
+    /// Real time the target may run without a fault or an exit before it counts as hung.
+    public var targetRunLimit: Duration = .seconds(20)
+    public var stepLimit = 400_000
+
+    public init(programDirectory: String, stubPath: String, workDirectory: String) {
+        self.programDirectory = programDirectory
+        self.stubPath = stubPath
+        self.workDirectory = workDirectory
+    }
+}
+
+/// One iteration's verdict.
+public struct IterationResult: Sendable, Codable {
+    public var scenario: Scenario
+    public var passed: Bool
+    /// Oracle failures, each naming its oracle; empty when passed.
+    public var failures: [String]
+    /// An environment problem (not a verdict on the engine): a program that cannot start, a full disk.
+    public var environmentError: String?
+    public var traceHash: String
+    public var stepCount: Int
+    /// completed, or how the migration ended otherwise.
+    public var outcome: String
+    public var milliseconds: Double
+    /// The schedule, when asked for.
+    public var trace: [String]?
+}
+
+/// The reference output of each program configuration, computed once per campaign.
+public final class ReferenceCache: @unchecked Sendable {
+    private let lock = NSLock()
+    private var outputs: [String: [UInt8]] = [:]
+
+    public init() {}
+
+    func output(binary: String, arguments: [String], workDirectory: String) throws -> [UInt8] {
+        let key = ([binary] + arguments).joined(separator: " ")
+        if let cached = lock.withLock({ outputs[key] }) { return cached }
+        let path = workDirectory + "/reference.out"
+        let processID = try startAtRendezvous(binary: binary, arguments: arguments, outputPath: path,
+                                              errorPath: workDirectory + "/reference.err")
+        Spawn.kill(processID, signal: SIGUSR2)
+        let status = try Spawn.waitForExit(processID)
+        guard status == .exited(0) else {
+            throw TortureError.environment("the unmigrated reference run of \(key) \(status): \(firstLine(workDirectory + "/reference.err"))")
+        }
+        let bytes = try ProcFS.readFile(path)
+        lock.withLock { outputs[key] = bytes }
+        return bytes
+    }
+}
+
+func firstLine(_ path: String) -> String {
+    let text = (try? ProcFS.readText(path)) ?? ""
+    return text.split(separator: "\n").first.map(String.init) ?? "(no stderr)"
+}
+
+/// Starts a test program as pid 1 of its own PID namespace, without address randomisation, and waits
+/// until it blocks at its rendezvous (in rt_sigtimedwait for SIGUSR2).
+func startAtRendezvous(binary: String, arguments: [String], outputPath: String, errorPath: String) throws -> ProcessID {
+    let noRandomisation: UInt32 = 0x0040000  // ADDR_NO_RANDOMIZE
+    let processID: ProcessID
+    do {
+        processID = try Spawn.programInNewPIDNamespace(path: binary, arguments: arguments, environment: ["PATH=/usr/bin:/bin"],
+                                                      standardOutputPath: outputPath, standardErrorPath: errorPath,
+                                                      personality: noRandomisation)
+    } catch { throw TortureError.environment("cannot start \(binary): \(error)") }
+    let clock = ContinuousClock()
+    let start = clock.now
+    while clock.now - start < .seconds(10) {
+        if Spawn.hasEnded(processID) {
+            let status = (try? Spawn.waitForExit(processID)).map { "\($0)" } ?? "ended"
+            throw TortureError.environment("\(binary) \(arguments.joined(separator: " ")) \(status) before its rendezvous: \(firstLine(errorPath))")
+        }
+        if let syscall = try? ProcFS.readText("/proc/\(processID.rawValue)/syscall"), syscall.hasPrefix("128 ") {
+            return processID
+        }
+        usleep(100)
+    }
+    Spawn.kill(processID)
+    _ = try? Spawn.waitForExit(processID)
+    throw TortureError.environment("\(binary) never reached its rendezvous within 10 s")
+}
+
+/// The observer torture gives the engine: every oracle, plus a note of each installed page for the trace.
+final class TortureObserver: MigrationObserver, @unchecked Sendable {
+    let oracles = MigrationOracles()
+    let notes = StepNotes()
+
+    func victimFrozen(processID: ProcessID, state: ProcessState, pageAddresses: [UInt64]) throws {
+        try oracles.victimFrozen(processID: processID, state: state, pageAddresses: pageAddresses)
+    }
+
+    func targetReady(processID: ProcessID, checkpointed: ProcessState, restored: ProcessState) throws {
+        try oracles.targetReady(processID: processID, checkpointed: checkpointed, restored: restored)
+    }
+
+    func pagesInstalled(processID: ProcessID, address: UInt64, byteCount: Int, installedBytes: [UInt8]?) throws {
+        notes.noteInstalled(address)
+        try oracles.pagesInstalled(processID: processID, address: address, byteCount: byteCount, installedBytes: installedBytes)
+    }
+}
+
+public struct Iteration {
+    public let scenario: Scenario
+    public let environment: TortureEnvironment
+    public let references: ReferenceCache
+    public let ledger: ModelFAMLedger
+
+    public init(scenario: Scenario, environment: TortureEnvironment, references: ReferenceCache, ledger: ModelFAMLedger) {
+        self.scenario = scenario
+        self.environment = environment
+        self.references = references
+        self.ledger = ledger
+    }
+
+    /// Runs the iteration; `traceSink` sees each step as it is taken.
+    public func run(keepTrace: Bool, traceSink: ((String) -> Void)? = nil) -> IterationResult {
+        let clock = ContinuousClock()
+        let start = clock.now
+        var result = IterationResult(scenario: scenario, passed: false, failures: [], traceHash: "", stepCount: 0,
+                                     outcome: "not started", milliseconds: 0)
+        let work = environment.workDirectory
+        do {
+            try FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)
+        } catch {
+            result.environmentError = "cannot create \(work): \(error)"
+            return result
+        }
+        defer { try? FileManager.default.removeItem(atPath: work) }
+        do {
+            try migrate(into: &result, keepTrace: keepTrace, traceSink: traceSink)
+        } catch {
+            result.environmentError = "\(error)"
+        }
+        result.passed = result.failures.isEmpty && result.environmentError == nil
+        result.milliseconds = Double((clock.now - start).components.attoseconds) / 1e15 + Double((clock.now - start).components.seconds) * 1000
+        return result
+    }
+
+    private func migrate(into result: inout IterationResult, keepTrace: Bool, traceSink: ((String) -> Void)?) throws {
+        let binary = environment.programDirectory + "/" + scenario.binary
+        let work = environment.workDirectory
+        let reference = try references.output(binary: binary, arguments: scenario.arguments, workDirectory: work)
+        let outputPath = work + "/victim.out"
+        let victim = try startAtRendezvous(binary: binary, arguments: scenario.arguments, outputPath: outputPath,
+                                           errorPath: work + "/victim.err")
+
+        var rng = SeededGenerator(seed: scenario.seed)
+        let virtualClock = VirtualClock()
+        let timeline = MigrationTimeline()
+        let metrics = FaultMetrics()
+        let observer = TortureObserver()
+        var logger = Logger(label: "torture")
+        logger.logLevel = .critical
+        let runner = TargetRunner(releaseSignal: SIGUSR2, runLimit: environment.targetRunLimit)
+        let generation = scenario.seed | 1
+
+        final class ModelBox: @unchecked Sendable { var model: ModelFAM? }
+        let box = ModelBox()
+        let ledger = self.ledger
+        let makeBackend: (Int) throws(ImageError) -> any FAMBackend = { (byteCount) throws(ImageError) in
+            do throws(SyscallError) {
+                let model = try ModelFAM(byteCount: byteCount, ledger: ledger)
+                box.model = model
+                return model.sourceNode
+            } catch { throw .cannotCreate(path: "model FAM", error) }
+        }
+        let openBackend: () throws(ImageError) -> (any FAMBackend)? = { box.model?.targetNode }
+
+        let link: MemoryLink? = scenario.mode == .nonlive ? nil : MemoryLink()
+        let dumpMode: DumpMode
+        let restoreMode: RestoreMode
+        switch scenario.mode {
+        case .nonlive:
+            dumpMode = .nonlive
+            restoreMode = .eager
+        case .postcopyFAM:
+            dumpMode = .postcopyFAM(transport: link!.source)
+            restoreMode = .lazyFromFAM(transport: link!.target)
+            observer.oracles.expectLazyPages()
+        case .postcopySocket:
+            dumpMode = .postcopySocket(transport: link!.source, push: scenario.push)
+            restoreMode = .lazyFromSocket(transport: link!.target)
+            observer.oracles.expectLazyPages()
+        }
+        let dumper = Dumper(victim: victim, makeBackend: makeBackend, generation: generation, release: .kill,
+                            batchPageCount: scenario.batchPageCount, observer: observer, clock: virtualClock,
+                            timeline: timeline, logger: logger, mode: dumpMode)
+        let restorer = Restorer(openBackend: openBackend, stubPath: environment.stubPath, batchPageCount: scenario.batchPageCount,
+                                observer: observer, clock: virtualClock, timeline: timeline, logger: logger,
+                                processIDWait: .milliseconds(50), pidNamespace: .fresh, mode: restoreMode, gate: runner,
+                                imageWait: .milliseconds(50))
+        let dumperParticipant = EngineParticipant(dumper, actor: .dumper, notes: observer.notes)
+        var participants: [Participant] = [dumperParticipant, EngineParticipant(restorer, actor: .restorer, notes: observer.notes)]
+        if let link {
+            participants.append(EngineParticipant(
+                FaultHandler(lazy: { restorer.lazyMemory }, transport: link.target, generation: generation, clock: virtualClock,
+                             timeline: timeline, metrics: metrics, logger: logger),
+                actor: .faultHandler, notes: observer.notes))
+            if scenario.mode == .postcopyFAM && scenario.push {
+                participants.append(EngineParticipant(
+                    Pusher(lazy: { restorer.lazyMemory }, batchPageCount: scenario.batchPageCount, clock: virtualClock,
+                           metrics: metrics, logger: logger),
+                    actor: .pusher, notes: observer.notes))
+            }
+        }
+        participants.append(runner)
+        if let link { participants.append(LinkParticipant(link: link)) }
+        if scenario.mode != .postcopySocket { participants.append(FabricParticipant(model: { box.model })) }
+        let nemesis = scenario.kill.map {
+            NemesisParticipant(plan: $0, dumper: dumperParticipant, victim: victim, model: { box.model }, link: link)
+        }
+        if let nemesis { participants.append(nemesis) }
+
+        let driver = DeterministicDriver(participants: participants, clock: virtualClock,
+                                         scheduler: Scheduler(strategy: scenario.strategy, rng: &rng),
+                                         stepLimit: environment.stepLimit, adversarialSteps: scenario.adversarialSteps,
+                                         keepTrace: keepTrace, traceSink: traceSink)
+        driver.onStep = { step in box.model?.currentStep = step }
+        let outcome = driver.run(rng: &rng)
+        result.traceHash = driver.hash.hex
+        result.stepCount = driver.stepCount
+        if keepTrace { result.trace = driver.trace }
+
+        // Whatever happened, nothing of this iteration may outlive it: reap the victim, and a target that
+        // is still there (it must not be: a failed migration kills it) is a failure, then killed.
+        Spawn.kill(victim)
+        _ = try? Spawn.waitForExit(victim)
+        var failures: [String] = []
+        var targetStatus: ExitStatus?
+        if let target = restorer.restoredProcessID {
+            if case .completed = outcome {
+                targetStatus = try? Spawn.waitForExit(target)
+            } else {
+                if !Spawn.endsSoon(target, graceMilliseconds: 2000) { failures.append("no harm: the target pid \(target) still runs after a failed migration") }
+                Spawn.kill(target)
+                targetStatus = try? Spawn.waitForExit(target)
+            }
+        }
+        link?.source.close()
+        link?.target.close()
+
+        // Oracles.
+        let killedBeforeCommit: Bool
+        if let nemesis, nemesis.fired { killedBeforeCommit = nemesis.imageStateAtKill != .complete } else { killedBeforeCommit = false }
+        switch outcome {
+        case .completed:
+            result.outcome = "completed"
+            for verdict in observer.oracles.verdicts where !verdict.passed { failures.append("\(verdict.name): \(verdict.detail)") }
+            // Nonlive installs every page before the run; post-copy only those the program needed before
+            // it ended. Each installed page must have been checked.
+            let installed = scenario.mode == .nonlive ? observer.oracles.frozenPageCount : restorer.lazyMemory?.installedPageCount ?? 0
+            let checked = observer.oracles.checkedPageCount
+            if checked < installed { failures.append("pages: only \(checked) of \(installed) installed pages were checked in the target") }
+            if !observer.oracles.verdicts.contains(where: { $0.name == "registers and state" }) {
+                failures.append("state: the state oracle never ran")
+            }
+            if targetStatus != .exited(0) {
+                failures.append("program: the migrated program \(targetStatus.map { "\($0)" } ?? "never ended"): \(firstLine(work + "/victim.err"))")
+            }
+            let output = (try? ProcFS.readFile(outputPath)) ?? []
+            if output != reference {
+                failures.append("end to end: stdout differs from the reference run (migrated checksum \(Self.checksum(output) ?? "none"), reference \(Self.checksum(reference) ?? "none"))")
+            }
+        case .failed(let step, let actor, let error):
+            result.outcome = "failed at step \(step) (\(actor.rawValue)): \(error)"
+            let expected = nemesis?.fired == true && (killedBeforeCommit || scenario.mode == .postcopySocket)
+            if !expected { failures.append("migration: \(result.outcome)") }
+        case .stuck(let reason):
+            result.outcome = "stuck: \(reason)"
+            failures.append("liveness: \(reason)")
+        }
+        if let nemesis, nemesis.fired, !killedBeforeCommit, scenario.mode != .postcopySocket, case .failed = outcome {
+            failures.append("source kill after the commit record: the migration must complete from FAM, but \(result.outcome)")
+        }
+        if let model = box.model {
+            for violation in model.violations.prefix(5) { failures.append("FAM: \(violation)") }
+            model.release()
+        }
+        result.failures = failures
+    }
+
+    static func checksum(_ output: [UInt8]) -> String? {
+        String(decoding: output, as: UTF8.self).split(separator: "\n").last { $0.hasPrefix("checksum=") }.map { String($0.dropFirst(9)) }
+    }
+}

@@ -1,0 +1,96 @@
+// The participants that are not engine actors: the link's deliveries, the fabric's early write-backs,
+// and the nemesis that kills the source node.
+import Engine
+import Sys
+
+/// Delivers the oldest in-flight frame of one direction per step.
+final class LinkParticipant: Participant {
+    let actor = ActorName.link
+    let isEssential = false
+    private let link: MemoryLink
+    private var directions: [MemoryLink.Direction] = []
+
+    init(link: MemoryLink) { self.link = link }
+
+    func availability() -> Availability {
+        directions = link.deliverable
+        guard !directions.isEmpty else { return .waiting(nil, "nothing in flight") }
+        return .choices(directions.map { "deliver \($0.rawValue) \(link.nextFrameDescription($0) ?? "")" })
+    }
+
+    func take(_ index: Int, rng: inout SeededGenerator) throws -> String? {
+        link.deliver(directions[index])
+        return nil
+    }
+
+    func abort(reason: String) {}
+}
+
+/// Writes one pending line of the source's cache back to the fabric before any fence asks for it.
+final class FabricParticipant: Participant {
+    let actor = ActorName.fabric
+    let isEssential = false
+    private let model: () -> ModelFAM?
+
+    init(model: @escaping () -> ModelFAM?) { self.model = model }
+
+    func availability() -> Availability {
+        guard let model = model(), !model.isCrashed, !model.isReleased, model.pendingLineCount > 0 else {
+            return .waiting(nil, "no pending line")
+        }
+        return .choices(["write back a pending line"])
+    }
+
+    func take(_ index: Int, rng: inout SeededGenerator) throws -> String? {
+        guard let model = model() else { return nil }
+        let lines = model.pendingLines
+        let line = lines[rng.below(lines.count)]
+        model.writeBack(line: line)
+        return "line \(line)"
+    }
+
+    func abort(reason: String) {}
+}
+
+/// Kills the source node once the dumper has taken the planned number of steps: the dumper never steps
+/// again (no cleanup runs), the victim dies, pending FAM lines reach the fabric or not, and the link
+/// loses or delivers what the source had sent, then shows the close.
+final class NemesisParticipant: Participant {
+    let actor = ActorName.nemesis
+    let isEssential = false
+    private let plan: KillPlan
+    private let dumper: EngineParticipant
+    private let victim: ProcessID
+    private let model: () -> ModelFAM?
+    private let link: MemoryLink?
+    private(set) var fired = false
+    /// The image state the target could see right after the kill (nil: no image, socket mode).
+    private(set) var imageStateAtKill: ImageState?
+
+    init(plan: KillPlan, dumper: EngineParticipant, victim: ProcessID, model: @escaping () -> ModelFAM?, link: MemoryLink?) {
+        self.plan = plan
+        self.dumper = dumper
+        self.victim = victim
+        self.model = model
+        self.link = link
+    }
+
+    func availability() -> Availability {
+        if fired { return .finished }
+        if case .finished = dumper.availability() { return .finished }
+        return dumper.stepsTaken >= plan.afterDumperSteps ? .choices(["kill the source node"]) : .waiting(nil, "dumper progress")
+    }
+
+    func take(_ index: Int, rng: inout SeededGenerator) throws -> String? {
+        fired = true
+        dumper.crashed = true
+        Spawn.kill(victim)
+        if let link { link.crash(link.source, dropInFlight: plan.dropInFlight) }
+        guard let model = model() else { return "killed before any FAM existed" }
+        let reached = model.crash(using: &rng)
+        imageStateAtKill = ImageReader.peekState(backend: model.targetNode)
+        return "killed; \(reached.count) pending lines reached the fabric; image \(imageStateAtKill.map { "\($0)" } ?? "unreadable")"
+    }
+
+    func abort(reason: String) {}
+}

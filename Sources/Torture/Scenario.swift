@@ -1,0 +1,134 @@
+// Why this file exists: a seed names a whole iteration. From it (and the campaign's filters) come the
+// mode, the program and its size, where the program stops to be frozen, the strategy, the batch size
+// and the nemesis plan. Shrinking replaces parts of it by overrides that the replay command spells out.
+
+/// The migration modes torture mixes.
+public enum TortureMode: String, Sendable, CaseIterable, Codable {
+    case nonlive
+    case postcopySocket = "postcopy-socket"
+    case postcopyFAM = "postcopy-fam"
+}
+
+/// A test program and how torture sizes it. Level 0 is the smallest run that still exercises its state.
+public struct ProgramSpec: Sendable {
+    public var name: String
+    /// The executable under the programs directory (static builds start faster).
+    public var binary: String
+    /// Arguments for a size level (0, 1, 2); the rendezvous option is added by the scenario.
+    public var arguments: @Sendable (Int) -> [String]
+    /// How many steps the program takes at a size level: the rendezvous falls in 1...steps.
+    public var steps: @Sendable (Int) -> Int
+
+    public static let catalog: [ProgramSpec] = [
+        ProgramSpec(name: "memwalk", binary: "memwalk-static",
+                    arguments: { ["--mib", "\(1 << $0)", "--steps", "\(1500 << $0)", "--batch", "100000", "--pause-us", "0"] },
+                    steps: { 1500 << $0 }),
+        ProgramSpec(name: "memwalk-dynamic", binary: "memwalk",
+                    arguments: { ["--mib", "\(1 << $0)", "--steps", "\(1000 << $0)", "--batch", "100000", "--pause-us", "0"] },
+                    steps: { 1000 << $0 }),
+        ProgramSpec(name: "sleeper", binary: "sleeper-static",
+                    arguments: { ["--rounds", "\(4 + 4 * $0)", "--sleep-ms", "1"] }, steps: { 4 + 4 * $0 }),
+        ProgramSpec(name: "signals", binary: "signals-static",
+                    arguments: { ["--rounds", "\(60 + 20 * $0)", "--pause-us", "50"] }, steps: { 60 + 20 * $0 }),
+        ProgramSpec(name: "seccomp", binary: "seccomp-static",
+                    arguments: { ["--rounds", "\(8 + 8 * $0)", "--pause-us", "50"] }, steps: { 8 + 8 * $0 }),
+        ProgramSpec(name: "caps", binary: "caps-static",
+                    arguments: { ["--rounds", "\(8 + 8 * $0)", "--pause-us", "50"] }, steps: { 8 + 8 * $0 }),
+    ]
+
+    public static func named(_ name: String) -> ProgramSpec? { catalog.first { $0.name == name } }
+}
+
+/// When the nemesis kills the source node.
+public struct KillPlan: Sendable, Codable, Equatable {
+    /// After the dumper took this many steps (1 = right after its preflight).
+    public var afterDumperSteps: Int
+    /// Frames the source had sent but that were not delivered yet are lost (else they still arrive).
+    public var dropInFlight: Bool
+}
+
+/// What a campaign restricts, and what a shrunk replay overrides.
+public struct ScenarioFilter: Sendable, Codable, Equatable {
+    public var modes: [TortureMode]?
+    public var programs: [String]?
+    public var strategies: [StrategyName]?
+    public var push: Bool?
+    // Overrides (shrinking).
+    public var size: Int?
+    public var noKill = false
+    public var adversarialSteps: Int?
+
+    public init(modes: [TortureMode]? = nil, programs: [String]? = nil, strategies: [StrategyName]? = nil, push: Bool? = nil) {
+        self.modes = modes
+        self.programs = programs
+        self.strategies = strategies
+        self.push = push
+    }
+
+    /// The options that reproduce this filter on a command line.
+    public var commandLineOptions: [String] {
+        var options: [String] = []
+        if let modes { options += ["--mode", modes.map(\.rawValue).joined(separator: ",")] }
+        if let programs { options += ["--program", programs.joined(separator: ",")] }
+        if let strategies { options += ["--strategy", strategies.map(\.rawValue).joined(separator: ",")] }
+        if let push { options += ["--push", push ? "on" : "off"] }
+        if let size { options += ["--size", "\(size)"] }
+        if noKill { options.append("--no-kill") }
+        if let adversarialSteps { options += ["--adversarial-steps", "\(adversarialSteps)"] }
+        return options
+    }
+}
+
+/// Everything one iteration does, derived from its seed.
+public struct Scenario: Sendable, Codable, Equatable {
+    public var seed: UInt64
+    public var mode: TortureMode
+    public var push: Bool
+    public var program: String
+    public var binary: String
+    public var arguments: [String]
+    public var size: Int
+    public var rendezvous: Int
+    public var strategy: StrategyName
+    public var batchPageCount: Int
+    public var kill: KillPlan?
+    public var adversarialSteps: Int
+
+    /// The seed of iteration `index` of a campaign started with `seed`.
+    public static func iterationSeed(campaignSeed: UInt64, index: Int) -> UInt64 {
+        SeededGenerator.mix(campaignSeed &+ SeededGenerator.mix(UInt64(index) &+ 0x746F_7274_7572_65))
+    }
+
+    public static func make(seed: UInt64, filter: ScenarioFilter) -> Scenario {
+        var rng = SeededGenerator(seed: seed ^ 0x5343_454E_4152_494F)
+        let modes = filter.modes ?? TortureMode.allCases
+        let mode = modes[rng.below(modes.count)]
+        let push = filter.push ?? rng.chance(1, in: 2)
+        let programs = (filter.programs ?? ProgramSpec.catalog.map(\.name)).compactMap(ProgramSpec.named)
+        let spec = programs[rng.below(programs.count)]
+        let drawnSize = rng.chance(1, in: 4) ? 1 : 0
+        let size = filter.size ?? drawnSize
+        let steps = spec.steps(size)
+        let rendezvous = 1 + rng.below(max(1, steps))
+        let strategies = filter.strategies ?? StrategyName.allCases
+        let strategy = strategies[rng.below(strategies.count)]
+        let batchPageCount = [16, 64, 512][rng.below(3)]
+        var kill: KillPlan?
+        let killDrawn = strategy == .killedSource || rng.chance(1, in: 10)
+        let afterSteps = 1 + rng.below(24)
+        let dropInFlight = rng.chance(1, in: 2)
+        if killDrawn && !filter.noKill { kill = KillPlan(afterDumperSteps: afterSteps, dropInFlight: dropInFlight) }
+        return Scenario(seed: seed, mode: mode, push: push, program: spec.name, binary: spec.binary,
+                        arguments: spec.arguments(size) + ["--rendezvous", "\(rendezvous)"], size: size,
+                        rendezvous: rendezvous, strategy: strategy, batchPageCount: batchPageCount, kill: kill,
+                        adversarialSteps: filter.adversarialSteps ?? Int.max)
+    }
+
+    public var summary: String {
+        var text = "\(mode.rawValue)\(mode == .nonlive ? "" : push ? " push" : " no-push") \(program) size \(size) "
+            + "rendezvous \(rendezvous) strategy \(strategy.rawValue) batch \(batchPageCount)"
+        if let kill { text += " kill-after-dumper-step \(kill.afterDumperSteps)\(kill.dropInFlight ? " dropping in-flight" : "")" }
+        if adversarialSteps != Int.max { text += " adversarial-steps \(adversarialSteps)" }
+        return text
+    }
+}

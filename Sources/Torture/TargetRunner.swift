@@ -1,0 +1,124 @@
+// Why this file exists: the restored process as one more scheduled actor (DESIGN.md §4). It is the
+// engine's TargetGate under torture: the restorer's resume and every wake after an install are held
+// here, and only this participant's step carries them out and then lets the real process run until it
+// blocks on its next fault or exits. Between its steps the target never runs, so the same seed gives the
+// same faults.
+import Engine
+import Sys
+#if canImport(Glibc)
+import Glibc
+#endif
+
+final class TargetRunner: Participant, TargetGate, @unchecked Sendable {
+    let actor = ActorName.target
+    let isEssential = true
+    /// Sent once the process runs, to release the test program from its rendezvous.
+    private let releaseSignal: Int32
+    /// Real time a run may take before the target counts as hung.
+    private let runLimit: Duration
+    private var processID: ProcessID?
+    private var pendingResume: (() throws(RestoreError) -> Void)?
+    private var pendingWakes: [(address: UInt64, byteCount: Int, wake: () throws(SyscallError) -> Void)] = []
+    /// The process ended (it is a zombie until the iteration reaps it).
+    private(set) var ended = false
+    private var resumed = false
+    private var aborted = false
+
+    init(releaseSignal: Int32, runLimit: Duration) {
+        self.releaseSignal = releaseSignal
+        self.runLimit = runLimit
+    }
+
+    /// The restored process, once the restorer asked to resume it.
+    var restoredProcessID: ProcessID? { processID }
+
+    // MARK: TargetGate
+
+    func resume(processID: ProcessID, _ start: @escaping () throws(RestoreError) -> Void) throws(RestoreError) {
+        self.processID = processID
+        pendingResume = start
+    }
+
+    func wake(processID: ProcessID, address: UInt64, byteCount: Int, _ wake: @escaping () throws(SyscallError) -> Void) throws(SyscallError) {
+        self.processID = processID
+        // Before the resume the process is stopped and no thread can wait on a page: nothing to defer.
+        guard resumed else { return try wake() }
+        pendingWakes.append((address, byteCount, wake))
+    }
+
+    // MARK: Participant
+
+    func availability() -> Availability {
+        if ended || aborted { return .finished }
+        if pendingResume != nil { return .choices(["resume and run"]) }
+        if !pendingWakes.isEmpty { return .choices(["wake \(pendingWakes.count) and run"]) }
+        if let processID, resumed, Spawn.hasEnded(processID) { return .choices(["notice its end"]) }
+        return .waiting(nil, resumed ? "blocked on a fault" : "not restored yet")
+    }
+
+    func take(_ index: Int, rng: inout SeededGenerator) throws -> String? {
+        guard let processID else { preconditionFailure("target step without a process") }
+        if let start = pendingResume {
+            pendingResume = nil
+            try start()
+            resumed = true
+            Spawn.kill(processID, signal: releaseSignal)
+        }
+        let wakes = pendingWakes
+        pendingWakes.removeAll()
+        for wake in wakes { try wake.wake() }
+        return try runUntilQuiet(processID)
+    }
+
+    /// Waits until every thread of the target is blocked on a userfaultfd fault, or the process ended.
+    private func runUntilQuiet(_ processID: ProcessID) throws -> String {
+        let clock = ContinuousClock()
+        let start = clock.now
+        var spins = 0
+        while true {
+            if Spawn.hasEnded(processID) {
+                ended = true
+                return "ended"
+            }
+            if Self.blockedOnFaults(processID) { return "blocked on a fault" }
+            spins += 1
+            if spins > 50 { usleep(50) } else { sched_yield() }
+            if clock.now - start > runLimit {
+                throw TortureError.targetHung("the target ran \(runLimit) without a fault or an exit")
+            }
+        }
+    }
+
+    /// Every thread sleeps in the kernel's userfault handler.
+    static func blockedOnFaults(_ processID: ProcessID) -> Bool {
+        guard let threads = try? ProcFS.threadIDs(processID), !threads.isEmpty else { return false }
+        for thread in threads {
+            let base = "/proc/\(processID.rawValue)/task/\(thread.rawValue)"
+            guard let stat = try? ProcFS.readText(base + "/stat"),
+                  let close = stat.lastIndex(of: ")") else { return false }
+            let state = stat[stat.index(close, offsetBy: 2)]
+            guard state == "S" || state == "D" else { return false }
+            guard let wchan = try? ProcFS.readText(base + "/wchan"), wchan.hasPrefix("handle_userfault") else { return false }
+        }
+        return true
+    }
+
+    func abort(reason: String) {
+        aborted = true
+        pendingResume = nil
+        pendingWakes.removeAll()
+    }
+}
+
+/// Failures of the torture harness itself (not of the engine under test).
+enum TortureError: Error, CustomStringConvertible {
+    case targetHung(String)
+    case environment(String)
+
+    var description: String {
+        switch self {
+        case .targetHung(let message): message
+        case .environment(let message): message
+        }
+    }
+}
