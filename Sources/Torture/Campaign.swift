@@ -12,6 +12,8 @@ public struct CampaignOptions: Sendable {
     /// This machine runs indices with index % count == part - 1.
     public var shard: (part: Int, count: Int) = (1, 1)
     public var jobs: Int = 1
+    /// Stop taking new iterations after the first failure (finding iterations-to-first-failure).
+    public var failFast = false
     public var programDirectory: String
     public var stubPath: String
     public var workDirectory: String
@@ -55,12 +57,13 @@ public final class Campaign: Sendable {
         let next = Mutex(0)
         let results = Mutex<[Int: IterationResult]>([:])
         let reportLock = Mutex(0)
+        let failureSeen = Mutex(false)
         let group = DispatchGroup()
         for worker in 0..<max(1, options.jobs) {
             group.enter()
             let thread = Thread { [self] in
                 defer { group.leave() }
-                while true {
+                while !(options.failFast && failureSeen.withLock { $0 }) {
                     let position = next.withLock { value -> Int in
                         defer { value += 1 }
                         return value
@@ -70,6 +73,7 @@ public final class Campaign: Sendable {
                     let seed = Scenario.iterationSeed(campaignSeed: options.seed, index: index)
                     let result = runOne(seed: seed, filter: options.filter, worker: worker, keepTrace: false)
                     results.withLock { $0[index] = result }
+                    if !result.passed { failureSeen.withLock { $0 = true } }
                     reportLock.withLock { done in
                         done += 1
                         report(result, done)
@@ -82,5 +86,15 @@ public final class Campaign: Sendable {
         group.wait()
         let collected = results.withLock { $0 }
         return indices.compactMap { collected[$0] }
+    }
+
+    /// The position (1-based, in the shard's order) of the first failing iteration among `results`.
+    public static func firstFailurePosition(_ results: [IterationResult], options: CampaignOptions) -> Int? {
+        let indices = options.indices
+        for (position, index) in indices.enumerated() {
+            let seed = Scenario.iterationSeed(campaignSeed: options.seed, index: index)
+            if let result = results.first(where: { $0.scenario.seed == seed }), !result.passed { return position + 1 }
+        }
+        return nil
     }
 }

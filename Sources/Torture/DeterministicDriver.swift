@@ -29,9 +29,15 @@ protocol Participant: AnyObject {
     /// the fabric and the nemesis only serve them.
     var isEssential: Bool { get }
     func availability() -> Availability
+    /// Asked only when nobody could move: may look at costlier facts (the real process's state).
+    func availabilityWhenStuck() -> Availability
     /// Takes choice `index` of the last `availability()`; returns what happened, for the trace.
     func take(_ index: Int, rng: inout SeededGenerator) throws -> String?
     func abort(reason: String)
+}
+
+extension Participant {
+    func availabilityWhenStuck() -> Availability { availability() }
 }
 
 /// An engine actor as a participant: its one ready step is its one choice.
@@ -128,6 +134,7 @@ final class DeterministicDriver {
 
     func run(rng: inout SeededGenerator) -> DriverOutcome {
         var idleRounds = 0
+        var stuck = false
         while stepCount < stepLimit {
             var choices: [Choice] = []
             var owners: [(Participant, Int)] = []
@@ -135,7 +142,7 @@ final class DeterministicDriver {
             var essentialLeft = false
             var waitingOn: [String] = []
             for participant in participants {
-                let availability = participant.availability()
+                let availability = stuck ? participant.availabilityWhenStuck() : participant.availability()
                 switch availability {
                 case .choices(let labels):
                     if participant.isEssential { essentialLeft = true }
@@ -155,6 +162,10 @@ final class DeterministicDriver {
             }
             if !essentialLeft { return .completed }
             guard !choices.isEmpty else {
+                if earliestRetry == nil && !stuck {
+                    stuck = true
+                    continue
+                }
                 guard let retry = earliestRetry, idleRounds < 100_000 else {
                     abortAll(reason: "deadlock")
                     return .stuck("no participant can move: " + waitingOn.joined(separator: "; "))
@@ -164,6 +175,7 @@ final class DeterministicDriver {
                 continue
             }
             idleRounds = 0
+            stuck = false
             let index: Int
             if stepCount < adversarialSteps {
                 index = scheduler.pick(choices, step: stepCount, rng: &rng)

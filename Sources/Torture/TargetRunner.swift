@@ -56,6 +56,14 @@ final class TargetRunner: Participant, TargetGate, @unchecked Sendable {
         return .waiting(nil, resumed ? "blocked on a fault" : "not restored yet")
     }
 
+    /// Something outside the gate may have let the process run: unregistering a range wakes the threads
+    /// faulting in it, and the kernel then serves their faults itself.
+    func availabilityWhenStuck() -> Availability {
+        let usual = availability()
+        guard case .waiting = usual, resumed, let processID else { return usual }
+        return Self.blockedOnFaults(processID) ? usual : .choices(["run on"])
+    }
+
     func take(_ index: Int, rng: inout SeededGenerator) throws -> String? {
         guard let processID else { preconditionFailure("target step without a process") }
         if let start = pendingResume {

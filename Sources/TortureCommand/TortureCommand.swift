@@ -60,6 +60,9 @@ struct TortureCommand: ParsableCommand {
     @Option(help: "Write a JUnit XML report to this file.")
     var junit: String?
 
+    @Flag(help: "Stop at the first failure and print how many iterations it took.")
+    var failFast = false
+
     @Flag(help: "On failure, minimise the failing schedule and print the shrunk replay command.")
     var shrink = false
 
@@ -88,6 +91,7 @@ struct TortureCommand: ParsableCommand {
                                       stubPath: environment.stub, workDirectory: environment.work)
         options.shard = (shard.part, shard.count)
         options.jobs = jobs
+        options.failFast = failFast
         Spawn.cleanUpOnTermination(paths: [environment.work], processes: [])
         defer { try? FileManager.default.removeItem(atPath: environment.work) }
         let campaign = Campaign(options: options)
@@ -108,6 +112,9 @@ struct TortureCommand: ParsableCommand {
         let elapsed = ContinuousClock.now - start
         print(Report.summary(results, elapsed: elapsed))
         var failed = results.filter { !$0.passed && $0.environmentError == nil }
+        if failFast, let position = Campaign.firstFailurePosition(results, options: options) {
+            print("first failure at iteration \(position)")
+        }
         for result in failed.prefix(10) { print(Report.failureText(result, filter: filter)) }
         if shrink, let first = failed.first {
             let shrunk = Shrinker(campaign: campaign, filter: filter).shrink(first)
