@@ -1,6 +1,7 @@
 // Why this file exists: a campaign is many iterations, each with a seed derived from the campaign's
 // seed and its index, spread over worker threads (each iteration stays on one thread: ptrace and the
 // deterministic driver need that) and, with shards, over CI machines.
+import Engine
 import Foundation
 import Synchronization
 import Sys
@@ -14,6 +15,8 @@ public struct CampaignOptions: Sendable {
     public var jobs: Int = 1
     /// Stop taking new iterations after the first failure (finding iterations-to-first-failure).
     public var failFast = false
+    /// See `TortureEnvironment.sourceFAMWrapper`.
+    public var sourceFAMWrapper: (@Sendable (any FAMBackend) -> any FAMBackend)?
     public var programDirectory: String
     public var stubPath: String
     public var workDirectory: String
@@ -46,7 +49,7 @@ public final class Campaign: Sendable {
         let scenario = Scenario.make(seed: seed, filter: filter)
         var environment = TortureEnvironment(programDirectory: options.programDirectory, stubPath: options.stubPath,
                                              workDirectory: options.workDirectory + "/w\(worker)")
-        environment.stepLimit = 400_000
+        environment.sourceFAMWrapper = options.sourceFAMWrapper
         return Iteration(scenario: scenario, environment: environment, references: references, ledger: ledger)
             .run(keepTrace: keepTrace, traceSink: traceSink)
     }

@@ -18,6 +18,9 @@ public struct TortureEnvironment: Sendable {
     /// Real time the target may run without a fault or an exit before it counts as hung.
     public var targetRunLimit: Duration = .seconds(20)
     public var stepLimit = 400_000
+    /// Wraps the source node's FAM view (torture's own tests break it on purpose to see the checker
+    /// catch it); nil in campaigns.
+    public var sourceFAMWrapper: (@Sendable (any FAMBackend) -> any FAMBackend)?
 
     public init(programDirectory: String, stubPath: String, workDirectory: String) {
         self.programDirectory = programDirectory
@@ -38,6 +41,8 @@ public struct IterationResult: Sendable, Codable {
     public var stepCount: Int
     /// completed, or how the migration ended otherwise.
     public var outcome: String
+    /// When the nemesis killed the source: the image state the target could see then.
+    public var killedAt: String?
     public var milliseconds: Double
     /// The schedule, when asked for.
     public var trace: [String]?
@@ -176,11 +181,12 @@ public struct Iteration {
         final class ModelBox: @unchecked Sendable { var model: ModelFAM? }
         let box = ModelBox()
         let ledger = self.ledger
+        let sourceFAMWrapper = environment.sourceFAMWrapper
         let makeBackend: (Int) throws(ImageError) -> any FAMBackend = { (byteCount) throws(ImageError) in
             do throws(SyscallError) {
                 let model = try ModelFAM(byteCount: byteCount, ledger: ledger)
                 box.model = model
-                return model.sourceNode
+                return sourceFAMWrapper.map { $0(model.sourceNode) } ?? model.sourceNode
             } catch { throw .cannotCreate(path: "model FAM", error) }
         }
         let openBackend: () throws(ImageError) -> (any FAMBackend)? = { box.model?.targetNode }
@@ -258,6 +264,9 @@ public struct Iteration {
         link?.source.close()
         link?.target.close()
 
+        if let nemesis, nemesis.fired {
+            result.killedAt = scenario.mode == .postcopySocket ? "socket" : nemesis.imageStateAtKill.map { "\($0)" } ?? "no image"
+        }
         // Oracles.
         let killedBeforeCommit: Bool
         if let nemesis, nemesis.fired { killedBeforeCommit = nemesis.imageStateAtKill != .complete } else { killedBeforeCommit = false }

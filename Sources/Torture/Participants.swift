@@ -77,8 +77,15 @@ final class NemesisParticipant: Participant {
 
     func availability() -> Availability {
         if fired { return .finished }
-        if case .finished = dumper.availability() { return .finished }
-        return dumper.stepsTaken >= plan.afterDumperSteps ? .choices(["kill the source node"]) : .waiting(nil, "dumper progress")
+        let next = dumper.availability()
+        if case .finished = next { return .finished }
+        let due: Bool
+        if let step = plan.beforeDumperStep {
+            if case .choices(let labels) = next { due = labels.contains { $0.hasPrefix(step) } } else { due = false }
+        } else {
+            due = dumper.stepsTaken >= plan.afterDumperSteps
+        }
+        return due ? .choices(["kill the source node"]) : .waiting(nil, "dumper progress")
     }
 
     func take(_ index: Int, rng: inout SeededGenerator) throws -> String? {

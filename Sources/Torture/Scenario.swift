@@ -41,8 +41,11 @@ public struct ProgramSpec: Sendable {
 
 /// When the nemesis kills the source node.
 public struct KillPlan: Sendable, Codable, Equatable {
-    /// After the dumper took this many steps (1 = right after its preflight).
+    /// After the dumper took this many steps (1 = right after its preflight)...
     public var afterDumperSteps: Int
+    /// ...or, when set, as soon as the dumper's next step is this one ("commit": every page dumped, the
+    /// commit record not yet stored; "release": the commit record durable, the victim not yet killed).
+    public var beforeDumperStep: String?
     /// Frames the source had sent but that were not delivered yet are lost (else they still arrive).
     public var dropInFlight: Bool
 }
@@ -115,9 +118,13 @@ public struct Scenario: Sendable, Codable, Equatable {
         let batchPageCount = [16, 64, 512][rng.below(3)]
         var kill: KillPlan?
         let killDrawn = strategy == .killedSource || rng.chance(1, in: 10)
-        let afterSteps = 1 + rng.below(24)
+        let afterSteps = 1 + rng.below(12)
         let dropInFlight = rng.chance(1, in: 2)
-        if killDrawn && !filter.noKill { kill = KillPlan(afterDumperSteps: afterSteps, dropInFlight: dropInFlight) }
+        let point = rng.below(6)
+        let beforeStep: String? = point < 2 ? "release" : point == 2 ? "commit" : nil
+        if killDrawn && !filter.noKill {
+            kill = KillPlan(afterDumperSteps: afterSteps, beforeDumperStep: beforeStep, dropInFlight: dropInFlight)
+        }
         return Scenario(seed: seed, mode: mode, push: push, program: spec.name, binary: spec.binary,
                         arguments: spec.arguments(size) + ["--rendezvous", "\(rendezvous)"], size: size,
                         rendezvous: rendezvous, strategy: strategy, batchPageCount: batchPageCount, kill: kill,
@@ -127,7 +134,10 @@ public struct Scenario: Sendable, Codable, Equatable {
     public var summary: String {
         var text = "\(mode.rawValue)\(mode == .nonlive ? "" : push ? " push" : " no-push") \(program) size \(size) "
             + "rendezvous \(rendezvous) strategy \(strategy.rawValue) batch \(batchPageCount)"
-        if let kill { text += " kill-after-dumper-step \(kill.afterDumperSteps)\(kill.dropInFlight ? " dropping in-flight" : "")" }
+        if let kill {
+            text += kill.beforeDumperStep.map { " kill-before-\($0)" } ?? " kill-after-dumper-step \(kill.afterDumperSteps)"
+            if kill.dropInFlight { text += " dropping in-flight" }
+        }
         if adversarialSteps != Int.max { text += " adversarial-steps \(adversarialSteps)" }
         return text
     }

@@ -15,6 +15,20 @@ struct TortureCommand: ParsableCommand {
             with the same trace hash. Exit status: 0 all passed, 1 an oracle failed, 2 usage or environment error.
             """)
 
+    /// Usage errors exit 2, like every other bad input (argument-parser's own code is 64).
+    static func main() {
+        do {
+            var command = try parseAsRoot()
+            try command.run()
+        } catch {
+            if exitCode(for: error) == .validationFailure {
+                FileHandle.standardError.write(Data((fullMessage(for: error) + "\n").utf8))
+                Foundation.exit(2)
+            }
+            exit(withError: error)
+        }
+    }
+
     @Option(help: "Iterations to run (all shards together).")
     var iterations = 100
 
@@ -129,7 +143,7 @@ struct TortureCommand: ParsableCommand {
 
     private func locateEnvironment() throws -> (programs: String, stub: String, work: String) {
         let executable = (try? ProcFS.readLink("/proc/self/exe")) ?? CommandLine.arguments[0]
-        let candidates: [String?] = [programs, ProcessInfo.processInfo.environment["FAMMIG_TEST_PROGRAMS"], "TestPrograms/build",
+        let candidates: [String?] = programs != nil ? [programs] : [ProcessInfo.processInfo.environment["FAMMIG_TEST_PROGRAMS"], "TestPrograms/build",
                           URL(fileURLWithPath: executable).deletingLastPathComponent().appendingPathComponent("../../TestPrograms/build").standardized.path]
         guard let directory = candidates.compactMap({ $0 }).first(where: { ProcFS.exists($0 + "/memwalk-static") }) else {
             throw ValidationError("no built test programs found (looked for memwalk-static in \(programs ?? "TestPrograms/build")); run scripts/setup or pass --programs DIR.")
