@@ -34,7 +34,7 @@ public struct CampaignOptions: Sendable {
     public var indices: [Int] { (0..<iterations).filter { $0 % shard.count == shard.part - 1 } }
 }
 
-public final class Campaign: Sendable {
+public final class Campaign: @unchecked Sendable {
     public let options: CampaignOptions
     private let references = ReferenceCache()
     public let ledger = ModelFAMLedger()
@@ -54,8 +54,41 @@ public final class Campaign: Sendable {
             .run(keepTrace: keepTrace, traceSink: traceSink)
     }
 
+    /// What the campaign left behind, checked once every worker is done: descriptors of this process
+    /// that were not open before, children (victims, targets, stubs) not reaped, model FAMs still mapped.
+    /// Empty when nothing leaked.
+    public private(set) var leaks: [String] {
+        get { leakList.withLock { $0 } }
+        set { leakList.withLock { $0 = newValue } }
+    }
+    private let leakList = Mutex<[String]>([])
+
+    static func ownDescriptors() -> Set<Int32> {
+        Set((try? ProcFS.descriptors(ProcessID(rawValue: getpid()))) ?? [])
+    }
+
+    static func ownChildren() -> [String] {
+        let tasks = (try? ProcFS.directoryEntries("/proc/self/task")) ?? []
+        return tasks.flatMap { task in
+            ((try? ProcFS.readText("/proc/self/task/\(task)/children")) ?? "").split(separator: " ").map(String.init)
+        }
+    }
+
     /// Runs the shard's iterations on `jobs` threads; `report` is called (serialised) after each.
     public func run(report: @escaping @Sendable (IterationResult, Int) -> Void) -> [IterationResult] {
+        let descriptorsBefore = Self.ownDescriptors()
+        let childrenBefore = Set(Self.ownChildren())
+        defer {
+            var found: [String] = []
+            let leakedDescriptors = Self.ownDescriptors().subtracting(descriptorsBefore)
+            if !leakedDescriptors.isEmpty {
+                found.append("descriptors left open: \(leakedDescriptors.sorted().map { "\($0) → \((try? ProcFS.readLink("/proc/self/fd/\($0)")) ?? "?")" })")
+            }
+            let children = Set(Self.ownChildren()).subtracting(childrenBefore)
+            if !children.isEmpty { found.append("processes left behind: \(children.sorted())") }
+            if ledger.liveModelCount > 0 { found.append("\(ledger.liveModelCount) model FAMs still mapped") }
+            leaks = found
+        }
         let indices = options.indices
         let next = Mutex(0)
         let results = Mutex<[Int: IterationResult]>([:])

@@ -125,6 +125,7 @@ struct TortureCommand: ParsableCommand {
         progress.finish()
         let elapsed = ContinuousClock.now - start
         print(Report.summary(results, elapsed: elapsed))
+        for leak in campaign.leaks { print("no harm: \(leak)") }
         var failed = results.filter { !$0.passed && $0.environmentError == nil }
         if failFast, let position = Campaign.firstFailurePosition(results, options: options) {
             print("first failure at iteration \(position)")
@@ -138,7 +139,7 @@ struct TortureCommand: ParsableCommand {
         }
         try Report.write(results: results, json: json, junit: junit, campaignSeed: seed, filter: filter)
         if results.contains(where: { $0.environmentError != nil }) && failed.isEmpty { throw ExitCode(2) }
-        if !failed.isEmpty { throw ExitCode(1) }
+        if !failed.isEmpty || !campaign.leaks.isEmpty { throw ExitCode(1) }
     }
 
     private func locateEnvironment() throws -> (programs: String, stub: String, work: String) {

@@ -20,6 +20,7 @@ import Testing
         // The target really ran under the driver: post-copy iterations took faults and steps.
         #expect(results.filter { $0.scenario.mode != .nonlive && $0.killedAt == nil }.allSatisfy { $0.stepCount > 10 })
         #expect(campaign.ledger.liveModelCount == 0)
+        #expect(campaign.leaks.isEmpty, "\(campaign.leaks)")
         #expect(campaign.ledger.createdModelCount > 0)
     }
 
