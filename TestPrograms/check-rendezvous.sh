@@ -210,6 +210,19 @@ else
     echo "skip caps (needs root)"
 fi
 
+check_program heapchurn "3 10" 10 --rounds 10 --ops 100 --pause-us 1000
+# deepstack waits at the deepest point of the round.
+check_program deepstack "3 5" 5 --depth-kib 1024 --rounds 5 --pause-us 1000
+check_program holes "3 20" 20 --steps 20 --pause-us 1000
+check_program sparse "3 2000" 2000 --reserve-gib 4 --pages 200 --steps 2000 \
+    --batch 100 --pause-us 1000
+check_program filemaps "3 10" 10 --rounds 10 --pause-us 1000 --shared 1
+check_program vectors "3 10" 10 --rounds 10 --iters 10000
+check_program blocked "3 5" 5 --rounds 5 --wait-ms 2 \
+    --in nanosleep,futex,poll,epoll
+check_program kvstore "3 10" 10 --records 1000 --ops 20000 --batch 2000 \
+    --pause-us 1000 --report-ms 0
+
 if [ "$failures" != 0 ]; then
     echo "$failures check(s) FAILED"
     exit 1

@@ -271,7 +271,7 @@ static struct record *lookup(const struct table *t, uint64_t keynum,
 
 int main(int argc, char **argv)
 {
-    unsigned long long records = 10000, ops = 1000000, batch = 50000;
+    unsigned long long records = 10000, ops = 500000, batch = 25000;
     unsigned long long value_bytes = 128, pause_us = 5000, seed = 1;
     unsigned long long report_ms = 100;
     const char *workload_name = "A";

@@ -27,7 +27,7 @@ public final class MigrationOracles: MigrationObserver {
     public func record(_ verdict: OracleVerdict) { verdictList.withLock { $0.append(verdict) } }
 
     public func victimFrozen(processID: ProcessID, state: ProcessState, pageAddresses: [UInt64]) throws {
-        try pages.withLock { try $0.recordFrozen(processID: processID, pageAddresses: pageAddresses, rseq: state.mainThread.rseq) }
+        try pages.withLock { try $0.recordFrozen(processID: processID, pageAddresses: pageAddresses, rseq: state.threads.compactMap(\.rseq)) }
         victim.withLock { $0 = processID }
     }
 

@@ -20,8 +20,8 @@ public final class PageOracle: @unchecked Sendable {
     public init() {}
 
     /// Digests every page of `pageAddresses` in the frozen process.
-    public func recordFrozen(processID: ProcessID, pageAddresses: [UInt64], rseq: RseqConfiguration?) throws {
-        maskedRanges = Self.rseqCPUFields(rseq)
+    public func recordFrozen(processID: ProcessID, pageAddresses: [UInt64], rseq: [RseqConfiguration]) throws {
+        maskedRanges = rseq.flatMap { Self.rseqCPUFields($0) }
         let memory = try ProcessMemory(processID, writable: false)
         defer { memory.close() }
         digests.reserveCapacity(pageAddresses.count)

@@ -36,6 +36,11 @@ public enum StateOracle {
             }
             check("\(prefix) signal mask", expectedThread.signalMask, actualThread.signalMask, render: hex)
             check("\(prefix) rseq", expectedThread.rseq, actualThread.rseq)
+            check("\(prefix) tid", expectedThread.threadID, actualThread.threadID)
+            check("\(prefix) robust list", expectedThread.robustListHead, actualThread.robustListHead, render: hex)
+            check("\(prefix) robust list length", expectedThread.robustListLength, actualThread.robustListLength)
+            check("\(prefix) clear-child-tid", expectedThread.clearChildTID, actualThread.clearChildTID, render: hex)
+            check("\(prefix) name", expectedThread.commandName, actualThread.commandName)
             check("\(prefix) pending signals", expectedThread.pendingSignals.map(\.signal), actualThread.pendingSignals.map(\.signal))
             check("\(prefix) pending siginfo", expectedThread.pendingSignals, actualThread.pendingSignals) { "\($0.count) entries" }
         }

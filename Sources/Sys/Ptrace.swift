@@ -94,9 +94,21 @@ public final class Tracee: @unchecked Sendable {
 
     /// Waits for the next stop or the end of the thread.
     public func waitForStop() throws -> StopReason {
+        try nextStop(blocking: true)!
+    }
+
+    /// The next stop or end if one is there, else nil at once.
+    public func pollStop() throws -> StopReason? {
+        try nextStop(blocking: false)
+    }
+
+    private func nextStop(blocking: Bool) throws -> StopReason? {
         checkThread()
         var status: Int32 = 0
-        try retryingInterrupts("waitpid(\(processID))") { waitpid(processID.rawValue, &status, __WALL) }
+        let result = try retryingInterrupts("waitpid(\(processID))") {
+            waitpid(processID.rawValue, &status, __WALL | (blocking ? 0 : WNOHANG))
+        }
+        if result == 0 { return nil }
         if status & 0x7f == 0 { isAttached = false; return .exited(status: (status >> 8) & 0xff) }
         if status & 0xff != 0x7f { isAttached = false; return .killed(signal: status & 0x7f) }
         let signal = (status >> 8) & 0xff
@@ -113,6 +125,28 @@ public final class Tracee: @unchecked Sendable {
     /// Resumes until the next syscall-enter or syscall-exit stop.
     public func resumeToSyscall() throws {
         try request("PTRACE_SYSCALL", PTRACE_SYSCALL.rawValue, nil, nil)
+    }
+
+    /// Kills the whole process and waits until every one of `threads` (all traced by the caller) has
+    /// reported its end. Non-blocking waits in turn: a dying thread group may need its other threads
+    /// reaped before its last one can finish (an exiting pid 1 waits for its namespace to empty).
+    public static func killAndWait(_ threads: [Tracee], processID: ProcessID) {
+        _ = Glibc.kill(processID.rawValue, SIGKILL)
+        var left = threads
+        var rounds = 0
+        while !left.isEmpty && rounds < 100_000 {
+            left = left.filter { thread in
+                while true {
+                    let reason: StopReason?
+                    do { reason = try thread.pollStop() } catch { return false }  // ECHILD: nothing left to report
+                    guard let reason else { return true }
+                    if reason.isTerminal { return false }
+                    try? thread.resume()
+                }
+            }
+            rounds += 1
+            if !left.isEmpty { usleep(100) }
+        }
     }
 
     public func detach() throws {

@@ -68,8 +68,11 @@ public final class SharedMapping: @unchecked Sendable {
     /// read-write. `prefault` maps every page now (MAP_POPULATE) so the dump never takes first-touch faults.
     public static func create(path: String, byteCount: Int, prefault: Bool) throws(SyscallError) -> SharedMapping {
         precondition(byteCount > 0, "a FAM file needs at least one byte, asked for \(byteCount)")
+        // 0600, never more whatever the umask (it only takes bits away): an image holds the victim's memory
+        // and decides what the restored process becomes, so only its owner may read or write it. O_EXCL
+        // also refuses a symlink planted at `path` in a shared directory such as /dev/shm.
         let descriptor = try retryingInterrupts("open(\(path), O_CREAT|O_EXCL)") {
-            Glibc.open(path, O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, mode_t(0o600))
+            Glibc.open(path, O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, mode_t(Self.createdFileMode))
         }
         defer { _ = Glibc.close(descriptor) }
         do throws(SyscallError) {
@@ -90,15 +93,23 @@ public final class SharedMapping: @unchecked Sendable {
         }
     }
 
+    /// The mode `create` gives a FAM file: read and write for its owner only.
+    public static let createdFileMode: UInt32 = 0o600
+
     /// Maps an existing file whole. An empty file gives a mapping with `byteCount` 0 (mmap cannot map
-    /// 0 bytes) so that the caller reports it like any other file too short to hold an image.
+    /// 0 bytes) so that the caller reports it like any other file too short to hold an image. Anything but
+    /// a regular file is refused with EINVAL: the path is input, and a FIFO would block the open forever.
     public static func open(path: String, writable: Bool) throws(SyscallError) -> SharedMapping {
+        // O_NONBLOCK only so that opening a FIFO returns at once (to be refused below); mmap ignores it.
         let descriptor = try retryingInterrupts("open(\(path))") {
-            Glibc.open(path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC)
+            Glibc.open(path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC | O_NONBLOCK)
         }
         defer { _ = Glibc.close(descriptor) }
         var status = stat()
         try checked("fstat(\(path))") { fstat(descriptor, &status) }
+        guard status.st_mode & S_IFMT == S_IFREG else {
+            throw SyscallError(call: "open(\(path)): not a regular file", errno: .invalidArgument)
+        }
         let byteCount = Int(status.st_size)
         if byteCount == 0 {
             return SharedMapping(path: path, base: nil, byteCount: 0, isWritable: writable)

@@ -54,6 +54,20 @@ public final class TCPSocket: @unchecked Sendable {
         return result == 0 ? UInt16(bigEndian: address.sin_port) : 0
     }
 
+    /// The local IPv4 address as getsockname gives it ("0.0.0.0" for a listener on every interface); nil
+    /// once closed. A listener binds only the host it was given, and this is how to see that.
+    public var localHost: String? {
+        var address = sockaddr_in()
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let result = withUnsafeMutablePointer(to: &address) { pointer in
+            pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(descriptor, $0, &length) }
+        }
+        guard result == 0 else { return nil }
+        var text = [CChar](repeating: 0, count: Int(INET_ADDRSTRLEN))
+        guard inet_ntop(AF_INET, &address.sin_addr, &text, socklen_t(text.count)) != nil else { return nil }
+        return String(decoding: text.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
     /// True when the local and the peer address are the same (a self-connect).
     private var isConnectedToItself: Bool {
         var localAddress = sockaddr_in()

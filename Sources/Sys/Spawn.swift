@@ -147,6 +147,33 @@ public enum Spawn {
         _ = Glibc.kill(processID.rawValue, signal)
     }
 
+    /// Kills a child and reaps it, with every thread of it this process traces: a traced thread stays a
+    /// zombie until its tracer waits for it, and the leader (and, for pid 1 of a namespace, the whole
+    /// namespace) cannot go before it. Returns the leader's status, nil if it was not ours to reap.
+    @discardableResult
+    public static func killAndReap(_ processID: ProcessID, limit: Duration = .seconds(10)) -> ExitStatus? {
+        kill(processID)
+        let clock = ContinuousClock()
+        let start = clock.now
+        while clock.now - start < limit {
+            let threads = (try? ProcFS.threadIDs(processID)) ?? []
+            for thread in threads where thread != processID {
+                var status: Int32 = 0
+                _ = waitpid(thread.rawValue, &status, __WALL | WNOHANG)
+            }
+            var status: Int32 = 0
+            let result = waitpid(processID.rawValue, &status, __WALL | WNOHANG)
+            if result == processID.rawValue {
+                if status & 0x7f == 0 { return .exited((status >> 8) & 0xff) }
+                if status & 0xff != 0x7f { return .killed(signal: status & 0x7f) }
+                continue  // a ptrace stop of the leader: its death follows
+            }
+            if result < 0 { return nil }
+            usleep(200)
+        }
+        return nil
+    }
+
     /// Pins the calling thread (or `threadID`) to one CPU: cross-CPU ptrace wake-ups are slow in VMs.
     public static func pin(threadID: ProcessID? = nil, cpu: Int32) {
         _ = csys_pin_to_cpu(threadID?.rawValue ?? 0, cpu)

@@ -37,6 +37,8 @@ public final class SyscallInjector: @unchecked Sendable {
     /// syscall-restart logic never rewrites the registers we set.
     public var template: GeneralRegisters
     public private(set) var injectedCount = 0
+    /// Where the injected code traps, from `instructionAddress` (3 for `syscall; int3`).
+    public var trapOffset: UInt64 = 3
 
     public init(tracee: Tracee, instructionAddress: UInt64, template: GeneralRegisters) {
         self.tracee = tracee
@@ -68,7 +70,7 @@ public final class SyscallInjector: @unchecked Sendable {
                 switch reason {
                 case .signal(SIGTRAP):
                     let after = try tracee.registers()
-                    guard after.rip == instructionAddress + 3 else {
+                    guard after.rip == instructionAddress + trapOffset else {
                         throw InjectionError.unexpectedStop(name: name, reason: reason, rip: after.rip)
                     }
                     injectedCount += 1

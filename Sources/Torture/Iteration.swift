@@ -248,8 +248,7 @@ public struct Iteration {
 
         // Whatever happened, nothing of this iteration may outlive it: reap the victim, and a target that
         // is still there (it must not be: a failed migration kills it) is a failure, then killed.
-        Spawn.kill(victim)
-        _ = try? Spawn.waitForExit(victim)
+        Spawn.killAndReap(victim)
         var failures: [String] = []
         var targetStatus: ExitStatus?
         if let target = restorer.restoredProcessID {
@@ -257,8 +256,7 @@ public struct Iteration {
                 targetStatus = try? Spawn.waitForExit(target)
             } else {
                 if !Spawn.endsSoon(target, graceMilliseconds: 2000) { failures.append("no harm: the target pid \(target) still runs after a failed migration") }
-                Spawn.kill(target)
-                targetStatus = try? Spawn.waitForExit(target)
+                targetStatus = Spawn.killAndReap(target)
             }
         }
         link?.source.close()

@@ -34,6 +34,8 @@ public struct ProgramSpec: Sendable {
                     arguments: { ["--rounds", "\(8 + 8 * $0)", "--pause-us", "50"] }, steps: { 8 + 8 * $0 }),
         ProgramSpec(name: "caps", binary: "caps-static",
                     arguments: { ["--rounds", "\(8 + 8 * $0)", "--pause-us", "50"] }, steps: { 8 + 8 * $0 }),
+        ProgramSpec(name: "threads", binary: "threads-static",
+                    arguments: { ["--workers", "4", "--rounds", "\(6 + 6 * $0)", "--pages", "\(4 << $0)"] }, steps: { 6 + 6 * $0 }),
     ]
 
     public static func named(_ name: String) -> ProgramSpec? { catalog.first { $0.name == name } }

@@ -97,18 +97,27 @@ final class TargetRunner: Participant, TargetGate, @unchecked Sendable {
         }
     }
 
-    /// Every thread sleeps in the kernel's userfault handler.
+    /// Nothing in the target can move by itself: every thread sleeps in the kernel's userfault handler
+    /// or on a futex (a thread waiting for another: a mutex, a condition variable, a join), or has
+    /// exited, and at least one waits for a page. A thread that runs, or sleeps on a timer, is not quiet.
     static func blockedOnFaults(_ processID: ProcessID) -> Bool {
         guard let threads = try? ProcFS.threadIDs(processID), !threads.isEmpty else { return false }
+        var faulting = false
         for thread in threads {
             let base = "/proc/\(processID.rawValue)/task/\(thread.rawValue)"
             guard let stat = try? ProcFS.readText(base + "/stat"),
-                  let close = stat.lastIndex(of: ")") else { return false }
+                  let close = stat.lastIndex(of: ")") else { continue }  // gone meanwhile
             let state = stat[stat.index(close, offsetBy: 2)]
+            if state == "Z" || state == "X" { continue }
             guard state == "S" || state == "D" else { return false }
-            guard let wchan = try? ProcFS.readText(base + "/wchan"), wchan.hasPrefix("handle_userfault") else { return false }
+            guard let wchan = try? ProcFS.readText(base + "/wchan") else { return false }
+            if wchan.hasPrefix("handle_userfault") {
+                faulting = true
+            } else if !wchan.hasPrefix("futex") {
+                return false
+            }
         }
-        return true
+        return faulting
     }
 
     func abort(reason: String) {

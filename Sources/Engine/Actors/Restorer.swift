@@ -277,7 +277,7 @@ public final class Restorer: EngineActor {
         handedOver.withLock { $0 = memory }
         var slots = Set<Int>()
         for (slot, address) in pageAddresses.enumerated() where !memory.isRegistered(address) { slots.insert(slot) }
-        if let rseq = checkpointedState!.mainThread.rseq {
+        for rseq in checkpointedState!.threads.compactMap(\.rseq) {
             let firstPage = rseq.address & ~UInt64(4095)
             let lastPage = (rseq.address + UInt64(max(rseq.byteCount, 1)) - 1) & ~UInt64(4095)
             for page in stride(from: firstPage, through: lastPage, by: 4096) {

@@ -20,7 +20,7 @@ public enum CheckpointError: Error, CustomStringConvertible, Sendable {
         case .alreadyTraced(let pid, let tracer):
             "pid \(pid) is already traced by pid \(tracer) (a debugger?); detach it first."
         case .multipleThreads(let pid, let count):
-            "pid \(pid) has \(count) threads; only single-threaded processes can be migrated yet. It was left running untouched."
+            "pid \(pid) has \(count) threads; at most \(ProcessState.maximumThreadCount) can be migrated. It was left running untouched."
         case .unsupportedDescriptor(let pid, let descriptor, let target):
             "pid \(pid): fd \(descriptor) is \(target); only regular files and /dev/null can be migrated. Close or redirect it (e.g. stdout to a file). The process was left running untouched."
         case .unsupportedMapping(let pid, let range, let reason):

@@ -5,45 +5,70 @@ import Sys
 import Glibc
 #endif
 
-/// A seized, stopped victim. Every method must run on the thread that called `freeze`.
+/// A seized, stopped victim: every thread. Every method must run on the thread that called `freeze`.
 final class FrozenVictim {
     let processID: ProcessID
-    let tracee: Tracee
+    /// The main thread's, then the other threads' in the order /proc lists them.
+    private(set) var tracees: [Tracee]
+    var tracee: Tracee { tracees[0] }
     private(set) var isReleased = false
 
     private init(processID: ProcessID, tracee: Tracee) {
         self.processID = processID
-        self.tracee = tracee
+        self.tracees = [tracee]
     }
 
-    /// PTRACE_SEIZE + PTRACE_INTERRUPT, then waits for the interrupt stop. A signal that arrives first is
-    /// delivered (the victim handles it before the freeze) rather than lost.
+    /// PTRACE_SEIZE + PTRACE_INTERRUPT of every thread, then waits for each interrupt stop. Threads
+    /// are listed again until no new one appeared: a stopped thread creates none.
     static func freeze(_ processID: ProcessID) throws(CheckpointError) -> FrozenVictim {
-        let tracee: Tracee
-        do { tracee = try Tracee.seize(processID) } catch {
+        let main: Tracee
+        do { main = try Tracee.seize(processID) } catch {
             if (error as? SyscallError)?.errno == .noSuchProcess { throw .noSuchProcess(processID) }
             throw .system(processID, "\(error)")
         }
-        let victim = FrozenVictim(processID: processID, tracee: tracee)
+        let victim = FrozenVictim(processID: processID, tracee: main)
         do {
-            try tracee.interrupt()
-            for _ in 0..<1000 {
-                let reason = try tracee.waitForStop()
-                switch reason {
-                case .event(Tracee.eventStop, _): return victim
-                case .event: try tracee.resume()
-                case .signal(let signal): try tracee.resume(signal: signal)
-                case .syscall: try tracee.resume()
-                case .exited, .killed: throw CheckpointError.victimDied(processID, reason: "\(reason)")
+            try stop(main, processID: processID)
+            while true {
+                let known = Set(victim.tracees.map(\.processID))
+                let listed = try ProcFS.threadIDs(processID).filter { !known.contains($0) }
+                if listed.isEmpty { break }
+                for threadID in listed {
+                    // A thread may exit between the listing and the seize: skip it.
+                    guard let thread = try? Tracee.seize(threadID) else { continue }
+                    victim.tracees.append(thread)
+                    try stop(thread, processID: processID)
                 }
             }
-            throw CheckpointError.system(processID, "no interrupt stop after 1000 other stops")
+            return victim
         } catch let error as CheckpointError {
+            victim.detachAll()
             throw error
         } catch {
-            if tracee.isAttached { try? tracee.detach() }
+            victim.detachAll()
             throw .system(processID, "\(error)")
         }
+    }
+
+    /// Interrupts one seized thread and waits for its interrupt stop; a signal that arrives first is
+    /// delivered (the victim handles it before the freeze) rather than lost.
+    private static func stop(_ tracee: Tracee, processID: ProcessID) throws {
+        try tracee.interrupt()
+        for _ in 0..<1000 {
+            let reason = try tracee.waitForStop()
+            switch reason {
+            case .event(Tracee.eventStop, _): return
+            case .event: try tracee.resume()
+            case .signal(let signal): try tracee.resume(signal: signal)
+            case .syscall: try tracee.resume()
+            case .exited, .killed: throw CheckpointError.victimDied(processID, reason: "\(reason)")
+            }
+        }
+        throw CheckpointError.system(processID, "no interrupt stop after 1000 other stops")
+    }
+
+    private func detachAll() {
+        for tracee in tracees where tracee.isAttached { try? tracee.detach() }
     }
 
     /// Reads everything but page contents. Leaves the victim exactly as it was (registers, memory).
@@ -62,7 +87,7 @@ final class FrozenVictim {
         let registers = try tracee.registers()
         let signalMask = try tracee.signalMask()
         let injected = try injectQueries(registers: registers, signalMask: signalMask)
-        return try StateReader.read(tracee: tracee, processID: processID, injected: injected)
+        return try StateReader.read(tracees: tracees, processID: processID, injected: injected)
     }
 
     /// Runs StateReader's injected queries from a scratch mapping that is removed again, with every
@@ -89,7 +114,23 @@ final class FrozenVictim {
         try memory.write(originalCode, at: registers.rip)
         try memory.write(syscallTrapInstruction, at: scratch)
         injector.instructionAddress = scratch
-        return try StateReader.injectQueries(injector: injector, memory: memory, dataAddress: scratch + 4096)
+        // The other threads run their own queries from the scratch page too, signals blocked, and get
+        // their registers and masks back.
+        var others: [SyscallInjector] = []
+        var saved: [(Tracee, GeneralRegisters, UInt64)] = []
+        defer {
+            for (thread, threadRegisters, threadMask) in saved {
+                try? thread.setSignalMask(threadMask)
+                try? thread.setRegisters(threadRegisters)
+            }
+        }
+        for thread in tracees.dropFirst() {
+            let threadRegisters = try thread.registers()
+            saved.append((thread, threadRegisters, try thread.signalMask()))
+            try thread.setSignalMask(~UInt64(0))
+            others.append(SyscallInjector(tracee: thread, instructionAddress: scratch, template: threadRegisters))
+        }
+        return try StateReader.injectQueries(injector: injector, threadInjectors: others, memory: memory, dataAddress: scratch + 4096)
     }
 
     /// The pages to dump, read now that the victim cannot change them.
@@ -102,11 +143,10 @@ final class FrozenVictim {
         guard !isReleased else { return }
         isReleased = true
         if kill {
-            Spawn.kill(processID)
-            // The tracer sees the death; the parent (maybe us) reaps it.
-            while let reason = try? tracee.waitForStop(), !reason.isTerminal { try? tracee.resume() }
+            // The tracer sees each thread's death; the parent (maybe us) reaps the process.
+            Tracee.killAndWait(tracees, processID: processID)
         } else {
-            try? tracee.detach()
+            detachAll()
         }
     }
 }

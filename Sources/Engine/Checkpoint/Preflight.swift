@@ -21,7 +21,7 @@ enum Preflight {
         guard let status = try? ProcFS.status(processID) else { throw .noSuchProcess(processID) }
         if let tracer = status["TracerPid"], tracer != "0" { throw .alreadyTraced(processID, tracer: tracer) }
         guard let threads = try? ProcFS.threadIDs(processID) else { throw .noSuchProcess(processID) }
-        if threads.count != 1 { throw .multipleThreads(processID, count: threads.count) }
+        if threads.count > ProcessState.maximumThreadCount { throw .multipleThreads(processID, count: threads.count) }
         _ = try descriptors(processID)
         _ = try mappings(processID)
     }

@@ -33,6 +33,11 @@ public enum ImageError: Error, Equatable, Sendable, CustomStringConvertible {
     case pageChecksumMismatch(path: String, slot: Int, address: UInt64)
     /// The engine's metadata blob does not decode.
     case malformedMetadata(reason: String)
+    /// The metadata decodes, but what it says is not something a real process could have, or not
+    /// something the restorer may do (a mapping outside user space, two threads with one ID, a
+    /// descriptor beyond the kernel's limit, a dropped seccomp sandbox, ...): refused before any
+    /// process is created.
+    case unrestorableState(path: String, reason: String)
 
     public var description: String {
         switch self {
@@ -78,6 +83,8 @@ public enum ImageError: Error, Equatable, Sendable, CustomStringConvertible {
             "\(path): page slot \(slot) (address 0x\(String(address, radix: 16))) does not match its mark checksum; the image is corrupted."
         case .malformedMetadata(let reason):
             "process metadata is malformed: \(reason); the image was written by an incompatible fammig or is corrupted."
+        case .unrestorableState(let path, let reason):
+            "\(path): the process state cannot be restored: \(reason); the image is corrupted or was not written by fammig, take the checkpoint again."
         }
     }
 }

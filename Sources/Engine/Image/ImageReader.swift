@@ -15,7 +15,7 @@ public struct ImageReader: Sendable {
     public let openedState: ImageState
     /// The engine's metadata blob, exactly as verified.
     public let metadata: [UInt8]
-    /// The page address of each slot, page-aligned and strictly increasing.
+    /// The page address of each slot, page-aligned, inside user space and strictly increasing.
     public let pageAddresses: [UInt64]
     public let superblockDigest: UInt64
     public let metadataDigest: UInt64
@@ -89,6 +89,10 @@ public struct ImageReader: Sendable {
             let address = words[slot]
             guard address % UInt64(ImageLayout.pageSize) == 0 else {
                 throw .badPageAddress(path: path, slot: slot, address: address, reason: "is not page-aligned")
+            }
+            // Only user memory is ever dumped ([vsyscall] never is): anything else is not a victim's page.
+            guard address >= AddressSpace.lowestAddress, address < AddressSpace.userSpaceEnd else {
+                throw .badPageAddress(path: path, slot: slot, address: address, reason: "lies outside user space")
             }
             if let previous = addresses.last, previous >= address {
                 throw .badPageAddress(path: path, slot: slot, address: address,

@@ -1,5 +1,10 @@
-// The image is untrusted input: before the restorer uses an address from it, the metadata and the page
-// table must agree with each other and stay inside user space.
+// The image is untrusted input (another node wrote it, or someone who only wants it to look that way).
+// Decoding checks that every length and count fits; this file checks what the decoded state says, before
+// the restorer creates any process: addresses stay inside user space and agree with the page table, and
+// every number the restorer hands to a syscall is one a real process could have had. A hostile image
+// then gets a clear refusal, never a trap in the restorer (`UInt64(negative)`, an overflowing sum), and
+// never a process that quietly holds more than the victim did (a dropped seccomp sandbox, a uid that
+// setresuid reads as "leave unchanged" and so stays the restorer's).
 import Sys
 
 extension ImageReader {
@@ -12,26 +17,267 @@ extension ImageReader {
     }
 }
 
+extension AddressSpace {
+    /// `[vsyscall]`: the one mapping above user space, where the kernel puts it in every process.
+    static let vsyscallRange: Range<UInt64> = 0xffff_ffff_ff60_0000..<0xffff_ffff_ff60_1000
+}
+
+/// What x86-64 Linux allows a process; no real victim goes beyond it, so an image that does is refused.
+enum KernelLimits {
+    /// _NSIG: signals are 1...64.
+    static let signalNumbers: ClosedRange<Int32> = 1...64
+    /// rt_sigaction refuses these two.
+    static let killSignal: Int32 = 9, stopSignal: Int32 = 19
+    /// RLIM_NLIMITS: resources are 0..<16.
+    static let resourceCount: Int32 = 16
+    /// NGROUPS_MAX.
+    static let supplementaryGroupCountMax = 65536
+    /// (uid_t)-1: setresuid and setresgid read it as "leave this one unchanged", so it is never a real ID.
+    static let unchangedID: UInt32 = .max
+    /// BPF_MAXINSNS: instructions in one seccomp filter (8 bytes each).
+    static let seccompFilterInstructionCountMax = 4096
+    /// MAX_INSNS_PER_PATH: the instructions of all of a thread's filters, each filter counting 4 more.
+    static let seccompPathInstructionCountMax = 32768
+    static let seccompFilterOverheadInstructionCount = 4
+    /// SECCOMP_FILTER_FLAG_LOG | SECCOMP_FILTER_FLAG_SPEC_ALLOW: what PTRACE_SECCOMP_GET_METADATA can
+    /// report. Others (NEW_LISTENER, TSYNC) would make the restorer's seccomp call do something else.
+    static let seccompFilterFlagsRestorable: UInt64 = 0x2 | 0x4
+    /// fs.nr_open's default: dup3 refuses a descriptor at or above it.
+    static let descriptorLimit: Int32 = 1 << 20
+    /// O_ACCMODE; 3 is no access mode.
+    static let accessModeMask: Int32 = 0o3
+    /// __O_TMPFILE: a file opened so has no name the restorer could open again.
+    static let temporaryFileFlag: Int32 = 0o20_000_000
+    /// The largest rseq area the restorer accepts (the kernel's is 32 bytes and grows slowly).
+    static let rseqByteCountMax: UInt32 = 4096
+}
+
+extension Mapping {
+    /// Why this cannot be a VMA of a user process, or nil: page-aligned, not empty, inside user space;
+    /// `[vsyscall]` exactly where the kernel puts it. Decoding uses it too.
+    var addressProblem: String? {
+        guard start % 4096 == 0, end % 4096 == 0 else { return "is not page-aligned" }
+        guard start < end else { return "does not end after it starts" }
+        if kind == .vsyscall {
+            let range = AddressSpace.vsyscallRange
+            guard start == range.lowerBound, end == range.upperBound else {
+                return "is [vsyscall] but not where the kernel puts it (\(hex(range.lowerBound))-\(hex(range.upperBound)))"
+            }
+            return nil
+        }
+        guard start >= AddressSpace.lowestAddress, end <= AddressSpace.userSpaceEnd else {
+            return "lies outside user space (\(hex(AddressSpace.lowestAddress))-\(hex(AddressSpace.userSpaceEnd)))"
+        }
+        guard fileOffset % 4096 == 0 else { return "has file offset \(hex(fileOffset)), which is not page-aligned" }
+        return nil
+    }
+}
+
 extension ProcessState {
+    /// Everything the restorer relies on that decoding alone does not check; throws the first problem.
     /// Every dumped page must lie in a mapping that the restorer creates and may write.
-    func validate(pageAddresses: [UInt64], path: String) throws(ImageError) {
+    public func validate(pageAddresses: [UInt64], path: String) throws(ImageError) {
+        try validateMappings(path: path)
+        try validatePages(pageAddresses, path: path)
+        try validateThreads(path: path)
+        try validateSignals(path: path)
+        try validateCredentials(path: path)
+        try validateLimitsAndSeccomp(path: path)
+        try validateFiles(path: path)
+        try validateMemoryDescriptor(path: path)
+    }
+
+    private func validateMappings(path: String) throws(ImageError) {
+        try Self.checkPath(executablePath, "the executable path", path: path)
+        for (index, mapping) in mappings.enumerated() {
+            let range = "mapping \(index) (\(hex(mapping.start))-\(hex(mapping.end)))"
+            if let problem = mapping.addressProblem { throw .unrestorableState(path: path, reason: "\(range) \(problem)") }
+            if index > 0, mappings[index - 1].end > mapping.start {
+                throw .unrestorableState(path: path, reason: "\(range) overlaps or comes before mapping \(index - 1) (\(hex(mappings[index - 1].start))-\(hex(mappings[index - 1].end)))")
+            }
+            switch mapping.kind {
+            case .file(let filePath):
+                try Self.checkPath(filePath, range + "'s file", path: path)
+            case .anonymous, .heap, .stack:
+                // The restorer maps these private: shared anonymous memory is refused at checkpoint.
+                guard !mapping.shared else {
+                    throw .unrestorableState(path: path, reason: "\(range) is shared anonymous memory, which cannot be restored")
+                }
+            case .vdsoPart, .vsyscall:
+                break
+            }
+        }
+    }
+
+    private func validatePages(_ pageAddresses: [UInt64], path: String) throws(ImageError) {
         var mappingIndex = 0
         for (slot, address) in pageAddresses.enumerated() {
+            guard address % 4096 == 0 else {
+                throw .badPageAddress(path: path, slot: slot, address: address, reason: "is not page-aligned")
+            }
+            if slot > 0, pageAddresses[slot - 1] >= address {
+                throw .badPageAddress(path: path, slot: slot, address: address,
+                                      reason: "is not above entry \(slot - 1) (\(hex(pageAddresses[slot - 1])))")
+            }
+            // Both lists are sorted (checked above), so one forward walk pairs each page with its mapping.
             while mappingIndex < mappings.count && mappings[mappingIndex].end <= address { mappingIndex += 1 }
             guard mappingIndex < mappings.count, mappings[mappingIndex].contains(address) else {
-                throw .badPageAddress(path: path, slot: slot, address: address, reason: "it lies in no mapping of the process")
+                throw .badPageAddress(path: path, slot: slot, address: address, reason: "lies in no mapping of the process")
             }
-            switch mappings[mappingIndex].kind {
+            let mapping = mappings[mappingIndex]
+            switch mapping.kind {
             case .vdsoPart, .vsyscall:
-                throw .badPageAddress(path: path, slot: slot, address: address, reason: "it lies in the vDSO")
-            case .file where mappings[mappingIndex].shared:
-                throw .badPageAddress(path: path, slot: slot, address: address, reason: "it lies in a shared file mapping")
-            default: break
+                throw .badPageAddress(path: path, slot: slot, address: address, reason: "lies in the vDSO, which is never dumped")
+            default:
+                guard !mapping.shared else {
+                    throw .badPageAddress(path: path, slot: slot, address: address, reason: "lies in a shared mapping, which is never dumped")
+                }
             }
         }
-        for file in files where file.path.isEmpty || !file.path.hasPrefix("/") {
-            throw .malformedMetadata(reason: "fd \(file.descriptor) has no absolute path")
-        }
-        guard executablePath.hasPrefix("/") else { throw .malformedMetadata(reason: "executable path '\(executablePath)' is not absolute") }
     }
+
+    private func validateThreads(path: String) throws(ImageError) {
+        guard processID.rawValue >= 1 else { throw .unrestorableState(path: path, reason: "process ID \(processID) is not a process ID") }
+        guard !threads.isEmpty, threads.count <= Self.maximumThreadCount else {
+            throw .unrestorableState(path: path, reason: "\(threads.count) threads (1...\(Self.maximumThreadCount) can be restored)")
+        }
+        guard threads[0].threadID == processID else {
+            throw .unrestorableState(path: path, reason: "the first thread is \(threads[0].threadID), not the main thread \(processID)")
+        }
+        var seenThreadIDs: Set<Int32> = []
+        for thread in threads {
+            guard thread.threadID.rawValue >= 1, seenThreadIDs.insert(thread.threadID.rawValue).inserted else {
+                throw .unrestorableState(path: path, reason: "thread ID \(thread.threadID) is not positive or appears twice")
+            }
+            if let rseq = thread.rseq {
+                // The restorer adds byteCount to address (the rseq area's pages go in before the resume).
+                guard rseq.byteCount >= 1, rseq.byteCount <= KernelLimits.rseqByteCountMax,
+                      rseq.address >= AddressSpace.lowestAddress, rseq.address <= AddressSpace.userSpaceEnd - UInt64(rseq.byteCount) else {
+                    throw .unrestorableState(path: path, reason: "thread \(thread.threadID)'s rseq area (\(rseq.byteCount) bytes at \(hex(rseq.address))) is not inside user space")
+                }
+            }
+            for pending in thread.pendingSignals where !KernelLimits.signalNumbers.contains(pending.signal) {
+                throw .unrestorableState(path: path, reason: "thread \(thread.threadID) has pending signal \(pending.signal)")
+            }
+        }
+    }
+
+    private func validateSignals(path: String) throws(ImageError) {
+        var seenSignals: Set<Int32> = []
+        for action in signalActions {
+            guard KernelLimits.signalNumbers.contains(action.signal), action.signal != KernelLimits.killSignal,
+                  action.signal != KernelLimits.stopSignal else {
+                throw .unrestorableState(path: path, reason: "there is an action for signal \(action.signal), which cannot have one")
+            }
+            guard seenSignals.insert(action.signal).inserted else {
+                throw .unrestorableState(path: path, reason: "signal \(action.signal) has two actions")
+            }
+        }
+        for pending in sharedPendingSignals where !KernelLimits.signalNumbers.contains(pending.signal) {
+            throw .unrestorableState(path: path, reason: "pending signal \(pending.signal) is not a signal")
+        }
+        guard parentDeathSignal == 0 || KernelLimits.signalNumbers.contains(parentDeathSignal) else {
+            throw .unrestorableState(path: path, reason: "parent-death signal \(parentDeathSignal) is not a signal")
+        }
+    }
+
+    private func validateCredentials(path: String) throws(ImageError) {
+        let credentials = self.credentials
+        guard credentials.userIDs.count == 4, credentials.groupIDs.count == 4 else {
+            throw .unrestorableState(path: path, reason: "credentials need 4 user and 4 group IDs (real, effective, saved, filesystem)")
+        }
+        guard credentials.supplementaryGroups.count <= KernelLimits.supplementaryGroupCountMax else {
+            throw .unrestorableState(path: path, reason: "\(credentials.supplementaryGroups.count) supplementary groups (at most \(KernelLimits.supplementaryGroupCountMax))")
+        }
+        for id in credentials.userIDs + credentials.groupIDs + credentials.supplementaryGroups where id == KernelLimits.unchangedID {
+            throw .unrestorableState(path: path, reason: "a user or group ID is \(id), which setresuid reads as \"keep the restorer's\"")
+        }
+        guard credentials.effective & ~credentials.permitted == 0 else {
+            throw .unrestorableState(path: path, reason: "effective capabilities \(hex(credentials.effective)) are not all permitted (\(hex(credentials.permitted)))")
+        }
+        guard credentials.ambient & ~(credentials.permitted & credentials.inheritable) == 0 else {
+            throw .unrestorableState(path: path, reason: "ambient capabilities \(hex(credentials.ambient)) are not all permitted and inheritable")
+        }
+    }
+
+    private func validateLimitsAndSeccomp(path: String) throws(ImageError) {
+        var seenResources: Set<Int32> = []
+        for limit in resourceLimits {
+            guard (0..<KernelLimits.resourceCount).contains(limit.resource), seenResources.insert(limit.resource).inserted else {
+                throw .unrestorableState(path: path, reason: "resource limit \(limit.resource) is unknown or appears twice")
+            }
+            guard limit.soft <= limit.hard else {
+                throw .unrestorableState(path: path, reason: "resource limit \(limit.resource) has soft \(limit.soft) above hard \(limit.hard)")
+            }
+        }
+        // The restorer installs filters only: a process in strict mode, or in filter mode without its
+        // filters, would come back without its sandbox.
+        switch (seccompMode, seccompFilters.isEmpty) {
+        case (0, true), (2, false): break
+        case (1, _):
+            throw .unrestorableState(path: path, reason: "seccomp strict mode cannot be restored, and the process must not run without it")
+        case (2, true):
+            throw .unrestorableState(path: path, reason: "seccomp filter mode without any filter; the process must not run without its sandbox")
+        default:
+            throw .unrestorableState(path: path, reason: "seccomp mode \(seccompMode) with \(seccompFilters.count) filters")
+        }
+        var pathInstructionCount = 0
+        for (index, filter) in seccompFilters.enumerated() {
+            let instructionCount = filter.program.count / 8
+            guard filter.program.count % 8 == 0, (1...KernelLimits.seccompFilterInstructionCountMax).contains(instructionCount) else {
+                throw .unrestorableState(path: path, reason: "seccomp filter \(index) has \(filter.program.count) bytes, not 1...\(KernelLimits.seccompFilterInstructionCountMax) instructions of 8")
+            }
+            guard filter.flags & ~KernelLimits.seccompFilterFlagsRestorable == 0 else {
+                throw .unrestorableState(path: path, reason: "seccomp filter \(index) has flags \(hex(filter.flags)), not only LOG and SPEC_ALLOW")
+            }
+            pathInstructionCount += instructionCount + KernelLimits.seccompFilterOverheadInstructionCount
+        }
+        guard pathInstructionCount <= KernelLimits.seccompPathInstructionCountMax else {
+            throw .unrestorableState(path: path, reason: "the seccomp filters count \(pathInstructionCount) instructions, the kernel allows \(KernelLimits.seccompPathInstructionCountMax)")
+        }
+    }
+
+    private func validateFiles(path: String) throws(ImageError) {
+        var seenDescriptors: Set<Int32> = []
+        for file in files {
+            guard (0..<KernelLimits.descriptorLimit).contains(file.descriptor), seenDescriptors.insert(file.descriptor).inserted else {
+                throw .unrestorableState(path: path, reason: "fd \(file.descriptor) is outside 0..<\(KernelLimits.descriptorLimit) or appears twice")
+            }
+            try Self.checkPath(file.path, "fd \(file.descriptor)'s path", path: path)
+            guard file.flags & KernelLimits.accessModeMask != KernelLimits.accessModeMask, file.flags & KernelLimits.temporaryFileFlag == 0 else {
+                throw .unrestorableState(path: path, reason: "fd \(file.descriptor) has open flags 0o\(String(file.flags, radix: 8)), which cannot be reopened")
+            }
+            guard file.position >= 0 else {
+                throw .unrestorableState(path: path, reason: "fd \(file.descriptor) is at position \(file.position)")
+            }
+        }
+    }
+
+    private func validateMemoryDescriptor(path: String) throws(ImageError) {
+        let fields = memoryDescriptor
+        for (name, value) in [("start_code", fields.startCode), ("end_code", fields.endCode), ("start_data", fields.startData),
+                              ("end_data", fields.endData), ("start_brk", fields.startBrk), ("brk", fields.brk),
+                              ("start_stack", fields.startStack), ("arg_start", fields.argStart), ("arg_end", fields.argEnd),
+                              ("env_start", fields.envStart), ("env_end", fields.envEnd)] where value > AddressSpace.userSpaceEnd {
+            throw .unrestorableState(path: path, reason: "\(name) \(hex(value)) lies above user space")
+        }
+        guard fields.auxiliaryVector.count % 16 == 0 else {
+            throw .unrestorableState(path: path, reason: "the auxiliary vector has \(fields.auxiliaryVector.count) bytes, not whole (type, value) pairs")
+        }
+    }
+
+    /// A path the restorer opens inside the target: absolute, and no NUL (C would end it there).
+    private static func checkPath(_ text: String, _ what: String, path: String) throws(ImageError) {
+        guard text.hasPrefix("/") else {
+            throw .unrestorableState(path: path, reason: "\(what) \"\(text.debugDescriptionWithoutQuotes)\" is not an absolute path")
+        }
+        guard !text.utf8.contains(0) else {
+            throw .unrestorableState(path: path, reason: "\(what) \"\(text.debugDescriptionWithoutQuotes)\" holds a NUL byte, which would cut it short")
+        }
+    }
+}
+
+private extension String {
+    /// The text with control characters escaped, for a message (an image may hold any bytes).
+    var debugDescriptionWithoutQuotes: String { String(debugDescription.dropFirst().dropLast()) }
 }

@@ -24,6 +24,10 @@ final class TargetProcess {
     /// straight from FAM; everything else (private file pages) by pwrite to /proc/PID/mem.
     private var userfaultfd: Userfaultfd?
     private var registeredRanges: [Range<UInt64>] = []
+    /// The threads besides the main one, created by `restoreState`, in the checkpoint's order; each with
+    /// an injector that runs `syscall; int3` from the scratch page.
+    private var otherThreads: [(tracee: Tracee, injector: SyscallInjector)] = []
+    private var allTracees: [Tracee] { [tracee] + otherThreads.map(\.tracee) }
 
     private init(processID: ProcessID, tracee: Tracee, memory: ProcessMemory, injector: SyscallInjector, scratchAddress: UInt64) {
         self.processID = processID
@@ -84,8 +88,8 @@ final class TargetProcess {
     /// Kills the target (a target must never run on holes) and reaps it.
     func kill() {
         guard !isResumed else { return }
-        Spawn.kill(processID)
-        while let reason = try? tracee.waitForStop(), !reason.isTerminal {}
+        // Each traced thread reports its death; the leader's comes last.
+        Tracee.killAndWait(allTracees, processID: processID)
         memory.close()
     }
 
@@ -310,20 +314,6 @@ final class TargetProcess {
             // Always: the stub was started with PDEATHSIG SIGKILL, so that it dies with a crashed restorer.
             try injector.call("prctl(PR_SET_PDEATHSIG)", Syscall.prctl, 1, UInt64(state.parentDeathSignal))
             let thread = state.mainThread
-            if let rseq = thread.rseq {
-                try injector.call("rseq", Syscall.rseq, rseq.address, UInt64(rseq.byteCount), 0, UInt64(rseq.signature))
-            }
-            for pending in thread.pendingSignals + state.sharedPendingSignals {
-                try memory.write(pending.siginfo, at: dataAddress)
-                if pending.shared {
-                    try injector.call("rt_sigqueueinfo(\(pending.signal))", Syscall.rtSigqueueinfo,
-                                      UInt64(state.processID.rawValue), UInt64(pending.signal), dataAddress)
-                } else {
-                    try injector.call("rt_tgsigqueueinfo(\(pending.signal))", Syscall.rtTgsigqueueinfo,
-                                      UInt64(state.processID.rawValue), UInt64(thread.threadID.rawValue),
-                                      UInt64(pending.signal), dataAddress)
-                }
-            }
             // Limits before credentials: lowering needs nothing, raising a hard limit needs the
             // restorer's privileges, which the target still has here.
             for limit in state.resourceLimits {
@@ -344,11 +334,88 @@ final class TargetProcess {
                 try memory.write(header, at: dataAddress)
                 try injector.call("seccomp(SET_MODE_FILTER)", Syscall.seccomp, 1, filter.flags, dataAddress)
             }
-            try CredentialRestorer(injector: injector, memory: memory, dataAddress: dataAddress, processID: processID)
-                .restore(state.credentials)
-            try tracee.setExtendedState(thread.extendedState)
+            // Threads after the filters (a new thread inherits them) and before the credentials (clone3
+            // with set_tid needs CAP_SYS_ADMIN, and each thread's credentials are its own).
+            try createThreads(state.threads.dropFirst())
+            for (threadState, threadInjector) in zip(state.threads, [injector] + otherThreads.map(\.injector)) {
+                try restorePerThread(threadState, injector: threadInjector, isMain: threadInjector === injector)
+            }
+            for pending in state.threads.flatMap({ thread in thread.pendingSignals.map { (thread.threadID, $0) } }) {
+                try memory.write(pending.1.siginfo, at: dataAddress)
+                try injector.call("rt_tgsigqueueinfo(\(pending.1.signal))", Syscall.rtTgsigqueueinfo,
+                                  UInt64(state.processID.rawValue), UInt64(pending.0.rawValue), UInt64(pending.1.signal), dataAddress)
+            }
+            for pending in state.sharedPendingSignals {
+                try memory.write(pending.siginfo, at: dataAddress)
+                try injector.call("rt_sigqueueinfo(\(pending.signal))", Syscall.rtSigqueueinfo,
+                                  UInt64(state.processID.rawValue), UInt64(pending.signal), dataAddress)
+            }
+            for (threadState, threadInjector) in zip(state.threads, [injector] + otherThreads.map(\.injector)) {
+                try CredentialRestorer(injector: threadInjector, memory: memory, dataAddress: dataAddress, processID: processID)
+                    .restore(state.credentials)
+                try threadInjector.tracee.setExtendedState(threadState.extendedState)
+            }
+            _ = thread
         } catch {
             throw RestoreError(error)
+        }
+    }
+
+    /// Creates each thread with its old TID: the main thread runs clone3(set_tid) from the scratch page;
+    /// the new thread spins there until it is seized and interrupted, then waits, every signal blocked,
+    /// for its own state.
+    private func createThreads(_ threads: ArraySlice<ThreadState>) throws {
+        guard !threads.isEmpty else { return }
+        let codeAddress = scratchAddress + 16
+        try memory.write(threadCloneInstructions, at: codeAddress)
+        let cloneInjector = SyscallInjector(tracee: tracee, instructionAddress: codeAddress, template: injector.template)
+        cloneInjector.trapOffset = threadCloneTrapOffset
+        let argumentsAddress = dataAddress + 2048
+        let wantedAddress = argumentsAddress + 128
+        for thread in threads {
+            let known = Set(allTracees.map(\.processID))
+            var arguments: [UInt8] = []
+            // struct clone_args: flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls,
+            // set_tid, set_tid_size, cgroup. CLONE_VM|FS|FILES|SIGHAND|THREAD|SYSVSEM; no stack: the new
+            // thread only spins, and gets its own registers before it runs anything else.
+            for word: UInt64 in [0x50f00, 0, 0, 0, 0, 0, 0, 0, wantedAddress, 1, 0] { arguments.appendLittleEndian(word) }
+            try memory.write(arguments, at: argumentsAddress)
+            var wanted: [UInt8] = []
+            wanted.appendLittleEndian(Int32(thread.threadID.rawValue))
+            try memory.write(wanted, at: wantedAddress)
+            let result = try cloneInjector.raw("clone3(thread \(thread.threadID))", Syscall.clone3, [argumentsAddress, 88])
+            if result == -Int64(EEXIST) { throw RestoreError.processIDInUse(thread.threadID) }
+            if result < 0 { throw RestoreError.system("clone3 for thread \(thread.threadID) failed: errno \(-result)") }
+            // The new thread as this node numbers it.
+            guard let created = try ProcFS.threadIDs(processID).first(where: { !known.contains($0) }) else {
+                throw RestoreError.system("thread \(thread.threadID) was created but is not listed")
+            }
+            let threadTracee = try Tracee.seize(created)
+            try threadTracee.interrupt()
+            while true {
+                let reason = try threadTracee.waitForStop()
+                if case .event(Tracee.eventStop, _) = reason { break }
+                if reason.isTerminal { throw RestoreError.system("thread \(thread.threadID) died while being seized: \(reason)") }
+                try threadTracee.resume()
+            }
+            try threadTracee.setSignalMask(~UInt64(0))
+            otherThreads.append((threadTracee, SyscallInjector(tracee: threadTracee, instructionAddress: scratchAddress,
+                                                                template: try threadTracee.registers())))
+        }
+    }
+
+    /// What each thread sets for itself: rseq, its robust futex list, its clear-child-tid word, its name.
+    private func restorePerThread(_ thread: ThreadState, injector: SyscallInjector, isMain: Bool) throws {
+        if let rseq = thread.rseq {
+            try injector.call("rseq", Syscall.rseq, rseq.address, UInt64(rseq.byteCount), 0, UInt64(rseq.signature))
+        }
+        if thread.robustListHead != 0 {
+            try injector.call("set_robust_list", Syscall.setRobustList, thread.robustListHead, thread.robustListLength)
+        }
+        try injector.call("set_tid_address", Syscall.setTidAddress, thread.clearChildTID)
+        if !isMain && !thread.commandName.isEmpty {
+            try memory.write(Array(thread.commandName.utf8.prefix(15)) + [0], at: dataAddress)
+            try injector.call("prctl(PR_SET_NAME)", Syscall.prctl, 15, dataAddress)
         }
     }
 
@@ -375,12 +442,15 @@ final class TargetProcess {
     /// instruction; returns the state read back from it.
     func prepareToResume(_ state: ProcessState) throws(RestoreError) -> ProcessState {
         do {
-            let injected = try StateReader.injectQueries(injector: injector, memory: memory, dataAddress: dataAddress)
+            let injected = try StateReader.injectQueries(injector: injector, threadInjectors: otherThreads.map(\.injector),
+                                                         memory: memory, dataAddress: dataAddress)
             let result = try injector.callToExitStop("munmap(scratch)", Syscall.munmap, scratchAddress, Self.scratchByteCount)
             guard result == 0 else { throw RestoreError.system("munmap(scratch) failed: \(result)") }
-            try tracee.setSignalMask(state.mainThread.signalMask)
-            try tracee.setRegisters(state.mainThread.registers.resumableAfterRestore)
-            return try StateReader.read(tracee: tracee, processID: processID, injected: injected)
+            for (thread, threadTracee) in zip(state.threads, allTracees) {
+                try threadTracee.setSignalMask(thread.signalMask)
+                try threadTracee.setRegisters(thread.registers.resumableAfterRestore)
+            }
+            return try StateReader.read(tracees: allTracees, processID: processID, injected: injected)
         } catch {
             throw RestoreError(error)
         }
@@ -388,7 +458,10 @@ final class TargetProcess {
 
     /// Lets the restored process run.
     func resume() throws(RestoreError) {
-        do { try tracee.detach() } catch { throw .system("\(error)") }
+        do {
+            for thread in otherThreads { try thread.tracee.detach() }
+            try tracee.detach()
+        } catch { throw .system("\(error)") }
         isResumed = true
         memory.close()
     }

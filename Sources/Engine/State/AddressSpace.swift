@@ -7,6 +7,7 @@ enum Syscall {
     static let setresuid = 117, setresgid = 119, setgroups = 116, capset = 126, rtSigqueueinfo = 129
     static let arch_prctl = 158, openat = 257, rtTgsigqueueinfo = 297, dup3 = 292, rseq = 334, seccomp = 317
     static let userfaultfd = 323, closeRange = 436, prlimit64 = 302
+    static let clone3 = 435, setRobustList = 273, setTidAddress = 218
 }
 
 enum AddressSpace {

@@ -105,6 +105,13 @@ public struct ThreadState: Equatable, Sendable {
     public var signalMask: UInt64
     public var rseq: RseqConfiguration?
     public var pendingSignals: [PendingSignal]
+    /// set_robust_list: the head of the thread's robust futex list and its length (0, 0: none).
+    public var robustListHead: UInt64 = 0
+    public var robustListLength: UInt64 = 0
+    /// set_tid_address (CLONE_CHILD_CLEARTID): zeroed and futex-woken when the thread exits; pthread_join waits on it.
+    public var clearChildTID: UInt64 = 0
+    /// /proc/PID/task/TID/comm.
+    public var commandName: String = ""
 }
 
 /// Everything about the victim but its page contents.
@@ -129,4 +136,6 @@ public struct ProcessState: Equatable, Sendable {
     public var files: [OpenFile]
 
     public var mainThread: ThreadState { threads[0] }
+    /// More threads than this are refused at checkpoint and rejected in an image.
+    public static let maximumThreadCount = 256
 }

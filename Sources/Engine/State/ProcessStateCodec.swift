@@ -4,7 +4,7 @@ import Sys
 
 extension ProcessState {
     /// Bumped whenever the encoding changes; the image format version covers the layout around it.
-    static let encodingVersion: UInt32 = 1
+    static let encodingVersion: UInt32 = 2
 
     public func encoded() -> [UInt8] {
         var writer = BinaryWriter()
@@ -65,7 +65,7 @@ extension ProcessState {
         guard processID.rawValue >= 1 else { throw .malformedMetadata(reason: "pid \(processID) cannot be restored") }
         let executablePath = try reader.readString(maximumByteCount: 4096)
         let commandName = try reader.readString(maximumByteCount: 15)
-        let threads = try reader.readArray(maximumCount: 1) { (reader) throws(ImageError) in try ThreadState.decode(&reader) }
+        let threads = try reader.readArray(maximumCount: ProcessState.maximumThreadCount) { (reader) throws(ImageError) in try ThreadState.decode(&reader) }
         guard !threads.isEmpty else { throw .malformedMetadata(reason: "no threads") }
         let actions = try reader.readArray(maximumCount: 64) { (reader) throws(ImageError) -> SignalAction in
             let signal = try reader.readInt32()
@@ -86,6 +86,10 @@ extension ProcessState {
         fields.auxiliaryVector = try reader.readBytes(maximumByteCount: 1024)
         let personality = try reader.readUInt32()
         let parentDeathSignal = try reader.readInt32()
+        // The restorer passes it to prctl as an unsigned word: a negative one must never get that far.
+        guard parentDeathSignal == 0 || KernelLimits.signalNumbers.contains(parentDeathSignal) else {
+            throw .malformedMetadata(reason: "parent-death signal \(parentDeathSignal)")
+        }
         var credentials = Credentials()
         credentials.userIDs = try reader.readArray(maximumCount: 4) { (reader) throws(ImageError) in try reader.readUInt32() }
         credentials.groupIDs = try reader.readArray(maximumCount: 4) { (reader) throws(ImageError) in try reader.readUInt32() }
@@ -132,6 +136,9 @@ extension ProcessState {
     static func readSiginfo(_ reader: inout BinaryReader) throws(ImageError) -> [UInt8] {
         let siginfo = try reader.readBytes(maximumByteCount: 128)
         guard siginfo.count == 128 else { throw .malformedMetadata(reason: "siginfo of \(siginfo.count) bytes") }
+        // si_signo, which the restorer passes to rt_sigqueueinfo as an unsigned word.
+        let signal = PendingSignal(shared: false, siginfo: siginfo).signal
+        guard KernelLimits.signalNumbers.contains(signal) else { throw .malformedMetadata(reason: "pending signal \(signal)") }
         return siginfo
     }
 }
@@ -150,6 +157,10 @@ extension ThreadState {
             writer.writeUInt32(rseq.flags)
         }
         writer.writeArray(pendingSignals) { writer, pending in writer.writeBytes(pending.siginfo) }
+        writer.writeUInt64(robustListHead)
+        writer.writeUInt64(robustListLength)
+        writer.writeUInt64(clearChildTID)
+        writer.writeString(commandName)
     }
 
     static func decode(_ reader: inout BinaryReader) throws(ImageError) -> ThreadState {
@@ -166,8 +177,13 @@ extension ThreadState {
         let pending = try reader.readArray(maximumCount: 4096) { (reader) throws(ImageError) in
             PendingSignal(shared: false, siginfo: try ProcessState.readSiginfo(&reader))
         }
-        return ThreadState(threadID: threadID, registers: GeneralRegisters(words: words), extendedState: extendedState,
-                           signalMask: signalMask, rseq: rseq, pendingSignals: pending)
+        var thread = ThreadState(threadID: threadID, registers: GeneralRegisters(words: words), extendedState: extendedState,
+                                 signalMask: signalMask, rseq: rseq, pendingSignals: pending)
+        thread.robustListHead = try reader.readUInt64()
+        thread.robustListLength = try reader.readUInt64()
+        thread.clearChildTID = try reader.readUInt64()
+        thread.commandName = try reader.readString(maximumByteCount: 64)
+        return thread
     }
 }
 
@@ -191,6 +207,7 @@ extension Mapping {
         let start = try reader.readUInt64()
         let end = try reader.readUInt64()
         let bits = try reader.readUInt8()
+        guard bits & ~0xF == 0 else { throw .malformedMetadata(reason: "mapping at \(hex(start)) has unknown flag bits \(hex(UInt64(bits)))") }
         let fileOffset = try reader.readUInt64()
         let kind: MappingKind
         switch try reader.readUInt8() {
@@ -207,13 +224,9 @@ extension Mapping {
         case 5: kind = .vsyscall
         case let other: throw .malformedMetadata(reason: "unknown mapping kind \(other)")
         }
-        let isVsyscall = kind == .vsyscall
-        guard start % 4096 == 0, end % 4096 == 0, start < end,
-              isVsyscall || (start >= AddressSpace.lowestAddress && end <= AddressSpace.userSpaceEnd + 4096),
-              fileOffset % 4096 == 0 else {
-            throw .malformedMetadata(reason: "mapping \(hex(start))-\(hex(end)) lies outside user space or is not page-aligned")
-        }
-        return Mapping(start: start, end: end, readable: bits & 1 != 0, writable: bits & 2 != 0,
-                       executable: bits & 4 != 0, shared: bits & 8 != 0, fileOffset: fileOffset, kind: kind)
+        let mapping = Mapping(start: start, end: end, readable: bits & 1 != 0, writable: bits & 2 != 0,
+                              executable: bits & 4 != 0, shared: bits & 8 != 0, fileOffset: fileOffset, kind: kind)
+        if let problem = mapping.addressProblem { throw .malformedMetadata(reason: "mapping \(hex(start))-\(hex(end)) \(problem)") }
+        return mapping
     }
 }

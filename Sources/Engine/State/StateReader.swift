@@ -12,11 +12,15 @@ struct InjectedAnswers: Equatable {
     var securebits: UInt32
     var parentDeathSignal: Int32
     var resourceLimits: [ResourceLimit] = []
+    /// PR_GET_TID_ADDRESS of each thread, main thread first.
+    var clearChildTIDs: [UInt64] = []
 }
 
 enum StateReader {
-    /// brk(0), rt_sigaction for every signal, PR_GET_SECUREBITS and PR_GET_PDEATHSIG.
-    static func injectQueries(injector: SyscallInjector, memory: ProcessMemory, dataAddress: UInt64) throws -> InjectedAnswers {
+    /// brk(0), rt_sigaction for every signal, PR_GET_SECUREBITS, PR_GET_PDEATHSIG and the rlimits from
+    /// the main thread; PR_GET_TID_ADDRESS from every thread (`threadInjectors`: the others, in order).
+    static func injectQueries(injector: SyscallInjector, threadInjectors: [SyscallInjector], memory: ProcessMemory,
+                              dataAddress: UInt64) throws -> InjectedAnswers {
         var answers = InjectedAnswers(brk: 0, actions: [], securebits: 0, parentDeathSignal: 0)
         answers.brk = try injector.call("brk(0)", Syscall.brk, 0)
         for signal in Int32(1)...64 where signal != SIGKILL && signal != SIGSTOP {
@@ -35,19 +39,33 @@ enum StateReader {
             answers.resourceLimits.append(ResourceLimit(resource: resource, soft: raw.littleEndianWord(at: 0),
                                                         hard: raw.littleEndianWord(at: 8)))
         }
+        for threadInjector in [injector] + threadInjectors {
+            try threadInjector.call("prctl(PR_GET_TID_ADDRESS)", Syscall.prctl, 40, dataAddress)
+            answers.clearChildTIDs.append(try memory.read(at: dataAddress, byteCount: 8).littleEndianWord(at: 0))
+        }
         return answers
     }
 
-    /// Everything else, through ptrace and /proc. The tracee must be stopped, on the caller's thread.
-    static func read(tracee: Tracee, processID: ProcessID, injected: InjectedAnswers,
+    /// Everything else, through ptrace and /proc. Every thread (`tracees`, main first) must be stopped,
+    /// traced by the caller's thread.
+    static func read(tracees: [Tracee], processID: ProcessID, injected: InjectedAnswers,
                      excluding excludedRange: Range<UInt64>? = nil) throws -> ProcessState {
-        let registers = try tracee.registers()
-        let extendedState = try tracee.extendedState()
-        let signalMask = try tracee.signalMask()
-        let rseq = try tracee.rseqConfiguration()
+        let tracee = tracees[0]
         let filters = try tracee.seccompFilters().map { SeccompFilter(program: $0.program, flags: $0.flags) }
-        let privatePending = try tracee.pendingSignals(shared: false).map { PendingSignal(shared: false, siginfo: $0) }
         let sharedPending = try tracee.pendingSignals(shared: true).map { PendingSignal(shared: true, siginfo: $0) }
+        var threads: [ThreadState] = []
+        for (index, thread) in tracees.enumerated() {
+            var state = ThreadState(threadID: try ProcFS.innermostProcessID(thread.processID), registers: try thread.registers(),
+                                    extendedState: try thread.extendedState(), signalMask: try thread.signalMask(),
+                                    rseq: try thread.rseqConfiguration(),
+                                    pendingSignals: try thread.pendingSignals(shared: false).map { PendingSignal(shared: false, siginfo: $0) })
+            let robust = try robustList(of: thread.processID)
+            state.robustListHead = robust.head
+            state.robustListLength = robust.length
+            state.clearChildTID = index < injected.clearChildTIDs.count ? injected.clearChildTIDs[index] : 0
+            state.commandName = String(try ProcFS.readText("/proc/\(processID)/task/\(thread.processID)/comm").prefix { $0 != "\n" })
+            threads.append(state)
+        }
 
         let status = try ProcFS.status(processID)
         let stat = try ProcFS.statFields(processID)
@@ -80,13 +98,11 @@ enum StateReader {
         if let excludedRange { mappings.removeAll { excludedRange.contains($0.start) } }
         // Inside its own PID namespace (a node of its own) the process knows itself by another number.
         let ownProcessID = try ProcFS.innermostProcessID(processID)
-        let thread = ThreadState(threadID: ownProcessID, registers: registers, extendedState: extendedState,
-                                 signalMask: signalMask, rseq: rseq, pendingSignals: privatePending)
         return ProcessState(
             processID: ownProcessID,
             executablePath: try ProcFS.readLink("/proc/\(processID)/exe"),
             commandName: String(try ProcFS.readText("/proc/\(processID)/comm").prefix { $0 != "\n" }),
-            threads: [thread],
+            threads: threads,
             signalActions: injected.actions,
             sharedPendingSignals: sharedPending,
             memoryDescriptor: descriptor,

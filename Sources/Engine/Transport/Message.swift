@@ -8,7 +8,7 @@
 public enum Message: Equatable, Sendable {
     /// First message each way: the migration mode (the caller's code) and the image generation.
     case hello(mode: UInt8, generation: UInt64)
-    /// postcopy-socket: the process state blob and the page table (page-aligned addresses).
+    /// postcopy-socket: the process state blob and the page table (page-aligned, strictly increasing).
     case metadata(state: [UInt8], pageAddresses: [UInt64])
     /// postcopy-fam: the image's metadata is durable in FAM.
     case metadataCommitted(generation: UInt64)
@@ -67,6 +67,7 @@ public enum Message: Equatable, Sendable {
             writer.writeUInt64(generation)
         case .metadata(let state, let pageAddresses):
             precondition(pageAddresses.allSatisfy(Self.isPageAligned), "metadata with an unaligned page address")
+            precondition(zip(pageAddresses, pageAddresses.dropFirst()).allSatisfy { $0 < $1 }, "metadata with page addresses not increasing")
             writer.writeUInt8(Kind.metadata.rawValue)
             writer.writeBytes(state)
             writer.writeArray(pageAddresses) { $0.writeUInt64($1) }
@@ -140,8 +141,14 @@ public enum Message: Equatable, Sendable {
         case .metadata:
             let state = try reader.readBytes(maximumByteCount: maximumPayloadByteCount)
             let pageAddresses = try reader.readArray(maximumCount: maximumArrayCount) { try $0.readUInt64() }
-            for (slot, address) in pageAddresses.enumerated() where !isPageAligned(address) {
-                throw TransportError.malformed("page table entry \(slot) is 0x\(String(address, radix: 16)), not page-aligned")
+            for (slot, address) in pageAddresses.enumerated() {
+                guard isPageAligned(address) else {
+                    throw TransportError.malformed("page table entry \(slot) is 0x\(String(address, radix: 16)), not page-aligned")
+                }
+                // The target looks pages up by binary search: a repeated or falling entry would find the wrong slot.
+                guard slot == 0 || pageAddresses[slot - 1] < address else {
+                    throw TransportError.malformed("page table entry \(slot) is 0x\(String(address, radix: 16)), not above entry \(slot - 1)")
+                }
             }
             return .metadata(state: state, pageAddresses: pageAddresses)
         case .metadataCommitted:
