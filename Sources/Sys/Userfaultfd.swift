@@ -23,6 +23,23 @@ public struct PageFault: Equatable, Sendable {
     public var threadID: ProcessID
 }
 
+/// What the process did to its registered memory (non-cooperative events): the thread that did it waits
+/// in the kernel until the event is read.
+public enum MemoryEvent: Equatable, Sendable {
+    /// mremap moved `length` bytes from `from` to `to` (registration and pages moved along).
+    case remapped(from: UInt64, to: UInt64, length: UInt64)
+    /// MADV_DONTNEED / MADV_REMOVE dropped the pages of the range: they read as zeros from now on.
+    case removed(start: UInt64, end: UInt64)
+    /// munmap removed the range.
+    case unmapped(start: UInt64, end: UInt64)
+}
+
+/// One message of a userfaultfd.
+public enum UserfaultMessage: Equatable, Sendable {
+    case fault(PageFault)
+    case event(MemoryEvent)
+}
+
 /// A userfaultfd of another process's mm, held here. Invariant: `descriptor` is open until `close()`.
 public final class Userfaultfd: @unchecked Sendable {
     public private(set) var descriptor: Int32
@@ -45,10 +62,15 @@ public final class Userfaultfd: @unchecked Sendable {
         if descriptor >= 0 { Glibc.close(descriptor); descriptor = -1 }
     }
 
-    /// UFFDIO_API; returns the features the kernel offers.
+    /// The features a restore asks for: the faulting thread's ID, and events for mremap, MADV_DONTNEED
+    /// and munmap of registered memory (without them a lazy page would be installed where the process
+    /// dropped or moved it).
+    public static let restoreFeatures: UInt64 = (1 << 2) | (1 << 3) | (1 << 6) | (1 << 8)
+
+    /// UFFDIO_API asking for `features`; returns the features the kernel grants.
     @discardableResult
-    public func handshake() throws(SyscallError) -> UInt64 {
-        var api = uffdio_api(api: UInt64(UFFD_API), features: 0, ioctls: 0)
+    public func handshake(features: UInt64 = 0) throws(SyscallError) -> UInt64 {
+        var api = uffdio_api(api: UInt64(UFFD_API), features: features, ioctls: 0)
         try checked("ioctl(UFFDIO_API)") { csys_ioctl_pointer(descriptor, CSYS_UFFDIO_API, &api) }
         return api.features
     }
@@ -118,16 +140,37 @@ public final class Userfaultfd: @unchecked Sendable {
         try checked("ioctl(UFFDIO_WAKE, 0x\(String(address, radix: 16)))") { csys_ioctl_pointer(descriptor, CSYS_UFFDIO_WAKE, &range) }
     }
 
-    /// The next pending fault, or nil when none is pending (the descriptor is non-blocking).
+    /// The next pending fault, or nil when none is pending (the descriptor is non-blocking). Events are
+    /// skipped: use `nextMessage` where the process may remap or drop registered memory.
     public func nextFault() throws(SyscallError) -> PageFault? {
+        while let message = try nextMessage() {
+            if case .fault(let fault) = message { return fault }
+        }
+        return nil
+    }
+
+    /// The next pending fault or event, or nil when none is pending.
+    public func nextMessage() throws(SyscallError) -> UserfaultMessage? {
         var message = uffd_msg()
         while true {
             let count = read(descriptor, &message, MemoryLayout<uffd_msg>.size)
             if count == MemoryLayout<uffd_msg>.size {
-                guard message.event == UInt8(UFFD_EVENT_PAGEFAULT) else { continue }
-                let fault = message.arg.pagefault
-                return PageFault(address: fault.address & ~UInt64(4095), isWrite: fault.flags & UInt64(UFFD_PAGEFAULT_FLAG_WRITE) != 0,
-                                 threadID: ProcessID(Int32(bitPattern: fault.feat.ptid)))
+                switch Int32(message.event) {
+                case Int32(UFFD_EVENT_PAGEFAULT):
+                    let fault = message.arg.pagefault
+                    return .fault(PageFault(address: fault.address & ~UInt64(4095),
+                                            isWrite: fault.flags & UInt64(UFFD_PAGEFAULT_FLAG_WRITE) != 0,
+                                            threadID: ProcessID(Int32(bitPattern: fault.feat.ptid))))
+                case Int32(UFFD_EVENT_REMAP):
+                    let remap = message.arg.remap
+                    return .event(.remapped(from: remap.from, to: remap.to, length: remap.len))
+                case Int32(UFFD_EVENT_REMOVE):
+                    return .event(.removed(start: message.arg.remove.start, end: message.arg.remove.end))
+                case Int32(UFFD_EVENT_UNMAP):
+                    return .event(.unmapped(start: message.arg.remove.start, end: message.arg.remove.end))
+                default:
+                    continue
+                }
             }
             let error = SyscallError.current("read(userfaultfd)")
             if error.errno == .interrupted { continue }

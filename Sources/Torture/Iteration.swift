@@ -289,6 +289,8 @@ public struct Iteration {
             }
         case .failed(let step, let actor, let error):
             result.outcome = "failed at step \(step) (\(actor.rawValue)): \(error)"
+            // Whatever ended the migration, what the oracles saw until then must have been right.
+            for verdict in observer.oracles.verdicts where !verdict.passed { failures.append("\(verdict.name): \(verdict.detail)") }
             let expected = nemesis?.fired == true && (killedBeforeCommit || scenario.mode == .postcopySocket)
             if !expected { failures.append("migration: \(result.outcome)") }
         case .stuck(let reason):

@@ -203,7 +203,7 @@ final class TargetProcess {
         let remote = try injector.call("userfaultfd", Syscall.userfaultfd, UInt64(O_CLOEXEC | O_NONBLOCK))
         let taken = try Userfaultfd(processID: processID, remoteDescriptor: Int32(remote))
         try injector.call("close(userfaultfd)", Syscall.close, remote)
-        try taken.handshake()
+        try taken.handshake(features: Userfaultfd.restoreFeatures)
         for mapping in state.mappings where !mapping.shared {
             switch mapping.kind {
             case .anonymous, .heap, .stack:
