@@ -40,7 +40,7 @@ public final class PageOracle: @unchecked Sendable {
         if requested == nil { checkedPageCount = 0 }
         let addresses = requested ?? digests.keys.sorted()
         try Self.forEachRun(addresses) { start, pageCount in
-            let bytes = try processVMRead(processID, address: start, byteCount: pageCount * 4096)
+            let bytes = try readProcessMemory(processID, address: start, byteCount: pageCount * 4096)
             for index in 0..<pageCount {
                 let address = start + UInt64(index) * 4096
                 guard digestPage(bytes, offset: index * 4096, address: address) == digests[address] else {

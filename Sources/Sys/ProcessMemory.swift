@@ -69,6 +69,20 @@ public final class ProcessMemory: @unchecked Sendable {
 }
 
 /// process_vm_readv of one range into a fresh array.
+/// Reads another process's memory: process_vm_readv, or /proc/PID/mem where that refuses (EFAULT on
+/// pages the process itself may not read, PROT_NONE, which /proc/PID/mem reads by force).
+public func readProcessMemory(_ processID: ProcessID, address: UInt64, byteCount: Int) throws -> [UInt8] {
+    do {
+        return try processVMRead(processID, address: address, byteCount: byteCount)
+    } catch let error as SyscallError where error.errno == .badAddress {
+        // If /proc/PID/mem cannot read it either (a page past the end of its file), the first error stands.
+        guard let memory = try? ProcessMemory(processID, writable: false) else { throw error }
+        defer { memory.close() }
+        guard let bytes = try? memory.read(at: address, byteCount: byteCount) else { throw error }
+        return bytes
+    }
+}
+
 public func processVMRead(_ processID: ProcessID, address: UInt64, byteCount: Int) throws -> [UInt8] {
     var bytes = [UInt8](repeating: 0, count: byteCount)
     let call = "process_vm_readv(\(processID), 0x\(String(address, radix: 16)), \(byteCount))"
@@ -78,6 +92,9 @@ public func processVMRead(_ processID: ProcessID, address: UInt64, byteCount: In
             var local = iovec(iov_base: buffer.baseAddress! + doneByteCount, iov_len: byteCount - doneByteCount)
             var remote = iovec(iov_base: UnsafeMutableRawPointer(bitPattern: UInt(address) + UInt(doneByteCount)),
                                iov_len: byteCount - doneByteCount)
+            // A failure names the first address that could not be read.
+            let call = doneByteCount == 0 ? call
+                : "process_vm_readv(\(processID), 0x\(String(address + UInt64(doneByteCount), radix: 16)), \(byteCount - doneByteCount))"
             let count = try retryingInterrupts(call) { csys_process_vm_readv(processID.rawValue, &local, 1, &remote, 1) }
             if count == 0 { throw SyscallError(call: call, errno: .badAddress) }
             doneByteCount += count

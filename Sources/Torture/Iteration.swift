@@ -255,7 +255,9 @@ public struct Iteration {
             if case .completed = outcome {
                 targetStatus = try? Spawn.waitForExit(target)
             } else {
-                if !Spawn.endsSoon(target, graceMilliseconds: 2000) { failures.append("no harm: the target pid \(target) still runs after a failed migration") }
+                if case .failed = outcome, !Spawn.endsSoon(target, graceMilliseconds: 2000) {
+                    failures.append("no harm: the target pid \(target) still runs after a failed migration")
+                }
                 targetStatus = Spawn.killAndReap(target)
             }
         }
@@ -274,7 +276,7 @@ public struct Iteration {
             for verdict in observer.oracles.verdicts where !verdict.passed { failures.append("\(verdict.name): \(verdict.detail)") }
             // Nonlive installs every page before the run; post-copy only those the program needed before
             // it ended. Each installed page must have been checked.
-            let installed = scenario.mode == .nonlive ? observer.oracles.frozenPageCount : restorer.lazyMemory?.installedPageCount ?? 0
+            let installed = scenario.mode == .nonlive ? observer.oracles.frozenPageCount : (restorer.lazyMemory.map { $0.installedPageCount - $0.discardedPageCount } ?? 0)
             let checked = observer.oracles.checkedPageCount
             if checked < installed { failures.append("pages: only \(checked) of \(installed) installed pages were checked in the target") }
             if !observer.oracles.verdicts.contains(where: { $0.name == "registers and state" }) {

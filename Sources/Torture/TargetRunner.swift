@@ -111,7 +111,8 @@ final class TargetRunner: Participant, TargetGate, @unchecked Sendable {
             if state == "Z" || state == "X" { continue }
             guard state == "S" || state == "D" else { return false }
             guard let wchan = try? ProcFS.readText(base + "/wchan") else { return false }
-            if wchan.hasPrefix("handle_userfault") {
+            // A fault, or an mremap/munmap/MADV_DONTNEED waiting for its event to be read.
+            if wchan.hasPrefix("handle_userfault") || wchan.hasPrefix("userfaultfd") {
                 faulting = true
             } else if !wchan.hasPrefix("futex") {
                 return false

@@ -100,9 +100,10 @@ public final class Dumper: EngineActor {
         switch state {
         case .finished, .failed: return .finished
         case .dumping:
-            // Without pushing, a socket source only answers: wait for the target's next request.
-            if case .postcopySocket(let transport, false) = mode, prioritySlots.isEmpty,
-               !transport.waitReadable(timeoutMilliseconds: 0) {
+            // Without pushing (or with every page pushed), a socket source only answers: wait for the
+            // target's next request, or its word that it needs nothing more.
+            if case .postcopySocket(let transport, let push) = mode, prioritySlots.isEmpty,
+               !push || sentPageCount == pageAddresses.count, !transport.waitReadable(timeoutMilliseconds: 0) {
                 guard let descriptor = transport.readableDescriptor else { return .waiting(.retryAfter(.microseconds(100))) }
                 return .waiting(.readable([descriptor], timeout: .milliseconds(5)))
             }
@@ -310,7 +311,9 @@ public final class Dumper: EngineActor {
     private func servePages(transport: any Transport, push: Bool) throws(EngineError) {
         try receiveRequests(transport: transport)
         do {
-            for slot in Set(prioritySlots).sorted() where !sent[slot] {
+            // A page asked for again was lost on the target's side (the process moved its memory while
+            // it arrived): answer every request, sent before or not.
+            for slot in Set(prioritySlots).sorted() {
                 try send(slots: slot..<(slot + 1), transport: transport)
             }
             prioritySlots.removeAll()
@@ -328,11 +331,13 @@ public final class Dumper: EngineActor {
         } catch {
             throw .aborted("sending pages to the target: \(error)")
         }
-        if sentPageCount == pageAddresses.count || targetDone { state = .commit }
+        // Until the target says it needs nothing more: a page it lost (the process moved its memory
+        // while the page arrived) is asked for again, even after every page went out once.
+        if targetDone { state = .commit }
     }
 
     private func send(slots: Range<Int>, transport: any Transport) throws {
-        let bytes = try processVMRead(victimProcessID, address: pageAddresses[slots.lowerBound], byteCount: slots.count * 4096)
+        let bytes = try readProcessMemory(victimProcessID, address: pageAddresses[slots.lowerBound], byteCount: slots.count * 4096)
         try transport.send(.pages(address: pageAddresses[slots.lowerBound], bytes: bytes))
         logger.trace("reply sent", metadata: ["us": "\(nanoseconds(clock.now()) / 1000)"])
         for slot in slots where !sent[slot] {

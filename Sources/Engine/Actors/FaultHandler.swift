@@ -111,8 +111,14 @@ public final class FaultHandler: EngineActor {
                 let start = clock.now()
                 logger.trace("received", metadata: ["address": "\(hex(address))", "us": "\(nanoseconds(start) / 1000)"])
                 let newly = try memory.installBytes(address: address, bytes: bytes)
-                if pending[memory.slot(for: address) ?? -1] == nil && newly > 0 { metrics.record(.push, latency: clock.now() - start) }
-                wakePending(memory, slots: slotRange(memory, address: address, count: bytes.count / 4096), path: .sourceAsync)
+                if pending[memory.frozenSlot(for: address) ?? -1] == nil && newly > 0 { metrics.record(.push, latency: clock.now() - start) }
+                let range = slotRange(memory, address: address, count: bytes.count / 4096)
+                wakePending(memory, slots: range.filter { memory.isInstalled($0) }, path: .sourceAsync)
+                // Pages the process was moving while they arrived: ask for them again.
+                for slot in range where !memory.isInstalled(slot) {
+                    memory.clearRequested(slot)
+                    if memory.noteRequested(slot) { try transport.send(.pageRequest(address: memory.pageAddresses[slot])) }
+                }
             case .marked:
                 continue  // servePendingFromFAM checks the marks themselves.
             case .complete:
@@ -126,13 +132,13 @@ public final class FaultHandler: EngineActor {
     }
 
     private func slotRange(_ memory: LazyMemory, address: UInt64, count: Int) -> Range<Int> {
-        guard let first = memory.slot(for: address) else { return 0..<0 }
+        guard let first = memory.frozenSlot(for: address) else { return 0..<0 }
         return first..<(first + count)
     }
 
     private func serveFaults(_ memory: LazyMemory) throws {
         for _ in 0..<256 {
-            guard let fault = try memory.userfaultfd.nextFault() else { return }
+            guard let fault = try memory.nextFault() else { return }
             let start = clock.now()
             metrics.faultCount.wrappingIncrement(ordering: .relaxed)
             guard let slot = memory.slot(for: fault.address) else {
@@ -142,12 +148,17 @@ public final class FaultHandler: EngineActor {
                 continue
             }
             if memory.isInstalled(slot) {
-                try memory.wake(address: fault.address)
+                try memory.refault(address: fault.address)
                 continue
             }
             if memory.usesFAM && memory.isDumped(slot) {
                 try memory.installFromFAM(slot: slot, count: 1, readBack: true)
-                metrics.record(.famSync, latency: clock.now() - start)
+                if memory.isInstalled(slot) {
+                    metrics.record(.famSync, latency: clock.now() - start)
+                } else {
+                    // The process was moving its memory: served from FAM on the next step instead.
+                    pending[slot, default: []].append(Pending(address: fault.address, since: start))
+                }
                 continue
             }
             pending[slot, default: []].append(Pending(address: fault.address, since: start))
@@ -160,13 +171,13 @@ public final class FaultHandler: EngineActor {
 
     private func servePendingFromFAM(_ memory: LazyMemory) throws {
         for slot in pending.keys.sorted() where memory.isDumped(slot) {
-            if !memory.isInstalled(slot) { try memory.installFromFAM(slot: slot, count: 1, readBack: true) } else { try memory.wake(address: memory.pageAddresses[slot]) }
-            wakePending(memory, slots: slot..<(slot + 1), path: .sourceAsync)
+            if !memory.isInstalled(slot) { try memory.installFromFAM(slot: slot, count: 1, readBack: true) } else { try memory.wake(address: memory.currentAddress(slot)) }
+            if memory.isInstalled(slot) { wakePending(memory, slots: slot..<(slot + 1), path: .sourceAsync) }
         }
     }
 
     /// Faults on these slots are served: record their latency from the fault to now.
-    private func wakePending(_ memory: LazyMemory, slots: Range<Int>, path: InstallPath) {
+    private func wakePending(_ memory: LazyMemory, slots: some Sequence<Int>, path: InstallPath) {
         let now = clock.now()
         for slot in slots {
             guard let waiting = pending.removeValue(forKey: slot) else { continue }

@@ -140,7 +140,19 @@ public struct ImageWriter: Sendable {
         if ranges.isEmpty { return }
         // A page copied again after an earlier flush is no longer durable until flushed anew.
         for slot in slots { pageFlushEpochs[slot] = nil }
-        try backend.storeFromProcess(processID: processID, ranges: ranges)
+        do {
+            try backend.storeFromProcess(processID: processID, ranges: ranges)
+        } catch where error.errno == .badAddress {
+            // process_vm_readv refuses pages the victim may not read itself (PROT_NONE); /proc/PID/mem
+            // reads them by force. A page neither can read (beyond the end of its file) stays an error.
+            for range in ranges {
+                let bytes: [UInt8]
+                do { bytes = try readProcessMemory(processID, address: range.remoteAddress, byteCount: range.byteCount) } catch let failure {
+                    throw (failure as? SyscallError) ?? error
+                }
+                backend.store(bytes, at: range.mappingOffset)
+            }
+        }
     }
 
     /// Step 2: write back every line of the slots' pages (not yet ordered: see `fence()`).

@@ -33,6 +33,16 @@ public final class LazyMemory: @unchecked Sendable {
     /// Set by the restorer once the target runs: from then on faults may come.
     private var running = false
     private var unregistered = false
+    /// Where each slot's page is now: its frozen address until an mremap moves it.
+    private var currentAddresses: [UInt64]
+    /// Lookup by current address, once any page moved (nil: current == frozen, use binary search).
+    private var slotByCurrentAddress: [UInt64: Int]?
+    /// Installs and the process's memory events are serialised: an install checks and copies while no
+    /// event is being applied, so nothing is copied into a range the process dropped or moved meanwhile.
+    private let installLock = NSLock()
+    /// Pages dropped (MADV_DONTNEED, munmap) before anyone installed them: they count as done and are
+    /// never installed; the dropped range reads as zeros, or is gone.
+    public private(set) var discardedPageCount = 0
 
     init(targetProcessID: ProcessID, pageAddresses: [UInt64], userfaultfd: Userfaultfd, registeredRanges: [Range<UInt64>],
          origin: PageOrigin, observer: (any MigrationObserver)?, gate: any TargetGate) {
@@ -45,6 +55,7 @@ public final class LazyMemory: @unchecked Sendable {
         self.observer = observer
         installed = [Bool](repeating: false, count: pageAddresses.count)
         requested = [Bool](repeating: false, count: pageAddresses.count)
+        currentAddresses = pageAddresses
     }
 
     public var pageCount: Int { pageAddresses.count }
@@ -53,9 +64,76 @@ public final class LazyMemory: @unchecked Sendable {
     func markRunning() { lock.withLock { running = true } }
     var usesFAM: Bool { reader != nil }
 
-    /// The slot of a dumped page, or nil for a page the victim never touched.
+    /// The slot of the dumped page now at `address`, or nil for a page the victim never touched.
     public func slot(for address: UInt64) -> Int? {
-        slotIndex(of: address, in: pageAddresses)
+        lock.withLock {
+            if let slotByCurrentAddress { return slotByCurrentAddress[address & ~UInt64(4095)] }
+            return slotIndex(of: address, in: pageAddresses)
+        }
+    }
+
+    /// Where the slot's page is in the target now.
+    func currentAddress(_ slot: Int) -> UInt64 { lock.withLock { currentAddresses[slot] } }
+
+    /// The next fault, after applying every memory event read before it. Returns nil when nothing is
+    /// pending. The install lock is held while reading: the thread that caused an event runs on as soon
+    /// as the event is read, and no install may slip in before the event is applied.
+    func nextFault() throws -> PageFault? {
+        try installLock.withLock { () throws -> PageFault? in
+            if let fault = lock.withLock({ deferredFaults.isEmpty ? nil : deferredFaults.removeFirst() }) { return fault }
+            while let message = try userfaultfd.nextMessage() {
+                switch message {
+                case .fault(let fault): return fault
+                case .event(let event): apply(event)
+                }
+            }
+            return nil
+        }
+    }
+
+    /// Faults read while draining events for an installer; `nextFault` hands them out first.
+    private var deferredFaults: [PageFault] = []
+
+    /// Applies every queued event now, keeping the faults read on the way. Install lock held.
+    private func drainEvents() throws {
+        while let message = try userfaultfd.nextMessage() {
+            switch message {
+            case .fault(let fault): lock.withLock { deferredFaults.append(fault) }
+            case .event(let event): apply(event)
+            }
+        }
+    }
+
+    /// A page that has nowhere to go: it counts as done and is never installed.
+    private func discard(_ slot: Int) {
+        lock.withLock {
+            if !installed[slot] {
+                installed[slot] = true
+                installedPageCount += 1
+                discardedPageCount += 1
+            }
+        }
+    }
+
+    /// Forgets that a slot was asked for, so that the next fault on it asks again.
+    func clearRequested(_ slot: Int) { lock.withLock { requested[slot] = false } }
+
+    private func apply(_ event: MemoryEvent) {
+        lock.withLock {
+            switch event {
+            case .remapped(let from, let to, let length):
+                for slot in currentAddresses.indices where currentAddresses[slot] >= from && currentAddresses[slot] - from < length {
+                    currentAddresses[slot] = to + (currentAddresses[slot] - from)
+                }
+                slotByCurrentAddress = Dictionary(uniqueKeysWithValues: currentAddresses.enumerated().map { ($0.element, $0.offset) })
+            case .removed(let start, let end), .unmapped(let start, let end):
+                for slot in currentAddresses.indices where currentAddresses[slot] >= start && currentAddresses[slot] < end && !installed[slot] {
+                    installed[slot] = true
+                    installedPageCount += 1
+                    discardedPageCount += 1
+                }
+            }
+        }
     }
 
     func isRegistered(_ address: UInt64) -> Bool { registeredRanges.contains { $0.contains(address) } }
@@ -86,7 +164,7 @@ public final class LazyMemory: @unchecked Sendable {
             guard slot < installed.count else { return nil }
             var count = 1
             while count < limit, slot + count < installed.count, !installed[slot + count],
-                  pageAddresses[slot + count] == pageAddresses[slot] + UInt64(count) * 4096,
+                  currentAddresses[slot + count] == currentAddresses[slot] + UInt64(count) * 4096,
                   reader!.isMarked(slot: slot + count) {
                 count += 1
             }
@@ -114,34 +192,69 @@ public final class LazyMemory: @unchecked Sendable {
         for index in slot..<(slot + count) {
             precondition(lock.withLock { self.reader!.hasObservedMark(slot: index) }, "page slot \(index) read before its mark was seen")
         }
-        let address = pageAddresses[slot]
-        let byteCount = count * 4096
-        let region = reader.backend.readableRegion(at: reader.pageOffset(slot: slot), count: byteCount)
-        let newly = try copyAll(address: address, byteCount: byteCount) { offset, remaining throws -> CopyOutcome in
-            try userfaultfd.copy(from: region.mapping, at: region.offset + offset,
-                                 to: address + UInt64(offset), byteCount: remaining, dontWake: true)
+        return try installLock.withLock { () throws -> Int in
+            // Only the leading run still missing and still adjacent where the pages are now.
+            let run = missingRun(slot: slot, count: count)
+            guard run > 0 else { return 0 }
+            let address = currentAddress(slot)
+            let byteCount = run * 4096
+            let region = reader.backend.readableRegion(at: reader.pageOffset(slot: slot), count: byteCount)
+            let newly = try copyAll(slot: slot, address: address, byteCount: byteCount) { offset, remaining throws -> CopyOutcome in
+                try userfaultfd.copy(from: region.mapping, at: region.offset + offset,
+                                     to: address + UInt64(offset), byteCount: remaining, dontWake: true)
+            }
+            try finishInstall(slot: slot, count: run, newly: newly) { offset in
+                readBack ? nil : reader.backend.loadBytes(at: reader.pageOffset(slot: slot) + offset * 4096, count: 4096)
+            }
+            return newly.count
         }
-        try finishInstall(slot: slot, count: count, newly: newly) { offset in
-            readBack ? nil : reader.backend.loadBytes(at: reader.pageOffset(slot: slot) + offset * 4096, count: 4096)
+    }
+
+    /// How many slots from `slot` (at most `count`) are not installed and lie adjacent at their current
+    /// addresses. Call with the install lock held.
+    private func missingRun(slot: Int, count: Int) -> Int {
+        lock.withLock {
+            var run = 0
+            while run < count, !installed[slot + run],
+                  currentAddresses[slot + run] == currentAddresses[slot] + UInt64(run) * 4096 {
+                run += 1
+            }
+            return run
         }
-        return newly.count
     }
 
     /// Installs pages that came over the socket (`bytes` covers whole pages from `address`).
     @discardableResult
     func installBytes(address: UInt64, bytes: [UInt8]) throws -> Int {
-        guard let slot = slot(for: address) else { throw EngineError.aborted("the source sent page \(hex(address)), which is not in the page table") }
+        guard let slot = frozenSlot(for: address) else { throw EngineError.aborted("the source sent page \(hex(address)), which is not in the page table") }
         let count = bytes.count / 4096
         guard slot + count <= pageAddresses.count,
               pageAddresses[slot + count - 1] == address + UInt64(count - 1) * 4096 else {
             throw EngineError.aborted("the source sent \(count) pages at \(hex(address)) that are not adjacent dumped pages")
         }
-        let newly = try copyAll(address: address, byteCount: bytes.count) { offset, remaining throws -> CopyOutcome in
-            try userfaultfd.copy(bytes: Array(bytes[offset..<(offset + remaining)]), to: address + UInt64(offset), dontWake: true)
+        return try installLock.withLock { () throws -> Int in
+            var total = 0
+            var index = 0
+            while index < count {
+                let run = missingRun(slot: slot + index, count: count - index)
+                guard run > 0 else { index += 1; continue }
+                let destination = currentAddress(slot + index)
+                let chunk = Array(bytes[(index * 4096)..<((index + run) * 4096)])
+                let newly = try copyAll(slot: slot + index, address: destination, byteCount: chunk.count) { offset, remaining throws -> CopyOutcome in
+                    try userfaultfd.copy(bytes: Array(chunk[offset..<(offset + remaining)]), to: destination + UInt64(offset), dontWake: true)
+                }
+                try finishInstall(slot: slot + index, count: run, newly: newly) { offset in
+                    Array(chunk[(offset * 4096)..<((offset + 1) * 4096)])
+                }
+                total += newly.count
+                index += run
+            }
+            return total
         }
-        try finishInstall(slot: slot, count: count, newly: newly) { offset in Array(bytes[(offset * 4096)..<((offset + 1) * 4096)]) }
-        return newly.count
     }
+
+    /// The slot of a page by the address it had at the freeze (the source's numbering).
+    func frozenSlot(for address: UInt64) -> Int? { slotIndex(of: address, in: pageAddresses) }
 
     /// Where a dumped page lies in FAM, for an installer that does not use the userfaultfd (pwrite of
     /// a private file page). The mark must have been seen here first (invariant 3).
@@ -166,8 +279,32 @@ public final class LazyMemory: @unchecked Sendable {
 
     /// A never-touched anonymous page: zeros, then wake.
     func installZeroPage(address: UInt64) throws {
-        _ = try userfaultfd.zeroPage(at: address, dontWake: true)
-        try wake(address: address)
+        try installLock.withLock { () throws in
+            try zeroFill(address: address)
+            try wake(address: address)
+        }
+    }
+
+    /// UFFDIO_ZEROPAGE that waits out a mapping change in progress (EAGAIN: its event is applied first);
+    /// a page present already (EEXIST) or no longer registered (ENOENT) needs nothing. Install lock held.
+    private func zeroFill(address: UInt64) throws {
+        for _ in 0..<10_000 {
+            let failure: SyscallError
+            do {
+                _ = try userfaultfd.zeroPage(at: address, dontWake: true)
+                return
+            } catch { failure = error }
+            switch failure.errno {
+            case .resourceTemporarilyUnavailable:
+                try drainEvents()
+                usleep(20)
+            case .noSuchFileOrDirectory:
+                return
+            default:
+                throw failure
+            }
+        }
+        throw EngineError.aborted("the target kept changing its mappings while page \(hex(address)) was zero-filled")
     }
 
     /// Wakes threads waiting on a page someone else installed (EEXIST still needs a wake).
@@ -180,11 +317,37 @@ public final class LazyMemory: @unchecked Sendable {
 
     /// Runs a multi-page UFFDIO_COPY to the end: EAGAIN advances by what was copied, EEXIST skips one
     /// page (someone else installed it). Returns the page offsets (in pages) this call installed.
-    private func copyAll(address: UInt64, byteCount: Int, _ copy: (Int, Int) throws -> CopyOutcome) throws -> [Int] {
+    private func copyAll(slot: Int, address: UInt64, byteCount: Int, _ copy: (Int, Int) throws -> CopyOutcome) throws -> [Int] {
         var newly: [Int] = []
         var done = 0
+        // A run that crosses a mapping boundary (neighbours with other protections) fails as a whole
+        // with ENOENT: from then on page by page.
+        var pageByPage = false
         while done < byteCount {
-            switch try copy(done, byteCount - done) {
+            let outcome: CopyOutcome
+            do { outcome = try copy(done, pageByPage ? 4096 : byteCount - done) } catch let error as SyscallError
+                where error.errno == .noSuchFileOrDirectory || error.errno == .resourceTemporarilyUnavailable {
+                // The range was unmapped or moved away (ENOENT), or the process is changing its mappings
+                // right now (EAGAIN, nothing copied): the event that says so is queued. Apply it (faults
+                // read meanwhile wait their turn); if it moved the page, let the caller try again where
+                // the page is now.
+                try drainEvents()
+                let page = slot + done / 4096
+                if error.errno == .resourceTemporarilyUnavailable || currentAddress(page) != address + UInt64(done) { return newly }
+                if !pageByPage {
+                    pageByPage = true
+                    continue
+                }
+                // This one page has no registered mapping and no event about it: the process replaced
+                // the mapping (mmap over it); the dumped page has no place any more.
+                discard(page)
+                done += 4096
+                continue
+            }
+            switch outcome {
+            case .copied where pageByPage:
+                newly.append(done / 4096)
+                done += 4096
             case .copied:
                 newly.append(contentsOf: (done / 4096)..<(byteCount / 4096))
                 done = byteCount
@@ -205,14 +368,18 @@ public final class LazyMemory: @unchecked Sendable {
                 installedPageCount += 1
             }
         }
-        // The oracle reads the installed pages back through the target before anyone runs on them.
+        // The oracle reads the installed pages back through the target before anyone runs on them; a
+        // moved page is read where it is now and judged against its digest from where it was.
         for offset in newly {
             guard let observer else { break }
-            try observer.pagesInstalled(processID: targetProcessID, address: pageAddresses[slot + offset], byteCount: 4096,
-                                        installedBytes: installedBytes(offset))
+            let frozen = pageAddresses[slot + offset]
+            let current = currentAddress(slot + offset)
+            var bytes = installedBytes(offset)
+            if bytes == nil && current != frozen { bytes = try readProcessMemory(targetProcessID, address: current, byteCount: 4096) }
+            try observer.pagesInstalled(processID: targetProcessID, address: frozen, byteCount: 4096, installedBytes: bytes)
         }
         // Wake explicitly: the copies used DONTWAKE; pages skipped for EEXIST may have waiters too.
-        try wake(address: pageAddresses[slot], byteCount: count * 4096)
+        try wake(address: currentAddress(slot), byteCount: count * 4096)
     }
 
     /// After every dumped page is proved installed: unregister, so the kernel serves the rest (never
@@ -226,9 +393,34 @@ public final class LazyMemory: @unchecked Sendable {
             return true
         }
         guard proceed else { return }
-        for range in registeredRanges {
-            // ENOMEM/EINVAL here mean the target is gone or unmapped the range itself: nothing to do.
+        // The process may have moved, grown or split its registered mappings (mremap, munmap): unregister
+        // every private anonymous mapping it has now. EINVAL/ENOMEM mean one was never registered or the
+        // target is gone: nothing to do.
+        let mappings = (try? ProcFS.maps(targetProcessID)) ?? []
+        let ranges = mappings.isEmpty ? registeredRanges : mappings.filter { $0.path.isEmpty || $0.path == "[heap]" || $0.path == "[stack]" }
+            .map { $0.start..<$0.end }
+        for range in ranges {
             try? userfaultfd.unregister(start: range.lowerBound, byteCount: range.upperBound - range.lowerBound)
+        }
+        // Whatever was queued before the unregister still holds a thread: a thread that remapped or
+        // dropped memory waits until its event is read, and a fault until it is woken.
+        try installLock.withLock { () throws in
+            try drainEvents()
+            let faults = lock.withLock { () -> [PageFault] in
+                defer { deferredFaults.removeAll() }
+                return deferredFaults
+            }
+            for fault in faults { try wake(address: fault.address) }
+        }
+    }
+
+    /// A fault on a page already installed: the process dropped it since (MADV_DONTNEED), and a private
+    /// anonymous page reads as zeros then; or it is a stale fault on a page installed meanwhile. A zero
+    /// page settles both: EEXIST says it was present, and only a wake is due.
+    func refault(address: UInt64) throws {
+        try installLock.withLock { () throws in
+            try zeroFill(address: address)
+            try wake(address: address)
         }
     }
 }
