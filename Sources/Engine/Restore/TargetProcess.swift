@@ -177,6 +177,7 @@ final class TargetProcess {
             case .anonymous, .heap, .stack:
                 var flags: UInt64 = 0x02 | 0x20 | fixedNoReplace  // MAP_PRIVATE | MAP_ANONYMOUS
                 if mapping.kind == .stack { flags |= 0x0100 }     // MAP_GROWSDOWN
+                if mapping.noReserve { flags |= 0x4000 }          // MAP_NORESERVE
                 try injector.call("mmap(\(hex(mapping.start)))", Syscall.mmap, mapping.start, mapping.byteCount,
                                   UInt64(mapping.protection), flags, UInt64.max, 0)
             case .file(let path):

@@ -66,6 +66,8 @@ public struct Mapping: Equatable, Sendable {
     public var shared: Bool
     public var fileOffset: UInt64
     public var kind: MappingKind
+    /// MAP_NORESERVE (VmFlags "nr"): no commit charge, so a huge sparse reservation fits where RAM does not.
+    public var noReserve = false
 
     public var byteCount: UInt64 { end - start }
     public var protection: Int32 { (readable ? 1 : 0) | (writable ? 2 : 0) | (executable ? 4 : 0) }

@@ -191,7 +191,7 @@ extension Mapping {
     func encode(into writer: inout BinaryWriter) {
         writer.writeUInt64(start)
         writer.writeUInt64(end)
-        writer.writeUInt8((readable ? 1 : 0) | (writable ? 2 : 0) | (executable ? 4 : 0) | (shared ? 8 : 0))
+        writer.writeUInt8((readable ? 1 : 0) | (writable ? 2 : 0) | (executable ? 4 : 0) | (shared ? 8 : 0) | (noReserve ? 16 : 0))
         writer.writeUInt64(fileOffset)
         switch kind {
         case .anonymous: writer.writeUInt8(0)
@@ -207,7 +207,7 @@ extension Mapping {
         let start = try reader.readUInt64()
         let end = try reader.readUInt64()
         let bits = try reader.readUInt8()
-        guard bits & ~0xF == 0 else { throw .malformedMetadata(reason: "mapping at \(hex(start)) has unknown flag bits \(hex(UInt64(bits)))") }
+        guard bits & ~0x1F == 0 else { throw .malformedMetadata(reason: "mapping at \(hex(start)) has unknown flag bits \(hex(UInt64(bits)))") }
         let fileOffset = try reader.readUInt64()
         let kind: MappingKind
         switch try reader.readUInt8() {
@@ -224,8 +224,9 @@ extension Mapping {
         case 5: kind = .vsyscall
         case let other: throw .malformedMetadata(reason: "unknown mapping kind \(other)")
         }
-        let mapping = Mapping(start: start, end: end, readable: bits & 1 != 0, writable: bits & 2 != 0,
+        var mapping = Mapping(start: start, end: end, readable: bits & 1 != 0, writable: bits & 2 != 0,
                               executable: bits & 4 != 0, shared: bits & 8 != 0, fileOffset: fileOffset, kind: kind)
+        mapping.noReserve = bits & 16 != 0
         if let problem = mapping.addressProblem { throw .malformedMetadata(reason: "mapping \(hex(start))-\(hex(end)) \(problem)") }
         return mapping
     }

@@ -96,6 +96,8 @@ enum StateReader {
         }
         var mappings = try Preflight.mappings(processID)
         if let excludedRange { mappings.removeAll { excludedRange.contains($0.start) } }
+        let noReserveStarts = Self.noReserveMappingStarts(processID)
+        for index in mappings.indices where noReserveStarts.contains(mappings[index].start) { mappings[index].noReserve = true }
         // Inside its own PID namespace (a node of its own) the process knows itself by another number.
         let ownProcessID = try ProcFS.innermostProcessID(processID)
         return ProcessState(
@@ -114,6 +116,21 @@ enum StateReader {
             seccompFilters: filters,
             mappings: mappings,
             files: files)
+    }
+
+    /// Start addresses of the mappings whose VmFlags (/proc/PID/smaps) include "nr" (MAP_NORESERVE).
+    static func noReserveMappingStarts(_ processID: ProcessID) -> Set<UInt64> {
+        guard let text = try? ProcFS.readText("/proc/\(processID)/smaps") else { return [] }
+        var starts = Set<UInt64>()
+        var current: UInt64?
+        for line in text.split(separator: "\n") {
+            if let dash = line.firstIndex(of: "-"), line.first?.isHexDigit == true, let start = UInt64(line[..<dash], radix: 16) {
+                current = start
+            } else if line.hasPrefix("VmFlags:"), let current, line.split(separator: " ").contains("nr") {
+                starts.insert(current)
+            }
+        }
+        return starts
     }
 
     static func credentials(status: [String: String], securebits: UInt32, processID: ProcessID) throws -> Credentials {

@@ -1,0 +1,58 @@
+// Every test program of the full suite (issue 6) migrated in every mode through `fammig run`: each part
+// of process state it exercises must come through with every oracle passing and the unmigrated run's
+// whole output.
+import Foundation
+import Testing
+
+struct SuiteCase: Sendable, CustomTestStringConvertible {
+    var program: String
+    var arguments: [String]
+    var mode: String
+    var push: String
+
+    var testDescription: String { "\(program) \(mode)\(mode == "nonlive" ? "" : " push \(push)")" }
+
+    /// Each program runs about a second; the migration comes at 150 ms.
+    static let programs: [(String, [String])] = [
+        ("heapchurn-static", ["--rounds", "300", "--pause-us", "3000"]),
+        ("deepstack-static", ["--rounds", "40", "--pause-us", "25000"]),
+        ("holes-static", ["--steps", "400", "--pause-us", "2500"]),
+        ("sparse-static", ["--reserve-gib", "4", "--steps", "60000", "--batch", "1000", "--pause-us", "20000"]),
+        ("filemaps-static", ["--rounds", "200"]),
+        ("vectors-static", ["--rounds", "100", "--pause-us", "10000"]),
+        ("blocked-static", ["--rounds", "60"]),
+        ("kvstore-static", ["--report-ms", "0"]),
+        ("threads-static", ["--rounds", "100", "--pause-us", "10000"]),
+        ("threads", ["--rounds", "100", "--pause-us", "10000"]),
+    ]
+
+    static let all: [SuiteCase] = programs.flatMap { program, arguments in
+        [("nonlive", "on"), ("postcopy-socket", "on"), ("postcopy-socket", "off"), ("postcopy-fam", "on"), ("postcopy-fam", "off")]
+            .map { SuiteCase(program: program, arguments: arguments, mode: $0.0, push: $0.1) }
+    }
+}
+
+extension ProcessTests {
+    @Suite(.serialized) struct ProgramSuiteTests {
+        @Test(arguments: SuiteCase.all) func everyProgramInEveryMode(_ migration: SuiteCase) throws {
+            let program = try TestPaths.testProgram(migration.program)
+            let directory = try ScratchDirectory(under: "/tmp")
+            defer { directory.remove() }
+            let leftovers = LeftoverCheck()
+            defer { leftovers.finish() }
+            leftovers.expectProgram([program] + migration.arguments)
+            let jsonPath = directory.path("report.json")
+            let outcome = try leftovers.fammig(["run", "--mode", migration.mode, "--push", migration.push, "--after-ms", "150",
+                                                "--json", jsonPath, "--", program] + migration.arguments, timeout: .seconds(120))
+            #expect(outcome.exitStatus == 0 && !outcome.killedBySignal, "fammig run failed:\n\(outcome.standardOutput)\n\(outcome.standardError)")
+            let report = try JSONDecoder().decode(MigrationReport.self, from: Data(contentsOf: URL(fileURLWithPath: jsonPath)))
+            let failed = report.verdicts.filter { !$0.passed }.map { "\($0.name): \($0.detail)" }
+            #expect(failed.isEmpty, "failed verdicts: \(failed)")
+            let names = Set(report.verdicts.map(\.name))
+            for required in ["registers and state", "pages", "program", "end to end", "output"] {
+                #expect(names.contains(required), "no \"\(required)\" verdict among \(names.sorted())")
+            }
+            #expect(report.migratedChecksum != nil && report.migratedChecksum == report.referenceChecksum)
+        }
+    }
+}
