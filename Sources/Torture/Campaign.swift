@@ -63,8 +63,14 @@ public final class Campaign: @unchecked Sendable {
     }
     private let leakList = Mutex<[String]>([])
 
+    /// This process's descriptors, except those the runtime opens for itself on first use (Dispatch's
+    /// event loop: eventfd, epoll, timerfd).
     static func ownDescriptors() -> Set<Int32> {
-        Set((try? ProcFS.descriptors(ProcessID(rawValue: getpid()))) ?? [])
+        let all = (try? ProcFS.descriptors(ProcessID(rawValue: getpid()))) ?? []
+        return Set(all.filter { descriptor in
+            let target = (try? ProcFS.readLink("/proc/self/fd/\(descriptor)")) ?? ""
+            return !["anon_inode:[eventfd]", "anon_inode:[eventpoll]", "anon_inode:[timerfd]"].contains(target)
+        })
     }
 
     static func ownChildren() -> [String] {

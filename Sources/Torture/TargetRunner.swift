@@ -46,13 +46,22 @@ final class TargetRunner: Participant, TargetGate, @unchecked Sendable {
         pendingWakes.append((address, byteCount, wake))
     }
 
+    func released(processID: ProcessID) {
+        self.processID = processID
+        isReleased = true
+    }
+
+    /// Unregistering let the process go: it runs on its own until it ends, and the next target step
+    /// waits for that.
+    private var isReleased = false
+
     // MARK: Participant
 
     func availability() -> Availability {
         if ended || aborted { return .finished }
         if pendingResume != nil { return .choices(["resume and run"]) }
         if !pendingWakes.isEmpty { return .choices(["wake \(pendingWakes.count) and run"]) }
-        if let processID, resumed, Spawn.hasEnded(processID) { return .choices(["notice its end"]) }
+        if resumed && isReleased { return .choices(["run on"]) }
         return .waiting(nil, resumed ? "blocked on a fault" : "not restored yet")
     }
 

@@ -412,6 +412,7 @@ public final class LazyMemory: @unchecked Sendable {
             }
             for fault in faults { try wake(address: fault.address) }
         }
+        gate.released(processID: targetProcessID)
     }
 
     /// A fault on a page already installed: the process dropped it since (MADV_DONTNEED), and a private
