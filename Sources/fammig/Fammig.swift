@@ -162,9 +162,11 @@ struct Inspect: ParsableCommand {
         do {
             let reader = try ImageReader.open(backend: RealFAM.open(path: fam, writable: false), requireComplete: true)
             let state = try ProcessState.decode(reader.metadata)
+            // What restore would refuse, inspect reports too.
+            try state.validate(pageAddresses: reader.pageAddresses, path: reader.path)
             for line in ImageSummary(reader: reader).lines { print(line) }
             for line in StateSummary.lines(state) { print(line) }
-        } catch let error as ImageError {
+        } catch {
             throw fail("\(error)", code: 2)
         }
     }
