@@ -100,4 +100,3 @@ public enum StateOracle {
     }
 }
 
-func hex(_ value: UInt64) -> String { "0x" + String(value, radix: 16) }

@@ -140,15 +140,6 @@ public final class Userfaultfd: @unchecked Sendable {
         try checked("ioctl(UFFDIO_WAKE, 0x\(String(address, radix: 16)))") { csys_ioctl_pointer(descriptor, CSYS_UFFDIO_WAKE, &range) }
     }
 
-    /// The next pending fault, or nil when none is pending (the descriptor is non-blocking). Events are
-    /// skipped: use `nextMessage` where the process may remap or drop registered memory.
-    public func nextFault() throws(SyscallError) -> PageFault? {
-        while let message = try nextMessage() {
-            if case .fault(let fault) = message { return fault }
-        }
-        return nil
-    }
-
     /// The next pending fault or event, or nil when none is pending.
     public func nextMessage() throws(SyscallError) -> UserfaultMessage? {
         var message = uffd_msg()

@@ -34,7 +34,7 @@ public struct CampaignOptions: Sendable {
     public var indices: [Int] { (0..<iterations).filter { $0 % shard.count == shard.part - 1 } }
 }
 
-public final class Campaign: @unchecked Sendable {
+public final class Campaign: Sendable {
     public let options: CampaignOptions
     private let references = ReferenceCache()
     public let ledger = ModelFAMLedger()
@@ -57,10 +57,7 @@ public final class Campaign: @unchecked Sendable {
     /// What the campaign left behind, checked once every worker is done: descriptors of this process
     /// that were not open before, children (victims, targets, stubs) not reaped, model FAMs still mapped.
     /// Empty when nothing leaked.
-    public private(set) var leaks: [String] {
-        get { leakList.withLock { $0 } }
-        set { leakList.withLock { $0 = newValue } }
-    }
+    public var leaks: [String] { leakList.withLock { $0 } }
     private let leakList = Mutex<[String]>([])
 
     /// This process's descriptors, except those the runtime opens for itself on first use (Dispatch's
@@ -93,7 +90,7 @@ public final class Campaign: @unchecked Sendable {
             let children = Set(Self.ownChildren()).subtracting(childrenBefore)
             if !children.isEmpty { found.append("processes left behind: \(children.sorted())") }
             if ledger.liveModelCount > 0 { found.append("\(ledger.liveModelCount) model FAMs still mapped") }
-            leaks = found
+            leakList.withLock { $0 = found }
         }
         let indices = options.indices
         let next = Mutex(0)

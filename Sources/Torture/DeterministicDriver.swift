@@ -93,7 +93,6 @@ public final class StepNotes: @unchecked Sendable {
     }
 }
 
-func hex(_ value: UInt64) -> String { "0x" + String(value, radix: 16) }
 
 /// How a scheduled run ended.
 public enum DriverOutcome: Sendable {
@@ -118,7 +117,7 @@ final class DeterministicDriver {
     private(set) var hash = TraceHash()
     private(set) var stepCount = 0
     private let keepTrace: Bool
-    /// The participant whose step is running, for the FAM model's store log.
+    /// Called with each step's number before it is taken (the model FAM logs stores by step).
     var onStep: ((Int) -> Void)?
 
     init(participants: [Participant], clock: VirtualClock, scheduler: Scheduler, stepLimit: Int, adversarialSteps: Int,

@@ -70,7 +70,7 @@ final class TargetRunner: Participant, TargetGate, @unchecked Sendable {
     func availabilityWhenStuck() -> Availability {
         let usual = availability()
         guard case .waiting = usual, resumed, let processID else { return usual }
-        return Self.blockedOnFaults(processID) ? usual : .choices(["run on"])
+        return Self.isQuiet(processID) ? usual : .choices(["run on"])
     }
 
     func take(_ index: Int, rng: inout SeededGenerator) throws -> String? {
@@ -97,7 +97,7 @@ final class TargetRunner: Participant, TargetGate, @unchecked Sendable {
                 ended = true
                 return "ended"
             }
-            if Self.blockedOnFaults(processID) { return "blocked on a fault" }
+            if Self.isQuiet(processID) { return "blocked on a fault" }
             spins += 1
             if spins > 50 { usleep(50) } else { sched_yield() }
             if clock.now - start > runLimit {
@@ -109,7 +109,7 @@ final class TargetRunner: Participant, TargetGate, @unchecked Sendable {
     /// Nothing in the target can move by itself: every thread sleeps in the kernel's userfault handler
     /// or on a futex (a thread waiting for another: a mutex, a condition variable, a join), or has
     /// exited, and at least one waits for a page. A thread that runs, or sleeps on a timer, is not quiet.
-    static func blockedOnFaults(_ processID: ProcessID) -> Bool {
+    static func isQuiet(_ processID: ProcessID) -> Bool {
         guard let threads = try? ProcFS.threadIDs(processID), !threads.isEmpty else { return false }
         var faulting = false
         for thread in threads {

@@ -4,7 +4,6 @@ import Sys
 
 enum StateSummary {
     static func lines(_ state: ProcessState) -> [String] {
-        func hex(_ value: UInt64) -> String { "0x" + String(value, radix: 16) }
         let thread = state.mainThread
         var lines = [
             "process         pid \(state.processID), \(state.executablePath)",

@@ -49,6 +49,24 @@ struct MigrationCase: Sendable, CustomTestStringConvertible {
                        afterMilliseconds: 300, minimumPageCount: 1)]
 }
 
+/// `fammig run RUNOPTIONS --json … -- COMMAND` under `leftovers`: it must exit 0 with every verdict
+/// passed, the registers and state, pages, program, end-to-end and output oracles among them. Returns
+/// its report.
+func runAndJudge(leftovers: LeftoverCheck, directory: ScratchDirectory, runOptions: [String], command: [String],
+                 timeout: Duration) throws -> MigrationReport {
+    let jsonPath = directory.path("report.json")
+    let outcome = try leftovers.fammig(["run"] + runOptions + ["--json", jsonPath, "--"] + command, timeout: timeout)
+    #expect(outcome.exitStatus == 0 && !outcome.killedBySignal, "fammig run failed:\n\(outcome.standardOutput)\n\(outcome.standardError)")
+    let report = try JSONDecoder().decode(MigrationReport.self, from: Data(contentsOf: URL(fileURLWithPath: jsonPath)))
+    let failed = report.verdicts.filter { !$0.passed }.map { "\($0.name): \($0.detail)" }
+    #expect(failed.isEmpty, "failed verdicts: \(failed)")
+    let names = Set(report.verdicts.map(\.name))
+    for required in ["registers and state", "pages", "program", "end to end", "output"] {
+        #expect(names.contains(required), "no \"\(required)\" verdict among \(names.sorted())")
+    }
+    return report
+}
+
 extension ProcessTests {
     @Suite(.serialized) struct MigrationTests {
         @Test func addressSpaceRandomizationIsOn() throws {
@@ -66,19 +84,10 @@ extension ProcessTests {
             // The victim, and the process restored from it, which keeps its command line.
             leftovers.expectProgram([program] + migration.arguments)
 
-            let jsonPath = directory.path("report.json")
-            let outcome = try leftovers.fammig(["run", "--after-ms", "\(migration.afterMilliseconds)", "--json", jsonPath, "--", program]
-                                     + migration.arguments, timeout: .seconds(90))
-            #expect(outcome.exitStatus == 0 && !outcome.killedBySignal, "fammig run failed:\n\(outcome.standardOutput)\n\(outcome.standardError)")
-
-            let report = try JSONDecoder().decode(MigrationReport.self, from: Data(contentsOf: URL(fileURLWithPath: jsonPath)))
+            let report = try runAndJudge(leftovers: leftovers, directory: directory,
+                                         runOptions: ["--after-ms", "\(migration.afterMilliseconds)"],
+                                         command: [program] + migration.arguments, timeout: .seconds(90))
             #expect(report.error == nil)
-            let failed = report.verdicts.filter { !$0.passed }.map { "\($0.name): \($0.detail)" }
-            #expect(failed.isEmpty, "failed verdicts: \(failed)")
-            let names = Set(report.verdicts.map(\.name))
-            for required in ["registers and state", "pages", "program", "end to end"] {
-                #expect(names.contains(required), "no \"\(required)\" verdict among \(names.sorted())")
-            }
             #expect(report.programStatus == "exited with status 0")
             let referenceChecksum = try #require(report.referenceChecksum)
             #expect(referenceChecksum.count == 16 && referenceChecksum.allSatisfy(\.isHexDigit))

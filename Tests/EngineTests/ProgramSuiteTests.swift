@@ -41,17 +41,9 @@ extension ProcessTests {
             let leftovers = LeftoverCheck()
             defer { leftovers.finish() }
             leftovers.expectProgram([program] + migration.arguments)
-            let jsonPath = directory.path("report.json")
-            let outcome = try leftovers.fammig(["run", "--mode", migration.mode, "--push", migration.push, "--after-ms", "150",
-                                                "--json", jsonPath, "--", program] + migration.arguments, timeout: .seconds(120))
-            #expect(outcome.exitStatus == 0 && !outcome.killedBySignal, "fammig run failed:\n\(outcome.standardOutput)\n\(outcome.standardError)")
-            let report = try JSONDecoder().decode(MigrationReport.self, from: Data(contentsOf: URL(fileURLWithPath: jsonPath)))
-            let failed = report.verdicts.filter { !$0.passed }.map { "\($0.name): \($0.detail)" }
-            #expect(failed.isEmpty, "failed verdicts: \(failed)")
-            let names = Set(report.verdicts.map(\.name))
-            for required in ["registers and state", "pages", "program", "end to end", "output"] {
-                #expect(names.contains(required), "no \"\(required)\" verdict among \(names.sorted())")
-            }
+            let report = try runAndJudge(leftovers: leftovers, directory: directory,
+                                         runOptions: ["--mode", migration.mode, "--push", migration.push, "--after-ms", "150"],
+                                         command: [program] + migration.arguments, timeout: .seconds(120))
             #expect(report.migratedChecksum != nil && report.migratedChecksum == report.referenceChecksum)
         }
     }

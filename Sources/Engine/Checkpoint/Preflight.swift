@@ -131,7 +131,8 @@ enum Preflight {
     }
 }
 
-func hex(_ value: UInt64) -> String { "0x" + String(value, radix: 16) }
+/// An address as 0x-hex, for messages and traces.
+public func hex(_ value: UInt64) -> String { "0x" + String(value, radix: 16) }
 
 
 /// The pages a dump of `processID` would hold right now (benchmarks use it for their baselines).

@@ -14,7 +14,6 @@ public struct ImageSummary: Sendable {
         func line(_ label: String, _ value: String) {
             lines.append(Self.padded(label, to: 16) + value)
         }
-        func hex(_ value: UInt64) -> String { "0x" + String(value, radix: 16) }
 
         line("image", reader.path)
         line("format", "version \(ImageLayout.formatVersion), page size \(ImageLayout.pageSize) bytes")

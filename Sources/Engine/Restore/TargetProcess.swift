@@ -314,7 +314,6 @@ final class TargetProcess {
             try injector.call("prctl(PR_SET_NAME)", Syscall.prctl, 15, dataAddress)
             // Always: the stub was started with PDEATHSIG SIGKILL, so that it dies with a crashed restorer.
             try injector.call("prctl(PR_SET_PDEATHSIG)", Syscall.prctl, 1, UInt64(state.parentDeathSignal))
-            let thread = state.mainThread
             // Limits before credentials: lowering needs nothing, raising a hard limit needs the
             // restorer's privileges, which the target still has here.
             for limit in state.resourceLimits {
@@ -356,7 +355,6 @@ final class TargetProcess {
                     .restore(state.credentials)
                 try threadInjector.tracee.setExtendedState(threadState.extendedState)
             }
-            _ = thread
         } catch {
             throw RestoreError(error)
         }
