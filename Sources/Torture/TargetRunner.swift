@@ -49,6 +49,8 @@ final class TargetRunner: Participant, TargetGate, @unchecked Sendable {
     func released(processID: ProcessID) {
         self.processID = processID
         isReleased = true
+        // Releasing the userfaultfd woke every waiting thread; a held wake has nothing left to do.
+        pendingWakes.removeAll()
     }
 
     /// Unregistering let the process go: it runs on its own until it ends, and the next target step

@@ -45,10 +45,16 @@ public final class FaultHandler: EngineActor {
         if memory.isComplete || Spawn.hasEnded(memory.targetProcessID) { return .ready("finish") }
         var descriptors = [memory.userfaultfd.descriptor]
         if let transport, !sourceGone, let descriptor = transport.readableDescriptor { descriptors.append(descriptor) }
-        if memory.userfaultfd.waitReadable(timeoutMilliseconds: 0) || transportHasData() || !pending.isEmpty && memory.usesFAM {
+        // A pending fault is servable once its page's mark is stored; until then serving it would be a
+        // step that changes nothing (a scheduler that favours this actor then starves the dumper).
+        if memory.userfaultfd.waitReadable(timeoutMilliseconds: 0) || transportHasData() || hasPendingDumped(memory) {
             return .ready("serve")
         }
         return .waiting(.readable(descriptors, timeout: .milliseconds(1)))
+    }
+
+    private func hasPendingDumped(_ memory: LazyMemory) -> Bool {
+        memory.usesFAM && pending.keys.contains { memory.isDumped($0) }
     }
 
     private func transportHasData() -> Bool {

@@ -14,7 +14,7 @@ public protocol TargetGate: AnyObject, Sendable {
     func resume(processID: ProcessID, _ start: @escaping () throws(RestoreError) -> Void) throws(RestoreError)
     /// Pages were installed in `address..<address+byteCount`: `wake` wakes the threads faulting there.
     func wake(processID: ProcessID, address: UInt64, byteCount: Int, _ wake: @escaping () throws(SyscallError) -> Void) throws(SyscallError)
-    /// Every page is in and the memory unregistered: the kernel itself lets any waiting thread go, and
+    /// Every page is in and the userfaultfd released: the kernel itself lets any waiting thread go, and
     /// the process runs on its own from here.
     func released(processID: ProcessID)
 }

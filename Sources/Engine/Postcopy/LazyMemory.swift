@@ -382,8 +382,14 @@ public final class LazyMemory: @unchecked Sendable {
         try wake(address: currentAddress(slot), byteCount: count * 4096)
     }
 
-    /// After every dumped page is proved installed: unregister, so the kernel serves the rest (never
-    /// before: an unregistered missing page would read as zeros).
+    /// After every dumped page is proved installed: let the userfaultfd go, so the kernel serves the
+    /// rest (never before: an unregistered missing page would read as zeros).
+    ///
+    /// Closing it, not only unregistering, is what makes this safe: an mremap, munmap or MADV_DONTNEED
+    /// that began while a range was still registered queues its event after any drain of ours, and its
+    /// thread then waits for a reader that no longer exists (the process hung in mremap, state D, once
+    /// the fault handler had finished). Releasing the userfaultfd completes every queued and future event
+    /// and wakes every fault, and clears every registration, tmpfs-backed ones included.
     func unregisterAll() throws {
         let proceed = lock.withLock { () -> Bool in
             if unregistered { return false }
@@ -393,24 +399,9 @@ public final class LazyMemory: @unchecked Sendable {
             return true
         }
         guard proceed else { return }
-        // The process may have moved, grown or split its registered mappings (mremap, munmap): unregister
-        // every private anonymous mapping it has now. EINVAL/ENOMEM mean one was never registered or the
-        // target is gone: nothing to do.
-        let mappings = (try? ProcFS.maps(targetProcessID)) ?? []
-        let ranges = mappings.isEmpty ? registeredRanges : mappings.filter { $0.path.isEmpty || $0.path == "[heap]" || $0.path == "[stack]" }
-            .map { $0.start..<$0.end }
-        for range in ranges {
-            try? userfaultfd.unregister(start: range.lowerBound, byteCount: range.upperBound - range.lowerBound)
-        }
-        // Whatever was queued before the unregister still holds a thread: a thread that remapped or
-        // dropped memory waits until its event is read, and a fault until it is woken.
-        try installLock.withLock { () throws in
-            try drainEvents()
-            let faults = lock.withLock { () -> [PageFault] in
-                defer { deferredFaults.removeAll() }
-                return deferredFaults
-            }
-            for fault in faults { try wake(address: fault.address) }
+        installLock.withLock {
+            lock.withLock { deferredFaults.removeAll() }
+            userfaultfd.close()
         }
         gate.released(processID: targetProcessID)
     }
