@@ -201,9 +201,11 @@ final class DeterministicDriver {
         return .stuck("the schedule did not finish within \(stepLimit) steps")
     }
 
+    /// The trace keeps exactly the hashed lines: a detail (an error's text, which may name this machine's
+    /// PIDs) goes only to the sink, so two traces compare equal exactly when their hashes do.
     private func record(_ line: String, detail: String = "") {
         hash.add(line)
-        if keepTrace { trace.append(line + detail) }
+        if keepTrace { trace.append(line) }
         traceSink?(line + detail)
     }
 

@@ -106,7 +106,8 @@ func startAtRendezvous(binary: String, arguments: [String], outputPath: String, 
 
 /// The observer torture gives the engine: every oracle, plus a note of each installed page for the trace.
 final class TortureObserver: MigrationObserver, @unchecked Sendable {
-    let oracles = MigrationOracles()
+    /// The target runs only in its own steps, so the oracle may also read every installed page back.
+    let oracles = MigrationOracles(readsBackInstalledPages: true)
     let notes = StepNotes()
 
     func victimFrozen(processID: ProcessID, state: ProcessState, pageAddresses: [UInt64]) throws {
@@ -117,9 +118,10 @@ final class TortureObserver: MigrationObserver, @unchecked Sendable {
         try oracles.targetReady(processID: processID, checkpointed: checkpointed, restored: restored)
     }
 
-    func pagesInstalled(processID: ProcessID, address: UInt64, byteCount: Int, installedBytes: [UInt8]?) throws {
+    func pagesInstalled(processID: ProcessID, address: UInt64, targetAddress: UInt64, byteCount: Int, installedBytes: [UInt8]?) throws {
         notes.noteInstalled(address)
-        try oracles.pagesInstalled(processID: processID, address: address, byteCount: byteCount, installedBytes: installedBytes)
+        try oracles.pagesInstalled(processID: processID, address: address, targetAddress: targetAddress, byteCount: byteCount,
+                                   installedBytes: installedBytes)
     }
 }
 

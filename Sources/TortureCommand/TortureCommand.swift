@@ -77,8 +77,17 @@ struct TortureCommand: ParsableCommand {
     @Flag(help: "Stop at the first failure and print how many iterations it took.")
     var failFast = false
 
+    @Flag(help: "Run each iteration twice and fail it when the two schedules differ, naming the first differing step.")
+    var checkDeterminism = false
+
     @Flag(help: "On failure, minimise the failing schedule and print the shrunk replay command.")
     var shrink = false
+
+    @Option(help: "The regression seeds a campaign replays first (default: Tests/torture/regressions.txt of the package).")
+    var regressions: String?
+
+    @Flag(help: "Do not replay the regression seeds before the campaign.")
+    var noRegressions = false
 
     @Option(help: "Directory of the built test programs (default: TestPrograms/build here or beside the package).")
     var programs: String?
@@ -106,6 +115,7 @@ struct TortureCommand: ParsableCommand {
         options.shard = (shard.part, shard.count)
         options.jobs = jobs
         options.failFast = failFast
+        options.checkDeterminism = checkDeterminism
         Spawn.cleanUpOnTermination(paths: [environment.work], processes: [])
         defer { try? FileManager.default.removeItem(atPath: environment.work) }
         let campaign = Campaign(options: options)
@@ -118,10 +128,11 @@ struct TortureCommand: ParsableCommand {
             if !result.passed { throw ExitCode(1) }
             return
         }
+        let regressionResults = try runRegressions(campaign, environment: environment)
         let total = options.indices.count
         let progress = ProgressPrinter(total: total)
         let start = ContinuousClock.now
-        let results = campaign.run { result, done in progress.show(result, done: done) }
+        let results = regressionResults + campaign.run { result, done in progress.show(result, done: done) }
         progress.finish()
         let elapsed = ContinuousClock.now - start
         print(Report.summary(results, elapsed: elapsed))
@@ -140,6 +151,26 @@ struct TortureCommand: ParsableCommand {
         try Report.write(results: results, json: json, junit: junit, campaignSeed: seed, filter: filter)
         if results.contains(where: { $0.environmentError != nil }) && failed.isEmpty { throw ExitCode(2) }
         if !failed.isEmpty || !campaign.leaks.isEmpty { throw ExitCode(1) }
+    }
+
+    /// Replays the regression file's seeds (each with its own filters), printing a line for each.
+    private func runRegressions(_ campaign: Campaign, environment: (programs: String, stub: String, work: String)) throws -> [IterationResult] {
+        if noRegressions { return [] }
+        let defaultPath = URL(fileURLWithPath: environment.programs + "/../../Tests/torture/regressions.txt").standardized.path
+        let path = regressions ?? defaultPath
+        guard ProcFS.exists(path) else {
+            if regressions != nil { throw ValidationError("no regression file at \(path); pass --regressions FILE or --no-regressions.") }
+            return []
+        }
+        let seeds: [RegressionSeed]
+        do { seeds = try Regressions.parse(try ProcFS.readText(path), path: path) } catch {
+            throw ValidationError("\(error)")
+        }
+        let results = campaign.runRegressions(seeds, path: path) { result, _ in
+            if !result.passed { print("regression " + Report.line(result)) }
+        }
+        print("\(results.filter(\.passed).count) of \(seeds.count) regression seeds passed (\(path))")
+        return results
     }
 
     private func locateEnvironment() throws -> (programs: String, stub: String, work: String) {

@@ -75,32 +75,40 @@ public final class LazyMemory: @unchecked Sendable {
     /// Where the slot's page is in the target now.
     func currentAddress(_ slot: Int) -> UInt64 { lock.withLock { currentAddresses[slot] } }
 
-    /// The next fault, after applying every memory event read before it. Returns nil when nothing is
+    /// The next fault, after applying every memory event queued with it. Returns nil when nothing is
     /// pending. The install lock is held while reading: the thread that caused an event runs on as soon
     /// as the event is read, and no install may slip in before the event is applied.
     func nextFault() throws -> PageFault? {
         try installLock.withLock { () throws -> PageFault? in
-            if let fault = lock.withLock({ deferredFaults.isEmpty ? nil : deferredFaults.removeFirst() }) { return fault }
-            while let message = try userfaultfd.nextMessage() {
-                switch message {
-                case .fault(let fault): return fault
-                case .event(let event): apply(event)
-                }
-            }
-            return nil
+            try drainEvents()
+            return lock.withLock { deferredFaults.isEmpty ? nil : deferredFaults.removeFirst() }
         }
     }
 
-    /// Faults read while draining events for an installer; `nextFault` hands them out first.
+    /// Faults read but not served yet, in address order (then thread): threads that fault at once queue
+    /// their messages in whatever order the CPUs raced, and serving the same set in one order gives the
+    /// same service whatever the race.
     private var deferredFaults: [PageFault] = []
 
-    /// Applies every queued event now, keeping the faults read on the way. Install lock held.
+    /// Reads every queued message: events are applied in their order, faults kept for `nextFault`.
+    /// Install lock held. Bounded: a thread queues at most one message at a time, so a queue longer
+    /// than this many is read on the next call.
     private func drainEvents() throws {
-        while let message = try userfaultfd.nextMessage() {
+        var readAny = false
+        for _ in 0..<4096 {
+            guard let message = try userfaultfd.nextMessage() else { break }
             switch message {
-            case .fault(let fault): lock.withLock { deferredFaults.append(fault) }
-            case .event(let event): apply(event)
+            case .fault(let fault):
+                lock.withLock { deferredFaults.append(fault) }
+                readAny = true
+            case .event(let event):
+                apply(event)
+                // Reading the event let the thread that caused it go on.
+                gate.memoryEventRead(processID: targetProcessID)
             }
+        }
+        if readAny {
+            lock.withLock { deferredFaults.sort { ($0.address, $0.threadID.rawValue) < ($1.address, $1.threadID.rawValue) } }
         }
     }
 
@@ -182,12 +190,10 @@ public final class LazyMemory: @unchecked Sendable {
         lock.withLock { (start..<installed.count).first { !installed[$0] } }
     }
 
-    /// Installs `count` adjacent slots from FAM (the marks must be stored), lets the oracle read them
-    /// back, then wakes whoever faulted on them. Returns how many were newly installed here.
-    /// `readBack`: the oracle reads the pages back through the target (see MigrationObserver); else it
-    /// checks the FAM bytes that were copied.
+    /// Installs `count` adjacent slots from FAM (the marks must be stored), shows the oracle the bytes
+    /// copied, then wakes whoever faulted on them. Returns how many were newly installed here.
     @discardableResult
-    func installFromFAM(slot: Int, count: Int, readBack: Bool) throws -> Int {
+    func installFromFAM(slot: Int, count: Int) throws -> Int {
         guard let reader = lock.withLock({ reader }) else { preconditionFailure("installFromFAM without an image") }
         for index in slot..<(slot + count) {
             precondition(lock.withLock { self.reader!.hasObservedMark(slot: index) }, "page slot \(index) read before its mark was seen")
@@ -204,7 +210,7 @@ public final class LazyMemory: @unchecked Sendable {
                                      to: address + UInt64(offset), byteCount: remaining, dontWake: true)
             }
             try finishInstall(slot: slot, count: run, newly: newly) { offset in
-                readBack ? nil : reader.backend.loadBytes(at: reader.pageOffset(slot: slot) + offset * 4096, count: 4096)
+                reader.backend.loadBytes(at: reader.pageOffset(slot: slot) + offset * 4096, count: 4096)
             }
             return newly.count
         }
@@ -361,22 +367,19 @@ public final class LazyMemory: @unchecked Sendable {
         return newly
     }
 
-    private func finishInstall(slot: Int, count: Int, newly: [Int], installedBytes: (Int) -> [UInt8]?) throws {
+    private func finishInstall(slot: Int, count: Int, newly: [Int], installedBytes: (Int) -> [UInt8]) throws {
         lock.withLock {
             for offset in newly where !installed[slot + offset] {
                 installed[slot + offset] = true
                 installedPageCount += 1
             }
         }
-        // The oracle reads the installed pages back through the target before anyone runs on them; a
-        // moved page is read where it is now and judged against its digest from where it was.
+        // The oracle judges each page copied against its digest from where it was at the freeze, before
+        // the wake below lets a waiting thread on (see MigrationObserver for why it gets the bytes).
         for offset in newly {
             guard let observer else { break }
-            let frozen = pageAddresses[slot + offset]
-            let current = currentAddress(slot + offset)
-            var bytes = installedBytes(offset)
-            if bytes == nil && current != frozen { bytes = try readProcessMemory(targetProcessID, address: current, byteCount: 4096) }
-            try observer.pagesInstalled(processID: targetProcessID, address: frozen, byteCount: 4096, installedBytes: bytes)
+            try observer.pagesInstalled(processID: targetProcessID, address: pageAddresses[slot + offset],
+                                        targetAddress: currentAddress(slot + offset), byteCount: 4096, installedBytes: installedBytes(offset))
         }
         // Wake explicitly: the copies used DONTWAKE; pages skipped for EEXIST may have waiters too.
         try wake(address: currentAddress(slot), byteCount: count * 4096)
