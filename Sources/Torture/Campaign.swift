@@ -50,7 +50,7 @@ public final class Campaign: Sendable {
                        traceSink: ((String) -> Void)? = nil, checkDeterminism: Bool? = nil) -> IterationResult {
         let scenario = Scenario.make(seed: seed, filter: filter)
         var environment = TortureEnvironment(programDirectory: options.programDirectory, stubPath: options.stubPath,
-                                             workDirectory: options.workDirectory + "/w\(worker)")
+                                             workDirectory: options.workDirectory + "/w" + String(worker + 100).dropFirst())
         environment.sourceFAMWrapper = options.sourceFAMWrapper
         let iteration = Iteration(scenario: scenario, environment: environment, references: references, ledger: ledger)
         guard checkDeterminism ?? options.checkDeterminism else { return iteration.run(keepTrace: keepTrace, traceSink: traceSink) }

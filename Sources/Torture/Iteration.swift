@@ -165,9 +165,12 @@ public struct Iteration {
     private func migrate(into result: inout IterationResult, keepTrace: Bool, traceSink: ((String) -> Void)?) throws {
         let binary = environment.programDirectory + "/" + scenario.binary
         let work = environment.workDirectory
-        let reference = try references.output(binary: binary, arguments: scenario.arguments, workDirectory: work)
+        // The work directory's name has one length in every run (see TortureCommand), so the program's
+        // stack, where its arguments lie, has one layout: the same seed gives the same pages.
+        let arguments = scenario.arguments + (ProgramSpec.named(scenario.program)?.fileDirectoryOption.map { [$0, work] } ?? [])
+        let reference = try references.output(binary: binary, arguments: arguments, workDirectory: work)
         let outputPath = work + "/victim.out"
-        let victim = try startAtRendezvous(binary: binary, arguments: scenario.arguments, outputPath: outputPath,
+        let victim = try startAtRendezvous(binary: binary, arguments: arguments, outputPath: outputPath,
                                            errorPath: work + "/victim.err")
 
         var rng = SeededGenerator(seed: scenario.seed)
@@ -287,6 +290,12 @@ public struct Iteration {
             }
             if targetStatus != .exited(0) {
                 failures.append("program: the migrated program \(targetStatus.map { "\($0)" } ?? "never ended"): \(firstLine(work + "/victim.err"))")
+            }
+            // A program that ended well removed its own files; one killed by a failed migration cannot,
+            // and the work directory that holds them goes with the iteration.
+            let left = ((try? ProcFS.directoryEntries(work)) ?? []).filter { $0.hasPrefix("fammig-") }
+            if targetStatus == .exited(0) && !left.isEmpty {
+                failures.append("no harm: the migrated program left its files behind: \(left.sorted())")
             }
             let output = (try? ProcFS.readFile(outputPath)) ?? []
             if output != reference {

@@ -18,6 +18,9 @@ public struct ProgramSpec: Sendable {
     public var arguments: @Sendable (Int) -> [String]
     /// How many steps the program takes at a size level: the rendezvous falls in 1...steps.
     public var steps: @Sendable (Int) -> Int
+    /// The option that puts the program's own files in a directory torture gives it (removed after each
+    /// iteration: a program killed by a failed migration never removes them itself).
+    public var fileDirectoryOption: String? = nil
 
     public static let catalog: [ProgramSpec] = [
         ProgramSpec(name: "memwalk", binary: "memwalk-static",
@@ -46,7 +49,8 @@ public struct ProgramSpec: Sendable {
                     arguments: { ["--reserve-gib", "4", "--pages", "\(200 << $0)", "--steps", "2000", "--batch", "100000", "--pause-us", "0"] },
                     steps: { _ in 2000 }),
         ProgramSpec(name: "filemaps", binary: "filemaps-static",
-                    arguments: { ["--pages", "16", "--rounds", "\(6 + 6 * $0)", "--writes", "4", "--pause-us", "0"] }, steps: { 6 + 6 * $0 }),
+                    arguments: { ["--pages", "16", "--rounds", "\(6 + 6 * $0)", "--writes", "4", "--pause-us", "0"] }, steps: { 6 + 6 * $0 },
+                    fileDirectoryOption: "--dir"),
         ProgramSpec(name: "vectors", binary: "vectors-static",
                     arguments: { ["--rounds", "\(6 + 6 * $0)", "--iters", "2000", "--pause-us", "0"] }, steps: { 6 + 6 * $0 }),
         ProgramSpec(name: "blocked", binary: "blocked-static",

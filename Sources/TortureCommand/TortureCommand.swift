@@ -184,7 +184,8 @@ struct TortureCommand: ParsableCommand {
         for spec in ProgramSpec.catalog where !ProcFS.exists(absolute + "/" + spec.binary) {
             throw ValidationError("\(absolute)/\(spec.binary) is missing; run make -C TestPrograms.")
         }
-        return (absolute, executable, "/tmp/torture-\(getpid())")
+        // One length for every run's name (pids have up to 7 digits): a program's arguments name it.
+        return (absolute, executable, "/tmp/torture-" + String(getpid() + 10_000_000).dropFirst())
     }
 }
 
