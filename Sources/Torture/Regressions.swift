@@ -92,6 +92,12 @@ public enum Regressions {
                 guard let size = Int(try value(option)), (0...2).contains(size) else { throw FilterError(reason: "--size takes 0, 1 or 2") }
                 filter.size = size
             case "--no-kill": filter.noKill = true
+            case "--tamper":
+                switch try value(option) {
+                case "on": filter.tamper = true
+                case "off": filter.tamper = false
+                case let other: throw FilterError(reason: "--tamper takes on or off, not \(other)")
+                }
             case "--adversarial-steps":
                 guard let steps = Int(try value(option)), steps >= 0 else { throw FilterError(reason: "--adversarial-steps takes a count") }
                 filter.adversarialSteps = steps

@@ -86,6 +86,8 @@ public struct ScenarioFilter: Sendable, Codable, Equatable {
     public var size: Int?
     public var noKill = false
     public var adversarialSteps: Int?
+    /// The tamperer on (every FAM-mode iteration), off, or drawn per seed (nil).
+    public var tamper: Bool?
 
     public init(modes: [TortureMode]? = nil, programs: [String]? = nil, strategies: [StrategyName]? = nil, push: Bool? = nil) {
         self.modes = modes
@@ -104,6 +106,7 @@ public struct ScenarioFilter: Sendable, Codable, Equatable {
         if let size { options += ["--size", "\(size)"] }
         if noKill { options.append("--no-kill") }
         if let adversarialSteps { options += ["--adversarial-steps", "\(adversarialSteps)"] }
+        if let tamper { options += ["--tamper", tamper ? "on" : "off"] }
         return options
     }
 }
@@ -122,6 +125,8 @@ public struct Scenario: Sendable, Codable, Equatable {
     public var batchPageCount: Int
     public var kill: KillPlan?
     public var adversarialSteps: Int
+    /// A sealed page or mark is changed in FAM (FAM modes only).
+    public var tamper: TamperPlan?
 
     /// The seed of iteration `index` of a campaign started with `seed`.
     public static func iterationSeed(campaignSeed: UInt64, index: Int) -> UInt64 {
@@ -151,10 +156,15 @@ public struct Scenario: Sendable, Codable, Equatable {
         if killDrawn && !filter.noKill {
             kill = KillPlan(afterDumperSteps: afterSteps, beforeDumperStep: beforeStep, dropInFlight: dropInFlight)
         }
+        // Drawn from a generator of its own, so that every other draw of a seed stays what it was.
+        var tamperGenerator = SeededGenerator(seed: seed ^ 0x5441_4D50_4552_4552)
+        let tamperDrawn = filter.tamper ?? tamperGenerator.chance(1, in: 10)
+        let corruptsMark = tamperGenerator.chance(1, in: 3)
+        let tamper = tamperDrawn && mode != .postcopySocket ? TamperPlan(corruptsMark: corruptsMark) : nil
         return Scenario(seed: seed, mode: mode, push: push, program: spec.name, binary: spec.binary,
                         arguments: spec.arguments(size) + ["--rendezvous", "\(rendezvous)"], size: size,
                         rendezvous: rendezvous, strategy: strategy, batchPageCount: batchPageCount, kill: kill,
-                        adversarialSteps: filter.adversarialSteps ?? Int.max)
+                        adversarialSteps: filter.adversarialSteps ?? Int.max, tamper: tamper)
     }
 
     public var summary: String {
@@ -165,6 +175,7 @@ public struct Scenario: Sendable, Codable, Equatable {
             if kill.dropInFlight { text += " dropping in-flight" }
         }
         if adversarialSteps != Int.max { text += " adversarial-steps \(adversarialSteps)" }
+        if let tamper { text += tamper.corruptsMark ? " tampered-mark" : " tampered-page" }
         return text
     }
 }

@@ -92,6 +92,7 @@ final class TargetRunner: Participant, TargetGate, @unchecked Sendable {
         if let hangDuringEvent { throw hangDuringEvent }
         if let start = pendingResume {
             pendingResume = nil
+            try serialiseThreads(processID)
             try start()
             resumed = true
             Spawn.kill(processID, signal: releaseSignal)
@@ -100,6 +101,18 @@ final class TargetRunner: Participant, TargetGate, @unchecked Sendable {
         pendingWakes.removeAll()
         for wake in wakes { try wake.wake() }
         return try runUntilQuiet(processID)
+    }
+
+    /// Several threads running at once within one target step would fault, take locks and wake each
+    /// other in an order that timing decides. On one CPU under SCHED_FIFO they run one at a time, each
+    /// until it blocks, in an order that follows from what they do (threads they create inherit both).
+    /// The restored state was judged before this; the program's output does not depend on it.
+    private func serialiseThreads(_ processID: ProcessID) throws {
+        let cpu = Int32(max(0, sysconf(Int32(_SC_NPROCESSORS_ONLN)) - 1))
+        for thread in try ProcFS.threadIDs(processID) {
+            Spawn.pin(threadID: thread, cpu: cpu)
+            try Spawn.runFirstInFirstOut(threadID: thread)
+        }
     }
 
     /// Waits until every thread of the target is blocked on a userfaultfd fault, or the process ended.

@@ -342,6 +342,7 @@ public final class Restorer: EngineActor {
             try memory.installFromFAM(slot: slot, count: 1)
         } else {
             precondition(memory.isDumped(slot), "page slot \(slot) read before its mark was seen")
+            try memory.verifyPage(slot: slot)
             let location = memory.famLocation(slot: slot)
             try target!.writePages(from: location.mapping, at: location.offset, byteCount: 4096, to: address)
             try observer?.pagesInstalled(processID: target!.processID, address: address, targetAddress: address, byteCount: 4096, installedBytes: nil)

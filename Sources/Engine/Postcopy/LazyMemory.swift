@@ -202,6 +202,10 @@ public final class LazyMemory: @unchecked Sendable {
             // Only the leading run still missing and still adjacent where the pages are now.
             let run = missingRun(slot: slot, count: count)
             guard run > 0 else { return 0 }
+            // Invariant 4 on this path too: every page against its mark's digest before it goes in. A
+            // page changed in FAM after its seal stops the migration (the target is killed) rather than
+            // running the program on it.
+            for index in slot..<(slot + run) { try verifyPage(slot: index) }
             let address = currentAddress(slot)
             let byteCount = run * 4096
             let region = reader.backend.readableRegion(at: reader.pageOffset(slot: slot), count: byteCount)
@@ -261,6 +265,12 @@ public final class LazyMemory: @unchecked Sendable {
 
     /// The slot of a page by the address it had at the freeze (the source's numbering).
     func frozenSlot(for address: UInt64) -> Int? { slotIndex(of: address, in: pageAddresses) }
+
+    /// Checks a page in FAM against its mark's digest (its mark must have been seen here first).
+    func verifyPage(slot: Int) throws(ImageError) {
+        guard let reader = lock.withLock({ reader }) else { preconditionFailure("verifyPage without an image") }
+        try reader.verifyPage(slot: slot)
+    }
 
     /// Where a dumped page lies in FAM, for an installer that does not use the userfaultfd (pwrite of
     /// a private file page). The mark must have been seen here first (invariant 3).
