@@ -70,7 +70,8 @@ public final class MigrationOracles: MigrationObserver {
     }
 
     public func targetReady(processID: ProcessID, checkpointed: ProcessState, restored: ProcessState) throws {
-        let mismatches = StateOracle.compare(checkpointed: checkpointed, restored: restored)
+        var mismatches = StateOracle.compare(checkpointed: checkpointed, restored: restored)
+        mismatches += StateOracle.restartsLandOnSyscall(processID: processID, checkpointed: checkpointed, restored: restored)
         record(OracleVerdict(name: "registers and state", passed: mismatches.isEmpty,
                              detail: mismatches.isEmpty ? "identical (rseq cpu fields masked)" : mismatches.map(\.description).joined(separator: "; ")))
         // Pages are compared only when this process also saw the freeze (fammig run); a standalone
