@@ -48,10 +48,17 @@ public final class Campaign: Sendable {
     /// Runs one iteration on the calling thread (twice with `checkDeterminism`).
     public func runOne(seed: UInt64, filter: ScenarioFilter, worker: Int = 0, keepTrace: Bool,
                        traceSink: ((String) -> Void)? = nil, checkDeterminism: Bool? = nil) -> IterationResult {
+        var filter = filter
+        if filter.chaos {
+            // Chaos has no nemesis and no model FAM to tamper with: its adversary is time itself.
+            filter.noKill = true
+            filter.tamper = false
+        }
         let scenario = Scenario.make(seed: seed, filter: filter)
         var environment = TortureEnvironment(programDirectory: options.programDirectory, stubPath: options.stubPath,
                                              workDirectory: options.workDirectory + "/w" + String(worker + 100).dropFirst())
         environment.sourceFAMWrapper = options.sourceFAMWrapper
+        if filter.chaos { return ChaosIteration(scenario: scenario, environment: environment, references: references).run() }
         let iteration = Iteration(scenario: scenario, environment: environment, references: references, ledger: ledger)
         guard checkDeterminism ?? options.checkDeterminism else { return iteration.run(keepTrace: keepTrace, traceSink: traceSink) }
         var first = iteration.run(keepTrace: true, traceSink: traceSink)

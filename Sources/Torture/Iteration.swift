@@ -79,8 +79,10 @@ func firstLine(_ path: String) -> String {
 
 /// Starts a test program as pid 1 of its own PID namespace, without address randomisation, and waits
 /// until it blocks at its rendezvous (in rt_sigtimedwait for SIGUSR2).
-func startAtRendezvous(binary: String, arguments: [String], outputPath: String, errorPath: String) throws -> ProcessID {
-    let noRandomisation: UInt32 = 0x0040000  // ADDR_NO_RANDOMIZE
+/// `repeatable` (no address randomisation) also makes it die with the thread that started it (PDEATHSIG).
+func startAtRendezvous(binary: String, arguments: [String], outputPath: String, errorPath: String,
+                       repeatable: Bool = true) throws -> ProcessID {
+    let noRandomisation: UInt32? = repeatable ? 0x0040000 : nil  // ADDR_NO_RANDOMIZE
     let processID: ProcessID
     do {
         processID = try Spawn.programInNewPIDNamespace(path: binary, arguments: arguments, environment: ["PATH=/usr/bin:/bin"],

@@ -92,6 +92,7 @@ public enum Regressions {
                 guard let size = Int(try value(option)), (0...2).contains(size) else { throw FilterError(reason: "--size takes 0, 1 or 2") }
                 filter.size = size
             case "--no-kill": filter.noKill = true
+            case "--chaos": filter.chaos = true
             case "--tamper":
                 switch try value(option) {
                 case "on": filter.tamper = true

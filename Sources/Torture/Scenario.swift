@@ -88,6 +88,9 @@ public struct ScenarioFilter: Sendable, Codable, Equatable {
     public var adversarialSteps: Int?
     /// The tamperer on (every FAM-mode iteration), off, or drawn per seed (nil).
     public var tamper: Bool?
+    /// Run under the threaded driver with real ports and seeded perturbations (Chaos.swift), not the
+    /// deterministic driver: the seed then names the perturbations, not the interleaving.
+    public var chaos = false
 
     public init(modes: [TortureMode]? = nil, programs: [String]? = nil, strategies: [StrategyName]? = nil, push: Bool? = nil) {
         self.modes = modes
@@ -107,6 +110,7 @@ public struct ScenarioFilter: Sendable, Codable, Equatable {
         if noKill { options.append("--no-kill") }
         if let adversarialSteps { options += ["--adversarial-steps", "\(adversarialSteps)"] }
         if let tamper { options += ["--tamper", tamper ? "on" : "off"] }
+        if chaos { options.append("--chaos") }
         return options
     }
 }

@@ -59,6 +59,9 @@ struct TortureCommand: ParsableCommand {
     @Option(help: "The tamperer, which changes a sealed page or mark in FAM: on or off (default: drawn per seed).", transform: parseSwitch)
     var tamper: Bool?
 
+    @Flag(help: "Chaos: run under the threaded driver (real threads, FAM file, TCP) with seeded delays, yields and CPU placement at the ports; a seed names the perturbations, not the interleaving.")
+    var chaos = false
+
     @Flag(help: "Never kill the source (shrinking uses it).")
     var noKill = false
 
@@ -100,6 +103,9 @@ struct TortureCommand: ParsableCommand {
         guard jobs >= 1 && jobs <= 64 else { throw ValidationError("--jobs must be between 1 and 64.") }
         if let size, !(0...2).contains(size) { throw ValidationError("--size must be 0, 1 or 2.") }
         if let adversarialSteps, adversarialSteps < 0 { throw ValidationError("--adversarial-steps must be 0 or more.") }
+        if chaos && (checkDeterminism || trace || shrink) {
+            throw ValidationError("--chaos runs real threads: a seed does not fix its interleaving, so --check-determinism, --trace and --shrink do not apply.")
+        }
         if trace && replay == nil { throw ValidationError("--trace needs --replay SEED (a campaign's schedules are not printed).") }
     }
 
@@ -109,6 +115,7 @@ struct TortureCommand: ParsableCommand {
         filter.noKill = noKill
         filter.adversarialSteps = adversarialSteps
         filter.tamper = tamper
+        filter.chaos = chaos
         return filter
     }
 

@@ -151,3 +151,21 @@ extension ProcessSpawningTortureTests {
         }
     }
 }
+
+extension ProcessSpawningTortureTests {
+    @Suite(.serialized) struct ChaosTests {
+        @Test func chaosIterationsPassUnderEveryModeAndLeaveNothing() throws {
+            var filter = ScenarioFilter()
+            filter.chaos = true
+            let campaign = Campaign(options: try TorturePaths.campaignOptions(seed: 3, iterations: 9, filter: filter))
+            let results = campaign.run { _, _ in }
+            #expect(results.count == 9)
+            #expect(Set(results.map(\.scenario.mode)).count > 1)
+            for result in results {
+                #expect(result.passed, "\(Report.failureText(result, filter: filter))")
+                #expect(result.scenario.kill == nil && result.scenario.tamper == nil)
+            }
+            #expect(campaign.leaks.isEmpty, "\(campaign.leaks)")
+        }
+    }
+}
