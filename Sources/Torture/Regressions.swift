@@ -76,29 +76,26 @@ public enum Regressions {
             }
             return values
         }
+        func onOrOff(_ option: String) throws(FilterError) -> Bool {
+            switch try value(option) {
+            case "on": return true
+            case "off": return false
+            case let other: throw FilterError(reason: "\(option) takes on or off, not \(other)")
+            }
+        }
         while index < words.count {
             let option = words[index]
             switch option {
             case "--mode": filter.modes = try list(option, TortureMode.init)
             case "--program": filter.programs = try list(option) { ProgramSpec.named($0)?.name }
             case "--strategy": filter.strategies = try list(option, StrategyName.init)
-            case "--push":
-                switch try value(option) {
-                case "on": filter.push = true
-                case "off": filter.push = false
-                case let other: throw FilterError(reason: "--push takes on or off, not \(other)")
-                }
+            case "--push": filter.push = try onOrOff(option)
             case "--size":
                 guard let size = Int(try value(option)), (0...2).contains(size) else { throw FilterError(reason: "--size takes 0, 1 or 2") }
                 filter.size = size
             case "--no-kill": filter.noKill = true
             case "--chaos": filter.chaos = true
-            case "--tamper":
-                switch try value(option) {
-                case "on": filter.tamper = true
-                case "off": filter.tamper = false
-                case let other: throw FilterError(reason: "--tamper takes on or off, not \(other)")
-                }
+            case "--tamper": filter.tamper = try onOrOff(option)
             case "--adversarial-steps":
                 guard let steps = Int(try value(option)), steps >= 0 else { throw FilterError(reason: "--adversarial-steps takes a count") }
                 filter.adversarialSteps = steps
