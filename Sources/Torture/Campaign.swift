@@ -53,6 +53,7 @@ public final class Campaign: Sendable {
             // Chaos has no nemesis and no model FAM to tamper with: its adversary is time itself.
             filter.noKill = true
             filter.tamper = false
+            filter.racer = false
         }
         let scenario = Scenario.make(seed: seed, filter: filter)
         var environment = TortureEnvironment(programDirectory: options.programDirectory, stubPath: options.stubPath,

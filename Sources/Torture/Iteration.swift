@@ -259,6 +259,10 @@ public struct Iteration {
         if let nemesis { participants.append(nemesis) }
         let tamperer = scenario.tamper.map { TamperParticipant(plan: $0, model: { box.model }) }
         if let tamperer { participants.append(tamperer) }
+        if scenario.racer {
+            participants.append(RacingInstaller(memory: { restorer.lazyMemory }, model: { box.model }, observer: observer,
+                                                budget: max(1, scenario.batchPageCount / 4)))
+        }
 
         let driver = DeterministicDriver(participants: participants, clock: virtualClock,
                                          scheduler: Scheduler(strategy: scenario.strategy, rng: &rng),

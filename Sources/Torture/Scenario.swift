@@ -88,6 +88,8 @@ public struct ScenarioFilter: Sendable, Codable, Equatable {
     public var adversarialSteps: Int?
     /// The tamperer on (every FAM-mode iteration), off, or drawn per seed (nil).
     public var tamper: Bool?
+    /// The racing installer on (every postcopy-fam iteration), off, or drawn per seed (nil).
+    public var racer: Bool?
     /// Run under the threaded driver with real ports and seeded perturbations (Chaos.swift), not the
     /// deterministic driver: the seed then names the perturbations, not the interleaving.
     public var chaos = false
@@ -110,6 +112,7 @@ public struct ScenarioFilter: Sendable, Codable, Equatable {
         if noKill { options.append("--no-kill") }
         if let adversarialSteps { options += ["--adversarial-steps", "\(adversarialSteps)"] }
         if let tamper { options += ["--tamper", tamper ? "on" : "off"] }
+        if let racer { options += ["--racer", racer ? "on" : "off"] }
         if chaos { options.append("--chaos") }
         return options
     }
@@ -131,6 +134,8 @@ public struct Scenario: Sendable, Codable, Equatable {
     public var adversarialSteps: Int
     /// A sealed page or mark is changed in FAM (FAM modes only).
     public var tamper: TamperPlan?
+    /// A second installer races the engine's (postcopy-fam only).
+    public var racer = false
 
     /// The seed of iteration `index` of a campaign started with `seed`.
     public static func iterationSeed(campaignSeed: UInt64, index: Int) -> UInt64 {
@@ -165,10 +170,11 @@ public struct Scenario: Sendable, Codable, Equatable {
         let tamperDrawn = filter.tamper ?? tamperGenerator.chance(1, in: 10)
         let corruptsMark = tamperGenerator.chance(1, in: 3)
         let tamper = tamperDrawn && mode != .postcopySocket ? TamperPlan(corruptsMark: corruptsMark) : nil
+        let racer = mode == .postcopyFAM && (filter.racer ?? tamperGenerator.chance(1, in: 4))
         return Scenario(seed: seed, mode: mode, push: push, program: spec.name, binary: spec.binary,
                         arguments: spec.arguments(size) + ["--rendezvous", "\(rendezvous)"], size: size,
                         rendezvous: rendezvous, strategy: strategy, batchPageCount: batchPageCount, kill: kill,
-                        adversarialSteps: filter.adversarialSteps ?? Int.max, tamper: tamper)
+                        adversarialSteps: filter.adversarialSteps ?? Int.max, tamper: tamper, racer: racer)
     }
 
     public var summary: String {
@@ -180,6 +186,7 @@ public struct Scenario: Sendable, Codable, Equatable {
         }
         if adversarialSteps != Int.max { text += " adversarial-steps \(adversarialSteps)" }
         if let tamper { text += tamper.corruptsMark ? " tampered-mark" : " tampered-page" }
+        if racer { text += " racer" }
         return text
     }
 }

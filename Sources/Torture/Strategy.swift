@@ -18,6 +18,8 @@ public enum ActorName: String, Sendable, CaseIterable, Codable {
     case nemesis
     /// Changes a sealed page or mark in the FAM the target sees.
     case tamperer
+    /// Installs sealed pages behind the engine's back (a second installer meeting the engine's).
+    case racer
 }
 
 /// One step some actor could take now.
@@ -59,7 +61,7 @@ struct Scheduler {
         self.strategy = strategy
         if strategy == .pct {
             // The tamperer is left out (lowest): adding it must not reorder the other actors of old seeds.
-            var order = ActorName.allCases.filter { $0 != .tamperer }
+            var order = ActorName.allCases.filter { $0 != .tamperer && $0 != .racer }
             order.shuffle(using: &rng)
             for (index, actor) in order.enumerated() { priorities[actor] = index + 10 }
             // Depth 3: two change points within the first few thousand steps.

@@ -59,6 +59,9 @@ struct TortureCommand: ParsableCommand {
     @Option(help: "The tamperer, which changes a sealed page or mark in FAM: on or off (default: drawn per seed).", transform: parseSwitch)
     var tamper: Bool?
 
+    @Option(help: "The racing installer, which installs sealed pages behind the engine's back (postcopy-fam): on or off (default: drawn per seed).", transform: parseSwitch)
+    var racer: Bool?
+
     @Flag(help: "Chaos: run under the threaded driver (real threads, FAM file, TCP) with seeded delays, yields and CPU placement at the ports; a seed names the perturbations, not the interleaving.")
     var chaos = false
 
@@ -116,6 +119,7 @@ struct TortureCommand: ParsableCommand {
         filter.adversarialSteps = adversarialSteps
         filter.tamper = tamper
         filter.chaos = chaos
+        filter.racer = racer
         return filter
     }
 

@@ -21,7 +21,8 @@ public enum InstallPath: String, Sendable, CaseIterable {
 public final class LazyMemory: @unchecked Sendable {
     public let targetProcessID: ProcessID
     public let pageAddresses: [UInt64]
-    let userfaultfd: Userfaultfd
+    /// `package`: torture's racing installer copies through it behind the engine's back.
+    package let userfaultfd: Userfaultfd
     private let registeredRanges: [Range<UInt64>]
     private let lock = NSLock()
     private var reader: ImageReader?
@@ -73,7 +74,7 @@ public final class LazyMemory: @unchecked Sendable {
     }
 
     /// Where the slot's page is in the target now.
-    func currentAddress(_ slot: Int) -> UInt64 { lock.withLock { currentAddresses[slot] } }
+    package func currentAddress(_ slot: Int) -> UInt64 { lock.withLock { currentAddresses[slot] } }
 
     /// The next fault, after applying every memory event queued with it. Returns nil when nothing is
     /// pending. The install lock is held while reading: the thread that caused an event runs on as soon
@@ -144,8 +145,8 @@ public final class LazyMemory: @unchecked Sendable {
         }
     }
 
-    func isRegistered(_ address: UInt64) -> Bool { registeredRanges.contains { $0.contains(address) } }
-    func isInstalled(_ slot: Int) -> Bool { lock.withLock { installed[slot] } }
+    package func isRegistered(_ address: UInt64) -> Bool { registeredRanges.contains { $0.contains(address) } }
+    package func isInstalled(_ slot: Int) -> Bool { lock.withLock { installed[slot] } }
 
     /// Records a request; true when this is the first for the slot (send it then).
     func noteRequested(_ slot: Int) -> Bool {
@@ -209,14 +210,14 @@ public final class LazyMemory: @unchecked Sendable {
             let address = currentAddress(slot)
             let byteCount = run * 4096
             let region = reader.backend.readableRegion(at: reader.pageOffset(slot: slot), count: byteCount)
-            let newly = try copyAll(slot: slot, address: address, byteCount: byteCount) { offset, remaining throws -> CopyOutcome in
+            let copied = try copyAll(slot: slot, address: address, byteCount: byteCount) { offset, remaining throws -> CopyOutcome in
                 try userfaultfd.copy(from: region.mapping, at: region.offset + offset,
                                      to: address + UInt64(offset), byteCount: remaining, dontWake: true)
             }
-            try finishInstall(slot: slot, count: run, newly: newly) { offset in
+            try finishInstall(slot: slot, count: run, copied: copied) { offset in
                 reader.backend.loadBytes(at: reader.pageOffset(slot: slot) + offset * 4096, count: 4096)
             }
-            return newly.count
+            return copied.newly.count
         }
     }
 
@@ -250,13 +251,13 @@ public final class LazyMemory: @unchecked Sendable {
                 guard run > 0 else { index += 1; continue }
                 let destination = currentAddress(slot + index)
                 let chunk = Array(bytes[(index * 4096)..<((index + run) * 4096)])
-                let newly = try copyAll(slot: slot + index, address: destination, byteCount: chunk.count) { offset, remaining throws -> CopyOutcome in
+                let copied = try copyAll(slot: slot + index, address: destination, byteCount: chunk.count) { offset, remaining throws -> CopyOutcome in
                     try userfaultfd.copy(bytes: Array(chunk[offset..<(offset + remaining)]), to: destination + UInt64(offset), dontWake: true)
                 }
-                try finishInstall(slot: slot + index, count: run, newly: newly) { offset in
+                try finishInstall(slot: slot + index, count: run, copied: copied) { offset in
                     Array(chunk[(offset * 4096)..<((offset + 1) * 4096)])
                 }
-                total += newly.count
+                total += copied.newly.count
                 index += run
             }
             return total
@@ -332,9 +333,12 @@ public final class LazyMemory: @unchecked Sendable {
     }
 
     /// Runs a multi-page UFFDIO_COPY to the end: EAGAIN advances by what was copied, EEXIST skips one
-    /// page (someone else installed it). Returns the page offsets (in pages) this call installed.
-    private func copyAll(slot: Int, address: UInt64, byteCount: Int, _ copy: (Int, Int) throws -> CopyOutcome) throws -> [Int] {
+    /// page (someone else installed it). Returns the page offsets (in pages) this call installed, and
+    /// those it found present.
+    private func copyAll(slot: Int, address: UInt64, byteCount: Int,
+                         _ copy: (Int, Int) throws -> CopyOutcome) throws -> (newly: [Int], present: [Int]) {
         var newly: [Int] = []
+        var present: [Int] = []
         var done = 0
         // A run that crosses a mapping boundary (neighbours with other protections) fails as a whole
         // with ENOENT: from then on page by page.
@@ -349,7 +353,7 @@ public final class LazyMemory: @unchecked Sendable {
                 // the page is now.
                 try drainEvents()
                 let page = slot + done / 4096
-                if error.errno == .resourceTemporarilyUnavailable || currentAddress(page) != address + UInt64(done) { return newly }
+                if error.errno == .resourceTemporarilyUnavailable || currentAddress(page) != address + UInt64(done) { return (newly, present) }
                 if !pageByPage {
                     pageByPage = true
                     continue
@@ -371,15 +375,20 @@ public final class LazyMemory: @unchecked Sendable {
                 newly.append(contentsOf: (done / 4096)..<((done + copiedByteCount) / 4096))
                 done += copiedByteCount
             case .firstPageAlreadyPresent:
+                present.append(done / 4096)
                 done += 4096
             }
         }
-        return newly
+        return (newly, present)
     }
 
-    private func finishInstall(slot: Int, count: Int, newly: [Int], installedBytes: (Int) -> [UInt8]) throws {
+    /// `present`: pages another installer put there first (EEXIST). They count as installed: nobody of
+    /// ours will ever copy them, and a slot left missing would be asked for forever. Whoever installed one
+    /// showed it to the oracle.
+    private func finishInstall(slot: Int, count: Int, copied: (newly: [Int], present: [Int]), installedBytes: (Int) -> [UInt8]) throws {
+        let newly = copied.newly
         lock.withLock {
-            for offset in newly where !installed[slot + offset] {
+            for offset in newly + copied.present where !installed[slot + offset] {
                 installed[slot + offset] = true
                 installedPageCount += 1
             }
