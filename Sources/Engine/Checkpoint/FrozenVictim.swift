@@ -83,7 +83,10 @@ final class FrozenVictim {
         }
     }
 
+    /// Refusals found only now (a child forked after the preflight) throw before anything was written
+    /// anywhere: the dumper's abort detaches the victim, which runs on.
     private func captureThrowing() throws -> ProcessState {
+        try Preflight.checkNoChildren(processID)
         let registers = try tracee.registers()
         let signalMask = try tracee.signalMask()
         let injected = try injectQueries(registers: registers, signalMask: signalMask)
