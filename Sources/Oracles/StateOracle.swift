@@ -40,6 +40,7 @@ public enum StateOracle {
             check("\(prefix) robust list length", expectedThread.robustListLength, actualThread.robustListLength)
             check("\(prefix) clear-child-tid", expectedThread.clearChildTID, actualThread.clearChildTID, render: hex)
             check("\(prefix) name", expectedThread.commandName, actualThread.commandName)
+            check("\(prefix) sigaltstack", expectedThread.signalStack, actualThread.signalStack)
             check("\(prefix) pending signals", expectedThread.pendingSignals.map(\.signal), actualThread.pendingSignals.map(\.signal))
             check("\(prefix) pending siginfo", expectedThread.pendingSignals, actualThread.pendingSignals) { "\($0.count) entries" }
         }
@@ -66,6 +67,12 @@ public enum StateOracle {
                                             actual: describe(actualLayout.filter { !expectedLayout.contains($0) })))
         }
         check("open files", checkpointed.files, restored.files)
+        let expectedContext = checkpointed.context, actualContext = restored.context
+        check("working directory", expectedContext.workingDirectory, actualContext.workingDirectory)
+        check("umask", expectedContext.fileCreationMask, actualContext.fileCreationMask) { "0o" + String($0, radix: 8) }
+        check("oom_score_adj", expectedContext.oomScoreAdjustment, actualContext.oomScoreAdjustment)
+        check("dumpable", expectedContext.dumpable, actualContext.dumpable)
+        check("THP disable", expectedContext.transparentHugePagesDisabled, actualContext.transparentHugePagesDisabled)
         return mismatches
     }
 

@@ -25,6 +25,7 @@ enum Preflight {
         try checkNoChildren(processID)
         _ = try descriptors(processID)
         _ = try mappings(processID)
+        try ContextReader.checkRestorable(processID)
     }
 
     /// A checkpoint kills the victim: its children would be orphaned (re-parented, their exit statuses

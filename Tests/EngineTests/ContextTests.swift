@@ -1,0 +1,140 @@
+// Issue 11, item 5: the process context (cwd, umask, oom_score_adj, dumpable, THP-disable, sigaltstack)
+// survives a migration in every mode, with the state oracle comparing each field, so that a loss fails the
+// run instead of passing it; what cannot be restored is refused before the freeze.
+import Foundation
+import Glibc
+import Testing
+@testable import Engine
+import Oracles
+import Sys
+
+struct ContextCase: Sendable, CustomTestStringConvertible {
+    var program: String
+    var arguments: [String]
+    var mode: String
+    var testDescription: String { "\(program) \(mode) \(arguments.joined(separator: " "))" }
+
+    static let all: [ContextCase] = ["nonlive", "postcopy-socket", "postcopy-fam"].flatMap { mode in
+        [ContextCase(program: "context-static", arguments: ["--rounds", "60", "--pause-us", "10000", "--umask", "027", "--oom", "345",
+                                                            "--dumpable", "0", "--thp", "1", "--autodisarm", "0"], mode: mode),
+         ContextCase(program: "context", arguments: ["--rounds", "60", "--pause-us", "10000", "--umask", "077", "--oom", "900",
+                                                     "--dumpable", "0", "--thp", "3", "--autodisarm", "1"], mode: mode)]
+    }
+}
+
+extension ProcessTests {
+    @Suite(.serialized) struct ContextTests {
+        @Test(arguments: ContextCase.all) func contextSurvivesMigration(_ migration: ContextCase) throws {
+            let program = try TestPaths.testProgram(migration.program)
+            let directory = try ScratchDirectory(under: "/tmp")
+            defer { directory.remove() }
+            let leftovers = LeftoverCheck()
+            defer { leftovers.finish() }
+            leftovers.expectProgram([program] + migration.arguments)
+            let report = try runAndJudge(leftovers: leftovers, directory: directory,
+                                         runOptions: ["--mode", migration.mode, "--after-ms", "250"],
+                                         command: [program] + migration.arguments, timeout: .seconds(90))
+            #expect(report.programStatus == "exited with status 0")
+            #expect(report.migratedChecksum != nil && report.migratedChecksum == report.referenceChecksum)
+        }
+
+        /// A working directory that was deleted has no path to restore it by: refused before the freeze.
+        @Test func deletedWorkingDirectoryIsRefused() throws {
+            let directory = try ScratchDirectory(under: "/dev/shm")
+            defer { directory.remove() }
+            let leftovers = LeftoverCheck()
+            defer { leftovers.finish() }
+            let workingDirectory = try ScratchDirectory(under: "/tmp")
+            defer { workingDirectory.remove() }
+            // A shell that moves into the directory, which is then removed under it; `exec sleep` keeps the cwd.
+            let sleeper = leftovers.own(try SpawnedProgram("/bin/sh", ["-c", "cd \(workingDirectory.path) && exec /bin/sleep 30"],
+                                                           standardOutputPath: directory.path("out"), standardErrorPath: directory.path("err")))
+            #expect(pollUntil(timeout: .seconds(5)) {
+                (try? ProcFS.readLink("/proc/\(sleeper.processID)/exe")) == "/usr/bin/sleep"
+                    && (try? ProcFS.readLink("/proc/\(sleeper.processID)/cwd")) == workingDirectory.path
+            })
+            workingDirectory.remove()
+            let outcome = try leftovers.fammig("checkpoint", "--pid", "\(sleeper.processID)", "--fam", directory.path("image.fam"))
+            #expect(outcome.exitStatus == 2 && !outcome.killedBySignal, "exit \(outcome.exitStatus): \(outcome.standardError)")
+            #expect(outcome.standardError.contains("working directory \(workingDirectory.path) was deleted"), "\(outcome.standardError)")
+            #expect(untouchedProblem(sleeper.processID) == nil, "\(untouchedProblem(sleeper.processID) ?? "")")
+        }
+    }
+}
+
+// MARK: The oracle and the image format, without processes
+
+@Suite struct ContextStateTests {
+    func contextState() -> ProcessState {
+        var state = plausibleState(processID: ProcessID(4242), dataRange: 0x7f00_0000_0000..<0x7f00_0001_0000)
+        state.context.workingDirectory = "/srv/work dir"
+        state.context.fileCreationMask = 0o027
+        state.context.oomScoreAdjustment = 345
+        state.context.dumpable = 0
+        state.context.transparentHugePagesDisabled = 3
+        state.threads[0].signalStack = SignalStack(address: 0x7f00_0000_4000, byteCount: 65536, flags: SignalStack.autoDisarmFlag)
+        return state
+    }
+
+    @Test func contextRoundTripsThroughTheImageEncoding() throws {
+        let state = contextState()
+        let decoded = try ProcessState.decode(state.encoded())
+        #expect(decoded == state)
+        #expect(decoded.context.workingDirectory == "/srv/work dir")
+        #expect(decoded.threads[0].signalStack.byteCount == 65536)
+        try decoded.validate(pageAddresses: [], path: "test")
+    }
+
+    /// Each lost field is named by the oracle (the oracle can fail).
+    @Test func oracleNamesEachLostContextField() {
+        let checkpointed = contextState()
+        let losses: [(String, (inout ProcessState) -> Void)] = [
+            ("working directory", { $0.context.workingDirectory = "/" }),
+            ("umask", { $0.context.fileCreationMask = 0o022 }),
+            ("oom_score_adj", { $0.context.oomScoreAdjustment = 0 }),
+            ("dumpable", { $0.context.dumpable = 1 }),
+            ("THP disable", { $0.context.transparentHugePagesDisabled = 0 }),
+            ("thread 4242 sigaltstack", { $0.threads[0].signalStack = .disabled }),
+        ]
+        #expect(StateOracle.compare(checkpointed: checkpointed, restored: checkpointed).isEmpty)
+        for (field, lose) in losses {
+            var restored = checkpointed
+            lose(&restored)
+            #expect(StateOracle.compare(checkpointed: checkpointed, restored: restored).map(\.field) == [field])
+        }
+    }
+
+    /// What the restorer could not set is refused when the image is read, before any process exists.
+    @Test func unrestorableContextIsRejected() {
+        let cases: [(String, (inout ProcessState) -> Void)] = [
+            ("is not an absolute path", { $0.context.workingDirectory = "relative/dir" }),
+            ("holds a NUL byte", { $0.context.workingDirectory = "/tmp/a\u{0}b" }),
+            ("beyond 0o777", { $0.context.fileCreationMask = 0o1777 }),
+            ("outside -1000...1000", { $0.context.oomScoreAdjustment = 1001 }),
+            ("is not 0 or 1", { $0.context.dumpable = 2 }),
+            ("is not 0, 1 or 3", { $0.context.transparentHugePagesDisabled = 2 }),
+            ("is not inside user space", { $0.threads[0].signalStack.address = AddressSpace.userSpaceEnd - 4096 }),
+            ("smaller than MINSIGSTKSZ", { $0.threads[0].signalStack.byteCount = 1024 }),
+            ("flags sigaltstack does not take", { $0.threads[0].signalStack.flags = 4 }),
+            ("disabled but not empty", { $0.threads[0].signalStack = SignalStack(address: 0x1000, byteCount: 0, flags: SignalStack.disableFlag) }),
+        ]
+        for (reason, damage) in cases {
+            var state = contextState()
+            damage(&state)
+            do {
+                let decoded = try ProcessState.decode(state.encoded())
+                try decoded.validate(pageAddresses: [], path: "test")
+                Issue.record("accepted a state whose context \(reason)")
+            } catch {
+                #expect("\(error)".contains(reason), "\(error)")
+            }
+        }
+    }
+
+    /// A state encoded by the previous format (version 2) is refused by its version, not misread.
+    @Test func previousEncodingIsRefusedByVersion() {
+        var bytes = contextState().encoded()
+        bytes[0] = 2
+        #expect(throws: ImageError.self) { try ProcessState.decode(bytes) }
+    }
+}
