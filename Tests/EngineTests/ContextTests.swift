@@ -1,4 +1,5 @@
-// Issue 11, item 5: the process context (cwd, umask, oom_score_adj, dumpable, THP-disable, sigaltstack)
+// Issue 11, item 5: the process context (cwd, umask, oom_score_adj, dumpable, THP-disable, sigaltstack,
+// interval timers)
 // survives a migration in every mode, with the state oracle comparing each field, so that a loss fails the
 // run instead of passing it; what cannot be restored is refused before the freeze.
 import Foundation
@@ -18,7 +19,10 @@ struct ContextCase: Sendable, CustomTestStringConvertible {
         [ContextCase(program: "context-static", arguments: ["--rounds", "60", "--pause-us", "10000", "--umask", "027", "--oom", "345",
                                                             "--dumpable", "0", "--thp", "1", "--autodisarm", "0"], mode: mode),
          ContextCase(program: "context", arguments: ["--rounds", "60", "--pause-us", "10000", "--umask", "077", "--oom", "900",
-                                                     "--dumpable", "0", "--thp", "3", "--autodisarm", "1"], mode: mode)]
+                                                     "--dumpable", "0", "--thp", "3", "--autodisarm", "1"], mode: mode),
+         // A SIGALRM every 5 ms must keep coming, and the CPU timers stay armed.
+         ContextCase(program: "context-static", arguments: ["--rounds", "60", "--pause-us", "10000", "--itimers", "1", "--alarm-ms", "5"],
+                     mode: mode)]
     }
 }
 
@@ -73,6 +77,9 @@ extension ProcessTests {
         state.context.dumpable = 0
         state.context.transparentHugePagesDisabled = 3
         state.threads[0].signalStack = SignalStack(address: 0x7f00_0000_4000, byteCount: 65536, flags: SignalStack.autoDisarmFlag)
+        state.context.intervalTimers = [IntervalTimer(kind: .real, intervalMicroseconds: 5000, valueMicroseconds: 3000),
+                                        IntervalTimer(kind: .virtual, intervalMicroseconds: 0, valueMicroseconds: 3_600_000_000),
+                                        IntervalTimer(kind: .profiling, intervalMicroseconds: 0, valueMicroseconds: 0)]
         return state
     }
 
@@ -95,6 +102,10 @@ extension ProcessTests {
             ("dumpable", { $0.context.dumpable = 1 }),
             ("THP disable", { $0.context.transparentHugePagesDisabled = 0 }),
             ("thread 4242 sigaltstack", { $0.threads[0].signalStack = .disabled }),
+            ("interval timer virtual time left", { $0.context.intervalTimers[1].valueMicroseconds = 0 }),
+            ("interval timer virtual time left", { $0.context.intervalTimers[1].valueMicroseconds = 1_000_000_000 }),
+            ("interval timer real interval", { $0.context.intervalTimers[0].intervalMicroseconds = 0 }),
+            ("interval timer profiling armed", { $0.context.intervalTimers[2].valueMicroseconds = 10 }),
         ]
         #expect(StateOracle.compare(checkpointed: checkpointed, restored: checkpointed).isEmpty)
         for (field, lose) in losses {
@@ -102,6 +113,42 @@ extension ProcessTests {
             lose(&restored)
             #expect(StateOracle.compare(checkpointed: checkpointed, restored: restored).map(\.field) == [field])
         }
+    }
+
+    /// A timer may run on (or expire, its signal then pending) between the restore and the oracle's
+    /// reading; a one-shot timer that is simply off was lost, not expired.
+    @Test func oracleAllowsWhatTimersDoMeanwhile() {
+        let checkpointed = contextState()
+        var ranOn = checkpointed
+        ranOn.context.intervalTimers[0].valueMicroseconds = 1000   // 2 ms later
+        ranOn.context.intervalTimers[1].valueMicroseconds += 4000  // setitimer's extra tick
+        #expect(StateOracle.compare(checkpointed: checkpointed, restored: ranOn).isEmpty)
+        var reloaded = checkpointed
+        reloaded.context.intervalTimers[0].valueMicroseconds = 4500  // expired and reloaded; SIGALRM pending
+        reloaded.sharedPendingSignals.append(PendingSignal(shared: true, siginfo: [14] + Array(repeating: 0, count: 127)))
+        #expect(StateOracle.compare(checkpointed: checkpointed, restored: reloaded).isEmpty)
+        // ITIMER_REAL re-arms only when its SIGALRM is taken: expired in a stopped process, it shows 0 left.
+        var awaitingDequeue = reloaded
+        awaitingDequeue.context.intervalTimers[0].valueMicroseconds = 0
+        #expect(StateOracle.compare(checkpointed: checkpointed, restored: awaitingDequeue).isEmpty)
+        var periodicLost = checkpointed
+        periodicLost.context.intervalTimers[0].valueMicroseconds = 0
+        #expect(StateOracle.compare(checkpointed: checkpointed, restored: periodicLost).map(\.field) == ["interval timer real time left"])
+
+        var oneShot = checkpointed
+        oneShot.context.intervalTimers[0] = IntervalTimer(kind: .real, intervalMicroseconds: 0, valueMicroseconds: 3000)
+        var lost = oneShot
+        lost.context.intervalTimers[0].valueMicroseconds = 0
+        #expect(StateOracle.compare(checkpointed: oneShot, restored: lost).map(\.field) == ["interval timer real time left"])
+        var expired = lost
+        expired.sharedPendingSignals.append(PendingSignal(shared: true, siginfo: [14] + Array(repeating: 0, count: 127)))
+        #expect(StateOracle.compare(checkpointed: oneShot, restored: expired).isEmpty)
+        // An extra SIGALRM with no timer that could have sent it is a mismatch.
+        var stray = checkpointed
+        stray.context.intervalTimers[0] = IntervalTimer(kind: .real, intervalMicroseconds: 0, valueMicroseconds: 0)
+        var strayRestored = stray
+        strayRestored.sharedPendingSignals.append(PendingSignal(shared: true, siginfo: [14] + Array(repeating: 0, count: 127)))
+        #expect(StateOracle.compare(checkpointed: stray, restored: strayRestored).map(\.field) == ["shared pending signals"])
     }
 
     /// What the restorer could not set is refused when the image is read, before any process exists.
@@ -117,6 +164,8 @@ extension ProcessTests {
             ("smaller than MINSIGSTKSZ", { $0.threads[0].signalStack.byteCount = 1024 }),
             ("flags sigaltstack does not take", { $0.threads[0].signalStack.flags = 4 }),
             ("disabled but not empty", { $0.threads[0].signalStack = SignalStack(address: 0x1000, byteCount: 0, flags: SignalStack.disableFlag) }),
+            ("not real, virtual, profiling", { $0.context.intervalTimers.removeLast() }),
+            ("beyond setitimer's range", { $0.context.intervalTimers[0].valueMicroseconds = UInt64.max }),
         ]
         for (reason, damage) in cases {
             var state = contextState()
@@ -131,10 +180,10 @@ extension ProcessTests {
         }
     }
 
-    /// A state encoded by the previous format (version 2) is refused by its version, not misread.
-    @Test func previousEncodingIsRefusedByVersion() {
+    /// A state encoded by an earlier format (2, 3) is refused by its version, not misread.
+    @Test(arguments: [UInt8(2), 3]) func previousEncodingIsRefusedByVersion(_ version: UInt8) {
         var bytes = contextState().encoded()
-        bytes[0] = 2
+        bytes[0] = version
         #expect(throws: ImageError.self) { try ProcessState.decode(bytes) }
     }
 }

@@ -32,9 +32,19 @@ struct ContextRestorer {
         }
     }
 
-    /// The dumpable flag, once the credentials are final.
+    /// The dumpable flag, once the credentials are final; then the interval timers, as late as the
+    /// restore allows (ITIMER_REAL counts wall time from here), each with the time it had left at the
+    /// freeze: the downtime does not count against it. A timer not armed then is disarmed here.
     func restoreAfterCredentials(_ context: ProcessContext) throws {
         try injector.call("prctl(PR_SET_DUMPABLE)", Syscall.prctl, 4, UInt64(context.dumpable))
+        for var timer in context.intervalTimers {
+            // No time left but an interval: ITIMER_REAL expired and waits for its SIGALRM to be taken
+            // (it re-arms at dequeue; the signal is among the pending ones restored). setitimer with a
+            // zero value would drop the interval too; one microsecond expires at once into that state.
+            if timer.valueMicroseconds == 0 && timer.intervalMicroseconds != 0 { timer.valueMicroseconds = 1 }
+            try memory.write(timer.itimerval, at: dataAddress)
+            try injector.call("setitimer(\(timer.kind))", Syscall.setitimer, UInt64(timer.kind.rawValue), dataAddress, 0)
+        }
     }
 
     /// sigaltstack refuses (EPERM) to change the stack the thread is on, judged by its stack pointer:

@@ -109,6 +109,13 @@ extension ProcessState {
         guard ProcessContext.transparentHugePageValues.contains(context.transparentHugePagesDisabled) else {
             throw .unrestorableState(path: path, reason: "THP-disable \(context.transparentHugePagesDisabled) is not 0, 1 or 3")
         }
+        // One of each, in order: the restorer sets all three, disarming what was not armed.
+        guard context.intervalTimers.map(\.kind) == IntervalTimer.Kind.allCases else {
+            throw .unrestorableState(path: path, reason: "the interval timers are \(context.intervalTimers.map { "\($0.kind)" }), not real, virtual, profiling")
+        }
+        for timer in context.intervalTimers where timer.intervalMicroseconds > IntervalTimer.microsecondsMax || timer.valueMicroseconds > IntervalTimer.microsecondsMax {
+            throw .unrestorableState(path: path, reason: "interval timer \(timer) is beyond setitimer's range")
+        }
         for thread in threads {
             let stack = thread.signalStack
             let what = "thread \(thread.threadID)'s sigaltstack (\(stack.byteCount) bytes at \(hex(stack.address)), flags \(hex(UInt64(stack.flags))))"

@@ -1,6 +1,6 @@
 // The process context besides memory, registers, signals and credentials: the directory it works in, the
 // mask it creates files with, how the OOM killer and core dumps treat it, whether it may get transparent
-// huge pages, and each thread's alternate signal stack. Each field is read at freeze (StateReader, the
+// huge pages, its interval timers, and each thread's alternate signal stack. Each field is read at freeze (StateReader, the
 // same reader the state oracle uses on the target), restored by ContextRestorer and compared by the state
 // oracle, so a loss is caught instead of shipped. What cannot be restored is refused here, before the
 // freeze where /proc tells it, else right after it, while the victim is still untouched.
@@ -41,6 +41,53 @@ public struct SignalStack: Equatable, Sendable, CustomStringConvertible {
     }
 }
 
+/// One of setitimer's timers, with the time left as getitimer answers it (0: disarmed).
+public struct IntervalTimer: Equatable, Sendable, CustomStringConvertible {
+    /// ITIMER_REAL (wall time, SIGALRM), ITIMER_VIRTUAL (user CPU time, SIGVTALRM), ITIMER_PROF (all
+    /// CPU time, SIGPROF).
+    public enum Kind: Int32, CaseIterable, Sendable {
+        case real = 0, virtual = 1, profiling = 2
+        /// The signal the kernel sends (process-wide) when it expires.
+        public var signal: Int32 { [14, 26, 27][Int(rawValue)] }
+    }
+    public var kind: Kind
+    public var intervalMicroseconds: UInt64
+    public var valueMicroseconds: UInt64
+
+    public var isArmed: Bool { valueMicroseconds != 0 }
+    public var description: String { "\(kind): \(valueMicroseconds) us left, interval \(intervalMicroseconds) us" }
+
+    /// What setitimer takes (tv_sec of a timeval is a signed 64-bit word; larger values are clamped by
+    /// the kernel anyway): about 68 years.
+    public static let microsecondsMax: UInt64 = UInt64(Int32.max) * 1_000_000
+
+    public init(kind: Kind, intervalMicroseconds: UInt64, valueMicroseconds: UInt64) {
+        (self.kind, self.intervalMicroseconds, self.valueMicroseconds) = (kind, intervalMicroseconds, valueMicroseconds)
+    }
+
+    /// The 32 bytes of `struct itimerval` (interval, then value; each tv_sec, tv_usec); nil when they
+    /// are not two valid timevals.
+    init?(kind: Kind, itimerval raw: [UInt8]) {
+        func microseconds(at offset: Int) -> UInt64? {
+            let seconds = raw.littleEndianWord(at: offset), micros = raw.littleEndianWord(at: offset + 8)
+            guard seconds <= UInt64(Int32.max), micros < 1_000_000 else { return nil }
+            return seconds * 1_000_000 + micros
+        }
+        guard raw.count == 32, let interval = microseconds(at: 0), let value = microseconds(at: 16) else { return nil }
+        self.init(kind: kind, intervalMicroseconds: interval, valueMicroseconds: value)
+    }
+
+    /// The `struct itimerval` setitimer takes.
+    var itimerval: [UInt8] {
+        var bytes: [UInt8] = []
+        for micros in [intervalMicroseconds, valueMicroseconds] {
+            bytes.appendLittleEndian(micros / 1_000_000)
+            bytes.appendLittleEndian(micros % 1_000_000)
+        }
+        return bytes
+    }
+}
+
 /// Process-wide context (shared by every thread).
 public struct ProcessContext: Equatable, Sendable {
     /// The current working directory, restored by path (its file identity is checked at freeze).
@@ -53,6 +100,10 @@ public struct ProcessContext: Equatable, Sendable {
     public var dumpable: Int32 = 1
     /// PR_GET_THP_DISABLE's answer: 0, 1 (disabled) or 3 (disabled except where madvised, 6.18).
     public var transparentHugePagesDisabled: UInt32 = 0
+    /// ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF, in that order.
+    public var intervalTimers: [IntervalTimer] = IntervalTimer.Kind.allCases.map {
+        IntervalTimer(kind: $0, intervalMicroseconds: 0, valueMicroseconds: 0)
+    }
 
     public init() {}
 

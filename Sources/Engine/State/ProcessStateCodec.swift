@@ -5,7 +5,8 @@ import Sys
 extension ProcessState {
     /// Bumped whenever the encoding changes; the image format version covers the layout around it.
     /// 3: each thread's sigaltstack, and the process context (cwd, umask, oom_score_adj, dumpable, THP).
-    static let encodingVersion: UInt32 = 3
+    /// 4: the interval timers (setitimer).
+    static let encodingVersion: UInt32 = 4
 
     public func encoded() -> [UInt8] {
         var writer = BinaryWriter()
@@ -58,6 +59,11 @@ extension ProcessState {
         writer.writeInt32(context.oomScoreAdjustment)
         writer.writeInt32(context.dumpable)
         writer.writeUInt32(context.transparentHugePagesDisabled)
+        writer.writeArray(context.intervalTimers) { writer, timer in
+            writer.writeInt32(timer.kind.rawValue)
+            writer.writeUInt64(timer.intervalMicroseconds)
+            writer.writeUInt64(timer.valueMicroseconds)
+        }
         return writer.bytes
     }
 
@@ -137,6 +143,11 @@ extension ProcessState {
         context.oomScoreAdjustment = try reader.readInt32()
         context.dumpable = try reader.readInt32()
         context.transparentHugePagesDisabled = try reader.readUInt32()
+        context.intervalTimers = try reader.readArray(maximumCount: IntervalTimer.Kind.allCases.count) { (reader) throws(ImageError) -> IntervalTimer in
+            let rawKind = try reader.readInt32()
+            guard let kind = IntervalTimer.Kind(rawValue: rawKind) else { throw .malformedMetadata(reason: "interval timer \(rawKind)") }
+            return IntervalTimer(kind: kind, intervalMicroseconds: try reader.readUInt64(), valueMicroseconds: try reader.readUInt64())
+        }
         try reader.expectEnd()
         var state = ProcessState(processID: processID, executablePath: executablePath, commandName: commandName, threads: threads,
                             signalActions: actions, sharedPendingSignals: shared, memoryDescriptor: fields,

@@ -18,6 +18,7 @@ struct InjectedAnswers: Equatable {
     var signalStacks: [SignalStack] = []
     var dumpable: Int32 = 1
     var transparentHugePagesDisabled: UInt32 = 0
+    var intervalTimers: [IntervalTimer] = []
 }
 
 enum StateReader {
@@ -50,6 +51,15 @@ enum StateReader {
             answers.clearChildTIDs.append(try memory.read(at: dataAddress, byteCount: 8).littleEndianWord(at: 0))
             try threadInjector.call("sigaltstack", Syscall.sigaltstack, 0, dataAddress)
             answers.signalStacks.append(SignalStack(stackT: try memory.read(at: dataAddress, byteCount: 24)))
+        }
+        // Last: ITIMER_REAL runs on while the process is stopped, and the shared pending signals (read
+        // next) should see an expiry that getitimer already counted.
+        for kind in IntervalTimer.Kind.allCases {
+            try injector.call("getitimer(\(kind))", Syscall.getitimer, UInt64(kind.rawValue), dataAddress)
+            guard let timer = IntervalTimer(kind: kind, itimerval: try memory.read(at: dataAddress, byteCount: 32)) else {
+                throw InjectionError.failed(name: "getitimer(\(kind)) answered no valid itimerval", errno: EINVAL)
+            }
+            answers.intervalTimers.append(timer)
         }
         return answers
     }
@@ -113,6 +123,7 @@ enum StateReader {
         context.oomScoreAdjustment = try ContextReader.oomScoreAdjustment(processID)
         context.dumpable = injected.dumpable
         context.transparentHugePagesDisabled = injected.transparentHugePagesDisabled
+        context.intervalTimers = injected.intervalTimers
         // Inside its own PID namespace (a node of its own) the process knows itself by another number.
         let ownProcessID = try ProcFS.innermostProcessID(processID)
         var state = ProcessState(
