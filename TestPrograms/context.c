@@ -7,7 +7,9 @@
  * PR_SET_DUMPABLE --dumpable and PR_SET_THP_DISABLE as --thp says (0 off,
  * 1 disabled, 3 disabled except where madvised), and installs a 64 KiB
  * alternate signal stack (with SS_AUTODISARM when --autodisarm 1) and a
- * SIGUSR1 handler with SA_ONSTACK. With --itimers 1 it also arms
+ * SIGUSR1 handler with SA_ONSTACK; with --thread 1 a second thread sets its
+ * own alternate stack and checks it (raise, sigaltstack) when asked, once a
+ * round. With --itimers 1 it also arms
  * ITIMER_REAL periodically every --alarm-ms ms (a SIGALRM handler counts
  * the expiries) and ITIMER_VIRTUAL and ITIMER_PROF one-shot for an hour.
  *
@@ -29,6 +31,7 @@
 #include <sys/time.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <pthread.h>
 #include <unistd.h>
 
 #ifndef SS_AUTODISARM
@@ -45,7 +48,12 @@ static char work_dir[PATH_MAX];
 static char marker_path[PATH_MAX + 16];
 static int made_dir;
 static unsigned char alt_stack[ALT_STACK_BYTES] __attribute__((aligned(16)));
-static volatile sig_atomic_t usr1_count, usr1_on_alt, alarm_count;
+static unsigned char worker_alt_stack[ALT_STACK_BYTES] __attribute__((aligned(16)));
+static volatile sig_atomic_t alarm_count;
+/* Per thread: each thread has its own alternate stack and counts its own
+ * SIGUSR1s (raise() sends to the calling thread). */
+static __thread unsigned char *my_alt_stack;
+static __thread volatile sig_atomic_t usr1_count, usr1_on_alt;
 
 static void cleanup(void)
 {
@@ -61,7 +69,8 @@ static void on_usr1(int sig)
     volatile unsigned char here = 0;
     (void)sig;
     uintptr_t at = (uintptr_t)&here;
-    if (at >= (uintptr_t)alt_stack && at < (uintptr_t)alt_stack + ALT_STACK_BYTES)
+    if (my_alt_stack != NULL && at >= (uintptr_t)my_alt_stack &&
+        at < (uintptr_t)my_alt_stack + ALT_STACK_BYTES)
         usr1_on_alt++;
     usr1_count++;
 }
@@ -112,11 +121,63 @@ static void update(uint64_t seed, uint64_t r, uint64_t *heap)
     }
 }
 
+/* Raises SIGUSR1 in the calling thread (the handler must run on this
+ * thread's alternate stack) and checks sigaltstack; returns an error text
+ * or NULL. */
+static const char *check_alt_stack(unsigned char *stack, int autodisarm)
+{
+    sig_atomic_t before = usr1_count, on_alt = usr1_on_alt;
+    raise(SIGUSR1);
+    if (usr1_count != before + 1 || usr1_on_alt != on_alt + 1)
+        return "the SIGUSR1 handler did not run once on the alternate stack";
+    stack_t cur;
+    if (sigaltstack(NULL, &cur) != 0)
+        return "sigaltstack query failed";
+    if (cur.ss_sp != stack || cur.ss_size != ALT_STACK_BYTES ||
+        ((unsigned)cur.ss_flags & ~(unsigned)SS_ONSTACK) != (autodisarm ? (unsigned)SS_AUTODISARM : 0u))
+        return "sigaltstack is not the one set";
+    return NULL;
+}
+
+/* --thread 1: a second thread with its own alternate stack, which checks it
+ * whenever the main thread asks (once per round). */
+static pthread_mutex_t worker_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t worker_cond = PTHREAD_COND_INITIALIZER;
+static uint64_t worker_requested, worker_done;
+static int worker_quit, worker_autodisarm;
+static const char *worker_error;
+
+static void *worker_main(void *unused)
+{
+    (void)unused;
+    stack_t ss = { .ss_sp = worker_alt_stack, .ss_size = ALT_STACK_BYTES,
+                   .ss_flags = worker_autodisarm ? (int)SS_AUTODISARM : 0 };
+    if (sigaltstack(&ss, NULL) != 0)
+        worker_error = "worker sigaltstack failed";
+    my_alt_stack = worker_alt_stack;
+    pthread_mutex_lock(&worker_lock);
+    for (;;) {
+        while (worker_requested == worker_done && !worker_quit)
+            pthread_cond_wait(&worker_cond, &worker_lock);
+        if (worker_quit)
+            break;
+        pthread_mutex_unlock(&worker_lock);
+        const char *error = check_alt_stack(worker_alt_stack, worker_autodisarm);
+        pthread_mutex_lock(&worker_lock);
+        if (error != NULL && worker_error == NULL)
+            worker_error = error;
+        worker_done++;
+        pthread_cond_broadcast(&worker_cond);
+    }
+    pthread_mutex_unlock(&worker_lock);
+    return NULL;
+}
+
 int main(int argc, char **argv)
 {
     unsigned long long rounds = 100, pause_us = 10000, seed = 1;
     unsigned long long mask = 027, oom = 345, dumpable = 0, thp = 1;
-    unsigned long long autodisarm = 0, itimers = 0, alarm_ms = 5;
+    unsigned long long autodisarm = 0, itimers = 0, alarm_ms = 5, thread = 0;
     const char *dir = "/tmp";
     const struct tp_opt opts[] = {
         { "rounds",     &rounds,     0, 100000000ULL, "number of rounds" },
@@ -129,6 +190,7 @@ int main(int argc, char **argv)
         { "autodisarm", &autodisarm, 0, 1, "SS_AUTODISARM on the alternate stack" },
         { "itimers",    &itimers,    0, 1, "arm ITIMER_REAL/VIRTUAL/PROF and check them" },
         { "alarm-ms",   &alarm_ms,   1, 1000, "ITIMER_REAL period in ms (--itimers 1)" },
+        { "thread",     &thread,     0, 1, "a second thread with its own alternate stack" },
     };
     const struct tp_stropt sopts[] = {
         { "dir", &dir, NULL, "where to create the working directory" },
@@ -186,6 +248,16 @@ int main(int argc, char **argv)
     sigemptyset(&sa.sa_mask);
     if (sigaction(SIGUSR1, &sa, NULL) != 0)
         tp_syserr("sigaction SIGUSR1");
+    my_alt_stack = alt_stack;
+    pthread_t worker;
+    if (thread) {
+        worker_autodisarm = (int)autodisarm;
+        int rc = pthread_create(&worker, NULL, worker_main, NULL);
+        if (rc != 0) {
+            errno = rc;
+            tp_syserr("pthread_create");
+        }
+    }
 
     /* setitimer adds a tick to CPU timers (so they never fire early): the
      * first reading may be above the hour, so start from no bound; a
@@ -215,13 +287,20 @@ int main(int argc, char **argv)
         tp_rendezvous(r + 1);
         update(seed, r, heap);
 
-        sig_atomic_t before = usr1_count, on_alt = usr1_on_alt;
-        raise(SIGUSR1);
-        if (usr1_count != before + 1 || usr1_on_alt != on_alt + 1)
-            tp_selfcheck_fail("round %llu: SIGUSR1 handler ran %d times, %d on the "
-                              "alternate stack (want 1, 1)",
-                              (unsigned long long)(r + 1), (int)(usr1_count - before),
-                              (int)(usr1_on_alt - on_alt));
+        const char *alt_error = check_alt_stack(alt_stack, (int)autodisarm);
+        if (alt_error != NULL)
+            tp_selfcheck_fail("round %llu: main thread: %s", (unsigned long long)(r + 1), alt_error);
+        if (thread) {
+            pthread_mutex_lock(&worker_lock);
+            worker_requested++;
+            pthread_cond_broadcast(&worker_cond);
+            while (worker_done != worker_requested)
+                pthread_cond_wait(&worker_cond, &worker_lock);
+            const char *error = worker_error;
+            pthread_mutex_unlock(&worker_lock);
+            if (error != NULL)
+                tp_selfcheck_fail("round %llu: second thread: %s", (unsigned long long)(r + 1), error);
+        }
 
         char cwd[PATH_MAX];
         if (getcwd(cwd, sizeof cwd) == NULL)
@@ -256,15 +335,6 @@ int main(int argc, char **argv)
         if (t != (int)thp)
             tp_selfcheck_fail("round %llu: THP-disable %d, want %llu",
                               (unsigned long long)(r + 1), t, thp);
-        stack_t cur;
-        if (sigaltstack(NULL, &cur) != 0)
-            tp_syserr("sigaltstack query");
-        if (cur.ss_sp != alt_stack || cur.ss_size != ALT_STACK_BYTES ||
-            ((unsigned)cur.ss_flags & ~(unsigned)SS_ONSTACK) != (autodisarm ? (unsigned)SS_AUTODISARM : 0u))
-            tp_selfcheck_fail("round %llu: sigaltstack %p/%zu/%#x, want %p/%d/%#x",
-                              (unsigned long long)(r + 1), cur.ss_sp, cur.ss_size,
-                              (unsigned)cur.ss_flags, (void *)alt_stack,
-                              ALT_STACK_BYTES, autodisarm ? (unsigned)SS_AUTODISARM : 0u);
 
         if (itimers) {
             struct itimerval v, p, real;
@@ -304,6 +374,13 @@ int main(int argc, char **argv)
             tp_nanosleep_ns(pause_us * 1000ULL);
     }
 
+    if (thread) {
+        pthread_mutex_lock(&worker_lock);
+        worker_quit = 1;
+        pthread_cond_broadcast(&worker_cond);
+        pthread_mutex_unlock(&worker_lock);
+        pthread_join(worker, NULL);
+    }
     for (uint64_t r = 0; r < rounds; r++)
         update(seed, r, replay);
     for (size_t i = 0; i < HEAP_WORDS; i++)

@@ -13,16 +13,20 @@ struct ContextCase: Sendable, CustomTestStringConvertible {
     var program: String
     var arguments: [String]
     var mode: String
-    var testDescription: String { "\(program) \(mode) \(arguments.joined(separator: " "))" }
+    var push = "on"
+    var testDescription: String { "\(program) \(mode)\(mode == "nonlive" ? "" : " push \(push)") \(arguments.joined(separator: " "))" }
 
     static let all: [ContextCase] = ["nonlive", "postcopy-socket", "postcopy-fam"].flatMap { mode in
         [ContextCase(program: "context-static", arguments: ["--rounds", "60", "--pause-us", "10000", "--umask", "027", "--oom", "345",
                                                             "--dumpable", "0", "--thp", "1", "--autodisarm", "0"], mode: mode),
          ContextCase(program: "context", arguments: ["--rounds", "60", "--pause-us", "10000", "--umask", "077", "--oom", "900",
-                                                     "--dumpable", "0", "--thp", "3", "--autodisarm", "1"], mode: mode),
+                                                     "--dumpable", "0", "--thp", "3", "--autodisarm", "1", "--thread", "1"], mode: mode),
          // A SIGALRM every 5 ms must keep coming, and the CPU timers stay armed.
          ContextCase(program: "context-static", arguments: ["--rounds", "60", "--pause-us", "10000", "--itimers", "1", "--alarm-ms", "5"],
                      mode: mode)]
+    }.flatMap { migration in
+        migration.mode == "nonlive" ? [migration] : [migration, ContextCase(program: migration.program, arguments: migration.arguments,
+                                                                             mode: migration.mode, push: "off")]
     }
 }
 
@@ -36,10 +40,30 @@ extension ProcessTests {
             defer { leftovers.finish() }
             leftovers.expectProgram([program] + migration.arguments)
             let report = try runAndJudge(leftovers: leftovers, directory: directory,
-                                         runOptions: ["--mode", migration.mode, "--after-ms", "250"],
+                                         runOptions: ["--mode", migration.mode, "--push", migration.push, "--after-ms", "250"],
                                          command: [program] + migration.arguments, timeout: .seconds(90))
             #expect(report.programStatus == "exited with status 0")
             #expect(report.migratedChecksum != nil && report.migratedChecksum == report.referenceChecksum)
+        }
+
+        /// The root directory does not migrate: a chrooted process is refused before the freeze.
+        @Test func chrootedProcessIsRefused() throws {
+            let directory = try ScratchDirectory(under: "/dev/shm")
+            defer { directory.remove() }
+            let leftovers = LeftoverCheck()
+            defer { leftovers.finish() }
+            let root = try ScratchDirectory(under: "/tmp")
+            defer { root.remove() }
+            try FileManager.default.copyItem(atPath: try TestPaths.testProgram("sleeper-static"), toPath: root.path("sleeper-static"))
+            let chrooted = leftovers.own(try SpawnedProgram("/usr/sbin/chroot", [root.path, "/sleeper-static", "--rounds", "400", "--sleep-ms", "50"],
+                                                            standardOutputPath: directory.path("out"), standardErrorPath: directory.path("err")))
+            #expect(pollUntil(timeout: .seconds(5)) {
+                (try? ProcFS.readLink("/proc/\(chrooted.processID)/root")) == root.path
+            })
+            let outcome = try leftovers.fammig("checkpoint", "--pid", "\(chrooted.processID)", "--fam", directory.path("image.fam"))
+            #expect(outcome.exitStatus == 2 && !outcome.killedBySignal, "exit \(outcome.exitStatus): \(outcome.standardError)")
+            #expect(outcome.standardError.contains("its root directory is \(root.path)"), "\(outcome.standardError)")
+            #expect(untouchedProblem(chrooted.processID) == nil, "\(untouchedProblem(chrooted.processID) ?? "")")
         }
 
         /// A working directory that was deleted has no path to restore it by: refused before the freeze.

@@ -158,10 +158,25 @@ enum ContextReader {
         return value
     }
 
+    /// The root directory is not migrated: a process whose root is not this node's (chroot, pivot_root)
+    /// would come back with the restorer's, and its paths would name other files.
+    static func checkSameRoot(_ processID: ProcessID) throws(CheckpointError) {
+        var victimRoot = stat(), ownRoot = stat()
+        guard stat("/proc/\(processID)/root", &victimRoot) == 0 else {
+            if !ProcFS.isAlive(processID) { throw .noSuchProcess(processID) }
+            throw .unsupportedContext(processID, reason: "its root directory cannot be examined")
+        }
+        guard stat("/", &ownRoot) == 0, victimRoot.st_dev == ownRoot.st_dev, victimRoot.st_ino == ownRoot.st_ino else {
+            let path = (try? ProcFS.readLink("/proc/\(processID)/root")) ?? "?"
+            throw .unsupportedContext(processID, reason: "its root directory is \(path), not this node's / (chroot is not migrated)")
+        }
+    }
+
     /// Before the freeze: what /proc shows that the restorer could not give back. A lower oom_score_adj
     /// than this node's own needs CAP_SYS_RESOURCE (the kernel's oom_score_adj_min), which these
     /// machines lack; the restored process inherits the restorer's minimum.
     static func checkRestorable(_ processID: ProcessID) throws(CheckpointError) {
+        try checkSameRoot(processID)
         _ = try workingDirectory(processID)
         let wanted = try oomScoreAdjustment(processID)
         let own = try oomScoreAdjustment(ProcessID(getpid()))
