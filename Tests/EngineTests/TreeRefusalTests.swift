@@ -1,9 +1,20 @@
 // Issue 11, item 1: a process with children is refused before anything is done to it, in every mode and
 // every command, and both parent and child run on untouched (never stopped, never traced).
+import Engine
 import Foundation
 import Glibc
+import Logging
 import Testing
 import Sys
+
+/// Refuses every victim once it is frozen and its state read: the path of every refusal found only after
+/// the freeze (a child forked meanwhile, dumpable 2), through the real dumper and threaded driver.
+final class RefusingObserver: MigrationObserver, @unchecked Sendable {
+    struct Refusal: Error {}
+    func victimFrozen(processID: ProcessID, state: ProcessState, pageAddresses: [UInt64]) throws { throw Refusal() }
+    func targetReady(processID: ProcessID, checkpointed: ProcessState, restored: ProcessState) throws {}
+    func pagesInstalled(processID: ProcessID, address: UInt64, targetAddress: UInt64, byteCount: Int, installedBytes: [UInt8]?) throws {}
+}
 
 /// The state of a running, not stopped, not traced process (for "left running untouched").
 func untouchedProblem(_ processID: ProcessID) -> String? {
@@ -66,6 +77,35 @@ extension ProcessTests {
             let status = try parent.waitForExit(timeout: .seconds(30))
             #expect(status == .exited(0), "forker \(status): \((try? String(contentsOfFile: directory.path("err"), encoding: .utf8)) ?? "")")
             #expect(lastChecksum(inFile: directory.path("out")) != nil)
+        }
+
+        /// A refusal after the freeze (state read, nothing dumped) detaches the victim: it runs on, neither
+        /// stopped nor traced, and ends exactly as an untouched run (signals checks its mask and handlers
+        /// every round, so an injected query that changed them would fail it).
+        @Test func refusalAfterTheFreezeLeavesTheVictimRunningUntouched() throws {
+            let program = try TestPaths.testProgram("signals-static")
+            let arguments = ["--rounds", "250", "--pause-us", "5000"]
+            let directory = try ScratchDirectory(under: "/tmp")
+            defer { directory.remove() }
+            let leftovers = LeftoverCheck()
+            defer { leftovers.finish() }
+            let reference = try runCommand(program, arguments, timeout: .seconds(60))
+            let victim = leftovers.own(try SpawnedProgram(program, arguments, standardOutputPath: directory.path("out"),
+                                                          standardErrorPath: directory.path("err")))
+            usleep(200_000)
+            let famPath = "/dev/shm/fammig-refusal-\(getpid()).img"
+            defer { _ = try? SharedMapping.remove(path: famPath) }
+            let dumper = Dumper(victim: victim.processID,
+                                makeBackend: { (byteCount) throws(ImageError) in try RealFAM.create(path: famPath, byteCount: byteCount, prefault: false) },
+                                generation: 1, release: .kill, observer: RefusingObserver(), clock: MonotonicClock(),
+                                timeline: MigrationTimeline(), logger: Logger(label: "refusal"))
+            #expect(throws: EngineError.self) { try ThreadedDriver(logger: Logger(label: "refusal")).run([dumper]) }
+            #expect(dumper.checkpointedState != nil, "the refusal came before the freeze")
+            #expect(untouchedProblem(victim.processID) == nil, "\(untouchedProblem(victim.processID) ?? "")")
+            let status = try victim.waitForExit(timeout: .seconds(30))
+            #expect(status == .exited(0), "\((try? String(contentsOfFile: directory.path("err"), encoding: .utf8)) ?? "")")
+            #expect(lastChecksum(inFile: directory.path("out")).map { "checksum=" + $0 }
+                    == reference.standardOutput.split(separator: "\n").last.map(String.init))
         }
 
         /// `fammig run` refuses it in every mode with the same message (and, as always after a refusal,
