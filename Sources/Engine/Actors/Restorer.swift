@@ -270,8 +270,8 @@ public final class Restorer: EngineActor {
                 let region = reader.backend.readableRegion(at: reader.pageOffset(slot: runStart), count: byteCount)
                 let newlyInstalled = try target!.writePages(from: region.mapping, at: region.offset, byteCount: byteCount,
                                                             to: reader.pageAddresses[runStart])
-                // In a nonlive restore nothing else installs pages: every page must be new.
-                precondition(newlyInstalled == slot + 1 - runStart, "page run at \(hex(reader.pageAddresses[runStart])) was partly present already")
+                // Every page of the run is in: copied, or written over a page found present.
+                precondition(newlyInstalled == slot + 1 - runStart, "page run at \(hex(reader.pageAddresses[runStart])) not wholly installed")
             } catch { throw .restore(error) }
             runStart = slot + 1
         }

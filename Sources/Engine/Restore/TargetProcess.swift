@@ -253,6 +253,13 @@ final class TargetProcess {
                             installedPageCount += copiedByteCount / 4096
                             pieceDone += copiedByteCount
                         case .firstPageAlreadyPresent:
+                            // Something made the page present before its install (seen once in 1000s of
+                            // nonlive restores under load: a stack page, cause not found). UFFDIO_COPY
+                            // left it as it was: write the dumped bytes over it, so the page is right
+                            // whatever put it there.
+                            try memory.write(from: mapping, at: mappingOffset + done + pieceDone, byteCount: 4096,
+                                             to: current + UInt64(pieceDone))
+                            installedPageCount += 1
                             pieceDone += 4096
                         }
                     }
