@@ -148,7 +148,7 @@ public final class Restorer: EngineActor {
             if case .eager = mode {
                 state = pageAddresses.isEmpty ? .restoreState : .installing(nextSlot: 0)
             } else {
-                startLazy()
+                do { try startLazy() } catch { throw .restore(error) }
                 state = .eagerPages
             }
         case .installing(let nextSlot):
@@ -271,9 +271,9 @@ public final class Restorer: EngineActor {
     /// Hands the userfaultfd over to shared lazy memory and lists the pages needed before the resume:
     /// those outside registered memory (private file pages, written with pwrite) and the rseq area
     /// (rseq registration makes the kernel write it, and no fault handler may be needed mid-injection).
-    private func startLazy() {
+    private func startLazy() throws(RestoreError) {
         let origin: PageOrigin = reader.map { .fam($0) } ?? .socket
-        let memory = target!.makeLazyMemory(pageAddresses: pageAddresses, origin: origin, observer: observer, gate: gate)
+        let memory = try target!.makeLazyMemory(pageAddresses: pageAddresses, origin: origin, observer: observer, gate: gate)
         handedOver.withLock { $0 = memory }
         var slots = Set<Int>()
         for (slot, address) in pageAddresses.enumerated() where !memory.isRegistered(address) { slots.insert(slot) }
