@@ -207,10 +207,11 @@ public struct Iteration {
             restoreMode = .lazyFromSocket(transport: link!.target)
             observer.oracles.expectLazyPages()
         }
-        let dumper = Dumper(victim: victim, makeBackend: makeBackend, generation: generation, release: .kill,
+        let key = MigrationKey.forIteration(seed: scenario.seed)
+        let dumper = Dumper(victim: victim, makeBackend: makeBackend, generation: generation, key: key, release: .kill,
                             batchPageCount: scenario.batchPageCount, observer: observer, clock: virtualClock,
                             timeline: timeline, logger: logger, mode: dumpMode)
-        let restorer = Restorer(openBackend: openBackend, stubPath: environment.stubPath, batchPageCount: scenario.batchPageCount,
+        let restorer = Restorer(openBackend: openBackend, key: key, stubPath: environment.stubPath, batchPageCount: scenario.batchPageCount,
                                 observer: observer, clock: virtualClock, timeline: timeline, logger: logger,
                                 processIDWait: .milliseconds(50), pidNamespace: .fresh, mode: restoreMode, gate: runner,
                                 imageWait: .milliseconds(50))

@@ -50,6 +50,8 @@ public final class Restorer: EngineActor {
     private let mode: RestoreMode
     private let gate: any TargetGate
     private let imageWait: Duration
+    /// The migration's key: every image is authenticated with it before anything in it is used.
+    private let key: MigrationKey
 
     private var state = State.waitingForImage
     private var reader: ImageReader?
@@ -68,11 +70,12 @@ public final class Restorer: EngineActor {
     public var lazyMemory: LazyMemory? { handedOver.withLock { $0 } }
 
     /// `openBackend()` returns the FAM holding the image, or nil while it does not exist yet.
-    public init(openBackend: @escaping () throws(ImageError) -> (any FAMBackend)?, stubPath: String, batchPageCount: Int = 512,
+    public init(openBackend: @escaping () throws(ImageError) -> (any FAMBackend)?, key: MigrationKey, stubPath: String, batchPageCount: Int = 512,
                 observer: (any MigrationObserver)?, clock: any EngineClock, timeline: MigrationTimeline,
                 logger: Logger, processIDWait: Duration = .seconds(5), pidNamespace: PIDNamespace = .shared,
                 mode: RestoreMode = .eager, gate: any TargetGate = ImmediateTargetGate(), imageWait: Duration = .seconds(600)) {
         self.gate = gate
+        self.key = key
         self.imageWait = imageWait
         self.pidNamespace = pidNamespace
         self.openBackend = openBackend
@@ -219,9 +222,8 @@ public final class Restorer: EngineActor {
             guard let backend = try openBackend() else { preconditionFailure("ready without a backend") }
             let complete: Bool
             if case .eager = mode { complete = true } else { complete = false }
-            let opened = try ImageReader.open(backend: backend, requireComplete: complete, deferPageChecks: true)
-            checkpointedState = try ProcessState.decode(opened.metadata)
-            try checkpointedState!.validate(pageAddresses: opened.pageAddresses, path: opened.path)
+            let opened = try ImageReader.open(backend: backend, key: key, requireComplete: complete, deferPageChecks: true)
+            checkpointedState = try opened.checkedProcessState()
             reader = opened
             pageAddresses = opened.pageAddresses
         } catch { throw .image(error) }
