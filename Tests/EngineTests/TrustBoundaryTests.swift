@@ -376,6 +376,51 @@ extension ProcessTests {
             #expect(processLife(claimedProcessID) == .gone)
         }
 
+        /// postcopy-fam, the target given a key file of another migration: it refuses the image at once
+        /// (exit 2, "wrong key") and creates no process; the source gives up before its commit record, so
+        /// the victim runs on untouched, and neither the FAM file nor the key file is left behind.
+        @Test func targetWithAnotherKeyRefusesAndTheVictimRunsOn() throws {
+            let program = try TestPaths.testProgram("memwalk-static")
+            let arguments = ["--mib", "16", "--steps", "400000", "--pause-us", "20000"]
+            let directory = try ScratchDirectory(under: "/tmp")
+            defer { directory.remove() }
+            let leftovers = LeftoverCheck()
+            defer { leftovers.finish() }
+            let outputPath = directory.path("victim.out")
+            let famPath = "/dev/shm/fammig-wrongkey-\(getpid()).img"
+            defer { try? FileManager.default.removeItem(atPath: famPath) }
+            let launched = try leftovers.fammig(["launch", "--output", outputPath, "--", program] + arguments)
+            let victim = try #require(Int32(launched.standardOutput.trimmingCharacters(in: .whitespacesAndNewlines)))
+            defer { _ = kill(victim, SIGKILL) }
+            usleep(300_000)
+
+            let port = 21000 + Int(getpid() % 2000)
+            let keyPath = directory.path("migration.key")
+            let source = leftovers.own(try StartedProcess(try TestPaths.fammig(),
+                                                          ["source", "--pid", "\(victim)", "--mode", "postcopy-fam", "--fam", famPath,
+                                                           "--key-file", keyPath, "--listen", "127.0.0.1:\(port)"],
+                                                          standardOutputPath: directory.path("source.out"),
+                                                          standardErrorPath: directory.path("source.err")))
+            try #require(waitForKeyFile(keyPath), "the source wrote no key file")
+            let wrongKeyPath = directory.path("wrong.key")
+            try writeKeyFile(MigrationKey.generate(), to: wrongKeyPath)
+            let target = try leftovers.fammig(["target", "--mode", "postcopy-fam", "--fam", famPath, "--key-file", wrongKeyPath,
+                                               "--connect", "127.0.0.1:\(port)", "--pid-namespace", "fresh"])
+            #expect(target.exitStatus == 2 && !target.killedBySignal, "target: exit \(target.exitStatus): \(target.standardError)")
+            #expect(target.standardError.contains("wrong key"), "target: \(target.standardError)")
+            #expect(!target.standardOutput.contains("restored pid"))
+            let sourceOutcome = try source.waitForExit(timeout: .seconds(30))
+            #expect(sourceOutcome.exitStatus != 0 && !sourceOutcome.killedBySignal, "source: \(sourceOutcome.standardError)")
+
+            #expect(processLife(ProcessID(victim)) == .running, "the victim was lost")
+            #expect(try ProcFS.status(ProcessID(victim))["TracerPid"] == "0", "the victim is still frozen")
+            let printedBefore = (try? String(contentsOfFile: outputPath, encoding: .utf8))?.count ?? 0
+            #expect(pollUntil(timeout: .seconds(10)) { ((try? String(contentsOfFile: outputPath, encoding: .utf8))?.count ?? 0) > printedBefore },
+                    "the victim does not run on")
+            #expect(!FileManager.default.fileExists(atPath: famPath), "the FAM file was left behind")
+            #expect(!FileManager.default.fileExists(atPath: keyPath), "the failed migration's key file was left behind")
+        }
+
         /// postcopy-fam across two processes: once the restored process runs, the target-side fammig (its
         /// fault server) is killed with SIGKILL while pages are still missing. The restored process must
         /// die with it, killed, never reading a missing page as zeros (memwalk checks every page it reads
