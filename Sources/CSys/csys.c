@@ -49,6 +49,11 @@ int csys_pin_to_cpu(pid_t tid, int cpu) {
     return sched_setaffinity(tid, sizeof set, &set);
 }
 
+int csys_first_in_first_out(pid_t tid, int priority) {
+    struct sched_param param = { .sched_priority = priority };
+    return sched_setscheduler(tid, SCHED_FIFO, &param);
+}
+
 int csys_prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4, unsigned long a5) {
     return prctl(option, a2, a3, a4, a5);
 }

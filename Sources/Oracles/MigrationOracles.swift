@@ -20,7 +20,14 @@ public final class MigrationOracles: MigrationObserver {
     private let verdictList = Mutex<[OracleVerdict]>([])
     private let victim = Mutex<ProcessID?>(nil)
 
-    public init() {}
+    /// Also read each page installed after the resume back through the target. Only a driver that
+    /// holds the target between its steps may ask for this (torture's): a live target may already be
+    /// changing the page (see MigrationObserver.pagesInstalled).
+    private let readsBackInstalledPages: Bool
+
+    public init(readsBackInstalledPages: Bool = false) {
+        self.readsBackInstalledPages = readsBackInstalledPages
+    }
 
     public var verdicts: [OracleVerdict] { verdictList.withLock { $0 } }
 
@@ -35,14 +42,14 @@ public final class MigrationOracles: MigrationObserver {
     private let lazyPages = Mutex(false)
     public func expectLazyPages() { lazyPages.withLock { $0 = true } }
 
-    public func pagesInstalled(processID: ProcessID, address: UInt64, byteCount: Int, installedBytes: [UInt8]?) throws {
+    public func pagesInstalled(processID: ProcessID, address: UInt64, targetAddress: UInt64, byteCount: Int, installedBytes: [UInt8]?) throws {
         guard victim.withLock({ $0 }) != nil else { return }
-        let addresses = (0..<(byteCount / 4096)).map { address + UInt64($0) * 4096 }
         do {
-            if let installedBytes {
+            if let installedBytes, !readsBackInstalledPages {
                 try pages.withLock { try $0.verify(bytes: installedBytes, at: address) }
             } else {
-                try pages.withLock { try $0.verifyTarget(processID: processID, addresses: addresses) }
+                // Read where the pages are now, judged against their digests from where they were.
+                try pages.withLock { try $0.verifyTarget(processID: processID, frozenAddress: address, targetAddress: targetAddress, byteCount: byteCount) }
             }
         } catch {
             record(OracleVerdict(name: "pages", passed: false, detail: "\(error)"))
@@ -63,7 +70,8 @@ public final class MigrationOracles: MigrationObserver {
     }
 
     public func targetReady(processID: ProcessID, checkpointed: ProcessState, restored: ProcessState) throws {
-        let mismatches = StateOracle.compare(checkpointed: checkpointed, restored: restored)
+        var mismatches = StateOracle.compare(checkpointed: checkpointed, restored: restored)
+        mismatches += StateOracle.restartsLandOnSyscall(processID: processID, checkpointed: checkpointed, restored: restored)
         record(OracleVerdict(name: "registers and state", passed: mismatches.isEmpty,
                              detail: mismatches.isEmpty ? "identical (rseq cpu fields masked)" : mismatches.map(\.description).joined(separator: "; ")))
         // Pages are compared only when this process also saw the freeze (fammig run); a standalone

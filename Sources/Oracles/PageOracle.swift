@@ -51,6 +51,20 @@ public final class PageOracle: @unchecked Sendable {
         }
     }
 
+    /// Reads `byteCount` bytes back from the target at `targetAddress` (where pages frozen at
+    /// `frozenAddress` are now) and compares them with their freeze digests.
+    public func verifyTarget(processID: ProcessID, frozenAddress: UInt64, targetAddress: UInt64, byteCount: Int) throws {
+        let bytes = try readProcessMemory(processID, address: targetAddress, byteCount: byteCount)
+        for index in 0..<(byteCount / 4096) {
+            let address = frozenAddress + UInt64(index) * 4096
+            guard digestPage(bytes, offset: index * 4096, address: address) == digests[address] else {
+                throw PageMismatch(address: address, reason: "restored contents differ from the freeze digest"
+                                   + (targetAddress == frozenAddress ? "" : " (read at \(hex(targetAddress + UInt64(index) * 4096)), where it moved)"))
+            }
+            checkedPageCount += 1
+        }
+    }
+
     /// Checks bytes that were installed at `address` (whole pages) against the freeze digests.
     public func verify(bytes: [UInt8], at address: UInt64) throws {
         for index in 0..<(bytes.count / 4096) {

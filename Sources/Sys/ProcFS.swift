@@ -163,6 +163,18 @@ public enum ProcFS {
         return ProcessID(value)
     }
 
+    /// Whether the process is dead, dying, or has SIGKILL pending (a kill is recorded at once, while
+    /// the death it causes comes a little later): "was it killed" without a race.
+    public static func isKilledOrEnded(_ processID: ProcessID) -> Bool {
+        guard let status = try? status(processID), let state = status["State"] else { return true }
+        if state.hasPrefix("Z") || state.hasPrefix("X") { return true }
+        let killBit: UInt64 = 1 << 8  // SIGKILL is signal 9
+        for field in ["ShdPnd", "SigPnd"] {
+            if let text = status[field], let mask = UInt64(text, radix: 16), mask & killBit != 0 { return true }
+        }
+        return false
+    }
+
     /// Whether a PID names a live (not zombie) process.
     public static func isAlive(_ processID: ProcessID) -> Bool {
         guard let status = try? status(processID), let state = status["State"] else { return false }

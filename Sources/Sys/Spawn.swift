@@ -179,6 +179,14 @@ public enum Spawn {
         _ = csys_pin_to_cpu(threadID?.rawValue ?? 0, cpu)
     }
 
+    /// Puts one thread under SCHED_FIFO at the lowest real-time priority. With every thread of a process
+    /// so, and on one CPU, exactly one of them runs at a time, until it blocks; a thread it wakes waits
+    /// at the back of the queue instead of preempting it, and no time slice ends a run. The order the
+    /// threads run in then follows from what they do, not from timing.
+    public static func runFirstInFirstOut(threadID: ProcessID) throws(SyscallError) {
+        _ = try checked("sched_setscheduler(\(threadID), SCHED_FIFO)") { csys_first_in_first_out(threadID.rawValue, 1) }
+    }
+
     /// Blocks until one of the descriptors is readable or the timeout passes.
     public static func waitReadable(_ descriptors: [Int32], timeoutMilliseconds: Int32) {
         var pollers = descriptors.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }

@@ -15,6 +15,8 @@ public struct CampaignOptions: Sendable {
     public var jobs: Int = 1
     /// Stop taking new iterations after the first failure (finding iterations-to-first-failure).
     public var failFast = false
+    /// Run every iteration twice and fail it when the two schedules differ (uncontrolled nondeterminism).
+    public var checkDeterminism = false
     /// See `TortureEnvironment.sourceFAMWrapper`.
     public var sourceFAMWrapper: (@Sendable (any FAMBackend) -> any FAMBackend)?
     public var programDirectory: String
@@ -43,15 +45,43 @@ public final class Campaign: Sendable {
         self.options = options
     }
 
-    /// Runs one iteration on the calling thread.
+    /// Runs one iteration on the calling thread (twice with `checkDeterminism`).
     public func runOne(seed: UInt64, filter: ScenarioFilter, worker: Int = 0, keepTrace: Bool,
-                       traceSink: ((String) -> Void)? = nil) -> IterationResult {
+                       traceSink: ((String) -> Void)? = nil, checkDeterminism: Bool? = nil) -> IterationResult {
+        var filter = filter
+        if filter.chaos {
+            // Chaos has no nemesis and no model FAM to tamper with: its adversary is time itself.
+            filter.noKill = true
+            filter.tamper = false
+            filter.racer = false
+        }
         let scenario = Scenario.make(seed: seed, filter: filter)
         var environment = TortureEnvironment(programDirectory: options.programDirectory, stubPath: options.stubPath,
-                                             workDirectory: options.workDirectory + "/w\(worker)")
+                                             workDirectory: options.workDirectory + "/w" + String(worker + 100).dropFirst())
         environment.sourceFAMWrapper = options.sourceFAMWrapper
-        return Iteration(scenario: scenario, environment: environment, references: references, ledger: ledger)
-            .run(keepTrace: keepTrace, traceSink: traceSink)
+        if filter.chaos { return ChaosIteration(scenario: scenario, environment: environment, references: references).run() }
+        let iteration = Iteration(scenario: scenario, environment: environment, references: references, ledger: ledger)
+        guard checkDeterminism ?? options.checkDeterminism else { return iteration.run(keepTrace: keepTrace, traceSink: traceSink) }
+        var first = iteration.run(keepTrace: true, traceSink: traceSink)
+        let second = iteration.run(keepTrace: true)
+        if let difference = Self.firstDifference(first.trace ?? [], second.trace ?? []), first.environmentError == nil,
+           second.environmentError == nil {
+            first.failures.append("determinism: the same seed gave two schedules (trace \(first.traceHash), then \(second.traceHash)); "
+                                  + "they part at step \(difference.step): \(difference.first) | \(difference.second)")
+            first.passed = false
+        }
+        if !keepTrace { first.trace = nil }
+        return first
+    }
+
+    /// Where two traces part: the first step whose lines differ, or where one ends.
+    static func firstDifference(_ first: [String], _ second: [String]) -> (step: Int, first: String, second: String)? {
+        for index in 0..<max(first.count, second.count) {
+            let one = index < first.count ? first[index] : "(ended)"
+            let other = index < second.count ? second[index] : "(ended)"
+            if one != other { return (index + 1, one, other) }
+        }
+        return nil
     }
 
     /// What the campaign left behind, checked once every worker is done: descriptors of this process

@@ -131,9 +131,16 @@ final class DeterministicDriver {
         self.traceSink = traceSink
     }
 
+    /// The same step, with the same outcome, this many times in a row and nothing else between: a
+    /// participant that reports itself ready makes no progress (a busy wait that a priority scheduler
+    /// turns into a livelock). Judged here rather than after the whole step budget.
+    static let repeatLimit = 10_000
+
     func run(rng: inout SeededGenerator) -> DriverOutcome {
         var idleRounds = 0
         var stuck = false
+        var lastStep = ""
+        var repeats = 0
         while stepCount < stepLimit {
             var choices: [Choice] = []
             var owners: [(Participant, Int)] = []
@@ -189,7 +196,14 @@ final class DeterministicDriver {
             onStep?(stepCount)
             do {
                 let outcome = try participant.take(ownIndex, rng: &rng)
-                record("\(stepCount) \(choice.actor.rawValue): \(choice.label)" + (outcome.map { " → \($0)" } ?? ""))
+                let step = "\(choice.actor.rawValue): \(choice.label)" + (outcome.map { " → \($0)" } ?? "")
+                record("\(stepCount) " + step)
+                repeats = step == lastStep ? repeats + 1 : 1
+                lastStep = step
+                if repeats >= Self.repeatLimit {
+                    abortAll(reason: "no progress")
+                    return .stuck("no progress: \(step) was taken \(repeats) times in a row and nothing else moved")
+                }
             } catch {
                 // The error text may name this machine's PIDs: the hash takes only that it failed here.
                 record("\(stepCount) \(choice.actor.rawValue): \(choice.label) → error", detail: ": \(error)")
@@ -201,9 +215,11 @@ final class DeterministicDriver {
         return .stuck("the schedule did not finish within \(stepLimit) steps")
     }
 
+    /// The trace keeps exactly the hashed lines: a detail (an error's text, which may name this machine's
+    /// PIDs) goes only to the sink, so two traces compare equal exactly when their hashes do.
     private func record(_ line: String, detail: String = "") {
         hash.add(line)
-        if keepTrace { trace.append(line + detail) }
+        if keepTrace { trace.append(line) }
         traceSink?(line + detail)
     }
 

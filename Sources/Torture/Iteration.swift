@@ -79,8 +79,10 @@ func firstLine(_ path: String) -> String {
 
 /// Starts a test program as pid 1 of its own PID namespace, without address randomisation, and waits
 /// until it blocks at its rendezvous (in rt_sigtimedwait for SIGUSR2).
-func startAtRendezvous(binary: String, arguments: [String], outputPath: String, errorPath: String) throws -> ProcessID {
-    let noRandomisation: UInt32 = 0x0040000  // ADDR_NO_RANDOMIZE
+/// `repeatable` (no address randomisation) also makes it die with the thread that started it (PDEATHSIG).
+func startAtRendezvous(binary: String, arguments: [String], outputPath: String, errorPath: String,
+                       repeatable: Bool = true) throws -> ProcessID {
+    let noRandomisation: UInt32? = repeatable ? 0x0040000 : nil  // ADDR_NO_RANDOMIZE
     let processID: ProcessID
     do {
         processID = try Spawn.programInNewPIDNamespace(path: binary, arguments: arguments, environment: ["PATH=/usr/bin:/bin"],
@@ -94,7 +96,8 @@ func startAtRendezvous(binary: String, arguments: [String], outputPath: String, 
             let status = (try? Spawn.waitForExit(processID)).map { "\($0)" } ?? "ended"
             throw TortureError.environment("\(binary) \(arguments.joined(separator: " ")) \(status) before its rendezvous: \(firstLine(errorPath))")
         }
-        if let syscall = try? ProcFS.readText("/proc/\(processID.rawValue)/syscall"), syscall.hasPrefix("128 ") {
+        if let syscall = try? ProcFS.readText("/proc/\(processID.rawValue)/syscall"), syscall.hasPrefix("128 "),
+           otherThreadsWait(processID) {
             return processID
         }
         usleep(100)
@@ -104,9 +107,23 @@ func startAtRendezvous(binary: String, arguments: [String], outputPath: String, 
     throw TortureError.environment("\(binary) never reached its rendezvous within 10 s")
 }
 
+/// Every thread but the main one sleeps in a futex wait (a worker waiting for the round the rendezvous
+/// holds back). Until then a freeze would catch the workers wherever they are, and the image would
+/// differ from run to run.
+func otherThreadsWait(_ processID: ProcessID) -> Bool {
+    guard let threads = try? ProcFS.threadIDs(processID) else { return false }
+    for thread in threads where thread != processID {
+        let base = "/proc/\(processID.rawValue)/task/\(thread.rawValue)"
+        guard let syscall = try? ProcFS.readText(base + "/syscall"), syscall.hasPrefix("202 "),
+              let wchan = try? ProcFS.readText(base + "/wchan"), wchan.hasPrefix("futex") else { return false }
+    }
+    return true
+}
+
 /// The observer torture gives the engine: every oracle, plus a note of each installed page for the trace.
 final class TortureObserver: MigrationObserver, @unchecked Sendable {
-    let oracles = MigrationOracles()
+    /// The target runs only in its own steps, so the oracle may also read every installed page back.
+    let oracles = MigrationOracles(readsBackInstalledPages: true)
     let notes = StepNotes()
 
     func victimFrozen(processID: ProcessID, state: ProcessState, pageAddresses: [UInt64]) throws {
@@ -117,9 +134,10 @@ final class TortureObserver: MigrationObserver, @unchecked Sendable {
         try oracles.targetReady(processID: processID, checkpointed: checkpointed, restored: restored)
     }
 
-    func pagesInstalled(processID: ProcessID, address: UInt64, byteCount: Int, installedBytes: [UInt8]?) throws {
+    func pagesInstalled(processID: ProcessID, address: UInt64, targetAddress: UInt64, byteCount: Int, installedBytes: [UInt8]?) throws {
         notes.noteInstalled(address)
-        try oracles.pagesInstalled(processID: processID, address: address, byteCount: byteCount, installedBytes: installedBytes)
+        try oracles.pagesInstalled(processID: processID, address: address, targetAddress: targetAddress, byteCount: byteCount,
+                                   installedBytes: installedBytes)
     }
 }
 
@@ -163,9 +181,12 @@ public struct Iteration {
     private func migrate(into result: inout IterationResult, keepTrace: Bool, traceSink: ((String) -> Void)?) throws {
         let binary = environment.programDirectory + "/" + scenario.binary
         let work = environment.workDirectory
-        let reference = try references.output(binary: binary, arguments: scenario.arguments, workDirectory: work)
+        // The work directory's name has one length in every run (see TortureCommand), so the program's
+        // stack, where its arguments lie, has one layout: the same seed gives the same pages.
+        let arguments = scenario.arguments + (ProgramSpec.named(scenario.program)?.fileDirectoryOption.map { [$0, work] } ?? [])
+        let reference = try references.output(binary: binary, arguments: arguments, workDirectory: work)
         let outputPath = work + "/victim.out"
-        let victim = try startAtRendezvous(binary: binary, arguments: scenario.arguments, outputPath: outputPath,
+        let victim = try startAtRendezvous(binary: binary, arguments: arguments, outputPath: outputPath,
                                            errorPath: work + "/victim.err")
 
         var rng = SeededGenerator(seed: scenario.seed)
@@ -185,6 +206,7 @@ public struct Iteration {
         let makeBackend: (Int) throws(ImageError) -> any FAMBackend = { (byteCount) throws(ImageError) in
             do throws(SyscallError) {
                 let model = try ModelFAM(byteCount: byteCount, ledger: ledger)
+                box.model?.release()  // the dumper's estimate was too small: this one replaces it
                 box.model = model
                 return sourceFAMWrapper.map { $0(model.sourceNode) } ?? model.sourceNode
             } catch { throw .cannotCreate(path: "model FAM", error) }
@@ -236,12 +258,29 @@ public struct Iteration {
             NemesisParticipant(plan: $0, dumper: dumperParticipant, victim: victim, model: { box.model }, link: link)
         }
         if let nemesis { participants.append(nemesis) }
+        let tamperer = scenario.tamper.map { TamperParticipant(plan: $0, model: { box.model }, key: key) }
+        if let tamperer { participants.append(tamperer) }
+        if scenario.racer {
+            participants.append(RacingInstaller(memory: { restorer.lazyMemory }, model: { box.model }, observer: observer,
+                                                budget: max(1, scenario.batchPageCount / 4), key: key))
+        }
 
         let driver = DeterministicDriver(participants: participants, clock: virtualClock,
                                          scheduler: Scheduler(strategy: scenario.strategy, rng: &rng),
                                          stepLimit: environment.stepLimit, adversarialSteps: scenario.adversarialSteps,
                                          keepTrace: keepTrace, traceSink: traceSink)
-        driver.onStep = { step in box.model?.currentStep = step }
+        // The victim may die only once the image is complete (the source then lets it go), or by the
+        // nemesis: killed earlier, a failed migration would leave nothing to go back to. Looked at before
+        // every step, by what the kernel recorded (a pending SIGKILL), so the verdict does not hang on
+        // how fast the death follows.
+        var victimKilledEarly: Int?
+        let watchesVictim = scenario.mode != .postcopySocket
+        driver.onStep = { step in
+            box.model?.currentStep = step
+            guard watchesVictim, victimKilledEarly == nil, nemesis?.fired != true, ProcFS.isKilledOrEnded(victim) else { return }
+            let complete = box.model.map { !$0.isReleased && ImageReader.peekState(backend: UncheckedFabricView(model: $0)) == .complete } ?? false
+            if !complete { victimKilledEarly = step }
+        }
         let outcome = driver.run(rng: &rng)
         result.traceHash = driver.hash.hex
         result.stepCount = driver.stepCount
@@ -287,6 +326,12 @@ public struct Iteration {
             if targetStatus != .exited(0) {
                 failures.append("program: the migrated program \(targetStatus.map { "\($0)" } ?? "never ended"): \(firstLine(work + "/victim.err"))")
             }
+            // A program that ended well removed its own files; one killed by a failed migration cannot,
+            // and the work directory that holds them goes with the iteration.
+            let left = ((try? ProcFS.directoryEntries(work)) ?? []).filter { $0.hasPrefix("fammig-") }
+            if targetStatus == .exited(0) && !left.isEmpty {
+                failures.append("no harm: the migrated program left its files behind: \(left.sorted())")
+            }
             let output = (try? ProcFS.readFile(outputPath)) ?? []
             if output != reference {
                 failures.append("end to end: stdout differs from the reference run (migrated checksum \(Self.checksum(output) ?? "none"), reference \(Self.checksum(reference) ?? "none"))")
@@ -295,18 +340,31 @@ public struct Iteration {
             result.outcome = "failed at step \(step) (\(actor.rawValue)): \(error)"
             // Whatever ended the migration, what the oracles saw until then must have been right.
             for verdict in observer.oracles.verdicts where !verdict.passed { failures.append("\(verdict.name): \(verdict.detail)") }
-            let expected = nemesis?.fired == true && (killedBeforeCommit || scenario.mode == .postcopySocket)
+            // A changed page or mark must stop the migration by a digest: the page's against its mark (at
+            // that very page), or the marks' against the commit record (nonlive checks them all first).
+            let caughtTamper = tamperer?.tamperedSlot.map { slot in
+                error.contains("page slot \(slot) ") && error.contains("mark checksum")
+                    || error.contains("the dumped marks do not match the commit record's checksum")
+            } ?? false
+            if tamperer?.fired == true && !caughtTamper && !(nemesis?.fired == true) {
+                failures.append("tamper: the migration failed, but not on the changed page slot \(tamperer!.tamperedSlot!): \(error)")
+            }
+            let expected = caughtTamper || nemesis?.fired == true && (killedBeforeCommit || scenario.mode == .postcopySocket)
             if !expected { failures.append("migration: \(result.outcome)") }
         case .stuck(let reason):
             result.outcome = "stuck: \(reason)"
             failures.append("liveness: \(reason)")
         }
-        if let nemesis, nemesis.fired, !killedBeforeCommit, scenario.mode != .postcopySocket, case .failed = outcome {
+        if let nemesis, nemesis.fired, !killedBeforeCommit, scenario.mode != .postcopySocket, case .failed = outcome,
+           tamperer?.fired != true {
             failures.append("source kill after the commit record: the migration must complete from FAM, but \(result.outcome)")
         }
         if let model = box.model {
             for violation in model.violations.prefix(5) { failures.append("FAM: \(violation)") }
             model.release()
+        }
+        if let step = victimKilledEarly {
+            failures.append("no harm: the victim was killed before step \(step), while the image was not complete")
         }
         result.failures = failures
     }

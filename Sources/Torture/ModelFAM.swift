@@ -104,6 +104,15 @@ public final class ModelFAM: @unchecked Sendable {
         return core.fabric.loadBytes(at: byteOffset, count: count)
     }
 
+    /// Flips one bit of the fabric's copy, outside every store (the tamperer: FAM changed after a seal).
+    public func flipFabricBit(at byteOffset: Int, bit: Int) {
+        precondition(!core.isReleased, "model FAM used after release()")
+        precondition((0..<8).contains(bit), "a byte has bits 0...7")
+        var byte = core.fabric.loadBytes(at: byteOffset, count: 1)
+        byte[0] ^= UInt8(1) << UInt8(bit)
+        core.fabric.store(bytes: byte, at: byteOffset)
+    }
+
     /// Bytes as the source node's cache and memory hold them (every store so far).
     public func writerBytes(at byteOffset: Int, count: Int) -> [UInt8] {
         precondition(!core.isReleased, "model FAM used after release()")

@@ -18,6 +18,9 @@ public struct ProgramSpec: Sendable {
     public var arguments: @Sendable (Int) -> [String]
     /// How many steps the program takes at a size level: the rendezvous falls in 1...steps.
     public var steps: @Sendable (Int) -> Int
+    /// The option that puts the program's own files in a directory torture gives it (removed after each
+    /// iteration: a program killed by a failed migration never removes them itself).
+    public var fileDirectoryOption: String? = nil
 
     public static let catalog: [ProgramSpec] = [
         ProgramSpec(name: "memwalk", binary: "memwalk-static",
@@ -46,7 +49,8 @@ public struct ProgramSpec: Sendable {
                     arguments: { ["--reserve-gib", "4", "--pages", "\(200 << $0)", "--steps", "2000", "--batch", "100000", "--pause-us", "0"] },
                     steps: { _ in 2000 }),
         ProgramSpec(name: "filemaps", binary: "filemaps-static",
-                    arguments: { ["--pages", "16", "--rounds", "\(6 + 6 * $0)", "--writes", "4", "--pause-us", "0"] }, steps: { 6 + 6 * $0 }),
+                    arguments: { ["--pages", "16", "--rounds", "\(6 + 6 * $0)", "--writes", "4", "--pause-us", "0"] }, steps: { 6 + 6 * $0 },
+                    fileDirectoryOption: "--dir"),
         ProgramSpec(name: "vectors", binary: "vectors-static",
                     arguments: { ["--rounds", "\(6 + 6 * $0)", "--iters", "2000", "--pause-us", "0"] }, steps: { 6 + 6 * $0 }),
         ProgramSpec(name: "blocked", binary: "blocked-static",
@@ -82,6 +86,13 @@ public struct ScenarioFilter: Sendable, Codable, Equatable {
     public var size: Int?
     public var noKill = false
     public var adversarialSteps: Int?
+    /// The tamperer on (every FAM-mode iteration), off, or drawn per seed (nil).
+    public var tamper: Bool?
+    /// The racing installer on (every postcopy-fam iteration), off, or drawn per seed (nil).
+    public var racer: Bool?
+    /// Run under the threaded driver with real ports and seeded perturbations (Chaos.swift), not the
+    /// deterministic driver: the seed then names the perturbations, not the interleaving.
+    public var chaos = false
 
     public init(modes: [TortureMode]? = nil, programs: [String]? = nil, strategies: [StrategyName]? = nil, push: Bool? = nil) {
         self.modes = modes
@@ -100,6 +111,9 @@ public struct ScenarioFilter: Sendable, Codable, Equatable {
         if let size { options += ["--size", "\(size)"] }
         if noKill { options.append("--no-kill") }
         if let adversarialSteps { options += ["--adversarial-steps", "\(adversarialSteps)"] }
+        if let tamper { options += ["--tamper", tamper ? "on" : "off"] }
+        if let racer { options += ["--racer", racer ? "on" : "off"] }
+        if chaos { options.append("--chaos") }
         return options
     }
 }
@@ -118,6 +132,10 @@ public struct Scenario: Sendable, Codable, Equatable {
     public var batchPageCount: Int
     public var kill: KillPlan?
     public var adversarialSteps: Int
+    /// A sealed page or mark is changed in FAM (FAM modes only).
+    public var tamper: TamperPlan?
+    /// A second installer races the engine's (postcopy-fam only).
+    public var racer = false
 
     /// The seed of iteration `index` of a campaign started with `seed`.
     public static func iterationSeed(campaignSeed: UInt64, index: Int) -> UInt64 {
@@ -147,10 +165,16 @@ public struct Scenario: Sendable, Codable, Equatable {
         if killDrawn && !filter.noKill {
             kill = KillPlan(afterDumperSteps: afterSteps, beforeDumperStep: beforeStep, dropInFlight: dropInFlight)
         }
+        // Drawn from a generator of its own, so that every other draw of a seed stays what it was.
+        var tamperGenerator = SeededGenerator(seed: seed ^ 0x5441_4D50_4552_4552)
+        let tamperDrawn = filter.tamper ?? tamperGenerator.chance(1, in: 10)
+        let corruptsMark = tamperGenerator.chance(1, in: 3)
+        let tamper = tamperDrawn && mode != .postcopySocket ? TamperPlan(corruptsMark: corruptsMark) : nil
+        let racer = mode == .postcopyFAM && (filter.racer ?? tamperGenerator.chance(1, in: 4))
         return Scenario(seed: seed, mode: mode, push: push, program: spec.name, binary: spec.binary,
                         arguments: spec.arguments(size) + ["--rendezvous", "\(rendezvous)"], size: size,
                         rendezvous: rendezvous, strategy: strategy, batchPageCount: batchPageCount, kill: kill,
-                        adversarialSteps: filter.adversarialSteps ?? Int.max)
+                        adversarialSteps: filter.adversarialSteps ?? Int.max, tamper: tamper, racer: racer)
     }
 
     public var summary: String {
@@ -161,6 +185,8 @@ public struct Scenario: Sendable, Codable, Equatable {
             if kill.dropInFlight { text += " dropping in-flight" }
         }
         if adversarialSteps != Int.max { text += " adversarial-steps \(adversarialSteps)" }
+        if let tamper { text += tamper.corruptsMark ? " tampered-mark" : " tampered-page" }
+        if racer { text += " racer" }
         return text
     }
 }

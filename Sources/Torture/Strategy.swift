@@ -16,6 +16,10 @@ public enum ActorName: String, Sendable, CaseIterable, Codable {
     case fabric
     /// Kills the source node.
     case nemesis
+    /// Changes a sealed page or mark in the FAM the target sees.
+    case tamperer
+    /// Installs sealed pages behind the engine's back (a second installer meeting the engine's).
+    case racer
 }
 
 /// One step some actor could take now.
@@ -56,7 +60,8 @@ struct Scheduler {
     init(strategy: StrategyName, rng: inout SeededGenerator) {
         self.strategy = strategy
         if strategy == .pct {
-            var order = ActorName.allCases
+            // The tamperer is left out (lowest): adding it must not reorder the other actors of old seeds.
+            var order = ActorName.allCases.filter { $0 != .tamperer && $0 != .racer }
             order.shuffle(using: &rng)
             for (index, actor) in order.enumerated() { priorities[actor] = index + 10 }
             // Depth 3: two change points within the first few thousand steps.

@@ -57,10 +57,22 @@ final class TargetRunner: Participant, TargetGate, @unchecked Sendable {
     /// waits for that.
     private var isReleased = false
 
+    /// Reading a memory event let the thread that caused it go: it runs, now, within the step that
+    /// read the event, until the target is quiet again (its next fault, or its end). Left running, it
+    /// would race the steps that follow, and a replay would not see the same faults.
+    func memoryEventRead(processID: ProcessID) {
+        guard resumed, !ended, !isReleased, !aborted, hangDuringEvent == nil else { return }
+        do { _ = try runUntilQuiet(processID) } catch { hangDuringEvent = error }
+    }
+
+    /// The target hung after an event released it; its next step reports it.
+    private var hangDuringEvent: (any Error)?
+
     // MARK: Participant
 
     func availability() -> Availability {
         if ended || aborted { return .finished }
+        if hangDuringEvent != nil { return .choices(["report the hang"]) }
         if pendingResume != nil { return .choices(["resume and run"]) }
         if !pendingWakes.isEmpty { return .choices(["wake \(pendingWakes.count) and run"]) }
         if resumed && isReleased { return .choices(["run on"]) }
@@ -77,8 +89,10 @@ final class TargetRunner: Participant, TargetGate, @unchecked Sendable {
 
     func take(_ index: Int, rng: inout SeededGenerator) throws -> String? {
         guard let processID else { preconditionFailure("target step without a process") }
+        if let hangDuringEvent { throw hangDuringEvent }
         if let start = pendingResume {
             pendingResume = nil
+            try serialiseThreads(processID)
             try start()
             resumed = true
             Spawn.kill(processID, signal: releaseSignal)
@@ -87,6 +101,18 @@ final class TargetRunner: Participant, TargetGate, @unchecked Sendable {
         pendingWakes.removeAll()
         for wake in wakes { try wake.wake() }
         return try runUntilQuiet(processID)
+    }
+
+    /// Several threads running at once within one target step would fault, take locks and wake each
+    /// other in an order that timing decides. On one CPU under SCHED_FIFO they run one at a time, each
+    /// until it blocks, in an order that follows from what they do (threads they create inherit both).
+    /// The restored state was judged before this; the program's output does not depend on it.
+    private func serialiseThreads(_ processID: ProcessID) throws {
+        let cpu = Int32(max(0, sysconf(Int32(_SC_NPROCESSORS_ONLN)) - 1))
+        for thread in try ProcFS.threadIDs(processID) {
+            Spawn.pin(threadID: thread, cpu: cpu)
+            try Spawn.runFirstInFirstOut(threadID: thread)
+        }
     }
 
     /// Waits until every thread of the target is blocked on a userfaultfd fault, or the process ended.
@@ -99,7 +125,9 @@ final class TargetRunner: Participant, TargetGate, @unchecked Sendable {
                 ended = true
                 return "ended"
             }
-            if Self.isQuiet(processID) { return "blocked on a fault" }
+            // Once released, nothing can hold the process any more: only its end ends the step (a
+            // sample of its state on the way would depend on timing).
+            if !isReleased && Self.isQuiet(processID) { return "blocked on a fault" }
             spins += 1
             if spins > 50 { usleep(50) } else { sched_yield() }
             if clock.now - start > runLimit {

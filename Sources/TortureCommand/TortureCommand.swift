@@ -56,6 +56,15 @@ struct TortureCommand: ParsableCommand {
     @Option(help: "Override the program size level (0 smallest, 1, 2).")
     var size: Int?
 
+    @Option(help: "The tamperer, which changes a sealed page or mark in FAM: on or off (default: drawn per seed).", transform: parseSwitch)
+    var tamper: Bool?
+
+    @Option(help: "The racing installer, which installs sealed pages behind the engine's back (postcopy-fam): on or off (default: drawn per seed).", transform: parseSwitch)
+    var racer: Bool?
+
+    @Flag(help: "Chaos: run under the threaded driver (real threads, FAM file, TCP) with seeded delays, yields and CPU placement at the ports; a seed names the perturbations, not the interleaving.")
+    var chaos = false
+
     @Flag(help: "Never kill the source (shrinking uses it).")
     var noKill = false
 
@@ -77,8 +86,17 @@ struct TortureCommand: ParsableCommand {
     @Flag(help: "Stop at the first failure and print how many iterations it took.")
     var failFast = false
 
+    @Flag(help: "Run each iteration twice and fail it when the two schedules differ, naming the first differing step.")
+    var checkDeterminism = false
+
     @Flag(help: "On failure, minimise the failing schedule and print the shrunk replay command.")
     var shrink = false
+
+    @Option(help: "The regression seeds a campaign replays first (default: Tests/torture/regressions.txt of the package).")
+    var regressions: String?
+
+    @Flag(help: "Do not replay the regression seeds before the campaign.")
+    var noRegressions = false
 
     @Option(help: "Directory of the built test programs (default: TestPrograms/build here or beside the package).")
     var programs: String?
@@ -88,6 +106,9 @@ struct TortureCommand: ParsableCommand {
         guard jobs >= 1 && jobs <= 64 else { throw ValidationError("--jobs must be between 1 and 64.") }
         if let size, !(0...2).contains(size) { throw ValidationError("--size must be 0, 1 or 2.") }
         if let adversarialSteps, adversarialSteps < 0 { throw ValidationError("--adversarial-steps must be 0 or more.") }
+        if chaos && (checkDeterminism || trace || shrink) {
+            throw ValidationError("--chaos runs real threads: a seed does not fix its interleaving, so --check-determinism, --trace and --shrink do not apply.")
+        }
         if trace && replay == nil { throw ValidationError("--trace needs --replay SEED (a campaign's schedules are not printed).") }
     }
 
@@ -96,6 +117,9 @@ struct TortureCommand: ParsableCommand {
         filter.size = size
         filter.noKill = noKill
         filter.adversarialSteps = adversarialSteps
+        filter.tamper = tamper
+        filter.chaos = chaos
+        filter.racer = racer
         return filter
     }
 
@@ -106,6 +130,7 @@ struct TortureCommand: ParsableCommand {
         options.shard = (shard.part, shard.count)
         options.jobs = jobs
         options.failFast = failFast
+        options.checkDeterminism = checkDeterminism
         Spawn.cleanUpOnTermination(paths: [environment.work], processes: [])
         defer { try? FileManager.default.removeItem(atPath: environment.work) }
         let campaign = Campaign(options: options)
@@ -118,6 +143,7 @@ struct TortureCommand: ParsableCommand {
             if !result.passed { throw ExitCode(1) }
             return
         }
+        let regressionResults = try runRegressions(campaign, environment: environment)
         let total = options.indices.count
         let progress = ProgressPrinter(total: total)
         let start = ContinuousClock.now
@@ -131,6 +157,10 @@ struct TortureCommand: ParsableCommand {
             print("first failure at iteration \(position)")
         }
         for result in failed.prefix(10) { print(Report.failureText(result, filter: filter)) }
+        // Regression seeds count for the verdict, not in the campaign's figures and reports (shards of one
+        // campaign each replay them).
+        let regressionFailures = regressionResults.filter { !$0.passed }
+        for result in regressionFailures { print(Report.failureText(result, filter: filter)) }
         if shrink, let first = failed.first {
             let shrunk = Shrinker(campaign: campaign, filter: filter).shrink(first)
             print("shrunk: \(Report.replayCommand(seed: shrunk.scenario.seed, filter: shrunk.filter))")
@@ -139,7 +169,27 @@ struct TortureCommand: ParsableCommand {
         }
         try Report.write(results: results, json: json, junit: junit, campaignSeed: seed, filter: filter)
         if results.contains(where: { $0.environmentError != nil }) && failed.isEmpty { throw ExitCode(2) }
-        if !failed.isEmpty || !campaign.leaks.isEmpty { throw ExitCode(1) }
+        if !failed.isEmpty || !regressionFailures.isEmpty || !campaign.leaks.isEmpty { throw ExitCode(1) }
+    }
+
+    /// Replays the regression file's seeds (each with its own filters), printing a line for each.
+    private func runRegressions(_ campaign: Campaign, environment: (programs: String, stub: String, work: String)) throws -> [IterationResult] {
+        if noRegressions { return [] }
+        let defaultPath = URL(fileURLWithPath: environment.programs + "/../../Tests/torture/regressions.txt").standardized.path
+        let path = regressions ?? defaultPath
+        guard ProcFS.exists(path) else {
+            if regressions != nil { throw ValidationError("no regression file at \(path); pass --regressions FILE or --no-regressions.") }
+            return []
+        }
+        let seeds: [RegressionSeed]
+        do { seeds = try Regressions.parse(try ProcFS.readText(path), path: path) } catch {
+            throw ValidationError("\(error)")
+        }
+        let results = campaign.runRegressions(seeds, path: path) { result, _ in
+            if !result.passed { print("regression " + Report.line(result)) }
+        }
+        print("\(results.filter(\.passed).count) of \(seeds.count) regression seeds passed (\(path))")
+        return results
     }
 
     private func locateEnvironment() throws -> (programs: String, stub: String, work: String) {
@@ -153,7 +203,8 @@ struct TortureCommand: ParsableCommand {
         for spec in ProgramSpec.catalog where !ProcFS.exists(absolute + "/" + spec.binary) {
             throw ValidationError("\(absolute)/\(spec.binary) is missing; run make -C TestPrograms.")
         }
-        return (absolute, executable, "/tmp/torture-\(getpid())")
+        // One length for every run's name (pids have up to 7 digits): a program's arguments name it.
+        return (absolute, executable, "/tmp/torture-" + String(getpid() + 10_000_000).dropFirst())
     }
 }
 

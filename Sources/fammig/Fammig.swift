@@ -73,7 +73,15 @@ func stubPath() throws(ExitCode) -> String {
 }
 
 func makeRealBackend(path: String) -> (Int) throws(ImageError) -> any FAMBackend {
-    { (byteCount) throws(ImageError) in try RealFAM.create(path: path, byteCount: byteCount, prefault: true) }
+    final class Made: @unchecked Sendable { var file = false }
+    let made = Made()
+    return { (byteCount) throws(ImageError) in
+        // A second call replaces the file the first made (the dumper's estimate was too small).
+        if made.file { unlink(path) }
+        let backend = try RealFAM.create(path: path, byteCount: byteCount, prefault: true)
+        made.file = true
+        return backend
+    }
 }
 
 func openRealBackend(path: String) -> () throws(ImageError) -> (any FAMBackend)? {

@@ -20,7 +20,7 @@ final class SourceNemesis: MigrationObserver, @unchecked Sendable {
     init(moment: Moment) { self.moment = moment }
     func victimFrozen(processID: ProcessID, state: ProcessState, pageAddresses: [UInt64]) throws {}
     func targetReady(processID: ProcessID, checkpointed: ProcessState, restored: ProcessState) throws {}
-    func pagesInstalled(processID: ProcessID, address: UInt64, byteCount: Int, installedBytes: [UInt8]?) throws {}
+    func pagesInstalled(processID: ProcessID, address: UInt64, targetAddress: UInt64, byteCount: Int, installedBytes: [UInt8]?) throws {}
     func imageWillCommit() { if moment == .beforeCommit { Glibc.kill(getpid(), SIGKILL) } }
     func imageCommitted() { if moment == .afterCommit { Glibc.kill(getpid(), SIGKILL) } }
 }

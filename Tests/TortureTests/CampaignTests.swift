@@ -7,141 +7,165 @@ import Sys
 import Testing
 @testable import Torture
 
-@Suite(.serialized) struct CampaignTests {
-    @Test func aShortCampaignPassesInEveryModeWithEveryOracle() throws {
-        let options = try TorturePaths.campaignOptions(seed: 11, iterations: 36, filter: ScenarioFilter())
-        let campaign = Campaign(options: options)
-        let results = campaign.run { _, _ in }
-        #expect(results.count == 36)
-        for result in results where !result.passed {
-            Issue.record("\(Report.failureText(result, filter: options.filter))")
+/// Suites that start real processes and check, process-wide, that nothing was left behind: they run one
+/// after the other, or one would count the other's children and descriptors as leaks.
+@Suite(.serialized) struct ProcessSpawningTortureTests {}
+
+extension ProcessSpawningTortureTests {
+    @Suite(.serialized) struct CampaignTests {
+        @Test func aShortCampaignPassesInEveryModeWithEveryOracle() throws {
+            let options = try TorturePaths.campaignOptions(seed: 11, iterations: 36, filter: ScenarioFilter())
+            let campaign = Campaign(options: options)
+            let results = campaign.run { _, _ in }
+            #expect(results.count == 36)
+            for result in results where !result.passed {
+                Issue.record("\(Report.failureText(result, filter: options.filter))")
+            }
+            #expect(Set(results.map(\.scenario.mode)) == Set(TortureMode.allCases))
+            // The target really ran under the driver: post-copy iterations took faults and steps.
+            #expect(results.filter { $0.scenario.mode != .nonlive && $0.killedAt == nil }.allSatisfy { $0.stepCount > 10 })
+            #expect(campaign.ledger.liveModelCount == 0)
+            #expect(campaign.leaks.isEmpty, "\(campaign.leaks)")
+            #expect(campaign.ledger.createdModelCount > 0)
         }
-        #expect(Set(results.map(\.scenario.mode)) == Set(TortureMode.allCases))
-        // The target really ran under the driver: post-copy iterations took faults and steps.
-        #expect(results.filter { $0.scenario.mode != .nonlive && $0.killedAt == nil }.allSatisfy { $0.stepCount > 10 })
-        #expect(campaign.ledger.liveModelCount == 0)
-        #expect(campaign.leaks.isEmpty, "\(campaign.leaks)")
-        #expect(campaign.ledger.createdModelCount > 0)
+
+        @Test func replayingASeedGivesTheSameScheduleAndTraceHash() throws {
+            let options = try TorturePaths.campaignOptions(seed: 5, iterations: 1, filter: ScenarioFilter())
+            let campaign = Campaign(options: options)
+            for mode in TortureMode.allCases {
+                // Single-threaded programs: the threads of a multi-threaded one race each other in the kernel.
+                let filter = ScenarioFilter(modes: [mode], programs: ["memwalk", "signals", "sleeper", "seccomp", "caps"],
+                                            strategies: [.racingFaults])
+                let first = campaign.runOne(seed: 0xF00D + UInt64(TortureMode.allCases.firstIndex(of: mode)!), filter: filter, keepTrace: true)
+                let second = campaign.runOne(seed: first.scenario.seed, filter: filter, keepTrace: true)
+                #expect(first.passed, "\(Report.failureText(first, filter: filter))")
+                #expect(first.traceHash == second.traceHash)
+                #expect(first.trace == second.trace)
+                #expect((first.trace?.count ?? 0) == first.stepCount)
+            }
+        }
+
+        @Test func sourceKillsEndCleanlyBeforeTheCommitAndCompleteAfterIt() throws {
+            var filter = ScenarioFilter(modes: [.postcopyFAM, .nonlive], strategies: [.killedSource])
+            filter.size = 0
+            let options = try TorturePaths.campaignOptions(seed: 3, iterations: 30, filter: filter)
+            let results = Campaign(options: options).run { _, _ in }
+            for result in results where !result.passed {
+                Issue.record("\(Report.failureText(result, filter: filter))")
+            }
+            let kills = results.compactMap(\.killedAt)
+            #expect(kills.count >= 10, "the nemesis fired \(kills.count) times")
+            // Both sides of the commit record were hit, and each ended as it must (the oracle checks it).
+            #expect(kills.contains("complete"))
+            #expect(kills.contains { $0 != "complete" })
+            #expect(results.contains { $0.killedAt == "complete" && $0.outcome == "completed" })
+            #expect(results.contains { $0.killedAt != nil && $0.killedAt != "complete" && $0.outcome != "completed" })
+        }
+
+        /// A FAM backend whose fences do nothing: flushed lines never become durable, and marks and the
+        /// commit record are stored over pages that are not. The model's checker must name it.
+        final class FencelessFAM: FAMBackend, @unchecked Sendable {
+            let inner: any FAMBackend
+            init(_ inner: any FAMBackend) { self.inner = inner }
+            var byteCount: Int { inner.byteCount }
+            var path: String? { inner.path }
+            func readableRegion(at byteOffset: Int, count: Int) -> (mapping: SharedMapping, offset: Int) { inner.readableRegion(at: byteOffset, count: count) }
+            func store(_ bytes: [UInt8], at byteOffset: Int) { inner.store(bytes, at: byteOffset) }
+            func storeUInt64(_ value: UInt64, at byteOffset: Int) { inner.storeUInt64(value, at: byteOffset) }
+            func storeFromProcess(processID: ProcessID, ranges: [ProcessReadRange]) throws(SyscallError) -> Int {
+                try inner.storeFromProcess(processID: processID, ranges: ranges)
+            }
+            func flush(at byteOffset: Int, count: Int) { inner.flush(at: byteOffset, count: count) }
+            func fence() {}
+            func loadBytes(at byteOffset: Int, count: Int) -> [UInt8] { inner.loadBytes(at: byteOffset, count: count) }
+            func loadUInt64(at byteOffset: Int) -> UInt64 { inner.loadUInt64(at: byteOffset) }
+            func digest(at byteOffset: Int, count: Int, seed: UInt64) -> UInt64 { inner.digest(at: byteOffset, count: count, seed: seed) }
+        }
+
+        @Test func aFAMThatNeverFencesIsCaughtByTheChecker() throws {
+            var filter = ScenarioFilter(modes: [.postcopyFAM, .nonlive])
+            filter.noKill = true
+            var options = try TorturePaths.campaignOptions(seed: 21, iterations: 4, filter: filter)
+            options.sourceFAMWrapper = { FencelessFAM($0) }
+            let results = Campaign(options: options).run { _, _ in }
+            #expect(results.count == 4)
+            for result in results {
+                #expect(!result.passed)
+                #expect(result.failures.contains { $0.hasPrefix("FAM: ") }, "\(result.failures)")
+            }
+        }
     }
 
-    @Test func replayingASeedGivesTheSameScheduleAndTraceHash() throws {
-        let options = try TorturePaths.campaignOptions(seed: 5, iterations: 1, filter: ScenarioFilter())
-        let campaign = Campaign(options: options)
-        for mode in TortureMode.allCases {
-            // Single-threaded programs: the threads of a multi-threaded one race each other in the kernel.
-            let filter = ScenarioFilter(modes: [mode], programs: ["memwalk", "signals", "sleeper", "seccomp", "caps"],
-                                        strategies: [.racingFaults])
-            let first = campaign.runOne(seed: 0xF00D + UInt64(TortureMode.allCases.firstIndex(of: mode)!), filter: filter, keepTrace: true)
-            let second = campaign.runOne(seed: first.scenario.seed, filter: filter, keepTrace: true)
-            #expect(first.passed, "\(Report.failureText(first, filter: filter))")
-            #expect(first.traceHash == second.traceHash)
-            #expect(first.trace == second.trace)
-            #expect((first.trace?.count ?? 0) == first.stepCount)
+    @Suite(.serialized) struct TortureCommandTests {
+        func runTorture(_ arguments: [String]) throws -> (status: Int32, output: String) {
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: try TorturePaths.torture())
+            process.arguments = arguments + ["--programs", TorturePaths.programDirectory]
+            let pipe = Pipe()
+            process.standardOutput = pipe
+            process.standardError = pipe
+            try process.run()
+            let data = pipe.fileHandleForReading.readDataToEndOfFile()
+            process.waitUntilExit()
+            return (process.terminationStatus, String(decoding: data, as: UTF8.self))
         }
-    }
 
-    @Test func sourceKillsEndCleanlyBeforeTheCommitAndCompleteAfterIt() throws {
-        var filter = ScenarioFilter(modes: [.postcopyFAM, .nonlive], strategies: [.killedSource])
-        filter.size = 0
-        let options = try TorturePaths.campaignOptions(seed: 3, iterations: 30, filter: filter)
-        let results = Campaign(options: options).run { _, _ in }
-        for result in results where !result.passed {
-            Issue.record("\(Report.failureText(result, filter: filter))")
+        @Test func helpAndUsageErrors() throws {
+            let help = try runTorture(["--help"])
+            #expect(help.status == 0)
+            #expect(help.output.contains("--replay"))
+            #expect(try runTorture(["--shard", "3/2"]).status == 2)
+            #expect(try runTorture(["--mode", "sideways"]).status == 2)
+            #expect(try runTorture(["--iterations", "0"]).status == 2)
+            let noPrograms = Process()
+            noPrograms.executableURL = URL(fileURLWithPath: try TorturePaths.torture())
+            noPrograms.arguments = ["--programs", "/nonexistent", "--iterations", "1"]
+            noPrograms.standardOutput = FileHandle.nullDevice
+            noPrograms.standardError = FileHandle.nullDevice
+            try noPrograms.run()
+            noPrograms.waitUntilExit()
+            #expect(noPrograms.terminationStatus == 2)
         }
-        let kills = results.compactMap(\.killedAt)
-        #expect(kills.count >= 10, "the nemesis fired \(kills.count) times")
-        // Both sides of the commit record were hit, and each ended as it must (the oracle checks it).
-        #expect(kills.contains("complete"))
-        #expect(kills.contains { $0 != "complete" })
-        #expect(results.contains { $0.killedAt == "complete" && $0.outcome == "completed" })
-        #expect(results.contains { $0.killedAt != nil && $0.killedAt != "complete" && $0.outcome != "completed" })
-    }
 
-    /// A FAM backend whose fences do nothing: flushed lines never become durable, and marks and the
-    /// commit record are stored over pages that are not. The model's checker must name it.
-    final class FencelessFAM: FAMBackend, @unchecked Sendable {
-        let inner: any FAMBackend
-        init(_ inner: any FAMBackend) { self.inner = inner }
-        var byteCount: Int { inner.byteCount }
-        var path: String? { inner.path }
-        func readableRegion(at byteOffset: Int, count: Int) -> (mapping: SharedMapping, offset: Int) { inner.readableRegion(at: byteOffset, count: count) }
-        func store(_ bytes: [UInt8], at byteOffset: Int) { inner.store(bytes, at: byteOffset) }
-        func storeUInt64(_ value: UInt64, at byteOffset: Int) { inner.storeUInt64(value, at: byteOffset) }
-        func storeFromProcess(processID: ProcessID, ranges: [ProcessReadRange]) throws(SyscallError) -> Int {
-            try inner.storeFromProcess(processID: processID, ranges: ranges)
-        }
-        func flush(at byteOffset: Int, count: Int) { inner.flush(at: byteOffset, count: count) }
-        func fence() {}
-        func loadBytes(at byteOffset: Int, count: Int) -> [UInt8] { inner.loadBytes(at: byteOffset, count: count) }
-        func loadUInt64(at byteOffset: Int) -> UInt64 { inner.loadUInt64(at: byteOffset) }
-        func digest(at byteOffset: Int, count: Int, seed: UInt64) -> UInt64 { inner.digest(at: byteOffset, count: count, seed: seed) }
-    }
-
-    @Test func aFAMThatNeverFencesIsCaughtByTheChecker() throws {
-        var filter = ScenarioFilter(modes: [.postcopyFAM, .nonlive])
-        filter.noKill = true
-        var options = try TorturePaths.campaignOptions(seed: 21, iterations: 4, filter: filter)
-        options.sourceFAMWrapper = { FencelessFAM($0) }
-        let results = Campaign(options: options).run { _, _ in }
-        #expect(results.count == 4)
-        for result in results {
-            #expect(!result.passed)
-            #expect(result.failures.contains { $0.hasPrefix("FAM: ") }, "\(result.failures)")
+        @Test func aCampaignLineReplaysWithTheSameTraceHashAndReportsAreWritten() throws {
+            #expect(TorturePaths.programsBuilt)
+            let directory = "/tmp/torture-cli-\(getpid())"
+            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+            defer { try? FileManager.default.removeItem(atPath: directory) }
+            let campaign = try runTorture(["--iterations", "6", "--seed", "77", "--json", directory + "/report.json",
+                                           "--junit", directory + "/report.xml", "--shard", "1/2"])
+            #expect(campaign.status == 0, "\(campaign.output)")
+            #expect(campaign.output.contains("3 iterations"))
+            let json = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: directory + "/report.json"))) as? [String: Any]
+            let entries = try #require(json?["results"] as? [[String: Any]])
+            #expect(entries.count == 3)
+            let first = try #require(entries.first)
+            let replay = try #require(first["replay"] as? String)
+            let result = try #require(first["result"] as? [String: Any])
+            let hash = try #require(result["traceHash"] as? String)
+            let replayed = try runTorture(Array(replay.split(separator: " ").dropFirst().map(String.init)))
+            #expect(replayed.status == 0)
+            #expect(replayed.output.contains("trace \(hash)"), "\(replayed.output)")
+            let xml = try String(contentsOfFile: directory + "/report.xml", encoding: .utf8)
+            #expect(xml.contains("<testsuite name=\"torture\""))
         }
     }
 }
 
-@Suite(.serialized) struct TortureCommandTests {
-    func runTorture(_ arguments: [String]) throws -> (status: Int32, output: String) {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: try TorturePaths.torture())
-        process.arguments = arguments + ["--programs", TorturePaths.programDirectory]
-        let pipe = Pipe()
-        process.standardOutput = pipe
-        process.standardError = pipe
-        try process.run()
-        let data = pipe.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        return (process.terminationStatus, String(decoding: data, as: UTF8.self))
-    }
-
-    @Test func helpAndUsageErrors() throws {
-        let help = try runTorture(["--help"])
-        #expect(help.status == 0)
-        #expect(help.output.contains("--replay"))
-        #expect(try runTorture(["--shard", "3/2"]).status == 2)
-        #expect(try runTorture(["--mode", "sideways"]).status == 2)
-        #expect(try runTorture(["--iterations", "0"]).status == 2)
-        let noPrograms = Process()
-        noPrograms.executableURL = URL(fileURLWithPath: try TorturePaths.torture())
-        noPrograms.arguments = ["--programs", "/nonexistent", "--iterations", "1"]
-        noPrograms.standardOutput = FileHandle.nullDevice
-        noPrograms.standardError = FileHandle.nullDevice
-        try noPrograms.run()
-        noPrograms.waitUntilExit()
-        #expect(noPrograms.terminationStatus == 2)
-    }
-
-    @Test func aCampaignLineReplaysWithTheSameTraceHashAndReportsAreWritten() throws {
-        #expect(TorturePaths.programsBuilt)
-        let directory = "/tmp/torture-cli-\(getpid())"
-        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(atPath: directory) }
-        let campaign = try runTorture(["--iterations", "6", "--seed", "77", "--json", directory + "/report.json",
-                                       "--junit", directory + "/report.xml", "--shard", "1/2"])
-        #expect(campaign.status == 0, "\(campaign.output)")
-        #expect(campaign.output.contains("3 iterations"))
-        let json = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: directory + "/report.json"))) as? [String: Any]
-        let entries = try #require(json?["results"] as? [[String: Any]])
-        #expect(entries.count == 3)
-        let first = try #require(entries.first)
-        let replay = try #require(first["replay"] as? String)
-        let result = try #require(first["result"] as? [String: Any])
-        let hash = try #require(result["traceHash"] as? String)
-        let replayed = try runTorture(Array(replay.split(separator: " ").dropFirst().map(String.init)))
-        #expect(replayed.status == 0)
-        #expect(replayed.output.contains("trace \(hash)"), "\(replayed.output)")
-        let xml = try String(contentsOfFile: directory + "/report.xml", encoding: .utf8)
-        #expect(xml.contains("<testsuite name=\"torture\""))
+extension ProcessSpawningTortureTests {
+    @Suite(.serialized) struct ChaosTests {
+        @Test func chaosIterationsPassUnderEveryModeAndLeaveNothing() throws {
+            var filter = ScenarioFilter()
+            filter.chaos = true
+            let campaign = Campaign(options: try TorturePaths.campaignOptions(seed: 3, iterations: 9, filter: filter))
+            let results = campaign.run { _, _ in }
+            #expect(results.count == 9)
+            #expect(Set(results.map(\.scenario.mode)).count > 1)
+            for result in results {
+                #expect(result.passed, "\(Report.failureText(result, filter: filter))")
+                #expect(result.scenario.kill == nil && result.scenario.tamper == nil)
+            }
+            #expect(campaign.leaks.isEmpty, "\(campaign.leaks)")
+        }
     }
 }

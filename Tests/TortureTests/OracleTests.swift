@@ -1,6 +1,7 @@
 // The oracles' own judgement on known cases: what they must accept, and what they must reject.
 import Testing
 @testable import Oracles
+import Sys
 
 @Suite struct XStateComparisonTests {
     /// 2432 bytes of XSAVE standard format with a recognisable pattern and XSTATE_BV = x87|SSE|AVX.
@@ -27,5 +28,27 @@ import Testing
         upper[576] ^= 0x80        // YMM0's upper half, in the AVX component
         #expect(StateOracle.firstXStateDifference(Self.xsave(), upper) == 576)
         #expect(StateOracle.firstXStateDifference(Self.xsave(), Array(Self.xsave().prefix(1024))) == 1024)
+    }
+}
+
+@Suite struct RestartExpectationTests {
+    func frozen(rax: Int64, origRax: Int64) -> GeneralRegisters {
+        var registers = GeneralRegisters()
+        registers.rip = 0x401000
+        registers.rax = UInt64(bitPattern: rax)
+        registers.origRax = UInt64(bitPattern: origRax)
+        return registers
+    }
+
+    @Test(arguments: [-512, -513, -514, -516] as [Int64])
+    func aRestartCodeReRunsTheCall(code: Int64) {
+        let expected = StateOracle.expectedResumeRegisters(frozen(rax: code, origRax: 35))  // nanosleep
+        #expect(expected.rip == 0x400ffe && expected.rax == 35)
+    }
+
+    @Test(arguments: [(-4, 35), (0, 35), (-512, -1), (7, -1)] as [(Int64, Int64)])
+    func anythingElseResumesAsItWas(rax: Int64, origRax: Int64) {
+        let expected = StateOracle.expectedResumeRegisters(frozen(rax: rax, origRax: origRax))
+        #expect(expected.rip == 0x401000 && expected.rax == UInt64(bitPattern: rax))
     }
 }

@@ -26,6 +26,7 @@ ssize_t csys_process_vm_readv(pid_t pid, const struct iovec *local, unsigned lon
 ssize_t csys_process_vm_writev(pid_t pid, const struct iovec *local, unsigned long localCount,
                                const struct iovec *remote, unsigned long remoteCount);
 int csys_pin_to_cpu(pid_t tid, int cpu);
+int csys_first_in_first_out(pid_t tid, int priority);
 int csys_prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4, unsigned long a5);
 
 /// Starts `path` in a new process whose PID is `wantedPID` (0: any), which calls PTRACE_TRACEME and

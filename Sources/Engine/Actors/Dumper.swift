@@ -75,7 +75,8 @@ public final class Dumper: EngineActor {
 
     /// `makeBackend(byteCount)` creates the FAM the image goes to. It is called before the freeze with
     /// an estimate (pages present then, plus a margin), so that allocating and pre-faulting the FAM
-    /// file is not part of the downtime.
+    /// file is not part of the downtime. When the victim touched more pages than that before it froze,
+    /// it is called once more with the exact size, and must then replace what it made the first time.
     /// `key` is the migration's key, made by the source (`MigrationKey.generate`) and handed to the
     /// target out of band.
     public init(victim: ProcessID, makeBackend: @escaping (Int) throws(ImageError) -> any FAMBackend,
@@ -184,7 +185,16 @@ public final class Dumper: EngineActor {
                 return
             }
             do {
-                guard let backend else { preconditionFailure("metadata before the FAM was created") }
+                guard var backend else { preconditionFailure("metadata before the FAM was created") }
+                // The victim ran on between the estimate and the freeze: a program that grows fast (or
+                // a slow machine) outruns any margin. The frozen size is exact; make the FAM again.
+                let needed = ImageLayout.byteCount(metadataByteCount: metadata.count, pageCount: pageAddresses.count)
+                if backend.byteCount < needed {
+                    logger.debug("FAM estimate too small", metadata: ["bytes": "\(backend.byteCount)", "needed": "\(needed)"])
+                    self.backend = nil
+                    backend = try makeBackend(needed)
+                    self.backend = backend
+                }
                 var newWriter = try ImageWriter.create(backend: backend, generation: generation, metadata: metadata,
                                                        pageAddresses: pageAddresses, key: key, creator: creator)
                 newWriter.commitMetadata()

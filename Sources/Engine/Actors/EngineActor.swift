@@ -84,12 +84,14 @@ public protocol MigrationObserver: AnyObject, Sendable {
     /// The target is fully built and stopped before its first instruction; `restored` was read back
     /// from it the same way the victim was read at freeze.
     func targetReady(processID: ProcessID, checkpointed: ProcessState, restored: ProcessState) throws
-    /// Post-copy: pages were just installed in the target (woken only after this returns). With
-    /// `installedBytes` nil the oracle reads them back through the target (race-free only while nothing
-    /// in the target can run on them: before the resume, or while the faulting thread sleeps); else it
-    /// checks the exact bytes the installer copied (pushed pages, which a running target may already
-    /// be changing).
-    func pagesInstalled(processID: ProcessID, address: UInt64, byteCount: Int, installedBytes: [UInt8]?) throws
+    /// Pages were just installed in the target (woken only after this returns). `address` is where
+    /// they were at the freeze, `targetAddress` where they are now (an mremap moves them). With
+    /// `installedBytes` nil (only before the resume, while the target is stopped) the oracle reads them
+    /// back through the target; after the resume it gets the exact bytes the installer copied, because
+    /// a read-back races the target: a faulting thread whose page lands between its fault message and
+    /// its check of the page never sleeps, and runs on without any wake (seen as false page-oracle
+    /// failures of `fammig run` on a loaded machine). Only a driver that holds the target may read back.
+    func pagesInstalled(processID: ProcessID, address: UInt64, targetAddress: UInt64, byteCount: Int, installedBytes: [UInt8]?) throws
     /// The source is about to store the commit record (every mark is durable), and has stored it.
     func imageWillCommit()
     func imageCommitted()

@@ -158,7 +158,7 @@ public final class FaultHandler: EngineActor {
                 continue
             }
             if memory.usesFAM && memory.isDumped(slot) {
-                try memory.installFromFAM(slot: slot, count: 1, readBack: true)
+                try memory.installFromFAM(slot: slot, count: 1)
                 if memory.isInstalled(slot) {
                     metrics.record(.famSync, latency: clock.now() - start)
                 } else {
@@ -177,7 +177,7 @@ public final class FaultHandler: EngineActor {
 
     private func servePendingFromFAM(_ memory: LazyMemory) throws {
         for slot in pending.keys.sorted() where memory.isDumped(slot) {
-            if !memory.isInstalled(slot) { try memory.installFromFAM(slot: slot, count: 1, readBack: true) } else { try memory.wake(address: memory.currentAddress(slot)) }
+            if !memory.isInstalled(slot) { try memory.installFromFAM(slot: slot, count: 1) } else { try memory.wake(address: memory.currentAddress(slot)) }
             if memory.isInstalled(slot) { wakePending(memory, slots: slot..<(slot + 1), path: .sourceAsync) }
         }
     }

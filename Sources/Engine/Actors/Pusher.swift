@@ -42,7 +42,7 @@ public final class Pusher: EngineActor {
         let first = memory.firstMissing(from: 0) ?? memory.pageCount
         guard let run = memory.nextInstallableRun(from: min(cursor, first), limit: batchPageCount) else { return }
         let start = clock.now()
-        do { try memory.installFromFAM(slot: run.slot, count: run.count, readBack: false) } catch {
+        do { try memory.installFromFAM(slot: run.slot, count: run.count) } catch {
             if Spawn.endsSoon(memory.targetProcessID) { finished = true; return }
             throw .aborted("pusher installing \(run.count) pages at slot \(run.slot): \(error)")
         }

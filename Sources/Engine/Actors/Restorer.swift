@@ -341,12 +341,13 @@ public final class Restorer: EngineActor {
     private func installEager(slot: Int, memory: LazyMemory) throws {
         let address = pageAddresses[slot]
         if memory.isRegistered(address) {
-            try memory.installFromFAM(slot: slot, count: 1, readBack: true)
+            try memory.installFromFAM(slot: slot, count: 1)
         } else {
             precondition(memory.isDumped(slot), "page slot \(slot) read before its mark was seen")
+            try memory.verifyPage(slot: slot)
             let location = memory.famLocation(slot: slot)
             try target!.writePages(from: location.mapping, at: location.offset, byteCount: 4096, to: address)
-            try observer?.pagesInstalled(processID: target!.processID, address: address, byteCount: 4096, installedBytes: nil)
+            try observer?.pagesInstalled(processID: target!.processID, address: address, targetAddress: address, byteCount: 4096, installedBytes: nil)
             memory.noteInstalledElsewhere(slot: slot)
         }
         eagerSlotsLeft.remove(slot)
@@ -366,7 +367,8 @@ public final class Restorer: EngineActor {
                 try memory.installBytes(address: pageAddress, bytes: page)
             } else if !memory.isInstalled(first + index) {
                 try target!.writeBytes(page, to: pageAddress)
-                try observer?.pagesInstalled(processID: target!.processID, address: pageAddress, byteCount: 4096, installedBytes: nil)
+                try observer?.pagesInstalled(processID: target!.processID, address: pageAddress, targetAddress: pageAddress, byteCount: 4096,
+                                             installedBytes: nil)
                 memory.noteInstalledElsewhere(slot: first + index)
             }
             eagerSlotsLeft.remove(first + index)

@@ -17,6 +17,9 @@ public protocol TargetGate: AnyObject, Sendable {
     /// Every page is in and the userfaultfd released: the kernel itself lets any waiting thread go, and
     /// the process runs on its own from here.
     func released(processID: ProcessID)
+    /// A memory event (mremap, munmap, MADV_DONTNEED of registered memory) was read and applied: the
+    /// thread that caused it, held by the kernel until then, runs on from here.
+    func memoryEventRead(processID: ProcessID)
 }
 
 /// The production gate: the process runs as soon as the engine lets it.
@@ -32,4 +35,6 @@ public final class ImmediateTargetGate: TargetGate {
     }
 
     public func released(processID: ProcessID) {}
+
+    public func memoryEventRead(processID: ProcessID) {}
 }

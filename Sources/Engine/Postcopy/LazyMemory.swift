@@ -21,7 +21,8 @@ public enum InstallPath: String, Sendable, CaseIterable {
 public final class LazyMemory: @unchecked Sendable {
     public let targetProcessID: ProcessID
     public let pageAddresses: [UInt64]
-    let userfaultfd: Userfaultfd
+    /// `package`: torture's racing installer copies through it behind the engine's back.
+    package let userfaultfd: Userfaultfd
     private let registeredRanges: [Range<UInt64>]
     private let lock = NSLock()
     private var reader: ImageReader?
@@ -77,34 +78,42 @@ public final class LazyMemory: @unchecked Sendable {
     }
 
     /// Where the slot's page is in the target now.
-    func currentAddress(_ slot: Int) -> UInt64 { lock.withLock { currentAddresses[slot] } }
+    package func currentAddress(_ slot: Int) -> UInt64 { lock.withLock { currentAddresses[slot] } }
 
-    /// The next fault, after applying every memory event read before it. Returns nil when nothing is
+    /// The next fault, after applying every memory event queued with it. Returns nil when nothing is
     /// pending. The install lock is held while reading: the thread that caused an event runs on as soon
     /// as the event is read, and no install may slip in before the event is applied.
     func nextFault() throws -> PageFault? {
         try installLock.withLock { () throws -> PageFault? in
-            if let fault = lock.withLock({ deferredFaults.isEmpty ? nil : deferredFaults.removeFirst() }) { return fault }
-            while let message = try userfaultfd.nextMessage() {
-                switch message {
-                case .fault(let fault): return fault
-                case .event(let event): apply(event)
-                }
-            }
-            return nil
+            try drainEvents()
+            return lock.withLock { deferredFaults.isEmpty ? nil : deferredFaults.removeFirst() }
         }
     }
 
-    /// Faults read while draining events for an installer; `nextFault` hands them out first.
+    /// Faults read but not served yet, in address order (then thread): threads that fault at once queue
+    /// their messages in whatever order the CPUs raced, and serving the same set in one order gives the
+    /// same service whatever the race.
     private var deferredFaults: [PageFault] = []
 
-    /// Applies every queued event now, keeping the faults read on the way. Install lock held.
+    /// Reads every queued message: events are applied in their order, faults kept for `nextFault`.
+    /// Install lock held. Bounded: a thread queues at most one message at a time, so a queue longer
+    /// than this many is read on the next call.
     private func drainEvents() throws {
-        while let message = try userfaultfd.nextMessage() {
+        var readAny = false
+        for _ in 0..<4096 {
+            guard let message = try userfaultfd.nextMessage() else { break }
             switch message {
-            case .fault(let fault): lock.withLock { deferredFaults.append(fault) }
-            case .event(let event): apply(event)
+            case .fault(let fault):
+                lock.withLock { deferredFaults.append(fault) }
+                readAny = true
+            case .event(let event):
+                apply(event)
+                // Reading the event let the thread that caused it go on.
+                gate.memoryEventRead(processID: targetProcessID)
             }
+        }
+        if readAny {
+            lock.withLock { deferredFaults.sort { ($0.address, $0.threadID.rawValue) < ($1.address, $1.threadID.rawValue) } }
         }
     }
 
@@ -140,8 +149,8 @@ public final class LazyMemory: @unchecked Sendable {
         }
     }
 
-    func isRegistered(_ address: UInt64) -> Bool { registeredRanges.contains { $0.contains(address) } }
-    func isInstalled(_ slot: Int) -> Bool { lock.withLock { installed[slot] } }
+    package func isRegistered(_ address: UInt64) -> Bool { registeredRanges.contains { $0.contains(address) } }
+    package func isInstalled(_ slot: Int) -> Bool { lock.withLock { installed[slot] } }
 
     /// Records a request; true when this is the first for the slot (send it then).
     func noteRequested(_ slot: Int) -> Bool {
@@ -186,12 +195,10 @@ public final class LazyMemory: @unchecked Sendable {
         lock.withLock { (start..<installed.count).first { !installed[$0] } }
     }
 
-    /// Installs `count` adjacent slots from FAM (the marks must be stored), lets the oracle read them
-    /// back, then wakes whoever faulted on them. Returns how many were newly installed here.
-    /// `readBack`: the oracle reads the pages back through the target (see MigrationObserver); else it
-    /// checks the FAM bytes that were copied.
+    /// Installs `count` adjacent slots from FAM (the marks must be stored), shows the oracle the bytes
+    /// copied, then wakes whoever faulted on them. Returns how many were newly installed here.
     @discardableResult
-    func installFromFAM(slot: Int, count: Int, readBack: Bool) throws -> Int {
+    func installFromFAM(slot: Int, count: Int) throws -> Int {
         guard let reader = lock.withLock({ reader }) else { preconditionFailure("installFromFAM without an image") }
         for index in slot..<(slot + count) {
             precondition(lock.withLock { self.reader!.hasObservedMark(slot: index) }, "page slot \(index) read before its mark was seen")
@@ -200,17 +207,21 @@ public final class LazyMemory: @unchecked Sendable {
             // Only the leading run still missing and still adjacent where the pages are now.
             let run = missingRun(slot: slot, count: count)
             guard run > 0 else { return 0 }
+            // Invariant 4 on this path too: every page against its mark's digest before it goes in. A
+            // page changed in FAM after its seal stops the migration (the target is killed) rather than
+            // running the program on it.
+            for index in slot..<(slot + run) { try verifyPage(slot: index) }
             let address = currentAddress(slot)
             let byteCount = run * 4096
             let region = reader.backend.readableRegion(at: reader.pageOffset(slot: slot), count: byteCount)
-            let newly = try copyAll(slot: slot, address: address, byteCount: byteCount) { offset, remaining throws -> CopyOutcome in
+            let copied = try copyAll(slot: slot, address: address, byteCount: byteCount) { offset, remaining throws -> CopyOutcome in
                 try userfaultfd.copy(from: region.mapping, at: region.offset + offset,
                                      to: address + UInt64(offset), byteCount: remaining, dontWake: true)
             }
-            try finishInstall(slot: slot, count: run, newly: newly) { offset in
-                readBack ? nil : reader.backend.loadBytes(at: reader.pageOffset(slot: slot) + offset * 4096, count: 4096)
+            try finishInstall(slot: slot, count: run, copied: copied) { offset in
+                reader.backend.loadBytes(at: reader.pageOffset(slot: slot) + offset * 4096, count: 4096)
             }
-            return newly.count
+            return copied.newly.count
         }
     }
 
@@ -244,13 +255,13 @@ public final class LazyMemory: @unchecked Sendable {
                 guard run > 0 else { index += 1; continue }
                 let destination = currentAddress(slot + index)
                 let chunk = Array(bytes[(index * 4096)..<((index + run) * 4096)])
-                let newly = try copyAll(slot: slot + index, address: destination, byteCount: chunk.count) { offset, remaining throws -> CopyOutcome in
+                let copied = try copyAll(slot: slot + index, address: destination, byteCount: chunk.count) { offset, remaining throws -> CopyOutcome in
                     try userfaultfd.copy(bytes: Array(chunk[offset..<(offset + remaining)]), to: destination + UInt64(offset), dontWake: true)
                 }
-                try finishInstall(slot: slot + index, count: run, newly: newly) { offset in
+                try finishInstall(slot: slot + index, count: run, copied: copied) { offset in
                     Array(chunk[(offset * 4096)..<((offset + 1) * 4096)])
                 }
-                total += newly.count
+                total += copied.newly.count
                 index += run
             }
             return total
@@ -259,6 +270,12 @@ public final class LazyMemory: @unchecked Sendable {
 
     /// The slot of a page by the address it had at the freeze (the source's numbering).
     func frozenSlot(for address: UInt64) -> Int? { slotIndex(of: address, in: pageAddresses) }
+
+    /// Checks a page in FAM against its mark's digest (its mark must have been seen here first).
+    func verifyPage(slot: Int) throws(ImageError) {
+        guard let reader = lock.withLock({ reader }) else { preconditionFailure("verifyPage without an image") }
+        try reader.verifyPage(slot: slot)
+    }
 
     /// Where a dumped page lies in FAM, for an installer that does not use the userfaultfd (pwrite of
     /// a private file page). The mark must have been seen here first (invariant 3).
@@ -320,9 +337,12 @@ public final class LazyMemory: @unchecked Sendable {
     }
 
     /// Runs a multi-page UFFDIO_COPY to the end: EAGAIN advances by what was copied, EEXIST skips one
-    /// page (someone else installed it). Returns the page offsets (in pages) this call installed.
-    private func copyAll(slot: Int, address: UInt64, byteCount: Int, _ copy: (Int, Int) throws -> CopyOutcome) throws -> [Int] {
+    /// page (someone else installed it). Returns the page offsets (in pages) this call installed, and
+    /// those it found present.
+    private func copyAll(slot: Int, address: UInt64, byteCount: Int,
+                         _ copy: (Int, Int) throws -> CopyOutcome) throws -> (newly: [Int], present: [Int]) {
         var newly: [Int] = []
+        var present: [Int] = []
         var done = 0
         // A run that crosses a mapping boundary (neighbours with other protections) fails as a whole
         // with ENOENT: from then on page by page.
@@ -337,7 +357,7 @@ public final class LazyMemory: @unchecked Sendable {
                 // the page is now.
                 try drainEvents()
                 let page = slot + done / 4096
-                if error.errno == .resourceTemporarilyUnavailable || currentAddress(page) != address + UInt64(done) { return newly }
+                if error.errno == .resourceTemporarilyUnavailable || currentAddress(page) != address + UInt64(done) { return (newly, present) }
                 if !pageByPage {
                     pageByPage = true
                     continue
@@ -359,28 +379,30 @@ public final class LazyMemory: @unchecked Sendable {
                 newly.append(contentsOf: (done / 4096)..<((done + copiedByteCount) / 4096))
                 done += copiedByteCount
             case .firstPageAlreadyPresent:
+                present.append(done / 4096)
                 done += 4096
             }
         }
-        return newly
+        return (newly, present)
     }
 
-    private func finishInstall(slot: Int, count: Int, newly: [Int], installedBytes: (Int) -> [UInt8]?) throws {
+    /// `present`: pages another installer put there first (EEXIST). They count as installed: nobody of
+    /// ours will ever copy them, and a slot left missing would be asked for forever. Whoever installed one
+    /// showed it to the oracle.
+    private func finishInstall(slot: Int, count: Int, copied: (newly: [Int], present: [Int]), installedBytes: (Int) -> [UInt8]) throws {
+        let newly = copied.newly
         lock.withLock {
-            for offset in newly where !installed[slot + offset] {
+            for offset in newly + copied.present where !installed[slot + offset] {
                 installed[slot + offset] = true
                 installedPageCount += 1
             }
         }
-        // The oracle reads the installed pages back through the target before anyone runs on them; a
-        // moved page is read where it is now and judged against its digest from where it was.
+        // The oracle judges each page copied against its digest from where it was at the freeze, before
+        // the wake below lets a waiting thread on (see MigrationObserver for why it gets the bytes).
         for offset in newly {
             guard let observer else { break }
-            let frozen = pageAddresses[slot + offset]
-            let current = currentAddress(slot + offset)
-            var bytes = installedBytes(offset)
-            if bytes == nil && current != frozen { bytes = try readProcessMemory(targetProcessID, address: current, byteCount: 4096) }
-            try observer.pagesInstalled(processID: targetProcessID, address: frozen, byteCount: 4096, installedBytes: bytes)
+            try observer.pagesInstalled(processID: targetProcessID, address: pageAddresses[slot + offset],
+                                        targetAddress: currentAddress(slot + offset), byteCount: 4096, installedBytes: installedBytes(offset))
         }
         // Wake explicitly: the copies used DONTWAKE; pages skipped for EEXIST may have waiters too.
         try wake(address: currentAddress(slot), byteCount: count * 4096)

@@ -1,0 +1,148 @@
+// Why this file exists: one chaos iteration (see Chaos.swift). The seed's scenario gives the mode, the
+// program and its rendezvous as for torture; the migration runs under the threaded driver with a real FAM
+// file, real TCP on loopback and the seeded perturbations; the oracles judge it (state and registers,
+// every page as copied, the program's exit and whole output against the reference run, no target left).
+import Engine
+import Foundation
+import Logging
+import Oracles
+import Sys
+
+public struct ChaosIteration {
+    public let scenario: Scenario
+    public let environment: TortureEnvironment
+    public let references: ReferenceCache
+
+    public init(scenario: Scenario, environment: TortureEnvironment, references: ReferenceCache) {
+        self.scenario = scenario
+        self.environment = environment
+        self.references = references
+    }
+
+    public func run() -> IterationResult {
+        let clock = ContinuousClock()
+        let start = clock.now
+        var result = IterationResult(scenario: scenario, passed: false, failures: [], traceHash: "chaos", stepCount: 0,
+                                     outcome: "not started", milliseconds: 0)
+        let work = environment.workDirectory
+        do {
+            try FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)
+            defer { try? FileManager.default.removeItem(atPath: work) }
+            try migrate(into: &result)
+        } catch {
+            result.environmentError = "\(error)"
+        }
+        result.passed = result.failures.isEmpty && result.environmentError == nil
+        let elapsed = clock.now - start
+        result.milliseconds = Double(elapsed.components.seconds) * 1000 + Double(elapsed.components.attoseconds) / 1e15
+        return result
+    }
+
+    private func migrate(into result: inout IterationResult) throws {
+        let binary = environment.programDirectory + "/" + scenario.binary
+        let work = environment.workDirectory
+        let arguments = scenario.arguments + (ProgramSpec.named(scenario.program)?.fileDirectoryOption.map { [$0, work] } ?? [])
+        let reference = try references.output(binary: binary, arguments: arguments, workDirectory: work)
+        let outputPath = work + "/victim.out"
+        // Randomised addresses (chaos needs no repeatable layout), and so no PDEATHSIG: restored with it, a
+        // process dies when the restorer's actor thread ends (see the note on parent-death signals).
+        let victim = try startAtRendezvous(binary: binary, arguments: arguments, outputPath: outputPath, errorPath: work + "/victim.err",
+                                           repeatable: false)
+        defer { Spawn.killAndReap(victim) }
+
+        let perturbation = Perturbation(seed: scenario.seed)
+        let famPath = "/dev/shm/fammig-chaos-\(getpid())-\(String(scenario.seed, radix: 16)).img"
+        defer { unlink(famPath) }
+        let oracles = MigrationOracles()
+        let timeline = MigrationTimeline()
+        let metrics = FaultMetrics()
+        let monotonic = MonotonicClock()
+        var logger = Logger(label: "torture-chaos")
+        logger.logLevel = .critical
+        let gate = ChaoticGate(perturbation: perturbation, releaseSignal: SIGUSR2)
+        let makeBackend: (Int) throws(ImageError) -> any FAMBackend = { (byteCount) throws(ImageError) in
+            unlink(famPath)  // a second call replaces the estimate's file
+            return ChaoticFAM(try RealFAM.create(path: famPath, byteCount: byteCount, prefault: true), perturbation: perturbation)
+        }
+        let openBackend: () throws(ImageError) -> (any FAMBackend)? = { () throws(ImageError) in
+            guard ProcFS.exists(famPath) else { return nil }
+            return try RealFAM.open(path: famPath, writable: false)
+        }
+
+        var transports: [any Transport] = []
+        defer { transports.forEach { $0.close() } }
+        let dumpMode: DumpMode
+        let restoreMode: RestoreMode
+        if scenario.mode == .nonlive {
+            dumpMode = .nonlive
+            restoreMode = .eager
+        } else {
+            let listener = try TCPTransport.listen(on: Endpoint(host: "127.0.0.1", port: 0))
+            defer { listener.close() }
+            let targetSide = try TCPTransport.connect(to: listener.endpoint, timeoutMilliseconds: 5000)
+            transports.append(targetSide)
+            guard let sourceSide = try TCPTransport.accept(on: listener, timeoutMilliseconds: 5000) else {
+                throw TortureError.environment("the chaos target's connection never reached the source")
+            }
+            transports.append(sourceSide)
+            let source = ChaoticTransport(sourceSide, perturbation: perturbation)
+            let target = ChaoticTransport(targetSide, perturbation: perturbation)
+            oracles.expectLazyPages()
+            if scenario.mode == .postcopyFAM {
+                dumpMode = .postcopyFAM(transport: source)
+                restoreMode = .lazyFromFAM(transport: target)
+            } else {
+                dumpMode = .postcopySocket(transport: source, push: scenario.push)
+                restoreMode = .lazyFromSocket(transport: target)
+            }
+        }
+        let generation = scenario.seed | 1
+        let key = MigrationKey.forIteration(seed: scenario.seed)
+        let dumper = Dumper(victim: victim, makeBackend: makeBackend, generation: generation, key: key, release: .kill,
+                            batchPageCount: scenario.batchPageCount, observer: oracles, clock: monotonic, timeline: timeline,
+                            logger: logger, mode: dumpMode)
+        let restorer = Restorer(openBackend: openBackend, key: key, stubPath: environment.stubPath, batchPageCount: scenario.batchPageCount,
+                                observer: oracles, clock: monotonic, timeline: timeline, logger: logger, pidNamespace: .fresh,
+                                mode: restoreMode, gate: gate, imageWait: .seconds(30))
+        var actors: [any EngineActor] = [dumper, restorer]
+        if case .lazyFromFAM(let transport) = restoreMode {
+            actors.append(FaultHandler(lazy: { restorer.lazyMemory }, transport: transport, generation: generation, clock: monotonic,
+                                       timeline: timeline, metrics: metrics, logger: logger))
+            if scenario.push {
+                actors.append(Pusher(lazy: { restorer.lazyMemory }, batchPageCount: scenario.batchPageCount, clock: monotonic,
+                                     metrics: metrics, logger: logger))
+            }
+        } else if case .lazyFromSocket(let transport) = restoreMode {
+            actors.append(FaultHandler(lazy: { restorer.lazyMemory }, transport: transport, generation: generation, clock: monotonic,
+                                       timeline: timeline, metrics: metrics, logger: logger))
+        }
+
+        var failures: [String] = []
+        do {
+            try ThreadedDriver(logger: logger, deadline: .seconds(60)).run(actors.map { ChaoticActor($0, perturbation: perturbation) })
+            result.outcome = "completed"
+        } catch {
+            result.outcome = "failed: \(error)"
+            failures.append("migration: \(error)")
+        }
+        for verdict in oracles.verdicts where !verdict.passed { failures.append("\(verdict.name): \(verdict.detail)") }
+        if let target = restorer.restoredProcessID {
+            if Spawn.endsSoon(target, graceMilliseconds: 30_000) {
+                let status = try? Spawn.waitForExit(target)
+                if status != .exited(0) {
+                    failures.append("program: the migrated program \(status.map { "\($0)" } ?? "never ended"): \(firstLine(work + "/victim.err"))")
+                }
+            } else {
+                failures.append("liveness: the migrated program did not end within 30 s")
+                Spawn.killAndReap(target)
+            }
+            let output = (try? ProcFS.readFile(outputPath)) ?? []
+            if result.outcome == "completed" && output != reference {
+                failures.append("end to end: stdout differs from the reference run")
+            }
+        } else if result.outcome == "completed" {
+            failures.append("migration: completed without a restored process")
+        }
+        result.failures = failures
+    }
+}
