@@ -40,6 +40,7 @@ public enum StateOracle {
             check("\(prefix) robust list length", expectedThread.robustListLength, actualThread.robustListLength)
             check("\(prefix) clear-child-tid", expectedThread.clearChildTID, actualThread.clearChildTID, render: hex)
             check("\(prefix) name", expectedThread.commandName, actualThread.commandName)
+            check("\(prefix) sigaltstack", expectedThread.signalStack, actualThread.signalStack)
             check("\(prefix) pending signals", expectedThread.pendingSignals.map(\.signal), actualThread.pendingSignals.map(\.signal))
             check("\(prefix) pending siginfo", expectedThread.pendingSignals, actualThread.pendingSignals) { "\($0.count) entries" }
         }
@@ -47,7 +48,14 @@ public enum StateOracle {
         for action in restored.signalActions {
             check("sigaction \(action.signal)", expectedActions[action.signal], action)
         }
-        check("shared pending signals", checkpointed.sharedPendingSignals, restored.sharedPendingSignals) { "\($0.map(\.signal))" }
+        // A timer armed at the freeze runs again from the restore on: one that had little time left may
+        // have expired before this reading, its signal now pending (standard signals do not queue twice).
+        let mayHaveFired = Set(timerMismatches(checkpointed.context.intervalTimers, restored.context.intervalTimers,
+                                               restoredPendingSignals: Set(restored.sharedPendingSignals.map(\.signal)),
+                                               into: &mismatches))
+        let checkpointedSignals = Set(checkpointed.sharedPendingSignals.map(\.signal))
+        let restoredPending = restored.sharedPendingSignals.filter { !mayHaveFired.contains($0.signal) || checkpointedSignals.contains($0.signal) }
+        check("shared pending signals", checkpointed.sharedPendingSignals, restoredPending) { "\($0.map(\.signal))" }
         check("mm fields", checkpointed.memoryDescriptor, restored.memoryDescriptor)
         check("personality", checkpointed.personality, restored.personality, render: { hex(UInt64($0)) })
         check("parent death signal", checkpointed.parentDeathSignal, restored.parentDeathSignal)
@@ -66,6 +74,12 @@ public enum StateOracle {
                                             actual: describe(actualLayout.filter { !expectedLayout.contains($0) })))
         }
         check("open files", checkpointed.files, restored.files)
+        let expectedContext = checkpointed.context, actualContext = restored.context
+        check("working directory", expectedContext.workingDirectory, actualContext.workingDirectory)
+        check("umask", expectedContext.fileCreationMask, actualContext.fileCreationMask) { "0o" + String($0, radix: 8) }
+        check("oom_score_adj", expectedContext.oomScoreAdjustment, actualContext.oomScoreAdjustment)
+        check("dumpable", expectedContext.dumpable, actualContext.dumpable)
+        check("THP disable", expectedContext.transparentHugePagesDisabled, actualContext.transparentHugePagesDisabled)
         return mismatches
     }
 
@@ -114,6 +128,52 @@ public enum StateOracle {
         let header = 512..<520
         if expected.count != actual.count { return min(expected.count, actual.count) }
         return zip(expected, actual).enumerated().first { !header.contains($0.offset) && $0.element.0 != $0.element.1 }?.offset
+    }
+
+    /// How far a restored timer's time left may be from the checkpointed one. ITIMER_REAL counts wall
+    /// time from its setitimer in the restore to this reading (the restore and the schedule between its
+    /// steps); a CPU timer loses the CPU time the target spends meanwhile, and setitimer adds a tick to it
+    /// (at most 10 ms: HZ >= 100) so that it never fires early.
+    static let realTimerSlackMicroseconds: UInt64 = 2_000_000
+    static let cpuTimerSlackMicroseconds: UInt64 = 1_000_000
+    static let cpuTimerTickMicroseconds: UInt64 = 10_000
+
+    /// Compares the interval timers; returns the signals of those that may have expired since the
+    /// restore armed them.
+    static func timerMismatches(_ expected: [IntervalTimer], _ actual: [IntervalTimer], restoredPendingSignals: Set<Int32>,
+                                into mismatches: inout [StateMismatch]) -> [Int32] {
+        guard expected.map(\.kind) == actual.map(\.kind) else {
+            mismatches.append(StateMismatch(field: "interval timers", expected: "\(expected)", actual: "\(actual)"))
+            return []
+        }
+        var mayHaveFired: [Int32] = []
+        for (wanted, got) in zip(expected, actual) {
+            func mismatch(_ what: String) {
+                mismatches.append(StateMismatch(field: "interval timer \(wanted.kind)\(what)", expected: "\(wanted)", actual: "\(got)"))
+            }
+            if wanted.intervalMicroseconds != got.intervalMicroseconds { mismatch(" interval") }
+            guard wanted.isArmed else {
+                // Expired and waiting for its signal to be taken (ITIMER_REAL re-arms at dequeue); restored
+                // so, it may not have expired yet, with at most 1 us left (getitimer's floor).
+                let waitsForDequeue = wanted.intervalMicroseconds != 0 && got.valueMicroseconds <= 1
+                if got.isArmed && !waitsForDequeue { mismatch(" armed") }
+                continue
+            }
+            let slack = wanted.kind == .real ? realTimerSlackMicroseconds : cpuTimerSlackMicroseconds
+            let upper = wanted.valueMicroseconds + (wanted.kind == .real ? 0 : cpuTimerTickMicroseconds)
+            let lower = wanted.valueMicroseconds > slack ? wanted.valueMicroseconds - slack : 1
+            if got.valueMicroseconds >= lower && got.valueMicroseconds <= upper { continue }
+            // Expired meanwhile: a periodic CPU timer was reloaded with its interval; ITIMER_REAL and a
+            // one-shot timer are off, their signal pending (else the timer was lost, not expired).
+            let expired = wanted.valueMicroseconds <= slack && got.valueMicroseconds <= wanted.intervalMicroseconds
+                && (got.isArmed || restoredPendingSignals.contains(wanted.kind.signal))
+            if expired {
+                mayHaveFired.append(wanted.kind.signal)
+            } else {
+                mismatch(" time left")
+            }
+        }
+        return mayHaveFired
     }
 
     /// Mappings with adjacent, alike VMAs merged (same kind, sharing and protection; files at

@@ -113,6 +113,35 @@ public enum ProcFS {
         try directoryEntries("/proc/\(processID)/task").compactMap { Int32($0, radix: 10) }.sorted().map { ProcessID(rawValue: $0) }
     }
 
+    /// The children of a process, zombies included: the union of /proc/PID/task/TID/children over its
+    /// threads (each thread lists the children it forked), sorted. A thread that exits meanwhile is
+    /// skipped; text that is not a list of PIDs throws.
+    public static func childProcessIDs(_ processID: ProcessID) throws -> [ProcessID] {
+        var children = Set<Int32>()
+        for threadID in try threadIDs(processID) {
+            let path = "/proc/\(processID)/task/\(threadID)/children"
+            guard let text = try? readText(path) else { continue }
+            for field in text.split(whereSeparator: { $0 == " " || $0 == "\n" }) {
+                guard let child = Int32(field, radix: 10), child > 0 else {
+                    throw ProcFSError(path: path, reason: "'\(field.prefix(32))' is not a PID")
+                }
+                children.insert(child)
+            }
+        }
+        return children.sorted().map { ProcessID(rawValue: $0) }
+    }
+
+    /// Writes `text` to a /proc file in one write (the kernel parses a /proc value per write call).
+    public static func writeText(_ path: String, _ text: String) throws {
+        let descriptor = try retryingInterrupts("open(\(path))") { open(path, O_WRONLY | O_CLOEXEC) }
+        defer { close(descriptor) }
+        let bytes = Array(text.utf8)
+        let written = try bytes.withUnsafeBytes { (buffer) throws -> Int in
+            try retryingInterrupts("write(\(path))") { write(descriptor, buffer.baseAddress, buffer.count) }
+        }
+        guard written == bytes.count else { throw ProcFSError(path: path, reason: "wrote \(written) of \(bytes.count) bytes") }
+    }
+
     /// Open descriptor numbers of a process, sorted.
     public static func descriptors(_ processID: ProcessID) throws -> [Int32] {
         try directoryEntries("/proc/\(processID)/fd").compactMap { Int32($0, radix: 10) }.sorted()

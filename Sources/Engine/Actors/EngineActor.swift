@@ -67,7 +67,8 @@ public enum EngineError: Error, CustomStringConvertible, Sendable {
     public var isUsageOrEnvironment: Bool {
         switch self {
         case .checkpoint(.noSuchProcess), .checkpoint(.cannotCheckpointSelf), .checkpoint(.alreadyTraced),
-             .checkpoint(.multipleThreads), .checkpoint(.unsupportedDescriptor), .checkpoint(.unsupportedMapping):
+             .checkpoint(.multipleThreads), .checkpoint(.unsupportedDescriptor), .checkpoint(.unsupportedMapping),
+             .checkpoint(.hasChildren), .checkpoint(.unsupportedContext):
             true
         case .image: true
         case .restore(.processIDInUse): true

@@ -102,6 +102,9 @@ public final class Restorer: EngineActor {
         case .waitingForImage:
             if imageAvailable() { return .ready(state.description) }
             if clock.now() > imageWait { return .ready("give up waiting for the image") }
+            if case .lazyFromFAM(let transport) = mode, transport.waitReadable(timeoutMilliseconds: 0) {
+                return .ready("read the source's word before its image")
+            }
             return .waiting(.retryAfter(.microseconds(200)))
         case .spawn:
             if let spawnFirstTried, clock.now() - spawnFirstTried < .milliseconds(2) { return .waiting(.retryAfter(.microseconds(500))) }
@@ -128,6 +131,16 @@ public final class Restorer: EngineActor {
     private func step() throws(EngineError) {
         switch state {
         case .waitingForImage:
+            if !imageAvailable(), case .lazyFromFAM(let transport) = mode, transport.waitReadable(timeoutMilliseconds: 0) {
+                // A source that refused the victim (before any image existed) says so, or hangs up:
+                // waiting out `imageWait` for an image that never comes would only hide its reason.
+                let message: Message?
+                do { message = try transport.receive() } catch {
+                    throw .aborted("the source node went away before it wrote an image: \(error)")
+                }
+                if case .abort(let reason) = message { throw .aborted("the source aborted: \(reason)") }
+                return
+            }
             guard imageAvailable() else {
                 throw .timedOut("no usable image or process state from the source within \(imageWait); the source failed or is too slow")
             }

@@ -8,6 +8,10 @@ public enum CheckpointError: Error, CustomStringConvertible, Sendable {
     case multipleThreads(ProcessID, count: Int)
     case unsupportedDescriptor(ProcessID, descriptor: Int32, target: String)
     case unsupportedMapping(ProcessID, range: String, reason: String)
+    /// Children (zombies included) would be orphaned by the checkpoint and cannot be restored with it.
+    case hasChildren(ProcessID, children: [ProcessID])
+    /// A part of the process context (cwd, oom_score_adj, dumpable, ...) that cannot be restored.
+    case unsupportedContext(ProcessID, reason: String)
     case victimDied(ProcessID, reason: String)
     case system(ProcessID, String)
 
@@ -25,6 +29,10 @@ public enum CheckpointError: Error, CustomStringConvertible, Sendable {
             "pid \(pid): fd \(descriptor) is \(target); only regular files and /dev/null can be migrated. Close or redirect it (e.g. stdout to a file). The process was left running untouched."
         case .unsupportedMapping(let pid, let range, let reason):
             "pid \(pid): mapping \(range) cannot be migrated (\(reason)). The process was left running untouched."
+        case .hasChildren(let pid, let children):
+            "pid \(pid) has \(children.count) child process\(children.count == 1 ? "" : "es") (\(children.prefix(8).map { "\($0)" }.joined(separator: ", "))\(children.count > 8 ? ", ..." : "")); process trees cannot be migrated yet, and migrating the parent alone would orphan them. The process was left running untouched."
+        case .unsupportedContext(let pid, let reason):
+            "pid \(pid) cannot be migrated: \(reason). The process was left running untouched."
         case .victimDied(let pid, let reason):
             "pid \(pid) ended during the checkpoint (\(reason)); nothing was migrated."
         case .system(let pid, let message):

@@ -83,11 +83,16 @@ final class FrozenVictim {
         }
     }
 
+    /// Refusals found only now (a child forked after the preflight, a dumpable flag prctl cannot set) throw
+    /// before anything was written anywhere: the dumper's abort detaches the victim, which runs on.
     private func captureThrowing() throws -> ProcessState {
+        try Preflight.checkNoChildren(processID)
         let registers = try tracee.registers()
         let signalMask = try tracee.signalMask()
         let injected = try injectQueries(registers: registers, signalMask: signalMask)
-        return try StateReader.read(tracees: tracees, processID: processID, injected: injected)
+        let state = try StateReader.read(tracees: tracees, processID: processID, injected: injected)
+        try ContextReader.checkRestorable(state, processID: processID)
+        return state
     }
 
     /// Runs StateReader's injected queries from a scratch mapping that is removed again, with every

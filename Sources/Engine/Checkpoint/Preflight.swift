@@ -22,8 +22,22 @@ enum Preflight {
         if let tracer = status["TracerPid"], tracer != "0" { throw .alreadyTraced(processID, tracer: tracer) }
         guard let threads = try? ProcFS.threadIDs(processID) else { throw .noSuchProcess(processID) }
         if threads.count > ProcessState.maximumThreadCount { throw .multipleThreads(processID, count: threads.count) }
+        try checkNoChildren(processID)
         _ = try descriptors(processID)
         _ = try mappings(processID)
+        try ContextReader.checkRestorable(processID)
+    }
+
+    /// A checkpoint kills the victim: its children would be orphaned (re-parented, their exit statuses
+    /// lost) and the restored process would not be their parent. Until trees migrate, refuse them.
+    /// Also called once the victim is frozen, when it can fork no more.
+    static func checkNoChildren(_ processID: ProcessID) throws(CheckpointError) {
+        let children: [ProcessID]
+        do { children = try ProcFS.childProcessIDs(processID) } catch {
+            if !ProcFS.isAlive(processID) { throw .noSuchProcess(processID) }
+            throw .system(processID, "\(error)")
+        }
+        if !children.isEmpty { throw .hasChildren(processID, children: children) }
     }
 
     /// How many pages a dump would take now (the process still runs; the count is a plan, not a promise).

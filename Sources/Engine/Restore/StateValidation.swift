@@ -50,6 +50,8 @@ enum KernelLimits {
     static let temporaryFileFlag: Int32 = 0o20_000_000
     /// The largest rseq area the restorer accepts (the kernel's is 32 bytes and grows slowly).
     static let rseqByteCountMax: UInt32 = 4096
+    /// MINSIGSTKSZ on x86-64: sigaltstack refuses smaller stacks.
+    static let signalStackByteCountMin: UInt64 = 2048
 }
 
 extension Mapping {
@@ -85,6 +87,50 @@ extension ProcessState {
         try validateLimitsAndSeccomp(path: path)
         try validateFiles(path: path)
         try validateMemoryDescriptor(path: path)
+        try validateContext(path: path)
+    }
+
+    /// What the context restorer hands to chdir, umask, oom_score_adj, prctl and sigaltstack: values a
+    /// process can have and the restorer can set (anything else would fail half-way through a restore).
+    private func validateContext(path: String) throws(ImageError) {
+        try Self.checkPath(context.workingDirectory, "the working directory", path: path)
+        guard context.workingDirectory.utf8.count <= ProcessContext.workingDirectoryByteCountMax else {
+            throw .unrestorableState(path: path, reason: "the working directory is \(context.workingDirectory.utf8.count) bytes long (PATH_MAX is 4096)")
+        }
+        guard context.fileCreationMask <= ProcessContext.fileCreationMaskMax else {
+            throw .unrestorableState(path: path, reason: "umask 0o\(String(context.fileCreationMask, radix: 8)) has bits beyond 0o777")
+        }
+        guard ProcessContext.oomScoreAdjustments.contains(context.oomScoreAdjustment) else {
+            throw .unrestorableState(path: path, reason: "oom_score_adj \(context.oomScoreAdjustment) is outside -1000...1000")
+        }
+        guard ProcessContext.dumpableValues.contains(context.dumpable) else {
+            throw .unrestorableState(path: path, reason: "dumpable \(context.dumpable) is not 0 or 1")
+        }
+        guard ProcessContext.transparentHugePageValues.contains(context.transparentHugePagesDisabled) else {
+            throw .unrestorableState(path: path, reason: "THP-disable \(context.transparentHugePagesDisabled) is not 0, 1 or 3")
+        }
+        // One of each, in order: the restorer sets all three, disarming what was not armed.
+        guard context.intervalTimers.map(\.kind) == IntervalTimer.Kind.allCases else {
+            throw .unrestorableState(path: path, reason: "the interval timers are \(context.intervalTimers.map { "\($0.kind)" }), not real, virtual, profiling")
+        }
+        for timer in context.intervalTimers where timer.intervalMicroseconds > IntervalTimer.microsecondsMax || timer.valueMicroseconds > IntervalTimer.microsecondsMax {
+            throw .unrestorableState(path: path, reason: "interval timer \(timer) is beyond setitimer's range")
+        }
+        for thread in threads {
+            let stack = thread.signalStack
+            let what = "thread \(thread.threadID)'s sigaltstack (\(stack.byteCount) bytes at \(hex(stack.address)), flags \(hex(UInt64(stack.flags))))"
+            if stack.isDisabled {
+                guard stack == .disabled else { throw .unrestorableState(path: path, reason: "\(what) is disabled but not empty") }
+                continue
+            }
+            guard stack.flags & ~SignalStack.autoDisarmFlag == 0 else {
+                throw .unrestorableState(path: path, reason: "\(what) has flags sigaltstack does not take")
+            }
+            guard stack.byteCount >= KernelLimits.signalStackByteCountMin, stack.byteCount <= AddressSpace.userSpaceEnd,
+                  stack.address >= AddressSpace.lowestAddress, stack.address <= AddressSpace.userSpaceEnd - stack.byteCount else {
+                throw .unrestorableState(path: path, reason: "\(what) is not inside user space or is smaller than MINSIGSTKSZ")
+            }
+        }
     }
 
     private func validateMappings(path: String) throws(ImageError) {

@@ -358,9 +358,15 @@ final class TargetProcess {
                 try injector.call("rt_sigqueueinfo(\(pending.signal))", Syscall.rtSigqueueinfo,
                                   UInt64(state.processID.rawValue), UInt64(pending.signal), dataAddress)
             }
-            for (threadState, threadInjector) in zip(state.threads, [injector] + otherThreads.map(\.injector)) {
+            let context = ContextRestorer(injector: injector, memory: memory, dataAddress: dataAddress, processID: processID)
+            try context.restoreBeforeCredentials(state, threadInjectors: [injector] + otherThreads.map(\.injector))
+            for threadInjector in [injector] + otherThreads.map(\.injector) {
                 try CredentialRestorer(injector: threadInjector, memory: memory, dataAddress: dataAddress, processID: processID)
                     .restore(state.credentials)
+            }
+            try context.restoreAfterCredentials(state.context)
+            // The extended state last: a syscall injected after it can change XSTATE_BV.
+            for (threadState, threadInjector) in zip(state.threads, [injector] + otherThreads.map(\.injector)) {
                 try threadInjector.tracee.setExtendedState(threadState.extendedState)
             }
         } catch {

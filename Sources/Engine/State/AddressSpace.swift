@@ -8,6 +8,7 @@ enum Syscall {
     static let arch_prctl = 158, openat = 257, rtTgsigqueueinfo = 297, dup3 = 292, rseq = 334, seccomp = 317
     static let userfaultfd = 323, closeRange = 436, prlimit64 = 302
     static let clone3 = 435, setRobustList = 273, setTidAddress = 218
+    static let chdir = 80, umask = 95, sigaltstack = 131, getitimer = 36, setitimer = 38
 }
 
 enum AddressSpace {

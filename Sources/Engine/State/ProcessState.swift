@@ -114,6 +114,8 @@ public struct ThreadState: Equatable, Sendable {
     public var clearChildTID: UInt64 = 0
     /// /proc/PID/task/TID/comm.
     public var commandName: String = ""
+    /// sigaltstack(2).
+    public var signalStack = SignalStack.disabled
 }
 
 /// Everything about the victim but its page contents.
@@ -136,6 +138,8 @@ public struct ProcessState: Equatable, Sendable {
     public var seccompFilters: [SeccompFilter]
     public var mappings: [Mapping]
     public var files: [OpenFile]
+    /// cwd, umask, oom_score_adj, dumpable, THP-disable.
+    public var context = ProcessContext()
 
     public var mainThread: ThreadState { threads[0] }
     /// More threads than this are refused at checkpoint and rejected in an image.

@@ -4,7 +4,9 @@ import Sys
 
 extension ProcessState {
     /// Bumped whenever the encoding changes; the image format version covers the layout around it.
-    static let encodingVersion: UInt32 = 2
+    /// 3: each thread's sigaltstack, and the process context (cwd, umask, oom_score_adj, dumpable, THP).
+    /// 4: the interval timers (setitimer).
+    static let encodingVersion: UInt32 = 4
 
     public func encoded() -> [UInt8] {
         var writer = BinaryWriter()
@@ -51,6 +53,16 @@ extension ProcessState {
             writer.writeString(file.path)
             writer.writeInt32(file.flags)
             writer.writeInt64(file.position)
+        }
+        writer.writeString(context.workingDirectory)
+        writer.writeUInt32(context.fileCreationMask)
+        writer.writeInt32(context.oomScoreAdjustment)
+        writer.writeInt32(context.dumpable)
+        writer.writeUInt32(context.transparentHugePagesDisabled)
+        writer.writeArray(context.intervalTimers) { writer, timer in
+            writer.writeInt32(timer.kind.rawValue)
+            writer.writeUInt64(timer.intervalMicroseconds)
+            writer.writeUInt64(timer.valueMicroseconds)
         }
         return writer.bytes
     }
@@ -125,12 +137,25 @@ extension ProcessState {
             return OpenFile(descriptor: descriptor, path: try reader.readString(maximumByteCount: 4096),
                             flags: try reader.readInt32(), position: try reader.readInt64())
         }
+        var context = ProcessContext()
+        context.workingDirectory = try reader.readString(maximumByteCount: ProcessContext.workingDirectoryByteCountMax)
+        context.fileCreationMask = try reader.readUInt32()
+        context.oomScoreAdjustment = try reader.readInt32()
+        context.dumpable = try reader.readInt32()
+        context.transparentHugePagesDisabled = try reader.readUInt32()
+        context.intervalTimers = try reader.readArray(maximumCount: IntervalTimer.Kind.allCases.count) { (reader) throws(ImageError) -> IntervalTimer in
+            let rawKind = try reader.readInt32()
+            guard let kind = IntervalTimer.Kind(rawValue: rawKind) else { throw .malformedMetadata(reason: "interval timer \(rawKind)") }
+            return IntervalTimer(kind: kind, intervalMicroseconds: try reader.readUInt64(), valueMicroseconds: try reader.readUInt64())
+        }
         try reader.expectEnd()
-        return ProcessState(processID: processID, executablePath: executablePath, commandName: commandName, threads: threads,
+        var state = ProcessState(processID: processID, executablePath: executablePath, commandName: commandName, threads: threads,
                             signalActions: actions, sharedPendingSignals: shared, memoryDescriptor: fields,
                             personality: personality, parentDeathSignal: parentDeathSignal, credentials: credentials,
                             resourceLimits: limits,
                             seccompMode: seccompMode, seccompFilters: filters, mappings: mappings, files: files)
+        state.context = context
+        return state
     }
 
     static func readSiginfo(_ reader: inout BinaryReader) throws(ImageError) -> [UInt8] {
@@ -161,6 +186,9 @@ extension ThreadState {
         writer.writeUInt64(robustListLength)
         writer.writeUInt64(clearChildTID)
         writer.writeString(commandName)
+        writer.writeUInt64(signalStack.address)
+        writer.writeUInt64(signalStack.byteCount)
+        writer.writeUInt32(signalStack.flags)
     }
 
     static func decode(_ reader: inout BinaryReader) throws(ImageError) -> ThreadState {
@@ -183,6 +211,7 @@ extension ThreadState {
         thread.robustListLength = try reader.readUInt64()
         thread.clearChildTID = try reader.readUInt64()
         thread.commandName = try reader.readString(maximumByteCount: 64)
+        thread.signalStack = SignalStack(address: try reader.readUInt64(), byteCount: try reader.readUInt64(), flags: try reader.readUInt32())
         return thread
     }
 }

@@ -14,6 +14,11 @@ struct InjectedAnswers: Equatable {
     var resourceLimits: [ResourceLimit] = []
     /// PR_GET_TID_ADDRESS of each thread, main thread first.
     var clearChildTIDs: [UInt64] = []
+    /// sigaltstack(NULL, &old) of each thread, main thread first.
+    var signalStacks: [SignalStack] = []
+    var dumpable: Int32 = 1
+    var transparentHugePagesDisabled: UInt32 = 0
+    var intervalTimers: [IntervalTimer] = []
 }
 
 enum StateReader {
@@ -39,9 +44,22 @@ enum StateReader {
             answers.resourceLimits.append(ResourceLimit(resource: resource, soft: raw.littleEndianWord(at: 0),
                                                         hard: raw.littleEndianWord(at: 8)))
         }
+        answers.dumpable = Int32(truncatingIfNeeded: try injector.call("prctl(PR_GET_DUMPABLE)", Syscall.prctl, 3))
+        answers.transparentHugePagesDisabled = UInt32(truncatingIfNeeded: try injector.call("prctl(PR_GET_THP_DISABLE)", Syscall.prctl, 42))
         for threadInjector in [injector] + threadInjectors {
             try threadInjector.call("prctl(PR_GET_TID_ADDRESS)", Syscall.prctl, 40, dataAddress)
             answers.clearChildTIDs.append(try memory.read(at: dataAddress, byteCount: 8).littleEndianWord(at: 0))
+            try threadInjector.call("sigaltstack", Syscall.sigaltstack, 0, dataAddress)
+            answers.signalStacks.append(SignalStack(stackT: try memory.read(at: dataAddress, byteCount: 24)))
+        }
+        // Last: ITIMER_REAL runs on while the process is stopped, and the shared pending signals (read
+        // next) should see an expiry that getitimer already counted.
+        for kind in IntervalTimer.Kind.allCases {
+            try injector.call("getitimer(\(kind))", Syscall.getitimer, UInt64(kind.rawValue), dataAddress)
+            guard let timer = IntervalTimer(kind: kind, itimerval: try memory.read(at: dataAddress, byteCount: 32)) else {
+                throw InjectionError.failed(name: "getitimer(\(kind)) answered no valid itimerval", errno: EINVAL)
+            }
+            answers.intervalTimers.append(timer)
         }
         return answers
     }
@@ -63,6 +81,7 @@ enum StateReader {
             state.robustListHead = robust.head
             state.robustListLength = robust.length
             state.clearChildTID = index < injected.clearChildTIDs.count ? injected.clearChildTIDs[index] : 0
+            state.signalStack = index < injected.signalStacks.count ? injected.signalStacks[index] : .disabled
             state.commandName = String(try ProcFS.readText("/proc/\(processID)/task/\(thread.processID)/comm").prefix { $0 != "\n" })
             threads.append(state)
         }
@@ -98,9 +117,16 @@ enum StateReader {
         if let excludedRange { mappings.removeAll { excludedRange.contains($0.start) } }
         let noReserveStarts = Self.noReserveMappingStarts(processID)
         for index in mappings.indices where noReserveStarts.contains(mappings[index].start) { mappings[index].noReserve = true }
+        var context = ProcessContext()
+        context.workingDirectory = try ContextReader.workingDirectory(processID)
+        context.fileCreationMask = try ContextReader.fileCreationMask(status: status, processID: processID)
+        context.oomScoreAdjustment = try ContextReader.oomScoreAdjustment(processID)
+        context.dumpable = injected.dumpable
+        context.transparentHugePagesDisabled = injected.transparentHugePagesDisabled
+        context.intervalTimers = injected.intervalTimers
         // Inside its own PID namespace (a node of its own) the process knows itself by another number.
         let ownProcessID = try ProcFS.innermostProcessID(processID)
-        return ProcessState(
+        var state = ProcessState(
             processID: ownProcessID,
             executablePath: try ProcFS.readLink("/proc/\(processID)/exe"),
             commandName: String(try ProcFS.readText("/proc/\(processID)/comm").prefix { $0 != "\n" }),
@@ -116,6 +142,8 @@ enum StateReader {
             seccompFilters: filters,
             mappings: mappings,
             files: files)
+        state.context = context
+        return state
     }
 
     /// Start addresses of the mappings whose VmFlags (/proc/PID/smaps) include "nr" (MAP_NORESERVE).
