@@ -14,6 +14,8 @@
 #include <fcntl.h>
 #include <string.h>
 #include <pthread.h>
+#include <poll.h>
+#include <sys/socket.h>
 
 long csys_ptrace(long request, pid_t pid, void *address, void *data) {
     return syscall(SYS_ptrace, request, pid, address, data);
@@ -246,4 +248,74 @@ void csys_cleanup_register_process(pid_t processID) {
     if (cleanup_process_count >= 8) return;
     cleanup_processes[cleanup_process_count] = processID;
     cleanup_process_count = cleanup_process_count + 1;
+}
+
+static void close_all_but(const int *keep, int keepCount) {
+    // keep is sorted ascending; close every range between the kept descriptors.
+    unsigned int next = 0;
+    for (int index = 0; index < keepCount; index++) {
+        if ((unsigned int)keep[index] > next) syscall(SYS_close_range, next, (unsigned int)keep[index] - 1, 0);
+        next = (unsigned int)keep[index] + 1;
+    }
+    syscall(SYS_close_range, next, ~0U, 0);
+}
+
+static void wait_for_exit(int pidfd, int timeoutMilliseconds) {
+    struct pollfd waiting = { .fd = pidfd, .events = POLLIN };
+    while (poll(&waiting, 1, timeoutMilliseconds) < 0 && errno == EINTR) {}
+}
+
+pid_t csys_spawn_hole_watchdog(int pidfd, int userfaultfd, int *disarmDescriptor) {
+    // A socket pair, not a pipe: the disarm word is sent with MSG_NOSIGNAL, since the watchdog may have
+    // exited already (its target ended), and a write to a pipe without reader would raise SIGPIPE here.
+    int pipeDescriptors[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pipeDescriptors) != 0) return -1;
+    pid_t child = fork();
+    if (child < 0) {
+        int saved = errno;
+        close(pipeDescriptors[0]);
+        close(pipeDescriptors[1]);
+        errno = saved;
+        return -1;
+    }
+    if (child == 0) {
+        int keep[3] = { pipeDescriptors[0], pidfd, userfaultfd };
+        for (int i = 0; i < 3; i++)
+            for (int j = i + 1; j < 3; j++)
+                if (keep[j] < keep[i]) { int swap = keep[i]; keep[i] = keep[j]; keep[j] = swap; }
+        close_all_but(keep, 3);
+        setsid();
+        int ignored[] = { SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGPIPE, SIGTSTP, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2 };
+        for (size_t index = 0; index < sizeof ignored / sizeof ignored[0]; index++) signal(ignored[index], SIG_IGN);
+        sigset_t none;
+        sigemptyset(&none);
+        sigprocmask(SIG_SETMASK, &none, NULL);
+        prctl(PR_SET_NAME, (unsigned long)"fammig-watchdog", 0, 0, 0);
+        for (;;) {
+            struct pollfd watched[2] = { { .fd = pipeDescriptors[0], .events = POLLIN }, { .fd = pidfd, .events = POLLIN } };
+            if (poll(watched, 2, -1) < 0) {
+                if (errno == EINTR) continue;
+                break;  // cannot watch any more: treat like a dead owner
+            }
+            if (watched[1].revents) _exit(0);  // the restored process ended: nothing to guard
+            if (watched[0].revents) {
+                char word = 0;
+                ssize_t count = read(pipeDescriptors[0], &word, 1);
+                if (count < 0 && errno == EINTR) continue;
+                if (count == 1 && word == 'D') _exit(0);
+                break;  // EOF (owner gone) or anything else
+            }
+        }
+        syscall(SYS_pidfd_send_signal, pidfd, SIGKILL, NULL, 0);
+        wait_for_exit(pidfd, 5000);
+        _exit(1);
+    }
+    close(pipeDescriptors[0]);
+    *disarmDescriptor = pipeDescriptors[1];
+    return child;
+}
+
+int csys_hole_watchdog_disarm(int disarmDescriptor) {
+    char word = 'D';
+    return (int)send(disarmDescriptor, &word, 1, MSG_NOSIGNAL);
 }

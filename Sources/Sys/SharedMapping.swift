@@ -49,10 +49,17 @@ public final class SharedMapping: @unchecked Sendable {
     public let byteCount: Int
     public let isWritable: Bool
     public let flushInstruction: FlushInstruction
+    /// The file's owner and permission bits, from the descriptor that was mapped (so they describe the
+    /// very file whose bytes are read, not whatever the path names a moment later).
+    public let ownerUserID: UInt32
+    public let permissionBits: UInt32
     /// nil once closed, and for an empty file (mmap cannot map 0 bytes).
     private var base: UnsafeMutableRawPointer?
 
-    private init(path: String, base: UnsafeMutableRawPointer?, byteCount: Int, isWritable: Bool) {
+    private init(path: String, base: UnsafeMutableRawPointer?, byteCount: Int, isWritable: Bool,
+                 ownerUserID: UInt32 = geteuid(), permissionBits: UInt32 = SharedMapping.createdFileMode) {
+        self.ownerUserID = ownerUserID
+        self.permissionBits = permissionBits
         self.path = path
         self.base = base
         self.byteCount = byteCount
@@ -111,11 +118,12 @@ public final class SharedMapping: @unchecked Sendable {
             throw SyscallError(call: "open(\(path)): not a regular file", errno: .invalidArgument)
         }
         let byteCount = Int(status.st_size)
+        let (owner, permissions) = (status.st_uid, UInt32(status.st_mode) & 0o7777)
         if byteCount == 0 {
-            return SharedMapping(path: path, base: nil, byteCount: 0, isWritable: writable)
+            return SharedMapping(path: path, base: nil, byteCount: 0, isWritable: writable, ownerUserID: owner, permissionBits: permissions)
         }
         let base = try map(path: path, descriptor: descriptor, byteCount: byteCount, writable: writable, flags: MAP_SHARED)
-        return SharedMapping(path: path, base: base, byteCount: byteCount, isWritable: writable)
+        return SharedMapping(path: path, base: base, byteCount: byteCount, isWritable: writable, ownerUserID: owner, permissionBits: permissions)
     }
 
     /// The descriptor is closed right after mmap: the mapping keeps the file alive on its own.

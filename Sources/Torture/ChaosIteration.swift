@@ -97,10 +97,11 @@ public struct ChaosIteration {
             }
         }
         let generation = scenario.seed | 1
-        let dumper = Dumper(victim: victim, makeBackend: makeBackend, generation: generation, release: .kill,
+        let key = MigrationKey.forIteration(seed: scenario.seed)
+        let dumper = Dumper(victim: victim, makeBackend: makeBackend, generation: generation, key: key, release: .kill,
                             batchPageCount: scenario.batchPageCount, observer: oracles, clock: monotonic, timeline: timeline,
                             logger: logger, mode: dumpMode)
-        let restorer = Restorer(openBackend: openBackend, stubPath: environment.stubPath, batchPageCount: scenario.batchPageCount,
+        let restorer = Restorer(openBackend: openBackend, key: key, stubPath: environment.stubPath, batchPageCount: scenario.batchPageCount,
                                 observer: oracles, clock: monotonic, timeline: timeline, logger: logger, pidNamespace: .fresh,
                                 mode: restoreMode, gate: gate, imageWait: .seconds(30))
         var actors: [any EngineActor] = [dumper, restorer]

@@ -229,10 +229,11 @@ public struct Iteration {
             restoreMode = .lazyFromSocket(transport: link!.target)
             observer.oracles.expectLazyPages()
         }
-        let dumper = Dumper(victim: victim, makeBackend: makeBackend, generation: generation, release: .kill,
+        let key = MigrationKey.forIteration(seed: scenario.seed)
+        let dumper = Dumper(victim: victim, makeBackend: makeBackend, generation: generation, key: key, release: .kill,
                             batchPageCount: scenario.batchPageCount, observer: observer, clock: virtualClock,
                             timeline: timeline, logger: logger, mode: dumpMode)
-        let restorer = Restorer(openBackend: openBackend, stubPath: environment.stubPath, batchPageCount: scenario.batchPageCount,
+        let restorer = Restorer(openBackend: openBackend, key: key, stubPath: environment.stubPath, batchPageCount: scenario.batchPageCount,
                                 observer: observer, clock: virtualClock, timeline: timeline, logger: logger,
                                 processIDWait: .milliseconds(50), pidNamespace: .fresh, mode: restoreMode, gate: runner,
                                 imageWait: .milliseconds(50))
@@ -257,11 +258,11 @@ public struct Iteration {
             NemesisParticipant(plan: $0, dumper: dumperParticipant, victim: victim, model: { box.model }, link: link)
         }
         if let nemesis { participants.append(nemesis) }
-        let tamperer = scenario.tamper.map { TamperParticipant(plan: $0, model: { box.model }) }
+        let tamperer = scenario.tamper.map { TamperParticipant(plan: $0, model: { box.model }, key: key) }
         if let tamperer { participants.append(tamperer) }
         if scenario.racer {
             participants.append(RacingInstaller(memory: { restorer.lazyMemory }, model: { box.model }, observer: observer,
-                                                budget: max(1, scenario.batchPageCount / 4)))
+                                                budget: max(1, scenario.batchPageCount / 4), key: key))
         }
 
         let driver = DeterministicDriver(participants: participants, clock: virtualClock,

@@ -19,7 +19,12 @@ final class RacingInstaller: Participant {
     /// engine finds nothing left to do.
     private var budget: Int
 
-    init(memory: @escaping () -> LazyMemory?, model: @escaping () -> ModelFAM?, observer: any MigrationObserver, budget: Int) {
+    /// The iteration's key, to open the image as the target does.
+    private let key: MigrationKey
+
+    init(memory: @escaping () -> LazyMemory?, model: @escaping () -> ModelFAM?, observer: any MigrationObserver, budget: Int,
+         key: MigrationKey) {
+        self.key = key
         self.memory = memory
         self.model = model
         self.observer = observer
@@ -32,7 +37,7 @@ final class RacingInstaller: Participant {
         if reader == nil {
             let view = UncheckedFabricView(model: model)
             guard ImageReader.peekState(backend: view).map({ $0 == .metadataCommitted || $0 == .complete }) == true else { return [] }
-            reader = try? ImageReader.open(backend: view, requireComplete: false, deferPageChecks: true)
+            reader = try? ImageReader.open(backend: view, key: key, requireComplete: false, deferPageChecks: true)
         }
         guard var reader else { return [] }
         let slots = (0..<reader.pageCount).filter {

@@ -23,7 +23,12 @@ final class TamperParticipant: Participant {
     /// The slot changed, once fired.
     private(set) var tamperedSlot: Int?
 
-    init(plan: TamperPlan, model: @escaping () -> ModelFAM?) {
+    /// The iteration's key, only to open the image and find its marks: the tamperer never reseals a
+    /// code, so what it changes is what a writer without the key could change.
+    private let key: MigrationKey
+
+    init(plan: TamperPlan, model: @escaping () -> ModelFAM?, key: MigrationKey) {
+        self.key = key
         self.plan = plan
         self.model = model
     }
@@ -35,7 +40,7 @@ final class TamperParticipant: Participant {
         if reader == nil {
             let view = UncheckedFabricView(model: model)
             guard ImageReader.peekState(backend: view).map({ $0 == .metadataCommitted || $0 == .complete }) == true else { return [] }
-            reader = try? ImageReader.open(backend: view, requireComplete: false, deferPageChecks: true)
+            reader = try? ImageReader.open(backend: view, key: key, requireComplete: false, deferPageChecks: true)
         }
         guard var reader else { return [] }
         let slots = (0..<reader.pageCount).filter { reader.isMarked(slot: $0) }

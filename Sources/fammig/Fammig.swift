@@ -87,7 +87,8 @@ func makeRealBackend(path: String) -> (Int) throws(ImageError) -> any FAMBackend
 func openRealBackend(path: String) -> () throws(ImageError) -> (any FAMBackend)? {
     { () throws(ImageError) in
         guard ProcFS.exists(path) else { return nil }
-        return try RealFAM.open(path: path, writable: false)
+        // Only an image no one else could have written: ours, and writable by nobody else.
+        return try RealFAM.openTrusted(path: path)
     }
 }
 
@@ -101,6 +102,9 @@ struct Checkpoint: ParsableCommand {
     @Option(help: "The FAM image file to create (it must not exist).")
     var fam: String
 
+    @Option(help: "The key file to create (mode 0600; it must not exist). The image is authenticated with this new key: hand the file to the node that restores it, out of band.")
+    var keyFile: String
+
     @Flag(help: "Let the process run on after the checkpoint instead of killing it.")
     var leaveRunning = false
 
@@ -109,14 +113,16 @@ struct Checkpoint: ParsableCommand {
     func run() throws {
         let logger = common.bootstrapLogging()
         if ProcFS.exists(fam) { throw fail("\(fam) already exists; pass a new path or remove it.", code: 2) }
+        let key = try KeyFile.create(path: keyFile)
         let timeline = MigrationTimeline()
-        let dumper = Dumper(victim: ProcessID(pid), makeBackend: makeRealBackend(path: fam), generation: 1,
+        let dumper = Dumper(victim: ProcessID(pid), makeBackend: makeRealBackend(path: fam), generation: 1, key: key,
                             release: leaveRunning ? .leaveRunning : .kill, observer: nil, clock: MonotonicClock(),
                             timeline: timeline, logger: logger)
         do {
             try ThreadedDriver(logger: logger, pinToCPU: 0).run([dumper])
         } catch {
             _ = try? SharedMapping.remove(path: fam)
+            try? FileManager.default.removeItem(atPath: keyFile)
             throw engineFailure(error)
         }
         let pages = timeline.counter("pagesDumped")
@@ -130,21 +136,25 @@ struct Restore: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Restore a process from a committed FAM image, with its old PID, and let it run.")
 
-    @Option(help: "The FAM image file the source node wrote.")
+    @Option(help: "The FAM image file the source node wrote (owned by this user, writable by no one else).")
     var fam: String
+
+    @Option(help: "The key file the checkpoint wrote (mode 0600, owned by this user): the image must verify under it.")
+    var keyFile: String
 
     @OptionGroup var common: CommonOptions
 
     func run() throws {
         let logger = common.bootstrapLogging()
         guard ProcFS.exists(fam) else { throw fail("\(fam): no such file; pass the image the checkpoint wrote.", code: 2) }
+        let key = try KeyFile.read(path: keyFile)
         let timeline = MigrationTimeline()
         let oracles = MigrationOracles()
-        let restorer = Restorer(openBackend: openRealBackend(path: fam), stubPath: try stubPath(), observer: oracles,
+        let restorer = Restorer(openBackend: openRealBackend(path: fam), key: key, stubPath: try stubPath(), observer: oracles,
                                 clock: MonotonicClock(), timeline: timeline, logger: logger, processIDWait: .seconds(2))
         do {
             // An image that is not committed is an error here, not something to wait for.
-            _ = try ImageReader.open(backend: RealFAM.open(path: fam, writable: false), requireComplete: true)
+            _ = try ImageReader.open(backend: RealFAM.openTrusted(path: fam), key: key, requireComplete: true)
             try ThreadedDriver(logger: logger, pinToCPU: 0).run([restorer])
         } catch let error as ImageError {
             throw fail("\(error)", code: 2)
@@ -157,21 +167,24 @@ struct Restore: ParsableCommand {
 
 struct Inspect: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Verify a FAM image's checksums and print what it holds.")
+        abstract: "Verify a FAM image's checksums and authentication codes and print what it holds.")
 
-    @Option(help: "The FAM image file to inspect.")
+    @Option(help: "The FAM image file to inspect (owned by this user, writable by no one else).")
     var fam: String
+
+    @Option(help: "The key file the checkpoint wrote (mode 0600, owned by this user): the image must verify under it.")
+    var keyFile: String
 
     @OptionGroup var common: CommonOptions
 
     func run() throws {
         _ = common.bootstrapLogging()
         guard ProcFS.exists(fam) else { throw fail("\(fam): no such file; pass an image file.", code: 2) }
+        let key = try KeyFile.read(path: keyFile)
         do {
-            let reader = try ImageReader.open(backend: RealFAM.open(path: fam, writable: false), requireComplete: true)
-            let state = try ProcessState.decode(reader.metadata)
+            let reader = try ImageReader.open(backend: RealFAM.openTrusted(path: fam), key: key, requireComplete: true)
             // What restore would refuse, inspect reports too.
-            try state.validate(pageAddresses: reader.pageAddresses, path: reader.path)
+            let state = try reader.checkedProcessState()
             for line in ImageSummary(reader: reader).lines { print(line) }
             for line in StateSummary.lines(state) { print(line) }
         } catch {

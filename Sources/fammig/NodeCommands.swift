@@ -41,6 +41,9 @@ struct Source: ParsableCommand {
     @Option(help: "Where to wait for the target node, as IPV4:PORT (only that address is bound).")
     var listen: String
 
+    @Option(help: "postcopy-fam: the key file to create (mode 0600; it must not exist). The image is authenticated with this new key: copy the file to the target node, out of band, before starting `fammig target`.")
+    var keyFile: String?
+
     @Option(help: "postcopy-socket: push the remaining pages in the background (on) or send pages only on request (off).")
     var push: Switch = .on
 
@@ -54,6 +57,7 @@ struct Source: ParsableCommand {
 
     func validate() throws {
         if mode == .postcopyFAM && fam == nil { throw ValidationError("postcopy-fam needs --fam PATH, the FAM file both nodes map.") }
+        if mode == .postcopyFAM && keyFile == nil { throw ValidationError("postcopy-fam needs --key-file PATH, where to write the migration's new key.") }
         if let fam, ProcFS.exists(fam) { throw ValidationError("\(fam) already exists; pass a new path or remove it.") }
         do { _ = try Endpoint(parsing: listen) } catch { throw ValidationError("--listen: \(error)") }
     }
@@ -62,23 +66,28 @@ struct Source: ParsableCommand {
         let logger = common.bootstrapLogging()
         let endpoint = try! Endpoint(parsing: listen)
         guard ProcFS.isAlive(ProcessID(pid)) else { throw fail("pid \(pid): no such process; pass the PID of a running process.", code: 2) }
+        // A key even without a key file (postcopy-socket writes no image): the engine has no unkeyed path.
+        let key = try keyFile.map { path throws(ExitCode) in try KeyFile.create(path: path) } ?? MigrationKey.generate()
+        let removeKeyFile = { if let keyFile { try? FileManager.default.removeItem(atPath: keyFile) } }
         let transport: TCPTransport
         do {
             let listener = try TCPTransport.listen(on: endpoint)
             defer { listener.close() }
             FileHandle.standardError.write(Data("fammig source: listening on \(listener.endpoint)\n".utf8))
             guard let accepted = try TCPTransport.accept(on: listener, timeoutMilliseconds: acceptTimeout * 1000) else {
+                removeKeyFile()
                 throw fail("no target node connected to \(endpoint) within \(acceptTimeout) s; start `fammig target --connect \(endpoint)`.", code: 2)
             }
             transport = accepted
         } catch let error as TransportError {
+            removeKeyFile()
             throw fail("\(error)", code: 2)
         }
         defer { transport.close() }
         let timeline = MigrationTimeline()
         let famPath = fam ?? ""
         let dumpMode: DumpMode = mode == .postcopyFAM ? .postcopyFAM(transport: transport) : .postcopySocket(transport: transport, push: push == .on)
-        let dumper = Dumper(victim: ProcessID(pid), makeBackend: makeRealBackend(path: famPath), generation: 1, release: .kill,
+        let dumper = Dumper(victim: ProcessID(pid), makeBackend: makeRealBackend(path: famPath), generation: 1, key: key, release: .kill,
                             observer: dieAt.map { SourceNemesis(moment: $0) }, clock: MonotonicClock(), timeline: timeline,
                             logger: logger, mode: dumpMode)
         do {
@@ -86,6 +95,7 @@ struct Source: ParsableCommand {
         } catch {
             try? transport.send(.abort(reason: "\(error)"))
             if let fam { _ = try? SharedMapping.remove(path: fam) }
+            removeKeyFile()
             throw engineFailure(error)
         }
         print("source: pid \(pid) migrated (\(mode.rawValue)); busy \(format(timeline.span(from: .started, to: .victimReleased))), "
@@ -106,6 +116,9 @@ struct Target: ParsableCommand {
     @Option(help: "The source node, as IPV4:PORT.")
     var connect: String
 
+    @Option(help: "postcopy-fam: the key file the source wrote (mode 0600, owned by this user); the image must verify under it.")
+    var keyFile: String?
+
     @Option(help: "postcopy-fam: install the remaining pages from FAM in the background (on) or only on faults (off).")
     var push: Switch = .on
 
@@ -121,11 +134,14 @@ struct Target: ParsableCommand {
 
     func validate() throws {
         if mode == .postcopyFAM && fam == nil { throw ValidationError("postcopy-fam needs --fam PATH, the FAM file the source writes.") }
+        if mode == .postcopyFAM && keyFile == nil { throw ValidationError("postcopy-fam needs --key-file PATH, the key file the source wrote.") }
         do { _ = try Endpoint(parsing: connect) } catch { throw ValidationError("--connect: \(error)") }
     }
 
     func run() throws {
         let logger = common.bootstrapLogging()
+        // postcopy-socket has no image to verify (its channel is not yet authenticated, see README).
+        let key = try keyFile.map { path throws(ExitCode) in try KeyFile.read(path: path) } ?? MigrationKey.generate()
         let transport: TCPTransport
         do {
             transport = try TCPTransport.connect(to: try Endpoint(parsing: connect), timeoutMilliseconds: connectTimeout * 1000)
@@ -139,7 +155,7 @@ struct Target: ParsableCommand {
         let restoreMode: RestoreMode = mode == .postcopyFAM ? .lazyFromFAM(transport: transport) : .lazyFromSocket(transport: transport)
         let oracles = MigrationOracles()
         oracles.expectLazyPages()
-        let restorer = Restorer(openBackend: openRealBackend(path: fam ?? "/nonexistent"), stubPath: try stubPath(), observer: oracles,
+        let restorer = Restorer(openBackend: openRealBackend(path: fam ?? "/nonexistent"), key: key, stubPath: try stubPath(), observer: oracles,
                                 clock: clock, timeline: timeline, logger: logger,
                                 pidNamespace: pidNamespace == .fresh ? .fresh : .shared, mode: restoreMode)
         let faultHandler = FaultHandler(lazy: { restorer.lazyMemory }, transport: transport, generation: 1, clock: clock,

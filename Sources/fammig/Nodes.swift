@@ -19,10 +19,12 @@ struct Nodes {
                      oracles: MigrationOracles?, clock: MonotonicClock, timeline: MigrationTimeline, metrics: FaultMetrics,
                      logger: Logger, network: NodeNetwork? = nil) throws -> Nodes {
         let pidNamespace: PIDNamespace = separateNodes ? .fresh : .shared
+        // Both nodes live in this process: the key never leaves its memory.
+        let key = MigrationKey.generate()
         guard mode != .nonlive else {
-            let dumper = Dumper(victim: victim, makeBackend: makeRealBackend(path: famPath), generation: 1, release: .kill,
+            let dumper = Dumper(victim: victim, makeBackend: makeRealBackend(path: famPath), generation: 1, key: key, release: .kill,
                                 observer: oracles, clock: clock, timeline: timeline, logger: logger)
-            let restorer = Restorer(openBackend: openRealBackend(path: famPath), stubPath: stubPath, observer: oracles,
+            let restorer = Restorer(openBackend: openRealBackend(path: famPath), key: key, stubPath: stubPath, observer: oracles,
                                     clock: clock, timeline: timeline, logger: logger, pidNamespace: pidNamespace)
             return Nodes(actors: [dumper, restorer], restorer: restorer, transports: [])
         }
@@ -42,9 +44,9 @@ struct Nodes {
         oracles?.expectLazyPages()
         let dumpMode: DumpMode = mode == .postcopyFAM ? .postcopyFAM(transport: sourceSide) : .postcopySocket(transport: sourceSide, push: push)
         let restoreMode: RestoreMode = mode == .postcopyFAM ? .lazyFromFAM(transport: targetSide) : .lazyFromSocket(transport: targetSide)
-        let dumper = Dumper(victim: victim, makeBackend: makeRealBackend(path: famPath), generation: 1, release: .kill,
+        let dumper = Dumper(victim: victim, makeBackend: makeRealBackend(path: famPath), generation: 1, key: key, release: .kill,
                             observer: oracles, clock: clock, timeline: timeline, logger: logger, mode: dumpMode)
-        let restorer = Restorer(openBackend: openRealBackend(path: famPath), stubPath: stubPath, observer: oracles,
+        let restorer = Restorer(openBackend: openRealBackend(path: famPath), key: key, stubPath: stubPath, observer: oracles,
                                 clock: clock, timeline: timeline, logger: logger, pidNamespace: pidNamespace, mode: restoreMode)
         let faultHandler = FaultHandler(lazy: { restorer.lazyMemory }, transport: targetSide, generation: 1, clock: clock,
                                         timeline: timeline, metrics: metrics, logger: logger)

@@ -105,10 +105,12 @@ extension ProcessTests {
             // Above this machine's pid_max (32768); where pid_max is higher, it must at least be free now.
             let missingProcessID = ProcessID(999_999)
             try #require(processLife(missingProcessID) == .gone)
-            let outcome = try leftovers.fammig("checkpoint", "--pid", "\(missingProcessID)", "--fam", imagePath)
+            let keyPath = directory.path("key")
+            let outcome = try leftovers.fammig("checkpoint", "--pid", "\(missingProcessID)", "--fam", imagePath, "--key-file", keyPath)
             #expect(outcome.exitStatus == 2 && !outcome.killedBySignal)
             #expect(outcome.standardError.contains("no such process"), "\(outcome.standardError)")
             #expect(!FileManager.default.fileExists(atPath: imagePath))
+            #expect(!FileManager.default.fileExists(atPath: keyPath), "a failed checkpoint left its key file")
         }
 
         /// checkpoint, inspect, every kind of damaged copy refused by inspect and restore, then restore: the
@@ -136,13 +138,14 @@ extension ProcessTests {
             #expect(firstRoundPrinted)
 
             let imagePath = directory.path("image.fam")
-            let checkpoint = try leftovers.fammig("checkpoint", "--pid", "\(victimID)", "--fam", imagePath)
+            let keyPath = directory.path("migration.key")
+            let checkpoint = try leftovers.fammig("checkpoint", "--pid", "\(victimID)", "--fam", imagePath, "--key-file", keyPath)
             try #require(checkpoint.exitStatus == 0, "checkpoint failed: \(checkpoint.standardError)")
             #expect(checkpoint.standardOutput.contains("checkpointed pid \(victimID)"))
             #expect(try victim.waitForExit(timeout: .seconds(5)) == .killed(signal: SIGKILL), "the checkpoint must kill its victim")
             #expect(processLife(victimID) == .gone)
 
-            let inspect = try leftovers.fammig("inspect", "--fam", imagePath)
+            let inspect = try leftovers.fammig("inspect", "--fam", imagePath, "--key-file", keyPath)
             try #require(inspect.exitStatus == 0, "inspect failed: \(inspect.standardError)")
             #expect(inspect.standardOutput.contains("pid \(victimID)"))
             #expect(inspect.standardOutput.contains("mappings"))
@@ -160,7 +163,7 @@ extension ProcessTests {
                 let copyPath = directory.path("damaged-\(damage).fam")
                 try damage.apply(to: image, layout: layout).write(to: URL(fileURLWithPath: copyPath))
                 for command in ["inspect", "restore"] {
-                    let outcome = try leftovers.fammig(command, "--fam", copyPath)
+                    let outcome = try leftovers.fammig(command, "--fam", copyPath, "--key-file", keyPath)
                     #expect(outcome.exitStatus == 2 && !outcome.killedBySignal, "\(command) of a \(damage) copy: \(outcome.standardError)")
                     for reason in damage.expectedReasons(layout) {
                         #expect(outcome.standardError.contains(reason), "\(command) of a \(damage) copy: \(outcome.standardError)")
@@ -170,7 +173,7 @@ extension ProcessTests {
             }
             #expect(processLife(victimID) == .gone, "a refused restore left pid \(victimID)")
 
-            let restore = try leftovers.fammig("restore", "--fam", imagePath)
+            let restore = try leftovers.fammig("restore", "--fam", imagePath, "--key-file", keyPath)
             try #require(restore.exitStatus == 0, "restore failed: \(restore.standardError)")
             #expect(restore.standardOutput.contains("restored pid \(victimID) "))
             #expect(processLife(victimID) == .running)
@@ -244,7 +247,8 @@ extension ProcessTests {
             let sleeper = leftovers.own(try StartedProcess("/bin/sleep", ["30"], standardOutput: standardOutput, standardError: standardError))
             let sleeperID = sleeper.processID
 
-            let outcome = try leftovers.fammig("checkpoint", "--pid", "\(sleeperID)", "--fam", directory.path("image.fam"))
+            let outcome = try leftovers.fammig("checkpoint", "--pid", "\(sleeperID)", "--fam", directory.path("image.fam"),
+                                               "--key-file", directory.path("migration.key"))
             #expect(outcome.exitStatus == 2 && !outcome.killedBySignal, "exit \(outcome.exitStatus): \(outcome.standardError)")
             let kind = descriptor == .pipe ? "pipe:[" : "socket:["
             #expect(outcome.standardError.contains("fd 1 is \(kind)"), "\(outcome.standardError)")

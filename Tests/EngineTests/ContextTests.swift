@@ -60,7 +60,8 @@ extension ProcessTests {
             #expect(pollUntil(timeout: .seconds(5)) {
                 (try? ProcFS.readLink("/proc/\(chrooted.processID)/root")) == root.path
             })
-            let outcome = try leftovers.fammig("checkpoint", "--pid", "\(chrooted.processID)", "--fam", directory.path("image.fam"))
+            let outcome = try leftovers.fammig("checkpoint", "--pid", "\(chrooted.processID)", "--fam", directory.path("image.fam"),
+                                               "--key-file", directory.path("migration.key"))
             #expect(outcome.exitStatus == 2 && !outcome.killedBySignal, "exit \(outcome.exitStatus): \(outcome.standardError)")
             #expect(outcome.standardError.contains("its root directory is \(root.path)"), "\(outcome.standardError)")
             #expect(untouchedProblem(chrooted.processID) == nil, "\(untouchedProblem(chrooted.processID) ?? "")")
@@ -82,7 +83,8 @@ extension ProcessTests {
                     && (try? ProcFS.readLink("/proc/\(sleeper.processID)/cwd")) == workingDirectory.path
             })
             workingDirectory.remove()
-            let outcome = try leftovers.fammig("checkpoint", "--pid", "\(sleeper.processID)", "--fam", directory.path("image.fam"))
+            let outcome = try leftovers.fammig("checkpoint", "--pid", "\(sleeper.processID)", "--fam", directory.path("image.fam"),
+                                               "--key-file", directory.path("migration.key"))
             #expect(outcome.exitStatus == 2 && !outcome.killedBySignal, "exit \(outcome.exitStatus): \(outcome.standardError)")
             #expect(outcome.standardError.contains("working directory \(workingDirectory.path) was deleted"), "\(outcome.standardError)")
             #expect(untouchedProblem(sleeper.processID) == nil, "\(untouchedProblem(sleeper.processID) ?? "")")

@@ -87,12 +87,12 @@ extension ProcessTests {
             let dumper = Dumper(
                 victim: victim,
                 makeBackend: { (byteCount) throws(ImageError) in try RealFAM.create(path: famPath, byteCount: byteCount, prefault: true) },
-                generation: seed, release: .kill, batchPageCount: 64, observer: oracles, clock: clock, timeline: timeline, logger: logger)
+                generation: seed, key: testKey, release: .kill, batchPageCount: 64, observer: oracles, clock: clock, timeline: timeline, logger: logger)
             let restorer = Restorer(
                 openBackend: { () throws(ImageError) -> (any FAMBackend)? in
                     ProcFS.exists(famPath) ? try RealFAM.open(path: famPath, writable: false) : nil
                 },
-                stubPath: try TestPaths.fammig(), batchPageCount: 64, observer: oracles, clock: clock, timeline: timeline,
+                key: testKey, stubPath: try TestPaths.fammig(), batchPageCount: 64, observer: oracles, clock: clock, timeline: timeline,
                 logger: logger, processIDWait: .seconds(60))
             var driver = SeededDriver(state: seed)
             let trace = try driver.run([dumper, restorer], clock: clock)

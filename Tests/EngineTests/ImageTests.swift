@@ -43,6 +43,16 @@ struct SourceMemory {
 /// The slots every image here dumps: source pages 0, 1, 2 (one run), 4 and 7.
 let dumpedPageIndexes = [0, 1, 2, 4, 7]
 let testGeneration: UInt64 = 42
+/// The migration key every test image is written and read with (and a second one, for "wrong key").
+let testKey = makeTestKey(fill: 0x5A)
+let otherTestKey = makeTestKey(fill: 0xA5)
+
+func makeTestKey(fill: UInt8) -> MigrationKey {
+    guard let key = try? MigrationKey(bytes: Array(repeating: fill, count: MigrationKey.byteCount)) else {
+        preconditionFailure("a 32-byte key was refused")
+    }
+    return key
+}
 let selfProcessID = ProcessID(getpid())
 
 func sampleMetadata() -> [UInt8] {
@@ -61,7 +71,7 @@ func writeImage(path: String, source: SourceMemory, upTo phase: ImageWriter.Phas
     let metadata = sampleMetadata()
     let byteCount = ImageLayout.byteCount(metadataByteCount: metadata.count, pageCount: addresses.count)
     let fam = try RealFAM.create(path: path, byteCount: byteCount, prefault: true)
-    var writer = try ImageWriter.create(backend: fam, generation: testGeneration, metadata: metadata, pageAddresses: addresses)
+    var writer = try ImageWriter.create(backend: fam, generation: testGeneration, metadata: metadata, pageAddresses: addresses, key: testKey)
     if phase == .created { return writer }
     writer.commitMetadata()
     if phase == .metadataCommitted { return writer }
@@ -75,7 +85,7 @@ func writeImage(path: String, source: SourceMemory, upTo phase: ImageWriter.Phas
 /// Opens `path` the way a target node does, returning the error it gives, or nil.
 func openError(_ path: String, requireComplete: Bool = true) -> ImageError? {
     do throws(ImageError) {
-        _ = try ImageReader.open(backend: try RealFAM.open(path: path, writable: false), requireComplete: requireComplete)
+        _ = try ImageReader.open(backend: try RealFAM.open(path: path, writable: false), key: testKey, requireComplete: requireComplete)
         return nil
     } catch {
         return error
@@ -96,7 +106,7 @@ func flipByte(path: String, at byteOffset: Int) throws {
         let writer = try writeImage(path: imagePath, source: source)
         #expect(writer.markedPageCount == dumpedPageIndexes.count)
 
-        var reader = try ImageReader.open(backend: try RealFAM.open(path: imagePath, writable: false), requireComplete: true)
+        var reader = try ImageReader.open(backend: try RealFAM.open(path: imagePath, writable: false), key: testKey, requireComplete: true)
         #expect(reader.openedState == .complete)
         #expect(reader.generation == testGeneration)
         #expect(reader.metadata == sampleMetadata())
@@ -186,6 +196,7 @@ func flipByte(path: String, at byteOffset: Int) throws {
             metadataDigest: SharedMapping.digest(of: metadata, seed: ImageDigestSeed.metadata(generation: testGeneration)),
             pageTableDigest: SharedMapping.digest(of: table.bytes, seed: ImageDigestSeed.pageTable(generation: testGeneration)))
         fam.store(superblock.encoded(), at: 0)
+        try resealCodes(path: imagePath)
         guard case .badPageAddress(imagePath, 2, addresses[2], let reason) = openError(imagePath) else {
             Issue.record("expected badPageAddress for entry 2, got \(String(describing: openError(imagePath)))")
             return
@@ -238,7 +249,7 @@ func flipByte(path: String, at byteOffset: Int) throws {
         try SharedMapping.open(path: imagePath, writable: true).storeUInt32(7, at: ImageLayout.versionOffset)
         let versionError = openError(imagePath)
         #expect(versionError == .unsupportedVersion(path: imagePath, version: 7))
-        #expect(versionError?.description == "\(imagePath): format version 7 is not supported (this fammig reads version 1).")
+        #expect(versionError?.description == "\(imagePath): format version 7 is not supported (this fammig reads version 2).")
     }
 
     @Test func uncommittedImageIsRefusedUntilItsCommit() throws {
@@ -254,7 +265,7 @@ func flipByte(path: String, at byteOffset: Int) throws {
         writer.commitMetadata()
         #expect(openError(imagePath, requireComplete: true) == .uncommitted(path: imagePath, state: .metadataCommitted))
         // Post-copy: the metadata commit is enough, and a page becomes readable once its mark is seen.
-        var reader = try ImageReader.open(backend: try RealFAM.open(path: imagePath, writable: false), requireComplete: false)
+        var reader = try ImageReader.open(backend: try RealFAM.open(path: imagePath, writable: false), key: testKey, requireComplete: false)
         #expect(reader.metadata == sampleMetadata())
         let markedBeforeDump = reader.isMarked(slot: 4)
         #expect(!markedBeforeDump)
@@ -277,10 +288,10 @@ func flipByte(path: String, at byteOffset: Int) throws {
         defer { files.removeAll() }
         let imagePath = files.path("image")
         let fam = try RealFAM.create(path: imagePath, byteCount: ImageLayout.byteCount(metadataByteCount: 0, pageCount: 0), prefault: false)
-        var writer = try ImageWriter.create(backend: fam, generation: 3, metadata: [], pageAddresses: [])
+        var writer = try ImageWriter.create(backend: fam, generation: 3, metadata: [], pageAddresses: [], key: testKey)
         writer.commitMetadata()
         writer.commit()
-        let reader = try ImageReader.open(backend: try RealFAM.open(path: imagePath, writable: false), requireComplete: true)
+        let reader = try ImageReader.open(backend: try RealFAM.open(path: imagePath, writable: false), key: testKey, requireComplete: true)
         #expect(reader.metadata.isEmpty && reader.pageCount == 0 && reader.openedState == .complete)
     }
 
@@ -296,7 +307,7 @@ func flipByte(path: String, at byteOffset: Int) throws {
         let imagePath = files.path("image")
         let byteCount = ImageLayout.byteCount(metadataByteCount: 0, pageCount: addresses.count)
         let fam = try RealFAM.create(path: imagePath, byteCount: byteCount, prefault: false)
-        var writer = try ImageWriter.create(backend: fam, generation: 1, metadata: [], pageAddresses: addresses)
+        var writer = try ImageWriter.create(backend: fam, generation: 1, metadata: [], pageAddresses: addresses, key: testKey)
         writer.commitMetadata()
         let error = #expect(throws: SyscallError.self) {
             try writer.dumpPages(processID: selfProcessID, slots: 0..<3)

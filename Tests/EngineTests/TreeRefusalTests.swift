@@ -50,18 +50,21 @@ extension ProcessTests {
 
             let outcome: CommandOutcome
             if mode == "nonlive" {
-                outcome = try leftovers.fammig("checkpoint", "--pid", "\(parent.processID)", "--fam", famPath)
+                outcome = try leftovers.fammig("checkpoint", "--pid", "\(parent.processID)", "--fam", famPath,
+                                               "--key-file", directory.path("migration.key"))
             } else {
                 let port = 19000 + Int(getpid() % 2000) + (mode == "postcopy-fam" ? 1 : 0)
                 var sourceArguments = ["source", "--pid", "\(parent.processID)", "--mode", mode, "--listen", "127.0.0.1:\(port)"]
                 var targetArguments = ["target", "--mode", mode, "--connect", "127.0.0.1:\(port)"]
+                let keyPath = directory.path("migration.key")
                 if mode == "postcopy-fam" {
-                    sourceArguments += ["--fam", famPath]
-                    targetArguments += ["--fam", famPath]
+                    sourceArguments += ["--fam", famPath, "--key-file", keyPath]
+                    targetArguments += ["--fam", famPath, "--key-file", keyPath]
                 }
                 let source = leftovers.own(try StartedProcess(try TestPaths.fammig(), sourceArguments,
                                                               standardOutputPath: directory.path("source.out"),
                                                               standardErrorPath: directory.path("source.err")))
+                if mode == "postcopy-fam" { #expect(waitForKeyFile(keyPath), "the source wrote no key file") }
                 let target = try leftovers.fammig(targetArguments, timeout: .seconds(60))
                 #expect(target.exitStatus != 0, "the target restored something: \(target.standardOutput)")
                 outcome = try source.waitForExit(timeout: .seconds(30))
@@ -97,7 +100,7 @@ extension ProcessTests {
             defer { _ = try? SharedMapping.remove(path: famPath) }
             let dumper = Dumper(victim: victim.processID,
                                 makeBackend: { (byteCount) throws(ImageError) in try RealFAM.create(path: famPath, byteCount: byteCount, prefault: false) },
-                                generation: 1, release: .kill, observer: RefusingObserver(), clock: MonotonicClock(),
+                                generation: 1, key: testKey, release: .kill, observer: RefusingObserver(), clock: MonotonicClock(),
                                 timeline: MigrationTimeline(), logger: Logger(label: "refusal"))
             #expect(throws: EngineError.self) { try ThreadedDriver(logger: Logger(label: "refusal")).run([dumper]) }
             #expect(dumper.checkpointedState != nil, "the refusal came before the freeze")

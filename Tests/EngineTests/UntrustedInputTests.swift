@@ -62,7 +62,7 @@ func writeStateImage(path: String, metadata: [UInt8], source: SourceMemory) thro
     let addresses = dumpedPageIndexes.map { source.address(pageIndex: $0) }
     let fam = try RealFAM.create(path: path, byteCount: ImageLayout.byteCount(metadataByteCount: metadata.count, pageCount: addresses.count),
                                  prefault: false)
-    var writer = try ImageWriter.create(backend: fam, generation: testGeneration, metadata: metadata, pageAddresses: addresses)
+    var writer = try ImageWriter.create(backend: fam, generation: testGeneration, metadata: metadata, pageAddresses: addresses, key: testKey)
     writer.commitMetadata()
     try writer.dumpPages(processID: selfProcessID, slots: 0..<addresses.count)
     writer.commit()
@@ -75,6 +75,8 @@ func patchSuperblock(path: String, _ fields: [(byteOffset: Int, value: UInt64)])
     for field in fields { mapping.storeUInt64(field.value, at: field.byteOffset) }
     let digested = mapping.loadBytes(at: 0, count: ImageLayout.superblockDigestOffset)
     mapping.storeUInt64(SharedMapping.digest(of: digested, seed: ImageDigestSeed.superblock), at: ImageLayout.superblockDigestOffset)
+    // A hostile source holds the key: the codes verify too, so what the fields say is what is judged.
+    try resealCodes(path: path)
 }
 
 /// Replaces the page table and seals it and the superblock again.
@@ -90,7 +92,7 @@ func replacePageTable(path: String, layout: ImageLayout, with addresses: [UInt64
 /// What the restorer does before it creates a process (`Restorer.openImage`): nil when all of it passes.
 func restorerRejection(_ path: String) -> ImageError? {
     do throws(ImageError) {
-        let reader = try ImageReader.open(backend: try RealFAM.open(path: path, writable: false), requireComplete: true,
+        let reader = try ImageReader.open(backend: try RealFAM.open(path: path, writable: false), key: testKey, requireComplete: true,
                                           deferPageChecks: true)
         try ProcessState.decode(reader.metadata).validate(pageAddresses: reader.pageAddresses, path: reader.path)
         return nil
@@ -555,8 +557,10 @@ extension ProcessTests {
             try image.write(to: imagePath, scratch: files.path("good"),
                             state: plausibleState(processID: claimedProcessID, dataRange: dataRange(of: source)), source: source)
 
+            let keyPath = files.path("key")
+            try writeKeyFile(testKey, to: keyPath)
             for command in image.inspectRejects ? ["restore", "inspect"] : ["restore"] {
-                let outcome = try leftovers.fammig(command, "--fam", imagePath)
+                let outcome = try leftovers.fammig(command, "--fam", imagePath, "--key-file", keyPath)
                 #expect(outcome.exitStatus == 2 && !outcome.killedBySignal, "\(command) of \(image): exit \(outcome.exitStatus): \(outcome.standardError)")
                 for fragment in image.messageFragments {
                     #expect(outcome.standardError.contains(fragment), "\(command) of \(image): \(outcome.standardError)")
@@ -577,8 +581,10 @@ extension ProcessTests {
             defer { leftovers.finish() }
             let fifoPath = files.path("fifo")
             try #require(mkfifo(fifoPath, 0o600) == 0)
+            let keyPath = files.path("key")
+            try writeKeyFile(testKey, to: keyPath)
             for command in ["restore", "inspect"] {
-                let outcome = try leftovers.fammig([command, "--fam", fifoPath], timeout: .seconds(20))
+                let outcome = try leftovers.fammig([command, "--fam", fifoPath, "--key-file", keyPath], timeout: .seconds(20))
                 #expect(outcome.exitStatus == 2 && !outcome.killedBySignal, "\(command): exit \(outcome.exitStatus): \(outcome.standardError)")
                 #expect(outcome.standardError.contains("not a regular file"), "\(command): \(outcome.standardError)")
             }

@@ -23,6 +23,10 @@ private struct SeededRandom: RandomNumberGenerator {
 
 private let selfProcessID = ProcessID(getpid())
 private let testGeneration: UInt64 = 7
+private let testKey: MigrationKey = {
+    guard let key = try? MigrationKey(bytes: Array(repeating: 0x3C, count: MigrationKey.byteCount)) else { preconditionFailure("key refused") }
+    return key
+}()
 private let pageByteCount = ImageLayout.pageSize
 
 /// Stand-in victim memory: pages of a mapping in this process (its file removed at once), each with
@@ -53,7 +57,7 @@ private func makeImage(pageCount: Int = 4) throws -> (model: ModelFAM, source: S
     let metadata: [UInt8] = Array("the process state of a test victim".utf8)
     let model = try ModelFAM(byteCount: ImageLayout.byteCount(metadataByteCount: metadata.count, pageCount: pageCount))
     let writer = try ImageWriter.create(backend: model.sourceNode, generation: testGeneration, metadata: metadata,
-                                        pageAddresses: source.addresses)
+                                        pageAddresses: source.addresses, key: testKey)
     return (model, source, writer)
 }
 
@@ -253,7 +257,7 @@ private func zeros(_ count: Int) -> [UInt8] { Array(repeating: 0, count: count) 
         #expect(model.pendingLines.isEmpty)
 
         model.currentStep = 5
-        var reader = try ImageReader.open(backend: model.targetNode, requireComplete: true)
+        var reader = try ImageReader.open(backend: model.targetNode, key: testKey, requireComplete: true)
         for slot in 0..<5 {
             let isMarked = reader.isMarked(slot: slot)
             #expect(isMarked)
@@ -272,7 +276,7 @@ private func zeros(_ count: Int) -> [UInt8] { Array(repeating: 0, count: count) 
         #expect(ImageReader.peekState(backend: model.targetNode) == nil, "the superblock is not visible before the commit")
         imageWriter.commitMetadata()
         #expect(ImageReader.peekState(backend: model.targetNode) == .metadataCommitted)
-        var reader = try ImageReader.open(backend: model.targetNode, requireComplete: false)
+        var reader = try ImageReader.open(backend: model.targetNode, key: testKey, requireComplete: false)
         var isMarked = reader.isMarked(slot: 1)
         #expect(!isMarked)
 
@@ -420,14 +424,14 @@ private func zeros(_ count: Int) -> [UInt8] { Array(repeating: 0, count: count) 
         imageWriter.commitMetadata()
         try imageWriter.dumpPages(processID: selfProcessID, slots: 0..<2)
         imageWriter.commit()
-        let reader = try ImageReader.open(backend: model.targetNode, requireComplete: true)
+        let reader = try ImageReader.open(backend: model.targetNode, key: testKey, requireComplete: true)
         #expect(reader.loadPage(slot: 0) == SourcePages.pattern(page: 0))
         #expect(model.violations.isEmpty, "\(model.violations)")
 
         // The same file, generation and layout again: the cleared marks must be observed anew.
         var secondWriter = try ImageWriter.create(backend: model.sourceNode, generation: testGeneration,
                                                   metadata: Array("the process state of a test victim".utf8),
-                                                  pageAddresses: source.addresses)
+                                                  pageAddresses: source.addresses, key: testKey)
         secondWriter.commitMetadata()
         _ = model.targetNode.loadBytes(at: imageWriter.layout.pageOffset(slot: 0), count: pageByteCount)
         #expect(model.violations.count == 1)

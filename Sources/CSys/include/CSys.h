@@ -46,6 +46,19 @@ pid_t csys_spawn_program_new_pid_namespace(const char *path, char *const argv[],
                                            const char *standardInput, const char *standardOutput,
                                            const char *standardError, unsigned long personality);
 
+/// Starts a watchdog for a restored process that still lacks pages: a child of this process that keeps
+/// only `pidfd` (the restored process), a copy of `userfaultfd` (so the userfaultfd outlives this process:
+/// a fault of the target then stays blocked instead of reading zeros) and the read end of a pipe whose
+/// other end (a socket pair), returned in *disarmDescriptor (O_CLOEXEC), only this process holds. If that end closes
+/// without a 'D' written first (this process died, or gave up), the watchdog SIGKILLs the restored process
+/// through the pidfd and waits (at most 5 s) until it is gone; on 'D' (every page installed), or once the
+/// restored process has ended, it just exits. It ignores terminal signals and has its own session, so a
+/// ^C or SIGTERM that kills this process does not kill the watchdog with it. Only syscalls run in the
+/// child, so this is safe from a multi-threaded parent. Returns the watchdog's PID, or -1 (errno).
+pid_t csys_spawn_hole_watchdog(int pidfd, int userfaultfd, int *disarmDescriptor);
+/// Sends the watchdog its 'D' (MSG_NOSIGNAL: no SIGPIPE when it has exited already).
+int csys_hole_watchdog_disarm(int disarmDescriptor);
+
 /// posix_spawn_file_actions_addclosefrom_np (glibc 2.34), which Swift does not import.
 int csys_spawn_actions_close_from(posix_spawn_file_actions_t *actions, int firstDescriptor);
 

@@ -47,6 +47,10 @@ public final class Dumper: EngineActor {
     private let timeline: MigrationTimeline
     private let logger: Logger
     private let mode: DumpMode
+    /// Authenticates the image; never stored in it.
+    private let key: MigrationKey
+    /// Recorded in the image: this node's user and capabilities, which a restore never exceeds.
+    private let creator: ImageCreator
 
     private var state = State.preflight
     private var victim: FrozenVictim?
@@ -73,11 +77,15 @@ public final class Dumper: EngineActor {
     /// an estimate (pages present then, plus a margin), so that allocating and pre-faulting the FAM
     /// file is not part of the downtime. When the victim touched more pages than that before it froze,
     /// it is called once more with the exact size, and must then replace what it made the first time.
+    /// `key` is the migration's key, made by the source (`MigrationKey.generate`) and handed to the
+    /// target out of band.
     public init(victim: ProcessID, makeBackend: @escaping (Int) throws(ImageError) -> any FAMBackend,
-                generation: UInt64, release: Release, batchPageCount: Int = 512,
+                generation: UInt64, key: MigrationKey, release: Release, batchPageCount: Int = 512,
                 observer: (any MigrationObserver)?, clock: any EngineClock, timeline: MigrationTimeline, logger: Logger,
                 mode: DumpMode = .nonlive) {
         self.mode = mode
+        self.key = key
+        self.creator = ImageCreator.current()
         precondition(batchPageCount > 0, "a dump batch holds at least one page")
         self.victimProcessID = victim
         self.makeBackend = makeBackend
@@ -188,7 +196,7 @@ public final class Dumper: EngineActor {
                     self.backend = backend
                 }
                 var newWriter = try ImageWriter.create(backend: backend, generation: generation, metadata: metadata,
-                                                       pageAddresses: pageAddresses)
+                                                       pageAddresses: pageAddresses, key: key, creator: creator)
                 newWriter.commitMetadata()
                 writer = newWriter
             } catch { throw .image(error) }

@@ -50,6 +50,8 @@ public final class Restorer: EngineActor {
     private let mode: RestoreMode
     private let gate: any TargetGate
     private let imageWait: Duration
+    /// The migration's key: every image is authenticated with it before anything in it is used.
+    private let key: MigrationKey
 
     private var state = State.waitingForImage
     private var reader: ImageReader?
@@ -68,11 +70,12 @@ public final class Restorer: EngineActor {
     public var lazyMemory: LazyMemory? { handedOver.withLock { $0 } }
 
     /// `openBackend()` returns the FAM holding the image, or nil while it does not exist yet.
-    public init(openBackend: @escaping () throws(ImageError) -> (any FAMBackend)?, stubPath: String, batchPageCount: Int = 512,
+    public init(openBackend: @escaping () throws(ImageError) -> (any FAMBackend)?, key: MigrationKey, stubPath: String, batchPageCount: Int = 512,
                 observer: (any MigrationObserver)?, clock: any EngineClock, timeline: MigrationTimeline,
                 logger: Logger, processIDWait: Duration = .seconds(5), pidNamespace: PIDNamespace = .shared,
                 mode: RestoreMode = .eager, gate: any TargetGate = ImmediateTargetGate(), imageWait: Duration = .seconds(600)) {
         self.gate = gate
+        self.key = key
         self.imageWait = imageWait
         self.pidNamespace = pidNamespace
         self.openBackend = openBackend
@@ -161,7 +164,7 @@ public final class Restorer: EngineActor {
             if case .eager = mode {
                 state = pageAddresses.isEmpty ? .restoreState : .installing(nextSlot: 0)
             } else {
-                startLazy()
+                do { try startLazy() } catch { throw .restore(error) }
                 state = .eagerPages
             }
         case .installing(let nextSlot):
@@ -232,9 +235,8 @@ public final class Restorer: EngineActor {
             guard let backend = try openBackend() else { preconditionFailure("ready without a backend") }
             let complete: Bool
             if case .eager = mode { complete = true } else { complete = false }
-            let opened = try ImageReader.open(backend: backend, requireComplete: complete, deferPageChecks: true)
-            checkpointedState = try ProcessState.decode(opened.metadata)
-            try checkpointedState!.validate(pageAddresses: opened.pageAddresses, path: opened.path)
+            let opened = try ImageReader.open(backend: backend, key: key, requireComplete: complete, deferPageChecks: true)
+            checkpointedState = try opened.checkedProcessState()
             reader = opened
             pageAddresses = opened.pageAddresses
         } catch { throw .image(error) }
@@ -284,9 +286,9 @@ public final class Restorer: EngineActor {
     /// Hands the userfaultfd over to shared lazy memory and lists the pages needed before the resume:
     /// those outside registered memory (private file pages, written with pwrite) and the rseq area
     /// (rseq registration makes the kernel write it, and no fault handler may be needed mid-injection).
-    private func startLazy() {
+    private func startLazy() throws(RestoreError) {
         let origin: PageOrigin = reader.map { .fam($0) } ?? .socket
-        let memory = target!.makeLazyMemory(pageAddresses: pageAddresses, origin: origin, observer: observer, gate: gate)
+        let memory = try target!.makeLazyMemory(pageAddresses: pageAddresses, origin: origin, observer: observer, gate: gate)
         handedOver.withLock { $0 = memory }
         var slots = Set<Int>()
         for (slot, address) in pageAddresses.enumerated() where !memory.isRegistered(address) { slots.insert(slot) }

@@ -1,6 +1,9 @@
 // Why this file exists: the production FAM backend. A MAP_SHARED file (under /dev/shm, or a DAX file on
 // persistent/CXL memory) where stores, flushes and fences are the real instructions.
 import Sys
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// FAM backed by a real shared mapping; every call goes straight to `SharedMapping`.
 public final class RealFAM: FAMBackend {
@@ -27,6 +30,21 @@ public final class RealFAM: FAMBackend {
         } catch {
             throw .cannotOpen(path: path, error)
         }
+    }
+
+    /// Maps an image file to restore from, refusing one that someone else could have written: it must
+    /// belong to this user and be writable by nobody else. (The check uses the descriptor that was
+    /// mapped, so a file swapped in under the path afterwards changes nothing.)
+    public static func openTrusted(path: String) throws(ImageError) -> RealFAM {
+        let fam = try open(path: path, writable: false)
+        let owner = fam.mapping.ownerUserID, permissions = fam.mapping.permissionBits
+        guard owner == geteuid() else {
+            throw .untrustedFile(path: path, reason: "belongs to uid \(owner), not to this user (uid \(geteuid()))")
+        }
+        guard permissions & 0o022 == 0 else {
+            throw .untrustedFile(path: path, reason: "is writable by group or others (mode \(String(permissions, radix: 8)))")
+        }
+        return fam
     }
 
     public var byteCount: Int { mapping.byteCount }

@@ -38,6 +38,19 @@ public enum ImageError: Error, Equatable, Sendable, CustomStringConvertible {
     /// descriptor beyond the kernel's limit, a dropped seccomp sandbox, ...): refused before any
     /// process is created.
     case unrestorableState(path: String, reason: String)
+    /// An image file someone other than this user could have written.
+    case untrustedFile(path: String, reason: String)
+    /// A key file or key bytes that are not a migration key.
+    case badKey(reason: String)
+    /// The image was written under another migration key.
+    case wrongKey(path: String)
+    /// The header (superblock, creator, metadata, page table) checksums but does not carry the code the
+    /// key gives it: someone changed it after the source wrote it.
+    case headerNotAuthentic(path: String)
+    /// The commit record or the marks checksum but do not carry the commit code.
+    case commitRecordNotAuthentic(path: String)
+    /// The process would get more than the image's authenticated creator had.
+    case exceedsCreator(path: String, reason: String)
 
     public var description: String {
         switch self {
@@ -83,6 +96,18 @@ public enum ImageError: Error, Equatable, Sendable, CustomStringConvertible {
             "\(path): page slot \(slot) (address 0x\(String(address, radix: 16))) does not match its mark checksum; the image is corrupted."
         case .malformedMetadata(let reason):
             "process metadata is malformed: \(reason); the image was written by an incompatible fammig or is corrupted."
+        case .untrustedFile(let path, let reason):
+            "\(path): refused: the image file \(reason); only an image that no one else could have changed is restored (chown it to this user, chmod go-w)."
+        case .badKey(let reason):
+            "the migration key \(reason); pass the key file the source node wrote."
+        case .wrongKey(let path):
+            "\(path): wrong key: the image was written under another migration key; pass the key file the source node wrote for this image."
+        case .headerNotAuthentic(let path):
+            "\(path): tampered metadata: the header, process metadata or page table does not match its authentication code (HMAC); the image was changed after the source wrote it, refused."
+        case .commitRecordNotAuthentic(let path):
+            "\(path): tampered commit record: the commit record or the dumped marks do not match their authentication code (HMAC); the image was changed after the source wrote it, refused."
+        case .exceedsCreator(let path, let reason):
+            "\(path): the process state exceeds what the image's creator had: \(reason); refused."
         case .unrestorableState(let path, let reason):
             "\(path): the process state cannot be restored: \(reason); the image is corrupted or was not written by fammig, take the checkpoint again."
         }

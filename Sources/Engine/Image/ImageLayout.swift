@@ -5,7 +5,8 @@
 //   4096           metadata region      opaque engine blob (BinaryWriter), zero-padded to 8 bytes
 //   ...            page table region    pageCount × u64 page address, page-aligned, strictly increasing
 //   ...            marks region         pageCount × 16-byte dumped mark (u64 digest, u32 generation, u32 magic)
-//   ...            commit record region one 64-byte line: magic, generation, pageCount, marks digest, digest
+//   ...            commit record region magic, generation, pageCount, marks digest, digest, then the HMAC
+//                  over it and every mark
 //   ...            page area            pageCount × 4096-byte page slots; slot i at pageArea.offset + i*4096
 //
 // Every region starts on a 4 KiB boundary and is rounded up to whole pages, so a page slot never shares a
@@ -62,7 +63,8 @@ public enum ImageRegionKind: Int, Sendable, CaseIterable, CustomStringConvertibl
 
 /// Where everything of one image lives.
 public struct ImageLayout: Equatable, Sendable {
-    public static let formatVersion: UInt32 = 1
+    /// 2: the image is authenticated (key identifier, creator record, header and commit codes).
+    public static let formatVersion: UInt32 = 2
     public static let pageSize = 4096
     /// "FAMMIGI\0"
     public static let magic: [UInt8] = [0x46, 0x41, 0x4D, 0x4D, 0x49, 0x47, 0x49, 0x00]
@@ -72,7 +74,12 @@ public struct ImageLayout: Equatable, Sendable {
     static let markMagic: UInt32 = 0x4B52_414D
     package static let markByteCount = 16
     static let pageTableEntryByteCount = 8
-    package static let commitRecordByteCount = 40
+    /// The commit record's checksummed words (magic, generation, pageCount, marks digest), its checksum
+    /// after them, then its code.
+    package static let commitRecordDigestedByteCount = 32
+    package static let commitRecordCodeOffset = 40
+    package static let codeByteCount = 32
+    package static let commitRecordByteCount = commitRecordCodeOffset + codeByteCount
 
     // Superblock field offsets. The state word sits after the digested fields: it is the only field that
     // changes once the superblock is durable, so it is left out of the superblock digest and instead
@@ -88,7 +95,14 @@ public struct ImageLayout: Equatable, Sendable {
     static let regionTableOffset = 64       // 5 × (u64 offset, u64 byteCount)
     static let superblockDigestOffset = 144 // digest of bytes [0, 144)
     package static let stateWordOffset = 152
-    package static let superblockEncodedByteCount = 160
+    // Authentication, after the state word: written with the superblock, covered by the header code
+    // (which is not in the checksum: a key identifier or creator record that is wrong is a refusal of
+    // the key or of the header, never "corrupted").
+    package static let keyIdentifierOffset = 160
+    package static let keyIdentifierByteCount = 16
+    package static let creatorOffset = 176       // ImageCreator.encodedByteCount bytes
+    package static let headerCodeOffset = 192
+    package static let superblockEncodedByteCount = 224
 
     public let metadataByteCount: Int
     public let pageCount: Int

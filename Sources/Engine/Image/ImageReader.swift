@@ -24,6 +24,8 @@ public struct ImageReader: Sendable {
     public let marksDigest: UInt64?
     /// True when opened with `requireComplete`: commit record, marks and every page verified.
     public let isVerifiedComplete: Bool
+    /// Who wrote the image, as recorded under the header code.
+    public let creator: ImageCreator
     /// Slots whose mark this reader has observed; only those pages may be read.
     private var observedMarks: [Bool]
 
@@ -35,7 +37,12 @@ public struct ImageReader: Sendable {
     /// `deferPageChecks`: a complete image's pages are not digested here; the caller checks each page
     /// with `verifyPage(slot:)` right before it uses it (the restorer does, batch by batch, so the
     /// check reads FAM once, just before the install reads it again from cache).
-    public static func open(backend: any FAMBackend, requireComplete: Bool, deferPageChecks: Bool = false) throws(ImageError) -> ImageReader {
+    ///
+    /// `key`: the migration's key. The image must carry its identifier (else: wrong key), its header
+    /// code must verify (else: the header was changed after the source wrote it), and with
+    /// `requireComplete` the commit code too (else: the commit record or marks were changed).
+    public static func open(backend: any FAMBackend, key: MigrationKey, requireComplete: Bool,
+                            deferPageChecks: Bool = false) throws(ImageError) -> ImageReader {
         let path = backend.path ?? "FAM"
         guard backend.byteCount >= ImageLayout.pageSize else {
             let magicByteCount = ImageLayout.magic.count
@@ -58,17 +65,31 @@ public struct ImageReader: Sendable {
         guard SharedMapping.digest(of: pageTable, seed: ImageDigestSeed.pageTable(generation: generation)) == superblock.pageTableDigest else {
             throw .pageTableChecksumMismatch(path: path)
         }
+        // Checksums first (a damaged image says "corrupted"), then the code (one that checksums but does
+        // not authenticate was changed on purpose); nothing of the metadata is decoded before both.
+        let authenticator = ImageAuthenticator(key: key)
+        let storedKeyIdentifier = Array(snapshot[ImageLayout.keyIdentifierOffset..<ImageLayout.creatorOffset])
+        guard storedKeyIdentifier == authenticator.keyIdentifier else { throw .wrongKey(path: path) }
+        let extensionFields = Array(snapshot[ImageLayout.keyIdentifierOffset..<ImageLayout.headerCodeOffset])
+        let storedHeaderCode = Array(snapshot[ImageLayout.headerCodeOffset..<(ImageLayout.headerCodeOffset + ImageLayout.codeByteCount)])
+        let headerCode = authenticator.headerCode(superblock: Array(snapshot[0..<ImageLayout.stateWordOffset]),
+                                                  extensionFields: extensionFields, paddedMetadata: paddedMetadata, pageTable: pageTable)
+        guard ImageAuthenticator.matches(headerCode, stored: storedHeaderCode) else {
+            throw .headerNotAuthentic(path: path)
+        }
+        let creator = try ImageCreator.decode(Array(snapshot[ImageLayout.creatorOffset..<ImageLayout.headerCodeOffset]))
         let pageAddresses = try decodedPageAddresses(pageTable, pageCount: layout.pageCount, path: path)
 
         let marksDigest = requireComplete
-            ? try verifiedCommitRecord(backend: backend, layout: layout, generation: generation, path: path) : nil
+            ? try verifiedCommitRecord(backend: backend, layout: layout, generation: generation, path: path,
+                                       authenticator: authenticator, headerCode: storedHeaderCode) : nil
         var reader = ImageReader(
             backend: backend, path: path, generation: generation, layout: layout, openedState: state,
             metadata: Array(paddedMetadata.prefix(layout.metadataByteCount)), pageAddresses: pageAddresses,
             superblockDigest: superblock.superblockDigest, metadataDigest: superblock.metadataDigest,
             pageTableDigest: superblock.pageTableDigest,
             marksDigest: marksDigest,
-            isVerifiedComplete: requireComplete,
+            isVerifiedComplete: requireComplete, creator: creator,
             observedMarks: Array(repeating: false, count: layout.pageCount))
         if requireComplete && !deferPageChecks { try reader.verifyEveryPage() }
         return reader
@@ -104,8 +125,8 @@ public struct ImageReader: Sendable {
     }
 
     /// Checks the commit record and returns the marks digest it holds.
-    private static func verifiedCommitRecord(backend: any FAMBackend, layout: ImageLayout, generation: UInt64,
-                                             path: String) throws(ImageError) -> UInt64 {
+    private static func verifiedCommitRecord(backend: any FAMBackend, layout: ImageLayout, generation: UInt64, path: String,
+                                             authenticator: ImageAuthenticator, headerCode: [UInt8]) throws(ImageError) -> UInt64 {
         let bytes = backend.loadBytes(at: layout.commitRecord.offset, count: ImageLayout.commitRecordByteCount)
         var recordReader = BinaryReader(bytes)
         let magic = try recordReader.readUInt64()
@@ -123,13 +144,19 @@ public struct ImageReader: Sendable {
         guard recordPageCount == UInt64(layout.pageCount) else {
             throw .badCommitRecord(path: path, reason: "counts \(recordPageCount) pages, the superblock says \(layout.pageCount)")
         }
-        let digestedBytes = Array(bytes.prefix(ImageLayout.commitRecordByteCount - 8))
+        let digestedBytes = Array(bytes.prefix(ImageLayout.commitRecordDigestedByteCount))
         guard SharedMapping.digest(of: digestedBytes, seed: ImageDigestSeed.commitRecord(generation: generation)) == recordDigest else {
             throw .badCommitRecord(path: path, reason: "does not match its checksum")
         }
         let marksBytes = backend.loadBytes(at: layout.marks.offset, count: layout.marksByteCount)
         guard SharedMapping.digest(of: marksBytes, seed: ImageDigestSeed.marks(generation: generation)) == marksDigest else {
             throw .marksChecksumMismatch(path: path)
+        }
+        let storedCode = Array(bytes[ImageLayout.commitRecordCodeOffset...])
+        let code = authenticator.commitCode(headerCode: headerCode, commitRecord: Array(bytes.prefix(ImageLayout.commitRecordCodeOffset)),
+                                            marks: marksBytes)
+        guard ImageAuthenticator.matches(code, stored: storedCode) else {
+            throw .commitRecordNotAuthentic(path: path)
         }
         return marksDigest
     }

@@ -27,6 +27,8 @@ public struct ImageSummary: Sendable {
         if let first = reader.pageAddresses.first, let last = reader.pageAddresses.last {
             line("addresses", "\(hex(first)) ... \(hex(last))")
         }
+        line("authenticated", "header HMAC-SHA256 OK" + (reader.isVerifiedComplete ? ", commit record and marks HMAC-SHA256 OK" : ""))
+        line("creator", "uid \(reader.creator.userID), gid \(reader.creator.groupID), permitted capabilities \(hex(reader.creator.permittedCapabilities))")
         line("dumped marks", "\(reader.storedMarkCount()) of \(layout.pageCount)")
         if reader.isVerifiedComplete, let marksDigest = reader.marksDigest {
             line("commit record", "marks checksum \(hex(marksDigest)) OK")

@@ -36,12 +36,18 @@ public struct ImageWriter: Sendable {
     private var headerFlushEpoch: Int?
 
     private var path: String { backend.path ?? "FAM" }
+    private let authenticator: ImageAuthenticator
+    /// The header's code, stored in the superblock; the commit code is bound to it.
+    private var headerCode: [UInt8] = []
 
     /// Lays out a new image in `backend` and stores superblock, metadata and page table (not yet
     /// durable: `commitMetadata()` makes them so). `pageAddresses` are the victim's pages to dump, one
     /// slot each, page-aligned and strictly increasing. Size the backend with `ImageLayout.byteCount`.
+    /// `key` authenticates the image (header and commit codes); `creator` is recorded under the header
+    /// code, and a restore never grants more than it.
     public static func create(backend: any FAMBackend, generation: UInt64, metadata: [UInt8],
-                              pageAddresses: [UInt64]) throws(ImageError) -> ImageWriter {
+                              pageAddresses: [UInt64], key: MigrationKey,
+                              creator: ImageCreator = .current()) throws(ImageError) -> ImageWriter {
         for (slot, address) in pageAddresses.enumerated() {
             precondition(address % UInt64(ImageLayout.pageSize) == 0, "page \(slot) at 0x\(String(address, radix: 16)) is not page-aligned")
             precondition(slot == 0 || pageAddresses[slot - 1] < address, "page addresses not increasing at slot \(slot)")
@@ -50,12 +56,15 @@ public struct ImageWriter: Sendable {
         guard backend.byteCount >= layout.fileByteCount else {
             throw .backendTooSmall(path: backend.path ?? "FAM", byteCount: backend.byteCount, requiredByteCount: layout.fileByteCount)
         }
-        var writer = ImageWriter(backend: backend, generation: generation, layout: layout, pageAddresses: pageAddresses)
-        writer.storeInitialImage(metadata: metadata)
+        var writer = ImageWriter(backend: backend, generation: generation, layout: layout, pageAddresses: pageAddresses,
+                                 authenticator: ImageAuthenticator(key: key))
+        writer.storeInitialImage(metadata: metadata, creator: creator)
         return writer
     }
 
-    private init(backend: any FAMBackend, generation: UInt64, layout: ImageLayout, pageAddresses: [UInt64]) {
+    private init(backend: any FAMBackend, generation: UInt64, layout: ImageLayout, pageAddresses: [UInt64],
+                 authenticator: ImageAuthenticator) {
+        self.authenticator = authenticator
         self.backend = backend
         self.generation = generation
         self.layout = layout
@@ -65,7 +74,7 @@ public struct ImageWriter: Sendable {
         self.markedSlots = Array(repeating: false, count: layout.pageCount)
     }
 
-    private mutating func storeInitialImage(metadata: [UInt8]) {
+    private mutating func storeInitialImage(metadata: [UInt8], creator: ImageCreator) {
         // The file may hold an older image: first make it unreadable, durably, before overwriting any of
         // it, so no reader ever mixes old and new regions.
         storeState(.creating)
@@ -85,7 +94,15 @@ public struct ImageWriter: Sendable {
             generation: generation, layout: layout,
             metadataDigest: SharedMapping.digest(of: paddedMetadata, seed: ImageDigestSeed.metadata(generation: generation)),
             pageTableDigest: SharedMapping.digest(of: pageTable.bytes, seed: ImageDigestSeed.pageTable(generation: generation)))
-        backend.store(superblock.encoded(), at: 0)
+        let superblockBytes = superblock.encoded()
+        backend.store(superblockBytes, at: 0)
+        // Key identifier and creator, then the code over all of the header; flushed with the superblock.
+        let extensionFields = authenticator.keyIdentifier + creator.encoded()
+        precondition(extensionFields.count == ImageLayout.headerCodeOffset - ImageLayout.keyIdentifierOffset,
+                     "authentication fields of \(extensionFields.count) bytes")
+        headerCode = Array(authenticator.headerCode(superblock: superblockBytes, extensionFields: extensionFields,
+                                                    paddedMetadata: paddedMetadata, pageTable: pageTable.bytes))
+        backend.store(extensionFields + headerCode, at: ImageLayout.keyIdentifierOffset)
     }
 
     // MARK: Metadata commit
@@ -206,7 +223,11 @@ public struct ImageWriter: Sendable {
         precondition(lastMarkFlushEpoch < fenceEpoch, "commit record before the marks are fenced")
         let marksDigest = backend.digest(at: layout.marks.offset, count: layout.marksByteCount,
                                          seed: ImageDigestSeed.marks(generation: generation))
-        let record = Self.encodedCommitRecord(generation: generation, pageCount: layout.pageCount, marksDigest: marksDigest)
+        var record = Self.encodedCommitRecord(generation: generation, pageCount: layout.pageCount, marksDigest: marksDigest)
+        // The code covers the marks themselves, not only their (unkeyed) checksum.
+        let marks = backend.loadBytes(at: layout.marks.offset, count: layout.marksByteCount)
+        record += Array(authenticator.commitCode(headerCode: headerCode, commitRecord: record, marks: marks))
+        precondition(record.count == ImageLayout.commitRecordByteCount, "commit record of \(record.count) bytes")
         backend.store(record, at: layout.commitRecord.offset)
         backend.flush(at: layout.commitRecord.offset, count: record.count)
         fence()
@@ -229,7 +250,7 @@ public struct ImageWriter: Sendable {
         fence()
     }
 
-    /// magic, generation, pageCount, marks digest, then a digest over those four words.
+    /// magic, generation, pageCount, marks digest, then a digest over those four words (the code follows).
     static func encodedCommitRecord(generation: UInt64, pageCount: Int, marksDigest: UInt64) -> [UInt8] {
         var writer = BinaryWriter()
         writer.writeUInt64(ImageLayout.commitRecordMagic)
@@ -237,7 +258,7 @@ public struct ImageWriter: Sendable {
         writer.writeUInt64(UInt64(pageCount))
         writer.writeUInt64(marksDigest)
         writer.writeUInt64(SharedMapping.digest(of: writer.bytes, seed: ImageDigestSeed.commitRecord(generation: generation)))
-        precondition(writer.bytes.count == ImageLayout.commitRecordByteCount, "commit record of \(writer.bytes.count) bytes")
+        precondition(writer.bytes.count == ImageLayout.commitRecordCodeOffset, "commit record of \(writer.bytes.count) bytes")
         return writer.bytes
     }
 }

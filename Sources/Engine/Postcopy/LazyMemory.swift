@@ -44,9 +44,13 @@ public final class LazyMemory: @unchecked Sendable {
     /// Pages dropped (MADV_DONTNEED, munmap) before anyone installed them: they count as done and are
     /// never installed; the dropped range reads as zeros, or is gone.
     public private(set) var discardedPageCount = 0
+    /// Kills the target if this process goes away before every page is in (never run on holes);
+    /// disarmed once `unregisterAll` proved every page installed.
+    private let watchdog: HoleWatchdog?
 
     init(targetProcessID: ProcessID, pageAddresses: [UInt64], userfaultfd: Userfaultfd, registeredRanges: [Range<UInt64>],
-         origin: PageOrigin, observer: (any MigrationObserver)?, gate: any TargetGate) {
+         origin: PageOrigin, observer: (any MigrationObserver)?, gate: any TargetGate, watchdog: HoleWatchdog? = nil) {
+        self.watchdog = watchdog
         self.gate = gate
         self.targetProcessID = targetProcessID
         self.pageAddresses = pageAddresses
@@ -424,6 +428,9 @@ public final class LazyMemory: @unchecked Sendable {
         installLock.withLock {
             lock.withLock { deferredFaults.removeAll() }
             userfaultfd.close()
+            // The watchdog holds the last copy of the userfaultfd: the release happens once it is disarmed
+            // (and it leaves the target alone: every page is in).
+            watchdog?.disarm()
         }
         gate.released(processID: targetProcessID)
     }

@@ -277,11 +277,19 @@ final class TargetProcess {
     }
 
     /// Post-copy: the userfaultfd and its registered ranges move to lazy memory shared by the fault
-    /// handler and the pusher; the target keeps no installer of its own.
-    func makeLazyMemory(pageAddresses: [UInt64], origin: PageOrigin, observer: (any MigrationObserver)?, gate: any TargetGate) -> LazyMemory {
+    /// handler and the pusher; the target keeps no installer of its own. A watchdog is armed here, before
+    /// the process ever runs: should this process die before the last page is in, the target dies too,
+    /// instead of reading zeros where pages are missing (it holds the userfaultfd until then).
+    func makeLazyMemory(pageAddresses: [UInt64], origin: PageOrigin, observer: (any MigrationObserver)?,
+                        gate: any TargetGate) throws(RestoreError) -> LazyMemory {
         guard let userfaultfd else { preconditionFailure("lazy memory before the userfaultfd was registered") }
+        let watchdog: HoleWatchdog
+        do { watchdog = try HoleWatchdog(guarding: processID, userfaultfd: userfaultfd) } catch {
+            throw .system("starting the watchdog that kills the target if its fault server dies: \(error)")
+        }
         let memory = LazyMemory(targetProcessID: processID, pageAddresses: pageAddresses, userfaultfd: userfaultfd,
-                                registeredRanges: registeredRanges, origin: origin, observer: observer, gate: gate)
+                                registeredRanges: registeredRanges, origin: origin, observer: observer, gate: gate,
+                                watchdog: watchdog)
         self.userfaultfd = nil
         return memory
     }

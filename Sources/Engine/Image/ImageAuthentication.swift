@@ -1,0 +1,159 @@
+// Why this file exists: the checksums of an image catch corruption, not intent: anyone who can write the
+// file can recompute them. So a migration has a secret key, made by the source node and handed to the
+// target out of band (never through FAM), and the image carries HMAC-SHA256 codes under a sub-key of it:
+// one over the header (superblock fields, key identifier, creator record, metadata, page table) and one
+// over the commit record and every mark (so every page digest). A reader that does not hold the key, or
+// an image someone changed after the source wrote it, gets a refusal that names which of the two it is.
+// All of the cryptography is swift-crypto's: HKDF to derive sub-keys, HMAC-SHA256, and its
+// constant-time comparison of codes.
+import Crypto
+import Foundation
+import Sys
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The secret of one migration: 32 random bytes. Who holds it can write images a target accepts, so it
+/// is exactly as trusted as the source node; it never goes into FAM.
+public struct MigrationKey: Sendable {
+    public static let byteCount = 32
+
+    // Bytes, not a SymmetricKey, because that type is not Sendable; a SymmetricKey is made per use.
+    public let bytes: [UInt8]
+
+    /// A key from its bytes (a key file, a seed); exactly `byteCount` of them.
+    public init(bytes: [UInt8]) throws(ImageError) {
+        guard bytes.count == Self.byteCount else { throw .badKey(reason: "has \(bytes.count) bytes, a migration key has \(Self.byteCount)") }
+        self.bytes = bytes
+    }
+
+    /// A new key from the system's cryptographic random source. Only executables call this: the engine
+    /// itself never reads randomness (torture derives its keys from the seed).
+    public static func generate() -> MigrationKey {
+        MigrationKey(key: SymmetricKey(size: .bits256))
+    }
+
+    private init(key: SymmetricKey) {
+        precondition(key.bitCount == Self.byteCount * 8, "a migration key of \(key.bitCount) bits")
+        bytes = key.withUnsafeBytes { Array($0) }
+    }
+
+    /// A sub-key per purpose, so that a code made for one purpose never verifies for another (the
+    /// transport will take its own).
+    func subkey(_ purpose: String, byteCount: Int = 32) -> SymmetricKey {
+        HKDF<SHA256>.deriveKey(inputKeyMaterial: SymmetricKey(data: bytes), salt: Array("fammig migration key v1".utf8),
+                               info: Array(purpose.utf8), outputByteCount: byteCount)
+    }
+
+    /// Identifies the key without revealing it (an HKDF output of its own purpose): stored in the image
+    /// so that a reader with another key is told "wrong key", not "tampered".
+    public var identifier: [UInt8] { subkey("image key identifier", byteCount: ImageLayout.keyIdentifierByteCount).withUnsafeBytes { Array($0) } }
+}
+
+/// Who wrote the image: the source node's effective user and group and its permitted capabilities,
+/// stored under the header code. A restore never gives the process more than this creator had.
+public struct ImageCreator: Equatable, Sendable {
+    public var userID: UInt32
+    public var groupID: UInt32
+    public var permittedCapabilities: UInt64
+
+    public init(userID: UInt32, groupID: UInt32, permittedCapabilities: UInt64) {
+        self.userID = userID
+        self.groupID = groupID
+        self.permittedCapabilities = permittedCapabilities
+    }
+
+    /// This process, as the kernel sees it now.
+    public static func current() -> ImageCreator {
+        let status = (try? ProcFS.status(ProcessID(getpid()))) ?? [:]
+        let permitted = UInt64(status["CapPrm"] ?? "0", radix: 16) ?? 0
+        return ImageCreator(userID: geteuid(), groupID: getegid(), permittedCapabilities: permitted)
+    }
+
+    static let encodedByteCount = 16
+
+    func encoded() -> [UInt8] {
+        var writer = BinaryWriter()
+        writer.writeUInt32(userID)
+        writer.writeUInt32(groupID)
+        writer.writeUInt64(permittedCapabilities)
+        return writer.bytes
+    }
+
+    static func decode(_ bytes: [UInt8]) throws(ImageError) -> ImageCreator {
+        var reader = BinaryReader(bytes)
+        return ImageCreator(userID: try reader.readUInt32(), groupID: try reader.readUInt32(), permittedCapabilities: try reader.readUInt64())
+    }
+
+    static let setGroupIDCapability: UInt64 = 1 << 6
+    static let setUserIDCapability: UInt64 = 1 << 7
+
+    /// Refuses credentials beyond this creator's: capabilities it did not have, and, unless it could
+    /// change them (CAP_SETUID, CAP_SETGID), user or group IDs other than its own.
+    public func checkAdmits(_ credentials: Credentials, path: String) throws(ImageError) {
+        let capabilities = credentials.permitted | credentials.effective | credentials.inheritable | credentials.ambient
+        if capabilities & ~permittedCapabilities != 0 {
+            throw .exceedsCreator(path: path, reason: "capabilities \(hex(capabilities & ~permittedCapabilities)) that its creator (uid \(userID)) did not have")
+        }
+        if permittedCapabilities & Self.setUserIDCapability == 0, let other = credentials.userIDs.first(where: { $0 != userID }) {
+            throw .exceedsCreator(path: path, reason: "user ID \(other), but its creator ran as uid \(userID) without CAP_SETUID")
+        }
+        if permittedCapabilities & Self.setGroupIDCapability == 0,
+           let other = (credentials.groupIDs + credentials.supplementaryGroups).first(where: { $0 != groupID }) {
+            throw .exceedsCreator(path: path, reason: "group ID \(other), but its creator ran as gid \(groupID) without CAP_SETGID")
+        }
+    }
+}
+
+/// Computes and checks the image's two codes. Every part is length-prefixed and the two codes use
+/// different labels, so no arrangement of bytes verifies as another.
+struct ImageAuthenticator: Sendable {
+    private let macKeyBytes: [UInt8]
+    let keyIdentifier: [UInt8]
+
+    init(key: MigrationKey) {
+        macKeyBytes = key.subkey("image authentication").withUnsafeBytes { Array($0) }
+        keyIdentifier = key.identifier
+    }
+
+    private func code(label: String, parts: [[UInt8]]) -> HashedAuthenticationCode<SHA256> {
+        var hmac = HMAC<SHA256>(key: SymmetricKey(data: macKeyBytes))
+        for part in [Array(label.utf8)] + parts {
+            var length = BinaryWriter()
+            length.writeUInt64(UInt64(part.count))
+            hmac.update(data: length.bytes)
+            hmac.update(data: part)
+        }
+        return hmac.finalize()
+    }
+
+    /// `superblock`: bytes [0, superblockDigestOffset + 8), every field and the checksum;
+    /// `extensionFields`: key identifier and creator record as stored. Compare a stored code with `==`
+    /// on the result: swift-crypto compares in constant time.
+    func headerCode(superblock: [UInt8], extensionFields: [UInt8], paddedMetadata: [UInt8], pageTable: [UInt8]) -> HashedAuthenticationCode<SHA256> {
+        code(label: "fammig image header", parts: [superblock, extensionFields, paddedMetadata, pageTable])
+    }
+
+    /// Bound to the header's code, so a commit record never verifies in another image.
+    func commitCode(headerCode: [UInt8], commitRecord: [UInt8], marks: [UInt8]) -> HashedAuthenticationCode<SHA256> {
+        code(label: "fammig image commit", parts: [headerCode, commitRecord, marks])
+    }
+
+    /// Whether `stored` is `code`, compared in constant time (swift-crypto's comparison), so a forger
+    /// learns nothing from how long a check takes.
+    static func matches(_ code: HashedAuthenticationCode<SHA256>, stored: [UInt8]) -> Bool {
+        code == stored
+    }
+}
+
+extension ImageReader {
+    /// The process state this authenticated image holds, after every check a restore makes before it
+    /// creates a process: it decodes, it is something a real process could have (`validate`), and it
+    /// grants nothing its creator did not have. `restore`, `inspect` and the restorer all use this one.
+    public func checkedProcessState() throws(ImageError) -> ProcessState {
+        let state = try ProcessState.decode(metadata)
+        try state.validate(pageAddresses: pageAddresses, path: path)
+        try creator.checkAdmits(state.credentials, path: path)
+        return state
+    }
+}

@@ -1,0 +1,71 @@
+// The migration key on disk: made by the node that writes the image (`checkpoint`, `source`), carried
+// to the node that reads it (`restore`, `inspect`, `target`) out of band, never through FAM. The file is
+// one line, "fammig-migration-key-v1 " and 64 hex digits; it is created 0600 and O_EXCL, and a key file
+// that another user owns or that group or others may read is refused: whoever can read the key can
+// write an image this node will restore.
+import ArgumentParser
+import Engine
+import Glibc
+import Sys
+
+enum KeyFile {
+    static let header = "fammig-migration-key-v1 "
+
+    /// A new key, written to a new file at `path` (which must not exist).
+    static func create(path: String) throws(ExitCode) -> MigrationKey {
+        let key = MigrationKey.generate()
+        let line = header + key.bytes.map { byte in
+            let digits = String(byte, radix: 16)
+            return digits.count == 1 ? "0" + digits : digits
+        }.joined() + "\n"
+        do { try PrivateFile.create(path: path, bytes: Array(line.utf8)) } catch {
+            if error.errno == .fileExists {
+                throw fail("--key-file \(path) already exists; pass a new path (each migration gets a key of its own).", code: 2)
+            }
+            throw fail("cannot create the key file \(path): \(error)", code: 2)
+        }
+        return key
+    }
+
+    /// The key in the file at `path`, after checking that only this user could have read or written it.
+    static func read(path: String) throws(ExitCode) -> MigrationKey {
+        let contents: PrivateFileContents
+        do { contents = try PrivateFile.read(path: path, maxByteCount: 256) } catch {
+            if error.errno == .tooManySymbolicLinkLevels {
+                throw fail("--key-file \(path) is a symbolic link; pass the key file itself.", code: 2)
+            }
+            throw fail("cannot read the key file \(path): \(error); pass the key file the source node wrote.", code: 2)
+        }
+        guard contents.isRegularFile else { throw fail("--key-file \(path) is not a regular file.", code: 2) }
+        guard contents.ownerUserID == geteuid() else {
+            throw fail("the key file \(path) belongs to uid \(contents.ownerUserID), not to this user (uid \(geteuid())); refused: "
+                       + "copy it and own the copy (chown) if you trust whoever wrote it.", code: 2)
+        }
+        guard contents.permissionBits & 0o077 == 0 else {
+            throw fail("the key file \(path) has mode \(String(contents.permissionBits, radix: 8)): group or others may read or write it; "
+                       + "refused (chmod 600 it, and treat the key as leaked if others did read it).", code: 2)
+        }
+        let text = String(decoding: contents.bytes, as: UTF8.self)
+        let digits = text.hasPrefix(header) ? text.dropFirst(header.count).trimmingSuffix(while: { $0 == "\n" }) : ""
+        var bytes: [UInt8] = []
+        var index = digits.startIndex
+        while digits.count == 2 * MigrationKey.byteCount, index < digits.endIndex {
+            let next = digits.index(index, offsetBy: 2)
+            guard let byte = UInt8(digits[index..<next], radix: 16) else { break }
+            bytes.append(byte)
+            index = next
+        }
+        guard bytes.count == MigrationKey.byteCount, let key = try? MigrationKey(bytes: bytes) else {
+            throw fail("the key file \(path) is not a fammig migration key (one line: \"\(header)\" and \(2 * MigrationKey.byteCount) hex digits).", code: 2)
+        }
+        return key
+    }
+}
+
+private extension Substring {
+    func trimmingSuffix(while predicate: (Character) -> Bool) -> Substring {
+        var end = endIndex
+        while end > startIndex, predicate(self[index(before: end)]) { end = index(before: end) }
+        return self[startIndex..<end]
+    }
+}
