@@ -53,8 +53,19 @@ public final class PageOracle: @unchecked Sendable {
 
     /// Reads `byteCount` bytes back from the target at `targetAddress` (where pages frozen at
     /// `frozenAddress` are now) and compares them with their freeze digests.
+    ///
+    /// Through /proc/PID/mem, never process_vm_readv: a page the engine counts installed but that is
+    /// missing would make process_vm_readv fault into the target's userfaultfd, whose only reader is the
+    /// thread asking (torture hung so on a deliberate bug); /proc/PID/mem answers EIO instead.
     public func verifyTarget(processID: ProcessID, frozenAddress: UInt64, targetAddress: UInt64, byteCount: Int) throws {
-        let bytes = try readProcessMemory(processID, address: targetAddress, byteCount: byteCount)
+        let bytes: [UInt8]
+        do {
+            let memory = try ProcessMemory(processID, writable: false)
+            defer { memory.close() }
+            bytes = try memory.read(at: targetAddress, byteCount: byteCount)
+        } catch {
+            throw PageMismatch(address: frozenAddress, reason: "installed, but not readable in the target (\(error)): the page is missing")
+        }
         for index in 0..<(byteCount / 4096) {
             let address = frozenAddress + UInt64(index) * 4096
             guard digestPage(bytes, offset: index * 4096, address: address) == digests[address] else {
