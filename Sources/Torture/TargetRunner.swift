@@ -53,7 +53,7 @@ final class TargetRunner: Participant, TargetGate, @unchecked Sendable {
         pendingWakes.removeAll()
     }
 
-    /// Unregistering let the process go: it runs on its own until it ends, and the next target step
+    /// Releasing the userfaultfd let the process go: it runs on its own until it ends, and the next target step
     /// waits for that.
     private var isReleased = false
 
