@@ -41,7 +41,7 @@ public struct ChaosIteration {
     private func migrate(into result: inout IterationResult) throws {
         let binary = environment.programDirectory + "/" + scenario.binary
         let work = environment.workDirectory
-        let arguments = scenario.arguments + (ProgramSpec.named(scenario.program)?.fileDirectoryOption.map { [$0, work] } ?? [])
+        let arguments = scenario.arguments(workDirectory: work)
         let reference = try references.output(binary: binary, arguments: arguments, workDirectory: work)
         let outputPath = work + "/victim.out"
         // Randomised addresses (chaos needs no repeatable layout), and so no PDEATHSIG: restored with it, a

@@ -183,7 +183,7 @@ public struct Iteration {
         let work = environment.workDirectory
         // The work directory's name has one length in every run (see TortureCommand), so the program's
         // stack, where its arguments lie, has one layout: the same seed gives the same pages.
-        let arguments = scenario.arguments + (ProgramSpec.named(scenario.program)?.fileDirectoryOption.map { [$0, work] } ?? [])
+        let arguments = scenario.arguments(workDirectory: work)
         let reference = try references.output(binary: binary, arguments: arguments, workDirectory: work)
         let outputPath = work + "/victim.out"
         let victim = try startAtRendezvous(binary: binary, arguments: arguments, outputPath: outputPath,

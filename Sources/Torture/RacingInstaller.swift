@@ -34,11 +34,7 @@ final class RacingInstaller: Participant {
     /// Sealed slots in registered memory that the engine has not installed.
     private func candidates(_ memory: LazyMemory) -> [Int] {
         guard let model = model(), !model.isReleased else { return [] }
-        if reader == nil {
-            let view = UncheckedFabricView(model: model)
-            guard ImageReader.peekState(backend: view).map({ $0 == .metadataCommitted || $0 == .complete }) == true else { return [] }
-            reader = try? ImageReader.open(backend: view, key: key, requireComplete: false, deferPageChecks: true)
-        }
+        if reader == nil { reader = UncheckedFabricView.openImage(model: model, key: key) }
         guard var reader else { return [] }
         let slots = (0..<reader.pageCount).filter {
             !memory.isInstalled($0) && memory.isRegistered(memory.currentAddress($0)) && reader.isMarked(slot: $0)

@@ -177,6 +177,11 @@ public struct Scenario: Sendable, Codable, Equatable {
                         adversarialSteps: filter.adversarialSteps ?? Int.max, tamper: tamper, racer: racer)
     }
 
+    /// The program's arguments when its files go to `workDirectory`.
+    public func arguments(workDirectory: String) -> [String] {
+        arguments + (ProgramSpec.named(program)?.fileDirectoryOption.map { [$0, workDirectory] } ?? [])
+    }
+
     public var summary: String {
         var text = "\(mode.rawValue)\(mode == .nonlive ? "" : push ? " push" : " no-push") \(program) size \(size) "
             + "rendezvous \(rendezvous) strategy \(strategy.rawValue) batch \(batchPageCount)"

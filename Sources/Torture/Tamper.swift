@@ -37,11 +37,7 @@ final class TamperParticipant: Participant {
     /// mark must not count as the target engine seeing it).
     private func sealedSlots() -> [Int] {
         guard let model = model(), !model.isReleased else { return [] }
-        if reader == nil {
-            let view = UncheckedFabricView(model: model)
-            guard ImageReader.peekState(backend: view).map({ $0 == .metadataCommitted || $0 == .complete }) == true else { return [] }
-            reader = try? ImageReader.open(backend: view, key: key, requireComplete: false, deferPageChecks: true)
-        }
+        if reader == nil { reader = UncheckedFabricView.openImage(model: model, key: key) }
         guard var reader else { return [] }
         let slots = (0..<reader.pageCount).filter { reader.isMarked(slot: $0) }
         self.reader = reader
@@ -73,6 +69,13 @@ final class TamperParticipant: Participant {
 final class UncheckedFabricView: FAMBackend, @unchecked Sendable {
     private let model: ModelFAM
     init(model: ModelFAM) { self.model = model }
+
+    /// The image as the target node sees it, once its metadata is committed (nil before).
+    static func openImage(model: ModelFAM, key: MigrationKey) -> ImageReader? {
+        let view = UncheckedFabricView(model: model)
+        guard ImageReader.peekState(backend: view).map({ $0 == .metadataCommitted || $0 == .complete }) == true else { return nil }
+        return try? ImageReader.open(backend: view, key: key, requireComplete: false, deferPageChecks: true)
+    }
     var byteCount: Int { model.byteCount }
     var path: String? { "model FAM (fabric, unchecked)" }
     func readableRegion(at byteOffset: Int, count: Int) -> (mapping: SharedMapping, offset: Int) {

@@ -33,17 +33,12 @@ struct ContextCase: Sendable, CustomTestStringConvertible {
 extension ProcessTests {
     @Suite(.serialized) struct ContextTests {
         @Test(arguments: ContextCase.all) func contextSurvivesMigration(_ migration: ContextCase) throws {
-            let program = try TestPaths.testProgram(migration.program)
-            let directory = try ScratchDirectory(under: "/tmp")
-            defer { directory.remove() }
-            let leftovers = LeftoverCheck()
-            defer { leftovers.finish() }
-            leftovers.expectProgram([program] + migration.arguments)
-            let report = try runAndJudge(leftovers: leftovers, directory: directory,
-                                         runOptions: ["--mode", migration.mode, "--push", migration.push, "--after-ms", "250"],
-                                         command: [program] + migration.arguments, timeout: .seconds(90))
-            #expect(report.programStatus == "exited with status 0")
-            #expect(report.migratedChecksum != nil && report.migratedChecksum == report.referenceChecksum)
+            try migrateProgram(migration.program, arguments: migration.arguments,
+                               runOptions: ["--mode", migration.mode, "--push", migration.push, "--after-ms", "250"],
+                               timeout: .seconds(90)) { report, _ in
+                #expect(report.programStatus == "exited with status 0")
+                #expect(report.migratedChecksum != nil && report.migratedChecksum == report.referenceChecksum)
+            }
         }
 
         /// The root directory does not migrate: a chrooted process is refused before the freeze.

@@ -67,6 +67,22 @@ func runAndJudge(leftovers: LeftoverCheck, directory: ScratchDirectory, runOptio
     return report
 }
 
+/// Migrates test program `name` with `fammig run RUNOPTIONS` (see `runAndJudge`) in a scratch directory,
+/// with a leftover check that expects the program (the victim and the process restored from it keep its
+/// command line); `judge` sees the report before the leftovers are judged.
+func migrateProgram(_ name: String, arguments: [String], runOptions: [String], timeout: Duration,
+                    judge: (MigrationReport, LeftoverCheck) throws -> Void) throws {
+    let program = try TestPaths.testProgram(name)
+    let directory = try ScratchDirectory(under: "/tmp")
+    defer { directory.remove() }
+    let leftovers = LeftoverCheck()
+    defer { leftovers.finish() }
+    leftovers.expectProgram([program] + arguments)
+    let report = try runAndJudge(leftovers: leftovers, directory: directory, runOptions: runOptions,
+                                 command: [program] + arguments, timeout: timeout)
+    try judge(report, leftovers)
+}
+
 extension ProcessTests {
     @Suite(.serialized) struct MigrationTests {
         @Test func addressSpaceRandomizationIsOn() throws {
@@ -76,27 +92,19 @@ extension ProcessTests {
         }
 
         @Test(arguments: MigrationCase.all) func migratedRunMatchesReference(_ migration: MigrationCase) throws {
-            let program = try TestPaths.testProgram(migration.program)
-            let directory = try ScratchDirectory(under: "/tmp")
-            defer { directory.remove() }
-            let leftovers = LeftoverCheck()
-            defer { leftovers.finish() }
-            // The victim, and the process restored from it, which keeps its command line.
-            leftovers.expectProgram([program] + migration.arguments)
-
-            let report = try runAndJudge(leftovers: leftovers, directory: directory,
-                                         runOptions: ["--after-ms", "\(migration.afterMilliseconds)"],
-                                         command: [program] + migration.arguments, timeout: .seconds(90))
-            #expect(report.error == nil)
-            #expect(report.programStatus == "exited with status 0")
-            let referenceChecksum = try #require(report.referenceChecksum)
-            #expect(referenceChecksum.count == 16 && referenceChecksum.allSatisfy(\.isHexDigit))
-            #expect(report.migratedChecksum == referenceChecksum)
-            #expect(report.pageCount >= migration.minimumPageCount)
-            let downtime = try #require(report.downtimeMilliseconds)
-            #expect(downtime > 0 && downtime.isFinite)
-            // Else the check that the run removed its work directory would check nothing.
-            #expect(leftovers.ourRunDirectories.count == 1, "run directories seen: \(leftovers.ourRunDirectories)")
+            try migrateProgram(migration.program, arguments: migration.arguments,
+                               runOptions: ["--after-ms", "\(migration.afterMilliseconds)"], timeout: .seconds(90)) { report, leftovers in
+                #expect(report.error == nil)
+                #expect(report.programStatus == "exited with status 0")
+                let referenceChecksum = try #require(report.referenceChecksum)
+                #expect(referenceChecksum.count == 16 && referenceChecksum.allSatisfy(\.isHexDigit))
+                #expect(report.migratedChecksum == referenceChecksum)
+                #expect(report.pageCount >= migration.minimumPageCount)
+                let downtime = try #require(report.downtimeMilliseconds)
+                #expect(downtime > 0 && downtime.isFinite)
+                // Else the check that the run removed its work directory would check nothing.
+                #expect(leftovers.ourRunDirectories.count == 1, "run directories seen: \(leftovers.ourRunDirectories)")
+            }
         }
 
         /// The seccomp filter still kills the restored process when it makes its forbidden syscall

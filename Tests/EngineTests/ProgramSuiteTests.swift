@@ -35,16 +35,11 @@ struct SuiteCase: Sendable, CustomTestStringConvertible {
 extension ProcessTests {
     @Suite(.serialized) struct ProgramSuiteTests {
         @Test(arguments: SuiteCase.all) func everyProgramInEveryMode(_ migration: SuiteCase) throws {
-            let program = try TestPaths.testProgram(migration.program)
-            let directory = try ScratchDirectory(under: "/tmp")
-            defer { directory.remove() }
-            let leftovers = LeftoverCheck()
-            defer { leftovers.finish() }
-            leftovers.expectProgram([program] + migration.arguments)
-            let report = try runAndJudge(leftovers: leftovers, directory: directory,
-                                         runOptions: ["--mode", migration.mode, "--push", migration.push, "--after-ms", "150"],
-                                         command: [program] + migration.arguments, timeout: .seconds(120))
-            #expect(report.migratedChecksum != nil && report.migratedChecksum == report.referenceChecksum)
+            try migrateProgram(migration.program, arguments: migration.arguments,
+                               runOptions: ["--mode", migration.mode, "--push", migration.push, "--after-ms", "150"],
+                               timeout: .seconds(120)) { report, _ in
+                #expect(report.migratedChecksum != nil && report.migratedChecksum == report.referenceChecksum)
+            }
         }
     }
 }
