@@ -67,7 +67,7 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
-        .testTarget(name: "EngineTests", dependencies: ["Engine", "Oracles", "Sys"]),
+        .testTarget(name: "EngineTests", dependencies: ["Engine", "Oracles", "Sys", "Torture"]),
         .testTarget(name: "TortureTests", dependencies: ["Torture", "Engine", "Oracles", "Sys"]),
     ]
 )

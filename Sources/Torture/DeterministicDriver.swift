@@ -17,6 +17,8 @@ public final class VirtualClock: EngineClock, @unchecked Sendable {
 /// What a participant can do now.
 enum Availability {
     case choices([String])
+    /// An engine actor's one ready step.
+    case engineStep(ActorStep)
     /// Nothing until another participant moves, or until this much virtual time passed (nil: never by itself).
     case waiting(Duration?, String)
     case finished
@@ -60,7 +62,7 @@ final class EngineParticipant: Participant {
     func availability() -> Availability {
         if crashed { return .finished }
         switch engineActor.nextAction() {
-        case .ready(let label): return .choices([label])
+        case .ready(let step): return .engineStep(step)
         case .finished: return .finished
         case .waiting(.retryAfter(let duration)): return .waiting(duration, "retry after \(duration)")
         case .waiting(.readable(_, let timeout)): return .waiting(timeout, "a descriptor")
@@ -153,9 +155,13 @@ final class DeterministicDriver {
                 case .choices(let labels):
                     if participant.isEssential { essentialLeft = true }
                     for (index, label) in labels.enumerated() {
-                        choices.append(Choice(actor: participant.actor, label: label))
+                        choices.append(Choice(actor: participant.actor, label: label, step: nil))
                         owners.append((participant, index))
                     }
+                case .engineStep(let step):
+                    if participant.isEssential { essentialLeft = true }
+                    choices.append(Choice(actor: participant.actor, label: step.description, step: step))
+                    owners.append((participant, 0))
                 case .waiting(let retry, let reason):
                     if participant.isEssential {
                         essentialLeft = true

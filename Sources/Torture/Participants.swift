@@ -80,8 +80,8 @@ final class NemesisParticipant: Participant {
         let next = dumper.availability()
         if case .finished = next { return .finished }
         let due: Bool
-        if let step = plan.beforeDumperStep {
-            if case .choices(let labels) = next { due = labels.contains { $0.hasPrefix(step) } } else { due = false }
+        if let point = plan.beforeDumperStep {
+            if case .engineStep(.dumper(let step)) = next { due = point.isNext(step) } else { due = false }
         } else {
             due = dumper.stepsTaken >= plan.afterDumperSteps
         }

@@ -1,6 +1,7 @@
 // Why this file exists: a seed names a whole iteration. From it (and the campaign's filters) come the
 // mode, the program and its size, where the program stops to be frozen, the strategy, the batch size
 // and the nemesis plan. Shrinking replaces parts of it by overrides that the replay command spells out.
+import Engine
 
 /// The migration modes torture mixes.
 public enum TortureMode: String, Sendable, CaseIterable, Codable {
@@ -69,11 +70,25 @@ public struct ProgramSpec: Sendable {
 public struct KillPlan: Sendable, Codable, Equatable {
     /// After the dumper took this many steps (1 = right after its preflight)...
     public var afterDumperSteps: Int
-    /// ...or, when set, as soon as the dumper's next step is this one ("commit": every page dumped, the
-    /// commit record not yet stored; "release": the commit record durable, the victim not yet killed).
-    public var beforeDumperStep: String?
+    /// ...or, when set, as soon as the dumper's next step is this one.
+    public var beforeDumperStep: KillPoint?
     /// Frames the source had sent but that were not delivered yet are lost (else they still arrive).
     public var dropInFlight: Bool
+}
+
+/// A dumper step a kill can come right before (its raw value is what reports and descriptions print).
+public enum KillPoint: String, Sendable, Codable, Equatable {
+    /// Every page dumped, the commit record not yet stored.
+    case commit
+    /// The commit record durable, the victim not yet killed.
+    case release
+
+    public func isNext(_ step: DumperStep) -> Bool {
+        switch (self, step) {
+        case (.commit, .commit), (.release, .release): true
+        default: false
+        }
+    }
 }
 
 /// What a campaign restricts, and what a shrunk replay overrides.
@@ -161,7 +176,7 @@ public struct Scenario: Sendable, Codable, Equatable {
         let afterSteps = 1 + rng.below(12)
         let dropInFlight = rng.chance(1, in: 2)
         let point = rng.below(6)
-        let beforeStep: String? = point < 2 ? "release" : point == 2 ? "commit" : nil
+        let beforeStep: KillPoint? = point < 2 ? .release : point == 2 ? .commit : nil
         if killDrawn && !filter.noKill {
             kill = KillPlan(afterDumperSteps: afterSteps, beforeDumperStep: beforeStep, dropInFlight: dropInFlight)
         }
@@ -186,7 +201,7 @@ public struct Scenario: Sendable, Codable, Equatable {
         var text = "\(mode.rawValue)\(mode == .nonlive ? "" : push ? " push" : " no-push") \(program) size \(size) "
             + "rendezvous \(rendezvous) strategy \(strategy.rawValue) batch \(batchPageCount)"
         if let kill {
-            text += kill.beforeDumperStep.map { " kill-before-\($0)" } ?? " kill-after-dumper-step \(kill.afterDumperSteps)"
+            text += kill.beforeDumperStep.map { " kill-before-\($0.rawValue)" } ?? " kill-after-dumper-step \(kill.afterDumperSteps)"
             if kill.dropInFlight { text += " dropping in-flight" }
         }
         if adversarialSteps != Int.max { text += " adversarial-steps \(adversarialSteps)" }

@@ -25,7 +25,10 @@ public enum ActorName: String, Sendable, CaseIterable, Codable {
 /// One step some actor could take now.
 public struct Choice: Sendable, Equatable {
     public var actor: ActorName
+    /// What the trace prints (and hashes).
     public var label: String
+    /// The engine actor's typed step (nil for the participants that are not engine actors).
+    public var step: ActorStep?
 }
 
 /// The named strategies.
@@ -93,7 +96,7 @@ struct Scheduler {
             }
         case .racingFaults:
             // A batch sits copied but unmarked while the dumper's next step is its seal.
-            let batchOpen = choices.contains { $0.actor == .dumper && $0.label.hasPrefix("seal") }
+            let batchOpen = choices.contains { if case .dumper(.seal) = $0.step { true } else { false } }
             return weighted(choices, rng: &rng) { choice in
                 switch choice.actor {
                 case .target, .faultHandler, .pusher, .link: return batchOpen ? 40 : 4

@@ -38,7 +38,7 @@ import Testing
 
     @Test(arguments: StrategyName.allCases)
     func everyStrategyPicksAnEnabledChoiceDeterministically(strategy: StrategyName) {
-        let choices = [Choice(actor: .dumper, label: "seal slots 0..<64"), Choice(actor: .target, label: "run"),
+        let choices = [Choice(actor: .dumper, label: "seal slots 0..<64", step: .dumper(.seal(slots: 0..<64))), Choice(actor: .target, label: "run"),
                        Choice(actor: .link, label: "deliver"), Choice(actor: .fabric, label: "write back"),
                        Choice(actor: .faultHandler, label: "serve")]
         func picks(seed: UInt64) -> [Int] {
@@ -55,6 +55,27 @@ import Testing
         var rng = SeededGenerator(seed: 1)
         var scheduler = Scheduler(strategy: strategy, rng: &rng)
         #expect(scheduler.pick(choices + [Choice(actor: .nemesis, label: "kill")], step: 0, rng: &rng) == choices.count)
+    }
+
+    @Test func racingFaultsKnowsAnOpenBatchByItsTypedStepNotItsWords() {
+        // The strategy once matched the label's prefix "seal": renaming the step would have silently
+        // turned racing-faults into random. Now the words do not matter, the case does.
+        func targetShare(dumperStep: ActorStep?) -> Int {
+            let choices = [Choice(actor: .dumper, label: "renamed", step: dumperStep), Choice(actor: .target, label: "run")]
+            var rng = SeededGenerator(seed: 5)
+            var scheduler = Scheduler(strategy: .racingFaults, rng: &rng)
+            return (0..<2000).filter { scheduler.pick(choices, step: $0, rng: &rng) == 1 }.count
+        }
+        let open = targetShare(dumperStep: .dumper(.seal(slots: 0..<16)))
+        let closed = targetShare(dumperStep: .dumper(.dump(fromSlot: 16)))
+        // 40:1 with a batch open, 4:4 without.
+        #expect(open > 1800 && closed < 1200)
+        #expect(ActorStep.dumper(.seal(slots: 0..<16)).description == "seal slots 0..<16")
+    }
+
+    @Test func aKillPlanMatchesTheDumperStepByCase() {
+        #expect(KillPoint.commit.isNext(.commit) && !KillPoint.commit.isNext(.release))
+        #expect(KillPoint.release.isNext(.release) && !KillPoint.release.isNext(.dump(fromSlot: 0)))
     }
 
     @Test func delayedDumpStarvesTheDumperForStretches() {

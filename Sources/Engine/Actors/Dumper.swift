@@ -19,19 +19,19 @@ public enum DumpMode: Sendable {
 public final class Dumper: EngineActor {
     public enum Release: Sendable { case kill, leaveRunning }
 
-    private enum State: CustomStringConvertible {
+    private enum State {
         case preflight, freeze, capture, writeMetadata, dumping(nextSlot: Int), commit, release, finished, failed
-        var description: String {
+        /// The step this state takes (nil once it ended).
+        var step: DumperStep? {
             switch self {
-            case .preflight: "preflight"
-            case .freeze: "freeze"
-            case .capture: "capture"
-            case .writeMetadata: "writeMetadata"
-            case .dumping(let nextSlot): "dump from slot \(nextSlot)"
-            case .commit: "commit"
-            case .release: "release"
-            case .finished: "finished"
-            case .failed: "failed"
+            case .preflight: .preflight
+            case .freeze: .freeze
+            case .capture: .capture
+            case .writeMetadata: .writeMetadata
+            case .dumping(let nextSlot): .dump(fromSlot: nextSlot)
+            case .commit: .commit
+            case .release: .release
+            case .finished, .failed: nil
             }
         }
     }
@@ -116,9 +116,9 @@ public final class Dumper: EngineActor {
                 guard let descriptor = transport.readableDescriptor else { return .waiting(.retryAfter(.microseconds(100))) }
                 return .waiting(.readable([descriptor], timeout: .milliseconds(5)))
             }
-            if let unsealed { return .ready("seal slots \(unsealed)") }
-            return .ready(state.description)
-        default: return .ready(state.description)
+            if let unsealed { return .ready(.dumper(.seal(slots: unsealed))) }
+            return state.step.map { .ready(.dumper($0)) } ?? .finished
+        default: return state.step.map { .ready(.dumper($0)) } ?? .finished
         }
     }
 

@@ -8,7 +8,7 @@ import Sys
 /// What an actor would do if asked now. Asking changes nothing.
 public enum NextAction: Equatable, Sendable {
     /// `perform()` will take this step.
-    case ready(String)
+    case ready(ActorStep)
     /// Nothing to do until the condition may have changed.
     case waiting(WaitCondition)
     case finished

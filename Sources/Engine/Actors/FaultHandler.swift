@@ -42,13 +42,13 @@ public final class FaultHandler: EngineActor {
     public func nextAction() -> NextAction {
         if finished { return .finished }
         guard let memory = lazy(), memory.isRunning else { return .waiting(.peer("restorer")) }
-        if memory.isComplete || Spawn.hasEnded(memory.targetProcessID) { return .ready("finish") }
+        if memory.isComplete || Spawn.hasEnded(memory.targetProcessID) { return .ready(.faultHandler(.finish)) }
         var descriptors = [memory.userfaultfd.descriptor]
         if let transport, !sourceGone, let descriptor = transport.readableDescriptor { descriptors.append(descriptor) }
         // A pending fault is servable once its page's mark is stored; until then serving it would be a
         // step that changes nothing (a scheduler that favours this actor then starves the dumper).
         if memory.userfaultfd.waitReadable(timeoutMilliseconds: 0) || transportHasData() || hasPendingDumped(memory) {
-            return .ready("serve")
+            return .ready(.faultHandler(.serve))
         }
         return .waiting(.readable(descriptors, timeout: .milliseconds(1)))
     }

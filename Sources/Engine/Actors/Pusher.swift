@@ -26,10 +26,10 @@ public final class Pusher: EngineActor {
     public func nextAction() -> NextAction {
         if finished { return .finished }
         guard let memory = lazy(), memory.isRunning else { return .waiting(.peer("restorer")) }
-        if memory.isComplete || Spawn.hasEnded(memory.targetProcessID) { return .ready("finish") }
-        guard let first = memory.firstMissing(from: 0) else { return .ready("finish") }
+        if memory.isComplete || Spawn.hasEnded(memory.targetProcessID) { return .ready(.pusher(.finish)) }
+        guard let first = memory.firstMissing(from: 0) else { return .ready(.pusher(.finish)) }
         // Restart the scan from the first hole: faults may have filled pages behind the cursor.
-        if memory.nextInstallableRun(from: min(cursor, first), limit: 1) != nil { return .ready("push") }
+        if memory.nextInstallableRun(from: min(cursor, first), limit: 1) != nil { return .ready(.pusher(.push)) }
         return .waiting(.retryAfter(.microseconds(200)))
     }
 

@@ -19,20 +19,20 @@ public enum RestoreMode: Sendable {
 }
 
 public final class Restorer: EngineActor {
-    private enum State: CustomStringConvertible {
+    private enum State {
         case waitingForImage, spawn, layout, installing(nextSlot: Int), eagerPages, restoreState, prepare, resume, finished, failed
-        var description: String {
+        /// The step this state takes (nil once it ended).
+        var step: RestorerStep? {
             switch self {
-            case .waitingForImage: "wait for image"
-            case .spawn: "spawn"
-            case .layout: "layout"
-            case .installing(let nextSlot): "install from slot \(nextSlot)"
-            case .eagerPages: "install pages the kernel touches"
-            case .restoreState: "restore state"
-            case .prepare: "prepare"
-            case .resume: "resume"
-            case .finished: "finished"
-            case .failed: "failed"
+            case .waitingForImage: .openImage
+            case .spawn: .spawn
+            case .layout: .layout
+            case .installing(let nextSlot): .install(fromSlot: nextSlot)
+            case .eagerPages: .installKernelTouchedPages
+            case .restoreState: .restoreState
+            case .prepare: .prepare
+            case .resume: .resume
+            case .finished, .failed: nil
             }
         }
     }
@@ -100,23 +100,25 @@ public final class Restorer: EngineActor {
         switch state {
         case .finished, .failed: return .finished
         case .waitingForImage:
-            if imageAvailable() { return .ready(state.description) }
-            if clock.now() > imageWait { return .ready("give up waiting for the image") }
+            if imageAvailable() { return .ready(.restorer(.openImage)) }
+            if clock.now() > imageWait { return .ready(.restorer(.giveUpWaiting)) }
             if case .lazyFromFAM(let transport) = mode, transport.waitReadable(timeoutMilliseconds: 0) {
-                return .ready("read the source's word before its image")
+                return .ready(.restorer(.readSourceWord))
             }
             return .waiting(.retryAfter(.microseconds(200)))
         case .spawn:
             if let spawnFirstTried, clock.now() - spawnFirstTried < .milliseconds(2) { return .waiting(.retryAfter(.microseconds(500))) }
-            return .ready(state.description)
+            return readyStep
         case .eagerPages:
             if case .lazyFromSocket(let transport) = mode, eagerRequested, !transport.waitReadable(timeoutMilliseconds: 0) {
                 return .waiting(.retryAfter(.microseconds(100)))
             }
-            return .ready(state.description)
-        default: return .ready(state.description)
+            return readyStep
+        default: return readyStep
         }
     }
+
+    private var readyStep: NextAction { state.step.map { .ready(.restorer($0)) } ?? .finished }
 
     public func perform() throws(EngineError) {
         do {
