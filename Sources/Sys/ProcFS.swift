@@ -36,6 +36,7 @@ public enum ProcFS {
         defer { close(descriptor) }
         var result: [UInt8] = []
         var chunk = [UInt8](repeating: 0, count: 65536)
+        // Ends at end of file (a /proc file is finite; a regular file, its size).
         while true {
             let count = try chunk.withUnsafeMutableBytes { (bytes) throws -> Int in
                 try retryingInterrupts("read(\(path))") { read(descriptor, bytes.baseAddress, bytes.count) }

@@ -136,6 +136,7 @@ public final class Tracee: @unchecked Sendable {
         var rounds = 0
         while !left.isEmpty && rounds < 100_000 {
             left = left.filter { thread in
+                // Ends when the thread has no stop left to report (each is resumed past) or ended.
                 while true {
                     let reason: StopReason?
                     do { reason = try thread.pollStop() } catch { return false }  // ECHILD: nothing left to report

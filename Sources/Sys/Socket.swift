@@ -239,6 +239,7 @@ public final class TCPSocket: @unchecked Sendable {
     /// waiting. Returns the byte count; 0 when the peer closed its side; nil when nothing is there now.
     public func receive(into buffer: inout [UInt8]) throws(SyscallError) -> Int? {
         precondition(!buffer.isEmpty, "receive into an empty buffer cannot tell data from end-of-stream")
+        // Repeats only on EINTR; ends at data, end of stream, EAGAIN or an error.
         while true {
             let result = buffer.withUnsafeMutableBytes { recv(descriptor, $0.baseAddress, $0.count, 0) }
             if result >= 0 { return result }
@@ -278,6 +279,7 @@ public final class TCPSocket: @unchecked Sendable {
     /// which the next call reports) is pending; false when the deadline passed.
     private func waitFor(events: Int16, until deadline: ContinuousClock.Instant?, call: String) throws(SyscallError) -> Bool {
         var poller = pollfd(fd: descriptor, events: events, revents: 0)
+        // Repeats only on EINTR, with the time left until the deadline.
         while true {
             let result = poll(&poller, 1, Self.remainingMilliseconds(until: deadline))
             if result > 0 { return true }

@@ -106,6 +106,7 @@ public enum Spawn {
     /// Waits for a child to end (EINTR retried).
     public static func waitForExit(_ processID: ProcessID) throws(SyscallError) -> ExitStatus {
         var status: Int32 = 0
+        // Ends when the child exits or is killed (stops of a traced child are waited past).
         while true {
             try retryingInterrupts("waitpid(\(processID))") { waitpid(processID.rawValue, &status, __WALL) }
             if status & 0x7f == 0 { return .exited((status >> 8) & 0xff) }

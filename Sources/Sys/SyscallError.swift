@@ -28,6 +28,7 @@ public struct SyscallError: Error, CustomStringConvertible, Equatable, Sendable 
 /// `body` returns a libc-style value: negative means failure with errno set.
 @discardableResult
 func retryingInterrupts<T: BinaryInteger>(_ call: String, _ body: () -> T) throws(SyscallError) -> T {
+    // Repeats only on EINTR; ends at anything else.
     while true {
         let result = body()
         if result >= 0 { return result }

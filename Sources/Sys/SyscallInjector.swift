@@ -65,6 +65,7 @@ public final class SyscallInjector: @unchecked Sendable {
         do {
             try tracee.setRegisters(registers)
             try tracee.resume()
+            // Ends at the trap after the injected syscall, or throws at any stop but a group-stop.
             while true {
                 let reason = try tracee.waitForStop()
                 switch reason {

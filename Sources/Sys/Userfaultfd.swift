@@ -108,6 +108,7 @@ public final class Userfaultfd: @unchecked Sendable {
     private func copyRaw(source: UInt64, to address: UInt64, byteCount: Int, dontWake: Bool) throws(SyscallError) -> CopyOutcome {
         var copy = uffdio_copy(dst: address, src: source, len: UInt64(byteCount),
                                mode: dontWake ? UInt64(UFFDIO_COPY_MODE_DONTWAKE) : 0, copy: 0)
+        // Repeats only on EINTR; ends at anything else.
         while true {
             if csys_ioctl_pointer(descriptor, CSYS_UFFDIO_COPY, &copy) == 0 { return .copied }
             let error = SyscallError.current("ioctl(UFFDIO_COPY, 0x\(String(address, radix: 16)), \(byteCount))")
@@ -123,6 +124,7 @@ public final class Userfaultfd: @unchecked Sendable {
     /// UFFDIO_ZEROPAGE: a page the victim never touched (it was not dumped) reads as zeros.
     public func zeroPage(at address: UInt64, dontWake: Bool) throws(SyscallError) -> CopyOutcome {
         var zero = uffdio_zeropage(range: uffdio_range(start: address, len: 4096), mode: dontWake ? UInt64(UFFDIO_ZEROPAGE_MODE_DONTWAKE) : 0, zeropage: 0)
+        // Repeats only on EINTR; ends at anything else.
         while true {
             if csys_ioctl_pointer(descriptor, CSYS_UFFDIO_ZEROPAGE, &zero) == 0 { return .copied }
             let error = SyscallError.current("ioctl(UFFDIO_ZEROPAGE, 0x\(String(address, radix: 16)))")
@@ -143,6 +145,7 @@ public final class Userfaultfd: @unchecked Sendable {
     /// The next pending fault or event, or nil when none is pending.
     public func nextMessage() throws(SyscallError) -> UserfaultMessage? {
         var message = uffd_msg()
+        // Repeats on EINTR and on message kinds that are skipped; ends at a message, EAGAIN or an error.
         while true {
             let count = read(descriptor, &message, MemoryLayout<uffd_msg>.size)
             if count == MemoryLayout<uffd_msg>.size {

@@ -120,6 +120,7 @@ final class TargetRunner: Participant, TargetGate, @unchecked Sendable {
         let clock = ContinuousClock()
         let start = clock.now
         var spins = 0
+        // Ends at the process's end, its quiet state, or after `runLimit` (a hang is an error).
         while true {
             if Spawn.hasEnded(processID) {
                 ended = true

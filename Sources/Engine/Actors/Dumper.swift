@@ -246,9 +246,13 @@ public final class Dumper: EngineActor {
 
     // MARK: Post-copy
 
+    /// At most this many frames are taken off the transport per step, so a peer that floods requests
+    /// cannot keep the dumper from its own work; the rest wait for the next step.
+    static let maximumFramesPerStep = 4096
+
     /// Takes the target's page requests off the transport (without waiting).
     private func receiveRequests(transport: any Transport) throws(EngineError) {
-        while true {
+        for _ in 0..<Self.maximumFramesPerStep {
             let message: Message?
             do { message = try transport.receive() } catch {
                 if targetDone { return }

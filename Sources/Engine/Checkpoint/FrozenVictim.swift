@@ -29,6 +29,8 @@ final class FrozenVictim {
         let victim = FrozenVictim(processID: processID, tracee: main)
         do {
             try stop(main, processID: processID)
+            // Ends when a listing finds no thread not yet stopped: a stopped thread creates none, so the
+            // rounds are bounded by the threads the victim can start before each one is seized.
             while true {
                 let known = Set(victim.tracees.map(\.processID))
                 let listed = try ProcFS.threadIDs(processID).filter { !known.contains($0) }

@@ -45,6 +45,7 @@ public final class ThreadedDriver: Sendable {
             let thread = Thread {
                 if let pin { Spawn.pin(cpu: pin) }
                 let actor = box.value
+                // Ends when the actor finishes or fails, or once any actor failed or the deadline passed.
                 while true {
                     if let error = shared.withLock({ $0.firstError }) {
                         actor.abort(reason: "\(error)")

@@ -2,6 +2,7 @@
 // encoded by the engine into one byte blob. The writer side is ours, so it asserts; the reader side
 // reads bytes that crossed a node boundary through FAM, so every length and count is checked against
 // what is left and against a limit, and a bad one throws `ImageError.malformedMetadata`, never traps.
+import Sys
 
 /// Appends little-endian values to a byte array.
 public struct BinaryWriter: Sendable {
@@ -41,7 +42,7 @@ public struct BinaryWriter: Sendable {
     }
 
     private mutating func appendLittleEndian<Value: FixedWidthInteger>(_ value: Value) {
-        withUnsafeBytes(of: value.littleEndian) { bytes.append(contentsOf: $0) }
+        LittleEndian.append(value, to: &bytes)
     }
 }
 

@@ -7,11 +7,7 @@
 // All of the cryptography is swift-crypto's: HKDF to derive sub-keys, HMAC-SHA256, and its
 // constant-time comparison of codes.
 import Crypto
-import Foundation
 import Sys
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// The secret of one migration: 32 random bytes. Who holds it can write images a target accepts, so it
 /// is exactly as trusted as the source node; it never goes into FAM.
@@ -27,15 +23,13 @@ public struct MigrationKey: Sendable {
         self.bytes = bytes
     }
 
-    /// A new key from the system's cryptographic random source. Only executables call this: the engine
-    /// itself never reads randomness (torture derives its keys from the seed).
+    /// A new key from the system's cryptographic random source (Swift's system generator is getrandom(2)
+    /// on Linux). Only executables call this: the engine itself never reads randomness (torture derives
+    /// its keys from the seed).
     public static func generate() -> MigrationKey {
-        MigrationKey(key: SymmetricKey(size: .bits256))
-    }
-
-    private init(key: SymmetricKey) {
-        precondition(key.bitCount == Self.byteCount * 8, "a migration key of \(key.bitCount) bits")
-        bytes = key.withUnsafeBytes { Array($0) }
+        var random = SystemRandomNumberGenerator()
+        // Exactly `byteCount` bytes, so the initializer cannot refuse them.
+        return try! MigrationKey(bytes: (0..<byteCount).map { _ in UInt8.random(in: .min ... .max, using: &random) })
     }
 
     /// A sub-key per purpose, so that a code made for one purpose never verifies for another (the
@@ -45,9 +39,12 @@ public struct MigrationKey: Sendable {
                                info: Array(purpose.utf8), outputByteCount: byteCount)
     }
 
-    /// Identifies the key without revealing it (an HKDF output of its own purpose): stored in the image
-    /// so that a reader with another key is told "wrong key", not "tampered".
-    public var identifier: [UInt8] { subkey("image key identifier", byteCount: ImageLayout.keyIdentifierByteCount).withUnsafeBytes { Array($0) } }
+    /// Identifies the key without revealing it (a code under a sub-key of its own purpose): stored in the
+    /// image so that a reader with another key is told "wrong key", not "tampered".
+    public var identifier: [UInt8] {
+        Array(HMAC<SHA256>.authenticationCode(for: Array("key identifier".utf8), using: subkey("image key identifier"))
+            .prefix(ImageLayout.keyIdentifierByteCount))
+    }
 }
 
 /// Who wrote the image: the source node's effective user and group and its permitted capabilities,
@@ -65,9 +62,9 @@ public struct ImageCreator: Equatable, Sendable {
 
     /// This process, as the kernel sees it now.
     public static func current() -> ImageCreator {
-        let status = (try? ProcFS.status(ProcessID(getpid()))) ?? [:]
-        let permitted = UInt64(status["CapPrm"] ?? "0", radix: 16) ?? 0
-        return ImageCreator(userID: geteuid(), groupID: getegid(), permittedCapabilities: permitted)
+        let identity = ProcessIdentity.current()
+        return ImageCreator(userID: identity.effectiveUserID, groupID: identity.effectiveGroupID,
+                            permittedCapabilities: identity.permittedCapabilities)
     }
 
     static let encodedByteCount = 16
@@ -108,16 +105,16 @@ public struct ImageCreator: Equatable, Sendable {
 /// Computes and checks the image's two codes. Every part is length-prefixed and the two codes use
 /// different labels, so no arrangement of bytes verifies as another.
 struct ImageAuthenticator: Sendable {
-    private let macKeyBytes: [UInt8]
+    private let key: MigrationKey
     let keyIdentifier: [UInt8]
 
     init(key: MigrationKey) {
-        macKeyBytes = key.subkey("image authentication").withUnsafeBytes { Array($0) }
+        self.key = key
         keyIdentifier = key.identifier
     }
 
     private func code(label: String, parts: [[UInt8]]) -> HashedAuthenticationCode<SHA256> {
-        var hmac = HMAC<SHA256>(key: SymmetricKey(data: macKeyBytes))
+        var hmac = HMAC<SHA256>(key: key.subkey("image authentication"))
         for part in [Array(label.utf8)] + parts {
             var length = BinaryWriter()
             length.writeUInt64(UInt64(part.count))

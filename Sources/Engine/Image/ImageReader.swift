@@ -101,9 +101,7 @@ public struct ImageReader: Sendable {
         }
         // One bulk little-endian load, not a reader call per entry: a 256 MiB image has 65,536 entries
         // and the target waits for them before it can start.
-        let words = pageTable.withUnsafeBytes { raw in
-            (0..<pageCount).map { UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: $0 * 8, as: UInt64.self)) }
-        }
+        let words = LittleEndian.words(pageTable, count: pageCount)
         var addresses: [UInt64] = []
         addresses.reserveCapacity(pageCount)
         for slot in 0..<pageCount {

@@ -412,6 +412,7 @@ final class TargetProcess {
             }
             let threadTracee = try Tracee.seize(created)
             try threadTracee.interrupt()
+            // Ends at the seize's event stop or the thread's death; other stops are resumed past.
             while true {
                 let reason = try threadTracee.waitForStop()
                 if case .event(Tracee.eventStop, _) = reason { break }
@@ -489,6 +490,6 @@ final class TargetProcess {
 
 extension Array where Element == UInt8 {
     mutating func appendLittleEndian<T: FixedWidthInteger>(_ value: T) {
-        Swift.withUnsafeBytes(of: value.littleEndian) { append(contentsOf: $0) }
+        LittleEndian.append(value, to: &self)
     }
 }
