@@ -118,7 +118,15 @@ public final class Campaign: Sendable {
                 found.append("descriptors left open: \(leakedDescriptors.sorted().map { "\($0) → \((try? ProcFS.readLink("/proc/self/fd/\($0)")) ?? "?")" })")
             }
             let children = Set(Self.ownChildren()).subtracting(childrenBefore)
-            if !children.isEmpty { found.append("processes left behind: \(children.sorted())") }
+            if !children.isEmpty {
+                // Who they are, so the leak can be traced to the part that started them.
+                found.append("processes left behind: " + children.sorted().map { child in
+                    let commandLine = ((try? ProcFS.readFile("/proc/\(child)/cmdline")) ?? []).split(separator: 0)
+                        .map { String(decoding: $0, as: UTF8.self) }.joined(separator: " ")
+                    let state = (try? ProcFS.statFields(ProcessID(rawValue: Int32(child) ?? 0)))?[3] ?? "?"
+                    return "\(child) (\(commandLine.isEmpty ? "?" : commandLine), state \(state))"
+                }.joined(separator: ", "))
+            }
             if ledger.liveModelCount > 0 { found.append("\(ledger.liveModelCount) model FAMs still mapped") }
             leakList.withLock { $0 = found }
         }

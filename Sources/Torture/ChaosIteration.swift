@@ -71,12 +71,9 @@ public struct ChaosIteration {
 
         var transports: [any Transport] = []
         defer { transports.forEach { $0.close() } }
-        let dumpMode: DumpMode
-        let restoreMode: RestoreMode
-        if scenario.mode == .nonlive {
-            dumpMode = .nonlive
-            restoreMode = .eager
-        } else {
+        var source: (any Transport)?
+        var target: (any Transport)?
+        if scenario.mode.isPostcopy {
             let listener = try TCPTransport.listen(on: Endpoint(host: "127.0.0.1", port: 0))
             defer { listener.close() }
             let targetSide = try TCPTransport.connect(to: listener.endpoint, timeoutMilliseconds: 5000)
@@ -85,37 +82,20 @@ public struct ChaosIteration {
                 throw TortureError.environment("the chaos target's connection never reached the source")
             }
             transports.append(sourceSide)
-            let source = ChaoticTransport(sourceSide, perturbation: perturbation)
-            let target = ChaoticTransport(targetSide, perturbation: perturbation)
+            source = ChaoticTransport(sourceSide, perturbation: perturbation)
+            target = ChaoticTransport(targetSide, perturbation: perturbation)
             oracles.expectLazyPages()
-            if scenario.mode == .postcopyFAM {
-                dumpMode = .postcopyFAM(transport: source)
-                restoreMode = .lazyFromFAM(transport: target)
-            } else {
-                dumpMode = .postcopySocket(transport: source, push: scenario.push)
-                restoreMode = .lazyFromSocket(transport: target)
-            }
         }
-        let generation = scenario.seed | 1
         let key = MigrationKey.forIteration(seed: scenario.seed)
-        let dumper = Dumper(victim: victim, makeBackend: makeBackend, generation: generation, key: key, release: .kill,
-                            batchPageCount: scenario.batchPageCount, observer: oracles, clock: monotonic, timeline: timeline,
-                            logger: logger, mode: dumpMode)
-        let restorer = Restorer(openBackend: openBackend, key: key, stubPath: environment.stubPath, batchPageCount: scenario.batchPageCount,
-                                observer: oracles, clock: monotonic, timeline: timeline, logger: logger, pidNamespace: .fresh,
-                                mode: restoreMode, gate: gate, imageWait: .seconds(30))
-        var actors: [any EngineActor] = [dumper, restorer]
-        if case .lazyFromFAM(let transport) = restoreMode {
-            actors.append(FaultHandler(lazy: { restorer.lazyMemory }, transport: transport, generation: generation, clock: monotonic,
-                                       timeline: timeline, metrics: metrics, logger: logger))
-            if scenario.push {
-                actors.append(Pusher(lazy: { restorer.lazyMemory }, batchPageCount: scenario.batchPageCount, clock: monotonic,
-                                     metrics: metrics, logger: logger))
-            }
-        } else if case .lazyFromSocket(let transport) = restoreMode {
-            actors.append(FaultHandler(lazy: { restorer.lazyMemory }, transport: transport, generation: generation, clock: monotonic,
-                                       timeline: timeline, metrics: metrics, logger: logger))
-        }
+        let plan = MigrationPlan(mode: scenario.mode, push: scenario.push, generation: scenario.seed | 1, key: key,
+                                 batchPageCount: scenario.batchPageCount)
+        let sourceNode = try Migration.source(plan, victim: victim, ports: SourcePorts(
+            makeBackend: makeBackend, transport: source, observer: oracles, clock: monotonic, timeline: timeline, logger: logger))
+        let targetNode = try Migration.target(plan, ports: TargetPorts(
+            openBackend: openBackend, transport: target, stubPath: environment.stubPath, observer: oracles, clock: monotonic,
+            timeline: timeline, metrics: metrics, logger: logger, pidNamespace: .fresh, gate: gate, imageWait: .seconds(30)))
+        let restorer = targetNode.restorer
+        let actors = sourceNode.actors + targetNode.actors
 
         var failures: [String] = []
         do {

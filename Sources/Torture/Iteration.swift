@@ -214,43 +214,24 @@ public struct Iteration {
         let openBackend: () throws(ImageError) -> (any FAMBackend)? = { box.model?.targetNode }
 
         let link: MemoryLink? = scenario.mode == .nonlive ? nil : MemoryLink()
-        let dumpMode: DumpMode
-        let restoreMode: RestoreMode
-        switch scenario.mode {
-        case .nonlive:
-            dumpMode = .nonlive
-            restoreMode = .eager
-        case .postcopyFAM:
-            dumpMode = .postcopyFAM(transport: link!.source)
-            restoreMode = .lazyFromFAM(transport: link!.target)
-            observer.oracles.expectLazyPages()
-        case .postcopySocket:
-            dumpMode = .postcopySocket(transport: link!.source, push: scenario.push)
-            restoreMode = .lazyFromSocket(transport: link!.target)
-            observer.oracles.expectLazyPages()
-        }
+        if scenario.mode.isPostcopy { observer.oracles.expectLazyPages() }
         let key = MigrationKey.forIteration(seed: scenario.seed)
-        let dumper = Dumper(victim: victim, makeBackend: makeBackend, generation: generation, key: key, release: .kill,
-                            batchPageCount: scenario.batchPageCount, observer: observer, clock: virtualClock,
-                            timeline: timeline, logger: logger, mode: dumpMode)
-        let restorer = Restorer(openBackend: openBackend, key: key, stubPath: environment.stubPath, batchPageCount: scenario.batchPageCount,
-                                observer: observer, clock: virtualClock, timeline: timeline, logger: logger,
-                                processIDWait: .milliseconds(50), pidNamespace: .fresh, mode: restoreMode, gate: runner,
-                                imageWait: .milliseconds(50))
+        let plan = MigrationPlan(mode: scenario.mode, push: scenario.push, generation: generation, key: key,
+                                 batchPageCount: scenario.batchPageCount)
+        let dumper = try Migration.source(plan, victim: victim, ports: SourcePorts(
+            makeBackend: makeBackend, transport: link?.source, observer: observer, clock: virtualClock, timeline: timeline,
+            logger: logger)).dumper
+        let target = try Migration.target(plan, ports: TargetPorts(
+            openBackend: openBackend, transport: link?.target, stubPath: environment.stubPath, observer: observer, clock: virtualClock,
+            timeline: timeline, metrics: metrics, logger: logger, pidNamespace: .fresh, gate: runner,
+            processIDWait: .milliseconds(50), imageWait: .milliseconds(50)))
+        let restorer = target.restorer
         let dumperParticipant = EngineParticipant(dumper, actor: .dumper, notes: observer.notes)
         var participants: [Participant] = [dumperParticipant, EngineParticipant(restorer, actor: .restorer, notes: observer.notes)]
-        if let link {
-            participants.append(EngineParticipant(
-                FaultHandler(lazy: { restorer.lazyMemory }, transport: link.target, generation: generation, clock: virtualClock,
-                             timeline: timeline, metrics: metrics, logger: logger),
-                actor: .faultHandler, notes: observer.notes))
-            if scenario.mode == .postcopyFAM && scenario.push {
-                participants.append(EngineParticipant(
-                    Pusher(lazy: { restorer.lazyMemory }, batchPageCount: scenario.batchPageCount, clock: virtualClock,
-                           metrics: metrics, logger: logger),
-                    actor: .pusher, notes: observer.notes))
-            }
+        if let faultHandler = target.faultHandler {
+            participants.append(EngineParticipant(faultHandler, actor: .faultHandler, notes: observer.notes))
         }
+        if let pusher = target.pusher { participants.append(EngineParticipant(pusher, actor: .pusher, notes: observer.notes)) }
         participants.append(runner)
         if let link { participants.append(LinkParticipant(link: link)) }
         if scenario.mode != .postcopySocket { participants.append(FabricParticipant(model: { box.model })) }

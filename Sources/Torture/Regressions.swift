@@ -1,6 +1,7 @@
 // Why this file exists: every failing seed ever found stays found. A committed file lists them (seed,
 // filters, what is expected of it, why it is there); a campaign replays them first, so a bug that comes
 // back fails the gate on its own seed before any new schedule is tried (Hypothesis' example database).
+import Engine
 
 /// What a regression seed must do.
 public enum RegressionExpectation: String, Sendable, Codable {
@@ -86,7 +87,7 @@ public enum Regressions {
         while index < words.count {
             let option = words[index]
             switch option {
-            case "--mode": filter.modes = try list(option, TortureMode.init)
+            case "--mode": filter.modes = try list(option, MigrationMode.init)
             case "--program": filter.programs = try list(option) { ProgramSpec.named($0)?.name }
             case "--strategy": filter.strategies = try list(option, StrategyName.init)
             case "--push": filter.push = try onOrOff(option)

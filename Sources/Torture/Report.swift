@@ -1,5 +1,6 @@
 // Why this file exists: what a campaign tells people and CI: one line per iteration, the replay command
 // of every failure, a summary with iterations per second by mode, and JSON / JUnit files.
+import Engine
 import Foundation
 
 public enum Report {
@@ -31,7 +32,7 @@ public enum Report {
         let errors = results.filter { $0.environmentError != nil }.count
         var lines = [String(format: "%d iterations in %.1f s (%.1f per second): %d passed, %d failed, %d environment errors",
                             results.count, seconds, Double(results.count) / max(seconds, 0.001), passed, failed, errors)]
-        for mode in TortureMode.allCases {
+        for mode in MigrationMode.allCases {
             let ofMode = results.filter { $0.scenario.mode == mode }
             guard !ofMode.isEmpty else { continue }
             let busy = ofMode.reduce(0) { $0 + $1.milliseconds } / 1000

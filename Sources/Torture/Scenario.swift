@@ -3,13 +3,6 @@
 // and the nemesis plan. Shrinking replaces parts of it by overrides that the replay command spells out.
 import Engine
 
-/// The migration modes torture mixes.
-public enum TortureMode: String, Sendable, CaseIterable, Codable {
-    case nonlive
-    case postcopySocket = "postcopy-socket"
-    case postcopyFAM = "postcopy-fam"
-}
-
 /// A test program and how torture sizes it. Level 0 is the smallest run that still exercises its state.
 public struct ProgramSpec: Sendable {
     public var name: String
@@ -93,7 +86,7 @@ public enum KillPoint: String, Sendable, Codable, Equatable {
 
 /// What a campaign restricts, and what a shrunk replay overrides.
 public struct ScenarioFilter: Sendable, Codable, Equatable {
-    public var modes: [TortureMode]?
+    public var modes: [MigrationMode]?
     public var programs: [String]?
     public var strategies: [StrategyName]?
     public var push: Bool?
@@ -109,7 +102,7 @@ public struct ScenarioFilter: Sendable, Codable, Equatable {
     /// deterministic driver: the seed then names the perturbations, not the interleaving.
     public var chaos = false
 
-    public init(modes: [TortureMode]? = nil, programs: [String]? = nil, strategies: [StrategyName]? = nil, push: Bool? = nil) {
+    public init(modes: [MigrationMode]? = nil, programs: [String]? = nil, strategies: [StrategyName]? = nil, push: Bool? = nil) {
         self.modes = modes
         self.programs = programs
         self.strategies = strategies
@@ -136,7 +129,7 @@ public struct ScenarioFilter: Sendable, Codable, Equatable {
 /// Everything one iteration does, derived from its seed.
 public struct Scenario: Sendable, Codable, Equatable {
     public var seed: UInt64
-    public var mode: TortureMode
+    public var mode: MigrationMode
     public var push: Bool
     public var program: String
     public var binary: String
@@ -159,7 +152,7 @@ public struct Scenario: Sendable, Codable, Equatable {
 
     public static func make(seed: UInt64, filter: ScenarioFilter) -> Scenario {
         var rng = SeededGenerator(seed: seed ^ 0x5343_454E_4152_494F)
-        let modes = filter.modes ?? TortureMode.allCases
+        let modes = filter.modes ?? MigrationMode.allCases
         let mode = modes[rng.below(modes.count)]
         let push = filter.push ?? rng.chance(1, in: 2)
         let programs = (filter.programs ?? ProgramSpec.catalog.map(\.name)).compactMap(ProgramSpec.named)

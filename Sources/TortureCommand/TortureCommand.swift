@@ -1,6 +1,7 @@
 // `torture`: the whole engine under seeded adversarial schedules (DESIGN.md §4), the CI correctness gate.
 // Exit 0: every iteration passed; 1: an oracle failed; 2: usage or environment error.
 import ArgumentParser
+import Engine
 import Foundation
 import Sys
 import Torture
@@ -41,8 +42,8 @@ struct TortureCommand: ParsableCommand {
     @Flag(help: "Print the schedule step by step (with --replay).")
     var trace = false
 
-    @Option(help: "Only these modes (comma-separated: nonlive, postcopy-socket, postcopy-fam).", transform: { try parseList($0, TortureMode.init) })
-    var mode: [TortureMode]?
+    @Option(help: "Only these modes (comma-separated: nonlive, postcopy-socket, postcopy-fam).", transform: { try parseList($0, MigrationMode.init) })
+    var mode: [MigrationMode]?
 
     @Option(help: "Only these programs (comma-separated: \(ProgramSpec.catalog.map(\.name).joined(separator: ", "))).", transform: { try parseList($0) { ProgramSpec.named($0)?.name } })
     var program: [String]?

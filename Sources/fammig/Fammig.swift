@@ -115,11 +115,11 @@ struct Checkpoint: ParsableCommand {
         if ProcFS.exists(fam) { throw fail("\(fam) already exists; pass a new path or remove it.", code: 2) }
         let key = try KeyFile.create(path: keyFile)
         let timeline = MigrationTimeline()
-        let dumper = Dumper(victim: ProcessID(pid), makeBackend: makeRealBackend(path: fam), generation: 1, key: key,
-                            release: leaveRunning ? .leaveRunning : .kill, observer: nil, clock: MonotonicClock(),
-                            timeline: timeline, logger: logger)
+        let source = try Migration.source(MigrationPlan(mode: .nonlive, key: key), victim: ProcessID(pid), ports: SourcePorts(
+            makeBackend: makeRealBackend(path: fam), transport: nil, observer: nil, clock: MonotonicClock(), timeline: timeline,
+            logger: logger, release: leaveRunning ? .leaveRunning : .kill))
         do {
-            try ThreadedDriver(logger: logger, pinToCPU: 0).run([dumper])
+            try ThreadedDriver(logger: logger, pinToCPU: 0).run(source.actors)
         } catch {
             _ = try? SharedMapping.remove(path: fam)
             try? FileManager.default.removeItem(atPath: keyFile)
@@ -150,12 +150,14 @@ struct Restore: ParsableCommand {
         let key = try KeyFile.read(path: keyFile)
         let timeline = MigrationTimeline()
         let oracles = MigrationOracles()
-        let restorer = Restorer(openBackend: openRealBackend(path: fam), key: key, stubPath: try stubPath(), observer: oracles,
-                                clock: MonotonicClock(), timeline: timeline, logger: logger, processIDWait: .seconds(2))
+        let target = try Migration.target(MigrationPlan(mode: .nonlive, key: key), ports: TargetPorts(
+            openBackend: openRealBackend(path: fam), transport: nil, stubPath: try stubPath(), observer: oracles, clock: MonotonicClock(),
+            timeline: timeline, logger: logger, processIDWait: .seconds(2)))
+        let restorer = target.restorer
         do {
             // An image that is not committed is an error here, not something to wait for.
             _ = try ImageReader.open(backend: RealFAM.openTrusted(path: fam), key: key, requireComplete: true)
-            try ThreadedDriver(logger: logger, pinToCPU: 0).run([restorer])
+            try ThreadedDriver(logger: logger, pinToCPU: 0).run(target.actors)
         } catch let error as ImageError {
             throw fail("\(error)", code: 2)
         } catch let error as EngineError {

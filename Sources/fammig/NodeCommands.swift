@@ -8,11 +8,6 @@ import Logging
 import Oracles
 import Sys
 
-enum PostcopyMode: String, ExpressibleByArgument, CaseIterable {
-    case postcopySocket = "postcopy-socket"
-    case postcopyFAM = "postcopy-fam"
-}
-
 /// Kills this process at a point of the source's protocol: how tests show what a dead source leaves.
 final class SourceNemesis: MigrationObserver, @unchecked Sendable {
     enum Moment: String, ExpressibleByArgument, CaseIterable { case beforeCommit = "before-commit", afterCommit = "after-commit" }
@@ -32,8 +27,8 @@ struct Source: ParsableCommand {
     @Option(help: "The PID of the process to migrate.")
     var pid: Int32
 
-    @Option(help: "The migration mode.")
-    var mode: PostcopyMode
+    @Option(help: "The migration mode: postcopy-socket or postcopy-fam (nonlive is `checkpoint` and `restore`).")
+    var mode: MigrationMode
 
     @Option(help: "The FAM image file to create (postcopy-fam; it must not exist).")
     var fam: String?
@@ -56,6 +51,7 @@ struct Source: ParsableCommand {
     @OptionGroup var common: CommonOptions
 
     func validate() throws {
+        if mode == .nonlive { throw ValidationError("the node commands migrate post-copy; a nonlive migration is `fammig checkpoint` then `fammig restore`.") }
         if mode == .postcopyFAM && fam == nil { throw ValidationError("postcopy-fam needs --fam PATH, the FAM file both nodes map.") }
         if mode == .postcopyFAM && keyFile == nil { throw ValidationError("postcopy-fam needs --key-file PATH, where to write the migration's new key.") }
         if let fam, ProcFS.exists(fam) { throw ValidationError("\(fam) already exists; pass a new path or remove it.") }
@@ -86,12 +82,12 @@ struct Source: ParsableCommand {
         defer { transport.close() }
         let timeline = MigrationTimeline()
         let famPath = fam ?? ""
-        let dumpMode: DumpMode = mode == .postcopyFAM ? .postcopyFAM(transport: transport) : .postcopySocket(transport: transport, push: push == .on)
-        let dumper = Dumper(victim: ProcessID(pid), makeBackend: makeRealBackend(path: famPath), generation: 1, key: key, release: .kill,
-                            observer: dieAt.map { SourceNemesis(moment: $0) }, clock: MonotonicClock(), timeline: timeline,
-                            logger: logger, mode: dumpMode)
+        let source = try Migration.source(MigrationPlan(mode: mode, push: push == .on, key: key), victim: ProcessID(pid),
+                                           ports: SourcePorts(makeBackend: makeRealBackend(path: famPath), transport: transport,
+                                                              observer: dieAt.map { SourceNemesis(moment: $0) }, clock: MonotonicClock(),
+                                                              timeline: timeline, logger: logger))
         do {
-            try ThreadedDriver(logger: logger).run([dumper])
+            try ThreadedDriver(logger: logger).run(source.actors)
         } catch {
             try? transport.send(.abort(reason: "\(error)"))
             if let fam { _ = try? SharedMapping.remove(path: fam) }
@@ -107,8 +103,8 @@ struct Target: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "The target node of a post-copy migration: connect to the source, restore the process, serve its faults.")
 
-    @Option(help: "The migration mode (the source's).")
-    var mode: PostcopyMode
+    @Option(help: "The migration mode (the source's): postcopy-socket or postcopy-fam.")
+    var mode: MigrationMode
 
     @Option(help: "The FAM image file the source writes (postcopy-fam).")
     var fam: String?
@@ -133,6 +129,7 @@ struct Target: ParsableCommand {
     enum PIDNamespaceChoice: String, ExpressibleByArgument, CaseIterable { case shared, fresh }
 
     func validate() throws {
+        if mode == .nonlive { throw ValidationError("the node commands migrate post-copy; a nonlive migration is `fammig checkpoint` then `fammig restore`.") }
         if mode == .postcopyFAM && fam == nil { throw ValidationError("postcopy-fam needs --fam PATH, the FAM file the source writes.") }
         if mode == .postcopyFAM && keyFile == nil { throw ValidationError("postcopy-fam needs --key-file PATH, the key file the source wrote.") }
         do { _ = try Endpoint(parsing: connect) } catch { throw ValidationError("--connect: \(error)") }
@@ -152,20 +149,16 @@ struct Target: ParsableCommand {
         let timeline = MigrationTimeline()
         let metrics = FaultMetrics()
         let clock = MonotonicClock()
-        let restoreMode: RestoreMode = mode == .postcopyFAM ? .lazyFromFAM(transport: transport) : .lazyFromSocket(transport: transport)
         let oracles = MigrationOracles()
         oracles.expectLazyPages()
-        let restorer = Restorer(openBackend: openRealBackend(path: fam ?? "/nonexistent"), key: key, stubPath: try stubPath(), observer: oracles,
-                                clock: clock, timeline: timeline, logger: logger,
-                                pidNamespace: pidNamespace == .fresh ? .fresh : .shared, mode: restoreMode)
-        let faultHandler = FaultHandler(lazy: { restorer.lazyMemory }, transport: transport, generation: 1, clock: clock,
-                                        timeline: timeline, metrics: metrics, logger: logger)
-        var actors: [any EngineActor] = [restorer, faultHandler]
-        if mode == .postcopyFAM && push == .on {
-            actors.append(Pusher(lazy: { restorer.lazyMemory }, clock: clock, metrics: metrics, logger: logger))
-        }
+        let target = try Migration.target(MigrationPlan(mode: mode, push: push == .on, key: key),
+                                          ports: TargetPorts(openBackend: openRealBackend(path: fam ?? "/nonexistent"), transport: transport,
+                                                             stubPath: try stubPath(), observer: oracles, clock: clock,
+                                                             timeline: timeline, metrics: metrics, logger: logger,
+                                                             pidNamespace: pidNamespace == .fresh ? .fresh : .shared))
+        let restorer = target.restorer
         do {
-            try ThreadedDriver(logger: logger).run(actors)
+            try ThreadedDriver(logger: logger).run(target.actors)
         } catch {
             if let restored = restorer.restoredProcessID { Spawn.kill(restored); _ = try? Spawn.waitForExit(restored) }
             throw engineFailure(error)

@@ -21,13 +21,18 @@ struct Nodes {
         let pidNamespace: PIDNamespace = separateNodes ? .fresh : .shared
         // Both nodes live in this process: the key never leaves its memory.
         let key = MigrationKey.generate()
-        guard mode != .nonlive else {
-            let dumper = Dumper(victim: victim, makeBackend: makeRealBackend(path: famPath), generation: 1, key: key, release: .kill,
-                                observer: oracles, clock: clock, timeline: timeline, logger: logger)
-            let restorer = Restorer(openBackend: openRealBackend(path: famPath), key: key, stubPath: stubPath, observer: oracles,
-                                    clock: clock, timeline: timeline, logger: logger, pidNamespace: pidNamespace)
-            return Nodes(actors: [dumper, restorer], restorer: restorer, transports: [])
+        let plan = MigrationPlan(mode: mode, push: push, key: key)
+        func nodes(source: (any Transport)?, target: (any Transport)?) throws -> Nodes {
+            let sourceNode = try Migration.source(plan, victim: victim, ports: SourcePorts(
+                makeBackend: makeRealBackend(path: famPath), transport: source, observer: oracles, clock: clock, timeline: timeline,
+                logger: logger))
+            let targetNode = try Migration.target(plan, ports: TargetPorts(
+                openBackend: openRealBackend(path: famPath), transport: target, stubPath: stubPath, observer: oracles, clock: clock,
+                timeline: timeline, metrics: metrics, logger: logger, pidNamespace: pidNamespace))
+            return Nodes(actors: sourceNode.actors + targetNode.actors, restorer: targetNode.restorer,
+                         transports: [source, target].compactMap { $0 })
         }
+        guard mode.isPostcopy else { return try nodes(source: nil, target: nil) }
         // With a node network, each side's socket lives in its node's network namespace: the connection
         // crosses a veth pair between two separate network stacks.
         let listener = try network.map { network in
@@ -42,18 +47,6 @@ struct Nodes {
             throw EngineError.timedOut("the target's connection never arrived at the source")
         }
         oracles?.expectLazyPages()
-        let dumpMode: DumpMode = mode == .postcopyFAM ? .postcopyFAM(transport: sourceSide) : .postcopySocket(transport: sourceSide, push: push)
-        let restoreMode: RestoreMode = mode == .postcopyFAM ? .lazyFromFAM(transport: targetSide) : .lazyFromSocket(transport: targetSide)
-        let dumper = Dumper(victim: victim, makeBackend: makeRealBackend(path: famPath), generation: 1, key: key, release: .kill,
-                            observer: oracles, clock: clock, timeline: timeline, logger: logger, mode: dumpMode)
-        let restorer = Restorer(openBackend: openRealBackend(path: famPath), key: key, stubPath: stubPath, observer: oracles,
-                                clock: clock, timeline: timeline, logger: logger, pidNamespace: pidNamespace, mode: restoreMode)
-        let faultHandler = FaultHandler(lazy: { restorer.lazyMemory }, transport: targetSide, generation: 1, clock: clock,
-                                        timeline: timeline, metrics: metrics, logger: logger)
-        var actors: [any EngineActor] = [dumper, restorer, faultHandler]
-        if mode == .postcopyFAM && push {
-            actors.append(Pusher(lazy: { restorer.lazyMemory }, clock: clock, metrics: metrics, logger: logger))
-        }
-        return Nodes(actors: actors, restorer: restorer, transports: [sourceSide, targetSide])
+        return try nodes(source: sourceSide, target: targetSide)
     }
 }

@@ -7,11 +7,7 @@ import Logging
 import Oracles
 import Sys
 
-enum MigrationMode: String, ExpressibleByArgument, CaseIterable, Codable {
-    case nonlive
-    case postcopySocket = "postcopy-socket"
-    case postcopyFAM = "postcopy-fam"
-}
+extension MigrationMode: ExpressibleByArgument {}
 
 enum Switch: String, ExpressibleByArgument, CaseIterable, Codable {
     case on, off

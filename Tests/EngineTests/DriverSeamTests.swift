@@ -34,16 +34,16 @@ extension ProcessTests {
             let timeline = MigrationTimeline()
             let oracles = MigrationOracles()
             let logger = Logger(label: "seam")
-            let dumper = Dumper(
-                victim: victim,
+            let plan = MigrationPlan(mode: .nonlive, generation: seed, key: testKey, batchPageCount: 64)
+            let dumper = try Migration.source(plan, victim: victim, ports: SourcePorts(
                 makeBackend: { (byteCount) throws(ImageError) in try RealFAM.create(path: famPath, byteCount: byteCount, prefault: true) },
-                generation: seed, key: testKey, release: .kill, batchPageCount: 64, observer: oracles, clock: clock, timeline: timeline, logger: logger)
-            let restorer = Restorer(
+                transport: nil, observer: oracles, clock: clock, timeline: timeline, logger: logger)).dumper
+            let restorer = try Migration.target(plan, ports: TargetPorts(
                 openBackend: { () throws(ImageError) -> (any FAMBackend)? in
                     ProcFS.exists(famPath) ? try RealFAM.open(path: famPath, writable: false) : nil
                 },
-                key: testKey, stubPath: try TestPaths.fammig(), batchPageCount: 64, observer: oracles, clock: clock, timeline: timeline,
-                logger: logger, processIDWait: .seconds(60))
+                transport: nil, stubPath: try TestPaths.fammig(), observer: oracles, clock: clock, timeline: timeline,
+                logger: logger, processIDWait: .seconds(60))).restorer
             let notes = StepNotes()
             var rng = SeededGenerator(seed: seed)
             let driver = DeterministicDriver(participants: [EngineParticipant(dumper, actor: .dumper, notes: notes),

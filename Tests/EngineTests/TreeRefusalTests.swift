@@ -98,10 +98,10 @@ extension ProcessTests {
             usleep(200_000)
             let famPath = "/dev/shm/fammig-refusal-\(getpid()).img"
             defer { _ = try? SharedMapping.remove(path: famPath) }
-            let dumper = Dumper(victim: victim.processID,
-                                makeBackend: { (byteCount) throws(ImageError) in try RealFAM.create(path: famPath, byteCount: byteCount, prefault: false) },
-                                generation: 1, key: testKey, release: .kill, observer: RefusingObserver(), clock: MonotonicClock(),
-                                timeline: MigrationTimeline(), logger: Logger(label: "refusal"))
+            let dumper = try Migration.source(MigrationPlan(mode: .nonlive, key: testKey), victim: victim.processID, ports: SourcePorts(
+                makeBackend: { (byteCount) throws(ImageError) in try RealFAM.create(path: famPath, byteCount: byteCount, prefault: false) },
+                transport: nil, observer: RefusingObserver(), clock: MonotonicClock(), timeline: MigrationTimeline(),
+                logger: Logger(label: "refusal"))).dumper
             #expect(throws: EngineError.self) { try ThreadedDriver(logger: Logger(label: "refusal")).run([dumper]) }
             #expect(dumper.checkpointedState != nil, "the refusal came before the freeze")
             #expect(untouchedProblem(victim.processID) == nil, "\(untouchedProblem(victim.processID) ?? "")")

@@ -21,7 +21,7 @@ extension ProcessSpawningTortureTests {
             for result in results where !result.passed {
                 Issue.record("\(Report.failureText(result, filter: options.filter))")
             }
-            #expect(Set(results.map(\.scenario.mode)) == Set(TortureMode.allCases))
+            #expect(Set(results.map(\.scenario.mode)) == Set(MigrationMode.allCases))
             // The target really ran under the driver: post-copy iterations took faults and steps.
             #expect(results.filter { $0.scenario.mode != .nonlive && $0.killedAt == nil }.allSatisfy { $0.stepCount > 10 })
             #expect(campaign.ledger.liveModelCount == 0)
@@ -32,11 +32,11 @@ extension ProcessSpawningTortureTests {
         @Test func replayingASeedGivesTheSameScheduleAndTraceHash() throws {
             let options = try TorturePaths.campaignOptions(seed: 5, iterations: 1, filter: ScenarioFilter())
             let campaign = Campaign(options: options)
-            for mode in TortureMode.allCases {
+            for mode in MigrationMode.allCases {
                 // Single-threaded programs: the threads of a multi-threaded one race each other in the kernel.
                 let filter = ScenarioFilter(modes: [mode], programs: ["memwalk", "signals", "sleeper", "seccomp", "caps"],
                                             strategies: [.racingFaults])
-                let first = campaign.runOne(seed: 0xF00D + UInt64(TortureMode.allCases.firstIndex(of: mode)!), filter: filter, keepTrace: true)
+                let first = campaign.runOne(seed: 0xF00D + UInt64(MigrationMode.allCases.firstIndex(of: mode)!), filter: filter, keepTrace: true)
                 let second = campaign.runOne(seed: first.scenario.seed, filter: filter, keepTrace: true)
                 #expect(first.passed, "\(Report.failureText(first, filter: filter))")
                 #expect(first.traceHash == second.traceHash)

@@ -15,7 +15,7 @@ import Testing
 
     @Test func campaignsMixEveryModeProgramAndStrategy() {
         let scenarios = (0..<400).map { Scenario.make(seed: Scenario.iterationSeed(campaignSeed: 1, index: $0), filter: ScenarioFilter()) }
-        #expect(Set(scenarios.map(\.mode)) == Set(TortureMode.allCases))
+        #expect(Set(scenarios.map(\.mode)) == Set(MigrationMode.allCases))
         #expect(Set(scenarios.map(\.program)) == Set(ProgramSpec.catalog.map(\.name)))
         #expect(Set(scenarios.map(\.strategy)) == Set(StrategyName.allCases))
         #expect(scenarios.contains { $0.kill != nil } && scenarios.contains { $0.kill == nil })
