@@ -1,7 +1,6 @@
 // The production driver: each actor on its own OS thread (ptrace answers only the thread that attached),
 // blocking or sleeping on what the actor says it waits for. The first failure aborts every actor, each on
 // its own thread.
-import Foundation
 import Logging
 import Synchronization
 import Sys
@@ -31,69 +30,72 @@ public final class ThreadedDriver: Sendable {
         var finishedCount = 0
     }
 
-    /// Runs the actors to completion; throws the first error any of them threw.
+    /// Runs the actors to completion; throws the first error any of them threw. Returns only once every
+    /// actor's thread has returned and let go of its actor, so nothing an actor owns outlives the run.
     public func run(_ actors: [any EngineActor]) throws(EngineError) {
         let shared = Mutex(Shared())
-        let done = DispatchSemaphore(value: 0)
         let clock = ContinuousClock()
         let start = clock.now
+        var threads: [OSThread] = []
         for actor in actors {
             let box = UncheckedBox(actor)
             let logger = self.logger
             let deadline = self.deadline
             let pin = self.pinToCPU
-            let thread = Thread {
-                if let pin { Spawn.pin(cpu: pin) }
-                let actor = box.value
-                // Ends when the actor finishes or fails, or once any actor failed or the deadline passed.
-                while true {
-                    if let error = shared.withLock({ $0.firstError }) {
-                        actor.abort(reason: "\(error)")
-                        break
-                    }
-                    if clock.now - start > deadline {
-                        shared.withLock { if $0.firstError == nil { $0.firstError = .timedOut("\(actor.name) after \(deadline)") } }
-                        continue
-                    }
-                    switch actor.nextAction() {
-                    case .finished:
-                        break
-                    case .waiting(.retryAfter(let duration)):
-                        Thread.sleep(forTimeInterval: Double(duration.components.attoseconds) / 1e18 + Double(duration.components.seconds))
-                        continue
-                    case .waiting(.readable(let descriptors, let timeout)):
-                        Spawn.waitReadable(descriptors, timeoutMilliseconds: Int32(max(1, nanoseconds(timeout) / 1_000_000)))
-                        continue
-                    case .waiting(.peer):
-                        Thread.sleep(forTimeInterval: 0.0001)
-                        continue
-                    case .ready(let step):
-                        let stepStart = clock.now
-                        defer {
-                            logger.debug("step", metadata: ["actor": "\(actor.name)", "step": "\(step)",
-                                                            "microseconds": "\((clock.now - stepStart).components.attoseconds / 1_000_000_000_000)"])
-                        }
-                        do {
-                            try actor.perform()
-                        } catch {
-                            let engineError = (error as? EngineError) ?? .aborted("\(error)")
-                            shared.withLock { if $0.firstError == nil { $0.firstError = engineError } }
-                            actor.abort(reason: "\(error)")
-                            break
-                        }
-                        continue
-                    }
-                    break
-                }
-                shared.withLock { $0.finishedCount += 1 }
-                done.signal()
+            do {
+                threads.append(try OSThread(name: "fammig-\(actor.name)") {
+                    if let pin { Spawn.pin(cpu: pin) }
+                    Self.drive(box.value, shared: shared, clock: clock, start: start, deadline: deadline, logger: logger)
+                    shared.withLock { $0.finishedCount += 1 }
+                })
+            } catch {
+                // The actors already started see the error and abort; the rest never ran.
+                shared.withLock { if $0.firstError == nil { $0.firstError = .aborted("starting a thread: \(error)") } }
+                for unstarted in actors[threads.count...] { unstarted.abort(reason: "\(error)") }
+                break
             }
-            thread.name = "fammig-\(actor.name)"
-            thread.stackSize = 8 << 20
-            thread.start()
         }
-        for _ in actors { done.wait() }
+        for thread in threads { thread.join() }
         if let error = shared.withLock({ $0.firstError }) { throw error }
+    }
+
+    /// One actor's thread: steps it, or waits as it says, until it finishes or fails, or another actor failed.
+    private static func drive(_ actor: any EngineActor, shared: borrowing Mutex<Shared>, clock: ContinuousClock, start: ContinuousClock.Instant,
+                              deadline: Duration, logger: Logger) {
+        // Ends when the actor finishes or fails, or once any actor failed or the deadline passed.
+        while true {
+            if let error = shared.withLock({ $0.firstError }) {
+                actor.abort(reason: "\(error)")
+                return
+            }
+            if clock.now - start > deadline {
+                shared.withLock { if $0.firstError == nil { $0.firstError = .timedOut("\(actor.name) after \(deadline)") } }
+                continue
+            }
+            switch actor.nextAction() {
+            case .finished:
+                return
+            case .waiting(.retryAfter(let duration)):
+                OSThread.sleep(for: duration)
+            case .waiting(.readable(let descriptors, let timeout)):
+                Spawn.waitReadable(descriptors, timeoutMilliseconds: Int32(max(1, nanoseconds(timeout) / 1_000_000)))
+            case .waiting(.peer):
+                OSThread.sleep(for: .microseconds(100))
+            case .ready(let step):
+                let stepStart = clock.now
+                defer {
+                    logger.debug("step", metadata: ["actor": "\(actor.name)", "step": "\(step)",
+                                                    "microseconds": "\((clock.now - stepStart).components.attoseconds / 1_000_000_000_000)"])
+                }
+                do {
+                    try actor.perform()
+                } catch {
+                    shared.withLock { if $0.firstError == nil { $0.firstError = error } }
+                    actor.abort(reason: "\(error)")
+                    return
+                }
+            }
+        }
     }
 }
 
