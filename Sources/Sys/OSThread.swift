@@ -57,6 +57,9 @@ public final class OSThread: @unchecked Sendable {
         if !joined { pthread_detach(handle) }
     }
 
+    /// Lets another runnable thread of this CPU run first.
+    public static func yield() { sched_yield() }
+
     /// Sleeps the calling thread for `duration` (EINTR resumes with the time left).
     public static func sleep(for duration: Duration) {
         let (seconds, attoseconds) = duration.components

@@ -175,6 +175,9 @@ public enum Spawn {
         return nil
     }
 
+    /// The number of CPUs online.
+    public static var onlineCPUCount: Int { max(1, sysconf(Int32(_SC_NPROCESSORS_ONLN))) }
+
     /// Pins the calling thread (or `threadID`) to one CPU: cross-CPU ptrace wake-ups are slow in VMs.
     public static func pin(threadID: ProcessID? = nil, cpu: Int32) {
         _ = csys_pin_to_cpu(threadID?.rawValue ?? 0, cpu)

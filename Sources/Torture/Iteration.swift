@@ -96,8 +96,7 @@ func startAtRendezvous(binary: String, arguments: [String], outputPath: String, 
             let status = (try? Spawn.waitForExit(processID)).map { "\($0)" } ?? "ended"
             throw TortureError.environment("\(binary) \(arguments.joined(separator: " ")) \(status) before its rendezvous: \(firstLine(errorPath))")
         }
-        if let syscall = try? ProcFS.readText("/proc/\(processID.rawValue)/syscall"), syscall.hasPrefix("128 "),
-           otherThreadsWait(processID) {
+        if ProcFS.currentSyscall(processID, thread: processID) == SyscallNumber.rtSigtimedwait, otherThreadsWait(processID) {
             return processID
         }
         usleep(100)
@@ -113,9 +112,8 @@ func startAtRendezvous(binary: String, arguments: [String], outputPath: String, 
 func otherThreadsWait(_ processID: ProcessID) -> Bool {
     guard let threads = try? ProcFS.threadIDs(processID) else { return false }
     for thread in threads where thread != processID {
-        let base = "/proc/\(processID.rawValue)/task/\(thread.rawValue)"
-        guard let syscall = try? ProcFS.readText(base + "/syscall"), syscall.hasPrefix("202 "),
-              let wchan = try? ProcFS.readText(base + "/wchan"), wchan.hasPrefix("futex") else { return false }
+        guard ProcFS.currentSyscall(processID, thread: thread) == SyscallNumber.futex,
+              ProcFS.threadWait(processID, thread: thread) == .futex else { return false }
     }
     return true
 }

@@ -14,9 +14,6 @@
 // Both files behind the mappings are removed as soon as they are mapped, so no model can leak a file;
 // `release()` (or the last reference going away) unmaps them, and a `ModelFAMLedger` counts the models
 // still mapped so the "no harm" oracle can require none at the end of an iteration.
-#if canImport(Glibc)
-import Glibc
-#endif
 import Engine
 import Synchronization
 import Sys
@@ -38,7 +35,7 @@ public final class ModelFAM: @unchecked Sendable {
         // The address of a live object is unique in this process, and the PID across processes.
         let token = NameToken()
         let prefix = withExtendedLifetime(token) {
-            "\(directory)/fammig-model-\(getpid())-\(String(UInt(bitPattern: ObjectIdentifier(token)), radix: 16))"
+            "\(directory)/fammig-model-\(ProcessID.current)-\(String(UInt(bitPattern: ObjectIdentifier(token)), radix: 16))"
         }
         let writerView = try Self.mapWithoutFile(path: prefix + "-writer", byteCount: byteCount)
         let fabric = try Self.mapWithoutFile(path: prefix + "-fabric", byteCount: byteCount)

@@ -5,9 +5,6 @@
 // same faults.
 import Engine
 import Sys
-#if canImport(Glibc)
-import Glibc
-#endif
 
 final class TargetRunner: Participant, TargetGate, @unchecked Sendable {
     let actor = ActorName.target
@@ -108,7 +105,7 @@ final class TargetRunner: Participant, TargetGate, @unchecked Sendable {
     /// until it blocks, in an order that follows from what they do (threads they create inherit both).
     /// The restored state was judged before this; the program's output does not depend on it.
     private func serialiseThreads(_ processID: ProcessID) throws {
-        let cpu = Int32(max(0, sysconf(Int32(_SC_NPROCESSORS_ONLN)) - 1))
+        let cpu = Int32(Spawn.onlineCPUCount - 1)
         for thread in try ProcFS.threadIDs(processID) {
             Spawn.pin(threadID: thread, cpu: cpu)
             try Spawn.runFirstInFirstOut(threadID: thread)
@@ -130,7 +127,7 @@ final class TargetRunner: Participant, TargetGate, @unchecked Sendable {
             // sample of its state on the way would depend on timing).
             if !isReleased && Self.isQuiet(processID) { return "blocked on a fault" }
             spins += 1
-            if spins > 50 { usleep(50) } else { sched_yield() }
+            if spins > 50 { OSThread.sleep(for: .microseconds(50)) } else { OSThread.yield() }
             if clock.now - start > runLimit {
                 throw TortureError.targetHung("the target ran \(runLimit) without a fault or an exit")
             }
@@ -144,18 +141,10 @@ final class TargetRunner: Participant, TargetGate, @unchecked Sendable {
         guard let threads = try? ProcFS.threadIDs(processID), !threads.isEmpty else { return false }
         var faulting = false
         for thread in threads {
-            let base = "/proc/\(processID.rawValue)/task/\(thread.rawValue)"
-            guard let stat = try? ProcFS.readText(base + "/stat"),
-                  let close = stat.lastIndex(of: ")") else { continue }  // gone meanwhile
-            let state = stat[stat.index(close, offsetBy: 2)]
-            if state == "Z" || state == "X" { continue }
-            guard state == "S" || state == "D" else { return false }
-            guard let wchan = try? ProcFS.readText(base + "/wchan") else { return false }
-            // A fault, or an mremap/munmap/MADV_DONTNEED waiting for its event to be read.
-            if wchan.hasPrefix("handle_userfault") || wchan.hasPrefix("userfaultfd") {
-                faulting = true
-            } else if !wchan.hasPrefix("futex") {
-                return false
+            switch ProcFS.threadWait(processID, thread: thread) {
+            case .ended, .futex: continue
+            case .userfault: faulting = true
+            case .running, .other: return false
             }
         }
         return faulting

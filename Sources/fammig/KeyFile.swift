@@ -5,7 +5,6 @@
 // write an image this node will restore.
 import ArgumentParser
 import Engine
-import Glibc
 import Sys
 
 enum KeyFile {
@@ -37,8 +36,9 @@ enum KeyFile {
             throw fail("cannot read the key file \(path): \(error); pass the key file the source node wrote.", code: 2)
         }
         guard contents.isRegularFile else { throw fail("--key-file \(path) is not a regular file.", code: 2) }
-        guard contents.ownerUserID == geteuid() else {
-            throw fail("the key file \(path) belongs to uid \(contents.ownerUserID), not to this user (uid \(geteuid())); refused: "
+        let userID = ProcessIdentity.current().effectiveUserID
+        guard contents.ownerUserID == userID else {
+            throw fail("the key file \(path) belongs to uid \(contents.ownerUserID), not to this user (uid \(userID)); refused: "
                        + "copy it and own the copy (chown) if you trust whoever wrote it.", code: 2)
         }
         guard contents.permissionBits & 0o077 == 0 else {

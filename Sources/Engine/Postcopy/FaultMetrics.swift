@@ -1,12 +1,12 @@
 // Fault counts and latency histograms per install path (HdrHistogram), shared by the target's actors.
 import Atomics
-import Foundation
 import Histogram
+import Sys
 
 public final class FaultMetrics: @unchecked Sendable {
     public let faultCount = ManagedAtomic<Int>(0)
     public let zeroPageCount = ManagedAtomic<Int>(0)
-    private let lock = NSLock()
+    private let lock = Lock()
     private var histograms: [InstallPath: Histogram<UInt64>] = [:]
 
     public init() {}

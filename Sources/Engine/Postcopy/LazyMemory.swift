@@ -1,7 +1,6 @@
 // The target's memory while post-copy fills it: which dumped pages are installed, which are asked for,
 // and the one userfaultfd every installer uses. The restorer, the fault handler and the pusher share it
 // (each on its own thread under the threaded driver), so every field lives behind one lock.
-import Foundation
 import Sys
 
 /// Where missing pages come from: the FAM image (marks say which are dumped) or the source's socket.
@@ -24,7 +23,7 @@ public final class LazyMemory: @unchecked Sendable {
     /// `package`: torture's racing installer copies through it behind the engine's back.
     package let userfaultfd: Userfaultfd
     private let registeredRanges: [Range<UInt64>]
-    private let lock = NSLock()
+    private let lock = Lock()
     private var reader: ImageReader?
     private var installed: [Bool]
     private var requested: [Bool]
@@ -40,7 +39,7 @@ public final class LazyMemory: @unchecked Sendable {
     private var slotByCurrentAddress: [UInt64: Int]?
     /// Installs and the process's memory events are serialised: an install checks and copies while no
     /// event is being applied, so nothing is copied into a range the process dropped or moved meanwhile.
-    private let installLock = NSLock()
+    private let installLock = Lock()
     /// Pages dropped (MADV_DONTNEED, munmap) before anyone installed them: they count as done and are
     /// never installed; the dropped range reads as zeros, or is gone.
     public private(set) var discardedPageCount = 0
@@ -318,7 +317,7 @@ public final class LazyMemory: @unchecked Sendable {
             switch failure.errno {
             case .resourceTemporarilyUnavailable:
                 try drainEvents()
-                usleep(20)
+                OSThread.sleep(for: .microseconds(20))
             case .noSuchFileOrDirectory:
                 return
             default:

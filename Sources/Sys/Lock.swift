@@ -1,0 +1,13 @@
+// A lock for classes whose fields several threads touch together (the engine's per-migration state):
+// `withLock { ... }` around a block that reads and writes them. Built on the standard library's Mutex.
+import Synchronization
+
+public final class Lock: Sendable {
+    private let mutex = Mutex(())
+
+    public init() {}
+
+    public func withLock<Result>(_ body: () throws -> Result) rethrows -> Result {
+        try mutex.withLock { _ in try body() }
+    }
+}

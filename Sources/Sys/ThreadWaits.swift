@@ -1,0 +1,51 @@
+// Why this file exists: torture decides when a real process has stopped moving by itself (every thread
+// asleep on a fault or a futex) and when a test program waits at its rendezvous, from /proc. The parsing
+// of those files, and the syscall numbers it compares with, live here, typed.
+
+/// The x86-64 numbers of the system calls whose waits torture recognises.
+public enum SyscallNumber {
+    public static let rtSigtimedwait = 128
+    public static let futex = 202
+}
+
+/// Where one thread of a process is, as /proc tells it.
+public enum ThreadWait: Equatable, Sendable {
+    /// Running or runnable, or in a stop (anything but a sleep).
+    case running
+    /// Gone, or a zombie.
+    case ended
+    /// Asleep in the kernel's userfault handler: a missing page, or an mremap/munmap/MADV_DONTNEED
+    /// whose event waits to be read.
+    case userfault
+    /// Asleep on a futex (a mutex, a condition variable, a join).
+    case futex
+    /// Asleep on anything else (a timer, a descriptor), named by its wait channel.
+    case other(String)
+}
+
+extension ProcFS {
+    /// Thread `threadID` of `processID`: its state letter (R, S, D, Z, ...; nil when it is gone).
+    public static func threadState(_ processID: ProcessID, thread threadID: ProcessID) -> Character? {
+        guard let stat = try? readText("/proc/\(processID.rawValue)/task/\(threadID.rawValue)/stat"),
+              let close = stat.lastIndex(of: ")"), stat.distance(from: close, to: stat.endIndex) > 2 else { return nil }
+        return stat[stat.index(close, offsetBy: 2)]
+    }
+
+    /// What thread `threadID` of `processID` waits on.
+    public static func threadWait(_ processID: ProcessID, thread threadID: ProcessID) -> ThreadWait {
+        guard let state = threadState(processID, thread: threadID) else { return .ended }
+        if state == "Z" || state == "X" { return .ended }
+        guard state == "S" || state == "D" else { return .running }
+        guard let wchan = try? readText("/proc/\(processID.rawValue)/task/\(threadID.rawValue)/wchan") else { return .ended }
+        if wchan.hasPrefix("handle_userfault") || wchan.hasPrefix("userfaultfd") { return .userfault }
+        if wchan.hasPrefix("futex") { return .futex }
+        return .other(wchan)
+    }
+
+    /// The system call thread `threadID` of `processID` is blocked in (nil: running, or not in one).
+    public static func currentSyscall(_ processID: ProcessID, thread threadID: ProcessID) -> Int? {
+        guard let text = try? readText("/proc/\(processID.rawValue)/task/\(threadID.rawValue)/syscall"),
+              let first = text.split(separator: " ").first else { return nil }
+        return Int(first)
+    }
+}
