@@ -225,11 +225,12 @@ public struct Iteration {
             processIDWait: .milliseconds(50), imageWait: .milliseconds(50)))
         let restorer = target.restorer
         let dumperParticipant = EngineParticipant(dumper, actor: .dumper, notes: observer.notes)
-        var participants: [Participant] = [dumperParticipant, EngineParticipant(restorer, actor: .restorer, notes: observer.notes)]
-        if let faultHandler = target.faultHandler {
-            participants.append(EngineParticipant(faultHandler, actor: .faultHandler, notes: observer.notes))
-        }
-        if let pusher = target.pusher { participants.append(EngineParticipant(pusher, actor: .pusher, notes: observer.notes)) }
+        let restorerParticipant = EngineParticipant(restorer, actor: .restorer, notes: observer.notes)
+        let faultHandlerParticipant = target.faultHandler.map { EngineParticipant($0, actor: .faultHandler, notes: observer.notes) }
+        let pusherParticipant = target.pusher.map { EngineParticipant($0, actor: .pusher, notes: observer.notes) }
+        var participants: [Participant] = [dumperParticipant, restorerParticipant]
+        if let faultHandlerParticipant { participants.append(faultHandlerParticipant) }
+        if let pusherParticipant { participants.append(pusherParticipant) }
         participants.append(runner)
         if let link { participants.append(LinkParticipant(link: link)) }
         if scenario.mode != .postcopySocket { participants.append(FabricParticipant(model: { box.model })) }
@@ -243,6 +244,14 @@ public struct Iteration {
             participants.append(RacingInstaller(memory: { restorer.lazyMemory }, model: { box.model }, observer: observer,
                                                 budget: max(1, scenario.batchPageCount / 4), key: key))
         }
+
+        let targetNemesis = scenario.targetKill.flatMap { plan in
+            faultHandlerParticipant.map { faultHandler in
+                TargetNemesisParticipant(plan: plan, node: [restorerParticipant, faultHandler] + [pusherParticipant].compactMap { $0 },
+                                         faultHandler: faultHandler, memory: { restorer.lazyMemory }, link: link, runner: runner)
+            }
+        }
+        if let targetNemesis { participants.append(targetNemesis) }
 
         let driver = DeterministicDriver(participants: participants, clock: virtualClock,
                                          scheduler: Scheduler(strategy: scenario.strategy, rng: &rng),
@@ -302,7 +311,13 @@ public struct Iteration {
             if !observer.oracles.verdicts.contains(where: { $0.name == "registers and state" }) {
                 failures.append("state: the state oracle never ran")
             }
-            if targetStatus != .exited(0) {
+            if let targetNemesis, targetNemesis.fired, !targetNemesis.everyPageWasIn {
+                // Its node died while it lacked pages: the watchdog must have killed it, before it read a hole.
+                if targetStatus != .killed(signal: SIGKILL) {
+                    failures.append("target node death: the restored process lacked pages and \(targetStatus.map { "\($0)" } ?? "never ended"), "
+                                    + "where its watchdog must kill it")
+                }
+            } else if targetStatus != .exited(0) {
                 failures.append("program: the migrated program \(targetStatus.map { "\($0)" } ?? "never ended"): \(firstLine(work + "/victim.err"))")
             }
             // A program that ended well removed its own files; one killed by a failed migration cannot,
@@ -312,7 +327,7 @@ public struct Iteration {
                 failures.append("no harm: the migrated program left its files behind: \(left.sorted())")
             }
             let output = (try? ProcFS.readFile(outputPath)) ?? []
-            if output != reference {
+            if output != reference && targetStatus == .exited(0) || output != reference && targetNemesis?.fired != true {
                 failures.append("end to end: stdout differs from the reference run (migrated checksum \(Self.checksum(output) ?? "none"), reference \(Self.checksum(reference) ?? "none"))")
             }
         case .failed(let step, let actor, let error):
@@ -325,10 +340,12 @@ public struct Iteration {
                 error.contains("page slot \(slot) ") && error.contains("mark checksum")
                     || error.contains("the dumped marks do not match the commit record's checksum")
             } ?? false
-            if tamperer?.fired == true && !caughtTamper && !(nemesis?.fired == true) {
+            if tamperer?.fired == true && !caughtTamper && !(nemesis?.fired == true) && targetNemesis?.fired != true {
                 failures.append("tamper: the migration failed, but not on the changed page slot \(tamperer!.tamperedSlot!): \(error)")
             }
+            // A source that loses its target (the target node died) fails too: the victim goes on.
             let expected = caughtTamper || nemesis?.fired == true && (killedBeforeCommit || scenario.mode == .postcopySocket)
+                || targetNemesis?.fired == true
             if !expected { failures.append("migration: \(result.outcome)") }
         case .stuck(let reason):
             result.outcome = "stuck: \(reason)"

@@ -101,3 +101,59 @@ final class NemesisParticipant: Participant {
 
     func abort(reason: String) {}
 }
+
+/// Kills the target node once the restored process ran and its fault handler took the planned number
+/// of steps: the fault handler, the pusher and the restorer never step again, the node's userfaultfd
+/// closes and its watchdog loses its owner (so the restored process dies unless every page was in), and
+/// the link loses or delivers what the target had sent, then shows the close. The step waits (real
+/// time, bounded) for the watchdog's kill, so what follows does not depend on how fast it lands.
+final class TargetNemesisParticipant: Participant {
+    let actor = ActorName.targetNemesis
+    let isEssential = false
+    private let plan: TargetKillPlan
+    private let node: [EngineParticipant]
+    private let faultHandler: EngineParticipant
+    private let memory: () -> LazyMemory?
+    private let link: MemoryLink?
+    private let runner: TargetRunner
+    private(set) var fired = false
+    /// Every page was installed when the node died: the restored process owes it nothing and runs on.
+    private(set) var everyPageWasIn = false
+
+    init(plan: TargetKillPlan, node: [EngineParticipant], faultHandler: EngineParticipant, memory: @escaping () -> LazyMemory?,
+         link: MemoryLink?, runner: TargetRunner) {
+        self.runner = runner
+        self.plan = plan
+        self.node = node
+        self.faultHandler = faultHandler
+        self.memory = memory
+        self.link = link
+    }
+
+    func availability() -> Availability {
+        if fired { return .finished }
+        if case .finished = faultHandler.availability() { return .finished }
+        // Only once the runner let it go: before that the process is still traced by this node, whose death
+        // (here, unlike a real one) would not detach it.
+        guard let memory = memory(), memory.isRunning, runner.hasResumed else { return .waiting(nil, "the restored process has not run") }
+        return faultHandler.stepsTaken >= plan.afterFaultHandlerSteps ? .choices(["kill the target node"]) : .waiting(nil, "fault handler progress")
+    }
+
+    func take(_ index: Int, rng: inout SeededGenerator) throws -> String? {
+        fired = true
+        for participant in node { participant.crashed = true }
+        runner.nodeDied()
+        if let link { link.crash(link.target, dropInFlight: plan.dropInFlight) }
+        guard let memory = memory() else { return "killed before the target had memory" }
+        everyPageWasIn = memory.isComplete
+        memory.loseNode()
+        let target = memory.targetProcessID
+        guard !everyPageWasIn else { return "killed; every page was in" }
+        guard Spawn.endsSoon(target, graceMilliseconds: 10_000) else {
+            throw TortureError.environment("the restored process outlived its node by 10 s: its watchdog did not kill it")
+        }
+        return "killed; \(memory.installedPageCount) of \(memory.pageCount) pages were in; the watchdog killed the restored process"
+    }
+
+    func abort(reason: String) {}
+}

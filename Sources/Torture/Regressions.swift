@@ -98,6 +98,7 @@ public enum Regressions {
             case "--chaos": filter.chaos = true
             case "--tamper": filter.tamper = try onOrOff(option)
             case "--racer": filter.racer = try onOrOff(option)
+            case "--kill-target": filter.killTarget = try onOrOff(option)
             case "--adversarial-steps":
                 guard let steps = Int(try value(option)), steps >= 0 else { throw FilterError(reason: "--adversarial-steps takes a count") }
                 filter.adversarialSteps = steps

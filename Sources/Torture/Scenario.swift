@@ -69,6 +69,14 @@ public struct KillPlan: Sendable, Codable, Equatable {
     public var dropInFlight: Bool
 }
 
+/// When the target node dies: after its fault handler took this many steps since the restored process
+/// first ran (post-copy only, and never in an iteration whose source is killed too).
+public struct TargetKillPlan: Sendable, Codable, Equatable {
+    public var afterFaultHandlerSteps: Int
+    /// Frames the target had sent but that were not delivered yet are lost (else they still arrive).
+    public var dropInFlight: Bool
+}
+
 /// A dumper step a kill can come right before (its raw value is what reports and descriptions print).
 public enum KillPoint: String, Sendable, Codable, Equatable {
     /// Every page dumped, the commit record not yet stored.
@@ -98,6 +106,8 @@ public struct ScenarioFilter: Sendable, Codable, Equatable {
     public var tamper: Bool?
     /// The racing installer on (every postcopy-fam iteration), off, or drawn per seed (nil).
     public var racer: Bool?
+    /// The target-node nemesis on (every post-copy iteration without a source kill), off, or drawn (nil).
+    public var killTarget: Bool?
     /// Run under the threaded driver with real ports and seeded perturbations (Chaos.swift), not the
     /// deterministic driver: the seed then names the perturbations, not the interleaving.
     public var chaos = false
@@ -121,6 +131,7 @@ public struct ScenarioFilter: Sendable, Codable, Equatable {
         if let adversarialSteps { options += ["--adversarial-steps", "\(adversarialSteps)"] }
         if let tamper { options += ["--tamper", tamper ? "on" : "off"] }
         if let racer { options += ["--racer", racer ? "on" : "off"] }
+        if let killTarget { options += ["--kill-target", killTarget ? "on" : "off"] }
         if chaos { options.append("--chaos") }
         return options
     }
@@ -144,6 +155,8 @@ public struct Scenario: Sendable, Codable, Equatable {
     public var tamper: TamperPlan?
     /// A second installer races the engine's (postcopy-fam only).
     public var racer = false
+    /// The target node dies after the resume.
+    public var targetKill: TargetKillPlan?
 
     /// The seed of iteration `index` of a campaign started with `seed`.
     public static func iterationSeed(campaignSeed: UInt64, index: Int) -> UInt64 {
@@ -179,10 +192,15 @@ public struct Scenario: Sendable, Codable, Equatable {
         let corruptsMark = tamperGenerator.chance(1, in: 3)
         let tamper = tamperDrawn && mode != .postcopySocket ? TamperPlan(corruptsMark: corruptsMark) : nil
         let racer = mode == .postcopyFAM && (filter.racer ?? tamperGenerator.chance(1, in: 4))
+        var targetGenerator = SeededGenerator(seed: seed ^ 0x5441_5247_4554_4B4C)
+        let targetKillDrawn = filter.killTarget ?? targetGenerator.chance(1, in: 12)
+        let targetKill = targetKillDrawn && mode.isPostcopy && kill == nil
+            ? TargetKillPlan(afterFaultHandlerSteps: targetGenerator.below(8), dropInFlight: targetGenerator.chance(1, in: 2)) : nil
         return Scenario(seed: seed, mode: mode, push: push, program: spec.name, binary: spec.binary,
                         arguments: spec.arguments(size) + ["--rendezvous", "\(rendezvous)"], size: size,
                         rendezvous: rendezvous, strategy: strategy, batchPageCount: batchPageCount, kill: kill,
-                        adversarialSteps: filter.adversarialSteps ?? Int.max, tamper: tamper, racer: racer)
+                        adversarialSteps: filter.adversarialSteps ?? Int.max, tamper: tamper, racer: racer,
+                        targetKill: targetKill)
     }
 
     /// The program's arguments when its files go to `workDirectory`.
@@ -200,6 +218,10 @@ public struct Scenario: Sendable, Codable, Equatable {
         if adversarialSteps != Int.max { text += " adversarial-steps \(adversarialSteps)" }
         if let tamper { text += tamper.corruptsMark ? " tampered-mark" : " tampered-page" }
         if racer { text += " racer" }
+        if let targetKill {
+            text += " kill-target-after-fault-handler-step \(targetKill.afterFaultHandlerSteps)"
+            if targetKill.dropInFlight { text += " dropping its in-flight" }
+        }
         return text
     }
 }

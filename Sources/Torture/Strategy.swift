@@ -20,6 +20,8 @@ public enum ActorName: String, Sendable, CaseIterable, Codable {
     case tamperer
     /// Installs sealed pages behind the engine's back (a second installer meeting the engine's).
     case racer
+    /// Kills the target node after the restored process ran (its fault handler and pusher die with it).
+    case targetNemesis = "target-nemesis"
 }
 
 /// One step some actor could take now.
@@ -64,7 +66,7 @@ struct Scheduler {
         self.strategy = strategy
         if strategy == .pct {
             // The tamperer is left out (lowest): adding it must not reorder the other actors of old seeds.
-            var order = ActorName.allCases.filter { $0 != .tamperer && $0 != .racer }
+            var order = ActorName.allCases.filter { $0 != .tamperer && $0 != .racer && $0 != .targetNemesis }
             order.shuffle(using: &rng)
             for (index, actor) in order.enumerated() { priorities[actor] = index + 10 }
             // Depth 3: two change points within the first few thousand steps.
@@ -76,7 +78,7 @@ struct Scheduler {
     mutating func pick(_ choices: [Choice], step: Int, rng: inout SeededGenerator) -> Int {
         precondition(!choices.isEmpty, "pick from no choices")
         // A planned kill goes first: when it fires is the plan's business, not the scheduler's.
-        if let nemesis = choices.firstIndex(where: { $0.actor == .nemesis }) { return nemesis }
+        if let nemesis = choices.firstIndex(where: { $0.actor == .nemesis || $0.actor == .targetNemesis }) { return nemesis }
         switch strategy {
         case .random, .killedSource:
             return weighted(choices, rng: &rng) { $0.actor == .fabric ? 1 : 4 }

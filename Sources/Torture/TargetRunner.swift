@@ -50,6 +50,12 @@ final class TargetRunner: Participant, TargetGate, @unchecked Sendable {
         pendingWakes.removeAll()
     }
 
+    /// The restored process was let go (it is no longer traced) and ran.
+    var hasResumed: Bool { resumed }
+
+    /// The target node died: the wakes its fault handler had asked for died with it.
+    func nodeDied() { pendingWakes.removeAll() }
+
     /// Releasing the userfaultfd let the process go: it runs on its own until it ends, and the next target step
     /// waits for that.
     private var isReleased = false

@@ -63,6 +63,9 @@ struct TortureCommand: ParsableCommand {
     @Option(help: "The racing installer, which installs sealed pages behind the engine's back (postcopy-fam): on or off (default: drawn per seed).", transform: parseSwitch)
     var racer: Bool?
 
+    @Option(help: "The target-node nemesis, which kills the target node after the restored process ran (post-copy): on or off (default: drawn per seed).", transform: parseSwitch)
+    var killTarget: Bool?
+
     @Flag(help: "Chaos: run under the threaded driver (real threads, FAM file, TCP) with seeded delays, yields and CPU placement at the ports; a seed names the perturbations, not the interleaving.")
     var chaos = false
 
@@ -121,6 +124,7 @@ struct TortureCommand: ParsableCommand {
         filter.tamper = tamper
         filter.chaos = chaos
         filter.racer = racer
+        filter.killTarget = killTarget
         return filter
     }
 

@@ -45,6 +45,30 @@ extension ProcessSpawningTortureTests {
             }
         }
 
+        /// The target node dies after the restored process ran: its watchdog kills the restored process
+        /// before it reads a hole (unless every page was in), in both post-copy modes, and a replay
+        /// gives the same schedule. The nemesis found, on its first run, that a held wake of the dead
+        /// fault handler still ran (EBADF), and that a node dying before it let its process go left
+        /// traced zombie threads behind (the nemesis now fires only after the resume).
+        @Test func aTargetNodeDeathNeverLetsTheRestoredProcessRunOnHoles() throws {
+            var filter = ScenarioFilter(modes: [.postcopyFAM, .postcopySocket])
+            filter.killTarget = true
+            let options = try TorturePaths.campaignOptions(seed: 44, iterations: 24, filter: filter)
+            let campaign = Campaign(options: options)
+            var watchdogKills = 0
+            for index in 0..<24 {
+                let seed = Scenario.iterationSeed(campaignSeed: 44, index: index)
+                let result = campaign.runOne(seed: seed, filter: filter, keepTrace: true)
+                #expect(result.passed, "\(Report.failureText(result, filter: filter))")
+                guard result.scenario.targetKill != nil else { continue }
+                if result.trace?.contains(where: { $0.hasSuffix("the watchdog killed the restored process") }) == true {
+                    watchdogKills += 1
+                    #expect(campaign.runOne(seed: seed, filter: filter, keepTrace: false).traceHash == result.traceHash)
+                }
+            }
+            #expect(watchdogKills >= 5, "the target node died with pages missing \(watchdogKills) times")
+        }
+
         @Test func sourceKillsEndCleanlyBeforeTheCommitAndCompleteAfterIt() throws {
             var filter = ScenarioFilter(modes: [.postcopyFAM, .nonlive], strategies: [.killedSource])
             filter.size = 0

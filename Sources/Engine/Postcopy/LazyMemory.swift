@@ -434,6 +434,21 @@ public final class LazyMemory: @unchecked Sendable {
         gate.released(processID: targetProcessID)
     }
 
+    /// What the death of this node does to the restored process's memory, done while the node lives on
+    /// (torture's target-node nemesis): the userfaultfd is closed and the watchdog loses its owner, so it
+    /// kills the process unless every page was in (then it was disarmed already). Nothing of this memory
+    /// is used afterwards: the node's actors are dead.
+    package func loseNode() {
+        installLock.withLock {
+            lock.withLock {
+                deferredFaults.removeAll()
+                unregistered = true
+            }
+            userfaultfd.close()
+            watchdog?.abandon()
+        }
+    }
+
     /// A fault on a page already installed: the process dropped it since (MADV_DONTNEED), and a private
     /// anonymous page reads as zeros then; or it is a stale fault on a page installed meanwhile. A zero
     /// page settles both: EEXIST says it was present, and only a wake is due.
