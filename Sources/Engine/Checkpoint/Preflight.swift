@@ -5,14 +5,6 @@ import Sys
 import Glibc
 #endif
 
-/// A regular file or /dev/null that the victim holds open.
-struct DescriptorInfo: Equatable {
-    var descriptor: Int32
-    var path: String
-    var flags: Int32
-    var position: Int64
-}
-
 enum Preflight {
     /// Throws the first reason `processID` cannot be migrated.
     static func check(_ processID: ProcessID) throws(CheckpointError) {
@@ -75,36 +67,9 @@ enum Preflight {
         return addresses
     }
 
-    /// Every open descriptor, refusing anything but regular files and /dev/null.
-    static func descriptors(_ processID: ProcessID) throws(CheckpointError) -> [DescriptorInfo] {
-        let numbers: [Int32]
-        do { numbers = try ProcFS.descriptors(processID) } catch { throw .noSuchProcess(processID) }
-        var result: [DescriptorInfo] = []
-        for number in numbers {
-            let linkPath = "/proc/\(processID)/fd/\(number)"
-            guard let target = try? ProcFS.readLink(linkPath) else { continue }  // closed meanwhile
-            var info = stat()
-            guard stat(linkPath, &info) == 0 else {
-                throw .unsupportedDescriptor(processID, descriptor: number, target: target)
-            }
-            let fileType = info.st_mode & S_IFMT
-            let isDevNull = fileType == S_IFCHR && target == "/dev/null"
-            guard (fileType == S_IFREG && !target.hasSuffix(" (deleted)")) || isDevNull else {
-                throw .unsupportedDescriptor(processID, descriptor: number, target: target)
-            }
-            guard let fdinfo = try? ProcFS.readText("/proc/\(processID)/fdinfo/\(number)") else { continue }
-            var position: Int64 = 0
-            var flags: Int32 = 0
-            for line in fdinfo.split(separator: "\n") {
-                let parts = line.split(separator: ":", maxSplits: 1)
-                guard parts.count == 2 else { continue }
-                let value = parts[1].trimmingSpaces()
-                if parts[0] == "pos" { position = Int64(value) ?? 0 }
-                if parts[0] == "flags" { flags = Int32(value, radix: 8) ?? 0 }
-            }
-            result.append(DescriptorInfo(descriptor: number, path: target, flags: flags, position: position))
-        }
-        return result
+    /// Every open descriptor, refusing what cannot be recreated (DescriptorReader); contents not read.
+    static func descriptors(_ processID: ProcessID) throws(CheckpointError) -> [OpenFile] {
+        try DescriptorReader.read(processID, contents: false)
     }
 
     /// The VMA table, classified, refusing what the restorer cannot rebuild.

@@ -317,7 +317,7 @@ final class TargetProcess {
     /// Descriptors, signal actions, pending signals, personality, rseq, seccomp, credentials, xstate, mask.
     func restoreState(_ state: ProcessState) throws(RestoreError) {
         do {
-            try restoreFiles(state.files)
+            try DescriptorRestorer(injector: injector, memory: memory, dataAddress: dataAddress, processID: processID).restore(state.files)
             for action in state.signalActions where !action.isDefault {
                 var record: [UInt8] = []
                 for word in [action.handler, action.flags, action.restorer, action.mask] { record.appendLittleEndian(word) }
@@ -436,21 +436,6 @@ final class TargetProcess {
         if !isMain && !thread.commandName.isEmpty {
             try memory.write(Array(thread.commandName.utf8.prefix(15)) + [0], at: dataAddress)
             try injector.call("prctl(PR_SET_NAME)", Syscall.prctl, 15, dataAddress)
-        }
-    }
-
-    private func restoreFiles(_ files: [OpenFile]) throws {
-        let ignoredFlags: Int32 = O_CREAT | O_EXCL | O_TRUNC | O_NOCTTY
-        for file in files.sorted(by: { $0.descriptor < $1.descriptor }) {
-            let opened = try openInTarget(file.path, flags: file.flags & ~ignoredFlags)
-            if opened != file.descriptor {
-                try injector.call("dup3", Syscall.dup3, UInt64(opened), UInt64(file.descriptor),
-                                  UInt64(UInt32(bitPattern: file.flags & O_CLOEXEC)))
-                try injector.call("close", Syscall.close, UInt64(opened))
-            }
-            if file.position != 0 {
-                try injector.call("lseek", Syscall.lseek, UInt64(file.descriptor), UInt64(bitPattern: file.position), 0)
-            }
         }
     }
 

@@ -74,13 +74,20 @@ public struct Mapping: Equatable, Sendable {
     public func contains(_ address: UInt64) -> Bool { address >= start && address < end }
 }
 
-/// An open descriptor the restorer reopens: a regular file or /dev/null.
+/// An open descriptor the restorer recreates (OpenFiles.swift has the kinds).
 public struct OpenFile: Equatable, Sendable {
     public var descriptor: Int32
+    /// The path it is reopened by (regular files, directories, FIFOs; where a deleted file lived), or
+    /// empty for objects without one (pipes, sockets, eventfd, ...).
     public var path: String
     /// open(2) flags as /proc/PID/fdinfo shows them (octal there), O_CLOEXEC included.
     public var flags: Int32
     public var position: Int64
+    public var kind: OpenFileKind = .regular
+
+    public init(descriptor: Int32, path: String, flags: Int32, position: Int64, kind: OpenFileKind = .regular) {
+        (self.descriptor, self.path, self.flags, self.position, self.kind) = (descriptor, path, flags, position, kind)
+    }
 }
 
 /// A queued signal, as the raw 128-byte siginfo PTRACE_PEEKSIGINFO gives.
