@@ -256,7 +256,10 @@ public enum StateOracle {
                last.shared == mapping.shared, last.protection == mapping.protection {
                 if mapping.kind == .heap { last.kind = .heap }
                 let contiguous: Bool
-                if case .file = mapping.kind { contiguous = last.fileOffset + last.byteCount == mapping.fileOffset } else { contiguous = true }
+                switch mapping.kind {
+                case .file, .sharedMemory: contiguous = last.fileOffset + last.byteCount == mapping.fileOffset
+                default: contiguous = true
+                }
                 if contiguous {
                     last.end = mapping.end
                     result[result.count - 1] = last

@@ -84,6 +84,32 @@ public final class ForeignDescriptor {
         descriptor = try retryingInterrupts("open(\(path))") { open(path, O_RDONLY | O_CLOEXEC) }
     }
 
+    /// open(path, O_RDONLY): a process's mapping through /proc/PID/map_files/START-END (root only), which
+    /// names the very object mapped, also when it has no other name (shared anonymous memory, a memfd).
+    public init(openingForReading path: String) throws(SyscallError) {
+        descriptor = try retryingInterrupts("open(\(path))") { open(path, O_RDONLY | O_CLOEXEC) }
+    }
+
+    /// The parts of [start, end) that hold data (lseek SEEK_DATA/SEEK_HOLE): for shared memory, the
+    /// pages it has (resident or swapped); a hole reads as zeros and needs no copy.
+    public func dataRanges(from start: Int64, to end: Int64) throws(SyscallError) -> [Range<Int64>] {
+        var ranges: [Range<Int64>] = []
+        var cursor = start
+        while cursor < end {
+            let data = lseek(descriptor, off_t(cursor), 3 /* SEEK_DATA */)
+            if data < 0 {
+                if Glibc.errno == ENXIO { break }  // no data from here on
+                throw SyscallError.current("lseek(SEEK_DATA, \(cursor))")
+            }
+            if Int64(data) >= end { break }
+            let hole = lseek(descriptor, data, 4 /* SEEK_HOLE */)
+            if hole < 0 { throw SyscallError.current("lseek(SEEK_HOLE, \(data))") }
+            ranges.append(Int64(data)..<min(Int64(hole), end))
+            cursor = Int64(hole)
+        }
+        return ranges
+    }
+
     /// A new file at `path` (O_CREAT|O_EXCL, never following a symlink, 0600 until `changeMode`), opened
     /// for writing: a deleted file the restorer recreates before the target opens it.
     public init(creatingExclusively path: String) throws(SyscallError) {

@@ -50,7 +50,7 @@ final class DescriptorRestorer {
             guard let descriptor = parked[record.descriptor] else { continue }
             try injector.call("fcntl(F_SETFL)", Number.fcntl, UInt64(descriptor), Self.setStatusFlags, UInt64(UInt32(bitPattern: record.flags)))
             switch record.kind {
-            case .regular, .directory, .deletedFile, .memfd:
+            case .regular, .directory, .deletedFile, .memfd, .memfdOfMapping:
                 if record.position != 0 {
                     try injector.call("lseek", Syscall.lseek, UInt64(descriptor), UInt64(bitPattern: record.position), 0)
                 }
@@ -124,6 +124,10 @@ final class DescriptorRestorer {
             }
             defer { try? ForeignDescriptor.removeFile(record.path) }
             try park(UInt64(try openInTarget(record.path, flags: flags)), record)
+        case .memfdOfMapping(let start, let end, _):
+            // The layout made the object with its mappings; map_files opens it again (as root, which the
+            // target still is here).
+            try park(UInt64(try openInTarget("/proc/self/map_files/\(String(start, radix: 16))-\(String(end, radix: 16))", flags: flags)), record)
         case .memfd(let name, let file, let seals):
             try memory.write(Array(name.utf8) + [0], at: dataAddress + 8192)
             // MFD_ALLOW_SEALING (2) unless the memfd was made without it (its only seal is F_SEAL_SEAL).

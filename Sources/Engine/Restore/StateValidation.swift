@@ -135,6 +135,7 @@ extension ProcessState {
 
     private func validateMappings(path: String) throws(ImageError) {
         try Self.checkPath(executablePath, "the executable path", path: path)
+        var sharedObjects: [Int32: SharedMemory] = [:]
         for (index, mapping) in mappings.enumerated() {
             let range = "mapping \(index) (\(hex(mapping.start))-\(hex(mapping.end)))"
             if let problem = mapping.addressProblem { throw .unrestorableState(path: path, reason: "\(range) \(problem)") }
@@ -149,6 +150,13 @@ extension ProcessState {
                 guard !mapping.shared else {
                     throw .unrestorableState(path: path, reason: "\(range) is shared anonymous memory, which cannot be restored")
                 }
+            case .sharedMemory(let memory):
+                guard mapping.shared else { throw .unrestorableState(path: path, reason: "\(range) is shared memory mapped private") }
+                guard memory.memfdName?.utf8.contains(0) != true else { throw .unrestorableState(path: path, reason: "\(range)'s memfd name holds a NUL byte") }
+                if let first = sharedObjects[memory.object], first != memory {
+                    throw .unrestorableState(path: path, reason: "\(range) describes shared memory object \(memory.object) unlike its other mappings")
+                }
+                sharedObjects[memory.object] = memory
             case .vdsoPart, .vsyscall:
                 break
             }
@@ -174,6 +182,8 @@ extension ProcessState {
             switch mapping.kind {
             case .vdsoPart, .vsyscall:
                 throw .badPageAddress(path: path, slot: slot, address: address, reason: "lies in the vDSO, which is never dumped")
+            case .sharedMemory:
+                break
             default:
                 guard !mapping.shared else {
                     throw .badPageAddress(path: path, slot: slot, address: address, reason: "lies in a shared mapping, which is never dumped")
@@ -348,6 +358,10 @@ extension ProcessState {
                 guard [0, 1, 7].contains(timer.clock), timer.settimeFlags & ~3 == 0 else { throw bad(file, "has clock \(timer.clock), flags \(timer.settimeFlags)") }
             case .memfd(let name, _, _):
                 guard !name.utf8.contains(0) else { throw bad(file, "has a name with a NUL byte") }
+            case .memfdOfMapping(let start, let end, _):
+                guard mappings.contains(where: { mapping in
+                    if case .sharedMemory(let memory) = mapping.kind { memory.memfdName != nil && mapping.start == start && mapping.end == end } else { false }
+                }) else { throw bad(file, "reopens a memfd mapping at \(hex(start))-\(hex(end)) that is not restored") }
             case .regular, .directory, .deletedFile, .signalQueue: break
             }
         }

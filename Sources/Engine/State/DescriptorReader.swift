@@ -74,6 +74,12 @@ enum DescriptorReader {
             }
         }
 
+        // Memfds that are also mapped, by device and inode: the lowest mapping of each.
+        var mappedMemfds: [String: (start: UInt64, end: UInt64)] = [:]
+        for entry in (try? ProcFS.maps(processID)) ?? [] where entry.shared && entry.path.hasPrefix("/memfd:") {
+            let key = "\(entry.device) \(entry.inode)"
+            if mappedMemfds[key] == nil { mappedMemfds[key] = (entry.start, entry.end) }
+        }
         var carriedByteCount = 0
         var records: [OpenFile] = []
         for probe in probes {
@@ -86,6 +92,13 @@ enum DescriptorReader {
                 continue
             }
             var record = OpenFile(descriptor: probe.descriptor, path: "", flags: flags, position: position)
+            if let identity = probe.identity, identity.isRegular, probe.link.hasPrefix("/memfd:"),
+               let mapping = mappedMemfds[mapsDevice(identity.device) + " \(identity.inode)"] {
+                let seals = try ForeignDescriptor(processID: processID, remoteDescriptor: probe.descriptor).seals()
+                record.kind = .memfdOfMapping(mappingStart: mapping.start, mappingEnd: mapping.end, seals: seals)
+                records.append(record)
+                continue
+            }
             record.kind = try classify(probe, processID: processID, contents: contents, path: &record.path,
                                        pipeEnds: pipeEnds, sockets: sockets, refuse: refuse)
             carriedByteCount += contents ? record.kind.carriedByteCount : plannedByteCount(probe, processID: processID, kind: record.kind)
@@ -258,6 +271,14 @@ enum DescriptorReader {
                 if target.link == "anon_inode:[eventpoll]" { throw refuse(probe, "an epoll set that watches another epoll set") }
             }
         }
+    }
+
+    /// st_dev as /proc/PID/maps writes it ("major:minor", hex, at least two digits each).
+    static func mapsDevice(_ device: UInt64) -> String {
+        let major = (device >> 8) & 0xfff | (device >> 32) & ~0xfff
+        let minor = device & 0xff | (device >> 12) & ~0xff
+        func twoDigits(_ value: UInt64) -> String { let text = String(value, radix: 16); return text.count < 2 ? "0" + text : text }
+        return twoDigits(major) + ":" + twoDigits(minor)
     }
 
     /// `key:\tvalue` lines of an fdinfo file.

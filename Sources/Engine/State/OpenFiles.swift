@@ -71,6 +71,9 @@ public enum OpenFileKind: Equatable, Sendable {
     case deletedFile(CarriedFile)
     /// memfd_create(name): contents, seals.
     case memfd(name: String, file: CarriedFile, seals: UInt32)
+    /// A memfd that is also mapped: reopened through the mapping at `mappingStart` (its object's lowest),
+    /// which the layout restored with the object's pages.
+    case memfdOfMapping(mappingStart: UInt64, mappingEnd: UInt64, seals: UInt32)
     /// dup of a lower descriptor: the same open file description (offset and status flags shared).
     case duplicate(of: Int32)
     /// A pipe end; with a path (OpenFile.path) a FIFO.
@@ -87,7 +90,7 @@ public enum OpenFileKind: Equatable, Sendable {
         case .regular: "file"
         case .directory: "directory"
         case .deletedFile: "deleted file"
-        case .memfd: "memfd"
+        case .memfd, .memfdOfMapping: "memfd"
         case .duplicate: "duplicate"
         case .pipe: "pipe"
         case .eventCounter: "eventfd"

@@ -54,6 +54,27 @@ public enum MappingKind: Equatable, Sendable {
     case vdsoPart(name: String)
     /// `[vsyscall]`: fixed by the kernel; nothing to do.
     case vsyscall
+    /// A MAP_SHARED mapping of shared memory (shmem) that exists only in the process: shared anonymous
+    /// memory ("/dev/zero (deleted)") or a memfd. Its pages are dumped like anonymous ones and installed
+    /// into one new object per `SharedMemory.object`, so that mappings of one object stay one.
+    case sharedMemory(SharedMemory)
+}
+
+/// One shared-memory object of the process, as its mappings see it.
+public struct SharedMemory: Equatable, Sendable {
+    /// Numbers the process's objects 0, 1, ... in the order of their lowest mapping: two mappings with
+    /// one number map one object.
+    public var object: Int32
+    /// nil: shared anonymous memory; else the memfd's name.
+    public var memfdName: String?
+    /// The object's size (its shmem file's).
+    public var byteCount: UInt64
+    /// A memfd made without MFD_ALLOW_SEALING (its only seal is F_SEAL_SEAL).
+    public var sealingForbidden = false
+
+    public init(object: Int32, memfdName: String?, byteCount: UInt64, sealingForbidden: Bool = false) {
+        (self.object, self.memfdName, self.byteCount, self.sealingForbidden) = (object, memfdName, byteCount, sealingForbidden)
+    }
 }
 
 /// One VMA of the victim.

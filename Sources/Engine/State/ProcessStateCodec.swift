@@ -6,7 +6,7 @@ extension ProcessState {
     /// Bumped whenever the encoding changes; the image format version covers the layout around it.
     /// 3: each thread's sigaltstack, and the process context (cwd, umask, oom_score_adj, dumpable, THP).
     /// 4: the interval timers (setitimer).
-    /// 5: each descriptor's kind (directory, deleted file, memfd, dup, pipe, eventfd, signalfd, timerfd,
+    /// 5: shared-memory mappings (shared anonymous, memfd), and each descriptor's kind (directory, deleted file, memfd, dup, pipe, eventfd, signalfd, timerfd,
     ///    epoll, UNIX socket pair) with what it carries.
     static let encodingVersion: UInt32 = 5
 
@@ -225,6 +225,13 @@ extension Mapping {
         case .file(let path): writer.writeUInt8(3); writer.writeString(path)
         case .vdsoPart(let name): writer.writeUInt8(4); writer.writeString(name)
         case .vsyscall: writer.writeUInt8(5)
+        case .sharedMemory(let memory):
+            writer.writeUInt8(6)
+            writer.writeInt32(memory.object)
+            writer.writeBool(memory.memfdName != nil)
+            if let name = memory.memfdName { writer.writeString(name) }
+            writer.writeUInt64(memory.byteCount)
+            writer.writeBool(memory.sealingForbidden)
         }
     }
 
@@ -247,6 +254,16 @@ extension Mapping {
             }
             kind = .vdsoPart(name: name)
         case 5: kind = .vsyscall
+        case 6:
+            let object = try reader.readInt32()
+            let name: String? = try reader.readBool() ? try reader.readString(maximumByteCount: 249) : nil
+            let byteCount = try reader.readUInt64()
+            let sealingForbidden = try reader.readBool()
+            guard (0..<65536).contains(object), byteCount % 4096 == 0, byteCount <= AddressSpace.userSpaceEnd,
+                  fileOffset <= byteCount, end &- start <= byteCount - fileOffset else {
+                throw .malformedMetadata(reason: "shared memory object \(object) of \(byteCount) bytes mapped at offset \(hex(fileOffset))")
+            }
+            kind = .sharedMemory(SharedMemory(object: object, memfdName: name, byteCount: byteCount, sealingForbidden: sealingForbidden))
         case let other: throw .malformedMetadata(reason: "unknown mapping kind \(other)")
         }
         var mapping = Mapping(start: start, end: end, readable: bits & 1 != 0, writable: bits & 2 != 0,
@@ -289,6 +306,8 @@ extension OpenFile {
             writer.writeArray(entries) { writer, entry in
                 writer.writeInt32(entry.descriptor); writer.writeUInt32(entry.events); writer.writeUInt64(entry.data)
             }
+        case .memfdOfMapping(let start, let end, let seals):
+            writer.writeUInt8(11); writer.writeUInt64(start); writer.writeUInt64(end); writer.writeUInt32(seals)
         case .unixSocket(let end):
             writer.writeUInt8(10); writer.writeInt32(end.type); writer.writeInt32(end.peer)
             writer.writeArray(end.queued) { writer, message in writer.writeBytes(message) }
@@ -335,6 +354,8 @@ extension OpenFile {
             }
             file.kind = .unixSocket(UnixSocketEnd(type: type, peer: peer, queued: queued, shutdown: try reader.readUInt8(),
                                                   sendBufferByteCount: try reader.readInt32(), receiveBufferByteCount: try reader.readInt32()))
+        case 11:
+            file.kind = .memfdOfMapping(mappingStart: try reader.readUInt64(), mappingEnd: try reader.readUInt64(), seals: try reader.readUInt32())
         case let other: throw .malformedMetadata(reason: "fd \(descriptor) has unknown kind \(other)")
         }
         return file
