@@ -73,7 +73,7 @@ public enum StateOracle {
                                             expected: describe(expectedLayout.filter { !actualLayout.contains($0) }),
                                             actual: describe(actualLayout.filter { !expectedLayout.contains($0) })))
         }
-        check("open files", checkpointed.files, restored.files)
+        fileMismatches(checkpointed.files, restored.files, into: &mismatches)
         let expectedContext = checkpointed.context, actualContext = restored.context
         check("working directory", expectedContext.workingDirectory, actualContext.workingDirectory)
         check("umask", expectedContext.fileCreationMask, actualContext.fileCreationMask) { "0o" + String($0, radix: 8) }
@@ -176,6 +176,73 @@ public enum StateOracle {
         return mayHaveFired
     }
 
+    /// How far a restored timerfd's time left may be below the checkpointed one (the restore and the
+    /// schedule between its steps); it may never be above.
+    static let descriptorTimerSlackNanoseconds: UInt64 = 2_000_000_000
+
+    /// Every descriptor must come back with the same number, kind, flags, offset and everything it
+    /// holds: buffered pipe bytes, queued messages, a counter, a mask, a carried file's bytes and seals,
+    /// an epoll set's registrations. A timerfd runs on from its restore: its time left may be lower by the
+    /// slack, and it may have expired meanwhile (more ticks, time left wrapped to the interval).
+    static func fileMismatches(_ expected: [OpenFile], _ actual: [OpenFile], into mismatches: inout [StateMismatch]) {
+        if expected.map(\.descriptor) != actual.map(\.descriptor) {
+            mismatches.append(StateMismatch(field: "open descriptors", expected: "\(expected.map(\.descriptor))", actual: "\(actual.map(\.descriptor))"))
+            return
+        }
+        for (wanted, got) in zip(expected, actual) {
+            let field = "fd \(wanted.descriptor) (\(wanted.kind.name))"
+            func mismatch(_ what: String, _ expectedText: String, _ actualText: String) {
+                mismatches.append(StateMismatch(field: field + what, expected: expectedText, actual: actualText))
+            }
+            if case .timer(let wantedTimer) = wanted.kind, case .timer(let gotTimer) = got.kind {
+                var comparable = got
+                comparable.kind = wanted.kind
+                if comparable != wanted { mismatch("", "\(wanted)", "\(got)") }
+                if let problem = timerProblem(wantedTimer, gotTimer) { mismatch(" timer", "\(wantedTimer)", "\(gotTimer): \(problem)") }
+                continue
+            }
+            guard wanted != got else { continue }
+            if wanted.kind.name != got.kind.name { mismatch(" kind", wanted.kind.name, got.kind.name); continue }
+            if wanted.path != got.path { mismatch(" path", wanted.path, got.path) }
+            if wanted.flags != got.flags { mismatch(" flags", "0o" + String(wanted.flags, radix: 8), "0o" + String(got.flags, radix: 8)) }
+            if wanted.position != got.position { mismatch(" offset", "\(wanted.position)", "\(got.position)") }
+            if wanted.kind != got.kind { mismatch(" contents", describe(wanted.kind), describe(got.kind)) }
+        }
+    }
+
+    static func timerProblem(_ wanted: TimerDescriptor, _ got: TimerDescriptor) -> String? {
+        if wanted.clock != got.clock || wanted.settimeFlags != got.settimeFlags || wanted.intervalNanoseconds != got.intervalNanoseconds {
+            return "clock, flags or interval differ"
+        }
+        if got.ticks < wanted.ticks { return "ticks were lost" }
+        if wanted.valueNanoseconds == 0 { return got.valueNanoseconds == 0 && got.ticks == wanted.ticks ? nil : "a disarmed timer runs" }
+        if got.ticks == wanted.ticks {
+            if got.valueNanoseconds == 0 { return "an armed timer was disarmed" }
+            if got.valueNanoseconds > wanted.valueNanoseconds { return "more time left than at the checkpoint" }
+            return wanted.valueNanoseconds - got.valueNanoseconds <= descriptorTimerSlackNanoseconds ? nil : "time left lost"
+        }
+        // Expired since the restore armed it: only if little time was left, and then it is off (one-shot)
+        // or re-armed within its interval.
+        if wanted.valueNanoseconds > descriptorTimerSlackNanoseconds { return "expired though much time was left" }
+        if wanted.intervalNanoseconds == 0 { return got.valueNanoseconds == 0 ? nil : "a one-shot timer re-armed" }
+        return got.valueNanoseconds <= wanted.intervalNanoseconds ? nil : "re-armed beyond its interval"
+    }
+
+    static func describe(_ kind: OpenFileKind) -> String {
+        switch kind {
+        case .deletedFile(let file): "\(file.contents.count) bytes, mode 0o\(String(file.mode, radix: 8)), owner \(file.userID):\(file.groupID), digest \(hex(digest(file.contents)))"
+        case .memfd(let name, let file, let seals): "memfd \(name), \(file.contents.count) bytes, mode 0o\(String(file.mode, radix: 8)), seals \(hex(UInt64(seals))), digest \(hex(digest(file.contents)))"
+        case .pipe(let end): "channel \(end.channel) \(end.isReadEnd ? "read" : "write") end, capacity \(end.capacityByteCount), \(end.buffered.count) bytes buffered, digest \(hex(digest(end.buffered)))"
+        case .unixSocket(let end): "type \(end.type), peer \(end.peer), \(end.queued.count) messages of \(end.queued.map(\.count)) bytes, digest \(hex(digest(end.queued.flatMap { $0 }))), shutdown \(end.shutdown), buffers \(end.sendBufferByteCount)/\(end.receiveBufferByteCount)"
+        default: "\(kind)"
+        }
+    }
+
+    /// FNV-1a, to name a content difference without printing the contents.
+    static func digest(_ bytes: [UInt8]) -> UInt64 {
+        bytes.reduce(0xcbf2_9ce4_8422_2325) { ($0 ^ UInt64($1)) &* 0x100_0000_01b3 }
+    }
+
     /// Mappings with adjacent, alike VMAs merged (same kind, sharing and protection; files at
     /// contiguous offsets): the kernel merges such neighbours when the restorer maps them one by one.
     /// The heap is anonymous memory the kernel labels by the brk range: an anonymous VMA right before it
@@ -189,7 +256,10 @@ public enum StateOracle {
                last.shared == mapping.shared, last.protection == mapping.protection {
                 if mapping.kind == .heap { last.kind = .heap }
                 let contiguous: Bool
-                if case .file = mapping.kind { contiguous = last.fileOffset + last.byteCount == mapping.fileOffset } else { contiguous = true }
+                switch mapping.kind {
+                case .file, .sharedMemory: contiguous = last.fileOffset + last.byteCount == mapping.fileOffset
+                default: contiguous = true
+                }
                 if contiguous {
                     last.end = mapping.end
                     result[result.count - 1] = last

@@ -65,7 +65,9 @@ public final class Userfaultfd: @unchecked Sendable {
     /// The features a restore asks for: the faulting thread's ID, and events for mremap, MADV_DONTNEED
     /// and munmap of registered memory (without them a lazy page would be installed where the process
     /// dropped or moved it).
-    public static let restoreFeatures: UInt64 = (1 << 2) | (1 << 3) | (1 << 6) | (1 << 8)
+    /// UFFD_FEATURE_MISSING_SHMEM (1 << 5): missing-page faults on shared memory (shared anonymous,
+    /// memfd), installed with UFFDIO_COPY and UFFDIO_ZEROPAGE like anonymous ones.
+    public static let restoreFeatures: UInt64 = (1 << 2) | (1 << 3) | (1 << 5) | (1 << 6) | (1 << 8)
 
     /// UFFDIO_API asking for `features`; returns the features the kernel grants.
     @discardableResult

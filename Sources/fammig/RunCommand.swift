@@ -148,7 +148,10 @@ struct Run: ParsableCommand {
         report.migratedChecksum = checksum
         report.programStatus = "\(status)"
         var verdicts = oracles.verdicts
-        verdicts.append(OracleVerdict(name: "program", passed: status == .exited(0), detail: "\(status)"))
+        // A failed self-check says why on its stderr, which is removed with the work directory: keep its first line.
+        let failure = status == .exited(0) ? "" : ((try? String(contentsOfFile: workDirectory + "/migrated.err", encoding: .utf8))?
+            .split(separator: "\n").first.map { ": " + $0 } ?? "")
+        verdicts.append(OracleVerdict(name: "program", passed: status == .exited(0), detail: "\(status)\(failure)"))
         if !noReference {
             let same = checksum != nil && checksum == report.referenceChecksum
             verdicts.append(OracleVerdict(name: "end to end", passed: same,

@@ -28,7 +28,7 @@ enum StateSummary {
             lines.append("  \(hex(mapping.start))-\(hex(mapping.end)) \(protection) \(mapping.kind)")
         }
         lines.append("files           \(state.files.count)")
-        for file in state.files { lines.append("  fd \(file.descriptor) \(file.path) at \(file.position)") }
+        for file in state.files { lines.append("  fd \(file.descriptor) \(file.kind.name) \(file.path) at \(file.position)") }
         return lines
     }
 }

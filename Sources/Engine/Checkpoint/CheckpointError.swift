@@ -26,7 +26,7 @@ public enum CheckpointError: Error, CustomStringConvertible, Sendable {
         case .multipleThreads(let pid, let count):
             "pid \(pid) has \(count) threads; at most \(ProcessState.maximumThreadCount) can be migrated. It was left running untouched."
         case .unsupportedDescriptor(let pid, let descriptor, let target):
-            "pid \(pid): fd \(descriptor) is \(target); only regular files and /dev/null can be migrated. Close or redirect it (e.g. stdout to a file). The process was left running untouched."
+            "pid \(pid): fd \(descriptor) is \(target), which cannot be migrated. Close or redirect it (e.g. stdout to a file). The process was left running untouched."
         case .unsupportedMapping(let pid, let range, let reason):
             "pid \(pid): mapping \(range) cannot be migrated (\(reason)). The process was left running untouched."
         case .hasChildren(let pid, let children):

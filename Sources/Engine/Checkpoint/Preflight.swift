@@ -5,14 +5,6 @@ import Sys
 import Glibc
 #endif
 
-/// A regular file or /dev/null that the victim holds open.
-struct DescriptorInfo: Equatable {
-    var descriptor: Int32
-    var path: String
-    var flags: Int32
-    var position: Int64
-}
-
 enum Preflight {
     /// Throws the first reason `processID` cannot be migrated.
     static func check(_ processID: ProcessID) throws(CheckpointError) {
@@ -54,6 +46,9 @@ enum Preflight {
             switch mapping.kind {
             case .vdsoPart, .vsyscall: continue
             case .file where mapping.shared: continue
+            case .sharedMemory:
+                addresses += try sharedMemoryPageAddresses(processID, mapping: mapping)
+                continue
             default: break
             }
             let pageCount = Int(mapping.byteCount / 4096)
@@ -75,36 +70,61 @@ enum Preflight {
         return addresses
     }
 
-    /// Every open descriptor, refusing anything but regular files and /dev/null.
-    static func descriptors(_ processID: ProcessID) throws(CheckpointError) -> [DescriptorInfo] {
-        let numbers: [Int32]
-        do { numbers = try ProcFS.descriptors(processID) } catch { throw .noSuchProcess(processID) }
-        var result: [DescriptorInfo] = []
-        for number in numbers {
-            let linkPath = "/proc/\(processID)/fd/\(number)"
-            guard let target = try? ProcFS.readLink(linkPath) else { continue }  // closed meanwhile
-            var info = stat()
-            guard stat(linkPath, &info) == 0 else {
-                throw .unsupportedDescriptor(processID, descriptor: number, target: target)
+    /// The pages of a shared-memory mapping its object holds (SEEK_DATA on the object itself, through
+    /// map_files): a page this process never touched may hold another mapping's data, and a page it
+    /// dropped with MADV_DONTNEED is still there; a hole reads as zeros and is not dumped.
+    static func sharedMemoryPageAddresses(_ processID: ProcessID, mapping: Mapping) throws(CheckpointError) -> [UInt64] {
+        let path = "/proc/\(processID)/map_files/\(String(mapping.start, radix: 16))-\(String(mapping.end, radix: 16))"
+        do {
+            let object = try ForeignDescriptor(openingForReading: path)
+            let start = Int64(mapping.fileOffset), end = start + Int64(mapping.byteCount)
+            return try object.dataRanges(from: start, to: end).flatMap { range in
+                stride(from: range.lowerBound / 4096 * 4096, to: range.upperBound, by: 4096).map { mapping.start + UInt64($0 - start) }
             }
-            let fileType = info.st_mode & S_IFMT
-            let isDevNull = fileType == S_IFCHR && target == "/dev/null"
-            guard (fileType == S_IFREG && !target.hasSuffix(" (deleted)")) || isDevNull else {
-                throw .unsupportedDescriptor(processID, descriptor: number, target: target)
-            }
-            guard let fdinfo = try? ProcFS.readText("/proc/\(processID)/fdinfo/\(number)") else { continue }
-            var position: Int64 = 0
-            var flags: Int32 = 0
-            for line in fdinfo.split(separator: "\n") {
-                let parts = line.split(separator: ":", maxSplits: 1)
-                guard parts.count == 2 else { continue }
-                let value = parts[1].trimmingSpaces()
-                if parts[0] == "pos" { position = Int64(value) ?? 0 }
-                if parts[0] == "flags" { flags = Int32(value, radix: 8) ?? 0 }
-            }
-            result.append(DescriptorInfo(descriptor: number, path: target, flags: flags, position: position))
+        } catch {
+            if !ProcFS.isAlive(processID) { throw .noSuchProcess(processID) }
+            throw .system(processID, "reading shared memory \(hex(mapping.start)): \(error)")
         }
-        return result
+    }
+
+    /// Every open descriptor, refusing what cannot be recreated (DescriptorReader); contents not read.
+    static func descriptors(_ processID: ProcessID) throws(CheckpointError) -> [OpenFile] {
+        try DescriptorReader.read(processID, contents: false)
+    }
+
+    /// A MAP_SHARED mapping of shared anonymous memory or of a memfd, numbered by object (device and
+    /// inode) in address order; nil for any other mapping. A memfd with seals is refused (they would
+    /// have to be set after its pages are in).
+    static func sharedMemory(_ processID: ProcessID, entry: MapsEntry, range: String,
+                             objects: inout [String: Int32]) throws(CheckpointError) -> SharedMemory? {
+        let deleted = " (deleted)"
+        guard entry.shared, entry.path.hasSuffix(deleted) else { return nil }
+        let name = String(entry.path.dropLast(deleted.count))
+        let memfdName: String?
+        if name == "/dev/zero" {
+            memfdName = nil
+        } else if name.hasPrefix("/memfd:") {
+            memfdName = String(name.dropFirst("/memfd:".count))
+        } else {
+            return nil
+        }
+        let path = "/proc/\(processID)/map_files/\(String(entry.start, radix: 16))-\(String(entry.end, radix: 16))"
+        guard let identity = FileIdentity.of(path: path) else {
+            throw .unsupportedMapping(processID, range: range, reason: "its shared memory object cannot be opened through map_files")
+        }
+        var seals: UInt32 = 0
+        if memfdName != nil {
+            seals = (try? ForeignDescriptor(openingForReading: path).seals()) ?? 0
+            guard seals & ~1 == 0 else { throw .unsupportedMapping(processID, range: range, reason: "a mapped memfd with seals \(seals)") }
+        }
+        let key = "\(entry.device) \(entry.inode)"
+        let object = objects[key] ?? Int32(objects.count)
+        objects[key] = object
+        let byteCount = (UInt64(max(identity.byteCount, 0)) + 4095) / 4096 * 4096
+        guard entry.fileOffset + entry.byteCount <= byteCount else {
+            throw .unsupportedMapping(processID, range: range, reason: "it maps beyond the end of its shared memory object")
+        }
+        return SharedMemory(object: object, memfdName: memfdName, byteCount: byteCount, sealingForbidden: seals == 1)
     }
 
     /// The VMA table, classified, refusing what the restorer cannot rebuild.
@@ -112,9 +132,15 @@ enum Preflight {
         let entries: [MapsEntry]
         do { entries = try ProcFS.maps(processID) } catch { throw .noSuchProcess(processID) }
         var result: [Mapping] = []
+        var sharedObjects: [String: Int32] = [:]
         for entry in entries {
             let range = "\(hex(entry.start))-\(hex(entry.end)) \(entry.path)"
             let kind: MappingKind
+            if let memory = try sharedMemory(processID, entry: entry, range: range, objects: &sharedObjects) {
+                result.append(Mapping(start: entry.start, end: entry.end, readable: entry.readable, writable: entry.writable,
+                                      executable: entry.executable, shared: true, fileOffset: entry.fileOffset, kind: .sharedMemory(memory)))
+                continue
+            }
             switch entry.path {
             case "": kind = .anonymous
             case "[heap]": kind = .heap

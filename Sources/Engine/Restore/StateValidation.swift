@@ -135,6 +135,7 @@ extension ProcessState {
 
     private func validateMappings(path: String) throws(ImageError) {
         try Self.checkPath(executablePath, "the executable path", path: path)
+        var sharedObjects: [Int32: SharedMemory] = [:]
         for (index, mapping) in mappings.enumerated() {
             let range = "mapping \(index) (\(hex(mapping.start))-\(hex(mapping.end)))"
             if let problem = mapping.addressProblem { throw .unrestorableState(path: path, reason: "\(range) \(problem)") }
@@ -149,6 +150,13 @@ extension ProcessState {
                 guard !mapping.shared else {
                     throw .unrestorableState(path: path, reason: "\(range) is shared anonymous memory, which cannot be restored")
                 }
+            case .sharedMemory(let memory):
+                guard mapping.shared else { throw .unrestorableState(path: path, reason: "\(range) is shared memory mapped private") }
+                guard memory.memfdName?.utf8.contains(0) != true else { throw .unrestorableState(path: path, reason: "\(range)'s memfd name holds a NUL byte") }
+                if let first = sharedObjects[memory.object], first != memory {
+                    throw .unrestorableState(path: path, reason: "\(range) describes shared memory object \(memory.object) unlike its other mappings")
+                }
+                sharedObjects[memory.object] = memory
             case .vdsoPart, .vsyscall:
                 break
             }
@@ -174,6 +182,8 @@ extension ProcessState {
             switch mapping.kind {
             case .vdsoPart, .vsyscall:
                 throw .badPageAddress(path: path, slot: slot, address: address, reason: "lies in the vDSO, which is never dumped")
+            case .sharedMemory:
+                break
             default:
                 guard !mapping.shared else {
                     throw .badPageAddress(path: path, slot: slot, address: address, reason: "lies in a shared mapping, which is never dumped")
@@ -289,12 +299,70 @@ extension ProcessState {
             guard (0..<KernelLimits.descriptorLimit).contains(file.descriptor), seenDescriptors.insert(file.descriptor).inserted else {
                 throw .unrestorableState(path: path, reason: "fd \(file.descriptor) is outside 0..<\(KernelLimits.descriptorLimit) or appears twice")
             }
-            try Self.checkPath(file.path, "fd \(file.descriptor)'s path", path: path)
+            switch file.kind {
+            case .regular, .directory, .deletedFile: try Self.checkPath(file.path, "fd \(file.descriptor)'s path", path: path)
+            case .pipe where !file.path.isEmpty: try Self.checkPath(file.path, "fd \(file.descriptor)'s path", path: path)
+            default: break
+            }
             guard file.flags & KernelLimits.accessModeMask != KernelLimits.accessModeMask, file.flags & KernelLimits.temporaryFileFlag == 0 else {
                 throw .unrestorableState(path: path, reason: "fd \(file.descriptor) has open flags 0o\(String(file.flags, radix: 8)), which cannot be reopened")
             }
             guard file.position >= 0 else {
                 throw .unrestorableState(path: path, reason: "fd \(file.descriptor) is at position \(file.position)")
+            }
+        }
+        try validateDescriptorRelations(path: path)
+    }
+
+    /// Records that refer to others must find them as they say: a dup's original is a lower, non-dup
+    /// record; a pipe has one read and one write end naming the same channel, its lowest descriptor; a
+    /// socket's peer names it back, with the same type; an epoll set watches existing non-epoll records.
+    private func validateDescriptorRelations(path: String) throws(ImageError) {
+        let byDescriptor = Dictionary(files.map { ($0.descriptor, $0) }, uniquingKeysWith: { first, _ in first })
+        func bad(_ file: OpenFile, _ reason: String) -> ImageError {
+            .unrestorableState(path: path, reason: "fd \(file.descriptor) (\(file.kind.name)) \(reason)")
+        }
+        for file in files {
+            switch file.kind {
+            case .duplicate(let original):
+                guard original < file.descriptor, let target = byDescriptor[original] else { throw bad(file, "duplicates fd \(original), which is not a lower record") }
+                if case .duplicate = target.kind { throw bad(file, "duplicates a duplicate") }
+            case .pipe(let end):
+                let ends = files.filter { if case .pipe(let other) = $0.kind { other.channel == end.channel } else { false } }
+                let readEnds = ends.filter { if case .pipe(let other) = $0.kind { other.isReadEnd } else { false } }
+                guard ends.count == 2, readEnds.count == 1, ends.map(\.descriptor).min() == end.channel,
+                      ends[0].path == ends[1].path else {
+                    throw bad(file, "is not one of exactly two ends (one read end) of pipe \(end.channel)")
+                }
+                guard (4096...DescriptorLimits.pipeCapacityByteCountMax).contains(end.capacityByteCount),
+                      end.buffered.count <= Int(end.capacityByteCount), end.isReadEnd || end.buffered.isEmpty else {
+                    throw bad(file, "has capacity \(end.capacityByteCount) with \(end.buffered.count) bytes buffered")
+                }
+            case .unixSocket(let end):
+                guard end.type == 1 || end.type == 2 else { throw bad(file, "has socket type \(end.type)") }
+                guard end.peer != file.descriptor, let peer = byDescriptor[end.peer], case .unixSocket(let other) = peer.kind,
+                      other.peer == file.descriptor, other.type == end.type else {
+                    throw bad(file, "names fd \(end.peer) as its peer, which does not name it back")
+                }
+                guard end.shutdown & ~3 == 0, end.sendBufferByteCount >= 0, end.receiveBufferByteCount >= 0 else {
+                    throw bad(file, "has shutdown \(end.shutdown) or negative buffer sizes")
+                }
+            case .eventPoll(let entries):
+                for entry in entries {
+                    guard let target = byDescriptor[entry.descriptor] else { throw bad(file, "watches fd \(entry.descriptor), which is not restored") }
+                    if case .eventPoll = target.kind { throw bad(file, "watches another epoll set") }
+                }
+            case .eventCounter(let count, _):
+                guard count < UInt64.max else { throw bad(file, "holds count \(count)") }
+            case .timer(let timer):
+                guard [0, 1, 7].contains(timer.clock), timer.settimeFlags & ~3 == 0 else { throw bad(file, "has clock \(timer.clock), flags \(timer.settimeFlags)") }
+            case .memfd(let name, _, _):
+                guard !name.utf8.contains(0) else { throw bad(file, "has a name with a NUL byte") }
+            case .memfdOfMapping(let start, let end, _):
+                guard mappings.contains(where: { mapping in
+                    if case .sharedMemory(let memory) = mapping.kind { memory.memfdName != nil && mapping.start == start && mapping.end == end } else { false }
+                }) else { throw bad(file, "reopens a memfd mapping at \(hex(start))-\(hex(end)) that is not restored") }
+            case .regular, .directory, .deletedFile, .signalQueue: break
             }
         }
     }

@@ -24,6 +24,9 @@ final class TargetProcess {
     /// straight from FAM; everything else (private file pages) by pwrite to /proc/PID/mem.
     private var userfaultfd: Userfaultfd?
     private var registeredRanges: [Range<UInt64>] = []
+    /// Registered shared-memory mappings: a page found present there was installed through another
+    /// mapping of the same object, with the same dumped bytes.
+    private var sharedRanges: [Range<UInt64>] = []
     /// The threads besides the main one, created by `restoreState`, in the checkpoint's order; each with
     /// an injector that runs `syscall; int3` from the scratch page.
     private var otherThreads: [(tracee: Tracee, injector: SyscallInjector)] = []
@@ -168,12 +171,18 @@ final class TargetProcess {
 
     private func mapVictimMappings(_ state: ProcessState) throws {
         var openFiles: [String: UInt64] = [:]
+        var sharedObjectsMade: Set<Int32> = []
         defer { for descriptor in openFiles.values { _ = try? injector.raw("close", Syscall.close, [descriptor]) } }
         for mapping in state.mappings {
             let fixedNoReplace: UInt64 = 0x100000
             switch mapping.kind {
             case .vdsoPart, .vsyscall:
                 continue
+            case .sharedMemory(let object):
+                // Every mapping of an object is made with its first (they are one object).
+                guard sharedObjectsMade.insert(object.object).inserted else { continue }
+                try SharedMemoryRestorer(injector: injector, memory: memory, dataAddress: dataAddress)
+                    .make(object, mappings: state.mappings, avoiding: [scratchAddress..<(scratchAddress + Self.scratchByteCount)])
             case .anonymous, .heap, .stack:
                 var flags: UInt64 = 0x02 | 0x20 | fixedNoReplace  // MAP_PRIVATE | MAP_ANONYMOUS
                 if mapping.kind == .stack { flags |= 0x0100 }     // MAP_GROWSDOWN
@@ -205,11 +214,12 @@ final class TargetProcess {
         let taken = try Userfaultfd(processID: processID, remoteDescriptor: Int32(remote))
         try injector.call("close(userfaultfd)", Syscall.close, remote)
         try taken.handshake(features: Userfaultfd.restoreFeatures)
-        for mapping in state.mappings where !mapping.shared {
+        for mapping in state.mappings {
             switch mapping.kind {
-            case .anonymous, .heap, .stack:
+            case .anonymous where !mapping.shared, .heap where !mapping.shared, .stack where !mapping.shared, .sharedMemory:
                 try taken.registerMissing(start: mapping.start, byteCount: mapping.byteCount)
                 registeredRanges.append(mapping.start..<mapping.end)
+                if case .sharedMemory = mapping.kind { sharedRanges.append(mapping.start..<mapping.end) }
             default: continue
             }
         }
@@ -252,6 +262,9 @@ final class TargetProcess {
                         case .partial(let copiedByteCount):
                             installedPageCount += copiedByteCount / 4096
                             pieceDone += copiedByteCount
+                        case .firstPageAlreadyPresent where sharedRanges.contains(where: { $0.contains(current) }):
+                            installedPageCount += 1
+                            pieceDone += 4096
                         case .firstPageAlreadyPresent:
                             // Something made the page present before its install (seen once in 1000s of
                             // nonlive restores under load: a stack page, cause not found). UFFDIO_COPY
@@ -317,7 +330,7 @@ final class TargetProcess {
     /// Descriptors, signal actions, pending signals, personality, rseq, seccomp, credentials, xstate, mask.
     func restoreState(_ state: ProcessState) throws(RestoreError) {
         do {
-            try restoreFiles(state.files)
+            try DescriptorRestorer(injector: injector, memory: memory, dataAddress: dataAddress, processID: processID).restore(state.files)
             for action in state.signalActions where !action.isDefault {
                 var record: [UInt8] = []
                 for word in [action.handler, action.flags, action.restorer, action.mask] { record.appendLittleEndian(word) }
@@ -437,21 +450,6 @@ final class TargetProcess {
         if !isMain && !thread.commandName.isEmpty {
             try memory.write(Array(thread.commandName.utf8.prefix(15)) + [0], at: dataAddress)
             try injector.call("prctl(PR_SET_NAME)", Syscall.prctl, 15, dataAddress)
-        }
-    }
-
-    private func restoreFiles(_ files: [OpenFile]) throws {
-        let ignoredFlags: Int32 = O_CREAT | O_EXCL | O_TRUNC | O_NOCTTY
-        for file in files.sorted(by: { $0.descriptor < $1.descriptor }) {
-            let opened = try openInTarget(file.path, flags: file.flags & ~ignoredFlags)
-            if opened != file.descriptor {
-                try injector.call("dup3", Syscall.dup3, UInt64(opened), UInt64(file.descriptor),
-                                  UInt64(UInt32(bitPattern: file.flags & O_CLOEXEC)))
-                try injector.call("close", Syscall.close, UInt64(opened))
-            }
-            if file.position != 0 {
-                try injector.call("lseek", Syscall.lseek, UInt64(file.descriptor), UInt64(bitPattern: file.position), 0)
-            }
         }
     }
 

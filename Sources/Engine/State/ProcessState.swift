@@ -54,6 +54,27 @@ public enum MappingKind: Equatable, Sendable {
     case vdsoPart(name: String)
     /// `[vsyscall]`: fixed by the kernel; nothing to do.
     case vsyscall
+    /// A MAP_SHARED mapping of shared memory (shmem) that exists only in the process: shared anonymous
+    /// memory ("/dev/zero (deleted)") or a memfd. Its pages are dumped like anonymous ones and installed
+    /// into one new object per `SharedMemory.object`, so that mappings of one object stay one.
+    case sharedMemory(SharedMemory)
+}
+
+/// One shared-memory object of the process, as its mappings see it.
+public struct SharedMemory: Equatable, Sendable {
+    /// Numbers the process's objects 0, 1, ... in the order of their lowest mapping: two mappings with
+    /// one number map one object.
+    public var object: Int32
+    /// nil: shared anonymous memory; else the memfd's name.
+    public var memfdName: String?
+    /// The object's size (its shmem file's).
+    public var byteCount: UInt64
+    /// A memfd made without MFD_ALLOW_SEALING (its only seal is F_SEAL_SEAL).
+    public var sealingForbidden = false
+
+    public init(object: Int32, memfdName: String?, byteCount: UInt64, sealingForbidden: Bool = false) {
+        (self.object, self.memfdName, self.byteCount, self.sealingForbidden) = (object, memfdName, byteCount, sealingForbidden)
+    }
 }
 
 /// One VMA of the victim.
@@ -74,13 +95,20 @@ public struct Mapping: Equatable, Sendable {
     public func contains(_ address: UInt64) -> Bool { address >= start && address < end }
 }
 
-/// An open descriptor the restorer reopens: a regular file or /dev/null.
+/// An open descriptor the restorer recreates (OpenFiles.swift has the kinds).
 public struct OpenFile: Equatable, Sendable {
     public var descriptor: Int32
+    /// The path it is reopened by (regular files, directories, FIFOs; where a deleted file lived), or
+    /// empty for objects without one (pipes, sockets, eventfd, ...).
     public var path: String
     /// open(2) flags as /proc/PID/fdinfo shows them (octal there), O_CLOEXEC included.
     public var flags: Int32
     public var position: Int64
+    public var kind: OpenFileKind = .regular
+
+    public init(descriptor: Int32, path: String, flags: Int32, position: Int64, kind: OpenFileKind = .regular) {
+        (self.descriptor, self.path, self.flags, self.position, self.kind) = (descriptor, path, flags, position, kind)
+    }
 }
 
 /// A queued signal, as the raw 128-byte siginfo PTRACE_PEEKSIGINFO gives.

@@ -110,9 +110,7 @@ enum StateReader {
 
         let personalityText = try ProcFS.readText("/proc/\(processID)/personality")
         let personality = UInt32(personalityText.filter { $0.isHexDigit }, radix: 16) ?? 0
-        let files = try Preflight.descriptors(processID).map {
-            OpenFile(descriptor: $0.descriptor, path: $0.path, flags: $0.flags, position: $0.position)
-        }
+        let files = try DescriptorReader.read(processID, contents: true)
         var mappings = try Preflight.mappings(processID)
         if let excludedRange { mappings.removeAll { excludedRange.contains($0.start) } }
         let noReserveStarts = Self.noReserveMappingStarts(processID)

@@ -1,0 +1,331 @@
+// Reads a process's descriptors into OpenFile records: /proc/PID/fd and fdinfo say what each is; kcmp
+// says which share an open file description; unix_diag names a socket's peer; contents (carried files,
+// pipe buffers, socket queues) are read through a pidfd_getfd copy without being consumed. The preflight
+// reads without contents (the victim runs; only refusals matter), the freeze with them, and the state
+// oracle reads the restored target the same way.
+import Sys
+#if canImport(Glibc)
+import Glibc
+#endif
+
+enum DescriptorReader {
+    /// Every descriptor of `processID`, in descriptor order; throws the first one that cannot migrate.
+    /// With `contents` false, carried bytes are only counted (the records hold none).
+    static func read(_ processID: ProcessID, contents: Bool) throws(CheckpointError) -> [OpenFile] {
+        do {
+            return try readThrowing(processID, contents: contents)
+        } catch let error as CheckpointError {
+            throw error
+        } catch {
+            if !ProcFS.isAlive(processID) { throw .noSuchProcess(processID) }
+            throw .system(processID, "reading its descriptors: \(error)")
+        }
+    }
+
+    private struct Probe {
+        var descriptor: Int32
+        var link: String
+        var identity: FileIdentity?
+        var fdinfo: [String: String]
+        var fdinfoText: String
+    }
+
+    private static func readThrowing(_ processID: ProcessID, contents: Bool) throws -> [OpenFile] {
+        let numbers: [Int32]
+        do { numbers = try ProcFS.descriptors(processID) } catch { throw CheckpointError.noSuchProcess(processID) }
+        var probes: [Probe] = []
+        for number in numbers {
+            let linkPath = "/proc/\(processID)/fd/\(number)"
+            guard let link = try? ProcFS.readLink(linkPath),
+                  let fdinfoText = try? ProcFS.readText("/proc/\(processID)/fdinfo/\(number)") else { continue }  // closed meanwhile
+            let identity = FileIdentity.of(path: linkPath)
+            probes.append(Probe(descriptor: number, link: link, identity: identity, fdinfo: fields(fdinfoText), fdinfoText: fdinfoText))
+        }
+        func refuse(_ probe: Probe, _ reason: String) -> CheckpointError {
+            .unsupportedDescriptor(processID, descriptor: probe.descriptor, target: "\(probe.link) (\(reason))")
+        }
+
+        // Which descriptors share an open file description: compared only within one (link, inode)
+        // group, since a dup always shows the same link and inode.
+        var firstOfDescription: [Int32: Int32] = [:]
+        var groups: [String: [Int32]] = [:]
+        for probe in probes {
+            let key = "\(probe.link)|\(probe.identity?.device ?? 0)|\(probe.identity?.inode ?? 0)"
+            for earlier in groups[key, default: []] where try ForeignDescriptor.shareOpenFile(processID, earlier, probe.descriptor) {
+                firstOfDescription[probe.descriptor] = firstOfDescription[earlier] ?? earlier
+                break
+            }
+            groups[key, default: []].append(probe.descriptor)
+        }
+        let descriptions = probes.filter { firstOfDescription[$0.descriptor] == nil }
+
+        // Pipes: by inode, each pipe needs exactly one read and one write description in the process.
+        var pipeEnds: [UInt64: [Probe]] = [:]
+        // Sockets: by inode, with what unix_diag says.
+        var sockets: [UInt64: (probe: Probe, info: UnixSocketInfo)] = [:]
+        for probe in descriptions {
+            guard let identity = probe.identity else { continue }
+            if identity.isFIFO { pipeEnds[identity.inode, default: []].append(probe) }
+            if identity.isSocket {
+                guard let info = try UnixSocketDiagnostics.socket(inode: identity.inode) else {
+                    throw refuse(probe, "only UNIX socket pairs can be migrated")
+                }
+                sockets[identity.inode] = (probe, info)
+            }
+        }
+
+        // Memfds that are also mapped, by device and inode: the lowest mapping of each.
+        var mappedMemfds: [String: (start: UInt64, end: UInt64)] = [:]
+        for entry in (try? ProcFS.maps(processID)) ?? [] where entry.shared && entry.path.hasPrefix("/memfd:") {
+            let key = "\(entry.device) \(entry.inode)"
+            if mappedMemfds[key] == nil { mappedMemfds[key] = (entry.start, entry.end) }
+        }
+        var carriedByteCount = 0
+        var records: [OpenFile] = []
+        for probe in probes {
+            let flags = Int32(probe.fdinfo["flags"] ?? "0", radix: 8) ?? 0
+            let position = Int64(probe.fdinfo["pos"] ?? "0") ?? 0
+            if let first = firstOfDescription[probe.descriptor] {
+                let original = records.first { $0.descriptor == first }!
+                records.append(OpenFile(descriptor: probe.descriptor, path: original.path, flags: flags, position: position,
+                                        kind: .duplicate(of: first)))
+                continue
+            }
+            var record = OpenFile(descriptor: probe.descriptor, path: "", flags: flags, position: position)
+            if let identity = probe.identity, identity.isRegular, probe.link.hasPrefix("/memfd:"),
+               let mapping = mappedMemfds[mapsDevice(identity.device) + " \(identity.inode)"] {
+                let seals = try ForeignDescriptor(processID: processID, remoteDescriptor: probe.descriptor).seals()
+                record.kind = .memfdOfMapping(mappingStart: mapping.start, mappingEnd: mapping.end, seals: seals)
+                records.append(record)
+                continue
+            }
+            record.kind = try classify(probe, processID: processID, contents: contents, path: &record.path,
+                                       pipeEnds: pipeEnds, sockets: sockets, refuse: refuse)
+            carriedByteCount += contents ? record.kind.carriedByteCount : plannedByteCount(probe, processID: processID, kind: record.kind)
+            if carriedByteCount > DescriptorLimits.carriedByteCountMax {
+                throw refuse(probe, "the files, pipe buffers and socket queues to carry exceed \(DescriptorLimits.carriedByteCountMax) bytes")
+            }
+            records.append(record)
+        }
+        try checkEpollTargets(records, probes: probes, refuse: refuse)
+        return records
+    }
+
+    private static func classify(_ probe: Probe, processID: ProcessID, contents: Bool, path: inout String,
+                                 pipeEnds: [UInt64: [Probe]], sockets: [UInt64: (probe: Probe, info: UnixSocketInfo)],
+                                 refuse: (Probe, String) -> CheckpointError) throws -> OpenFileKind {
+        let link = probe.link
+        let deletedSuffix = " (deleted)"
+        switch link {
+        case "anon_inode:[eventfd]":
+            guard let countText = probe.fdinfo["eventfd-count"], let count = UInt64(countText, radix: 16) else {
+                throw refuse(probe, "its fdinfo has no eventfd-count")
+            }
+            return .eventCounter(count: count, semaphore: probe.fdinfo["eventfd-semaphore"] == "1")
+        case "anon_inode:[signalfd]":
+            guard let maskText = probe.fdinfo["sigmask"], let mask = UInt64(maskText, radix: 16) else {
+                throw refuse(probe, "its fdinfo has no sigmask")
+            }
+            return .signalQueue(mask: mask)
+        case "anon_inode:[timerfd]":
+            // fdinfo shows a periodic timer that expired and was not read yet with no time left: only
+            // timerfd_gettime moves it on to its next expiry (adding the expiries missed to its ticks),
+            // so ask that first and read ticks and flags after it.
+            let setting = try ForeignDescriptor(processID: processID, remoteDescriptor: probe.descriptor).timerSetting()
+            let fresh = fields(try ProcFS.readText("/proc/\(processID)/fdinfo/\(probe.descriptor)"))
+            guard var timer = timerDescriptor(fresh) else { throw refuse(probe, "its fdinfo does not describe a timer") }
+            (timer.valueNanoseconds, timer.intervalNanoseconds) = (setting.valueNanoseconds, setting.intervalNanoseconds)
+            guard [0, 1, 7].contains(timer.clock) else { throw refuse(probe, "alarm clock \(timer.clock) needs CAP_WAKE_ALARM semantics") }
+            return .timer(timer)
+        case "anon_inode:[eventpoll]":
+            guard let entries = epollEntries(probe.fdinfoText) else { throw refuse(probe, "its fdinfo lists malformed registrations") }
+            guard entries.count <= DescriptorLimits.epollEntryCountMax else { throw refuse(probe, "more than \(DescriptorLimits.epollEntryCountMax) registrations") }
+            // fdinfo lists them in the kernel's tree order (by file address): sort them by descriptor.
+            return .eventPoll(entries.map(\.entry).sorted { $0.descriptor < $1.descriptor })
+        default: break
+        }
+        guard let identity = probe.identity else { throw refuse(probe, "not a file, pipe, UNIX socket pair, eventfd, signalfd, timerfd or epoll") }
+        if link == "/dev/null", identity.fileType == UInt32(S_IFCHR) {
+            path = link
+            return .regular
+        }
+        if identity.isDirectory {
+            guard link.hasPrefix("/"), !link.hasSuffix(deletedSuffix) else { throw refuse(probe, "a directory that was removed") }
+            path = link
+            return .directory
+        }
+        if identity.isRegular {
+            guard link.hasPrefix("/") else { throw refuse(probe, "not a path") }
+            guard link.hasSuffix(deletedSuffix) else {
+                path = link
+                return .regular
+            }
+            let name = String(link.dropLast(deletedSuffix.count))
+            let carried = CarriedFile(contents: [], mode: identity.mode & 0o7777, userID: identity.userID, groupID: identity.groupID)
+            guard identity.byteCount <= Int64(DescriptorLimits.carriedByteCountMax) else {
+                throw refuse(probe, "\(identity.byteCount) bytes, more than the \(DescriptorLimits.carriedByteCountMax) an image carries")
+            }
+            if name.hasPrefix("/memfd:") {
+                var file = carried
+                if contents {
+                    file.contents = try readContents(try ForeignDescriptor(reopening: processID, remoteDescriptor: probe.descriptor),
+                                                     probe: probe, refuse: refuse)
+                }
+                path = ""
+                let seals = try ForeignDescriptor(processID: processID, remoteDescriptor: probe.descriptor).seals()
+                return .memfd(name: String(name.dropFirst("/memfd:".count)), file: file, seals: seals)
+            }
+            var file = carried
+            if contents {
+                let copy = try ForeignDescriptor(reopening: processID, remoteDescriptor: probe.descriptor)
+                file.contents = try readContents(copy, probe: probe, refuse: refuse)
+            }
+            path = name
+            return .deletedFile(file)
+        }
+        if identity.isFIFO {
+            let ends = pipeEnds[identity.inode] ?? []
+            let readers = ends.filter { accessMode($0) != O_WRONLY }, writers = ends.filter { accessMode($0) != O_RDONLY }
+            guard readers.count == 1, writers.count == 1, ends.count == 2 else {
+                throw refuse(probe, "a pipe must have its read end and its write end open once each in the process (found \(readers.count) and \(writers.count))")
+            }
+            if link.hasPrefix("pipe:") {
+                path = ""
+            } else {
+                guard link.hasPrefix("/"), !link.hasSuffix(deletedSuffix) else { throw refuse(probe, "a FIFO without a path") }
+                path = link
+            }
+            let flags = Int32(probe.fdinfo["flags"] ?? "0", radix: 8) ?? 0
+            if flags & 0o40000 != 0 { throw refuse(probe, "a packet-mode (O_DIRECT) pipe") }
+            let isReadEnd = accessMode(probe) == O_RDONLY
+            let copy = try ForeignDescriptor(processID: processID, remoteDescriptor: probe.descriptor)
+            var buffered: [UInt8] = []
+            if isReadEnd && contents {
+                switch try copy.peekPipe(maximumByteCount: DescriptorLimits.carriedByteCountMax) {
+                case .bytes(let bytes): buffered = bytes
+                case .tooLarge: throw refuse(probe, "more bytes buffered than an image carries")
+                }
+            }
+            return .pipe(PipeEnd(channel: min(ends[0].descriptor, ends[1].descriptor), isReadEnd: isReadEnd,
+                                 capacityByteCount: Int32(try copy.pipeCapacity()), buffered: buffered))
+        }
+        if identity.isSocket, let info = sockets[identity.inode]?.info {
+            guard info.type == 1 || info.type == 2 else { throw refuse(probe, "UNIX socket type \(info.type); only stream and datagram pairs migrate") }
+            guard !info.isBound else { throw refuse(probe, "a bound UNIX socket; only unnamed socket pairs migrate") }
+            guard info.peerInode != 0, let peer = sockets[info.peerInode], peer.info.peerInode == identity.inode else {
+                throw refuse(probe, "a UNIX socket whose peer is not held by the process")
+            }
+            let copy = try ForeignDescriptor(processID: processID, remoteDescriptor: probe.descriptor)
+            var queued: [[UInt8]] = []
+            if contents {
+                switch try copy.peekMessages(datagrams: info.type == 2, maximumByteCount: DescriptorLimits.carriedByteCountMax,
+                                             maximumCount: DescriptorLimits.queuedMessageCountMax) {
+                case .messages(let messages): queued = messages
+                case .tooLarge: throw refuse(probe, "more queued than an image carries")
+                case .controlData: throw refuse(probe, "a queued message carries descriptors or credentials")
+                }
+            }
+            return .unixSocket(UnixSocketEnd(type: Int32(info.type), peer: peer.probe.descriptor, queued: queued, shutdown: info.shutdown,
+                                             sendBufferByteCount: try copy.socketOption(level: SOL_SOCKET, name: SO_SNDBUF),
+                                             receiveBufferByteCount: try copy.socketOption(level: SOL_SOCKET, name: SO_RCVBUF)))
+        }
+        throw refuse(probe, "not a file, pipe, UNIX socket pair, eventfd, signalfd, timerfd or epoll")
+    }
+
+    /// The bytes a record will carry, counted before the freeze without reading them.
+    private static func plannedByteCount(_ probe: Probe, processID: ProcessID, kind: OpenFileKind) -> Int {
+        switch kind {
+        case .deletedFile, .memfd: return Int(probe.identity?.byteCount ?? 0)
+        case .pipe(let end) where !end.isReadEnd: return 0
+        case .pipe, .unixSocket:
+            return (try? ForeignDescriptor(processID: processID, remoteDescriptor: probe.descriptor).queuedByteCount()) ?? 0
+        default: return 0
+        }
+    }
+
+    private static func readContents(_ copy: ForeignDescriptor, probe: Probe, refuse: (Probe, String) -> CheckpointError) throws -> [UInt8] {
+        guard let bytes = try copy.contents(maximumByteCount: DescriptorLimits.carriedByteCountMax) else {
+            throw refuse(probe, "more than the \(DescriptorLimits.carriedByteCountMax) bytes an image carries")
+        }
+        return bytes
+    }
+
+    private static func accessMode(_ probe: Probe) -> Int32 {
+        (Int32(probe.fdinfo["flags"] ?? "0", radix: 8) ?? 0) & O_ACCMODE
+    }
+
+    /// Every registration must point at a descriptor that still holds the file registered (a registration
+    /// outlives the descriptor it was made through while a dup keeps the file open); nested epoll sets
+    /// are refused.
+    private static func checkEpollTargets(_ records: [OpenFile], probes: [Probe], refuse: (Probe, String) -> CheckpointError) throws {
+        let byDescriptor = Dictionary(uniqueKeysWithValues: probes.map { ($0.descriptor, $0) })
+        for record in records {
+            guard case .eventPoll(let entries) = record.kind, let probe = byDescriptor[record.descriptor] else { continue }
+            let registeredInodes = Dictionary((epollEntries(probe.fdinfoText) ?? []).map { ($0.entry.descriptor, $0.inode) },
+                                              uniquingKeysWith: { first, _ in first })
+            for entry in entries {
+                guard let target = byDescriptor[entry.descriptor], let inode = registeredInodes[entry.descriptor],
+                      target.identity?.inode == inode else {
+                    throw refuse(probe, "registration of fd \(entry.descriptor), which no longer holds the registered file")
+                }
+                if target.link == "anon_inode:[eventpoll]" { throw refuse(probe, "an epoll set that watches another epoll set") }
+            }
+        }
+    }
+
+    /// st_dev as /proc/PID/maps writes it ("major:minor", hex, at least two digits each).
+    static func mapsDevice(_ device: UInt64) -> String {
+        let major = (device >> 8) & 0xfff | (device >> 32) & ~0xfff
+        let minor = device & 0xff | (device >> 12) & ~0xff
+        func twoDigits(_ value: UInt64) -> String { let text = String(value, radix: 16); return text.count < 2 ? "0" + text : text }
+        return twoDigits(major) + ":" + twoDigits(minor)
+    }
+
+    /// `key:\tvalue` lines of an fdinfo file.
+    static func fields(_ text: String) -> [String: String] {
+        var result: [String: String] = [:]
+        for line in text.split(separator: "\n") {
+            guard let colon = line.firstIndex(of: ":") else { continue }
+            result[String(line[..<colon])] = line[line.index(after: colon)...].trimmingSpaces()
+        }
+        return result
+    }
+
+    /// `tfd: N events: HEX data: HEX pos:N ino:HEX sdev:HEX` lines; nil if one does not parse.
+    static func epollEntries(_ text: String) -> [(entry: EpollEntry, inode: UInt64)]? {
+        var result: [(EpollEntry, UInt64)] = []
+        for line in text.split(separator: "\n") where line.hasPrefix("tfd:") {
+            var values: [String: String] = [:]
+            let words = line.split(whereSeparator: { $0 == " " || $0 == "\t" })
+            var index = 0
+            while index < words.count {
+                let word = words[index]
+                if word.hasSuffix(":"), index + 1 < words.count {
+                    values[String(word.dropLast())] = String(words[index + 1]); index += 2
+                } else if let colon = word.firstIndex(of: ":") {
+                    values[String(word[..<colon])] = String(word[word.index(after: colon)...]); index += 1
+                } else { index += 1 }
+            }
+            guard let descriptor = values["tfd"].flatMap({ Int32($0) }), let events = values["events"].flatMap({ UInt32($0, radix: 16) }),
+                  let data = values["data"].flatMap({ UInt64($0, radix: 16) }), let inode = values["ino"].flatMap({ UInt64($0, radix: 16) }) else {
+                return nil
+            }
+            result.append((EpollEntry(descriptor: descriptor, events: events, data: data), inode))
+        }
+        return result
+    }
+
+    /// clockid, ticks, settime flags, it_value: (s, ns), it_interval: (s, ns).
+    static func timerDescriptor(_ fields: [String: String]) -> TimerDescriptor? {
+        func pair(_ text: String?) -> UInt64? {
+            guard let text else { return nil }
+            let numbers = text.filter { $0.isNumber || $0 == "," }.split(separator: ",").compactMap { UInt64($0) }
+            guard numbers.count == 2, numbers[1] < 1_000_000_000, numbers[0] < UInt64.max / 2_000_000_000 else { return nil }
+            return numbers[0] * 1_000_000_000 + numbers[1]
+        }
+        guard let clock = fields["clockid"].flatMap({ Int32($0) }), let ticks = fields["ticks"].flatMap({ UInt64($0) }),
+              let flags = fields["settime flags"].flatMap({ Int32($0, radix: 8) }),
+              let value = pair(fields["it_value"]), let interval = pair(fields["it_interval"]) else { return nil }
+        return TimerDescriptor(clock: clock, ticks: ticks, settimeFlags: flags, valueNanoseconds: value, intervalNanoseconds: interval)
+    }
+}

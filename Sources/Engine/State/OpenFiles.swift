@@ -1,0 +1,126 @@
+// The descriptors a process holds, as the restorer recreates them and the state oracle compares them.
+// Every record is stable across nodes: objects refer to each other by descriptor number (a pipe's other
+// end, a socket's peer, an epoll's targets), never by inode, so a restored process reads back equal.
+import Sys
+
+/// What a file carried in the image looks like (a deleted file, a memfd): its bytes and its owner.
+public struct CarriedFile: Equatable, Sendable {
+    public var contents: [UInt8]
+    /// Permission bits (st_mode & 0o7777).
+    public var mode: UInt32
+    public var userID: UInt32
+    public var groupID: UInt32
+}
+
+/// One end of a pipe or FIFO. Both ends must be held by the process (else its buffered bytes would be
+/// lost or duplicated on the other side): the end with the lowest descriptor, `channel`, stands for
+/// the pipe.
+public struct PipeEnd: Equatable, Sendable {
+    /// The lowest descriptor holding either end of this pipe.
+    public var channel: Int32
+    public var isReadEnd: Bool
+    /// F_GETPIPE_SZ.
+    public var capacityByteCount: Int32
+    /// The bytes buffered in the pipe, in order (on the read end's record; empty on the write end's).
+    public var buffered: [UInt8]
+}
+
+/// One end of a UNIX socket pair, the peer held by the process too.
+public struct UnixSocketEnd: Equatable, Sendable {
+    /// SOCK_STREAM 1 or SOCK_DGRAM 2.
+    public var type: Int32
+    /// The descriptor of the peer socket.
+    public var peer: Int32
+    /// The receive queue: datagrams in order, or a stream's bytes as one message.
+    public var queued: [[UInt8]]
+    /// RCV_SHUTDOWN 1 | SEND_SHUTDOWN 2.
+    public var shutdown: UInt8
+    /// SO_SNDBUF and SO_RCVBUF as getsockopt reports them.
+    public var sendBufferByteCount: Int32
+    public var receiveBufferByteCount: Int32
+}
+
+/// A timerfd, as /proc/PID/fdinfo shows it.
+public struct TimerDescriptor: Equatable, Sendable {
+    /// CLOCK_REALTIME 0, CLOCK_MONOTONIC 1, CLOCK_BOOTTIME 7, and the _ALARM variants 8, 9.
+    public var clock: Int32
+    /// Expirations not yet read.
+    public var ticks: UInt64
+    /// TFD_TIMER_ABSTIME 1 | TFD_TIMER_CANCEL_ON_SET 2, as timerfd_settime was last called.
+    public var settimeFlags: Int32
+    /// Time left until the next expiry (0: disarmed), and the period.
+    public var valueNanoseconds: UInt64
+    public var intervalNanoseconds: UInt64
+}
+
+/// One registration in an epoll set.
+public struct EpollEntry: Equatable, Sendable {
+    public var descriptor: Int32
+    public var events: UInt32
+    public var data: UInt64
+}
+
+/// What an open descriptor is, which decides how the restorer recreates it.
+public enum OpenFileKind: Equatable, Sendable {
+    /// A regular file (or /dev/null) reopened by path at its offset.
+    case regular
+    /// A directory reopened by path, at its getdents position.
+    case directory
+    /// A regular file that was unlinked while open: its contents travel in the image and the restorer
+    /// recreates it at its old path and unlinks it again.
+    case deletedFile(CarriedFile)
+    /// memfd_create(name): contents, seals.
+    case memfd(name: String, file: CarriedFile, seals: UInt32)
+    /// A memfd that is also mapped: reopened through the mapping at `mappingStart` (its object's lowest),
+    /// which the layout restored with the object's pages.
+    case memfdOfMapping(mappingStart: UInt64, mappingEnd: UInt64, seals: UInt32)
+    /// dup of a lower descriptor: the same open file description (offset and status flags shared).
+    case duplicate(of: Int32)
+    /// A pipe end; with a path (OpenFile.path) a FIFO.
+    case pipe(PipeEnd)
+    case eventCounter(count: UInt64, semaphore: Bool)
+    case signalQueue(mask: UInt64)
+    case timer(TimerDescriptor)
+    case eventPoll([EpollEntry])
+    case unixSocket(UnixSocketEnd)
+
+    /// A short name, for messages.
+    public var name: String {
+        switch self {
+        case .regular: "file"
+        case .directory: "directory"
+        case .deletedFile: "deleted file"
+        case .memfd, .memfdOfMapping: "memfd"
+        case .duplicate: "duplicate"
+        case .pipe: "pipe"
+        case .eventCounter: "eventfd"
+        case .signalQueue: "signalfd"
+        case .timer: "timerfd"
+        case .eventPoll: "epoll"
+        case .unixSocket: "unix socket"
+        }
+    }
+
+    /// The bytes this record carries in the image.
+    var carriedByteCount: Int {
+        switch self {
+        case .deletedFile(let file), .memfd(_, let file, _): file.contents.count
+        case .pipe(let end): end.buffered.count
+        case .unixSocket(let end): end.queued.reduce(0) { $0 + $1.count }
+        default: 0
+        }
+    }
+}
+
+/// Limits on what the image carries for descriptors: the whole state travels in one message in
+/// postcopy-socket (4 MiB), and a decoder must bound every length.
+public enum DescriptorLimits {
+    /// The bytes of all carried files, pipe buffers and socket queues together.
+    public static let carriedByteCountMax = 2 << 20
+    /// Datagrams queued on one socket.
+    public static let queuedMessageCountMax = 1024
+    /// Registrations in one epoll set.
+    public static let epollEntryCountMax = 4096
+    /// Pipe capacity the restorer sets (fs.pipe-max-size's default).
+    public static let pipeCapacityByteCountMax: Int32 = 1 << 20
+}
