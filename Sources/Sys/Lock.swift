@@ -7,7 +7,7 @@ public final class Lock: Sendable {
 
     public init() {}
 
-    public func withLock<Result>(_ body: () throws -> Result) rethrows -> Result {
-        try mutex.withLock { _ in try body() }
+    public func withLock<Result, Failure: Error>(_ body: () throws(Failure) -> Result) throws(Failure) -> Result {
+        try mutex.withLock { (_) throws(Failure) -> Result in try body() }
     }
 }

@@ -199,6 +199,19 @@ public enum Spawn {
 
     /// On SIGINT, SIGTERM or SIGHUP this process removes these files and kills these processes before it
     /// dies: a killed `fammig run` must not leave a FAM file or a victim behind.
+    /// Runs `body` with SIGINT, SIGTERM and SIGHUP held back on this thread, then lets any that came
+    /// meanwhile in: a process started and registered for `cleanUpOnTermination` inside `body` is never
+    /// left running by a termination that arrives between its start and its registration.
+    public static func deferringTermination<Result, Failure: Error>(_ body: () throws(Failure) -> Result) throws(Failure) -> Result {
+        var termination = sigset_t()
+        sigemptyset(&termination)
+        for signal in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&termination, signal) }
+        var previous = sigset_t()
+        pthread_sigmask(SIG_BLOCK, &termination, &previous)
+        defer { pthread_sigmask(SIG_SETMASK, &previous, nil) }
+        return try body()
+    }
+
     public static func cleanUpOnTermination(paths: [String], processes: [ProcessID]) {
         csys_cleanup_install()
         for path in paths { csys_cleanup_register_path(path) }

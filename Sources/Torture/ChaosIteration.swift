@@ -82,8 +82,10 @@ public struct ChaosIteration {
                 throw TortureError.environment("the chaos target's connection never reached the source")
             }
             transports.append(sourceSide)
-            source = ChaoticTransport(sourceSide, perturbation: perturbation)
-            target = ChaoticTransport(targetSide, perturbation: perturbation)
+            let channel = try SecureChannel.establishBoth(source: sourceSide, target: targetSide, key: MigrationKey.forIteration(seed: scenario.seed),
+                                                          agreement: ChannelAgreement(mode: scenario.mode, generation: scenario.seed | 1))
+            source = ChaoticTransport(channel.source, perturbation: perturbation)
+            target = ChaoticTransport(channel.target, perturbation: perturbation)
             oracles.expectLazyPages()
         }
         let key = MigrationKey.forIteration(seed: scenario.seed)

@@ -36,13 +36,13 @@ struct Source: ParsableCommand {
     @Option(help: "Where to wait for the target node, as IPV4:PORT (only that address is bound).")
     var listen: String
 
-    @Option(help: "postcopy-fam: the key file to create (mode 0600; it must not exist). The image is authenticated with this new key: copy the file to the target node, out of band, before starting `fammig target`.")
-    var keyFile: String?
+    @Option(help: "The key file to create (mode 0600; it must not exist). The image and the connection are authenticated with this new key: copy the file to the target node, out of band, before starting `fammig target`.")
+    var keyFile: String
 
     @Option(help: "postcopy-socket: push the remaining pages in the background (on) or send pages only on request (off).")
     var push: Switch = .on
 
-    @Option(help: "Seconds to wait for the target node to connect.")
+    @Option(help: "Seconds to wait for a target node that proves the key. A connection that does not complete the handshake within \(SecureChannel.handshakeTimeoutMilliseconds / 1000) s, or proves another key, is refused, and the source waits for the next one.")
     var acceptTimeout: Int32 = 30
 
     @Option(help: "Testing: kill this source node at this point of the protocol.")
@@ -53,7 +53,6 @@ struct Source: ParsableCommand {
     func validate() throws {
         if mode == .nonlive { throw ValidationError("the node commands migrate post-copy; a nonlive migration is `fammig checkpoint` then `fammig restore`.") }
         if mode == .postcopyFAM && fam == nil { throw ValidationError("postcopy-fam needs --fam PATH, the FAM file both nodes map.") }
-        if mode == .postcopyFAM && keyFile == nil { throw ValidationError("postcopy-fam needs --key-file PATH, where to write the migration's new key.") }
         if let fam, ProcFS.exists(fam) { throw ValidationError("\(fam) already exists; pass a new path or remove it.") }
         do { _ = try Endpoint(parsing: listen) } catch { throw ValidationError("--listen: \(error)") }
     }
@@ -62,19 +61,33 @@ struct Source: ParsableCommand {
         let logger = common.bootstrapLogging()
         let endpoint = try! Endpoint(parsing: listen)
         guard ProcFS.isAlive(ProcessID(pid)) else { throw fail("pid \(pid): no such process; pass the PID of a running process.", code: 2) }
-        // A key even without a key file (postcopy-socket writes no image): the engine has no unkeyed path.
-        let key = try keyFile.map { path throws(ExitCode) in try KeyFile.create(path: path) } ?? MigrationKey.generate()
-        let removeKeyFile = { if let keyFile { try? FileManager.default.removeItem(atPath: keyFile) } }
-        let transport: TCPTransport
+        let key = try KeyFile.create(path: keyFile)
+        let removeKeyFile = { try? FileManager.default.removeItem(atPath: keyFile) }
+        let transport: SecureTransport
         do {
             let listener = try TCPTransport.listen(on: endpoint)
             defer { listener.close() }
             FileHandle.standardError.write(Data("fammig source: listening on \(listener.endpoint)\n".utf8))
-            guard let accepted = try TCPTransport.accept(on: listener, timeoutMilliseconds: acceptTimeout * 1000) else {
-                removeKeyFile()
-                throw fail("no target node connected to \(endpoint) within \(acceptTimeout) s; start `fammig target --connect \(endpoint)`.", code: 2)
+            // The first connection is not trusted for being first: only a peer that proves the key is the
+            // target. Anyone else is refused, and the real target can still connect.
+            let deadline = ContinuousClock.now + .seconds(Int64(acceptTimeout))
+            var secured: SecureTransport?
+            while secured == nil {
+                let left = deadline - ContinuousClock.now
+                guard left > .zero, let accepted = try TCPTransport.accept(on: listener, timeoutMilliseconds: Int32(max(1, left.components.seconds * 1000 + 1))) else {
+                    removeKeyFile()
+                    throw fail("no target node that holds the key connected to \(endpoint) within \(acceptTimeout) s; start `fammig target --connect \(endpoint)` with this --key-file.", code: 2)
+                }
+                do {
+                    secured = try SecureChannel.establish(over: accepted, role: .source, key: key,
+                                                          agreement: ChannelAgreement(mode: mode, generation: MigrationPlan.singleGeneration),
+                                                          nonce: SecureChannel.randomNonce())
+                } catch {
+                    accepted.close()
+                    FileHandle.standardError.write(Data("fammig source: refused a connection: \(error)\n".utf8))
+                }
             }
-            transport = accepted
+            transport = secured!
         } catch let error as TransportError {
             removeKeyFile()
             throw fail("\(error)", code: 2)
@@ -112,8 +125,8 @@ struct Target: ParsableCommand {
     @Option(help: "The source node, as IPV4:PORT.")
     var connect: String
 
-    @Option(help: "postcopy-fam: the key file the source wrote (mode 0600, owned by this user); the image must verify under it.")
-    var keyFile: String?
+    @Option(help: "The key file the source wrote (mode 0600, owned by this user): the source must prove it holds the same key, and the image must verify under it.")
+    var keyFile: String
 
     @Option(help: "postcopy-fam: install the remaining pages from FAM in the background (on) or only on faults (off).")
     var push: Switch = .on
@@ -121,7 +134,7 @@ struct Target: ParsableCommand {
     @Option(help: "shared: the old PID in this node's PID namespace; fresh: pid 1 of a new namespace (a victim started by `fammig launch`).")
     var pidNamespace: PIDNamespaceChoice = .shared
 
-    @Option(help: "Seconds to keep trying to reach the source.")
+    @Option(help: "Seconds to keep trying to reach the source, and then to wait for its handshake (a source busy refusing another peer answers late).")
     var connectTimeout: Int32 = 30
 
     @OptionGroup var common: CommonOptions
@@ -131,17 +144,23 @@ struct Target: ParsableCommand {
     func validate() throws {
         if mode == .nonlive { throw ValidationError("the node commands migrate post-copy; a nonlive migration is `fammig checkpoint` then `fammig restore`.") }
         if mode == .postcopyFAM && fam == nil { throw ValidationError("postcopy-fam needs --fam PATH, the FAM file the source writes.") }
-        if mode == .postcopyFAM && keyFile == nil { throw ValidationError("postcopy-fam needs --key-file PATH, the key file the source wrote.") }
         do { _ = try Endpoint(parsing: connect) } catch { throw ValidationError("--connect: \(error)") }
     }
 
     func run() throws {
         let logger = common.bootstrapLogging()
-        // postcopy-socket has no image to verify (its channel is not yet authenticated, see README).
-        let key = try keyFile.map { path throws(ExitCode) in try KeyFile.read(path: path) } ?? MigrationKey.generate()
-        let transport: TCPTransport
+        let key = try KeyFile.read(path: keyFile)
+        let transport: SecureTransport
         do {
-            transport = try TCPTransport.connect(to: try Endpoint(parsing: connect), timeoutMilliseconds: connectTimeout * 1000)
+            let connection = try TCPTransport.connect(to: try Endpoint(parsing: connect), timeoutMilliseconds: connectTimeout * 1000)
+            do {
+                transport = try SecureChannel.establish(over: connection, role: .target, key: key,
+                                                        agreement: ChannelAgreement(mode: mode, generation: MigrationPlan.singleGeneration),
+                                                        nonce: SecureChannel.randomNonce(), timeoutMilliseconds: connectTimeout * 1000)
+            } catch {
+                connection.close()
+                throw error
+            }
         } catch {
             throw fail("\(error)", code: 2)
         }

@@ -47,6 +47,9 @@ struct Nodes {
             throw EngineError.timedOut("the target's connection never arrived at the source")
         }
         oracles?.expectLazyPages()
-        return try nodes(source: sourceSide, target: targetSide)
+        // The same handshake and sealed frames as two separate nodes use (SecureChannel.swift).
+        let channel = try SecureChannel.establishBoth(source: sourceSide, target: targetSide, key: key,
+                                                      agreement: ChannelAgreement(mode: mode, generation: plan.generation))
+        return try nodes(source: channel.source, target: channel.target)
     }
 }

@@ -86,16 +86,18 @@ struct Run: ParsableCommand {
         let victim: ProcessID
         let separateNodes = nodeNamespaces || mode != .nonlive
         do {
-            if separateNodes {
-                victim = try Spawn.programInNewPIDNamespace(path: program, arguments: arguments, environment: ["PATH=/usr/bin:/bin"],
-                                                            standardOutputPath: outputPath, standardErrorPath: workDirectory + "/migrated.err")
-            } else {
-                victim = try Spawn.program(path: program, arguments: arguments, environment: ["PATH=/usr/bin:/bin"],
-                                           standardOutputPath: outputPath, standardErrorPath: workDirectory + "/migrated.err")
+            // Registered for the termination clean-up as it starts, not after the wait below.
+            victim = try Spawn.deferringTermination { () throws(SyscallError) -> ProcessID in
+                let victim = separateNodes
+                    ? try Spawn.programInNewPIDNamespace(path: program, arguments: arguments, environment: ["PATH=/usr/bin:/bin"],
+                                                         standardOutputPath: outputPath, standardErrorPath: workDirectory + "/migrated.err")
+                    : try Spawn.program(path: program, arguments: arguments, environment: ["PATH=/usr/bin:/bin"],
+                                        standardOutputPath: outputPath, standardErrorPath: workDirectory + "/migrated.err")
+                Spawn.cleanUpOnTermination(paths: [], processes: [victim])
+                return victim
             }
         } catch { throw fail("cannot start \(program): \(error)", code: 2) }
         usleep(UInt32(afterMs) * 1000)
-        Spawn.cleanUpOnTermination(paths: [], processes: [victim])
         if let status = try? Spawn.pollExit(victim) {
             throw fail("\(command[0]) \(status) before the migration at \(afterMs) ms; give it more work or lower --after-ms.", code: 2)
         }
@@ -178,9 +180,12 @@ struct Run: ParsableCommand {
 
     private func runToCompletion(program: String, arguments: [String], outputPath: String, errorPath: String) throws -> (status: ExitStatus, checksum: String?) {
         do {
-            let processID = try Spawn.program(path: program, arguments: arguments, environment: ["PATH=/usr/bin:/bin"],
-                                              standardOutputPath: outputPath, standardErrorPath: errorPath)
-            Spawn.cleanUpOnTermination(paths: [], processes: [processID])
+            let processID = try Spawn.deferringTermination { () throws(SyscallError) -> ProcessID in
+                let processID = try Spawn.program(path: program, arguments: arguments, environment: ["PATH=/usr/bin:/bin"],
+                                                  standardOutputPath: outputPath, standardErrorPath: errorPath)
+                Spawn.cleanUpOnTermination(paths: [], processes: [processID])
+                return processID
+            }
             let status = try Spawn.waitForExit(processID)
             return (status, lastChecksum(outputPath))
         } catch { throw fail("cannot run \(program): \(error)", code: 2) }

@@ -157,16 +157,18 @@ extension ProcessTests {
             var sourceArguments = ["source", "--pid", "\(victim)", "--mode", mode, "--listen", "127.0.0.1:\(port)"]
             var targetArguments = ["target", "--mode", mode, "--connect", "127.0.0.1:\(port)", "--pid-namespace", "fresh"]
             let keyPath = directory.path("migration.key")
+            sourceArguments += ["--key-file", keyPath]
+            targetArguments += ["--key-file", keyPath]
             if mode == "postcopy-fam" {
-                sourceArguments += ["--fam", famPath, "--key-file", keyPath]
-                targetArguments += ["--fam", famPath, "--key-file", keyPath]
+                sourceArguments += ["--fam", famPath]
+                targetArguments += ["--fam", famPath]
             }
             if dieAt != "none" { sourceArguments += ["--die-at", dieAt] }
             let source = leftovers.own(try StartedProcess(try TestPaths.fammig(), sourceArguments,
                                                           standardOutputPath: directory.path("source.out"),
                                                           standardErrorPath: directory.path("source.err")))
             // The key goes from source to target out of band: here, once the source has written it whole.
-            if mode == "postcopy-fam" { #expect(waitForKeyFile(keyPath), "the source wrote no key file") }
+            #expect(waitForKeyFile(keyPath), "the source wrote no key file")
             let target = try leftovers.fammig(targetArguments, timeout: .seconds(60))
             let sourceOutcome = try source.waitForExit(timeout: .seconds(30))
 

@@ -68,7 +68,7 @@ import Sys
     /// Every case, with edge values; the first `pages` has `largePagesByteCount` bytes.
     static func sampleMessages(largePagesByteCount: Int) -> [Message] {
         [
-            .hello(mode: 2, generation: 0xDEAD_BEEF_0000_0001),
+            .hello(mode: 2, generation: 0xDEAD_BEEF_0000_0001, nonce: [UInt8](repeating: 7, count: 32), proof: []),
             .metadata(state: pattern(byteCount: 1_000, seed: 1), pageAddresses: [0x40_0000, 0x40_1000, 0x7fff_ffff_f000]),
             .metadata(state: [], pageAddresses: []),
             .metadataCommitted(generation: 7),
@@ -311,13 +311,13 @@ import Sys
             defer { listener.close() }
             let server = try #require(try TCPTransport.accept(on: listener, timeoutMilliseconds: 10_000))
             defer { server.close() }
-            try server.send(.hello(mode: 1, generation: 9))
+            try server.send(.hello(mode: 1, generation: 9, nonce: [UInt8](repeating: 7, count: 32), proof: []))
             _ = try Self.receive(1, from: server)
         }
         let client = try TCPTransport.connect(host: endpoint.host, port: endpoint.port, timeoutMilliseconds: 10_000)
         defer { client.close() }
-        #expect(try Self.receive(1, from: client) == [.hello(mode: 1, generation: 9)])
-        try client.send(.hello(mode: 1, generation: 9))
+        #expect(try Self.receive(1, from: client) == [.hello(mode: 1, generation: 9, nonce: [UInt8](repeating: 7, count: 32), proof: [])])
+        try client.send(.hello(mode: 1, generation: 9, nonce: [UInt8](repeating: 7, count: 32), proof: []))
         try listenerSide.join()
     }
 

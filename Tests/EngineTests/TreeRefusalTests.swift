@@ -57,14 +57,16 @@ extension ProcessTests {
                 var sourceArguments = ["source", "--pid", "\(parent.processID)", "--mode", mode, "--listen", "127.0.0.1:\(port)"]
                 var targetArguments = ["target", "--mode", mode, "--connect", "127.0.0.1:\(port)"]
                 let keyPath = directory.path("migration.key")
+                sourceArguments += ["--key-file", keyPath]
+                targetArguments += ["--key-file", keyPath]
                 if mode == "postcopy-fam" {
-                    sourceArguments += ["--fam", famPath, "--key-file", keyPath]
-                    targetArguments += ["--fam", famPath, "--key-file", keyPath]
+                    sourceArguments += ["--fam", famPath]
+                    targetArguments += ["--fam", famPath]
                 }
                 let source = leftovers.own(try StartedProcess(try TestPaths.fammig(), sourceArguments,
                                                               standardOutputPath: directory.path("source.out"),
                                                               standardErrorPath: directory.path("source.err")))
-                if mode == "postcopy-fam" { #expect(waitForKeyFile(keyPath), "the source wrote no key file") }
+                #expect(waitForKeyFile(keyPath), "the source wrote no key file")
                 let target = try leftovers.fammig(targetArguments, timeout: .seconds(60))
                 #expect(target.exitStatus != 0, "the target restored something: \(target.standardOutput)")
                 outcome = try source.waitForExit(timeout: .seconds(30))

@@ -376,9 +376,10 @@ extension ProcessTests {
             #expect(processLife(claimedProcessID) == .gone)
         }
 
-        /// postcopy-fam, the target given a key file of another migration: it refuses the image at once
-        /// (exit 2, "wrong key") and creates no process; the source gives up before its commit record, so
-        /// the victim runs on untouched, and neither the FAM file nor the key file is left behind.
+        /// postcopy-fam, the target given a key file of another migration: the handshake fails both ways
+        /// (exit 2, the peer "did not prove" the key) before anything moves; the target creates no process,
+        /// the source refuses the connection and, no other target coming, gives up before it froze anything,
+        /// so the victim runs on untouched, and neither the FAM file nor the key file is left behind.
         @Test func targetWithAnotherKeyRefusesAndTheVictimRunsOn() throws {
             let program = try TestPaths.testProgram("memwalk-static")
             let arguments = ["--mib", "16", "--steps", "400000", "--pause-us", "20000"]
@@ -398,7 +399,7 @@ extension ProcessTests {
             let keyPath = directory.path("migration.key")
             let source = leftovers.own(try StartedProcess(try TestPaths.fammig(),
                                                           ["source", "--pid", "\(victim)", "--mode", "postcopy-fam", "--fam", famPath,
-                                                           "--key-file", keyPath, "--listen", "127.0.0.1:\(port)"],
+                                                           "--key-file", keyPath, "--listen", "127.0.0.1:\(port)", "--accept-timeout", "5"],
                                                           standardOutputPath: directory.path("source.out"),
                                                           standardErrorPath: directory.path("source.err")))
             try #require(waitForKeyFile(keyPath), "the source wrote no key file")
@@ -407,7 +408,7 @@ extension ProcessTests {
             let target = try leftovers.fammig(["target", "--mode", "postcopy-fam", "--fam", famPath, "--key-file", wrongKeyPath,
                                                "--connect", "127.0.0.1:\(port)", "--pid-namespace", "fresh"])
             #expect(target.exitStatus == 2 && !target.killedBySignal, "target: exit \(target.exitStatus): \(target.standardError)")
-            #expect(target.standardError.contains("wrong key"), "target: \(target.standardError)")
+            #expect(target.standardError.contains("did not accept this node's proof of the key"), "target: \(target.standardError)")
             #expect(!target.standardOutput.contains("restored pid"))
             let sourceOutcome = try source.waitForExit(timeout: .seconds(30))
             #expect(sourceOutcome.exitStatus != 0 && !sourceOutcome.killedBySignal, "source: \(sourceOutcome.standardError)")
@@ -489,6 +490,48 @@ extension ProcessTests {
             #expect(!errors.contains("selfcheck FAILED") && !output.contains("checksum="), "the restored process read missing pages: \(errors)")
             #expect(!watchdogs.isEmpty, "no watchdog was running")
             #expect(pollUntil(timeout: .seconds(10)) { watchdogs.allSatisfy { processLife($0) != .running } }, "a watchdog is left running")
+        }
+
+        /// The first connection no longer wins: a local process connects to `fammig source` before the
+        /// target and sends the `complete` frame that used to make the source exit "migrated" and kill
+        /// the victim. It is refused (it cannot prove the key); the real target then connects and the
+        /// migration completes, the process ending with the checksum of an unmigrated run.
+        @Test func aRoguePeerConnectingFirstIsRefusedAndTheTargetStillMigrates() throws {
+            let program = try TestPaths.testProgram("memwalk-static")
+            let arguments = ["--mib", "8", "--steps", "30000", "--pause-us", "20000"]
+            let reference = try runCommand(program, arguments, timeout: .seconds(60))
+            let directory = try ScratchDirectory(under: "/tmp")
+            defer { directory.remove() }
+            let leftovers = LeftoverCheck()
+            defer { leftovers.finish() }
+            let outputPath = directory.path("victim.out")
+            let launched = try leftovers.fammig(["launch", "--output", outputPath, "--", program] + arguments)
+            let victim = try #require(Int32(launched.standardOutput.trimmingCharacters(in: .whitespacesAndNewlines)))
+            defer { _ = kill(victim, SIGKILL) }
+            usleep(300_000)
+
+            let port = 23000 + Int(getpid() % 2000)
+            let keyPath = directory.path("migration.key")
+            let source = leftovers.own(try StartedProcess(try TestPaths.fammig(),
+                                                          ["source", "--pid", "\(victim)", "--mode", "postcopy-socket", "--key-file", keyPath,
+                                                           "--listen", "127.0.0.1:\(port)"],
+                                                          standardOutputPath: directory.path("source.out"),
+                                                          standardErrorPath: directory.path("source.err")))
+            try #require(waitForKeyFile(keyPath), "the source wrote no key file")
+            let rogue = try TCPTransport.connect(to: Endpoint(host: "127.0.0.1", port: UInt16(port)), timeoutMilliseconds: 5000)
+            try rogue.send(.complete(generation: 1))
+            let sourceErrors = { (try? String(contentsOfFile: directory.path("source.err"), encoding: .utf8)) ?? "" }
+            #expect(pollUntil(timeout: .seconds(15)) { sourceErrors().contains("refused a connection") }, "source: \(sourceErrors())")
+            rogue.close()
+            #expect(processLife(ProcessID(victim)) == .running, "the rogue's frame ended the victim")
+
+            let target = try leftovers.fammig(["target", "--mode", "postcopy-socket", "--key-file", keyPath,
+                                               "--connect", "127.0.0.1:\(port)", "--pid-namespace", "fresh"], timeout: .seconds(60))
+            #expect(target.exitStatus == 0, "target: \(target.standardError)")
+            let sourceOutcome = try source.waitForExit(timeout: .seconds(30))
+            #expect(sourceOutcome.exitStatus == 0, "source: \(sourceOutcome.standardError)")
+            #expect(pollUntil(timeout: .seconds(30)) { lastChecksum(inFile: outputPath) != nil }, "the migrated process never finished")
+            #expect(lastChecksum(inFile: outputPath).map { "checksum=" + $0 } == reference.standardOutput.split(separator: "\n").last.map(String.init))
         }
     }
 }

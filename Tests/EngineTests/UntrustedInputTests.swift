@@ -450,7 +450,7 @@ struct FuzzRandom {
     @Test func mutatedMessagesNeverTrap() throws {
         let state = plausibleState(processID: Self.testProcessID, dataRange: Self.testDataRange).encoded()
         let messages: [Message] = [
-            .metadata(state: state, pageAddresses: Self.testPageAddresses), .hello(mode: 2, generation: 9),
+            .metadata(state: state, pageAddresses: Self.testPageAddresses), .hello(mode: 2, generation: 9, nonce: [UInt8](repeating: 7, count: 32), proof: []),
             .pages(address: 0x7f00_0000_0000, bytes: Array(repeating: 0xA5, count: 8192)), .pageRequest(address: 0x7f00_0000_1000),
             .marked(slots: [0, 2, 7]), .abort(reason: "the source gave up"), .complete(generation: 9),
         ]

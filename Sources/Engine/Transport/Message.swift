@@ -6,8 +6,10 @@
 
 /// One message between the nodes.
 public enum Message: Equatable, Sendable {
-    /// First message each way: the migration mode (the caller's code) and the image generation.
-    case hello(mode: UInt8, generation: UInt64)
+    /// The handshake (SecureChannel.swift), in the clear: the migration mode (the caller's code), the
+    /// generation, this node's nonce (`handshakeNonceByteCount` bytes) and its proof of the key (empty in
+    /// the source's first hello, else `handshakeProofByteCount` bytes).
+    case hello(mode: UInt8, generation: UInt64, nonce: [UInt8], proof: [UInt8])
     /// postcopy-socket: the process state blob and the page table (page-aligned, strictly increasing).
     case metadata(state: [UInt8], pageAddresses: [UInt64])
     /// postcopy-fam: the image's metadata is durable in FAM.
@@ -21,7 +23,12 @@ public enum Message: Equatable, Sendable {
     /// Every page dumped and the commit record durable (postcopy-fam), or every page sent (postcopy-socket).
     case complete(generation: UInt64)
     case abort(reason: String)
+    /// After the handshake, every message: the encoded message sealed with the channel's AEAD key
+    /// (ciphertext and tag; the nonce is the frame's number, which both nodes count).
+    case sealed(bytes: [UInt8])
 
+    public static let handshakeNonceByteCount = 32
+    public static let handshakeProofByteCount = 32
     public static let pageSize = ImageLayout.pageSize
     /// The most bytes one `pages` message carries.
     public static let maximumPagesByteCount = 2 << 20
@@ -30,13 +37,13 @@ public enum Message: Equatable, Sendable {
     /// The most elements of an array field (page table entries, marked slots).
     public static let maximumArrayCount = 1 << 20
     /// The largest payload a frame may announce: a full `pages` or `marked` message and its fields.
-    public static let maximumPayloadByteCount = (4 << 20) + 64
+    public static let maximumPayloadByteCount = (4 << 20) + 128
     /// The u32 length in front of every payload.
     public static let lengthPrefixByteCount = 4
 
     /// The kind byte that starts a payload.
     private enum Kind: UInt8 {
-        case hello = 1, metadata, metadataCommitted, pageRequest, pages, marked, complete, abort
+        case hello = 1, metadata, metadataCommitted, pageRequest, pages, marked, complete, abort, sealed = 10
     }
 
     /// The kind's name, for errors and logs.
@@ -50,6 +57,7 @@ public enum Message: Equatable, Sendable {
         case .marked: "marked"
         case .complete: "complete"
         case .abort: "abort"
+        case .sealed: "sealed"
         }
     }
 
@@ -61,10 +69,14 @@ public enum Message: Equatable, Sendable {
         var writer = BinaryWriter()
         writer.writeUInt32(UInt32(payloadByteCount))
         switch self {
-        case .hello(let mode, let generation):
+        case .hello(let mode, let generation, let nonce, let proof):
+            precondition(nonce.count == Self.handshakeNonceByteCount && (proof.isEmpty || proof.count == Self.handshakeProofByteCount),
+                         "hello with a nonce of \(nonce.count) and a proof of \(proof.count) bytes")
             writer.writeUInt8(Kind.hello.rawValue)
             writer.writeUInt8(mode)
             writer.writeUInt64(generation)
+            writer.writeBytes(nonce)
+            writer.writeBytes(proof)
         case .metadata(let state, let pageAddresses):
             precondition(pageAddresses.allSatisfy(Self.isPageAligned), "metadata with an unaligned page address")
             precondition(zip(pageAddresses, pageAddresses.dropFirst()).allSatisfy { $0 < $1 }, "metadata with page addresses not increasing")
@@ -94,6 +106,9 @@ public enum Message: Equatable, Sendable {
         case .abort(let reason):
             writer.writeUInt8(Kind.abort.rawValue)
             writer.writeBytes(Self.truncatedUTF8(reason))
+        case .sealed(let bytes):
+            writer.writeUInt8(Kind.sealed.rawValue)
+            writer.writeBytes(bytes)
         }
         // Paired with the length the decoder checks: the prefix must announce exactly what follows.
         precondition(writer.bytes.count == Self.lengthPrefixByteCount + payloadByteCount, "\(kindName) length prefix is wrong")
@@ -137,7 +152,14 @@ public enum Message: Equatable, Sendable {
     private static func decodeFields(_ kind: Kind, from reader: inout BinaryReader) throws -> Message {
         switch kind {
         case .hello:
-            return .hello(mode: try reader.readUInt8(), generation: try reader.readUInt64())
+            let mode = try reader.readUInt8()
+            let generation = try reader.readUInt64()
+            let nonce = try reader.readBytes(maximumByteCount: handshakeNonceByteCount)
+            let proof = try reader.readBytes(maximumByteCount: handshakeProofByteCount)
+            guard nonce.count == handshakeNonceByteCount, proof.isEmpty || proof.count == handshakeProofByteCount else {
+                throw TransportError.malformed("hello with a nonce of \(nonce.count) and a proof of \(proof.count) bytes")
+            }
+            return .hello(mode: mode, generation: generation, nonce: nonce, proof: proof)
         case .metadata:
             let state = try reader.readBytes(maximumByteCount: maximumPayloadByteCount)
             let pageAddresses = try reader.readArray(maximumCount: maximumArrayCount) { try $0.readUInt64() }
@@ -178,18 +200,21 @@ public enum Message: Equatable, Sendable {
             return .complete(generation: try reader.readUInt64())
         case .abort:
             return .abort(reason: try reader.readString(maximumByteCount: maximumStringByteCount))
+        case .sealed:
+            return .sealed(bytes: try reader.readBytes(maximumByteCount: maximumPayloadByteCount))
         }
     }
 
     private var payloadByteCount: Int {
         let kindByteCount = 1
         return switch self {
-        case .hello: kindByteCount + 1 + 8
+        case .hello(_, _, let nonce, let proof): kindByteCount + 1 + 8 + 4 + nonce.count + 4 + proof.count
         case .metadata(let state, let pageAddresses): kindByteCount + 4 + state.count + 4 + 8 * pageAddresses.count
         case .metadataCommitted, .pageRequest, .complete: kindByteCount + 8
         case .pages(_, let bytes): kindByteCount + 8 + 4 + bytes.count
         case .marked(let slots): kindByteCount + 4 + 4 * slots.count
         case .abort(let reason): kindByteCount + 4 + Self.truncatedUTF8(reason).count
+        case .sealed(let bytes): kindByteCount + 4 + bytes.count
         }
     }
 

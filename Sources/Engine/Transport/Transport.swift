@@ -43,6 +43,8 @@ public enum TransportError: Error, CustomStringConvertible, Equatable, Sendable 
     case cannotConnect(Endpoint, SyscallError)
     /// A socket call failed on an established connection.
     case system(SyscallError)
+    /// The peer failed the handshake (SecureChannel.swift): it does not hold the key, or disagrees.
+    case refused(String)
 
     public var description: String {
         switch self {
@@ -63,6 +65,8 @@ public enum TransportError: Error, CustomStringConvertible, Equatable, Sendable 
             "cannot connect to \(endpoint) (\(error)); start the other node's listener first, and check that its address is reachable from here."
         case .system(let error):
             "the connection to the other node failed (\(error)); the network or the other node is gone, migrate again."
+        case .refused(let reason):
+            "refused the other node: \(reason). Both nodes need the same --key-file, mode and fammig version."
         }
     }
 }
