@@ -110,10 +110,20 @@ public final class Restorer: EngineActor {
             if let spawnFirstTried, clock.now() - spawnFirstTried < .milliseconds(2) { return .waiting(.retryAfter(.microseconds(500))) }
             return readyStep
         case .eagerPages:
-            if case .lazyFromSocket(let transport) = mode, eagerRequested, !transport.waitReadable(timeoutMilliseconds: 0) {
+            guard eagerRequested, let transport, !transport.waitReadable(timeoutMilliseconds: 0) else { return readyStep }
+            switch mode {
+            case .lazyFromSocket:
                 return .waiting(.retryAfter(.microseconds(100)))
+            case .lazyFromFAM:
+                // Requested and not marked yet: a step now would change nothing (seed 0x251de377e567a71d:
+                // pct ran it 10,000 times in a row and starved the dumper that marks them).
+                if let memory = lazyMemory, !eagerSlotsLeft.contains(where: { memory.isDumped($0) }) {
+                    return .waiting(.retryAfter(.microseconds(100)))
+                }
+                return readyStep
+            case .eager:
+                return readyStep
             }
-            return readyStep
         default: return readyStep
         }
     }
