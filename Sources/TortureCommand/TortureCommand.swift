@@ -12,11 +12,17 @@ struct TortureCommand: ParsableCommand {
         abstract: "Migrate the test programs with the real engine under seeded adversarial schedules, and judge every run with every oracle.",
         discussion: """
             Each iteration's seed is derived from --seed and its index; a failure prints one command that replays it exactly, \
-            with the same trace hash. Exit status: 0 all passed, 1 an oracle failed, 2 usage or environment error.
+            with the same trace hash. Exit status: 0 all passed, 1 an oracle failed, 2 usage or environment error. \
+            `torture merge REPORT...` combines the JSON reports of a campaign's shards into one.
             """)
 
     /// Usage errors exit 2, like every other bad input (argument-parser's own code is 64).
     static func main() {
+        // `merge` is dispatched by hand, not as a subcommand: argument-parser gives the root's own --json and
+        // --junit precedence over a subcommand's options of the same name.
+        if CommandLine.arguments.dropFirst().first == "merge" {
+            MergeCommand.runExitingTwoOnUsageErrors(Array(CommandLine.arguments.dropFirst(2)))
+        }
         do {
             var command = try parseAsRoot()
             try command.run()
@@ -138,7 +144,7 @@ struct TortureCommand: ParsableCommand {
             let result = campaign.runOne(seed: replay, filter: filter, keepTrace: false, traceSink: trace ? { print($0) } : nil)
             print(Report.line(result))
             if !result.passed { print(Report.failureText(result, filter: filter)) }
-            try Report.write(results: [result], json: json, junit: junit, campaignSeed: nil, filter: filter)
+            try Report.write(results: [result], json: json, junit: junit, run: nil, filter: filter)
             if result.environmentError != nil { throw ExitCode(2) }
             if !result.passed { throw ExitCode(1) }
             return
@@ -167,7 +173,11 @@ struct TortureCommand: ParsableCommand {
             print("        \(shrunk.result.scenario.summary), \(shrunk.result.stepCount) steps, trace \(shrunk.result.traceHash)")
             failed[0] = shrunk.result
         }
-        try Report.write(results: results, json: json, junit: junit, campaignSeed: seed, filter: filter)
+        let indexOfSeed = Dictionary(options.indices.map { (Scenario.iterationSeed(campaignSeed: seed, index: $0), $0) },
+                                     uniquingKeysWith: { first, _ in first })
+        let run = Report.RunInfo(campaignSeed: seed, campaignIterations: iterations, shard: options.shard,
+                                 indices: results.map { indexOfSeed[$0.scenario.seed]! }, elapsedSeconds: Report.seconds(elapsed))
+        try Report.write(results: results, json: json, junit: junit, run: run, filter: filter)
         if results.contains(where: { $0.environmentError != nil }) && failed.isEmpty { throw ExitCode(2) }
         if !failed.isEmpty || !regressionFailures.isEmpty || !campaign.leaks.isEmpty { throw ExitCode(1) }
     }
