@@ -52,6 +52,8 @@ public struct IterationResult: Sendable, Codable {
 public final class ReferenceCache: @unchecked Sendable {
     private let lock = NSLock()
     private var outputs: [String: [UInt8]] = [:]
+    /// Reference runs of workloads (Workload.swift).
+    let workloads = WorkloadReferences()
 
     public init() {}
 
@@ -179,15 +181,31 @@ public struct Iteration {
     }
 
     private func migrate(into result: inout IterationResult, keepTrace: Bool, traceSink: ((String) -> Void)?) throws {
-        let binary = environment.programDirectory + "/" + scenario.binary
+        let isWorkload = scenario.program == Workload.programName
+        let binary = isWorkload ? scenario.binary : environment.programDirectory + "/" + scenario.binary
         let work = environment.workDirectory
         // The work directory's name has one length in every run (see TortureCommand), so the program's
         // stack, where its arguments lie, has one layout: the same seed gives the same pages.
         let arguments = scenario.arguments(workDirectory: work)
-        let reference = try references.output(binary: binary, arguments: arguments, workDirectory: work)
         let outputPath = work + "/victim.out"
-        let victim = try startAtRendezvous(binary: binary, arguments: arguments, outputPath: outputPath,
+        let reference: [UInt8]
+        let workloadReference: WorkloadReferences.Reference?
+        let victim: ProcessID
+        if isWorkload {
+            let found = try references.workloads.reference(binary: binary, arguments: arguments, workDirectory: work,
+                                                           keepDirectory: URL(fileURLWithPath: work).deletingLastPathComponent().path + "/references")
+            let syscall = scenario.rendezvous > 0 ? scenario.rendezvous : Workload.freezeSyscall(seed: scenario.seed, count: found.syscallCount)
+            result.scenario.rendezvous = syscall
+            reference = found.output
+            workloadReference = found
+            victim = try Workload.startFrozen(binary: binary, arguments: arguments, syscall: syscall, outputPath: outputPath,
+                                              errorPath: work + "/victim.err")
+        } else {
+            reference = try references.output(binary: binary, arguments: arguments, workDirectory: work)
+            workloadReference = nil
+            victim = try startAtRendezvous(binary: binary, arguments: arguments, outputPath: outputPath,
                                            errorPath: work + "/victim.err")
+        }
 
         var rng = SeededGenerator(seed: scenario.seed)
         let virtualClock = VirtualClock()
@@ -196,7 +214,7 @@ public struct Iteration {
         let observer = TortureObserver()
         var logger = Logger(label: "torture")
         logger.logLevel = .critical
-        let runner = TargetRunner(releaseSignal: SIGUSR2, runLimit: environment.targetRunLimit)
+        let runner = TargetRunner(releaseSignal: isWorkload ? nil : SIGUSR2, runLimit: environment.targetRunLimit)
         let generation = scenario.seed | 1
 
         final class ModelBox: @unchecked Sendable { var model: ModelFAM? }
@@ -323,8 +341,10 @@ public struct Iteration {
             if !observer.oracles.verdicts.contains(where: { $0.name == "registers and state" }) {
                 failures.append("state: the state oracle never ran")
             }
-            if targetStatus != .exited(0) {
-                failures.append("program: the migrated program \(targetStatus.map { "\($0)" } ?? "never ended"): \(firstLine(work + "/victim.err"))")
+            let expectedStatus = workloadReference?.status ?? .exited(0)
+            if targetStatus != expectedStatus && scenario.check == nil {
+                failures.append("program: the migrated program \(targetStatus.map { "\($0)" } ?? "never ended"), "
+                                + "the reference run \(expectedStatus): \(firstLine(work + "/victim.err"))")
             }
             // A program that ended well removed its own files; one killed by a failed migration cannot,
             // and the work directory that holds them goes with the iteration.
@@ -333,7 +353,12 @@ public struct Iteration {
                 failures.append("no harm: the migrated program left its files behind: \(left.sorted())")
             }
             let output = (try? ProcFS.readFile(outputPath)) ?? []
-            if output != reference {
+            if let check = scenario.check {
+                if let rejection = Workload.runCheck(check, outputPath: outputPath, referencePath: workloadReference?.outputPath ?? "",
+                                                     status: targetStatus, workDirectory: work) {
+                    failures.append("end to end: \(rejection)")
+                }
+            } else if output != reference {
                 failures.append("end to end: stdout differs from the reference run (migrated checksum \(Self.checksum(output) ?? "none"), reference \(Self.checksum(reference) ?? "none"))")
             }
         case .failed(let step, let actor, let error):

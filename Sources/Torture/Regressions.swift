@@ -95,6 +95,9 @@ public enum Regressions {
                 filter.size = size
             case "--no-kill": filter.noKill = true
             case "--chaos": filter.chaos = true
+            case "--freeze-at-syscall":
+                guard let syscall = Int(try value(option)), syscall >= 1 else { throw FilterError(reason: "--freeze-at-syscall takes a count from 1") }
+                filter.freezeAtSyscall = syscall
             case "--tamper": filter.tamper = try onOrOff(option)
             case "--racer": filter.racer = try onOrOff(option)
             case "--adversarial-steps":

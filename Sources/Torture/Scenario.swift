@@ -93,6 +93,14 @@ public struct ScenarioFilter: Sendable, Codable, Equatable {
     /// Run under the threaded driver with real ports and seeded perturbations (Chaos.swift), not the
     /// deterministic driver: the seed then names the perturbations, not the interleaving.
     public var chaos = false
+    /// A program of the user's instead of the catalog's (`--workload 'CMD ARGS'`, Workload.swift): its
+    /// absolute path and arguments, split on blanks.
+    public var workload: String?
+    /// The user's check of a migrated workload's run (`--check 'CMD'`), instead of comparing its stdout and
+    /// exit status with the reference run's.
+    public var check: String?
+    /// Freeze the workload at the exit of this system call (1-based) instead of one drawn from the seed.
+    public var freezeAtSyscall: Int?
 
     public init(modes: [TortureMode]? = nil, programs: [String]? = nil, strategies: [StrategyName]? = nil, push: Bool? = nil) {
         self.modes = modes
@@ -114,6 +122,9 @@ public struct ScenarioFilter: Sendable, Codable, Equatable {
         if let tamper { options += ["--tamper", tamper ? "on" : "off"] }
         if let racer { options += ["--racer", racer ? "on" : "off"] }
         if chaos { options.append("--chaos") }
+        if let workload { options += ["--workload", Workload.shellQuoted(workload)] }
+        if let check { options += ["--check", Workload.shellQuoted(check)] }
+        if let freezeAtSyscall { options += ["--freeze-at-syscall", "\(freezeAtSyscall)"] }
         return options
     }
 }
@@ -136,6 +147,8 @@ public struct Scenario: Sendable, Codable, Equatable {
     public var tamper: TamperPlan?
     /// A second installer races the engine's (postcopy-fam only).
     public var racer = false
+    /// A workload's check command (`--check`), which judges its migrated run end to end.
+    public var check: String? = nil
 
     /// The seed of iteration `index` of a campaign started with `seed`.
     public static func iterationSeed(campaignSeed: UInt64, index: Int) -> UInt64 {
@@ -171,10 +184,16 @@ public struct Scenario: Sendable, Codable, Equatable {
         let corruptsMark = tamperGenerator.chance(1, in: 3)
         let tamper = tamperDrawn && mode != .postcopySocket ? TamperPlan(corruptsMark: corruptsMark) : nil
         let racer = mode == .postcopyFAM && (filter.racer ?? tamperGenerator.chance(1, in: 4))
-        return Scenario(seed: seed, mode: mode, push: push, program: spec.name, binary: spec.binary,
-                        arguments: spec.arguments(size) + ["--rendezvous", "\(rendezvous)"], size: size,
-                        rendezvous: rendezvous, strategy: strategy, batchPageCount: batchPageCount, kill: kill,
-                        adversarialSteps: filter.adversarialSteps ?? Int.max, tamper: tamper, racer: racer)
+        // A workload takes every draw a catalog program would, so that its seeds mix modes and strategies alike;
+        // its freeze point is drawn once its system calls are counted (Workload.freezeSyscall).
+        let workload = filter.workload.map(Workload.words)
+        return Scenario(seed: seed, mode: mode, push: push, program: workload == nil ? spec.name : Workload.programName,
+                        binary: workload?.first ?? spec.binary,
+                        arguments: workload.map { Array($0.dropFirst()) } ?? spec.arguments(size) + ["--rendezvous", "\(rendezvous)"],
+                        size: workload == nil ? size : 0,
+                        rendezvous: workload == nil ? rendezvous : filter.freezeAtSyscall ?? 0, strategy: strategy, batchPageCount: batchPageCount, kill: kill,
+                        adversarialSteps: filter.adversarialSteps ?? Int.max, tamper: tamper, racer: racer,
+                        check: workload == nil ? nil : filter.check)
     }
 
     /// The program's arguments when its files go to `workDirectory`.
@@ -183,8 +202,10 @@ public struct Scenario: Sendable, Codable, Equatable {
     }
 
     public var summary: String {
-        var text = "\(mode.rawValue)\(mode == .nonlive ? "" : push ? " push" : " no-push") \(program) size \(size) "
-            + "rendezvous \(rendezvous) strategy \(strategy.rawValue) batch \(batchPageCount)"
+        let program = self.program == Workload.programName ? "workload \(binary)" : "\(self.program) size \(size)"
+        let freeze = self.program == Workload.programName ? "syscall" : "rendezvous"
+        var text = "\(mode.rawValue)\(mode == .nonlive ? "" : push ? " push" : " no-push") \(program) "
+            + "\(freeze) \(rendezvous) strategy \(strategy.rawValue) batch \(batchPageCount)"
         if let kill {
             text += kill.beforeDumperStep.map { " kill-before-\($0)" } ?? " kill-after-dumper-step \(kill.afterDumperSteps)"
             if kill.dropInFlight { text += " dropping in-flight" }

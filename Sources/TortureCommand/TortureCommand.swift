@@ -71,6 +71,15 @@ struct TortureCommand: ParsableCommand {
     @Flag(help: "Chaos: run under the threaded driver (real threads, FAM file, TCP) with seeded delays, yields and CPU placement at the ports; a seed names the perturbations, not the interleaving.")
     var chaos = false
 
+    @Option(help: "Torture a program of your own instead of the test programs: 'CMD ARGS' (deterministic, single-threaded, ending by itself; stdout goes to a file). It is frozen at the exit of a system call drawn from the seed.")
+    var workload: String?
+
+    @Option(help: "With --workload: judge each migrated run with this shell command instead of comparing stdout and exit status with a reference run (it gets FAMMIG_OUTPUT, FAMMIG_REFERENCE_OUTPUT and FAMMIG_STATUS; exit 0 accepts).")
+    var check: String?
+
+    @Option(help: "With --workload: freeze at the exit of this system call (1-based, counted under ptrace) instead of one drawn from the seed.")
+    var freezeAtSyscall: Int?
+
     @Flag(help: "Never kill the source (shrinking uses it).")
     var noKill = false
 
@@ -115,6 +124,16 @@ struct TortureCommand: ParsableCommand {
         if chaos && (checkDeterminism || trace || shrink) {
             throw ValidationError("--chaos runs real threads: a seed does not fix its interleaving, so --check-determinism, --trace and --shrink do not apply.")
         }
+        if workload == nil && (check != nil || freezeAtSyscall != nil) {
+            throw ValidationError("--check and --freeze-at-syscall go with --workload 'CMD ARGS'.")
+        }
+        if let freezeAtSyscall, freezeAtSyscall < 1 { throw ValidationError("--freeze-at-syscall counts from 1.") }
+        if let workload {
+            if program != nil || size != nil || chaos {
+                throw ValidationError("--workload replaces the test programs: leave out --program, --size and --chaos.")
+            }
+            do { self.workload = try Workload.resolve(workload) } catch { throw ValidationError("\(error)") }
+        }
         if trace && replay == nil { throw ValidationError("--trace needs --replay SEED (a campaign's schedules are not printed).") }
     }
 
@@ -126,6 +145,9 @@ struct TortureCommand: ParsableCommand {
         filter.tamper = tamper
         filter.chaos = chaos
         filter.racer = racer
+        filter.workload = workload
+        filter.check = check
+        filter.freezeAtSyscall = freezeAtSyscall
         return filter
     }
 
