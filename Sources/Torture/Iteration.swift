@@ -46,6 +46,10 @@ public struct IterationResult: Sendable, Codable {
     public var milliseconds: Double
     /// The schedule, when asked for.
     public var trace: [String]?
+    /// A failed iteration: the step at which the first oracle fired (an oracle that judges the end, at the
+    /// last step), and which.
+    public var oracleStep: Int?
+    public var oracleName: String?
 }
 
 /// The reference output of each program configuration, computed once per campaign.
@@ -127,19 +131,34 @@ final class TortureObserver: MigrationObserver, @unchecked Sendable {
     /// The target runs only in its own steps, so the oracle may also read every installed page back.
     let oracles = MigrationOracles(readsBackInstalledPages: true)
     let notes = StepNotes()
+    /// The driver's step, for the moment an oracle fires.
+    var currentStep = 0
+    /// The first oracle that failed during the schedule, and at which step.
+    private(set) var firstFailure: (step: Int, oracle: String)?
+
+    private func noteFailure() {
+        guard firstFailure == nil, let failing = oracles.verdicts.first(where: { !$0.passed }) else { return }
+        firstFailure = (currentStep, failing.name)
+    }
 
     func victimFrozen(processID: ProcessID, state: ProcessState, pageAddresses: [UInt64]) throws {
         try oracles.victimFrozen(processID: processID, state: state, pageAddresses: pageAddresses)
     }
 
     func targetReady(processID: ProcessID, checkpointed: ProcessState, restored: ProcessState) throws {
+        defer { noteFailure() }
         try oracles.targetReady(processID: processID, checkpointed: checkpointed, restored: restored)
     }
 
     func pagesInstalled(processID: ProcessID, address: UInt64, targetAddress: UInt64, byteCount: Int, installedBytes: [UInt8]?) throws {
         notes.noteInstalled(address)
-        try oracles.pagesInstalled(processID: processID, address: address, targetAddress: targetAddress, byteCount: byteCount,
-                                   installedBytes: installedBytes)
+        do {
+            try oracles.pagesInstalled(processID: processID, address: address, targetAddress: targetAddress, byteCount: byteCount,
+                                       installedBytes: installedBytes)
+        } catch {
+            noteFailure()
+            throw error
+        }
     }
 }
 
@@ -295,6 +314,7 @@ public struct Iteration {
         let watchesVictim = scenario.mode != .postcopySocket
         driver.onStep = { step in
             box.model?.currentStep = step
+            observer.currentStep = step
             guard watchesVictim, victimKilledEarly == nil, nemesis?.fired != true, ProcFS.isKilledOrEnded(victim) else { return }
             let complete = box.model.map { !$0.isReleased && ImageReader.peekState(backend: UncheckedFabricView(model: $0)) == .complete } ?? false
             if !complete { victimKilledEarly = step }
@@ -384,7 +404,9 @@ public struct Iteration {
            tamperer?.fired != true {
             failures.append("source kill after the commit record: the migration must complete from FAM, but \(result.outcome)")
         }
+        var famViolationStep: Int?
         if let model = box.model {
+            famViolationStep = model.violations.map(\.step).min()
             for violation in model.violations.prefix(5) { failures.append("FAM: \(violation)") }
             model.release()
         }
@@ -392,6 +414,17 @@ public struct Iteration {
             failures.append("no harm: the victim was killed before step \(step), while the image was not complete")
         }
         result.failures = failures
+        if let first = failures.first {
+            if let fired = observer.firstFailure, fired.step <= famViolationStep ?? Int.max {
+                (result.oracleStep, result.oracleName) = (fired.step, fired.oracle)
+            } else if let step = famViolationStep {
+                (result.oracleStep, result.oracleName) = (step, "FAM")
+            } else if case .failed(let step, _, _) = outcome {
+                (result.oracleStep, result.oracleName) = (step, String(first.prefix { $0 != ":" }))
+            } else {
+                (result.oracleStep, result.oracleName) = (result.stepCount, String(first.prefix { $0 != ":" }))
+            }
+        }
     }
 
     static func checksum(_ output: [UInt8]) -> String? {

@@ -98,6 +98,9 @@ struct TortureCommand: ParsableCommand {
     @Option(help: "Write a JUnit XML report to this file.")
     var junit: String?
 
+    @Option(help: "Write an HTML page for each failing seed (timeline of every actor's steps, the step where the oracle fired, the replay and shrunk commands) into this directory (default: beside the --json report).")
+    var htmlReport: String?
+
     @Flag(help: "Stop at the first failure and print how many iterations it took.")
     var failFast = false
 
@@ -163,9 +166,12 @@ struct TortureCommand: ParsableCommand {
         defer { try? FileManager.default.removeItem(atPath: environment.work) }
         let campaign = Campaign(options: options)
         if let replay {
-            let result = campaign.runOne(seed: replay, filter: filter, keepTrace: false, traceSink: trace ? { print($0) } : nil)
+            let result = campaign.runOne(seed: replay, filter: filter, keepTrace: htmlDirectory != nil, traceSink: trace ? { print($0) } : nil)
             print(Report.line(result))
-            if !result.passed { print(Report.failureText(result, filter: filter)) }
+            if !result.passed {
+                print(Report.failureText(result, filter: filter))
+                try writeHTMLReports(campaign, failing: [result], shrunk: nil)
+            }
             try Report.write(results: [result], json: json, junit: junit, run: nil, filter: filter)
             if result.environmentError != nil { throw ExitCode(2) }
             if !result.passed { throw ExitCode(1) }
@@ -189,12 +195,16 @@ struct TortureCommand: ParsableCommand {
         // campaign each replay them).
         let regressionFailures = regressionResults.filter { !$0.passed }
         for result in regressionFailures { print(Report.failureText(result, filter: filter)) }
+        var shrunkFirst: Shrunk?
+        let failing = failed
         if shrink, let first = failed.first {
             let shrunk = Shrinker(campaign: campaign, filter: filter).shrink(first)
+            shrunkFirst = shrunk
             print("shrunk: \(Report.replayCommand(seed: shrunk.scenario.seed, filter: shrunk.filter))")
             print("        \(shrunk.result.scenario.summary), \(shrunk.result.stepCount) steps, trace \(shrunk.result.traceHash)")
             failed[0] = shrunk.result
         }
+        try writeHTMLReports(campaign, failing: Array(failing.prefix(5)), shrunk: shrunkFirst)
         let indexOfSeed = Dictionary(options.indices.map { (Scenario.iterationSeed(campaignSeed: seed, index: $0), $0) },
                                      uniquingKeysWith: { first, _ in first })
         let run = Report.RunInfo(campaignSeed: seed, campaignIterations: iterations, shard: options.shard,
@@ -202,6 +212,39 @@ struct TortureCommand: ParsableCommand {
         try Report.write(results: results, json: json, junit: junit, run: run, filter: filter)
         if results.contains(where: { $0.environmentError != nil }) && failed.isEmpty { throw ExitCode(2) }
         if !failed.isEmpty || !regressionFailures.isEmpty || !campaign.leaks.isEmpty { throw ExitCode(1) }
+    }
+
+    /// Where the HTML pages of failing seeds go: --html-report, or beside the JSON report.
+    var htmlDirectory: String? {
+        htmlReport ?? json.map { URL(fileURLWithPath: $0).deletingLastPathComponent().path }
+    }
+
+    /// One page per failing seed, its schedule replayed with the trace kept (the same seed gives the same
+    /// schedule), and the shrunk schedule beside the first.
+    private func writeHTMLReports(_ campaign: Campaign, failing: [IterationResult], shrunk: Shrunk?) throws {
+        guard let directory = htmlDirectory, !failing.isEmpty else { return }
+        do { try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true) } catch {
+            throw ValidationError("cannot create \(directory) for --html-report: \(error)")
+        }
+        for (position, result) in failing.enumerated() {
+            let seed = result.scenario.seed
+            let traced = result.trace != nil ? result : campaign.runOne(seed: seed, filter: filter, keepTrace: true)
+            let schedule = HTMLReport.Schedule(title: "Schedule (\(traced.stepCount) steps, trace \(traced.traceHash))",
+                                               replay: Report.replayCommand(seed: seed, filter: filter), result: traced,
+                                               trace: traced.trace ?? [])
+            var shrunkSchedule: HTMLReport.Schedule?
+            if position == 0, let shrunk {
+                let replayed = campaign.runOne(seed: seed, filter: shrunk.filter, keepTrace: true)
+                shrunkSchedule = HTMLReport.Schedule(title: "Shrunk schedule (\(replayed.stepCount) steps, trace \(replayed.traceHash))",
+                                                     replay: Report.replayCommand(seed: seed, filter: shrunk.filter), result: replayed,
+                                                     trace: replayed.trace ?? [])
+            }
+            let path = directory + "/torture-\(Report.hexSeed(seed)).html"
+            do { try HTMLReport.page(failing: schedule, shrunk: shrunkSchedule).write(toFile: path, atomically: true, encoding: .utf8) } catch {
+                throw ReportError.cannotWrite(path, "\(error)")
+            }
+            print("failure report: \(path)")
+        }
     }
 
     /// Replays the regression file's seeds (each with its own filters), printing a line for each.
