@@ -111,6 +111,17 @@ extension ProcessSpawningTortureTests {
             #expect(try torture(["--check", "true"]).status == 2)
         }
 
+        @Test func aWorkloadReplayCommandIsARegressionLine() throws {
+            var filter = ScenarioFilter(modes: [.nonlive])
+            filter.workload = "/usr/bin/sha256sum '/tmp/a file'"
+            filter.check = "grep -q x \"$FAMMIG_OUTPUT\""
+            filter.freezeAtSyscall = 9
+            let line = Report.replayCommand(seed: 0x2a, filter: filter).replacingOccurrences(of: "torture --replay ", with: "") + " # why"
+            let seeds = try Regressions.parse(line.replacingOccurrences(of: "0x2a ", with: "0x2a pass "), path: "regressions.txt")
+            #expect(seeds.first?.filter == filter)
+            #expect(Workload.words("/usr/bin/sha256sum '/tmp/a file'") == ["/usr/bin/sha256sum", "/tmp/a file"])
+        }
+
         @Test func fammigRunFreezesAtASystemCall() throws {
             let (path, _) = try Self.input()
             defer { try? FileManager.default.removeItem(atPath: Self.directory) }
