@@ -320,6 +320,8 @@ public struct Iteration {
             if !complete { victimKilledEarly = step }
         }
         let outcome = driver.run(rng: &rng)
+        // A refusal must leave the victim as it was: not killed (Iteration judges a workload's refusal by it).
+        let victimUntouched = !ProcFS.isKilledOrEnded(victim)
         result.traceHash = driver.hash.hex
         result.stepCount = driver.stepCount
         if keepTrace { result.trace = driver.trace }
@@ -395,7 +397,15 @@ public struct Iteration {
                 failures.append("tamper: the migration failed, but not on the changed page slot \(tamperer!.tamperedSlot!): \(error)")
             }
             let expected = caughtTamper || nemesis?.fired == true && (killedBeforeCommit || scenario.mode == .postcopySocket)
-            if !expected { failures.append("migration: \(result.outcome)") }
+            // A workload may hold, at the drawn system call, what fammig refuses before the freeze (a directory
+            // or a pipe open, a child): the right answer is that refusal, with the victim left untouched.
+            let refused = isWorkload && actor == .dumper && error.hasSuffix("left running untouched.") && nemesis?.fired != true
+            if refused {
+                result.outcome = "refused before the freeze: \(error)"
+                if !victimUntouched { failures.append("no harm: the workload was refused, but the victim did not survive: \(error)") }
+            } else if !expected {
+                failures.append("migration: \(result.outcome)")
+            }
         case .stuck(let reason):
             result.outcome = "stuck: \(reason)"
             failures.append("liveness: \(reason)")

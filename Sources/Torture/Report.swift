@@ -35,6 +35,8 @@ public enum Report {
         let errors = results.filter { $0.environmentError != nil }.count
         var lines = [String(format: "%d iterations in %.1f s (%.1f per second): %d passed, %d failed, %d environment errors",
                             results.count, seconds, Double(results.count) / max(seconds, 0.001), passed, failed, errors)]
+        let refused = results.filter { $0.passed && $0.outcome.hasPrefix("refused before the freeze") }.count
+        if refused > 0 { lines.append("  \(refused) refused before the freeze, untouched (the workload held what fammig does not migrate)") }
         for mode in TortureMode.allCases {
             let ofMode = results.filter { $0.scenario.mode == mode }
             guard !ofMode.isEmpty else { continue }

@@ -111,6 +111,20 @@ extension ProcessSpawningTortureTests {
             #expect(try torture(["--check", "true"]).status == 2)
         }
 
+        /// A workload holding a directory open cannot migrate: each iteration must end in the refusal before
+        /// the freeze, victim untouched, and that passes.
+        @Test func aWorkloadHoldingWhatFammigRefusesIsRefusedUntouched() throws {
+            let report = "/tmp/torture-refused-\(getpid()).json"
+            defer { try? FileManager.default.removeItem(atPath: report) }
+            let result = try torture(["--workload", "sh -c 'exec 3</tmp; exec sha256sum /etc/services'", "--iterations", "4",
+                                      "--seed", "6", "--json", report])
+            #expect(result.status == 0, "\(result.output)")
+            #expect(result.output.contains("4 refused before the freeze"))
+            let outcomes = try Merge.read(report).results.map(\.result.outcome)
+            #expect(outcomes.count == 4)
+            #expect(outcomes.allSatisfy { $0.hasPrefix("refused before the freeze") && $0.contains("fd 3 is /tmp") }, "\(outcomes)")
+        }
+
         @Test func aWorkloadReplayCommandIsARegressionLine() throws {
             var filter = ScenarioFilter(modes: [.nonlive])
             filter.workload = "/usr/bin/sha256sum '/tmp/a file'"
