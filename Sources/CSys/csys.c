@@ -178,9 +178,10 @@ static int open_onto(const char *path, int flags, int descriptor) {
     return 0;
 }
 
-pid_t csys_spawn_program_new_pid_namespace(const char *path, char *const argv[], char *const envp[],
-                                           const char *standardInput, const char *standardOutput,
-                                           const char *standardError, unsigned long personalityValue) {
+static pid_t spawn_program_new_pid_namespace(const char *path, char *const argv[], char *const envp[],
+                                             const char *standardInput, const char *standardOutput,
+                                             const char *standardError, unsigned long personalityValue, int traced,
+                                             int dieWithParent) {
     struct clone_args arguments = {0};
     arguments.flags = CLONE_NEWPID;
     arguments.exit_signal = SIGCHLD;
@@ -192,14 +193,28 @@ pid_t csys_spawn_program_new_pid_namespace(const char *path, char *const argv[],
     if (open_onto(standardOutput, O_WRONLY | O_CREAT | O_TRUNC, 1) != 0) syscall(SYS_exit_group, 125);
     if (open_onto(standardError, O_WRONLY | O_CREAT | O_TRUNC, 2) != 0) syscall(SYS_exit_group, 125);
     syscall(SYS_close_range, 3, ~0U, 0);
-    if (personalityValue != 0xffffffffUL) {
-        // A fixed layout for a run that must be repeatable; and it dies with whoever started it.
-        syscall(SYS_personality, personalityValue);
-        syscall(SYS_prctl, PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
-    }
+    // A fixed layout for a run that must be repeatable; and it dies with whoever started it.
+    if (personalityValue != 0xffffffffUL) syscall(SYS_personality, personalityValue);
+    if (dieWithParent) syscall(SYS_prctl, PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+    // Traced by the thread that called clone3: the exec stops with SIGTRAP before the program's first instruction.
+    if (traced && syscall(SYS_ptrace, PTRACE_TRACEME, 0, 0, 0) != 0) syscall(SYS_exit_group, 126);
     syscall(SYS_execve, path, argv, envp);
     syscall(SYS_exit_group, 127);
     return -1;
+}
+
+pid_t csys_spawn_program_new_pid_namespace(const char *path, char *const argv[], char *const envp[],
+                                           const char *standardInput, const char *standardOutput,
+                                           const char *standardError, unsigned long personalityValue) {
+    return spawn_program_new_pid_namespace(path, argv, envp, standardInput, standardOutput, standardError, personalityValue, 0,
+                                           personalityValue != 0xffffffffUL);
+}
+
+pid_t csys_spawn_traced_program_new_pid_namespace(const char *path, char *const argv[], char *const envp[],
+                                                  const char *standardInput, const char *standardOutput,
+                                                  const char *standardError, unsigned long personalityValue, int dieWithParent) {
+    return spawn_program_new_pid_namespace(path, argv, envp, standardInput, standardOutput, standardError, personalityValue, 1,
+                                           dieWithParent);
 }
 
 static char cleanup_paths[16][512];

@@ -65,11 +65,12 @@ public final class Tracee: @unchecked Sendable {
 
     /// Adopts a child that called PTRACE_TRACEME: waits for its exec stop, then sets the options.
     /// Returns the stop seen (a SIGTRAP signal stop when the exec worked).
-    public static func adoptTracedChild(_ processID: ProcessID) throws -> (Tracee, StopReason) {
+    /// Without `suspendSeccomp` the child's own seccomp filter judges its syscalls as it would untraced.
+    public static func adoptTracedChild(_ processID: ProcessID, suspendSeccomp: Bool = true) throws -> (Tracee, StopReason) {
         let tracee = Tracee(processID: processID, attached: true)
         let reason = try tracee.waitForStop()
         guard reason == .signal(SIGTRAP) else { return (tracee, reason) }
-        let options = optionExitKill | optionTraceSysGood | optionSuspendSeccomp
+        let options = optionExitKill | optionTraceSysGood | (suspendSeccomp ? optionSuspendSeccomp : 0)
         try tracee.request("PTRACE_SETOPTIONS", PTRACE_SETOPTIONS.rawValue, nil, UnsafeMutableRawPointer(bitPattern: options))
         return (tracee, reason)
     }
@@ -123,8 +124,8 @@ public final class Tracee: @unchecked Sendable {
     }
 
     /// Resumes until the next syscall-enter or syscall-exit stop.
-    public func resumeToSyscall() throws {
-        try request("PTRACE_SYSCALL", PTRACE_SYSCALL.rawValue, nil, nil)
+    public func resumeToSyscall(signal: Int32 = 0) throws {
+        try request("PTRACE_SYSCALL", PTRACE_SYSCALL.rawValue, nil, UnsafeMutableRawPointer(bitPattern: Int(signal)))
     }
 
     /// Kills the whole process and waits until every one of `threads` (all traced by the caller) has
@@ -152,6 +153,13 @@ public final class Tracee: @unchecked Sendable {
 
     public func detach() throws {
         try request("PTRACE_DETACH", PTRACE_DETACH.rawValue, nil, nil)
+        isAttached = false
+    }
+
+    /// Detaches and lets the thread go with `signal` delivered (SIGSTOP: it stops in a group-stop before
+    /// its next instruction, where another tracer can seize it).
+    public func detach(signal: Int32) throws {
+        try request("PTRACE_DETACH", PTRACE_DETACH.rawValue, nil, UnsafeMutableRawPointer(bitPattern: Int(signal)))
         isAttached = false
     }
 

@@ -101,6 +101,16 @@ public enum FAMViolation: Equatable, Sendable, CustomStringConvertible {
     /// polling load.
     case pageReadBeforeMark(slot: Int, read: FAMRead)
 
+    /// The step of the read or store that broke the rule (where the failure report marks it).
+    public var step: Int {
+        switch self {
+        case .readBeforeDurable(let read, _, _, _), .pageReadBeforeMark(_, let read): read.step
+        case .markBeforePageDurable(_, let mark, _, _, _): mark.step
+        case .commitRecordBeforeMarksDurable(let commitRecord, _, _, _): commitRecord.step
+        case .stateBeforeDurable(_, let stateStore, _, _, _, _): stateStore.step
+        }
+    }
+
     /// The invariant of DESIGN.md §2 this breaks; nil for the general rule that a dependent read needs
     /// durable bytes.
     public var invariant: Int? {

@@ -46,12 +46,18 @@ public struct IterationResult: Sendable, Codable {
     public var milliseconds: Double
     /// The schedule, when asked for.
     public var trace: [String]?
+    /// A failed iteration: the step at which the first oracle fired (an oracle that judges the end, at the
+    /// last step), and which.
+    public var oracleStep: Int?
+    public var oracleName: String?
 }
 
 /// The reference output of each program configuration, computed once per campaign.
 public final class ReferenceCache: @unchecked Sendable {
     private let lock = NSLock()
     private var outputs: [String: [UInt8]] = [:]
+    /// Reference runs of workloads (Workload.swift).
+    let workloads = WorkloadReferences()
 
     public init() {}
 
@@ -123,19 +129,34 @@ final class TortureObserver: MigrationObserver, @unchecked Sendable {
     /// The target runs only in its own steps, so the oracle may also read every installed page back.
     let oracles = MigrationOracles(readsBackInstalledPages: true)
     let notes = StepNotes()
+    /// The driver's step, for the moment an oracle fires.
+    var currentStep = 0
+    /// The first oracle that failed during the schedule, and at which step.
+    private(set) var firstFailure: (step: Int, oracle: String)?
+
+    private func noteFailure() {
+        guard firstFailure == nil, let failing = oracles.verdicts.first(where: { !$0.passed }) else { return }
+        firstFailure = (currentStep, failing.name)
+    }
 
     func victimFrozen(processID: ProcessID, state: ProcessState, pageAddresses: [UInt64]) throws {
         try oracles.victimFrozen(processID: processID, state: state, pageAddresses: pageAddresses)
     }
 
     func targetReady(processID: ProcessID, checkpointed: ProcessState, restored: ProcessState) throws {
+        defer { noteFailure() }
         try oracles.targetReady(processID: processID, checkpointed: checkpointed, restored: restored)
     }
 
     func pagesInstalled(processID: ProcessID, address: UInt64, targetAddress: UInt64, byteCount: Int, installedBytes: [UInt8]?) throws {
         notes.noteInstalled(address)
-        try oracles.pagesInstalled(processID: processID, address: address, targetAddress: targetAddress, byteCount: byteCount,
-                                   installedBytes: installedBytes)
+        do {
+            try oracles.pagesInstalled(processID: processID, address: address, targetAddress: targetAddress, byteCount: byteCount,
+                                       installedBytes: installedBytes)
+        } catch {
+            noteFailure()
+            throw error
+        }
     }
 }
 
@@ -177,15 +198,31 @@ public struct Iteration {
     }
 
     private func migrate(into result: inout IterationResult, keepTrace: Bool, traceSink: ((String) -> Void)?) throws {
-        let binary = environment.programDirectory + "/" + scenario.binary
+        let isWorkload = scenario.program == Workload.programName
+        let binary = isWorkload ? scenario.binary : environment.programDirectory + "/" + scenario.binary
         let work = environment.workDirectory
         // The work directory's name has one length in every run (see TortureCommand), so the program's
         // stack, where its arguments lie, has one layout: the same seed gives the same pages.
         let arguments = scenario.arguments(workDirectory: work)
-        let reference = try references.output(binary: binary, arguments: arguments, workDirectory: work)
         let outputPath = work + "/victim.out"
-        let victim = try startAtRendezvous(binary: binary, arguments: arguments, outputPath: outputPath,
+        let reference: [UInt8]
+        let workloadReference: WorkloadReferences.Reference?
+        let victim: ProcessID
+        if isWorkload {
+            let found = try references.workloads.reference(binary: binary, arguments: arguments, workDirectory: work,
+                                                           keepDirectory: URL(fileURLWithPath: work).deletingLastPathComponent().path + "/references")
+            let syscall = scenario.rendezvous > 0 ? scenario.rendezvous : Workload.freezeSyscall(seed: scenario.seed, count: found.syscallCount)
+            result.scenario.rendezvous = syscall
+            reference = found.output
+            workloadReference = found
+            victim = try Workload.startFrozen(binary: binary, arguments: arguments, syscall: syscall, outputPath: outputPath,
+                                              errorPath: work + "/victim.err")
+        } else {
+            reference = try references.output(binary: binary, arguments: arguments, workDirectory: work)
+            workloadReference = nil
+            victim = try startAtRendezvous(binary: binary, arguments: arguments, outputPath: outputPath,
                                            errorPath: work + "/victim.err")
+        }
 
         var rng = SeededGenerator(seed: scenario.seed)
         let virtualClock = VirtualClock()
@@ -194,7 +231,7 @@ public struct Iteration {
         let observer = TortureObserver()
         var logger = Logger(label: "torture")
         logger.logLevel = .critical
-        let runner = TargetRunner(releaseSignal: SIGUSR2, runLimit: environment.targetRunLimit)
+        let runner = TargetRunner(releaseSignal: isWorkload ? nil : SIGUSR2, runLimit: environment.targetRunLimit)
         let generation = scenario.seed | 1
 
         final class ModelBox: @unchecked Sendable { var model: ModelFAM? }
@@ -265,11 +302,14 @@ public struct Iteration {
         let watchesVictim = scenario.mode != .postcopySocket
         driver.onStep = { step in
             box.model?.currentStep = step
+            observer.currentStep = step
             guard watchesVictim, victimKilledEarly == nil, nemesis?.fired != true, ProcFS.isKilledOrEnded(victim) else { return }
             let complete = box.model.map { !$0.isReleased && ImageReader.peekState(backend: UncheckedFabricView(model: $0)) == .complete } ?? false
             if !complete { victimKilledEarly = step }
         }
         let outcome = driver.run(rng: &rng)
+        // A refusal must leave the victim as it was: not killed (Iteration judges a workload's refusal by it).
+        let victimUntouched = !ProcFS.isKilledOrEnded(victim)
         result.traceHash = driver.hash.hex
         result.stepCount = driver.stepCount
         if keepTrace { result.trace = driver.trace }
@@ -311,14 +351,16 @@ public struct Iteration {
             if !observer.oracles.verdicts.contains(where: { $0.name == "registers and state" }) {
                 failures.append("state: the state oracle never ran")
             }
+            let expectedStatus = workloadReference?.status ?? .exited(0)
             if let targetNemesis, targetNemesis.fired, !targetNemesis.everyPageWasIn {
                 // Its node died while it lacked pages: the watchdog must have killed it, before it read a hole.
                 if targetStatus != .killed(signal: SIGKILL) {
                     failures.append("target node death: the restored process lacked pages and \(targetStatus.map { "\($0)" } ?? "never ended"), "
                                     + "where its watchdog must kill it")
                 }
-            } else if targetStatus != .exited(0) {
-                failures.append("program: the migrated program \(targetStatus.map { "\($0)" } ?? "never ended"): \(firstLine(work + "/victim.err"))")
+            } else if targetStatus != expectedStatus && scenario.check == nil {
+                failures.append("program: the migrated program \(targetStatus.map { "\($0)" } ?? "never ended"), "
+                                + "the reference run \(expectedStatus): \(firstLine(work + "/victim.err"))")
             }
             // A program that ended well removed its own files; one killed by a failed migration cannot,
             // and the work directory that holds them goes with the iteration.
@@ -327,7 +369,15 @@ public struct Iteration {
                 failures.append("no harm: the migrated program left its files behind: \(left.sorted())")
             }
             let output = (try? ProcFS.readFile(outputPath)) ?? []
-            if output != reference && targetStatus == .exited(0) || output != reference && targetNemesis?.fired != true {
+            let killedByTargetNemesis = targetNemesis?.fired == true && targetNemesis?.everyPageWasIn != true
+            if killedByTargetNemesis {
+                // Killed for lack of pages: what it printed before is not a whole run.
+            } else if let check = scenario.check {
+                if let rejection = Workload.runCheck(check, outputPath: outputPath, referencePath: workloadReference?.outputPath ?? "",
+                                                     status: targetStatus, workDirectory: work) {
+                    failures.append("end to end: \(rejection)")
+                }
+            } else if output != reference {
                 failures.append("end to end: stdout differs from the reference run (migrated checksum \(Self.checksum(output) ?? "none"), reference \(Self.checksum(reference) ?? "none"))")
             }
         case .failed(let step, let actor, let error):
@@ -346,7 +396,15 @@ public struct Iteration {
             // A source that loses its target (the target node died) fails too: the victim goes on.
             let expected = caughtTamper || nemesis?.fired == true && (killedBeforeCommit || scenario.mode == .postcopySocket)
                 || targetNemesis?.fired == true
-            if !expected { failures.append("migration: \(result.outcome)") }
+            // A workload may hold, at the drawn system call, what fammig refuses before the freeze (a directory
+            // or a pipe open, a child): the right answer is that refusal, with the victim left untouched.
+            let refused = isWorkload && actor == .dumper && error.hasSuffix("left running untouched.") && nemesis?.fired != true
+            if refused {
+                result.outcome = "refused before the freeze: \(error)"
+                if !victimUntouched { failures.append("no harm: the workload was refused, but the victim did not survive: \(error)") }
+            } else if !expected {
+                failures.append("migration: \(result.outcome)")
+            }
         case .stuck(let reason):
             result.outcome = "stuck: \(reason)"
             failures.append("liveness: \(reason)")
@@ -355,7 +413,9 @@ public struct Iteration {
            tamperer?.fired != true {
             failures.append("source kill after the commit record: the migration must complete from FAM, but \(result.outcome)")
         }
+        var famViolationStep: Int?
         if let model = box.model {
+            famViolationStep = model.violations.map(\.step).min()
             for violation in model.violations.prefix(5) { failures.append("FAM: \(violation)") }
             model.release()
         }
@@ -363,6 +423,17 @@ public struct Iteration {
             failures.append("no harm: the victim was killed before step \(step), while the image was not complete")
         }
         result.failures = failures
+        if let first = failures.first {
+            if let fired = observer.firstFailure, fired.step <= famViolationStep ?? Int.max {
+                (result.oracleStep, result.oracleName) = (fired.step, fired.oracle)
+            } else if let step = famViolationStep {
+                (result.oracleStep, result.oracleName) = (step, "FAM")
+            } else if case .failed(let step, _, _) = outcome {
+                (result.oracleStep, result.oracleName) = (step, String(first.prefix { $0 != ":" }))
+            } else {
+                (result.oracleStep, result.oracleName) = (result.stepCount, String(first.prefix { $0 != ":" }))
+            }
+        }
     }
 
     static func checksum(_ output: [UInt8]) -> String? {

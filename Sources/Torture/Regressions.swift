@@ -39,7 +39,8 @@ public enum Regressions {
             let lineNumber = index + 1
             let parts = rawLine.split(separator: "#", maxSplits: 1, omittingEmptySubsequences: false)
             let note = parts.count > 1 ? String(parts[1].drop { $0 == " " }) : ""
-            let words = parts[0].split(separator: " ", omittingEmptySubsequences: true).map(String.init)
+            // Split like a shell's words, so that a quoted --workload 'CMD ARGS' stays one.
+            let words = Workload.words(String(parts[0]))
             guard !words.isEmpty else { continue }
             func fail(_ reason: String) -> RegressionFileError { .malformed(path: path, line: lineNumber, reason: reason) }
             guard let seed = parseSeed(words[0]) else { throw fail("\(words[0]) is not a seed (decimal or 0x hex)") }
@@ -96,6 +97,11 @@ public enum Regressions {
                 filter.size = size
             case "--no-kill": filter.noKill = true
             case "--chaos": filter.chaos = true
+            case "--workload": filter.workload = try value(option)
+            case "--check": filter.check = try value(option)
+            case "--freeze-at-syscall":
+                guard let syscall = Int(try value(option)), syscall >= 1 else { throw FilterError(reason: "--freeze-at-syscall takes a count from 1") }
+                filter.freezeAtSyscall = syscall
             case "--tamper": filter.tamper = try onOrOff(option)
             case "--racer": filter.racer = try onOrOff(option)
             case "--kill-target": filter.killTarget = try onOrOff(option)

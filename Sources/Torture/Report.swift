@@ -25,53 +25,82 @@ public enum Report {
         return lines.joined(separator: "\n")
     }
 
+    public static func seconds(_ duration: Duration) -> Double {
+        Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18
+    }
+
     public static func summary(_ results: [IterationResult], elapsed: Duration) -> String {
-        let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+        let seconds = seconds(elapsed)
         let passed = results.filter(\.passed).count
         let failed = results.filter { !$0.passed && $0.environmentError == nil }.count
         let errors = results.filter { $0.environmentError != nil }.count
         var lines = [String(format: "%d iterations in %.1f s (%.1f per second): %d passed, %d failed, %d environment errors",
                             results.count, seconds, Double(results.count) / max(seconds, 0.001), passed, failed, errors)]
+        let refused = results.filter { $0.passed && $0.outcome.hasPrefix("refused before the freeze") }.count
+        if refused > 0 { lines.append("  \(refused) refused before the freeze, untouched (the workload held what fammig does not migrate)") }
         for mode in MigrationMode.allCases {
             let ofMode = results.filter { $0.scenario.mode == mode }
             guard !ofMode.isEmpty else { continue }
             let busy = ofMode.reduce(0) { $0 + $1.milliseconds } / 1000
             let kills = ofMode.filter { $0.scenario.kill != nil }.count
-            lines.append(String(format: "  %-16@ %4d iterations, %.1f per worker-second, %d with a killed source, median %d steps",
-                                mode.rawValue as NSString, ofMode.count, Double(ofMode.count) / max(busy, 0.001), kills,
+            lines.append(String(format: "  %@ %4d iterations, %.1f per worker-second, %d with a killed source, median %d steps",
+                                mode.rawValue.padding(toLength: 16, withPad: " ", startingAt: 0) as NSString, ofMode.count, Double(ofMode.count) / max(busy, 0.001), kills,
                                 ofMode.map(\.stepCount).sorted()[ofMode.count / 2]))
+        }
+        for group in CampaignFigures(results).byStrategy {
+            lines.append(String(format: "  %@ %4d iterations, %d failed, median %d steps",
+                                group.name.padding(toLength: 16, withPad: " ", startingAt: 0) as NSString, group.iterations, group.failed + group.environmentErrors, group.medianSteps))
         }
         return lines.joined(separator: "\n")
     }
 
-    public static func write(results: [IterationResult], json: String?, junit: String?, campaignSeed: UInt64?, filter: ScenarioFilter) throws {
-        if let json {
-            struct Document: Codable {
-                var campaignSeed: String?
-                var filter: ScenarioFilter
-                var iterations: Int
-                var failed: Int
-                var results: [Entry]
-            }
-            struct Entry: Codable {
-                var seed: String
-                var replay: String
-                var result: IterationResult
-            }
-            let document = Document(
-                campaignSeed: campaignSeed.map(hexSeed), filter: filter, iterations: results.count,
-                failed: results.filter { !$0.passed }.count,
-                results: results.map { Entry(seed: hexSeed($0.scenario.seed), replay: replayCommand(seed: $0.scenario.seed, filter: filter), result: $0) })
-            let encoder = JSONEncoder()
-            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-            do { try encoder.encode(document).write(to: URL(fileURLWithPath: json)) } catch {
-                throw ReportError.cannotWrite(json, "\(error)")
-            }
+    /// What a campaign run was, for its report: which part of which campaign, and how long it took.
+    public struct RunInfo: Sendable {
+        public var campaignSeed: UInt64
+        public var campaignIterations: Int
+        public var shard: (part: Int, count: Int)
+        /// The campaign index of each result, in the results' order.
+        public var indices: [Int]
+        public var elapsedSeconds: Double
+
+        public init(campaignSeed: UInt64, campaignIterations: Int, shard: (part: Int, count: Int), indices: [Int], elapsedSeconds: Double) {
+            self.campaignSeed = campaignSeed
+            self.campaignIterations = campaignIterations
+            self.shard = shard
+            self.indices = indices
+            self.elapsedSeconds = elapsedSeconds
         }
-        if let junit {
-            do { try junitXML(results, filter: filter).write(toFile: junit, atomically: true, encoding: .utf8) } catch {
-                throw ReportError.cannotWrite(junit, "\(error)")
-            }
+    }
+
+    /// The JSON report of `results` (`run` nil: a replay).
+    public static func document(results: [IterationResult], run: RunInfo?, filter: ScenarioFilter) -> CampaignReport {
+        precondition(run.map { $0.indices.count == results.count } ?? true, "one index per result")
+        let entries = results.enumerated().map { position, result in
+            CampaignReport.Entry(index: run?.indices[position], seed: hexSeed(result.scenario.seed),
+                                 replay: replayCommand(seed: result.scenario.seed, filter: filter), result: result)
+        }
+        return CampaignReport(campaignSeed: run.map { hexSeed($0.campaignSeed) }, filter: filter, iterations: results.count,
+                              failed: results.filter { !$0.passed }.count, campaignIterations: run?.campaignIterations,
+                              shard: run.map { .init(part: $0.shard.part, count: $0.shard.count) }, elapsedSeconds: run?.elapsedSeconds,
+                              figures: CampaignFigures(results), results: entries)
+    }
+
+    public static func write(results: [IterationResult], json: String?, junit: String?, run: RunInfo?, filter: ScenarioFilter) throws {
+        if let json { try write(document(results: results, run: run, filter: filter), to: json) }
+        if let junit { try writeJUnit(results, filter: filter, to: junit) }
+    }
+
+    public static func write(_ document: CampaignReport, to json: String) throws {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        do { try encoder.encode(document).write(to: URL(fileURLWithPath: json)) } catch {
+            throw ReportError.cannotWrite(json, "\(error)")
+        }
+    }
+
+    public static func writeJUnit(_ results: [IterationResult], filter: ScenarioFilter, to junit: String) throws {
+        do { try junitXML(results, filter: filter).write(toFile: junit, atomically: true, encoding: .utf8) } catch {
+            throw ReportError.cannotWrite(junit, "\(error)")
         }
     }
 

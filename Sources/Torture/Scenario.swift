@@ -111,6 +111,14 @@ public struct ScenarioFilter: Sendable, Codable, Equatable {
     /// Run under the threaded driver with real ports and seeded perturbations (Chaos.swift), not the
     /// deterministic driver: the seed then names the perturbations, not the interleaving.
     public var chaos = false
+    /// A program of the user's instead of the catalog's (`--workload 'CMD ARGS'`, Workload.swift): its
+    /// absolute path and arguments, split on blanks.
+    public var workload: String?
+    /// The user's check of a migrated workload's run (`--check 'CMD'`), instead of comparing its stdout and
+    /// exit status with the reference run's.
+    public var check: String?
+    /// Freeze the workload at the exit of this system call (1-based) instead of one drawn from the seed.
+    public var freezeAtSyscall: Int?
 
     public init(modes: [MigrationMode]? = nil, programs: [String]? = nil, strategies: [StrategyName]? = nil, push: Bool? = nil) {
         self.modes = modes
@@ -133,6 +141,9 @@ public struct ScenarioFilter: Sendable, Codable, Equatable {
         if let racer { options += ["--racer", racer ? "on" : "off"] }
         if let killTarget { options += ["--kill-target", killTarget ? "on" : "off"] }
         if chaos { options.append("--chaos") }
+        if let workload { options += ["--workload", Workload.shellQuoted(workload)] }
+        if let check { options += ["--check", Workload.shellQuoted(check)] }
+        if let freezeAtSyscall { options += ["--freeze-at-syscall", "\(freezeAtSyscall)"] }
         return options
     }
 }
@@ -157,6 +168,8 @@ public struct Scenario: Sendable, Codable, Equatable {
     public var racer = false
     /// The target node dies after the resume.
     public var targetKill: TargetKillPlan?
+    /// A workload's check command (`--check`), which judges its migrated run end to end.
+    public var check: String? = nil
 
     /// The seed of iteration `index` of a campaign started with `seed`.
     public static func iterationSeed(campaignSeed: UInt64, index: Int) -> UInt64 {
@@ -196,11 +209,16 @@ public struct Scenario: Sendable, Codable, Equatable {
         let targetKillDrawn = filter.killTarget ?? targetGenerator.chance(1, in: 12)
         let targetKill = targetKillDrawn && mode.isPostcopy && kill == nil
             ? TargetKillPlan(afterFaultHandlerSteps: targetGenerator.below(8), dropInFlight: targetGenerator.chance(1, in: 2)) : nil
-        return Scenario(seed: seed, mode: mode, push: push, program: spec.name, binary: spec.binary,
-                        arguments: spec.arguments(size) + ["--rendezvous", "\(rendezvous)"], size: size,
-                        rendezvous: rendezvous, strategy: strategy, batchPageCount: batchPageCount, kill: kill,
+        // A workload takes every draw a catalog program would, so that its seeds mix modes and strategies alike;
+        // its freeze point is drawn once its system calls are counted (Workload.freezeSyscall).
+        let workload = filter.workload.map(Workload.words)
+        return Scenario(seed: seed, mode: mode, push: push, program: workload == nil ? spec.name : Workload.programName,
+                        binary: workload?.first ?? spec.binary,
+                        arguments: workload.map { Array($0.dropFirst()) } ?? spec.arguments(size) + ["--rendezvous", "\(rendezvous)"],
+                        size: workload == nil ? size : 0,
+                        rendezvous: workload == nil ? rendezvous : filter.freezeAtSyscall ?? 0, strategy: strategy, batchPageCount: batchPageCount, kill: kill,
                         adversarialSteps: filter.adversarialSteps ?? Int.max, tamper: tamper, racer: racer,
-                        targetKill: targetKill)
+                        targetKill: targetKill, check: workload == nil ? nil : filter.check)
     }
 
     /// The program's arguments when its files go to `workDirectory`.
@@ -209,8 +227,10 @@ public struct Scenario: Sendable, Codable, Equatable {
     }
 
     public var summary: String {
-        var text = "\(mode.rawValue)\(mode == .nonlive ? "" : push ? " push" : " no-push") \(program) size \(size) "
-            + "rendezvous \(rendezvous) strategy \(strategy.rawValue) batch \(batchPageCount)"
+        let program = self.program == Workload.programName ? "workload \(binary)" : "\(self.program) size \(size)"
+        let freeze = self.program == Workload.programName ? "syscall" : "rendezvous"
+        var text = "\(mode.rawValue)\(mode == .nonlive ? "" : push ? " push" : " no-push") \(program) "
+            + "\(freeze) \(rendezvous) strategy \(strategy.rawValue) batch \(batchPageCount)"
         if let kill {
             text += kill.beforeDumperStep.map { " kill-before-\($0.rawValue)" } ?? " kill-after-dumper-step \(kill.afterDumperSteps)"
             if kill.dropInFlight { text += " dropping in-flight" }

@@ -9,8 +9,9 @@ import Sys
 final class TargetRunner: Participant, TargetGate, @unchecked Sendable {
     let actor = ActorName.target
     let isEssential = true
-    /// Sent once the process runs, to release the test program from its rendezvous.
-    private let releaseSignal: Int32
+    /// Sent once the process runs, to release the test program from its rendezvous (nil: a workload,
+    /// which has none).
+    private let releaseSignal: Int32?
     /// Real time a run may take before the target counts as hung.
     private let runLimit: Duration
     private var processID: ProcessID?
@@ -21,7 +22,7 @@ final class TargetRunner: Participant, TargetGate, @unchecked Sendable {
     private var resumed = false
     private var aborted = false
 
-    init(releaseSignal: Int32, runLimit: Duration) {
+    init(releaseSignal: Int32?, runLimit: Duration) {
         self.releaseSignal = releaseSignal
         self.runLimit = runLimit
     }
@@ -98,7 +99,7 @@ final class TargetRunner: Participant, TargetGate, @unchecked Sendable {
             try serialiseThreads(processID)
             try start()
             resumed = true
-            Spawn.kill(processID, signal: releaseSignal)
+            if let releaseSignal { Spawn.kill(processID, signal: releaseSignal) }
         }
         let wakes = pendingWakes
         pendingWakes.removeAll()

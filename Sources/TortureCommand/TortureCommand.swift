@@ -13,11 +13,17 @@ struct TortureCommand: ParsableCommand {
         abstract: "Migrate the test programs with the real engine under seeded adversarial schedules, and judge every run with every oracle.",
         discussion: """
             Each iteration's seed is derived from --seed and its index; a failure prints one command that replays it exactly, \
-            with the same trace hash. Exit status: 0 all passed, 1 an oracle failed, 2 usage or environment error.
+            with the same trace hash. Exit status: 0 all passed, 1 an oracle failed, 2 usage or environment error. \
+            `torture merge REPORT...` combines the JSON reports of a campaign's shards into one.
             """)
 
     /// Usage errors exit 2, like every other bad input (argument-parser's own code is 64).
     static func main() {
+        // `merge` is dispatched by hand, not as a subcommand: argument-parser gives the root's own --json and
+        // --junit precedence over a subcommand's options of the same name.
+        if CommandLine.arguments.dropFirst().first == "merge" {
+            MergeCommand.runExitingTwoOnUsageErrors(Array(CommandLine.arguments.dropFirst(2)))
+        }
         do {
             var command = try parseAsRoot()
             try command.run()
@@ -69,6 +75,15 @@ struct TortureCommand: ParsableCommand {
     @Flag(help: "Chaos: run under the threaded driver (real threads, FAM file, TCP) with seeded delays, yields and CPU placement at the ports; a seed names the perturbations, not the interleaving.")
     var chaos = false
 
+    @Option(help: "Torture a program of your own instead of the test programs: 'CMD ARGS' (deterministic, single-threaded, ending by itself; stdout goes to a file). It is frozen at the exit of a system call drawn from the seed.")
+    var workload: String?
+
+    @Option(help: "With --workload: judge each migrated run with this shell command instead of comparing stdout and exit status with a reference run (it gets FAMMIG_OUTPUT, FAMMIG_REFERENCE_OUTPUT and FAMMIG_STATUS; exit 0 accepts).")
+    var check: String?
+
+    @Option(help: "With --workload: freeze at the exit of this system call (1-based, counted under ptrace) instead of one drawn from the seed.")
+    var freezeAtSyscall: Int?
+
     @Flag(help: "Never kill the source (shrinking uses it).")
     var noKill = false
 
@@ -86,6 +101,9 @@ struct TortureCommand: ParsableCommand {
 
     @Option(help: "Write a JUnit XML report to this file.")
     var junit: String?
+
+    @Option(help: "Write an HTML page for each failing seed (timeline of every actor's steps, the step where the oracle fired, the replay and shrunk commands) into this directory (default: beside the --json report).")
+    var htmlReport: String?
 
     @Flag(help: "Stop at the first failure and print how many iterations it took.")
     var failFast = false
@@ -113,6 +131,16 @@ struct TortureCommand: ParsableCommand {
         if chaos && (checkDeterminism || trace || shrink) {
             throw ValidationError("--chaos runs real threads: a seed does not fix its interleaving, so --check-determinism, --trace and --shrink do not apply.")
         }
+        if workload == nil && (check != nil || freezeAtSyscall != nil) {
+            throw ValidationError("--check and --freeze-at-syscall go with --workload 'CMD ARGS'.")
+        }
+        if let freezeAtSyscall, freezeAtSyscall < 1 { throw ValidationError("--freeze-at-syscall counts from 1.") }
+        if let workload {
+            if program != nil || size != nil || chaos {
+                throw ValidationError("--workload replaces the test programs: leave out --program, --size and --chaos.")
+            }
+            do { self.workload = try Workload.resolve(workload) } catch { throw ValidationError("\(error)") }
+        }
         if trace && replay == nil { throw ValidationError("--trace needs --replay SEED (a campaign's schedules are not printed).") }
     }
 
@@ -125,6 +153,9 @@ struct TortureCommand: ParsableCommand {
         filter.chaos = chaos
         filter.racer = racer
         filter.killTarget = killTarget
+        filter.workload = workload
+        filter.check = check
+        filter.freezeAtSyscall = freezeAtSyscall
         return filter
     }
 
@@ -140,10 +171,13 @@ struct TortureCommand: ParsableCommand {
         defer { try? FileManager.default.removeItem(atPath: environment.work) }
         let campaign = Campaign(options: options)
         if let replay {
-            let result = campaign.runOne(seed: replay, filter: filter, keepTrace: false, traceSink: trace ? { print($0) } : nil)
+            let result = campaign.runOne(seed: replay, filter: filter, keepTrace: htmlDirectory != nil, traceSink: trace ? { print($0) } : nil)
             print(Report.line(result))
-            if !result.passed { print(Report.failureText(result, filter: filter)) }
-            try Report.write(results: [result], json: json, junit: junit, campaignSeed: nil, filter: filter)
+            if !result.passed {
+                print(Report.failureText(result, filter: filter))
+                try writeHTMLReports(campaign, failing: [result], shrunk: nil)
+            }
+            try Report.write(results: [result], json: json, junit: junit, run: nil, filter: filter)
             if result.environmentError != nil { throw ExitCode(2) }
             if !result.passed { throw ExitCode(1) }
             return
@@ -166,15 +200,56 @@ struct TortureCommand: ParsableCommand {
         // campaign each replay them).
         let regressionFailures = regressionResults.filter { !$0.passed }
         for result in regressionFailures { print(Report.failureText(result, filter: filter)) }
+        var shrunkFirst: Shrunk?
+        let failing = failed
         if shrink, let first = failed.first {
             let shrunk = Shrinker(campaign: campaign, filter: filter).shrink(first)
+            shrunkFirst = shrunk
             print("shrunk: \(Report.replayCommand(seed: shrunk.scenario.seed, filter: shrunk.filter))")
             print("        \(shrunk.result.scenario.summary), \(shrunk.result.stepCount) steps, trace \(shrunk.result.traceHash)")
             failed[0] = shrunk.result
         }
-        try Report.write(results: results, json: json, junit: junit, campaignSeed: seed, filter: filter)
+        try writeHTMLReports(campaign, failing: Array(failing.prefix(5)), shrunk: shrunkFirst)
+        let indexOfSeed = Dictionary(options.indices.map { (Scenario.iterationSeed(campaignSeed: seed, index: $0), $0) },
+                                     uniquingKeysWith: { first, _ in first })
+        let run = Report.RunInfo(campaignSeed: seed, campaignIterations: iterations, shard: options.shard,
+                                 indices: results.map { indexOfSeed[$0.scenario.seed]! }, elapsedSeconds: Report.seconds(elapsed))
+        try Report.write(results: results, json: json, junit: junit, run: run, filter: filter)
         if results.contains(where: { $0.environmentError != nil }) && failed.isEmpty { throw ExitCode(2) }
         if !failed.isEmpty || !regressionFailures.isEmpty || !campaign.leaks.isEmpty { throw ExitCode(1) }
+    }
+
+    /// Where the HTML pages of failing seeds go: --html-report, or beside the JSON report.
+    var htmlDirectory: String? {
+        htmlReport ?? json.map { URL(fileURLWithPath: $0).deletingLastPathComponent().path }
+    }
+
+    /// One page per failing seed, its schedule replayed with the trace kept (the same seed gives the same
+    /// schedule), and the shrunk schedule beside the first.
+    private func writeHTMLReports(_ campaign: Campaign, failing: [IterationResult], shrunk: Shrunk?) throws {
+        guard let directory = htmlDirectory, !failing.isEmpty else { return }
+        do { try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true) } catch {
+            throw ValidationError("cannot create \(directory) for --html-report: \(error)")
+        }
+        for (position, result) in failing.enumerated() {
+            let seed = result.scenario.seed
+            let traced = result.trace != nil ? result : campaign.runOne(seed: seed, filter: filter, keepTrace: true)
+            let schedule = HTMLReport.Schedule(title: "Schedule (\(traced.stepCount) steps, trace \(traced.traceHash))",
+                                               replay: Report.replayCommand(seed: seed, filter: filter), result: traced,
+                                               trace: traced.trace ?? [])
+            var shrunkSchedule: HTMLReport.Schedule?
+            if position == 0, let shrunk {
+                let replayed = campaign.runOne(seed: seed, filter: shrunk.filter, keepTrace: true)
+                shrunkSchedule = HTMLReport.Schedule(title: "Shrunk schedule (\(replayed.stepCount) steps, trace \(replayed.traceHash))",
+                                                     replay: Report.replayCommand(seed: seed, filter: shrunk.filter), result: replayed,
+                                                     trace: replayed.trace ?? [])
+            }
+            let path = directory + "/torture-\(Report.hexSeed(seed)).html"
+            do { try HTMLReport.page(failing: schedule, shrunk: shrunkSchedule).write(toFile: path, atomically: true, encoding: .utf8) } catch {
+                throw ReportError.cannotWrite(path, "\(error)")
+            }
+            print("failure report: \(path)")
+        }
     }
 
     /// Replays the regression file's seeds (each with its own filters), printing a line for each.

@@ -29,6 +29,9 @@ struct Run: ParsableCommand {
     @Option(help: "Milliseconds the program runs before it is migrated.")
     var afterMs: Int = 100
 
+    @Option(help: "Freeze the program at the exit of its N-th system call (counted under ptrace, address randomisation off, as pid 1 of its own PID namespace) instead of after --after-ms: a repeatable freeze point for a program that knows nothing of fammig.")
+    var freezeAtSyscall: Int?
+
     @Option(help: "Also write the report as JSON to this file.")
     var json: String?
 
@@ -52,6 +55,7 @@ struct Run: ParsableCommand {
             throw ValidationError("\(program) is not an executable path; give its path (e.g. ./TestPrograms/build/memwalk).")
         }
         guard afterMs >= 0 else { throw ValidationError("--after-ms must be 0 or more.") }
+        if let freezeAtSyscall, freezeAtSyscall < 1 { throw ValidationError("--freeze-at-syscall counts from 1.") }
         if let fam, ProcFS.exists(fam) { throw ValidationError("\(fam) already exists; pass a new path or remove it.") }
     }
 
@@ -84,20 +88,29 @@ struct Run: ParsableCommand {
 
         let outputPath = workDirectory + "/migrated.out"
         let victim: ProcessID
-        let separateNodes = nodeNamespaces || mode != .nonlive
+        let separateNodes = nodeNamespaces || mode != .nonlive || freezeAtSyscall != nil
         do {
             // Registered for the termination clean-up as it starts, not after the wait below.
-            victim = try Spawn.deferringTermination { () throws(SyscallError) -> ProcessID in
-                let victim = separateNodes
-                    ? try Spawn.programInNewPIDNamespace(path: program, arguments: arguments, environment: ["PATH=/usr/bin:/bin"],
-                                                         standardOutputPath: outputPath, standardErrorPath: workDirectory + "/migrated.err")
-                    : try Spawn.program(path: program, arguments: arguments, environment: ["PATH=/usr/bin:/bin"],
-                                        standardOutputPath: outputPath, standardErrorPath: workDirectory + "/migrated.err")
+            victim = try Spawn.deferringTermination { () throws -> ProcessID in
+                let victim: ProcessID
+                if let freezeAtSyscall {
+                    victim = try SyscallStops.startFrozen(atSyscall: freezeAtSyscall, path: program, arguments: arguments,
+                                                          environment: ["PATH=/usr/bin:/bin"], standardOutputPath: outputPath,
+                                                          standardErrorPath: workDirectory + "/migrated.err",
+                                                          personality: 0x0040000, diesWithStarter: false,  // ADDR_NO_RANDOMIZE
+                                                          limit: .seconds(600))
+                } else if separateNodes {
+                    victim = try Spawn.programInNewPIDNamespace(path: program, arguments: arguments, environment: ["PATH=/usr/bin:/bin"],
+                                                                standardOutputPath: outputPath, standardErrorPath: workDirectory + "/migrated.err")
+                } else {
+                    victim = try Spawn.program(path: program, arguments: arguments, environment: ["PATH=/usr/bin:/bin"],
+                                               standardOutputPath: outputPath, standardErrorPath: workDirectory + "/migrated.err")
+                }
                 Spawn.cleanUpOnTermination(paths: [], processes: [victim])
                 return victim
             }
         } catch { throw fail("cannot start \(program): \(error)", code: 2) }
-        usleep(UInt32(afterMs) * 1000)
+        if freezeAtSyscall == nil { usleep(UInt32(afterMs) * 1000) }
         if let status = try? Spawn.pollExit(victim) {
             throw fail("\(command[0]) \(status) before the migration at \(afterMs) ms; give it more work or lower --after-ms.", code: 2)
         }

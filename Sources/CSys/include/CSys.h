@@ -45,6 +45,11 @@ pid_t csys_spawn_traced_new_pid_namespace(const char *path, char *const argv[], 
 pid_t csys_spawn_program_new_pid_namespace(const char *path, char *const argv[], char *const envp[],
                                            const char *standardInput, const char *standardOutput,
                                            const char *standardError, unsigned long personality);
+/// The same, traced (PTRACE_TRACEME) by the calling thread and stopped at the exec; PDEATHSIG SIGKILL
+/// only with `dieWithParent` (a migrated process keeps it, and dies with its restorer's thread).
+pid_t csys_spawn_traced_program_new_pid_namespace(const char *path, char *const argv[], char *const envp[],
+                                                  const char *standardInput, const char *standardOutput,
+                                                  const char *standardError, unsigned long personality, int dieWithParent);
 
 /// Starts a watchdog for a restored process that still lacks pages: a child of this process that keeps
 /// only `pidfd` (the restored process), a copy of `userfaultfd` (so the userfaultfd outlives this process:
