@@ -111,18 +111,22 @@ extension ProcessSpawningTortureTests {
             #expect(try torture(["--check", "true"]).status == 2)
         }
 
-        /// A workload holding a directory open cannot migrate: each iteration must end in the refusal before
-        /// the freeze, victim untouched, and that passes.
+        /// A workload holding what fammig refuses (here a directory removed while it is open; directories
+        /// themselves migrate now) cannot migrate from that point on: an iteration frozen there must end in
+        /// the refusal before the freeze, victim untouched, and that passes; one frozen earlier migrates.
         @Test func aWorkloadHoldingWhatFammigRefusesIsRefusedUntouched() throws {
             let report = "/tmp/torture-refused-\(getpid()).json"
             defer { try? FileManager.default.removeItem(atPath: report) }
-            let result = try torture(["--workload", "sh -c 'exec 3</tmp; exec sha256sum /etc/services'", "--iterations", "4",
-                                      "--seed", "6", "--json", report])
+            // mktemp: a name of its own per run (each victim is pid 1 of its namespace, so $$ is the same).
+            let result = try torture(["--workload", "sh -c 'd=$(mktemp -d /tmp/fammig-refused.XXXXXX) && exec 3<$d && rmdir $d && exec sha256sum /etc/services'",
+                                      "--iterations", "6", "--seed", "6", "--json", report])
             #expect(result.status == 0, "\(result.output)")
-            #expect(result.output.contains("4 refused before the freeze"))
             let outcomes = try Merge.read(report).results.map(\.result.outcome)
-            #expect(outcomes.count == 4)
-            #expect(outcomes.allSatisfy { $0.hasPrefix("refused before the freeze") && $0.contains("fd 3 is /tmp") }, "\(outcomes)")
+            #expect(outcomes.count == 6)
+            let refusals = outcomes.filter { $0.hasPrefix("refused before the freeze") }
+            #expect(!refusals.isEmpty, "\(outcomes)")
+            #expect(refusals.allSatisfy { $0.hasSuffix("left running untouched.") })
+            #expect(refusals.contains { $0.contains("fd 3 is /tmp/fammig-refused.") }, "\(refusals)")
         }
 
         @Test func aWorkloadReplayCommandIsARegressionLine() throws {
