@@ -224,6 +224,8 @@ check_program kvstore "3 10" 10 --records 1000 --ops 20000 --batch 2000 \
     --pause-us 1000 --report-ms 0
 check_program context "3 10" 10 --rounds 10 --pause-us 1000 --thp 3 --autodisarm 1 --thread 1
 check_program forker "3 10" 10 --rounds 10 --pause-us 1000
+check_program descriptors "3 10" 10 --rounds 10 --pause-us 1000
+check_program sharedmem "3 10" 10 --rounds 10 --pause-us 1000
 
 if [ "$failures" != 0 ]; then
     echo "$failures check(s) FAILED"

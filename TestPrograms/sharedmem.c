@@ -15,8 +15,12 @@
  *            4..11 at offset 4 pages), its descriptor closed: aliasing
  *            checked every round
  *   memfdfd  memfd "fammig-shm-fd", 8 pages, mapped and its descriptor
- *            kept: pwrite through the descriptor shows in the mapping and
- *            a store in the mapping shows in pread; the offset moves on
+ *            kept: each round reads the whole object through the descriptor
+ *            first, then write() through it shows in the mapping and a
+ *            store in the mapping shows in pread; the offset moves on
+ *   sysv     (not in the default) a SysV segment (IPC_PRIVATE, 4 pages)
+ *            attached and at once marked for removal, so that it goes with
+ *            the process: SysV memory does not migrate, this is refused
  *
  * Each round is one step (--rendezvous counts rounds); it prints one line
  * per round and pauses --pause-us. The checksum hashes the final contents.
@@ -25,6 +29,7 @@
 
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/shm.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -66,17 +71,29 @@ int main(int argc, char **argv)
 {
     unsigned long long rounds = 60, pause_us = 10000;
     const char *with = "anon,split,memfd,memfdfd";
+    uint64_t *sysv = NULL;
     struct tp_opt opts[] = {
         { "rounds", &rounds, 1, 1000000, "rounds to run" },
         { "pause-us", &pause_us, 0, 10000000, "pause after each round (us)" },
     };
     struct tp_stropt sopts[] = {
-        { "with", &with, NULL, "comma-separated kinds: anon,split,memfd,memfdfd" },
+        { "with", &with, NULL, "comma-separated kinds: anon,split,memfd,memfdfd,sysv" },
     };
     tp_parse_args_with_strings(argc, argv, "Shared anonymous and memfd memory, mapped more than once, checked every round.",
                                opts, TP_NOPTS(opts), sopts, TP_NOPTS(sopts));
     int use_anon = want(with, "anon"), use_split = want(with, "split");
     int use_memfd = want(with, "memfd"), use_memfdfd = want(with, "memfdfd");
+    if (want(with, "sysv")) {
+        int id = shmget(IPC_PRIVATE, 4 * PAGE, IPC_CREAT | 0600);
+        if (id < 0)
+            tp_syserr("shmget");
+        sysv = shmat(id, NULL, 0);
+        if (sysv == (void *)-1)
+            tp_syserr("shmat");
+        if (shmctl(id, IPC_RMID, NULL) != 0)
+            tp_syserr("shmctl(IPC_RMID)");
+        sysv[0] = 1;
+    }
     uint64_t seed = 0x5ade;
 
     uint64_t *anon = NULL, *anon_model = NULL;
@@ -168,6 +185,12 @@ int main(int argc, char **argv)
             memfd_a[other] = memfd_model[other] = tp_rand(&seed);
         }
         if (use_memfdfd) {
+            /* Through the descriptor first, before any store or load in the mapping faults a page in:
+             * the object itself must hold every page (read(2) of a hole gives zeros, no fault). */
+            static uint64_t through_fd[8 * WORDS_PER_PAGE];
+            if (pread(memfdfd, through_fd, sizeof through_fd, 0) != (ssize_t)sizeof through_fd)
+                tp_syserr("pread(memfd)");
+            check_words("memfd read through its descriptor", round, through_fd, memfdfd_model, memfdfd_pages * WORDS_PER_PAGE);
             check_words("memfd with fd", round, memfdfd_map, memfdfd_model, memfdfd_pages * WORDS_PER_PAGE);
             if (lseek(memfdfd, 0, SEEK_CUR) != memfdfd_offset)
                 tp_selfcheck_fail("round %llu: memfd offset %lld, expected %lld", (unsigned long long)round,

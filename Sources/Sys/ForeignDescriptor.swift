@@ -38,6 +38,9 @@ public struct FileIdentity: Equatable, Sendable {
     }
 }
 
+/// kcmp's answer for two open file descriptions.
+public enum DescriptionOrder: Equatable, Sendable { case same, before, after, unordered }
+
 /// A timer's setting as timerfd_gettime/settime see it, in nanoseconds.
 public struct TimerSetting: Equatable, Sendable {
     public var valueNanoseconds: UInt64
@@ -131,13 +134,19 @@ public final class ForeignDescriptor {
         try checked("shutdown(\(mask))") { Glibc.shutdown(descriptor, Int32(mask) - 1) }
     }
 
-    /// Whether two descriptors of `processID` share one open file description (kcmp KCMP_FILE): dup'ed,
-    /// not opened twice.
-    public static func shareOpenFile(_ processID: ProcessID, _ first: Int32, _ second: Int32) throws(SyscallError) -> Bool {
+    /// How the open file descriptions of two descriptors of `processID` compare (kcmp KCMP_FILE): the
+    /// same one (dup'ed, not opened twice), or which comes first in the kernel's (obfuscated but fixed)
+    /// order, so that a sorted list finds a description in log n calls.
+    public static func compareOpenFiles(_ processID: ProcessID, _ first: Int32, _ second: Int32) throws(SyscallError) -> DescriptionOrder {
         let pid = Int(processID.rawValue)
         let result = csys_syscall6(DescriptorSyscall.kcmp, pid, pid, 0 /* KCMP_FILE */, Int(first), Int(second), 0)
         if result < 0 { throw SyscallError.current("kcmp(\(processID), \(first), \(second))") }
-        return result == 0
+        switch result {
+        case 0: return .same
+        case 1: return .before
+        case 2: return .after
+        default: return .unordered
+        }
     }
 
     public func identity() throws(SyscallError) -> FileIdentity {

@@ -56,7 +56,17 @@ public struct ProgramSpec: Sendable {
                     arguments: { ["--workers", "4", "--rounds", "\(6 + 6 * $0)", "--pages", "\(4 << $0)"] }, steps: { 6 + 6 * $0 }),
     ]
 
-    public static func named(_ name: String) -> ProgramSpec? { catalog.first { $0.name == name } }
+    /// Programs torture runs only when `--program` names them: never drawn, so that adding one leaves
+    /// every seed's scenario as it was.
+    public static let optIn: [ProgramSpec] = [
+        ProgramSpec(name: "descriptors", binary: "descriptors-static",
+                    arguments: { ["--rounds", "\(8 + 8 * $0)", "--pause-us", "0", "--timer-ms", "1"] }, steps: { 8 + 8 * $0 },
+                    fileDirectoryOption: "--dir"),
+        ProgramSpec(name: "sharedmem", binary: "sharedmem-static",
+                    arguments: { ["--rounds", "\(8 + 8 * $0)", "--pause-us", "0"] }, steps: { 8 + 8 * $0 }),
+    ]
+
+    public static func named(_ name: String) -> ProgramSpec? { (catalog + optIn).first { $0.name == name } }
 }
 
 /// When the nemesis kills the source node.

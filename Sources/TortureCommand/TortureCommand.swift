@@ -51,7 +51,7 @@ struct TortureCommand: ParsableCommand {
     @Option(help: "Only these modes (comma-separated: nonlive, postcopy-socket, postcopy-fam).", transform: { try parseList($0, MigrationMode.init) })
     var mode: [MigrationMode]?
 
-    @Option(help: "Only these programs (comma-separated: \(ProgramSpec.catalog.map(\.name).joined(separator: ", "))).", transform: { try parseList($0) { ProgramSpec.named($0)?.name } })
+    @Option(help: "Only these programs (comma-separated: \(ProgramSpec.catalog.map(\.name).joined(separator: ", ")); never drawn unless named: \(ProgramSpec.optIn.map(\.name).joined(separator: ", "))).", transform: { try parseList($0) { ProgramSpec.named($0)?.name } })
     var program: [String]?
 
     @Option(help: "Only these strategies (comma-separated: \(StrategyName.allCases.map(\.rawValue).joined(separator: ", "))).", transform: { try parseList($0, StrategyName.init) })

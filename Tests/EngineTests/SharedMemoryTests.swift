@@ -39,6 +39,23 @@ extension ProcessTests {
             }
         }
 
+        /// SysV shared memory is refused before the freeze; the program runs on untouched.
+        @Test func sysvSharedMemoryIsRefused() throws {
+            let directory = try ScratchDirectory(under: "/dev/shm")
+            defer { directory.remove() }
+            let leftovers = LeftoverCheck()
+            defer { leftovers.finish() }
+            let program = leftovers.own(try SpawnedProgram(try TestPaths.testProgram("sharedmem-static"),
+                                                           ["--rounds", "400", "--pause-us", "20000", "--with", "anon,sysv"],
+                                                           standardOutputPath: directory.path("out"), standardErrorPath: directory.path("err")))
+            #expect(pollUntil(timeout: .seconds(5)) { ((try? String(contentsOfFile: directory.path("out"), encoding: .utf8)) ?? "").contains("round 1 ok") })
+            let outcome = try leftovers.fammig("checkpoint", "--pid", "\(program.processID)", "--fam", directory.path("image.fam"),
+                                               "--key-file", directory.path("migration.key"))
+            #expect(outcome.exitStatus == 2 && !outcome.killedBySignal, "exit \(outcome.exitStatus): \(outcome.standardError)")
+            #expect(outcome.standardError.contains("SysV shared memory (shmat) does not migrate yet"), "\(outcome.standardError)")
+            #expect(untouchedProblem(program.processID) == nil, "\(untouchedProblem(program.processID) ?? "")")
+        }
+
         /// The dump takes every page the object holds, not only those this mapping has in its page
         /// table: page 5 of `anon` is dropped with MADV_DONTNEED each round (its data lives on in the
         /// object), page 60 never touched (a hole: not dumped).

@@ -303,7 +303,9 @@ public final class Restorer: EngineActor {
         let memory = try target!.makeLazyMemory(pageAddresses: pageAddresses, origin: origin, observer: observer, gate: gate)
         handedOver.withLock { $0 = memory }
         var slots = Set<Int>()
-        for (slot, address) in pageAddresses.enumerated() where !memory.isRegistered(address) { slots.insert(slot) }
+        for (slot, address) in pageAddresses.enumerated() where !memory.isRegistered(address) || memory.isInstalledBeforeResume(address) {
+            slots.insert(slot)
+        }
         for rseq in checkpointedState!.threads.compactMap(\.rseq) {
             let firstPage = rseq.address & ~UInt64(4095)
             let lastPage = (rseq.address + UInt64(max(rseq.byteCount, 1)) - 1) & ~UInt64(4095)

@@ -151,8 +151,12 @@ enum Preflight {
                 if entry.path.hasPrefix("[") {
                     throw .unsupportedMapping(processID, range: range, reason: "special mapping \(entry.path)")
                 }
+                if entry.path.hasPrefix("/SYSV") {
+                    throw .unsupportedMapping(processID, range: range, reason: "SysV shared memory (shmat) does not migrate yet")
+                }
                 if entry.path.hasSuffix(" (deleted)") {
-                    throw .unsupportedMapping(processID, range: range, reason: "its file was deleted")
+                    throw .unsupportedMapping(processID, range: range, reason: entry.shared ? "its file was deleted"
+                        : "a private mapping of a deleted file or memfd")
                 }
                 guard entry.path.hasPrefix("/"), !entry.path.hasPrefix("/dev/"), !entry.path.hasPrefix("/memfd:"),
                       !entry.path.hasPrefix("/SYSV") else {

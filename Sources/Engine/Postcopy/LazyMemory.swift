@@ -47,8 +47,21 @@ public final class LazyMemory: @unchecked Sendable {
     /// disarmed once `unregisterAll` proved every page installed.
     private let watchdog: HoleWatchdog?
 
+    /// Registered shared-memory mappings: a page found present there was installed through another
+    /// mapping of the same object (with the same dumped bytes), and shown to the oracle there. It is not
+    /// shown again: read back now, it holds what the target wrote since.
+    private let sharedRanges: [Range<UInt64>]
+    /// Shared-memory mappings installed before the resume (memfds: their descriptors read and write
+    /// the object without any fault).
+    private let eagerRanges: [Range<UInt64>]
+    /// Slots counted installed because their page was already there through another mapping.
+    public private(set) var aliasPageCount = 0
+
     init(targetProcessID: ProcessID, pageAddresses: [UInt64], userfaultfd: Userfaultfd, registeredRanges: [Range<UInt64>],
-         origin: PageOrigin, observer: (any MigrationObserver)?, gate: any TargetGate, watchdog: HoleWatchdog? = nil) {
+         sharedRanges: [Range<UInt64>] = [], eagerRanges: [Range<UInt64>] = [], origin: PageOrigin,
+         observer: (any MigrationObserver)?, gate: any TargetGate, watchdog: HoleWatchdog? = nil) {
+        self.sharedRanges = sharedRanges
+        self.eagerRanges = eagerRanges
         self.watchdog = watchdog
         self.gate = gate
         self.targetProcessID = targetProcessID
@@ -149,6 +162,8 @@ public final class LazyMemory: @unchecked Sendable {
     }
 
     package func isRegistered(_ address: UInt64) -> Bool { registeredRanges.contains { $0.contains(address) } }
+    /// Registered, but to be installed before the target runs.
+    package func isInstalledBeforeResume(_ address: UInt64) -> Bool { eagerRanges.contains { $0.contains(address) } }
     package func isInstalled(_ slot: Int) -> Bool { lock.withLock { installed[slot] } }
 
     /// Records a request; true when this is the first for the slot (send it then).
@@ -387,13 +402,18 @@ public final class LazyMemory: @unchecked Sendable {
 
     /// `present`: pages another installer put there first (EEXIST). They count as installed: nobody of
     /// ours will ever copy them, and a slot left missing would be asked for forever. Whoever installed one
-    /// showed it to the oracle.
+    /// showed it to the oracle (in shared memory: we did, through another mapping of the object).
     private func finishInstall(slot: Int, count: Int, copied: (newly: [Int], present: [Int]), installedBytes: (Int) -> [UInt8]) throws {
         let newly = copied.newly
         lock.withLock {
+            let present = Set(copied.present)
             for offset in newly + copied.present where !installed[slot + offset] {
                 installed[slot + offset] = true
                 installedPageCount += 1
+                // currentAddresses directly: the lock is held here.
+                if present.contains(offset), sharedRanges.contains(where: { $0.contains(currentAddresses[slot + offset]) }) {
+                    aliasPageCount += 1
+                }
             }
         }
         // The oracle judges each page copied against its digest from where it was at the freeze, before

@@ -25,7 +25,7 @@ final class DescriptorRestorer {
 
     private enum Number {
         static let socketpair = 53, shutdown = 48, fcntl = 72, epollCtl = 233, timerfdCreate = 283, signalfd4 = 289
-        static let eventfd2 = 290, epollCreate1 = 291, pipe2 = 293, memfdCreate = 319
+        static let eventfd2 = 290, epollCreate1 = 291, pipe2 = 293, memfdCreate = 319, getdents64 = 217
     }
     private static let duplicateAbove: UInt64 = 0        // F_DUPFD
     private static let setStatusFlags: UInt64 = 4        // F_SETFL
@@ -109,8 +109,18 @@ final class DescriptorRestorer {
         let flags = record.flags & ~Self.ignoredOpenFlags
         func parkedNumber(_ created: UInt64, _ owner: OpenFile) throws -> Int32 { try park(created, owner) }
         switch record.kind {
-        case .regular, .directory:
+        case .regular:
             try park(UInt64(try openInTarget(record.path, flags: flags)), record)
+        case .directory:
+            let descriptor = UInt64(try openInTarget(record.path, flags: flags))
+            if record.position != 0 {
+                // ext4 keeps a hashed directory's walk state beside the offset, created at the first
+                // getdents: made at an offset (say the end) it believes a later rewind to 0 is where it
+                // already is, and that walk finds nothing. One read from the start first sets it up as
+                // the victim's was; the lseek after it moves the offset, which ext4 then notices.
+                try injector.call("getdents64(\(record.path))", Number.getdents64, descriptor, dataAddress, 1024)
+            }
+            try park(descriptor, record)
         case .deletedFile(let file):
             // Made here under its old name, opened by the target, unlinked again: it reads back as
             // "PATH (deleted)" with its contents, mode and owner.

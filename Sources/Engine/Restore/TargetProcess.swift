@@ -27,6 +27,10 @@ final class TargetProcess {
     /// Registered shared-memory mappings: a page found present there was installed through another
     /// mapping of the same object, with the same dumped bytes.
     private var sharedRanges: [Range<UInt64>] = []
+    /// Mapped memfds: in post-copy installed before the resume, since the process may read or write one
+    /// through a descriptor, which userfaultfd does not see (a hole would read as zeros, and a write
+    /// into one would drop the rest of the dumped page).
+    private var memfdRanges: [Range<UInt64>] = []
     /// The threads besides the main one, created by `restoreState`, in the checkpoint's order; each with
     /// an injector that runs `syscall; int3` from the scratch page.
     private var otherThreads: [(tracee: Tracee, injector: SyscallInjector)] = []
@@ -219,7 +223,10 @@ final class TargetProcess {
             case .anonymous where !mapping.shared, .heap where !mapping.shared, .stack where !mapping.shared, .sharedMemory:
                 try taken.registerMissing(start: mapping.start, byteCount: mapping.byteCount)
                 registeredRanges.append(mapping.start..<mapping.end)
-                if case .sharedMemory = mapping.kind { sharedRanges.append(mapping.start..<mapping.end) }
+                if case .sharedMemory(let object) = mapping.kind {
+                    sharedRanges.append(mapping.start..<mapping.end)
+                    if object.memfdName != nil { memfdRanges.append(mapping.start..<mapping.end) }
+                }
             default: continue
             }
         }
@@ -301,7 +308,8 @@ final class TargetProcess {
             throw .system("starting the watchdog that kills the target if its fault server dies: \(error)")
         }
         let memory = LazyMemory(targetProcessID: processID, pageAddresses: pageAddresses, userfaultfd: userfaultfd,
-                                registeredRanges: registeredRanges, origin: origin, observer: observer, gate: gate,
+                                registeredRanges: registeredRanges, sharedRanges: sharedRanges, eagerRanges: memfdRanges,
+                                origin: origin, observer: observer, gate: gate,
                                 watchdog: watchdog)
         self.userfaultfd = nil
         return memory

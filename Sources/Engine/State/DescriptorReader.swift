@@ -46,16 +46,34 @@ enum DescriptorReader {
         }
 
         // Which descriptors share an open file description: compared only within one (link, inode)
-        // group, since a dup always shows the same link and inode.
+        // group, since a dup always shows the same link and inode, and there by binary search among the
+        // group's descriptions kept in kcmp's order (1500 opens of /dev/null took 11 s pairwise).
         var firstOfDescription: [Int32: Int32] = [:]
-        var groups: [String: [Int32]] = [:]
+        var groups: [String: [Int32]] = [:]  // each description's lowest descriptor, in kcmp order
         for probe in probes {
             let key = "\(probe.link)|\(probe.identity?.device ?? 0)|\(probe.identity?.inode ?? 0)"
-            for earlier in groups[key, default: []] where try ForeignDescriptor.shareOpenFile(processID, earlier, probe.descriptor) {
-                firstOfDescription[probe.descriptor] = firstOfDescription[earlier] ?? earlier
-                break
+            var sorted = groups[key, default: []]
+            var low = 0, high = sorted.count
+            var found: Int32?
+            while low < high {
+                let middle = (low + high) / 2
+                switch try ForeignDescriptor.compareOpenFiles(processID, probe.descriptor, sorted[middle]) {
+                case .same: found = sorted[middle]; low = high
+                case .before: high = middle
+                case .after: low = middle + 1
+                case .unordered:
+                    // No order to search by: compare with each.
+                    found = try sorted.first { try ForeignDescriptor.compareOpenFiles(processID, probe.descriptor, $0) == .same }
+                    low = found == nil ? sorted.count : high
+                    high = low
+                }
             }
-            groups[key, default: []].append(probe.descriptor)
+            if let found {
+                firstOfDescription[probe.descriptor] = found
+            } else {
+                sorted.insert(probe.descriptor, at: low)
+                groups[key] = sorted
+            }
         }
         let descriptions = probes.filter { firstOfDescription[$0.descriptor] == nil }
 
