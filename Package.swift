@@ -3,7 +3,8 @@
 //   fammig, torture (executables)   flags, logging bootstrap, driver choice, exit codes
 //   Torture               deterministic driver, model FAM, in-memory transport, strategies, campaigns
 //   Oracles               register/state compare, page digests, end-to-end checksums
-//   Engine                actors, FAM image, real FAM backend, threaded driver
+//   Engine                Migration (assembles a mode's actors from ports), actors, FAM image, real FAM
+//                         backend, transport and its sealed channel, threaded driver
 //   Sys (+ CSys)          the only raw syscalls and unsafe pointers
 import PackageDescription
 
