@@ -26,10 +26,10 @@ public final class PageOracle: @unchecked Sendable {
         defer { memory.close() }
         digests.reserveCapacity(pageAddresses.count)
         try Self.forEachRun(pageAddresses) { start, pageCount in
-            let bytes = try memory.read(at: start, byteCount: pageCount * 4096)
+            let bytes = try memory.read(at: start, byteCount: pageCount * .pageSize)
             for index in 0..<pageCount {
-                let address = start + UInt64(index) * 4096
-                digests[address] = digestPage(bytes, offset: index * 4096, address: address)
+                let address = start + UInt64(index) * .pageSize
+                digests[address] = digestPage(bytes, offset: index * .pageSize, address: address)
             }
         }
     }
@@ -40,10 +40,10 @@ public final class PageOracle: @unchecked Sendable {
         if requested == nil { checkedPageCount = 0 }
         let addresses = requested ?? digests.keys.sorted()
         try Self.forEachRun(addresses) { start, pageCount in
-            let bytes = try readProcessMemory(processID, address: start, byteCount: pageCount * 4096)
+            let bytes = try readProcessMemory(processID, address: start, byteCount: pageCount * .pageSize)
             for index in 0..<pageCount {
-                let address = start + UInt64(index) * 4096
-                guard digestPage(bytes, offset: index * 4096, address: address) == digests[address] else {
+                let address = start + UInt64(index) * .pageSize
+                guard digestPage(bytes, offset: index * .pageSize, address: address) == digests[address] else {
                     throw PageMismatch(address: address, reason: "restored contents differ from the freeze digest")
                 }
                 checkedPageCount += 1
@@ -66,11 +66,11 @@ public final class PageOracle: @unchecked Sendable {
         } catch {
             throw PageMismatch(address: frozenAddress, reason: "installed, but not readable in the target (\(error)): the page is missing")
         }
-        for index in 0..<(byteCount / 4096) {
-            let address = frozenAddress + UInt64(index) * 4096
-            guard digestPage(bytes, offset: index * 4096, address: address) == digests[address] else {
+        for index in 0..<(byteCount / .pageSize) {
+            let address = frozenAddress + UInt64(index) * .pageSize
+            guard digestPage(bytes, offset: index * .pageSize, address: address) == digests[address] else {
                 throw PageMismatch(address: address, reason: "restored contents differ from the freeze digest"
-                                   + (targetAddress == frozenAddress ? "" : " (read at \(hex(targetAddress + UInt64(index) * 4096)), where it moved)"))
+                                   + (targetAddress == frozenAddress ? "" : " (read at \(hex(targetAddress + UInt64(index) * .pageSize)), where it moved)"))
             }
             checkedPageCount += 1
         }
@@ -78,9 +78,9 @@ public final class PageOracle: @unchecked Sendable {
 
     /// Checks bytes that were installed at `address` (whole pages) against the freeze digests.
     public func verify(bytes: [UInt8], at address: UInt64) throws {
-        for index in 0..<(bytes.count / 4096) {
-            let pageAddress = address + UInt64(index) * 4096
-            guard digestPage(bytes, offset: index * 4096, address: pageAddress) == digests[pageAddress] else {
+        for index in 0..<(bytes.count / .pageSize) {
+            let pageAddress = address + UInt64(index) * .pageSize
+            guard digestPage(bytes, offset: index * .pageSize, address: pageAddress) == digests[pageAddress] else {
                 throw PageMismatch(address: pageAddress, reason: "the installed contents differ from the freeze digest")
             }
             checkedPageCount += 1
@@ -88,9 +88,9 @@ public final class PageOracle: @unchecked Sendable {
     }
 
     private func digestPage(_ bytes: [UInt8], offset: Int, address: UInt64) -> UInt64 {
-        var page = Array(bytes[offset..<(offset + 4096)])
-        for (start, end) in maskedRanges where start < address + 4096 && end > address {
-            for byteAddress in max(start, address)..<min(end, address + 4096) { page[Int(byteAddress - address)] = 0 }
+        var page = Array(bytes[offset..<(offset + .pageSize)])
+        for (start, end) in maskedRanges where start < address + .pageSize && end > address {
+            for byteAddress in max(start, address)..<min(end, address + .pageSize) { page[Int(byteAddress - address)] = 0 }
         }
         return pageDigest(page)
     }
@@ -106,8 +106,8 @@ public final class PageOracle: @unchecked Sendable {
         var index = 0
         while index < addresses.count {
             var count = 1
-            while index + count < addresses.count, count * 4096 < runByteLimit,
-                  addresses[index + count] == addresses[index] + UInt64(count) * 4096 {
+            while index + count < addresses.count, count * .pageSize < runByteLimit,
+                  addresses[index + count] == addresses[index] + UInt64(count) * .pageSize {
                 count += 1
             }
             try body(addresses[index], count)

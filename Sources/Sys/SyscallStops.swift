@@ -108,6 +108,7 @@ public enum SyscallStops {
         var idleSpins = 0
         do {
             try tracee.resumeToSyscall()
+            // Ends at the wanted system call's exit, the program's end, or after `limit` (then it throws).
             while true {
                 guard let stop = try tracee.pollStop() else {
                     // Polled, not waited for: a program that blocks forever must not hang its tracer.

@@ -140,7 +140,7 @@ public final class MemoryTransport: Transport, @unchecked Sendable {
     static func describe(_ message: Message) -> String {
         switch message {
         case .pageRequest(let address): "pageRequest 0x\(String(address, radix: 16))"
-        case .pages(let address, let bytes): "pages 0x\(String(address, radix: 16))+\(bytes.count / 4096)"
+        case .pages(let address, let bytes): "pages 0x\(String(address, radix: 16))+\(bytes.count / .pageSize)"
         case .marked(let slots): "marked \(slots.count)"
         default: message.kindName
         }

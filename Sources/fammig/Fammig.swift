@@ -126,7 +126,7 @@ struct Checkpoint: ParsableCommand {
             throw engineFailure(error)
         }
         let pages = timeline.counter("pagesDumped")
-        print("checkpointed pid \(pid) into \(fam): \(pages) pages (\(pages * 4096) bytes)"
+        print("checkpointed pid \(pid) into \(fam): \(pages) pages (\(pages * .pageSize) bytes)"
               + ", frozen for \(format(timeline.span(from: .frozen, to: .victimReleased)))"
               + (leaveRunning ? "; the process runs on" : "; the process was killed"))
     }

@@ -158,7 +158,7 @@ struct Run: ParsableCommand {
         report.faultCount = metrics.faultCount.load(ordering: .relaxed)
         report.zeroPageCount = metrics.zeroPageCount.load(ordering: .relaxed)
         report.tcpByteCount = nodes.transportByteCount
-        report.famByteCount = mode == .postcopySocket ? 0 : report.pageCount * 4096
+        report.famByteCount = mode == .postcopySocket ? 0 : report.pageCount * .pageSize
         if mode != .nonlive { oracles.recordLazyPageVerdict() }
         report.migratedChecksum = checksum
         report.programStatus = "\(status)"

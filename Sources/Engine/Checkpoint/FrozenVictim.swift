@@ -103,7 +103,7 @@ final class FrozenVictim {
         let memory = try ProcessMemory(processID, writable: true)
         defer { memory.close() }
         let mappings = try Preflight.mappings(processID)
-        let scratchByteCount: UInt64 = 4 * 4096
+        let scratchByteCount: UInt64 = 4 * .pageSize
         guard let scratch = AddressSpace.freeRange(byteCount: scratchByteCount, avoiding: mappings.map { ($0.start, $0.end) }) else {
             throw CheckpointError.system(processID, "no free address range for a scratch mapping")
         }
@@ -137,7 +137,7 @@ final class FrozenVictim {
             try thread.setSignalMask(~UInt64(0))
             others.append(SyscallInjector(tracee: thread, instructionAddress: scratch, template: threadRegisters))
         }
-        return try StateReader.injectQueries(injector: injector, threadInjectors: others, memory: memory, dataAddress: scratch + 4096)
+        return try StateReader.injectQueries(injector: injector, threadInjectors: others, memory: memory, dataAddress: scratch + .pageSize)
     }
 
     /// The pages to dump, read now that the victim cannot change them.

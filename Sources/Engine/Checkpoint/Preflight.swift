@@ -51,7 +51,7 @@ enum Preflight {
                 continue
             default: break
             }
-            let pageCount = Int(mapping.byteCount / 4096)
+            let pageCount = Int(mapping.byteCount / .pageSize)
             let words: [UInt64]
             do { words = try ProcFS.pagemap(processID, address: mapping.start, pageCount: pageCount) } catch {
                 throw .system(processID, "\(error)")
@@ -63,7 +63,7 @@ enum Preflight {
                 let swapped = word & (1 << 62) != 0
                 let fileBacked = word & (1 << 61) != 0
                 if (present || swapped) && !(isFile && fileBacked) {
-                    addresses.append(mapping.start + UInt64(index) * 4096)
+                    addresses.append(mapping.start + UInt64(index) * .pageSize)
                 }
             }
         }
@@ -78,8 +78,9 @@ enum Preflight {
         do {
             let object = try ForeignDescriptor(openingForReading: path)
             let start = Int64(mapping.fileOffset), end = start + Int64(mapping.byteCount)
+            let page = Int64(ImageLayout.pageSize)
             return try object.dataRanges(from: start, to: end).flatMap { range in
-                stride(from: range.lowerBound / 4096 * 4096, to: range.upperBound, by: 4096).map { mapping.start + UInt64($0 - start) }
+                stride(from: range.lowerBound / page * page, to: range.upperBound, by: Int64.Stride(page)).map { mapping.start + UInt64($0 - start) }
             }
         } catch {
             if !ProcFS.isAlive(processID) { throw .noSuchProcess(processID) }
@@ -120,7 +121,7 @@ enum Preflight {
         let key = "\(entry.device) \(entry.inode)"
         let object = objects[key] ?? Int32(objects.count)
         objects[key] = object
-        let byteCount = (UInt64(max(identity.byteCount, 0)) + 4095) / 4096 * 4096
+        let byteCount = (UInt64(max(identity.byteCount, 0)) + 4095) / .pageSize * .pageSize
         guard entry.fileOffset + entry.byteCount <= byteCount else {
             throw .unsupportedMapping(processID, range: range, reason: "it maps beyond the end of its shared memory object")
         }

@@ -213,3 +213,12 @@ enum ImageDigestSeed {
         generation ^ (address &* 0x9E37_79B9_7F4A_7C15) ^ 0x5041_4745_4441_5441
     }
 }
+
+// The page size where arithmetic needs it, spelled once (above): `offset / .pageSize`, `address % .pageSize`.
+extension Int {
+    public static let pageSize = ImageLayout.pageSize
+}
+
+extension UInt64 {
+    public static let pageSize = UInt64(ImageLayout.pageSize)
+}

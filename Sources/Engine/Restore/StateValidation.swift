@@ -35,7 +35,12 @@ enum KernelLimits {
     /// (uid_t)-1: setresuid and setresgid read it as "leave this one unchanged", so it is never a real ID.
     static let unchangedID: UInt32 = .max
     /// BPF_MAXINSNS: instructions in one seccomp filter (8 bytes each).
-    static let seccompFilterInstructionCountMax = 4096
+    static let seccompFilterInstructionCountMax = 1 << 12
+    static let bpfInstructionCountMax = seccompFilterInstructionCountMax
+    /// PATH_MAX: the longest path a syscall takes, its NUL included.
+    static let pathByteCountMax = 1 << 12
+    /// The smallest capacity a pipe has (one page).
+    static let pipeCapacityByteCountMin = Int32(ImageLayout.pageSize)
     /// MAX_INSNS_PER_PATH: the instructions of all of a thread's filters, each filter counting 4 more.
     static let seccompPathInstructionCountMax = 32768
     static let seccompFilterOverheadInstructionCount = 4
@@ -49,7 +54,7 @@ enum KernelLimits {
     /// __O_TMPFILE: a file opened so has no name the restorer could open again.
     static let temporaryFileFlag: Int32 = 0o20_000_000
     /// The largest rseq area the restorer accepts (the kernel's is 32 bytes and grows slowly).
-    static let rseqByteCountMax: UInt32 = 4096
+    static let rseqByteCountMax = UInt32(ImageLayout.pageSize)  // an rseq area within one page
     /// MINSIGSTKSZ on x86-64: sigaltstack refuses smaller stacks.
     static let signalStackByteCountMin: UInt64 = 2048
 }
@@ -58,7 +63,7 @@ extension Mapping {
     /// Why this cannot be a VMA of a user process, or nil: page-aligned, not empty, inside user space;
     /// `[vsyscall]` exactly where the kernel puts it. Decoding uses it too.
     var addressProblem: String? {
-        guard start % 4096 == 0, end % 4096 == 0 else { return "is not page-aligned" }
+        guard start % .pageSize == 0, end % .pageSize == 0 else { return "is not page-aligned" }
         guard start < end else { return "does not end after it starts" }
         if kind == .vsyscall {
             let range = AddressSpace.vsyscallRange
@@ -70,7 +75,7 @@ extension Mapping {
         guard start >= AddressSpace.lowestAddress, end <= AddressSpace.userSpaceEnd else {
             return "lies outside user space (\(hex(AddressSpace.lowestAddress))-\(hex(AddressSpace.userSpaceEnd)))"
         }
-        guard fileOffset % 4096 == 0 else { return "has file offset \(hex(fileOffset)), which is not page-aligned" }
+        guard fileOffset % .pageSize == 0 else { return "has file offset \(hex(fileOffset)), which is not page-aligned" }
         return nil
     }
 }
@@ -95,7 +100,7 @@ extension ProcessState {
     private func validateContext(path: String) throws(ImageError) {
         try Self.checkPath(context.workingDirectory, "the working directory", path: path)
         guard context.workingDirectory.utf8.count <= ProcessContext.workingDirectoryByteCountMax else {
-            throw .unrestorableState(path: path, reason: "the working directory is \(context.workingDirectory.utf8.count) bytes long (PATH_MAX is 4096)")
+            throw .unrestorableState(path: path, reason: "the working directory is \(context.workingDirectory.utf8.count) bytes long (PATH_MAX is \(KernelLimits.pathByteCountMax))")
         }
         guard context.fileCreationMask <= ProcessContext.fileCreationMaskMax else {
             throw .unrestorableState(path: path, reason: "umask 0o\(String(context.fileCreationMask, radix: 8)) has bits beyond 0o777")
@@ -166,7 +171,7 @@ extension ProcessState {
     private func validatePages(_ pageAddresses: [UInt64], path: String) throws(ImageError) {
         var mappingIndex = 0
         for (slot, address) in pageAddresses.enumerated() {
-            guard address % 4096 == 0 else {
+            guard address % .pageSize == 0 else {
                 throw .badPageAddress(path: path, slot: slot, address: address, reason: "is not page-aligned")
             }
             if slot > 0, pageAddresses[slot - 1] >= address {
@@ -334,7 +339,7 @@ extension ProcessState {
                       ends[0].path == ends[1].path else {
                     throw bad(file, "is not one of exactly two ends (one read end) of pipe \(end.channel)")
                 }
-                guard (4096...DescriptorLimits.pipeCapacityByteCountMax).contains(end.capacityByteCount),
+                guard (KernelLimits.pipeCapacityByteCountMin...DescriptorLimits.pipeCapacityByteCountMax).contains(end.capacityByteCount),
                       end.buffered.count <= Int(end.capacityByteCount), end.isReadEnd || end.buffered.isEmpty else {
                     throw bad(file, "has capacity \(end.capacityByteCount) with \(end.buffered.count) bytes buffered")
                 }

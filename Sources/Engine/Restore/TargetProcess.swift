@@ -17,8 +17,8 @@ final class TargetProcess {
     let memory: ProcessMemory
     let injector: SyscallInjector
     let scratchAddress: UInt64
-    static let scratchByteCount: UInt64 = 16 * 4096
-    private var dataAddress: UInt64 { scratchAddress + 4096 }
+    static let scratchByteCount: UInt64 = 16 * .pageSize
+    private var dataAddress: UInt64 { scratchAddress + .pageSize }
     private(set) var isResumed = false
     /// Anonymous private ranges registered with the target's userfaultfd: pages go in by UFFDIO_COPY
     /// straight from FAM; everything else (private file pages) by pwrite to /proc/PID/mem.
@@ -264,23 +264,23 @@ final class TargetProcess {
                                                            dontWake: false)
                         switch outcome {
                         case .copied:
-                            installedPageCount += (pieceByteCount - pieceDone) / 4096
+                            installedPageCount += (pieceByteCount - pieceDone) / .pageSize
                             pieceDone = pieceByteCount
                         case .partial(let copiedByteCount):
-                            installedPageCount += copiedByteCount / 4096
+                            installedPageCount += copiedByteCount / .pageSize
                             pieceDone += copiedByteCount
                         case .firstPageAlreadyPresent where sharedRanges.contains(where: { $0.contains(current) }):
                             installedPageCount += 1
-                            pieceDone += 4096
+                            pieceDone += .pageSize
                         case .firstPageAlreadyPresent:
                             // Something made the page present before its install (seen once in 1000s of
                             // nonlive restores under load: a stack page, cause not found). UFFDIO_COPY
                             // left it as it was: write the dumped bytes over it, so the page is right
                             // whatever put it there.
-                            try memory.write(from: mapping, at: mappingOffset + done + pieceDone, byteCount: 4096,
+                            try memory.write(from: mapping, at: mappingOffset + done + pieceDone, byteCount: .pageSize,
                                              to: current + UInt64(pieceDone))
                             installedPageCount += 1
-                            pieceDone += 4096
+                            pieceDone += .pageSize
                         }
                     }
                     done += pieceByteCount
@@ -288,7 +288,7 @@ final class TargetProcess {
                     let nextRegistered = registeredRanges.map(\.lowerBound).filter { $0 > current }.min() ?? UInt64.max
                     let pieceByteCount = min(remaining, Int(min(nextRegistered - current, UInt64(remaining))))
                     try memory.write(from: mapping, at: mappingOffset + done, byteCount: pieceByteCount, to: current)
-                    installedPageCount += pieceByteCount / 4096
+                    installedPageCount += pieceByteCount / .pageSize
                     done += pieceByteCount
                 }
             }
@@ -362,7 +362,7 @@ final class TargetProcess {
             // Filters go in while the target still holds every capability (seccomp needs CAP_SYS_ADMIN or
             // no_new_privs); PTRACE_O_SUSPEND_SECCOMP keeps them from judging our later injections.
             for filter in state.seccompFilters {
-                let programAddress = dataAddress + 4096
+                let programAddress = dataAddress + .pageSize
                 try memory.write(filter.program, at: programAddress)
                 var header: [UInt8] = []
                 header.appendLittleEndian(UInt64(filter.program.count / 8))

@@ -20,7 +20,7 @@ enum AddressSpace {
     /// never merges it with a neighbour), avoiding every range given. Searches from high addresses down,
     /// below the usual mmap area.
     static func freeRange(byteCount: UInt64, avoiding ranges: [(UInt64, UInt64)]) -> UInt64? {
-        let guardBytes: UInt64 = 4096
+        let guardBytes: UInt64 = .pageSize
         let taken = ranges.filter { $0.0 < userSpaceEnd }.sorted { $0.0 < $1.0 }
         // Try a fixed, memorable area first (easy to spot in maps), then any gap.
         let preferred: UInt64 = 0x5f0_0000_0000

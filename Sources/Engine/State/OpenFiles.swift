@@ -120,7 +120,7 @@ public enum DescriptorLimits {
     /// Datagrams queued on one socket.
     public static let queuedMessageCountMax = 1024
     /// Registrations in one epoll set.
-    public static let epollEntryCountMax = 4096
+    public static let epollEntryCountMax = 1 << 12
     /// Pipe capacity the restorer sets (fs.pipe-max-size's default).
     public static let pipeCapacityByteCountMax: Int32 = 1 << 20
 }

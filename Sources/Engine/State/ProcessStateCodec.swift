@@ -72,7 +72,7 @@ extension ProcessState {
         }
         let processID = ProcessID(try reader.readInt32())
         guard processID.rawValue >= 1 else { throw .malformedMetadata(reason: "pid \(processID) cannot be restored") }
-        let executablePath = try reader.readString(maximumByteCount: 4096)
+        let executablePath = try reader.readString(maximumByteCount: KernelLimits.pathByteCountMax)
         let commandName = try reader.readString(maximumByteCount: 15)
         let threads = try reader.readArray(maximumCount: ProcessState.maximumThreadCount) { (reader) throws(ImageError) in try ThreadState.decode(&reader) }
         guard !threads.isEmpty else { throw .malformedMetadata(reason: "no threads") }
@@ -82,7 +82,7 @@ extension ProcessState {
             return SignalAction(signal: signal, handler: try reader.readUInt64(), flags: try reader.readUInt64(),
                                 restorer: try reader.readUInt64(), mask: try reader.readUInt64())
         }
-        let shared = try reader.readArray(maximumCount: 4096) { (reader) throws(ImageError) in
+        let shared = try reader.readArray(maximumCount: StateLimits.sharedObjectCountMax) { (reader) throws(ImageError) in
             PendingSignal(shared: true, siginfo: try readSiginfo(&reader))
         }
         var fields = MemoryDescriptorFields()
@@ -118,7 +118,7 @@ extension ProcessState {
         }
         let seccompMode = try reader.readInt32()
         let filters = try reader.readArray(maximumCount: 512) { (reader) throws(ImageError) -> SeccompFilter in
-            let program = try reader.readBytes(maximumByteCount: 4096 * 8)
+            let program = try reader.readBytes(maximumByteCount: KernelLimits.bpfInstructionCountMax * 8)
             guard !program.isEmpty, program.count % 8 == 0 else {
                 throw .malformedMetadata(reason: "seccomp filter of \(program.count) bytes")
             }
@@ -198,7 +198,7 @@ extension ThreadState {
             rseq = RseqConfiguration(address: try reader.readUInt64(), byteCount: try reader.readUInt32(),
                                      signature: try reader.readUInt32(), flags: try reader.readUInt32())
         }
-        let pending = try reader.readArray(maximumCount: 4096) { (reader) throws(ImageError) in
+        let pending = try reader.readArray(maximumCount: StateLimits.pendingSignalCountMax) { (reader) throws(ImageError) in
             PendingSignal(shared: false, siginfo: try ProcessState.readSiginfo(&reader))
         }
         var thread = ThreadState(threadID: threadID, registers: GeneralRegisters(words: words), extendedState: extendedState,
@@ -246,7 +246,7 @@ extension Mapping {
         case 0: kind = .anonymous
         case 1: kind = .heap
         case 2: kind = .stack
-        case 3: kind = .file(path: try reader.readString(maximumByteCount: 4096))
+        case 3: kind = .file(path: try reader.readString(maximumByteCount: KernelLimits.pathByteCountMax))
         case 4:
             let name = try reader.readString(maximumByteCount: 32)
             guard ["[vvar]", "[vvar_vclock]", "[vdso]"].contains(name) else {
@@ -259,7 +259,7 @@ extension Mapping {
             let name: String? = try reader.readBool() ? try reader.readString(maximumByteCount: 249) : nil
             let byteCount = try reader.readUInt64()
             let sealingForbidden = try reader.readBool()
-            guard (0..<65536).contains(object), byteCount % 4096 == 0, byteCount <= AddressSpace.userSpaceEnd,
+            guard (0..<65536).contains(object), byteCount % .pageSize == 0, byteCount <= AddressSpace.userSpaceEnd,
                   fileOffset <= byteCount, end &- start <= byteCount - fileOffset else {
                 throw .malformedMetadata(reason: "shared memory object \(object) of \(byteCount) bytes mapped at offset \(hex(fileOffset))")
             }
@@ -320,7 +320,7 @@ extension OpenFile {
     static func decode(_ reader: inout BinaryReader) throws(ImageError) -> OpenFile {
         let descriptor = try reader.readInt32()
         guard descriptor >= 0 else { throw .malformedMetadata(reason: "fd \(descriptor)") }
-        var file = OpenFile(descriptor: descriptor, path: try reader.readString(maximumByteCount: 4096),
+        var file = OpenFile(descriptor: descriptor, path: try reader.readString(maximumByteCount: KernelLimits.pathByteCountMax),
                             flags: try reader.readInt32(), position: try reader.readInt64())
         let limit = DescriptorLimits.carriedByteCountMax
         func readCarried() throws(ImageError) -> CarriedFile {
@@ -360,4 +360,14 @@ extension OpenFile {
         }
         return file
     }
+}
+
+/// Bounds on what a decoded process state may hold, so a hostile image cannot make the decoder allocate
+/// without limit.
+enum StateLimits {
+    /// Shared-memory objects of one process.
+    static let sharedObjectCountMax = 1 << 12
+    /// Signals pending on one thread or process (the kernel's default RLIMIT_SIGPENDING is far above
+    /// what a process holds while frozen; 4 Ki is what the decoder accepts).
+    static let pendingSignalCountMax = 1 << 12
 }

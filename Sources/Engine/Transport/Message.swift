@@ -33,7 +33,7 @@ public enum Message: Equatable, Sendable {
     /// The most bytes one `pages` message carries.
     public static let maximumPagesByteCount = 2 << 20
     /// The most bytes of an `abort` reason; longer reasons are cut when encoded.
-    public static let maximumStringByteCount = 4096
+    public static let maximumStringByteCount = 4 << 10
     /// The most elements of an array field (page table entries, marked slots).
     public static let maximumArrayCount = 1 << 20
     /// The largest payload a frame may announce: a full `pages` or `marked` message and its fields.
