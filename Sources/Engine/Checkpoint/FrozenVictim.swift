@@ -1,9 +1,6 @@
 // The victim between freeze and release: seized and interrupted by the dumper's thread, its state read
 // through ptrace, /proc and a few injected syscalls, and its dirty pages listed from pagemap.
 import Sys
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// A seized, stopped victim: every thread. Every method must run on the thread that called `freeze`.
 final class FrozenVictim {

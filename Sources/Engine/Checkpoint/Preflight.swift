@@ -1,15 +1,12 @@
 // The checks that run before the freeze, so that a process we cannot migrate is refused while it keeps
 // running untouched. They read /proc only.
 import Sys
-#if canImport(Glibc)
-import Glibc
-#endif
 
 enum Preflight {
     /// Throws the first reason `processID` cannot be migrated.
     static func check(_ processID: ProcessID) throws(CheckpointError) {
         guard processID.rawValue > 0, ProcFS.isAlive(processID) else { throw .noSuchProcess(processID) }
-        if processID.rawValue == getpid() || processID.rawValue == getppid() { throw .cannotCheckpointSelf(processID) }
+        if processID == .current || processID == .parent { throw .cannotCheckpointSelf(processID) }
         guard let status = try? ProcFS.status(processID) else { throw .noSuchProcess(processID) }
         if let tracer = status["TracerPid"], tracer != "0" { throw .alreadyTraced(processID, tracer: tracer) }
         guard let threads = try? ProcFS.threadIDs(processID) else { throw .noSuchProcess(processID) }

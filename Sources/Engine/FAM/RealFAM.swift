@@ -1,9 +1,6 @@
 // Why this file exists: the production FAM backend. A MAP_SHARED file (under /dev/shm, or a DAX file on
 // persistent/CXL memory) where stores, flushes and fences are the real instructions.
 import Sys
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// FAM backed by a real shared mapping; every call goes straight to `SharedMapping`.
 public final class RealFAM: FAMBackend {
@@ -38,8 +35,9 @@ public final class RealFAM: FAMBackend {
     public static func openTrusted(path: String) throws(ImageError) -> RealFAM {
         let fam = try open(path: path, writable: false)
         let owner = fam.mapping.ownerUserID, permissions = fam.mapping.permissionBits
-        guard owner == geteuid() else {
-            throw .untrustedFile(path: path, reason: "belongs to uid \(owner), not to this user (uid \(geteuid()))")
+        let userID = ProcessIdentity.current().effectiveUserID
+        guard owner == userID else {
+            throw .untrustedFile(path: path, reason: "belongs to uid \(owner), not to this user (uid \(userID))")
         }
         guard permissions & 0o022 == 0 else {
             throw .untrustedFile(path: path, reason: "is writable by group or others (mode \(String(permissions, radix: 8)))")

@@ -5,9 +5,6 @@
 // parked above all wanted numbers, then moved to its own; dups follow; epoll sets come last, once every
 // descriptor they watch has its final number (a registration is keyed by the number it was made with).
 import Sys
-#if canImport(Glibc)
-import Glibc
-#endif
 
 final class DescriptorRestorer {
     let injector: SyscallInjector
@@ -29,7 +26,7 @@ final class DescriptorRestorer {
     }
     private static let duplicateAbove: UInt64 = 0        // F_DUPFD
     private static let setStatusFlags: UInt64 = 4        // F_SETFL
-    private static let ignoredOpenFlags: Int32 = O_CREAT | O_EXCL | O_TRUNC | O_NOCTTY
+    private static let ignoredOpenFlags: Int32 = OpenFlag.create | OpenFlag.exclusive | OpenFlag.truncate | OpenFlag.noControllingTerminal
 
     func restore(_ files: [OpenFile]) throws {
         let records = files.sorted { $0.descriptor < $1.descriptor }
@@ -83,7 +80,7 @@ final class DescriptorRestorer {
         }
     }
 
-    private func closeOnExec(_ record: OpenFile) -> UInt64 { UInt64(UInt32(bitPattern: record.flags & O_CLOEXEC)) }
+    private func closeOnExec(_ record: OpenFile) -> UInt64 { UInt64(UInt32(bitPattern: record.flags & OpenFlag.closeOnExec)) }
 
     private func moveToFinal(_ descriptor: Int32, _ record: OpenFile) throws {
         try injector.call("dup3", Syscall.dup3, UInt64(descriptor), UInt64(record.descriptor), closeOnExec(record))
@@ -161,14 +158,14 @@ final class DescriptorRestorer {
             let (readRecord, writeRecord) = end.isReadEnd ? (record, other) : (other, record)
             let (readEnd, writeEnd): (UInt64, UInt64)
             if record.path.isEmpty {
-                try injector.call("pipe2", Number.pipe2, dataAddress, UInt64(O_CLOEXEC))
+                try injector.call("pipe2", Number.pipe2, dataAddress, UInt64(OpenFlag.closeOnExec))
                 let pair = try memory.read(at: dataAddress, byteCount: 8)
                 readEnd = UInt64(pair.littleEndianWord(at: 0) & 0xffff_ffff)
                 writeEnd = pair.littleEndianWord(at: 0) >> 32
             } else {
                 // A reader first, so that a non-blocking open for writing finds one.
-                readEnd = UInt64(try openInTarget(record.path, flags: O_RDONLY | O_NONBLOCK | O_CLOEXEC))
-                writeEnd = UInt64(try openInTarget(record.path, flags: O_WRONLY | O_NONBLOCK | O_CLOEXEC))
+                readEnd = UInt64(try openInTarget(record.path, flags: OpenFlag.readOnly | OpenFlag.nonBlocking | OpenFlag.closeOnExec))
+                writeEnd = UInt64(try openInTarget(record.path, flags: OpenFlag.writeOnly | OpenFlag.nonBlocking | OpenFlag.closeOnExec))
             }
             let readDescriptor = try parkedNumber(readEnd, readRecord)
             let writeDescriptor = try parkedNumber(writeEnd, writeRecord)
@@ -207,14 +204,14 @@ final class DescriptorRestorer {
             guard let peer = byDescriptor[end.peer], case .unixSocket(let peerEnd) = peer.kind else {
                 throw RestoreError.system("fd \(record.descriptor): its peer fd \(end.peer) is missing")
             }
-            try injector.call("socketpair", Number.socketpair, 1, UInt64(end.type) | UInt64(O_CLOEXEC), 0, dataAddress)
+            try injector.call("socketpair", Number.socketpair, 1, UInt64(end.type) | UInt64(OpenFlag.closeOnExec), 0, dataAddress)
             let pair = try memory.read(at: dataAddress, byteCount: 8).littleEndianWord(at: 0)
             let mine = try take(try parkedNumber(pair & 0xffff_ffff, record))
             let theirs = try take(try parkedNumber(pair >> 32, peer))
             for (socket, state) in [(mine, end), (theirs, peerEnd)] {
                 // The *FORCE options set what is asked, doubled, as getsockopt then reports.
-                try socket.setSocketOption(level: SOL_SOCKET, name: 32, value: state.sendBufferByteCount / 2)     // SO_SNDBUFFORCE
-                try socket.setSocketOption(level: SOL_SOCKET, name: 33, value: state.receiveBufferByteCount / 2)  // SO_RCVBUFFORCE
+                try socket.setSocketOption(level: SocketOption.socketLevel, name: 32, value: state.sendBufferByteCount / 2)     // SocketOption.sendBufferForce
+                try socket.setSocketOption(level: SocketOption.socketLevel, name: 33, value: state.receiveBufferByteCount / 2)  // SocketOption.receiveBufferForce
             }
             // What was queued for one end was sent by the other.
             for message in end.queued { try theirs.append(message) }

@@ -2,9 +2,6 @@
 // its exec, turned into the victim by injected syscalls run from a scratch page, and finally given the
 // victim's registers. Every method must run on the thread that called `spawn`.
 import Sys
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// Where the restored process gets its PID: the old number in this node's PID namespace (`shared`, the
 /// old PID must be free), or pid 1 of a new namespace (`fresh`: a victim that was pid 1 of its own
@@ -62,7 +59,7 @@ final class TargetProcess {
         }
         do {
             let (tracee, reason) = try Tracee.adoptTracedChild(processID)
-            guard reason == .signal(SIGTRAP) else {
+            guard reason == .signal(SignalNumber.trap) else {
                 throw RestoreError.stubFailed("\(stubPath) did not stop at exec: \(reason)")
             }
             let memory = try ProcessMemory(processID, writable: true)
@@ -158,7 +155,7 @@ final class TargetProcess {
 
     private func setMemoryDescriptor(_ state: ProcessState) throws {
         let fields = state.memoryDescriptor
-        let exeDescriptor = try openInTarget(state.executablePath, flags: O_RDONLY | O_CLOEXEC)
+        let exeDescriptor = try openInTarget(state.executablePath, flags: OpenFlag.readOnly | OpenFlag.closeOnExec)
         let auxvAddress = dataAddress + 256
         try memory.write(fields.auxiliaryVector, at: auxvAddress)
         var record: [UInt8] = []
@@ -200,7 +197,7 @@ final class TargetProcess {
                 if let open = openFiles[key] {
                     descriptor = open
                 } else {
-                    descriptor = UInt64(try openInTarget(path, flags: (writableShared ? O_RDWR : O_RDONLY) | O_CLOEXEC))
+                    descriptor = UInt64(try openInTarget(path, flags: (writableShared ? OpenFlag.readWrite : OpenFlag.readOnly) | OpenFlag.closeOnExec))
                     openFiles[key] = descriptor
                 }
                 let flags: UInt64 = (mapping.shared ? 0x01 : 0x02) | fixedNoReplace
@@ -214,7 +211,7 @@ final class TargetProcess {
     /// pidfd_getfd, and registers every private anonymous mapping for missing-page faults. (Private
     /// mappings of ext4 files cannot be registered: their dirty pages are written with pwrite.)
     private func registerAnonymousMemory(_ state: ProcessState) throws {
-        let remote = try injector.call("userfaultfd", Syscall.userfaultfd, UInt64(O_CLOEXEC | O_NONBLOCK))
+        let remote = try injector.call("userfaultfd", Syscall.userfaultfd, UInt64(OpenFlag.closeOnExec | OpenFlag.nonBlocking))
         let taken = try Userfaultfd(processID: processID, remoteDescriptor: Int32(remote))
         try injector.call("close(userfaultfd)", Syscall.close, remote)
         try taken.handshake(features: Userfaultfd.restoreFeatures)
@@ -425,7 +422,7 @@ final class TargetProcess {
             wanted.appendLittleEndian(Int32(thread.threadID.rawValue))
             try memory.write(wanted, at: wantedAddress)
             let result = try cloneInjector.raw("clone3(thread \(thread.threadID))", Syscall.clone3, [argumentsAddress, 88])
-            if result == -Int64(EEXIST) { throw RestoreError.processIDInUse(thread.threadID) }
+            if result == -Int64(ErrorNumber.fileExists) { throw RestoreError.processIDInUse(thread.threadID) }
             if result < 0 { throw RestoreError.system("clone3 for thread \(thread.threadID) failed: errno \(-result)") }
             // The new thread as this node numbers it.
             guard let created = try ProcFS.threadIDs(processID).first(where: { !known.contains($0) }) else {

@@ -4,9 +4,6 @@
 // reads without contents (the victim runs; only refusals matter), the freeze with them, and the state
 // oracle reads the restored target the same way.
 import Sys
-#if canImport(Glibc)
-import Glibc
-#endif
 
 enum DescriptorReader {
     /// Every descriptor of `processID`, in descriptor order; throws the first one that cannot migrate.
@@ -163,7 +160,7 @@ enum DescriptorReader {
         default: break
         }
         guard let identity = probe.identity else { throw refuse(probe, "not a file, pipe, UNIX socket pair, eventfd, signalfd, timerfd or epoll") }
-        if link == "/dev/null", identity.fileType == UInt32(S_IFCHR) {
+        if link == "/dev/null", identity.fileType == FileType.characterDevice {
             path = link
             return .regular
         }
@@ -203,7 +200,7 @@ enum DescriptorReader {
         }
         if identity.isFIFO {
             let ends = pipeEnds[identity.inode] ?? []
-            let readers = ends.filter { accessMode($0) != O_WRONLY }, writers = ends.filter { accessMode($0) != O_RDONLY }
+            let readers = ends.filter { accessMode($0) != OpenFlag.writeOnly }, writers = ends.filter { accessMode($0) != OpenFlag.readOnly }
             guard readers.count == 1, writers.count == 1, ends.count == 2 else {
                 throw refuse(probe, "a pipe must have its read end and its write end open once each in the process (found \(readers.count) and \(writers.count))")
             }
@@ -214,8 +211,8 @@ enum DescriptorReader {
                 path = link
             }
             let flags = Int32(probe.fdinfo["flags"] ?? "0", radix: 8) ?? 0
-            if flags & 0o40000 != 0 { throw refuse(probe, "a packet-mode (O_DIRECT) pipe") }
-            let isReadEnd = accessMode(probe) == O_RDONLY
+            if flags & OpenFlag.direct != 0 { throw refuse(probe, "a packet-mode (O_DIRECT) pipe") }
+            let isReadEnd = accessMode(probe) == OpenFlag.readOnly
             let copy = try ForeignDescriptor(processID: processID, remoteDescriptor: probe.descriptor)
             var buffered: [UInt8] = []
             if isReadEnd && contents {
@@ -244,8 +241,8 @@ enum DescriptorReader {
                 }
             }
             return .unixSocket(UnixSocketEnd(type: Int32(info.type), peer: peer.probe.descriptor, queued: queued, shutdown: info.shutdown,
-                                             sendBufferByteCount: try copy.socketOption(level: SOL_SOCKET, name: SO_SNDBUF),
-                                             receiveBufferByteCount: try copy.socketOption(level: SOL_SOCKET, name: SO_RCVBUF)))
+                                             sendBufferByteCount: try copy.socketOption(level: SocketOption.socketLevel, name: SocketOption.sendBuffer),
+                                             receiveBufferByteCount: try copy.socketOption(level: SocketOption.socketLevel, name: SocketOption.receiveBuffer)))
         }
         throw refuse(probe, "not a file, pipe, UNIX socket pair, eventfd, signalfd, timerfd or epoll")
     }
@@ -269,7 +266,7 @@ enum DescriptorReader {
     }
 
     private static func accessMode(_ probe: Probe) -> Int32 {
-        (Int32(probe.fdinfo["flags"] ?? "0", radix: 8) ?? 0) & O_ACCMODE
+        (Int32(probe.fdinfo["flags"] ?? "0", radix: 8) ?? 0) & OpenFlag.accessModeMask
     }
 
     /// Every registration must point at a descriptor that still holds the file registered (a registration

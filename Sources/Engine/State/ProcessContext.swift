@@ -5,9 +5,6 @@
 // oracle, so a loss is caught instead of shipped. What cannot be restored is refused here, before the
 // freeze where /proc tells it, else right after it, while the victim is still untouched.
 import Sys
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// One thread's sigaltstack (`stack_t`), without SS_ONSTACK: that bit says whether the stack pointer is
 /// inside the stack right now, which the kernel derives from the registers; it is not stored anywhere.
@@ -133,10 +130,8 @@ enum ContextReader {
         guard path.hasPrefix("/"), path.utf8.count <= ProcessContext.workingDirectoryByteCountMax, !path.utf8.contains(0) else {
             throw .unsupportedContext(processID, reason: "its working directory \"\(path.prefix(256))\" is not reachable by a path from this node's root")
         }
-        var actual = stat(), named = stat()
-        guard stat(link, &actual) == 0 else { throw .unsupportedContext(processID, reason: "its working directory cannot be examined") }
-        guard stat(path, &named) == 0, named.st_dev == actual.st_dev, named.st_ino == actual.st_ino,
-              named.st_mode & S_IFMT == S_IFDIR else {
+        guard let actual = FileIdentity.of(path: link) else { throw .unsupportedContext(processID, reason: "its working directory cannot be examined") }
+        guard let named = FileIdentity.of(path: path), named.isSameFile(as: actual), named.isDirectory else {
             throw .unsupportedContext(processID, reason: "its working directory's path \(path) names another file here (another mount namespace or root?)")
         }
         return path
@@ -161,12 +156,11 @@ enum ContextReader {
     /// The root directory is not migrated: a process whose root is not this node's (chroot, pivot_root)
     /// would come back with the restorer's, and its paths would name other files.
     static func checkSameRoot(_ processID: ProcessID) throws(CheckpointError) {
-        var victimRoot = stat(), ownRoot = stat()
-        guard stat("/proc/\(processID)/root", &victimRoot) == 0 else {
+        guard let victimRoot = FileIdentity.of(path: "/proc/\(processID)/root") else {
             if !ProcFS.isAlive(processID) { throw .noSuchProcess(processID) }
             throw .unsupportedContext(processID, reason: "its root directory cannot be examined")
         }
-        guard stat("/", &ownRoot) == 0, victimRoot.st_dev == ownRoot.st_dev, victimRoot.st_ino == ownRoot.st_ino else {
+        guard let ownRoot = FileIdentity.of(path: "/"), victimRoot.isSameFile(as: ownRoot) else {
             let path = (try? ProcFS.readLink("/proc/\(processID)/root")) ?? "?"
             throw .unsupportedContext(processID, reason: "its root directory is \(path), not this node's / (chroot is not migrated)")
         }
@@ -179,8 +173,8 @@ enum ContextReader {
         try checkSameRoot(processID)
         _ = try workingDirectory(processID)
         let wanted = try oomScoreAdjustment(processID)
-        let own = try oomScoreAdjustment(ProcessID(getpid()))
-        let ownStatus = (try? ProcFS.status(ProcessID(getpid()))) ?? [:]
+        let own = try oomScoreAdjustment(.current)
+        let ownStatus = (try? ProcFS.status(.current)) ?? [:]
         let effective = UInt64(ownStatus["CapEff"] ?? "0", radix: 16) ?? 0
         if wanted < own && effective & (1 << capabilitySystemResource) == 0 {
             throw .unsupportedContext(processID, reason: "its oom_score_adj is \(wanted), below this node's \(own), and restoring a lower value needs CAP_SYS_RESOURCE")

@@ -1,9 +1,6 @@
 // Reads a stopped process's state: the dumper reads the victim with it at freeze, and the state oracle
 // reads the restored target with it before the target runs, so both sides are read the same way.
 import Sys
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// What only the process itself can tell (asked by injected syscalls).
 struct InjectedAnswers: Equatable {
@@ -28,7 +25,7 @@ enum StateReader {
                               dataAddress: UInt64) throws -> InjectedAnswers {
         var answers = InjectedAnswers(brk: 0, actions: [], securebits: 0, parentDeathSignal: 0)
         answers.brk = try injector.call("brk(0)", Syscall.brk, 0)
-        for signal in Int32(1)...64 where signal != SIGKILL && signal != SIGSTOP {
+        for signal in Int32(1)...64 where signal != KernelLimits.killSignal && signal != KernelLimits.stopSignal {
             try injector.call("rt_sigaction(\(signal))", Syscall.rtSigaction, UInt64(signal), 0, dataAddress, 8)
             let raw = try memory.read(at: dataAddress, byteCount: 32)
             answers.actions.append(SignalAction(signal: signal, handler: raw.littleEndianWord(at: 0),
@@ -57,7 +54,7 @@ enum StateReader {
         for kind in IntervalTimer.Kind.allCases {
             try injector.call("getitimer(\(kind))", Syscall.getitimer, UInt64(kind.rawValue), dataAddress)
             guard let timer = IntervalTimer(kind: kind, itimerval: try memory.read(at: dataAddress, byteCount: 32)) else {
-                throw InjectionError.failed(name: "getitimer(\(kind)) answered no valid itimerval", errno: EINVAL)
+                throw InjectionError.failed(name: "getitimer(\(kind)) answered no valid itimerval", errno: ErrorNumber.invalidArgument)
             }
             answers.intervalTimers.append(timer)
         }
