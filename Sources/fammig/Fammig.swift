@@ -142,6 +142,9 @@ struct Restore: ParsableCommand {
     @Option(help: "The key file the checkpoint wrote (mode 0600, owned by this user): the image must verify under it.")
     var keyFile: String
 
+    @Option(help: "shared: the old PID in this node's PID namespace; fresh: pid 1 of a new namespace (a victim started by `fammig launch`).")
+    var pidNamespace: PIDNamespaceChoice = .shared
+
     @OptionGroup var common: CommonOptions
 
     func run() throws {
@@ -151,7 +154,8 @@ struct Restore: ParsableCommand {
         let timeline = MigrationTimeline()
         let oracles = MigrationOracles()
         let restorer = Restorer(openBackend: openRealBackend(path: fam), key: key, stubPath: try stubPath(), observer: oracles,
-                                clock: MonotonicClock(), timeline: timeline, logger: logger, processIDWait: .seconds(2))
+                                clock: MonotonicClock(), timeline: timeline, logger: logger, processIDWait: .seconds(2),
+                                pidNamespace: pidNamespace.namespace)
         do {
             // An image that is not committed is an error here, not something to wait for.
             _ = try ImageReader.open(backend: RealFAM.openTrusted(path: fam), key: key, requireComplete: true)

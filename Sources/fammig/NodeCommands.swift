@@ -25,6 +25,12 @@ final class SourceNemesis: MigrationObserver, @unchecked Sendable {
     func imageCommitted() { if moment == .afterCommit { Glibc.kill(getpid(), SIGKILL) } }
 }
 
+/// Where a restored process gets its PID: `--pid-namespace` of `target` and `restore`.
+enum PIDNamespaceChoice: String, ExpressibleByArgument, CaseIterable {
+    case shared, fresh
+    var namespace: PIDNamespace { self == .fresh ? .fresh : .shared }
+}
+
 struct Source: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "The source node of a post-copy migration: freeze PID, then serve the target that connects.")
@@ -130,8 +136,6 @@ struct Target: ParsableCommand {
 
     @OptionGroup var common: CommonOptions
 
-    enum PIDNamespaceChoice: String, ExpressibleByArgument, CaseIterable { case shared, fresh }
-
     func validate() throws {
         if mode == .postcopyFAM && fam == nil { throw ValidationError("postcopy-fam needs --fam PATH, the FAM file the source writes.") }
         if mode == .postcopyFAM && keyFile == nil { throw ValidationError("postcopy-fam needs --key-file PATH, the key file the source wrote.") }
@@ -157,7 +161,7 @@ struct Target: ParsableCommand {
         oracles.expectLazyPages()
         let restorer = Restorer(openBackend: openRealBackend(path: fam ?? "/nonexistent"), key: key, stubPath: try stubPath(), observer: oracles,
                                 clock: clock, timeline: timeline, logger: logger,
-                                pidNamespace: pidNamespace == .fresh ? .fresh : .shared, mode: restoreMode)
+                                pidNamespace: pidNamespace.namespace, mode: restoreMode)
         let faultHandler = FaultHandler(lazy: { restorer.lazyMemory }, transport: transport, generation: 1, clock: clock,
                                         timeline: timeline, metrics: metrics, logger: logger)
         var actors: [any EngineActor] = [restorer, faultHandler]

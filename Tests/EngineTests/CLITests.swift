@@ -193,6 +193,46 @@ extension ProcessTests {
                     == Data(contentsOf: URL(fileURLWithPath: directory.path("reference.out"))))
         }
 
+        /// A victim started by `fammig launch` is pid 1 of its own namespace: `restore` without
+        /// `--pid-namespace fresh` refuses it, saying so; with it, the process comes back and ends as an
+        /// untouched run of the same command does.
+        @Test func launchedVictimRestoresIntoAFreshPIDNamespace() throws {
+            let directory = try ScratchDirectory(under: "/dev/shm")
+            defer { directory.remove() }
+            let leftovers = LeftoverCheck()
+            defer { leftovers.finish() }
+            let program = try TestPaths.testProgram("sleeper-static")
+            let arguments = ["--rounds", "60"]
+            leftovers.expectProgram([program] + arguments)
+            let reference = try runCommand(program, arguments, timeout: .seconds(60))
+            let outputPath = directory.path("victim.out")
+            let launched = try leftovers.fammig(["launch", "--output", outputPath, "--", program] + arguments)
+            let victim = try #require(Int32(launched.standardOutput.trimmingCharacters(in: .whitespacesAndNewlines)))
+            defer { _ = kill(victim, SIGKILL) }
+            let firstRoundPrinted = pollUntil(timeout: .seconds(5)) {
+                ((try? FileManager.default.attributesOfItem(atPath: outputPath)[.size] as? Int) ?? 0) > 0
+            }
+            #expect(firstRoundPrinted)
+
+            let imagePath = directory.path("image.fam")
+            let keyPath = directory.path("migration.key")
+            let checkpoint = try leftovers.fammig("checkpoint", "--pid", "\(victim)", "--fam", imagePath, "--key-file", keyPath)
+            try #require(checkpoint.exitStatus == 0, "checkpoint failed: \(checkpoint.standardError)")
+            #expect(pollUntil(timeout: .seconds(5)) { processLife(ProcessID(victim)) != .running }, "the checkpoint must kill its victim")
+
+            let shared = try leftovers.fammig("restore", "--fam", imagePath, "--key-file", keyPath)
+            #expect(shared.exitStatus == 2 && !shared.killedBySignal, "exit \(shared.exitStatus): \(shared.standardError)")
+            #expect(shared.standardError.contains("--pid-namespace fresh"), "\(shared.standardError)")
+
+            let restore = try leftovers.fammig("restore", "--fam", imagePath, "--key-file", keyPath, "--pid-namespace", "fresh")
+            try #require(restore.exitStatus == 0, "restore failed: \(restore.standardError)")
+            let finished = pollUntil(timeout: .seconds(30)) {
+                (try? String(contentsOfFile: outputPath, encoding: .utf8))?.contains("checksum=") == true
+            }
+            #expect(finished, "the restored process never printed its checksum")
+            #expect(try String(contentsOfFile: outputPath, encoding: .utf8) == reference.standardOutput)
+        }
+
         @Test func runOfMissingProgramIsRefused() throws {
             let leftovers = LeftoverCheck()
             defer { leftovers.finish() }
