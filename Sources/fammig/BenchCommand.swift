@@ -70,6 +70,8 @@ struct Bench: ParsableCommand {
         var tcpByteCount: Int
     }
 
+        /// Faults' stall time after the resume, summed over the fault paths (fam-sync, source-async).
+        var stallMilliseconds: Double
     struct BaselineFigures: Codable {
         var processVMReadvGigabytesPerSecond: [Int: Double] = [:]
         var userfaultfdCopyMicroseconds: Double = .nan
@@ -94,9 +96,9 @@ struct Bench: ParsableCommand {
                                                               workDirectory: workDirectory, logger: logger)
                         if mode == .nonlive { baselines.processVMReadvGigabytesPerSecond[mebibytes] = bandwidth }
                         samples.append(sample)
-                        print(String(format: "  %4d MiB %@ push %@: busy %7.1f ms, downtime %6.1f ms, total %7.1f ms, fam-sync %@, async %@",
+                        print(String(format: "  %4d MiB %@ push %@: busy %7.1f ms, downtime %6.1f ms, stalls %6.1f ms, total %7.1f ms, fam-sync %@, async %@",
                                      mebibytes, mode.rawValue as NSString, (pushing ? "on " : "off") as NSString, sample.busyMilliseconds,
-                                     sample.downtimeMilliseconds, sample.totalMilliseconds,
+                                     sample.downtimeMilliseconds, sample.stallMilliseconds, sample.totalMilliseconds,
                                      (sample.famSyncMedianMicroseconds.map { String(format: "%.1f us", $0) } ?? "-") as NSString,
                                      (sample.sourceAsyncMedianMicroseconds.map { String(format: "%.1f us", $0) } ?? "-") as NSString))
                     }
@@ -122,14 +124,14 @@ struct Bench: ParsableCommand {
         }
         print("")
         print(["size", "mode", "push"].enumerated().map { $0.element.padding(toLength: [6, 17, 6][$0.offset], withPad: " ", startingAt: 0) }.joined()
-              + ["busy ms", "downtime ms", "total ms", "fam-sync us", "async us", "dump GB/s"].map { $0.padding(toLength: 26, withPad: " ", startingAt: 0) }.joined())
+              + ["busy ms", "downtime ms", "stalls ms", "total ms", "fam-sync us", "async us", "dump GB/s"].map { $0.padding(toLength: 26, withPad: " ", startingAt: 0) }.joined())
         for mebibytes in parsedSizes {
             for mode in parsedModes {
                 for pushing in (mode == .nonlive ? [true] : parsedPush) {
                     let group = samples.filter { $0.mebibytes == mebibytes && $0.mode == mode.rawValue && $0.push == pushing }
                     guard !group.isEmpty else { continue }
                     let columns = [median(group.map(\.busyMilliseconds)), median(group.map(\.downtimeMilliseconds)),
-                                   median(group.map(\.totalMilliseconds)), median(group.compactMap(\.famSyncMedianMicroseconds)),
+                                   median(group.map(\.stallMilliseconds)), median(group.map(\.totalMilliseconds)), median(group.compactMap(\.famSyncMedianMicroseconds)),
                                    median(group.compactMap(\.sourceAsyncMedianMicroseconds)), median(group.map(\.dumpGigabytesPerSecond))]
                     print("\(mebibytes)".padding(toLength: 6, withPad: " ", startingAt: 0) + mode.rawValue.padding(toLength: 17, withPad: " ", startingAt: 0)
                           + (mode == .nonlive ? "-" : pushing ? "on" : "off").padding(toLength: 6, withPad: " ", startingAt: 0)
@@ -195,7 +197,9 @@ struct Bench: ParsableCommand {
         restored = nodes.restorer.restoredProcessID
         let pageCount = timeline.counter("pagesDumped")
         let pageDump = milliseconds(timeline.span(from: .metadataCommitted, to: .dumpCommitted)) ?? .nan
-        let paths = Dictionary(uniqueKeysWithValues: metrics.summaries.map { ($0.path, $0.medianMicroseconds) })
+        let summaries = metrics.summaries
+        let paths = Dictionary(uniqueKeysWithValues: summaries.map { ($0.path, $0.medianMicroseconds) })
+        let faultPaths: Set<String> = [InstallPath.famSync.rawValue, InstallPath.sourceAsync.rawValue]
         let sample = Sample(
             mebibytes: mebibytes, mode: mode.rawValue, push: push, pageCount: pageCount,
             busyMilliseconds: milliseconds(timeline.span(from: .started, to: .victimReleased)) ?? .nan,
@@ -223,6 +227,7 @@ struct Bench: ParsableCommand {
                 ranges[ranges.count - 1].byteCount += 4096
             } else {
                 ranges.append((remoteAddress: address, byteCount: 4096, mappingOffset: slot * 4096))
+            stallMilliseconds: summaries.filter { faultPaths.contains($0.path) }.reduce(0) { $0 + $1.totalMilliseconds },
             }
         }
         var seconds = Double.nan
