@@ -36,6 +36,12 @@ struct Bench: ParsableCommand {
     @Option(help: "Also write every measurement as JSON to this file.")
     var json: String?
 
+    @Option(help: "The FAM pool images go to (default: a pool made under /dev/shm for this run, before any measurement, and removed after).")
+    var pool: String?
+
+    @Flag(help: "Give each migration a FAM file of its own, made and pre-faulted before the freeze (no pool: the old way).")
+    var famFiles = false
+
     @OptionGroup var common: CommonOptions
 
     var parsedSizes: [Int] { sizes.split(separator: ",").compactMap { Int($0) } }
@@ -52,6 +58,8 @@ struct Bench: ParsableCommand {
         }
         guard parsedPush.count == push.split(separator: ",").count, !parsedPush.isEmpty else { throw ValidationError("--push takes on, off or on,off.") }
         guard access(program, X_OK) == 0 else { throw ValidationError("\(program) is not executable; run ./scripts/setup first.") }
+        if famFiles && pool != nil { throw ValidationError("--fam-files and --pool are two places for the images: pass one.") }
+        if let pool, !ProcFS.exists(pool) { throw ValidationError("\(pool): no such pool; make it with `fammig pool create --pool \(pool) --mib N`.") }
     }
 
     struct Sample: Codable {
@@ -62,6 +70,8 @@ struct Bench: ParsableCommand {
         var busyMilliseconds: Double
         var downtimeMilliseconds: Double
         var totalMilliseconds: Double
+        /// Faults' stall time after the resume, summed over the fault paths (fam-sync, source-async).
+        var stallMilliseconds: Double
         var restoreMilliseconds: Double
         var pageDumpMilliseconds: Double
         var dumpGigabytesPerSecond: Double
@@ -70,8 +80,6 @@ struct Bench: ParsableCommand {
         var tcpByteCount: Int
     }
 
-        /// Faults' stall time after the resume, summed over the fault paths (fam-sync, source-async).
-        var stallMilliseconds: Double
     struct BaselineFigures: Codable {
         var processVMReadvGigabytesPerSecond: [Int: Double] = [:]
         var userfaultfdCopyMicroseconds: Double = .nan
@@ -82,6 +90,18 @@ struct Bench: ParsableCommand {
         let logger = common.bootstrapLogging()
         let workDirectory = try makeWorkDirectory()
         defer { removeWorkDirectory(workDirectory) }
+        // The pool is made and mapped once, as a node would: no migration pays for FAM allocation.
+        let temporaryPoolPath = famFiles || pool != nil ? nil : "/dev/shm/fammig-bench-pool-\(getpid())"
+        defer { if let temporaryPoolPath { _ = try? SharedMapping.remove(path: temporaryPoolPath) } }
+        let storagePool: FAMPool?
+        if let temporaryPoolPath {
+            let largest = parsedSizes.max() ?? 64
+            _ = try PoolFile.create(path: temporaryPoolPath, byteCount: (largest * 3 / 2 + 64) << 20, slotCount: 16)
+            storagePool = try PoolFile.open(path: temporaryPoolPath, prefault: true)
+        } else {
+            storagePool = try pool.map { try PoolFile.open(path: $0, prefault: true) }
+        }
+        print("images: \(storagePool.map { "extents of the pool \($0.backend.path ?? "")" } ?? "a FAM file per migration, made before the freeze")")
         var baselines = BaselineFigures()
         baselines.userfaultfdCopyMicroseconds = try userfaultfdBaseline()
         baselines.tcpRoundTripMicroseconds = try tcpRoundTripBaseline()
@@ -92,7 +112,7 @@ struct Bench: ParsableCommand {
             for mode in parsedModes {
                 for pushing in (mode == .nonlive ? [true] : parsedPush) {
                     for _ in 0..<repetitions {
-                        let (sample, bandwidth) = try measure(mebibytes: mebibytes, mode: mode, push: pushing,
+                        let (sample, bandwidth) = try measure(mebibytes: mebibytes, mode: mode, push: pushing, pool: storagePool,
                                                               workDirectory: workDirectory, logger: logger)
                         if mode == .nonlive { baselines.processVMReadvGigabytesPerSecond[mebibytes] = bandwidth }
                         samples.append(sample)
@@ -147,7 +167,8 @@ struct Bench: ParsableCommand {
                      baselines.userfaultfdCopyMicroseconds))
     }
 
-    private func measure(mebibytes: Int, mode: MigrationMode, push: Bool, workDirectory: String, logger: Logger) throws -> (Sample, Double) {
+    private func measure(mebibytes: Int, mode: MigrationMode, push: Bool, pool: FAMPool?, workDirectory: String,
+                         logger: Logger) throws -> (Sample, Double) {
         // A new file per run: waiting for "fill done" must never read an earlier run's output.
         let outputPath = workDirectory + "/bench-\(mebibytes)-\(mode.rawValue)-\(push)-\(UInt32.random(in: 0...UInt32.max)).out"
         // Full speed: with pushing off, the migration ends when the walk has touched every page.
@@ -169,7 +190,8 @@ struct Bench: ParsableCommand {
         defer { _ = try? SharedMapping.remove(path: famPath) }
         let timeline = MigrationTimeline()
         let metrics = FaultMetrics()
-        let nodes = try Nodes.make(mode: mode, push: push, victim: victim, famPath: famPath, stubPath: try stubPath(), separateNodes: true,
+        let nodes = try Nodes.make(mode: mode, push: push, victim: victim, storage: pool.map { .pool($0) } ?? .file(famPath),
+                                   stubPath: try stubPath(), separateNodes: true,
                                    oracles: nil, clock: MonotonicClock(), timeline: timeline, metrics: metrics, logger: logger)
         defer { nodes.close() }
         // Demand paging alone never ends while the program skips some dumped pages (stack, libc data):
@@ -205,6 +227,7 @@ struct Bench: ParsableCommand {
             busyMilliseconds: milliseconds(timeline.span(from: .started, to: .victimReleased)) ?? .nan,
             downtimeMilliseconds: milliseconds(timeline.span(from: .frozen, to: .targetResumed)) ?? .nan,
             totalMilliseconds: milliseconds(timeline.span(from: .started, to: .lastPageInstalled)) ?? .nan,
+            stallMilliseconds: summaries.filter { faultPaths.contains($0.path) }.reduce(0) { $0 + $1.totalMilliseconds },
             restoreMilliseconds: milliseconds(timeline.span(from: .restoreStarted, to: .targetResumed)) ?? .nan,
             pageDumpMilliseconds: pageDump,
             dumpGigabytesPerSecond: Double(pageCount * 4096) / (pageDump / 1000) / 1e9,
@@ -227,7 +250,6 @@ struct Bench: ParsableCommand {
                 ranges[ranges.count - 1].byteCount += 4096
             } else {
                 ranges.append((remoteAddress: address, byteCount: 4096, mappingOffset: slot * 4096))
-            stallMilliseconds: summaries.filter { faultPaths.contains($0.path) }.reduce(0) { $0 + $1.totalMilliseconds },
             }
         }
         var seconds = Double.nan

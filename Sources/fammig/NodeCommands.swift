@@ -44,6 +44,9 @@ struct Source: ParsableCommand {
     @Option(help: "The FAM image file to create (postcopy-fam; it must not exist).")
     var fam: String?
 
+    @Option(help: "postcopy-fam: a FAM pool (`fammig pool create`) both nodes map, to take the image's extent from instead of --fam.")
+    var pool: String?
+
     @Option(help: "Where to wait for the target node, as IPV4:PORT (only that address is bound).")
     var listen: String
 
@@ -62,7 +65,8 @@ struct Source: ParsableCommand {
     @OptionGroup var common: CommonOptions
 
     func validate() throws {
-        if mode == .postcopyFAM && fam == nil { throw ValidationError("postcopy-fam needs --fam PATH, the FAM file both nodes map.") }
+        if mode == .postcopyFAM && fam == nil && pool == nil { throw ValidationError("postcopy-fam needs --fam PATH, the FAM file both nodes map, or --pool PATH.") }
+        if fam != nil && pool != nil { throw ValidationError("--fam and --pool are two places for the image: pass one.") }
         if mode == .postcopyFAM && keyFile == nil { throw ValidationError("postcopy-fam needs --key-file PATH, where to write the migration's new key.") }
         if let fam, ProcFS.exists(fam) { throw ValidationError("\(fam) already exists; pass a new path or remove it.") }
         do { _ = try Endpoint(parsing: listen) } catch { throw ValidationError("--listen: \(error)") }
@@ -72,8 +76,10 @@ struct Source: ParsableCommand {
         let logger = common.bootstrapLogging()
         let endpoint = try! Endpoint(parsing: listen)
         guard ProcFS.isAlive(ProcessID(pid)) else { throw fail("pid \(pid): no such process; pass the PID of a running process.", code: 2) }
-        // A key even without a key file (postcopy-socket writes no image): the engine has no unkeyed path.
         let key = try keyFile.map { path throws(ExitCode) in try KeyFile.create(path: path) } ?? MigrationKey.generate()
+        // A key even without a key file (postcopy-socket writes no image): the engine has no unkeyed path.
+        // Mapped and pre-faulted before anything else, as a node keeps its pool mapped.
+        let poolImage = try pool.map { PoolImage(pool: try PoolFile.open(path: $0, prefault: true), key: key) }
         let removeKeyFile = { if let keyFile { try? FileManager.default.removeItem(atPath: keyFile) } }
         let transport: TCPTransport
         do {
@@ -90,10 +96,12 @@ struct Source: ParsableCommand {
             throw fail("\(error)", code: 2)
         }
         defer { transport.close() }
+        // The target claims the extent once the metadata is committed; what it never claimed goes back.
+        defer { poolImage?.release() }
         let timeline = MigrationTimeline()
         let famPath = fam ?? ""
         let dumpMode: DumpMode = mode == .postcopyFAM ? .postcopyFAM(transport: transport) : .postcopySocket(transport: transport, push: push == .on)
-        let dumper = Dumper(victim: ProcessID(pid), makeBackend: makeRealBackend(path: famPath), generation: 1, key: key, release: .kill,
+        let dumper = Dumper(victim: ProcessID(pid), makeBackend: poolImage?.makeBackend() ?? makeRealBackend(path: famPath), generation: 1, key: key, release: .kill,
                             observer: dieAt.map { SourceNemesis(moment: $0) }, clock: MonotonicClock(), timeline: timeline,
                             logger: logger, mode: dumpMode)
         do {
@@ -119,6 +127,9 @@ struct Target: ParsableCommand {
     @Option(help: "The FAM image file the source writes (postcopy-fam).")
     var fam: String?
 
+    @Option(help: "postcopy-fam: the FAM pool the source takes the image's extent from (instead of --fam).")
+    var pool: String?
+
     @Option(help: "The source node, as IPV4:PORT.")
     var connect: String
 
@@ -137,7 +148,8 @@ struct Target: ParsableCommand {
     @OptionGroup var common: CommonOptions
 
     func validate() throws {
-        if mode == .postcopyFAM && fam == nil { throw ValidationError("postcopy-fam needs --fam PATH, the FAM file the source writes.") }
+        if mode == .postcopyFAM && fam == nil && pool == nil { throw ValidationError("postcopy-fam needs --fam PATH, the FAM file the source writes, or --pool PATH.") }
+        if fam != nil && pool != nil { throw ValidationError("--fam and --pool are two places for the image: pass one.") }
         if mode == .postcopyFAM && keyFile == nil { throw ValidationError("postcopy-fam needs --key-file PATH, the key file the source wrote.") }
         do { _ = try Endpoint(parsing: connect) } catch { throw ValidationError("--connect: \(error)") }
     }
@@ -146,6 +158,9 @@ struct Target: ParsableCommand {
         let logger = common.bootstrapLogging()
         // postcopy-socket has no image to verify (its channel is not yet authenticated, see README).
         let key = try keyFile.map { path throws(ExitCode) in try KeyFile.read(path: path) } ?? MigrationKey.generate()
+        let poolImage = try pool.map { PoolImage(pool: try PoolFile.open(path: $0, prefault: true), key: key) }
+        // Freed when the target is done with it (every page in, or the process gone), or failed.
+        defer { poolImage?.release() }
         let transport: TCPTransport
         do {
             transport = try TCPTransport.connect(to: try Endpoint(parsing: connect), timeoutMilliseconds: connectTimeout * 1000)
@@ -159,7 +174,7 @@ struct Target: ParsableCommand {
         let restoreMode: RestoreMode = mode == .postcopyFAM ? .lazyFromFAM(transport: transport) : .lazyFromSocket(transport: transport)
         let oracles = MigrationOracles()
         oracles.expectLazyPages()
-        let restorer = Restorer(openBackend: openRealBackend(path: fam ?? "/nonexistent"), key: key, stubPath: try stubPath(), observer: oracles,
+        let restorer = Restorer(openBackend: poolImage?.openBackend() ?? openRealBackend(path: fam ?? "/nonexistent"), key: key, stubPath: try stubPath(), observer: oracles,
                                 clock: clock, timeline: timeline, logger: logger,
                                 pidNamespace: pidNamespace.namespace, mode: restoreMode)
         let faultHandler = FaultHandler(lazy: { restorer.lazyMemory }, transport: transport, generation: 1, clock: clock,

@@ -6,27 +6,51 @@ import Logging
 import Oracles
 import Sys
 
+/// Where a migration's image goes: a FAM file of its own, or an extent of a pool.
+enum ImageStorage {
+    case file(String)
+    case pool(FAMPool)
+}
+
 struct Nodes {
     var actors: [any EngineActor]
     var restorer: Restorer
     var transports: [any Transport]
+    /// The image's extent when the storage is a pool: `close()` frees it.
+    var poolImage: PoolImage?
 
     var transportByteCount: Int { transports.reduce(0) { $0 + $1.bytesSent } }
 
-    func close() { transports.forEach { $0.close() } }
+    func close() {
+        transports.forEach { $0.close() }
+        poolImage?.release()
+    }
 
-    static func make(mode: MigrationMode, push: Bool, victim: ProcessID, famPath: String, stubPath: String, separateNodes: Bool,
+    static func make(mode: MigrationMode, push: Bool, victim: ProcessID, storage: ImageStorage, stubPath: String, separateNodes: Bool,
                      oracles: MigrationOracles?, clock: MonotonicClock, timeline: MigrationTimeline, metrics: FaultMetrics,
                      logger: Logger, network: NodeNetwork? = nil) throws -> Nodes {
         let pidNamespace: PIDNamespace = separateNodes ? .fresh : .shared
         // Both nodes live in this process: the key never leaves its memory.
         let key = MigrationKey.generate()
+        let makeBackend: (Int) throws(ImageError) -> any FAMBackend
+        let openBackend: () throws(ImageError) -> (any FAMBackend)?
+        var poolImage: PoolImage?
+        switch storage {
+        case .file(let famPath):
+            makeBackend = makeRealBackend(path: famPath)
+            openBackend = openRealBackend(path: famPath)
+        case .pool(let pool):
+            let image = PoolImage(pool: pool, key: key)
+            makeBackend = image.makeBackend()
+            openBackend = image.openBackend()
+            poolImage = image
+        }
         guard mode != .nonlive else {
-            let dumper = Dumper(victim: victim, makeBackend: makeRealBackend(path: famPath), generation: 1, key: key, release: .kill,
+            let dumper = Dumper(victim: victim, makeBackend: makeBackend, generation: 1, key: key, release: .kill,
                                 observer: oracles, clock: clock, timeline: timeline, logger: logger)
-            let restorer = Restorer(openBackend: openRealBackend(path: famPath), key: key, stubPath: stubPath, observer: oracles,
+            let restorer = Restorer(openBackend: openBackend, key: key, stubPath: stubPath, observer: oracles,
                                     clock: clock, timeline: timeline, logger: logger, pidNamespace: pidNamespace)
-            return Nodes(actors: [dumper, restorer], restorer: restorer, transports: [])
+            return Nodes(actors: [dumper, restorer], restorer: restorer, transports: [], poolImage: poolImage)
         }
         // With a node network, each side's socket lives in its node's network namespace: the connection
         // crosses a veth pair between two separate network stacks.
@@ -44,9 +68,9 @@ struct Nodes {
         oracles?.expectLazyPages()
         let dumpMode: DumpMode = mode == .postcopyFAM ? .postcopyFAM(transport: sourceSide) : .postcopySocket(transport: sourceSide, push: push)
         let restoreMode: RestoreMode = mode == .postcopyFAM ? .lazyFromFAM(transport: targetSide) : .lazyFromSocket(transport: targetSide)
-        let dumper = Dumper(victim: victim, makeBackend: makeRealBackend(path: famPath), generation: 1, key: key, release: .kill,
+        let dumper = Dumper(victim: victim, makeBackend: makeBackend, generation: 1, key: key, release: .kill,
                             observer: oracles, clock: clock, timeline: timeline, logger: logger, mode: dumpMode)
-        let restorer = Restorer(openBackend: openRealBackend(path: famPath), key: key, stubPath: stubPath, observer: oracles,
+        let restorer = Restorer(openBackend: openBackend, key: key, stubPath: stubPath, observer: oracles,
                                 clock: clock, timeline: timeline, logger: logger, pidNamespace: pidNamespace, mode: restoreMode)
         let faultHandler = FaultHandler(lazy: { restorer.lazyMemory }, transport: targetSide, generation: 1, clock: clock,
                                         timeline: timeline, metrics: metrics, logger: logger)
@@ -54,6 +78,6 @@ struct Nodes {
         if mode == .postcopyFAM && push {
             actors.append(Pusher(lazy: { restorer.lazyMemory }, clock: clock, metrics: metrics, logger: logger))
         }
-        return Nodes(actors: actors, restorer: restorer, transports: [sourceSide, targetSide])
+        return Nodes(actors: actors, restorer: restorer, transports: [sourceSide, targetSide], poolImage: poolImage)
     }
 }

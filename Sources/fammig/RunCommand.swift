@@ -30,6 +30,9 @@ struct Run: ParsableCommand {
     @Option(help: "The FAM image file (default: a new file under /dev/shm, removed afterwards).")
     var fam: String?
 
+    @Option(help: "A FAM pool (`fammig pool create`) to take the image's extent from, instead of a FAM file of its own.")
+    var pool: String?
+
     @Option(help: "Milliseconds the program runs before it is migrated.")
     var afterMs: Int = 100
 
@@ -57,6 +60,8 @@ struct Run: ParsableCommand {
         }
         guard afterMs >= 0 else { throw ValidationError("--after-ms must be 0 or more.") }
         if let fam, ProcFS.exists(fam) { throw ValidationError("\(fam) already exists; pass a new path or remove it.") }
+        if fam != nil && pool != nil { throw ValidationError("--fam and --pool are two places for the image: pass one.") }
+        if let pool, !ProcFS.exists(pool) { throw ValidationError("\(pool): no such pool; make it with `fammig pool create --pool \(pool) --mib N`.") }
     }
 
     func run() throws {
@@ -65,15 +70,18 @@ struct Run: ParsableCommand {
         let arguments = Array(command.dropFirst())
         let workDirectory = try makeWorkDirectory()
         let famPath = fam ?? defaultFAMPath()
+        // A pool is mapped (and pre-faulted) once, like a node that keeps its FAM mapped.
+        let storage: ImageStorage = try pool.map { .pool(try PoolFile.open(path: $0, prefault: true)) } ?? .file(famPath)
+        let ownsFAMFile = fam == nil && pool == nil
         defer {
-            if fam == nil { _ = try? SharedMapping.remove(path: famPath) }
+            if ownsFAMFile { _ = try? SharedMapping.remove(path: famPath) }
             removeWorkDirectory(workDirectory)
         }
         var report = RunReport(program: command, mode: mode.rawValue, afterMilliseconds: afterMs)
         // Killed (Ctrl-C, SIGTERM) at any point, fammig still removes its files; the processes it starts
         // are registered below as they appear.
         let workFiles = ["reference.out", "reference.err", "migrated.out", "migrated.err"].map { workDirectory + "/" + $0 }
-        Spawn.cleanUpOnTermination(paths: (fam == nil ? [famPath] : []) + workFiles + [workDirectory], processes: [])
+        Spawn.cleanUpOnTermination(paths: (ownsFAMFile ? [famPath] : []) + workFiles + [workDirectory], processes: [])
 
         if !noReference {
             let reference = try runToCompletion(program: program, arguments: arguments, outputPath: workDirectory + "/reference.out",
@@ -117,7 +125,7 @@ struct Run: ParsableCommand {
         }
         defer { network?.remove() }
         do {
-            nodes = try Nodes.make(mode: mode, push: push == .on, victim: victim, famPath: famPath, stubPath: try stubPath(),
+            nodes = try Nodes.make(mode: mode, push: push == .on, victim: victim, storage: storage, stubPath: try stubPath(),
                                    separateNodes: separateNodes, oracles: oracles, clock: clock, timeline: timeline,
                                    metrics: metrics, logger: logger, network: network)
         } catch {

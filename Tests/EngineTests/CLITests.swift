@@ -302,6 +302,76 @@ extension ProcessTests {
 }
 
 extension ProcessTests {
+    /// A FAM pool on the real backend: migrations take their image's extent from it and give it back,
+    /// and a node killed mid-migration leaves an extent that `pool gc` reclaims because its owner is dead.
+    @Suite(.serialized) struct PoolTests {
+        func extentLines(_ leftovers: LeftoverCheck, _ poolPath: String) throws -> [String] {
+            let listed = try leftovers.fammig("pool", "ls", "--pool", poolPath)
+            #expect(listed.exitStatus == 0, "\(listed.standardError)")
+            return listed.standardOutput.split(separator: "\n").dropFirst().map(String.init)
+        }
+
+        @Test(arguments: ["nonlive", "postcopy-fam"])
+        func runTakesAndGivesBackAnExtent(mode: String) throws {
+            let directory = try ScratchDirectory(under: "/dev/shm")
+            defer { directory.remove() }
+            let leftovers = LeftoverCheck()
+            defer { leftovers.finish() }
+            let poolPath = directory.path("test.pool")
+            let created = try leftovers.fammig("pool", "create", "--pool", poolPath, "--mib", "96")
+            try #require(created.exitStatus == 0, "\(created.standardError)")
+            #expect(try leftovers.fammig("pool", "create", "--pool", poolPath, "--mib", "96").exitStatus == 2, "a second create overwrote the pool")
+            let program = try TestPaths.testProgram("memwalk-static")
+            for _ in 0..<2 {
+                let run = try leftovers.fammig("run", "--mode", mode, "--pool", poolPath, "--after-ms", "150", "--",
+                                               program, "--mib", "16", "--steps", "80000", "--pause-us", "5000")
+                #expect(run.exitStatus == 0, "\(run.standardOutput) \(run.standardError)")
+                #expect(run.standardOutput.contains("end to end: PASS"), "\(run.standardOutput)")
+                #expect(try extentLines(leftovers, poolPath).isEmpty, "the run left its extent in the pool")
+            }
+            let tooBig = try leftovers.fammig("run", "--mode", mode, "--pool", poolPath, "--after-ms", "400", "--no-reference", "--",
+                                              program, "--mib", "128", "--steps", "80000", "--pause-us", "5000")
+            #expect(tooBig.exitStatus == 2, "\(tooBig.standardOutput) \(tooBig.standardError)")
+            #expect(tooBig.standardError.contains("has no free extent"), "\(tooBig.standardError)")
+            #expect(try extentLines(leftovers, poolPath).isEmpty)
+        }
+
+        @Test func killedNodesExtentIsReclaimed() throws {
+            let directory = try ScratchDirectory(under: "/dev/shm")
+            defer { directory.remove() }
+            let leftovers = LeftoverCheck()
+            defer { leftovers.finish() }
+            let poolPath = directory.path("test.pool")
+            try #require(try leftovers.fammig("pool", "create", "--pool", poolPath, "--mib", "64").exitStatus == 0)
+            let program = try TestPaths.testProgram("memwalk-static")
+            let arguments = ["--mib", "16", "--steps", "300001", "--pause-us", "20000"]
+            leftovers.expectProgram([program] + arguments)
+            let runDirectoriesBefore = Set(((try? ProcFS.directoryEntries("/tmp")) ?? []).filter { $0.hasPrefix("fammig-run-") })
+            // Without pushing, the migrated program holds the extent for as long as it runs.
+            let run = try StartedProcess(try TestPaths.fammig(), ["run", "--mode", "postcopy-fam", "--push", "off", "--no-reference", "--pool", poolPath,
+                                                                  "--after-ms", "200", "--", program] + arguments,
+                                         standardOutputPath: directory.path("stdout"), standardErrorPath: directory.path("stderr"))
+            defer { run.kill() }
+            let holding = pollUntil(timeout: .seconds(20)) { ((try? extentLines(leftovers, poolPath)) ?? []).contains { $0.contains("(alive)") } }
+            try #require(holding, "the run never took an extent: \((try? extentLines(leftovers, poolPath)) ?? [])")
+            _ = kill(run.processID.rawValue, SIGKILL)
+            _ = try run.waitForExit(timeout: .seconds(10))
+            // SIGKILL leaves the run's work directory (only its pool extent is the point here).
+            for name in ((try? ProcFS.directoryEntries("/tmp")) ?? []) where name.hasPrefix("fammig-run-") && !runDirectoriesBefore.contains(name) {
+                try? FileManager.default.removeItem(atPath: "/tmp/" + name)
+            }
+            let lines = try extentLines(leftovers, poolPath)
+            #expect(lines.count == 1 && lines[0].contains("(dead: gc reclaims it)"), "\(lines)")
+            let collected = try leftovers.fammig("pool", "gc", "--pool", poolPath)
+            #expect(collected.exitStatus == 0 && collected.standardOutput.contains("reclaimed 1 extents"), "\(collected.standardOutput)")
+            #expect(try extentLines(leftovers, poolPath).isEmpty)
+            // The migrated program died with its fault server (it must never run on holes).
+            #expect(pollUntil(timeout: .seconds(5)) {
+                !allProcessIDs().contains { processLife($0) == .running && commandLineArguments($0) == [program] + arguments }
+            })
+        }
+    }
+
     /// A `fammig run` killed with SIGTERM (while its reference run works) still removes its files and
     /// kills the program it started.
     @Suite(.serialized) struct TerminationTests {
