@@ -44,6 +44,9 @@ public final class LazyMemory: @unchecked Sendable {
     /// Pages dropped (MADV_DONTNEED, munmap) before anyone installed them: they count as done and are
     /// never installed; the dropped range reads as zeros, or is gone.
     public private(set) var discardedPageCount = 0
+    /// postcopy-socket: bytes of `pages` messages taken in (by the restorer before the resume, by the
+    /// fault handler after): what the fault handler acknowledges to the source.
+    private var receivedPageBytes: UInt64 = 0
     /// Kills the target if this process goes away before every page is in (never run on holes);
     /// disarmed once `unregisterAll` proved every page installed.
     private let watchdog: HoleWatchdog?
@@ -67,6 +70,9 @@ public final class LazyMemory: @unchecked Sendable {
     public var isComplete: Bool { lock.withLock { installedPageCount == pageAddresses.count } }
     public var isRunning: Bool { lock.withLock { running } }
     func markRunning() { lock.withLock { running = true } }
+    /// Counts a `pages` message taken in.
+    func noteReceivedPages(byteCount: Int) { lock.withLock { receivedPageBytes += UInt64(byteCount) } }
+    var receivedPageByteCount: UInt64 { lock.withLock { receivedPageBytes } }
     var usesFAM: Bool { reader != nil }
 
     /// The slot of the dumped page now at `address`, or nil for a page the victim never touched.
