@@ -42,6 +42,12 @@ struct Bench: ParsableCommand {
     @Flag(help: "Give each migration a FAM file of its own, made and pre-faulted before the freeze (no pool: the old way).")
     var famFiles = false
 
+    @Flag(help: "Post-copy: put each node's socket in its own network namespace, joined by a veth pair (made once for the run).")
+    var netns = false
+
+    @Option(help: "With --netns: shape the veth pair to this rate with tc tbf, e.g. 10gbit (netem is not in this kernel).", transform: parseLinkRate)
+    var link: LinkRate?
+
     @OptionGroup var common: CommonOptions
 
     var parsedSizes: [Int] { sizes.split(separator: ",").compactMap { Int($0) } }
@@ -59,6 +65,7 @@ struct Bench: ParsableCommand {
         guard parsedPush.count == push.split(separator: ",").count, !parsedPush.isEmpty else { throw ValidationError("--push takes on, off or on,off.") }
         guard access(program, X_OK) == 0 else { throw ValidationError("\(program) is not executable; run ./scripts/setup first.") }
         if famFiles && pool != nil { throw ValidationError("--fam-files and --pool are two places for the images: pass one.") }
+        if link != nil && !netns { throw ValidationError("--link shapes the veth pair between the nodes: add --netns.") }
         if let pool, !ProcFS.exists(pool) { throw ValidationError("\(pool): no such pool; make it with `fammig pool create --pool \(pool) --mib N`.") }
     }
 
@@ -84,6 +91,7 @@ struct Bench: ParsableCommand {
         var processVMReadvGigabytesPerSecond: [Int: Double] = [:]
         var userfaultfdCopyMicroseconds: Double = .nan
         var tcpRoundTripMicroseconds: Double = .nan
+        var tcpGigabitsPerSecond: Double = .nan
     }
 
     func run() throws {
@@ -102,18 +110,23 @@ struct Bench: ParsableCommand {
             storagePool = try pool.map { try PoolFile.open(path: $0, prefault: true) }
         }
         print("images: \(storagePool.map { "extents of the pool \($0.backend.path ?? "")" } ?? "a FAM file per migration, made before the freeze")")
+        let network = netns ? try NodeNetwork(tag: getpid(), link: link) : nil
+        defer { network?.remove() }
         var baselines = BaselineFigures()
         baselines.userfaultfdCopyMicroseconds = try userfaultfdBaseline()
-        baselines.tcpRoundTripMicroseconds = try tcpRoundTripBaseline()
-        print(String(format: "baselines: UFFDIO_COPY from FAM %.2f us per 4 KiB, TCP round trip %.1f us, flush %@",
-                     baselines.userfaultfdCopyMicroseconds, baselines.tcpRoundTripMicroseconds, "\(FlushInstruction.best())" as NSString))
+        baselines.tcpRoundTripMicroseconds = try tcpRoundTripBaseline(network: network)
+        baselines.tcpGigabitsPerSecond = try tcpBandwidthBaseline(network: network)
+        let linkName = network.map { "veth between two network namespaces" + ($0.link.map { ", tbf \($0)" } ?? "") } ?? "loopback"
+        print(String(format: "baselines: UFFDIO_COPY from FAM %.2f us per 4 KiB, TCP (%@) round trip %.1f us and %.2f Gb/s, flush %@",
+                     baselines.userfaultfdCopyMicroseconds, linkName as NSString, baselines.tcpRoundTripMicroseconds,
+                     baselines.tcpGigabitsPerSecond, "\(FlushInstruction.best())" as NSString))
         var samples: [Sample] = []
         for mebibytes in parsedSizes {
             for mode in parsedModes {
                 for pushing in (mode == .nonlive ? [true] : parsedPush) {
                     for _ in 0..<repetitions {
                         let (sample, bandwidth) = try measure(mebibytes: mebibytes, mode: mode, push: pushing, pool: storagePool,
-                                                              workDirectory: workDirectory, logger: logger)
+                                                              network: network, workDirectory: workDirectory, logger: logger)
                         if mode == .nonlive { baselines.processVMReadvGigabytesPerSecond[mebibytes] = bandwidth }
                         samples.append(sample)
                         print(String(format: "  %4d MiB %@ push %@: busy %7.1f ms, downtime %6.1f ms, stalls %6.1f ms, total %7.1f ms, fam-sync %@, async %@",
@@ -167,7 +180,7 @@ struct Bench: ParsableCommand {
                      baselines.userfaultfdCopyMicroseconds))
     }
 
-    private func measure(mebibytes: Int, mode: MigrationMode, push: Bool, pool: FAMPool?, workDirectory: String,
+    private func measure(mebibytes: Int, mode: MigrationMode, push: Bool, pool: FAMPool?, network: NodeNetwork?, workDirectory: String,
                          logger: Logger) throws -> (Sample, Double) {
         // A new file per run: waiting for "fill done" must never read an earlier run's output.
         let outputPath = workDirectory + "/bench-\(mebibytes)-\(mode.rawValue)-\(push)-\(UInt32.random(in: 0...UInt32.max)).out"
@@ -192,7 +205,8 @@ struct Bench: ParsableCommand {
         let metrics = FaultMetrics()
         let nodes = try Nodes.make(mode: mode, push: push, victim: victim, storage: pool.map { .pool($0) } ?? .file(famPath),
                                    stubPath: try stubPath(), separateNodes: true,
-                                   oracles: nil, clock: MonotonicClock(), timeline: timeline, metrics: metrics, logger: logger)
+                                   oracles: nil, clock: MonotonicClock(), timeline: timeline, metrics: metrics, logger: logger,
+                                   network: network)
         defer { nodes.close() }
         // Demand paging alone never ends while the program skips some dumped pages (stack, libc data):
         // without pushing, the program runs for a fixed window after its resume, then is killed, which
@@ -269,12 +283,45 @@ struct Bench: ParsableCommand {
         return try Baselines.userfaultfdCopyMicroseconds(from: mapping, pageCount: 4096)
     }
 
-    /// Median of 2,000 round trips of a page request and a 4 KiB answer over loopback TCP.
-    private func tcpRoundTripBaseline() throws -> Double {
-        let listener = try TCPTransport.listen(on: Endpoint(host: "127.0.0.1", port: 0))
+    /// A connection from the target's side (client) to the source's (server), across the node network if any.
+    private func connectedPair(network: NodeNetwork?) throws -> (client: TCPTransport, server: TCPTransport) {
+        let listener = try network.map { network in
+            try network.inside(network.sourceNamespace) { try TCPTransport.listen(on: Endpoint(host: network.sourceAddress, port: 0)) }
+        } ?? TCPTransport.listen(on: Endpoint(host: "127.0.0.1", port: 0))
         defer { listener.close() }
-        let client = try TCPTransport.connect(to: listener.endpoint, timeoutMilliseconds: 5000)
+        let client = try network.map { network in
+            try network.inside(network.targetNamespace) { try TCPTransport.connect(to: listener.endpoint, timeoutMilliseconds: 5000) }
+        } ?? TCPTransport.connect(to: listener.endpoint, timeoutMilliseconds: 5000)
         guard let server = try TCPTransport.accept(on: listener, timeoutMilliseconds: 5000) else { throw EngineError.timedOut("baseline accept") }
+        return (client, server)
+    }
+
+    /// Source to target: 512 MiB as 2 MiB `pages` messages, timed at the receiver.
+    private func tcpBandwidthBaseline(network: NodeNetwork?) throws -> Double {
+        let (client, server) = try connectedPair(network: network)
+        defer { client.close(); server.close() }
+        let chunk = [UInt8](repeating: 5, count: 2 << 20)
+        let messageCount = 256
+        let sender = Thread {
+            for index in 0..<messageCount { try? server.send(.pages(address: UInt64(index) << 21, bytes: chunk)) }
+        }
+        let start = ContinuousClock.now
+        sender.start()
+        var received = 0
+        while received < messageCount {
+            // False also when only part of a frame is in: wait again, within the whole run's limit.
+            guard ContinuousClock.now - start < .seconds(60) else { throw EngineError.timedOut("bandwidth baseline") }
+            guard client.waitReadable(timeoutMilliseconds: 100) else { continue }
+            if case .pages? = try client.receive() { received += 1 }
+        }
+        let elapsed = ContinuousClock.now - start
+        let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+        return Double(messageCount * chunk.count * 8) / seconds / 1e9
+    }
+
+    /// Median of 2,000 round trips of a page request and a 4 KiB answer over TCP (loopback, or the node network).
+    private func tcpRoundTripBaseline(network: NodeNetwork?) throws -> Double {
+        let (client, server) = try connectedPair(network: network)
         defer { client.close(); server.close() }
         let page = [UInt8](repeating: 7, count: 4096)
         let echo = Thread {

@@ -45,6 +45,10 @@ struct Run: ParsableCommand {
     @Flag(help: "Post-copy: put each node's socket in its own network namespace, joined by a veth pair (created and removed here).")
     var netns = false
 
+    @Option(help: "With --netns: shape the veth pair to this rate with tc tbf, e.g. 10gbit or 500mbit (netem, for delay, is not in this kernel).",
+            transform: parseLinkRate)
+    var link: LinkRate?
+
     @Flag(help: "Skip the unmigrated reference run (no end-to-end oracle).")
     var noReference = false
 
@@ -61,6 +65,7 @@ struct Run: ParsableCommand {
         guard afterMs >= 0 else { throw ValidationError("--after-ms must be 0 or more.") }
         if let fam, ProcFS.exists(fam) { throw ValidationError("\(fam) already exists; pass a new path or remove it.") }
         if fam != nil && pool != nil { throw ValidationError("--fam and --pool are two places for the image: pass one.") }
+        if link != nil && !netns { throw ValidationError("--link shapes the veth pair between the nodes: add --netns.") }
         if let pool, !ProcFS.exists(pool) { throw ValidationError("\(pool): no such pool; make it with `fammig pool create --pool \(pool) --mib N`.") }
     }
 
@@ -118,7 +123,7 @@ struct Run: ParsableCommand {
         let metrics = FaultMetrics()
         let nodes: Nodes
         let network: NodeNetwork?
-        do { network = netns && mode != .nonlive ? try NodeNetwork(tag: getpid()) : nil } catch {
+        do { network = netns && mode != .nonlive ? try NodeNetwork(tag: getpid(), link: link) : nil } catch {
             Spawn.kill(victim)
             _ = try? Spawn.waitForExit(victim)
             throw fail("\(error)", code: 2)
@@ -194,6 +199,14 @@ struct Run: ParsableCommand {
             return (status, lastChecksum(outputPath))
         } catch { throw fail("cannot run \(program): \(error)", code: 2) }
     }
+}
+
+/// `--link RATE`: tc's own notation, checked before anything starts.
+func parseLinkRate(_ text: String) throws -> LinkRate {
+    guard let rate = LinkRate(text) else {
+        throw ValidationError("--link takes a rate as tc writes it: a whole number and bit, kbit, mbit, gbit or tbit (at least 8kbit), e.g. 10gbit.")
+    }
+    return rate
 }
 
 /// The value of the last `checksum=` line a test program printed.
