@@ -173,6 +173,13 @@ final class PoolImage: @unchecked Sendable {
         if let extent = sourceExtent { _ = try pool.keep(extent); sourceExtent = nil }
     }
 
+    /// Gives a claimed kept image back to the pool as kept (a restore that failed: try again later).
+    func keepTargetExtent() throws(PoolError) {
+        lock.lock()
+        defer { lock.unlock() }
+        if let extent = targetExtent { _ = try pool.keep(extent); targetExtent = nil; targetView = nil }
+    }
+
     /// Frees what this side holds: the target's claimed extent, or the source's if nobody claimed it.
     func release() {
         lock.withLock {

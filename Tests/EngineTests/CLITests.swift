@@ -336,6 +336,47 @@ extension ProcessTests {
             #expect(try extentLines(leftovers, poolPath).isEmpty)
         }
 
+        /// A checkpoint kept in a pool outlives the checkpointing process and `pool gc`; a restore with
+        /// another key finds nothing and leaves it; the right key restores it and frees the extent.
+        @Test func checkpointKeptInThePoolUntilItsRestore() throws {
+            let directory = try ScratchDirectory(under: "/dev/shm")
+            defer { directory.remove() }
+            let leftovers = LeftoverCheck()
+            defer { leftovers.finish() }
+            let poolPath = directory.path("test.pool")
+            try #require(try leftovers.fammig("pool", "create", "--pool", poolPath, "--mib", "64").exitStatus == 0)
+            let program = try TestPaths.testProgram("sleeper-static")
+            let arguments = ["--rounds", "60"]
+            let reference = try runCommand(program, arguments, timeout: .seconds(60))
+            let victim = leftovers.own(try SpawnedProgram(program, arguments, standardOutputPath: directory.path("victim.out"),
+                                                          standardErrorPath: directory.path("victim.err")))
+            leftovers.expectProgram(victim.argumentVector)
+            #expect(pollUntil(timeout: .seconds(5)) {
+                ((try? FileManager.default.attributesOfItem(atPath: victim.standardOutputPath)[.size] as? Int) ?? 0) > 0
+            })
+            let keyPath = directory.path("migration.key")
+            let checkpoint = try leftovers.fammig("checkpoint", "--pid", "\(victim.processID)", "--pool", poolPath, "--key-file", keyPath)
+            try #require(checkpoint.exitStatus == 0, "\(checkpoint.standardError)")
+            #expect(try victim.waitForExit(timeout: .seconds(5)) == .killed(signal: SIGKILL))
+            #expect(try leftovers.fammig("pool", "gc", "--pool", poolPath).standardOutput.contains("reclaimed 0 extents"))
+            #expect(try extentLines(leftovers, poolPath).map { $0.contains(" kept ") } == [true])
+
+            let wrongKey = directory.path("wrong.key")
+            try Data("fammig-migration-key-v1 \(String(repeating: "ab", count: 32))\n".utf8).write(to: URL(fileURLWithPath: wrongKey))
+            _ = chmod(wrongKey, 0o600)
+            let refused = try leftovers.fammig("restore", "--pool", poolPath, "--key-file", wrongKey)
+            #expect(refused.exitStatus == 2 && refused.standardError.contains("holds no image made with this key"), "\(refused.standardError)")
+            #expect(try extentLines(leftovers, poolPath).count == 1, "a refused restore took the checkpoint away")
+
+            let restore = try leftovers.fammig("restore", "--pool", poolPath, "--key-file", keyPath)
+            try #require(restore.exitStatus == 0, "\(restore.standardError)")
+            #expect(try extentLines(leftovers, poolPath).isEmpty, "the restored checkpoint's extent was not freed")
+            #expect(pollUntil(timeout: .seconds(30)) {
+                (try? String(contentsOfFile: victim.standardOutputPath, encoding: .utf8))?.contains("checksum=") == true
+            })
+            #expect(try String(contentsOfFile: victim.standardOutputPath, encoding: .utf8) == reference.standardOutput)
+        }
+
         @Test func killedNodesExtentIsReclaimed() throws {
             let directory = try ScratchDirectory(under: "/dev/shm")
             defer { directory.remove() }
