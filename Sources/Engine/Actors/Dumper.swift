@@ -74,13 +74,14 @@ public final class Dumper: EngineActor {
     /// never waits behind more than that in the connection.
     private var sentPageByteCount: UInt64 = 0
     private var acknowledgedPageByteCount: UInt64 = 0
-    /// Pages per push message: doubles with every acknowledgement that comes while no request does, back
-    /// to the minimum on a request (while the target faults, its answers must not queue behind big
-    /// pushes); growing only on acknowledgements keeps it at what the target takes in.
+    /// Pages per push message: doubles with every acknowledgement that comes while no request does, and
+    /// halves with every step that brings requests (while the target faults, its answers must not queue
+    /// behind big pushes; under a steady stream of faults it settles where the two balance, instead of
+    /// starving the push); growing only on acknowledgements keeps it at what the target takes in.
     private lazy var pushChunkPageCount = minimumPushChunkPageCount
-    private var minimumPushChunkPageCount: Int { min(16, batchPageCount) }
-    /// Two chunks in flight: one being installed while the next is read from the victim.
-    private var pushWindowByteCount: UInt64 { UInt64(2 * pushChunkPageCount * 4096) }
+    private var minimumPushChunkPageCount: Int { min(32, batchPageCount) }
+    /// Three chunks in flight: one being installed, one on the wire, one being read from the victim.
+    private var pushWindowByteCount: UInt64 { UInt64(3 * pushChunkPageCount * 4096) }
     /// Full when one more chunk would not fit.
     private var pushWindowIsFull: Bool {
         sentPageByteCount - acknowledgedPageByteCount + UInt64(pushChunkPageCount * 4096) > pushWindowByteCount
@@ -268,7 +269,7 @@ public final class Dumper: EngineActor {
         var acknowledgementAdvanced = false
         defer {
             if requestArrived {
-                pushChunkPageCount = minimumPushChunkPageCount
+                pushChunkPageCount = max(minimumPushChunkPageCount, pushChunkPageCount / 2)
             } else if acknowledgementAdvanced {
                 pushChunkPageCount = min(2 * pushChunkPageCount, batchPageCount)
             }

@@ -133,6 +133,8 @@ public final class FaultHandler: EngineActor {
                     if memory.noteRequested(slot) { try transport.send(.pageRequest(address: memory.pageAddresses[slot])) }
                 }
                 memory.noteReceivedPages(byteCount: bytes.count)
+                // At once, not after the batch: the source's next chunk then overlaps this install.
+                acknowledgeReceivedPages(memory, transport: transport)
             case .marked:
                 continue  // servePendingFromFAM checks the marks themselves.
             case .complete:

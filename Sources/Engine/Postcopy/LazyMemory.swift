@@ -260,9 +260,11 @@ public final class LazyMemory: @unchecked Sendable {
                 let run = missingRun(slot: slot + index, count: count - index)
                 guard run > 0 else { index += 1; continue }
                 let destination = currentAddress(slot + index)
-                let chunk = Array(bytes[(index * 4096)..<((index + run) * 4096)])
+                // Whole messages (the usual case) go to the kernel without another copy.
+                let chunk = index == 0 && run == count ? bytes : Array(bytes[(index * 4096)..<((index + run) * 4096)])
                 let copied = try copyAll(slot: slot + index, address: destination, byteCount: chunk.count) { offset, remaining throws -> CopyOutcome in
-                    try userfaultfd.copy(bytes: Array(chunk[offset..<(offset + remaining)]), to: destination + UInt64(offset), dontWake: true)
+                    let piece = offset == 0 && remaining == chunk.count ? chunk : Array(chunk[offset..<(offset + remaining)])
+                    return try userfaultfd.copy(bytes: piece, to: destination + UInt64(offset), dontWake: true)
                 }
                 try finishInstall(slot: slot + index, count: run, copied: copied) { offset in
                     Array(chunk[(offset * 4096)..<((offset + 1) * 4096)])
