@@ -109,6 +109,7 @@ struct Bench: ParsableCommand {
         } else {
             storagePool = try pool.map { try PoolFile.open(path: $0, prefault: true) }
         }
+        print("oracles: \(common.oracles ?? .off) (on: the figures include their read-back on the target's path, as run's do not)")
         print("images: \(storagePool.map { "extents of the pool \($0.backend.path ?? "")" } ?? "a FAM file per migration, made before the freeze")")
         let network = netns ? try NodeNetwork(tag: getpid(), link: link) : nil
         defer { network?.remove() }
@@ -205,7 +206,7 @@ struct Bench: ParsableCommand {
         let metrics = FaultMetrics()
         let nodes = try Nodes.make(mode: mode, push: push, victim: victim, storage: pool.map { .pool($0) } ?? .file(famPath),
                                    stubPath: try stubPath(), separateNodes: true,
-                                   oracles: nil, clock: MonotonicClock(), timeline: timeline, metrics: metrics, logger: logger,
+                                   oracles: common.makeOracles(byDefault: .off), clock: MonotonicClock(), timeline: timeline, metrics: metrics, logger: logger,
                                    network: network)
         defer { nodes.close() }
         // Demand paging alone never ends while the program skips some dumped pages (stack, libc data):

@@ -35,6 +35,12 @@ struct CommonOptions: ParsableArguments {
     @Flag(name: .shortAndLong, help: "Log engine steps to stderr.")
     var verbose = false
 
+    @Option(help: "The oracles (state and page read-back before the resume and at every install): on, or off for production speed (default: on, except bench).")
+    var oracles: Switch?
+
+    /// The oracles the target side reports to, nil with --oracles off (or off by the command's default).
+    func makeOracles(byDefault: Switch = .on) -> MigrationOracles? { (oracles ?? byDefault) == .on ? MigrationOracles() : nil }
+
     func bootstrapLogging() -> Logger {
         // FAMMIG_LOG=trace adds the fault path (every request and answer) to --verbose.
         let level: Logger.Level = verbose ? (ProcessInfo.processInfo.environment["FAMMIG_LOG"] == "trace" ? .trace : .debug) : .warning
@@ -176,7 +182,7 @@ struct Restore: ParsableCommand {
         let openBackend = poolImage?.openBackend() ?? openRealBackend(path: fam ?? "")
         let source = fam ?? "the pool \(pool ?? "")"
         let timeline = MigrationTimeline()
-        let oracles = MigrationOracles()
+        let oracles = common.makeOracles()
         let restorer = Restorer(openBackend: openBackend, key: key, stubPath: try stubPath(), observer: oracles,
                                 clock: MonotonicClock(), timeline: timeline, logger: logger, processIDWait: .seconds(2),
                                 pidNamespace: pidNamespace.namespace)

@@ -172,8 +172,8 @@ struct Target: ParsableCommand {
         let metrics = FaultMetrics()
         let clock = MonotonicClock()
         let restoreMode: RestoreMode = mode == .postcopyFAM ? .lazyFromFAM(transport: transport) : .lazyFromSocket(transport: transport)
-        let oracles = MigrationOracles()
-        oracles.expectLazyPages()
+        let oracles = common.makeOracles()
+        oracles?.expectLazyPages()
         let restorer = Restorer(openBackend: poolImage?.openBackend() ?? openRealBackend(path: fam ?? "/nonexistent"), key: key, stubPath: try stubPath(), observer: oracles,
                                 clock: clock, timeline: timeline, logger: logger,
                                 pidNamespace: pidNamespace.namespace, mode: restoreMode)

@@ -118,7 +118,7 @@ struct Run: ParsableCommand {
         }
 
         let timeline = MigrationTimeline()
-        let oracles = MigrationOracles()
+        let oracles = common.makeOracles()
         let clock = MonotonicClock()
         let metrics = FaultMetrics()
         let nodes: Nodes
@@ -145,7 +145,7 @@ struct Run: ParsableCommand {
         } catch {
             Spawn.kill(victim)
             _ = try? Spawn.waitForExit(victim)
-            report.verdicts = oracles.verdicts
+            report.verdicts = oracles?.verdicts ?? []
             report.error = "\(error)"
             try writeJSON(report)
             throw engineFailure(error)
@@ -161,10 +161,10 @@ struct Run: ParsableCommand {
         report.zeroPageCount = metrics.zeroPageCount.load(ordering: .relaxed)
         report.tcpByteCount = nodes.transportByteCount
         report.famByteCount = mode == .postcopySocket ? 0 : report.pageCount * 4096
-        if mode != .nonlive { oracles.recordLazyPageVerdict() }
+        if mode != .nonlive { oracles?.recordLazyPageVerdict() }
         report.migratedChecksum = checksum
         report.programStatus = "\(status)"
-        var verdicts = oracles.verdicts
+        var verdicts = oracles?.verdicts ?? []
         verdicts.append(OracleVerdict(name: "program", passed: status == .exited(0), detail: "\(status)"))
         if !noReference {
             let same = checksum != nil && checksum == report.referenceChecksum
