@@ -13,10 +13,29 @@ public enum NetworkNamespaceError: Error, CustomStringConvertible, Sendable {
     public var description: String {
         switch self {
         case .command(let command, let status):
-            "`\(command)` \(status); network namespaces need root and iproute2 (apt-get install iproute2)."
+            "`\(command)` \(status); network namespaces and tc need root and iproute2 (apt-get install iproute2)."
         case .setns(let name, let error): "cannot enter network namespace \(name): \(error)"
         }
     }
+}
+
+/// A link rate for tc, as iproute2 writes it ("10gbit", "500mbit"), with its value in bits per second.
+public struct LinkRate: Equatable, Sendable, CustomStringConvertible {
+    public let text: String
+    public let bitsPerSecond: UInt64
+
+    /// Parses "NUMBERUNIT" with UNIT one of bit, kbit, mbit, gbit, tbit (decimal multiples, as tc reads them).
+    public init?(_ text: String) {
+        let units: [(String, UInt64)] = [("tbit", 1_000_000_000_000), ("gbit", 1_000_000_000), ("mbit", 1_000_000), ("kbit", 1_000), ("bit", 1)]
+        guard let (unit, multiplier) = units.first(where: { text.hasSuffix($0.0) }) else { return nil }
+        let number = text.dropLast(unit.count)
+        guard !number.isEmpty, number.allSatisfy(\.isNumber), let value = UInt64(number), value > 0,
+              value <= UInt64.max / multiplier, value * multiplier >= 8_000 else { return nil }
+        self.text = text
+        bitsPerSecond = value * multiplier
+    }
+
+    public var description: String { text }
 }
 
 /// A pair of network namespaces joined by a veth pair, source side `10.77.N.1`, target side `10.77.N.2`.
@@ -26,9 +45,15 @@ public final class NodeNetwork: @unchecked Sendable {
     public let targetNamespace: String
     public let sourceAddress: String
     public let targetAddress: String
+    /// The rate each end's egress is shaped to (tbf), nil for the veth pair's own speed.
+    public let link: LinkRate?
     private var removed = false
 
-    public init(tag: Int32) throws {
+    /// `link` shapes both directions with tbf (a token bucket: the rate, a burst of 1 ms at that rate and
+    /// at least 256 KiB for the veth's 64 KiB GSO packets, 20 ms of queue). netem, for delay and loss,
+    /// is not in this machine's kernel ("Specified qdisc kind is unknown"), so only the rate is shaped.
+    public init(tag: Int32, link: LinkRate? = nil) throws {
+        self.link = link
         let subnet = Int(tag % 250) + 1
         sourceNamespace = "fammig-source-\(tag)"
         targetNamespace = "fammig-target-\(tag)"
@@ -43,9 +68,14 @@ public final class NodeNetwork: @unchecked Sendable {
             try Self.ip(["link", "set", targetLink, "netns", targetNamespace])
             try Self.ip(["-n", sourceNamespace, "addr", "add", sourceAddress + "/24", "dev", sourceLink])
             try Self.ip(["-n", targetNamespace, "addr", "add", targetAddress + "/24", "dev", targetLink])
-            for (namespace, link) in [(sourceNamespace, sourceLink), (targetNamespace, targetLink)] {
-                try Self.ip(["-n", namespace, "link", "set", link, "up"])
+            for (namespace, device) in [(sourceNamespace, sourceLink), (targetNamespace, targetLink)] {
+                try Self.ip(["-n", namespace, "link", "set", device, "up"])
                 try Self.ip(["-n", namespace, "link", "set", "lo", "up"])
+                if let link {
+                    let burstByteCount = max(256 << 10, link.bitsPerSecond / 8 / 1000)
+                    try Self.run("/usr/sbin/tc", ["-n", namespace, "qdisc", "add", "dev", device, "root", "tbf", "rate", link.text,
+                                                  "burst", "\(burstByteCount)", "latency", "20ms"])
+                }
             }
         } catch {
             remove()
@@ -82,8 +112,12 @@ public final class NodeNetwork: @unchecked Sendable {
     }
 
     private static func ip(_ arguments: [String]) throws {
-        let command = (["/usr/sbin/ip"] + arguments).joined(separator: " ")
-        let processID = try Spawn.program(path: "/usr/sbin/ip", arguments: arguments, environment: [],
+        try run("/usr/sbin/ip", arguments)
+    }
+
+    private static func run(_ path: String, _ arguments: [String]) throws {
+        let command = ([path] + arguments).joined(separator: " ")
+        let processID = try Spawn.program(path: path, arguments: arguments, environment: [],
                                           standardOutputPath: "/dev/null", standardErrorPath: "/dev/null")
         let status = try Spawn.waitForExit(processID)
         guard status == .exited(0) else { throw NetworkNamespaceError.command(command, status: "\(status)") }

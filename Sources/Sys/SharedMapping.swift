@@ -106,7 +106,8 @@ public final class SharedMapping: @unchecked Sendable {
     /// Maps an existing file whole. An empty file gives a mapping with `byteCount` 0 (mmap cannot map
     /// 0 bytes) so that the caller reports it like any other file too short to hold an image. Anything but
     /// a regular file is refused with EINVAL: the path is input, and a FIFO would block the open forever.
-    public static func open(path: String, writable: Bool) throws(SyscallError) -> SharedMapping {
+    /// `prefault` maps every page now (MAP_POPULATE): a pool mapped once per node never faults later.
+    public static func open(path: String, writable: Bool, prefault: Bool = false) throws(SyscallError) -> SharedMapping {
         // O_NONBLOCK only so that opening a FIFO returns at once (to be refused below); mmap ignores it.
         let descriptor = try retryingInterrupts("open(\(path))") {
             Glibc.open(path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC | O_NONBLOCK)
@@ -122,7 +123,8 @@ public final class SharedMapping: @unchecked Sendable {
         if byteCount == 0 {
             return SharedMapping(path: path, base: nil, byteCount: 0, isWritable: writable, ownerUserID: owner, permissionBits: permissions)
         }
-        let base = try map(path: path, descriptor: descriptor, byteCount: byteCount, writable: writable, flags: MAP_SHARED)
+        let base = try map(path: path, descriptor: descriptor, byteCount: byteCount, writable: writable,
+                           flags: MAP_SHARED | (prefault ? MAP_POPULATE : 0))
         return SharedMapping(path: path, base: base, byteCount: byteCount, isWritable: writable, ownerUserID: owner, permissionBits: permissions)
     }
 

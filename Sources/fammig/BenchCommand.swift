@@ -36,6 +36,18 @@ struct Bench: ParsableCommand {
     @Option(help: "Also write every measurement as JSON to this file.")
     var json: String?
 
+    @Option(help: "The FAM pool images go to (default: a pool made under /dev/shm for this run, before any measurement, and removed after).")
+    var pool: String?
+
+    @Flag(help: "Give each migration a FAM file of its own, made and pre-faulted before the freeze (no pool: the old way).")
+    var famFiles = false
+
+    @Flag(help: "Post-copy: put each node's socket in its own network namespace, joined by a veth pair (made once for the run).")
+    var netns = false
+
+    @Option(help: "With --netns: shape the veth pair to this rate with tc tbf, e.g. 10gbit (netem is not in this kernel).", transform: parseLinkRate)
+    var link: LinkRate?
+
     @OptionGroup var common: CommonOptions
 
     var parsedSizes: [Int] { sizes.split(separator: ",").compactMap { Int($0) } }
@@ -52,6 +64,9 @@ struct Bench: ParsableCommand {
         }
         guard parsedPush.count == push.split(separator: ",").count, !parsedPush.isEmpty else { throw ValidationError("--push takes on, off or on,off.") }
         guard access(program, X_OK) == 0 else { throw ValidationError("\(program) is not executable; run ./scripts/setup first.") }
+        if famFiles && pool != nil { throw ValidationError("--fam-files and --pool are two places for the images: pass one.") }
+        if link != nil && !netns { throw ValidationError("--link shapes the veth pair between the nodes: add --netns.") }
+        if let pool, !ProcFS.exists(pool) { throw ValidationError("\(pool): no such pool; make it with `fammig pool create --pool \(pool) --mib N`.") }
     }
 
     struct Sample: Codable {
@@ -62,6 +77,8 @@ struct Bench: ParsableCommand {
         var busyMilliseconds: Double
         var downtimeMilliseconds: Double
         var totalMilliseconds: Double
+        /// Faults' stall time after the resume, summed over the fault paths (fam-sync, source-async).
+        var stallMilliseconds: Double
         var restoreMilliseconds: Double
         var pageDumpMilliseconds: Double
         var dumpGigabytesPerSecond: Double
@@ -74,29 +91,48 @@ struct Bench: ParsableCommand {
         var processVMReadvGigabytesPerSecond: [Int: Double] = [:]
         var userfaultfdCopyMicroseconds: Double = .nan
         var tcpRoundTripMicroseconds: Double = .nan
+        var tcpGigabitsPerSecond: Double = .nan
     }
 
     func run() throws {
         let logger = common.bootstrapLogging()
         let workDirectory = try makeWorkDirectory()
         defer { removeWorkDirectory(workDirectory) }
+        // The pool is made and mapped once, as a node would: no migration pays for FAM allocation.
+        let temporaryPoolPath = famFiles || pool != nil ? nil : "/dev/shm/fammig-bench-pool-\(getpid())"
+        defer { if let temporaryPoolPath { _ = try? SharedMapping.remove(path: temporaryPoolPath) } }
+        let storagePool: FAMPool?
+        if let temporaryPoolPath {
+            let largest = parsedSizes.max() ?? 64
+            _ = try PoolFile.create(path: temporaryPoolPath, byteCount: (largest * 3 / 2 + 64) << 20, slotCount: 16)
+            storagePool = try PoolFile.open(path: temporaryPoolPath, prefault: true)
+        } else {
+            storagePool = try pool.map { try PoolFile.open(path: $0, prefault: true) }
+        }
+        print("oracles: \(common.oracles ?? .off) (on: the figures include their read-back on the target's path, as run's do not)")
+        print("images: \(storagePool.map { "extents of the pool \($0.backend.path ?? "")" } ?? "a FAM file per migration, made before the freeze")")
+        let network = netns ? try NodeNetwork(tag: getpid(), link: link) : nil
+        defer { network?.remove() }
         var baselines = BaselineFigures()
         baselines.userfaultfdCopyMicroseconds = try userfaultfdBaseline()
-        baselines.tcpRoundTripMicroseconds = try tcpRoundTripBaseline()
-        print(String(format: "baselines: UFFDIO_COPY from FAM %.2f us per 4 KiB, TCP round trip %.1f us, flush %@",
-                     baselines.userfaultfdCopyMicroseconds, baselines.tcpRoundTripMicroseconds, "\(FlushInstruction.best())" as NSString))
+        baselines.tcpRoundTripMicroseconds = try tcpRoundTripBaseline(network: network)
+        baselines.tcpGigabitsPerSecond = try tcpBandwidthBaseline(network: network)
+        let linkName = network.map { "veth between two network namespaces" + ($0.link.map { ", tbf \($0)" } ?? "") } ?? "loopback"
+        print(String(format: "baselines: UFFDIO_COPY from FAM %.2f us per 4 KiB, TCP (%@) round trip %.1f us and %.2f Gb/s, flush %@",
+                     baselines.userfaultfdCopyMicroseconds, linkName as NSString, baselines.tcpRoundTripMicroseconds,
+                     baselines.tcpGigabitsPerSecond, "\(FlushInstruction.best())" as NSString))
         var samples: [Sample] = []
         for mebibytes in parsedSizes {
             for mode in parsedModes {
                 for pushing in (mode == .nonlive ? [true] : parsedPush) {
                     for _ in 0..<repetitions {
-                        let (sample, bandwidth) = try measure(mebibytes: mebibytes, mode: mode, push: pushing,
-                                                              workDirectory: workDirectory, logger: logger)
+                        let (sample, bandwidth) = try measure(mebibytes: mebibytes, mode: mode, push: pushing, pool: storagePool,
+                                                              network: network, workDirectory: workDirectory, logger: logger)
                         if mode == .nonlive { baselines.processVMReadvGigabytesPerSecond[mebibytes] = bandwidth }
                         samples.append(sample)
-                        print(String(format: "  %4d MiB %@ push %@: busy %7.1f ms, downtime %6.1f ms, total %7.1f ms, fam-sync %@, async %@",
+                        print(String(format: "  %4d MiB %@ push %@: busy %7.1f ms, downtime %6.1f ms, stalls %6.1f ms, total %7.1f ms, fam-sync %@, async %@",
                                      mebibytes, mode.rawValue as NSString, (pushing ? "on " : "off") as NSString, sample.busyMilliseconds,
-                                     sample.downtimeMilliseconds, sample.totalMilliseconds,
+                                     sample.downtimeMilliseconds, sample.stallMilliseconds, sample.totalMilliseconds,
                                      (sample.famSyncMedianMicroseconds.map { String(format: "%.1f us", $0) } ?? "-") as NSString,
                                      (sample.sourceAsyncMedianMicroseconds.map { String(format: "%.1f us", $0) } ?? "-") as NSString))
                     }
@@ -122,14 +158,14 @@ struct Bench: ParsableCommand {
         }
         print("")
         print(["size", "mode", "push"].enumerated().map { $0.element.padding(toLength: [6, 17, 6][$0.offset], withPad: " ", startingAt: 0) }.joined()
-              + ["busy ms", "downtime ms", "total ms", "fam-sync us", "async us", "dump GB/s"].map { $0.padding(toLength: 26, withPad: " ", startingAt: 0) }.joined())
+              + ["busy ms", "downtime ms", "stalls ms", "total ms", "fam-sync us", "async us", "dump GB/s"].map { $0.padding(toLength: 26, withPad: " ", startingAt: 0) }.joined())
         for mebibytes in parsedSizes {
             for mode in parsedModes {
                 for pushing in (mode == .nonlive ? [true] : parsedPush) {
                     let group = samples.filter { $0.mebibytes == mebibytes && $0.mode == mode.rawValue && $0.push == pushing }
                     guard !group.isEmpty else { continue }
                     let columns = [median(group.map(\.busyMilliseconds)), median(group.map(\.downtimeMilliseconds)),
-                                   median(group.map(\.totalMilliseconds)), median(group.compactMap(\.famSyncMedianMicroseconds)),
+                                   median(group.map(\.stallMilliseconds)), median(group.map(\.totalMilliseconds)), median(group.compactMap(\.famSyncMedianMicroseconds)),
                                    median(group.compactMap(\.sourceAsyncMedianMicroseconds)), median(group.map(\.dumpGigabytesPerSecond))]
                     print("\(mebibytes)".padding(toLength: 6, withPad: " ", startingAt: 0) + mode.rawValue.padding(toLength: 17, withPad: " ", startingAt: 0)
                           + (mode == .nonlive ? "-" : pushing ? "on" : "off").padding(toLength: 6, withPad: " ", startingAt: 0)
@@ -145,7 +181,8 @@ struct Bench: ParsableCommand {
                      baselines.userfaultfdCopyMicroseconds))
     }
 
-    private func measure(mebibytes: Int, mode: MigrationMode, push: Bool, workDirectory: String, logger: Logger) throws -> (Sample, Double) {
+    private func measure(mebibytes: Int, mode: MigrationMode, push: Bool, pool: FAMPool?, network: NodeNetwork?, workDirectory: String,
+                         logger: Logger) throws -> (Sample, Double) {
         // A new file per run: waiting for "fill done" must never read an earlier run's output.
         let outputPath = workDirectory + "/bench-\(mebibytes)-\(mode.rawValue)-\(push)-\(UInt32.random(in: 0...UInt32.max)).out"
         // Full speed: with pushing off, the migration ends when the walk has touched every page.
@@ -167,8 +204,10 @@ struct Bench: ParsableCommand {
         defer { _ = try? SharedMapping.remove(path: famPath) }
         let timeline = MigrationTimeline()
         let metrics = FaultMetrics()
-        let nodes = try Nodes.make(mode: mode, push: push, victim: victim, famPath: famPath, stubPath: try stubPath(), separateNodes: true,
-                                   oracles: nil, clock: MonotonicClock(), timeline: timeline, metrics: metrics, logger: logger)
+        let nodes = try Nodes.make(mode: mode, push: push, victim: victim, storage: pool.map { .pool($0) } ?? .file(famPath),
+                                   stubPath: try stubPath(), separateNodes: true,
+                                   oracles: common.makeOracles(byDefault: .off), clock: MonotonicClock(), timeline: timeline, metrics: metrics, logger: logger,
+                                   network: network)
         defer { nodes.close() }
         // Demand paging alone never ends while the program skips some dumped pages (stack, libc data):
         // without pushing, the program runs for a fixed window after its resume, then is killed, which
@@ -195,12 +234,15 @@ struct Bench: ParsableCommand {
         restored = nodes.restorer.restoredProcessID
         let pageCount = timeline.counter("pagesDumped")
         let pageDump = milliseconds(timeline.span(from: .metadataCommitted, to: .dumpCommitted)) ?? .nan
-        let paths = Dictionary(uniqueKeysWithValues: metrics.summaries.map { ($0.path, $0.medianMicroseconds) })
+        let summaries = metrics.summaries
+        let paths = Dictionary(uniqueKeysWithValues: summaries.map { ($0.path, $0.medianMicroseconds) })
+        let faultPaths: Set<String> = [InstallPath.famSync.rawValue, InstallPath.sourceAsync.rawValue]
         let sample = Sample(
             mebibytes: mebibytes, mode: mode.rawValue, push: push, pageCount: pageCount,
             busyMilliseconds: milliseconds(timeline.span(from: .started, to: .victimReleased)) ?? .nan,
             downtimeMilliseconds: milliseconds(timeline.span(from: .frozen, to: .targetResumed)) ?? .nan,
             totalMilliseconds: milliseconds(timeline.span(from: .started, to: .lastPageInstalled)) ?? .nan,
+            stallMilliseconds: summaries.filter { faultPaths.contains($0.path) }.reduce(0) { $0 + $1.totalMilliseconds },
             restoreMilliseconds: milliseconds(timeline.span(from: .restoreStarted, to: .targetResumed)) ?? .nan,
             pageDumpMilliseconds: pageDump,
             dumpGigabytesPerSecond: Double(pageCount * 4096) / (pageDump / 1000) / 1e9,
@@ -242,12 +284,45 @@ struct Bench: ParsableCommand {
         return try Baselines.userfaultfdCopyMicroseconds(from: mapping, pageCount: 4096)
     }
 
-    /// Median of 2,000 round trips of a page request and a 4 KiB answer over loopback TCP.
-    private func tcpRoundTripBaseline() throws -> Double {
-        let listener = try TCPTransport.listen(on: Endpoint(host: "127.0.0.1", port: 0))
+    /// A connection from the target's side (client) to the source's (server), across the node network if any.
+    private func connectedPair(network: NodeNetwork?) throws -> (client: TCPTransport, server: TCPTransport) {
+        let listener = try network.map { network in
+            try network.inside(network.sourceNamespace) { try TCPTransport.listen(on: Endpoint(host: network.sourceAddress, port: 0)) }
+        } ?? TCPTransport.listen(on: Endpoint(host: "127.0.0.1", port: 0))
         defer { listener.close() }
-        let client = try TCPTransport.connect(to: listener.endpoint, timeoutMilliseconds: 5000)
+        let client = try network.map { network in
+            try network.inside(network.targetNamespace) { try TCPTransport.connect(to: listener.endpoint, timeoutMilliseconds: 5000) }
+        } ?? TCPTransport.connect(to: listener.endpoint, timeoutMilliseconds: 5000)
         guard let server = try TCPTransport.accept(on: listener, timeoutMilliseconds: 5000) else { throw EngineError.timedOut("baseline accept") }
+        return (client, server)
+    }
+
+    /// Source to target: 512 MiB as 2 MiB `pages` messages, timed at the receiver.
+    private func tcpBandwidthBaseline(network: NodeNetwork?) throws -> Double {
+        let (client, server) = try connectedPair(network: network)
+        defer { client.close(); server.close() }
+        let chunk = [UInt8](repeating: 5, count: 2 << 20)
+        let messageCount = 256
+        let sender = Thread {
+            for index in 0..<messageCount { try? server.send(.pages(address: UInt64(index) << 21, bytes: chunk)) }
+        }
+        let start = ContinuousClock.now
+        sender.start()
+        var received = 0
+        while received < messageCount {
+            // False also when only part of a frame is in: wait again, within the whole run's limit.
+            guard ContinuousClock.now - start < .seconds(60) else { throw EngineError.timedOut("bandwidth baseline") }
+            guard client.waitReadable(timeoutMilliseconds: 100) else { continue }
+            if case .pages? = try client.receive() { received += 1 }
+        }
+        let elapsed = ContinuousClock.now - start
+        let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+        return Double(messageCount * chunk.count * 8) / seconds / 1e9
+    }
+
+    /// Median of 2,000 round trips of a page request and a 4 KiB answer over TCP (loopback, or the node network).
+    private func tcpRoundTripBaseline(network: NodeNetwork?) throws -> Double {
+        let (client, server) = try connectedPair(network: network)
         defer { client.close(); server.close() }
         let page = [UInt8](repeating: 7, count: 4096)
         let echo = Thread {

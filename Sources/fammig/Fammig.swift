@@ -12,7 +12,7 @@ struct Fammig: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "fammig",
         abstract: "Migrate a live Linux process between nodes through fabric-attached memory (FAM).",
-        subcommands: [Checkpoint.self, Restore.self, Inspect.self, Run.self, Bench.self, Source.self, Target.self, Launch.self])
+        subcommands: [Checkpoint.self, Restore.self, Inspect.self, Run.self, Bench.self, Source.self, Target.self, Launch.self, Pool.self])
 
     /// As ParsableCommand's, except that usage errors exit 2 (argument-parser's default is 64), the
     /// code this tool promises for every kind of bad input.
@@ -34,6 +34,12 @@ struct Fammig: ParsableCommand {
 struct CommonOptions: ParsableArguments {
     @Flag(name: .shortAndLong, help: "Log engine steps to stderr.")
     var verbose = false
+
+    @Option(help: "The oracles (state and page read-back before the resume and at every install): on, or off for production speed (default: on, except bench).")
+    var oracles: Switch?
+
+    /// The oracles the target side reports to, nil with --oracles off (or off by the command's default).
+    func makeOracles(byDefault: Switch = .on) -> MigrationOracles? { (oracles ?? byDefault) == .on ? MigrationOracles() : nil }
 
     func bootstrapLogging() -> Logger {
         // FAMMIG_LOG=trace adds the fault path (every request and answer) to --verbose.
@@ -100,7 +106,10 @@ struct Checkpoint: ParsableCommand {
     var pid: Int32
 
     @Option(help: "The FAM image file to create (it must not exist).")
-    var fam: String
+    var fam: String?
+
+    @Option(help: "A FAM pool (`fammig pool create`) to keep the image in, as an extent that waits for its restore (instead of --fam).")
+    var pool: String?
 
     @Option(help: "The key file to create (mode 0600; it must not exist). The image is authenticated with this new key: hand the file to the node that restores it, out of band.")
     var keyFile: String
@@ -110,23 +119,34 @@ struct Checkpoint: ParsableCommand {
 
     @OptionGroup var common: CommonOptions
 
+    func validate() throws {
+        guard (fam == nil) != (pool == nil) else { throw ValidationError("pass where the image goes: --fam FILE or --pool POOL (one of them).") }
+    }
+
     func run() throws {
         let logger = common.bootstrapLogging()
-        if ProcFS.exists(fam) { throw fail("\(fam) already exists; pass a new path or remove it.", code: 2) }
+        if let fam, ProcFS.exists(fam) { throw fail("\(fam) already exists; pass a new path or remove it.", code: 2) }
+        let poolPath = pool
+        let opened = try poolPath.map { try PoolFile.open(path: $0, prefault: true) }
         let key = try KeyFile.create(path: keyFile)
+        let poolImage = opened.map { PoolImage(pool: $0, key: key) }
         let timeline = MigrationTimeline()
         let source = try Migration.source(MigrationPlan(mode: .nonlive, key: key), victim: ProcessID(pid), ports: SourcePorts(
-            makeBackend: makeRealBackend(path: fam), transport: nil, observer: nil, clock: MonotonicClock(), timeline: timeline,
-            logger: logger, release: leaveRunning ? .leaveRunning : .kill))
+            makeBackend: poolImage?.makeBackend() ?? makeRealBackend(path: fam ?? ""), transport: nil, observer: nil, clock: MonotonicClock(),
+            timeline: timeline, logger: logger, release: leaveRunning ? .leaveRunning : .kill))
         do {
             try ThreadedDriver(logger: logger, pinToCPU: 0).run(source.actors)
+            // Committed: the extent outlives this process, until a restore claims it.
+            try poolImage?.keepSourceExtent()
         } catch {
-            _ = try? SharedMapping.remove(path: fam)
+            if let fam { _ = try? SharedMapping.remove(path: fam) }
+            poolImage?.release()
             try? FileManager.default.removeItem(atPath: keyFile)
-            throw engineFailure(error)
+            if let error = error as? PoolError { throw fail("\(error)", code: 2) }
+            throw engineFailure(error as? EngineError ?? .aborted("\(error)"))
         }
         let pages = timeline.counter("pagesDumped")
-        print("checkpointed pid \(pid) into \(fam): \(pages) pages (\(pages * .pageSize) bytes)"
+        print("checkpointed pid \(pid) into \(fam ?? "the pool \(poolPath ?? "")"): \(pages) pages (\(pages * .pageSize) bytes)"
               + ", frozen for \(format(timeline.span(from: .frozen, to: .victimReleased)))"
               + (leaveRunning ? "; the process runs on" : "; the process was killed"))
     }
@@ -137,33 +157,53 @@ struct Restore: ParsableCommand {
         abstract: "Restore a process from a committed FAM image, with its old PID, and let it run.")
 
     @Option(help: "The FAM image file the source node wrote (owned by this user, writable by no one else).")
-    var fam: String
+    var fam: String?
+
+    @Option(help: "The FAM pool the checkpoint kept its image in (instead of --fam); the extent is freed once the process runs.")
+    var pool: String?
 
     @Option(help: "The key file the checkpoint wrote (mode 0600, owned by this user): the image must verify under it.")
     var keyFile: String
 
+    @Option(help: "shared: the old PID in this node's PID namespace; fresh: pid 1 of a new namespace (a victim started by `fammig launch`).")
+    var pidNamespace: PIDNamespaceChoice = .shared
+
     @OptionGroup var common: CommonOptions
+
+    func validate() throws {
+        guard (fam == nil) != (pool == nil) else { throw ValidationError("pass where the image is: --fam FILE or --pool POOL (one of them).") }
+    }
 
     func run() throws {
         let logger = common.bootstrapLogging()
-        guard ProcFS.exists(fam) else { throw fail("\(fam): no such file; pass the image the checkpoint wrote.", code: 2) }
+        if let fam, !ProcFS.exists(fam) { throw fail("\(fam): no such file; pass the image the checkpoint wrote.", code: 2) }
         let key = try KeyFile.read(path: keyFile)
+        let poolImage = try pool.map { PoolImage(pool: try PoolFile.open(path: $0, prefault: true), key: key) }
+        let openBackend = poolImage?.openBackend() ?? openRealBackend(path: fam ?? "")
+        let source = fam ?? "the pool \(pool ?? "")"
         let timeline = MigrationTimeline()
-        let oracles = MigrationOracles()
+        let oracles = common.makeOracles()
         let target = try Migration.target(MigrationPlan(mode: .nonlive, key: key), ports: TargetPorts(
-            openBackend: openRealBackend(path: fam), transport: nil, stubPath: try stubPath(), observer: oracles, clock: MonotonicClock(),
-            timeline: timeline, logger: logger, processIDWait: .seconds(2)))
+            openBackend: openBackend, transport: nil, stubPath: try stubPath(), observer: oracles, clock: MonotonicClock(),
+            timeline: timeline, logger: logger, pidNamespace: pidNamespace.namespace, processIDWait: .seconds(2)))
         let restorer = target.restorer
         do {
             // An image that is not committed is an error here, not something to wait for.
-            _ = try ImageReader.open(backend: RealFAM.openTrusted(path: fam), key: key, requireComplete: true)
+            guard let backend = try openBackend() else {
+                throw ImageError.pool("\(source) holds no image made with this key; pass the key file the checkpoint wrote.")
+            }
+            _ = try ImageReader.open(backend: backend, key: key, requireComplete: true)
             try ThreadedDriver(logger: logger, pinToCPU: 0).run(target.actors)
         } catch let error as ImageError {
+            // Nothing destroyed that cannot be restored: a kept image stays kept for another try.
+            try? poolImage?.keepTargetExtent()
             throw fail("\(error)", code: 2)
         } catch let error as EngineError {
+            try? poolImage?.keepTargetExtent()
             throw engineFailure(error)
         }
-        print("restored pid \(restorer.restoredProcessID.map { "\($0)" } ?? "?") from \(fam) in \(format(timeline.span(from: .restoreStarted, to: .targetResumed)))")
+        poolImage?.release()
+        print("restored pid \(restorer.restoredProcessID.map { "\($0)" } ?? "?") from \(source) in \(format(timeline.span(from: .restoreStarted, to: .targetResumed)))")
     }
 }
 

@@ -20,6 +20,12 @@ final class SourceNemesis: MigrationObserver, @unchecked Sendable {
     func imageCommitted() { if moment == .afterCommit { Glibc.kill(getpid(), SIGKILL) } }
 }
 
+/// Where a restored process gets its PID: `--pid-namespace` of `target` and `restore`.
+enum PIDNamespaceChoice: String, ExpressibleByArgument, CaseIterable {
+    case shared, fresh
+    var namespace: PIDNamespace { self == .fresh ? .fresh : .shared }
+}
+
 struct Source: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "The source node of a post-copy migration: freeze PID, then serve the target that connects.")
@@ -32,6 +38,9 @@ struct Source: ParsableCommand {
 
     @Option(help: "The FAM image file to create (postcopy-fam; it must not exist).")
     var fam: String?
+
+    @Option(help: "postcopy-fam: a FAM pool (`fammig pool create`) both nodes map, to take the image's extent from instead of --fam.")
+    var pool: String?
 
     @Option(help: "Where to wait for the target node, as IPV4:PORT (only that address is bound).")
     var listen: String
@@ -52,7 +61,8 @@ struct Source: ParsableCommand {
 
     func validate() throws {
         if mode == .nonlive { throw ValidationError("the node commands migrate post-copy; a nonlive migration is `fammig checkpoint` then `fammig restore`.") }
-        if mode == .postcopyFAM && fam == nil { throw ValidationError("postcopy-fam needs --fam PATH, the FAM file both nodes map.") }
+        if mode == .postcopyFAM && fam == nil && pool == nil { throw ValidationError("postcopy-fam needs --fam PATH, the FAM file both nodes map, or --pool PATH.") }
+        if fam != nil && pool != nil { throw ValidationError("--fam and --pool are two places for the image: pass one.") }
         if let fam, ProcFS.exists(fam) { throw ValidationError("\(fam) already exists; pass a new path or remove it.") }
         do { _ = try Endpoint(parsing: listen) } catch { throw ValidationError("--listen: \(error)") }
     }
@@ -62,6 +72,8 @@ struct Source: ParsableCommand {
         let endpoint = try! Endpoint(parsing: listen)
         guard ProcFS.isAlive(ProcessID(pid)) else { throw fail("pid \(pid): no such process; pass the PID of a running process.", code: 2) }
         let key = try KeyFile.create(path: keyFile)
+        // Mapped and pre-faulted before anything else, as a node keeps its pool mapped.
+        let poolImage = try pool.map { PoolImage(pool: try PoolFile.open(path: $0, prefault: true), key: key) }
         let removeKeyFile = { try? FileManager.default.removeItem(atPath: keyFile) }
         let transport: SecureTransport
         do {
@@ -93,10 +105,12 @@ struct Source: ParsableCommand {
             throw fail("\(error)", code: 2)
         }
         defer { transport.close() }
+        // The target claims the extent once the metadata is committed; what it never claimed goes back.
+        defer { poolImage?.release() }
         let timeline = MigrationTimeline()
         let famPath = fam ?? ""
         let source = try Migration.source(MigrationPlan(mode: mode, push: push == .on, key: key), victim: ProcessID(pid),
-                                           ports: SourcePorts(makeBackend: makeRealBackend(path: famPath), transport: transport,
+                                           ports: SourcePorts(makeBackend: poolImage?.makeBackend() ?? makeRealBackend(path: famPath), transport: transport,
                                                               observer: dieAt.map { SourceNemesis(moment: $0) }, clock: MonotonicClock(),
                                                               timeline: timeline, logger: logger))
         do {
@@ -122,6 +136,9 @@ struct Target: ParsableCommand {
     @Option(help: "The FAM image file the source writes (postcopy-fam).")
     var fam: String?
 
+    @Option(help: "postcopy-fam: the FAM pool the source takes the image's extent from (instead of --fam).")
+    var pool: String?
+
     @Option(help: "The source node, as IPV4:PORT.")
     var connect: String
 
@@ -139,17 +156,19 @@ struct Target: ParsableCommand {
 
     @OptionGroup var common: CommonOptions
 
-    enum PIDNamespaceChoice: String, ExpressibleByArgument, CaseIterable { case shared, fresh }
-
     func validate() throws {
         if mode == .nonlive { throw ValidationError("the node commands migrate post-copy; a nonlive migration is `fammig checkpoint` then `fammig restore`.") }
-        if mode == .postcopyFAM && fam == nil { throw ValidationError("postcopy-fam needs --fam PATH, the FAM file the source writes.") }
+        if mode == .postcopyFAM && fam == nil && pool == nil { throw ValidationError("postcopy-fam needs --fam PATH, the FAM file the source writes, or --pool PATH.") }
+        if fam != nil && pool != nil { throw ValidationError("--fam and --pool are two places for the image: pass one.") }
         do { _ = try Endpoint(parsing: connect) } catch { throw ValidationError("--connect: \(error)") }
     }
 
     func run() throws {
         let logger = common.bootstrapLogging()
         let key = try KeyFile.read(path: keyFile)
+        let poolImage = try pool.map { PoolImage(pool: try PoolFile.open(path: $0, prefault: true), key: key) }
+        // Freed when the target is done with it (every page in, or the process gone), or failed.
+        defer { poolImage?.release() }
         let transport: SecureTransport
         do {
             let connection = try TCPTransport.connect(to: try Endpoint(parsing: connect), timeoutMilliseconds: connectTimeout * 1000)
@@ -168,13 +187,13 @@ struct Target: ParsableCommand {
         let timeline = MigrationTimeline()
         let metrics = FaultMetrics()
         let clock = MonotonicClock()
-        let oracles = MigrationOracles()
-        oracles.expectLazyPages()
+        let oracles = common.makeOracles()
+        oracles?.expectLazyPages()
         let target = try Migration.target(MigrationPlan(mode: mode, push: push == .on, key: key),
-                                          ports: TargetPorts(openBackend: openRealBackend(path: fam ?? "/nonexistent"), transport: transport,
-                                                             stubPath: try stubPath(), observer: oracles, clock: clock,
+                                          ports: TargetPorts(openBackend: poolImage?.openBackend() ?? openRealBackend(path: fam ?? "/nonexistent"),
+                                                             transport: transport, stubPath: try stubPath(), observer: oracles, clock: clock,
                                                              timeline: timeline, metrics: metrics, logger: logger,
-                                                             pidNamespace: pidNamespace == .fresh ? .fresh : .shared))
+                                                             pidNamespace: pidNamespace.namespace))
         let restorer = target.restorer
         do {
             try ThreadedDriver(logger: logger).run(target.actors)

@@ -6,31 +6,54 @@ import Logging
 import Oracles
 import Sys
 
+/// Where a migration's image goes: a FAM file of its own, or an extent of a pool.
+enum ImageStorage {
+    case file(String)
+    case pool(FAMPool)
+}
+
 struct Nodes {
     var actors: [any EngineActor]
     var restorer: Restorer
     var transports: [any Transport]
+    /// The image's extent when the storage is a pool: `close()` frees it.
+    var poolImage: PoolImage?
 
     var transportByteCount: Int { transports.reduce(0) { $0 + $1.bytesSent } }
 
-    func close() { transports.forEach { $0.close() } }
+    func close() {
+        transports.forEach { $0.close() }
+        poolImage?.release()
+    }
 
-    static func make(mode: MigrationMode, push: Bool, victim: ProcessID, famPath: String, stubPath: String, separateNodes: Bool,
+    static func make(mode: MigrationMode, push: Bool, victim: ProcessID, storage: ImageStorage, stubPath: String, separateNodes: Bool,
                      oracles: MigrationOracles?, clock: MonotonicClock, timeline: MigrationTimeline, metrics: FaultMetrics,
                      logger: Logger, network: NodeNetwork? = nil) throws -> Nodes {
         let pidNamespace: PIDNamespace = separateNodes ? .fresh : .shared
         // Both nodes live in this process: the key never leaves its memory.
         let key = MigrationKey.generate()
+        let makeBackend: (Int) throws(ImageError) -> any FAMBackend
+        let openBackend: () throws(ImageError) -> (any FAMBackend)?
+        var poolImage: PoolImage?
+        switch storage {
+        case .file(let famPath):
+            makeBackend = makeRealBackend(path: famPath)
+            openBackend = openRealBackend(path: famPath)
+        case .pool(let pool):
+            let image = PoolImage(pool: pool, key: key)
+            makeBackend = image.makeBackend()
+            openBackend = image.openBackend()
+            poolImage = image
+        }
         let plan = MigrationPlan(mode: mode, push: push, key: key)
         func nodes(source: (any Transport)?, target: (any Transport)?) throws -> Nodes {
             let sourceNode = try Migration.source(plan, victim: victim, ports: SourcePorts(
-                makeBackend: makeRealBackend(path: famPath), transport: source, observer: oracles, clock: clock, timeline: timeline,
-                logger: logger))
+                makeBackend: makeBackend, transport: source, observer: oracles, clock: clock, timeline: timeline, logger: logger))
             let targetNode = try Migration.target(plan, ports: TargetPorts(
-                openBackend: openRealBackend(path: famPath), transport: target, stubPath: stubPath, observer: oracles, clock: clock,
+                openBackend: openBackend, transport: target, stubPath: stubPath, observer: oracles, clock: clock,
                 timeline: timeline, metrics: metrics, logger: logger, pidNamespace: pidNamespace))
             return Nodes(actors: sourceNode.actors + targetNode.actors, restorer: targetNode.restorer,
-                         transports: [source, target].compactMap { $0 })
+                         transports: [source, target].compactMap { $0 }, poolImage: poolImage)
         }
         guard mode.isPostcopy else { return try nodes(source: nil, target: nil) }
         // With a node network, each side's socket lives in its node's network namespace: the connection

@@ -26,6 +26,9 @@ struct Run: ParsableCommand {
     @Option(help: "The FAM image file (default: a new file under /dev/shm, removed afterwards).")
     var fam: String?
 
+    @Option(help: "A FAM pool (`fammig pool create`) to take the image's extent from, instead of a FAM file of its own.")
+    var pool: String?
+
     @Option(help: "Milliseconds the program runs before it is migrated.")
     var afterMs: Int = 100
 
@@ -40,6 +43,10 @@ struct Run: ParsableCommand {
 
     @Flag(help: "Post-copy: put each node's socket in its own network namespace, joined by a veth pair (created and removed here).")
     var netns = false
+
+    @Option(help: "With --netns: shape the veth pair to this rate with tc tbf, e.g. 10gbit or 500mbit (netem, for delay, is not in this kernel).",
+            transform: parseLinkRate)
+    var link: LinkRate?
 
     @Flag(help: "Skip the unmigrated reference run (no end-to-end oracle).")
     var noReference = false
@@ -57,6 +64,9 @@ struct Run: ParsableCommand {
         guard afterMs >= 0 else { throw ValidationError("--after-ms must be 0 or more.") }
         if let freezeAtSyscall, freezeAtSyscall < 1 { throw ValidationError("--freeze-at-syscall counts from 1.") }
         if let fam, ProcFS.exists(fam) { throw ValidationError("\(fam) already exists; pass a new path or remove it.") }
+        if fam != nil && pool != nil { throw ValidationError("--fam and --pool are two places for the image: pass one.") }
+        if link != nil && !netns { throw ValidationError("--link shapes the veth pair between the nodes: add --netns.") }
+        if let pool, !ProcFS.exists(pool) { throw ValidationError("\(pool): no such pool; make it with `fammig pool create --pool \(pool) --mib N`.") }
     }
 
     func run() throws {
@@ -65,15 +75,18 @@ struct Run: ParsableCommand {
         let arguments = Array(command.dropFirst())
         let workDirectory = try makeWorkDirectory()
         let famPath = fam ?? defaultFAMPath()
+        // A pool is mapped (and pre-faulted) once, like a node that keeps its FAM mapped.
+        let storage: ImageStorage = try pool.map { .pool(try PoolFile.open(path: $0, prefault: true)) } ?? .file(famPath)
+        let ownsFAMFile = fam == nil && pool == nil
         defer {
-            if fam == nil { _ = try? SharedMapping.remove(path: famPath) }
+            if ownsFAMFile { _ = try? SharedMapping.remove(path: famPath) }
             removeWorkDirectory(workDirectory)
         }
         var report = RunReport(program: command, mode: mode.rawValue, afterMilliseconds: afterMs)
         // Killed (Ctrl-C, SIGTERM) at any point, fammig still removes its files; the processes it starts
         // are registered below as they appear.
         let workFiles = ["reference.out", "reference.err", "migrated.out", "migrated.err"].map { workDirectory + "/" + $0 }
-        Spawn.cleanUpOnTermination(paths: (fam == nil ? [famPath] : []) + workFiles + [workDirectory], processes: [])
+        Spawn.cleanUpOnTermination(paths: (ownsFAMFile ? [famPath] : []) + workFiles + [workDirectory], processes: [])
 
         if !noReference {
             let reference = try runToCompletion(program: program, arguments: arguments, outputPath: workDirectory + "/reference.out",
@@ -116,19 +129,19 @@ struct Run: ParsableCommand {
         }
 
         let timeline = MigrationTimeline()
-        let oracles = MigrationOracles()
+        let oracles = common.makeOracles()
         let clock = MonotonicClock()
         let metrics = FaultMetrics()
         let nodes: Nodes
         let network: NodeNetwork?
-        do { network = netns && mode != .nonlive ? try NodeNetwork(tag: getpid()) : nil } catch {
+        do { network = netns && mode != .nonlive ? try NodeNetwork(tag: getpid(), link: link) : nil } catch {
             Spawn.kill(victim)
             _ = try? Spawn.waitForExit(victim)
             throw fail("\(error)", code: 2)
         }
         defer { network?.remove() }
         do {
-            nodes = try Nodes.make(mode: mode, push: push == .on, victim: victim, famPath: famPath, stubPath: try stubPath(),
+            nodes = try Nodes.make(mode: mode, push: push == .on, victim: victim, storage: storage, stubPath: try stubPath(),
                                    separateNodes: separateNodes, oracles: oracles, clock: clock, timeline: timeline,
                                    metrics: metrics, logger: logger, network: network)
         } catch {
@@ -143,7 +156,7 @@ struct Run: ParsableCommand {
         } catch {
             Spawn.kill(victim)
             _ = try? Spawn.waitForExit(victim)
-            report.verdicts = oracles.verdicts
+            report.verdicts = oracles?.verdicts ?? []
             report.error = "\(error)"
             try writeJSON(report)
             throw engineFailure(error)
@@ -159,10 +172,10 @@ struct Run: ParsableCommand {
         report.zeroPageCount = metrics.zeroPageCount.load(ordering: .relaxed)
         report.tcpByteCount = nodes.transportByteCount
         report.famByteCount = mode == .postcopySocket ? 0 : report.pageCount * .pageSize
-        if mode != .nonlive { oracles.recordLazyPageVerdict() }
+        if mode != .nonlive { oracles?.recordLazyPageVerdict() }
         report.migratedChecksum = checksum
         report.programStatus = "\(status)"
-        var verdicts = oracles.verdicts
+        var verdicts = oracles?.verdicts ?? []
         // A failed self-check says why on its stderr, which is removed with the work directory: keep its first line.
         let failure = status == .exited(0) ? "" : ((try? String(contentsOfFile: workDirectory + "/migrated.err", encoding: .utf8))?
             .split(separator: "\n").first.map { ": " + $0 } ?? "")
@@ -203,6 +216,14 @@ struct Run: ParsableCommand {
             return (status, lastChecksum(outputPath))
         } catch { throw fail("cannot run \(program): \(error)", code: 2) }
     }
+}
+
+/// `--link RATE`: tc's own notation, checked before anything starts.
+func parseLinkRate(_ text: String) throws -> LinkRate {
+    guard let rate = LinkRate(text) else {
+        throw ValidationError("--link takes a rate as tc writes it: a whole number and bit, kbit, mbit, gbit or tbit (at least 8kbit), e.g. 10gbit.")
+    }
+    return rate
 }
 
 /// The value of the last `checksum=` line a test program printed.

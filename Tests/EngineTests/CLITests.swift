@@ -193,6 +193,46 @@ extension ProcessTests {
                     == Data(contentsOf: URL(fileURLWithPath: directory.path("reference.out"))))
         }
 
+        /// A victim started by `fammig launch` is pid 1 of its own namespace: `restore` without
+        /// `--pid-namespace fresh` refuses it, saying so; with it, the process comes back and ends as an
+        /// untouched run of the same command does.
+        @Test func launchedVictimRestoresIntoAFreshPIDNamespace() throws {
+            let directory = try ScratchDirectory(under: "/dev/shm")
+            defer { directory.remove() }
+            let leftovers = LeftoverCheck()
+            defer { leftovers.finish() }
+            let program = try TestPaths.testProgram("sleeper-static")
+            let arguments = ["--rounds", "60"]
+            leftovers.expectProgram([program] + arguments)
+            let reference = try runCommand(program, arguments, timeout: .seconds(60))
+            let outputPath = directory.path("victim.out")
+            let launched = try leftovers.fammig(["launch", "--output", outputPath, "--", program] + arguments)
+            let victim = try #require(Int32(launched.standardOutput.trimmingCharacters(in: .whitespacesAndNewlines)))
+            defer { _ = kill(victim, SIGKILL) }
+            let firstRoundPrinted = pollUntil(timeout: .seconds(5)) {
+                ((try? FileManager.default.attributesOfItem(atPath: outputPath)[.size] as? Int) ?? 0) > 0
+            }
+            #expect(firstRoundPrinted)
+
+            let imagePath = directory.path("image.fam")
+            let keyPath = directory.path("migration.key")
+            let checkpoint = try leftovers.fammig("checkpoint", "--pid", "\(victim)", "--fam", imagePath, "--key-file", keyPath)
+            try #require(checkpoint.exitStatus == 0, "checkpoint failed: \(checkpoint.standardError)")
+            #expect(pollUntil(timeout: .seconds(5)) { processLife(ProcessID(victim)) != .running }, "the checkpoint must kill its victim")
+
+            let shared = try leftovers.fammig("restore", "--fam", imagePath, "--key-file", keyPath)
+            #expect(shared.exitStatus == 2 && !shared.killedBySignal, "exit \(shared.exitStatus): \(shared.standardError)")
+            #expect(shared.standardError.contains("--pid-namespace fresh"), "\(shared.standardError)")
+
+            let restore = try leftovers.fammig("restore", "--fam", imagePath, "--key-file", keyPath, "--pid-namespace", "fresh")
+            try #require(restore.exitStatus == 0, "restore failed: \(restore.standardError)")
+            let finished = pollUntil(timeout: .seconds(30)) {
+                (try? String(contentsOfFile: outputPath, encoding: .utf8))?.contains("checksum=") == true
+            }
+            #expect(finished, "the restored process never printed its checksum")
+            #expect(try String(contentsOfFile: outputPath, encoding: .utf8) == reference.standardOutput)
+        }
+
         @Test func runOfMissingProgramIsRefused() throws {
             let leftovers = LeftoverCheck()
             defer { leftovers.finish() }
@@ -262,6 +302,117 @@ extension ProcessTests {
 }
 
 extension ProcessTests {
+    /// A FAM pool on the real backend: migrations take their image's extent from it and give it back,
+    /// and a node killed mid-migration leaves an extent that `pool gc` reclaims because its owner is dead.
+    @Suite(.serialized) struct PoolTests {
+        func extentLines(_ leftovers: LeftoverCheck, _ poolPath: String) throws -> [String] {
+            let listed = try leftovers.fammig("pool", "ls", "--pool", poolPath)
+            #expect(listed.exitStatus == 0, "\(listed.standardError)")
+            return listed.standardOutput.split(separator: "\n").dropFirst().map(String.init)
+        }
+
+        @Test(arguments: ["nonlive", "postcopy-fam"])
+        func runTakesAndGivesBackAnExtent(mode: String) throws {
+            let directory = try ScratchDirectory(under: "/dev/shm")
+            defer { directory.remove() }
+            let leftovers = LeftoverCheck()
+            defer { leftovers.finish() }
+            let poolPath = directory.path("test.pool")
+            let created = try leftovers.fammig("pool", "create", "--pool", poolPath, "--mib", "96")
+            try #require(created.exitStatus == 0, "\(created.standardError)")
+            #expect(try leftovers.fammig("pool", "create", "--pool", poolPath, "--mib", "96").exitStatus == 2, "a second create overwrote the pool")
+            let program = try TestPaths.testProgram("memwalk-static")
+            for _ in 0..<2 {
+                let run = try leftovers.fammig("run", "--mode", mode, "--pool", poolPath, "--after-ms", "150", "--",
+                                               program, "--mib", "16", "--steps", "80000", "--pause-us", "5000")
+                #expect(run.exitStatus == 0, "\(run.standardOutput) \(run.standardError)")
+                #expect(run.standardOutput.contains("end to end: PASS"), "\(run.standardOutput)")
+                #expect(try extentLines(leftovers, poolPath).isEmpty, "the run left its extent in the pool")
+            }
+            let tooBig = try leftovers.fammig("run", "--mode", mode, "--pool", poolPath, "--after-ms", "400", "--no-reference", "--",
+                                              program, "--mib", "128", "--steps", "80000", "--pause-us", "5000")
+            #expect(tooBig.exitStatus == 2, "\(tooBig.standardOutput) \(tooBig.standardError)")
+            #expect(tooBig.standardError.contains("has no free extent"), "\(tooBig.standardError)")
+            #expect(try extentLines(leftovers, poolPath).isEmpty)
+        }
+
+        /// A checkpoint kept in a pool outlives the checkpointing process and `pool gc`; a restore with
+        /// another key finds nothing and leaves it; the right key restores it and frees the extent.
+        @Test func checkpointKeptInThePoolUntilItsRestore() throws {
+            let directory = try ScratchDirectory(under: "/dev/shm")
+            defer { directory.remove() }
+            let leftovers = LeftoverCheck()
+            defer { leftovers.finish() }
+            let poolPath = directory.path("test.pool")
+            try #require(try leftovers.fammig("pool", "create", "--pool", poolPath, "--mib", "64").exitStatus == 0)
+            let program = try TestPaths.testProgram("sleeper-static")
+            let arguments = ["--rounds", "60"]
+            let reference = try runCommand(program, arguments, timeout: .seconds(60))
+            let victim = leftovers.own(try SpawnedProgram(program, arguments, standardOutputPath: directory.path("victim.out"),
+                                                          standardErrorPath: directory.path("victim.err")))
+            leftovers.expectProgram(victim.argumentVector)
+            #expect(pollUntil(timeout: .seconds(5)) {
+                ((try? FileManager.default.attributesOfItem(atPath: victim.standardOutputPath)[.size] as? Int) ?? 0) > 0
+            })
+            let keyPath = directory.path("migration.key")
+            let checkpoint = try leftovers.fammig("checkpoint", "--pid", "\(victim.processID)", "--pool", poolPath, "--key-file", keyPath)
+            try #require(checkpoint.exitStatus == 0, "\(checkpoint.standardError)")
+            #expect(try victim.waitForExit(timeout: .seconds(5)) == .killed(signal: SIGKILL))
+            #expect(try leftovers.fammig("pool", "gc", "--pool", poolPath).standardOutput.contains("reclaimed 0 extents"))
+            #expect(try extentLines(leftovers, poolPath).map { $0.contains(" kept ") } == [true])
+
+            let wrongKey = directory.path("wrong.key")
+            try Data("fammig-migration-key-v1 \(String(repeating: "ab", count: 32))\n".utf8).write(to: URL(fileURLWithPath: wrongKey))
+            _ = chmod(wrongKey, 0o600)
+            let refused = try leftovers.fammig("restore", "--pool", poolPath, "--key-file", wrongKey)
+            #expect(refused.exitStatus == 2 && refused.standardError.contains("holds no image made with this key"), "\(refused.standardError)")
+            #expect(try extentLines(leftovers, poolPath).count == 1, "a refused restore took the checkpoint away")
+
+            let restore = try leftovers.fammig("restore", "--pool", poolPath, "--key-file", keyPath)
+            try #require(restore.exitStatus == 0, "\(restore.standardError)")
+            #expect(try extentLines(leftovers, poolPath).isEmpty, "the restored checkpoint's extent was not freed")
+            #expect(pollUntil(timeout: .seconds(30)) {
+                (try? String(contentsOfFile: victim.standardOutputPath, encoding: .utf8))?.contains("checksum=") == true
+            })
+            #expect(try String(contentsOfFile: victim.standardOutputPath, encoding: .utf8) == reference.standardOutput)
+        }
+
+        @Test func killedNodesExtentIsReclaimed() throws {
+            let directory = try ScratchDirectory(under: "/dev/shm")
+            defer { directory.remove() }
+            let leftovers = LeftoverCheck()
+            defer { leftovers.finish() }
+            let poolPath = directory.path("test.pool")
+            try #require(try leftovers.fammig("pool", "create", "--pool", poolPath, "--mib", "64").exitStatus == 0)
+            let program = try TestPaths.testProgram("memwalk-static")
+            let arguments = ["--mib", "16", "--steps", "300001", "--pause-us", "20000"]
+            leftovers.expectProgram([program] + arguments)
+            let runDirectoriesBefore = Set(((try? ProcFS.directoryEntries("/tmp")) ?? []).filter { $0.hasPrefix("fammig-run-") })
+            // Without pushing, the migrated program holds the extent for as long as it runs.
+            let run = try StartedProcess(try TestPaths.fammig(), ["run", "--mode", "postcopy-fam", "--push", "off", "--no-reference", "--pool", poolPath,
+                                                                  "--after-ms", "200", "--", program] + arguments,
+                                         standardOutputPath: directory.path("stdout"), standardErrorPath: directory.path("stderr"))
+            defer { run.kill() }
+            let holding = pollUntil(timeout: .seconds(20)) { ((try? extentLines(leftovers, poolPath)) ?? []).contains { $0.contains("(alive)") } }
+            try #require(holding, "the run never took an extent: \((try? extentLines(leftovers, poolPath)) ?? [])")
+            _ = kill(run.processID.rawValue, SIGKILL)
+            _ = try run.waitForExit(timeout: .seconds(10))
+            // SIGKILL leaves the run's work directory (only its pool extent is the point here).
+            for name in ((try? ProcFS.directoryEntries("/tmp")) ?? []) where name.hasPrefix("fammig-run-") && !runDirectoriesBefore.contains(name) {
+                try? FileManager.default.removeItem(atPath: "/tmp/" + name)
+            }
+            let lines = try extentLines(leftovers, poolPath)
+            #expect(lines.count == 1 && lines[0].contains("(dead: gc reclaims it)"), "\(lines)")
+            let collected = try leftovers.fammig("pool", "gc", "--pool", poolPath)
+            #expect(collected.exitStatus == 0 && collected.standardOutput.contains("reclaimed 1 extents"), "\(collected.standardOutput)")
+            #expect(try extentLines(leftovers, poolPath).isEmpty)
+            // The migrated program died with its fault server (it must never run on holes).
+            #expect(pollUntil(timeout: .seconds(5)) {
+                !allProcessIDs().contains { processLife($0) == .running && commandLineArguments($0) == [program] + arguments }
+            })
+        }
+    }
+
     /// A `fammig run` killed with SIGTERM (while its reference run works) still removes its files and
     /// kills the program it started.
     @Suite(.serialized) struct TerminationTests {

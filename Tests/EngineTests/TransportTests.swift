@@ -78,6 +78,8 @@ import Sys
             .marked(slots: [0, 1, 5, UInt32.max]),
             .marked(slots: []),
             .complete(generation: UInt64.max),
+            .received(pageByteCount: 0),
+            .received(pageByteCount: 512 << 20),
             .abort(reason: "dumper: ptrace(PTRACE_INTERRUPT): No such process — victim gone ✓"),
             .abort(reason: ""),
         ]

@@ -69,6 +69,23 @@ public final class Dumper: EngineActor {
     private var sent: [Bool] = []
     private var sentPageCount = 0
     private var targetDone = false
+    /// postcopy-socket flow: bytes of `pages` sent, and how many of them the target says it took in.
+    /// Pushing stops while more than `pushWindowByteCount` are unacknowledged, so an answer to a fault
+    /// never waits behind more than that in the connection.
+    private var sentPageByteCount: UInt64 = 0
+    private var acknowledgedPageByteCount: UInt64 = 0
+    /// Pages per push message: doubles with every acknowledgement that comes while no request does, and
+    /// halves with every step that brings requests (while the target faults, its answers must not queue
+    /// behind big pushes; under a steady stream of faults it settles where the two balance, instead of
+    /// starving the push); growing only on acknowledgements keeps it at what the target takes in.
+    private lazy var pushChunkPageCount = minimumPushChunkPageCount
+    private var minimumPushChunkPageCount: Int { min(32, batchPageCount) }
+    /// Three chunks in flight: one being installed, one on the wire, one being read from the victim.
+    private var pushWindowByteCount: UInt64 { UInt64(3 * pushChunkPageCount * 4096) }
+    /// Full when one more chunk would not fit.
+    private var pushWindowIsFull: Bool {
+        sentPageByteCount - acknowledgedPageByteCount + UInt64(pushChunkPageCount * 4096) > pushWindowByteCount
+    }
     /// Room for the metadata region in the pre-sized FAM (a process state is a few KiB; filters and
     /// the VMA table of a big process stay far below this).
     static let metadataAllowanceByteCount = 1 << 20
@@ -111,8 +128,8 @@ public final class Dumper: EngineActor {
         case .dumping:
             // Without pushing (or with every page pushed), a socket source only answers: wait for the
             // target's next request, or its word that it needs nothing more.
-            if case .postcopySocket(let transport, let push) = mode, prioritySlots.isEmpty,
-               !push || sentPageCount == pageAddresses.count, !transport.waitReadable(timeoutMilliseconds: 0) {
+            if case .postcopySocket(let transport, let push) = mode, prioritySlots.isEmpty, !everyPageAcknowledged,
+               !push || sentPageCount == pageAddresses.count || pushWindowIsFull, !transport.waitReadable(timeoutMilliseconds: 0) {
                 guard let descriptor = transport.readableDescriptor else { return .waiting(.retryAfter(.microseconds(100))) }
                 return .waiting(.readable([descriptor], timeout: .milliseconds(5)))
             }
@@ -252,6 +269,15 @@ public final class Dumper: EngineActor {
 
     /// Takes the target's page requests off the transport (without waiting).
     private func receiveRequests(transport: any Transport) throws(EngineError) {
+        var requestArrived = false
+        var acknowledgementAdvanced = false
+        defer {
+            if requestArrived {
+                pushChunkPageCount = max(minimumPushChunkPageCount, pushChunkPageCount / 2)
+            } else if acknowledgementAdvanced {
+                pushChunkPageCount = min(2 * pushChunkPageCount, batchPageCount)
+            }
+        }
         for _ in 0..<Self.maximumFramesPerStep {
             let message: Message?
             do { message = try transport.receive() } catch {
@@ -266,6 +292,13 @@ public final class Dumper: EngineActor {
                     throw .aborted("the target asked for page \(hex(address)), which the victim never touched")
                 }
                 prioritySlots.append(slot)
+                requestArrived = true
+            case .received(let pageByteCount):
+                guard pageByteCount <= sentPageByteCount else {
+                    throw .aborted("the target acknowledged \(pageByteCount) bytes of pages, more than the \(sentPageByteCount) sent")
+                }
+                if pageByteCount > acknowledgedPageByteCount { acknowledgementAdvanced = true }
+                acknowledgedPageByteCount = max(acknowledgedPageByteCount, pageByteCount)
             case .complete:
                 targetDone = true
             case .abort(let reason):
@@ -328,8 +361,15 @@ public final class Dumper: EngineActor {
         unsealed = nil
     }
 
-    /// postcopy-socket: answers every request with its page, then (pushing) sends the next run of
-    /// pages not sent yet. Done when every page went out, or the target needs no more.
+    /// postcopy-socket: every page went out and the target took in every byte sent: nothing it could
+    /// still ask for (a page it lost is asked for before it acknowledges the message that brought it).
+    private var everyPageAcknowledged: Bool {
+        sentPageCount == pageAddresses.count && acknowledgedPageByteCount == sentPageByteCount && prioritySlots.isEmpty
+    }
+
+    /// postcopy-socket: answers every request with its page, then (pushing, while the window allows)
+    /// sends the next run of pages not sent yet, one chunk. Done when
+    /// the target acknowledged every page, or says it needs no more.
     private func servePages(transport: any Transport, push: Bool) throws(EngineError) {
         try receiveRequests(transport: transport)
         do {
@@ -339,10 +379,10 @@ public final class Dumper: EngineActor {
                 try send(slots: slot..<(slot + 1), transport: transport)
             }
             prioritySlots.removeAll()
-            if push {
+            if push && !pushWindowIsFull {
                 while backgroundCursor < sent.count && sent[backgroundCursor] { backgroundCursor += 1 }
                 var end = backgroundCursor
-                while end < sent.count && end - backgroundCursor < batchPageCount && !sent[end]
+                while end < sent.count && end - backgroundCursor < pushChunkPageCount && !sent[end]
                         && (end == backgroundCursor || pageAddresses[end] == pageAddresses[end - 1] + 4096) {
                     end += 1
                 }
@@ -353,14 +393,16 @@ public final class Dumper: EngineActor {
         } catch {
             throw .aborted("sending pages to the target: \(error)")
         }
-        // Until the target says it needs nothing more: a page it lost (the process moved its memory
-        // while the page arrived) is asked for again, even after every page went out once.
-        if targetDone { state = .commit }
+        // Until the target took in every page, or says it needs nothing more: a page it lost (the
+        // process moved its memory while the page arrived) is asked for again, even after every page
+        // went out once.
+        if targetDone || everyPageAcknowledged { state = .commit }
     }
 
     private func send(slots: Range<Int>, transport: any Transport) throws {
         let bytes = try readProcessMemory(victimProcessID, address: pageAddresses[slots.lowerBound], byteCount: slots.count * 4096)
         try transport.send(.pages(address: pageAddresses[slots.lowerBound], bytes: bytes))
+        sentPageByteCount += UInt64(bytes.count)
         logger.trace("reply sent", metadata: ["us": "\(nanoseconds(clock.now()) / 1000)"])
         for slot in slots where !sent[slot] {
             sent[slot] = true

@@ -26,6 +26,10 @@ public final class FaultHandler: EngineActor {
     private var sourceGone = false
     private var finished = false
     private var toldSourceDone = false
+    /// postcopy-fam: pages a synchronous fault installs at most (the faulting one and marked neighbours).
+    static let faultAroundPageCount = 16
+    /// postcopy-socket: the page bytes last acknowledged to the source.
+    private var acknowledgedPageByteCount: UInt64 = 0
 
     /// `lazy()` is nil until the restorer has built the target and handed its memory over.
     public init(lazy: @escaping () -> LazyMemory?, transport: (any Transport)?, generation: UInt64, clock: any EngineClock,
@@ -47,7 +51,8 @@ public final class FaultHandler: EngineActor {
         if let transport, !sourceGone, let descriptor = transport.readableDescriptor { descriptors.append(descriptor) }
         // A pending fault is servable once its page's mark is stored; until then serving it would be a
         // step that changes nothing (a scheduler that favours this actor then starves the dumper).
-        if memory.userfaultfd.waitReadable(timeoutMilliseconds: 0) || transportHasData() || hasPendingDumped(memory) {
+        if memory.userfaultfd.waitReadable(timeoutMilliseconds: 0) || transportHasData() || hasPendingDumped(memory)
+            || (!sourceGone && memory.receivedPageByteCount > acknowledgedPageByteCount) {
             return .ready(.faultHandler(.serve))
         }
         return .waiting(.readable(descriptors, timeout: .milliseconds(1)))
@@ -102,6 +107,10 @@ public final class FaultHandler: EngineActor {
 
     private func receiveMessages(_ memory: LazyMemory) throws {
         guard let transport, !sourceGone else { return }
+        // Taken in, then acknowledged (after any request for a page that came too late, so a source
+        // that sees every byte acknowledged knows nothing more will be asked for); pages the restorer
+        // took in before the resume are acknowledged here too.
+        defer { acknowledgeReceivedPages(memory, transport: transport) }
         for _ in 0..<64 {
             let message: Message?
             do { message = try transport.receive() } catch {
@@ -125,6 +134,9 @@ public final class FaultHandler: EngineActor {
                     memory.clearRequested(slot)
                     if memory.noteRequested(slot) { try transport.send(.pageRequest(address: memory.pageAddresses[slot])) }
                 }
+                memory.noteReceivedPages(byteCount: bytes.count)
+                // At once, not after the batch: the source's next chunk then overlaps this install.
+                acknowledgeReceivedPages(memory, transport: transport)
             case .marked:
                 continue  // servePendingFromFAM checks the marks themselves.
             case .complete:
@@ -135,6 +147,13 @@ public final class FaultHandler: EngineActor {
                 logger.debug("fault handler ignores \(message)")
             }
         }
+    }
+
+    private func acknowledgeReceivedPages(_ memory: LazyMemory, transport: any Transport) {
+        let total = memory.receivedPageByteCount
+        guard total > acknowledgedPageByteCount else { return }
+        try? transport.send(.received(pageByteCount: total))
+        acknowledgedPageByteCount = total
     }
 
     private func slotRange(_ memory: LazyMemory, address: UInt64, count: Int) -> Range<Int> {
@@ -161,6 +180,11 @@ public final class FaultHandler: EngineActor {
                 try memory.installFromFAM(slot: slot, count: 1)
                 if memory.isInstalled(slot) {
                     metrics.record(.famSync, latency: clock.now() - start)
+                    // Fault-around, once the faulting thread is on its way: the marked, missing pages
+                    // right after it go in too, in one copy (the next faults nearby never come).
+                    if let around = memory.nextInstallableRun(from: slot + 1, limit: Self.faultAroundPageCount - 1), around.slot == slot + 1 {
+                        try memory.installFromFAM(slot: around.slot, count: around.count)
+                    }
                 } else {
                     // The process was moving its memory: served from FAM on the next step instead.
                     pending[slot, default: []].append(Pending(address: fault.address, since: start))

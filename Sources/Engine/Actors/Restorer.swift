@@ -350,6 +350,7 @@ public final class Restorer: EngineActor {
                     switch message {
                     case .pages(let address, let bytes):
                         try installReceived(address: address, bytes: bytes, memory: memory)
+                        memory.noteReceivedPages(byteCount: bytes.count)
                     case .abort(let reason):
                         throw EngineError.aborted("the source aborted: \(reason)")
                     default:

@@ -21,9 +21,9 @@ public final class RealFAM: FAMBackend {
     }
 
     /// Maps an existing FAM file whole; `ImageReader.open` then decides whether it holds an image.
-    public static func open(path: String, writable: Bool) throws(ImageError) -> RealFAM {
+    public static func open(path: String, writable: Bool, prefault: Bool = false) throws(ImageError) -> RealFAM {
         do {
-            return RealFAM(mapping: try SharedMapping.open(path: path, writable: writable))
+            return RealFAM(mapping: try SharedMapping.open(path: path, writable: writable, prefault: prefault))
         } catch {
             throw .cannotOpen(path: path, error)
         }
@@ -32,8 +32,9 @@ public final class RealFAM: FAMBackend {
     /// Maps an image file to restore from, refusing one that someone else could have written: it must
     /// belong to this user and be writable by nobody else. (The check uses the descriptor that was
     /// mapped, so a file swapped in under the path afterwards changes nothing.)
-    public static func openTrusted(path: String) throws(ImageError) -> RealFAM {
-        let fam = try open(path: path, writable: false)
+    /// A pool is opened `writable` (every node changes its extent table) and pre-faulted, once per node.
+    public static func openTrusted(path: String, writable: Bool = false, prefault: Bool = false) throws(ImageError) -> RealFAM {
+        let fam = try open(path: path, writable: writable, prefault: prefault)
         let owner = fam.mapping.ownerUserID, permissions = fam.mapping.permissionBits
         let userID = ProcessIdentity.current().effectiveUserID
         guard owner == userID else {

@@ -8,6 +8,8 @@ public enum ImageError: Error, Equatable, Sendable, CustomStringConvertible {
     case cannotCreate(path: String, SyscallError)
     /// The FAM file could not be opened or mapped.
     case cannotOpen(path: String, SyscallError)
+    /// The FAM pool could not give or find this image's extent (its own message says what to do).
+    case pool(String)
     /// The FAM region is smaller than the image that must go into it.
     case backendTooSmall(path: String, byteCount: Int, requiredByteCount: Int)
     case badMagic(path: String)
@@ -56,6 +58,7 @@ public enum ImageError: Error, Equatable, Sendable, CustomStringConvertible {
         switch self {
         case .cannotCreate(let path, let error):
             "cannot create FAM file \(path) (\(error)); remove a stale file or choose another FAM directory."
+        case .pool(let message): message
         case .cannotOpen(let path, let error):
             "cannot open FAM file \(path) (\(error)); pass the file the source node wrote, and check this node maps the same FAM."
         case .backendTooSmall(let path, let byteCount, let requiredByteCount):

@@ -29,6 +29,8 @@ public final class FaultMetrics: @unchecked Sendable {
         public var medianMicroseconds: Double
         public var p99Microseconds: Double
         public var maxMicroseconds: Double
+        /// The sum of every latency: for a fault path, how long faulting threads stalled in all.
+        public var totalMilliseconds: Double
     }
 
     public var summaries: [PathSummary] {
@@ -38,7 +40,8 @@ public final class FaultMetrics: @unchecked Sendable {
                 return PathSummary(path: path.rawValue, count: Int(histogram.totalCount),
                                    medianMicroseconds: Double(histogram.valueAtPercentile(50)) / 1000,
                                    p99Microseconds: Double(histogram.valueAtPercentile(99)) / 1000,
-                                   maxMicroseconds: Double(histogram.max) / 1000)
+                                   maxMicroseconds: Double(histogram.max) / 1000,
+                                   totalMilliseconds: histogram.mean * Double(histogram.totalCount) / 1e6)
             }
         }
     }

@@ -43,6 +43,9 @@ public final class LazyMemory: @unchecked Sendable {
     /// Pages dropped (MADV_DONTNEED, munmap) before anyone installed them: they count as done and are
     /// never installed; the dropped range reads as zeros, or is gone.
     public private(set) var discardedPageCount = 0
+    /// postcopy-socket: bytes of `pages` messages taken in (by the restorer before the resume, by the
+    /// fault handler after): what the fault handler acknowledges to the source.
+    private var receivedPageBytes: UInt64 = 0
     /// Kills the target if this process goes away before every page is in (never run on holes);
     /// disarmed once `unregisterAll` proved every page installed.
     private let watchdog: HoleWatchdog?
@@ -79,6 +82,9 @@ public final class LazyMemory: @unchecked Sendable {
     public var isComplete: Bool { lock.withLock { installedPageCount == pageAddresses.count } }
     public var isRunning: Bool { lock.withLock { running } }
     func markRunning() { lock.withLock { running = true } }
+    /// Counts a `pages` message taken in.
+    func noteReceivedPages(byteCount: Int) { lock.withLock { receivedPageBytes += UInt64(byteCount) } }
+    var receivedPageByteCount: UInt64 { lock.withLock { receivedPageBytes } }
     var usesFAM: Bool { reader != nil }
 
     /// The slot of the dumped page now at `address`, or nil for a page the victim never touched.
@@ -268,9 +274,11 @@ public final class LazyMemory: @unchecked Sendable {
                 let run = missingRun(slot: slot + index, count: count - index)
                 guard run > 0 else { index += 1; continue }
                 let destination = currentAddress(slot + index)
-                let chunk = Array(bytes[(index * 4096)..<((index + run) * 4096)])
+                // Whole messages (the usual case) go to the kernel without another copy.
+                let chunk = index == 0 && run == count ? bytes : Array(bytes[(index * 4096)..<((index + run) * 4096)])
                 let copied = try copyAll(slot: slot + index, address: destination, byteCount: chunk.count) { offset, remaining throws -> CopyOutcome in
-                    try userfaultfd.copy(bytes: Array(chunk[offset..<(offset + remaining)]), to: destination + UInt64(offset), dontWake: true)
+                    let piece = offset == 0 && remaining == chunk.count ? chunk : Array(chunk[offset..<(offset + remaining)])
+                    return try userfaultfd.copy(bytes: piece, to: destination + UInt64(offset), dontWake: true)
                 }
                 try finishInstall(slot: slot + index, count: run, copied: copied) { offset in
                     Array(chunk[(offset * 4096)..<((offset + 1) * 4096)])

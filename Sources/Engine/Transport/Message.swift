@@ -22,6 +22,10 @@ public enum Message: Equatable, Sendable {
     case marked(slots: [UInt32])
     /// Every page dumped and the commit record durable (postcopy-fam), or every page sent (postcopy-socket).
     case complete(generation: UInt64)
+    /// postcopy-socket, target to source: the bytes of `pages` messages the target has taken in so far
+    /// (installed, or re-requested when they came too late). The source bounds what it pushes ahead of
+    /// this, and lets the victim go once it covers every page.
+    case received(pageByteCount: UInt64)
     case abort(reason: String)
     /// After the handshake, every message: the encoded message sealed with the channel's AEAD key
     /// (ciphertext and tag; the nonce is the frame's number, which both nodes count).
@@ -43,7 +47,7 @@ public enum Message: Equatable, Sendable {
 
     /// The kind byte that starts a payload.
     private enum Kind: UInt8 {
-        case hello = 1, metadata, metadataCommitted, pageRequest, pages, marked, complete, abort, sealed = 10
+        case hello = 1, metadata, metadataCommitted, pageRequest, pages, marked, complete, abort, received, sealed
     }
 
     /// The kind's name, for errors and logs.
@@ -57,6 +61,7 @@ public enum Message: Equatable, Sendable {
         case .marked: "marked"
         case .complete: "complete"
         case .abort: "abort"
+        case .received: "received"
         case .sealed: "sealed"
         }
     }
@@ -106,6 +111,9 @@ public enum Message: Equatable, Sendable {
         case .abort(let reason):
             writer.writeUInt8(Kind.abort.rawValue)
             writer.writeBytes(Self.truncatedUTF8(reason))
+        case .received(let pageByteCount):
+            writer.writeUInt8(Kind.received.rawValue)
+            writer.writeUInt64(pageByteCount)
         case .sealed(let bytes):
             writer.writeUInt8(Kind.sealed.rawValue)
             writer.writeBytes(bytes)
@@ -200,6 +208,8 @@ public enum Message: Equatable, Sendable {
             return .complete(generation: try reader.readUInt64())
         case .abort:
             return .abort(reason: try reader.readString(maximumByteCount: maximumStringByteCount))
+        case .received:
+            return .received(pageByteCount: try reader.readUInt64())
         case .sealed:
             return .sealed(bytes: try reader.readBytes(maximumByteCount: maximumPayloadByteCount))
         }
@@ -210,7 +220,7 @@ public enum Message: Equatable, Sendable {
         return switch self {
         case .hello(_, _, let nonce, let proof): kindByteCount + 1 + 8 + 4 + nonce.count + 4 + proof.count
         case .metadata(let state, let pageAddresses): kindByteCount + 4 + state.count + 4 + 8 * pageAddresses.count
-        case .metadataCommitted, .pageRequest, .complete: kindByteCount + 8
+        case .metadataCommitted, .pageRequest, .complete, .received: kindByteCount + 8
         case .pages(_, let bytes): kindByteCount + 8 + 4 + bytes.count
         case .marked(let slots): kindByteCount + 4 + 4 * slots.count
         case .abort(let reason): kindByteCount + 4 + Self.truncatedUTF8(reason).count
