@@ -245,7 +245,7 @@ struct Bench: ParsableCommand {
             stallMilliseconds: summaries.filter { faultPaths.contains($0.path) }.reduce(0) { $0 + $1.totalMilliseconds },
             restoreMilliseconds: milliseconds(timeline.span(from: .restoreStarted, to: .targetResumed)) ?? .nan,
             pageDumpMilliseconds: pageDump,
-            dumpGigabytesPerSecond: Double(pageCount * 4096) / (pageDump / 1000) / 1e9,
+            dumpGigabytesPerSecond: Double(pageCount * .pageSize) / (pageDump / 1000) / 1e9,
             famSyncMedianMicroseconds: paths[InstallPath.famSync.rawValue],
             sourceAsyncMedianMicroseconds: paths[InstallPath.sourceAsync.rawValue],
             tcpByteCount: nodes.transportByteCount)
@@ -257,14 +257,14 @@ struct Bench: ParsableCommand {
     private func processVMReadvBandwidth(victim: ProcessID) throws -> Double {
         let addresses = try dumpablePageAddresses(of: victim)
         let path = "/dev/shm/fammig-bench-baseline-\(getpid()).img"
-        let mapping = try SharedMapping.create(path: path, byteCount: max(addresses.count, 1) * 4096, prefault: true)
+        let mapping = try SharedMapping.create(path: path, byteCount: max(addresses.count, 1) * .pageSize, prefault: true)
         defer { mapping.close(); _ = try? SharedMapping.remove(path: path) }
         var ranges: [ProcessReadRange] = []
         for (slot, address) in addresses.enumerated() {
             if let last = ranges.last, last.remoteAddress + UInt64(last.byteCount) == address {
-                ranges[ranges.count - 1].byteCount += 4096
+                ranges[ranges.count - 1].byteCount += .pageSize
             } else {
-                ranges.append((remoteAddress: address, byteCount: 4096, mappingOffset: slot * 4096))
+                ranges.append((remoteAddress: address, byteCount: .pageSize, mappingOffset: slot * .pageSize))
             }
         }
         var seconds = Double.nan
@@ -274,14 +274,15 @@ struct Bench: ParsableCommand {
             let elapsed = ContinuousClock.now - start
             seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
         }
-        return Double(addresses.count * 4096) / seconds / 1e9
+        return Double(addresses.count * .pageSize) / seconds / 1e9
     }
 
     private func userfaultfdBaseline() throws -> Double {
         let path = "/dev/shm/fammig-bench-uffd-\(getpid()).img"
-        let mapping = try SharedMapping.create(path: path, byteCount: 4096 * 4096, prefault: true)
+        let pageCount = 1 << 12
+        let mapping = try SharedMapping.create(path: path, byteCount: pageCount * .pageSize, prefault: true)
         defer { mapping.close(); _ = try? SharedMapping.remove(path: path) }
-        return try Baselines.userfaultfdCopyMicroseconds(from: mapping, pageCount: 4096)
+        return try Baselines.userfaultfdCopyMicroseconds(from: mapping, pageCount: pageCount)
     }
 
     /// A connection from the target's side (client) to the source's (server), across the node network if any.
@@ -324,7 +325,7 @@ struct Bench: ParsableCommand {
     private func tcpRoundTripBaseline(network: NodeNetwork?) throws -> Double {
         let (client, server) = try connectedPair(network: network)
         defer { client.close(); server.close() }
-        let page = [UInt8](repeating: 7, count: 4096)
+        let page = [UInt8](repeating: 7, count: .pageSize)
         let echo = Thread {
             for _ in 0..<2000 {
                 while !server.waitReadable(timeoutMilliseconds: 1000) {}
@@ -337,7 +338,7 @@ struct Bench: ParsableCommand {
         let clock = ContinuousClock()
         for index in 0..<2000 {
             let before = clock.now
-            try client.send(.pageRequest(address: UInt64(index) * 4096))
+            try client.send(.pageRequest(address: UInt64(index) * .pageSize))
             while !client.waitReadable(timeoutMilliseconds: 1000) {}
             _ = try client.receive()
             let elapsed = clock.now - before

@@ -4,22 +4,10 @@
 import Logging
 import Sys
 
-/// What the source does with the victim's memory.
-public enum DumpMode: Sendable {
-    /// Everything into FAM while the victim is frozen; the target starts after the commit.
-    case nonlive
-    /// Metadata into FAM first (the target starts then), pages in the background, pages the target
-    /// asks for first; the victim is killed when the commit record is durable.
-    case postcopyFAM(transport: any Transport)
-    /// No FAM: state and pages over the socket; the frozen victim lives until every page was sent (or
-    /// the target needs no more), then it is killed.
-    case postcopySocket(transport: any Transport, push: Bool)
-}
-
 public final class Dumper: EngineActor {
     public enum Release: Sendable { case kill, leaveRunning }
 
-    private enum State {
+    enum State {
         case preflight, freeze, capture, writeMetadata, dumping(nextSlot: Int), commit, release, finished, failed
         /// The step this state takes (nil once it ended).
         var step: DumperStep? {
@@ -38,53 +26,53 @@ public final class Dumper: EngineActor {
 
     public let name = "dumper"
     public let victimProcessID: ProcessID
-    private let makeBackend: (Int) throws(ImageError) -> any FAMBackend
-    private let generation: UInt64
-    private let release: Release
-    private let batchPageCount: Int
-    private let observer: (any MigrationObserver)?
-    private let clock: any EngineClock
-    private let timeline: MigrationTimeline
-    private let logger: Logger
-    private let mode: DumpMode
+    let makeBackend: (Int) throws(ImageError) -> any FAMBackend
+    let generation: UInt64
+    let release: Release
+    let batchPageCount: Int
+    let observer: (any MigrationObserver)?
+    let clock: any EngineClock
+    let timeline: MigrationTimeline
+    let logger: Logger
+    let mode: DumpMode
     /// Authenticates the image; never stored in it.
-    private let key: MigrationKey
+    let key: MigrationKey
     /// Recorded in the image: this node's user and capabilities, which a restore never exceeds.
-    private let creator: ImageCreator
+    let creator: ImageCreator
 
-    private var state = State.preflight
-    private var victim: FrozenVictim?
-    public private(set) var checkpointedState: ProcessState?
-    private var pageAddresses: [UInt64] = []
-    private var writer: ImageWriter?
-    private var backend: (any FAMBackend)?
+    var state = State.preflight
+    var victim: FrozenVictim?
+    public internal(set) var checkpointedState: ProcessState?
+    var pageAddresses: [UInt64] = []
+    var writer: ImageWriter?
+    var backend: (any FAMBackend)?
     /// Post-copy: slots the target asked for, served before the background order.
-    private var prioritySlots: [Int] = []
+    var prioritySlots: [Int] = []
     /// Post-copy: the background order's next candidate slot.
-    private var backgroundCursor = 0
+    var backgroundCursor = 0
     /// A batch copied into FAM whose flush, fence and marks are the next step (two steps per batch, so a
     /// driver can run the target while pages sit in FAM unmarked).
-    private var unsealed: Range<Int>?
+    var unsealed: Range<Int>?
     /// postcopy-socket: which pages went over the socket.
-    private var sent: [Bool] = []
-    private var sentPageCount = 0
-    private var targetDone = false
+    var sent: [Bool] = []
+    var sentPageCount = 0
+    var targetDone = false
     /// postcopy-socket flow: bytes of `pages` sent, and how many of them the target says it took in.
     /// Pushing stops while more than `pushWindowByteCount` are unacknowledged, so an answer to a fault
     /// never waits behind more than that in the connection.
-    private var sentPageByteCount: UInt64 = 0
-    private var acknowledgedPageByteCount: UInt64 = 0
+    var sentPageByteCount: UInt64 = 0
+    var acknowledgedPageByteCount: UInt64 = 0
     /// Pages per push message: doubles with every acknowledgement that comes while no request does, and
     /// halves with every step that brings requests (while the target faults, its answers must not queue
     /// behind big pushes; under a steady stream of faults it settles where the two balance, instead of
     /// starving the push); growing only on acknowledgements keeps it at what the target takes in.
-    private lazy var pushChunkPageCount = minimumPushChunkPageCount
-    private var minimumPushChunkPageCount: Int { min(32, batchPageCount) }
+    lazy var pushChunkPageCount = minimumPushChunkPageCount
+    var minimumPushChunkPageCount: Int { min(32, batchPageCount) }
     /// Three chunks in flight: one being installed, one on the wire, one being read from the victim.
-    private var pushWindowByteCount: UInt64 { UInt64(3 * pushChunkPageCount * 4096) }
+    var pushWindowByteCount: UInt64 { UInt64(3 * pushChunkPageCount * .pageSize) }
     /// Full when one more chunk would not fit.
-    private var pushWindowIsFull: Bool {
-        sentPageByteCount - acknowledgedPageByteCount + UInt64(pushChunkPageCount * 4096) > pushWindowByteCount
+    var pushWindowIsFull: Bool {
+        sentPageByteCount - acknowledgedPageByteCount + UInt64(pushChunkPageCount * .pageSize) > pushWindowByteCount
     }
     /// Room for the metadata region in the pre-sized FAM (a process state is a few KiB; filters and
     /// the VMA table of a big process stay far below this).
@@ -115,7 +103,7 @@ public final class Dumper: EngineActor {
         self.logger = logger
     }
 
-    private var transport: (any Transport)? {
+    var transport: (any Transport)? {
         switch mode {
         case .nonlive: nil
         case .postcopyFAM(let transport), .postcopySocket(let transport, _): transport
@@ -148,7 +136,7 @@ public final class Dumper: EngineActor {
         }
     }
 
-    private func step() throws(EngineError) {
+    func step() throws(EngineError) {
         switch state {
         case .preflight:
             timeline.record(.started, at: clock.now())
@@ -265,10 +253,10 @@ public final class Dumper: EngineActor {
 
     /// At most this many frames are taken off the transport per step, so a peer that floods requests
     /// cannot keep the dumper from its own work; the rest wait for the next step.
-    static let maximumFramesPerStep = 4096
+    static let maximumFramesPerStep = 1 << 12
 
     /// Takes the target's page requests off the transport (without waiting).
-    private func receiveRequests(transport: any Transport) throws(EngineError) {
+    func receiveRequests(transport: any Transport) throws(EngineError) {
         var requestArrived = false
         var acknowledgementAdvanced = false
         defer {
@@ -309,14 +297,14 @@ public final class Dumper: EngineActor {
         }
     }
 
-    private func slot(for address: UInt64) -> Int? {
+    func slot(for address: UInt64) -> Int? {
         slotIndex(of: address, in: pageAddresses)
     }
 
     /// postcopy-fam: one step dumps either every requested page (then fences their marks and tells the
     /// target) or the next background batch of pages not dumped yet.
     /// Background batches are small (64 pages) so that a request waits for at most one of them.
-    private func dumpPostcopy(transport: any Transport, backgroundBatchPageCount: Int) throws(EngineError) {
+    func dumpPostcopy(transport: any Transport, backgroundBatchPageCount: Int) throws(EngineError) {
         try receiveRequests(transport: transport)
         let requested = prioritySlots.filter { !writer!.isMarked(slot: $0) }
         prioritySlots.removeAll()
@@ -344,7 +332,7 @@ public final class Dumper: EngineActor {
     }
 
     /// First step of a batch: the pages go from the victim into their FAM slots, not yet durable.
-    private func copy(_ slots: Range<Int>) throws(EngineError) {
+    func copy(_ slots: Range<Int>) throws(EngineError) {
         do { try writer!.copyPagesFromProcess(processID: victimProcessID, slots: slots) } catch {
             throw .fam("dumping pages \(slots) of pid \(victimProcessID): \(error)")
         }
@@ -353,7 +341,7 @@ public final class Dumper: EngineActor {
 
     /// Second step: flush the batch's lines, fence, then store and flush each page's mark (fenced by the
     /// next batch's fence, or by `fenceMarks`/`commit`).
-    private func seal(_ slots: Range<Int>) throws(EngineError) {
+    func seal(_ slots: Range<Int>) throws(EngineError) {
         writer!.flushPages(slots: slots)
         writer!.fence()
         for slot in slots { writer!.storeMark(slot: slot) }
@@ -363,52 +351,8 @@ public final class Dumper: EngineActor {
 
     /// postcopy-socket: every page went out and the target took in every byte sent: nothing it could
     /// still ask for (a page it lost is asked for before it acknowledges the message that brought it).
-    private var everyPageAcknowledged: Bool {
+    var everyPageAcknowledged: Bool {
         sentPageCount == pageAddresses.count && acknowledgedPageByteCount == sentPageByteCount && prioritySlots.isEmpty
-    }
-
-    /// postcopy-socket: answers every request with its page, then (pushing, while the window allows)
-    /// sends the next run of pages not sent yet, one chunk. Done when
-    /// the target acknowledged every page, or says it needs no more.
-    private func servePages(transport: any Transport, push: Bool) throws(EngineError) {
-        try receiveRequests(transport: transport)
-        do {
-            // A page asked for again was lost on the target's side (the process moved its memory while
-            // it arrived): answer every request, sent before or not.
-            for slot in Set(prioritySlots).sorted() {
-                try send(slots: slot..<(slot + 1), transport: transport)
-            }
-            prioritySlots.removeAll()
-            if push && !pushWindowIsFull {
-                while backgroundCursor < sent.count && sent[backgroundCursor] { backgroundCursor += 1 }
-                var end = backgroundCursor
-                while end < sent.count && end - backgroundCursor < pushChunkPageCount && !sent[end]
-                        && (end == backgroundCursor || pageAddresses[end] == pageAddresses[end - 1] + 4096) {
-                    end += 1
-                }
-                if end > backgroundCursor { try send(slots: backgroundCursor..<end, transport: transport) }
-            }
-        } catch let error as EngineError {
-            throw error
-        } catch {
-            throw .aborted("sending pages to the target: \(error)")
-        }
-        // Until the target took in every page, or says it needs nothing more: a page it lost (the
-        // process moved its memory while the page arrived) is asked for again, even after every page
-        // went out once.
-        if targetDone || everyPageAcknowledged { state = .commit }
-    }
-
-    private func send(slots: Range<Int>, transport: any Transport) throws {
-        let bytes = try readProcessMemory(victimProcessID, address: pageAddresses[slots.lowerBound], byteCount: slots.count * 4096)
-        try transport.send(.pages(address: pageAddresses[slots.lowerBound], bytes: bytes))
-        sentPageByteCount += UInt64(bytes.count)
-        logger.trace("reply sent", metadata: ["us": "\(nanoseconds(clock.now()) / 1000)"])
-        for slot in slots where !sent[slot] {
-            sent[slot] = true
-            sentPageCount += 1
-        }
-        timeline.add(slots.count, to: "pagesDumped")
     }
 
     /// Before the commit the victim is resumed untouched and the image withdrawn; after it the victim is

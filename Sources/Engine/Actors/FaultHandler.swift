@@ -127,7 +127,7 @@ public final class FaultHandler: EngineActor {
                 logger.trace("received", metadata: ["address": "\(hex(address))", "us": "\(nanoseconds(start) / 1000)"])
                 let newly = try memory.installBytes(address: address, bytes: bytes)
                 if pending[memory.frozenSlot(for: address) ?? -1] == nil && newly > 0 { metrics.record(.push, latency: clock.now() - start) }
-                let range = slotRange(memory, address: address, count: bytes.count / 4096)
+                let range = slotRange(memory, address: address, count: bytes.count / .pageSize)
                 wakePending(memory, slots: range.filter { memory.isInstalled($0) }, path: .sourceAsync)
                 // Pages the process was moving while they arrived: ask for them again.
                 for slot in range where !memory.isInstalled(slot) {

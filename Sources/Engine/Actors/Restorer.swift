@@ -8,18 +8,8 @@ import Logging
 import Synchronization
 import Sys
 
-/// How the restorer gets pages.
-public enum RestoreMode: Sendable {
-    /// Nonlive: every page from a committed image, before the process runs.
-    case eager
-    /// postcopy-fam: metadata and pages from FAM once marked; requests for the rest to the source.
-    case lazyFromFAM(transport: any Transport)
-    /// postcopy-socket: metadata and every page over the socket.
-    case lazyFromSocket(transport: any Transport)
-}
-
 public final class Restorer: EngineActor {
-    private enum State {
+    enum State {
         case waitingForImage, spawn, layout, installing(nextSlot: Int), eagerPages, restoreState, prepare, resume, finished, failed
         /// The step this state takes (nil once it ended).
         var step: RestorerStep? {
@@ -38,33 +28,33 @@ public final class Restorer: EngineActor {
     }
 
     public let name = "restorer"
-    private let openBackend: () throws(ImageError) -> (any FAMBackend)?
-    private let stubPath: String
-    private let batchPageCount: Int
-    private let observer: (any MigrationObserver)?
-    private let clock: any EngineClock
-    private let timeline: MigrationTimeline
-    private let logger: Logger
-    private let processIDWait: Duration
-    private let pidNamespace: PIDNamespace
-    private let mode: RestoreMode
-    private let gate: any TargetGate
-    private let imageWait: Duration
+    let openBackend: () throws(ImageError) -> (any FAMBackend)?
+    let stubPath: String
+    let batchPageCount: Int
+    let observer: (any MigrationObserver)?
+    let clock: any EngineClock
+    let timeline: MigrationTimeline
+    let logger: Logger
+    let processIDWait: Duration
+    let pidNamespace: PIDNamespace
+    let mode: RestoreMode
+    let gate: any TargetGate
+    let imageWait: Duration
     /// The migration's key: every image is authenticated with it before anything in it is used.
-    private let key: MigrationKey
+    let key: MigrationKey
 
-    private var state = State.waitingForImage
-    private var reader: ImageReader?
-    private var pageAddresses: [UInt64] = []
-    public private(set) var checkpointedState: ProcessState?
-    private var target: TargetProcess?
-    private var spawnFirstTried: Duration?
-    public private(set) var restoredProcessID: ProcessID?
-    public private(set) var installedPageCount = 0
+    var state = State.waitingForImage
+    var reader: ImageReader?
+    var pageAddresses: [UInt64] = []
+    public internal(set) var checkpointedState: ProcessState?
+    var target: TargetProcess?
+    var spawnFirstTried: Duration?
+    public internal(set) var restoredProcessID: ProcessID?
+    public internal(set) var installedPageCount = 0
     /// Post-copy: pages that must be in before the process runs, not yet installed.
-    private var eagerSlotsLeft: Set<Int> = []
-    private var eagerRequested = false
-    private let handedOver = Mutex<LazyMemory?>(nil)
+    var eagerSlotsLeft: Set<Int> = []
+    var eagerRequested = false
+    let handedOver = Mutex<LazyMemory?>(nil)
 
     /// The target's memory, once the process runs (post-copy); the fault handler and pusher read it.
     public var lazyMemory: LazyMemory? { handedOver.withLock { $0 } }
@@ -89,7 +79,7 @@ public final class Restorer: EngineActor {
         self.mode = mode
     }
 
-    private var transport: (any Transport)? {
+    var transport: (any Transport)? {
         switch mode {
         case .eager: nil
         case .lazyFromFAM(let transport), .lazyFromSocket(let transport): transport
@@ -128,7 +118,7 @@ public final class Restorer: EngineActor {
         }
     }
 
-    private var readyStep: NextAction { state.step.map { .ready(.restorer($0)) } ?? .finished }
+    var readyStep: NextAction { state.step.map { .ready(.restorer($0)) } ?? .finished }
 
     public func perform() throws(EngineError) {
         do {
@@ -140,7 +130,7 @@ public final class Restorer: EngineActor {
         }
     }
 
-    private func step() throws(EngineError) {
+    func step() throws(EngineError) {
         switch state {
         case .waitingForImage:
             if !imageAvailable(), case .lazyFromFAM(let transport) = mode, transport.waitReadable(timeoutMilliseconds: 0) {
@@ -218,7 +208,7 @@ public final class Restorer: EngineActor {
 
     /// Whether what the restore starts from is there: the process state on the socket, or an image in
     /// FAM in a state this mode can restore from.
-    private func imageAvailable() -> Bool {
+    func imageAvailable() -> Bool {
         if case .lazyFromSocket(let transport) = mode { return transport.waitReadable(timeoutMilliseconds: 0) }
         guard let backend = try? openBackend(), let imageState = ImageReader.peekState(backend: backend) else { return false }
         switch mode {
@@ -227,7 +217,7 @@ public final class Restorer: EngineActor {
         }
     }
 
-    private func openImage() throws(EngineError) {
+    func openImage() throws(EngineError) {
         if case .lazyFromSocket(let transport) = mode {
             let message: Message?
             do { message = try transport.receive() } catch { throw .aborted("waiting for the process state from the source: \(error)") }
@@ -256,12 +246,12 @@ public final class Restorer: EngineActor {
 
     /// Page addresses from a peer: page-aligned and strictly increasing (the image reader checks its own).
     static func checkPageTable(_ addresses: [UInt64]) throws(ImageError) {
-        for (index, address) in addresses.enumerated() where address % 4096 != 0 || (index > 0 && addresses[index - 1] >= address) {
+        for (index, address) in addresses.enumerated() where address % .pageSize != 0 || (index > 0 && addresses[index - 1] >= address) {
             throw .badPageAddress(path: "the source's socket", slot: index, address: address, reason: "not page-aligned and increasing")
         }
     }
 
-    private func installBatch(from nextSlot: Int) throws(EngineError) {
+    func installBatch(from nextSlot: Int) throws(EngineError) {
         let slots = nextSlot..<min(nextSlot + batchPageCount, reader!.pageCount)
         // Each page against its mark digest, just before it is installed (invariants 3 and 4: its mark
         // observed, nothing used that does not verify); a corrupted page stops the restore, and the
@@ -298,7 +288,7 @@ public final class Restorer: EngineActor {
     /// Hands the userfaultfd over to shared lazy memory and lists the pages needed before the resume:
     /// those outside registered memory (private file pages, written with pwrite) and the rseq area
     /// (rseq registration makes the kernel write it, and no fault handler may be needed mid-injection).
-    private func startLazy() throws(RestoreError) {
+    func startLazy() throws(RestoreError) {
         let origin: PageOrigin = reader.map { .fam($0) } ?? .socket
         let memory = try target!.makeLazyMemory(pageAddresses: pageAddresses, origin: origin, observer: observer, gate: gate)
         handedOver.withLock { $0 = memory }
@@ -309,14 +299,14 @@ public final class Restorer: EngineActor {
         for rseq in checkpointedState!.threads.compactMap(\.rseq) {
             let firstPage = rseq.address & ~UInt64(4095)
             let lastPage = (rseq.address + UInt64(max(rseq.byteCount, 1)) - 1) & ~UInt64(4095)
-            for page in stride(from: firstPage, through: lastPage, by: 4096) {
+            for page in stride(from: firstPage, through: lastPage, by: .pageSize) {
                 if let slot = memory.slot(for: page) { slots.insert(slot) }
             }
         }
         eagerSlotsLeft = slots
     }
 
-    private func installEagerPages() throws(EngineError) {
+    func installEagerPages() throws(EngineError) {
         guard let memory = lazyMemory, let transport else { preconditionFailure("eager pages without lazy memory") }
         do {
             if reader != nil {
@@ -364,43 +354,6 @@ public final class Restorer: EngineActor {
             throw .aborted("installing the pages needed before the resume: \(error)")
         }
         if eagerSlotsLeft.isEmpty { state = .restoreState }
-    }
-
-    private func installEager(slot: Int, memory: LazyMemory) throws {
-        let address = pageAddresses[slot]
-        if memory.isRegistered(address) {
-            try memory.installFromFAM(slot: slot, count: 1)
-        } else {
-            precondition(memory.isDumped(slot), "page slot \(slot) read before its mark was seen")
-            try memory.verifyPage(slot: slot)
-            let location = memory.famLocation(slot: slot)
-            try target!.writePages(from: location.mapping, at: location.offset, byteCount: 4096, to: address)
-            try observer?.pagesInstalled(processID: target!.processID, address: address, targetAddress: address, byteCount: 4096, installedBytes: nil)
-            memory.noteInstalledElsewhere(slot: slot)
-        }
-        eagerSlotsLeft.remove(slot)
-    }
-
-    /// Socket mode: any page that arrives before the resume goes in now, page by page into registered
-    /// memory (UFFDIO_COPY) or not (pwrite), since one run of pages may span both.
-    private func installReceived(address: UInt64, bytes: [UInt8], memory: LazyMemory) throws {
-        guard let first = memory.slot(for: address) else { throw EngineError.aborted("the source sent page \(hex(address)), not in the page table") }
-        for index in 0..<(bytes.count / 4096) {
-            let pageAddress = address + UInt64(index) * 4096
-            let page = Array(bytes[(index * 4096)..<((index + 1) * 4096)])
-            guard memory.slot(for: pageAddress) == first + index else {
-                throw EngineError.aborted("the source sent pages at \(hex(address)) that are not adjacent dumped pages")
-            }
-            if memory.isRegistered(pageAddress) {
-                try memory.installBytes(address: pageAddress, bytes: page)
-            } else if !memory.isInstalled(first + index) {
-                try target!.writeBytes(page, to: pageAddress)
-                try observer?.pagesInstalled(processID: target!.processID, address: pageAddress, targetAddress: pageAddress, byteCount: 4096,
-                                             installedBytes: nil)
-                memory.noteInstalledElsewhere(slot: first + index)
-            }
-            eagerSlotsLeft.remove(first + index)
-        }
     }
 
     public func abort(reason: String) {

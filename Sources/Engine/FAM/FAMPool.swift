@@ -89,7 +89,7 @@ public final class FAMPool: @unchecked Sendable {
                               poolID: UInt64, lockPath: String?,
                               isAlive: @escaping @Sendable (PoolOwner) -> Bool = PoolOwner.isAliveOnThisMachine) throws(PoolError) -> FAMPool {
         precondition(slotCount > 0 && slotCount <= PoolHeader.maximumSlotCount, "a pool of \(slotCount) slots")
-        precondition(unitByteCount >= 4096 && unitByteCount & (unitByteCount - 1) == 0, "a pool unit of \(unitByteCount) bytes")
+        precondition(unitByteCount >= .pageSize && unitByteCount & (unitByteCount - 1) == 0, "a pool unit of \(unitByteCount) bytes")
         let dataOffset = PoolHeader.dataOffset(slotCount: slotCount, unitByteCount: unitByteCount)
         let poolByteCount = backend.byteCount / unitByteCount * unitByteCount
         guard poolByteCount > dataOffset else {
@@ -234,7 +234,7 @@ public final class FAMPool: @unchecked Sendable {
             guard let slot = (0..<header.slotCount).first(where: { currentRecord(slot: $0).state == .free }) else {
                 throw .tableFull(path: name, slotCount: header.slotCount)
             }
-            let zeroCount = min(4096, rounded)
+            let zeroCount = min(.pageSize, rounded)
             backend.store([UInt8](repeating: 0, count: zeroCount), at: offset)
             backend.flush(at: offset, count: zeroCount)
             backend.fence()
@@ -307,7 +307,7 @@ extension PoolExtent {
 extension MigrationKey {
     /// The tag of this migration's extent in a pool: only a node holding the key can find the extent.
     public var poolTag: UInt64 {
-        let bytes = subkey("pool extent tag", byteCount: 8).withUnsafeBytes { Array($0) }
+        let bytes = derivedBytes(purpose: "pool extent tag", byteCount: 8)
         // 0 never names an extent.
         return max(1, bytes.enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * UInt64($1.offset)) })
     }

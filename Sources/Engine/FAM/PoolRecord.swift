@@ -2,9 +2,6 @@
 // own an extent. Everything here is read back from FAM that other nodes write (or a crash tore), so a
 // decode never traps: a record that does not verify is simply not there.
 import Sys
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// A process that owns an extent, named so that a reused PID or a reboot never passes for it.
 public struct PoolOwner: Hashable, Sendable, CustomStringConvertible {
@@ -32,7 +29,7 @@ public struct PoolOwner: Hashable, Sendable, CustomStringConvertible {
 
     /// This process.
     public static func current() -> PoolOwner {
-        guard let owner = of(ProcessID(getpid())) else { preconditionFailure("this process is not in /proc") }
+        guard let owner = of(.current) else { preconditionFailure("this process is not in /proc") }
         return owner
     }
 
@@ -130,7 +127,7 @@ public struct PoolHeader: Equatable, Sendable {
     static let version: UInt32 = 1
     static let byteCount = 64
     /// The table starts on the second page; each slot holds two record versions.
-    static let tableOffset = 4096
+    static let tableOffset = ImageLayout.pageSize
     static let slotByteCount = 2 * PoolRecord.byteCount
     /// Bounds a header must keep (it is input): a table of at most this many slots.
     public static let maximumSlotCount = 1 << 16
@@ -172,7 +169,7 @@ public struct PoolHeader: Equatable, Sendable {
               let check = try? reader.readUInt64() else { return .failure(PoolHeaderProblem(reason: "truncated pool header")) }
         guard check == SharedMapping.digest(of: Array(bytes[0..<56]), seed: Self.magic) else { return .failure(PoolHeaderProblem(reason: "pool header checksum mismatch")) }
         guard slots > 0, slots <= UInt32(maximumSlotCount) else { return .failure(PoolHeaderProblem(reason: "pool header says \(slots) slots (1...\(maximumSlotCount))")) }
-        guard unit >= 4096, unit <= 1 << 30, unit & (unit - 1) == 0 else { return .failure(PoolHeaderProblem(reason: "pool unit of \(unit) bytes is not a power of two in 4 KiB...1 GiB")) }
+        guard unit >= .pageSize, unit <= 1 << 30, unit & (unit - 1) == 0 else { return .failure(PoolHeaderProblem(reason: "pool unit of \(unit) bytes is not a power of two in 4 KiB...1 GiB")) }
         let header = PoolHeader(slotCount: Int(slots), unitByteCount: Int(unit), dataOffset: Int(clamping: data),
                                 poolByteCount: Int(clamping: size), poolID: poolID)
         guard UInt64(header.dataOffset) == data, header.dataOffset == dataOffset(slotCount: header.slotCount, unitByteCount: header.unitByteCount) else {

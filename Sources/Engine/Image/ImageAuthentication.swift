@@ -39,6 +39,12 @@ public struct MigrationKey: Sendable {
                                info: Array(purpose.utf8), outputByteCount: byteCount)
     }
 
+    /// `byteCount` (at most 32) bytes derived from the key for one purpose, revealing nothing of it.
+    func derivedBytes(purpose: String, byteCount: Int) -> [UInt8] {
+        precondition(byteCount <= 32, "\(byteCount) derived bytes from one code")
+        return Array(HMAC<SHA256>.authenticationCode(for: Array(purpose.utf8), using: subkey(purpose)).prefix(byteCount))
+    }
+
     /// Identifies the key without revealing it (a code under a sub-key of its own purpose): stored in the
     /// image so that a reader with another key is told "wrong key", not "tampered".
     public var identifier: [UInt8] {

@@ -1,0 +1,134 @@
+// The restored process's state beyond its memory (registers, signals, credentials, context, threads),
+// restored by syscalls injected into it: TargetProcess's second half.
+import Sys
+
+extension TargetProcess {
+    // MARK: State
+
+    /// Descriptors, signal actions, pending signals, personality, rseq, seccomp, credentials, xstate, mask.
+    func restoreState(_ state: ProcessState) throws(RestoreError) {
+        do {
+            try DescriptorRestorer(injector: injector, memory: memory, dataAddress: dataAddress, processID: processID).restore(state.files)
+            for action in state.signalActions where !action.isDefault {
+                var record: [UInt8] = []
+                for word in [action.handler, action.flags, action.restorer, action.mask] { record.appendLittleEndian(word) }
+                try memory.write(record, at: dataAddress)
+                try injector.call("rt_sigaction(\(action.signal))", Syscall.rtSigaction, UInt64(action.signal), dataAddress, 0, 8)
+            }
+            try injector.call("personality", Syscall.personality, UInt64(state.personality))
+            try memory.write(Array(state.commandName.utf8.prefix(15)) + [0], at: dataAddress)
+            try injector.call("prctl(PR_SET_NAME)", Syscall.prctl, 15, dataAddress)
+            // Always: the stub was started with PDEATHSIG SIGKILL, so that it dies with a crashed restorer.
+            try injector.call("prctl(PR_SET_PDEATHSIG)", Syscall.prctl, 1, UInt64(state.parentDeathSignal))
+            // Limits before credentials: lowering needs nothing, raising a hard limit needs the
+            // restorer's privileges, which the target still has here.
+            for limit in state.resourceLimits {
+                var record: [UInt8] = []
+                record.appendLittleEndian(limit.soft)
+                record.appendLittleEndian(limit.hard)
+                try memory.write(record, at: dataAddress)
+                try injector.call("prlimit64(\(limit.resource))", Syscall.prlimit64, 0, UInt64(limit.resource), dataAddress, 0)
+            }
+            // Filters go in while the target still holds every capability (seccomp needs CAP_SYS_ADMIN or
+            // no_new_privs); PTRACE_O_SUSPEND_SECCOMP keeps them from judging our later injections.
+            for filter in state.seccompFilters {
+                let programAddress = dataAddress + .pageSize
+                try memory.write(filter.program, at: programAddress)
+                var header: [UInt8] = []
+                header.appendLittleEndian(UInt64(filter.program.count / 8))
+                header.appendLittleEndian(programAddress)
+                try memory.write(header, at: dataAddress)
+                try injector.call("seccomp(SET_MODE_FILTER)", Syscall.seccomp, 1, filter.flags, dataAddress)
+            }
+            // Threads after the filters (a new thread inherits them) and before the credentials (clone3
+            // with set_tid needs CAP_SYS_ADMIN, and each thread's credentials are its own).
+            try createThreads(state.threads.dropFirst())
+            for (threadState, threadInjector) in zip(state.threads, [injector] + otherThreads.map(\.injector)) {
+                try restorePerThread(threadState, injector: threadInjector, isMain: threadInjector === injector)
+            }
+            for pending in state.threads.flatMap({ thread in thread.pendingSignals.map { (thread.threadID, $0) } }) {
+                try memory.write(pending.1.siginfo, at: dataAddress)
+                try injector.call("rt_tgsigqueueinfo(\(pending.1.signal))", Syscall.rtTgsigqueueinfo,
+                                  UInt64(state.processID.rawValue), UInt64(pending.0.rawValue), UInt64(pending.1.signal), dataAddress)
+            }
+            for pending in state.sharedPendingSignals {
+                try memory.write(pending.siginfo, at: dataAddress)
+                try injector.call("rt_sigqueueinfo(\(pending.signal))", Syscall.rtSigqueueinfo,
+                                  UInt64(state.processID.rawValue), UInt64(pending.signal), dataAddress)
+            }
+            let context = ContextRestorer(injector: injector, memory: memory, dataAddress: dataAddress, processID: processID)
+            try context.restoreBeforeCredentials(state, threadInjectors: [injector] + otherThreads.map(\.injector))
+            for threadInjector in [injector] + otherThreads.map(\.injector) {
+                try CredentialRestorer(injector: threadInjector, memory: memory, dataAddress: dataAddress, processID: processID)
+                    .restore(state.credentials)
+            }
+            try context.restoreAfterCredentials(state.context)
+            // The extended state last: a syscall injected after it can change XSTATE_BV.
+            for (threadState, threadInjector) in zip(state.threads, [injector] + otherThreads.map(\.injector)) {
+                try threadInjector.tracee.setExtendedState(threadState.extendedState)
+            }
+        } catch {
+            throw RestoreError(error)
+        }
+    }
+
+    /// Creates each thread with its old TID: the main thread runs clone3(set_tid) from the scratch page;
+    /// the new thread spins there until it is seized and interrupted, then waits, every signal blocked,
+    /// for its own state.
+    private func createThreads(_ threads: ArraySlice<ThreadState>) throws {
+        guard !threads.isEmpty else { return }
+        let codeAddress = scratchAddress + 16
+        try memory.write(threadCloneInstructions, at: codeAddress)
+        let cloneInjector = SyscallInjector(tracee: tracee, instructionAddress: codeAddress, template: injector.template)
+        cloneInjector.trapOffset = threadCloneTrapOffset
+        let argumentsAddress = dataAddress + 2048
+        let wantedAddress = argumentsAddress + 128
+        for thread in threads {
+            let known = Set(allTracees.map(\.processID))
+            var arguments: [UInt8] = []
+            // struct clone_args: flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls,
+            // set_tid, set_tid_size, cgroup. CLONE_VM|FS|FILES|SIGHAND|THREAD|SYSVSEM; no stack: the new
+            // thread only spins, and gets its own registers before it runs anything else.
+            for word: UInt64 in [0x50f00, 0, 0, 0, 0, 0, 0, 0, wantedAddress, 1, 0] { arguments.appendLittleEndian(word) }
+            try memory.write(arguments, at: argumentsAddress)
+            var wanted: [UInt8] = []
+            wanted.appendLittleEndian(Int32(thread.threadID.rawValue))
+            try memory.write(wanted, at: wantedAddress)
+            let result = try cloneInjector.raw("clone3(thread \(thread.threadID))", Syscall.clone3, [argumentsAddress, 88])
+            if result == -Int64(ErrorNumber.fileExists) { throw RestoreError.processIDInUse(thread.threadID) }
+            if result < 0 { throw RestoreError.system("clone3 for thread \(thread.threadID) failed: errno \(-result)") }
+            // The new thread as this node numbers it.
+            guard let created = try ProcFS.threadIDs(processID).first(where: { !known.contains($0) }) else {
+                throw RestoreError.system("thread \(thread.threadID) was created but is not listed")
+            }
+            let threadTracee = try Tracee.seize(created)
+            try threadTracee.interrupt()
+            // Ends at the seize's event stop or the thread's death; other stops are resumed past.
+            while true {
+                let reason = try threadTracee.waitForStop()
+                if case .event(Tracee.eventStop, _) = reason { break }
+                if reason.isTerminal { throw RestoreError.system("thread \(thread.threadID) died while being seized: \(reason)") }
+                try threadTracee.resume()
+            }
+            try threadTracee.setSignalMask(~UInt64(0))
+            otherThreads.append((threadTracee, SyscallInjector(tracee: threadTracee, instructionAddress: scratchAddress,
+                                                                template: try threadTracee.registers())))
+        }
+    }
+
+    /// What each thread sets for itself: rseq, its robust futex list, its clear-child-tid word, its name.
+    private func restorePerThread(_ thread: ThreadState, injector: SyscallInjector, isMain: Bool) throws {
+        if let rseq = thread.rseq {
+            try injector.call("rseq", Syscall.rseq, rseq.address, UInt64(rseq.byteCount), 0, UInt64(rseq.signature))
+        }
+        if thread.robustListHead != 0 {
+            try injector.call("set_robust_list", Syscall.setRobustList, thread.robustListHead, thread.robustListLength)
+        }
+        try injector.call("set_tid_address", Syscall.setTidAddress, thread.clearChildTID)
+        if !isMain && !thread.commandName.isEmpty {
+            try memory.write(Array(thread.commandName.utf8.prefix(15)) + [0], at: dataAddress)
+            try injector.call("prctl(PR_SET_NAME)", Syscall.prctl, 15, dataAddress)
+        }
+    }
+
+}
