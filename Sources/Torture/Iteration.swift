@@ -203,8 +203,8 @@ public struct Iteration {
                 failures.append("state: the state oracle never ran")
             }
             let expectedStatus = workloadReference?.status ?? .exited(0)
-            if let targetNemesis, targetNemesis.fired, !targetNemesis.everyPageWasIn {
-                // Its node died while it lacked pages: the watchdog must have killed it, before it read a hole.
+            if let targetNemesis, targetNemesis.fired, targetNemesis.watchdogKilled {
+                // Its node died before it disarmed the watchdog: it must have been killed, before it read a hole.
                 if targetStatus != .killed(signal: SIGKILL) {
                     failures.append("target node death: the restored process lacked pages and \(targetStatus.map { "\($0)" } ?? "never ended"), "
                                     + "where its watchdog must kill it")
@@ -220,7 +220,7 @@ public struct Iteration {
                 failures.append("no harm: the migrated program left its files behind: \(left.sorted())")
             }
             let output = (try? ProcFS.readFile(outputPath)) ?? []
-            let killedByTargetNemesis = targetNemesis?.fired == true && targetNemesis?.everyPageWasIn != true
+            let killedByTargetNemesis = targetNemesis?.fired == true && targetNemesis?.watchdogKilled == true
             if killedByTargetNemesis {
                 // Killed for lack of pages: what it printed before is not a whole run.
             } else if let check = scenario.check {

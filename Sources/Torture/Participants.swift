@@ -117,8 +117,11 @@ final class TargetNemesisParticipant: Participant {
     private let link: MemoryLink?
     private let runner: TargetRunner
     private(set) var fired = false
-    /// Every page was installed when the node died: the restored process owes it nothing and runs on.
+    /// Every page was installed when the node died.
     private(set) var everyPageWasIn = false
+    /// The node died before it disarmed the watchdog (with pages missing, or every page in but not yet
+    /// said): the watchdog kills the restored process. Otherwise it runs on to its end.
+    private(set) var watchdogKilled = false
 
     init(plan: TargetKillPlan, node: [EngineParticipant], faultHandler: EngineParticipant, memory: @escaping () -> LazyMemory?,
          link: MemoryLink?, runner: TargetRunner) {
@@ -146,9 +149,13 @@ final class TargetNemesisParticipant: Participant {
         if let link { link.crash(link.target, dropInFlight: plan.dropInFlight) }
         guard let memory = memory() else { return "killed before the target had memory" }
         everyPageWasIn = memory.isComplete
-        memory.loseNode()
         let target = memory.targetProcessID
-        guard !everyPageWasIn else { return "killed; every page was in" }
+        // A process that already ended (it runs only in its own steps, so it cannot end meanwhile) is not
+        // killed by anyone.
+        let endedBefore = Spawn.hasEnded(target)
+        watchdogKilled = memory.loseNode() && !endedBefore
+        guard watchdogKilled else { return endedBefore ? "killed after the restored process ended" : "killed; every page was in and the watchdog disarmed: the restored process runs on" }
+        // Waited for, so that what follows does not depend on how fast the kill lands.
         guard Spawn.endsSoon(target, graceMilliseconds: 10_000) else {
             throw TortureError.environment("the restored process outlived its node by 10 s: its watchdog did not kill it")
         }

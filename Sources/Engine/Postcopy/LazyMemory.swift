@@ -251,14 +251,19 @@ public final class LazyMemory: @unchecked Sendable {
     /// (torture's target-node nemesis): the userfaultfd is closed and the watchdog loses its owner, so it
     /// kills the process unless every page was in (then it was disarmed already). Nothing of this memory
     /// is used afterwards: the node's actors are dead.
-    package func loseNode() {
+    /// Returns whether the watchdog was still armed (then it kills the process, even with every page in:
+    /// the node died before it said so).
+    @discardableResult
+    package func loseNode() -> Bool {
         installLock.withLock {
-            lock.withLock {
+            let armed = lock.withLock { () -> Bool in
                 deferredFaults.removeAll()
-                unregistered = true
+                defer { unregistered = true }
+                return !unregistered && watchdog != nil
             }
             userfaultfd.close()
             watchdog?.abandon()
+            return armed
         }
     }
 
