@@ -20,7 +20,8 @@ final class FrozenVictim {
     static func freeze(_ processID: ProcessID) throws(CheckpointError) -> FrozenVictim {
         let main: Tracee
         do { main = try Tracee.seize(processID) } catch {
-            if (error as? SyscallError)?.errno == .noSuchProcess { throw .noSuchProcess(processID) }
+            // A process that ended just now (a zombie refuses PTRACE_SEIZE with EPERM) is gone, not forbidden.
+            if (error as? SyscallError)?.errno == .noSuchProcess || ProcFS.isKilledOrEnded(processID) { throw .noSuchProcess(processID) }
             throw .system(processID, "\(error)")
         }
         let victim = FrozenVictim(processID: processID, tracee: main)
