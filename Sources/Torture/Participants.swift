@@ -104,7 +104,7 @@ final class NemesisParticipant: Participant {
 
 /// Kills the target node once the restored process ran and its fault handler took the planned number
 /// of steps: the fault handler, the pusher and the restorer never step again, the node's userfaultfd
-/// closes and its watchdog loses its owner (so the restored process dies unless every page was in), and
+/// closes and its watchdog loses its owner (so the restored process dies unless the watchdog was already disarmed), and
 /// the link loses or delivers what the target had sent, then shows the close. The step waits (real
 /// time, bounded) for the watchdog's kill, so what follows does not depend on how fast it lands.
 final class TargetNemesisParticipant: Participant {
@@ -117,8 +117,6 @@ final class TargetNemesisParticipant: Participant {
     private let link: MemoryLink?
     private let runner: TargetRunner
     private(set) var fired = false
-    /// Every page was installed when the node died.
-    private(set) var everyPageWasIn = false
     /// The node died before it disarmed the watchdog (with pages missing, or every page in but not yet
     /// said): the watchdog kills the restored process. Otherwise it runs on to its end.
     private(set) var watchdogKilled = false
@@ -148,7 +146,6 @@ final class TargetNemesisParticipant: Participant {
         runner.nodeDied()
         if let link { link.crash(link.target, dropInFlight: plan.dropInFlight) }
         guard let memory = memory() else { return "killed before the target had memory" }
-        everyPageWasIn = memory.isComplete
         let target = memory.targetProcessID
         // A process that already ended (it runs only in its own steps, so it cannot end meanwhile) is not
         // killed by anyone.

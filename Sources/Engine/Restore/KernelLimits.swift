@@ -14,7 +14,6 @@ enum KernelLimits {
     static let unchangedID: UInt32 = .max
     /// BPF_MAXINSNS: instructions in one seccomp filter (8 bytes each).
     static let seccompFilterInstructionCountMax = 1 << 12
-    static let bpfInstructionCountMax = seccompFilterInstructionCountMax
     /// PATH_MAX: the longest path a syscall takes, its NUL included.
     static let pathByteCountMax = 1 << 12
     /// The smallest capacity a pipe has (one page).

@@ -118,7 +118,7 @@ extension ProcessState {
         }
         let seccompMode = try reader.readInt32()
         let filters = try reader.readArray(maximumCount: 512) { (reader) throws(ImageError) -> SeccompFilter in
-            let program = try reader.readBytes(maximumByteCount: KernelLimits.bpfInstructionCountMax * 8)
+            let program = try reader.readBytes(maximumByteCount: KernelLimits.seccompFilterInstructionCountMax * 8)
             guard !program.isEmpty, program.count % 8 == 0 else {
                 throw .malformedMetadata(reason: "seccomp filter of \(program.count) bytes")
             }
