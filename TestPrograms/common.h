@@ -29,6 +29,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #define TP_EXIT_OK       0
 #define TP_EXIT_SELFCHK  1
@@ -224,6 +227,91 @@ static inline void tp_rendezvous_block_signal(void)
         tp_syserr("sigprocmask(block SIGUSR2) for --rendezvous");
 }
 
+/*
+ * --rendezvous-wait K picks the call the program waits in at its rendezvous,
+ * so that a freeze catches it inside each kind of interrupted system call:
+ *   0  sigwaitinfo(SIGUSR2) (rt_sigtimedwait: not restarted, EINTR)
+ *   1  nanosleep, the raw system call, for a day (-ERESTART_RESTARTBLOCK)
+ *   2  FUTEX_WAIT_PRIVATE, no timeout (-ERESTARTSYS)
+ *   3  FUTEX_WAIT_PRIVATE with a relative timeout of a day
+ *      (-ERESTART_RESTARTBLOCK)
+ *   4  ppoll on no descriptors, no timeout, with a temporary signal mask
+ *      (-ERESTARTNOHAND; the thread's own mask is then the kernel's
+ *      saved_sigmask, which a restore must give back)
+ * Kinds 1-4 are released by TP_RENDEZVOUS_RELEASE_SIGNAL, whose handler
+ * (installed at start-up, so the program's state is the same in every run)
+ * only sets a flag: the call ends with EINTR and the loop sees the flag. A
+ * release that lands before the call is entered is lost in the call's day
+ * of sleep, so a migrator sends it once it sees the thread blocked in the
+ * call (the futex value TP_RENDEZVOUS_FUTEX_VALUE, nanosleep rather than
+ * glibc's clock_nanosleep, and ppoll's NULL timeout tell the rendezvous
+ * call from a program's own). After the wait the program checks that its
+ * signal mask is the one it had before (a lost saved_sigmask shows there).
+ */
+#define TP_RENDEZVOUS_WAIT_KINDS 5
+#define TP_RENDEZVOUS_RELEASE_SIGNAL 62 /* SIGRTMAX - 2 under glibc */
+#define TP_RENDEZVOUS_FUTEX_VALUE 0x52454e44u
+
+static inline unsigned long long *tp_rendezvous_wait_slot(void)
+{
+    static unsigned long long kind;
+    return &kind;
+}
+
+static inline volatile sig_atomic_t *tp_rendezvous_released_slot(void)
+{
+    static volatile sig_atomic_t released;
+    return &released;
+}
+
+static void tp_rendezvous_release_handler(int signal_number)
+{
+    (void)signal_number;
+    *tp_rendezvous_released_slot() = 1;
+}
+
+static inline void tp_rendezvous_install_release_handler(void)
+{
+    struct sigaction action;
+    memset(&action, 0, sizeof action);
+    action.sa_handler = tp_rendezvous_release_handler;
+    sigemptyset(&action.sa_mask);
+    if (sigaction(TP_RENDEZVOUS_RELEASE_SIGNAL, &action, NULL) != 0)
+        tp_syserr("sigaction(release signal) for --rendezvous-wait");
+}
+
+static inline void tp_rendezvous_wait_in_call(unsigned long long kind)
+{
+    static uint32_t word = TP_RENDEZVOUS_FUTEX_VALUE;
+    const struct timespec day = { 86400, 0 };
+    sigset_t before, temporary, after;
+    if (sigprocmask(SIG_BLOCK, NULL, &before) != 0)
+        tp_syserr("sigprocmask(read) for --rendezvous-wait");
+    temporary = before;
+    sigaddset(&temporary, SIGWINCH);
+    sigdelset(&temporary, TP_RENDEZVOUS_RELEASE_SIGNAL);
+    while (!*tp_rendezvous_released_slot()) {
+        long rc;
+        switch (kind) {
+        case 1: rc = syscall(SYS_nanosleep, &day, NULL); break;
+        case 2: rc = syscall(SYS_futex, &word, FUTEX_WAIT_PRIVATE, TP_RENDEZVOUS_FUTEX_VALUE, NULL, NULL, 0); break;
+        case 3: rc = syscall(SYS_futex, &word, FUTEX_WAIT_PRIVATE, TP_RENDEZVOUS_FUTEX_VALUE, &day, NULL, 0); break;
+        default: rc = syscall(SYS_ppoll, NULL, 0, NULL, &temporary, sizeof(uint64_t)); break;
+        }
+        if (rc != 0 && errno != EINTR && errno != EAGAIN)
+            tp_syserr("the --rendezvous-wait %llu call", kind);
+    }
+    if (sigprocmask(SIG_BLOCK, NULL, &after) != 0)
+        tp_syserr("sigprocmask(read) for --rendezvous-wait");
+    for (int signal_number = 1; signal_number < 65; signal_number++) {
+        if (sigismember(&before, signal_number) != sigismember(&after, signal_number))
+            tp_selfcheck_fail("signal %d is %s after the rendezvous wait, "
+                              "%s before", signal_number,
+                              sigismember(&after, signal_number) ? "blocked" : "unblocked",
+                              sigismember(&before, signal_number) ? "blocked" : "unblocked");
+    }
+}
+
 /* Call once per step of the main loop, before the step's work, with the
  * 1-based number of the step about to run. */
 static inline void tp_rendezvous(uint64_t step)
@@ -232,6 +320,11 @@ static inline void tp_rendezvous(uint64_t step)
     if (target == 0 || step != target)
         return;
     int saved = errno;
+    if (*tp_rendezvous_wait_slot() != 0) {
+        tp_rendezvous_wait_in_call(*tp_rendezvous_wait_slot());
+        errno = saved;
+        return;
+    }
     sigset_t usr2;
     sigemptyset(&usr2);
     sigaddset(&usr2, SIGUSR2);
@@ -294,6 +387,10 @@ static inline void tp_usage(FILE *f, const char *desc,
     fprintf(f, "  --%-10s step (1-based) before which to wait for SIGUSR2; "
                "0 = never (default 0, range 0..%llu)\n",
             "rendezvous", (unsigned long long)UINT64_MAX);
+    fprintf(f, "  --%-10s the call to wait in at the rendezvous: 0 sigwaitinfo "
+               "for SIGUSR2, 1 nanosleep, 2 futex, 3 futex with a timeout, 4 ppoll "
+               "(1-4 released by signal %d; default 0)\n",
+            "rendezvous-wait", TP_RENDEZVOUS_RELEASE_SIGNAL);
     fprintf(f, "  --%-10s print this help and exit\n", "help");
     fprintf(f, "\nThe last stdout line is checksum=<16 hex digits>. Exit codes: "
                "0 ok, 1 self-check failed, 2 bad usage, 3 system error.\n");
@@ -408,11 +505,19 @@ static inline void tp_parse_args_with_strings(int argc, char **argv,
             "rendezvous", tp_rendezvous_step_slot(), 0, UINT64_MAX,
             "step before which to wait for SIGUSR2",
         };
+        const struct tp_opt rendezvous_wait = {
+            "rendezvous-wait", tp_rendezvous_wait_slot(), 0, TP_RENDEZVOUS_WAIT_KINDS - 1,
+            "the call to wait in at the rendezvous: 0 sigwaitinfo, 1 nanosleep, "
+            "2 futex, 3 futex with a timeout, 4 ppoll",
+        };
         const struct tp_opt *o = NULL;
         const struct tp_stropt *so = NULL;
         if (strlen(rendezvous.name) == namelen &&
             strncmp(rendezvous.name, arg, namelen) == 0)
             o = &rendezvous;
+        if (strlen(rendezvous_wait.name) == namelen &&
+            strncmp(rendezvous_wait.name, arg, namelen) == 0)
+            o = &rendezvous_wait;
         for (size_t k = 0; o == NULL && k < n; k++) {
             if (strlen(opts[k].name) == namelen &&
                 strncmp(opts[k].name, arg, namelen) == 0) {
@@ -450,6 +555,8 @@ static inline void tp_parse_args_with_strings(int argc, char **argv,
      * whole run and the signal mask is the same in every run. */
     if (*tp_rendezvous_step_slot() != 0)
         tp_rendezvous_block_signal();
+    if (*tp_rendezvous_step_slot() != 0 && *tp_rendezvous_wait_slot() != 0)
+        tp_rendezvous_install_release_handler();
 }
 
 /* Parses numeric flags only (all programs without text flags). */

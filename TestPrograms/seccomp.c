@@ -17,8 +17,10 @@
  *   exit_group       exit()
  *   rt_sigtimedwait  the --rendezvous wait (glibc's sigwaitinfo())
  *   rt_sigprocmask   --rendezvous too; SIGUSR2 is blocked before the
- *                    filter is loaded, so today no such call happens
- *                    under the filter
+ *                    filter is loaded; --rendezvous-wait reads the mask
+ *   nanosleep, futex, ppoll, rt_sigreturn
+ *                    the --rendezvous-wait calls, and the return from the
+ *                    handler of their release signal
  *
  * Everything else, notably getppid, kills the whole process with SIGSYS.
  *
@@ -109,12 +111,13 @@ static void allow_prctl_option(scmp_filter_ctx ctx, int option)
 
 static void install_filter(void)
 {
-    /* rt_sigtimedwait and rt_sigprocmask are for --rendezvous. They are
+    /* rt_sigtimedwait, rt_sigprocmask and the last four are for --rendezvous. They are
      * allowed whether or not the flag is given, so the filter is the same
      * in every run. */
     static const char *const allowed[] = {
         "write", "clock_nanosleep", "restart_syscall",
         "getpid", "exit_group", "rt_sigtimedwait", "rt_sigprocmask",
+        "nanosleep", "futex", "ppoll", "rt_sigreturn",
     };
     scmp_filter_ctx ctx = seccomp_init(SCMP_ACT_KILL_PROCESS);
     if (ctx == NULL) {

@@ -4,8 +4,10 @@
 
 /// The x86-64 numbers of the system calls whose waits torture recognises.
 public enum SyscallNumber {
+    public static let nanosleep = 35
     public static let rtSigtimedwait = 128
     public static let futex = 202
+    public static let ppoll = 271
 }
 
 /// Where one thread of a process is, as /proc tells it.
@@ -47,5 +49,15 @@ extension ProcFS {
         guard let text = try? readText("/proc/\(processID.rawValue)/task/\(threadID.rawValue)/syscall"),
               let first = text.split(separator: " ").first else { return nil }
         return Int(first)
+    }
+
+    /// The system call thread `threadID` of `processID` is blocked in, with its six arguments (nil:
+    /// running, or not in one). /proc shows them in hex after the number.
+    public static func currentSyscallCall(_ processID: ProcessID, thread threadID: ProcessID) -> (number: Int, arguments: [UInt64])? {
+        guard let text = try? readText("/proc/\(processID.rawValue)/task/\(threadID.rawValue)/syscall") else { return nil }
+        let fields = text.split(whereSeparator: { $0 == " " || $0 == "\n" })
+        guard fields.count >= 7, let number = Int(fields[0]) else { return nil }
+        let arguments = fields[1...6].compactMap { UInt64($0.hasPrefix("0x") ? $0.dropFirst(2) : $0[...], radix: 16) }
+        return arguments.count == 6 ? (number, arguments) : nil
     }
 }

@@ -54,6 +54,7 @@ public struct Iteration {
         // stack, where its arguments lie, has one layout: the same seed gives the same pages.
         let arguments = scenario.arguments(workDirectory: work)
         let outputPath = work + "/victim.out"
+        let wait = scenario.rendezvousWait ?? .sigwait
         let reference: [UInt8]
         let workloadReference: WorkloadReferences.Reference?
         let victim: ProcessID
@@ -67,10 +68,10 @@ public struct Iteration {
             victim = try Workload.startFrozen(binary: binary, arguments: arguments, syscall: syscall, outputPath: outputPath,
                                               errorPath: work + "/victim.err")
         } else {
-            reference = try references.output(binary: binary, arguments: arguments, workDirectory: work)
+            reference = try references.output(binary: binary, arguments: arguments, workDirectory: work, wait: wait)
             workloadReference = nil
             victim = try startAtRendezvous(binary: binary, arguments: arguments, outputPath: outputPath,
-                                           errorPath: work + "/victim.err")
+                                           errorPath: work + "/victim.err", wait: wait)
         }
 
         var rng = SeededGenerator(seed: scenario.seed)
@@ -80,7 +81,7 @@ public struct Iteration {
         let observer = TortureObserver()
         var logger = Logger(label: "torture")
         logger.logLevel = .critical
-        let runner = TargetRunner(releaseSignal: isWorkload ? nil : SIGUSR2, runLimit: environment.targetRunLimit)
+        let runner = TargetRunner(release: isWorkload ? nil : wait, runLimit: environment.targetRunLimit)
         let generation = scenario.seed | 1
 
         final class ModelBox: @unchecked Sendable { var model: ModelFAM? }

@@ -58,13 +58,13 @@ public final class ReferenceCache: @unchecked Sendable {
 
     public init() {}
 
-    func output(binary: String, arguments: [String], workDirectory: String) throws -> [UInt8] {
+    func output(binary: String, arguments: [String], workDirectory: String, wait: RendezvousWait = .sigwait) throws -> [UInt8] {
         let key = ([binary] + arguments).joined(separator: " ")
         if let cached = lock.withLock({ outputs[key] }) { return cached }
         let path = workDirectory + "/reference.out"
         let processID = try startAtRendezvous(binary: binary, arguments: arguments, outputPath: path,
-                                              errorPath: workDirectory + "/reference.err")
-        Spawn.kill(processID, signal: SIGUSR2)
+                                              errorPath: workDirectory + "/reference.err", wait: wait)
+        Spawn.kill(processID, signal: wait.releaseSignal)
         let status = try Spawn.waitForExit(processID)
         guard status == .exited(0) else {
             throw TortureError.environment("the unmigrated reference run of \(key) \(status): \(firstLine(workDirectory + "/reference.err"))")
@@ -81,10 +81,10 @@ func firstLine(_ path: String) -> String {
 }
 
 /// Starts a test program as pid 1 of its own PID namespace, without address randomisation, and waits
-/// until it blocks at its rendezvous (in rt_sigtimedwait for SIGUSR2).
+/// until it blocks at its rendezvous (in rt_sigtimedwait for SIGUSR2, or the call `wait` names).
 /// `repeatable` (no address randomisation) also makes it die with the thread that started it (PDEATHSIG).
 func startAtRendezvous(binary: String, arguments: [String], outputPath: String, errorPath: String,
-                       repeatable: Bool = true) throws -> ProcessID {
+                       repeatable: Bool = true, wait: RendezvousWait = .sigwait) throws -> ProcessID {
     let noRandomisation: UInt32? = repeatable ? 0x0040000 : nil  // ADDR_NO_RANDOMIZE
     let processID: ProcessID
     do {
@@ -99,7 +99,7 @@ func startAtRendezvous(binary: String, arguments: [String], outputPath: String, 
             let status = (try? Spawn.waitForExit(processID)).map { "\($0)" } ?? "ended"
             throw TortureError.environment("\(binary) \(arguments.joined(separator: " ")) \(status) before its rendezvous: \(firstLine(errorPath))")
         }
-        if ProcFS.currentSyscall(processID, thread: processID) == SyscallNumber.rtSigtimedwait, otherThreadsWait(processID) {
+        if wait.isBlocked(processID, thread: processID), otherThreadsWait(processID) {
             return processID
         }
         usleep(100)

@@ -105,6 +105,7 @@ public enum Regressions {
             case "--tamper": filter.tamper = try onOrOff(option)
             case "--racer": filter.racer = try onOrOff(option)
             case "--kill-target": filter.killTarget = try onOrOff(option)
+            case "--rendezvous-wait": filter.rendezvousWaits = try RendezvousWait.list(try value(option))
             case "--adversarial-steps":
                 guard let steps = Int(try value(option)), steps >= 0 else { throw FilterError(reason: "--adversarial-steps takes a count") }
                 filter.adversarialSteps = steps

@@ -129,6 +129,8 @@ public struct ScenarioFilter: Sendable, Codable, Equatable {
     public var check: String?
     /// Freeze the workload at the exit of this system call (1-based) instead of one drawn from the seed.
     public var freezeAtSyscall: Int?
+    /// The calls a test program may wait in at its rendezvous (nil: drawn per seed).
+    public var rendezvousWaits: [RendezvousWait]?
 
     public init(modes: [MigrationMode]? = nil, programs: [String]? = nil, strategies: [StrategyName]? = nil, push: Bool? = nil) {
         self.modes = modes
@@ -154,6 +156,7 @@ public struct ScenarioFilter: Sendable, Codable, Equatable {
         if let workload { options += ["--workload", Workload.shellQuoted(workload)] }
         if let check { options += ["--check", Workload.shellQuoted(check)] }
         if let freezeAtSyscall { options += ["--freeze-at-syscall", "\(freezeAtSyscall)"] }
+        if let rendezvousWaits { options += ["--rendezvous-wait", rendezvousWaits.map(\.rawValue).joined(separator: ",")] }
         return options
     }
 }
@@ -180,6 +183,8 @@ public struct Scenario: Sendable, Codable, Equatable {
     public var targetKill: TargetKillPlan?
     /// A workload's check command (`--check`), which judges its migrated run end to end.
     public var check: String? = nil
+    /// The call the program waits in at its rendezvous (nil: sigwaitinfo, as before the choice existed).
+    public var rendezvousWait: RendezvousWait? = nil
 
     /// The seed of iteration `index` of a campaign started with `seed`.
     public static func iterationSeed(campaignSeed: UInt64, index: Int) -> UInt64 {
@@ -222,13 +227,17 @@ public struct Scenario: Sendable, Codable, Equatable {
         // A workload takes every draw a catalog program would, so that its seeds mix modes and strategies alike;
         // its freeze point is drawn once its system calls are counted (Workload.freezeSyscall).
         let workload = filter.workload.map(Workload.words)
+        // Chaos releases the program as soon as it resumes, which only sigwaitinfo takes at any moment.
+        let wait = workload == nil && !filter.chaos ? RendezvousWait.draw(seed: seed, allowed: filter.rendezvousWaits) : .sigwait
+        let waitArguments = wait == .sigwait ? [] : ["--rendezvous-wait", "\(wait.argument)"]
         return Scenario(seed: seed, mode: mode, push: push, program: workload == nil ? spec.name : Workload.programName,
                         binary: workload?.first ?? spec.binary,
-                        arguments: workload.map { Array($0.dropFirst()) } ?? spec.arguments(size) + ["--rendezvous", "\(rendezvous)"],
+                        arguments: workload.map { Array($0.dropFirst()) } ?? spec.arguments(size) + ["--rendezvous", "\(rendezvous)"] + waitArguments,
                         size: workload == nil ? size : 0,
                         rendezvous: workload == nil ? rendezvous : filter.freezeAtSyscall ?? 0, strategy: strategy, batchPageCount: batchPageCount, kill: kill,
                         adversarialSteps: filter.adversarialSteps ?? Int.max, tamper: tamper, racer: racer,
-                        targetKill: targetKill, check: workload == nil ? nil : filter.check)
+                        targetKill: targetKill, check: workload == nil ? nil : filter.check,
+                        rendezvousWait: wait == .sigwait ? nil : wait)
     }
 
     /// The program's arguments when its files go to `workDirectory`.
@@ -240,7 +249,7 @@ public struct Scenario: Sendable, Codable, Equatable {
         let program = self.program == Workload.programName ? "workload \(binary)" : "\(self.program) size \(size)"
         let freeze = self.program == Workload.programName ? "syscall" : "rendezvous"
         var text = "\(mode.rawValue)\(mode == .nonlive ? "" : push ? " push" : " no-push") \(program) "
-            + "\(freeze) \(rendezvous) strategy \(strategy.rawValue) batch \(batchPageCount)"
+            + "\(freeze) \(rendezvous)\(rendezvousWait.map { " in \($0.rawValue)" } ?? "") strategy \(strategy.rawValue) batch \(batchPageCount)"
         if let kill {
             text += kill.beforeDumperStep.map { " kill-before-\($0.rawValue)" } ?? " kill-after-dumper-step \(kill.afterDumperSteps)"
             if kill.dropInFlight { text += " dropping in-flight" }

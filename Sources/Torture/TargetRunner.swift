@@ -9,9 +9,9 @@ import Sys
 final class TargetRunner: Participant, TargetGate, @unchecked Sendable {
     let actor = ActorName.target
     let isEssential = true
-    /// Sent once the process runs, to release the test program from its rendezvous (nil: a workload,
-    /// which has none).
-    private let releaseSignal: Int32?
+    /// How the test program is released from its rendezvous once the process runs (nil: a workload,
+    /// which has none): SIGUSR2 at once, or the release signal once it sleeps in its rendezvous call.
+    private let release: RendezvousWait?
     /// Real time a run may take before the target counts as hung.
     private let runLimit: Duration
     private var processID: ProcessID?
@@ -22,8 +22,11 @@ final class TargetRunner: Participant, TargetGate, @unchecked Sendable {
     private var resumed = false
     private var aborted = false
 
-    init(releaseSignal: Int32?, runLimit: Duration) {
-        self.releaseSignal = releaseSignal
+    /// A release that waits until the program is seen blocked in its rendezvous call (RendezvousWait).
+    private var releaseDue = false
+
+    init(release: RendezvousWait?, runLimit: Duration) {
+        self.release = release
         self.runLimit = runLimit
     }
 
@@ -99,7 +102,9 @@ final class TargetRunner: Participant, TargetGate, @unchecked Sendable {
             try serialiseThreads(processID)
             try start()
             resumed = true
-            if let releaseSignal { Spawn.kill(processID, signal: releaseSignal) }
+            if let release {
+                if release.releasedWhenBlocked { releaseDue = true } else { Spawn.kill(processID, signal: release.releaseSignal) }
+            }
         }
         let wakes = pendingWakes
         pendingWakes.removeAll()
@@ -129,6 +134,11 @@ final class TargetRunner: Participant, TargetGate, @unchecked Sendable {
             if Spawn.hasEnded(processID) {
                 ended = true
                 return "ended"
+            }
+            // The program sleeps in its rendezvous call again: let it go, as the unmigrated one was.
+            if releaseDue, let release, release.isBlocked(processID, thread: processID) {
+                releaseDue = false
+                Spawn.kill(processID, signal: release.releaseSignal)
             }
             // Once released, nothing can hold the process any more: only its end ends the step (a
             // sample of its state on the way would depend on timing).

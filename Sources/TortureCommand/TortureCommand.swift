@@ -72,6 +72,9 @@ struct TortureCommand: ParsableCommand {
     @Option(help: "The target-node nemesis, which kills the target node after the restored process ran (post-copy): on or off (default: drawn per seed).", transform: parseSwitch)
     var killTarget: Bool?
 
+    @Option(help: "The calls a test program waits in at its rendezvous, where it is frozen (comma-separated: \(RendezvousWait.allCases.map(\.rawValue).joined(separator: ", ")); default: sigwait in two seeds of three, else one of the others).", transform: { try parseList($0) { RendezvousWait(rawValue: $0) } })
+    var rendezvousWait: [RendezvousWait]?
+
     @Flag(help: "Chaos: run under the threaded driver (real threads, FAM file, TCP) with seeded delays, yields and CPU placement at the ports; a seed names the perturbations, not the interleaving.")
     var chaos = false
 
@@ -153,6 +156,7 @@ struct TortureCommand: ParsableCommand {
         filter.chaos = chaos
         filter.racer = racer
         filter.killTarget = killTarget
+        filter.rendezvousWaits = rendezvousWait
         filter.workload = workload
         filter.check = check
         filter.freezeAtSyscall = freezeAtSyscall
