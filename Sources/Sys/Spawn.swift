@@ -131,7 +131,13 @@ public enum Spawn {
         var information = siginfo_t()
         let result = waitid(P_PID, id_t(processID.rawValue), &information, WEXITED | WNOHANG | WNOWAIT)
         if result != 0 { return !ProcFS.isAlive(processID) }  // not our child: fall back to /proc
-        return information._sifields._sigchld.si_pid == processID.rawValue
+        guard information._sifields._sigchld.si_pid == processID.rawValue else { return false }
+        // waitid also reports a traced child's unread stop, whatever the options ask for; a zombie is
+        // reported before any stop, so a stop means the child still lives.
+        switch information.si_code {
+        case Int32(CLD_EXITED), Int32(CLD_KILLED), Int32(CLD_DUMPED): return true
+        default: return false
+        }
     }
 
     /// Whether a child has ended or ends within `grace` (an install that failed with ESRCH may have

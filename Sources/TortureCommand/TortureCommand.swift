@@ -237,9 +237,19 @@ struct TortureCommand: ParsableCommand {
         }
         for (position, result) in failing.enumerated() {
             let seed = result.scenario.seed
-            let traced = result.trace != nil ? result : campaign.runOne(seed: seed, filter: filter, keepTrace: true)
-            let schedule = HTMLReport.Schedule(title: "Schedule (\(traced.stepCount) steps, trace \(traced.traceHash))",
-                                               replay: Report.replayCommand(seed: seed, filter: filter), result: traced,
+            var traced = result.trace != nil ? result : campaign.runOne(seed: seed, filter: filter, keepTrace: true)
+            var title = "Schedule (\(traced.stepCount) steps, trace \(traced.traceHash))"
+            if traced.traceHash != result.traceHash {
+                // The seed took another schedule this time: the page shows the replay's steps, says so, and
+                // keeps the failure's own verdicts (the replay's oracle step belongs to the other schedule).
+                title = "Replayed schedule (\(traced.stepCount) steps, trace \(traced.traceHash)), not the failing one "
+                    + "(\(result.stepCount) steps, trace \(result.traceHash)): the seed did not replay, which is uncontrolled nondeterminism"
+                print("torture: seed \(Report.hexSeed(seed)) did not replay: the failure took \(result.stepCount) steps (trace "
+                      + "\(result.traceHash)), the replay \(traced.stepCount) (trace \(traced.traceHash), \(traced.passed ? "passed" : "failed"))")
+                traced.failures = result.failures
+                traced.passed = false
+            }
+            let schedule = HTMLReport.Schedule(title: title, replay: Report.replayCommand(seed: seed, filter: filter), result: traced,
                                                trace: traced.trace ?? [])
             var shrunkSchedule: HTMLReport.Schedule?
             if position == 0, let shrunk {
