@@ -110,11 +110,11 @@ public struct ImageCreator: Equatable, Sendable {
 
 /// Computes and checks the image's two codes. Every part is length-prefixed and the two codes use
 /// different labels, so no arrangement of bytes verifies as another.
-struct ImageAuthenticator: Sendable {
+package struct ImageAuthenticator: Sendable {
     private let key: MigrationKey
-    let keyIdentifier: [UInt8]
+    package let keyIdentifier: [UInt8]
 
-    init(key: MigrationKey) {
+    package init(key: MigrationKey) {
         self.key = key
         keyIdentifier = key.identifier
     }
@@ -133,18 +133,24 @@ struct ImageAuthenticator: Sendable {
     /// `superblock`: bytes [0, superblockDigestOffset + 8), every field and the checksum;
     /// `extensionFields`: key identifier and creator record as stored. Compare a stored code with `==`
     /// on the result: swift-crypto compares in constant time.
-    func headerCode(superblock: [UInt8], extensionFields: [UInt8], paddedMetadata: [UInt8], pageTable: [UInt8]) -> HashedAuthenticationCode<SHA256> {
+    package func headerCode(superblock: [UInt8], extensionFields: [UInt8], paddedMetadata: [UInt8], pageTable: [UInt8]) -> HashedAuthenticationCode<SHA256> {
         code(label: "fammig image header", parts: [superblock, extensionFields, paddedMetadata, pageTable])
     }
 
     /// Bound to the header's code, so a commit record never verifies in another image.
-    func commitCode(headerCode: [UInt8], commitRecord: [UInt8], marks: [UInt8]) -> HashedAuthenticationCode<SHA256> {
+    package func commitCode(headerCode: [UInt8], commitRecord: [UInt8], marks: [UInt8]) -> HashedAuthenticationCode<SHA256> {
         code(label: "fammig image commit", parts: [headerCode, commitRecord, marks])
+    }
+
+    /// The digest a page's dumped mark holds: the one definition the writer stores and every install
+    /// path checks (`ImageReader.verifyPage`), bound to the generation and the page's address.
+    package func markDigest(page: [UInt8], generation: UInt64, address: UInt64) -> UInt64 {
+        SharedMapping.digest(of: page, seed: ImageDigestSeed.page(generation: generation, address: address))
     }
 
     /// Whether `stored` is `code`, compared in constant time (swift-crypto's comparison), so a forger
     /// learns nothing from how long a check takes.
-    static func matches(_ code: HashedAuthenticationCode<SHA256>, stored: [UInt8]) -> Bool {
+    package static func matches(_ code: HashedAuthenticationCode<SHA256>, stored: [UInt8]) -> Bool {
         code == stored
     }
 }
