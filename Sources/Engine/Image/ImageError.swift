@@ -53,6 +53,9 @@ public enum ImageError: Error, Equatable, Sendable, CustomStringConvertible {
     case commitRecordNotAuthentic(path: String)
     /// The process would get more than the image's authenticated creator had.
     case exceedsCreator(path: String, reason: String)
+    /// The restore would open a path the victim itself could not open (checked as the victim, before
+    /// any process is created).
+    case fileAccessDenied(path: String, reason: String)
 
     public var description: String {
         switch self {
@@ -111,6 +114,8 @@ public enum ImageError: Error, Equatable, Sendable, CustomStringConvertible {
             "\(path): tampered commit record: the commit record or the dumped marks do not match their authentication code (HMAC); the image was changed after the source wrote it, refused."
         case .exceedsCreator(let path, let reason):
             "\(path): the process state exceeds what the image's creator had: \(reason); refused."
+        case .fileAccessDenied(let path, let reason):
+            "\(path): the process state asks for a file its victim could not open: \(reason); refused."
         case .unrestorableState(let path, let reason):
             "\(path): the process state cannot be restored: \(reason); the image is corrupted or was not written by fammig, take the checkpoint again."
         }
