@@ -38,7 +38,8 @@ public enum ImageSealer {
             let markOffset = layout.markOffset(slot: slot)
             guard fam.loadUInt64(at: markOffset + 8) == ImageLayout.markTag(generation: generation) else { continue }
             let page = fam.loadBytes(at: layout.pageOffset(slot: slot), count: ImageLayout.pageSize)
-            fam.storeUInt64(authenticator.markDigest(page: page, generation: generation, address: addresses[slot]), at: markOffset)
+            fam.storeUInt64(authenticator.markDigest(page: page, generation: generation, address: addresses[slot], headerCode: headerCode),
+                            at: markOffset)
         }
         sealCommitRecord(fam, layout: layout, generation: generation, authenticator: authenticator, headerCode: headerCode)
     }

@@ -68,11 +68,18 @@ func loadFuzzCorpus() throws -> FuzzCorpus {
             return
         }
         #expect(problem.contains("opens as complete"), "\(problem)")
-        // The same change without the key (checksums only) is refused: nothing broken.
+        // The same change without the key, the mark's digest recomputed as an unkeyed checksum would
+        // be: refused by the complete open (commit code) and by the post-copy page check (page code).
         let unkeyed = MemoryFAM(bytes: entry.bytes)
         unkeyed.store(page, at: reader.layout.pageOffset(slot: 0))
         ImageSealer.recomputeChecksums(unkeyed, forgedPages: [0])
         let unkeyedInput = FuzzInput(entryName: entry.name, bytes: unkeyed.bytes, imageMode: .changedWithoutKey)
-        #expect(Fuzzer(corpus: corpus, seed: 1).run(.image, input: unkeyedInput) != .accepted)
+        let verdict = Fuzzer(corpus: corpus, seed: 1).run(.image, input: unkeyedInput)
+        if case .broken(let problem) = verdict { Issue.record("a page forged without the key: \(problem)") }
+        var postcopy = try ImageReader.open(backend: unkeyed, key: Fuzzer.corpusKey, requireComplete: false)
+        let marked = postcopy.isMarked(slot: 0)
+        #expect(marked)
+        #expect(throws: ImageError.self) { try postcopy.verifyPage(slot: 0) }
+        #expect(throws: ImageError.self) { _ = try ImageReader.open(backend: unkeyed, key: Fuzzer.corpusKey, requireComplete: true) }
     }
 }

@@ -1,8 +1,9 @@
 // Why this file exists: the checksums of an image catch corruption, not intent: anyone who can write the
 // file can recompute them. So a migration has a secret key, made by the source node and handed to the
-// target out of band (never through FAM), and the image carries HMAC-SHA256 codes under a sub-key of it:
-// one over the header (superblock fields, key identifier, creator record, metadata, page table) and one
-// over the commit record and every mark (so every page digest). A reader that does not hold the key, or
+// target out of band (never through FAM), and the image carries HMAC-SHA256 codes under sub-keys of it:
+// one over the header (superblock fields, key identifier, creator record, metadata, page table), one
+// per page in its dumped mark (so a page or mark rewritten in FAM fails on every install path, before
+// the commit record too), and one over the commit record and every mark. A reader that does not hold the key, or
 // an image someone changed after the source wrote it, gets a refusal that names which of the two it is.
 // All of the cryptography is swift-crypto's: HKDF to derive sub-keys, HMAC-SHA256, and its
 // constant-time comparison of codes.
@@ -113,10 +114,13 @@ public struct ImageCreator: Equatable, Sendable {
 package struct ImageAuthenticator: Sendable {
     private let key: MigrationKey
     package let keyIdentifier: [UInt8]
+    /// The sub-key of the page marks, derived once: a code per page is on the dump and fault paths.
+    private let pageKeyBytes: [UInt8]
 
     package init(key: MigrationKey) {
         self.key = key
         keyIdentifier = key.identifier
+        pageKeyBytes = key.derivedBytes(purpose: "image page marks", byteCount: 32)
     }
 
     private func code(label: String, parts: [[UInt8]]) -> HashedAuthenticationCode<SHA256> {
@@ -142,10 +146,23 @@ package struct ImageAuthenticator: Sendable {
         code(label: "fammig image commit", parts: [headerCode, commitRecord, marks])
     }
 
-    /// The digest a page's dumped mark holds: the one definition the writer stores and every install
-    /// path checks (`ImageReader.verifyPage`), bound to the generation and the page's address.
-    package func markDigest(page: [UInt8], generation: UInt64, address: UInt64) -> UInt64 {
-        SharedMapping.digest(of: page, seed: ImageDigestSeed.page(generation: generation, address: address))
+    /// The code a page's dumped mark holds: the one definition the writer stores and every install
+    /// path checks (`ImageReader.verifyPage`). HMAC-SHA256 under the page sub-key over the generation,
+    /// the page's address, the image's header code (so a page of another image under the same key never
+    /// verifies here) and the page, cut to the mark's 64-bit word. Per page, not per batch: a fault is
+    /// served one page at a time, from FAM, before the commit record exists, so each page's check must
+    /// stand alone; and HMAC needs no nonce (a GMAC would be faster, but a slot dumped twice under one
+    /// nonce would hand a FAM reader the means to forge).
+    package func markDigest(page: [UInt8], generation: UInt64, address: UInt64, headerCode: [UInt8]) -> UInt64 {
+        var prefix = BinaryWriter()
+        prefix.writeUInt64(generation)
+        prefix.writeUInt64(address)
+        prefix.writeBytes(headerCode)
+        var hmac = HMAC<SHA256>(key: SymmetricKey(data: pageKeyBytes))
+        hmac.update(data: Array("fammig page mark".utf8))
+        hmac.update(data: prefix.bytes)
+        hmac.update(data: page)
+        return LittleEndian.words(Array(Array(hmac.finalize()).prefix(8)), count: 1)[0]
     }
 
     /// Whether `stored` is `code`, compared in constant time (swift-crypto's comparison), so a forger

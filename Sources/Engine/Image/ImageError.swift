@@ -99,7 +99,7 @@ public enum ImageError: Error, Equatable, Sendable, CustomStringConvertible {
         case .pageNotMarked(let path, let slot, let address):
             "\(path): page slot \(slot) (address 0x\(String(address, radix: 16))) has no dumped mark in a complete image; the image is corrupted."
         case .pageChecksumMismatch(let path, let slot, let address):
-            "\(path): page slot \(slot) (address 0x\(String(address, radix: 16))) does not match its mark checksum; the image is corrupted."
+            "\(path): page slot \(slot) (address 0x\(String(address, radix: 16))) does not match its mark checksum (a code under the migration key); the image is corrupted, or was changed by someone without the key."
         case .malformedMetadata(let reason):
             "process metadata is malformed: \(reason); the image was written by an incompatible fammig or is corrupted."
         case .untrustedFile(let path, let reason):

@@ -4,7 +4,7 @@
 //   offset 0       superblock (one 4 KiB page; fields below, little endian)
 //   4096           metadata region      opaque engine blob (BinaryWriter), zero-padded to 8 bytes
 //   ...            page table region    pageCount × u64 page address, page-aligned, strictly increasing
-//   ...            marks region         pageCount × 16-byte dumped mark (u64 digest, u32 generation, u32 magic)
+//   ...            marks region         pageCount × 16-byte dumped mark (u64 page code, u32 generation, u32 magic)
 //   ...            commit record region magic, generation, pageCount, marks digest, digest, then the HMAC
 //                  over it and every mark
 //   ...            page area            pageCount × 4096-byte page slots; slot i at pageArea.offset + i*4096
@@ -64,7 +64,8 @@ public enum ImageRegionKind: Int, Sendable, CaseIterable, CustomStringConvertibl
 /// Where everything of one image lives.
 public struct ImageLayout: Equatable, Sendable {
     /// 2: the image is authenticated (key identifier, creator record, header and commit codes).
-    public static let formatVersion: UInt32 = 2
+    /// 3: each dumped mark holds its page's keyed code, not an unkeyed digest.
+    public static let formatVersion: UInt32 = 3
     public static let pageSize = 4096
     /// "FAMMIGI\0"
     public static let magic: [UInt8] = [0x46, 0x41, 0x4D, 0x4D, 0x49, 0x47, 0x49, 0x00]
