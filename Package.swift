@@ -5,6 +5,7 @@
 //   Oracles               register/state compare, page digests, end-to-end checksums
 //   Engine                Migration (assembles a mode's actors from ports), actors, FAM image, real FAM
 //                         backend, transport and its sealed channel, threaded driver
+//   Fuzzing               seeded mutator and fuzz targets over the engine's decoders (beside Torture)
 //   Sys (+ CSys)          the only raw syscalls and unsafe pointers
 import PackageDescription
 
@@ -14,6 +15,7 @@ let package = Package(
     products: [
         .executable(name: "fammig", targets: ["fammig"]),
         .executable(name: "torture", targets: ["TortureCommand"]),
+        .executable(name: "fuzz", targets: ["FuzzCommand"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -68,7 +70,16 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
-        .testTarget(name: "EngineTests", dependencies: ["Engine", "Oracles", "Sys", "Torture"]),
+        // The fuzz gate: seeded mutations of a committed corpus (Tests/fuzz/corpus), a fixed input count.
+        .target(
+            name: "Fuzzing",
+            dependencies: ["Engine", "Sys", .product(name: "Crypto", package: "swift-crypto")]
+        ),
+        .executableTarget(
+            name: "FuzzCommand",
+            dependencies: ["Fuzzing", "Engine", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+        ),
+        .testTarget(name: "EngineTests", dependencies: ["Engine", "Oracles", "Sys", "Torture", "Fuzzing"]),
         .testTarget(name: "TortureTests", dependencies: ["Torture", "Engine", "Oracles", "Sys"]),
     ]
 )

@@ -16,6 +16,7 @@
 #include <pthread.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <linux/capability.h>
 
 long csys_ptrace(long request, pid_t pid, void *address, void *data) {
     return syscall(SYS_ptrace, request, pid, address, data);
@@ -333,4 +334,24 @@ pid_t csys_spawn_hole_watchdog(int pidfd, int userfaultfd, int *disarmDescriptor
 int csys_hole_watchdog_disarm(int disarmDescriptor) {
     char word = 'D';
     return (int)send(disarmDescriptor, &word, 1, MSG_NOSIGNAL);
+}
+
+int csys_thread_take_file_identity(uid_t fsuid, gid_t fsgid, const gid_t *groups, size_t groupCount, uint64_t effective) {
+    if (syscall(SYS_setgroups, groupCount, groups) != 0) return -1;
+    syscall(SYS_setfsgid, fsgid);
+    if ((gid_t)syscall(SYS_setfsgid, (gid_t)-1) != fsgid) { errno = EPERM; return -1; }
+    syscall(SYS_setfsuid, fsuid);
+    if ((uid_t)syscall(SYS_setfsuid, (uid_t)-1) != fsuid) { errno = EPERM; return -1; }
+    struct __user_cap_header_struct header = { _LINUX_CAPABILITY_VERSION_3, 0 };
+    struct __user_cap_data_struct data[2];
+    if (syscall(SYS_capget, &header, data) != 0) return -1;
+    for (int half = 0; half < 2; half++) {
+        uint32_t wanted = (uint32_t)(effective >> (32 * half));
+        data[half].effective = wanted & data[half].permitted;
+    }
+    return (int)syscall(SYS_capset, &header, data);
+}
+
+int csys_access_as_open(const char *path, int mode) {
+    return (int)syscall(SYS_faccessat2, AT_FDCWD, path, mode, AT_EACCESS);
 }

@@ -3,6 +3,7 @@
 // dies, so a node killed in the middle of an update never leaves the table locked (the table itself is
 // crash-safe on its own: see Engine/FAM/FAMPool.swift). It serialises processes of one machine only;
 // nodes on several machines sharing real FAM need the fabric's atomics or a librarian service instead.
+import SystemPackage
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -28,6 +29,19 @@ public final class FileLock: @unchecked Sendable {
             throw error
         }
         return FileLock(descriptor: descriptor)
+    }
+
+    /// The lock on `path` if nobody holds it now, else nil (flock LOCK_NB: a holder that died holds
+    /// nothing). With `creating`, a missing file is made first (0600, never through a symlink).
+    public static func tryAcquire(path: String, creating: Bool = false) throws(SyscallError) -> FileLock? {
+        let flags = O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK | (creating ? O_CREAT : 0)
+        let descriptor = try retryingInterrupts("open(\(path))") { Glibc.open(path, flags, 0o600) }
+        let outcome = flock(descriptor, LOCK_EX | LOCK_NB)
+        if outcome == 0 { return FileLock(descriptor: descriptor) }
+        let error = SyscallError.current("flock(\(path), LOCK_EX | LOCK_NB)")
+        _ = Glibc.close(descriptor)
+        if error.errno == .wouldBlock { return nil }
+        throw error
     }
 
     /// Lets go of the lock. Idempotent.

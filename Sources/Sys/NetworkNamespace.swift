@@ -111,6 +111,17 @@ public final class NodeNetwork: @unchecked Sendable {
         csys_syscall6(308, Int(descriptor), 0x4000_0000, 0, 0, 0, 0)
     }
 
+    /// The named network namespaces (`ip netns add` keeps them under /run/netns), sorted.
+    public static func namedNamespaces() -> [String] {
+        ((try? ProcFS.directoryEntries("/run/netns")) ?? []).sorted()
+    }
+
+    /// `ip netns del name`: removes a named namespace someone else made (a node pair of a fammig that
+    /// was killed before it could).
+    public static func removeNamespace(_ name: String) throws {
+        try ip(["netns", "del", name])
+    }
+
     private static func ip(_ arguments: [String]) throws {
         try run("/usr/sbin/ip", arguments)
     }

@@ -12,15 +12,21 @@ struct Fammig: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "fammig",
         abstract: "Migrate a live Linux process between nodes through fabric-attached memory (FAM).",
-        subcommands: [Checkpoint.self, Restore.self, Inspect.self, Run.self, Bench.self, Source.self, Target.self, Launch.self, Pool.self])
+        subcommands: [Checkpoint.self, Restore.self, Inspect.self, Run.self, Bench.self, Source.self, Target.self, Launch.self, Pool.self,
+                      GC.self])
 
     /// As ParsableCommand's, except that usage errors exit 2 (argument-parser's default is 64), the
     /// code this tool promises for every kind of bad input.
     static func main() {
+        // Held for this process's whole life (gc knows a live owner by it); dropped by the kernel on SIGKILL.
+        var ownerLock: FileLock?
         do {
             var command = try parseAsRoot()
+            if !(command is GC) { ownerLock = Leftovers.claim() }
             try command.run()
+            Leftovers.release(ownerLock)
         } catch {
+            Leftovers.release(ownerLock)
             if exitCode(for: error) == .validationFailure {
                 FileHandle.standardError.write(Data((fullMessage(for: error) + "\n").utf8))
                 Foundation.exit(2)

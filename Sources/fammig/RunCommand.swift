@@ -120,6 +120,7 @@ struct Run: ParsableCommand {
                                                standardOutputPath: outputPath, standardErrorPath: workDirectory + "/migrated.err")
                 }
                 Spawn.cleanUpOnTermination(paths: [], processes: [victim])
+                Leftovers.recordOwnProcess(victim)
                 return victim
             }
         } catch { throw fail("cannot start \(program): \(error)", code: 2) }
@@ -163,6 +164,7 @@ struct Run: ParsableCommand {
         }
         guard let restored = restorer.restoredProcessID else { preconditionFailure("restorer finished without a process") }
         Spawn.cleanUpOnTermination(paths: [], processes: [restored])
+        Leftovers.recordOwnProcess(restored)
         let status: ExitStatus
         do { status = try Spawn.waitForExit(restored) } catch { throw fail("waiting for pid \(restored): \(error)", code: 1) }
         let checksum = lastChecksum(outputPath)
@@ -210,6 +212,7 @@ struct Run: ParsableCommand {
                 let processID = try Spawn.program(path: program, arguments: arguments, environment: ["PATH=/usr/bin:/bin"],
                                                   standardOutputPath: outputPath, standardErrorPath: errorPath)
                 Spawn.cleanUpOnTermination(paths: [], processes: [processID])
+                Leftovers.recordOwnProcess(processID)
                 return processID
             }
             let status = try Spawn.waitForExit(processID)
@@ -237,7 +240,8 @@ func absolutePath(_ path: String) -> String {
 }
 
 func makeWorkDirectory() throws -> String {
-    var template = Array("/tmp/fammig-run-XXXXXX".utf8CString)
+    // The owner's PID in the name: `fammig gc` removes the directory once that owner is gone.
+    var template = Array("/tmp/fammig-run-\(getpid())-XXXXXX".utf8CString)
     guard let result = mkdtemp(&template) else { throw fail("cannot create a directory under /tmp", code: 2) }
     return String(cString: result)
 }

@@ -116,8 +116,11 @@ func flipByte(path: String, at byteOffset: Int) throws {
             #expect(isMarked)
             #expect(reader.loadPage(slot: slot) == SourceMemory.pattern(pageIndex: pageIndex))
             let address = source.address(pageIndex: pageIndex)
-            let expectedDigest = source.mapping.digest(at: pageIndex * ImageLayout.pageSize, count: ImageLayout.pageSize,
-                                                      seed: ImageDigestSeed.page(generation: testGeneration, address: address))
+            // The mark holds the page's keyed code, bound to the header code the superblock carries.
+            let headerCode = try RealFAM.open(path: imagePath, writable: false)
+                .loadBytes(at: ImageLayout.headerCodeOffset, count: ImageLayout.codeByteCount)
+            let expectedDigest = ImageAuthenticator(key: testKey).markDigest(page: SourceMemory.pattern(pageIndex: pageIndex), generation: testGeneration,
+                                                                            address: address, headerCode: headerCode)
             #expect(reader.pageDigest(slot: slot) == expectedDigest)
             #expect(reader.slot(forAddress: address) == slot)
         }
@@ -174,7 +177,7 @@ func flipByte(path: String, at byteOffset: Int) throws {
 
     @Test func pageChecksumMessageNamesSlotAndAddress() {
         let error = ImageError.pageChecksumMismatch(path: "/dev/shm/x", slot: 17, address: 0x7f00_0000_1000)
-        #expect(error.description == "/dev/shm/x: page slot 17 (address 0x7f0000001000) does not match its mark checksum; the image is corrupted.")
+        #expect(error.description == "/dev/shm/x: page slot 17 (address 0x7f0000001000) does not match its mark checksum (a code under the migration key); the image is corrupted, or was changed by someone without the key.")
     }
 
     @Test func pageTableOutOfOrderNamesTheEntry() throws {
@@ -249,7 +252,7 @@ func flipByte(path: String, at byteOffset: Int) throws {
         try SharedMapping.open(path: imagePath, writable: true).storeUInt32(7, at: ImageLayout.versionOffset)
         let versionError = openError(imagePath)
         #expect(versionError == .unsupportedVersion(path: imagePath, version: 7))
-        #expect(versionError?.description == "\(imagePath): format version 7 is not supported (this fammig reads version 2).")
+        #expect(versionError?.description == "\(imagePath): format version 7 is not supported (this fammig reads version 3).")
     }
 
     @Test func uncommittedImageIsRefusedUntilItsCommit() throws {

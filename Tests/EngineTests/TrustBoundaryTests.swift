@@ -275,6 +275,12 @@ extension ProcessTests {
             defer { leftovers.finish() }
             let program = try TestPaths.testProgram("sleeper-static")
             let arguments = ["--rounds", "60"]
+            // The victim's output files are its own: a restore reopens them as the victim (item 2).
+            try #require(chmod(directory.path, 0o755) == 0)
+            for name in ["victim.out", "victim.err"] {
+                try #require(FileManager.default.createFile(atPath: directory.path(name), contents: nil))
+                try #require(chown(directory.path(name), 65534, 65534) == 0)
+            }
             let victim = leftovers.own(try SpawnedProgram("/usr/bin/setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups", "--", program] + arguments,
                                                           standardOutputPath: directory.path("victim.out"),
                                                           standardErrorPath: directory.path("victim.err")))

@@ -84,6 +84,15 @@ int csys_best_flush_method(void);
 /// Fast 64-bit digest of a buffer whose size is a multiple of 8 (pages always are).
 uint64_t csys_digest64(const void *address, size_t byteCount, uint64_t seed);
 
+/// The calling thread, and only it, takes on a file-access identity: supplementary `groups`, then
+/// filesystem group and user IDs, then of its permitted capabilities only those in `effective` as
+/// effective. Raw syscalls, because glibc's setgroups changes every thread of the process. For a
+/// thread that makes its access checks and ends. 0, or -1 and errno (EPERM: an ID did not take).
+int csys_thread_take_file_identity(uid_t fsuid, gid_t fsgid, const gid_t *groups, size_t groupCount, uint64_t effective);
+/// faccessat2(AT_FDCWD, path, mode, AT_EACCESS): checked as an open would be, with the thread's
+/// filesystem IDs, groups and effective capabilities.
+int csys_access_as_open(const char *path, int mode);
+
 static const unsigned long CSYS_UFFDIO_API = UFFDIO_API;
 static const unsigned long CSYS_UFFDIO_REGISTER = UFFDIO_REGISTER;
 static const unsigned long CSYS_UFFDIO_UNREGISTER = UFFDIO_UNREGISTER;

@@ -229,6 +229,7 @@ public final class Restorer: EngineActor {
                 checkpointedState = try ProcessState.decode(stateBytes)
                 try checkpointedState!.validate(pageAddresses: addresses, path: "the source's socket")
                 try Self.checkPageTable(addresses)
+                try checkpointedState!.checkFileAccess(path: "the source's socket")
             } catch { throw .image(error) }
             pageAddresses = addresses
             return
@@ -239,6 +240,7 @@ public final class Restorer: EngineActor {
             if case .eager = mode { complete = true } else { complete = false }
             let opened = try ImageReader.open(backend: backend, key: key, requireComplete: complete, deferPageChecks: true)
             checkpointedState = try opened.checkedProcessState()
+            try checkpointedState!.checkFileAccess(path: opened.path)
             reader = opened
             pageAddresses = opened.pageAddresses
         } catch { throw .image(error) }

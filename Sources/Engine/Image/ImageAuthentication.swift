@@ -1,8 +1,9 @@
 // Why this file exists: the checksums of an image catch corruption, not intent: anyone who can write the
 // file can recompute them. So a migration has a secret key, made by the source node and handed to the
-// target out of band (never through FAM), and the image carries HMAC-SHA256 codes under a sub-key of it:
-// one over the header (superblock fields, key identifier, creator record, metadata, page table) and one
-// over the commit record and every mark (so every page digest). A reader that does not hold the key, or
+// target out of band (never through FAM), and the image carries HMAC-SHA256 codes under sub-keys of it:
+// one over the header (superblock fields, key identifier, creator record, metadata, page table), one
+// per page in its dumped mark (so a page or mark rewritten in FAM fails on every install path, before
+// the commit record too), and one over the commit record and every mark. A reader that does not hold the key, or
 // an image someone changed after the source wrote it, gets a refusal that names which of the two it is.
 // All of the cryptography is swift-crypto's: HKDF to derive sub-keys, HMAC-SHA256, and its
 // constant-time comparison of codes.
@@ -110,13 +111,16 @@ public struct ImageCreator: Equatable, Sendable {
 
 /// Computes and checks the image's two codes. Every part is length-prefixed and the two codes use
 /// different labels, so no arrangement of bytes verifies as another.
-struct ImageAuthenticator: Sendable {
+package struct ImageAuthenticator: Sendable {
     private let key: MigrationKey
-    let keyIdentifier: [UInt8]
+    package let keyIdentifier: [UInt8]
+    /// The sub-key of the page marks, derived once: a code per page is on the dump and fault paths.
+    private let pageKeyBytes: [UInt8]
 
-    init(key: MigrationKey) {
+    package init(key: MigrationKey) {
         self.key = key
         keyIdentifier = key.identifier
+        pageKeyBytes = key.derivedBytes(purpose: "image page marks", byteCount: 32)
     }
 
     private func code(label: String, parts: [[UInt8]]) -> HashedAuthenticationCode<SHA256> {
@@ -133,18 +137,37 @@ struct ImageAuthenticator: Sendable {
     /// `superblock`: bytes [0, superblockDigestOffset + 8), every field and the checksum;
     /// `extensionFields`: key identifier and creator record as stored. Compare a stored code with `==`
     /// on the result: swift-crypto compares in constant time.
-    func headerCode(superblock: [UInt8], extensionFields: [UInt8], paddedMetadata: [UInt8], pageTable: [UInt8]) -> HashedAuthenticationCode<SHA256> {
+    package func headerCode(superblock: [UInt8], extensionFields: [UInt8], paddedMetadata: [UInt8], pageTable: [UInt8]) -> HashedAuthenticationCode<SHA256> {
         code(label: "fammig image header", parts: [superblock, extensionFields, paddedMetadata, pageTable])
     }
 
     /// Bound to the header's code, so a commit record never verifies in another image.
-    func commitCode(headerCode: [UInt8], commitRecord: [UInt8], marks: [UInt8]) -> HashedAuthenticationCode<SHA256> {
+    package func commitCode(headerCode: [UInt8], commitRecord: [UInt8], marks: [UInt8]) -> HashedAuthenticationCode<SHA256> {
         code(label: "fammig image commit", parts: [headerCode, commitRecord, marks])
+    }
+
+    /// The code a page's dumped mark holds: the one definition the writer stores and every install
+    /// path checks (`ImageReader.verifyPage`). HMAC-SHA256 under the page sub-key over the generation,
+    /// the page's address, the image's header code (so a page of another image under the same key never
+    /// verifies here) and the page, cut to the mark's 64-bit word. Per page, not per batch: a fault is
+    /// served one page at a time, from FAM, before the commit record exists, so each page's check must
+    /// stand alone; and HMAC needs no nonce (a GMAC would be faster, but a slot dumped twice under one
+    /// nonce would hand a FAM reader the means to forge).
+    package func markDigest(page: [UInt8], generation: UInt64, address: UInt64, headerCode: [UInt8]) -> UInt64 {
+        var prefix = BinaryWriter()
+        prefix.writeUInt64(generation)
+        prefix.writeUInt64(address)
+        prefix.writeBytes(headerCode)
+        var hmac = HMAC<SHA256>(key: SymmetricKey(data: pageKeyBytes))
+        hmac.update(data: Array("fammig page mark".utf8))
+        hmac.update(data: prefix.bytes)
+        hmac.update(data: page)
+        return LittleEndian.words(Array(Array(hmac.finalize()).prefix(8)), count: 1)[0]
     }
 
     /// Whether `stored` is `code`, compared in constant time (swift-crypto's comparison), so a forger
     /// learns nothing from how long a check takes.
-    static func matches(_ code: HashedAuthenticationCode<SHA256>, stored: [UInt8]) -> Bool {
+    package static func matches(_ code: HashedAuthenticationCode<SHA256>, stored: [UInt8]) -> Bool {
         code == stored
     }
 }

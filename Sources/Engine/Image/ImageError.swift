@@ -53,6 +53,9 @@ public enum ImageError: Error, Equatable, Sendable, CustomStringConvertible {
     case commitRecordNotAuthentic(path: String)
     /// The process would get more than the image's authenticated creator had.
     case exceedsCreator(path: String, reason: String)
+    /// The restore would open a path the victim itself could not open (checked as the victim, before
+    /// any process is created).
+    case fileAccessDenied(path: String, reason: String)
 
     public var description: String {
         switch self {
@@ -96,7 +99,7 @@ public enum ImageError: Error, Equatable, Sendable, CustomStringConvertible {
         case .pageNotMarked(let path, let slot, let address):
             "\(path): page slot \(slot) (address 0x\(String(address, radix: 16))) has no dumped mark in a complete image; the image is corrupted."
         case .pageChecksumMismatch(let path, let slot, let address):
-            "\(path): page slot \(slot) (address 0x\(String(address, radix: 16))) does not match its mark checksum; the image is corrupted."
+            "\(path): page slot \(slot) (address 0x\(String(address, radix: 16))) does not match its mark checksum (a code under the migration key); the image is corrupted, or was changed by someone without the key."
         case .malformedMetadata(let reason):
             "process metadata is malformed: \(reason); the image was written by an incompatible fammig or is corrupted."
         case .untrustedFile(let path, let reason):
@@ -111,6 +114,8 @@ public enum ImageError: Error, Equatable, Sendable, CustomStringConvertible {
             "\(path): tampered commit record: the commit record or the dumped marks do not match their authentication code (HMAC); the image was changed after the source wrote it, refused."
         case .exceedsCreator(let path, let reason):
             "\(path): the process state exceeds what the image's creator had: \(reason); refused."
+        case .fileAccessDenied(let path, let reason):
+            "\(path): the process state asks for a file its victim could not open: \(reason); refused."
         case .unrestorableState(let path, let reason):
             "\(path): the process state cannot be restored: \(reason); the image is corrupted or was not written by fammig, take the checkpoint again."
         }

@@ -4,7 +4,7 @@
 //   offset 0       superblock (one 4 KiB page; fields below, little endian)
 //   4096           metadata region      opaque engine blob (BinaryWriter), zero-padded to 8 bytes
 //   ...            page table region    pageCount × u64 page address, page-aligned, strictly increasing
-//   ...            marks region         pageCount × 16-byte dumped mark (u64 digest, u32 generation, u32 magic)
+//   ...            marks region         pageCount × 16-byte dumped mark (u64 page code, u32 generation, u32 magic)
 //   ...            commit record region magic, generation, pageCount, marks digest, digest, then the HMAC
 //                  over it and every mark
 //   ...            page area            pageCount × 4096-byte page slots; slot i at pageArea.offset + i*4096
@@ -64,14 +64,15 @@ public enum ImageRegionKind: Int, Sendable, CaseIterable, CustomStringConvertibl
 /// Where everything of one image lives.
 public struct ImageLayout: Equatable, Sendable {
     /// 2: the image is authenticated (key identifier, creator record, header and commit codes).
-    public static let formatVersion: UInt32 = 2
+    /// 3: each dumped mark holds its page's keyed code, not an unkeyed digest.
+    public static let formatVersion: UInt32 = 3
     public static let pageSize = 4096
     /// "FAMMIGI\0"
     public static let magic: [UInt8] = [0x46, 0x41, 0x4D, 0x4D, 0x49, 0x47, 0x49, 0x00]
     /// "FAMMIGC\0" read as a little-endian u64.
     package static let commitRecordMagic: UInt64 = 0x0043_4749_4D4D_4146
     /// "MARK" read as a little-endian u32.
-    static let markMagic: UInt32 = 0x4B52_414D
+    package static let markMagic: UInt32 = 0x4B52_414D
     package static let markByteCount = 16
     static let pageTableEntryByteCount = 8
     /// The commit record's checksummed words (magic, generation, pageCount, marks digest), its checksum
@@ -85,15 +86,15 @@ public struct ImageLayout: Equatable, Sendable {
     // changes once the superblock is durable, so it is left out of the superblock digest and instead
     // checks itself (state in the low half, its complement in the high half). A state change is then one
     // aligned 8-byte store followed by flush + fence, and a reader never sees half of it.
-    static let versionOffset = 8            // u32 formatVersion, then u32 pageSize
-    static let generationOffset = 16
-    static let fileByteCountOffset = 24
-    static let pageCountOffset = 32
-    static let metadataByteCountOffset = 40
-    static let metadataDigestOffset = 48
-    static let pageTableDigestOffset = 56
-    static let regionTableOffset = 64       // 5 × (u64 offset, u64 byteCount)
-    static let superblockDigestOffset = 144 // digest of bytes [0, 144)
+    package static let versionOffset = 8            // u32 formatVersion, then u32 pageSize
+    package static let generationOffset = 16
+    package static let fileByteCountOffset = 24
+    package static let pageCountOffset = 32
+    package static let metadataByteCountOffset = 40
+    package static let metadataDigestOffset = 48
+    package static let pageTableDigestOffset = 56
+    package static let regionTableOffset = 64       // 5 × (u64 offset, u64 byteCount)
+    package static let superblockDigestOffset = 144 // digest of bytes [0, 144)
     package static let stateWordOffset = 152
     // Authentication, after the state word: written with the superblock, covered by the header code
     // (which is not in the checksum: a key identifier or creator record that is wrong is a refusal of
@@ -202,14 +203,14 @@ public struct ImageLayout: Equatable, Sendable {
 
 /// Digest seeds: one per purpose, mixed with the generation, so that no region verifies in the place of
 /// another or in an image of another generation.
-enum ImageDigestSeed {
-    static let superblock: UInt64 = 0x5355_5045_5242_4C4B
-    static func metadata(generation: UInt64) -> UInt64 { generation ^ 0x4D45_5441_4441_5441 }
-    static func pageTable(generation: UInt64) -> UInt64 { generation ^ 0x5041_4745_5441_424C }
-    static func marks(generation: UInt64) -> UInt64 { generation ^ 0x4D41_524B_5245_4749 }
-    static func commitRecord(generation: UInt64) -> UInt64 { generation ^ 0x434F_4D4D_4954_5245 }
+package enum ImageDigestSeed {
+    package static let superblock: UInt64 = 0x5355_5045_5242_4C4B
+    package static func metadata(generation: UInt64) -> UInt64 { generation ^ 0x4D45_5441_4441_5441 }
+    package static func pageTable(generation: UInt64) -> UInt64 { generation ^ 0x5041_4745_5441_424C }
+    package static func marks(generation: UInt64) -> UInt64 { generation ^ 0x4D41_524B_5245_4749 }
+    package static func commitRecord(generation: UInt64) -> UInt64 { generation ^ 0x434F_4D4D_4954_5245 }
     /// Bound to the page's address too: a page in the wrong slot fails its mark.
-    static func page(generation: UInt64, address: UInt64) -> UInt64 {
+    package static func page(generation: UInt64, address: UInt64) -> UInt64 {
         generation ^ (address &* 0x9E37_79B9_7F4A_7C15) ^ 0x5041_4745_4441_5441
     }
 }

@@ -28,6 +28,9 @@ public struct ImageReader: Sendable {
     public let creator: ImageCreator
     /// Slots whose mark this reader has observed; only those pages may be read.
     private var observedMarks: [Bool]
+    /// Checks each page's keyed code, bound to the header code it verified.
+    private let authenticator: ImageAuthenticator
+    private let headerCode: [UInt8]
 
     public var pageCount: Int { layout.pageCount }
 
@@ -90,7 +93,7 @@ public struct ImageReader: Sendable {
             pageTableDigest: superblock.pageTableDigest,
             marksDigest: marksDigest,
             isVerifiedComplete: requireComplete, creator: creator,
-            observedMarks: Array(repeating: false, count: layout.pageCount))
+            observedMarks: Array(repeating: false, count: layout.pageCount), authenticator: authenticator, headerCode: storedHeaderCode)
         if requireComplete && !deferPageChecks { try reader.verifyEveryPage() }
         return reader
     }
@@ -203,15 +206,16 @@ public struct ImageReader: Sendable {
         backend.loadBytes(at: pageOffset(slot: slot), count: ImageLayout.pageSize)
     }
 
-    /// Checks the page in FAM against its mark's digest. Only for an observed mark.
+    /// Checks the page in FAM against its mark's keyed code (so a page or mark rewritten by someone
+    /// without the key fails here, on every install path). Only for an observed mark.
     public func verifyPage(slot: Int) throws(ImageError) {
         let offset = pageOffset(slot: slot)
         let address = pageAddresses[slot]
         guard let expected = pageDigest(slot: slot) else {
             throw .pageNotMarked(path: path, slot: slot, address: address)
         }
-        let actual = backend.digest(at: offset, count: ImageLayout.pageSize,
-                                    seed: ImageDigestSeed.page(generation: generation, address: address))
+        let actual = authenticator.markDigest(page: backend.loadBytes(at: offset, count: ImageLayout.pageSize), generation: generation,
+                                              address: address, headerCode: headerCode)
         guard actual == expected else { throw .pageChecksumMismatch(path: path, slot: slot, address: address) }
     }
 

@@ -186,16 +186,16 @@ public struct ImageWriter: Sendable {
         fenceEpoch += 1
     }
 
-    /// Step 4: digest the slot's page as it is in FAM, store its mark and flush the mark's line.
+    /// Step 4: the slot's page code (keyed: `ImageAuthenticator.markDigest`), from the page as it is in
+    /// FAM, stored as its mark; the mark's line flushed.
     public mutating func storeMark(slot: Int) {
         precondition(phase == .created || phase == .metadataCommitted, "storeMark in phase \(phase)")
         precondition(!markedSlots[slot], "mark of page slot \(slot) stored twice")
         // Invariant (1): the page's lines were flushed, and a fence has passed since.
         guard let flushEpoch = pageFlushEpochs[slot] else { preconditionFailure("mark of page slot \(slot) before its page was flushed") }
         precondition(flushEpoch < fenceEpoch, "mark of page slot \(slot) before its flush was fenced")
-        let address = pageAddresses[slot]
-        let digest = backend.digest(at: layout.pageOffset(slot: slot), count: ImageLayout.pageSize,
-                                    seed: ImageDigestSeed.page(generation: generation, address: address))
+        let page = backend.loadBytes(at: layout.pageOffset(slot: slot), count: ImageLayout.pageSize)
+        let digest = authenticator.markDigest(page: page, generation: generation, address: pageAddresses[slot], headerCode: headerCode)
         let markOffset = layout.markOffset(slot: slot)
         // Digest first, tag second, both in one cache line: a reader that sees the tag sees the digest.
         backend.storeUInt64(digest, at: markOffset)
