@@ -170,6 +170,7 @@ public final class Dumper: EngineActor {
                 pageAddresses = try victim.dirtyPageAddresses(mappings: captured.mappings)
             } catch { throw .checkpoint(error) }
             checkpointedState = captured
+            timeline.record(.captured, at: clock.now())
             let oracleStart = clock.now()
             do { try observer?.victimFrozen(processID: victimProcessID, state: captured, pageAddresses: pageAddresses) } catch {
                 throw .aborted("freeze oracle: \(error)")

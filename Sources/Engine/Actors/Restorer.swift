@@ -146,6 +146,7 @@ public final class Restorer: EngineActor {
             guard imageAvailable() else {
                 throw .timedOut("no usable image or process state from the source within \(imageWait); the source failed or is too slow")
             }
+            timeline.record(.imageFound, at: clock.now())
             try openImage()
             timeline.record(.restoreStarted, at: clock.now())
             state = .spawn
@@ -160,9 +161,11 @@ public final class Restorer: EngineActor {
                 return
             } catch { throw .restore(error) }
             restoredProcessID = target!.processID
+            timeline.record(.spawned, at: clock.now())
             state = .layout
         case .layout:
             do { try target!.buildLayout(checkpointedState!) } catch { throw .restore(error) }
+            timeline.record(.layoutBuilt, at: clock.now())
             if case .eager = mode {
                 state = pageAddresses.isEmpty ? .restoreState : .installing(nextSlot: 0)
             } else {
@@ -174,6 +177,7 @@ public final class Restorer: EngineActor {
         case .eagerPages:
             try installEagerPages()
         case .restoreState:
+            timeline.record(.pagesBeforeResumeInstalled, at: clock.now())
             if case .eager = mode {
                 precondition(installedPageCount == pageAddresses.count, "\(pageAddresses.count - installedPageCount) dumped pages not installed")
                 timeline.record(.lastPageInstalled, at: clock.now())
@@ -182,6 +186,7 @@ public final class Restorer: EngineActor {
                 if case .eager = mode { try target!.finishInstalling() }
                 try target!.restoreState(checkpointedState!)
             } catch { throw .restore(error) }
+            timeline.record(.stateRestored, at: clock.now())
             state = .prepare
         case .prepare:
             do {
@@ -194,6 +199,7 @@ public final class Restorer: EngineActor {
             } catch {
                 throw .restore(.oracle("\(error)"))
             }
+            timeline.record(.prepared, at: clock.now())
             state = .resume
         case .resume:
             let target = target!
