@@ -190,10 +190,12 @@ public final class Restorer: EngineActor {
             state = .prepare
         case .prepare:
             do {
-                let restored = try target!.prepareToResume(checkpointedState!)
+                let restored = try target!.prepareToResume(checkpointedState!, readBack: observer != nil)
                 let oracleStart = clock.now()
                 defer { timeline.add(nanoseconds(clock.now() - oracleStart), to: MigrationTimeline.targetOracleNanoseconds) }
-                try observer?.targetReady(processID: target!.processID, checkpointed: checkpointedState!, restored: restored)
+                if let observer, let restored {
+                    try observer.targetReady(processID: target!.processID, checkpointed: checkpointedState!, restored: restored)
+                }
             } catch let error as RestoreError {
                 throw .restore(error)
             } catch {

@@ -61,6 +61,12 @@ enum StateReader {
         return answers
     }
 
+    /// A read-back that was not asked for (no injected answers) reads nothing.
+    static func read(tracees: [Tracee], processID: ProcessID, injected: InjectedAnswers?) throws -> ProcessState? {
+        guard let injected else { return nil }
+        return try read(tracees: tracees, processID: processID, injected: injected, excluding: nil)
+    }
+
     /// Everything else, through ptrace and /proc. Every thread (`tracees`, main first) must be stopped,
     /// traced by the caller's thread.
     static func read(tracees: [Tracee], processID: ProcessID, injected: InjectedAnswers,
