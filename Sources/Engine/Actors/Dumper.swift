@@ -334,7 +334,10 @@ public final class Dumper: EngineActor {
 
     /// First step of a batch: the pages go from the victim into their FAM slots, not yet durable.
     func copy(_ slots: Range<Int>) throws(EngineError) {
-        do { try writer!.copyPagesFromProcess(processID: victimProcessID, slots: slots) } catch {
+        do {
+            if writer!.slotsBeingCopied != slots { writer!.startCopyingPagesFromProcess(processID: victimProcessID, slots: slots) }
+            try writer!.finishCopyingPages()
+        } catch {
             throw .fam("dumping pages \(slots) of pid \(victimProcessID): \(error)")
         }
         unsealed = slots
@@ -343,6 +346,13 @@ public final class Dumper: EngineActor {
     /// Second step: flush the batch's lines, fence, then store and flush each page's mark (fenced by the
     /// next batch's fence, or by `fenceMarks`/`commit`).
     func seal(_ slots: Range<Int>) throws(EngineError) {
+        if case .nonlive = mode, slots.upperBound < pageAddresses.count, writer!.slotsBeingCopied == nil {
+            // The next batch is read from the victim while this one is sealed: the real backend copies on
+            // a thread of its own, so process_vm_readv and the flushes and digests use both cores (a model
+            // copies at once). The next `copy` step waits for it.
+            writer!.startCopyingPagesFromProcess(processID: victimProcessID,
+                                                 slots: slots.upperBound..<min(slots.upperBound + batchPageCount, pageAddresses.count))
+        }
         writer!.flushPages(slots: slots)
         writer!.fence()
         for slot in slots { writer!.storeMark(slot: slot) }

@@ -60,6 +60,13 @@ public final class RealFAM: FAMBackend {
         try mapping.readFromProcess(processID: processID, ranges: ranges)
     }
 
+    /// On a thread of its own: process_vm_readv of the next batch overlaps the flush and digests of the
+    /// one before (both cores work; the nonlive dump's pipeline).
+    public func startStoreFromProcess(processID: ProcessID, ranges: [ProcessReadRange]) -> PendingStore {
+        let mapping = mapping
+        return PendingStore { () throws(SyscallError) in try mapping.readFromProcess(processID: processID, ranges: ranges) }
+    }
+
     public func flush(at byteOffset: Int, count: Int) { mapping.flush(at: byteOffset, count: count) }
     public func fence() { mapping.fence() }
 
