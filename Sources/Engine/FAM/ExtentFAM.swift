@@ -47,6 +47,10 @@ public final class ExtentFAM: FAMBackend, @unchecked Sendable {
         })
     }
 
+    public func startDigests(at byteOffsets: [Int], count: Int, seeds: [UInt64]) -> PendingDigests {
+        base.startDigests(at: byteOffsets.map { moved($0, count) }, count: count, seeds: seeds)
+    }
+
     public func flush(at byteOffset: Int, count: Int) { base.flush(at: moved(byteOffset, count), count: count) }
     public func fence() { base.fence() }
 

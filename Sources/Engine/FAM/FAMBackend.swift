@@ -28,6 +28,10 @@ public protocol FAMBackend: AnyObject, Sendable {
     /// of its own (the real one does) while the caller seals the batch before it. The caller touches none
     /// of those bytes (no flush, no load) before `finish()`. A model does the copy at once.
     func startStoreFromProcess(processID: ProcessID, ranges: [ProcessReadRange]) -> PendingStore
+    /// csys_digest64 of `count` bytes at each offset (with its seed), begun now and finished by
+    /// `PendingDigests.finish()`: the real backend computes them on a thread of its own while the caller
+    /// installs the batch before (the nonlive restore's pipeline); a model computes them at once.
+    func startDigests(at byteOffsets: [Int], count: Int, seeds: [UInt64]) -> PendingDigests
     /// Writes back (clwb) every cache line overlapping the range; not ordered until `fence()`.
     func flush(at byteOffset: Int, count: Int)
     /// Orders every earlier flush before any later store (sfence).
@@ -44,6 +48,49 @@ extension FAMBackend {
     /// At once, on the caller's thread: every backend whose stores must stay in the caller's order.
     public func startStoreFromProcess(processID: ProcessID, ranges: [ProcessReadRange]) -> PendingStore {
         PendingStore(outcome: Result { () throws(SyscallError) in try storeFromProcess(processID: processID, ranges: ranges) })
+    }
+}
+
+extension FAMBackend {
+    /// At once, on the caller's thread.
+    public func startDigests(at byteOffsets: [Int], count: Int, seeds: [UInt64]) -> PendingDigests {
+        precondition(byteOffsets.count == seeds.count, "\(byteOffsets.count) offsets, \(seeds.count) seeds")
+        return PendingDigests(digests: zip(byteOffsets, seeds).map { digest(at: $0, count: count, seed: $1) })
+    }
+}
+
+/// Digests under way (see `FAMBackend.startDigests`); `finish()` waits for them, once.
+public final class PendingDigests: @unchecked Sendable {
+    private final class Box: @unchecked Sendable { var digests: [UInt64] = [] }
+    private var digests: [UInt64]?
+    private var thread: OSThread?
+    private var box: Box?
+
+    init(digests: [UInt64]) { self.digests = digests }
+
+    /// Runs `compute` on a new thread; if no thread can be made, runs it here.
+    init(running compute: @escaping @Sendable () -> [UInt64]) {
+        let box = Box()
+        do {
+            thread = try OSThread(name: "fammig-verify", stackByteCount: 256 << 10) { box.digests = compute() }
+            self.box = box
+        } catch {
+            digests = compute()
+        }
+    }
+
+    /// Dropped unfinished (its owner failed): still wait, so no thread reads FAM after this.
+    deinit { thread?.join() }
+
+    public func finish() -> [UInt64] {
+        if let thread {
+            thread.join()
+            self.thread = nil
+            digests = box?.digests
+        }
+        guard let digests else { preconditionFailure("pending digests finished twice") }
+        self.digests = nil
+        return digests
     }
 }
 
