@@ -162,7 +162,12 @@ public enum StateOracle {
             let slack = wanted.kind == .real ? realTimerSlackMicroseconds : cpuTimerSlackMicroseconds
             let upper = wanted.valueMicroseconds + (wanted.kind == .real ? 0 : cpuTimerTickMicroseconds)
             let lower = wanted.valueMicroseconds > slack ? wanted.valueMicroseconds - slack : 1
-            if got.valueMicroseconds >= lower && got.valueMicroseconds <= upper { continue }
+            if got.valueMicroseconds >= lower && got.valueMicroseconds <= upper {
+                // Read with little left, it may expire before the pending signals are read a moment
+                // later (seen on a loaded machine: SIGALRM pending, the timer read as still running).
+                if got.valueMicroseconds <= slack && restoredPendingSignals.contains(wanted.kind.signal) { mayHaveFired.append(wanted.kind.signal) }
+                continue
+            }
             // Expired meanwhile: a periodic CPU timer was reloaded with its interval; ITIMER_REAL and a
             // one-shot timer are off, their signal pending (else the timer was lost, not expired).
             let expired = wanted.valueMicroseconds <= slack && got.valueMicroseconds <= wanted.intervalMicroseconds

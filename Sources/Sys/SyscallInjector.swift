@@ -61,21 +61,26 @@ public final class SyscallInjector: @unchecked Sendable {
 
     /// Runs one syscall; returns the raw result (negative errno on failure).
     public func raw(_ name: String, _ number: Int, _ arguments: [UInt64]) throws(InjectionError) -> Int64 {
-        let registers = registersFor(number, arguments)
+        let after = try runToTrap(name, registers: registersFor(number, arguments), trapAddress: instructionAddress + trapOffset)
+        injectedCount += 1
+        return after.syscallResult
+    }
+
+    /// Sets `registers`, lets the tracee run, and returns its registers at the int3 whose next
+    /// instruction is `trapAddress`; throws at any other stop but a group-stop.
+    private func runToTrap(_ name: String, registers: GeneralRegisters, trapAddress: UInt64) throws(InjectionError) -> GeneralRegisters {
         do {
             try tracee.setRegisters(registers)
             try tracee.resume()
-            // Ends at the trap after the injected syscall, or throws at any stop but a group-stop.
             while true {
                 let reason = try tracee.waitForStop()
                 switch reason {
                 case .signal(SIGTRAP):
                     let after = try tracee.registers()
-                    guard after.rip == instructionAddress + trapOffset else {
+                    guard after.rip == trapAddress else {
                         throw InjectionError.unexpectedStop(name: name, reason: reason, rip: after.rip)
                     }
-                    injectedCount += 1
-                    return after.syscallResult
+                    return after
                 case .event(_, _):
                     // A group-stop or PTRACE_INTERRUPT from elsewhere: go on.
                     try tracee.resume()
@@ -93,6 +98,82 @@ public final class SyscallInjector: @unchecked Sendable {
         } catch {
             preconditionFailure("unexpected error \(error)")
         }
+    }
+
+    // MARK: Batches: many syscalls, one stop
+
+    /// One syscall of a batch.
+    public struct BatchedCall: Sendable {
+        public var name: String
+        public var number: Int
+        public var arguments: [UInt64]
+        public init(_ name: String, _ number: Int, _ arguments: UInt64...) {
+            precondition(arguments.count <= 6, "a syscall takes at most six arguments")
+            self.name = name
+            self.number = number
+            self.arguments = arguments
+        }
+    }
+
+    /// The loop a batch runs (x86-64): while r13 > 0, load number and six arguments from the 64-byte
+    /// entry at r12, `syscall`, store rax in the entry's last word, r12 += 64, r13 -= 1; then int3.
+    /// Each injected syscall costs two context switches of the tracee and tracer (tens of µs, far more
+    /// across CPUs or on a loaded machine); a batch pays them once.
+    public static let batchLoopCode: [UInt8] = [
+        0x4d, 0x85, 0xed,              // test r13, r13
+        0x74, 0x32,                    // jz done
+        0x49, 0x8b, 0x04, 0x24,        // mov rax, [r12]
+        0x49, 0x8b, 0x7c, 0x24, 0x08,  // mov rdi, [r12+8]
+        0x49, 0x8b, 0x74, 0x24, 0x10,  // mov rsi, [r12+16]
+        0x49, 0x8b, 0x54, 0x24, 0x18,  // mov rdx, [r12+24]
+        0x4d, 0x8b, 0x54, 0x24, 0x20,  // mov r10, [r12+32]
+        0x4d, 0x8b, 0x44, 0x24, 0x28,  // mov r8, [r12+40]
+        0x4d, 0x8b, 0x4c, 0x24, 0x30,  // mov r9, [r12+48]
+        0x0f, 0x05,                    // syscall
+        0x49, 0x89, 0x44, 0x24, 0x38,  // mov [r12+56], rax
+        0x49, 0x83, 0xc4, 0x40,        // add r12, 64
+        0x49, 0xff, 0xcd,              // dec r13
+        0xeb, 0xc9,                    // jmp loop
+        0xcc,                          // done: int3
+    ]
+    /// Bytes of one entry of a batch's table.
+    public static let batchEntryByteCount = 64
+
+    /// Runs `calls` in order with one stop: `batchLoopCode` must be at `codeAddress`, and
+    /// `calls.count * 64` writable bytes at `tableAddress` (both in the tracee, neither used by the
+    /// calls themselves). Returns each call's raw result (negative errno on failure), in order.
+    public func batch(_ calls: [BatchedCall], codeAddress: UInt64, tableAddress: UInt64, memory: ProcessMemory) throws -> [Int64] {
+        if calls.isEmpty { return [] }
+        var table: [UInt8] = []
+        table.reserveCapacity(calls.count * Self.batchEntryByteCount)
+        for call in calls {
+            for word in [UInt64(call.number)] + call.arguments + [UInt64](repeating: 0, count: 7 - call.arguments.count) {
+                LittleEndian.append(word, to: &table)
+            }
+        }
+        precondition(table.count == calls.count * Self.batchEntryByteCount, "a batch entry is not 64 bytes")
+        try memory.write(table, at: tableAddress)
+        var registers = template
+        registers.origRax = UInt64(bitPattern: -1)
+        registers.r12 = tableAddress
+        registers.r13 = UInt64(calls.count)
+        registers.rip = codeAddress
+        let name = "a batch of \(calls.count) (\(calls[0].name) ... \(calls[calls.count - 1].name))"
+        let after = try runToTrap(name, registers: registers, trapAddress: codeAddress + UInt64(Self.batchLoopCode.count))
+        guard after.r13 == 0 else { throw InjectionError.unexpectedStop(name: name, reason: .signal(SIGTRAP), rip: after.rip) }
+        injectedCount += calls.count
+        let words = LittleEndian.words(try memory.read(at: tableAddress, byteCount: table.count), count: calls.count * 8)
+        return (0..<calls.count).map { Int64(bitPattern: words[$0 * 8 + 7]) }
+    }
+
+    /// A batch whose every call must succeed: the first failure throws, named.
+    @discardableResult
+    public func callBatch(_ calls: [BatchedCall], codeAddress: UInt64, tableAddress: UInt64, memory: ProcessMemory) throws -> [UInt64] {
+        let results = try batch(calls, codeAddress: codeAddress, tableAddress: tableAddress, memory: memory)
+        for (call, result) in zip(calls, results) where result < 0 && result > -4096 {
+            throw InjectionError.failed(name: call.name, errno: Int32(-result))
+        }
+        return results.map { UInt64(bitPattern: $0) }
     }
 
     /// Runs one syscall and throws if it failed.

@@ -85,6 +85,14 @@ struct Bench: ParsableCommand {
         var famSyncMedianMicroseconds: Double?
         var sourceAsyncMedianMicroseconds: Double?
         var tcpByteCount: Int
+        /// The downtime step by step: each event from the freeze to the resume, with the milliseconds since
+        /// the one before it, in the order they happened.
+        var downtimeSteps: [DowntimeStep] = []
+    }
+
+    struct DowntimeStep: Codable {
+        var event: String
+        var milliseconds: Double
     }
 
     struct BaselineFigures: Codable {
@@ -172,6 +180,19 @@ struct Bench: ParsableCommand {
                           + columns.map { $0.padding(toLength: 26, withPad: " ", startingAt: 0) }.joined())
                 }
             }
+            for mode in parsedModes {
+                for pushing in (mode == .nonlive ? [true] : parsedPush) {
+                    let group = samples.filter { $0.mebibytes == mebibytes && $0.mode == mode.rawValue && $0.push == pushing }
+                    guard let first = group.first, !first.downtimeSteps.isEmpty else { continue }
+                    // Medians per step, in the order the first repetition saw them.
+                    let steps = first.downtimeSteps.map { step in
+                        let values = group.compactMap { $0.downtimeSteps.first { $0.event == step.event }?.milliseconds }.sorted()
+                        return String(format: "%@ +%.1f", step.event as NSString, values[values.count / 2])
+                    }
+                    print("      downtime of \(mode.rawValue)\(mode == .nonlive ? "" : pushing ? " push on" : " push off") (ms from the freeze, step by step): "
+                          + steps.joined(separator: ", "))
+                }
+            }
             if let bandwidth = baselines.processVMReadvGigabytesPerSecond[mebibytes] {
                 print(String(format: "      process_vm_readv into a FAM-like mapping: %.2f GB/s", bandwidth))
             }
@@ -248,8 +269,22 @@ struct Bench: ParsableCommand {
             dumpGigabytesPerSecond: Double(pageCount * .pageSize) / (pageDump / 1000) / 1e9,
             famSyncMedianMicroseconds: paths[InstallPath.famSync.rawValue],
             sourceAsyncMedianMicroseconds: paths[InstallPath.sourceAsync.rawValue],
-            tcpByteCount: nodes.transportByteCount)
+            tcpByteCount: nodes.transportByteCount,
+            downtimeSteps: downtimeSteps(timeline))
         return (sample, bandwidth)
+    }
+
+    /// Every event between the freeze and the resume, in order, with the time since the previous one.
+    private func downtimeSteps(_ timeline: MigrationTimeline) -> [DowntimeStep] {
+        guard let frozen = timeline.instant(.frozen), let resumed = timeline.instant(.targetResumed) else { return [] }
+        let events = MigrationEvent.allCases.compactMap { event in timeline.instant(event).map { (event, $0) } }
+            .filter { $0.1 >= frozen && $0.1 <= resumed && $0.0 != .frozen }
+            .sorted { $0.1 < $1.1 }
+        var previous = frozen
+        return events.map { event, instant in
+            defer { previous = instant }
+            return DowntimeStep(event: event.rawValue, milliseconds: milliseconds(instant - previous) ?? .nan)
+        }
     }
 
     /// process_vm_readv of every page a dump would take, into a pre-faulted /dev/shm mapping of the

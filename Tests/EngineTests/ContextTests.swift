@@ -152,6 +152,11 @@ extension ProcessTests {
         var awaitingDequeue = reloaded
         awaitingDequeue.context.intervalTimers[0].valueMicroseconds = 0
         #expect(StateOracle.compare(checkpointed: checkpointed, restored: awaitingDequeue).isEmpty)
+        // Read with 1 us left, it expired before the pending signals were read: SIGALRM pending too.
+        var firedAfterItsRead = checkpointed
+        firedAfterItsRead.context.intervalTimers[0].valueMicroseconds = 1
+        firedAfterItsRead.sharedPendingSignals.append(PendingSignal(shared: true, siginfo: [14] + Array(repeating: 0, count: 127)))
+        #expect(StateOracle.compare(checkpointed: checkpointed, restored: firedAfterItsRead).isEmpty)
         var periodicLost = checkpointed
         periodicLost.context.intervalTimers[0].valueMicroseconds = 0
         #expect(StateOracle.compare(checkpointed: checkpointed, restored: periodicLost).map(\.field) == ["interval timer real time left"])

@@ -321,6 +321,54 @@ func flipByte(path: String, at byteOffset: Int) throws {
         #expect(!writer.isMarked(slot: 0))
     }
 
+    /// The nonlive pipeline: one batch is copied (on the real backend's own thread) while the one before
+    /// it is flushed, fenced and marked; every page still reads back as the source's.
+    @Test func copyUnderWayWhileTheBatchBeforeIsSealedRoundTrips() throws {
+        let files = ScratchFiles()
+        defer { files.removeAll() }
+        let source = try SourceMemory(path: files.path("source"))
+        let imagePath = files.path("image")
+        var writer = try writeImage(path: imagePath, source: source, upTo: .metadataCommitted)
+        writer.startCopyingPagesFromProcess(processID: selfProcessID, slots: 0..<3)
+        try writer.finishCopyingPages()
+        writer.startCopyingPagesFromProcess(processID: selfProcessID, slots: 3..<5)
+        #expect(writer.slotsBeingCopied == 3..<5)
+        writer.flushPages(slots: 0..<3)
+        writer.fence()
+        for slot in 0..<3 { writer.storeMark(slot: slot) }
+        try writer.finishCopyingPages()
+        #expect(writer.slotsBeingCopied == nil)
+        writer.flushPages(slots: 3..<5)
+        writer.fence()
+        for slot in 3..<5 { writer.storeMark(slot: slot) }
+        writer.commit()
+
+        let reader = try ImageReader.open(backend: try RealFAM.open(path: imagePath, writable: false), key: testKey, requireComplete: true)
+        for (slot, pageIndex) in dumpedPageIndexes.enumerated() {
+            #expect(reader.loadPage(slot: slot) == SourceMemory.pattern(pageIndex: pageIndex))
+            try reader.verifyPage(slot: slot)
+        }
+    }
+
+    /// A copy begun and refused (pages past the end of their file) throws when it is finished, and
+    /// leaves its batch unmarked, as the one-step copy does.
+    @Test func refusedCopyUnderWayThrowsAtItsFinish() throws {
+        let files = ScratchFiles()
+        defer { files.removeAll() }
+        let sourcePath = files.path("source")
+        let source = try SourceMemory(path: sourcePath)
+        #expect(truncate(sourcePath, off_t(ImageLayout.pageSize)) == 0)
+        let addresses = (0..<3).map { source.address(pageIndex: $0) }
+        let fam = try RealFAM.create(path: files.path("image"), byteCount: ImageLayout.byteCount(metadataByteCount: 0, pageCount: 3), prefault: false)
+        var writer = try ImageWriter.create(backend: fam, generation: 1, metadata: [], pageAddresses: addresses, key: testKey)
+        writer.commitMetadata()
+        writer.startCopyingPagesFromProcess(processID: selfProcessID, slots: 0..<3)
+        let error = #expect(throws: SyscallError.self) { try writer.finishCopyingPages() }
+        #expect(error?.errno == .badAddress)
+        #expect(writer.markedPageCount == 0)
+        #expect(writer.slotsBeingCopied == nil)
+    }
+
     // MARK: The writer's preconditions are the protocol invariants: breaking one traps
 
     @Test func markBeforeItsPageIsFencedTraps() async throws {
@@ -338,6 +386,22 @@ func flipByte(path: String, at byteOffset: Int) throws {
         }
         let standardError = String(decoding: result?.standardErrorContent ?? [], as: UTF8.self)
         #expect(standardError.contains("before its flush was fenced"))
+    }
+
+    @Test func flushOfPagesStillBeingCopiedTraps() async throws {
+        let files = ScratchFiles()
+        defer { files.removeAll() }
+        let sourcePath = files.path("source")
+        let imagePath = files.path("image")
+        let result = await #expect(processExitsWith: .failure, observing: [\.standardErrorContent]) {
+            [sourcePath = sourcePath as String, imagePath = imagePath as String] in
+            let source = try SourceMemory(path: sourcePath)
+            var writer = try writeImage(path: imagePath, source: source, upTo: .metadataCommitted)
+            writer.startCopyingPagesFromProcess(processID: selfProcessID, slots: 0..<3)
+            writer.flushPages(slots: 2..<4)  // slot 2 may still be being written
+        }
+        let standardError = String(decoding: result?.standardErrorContent ?? [], as: UTF8.self)
+        #expect(standardError.contains("while they are still being copied"))
     }
 
     @Test func commitBeforeEveryMarkTraps() async throws {

@@ -44,6 +44,8 @@ public final class Dumper: EngineActor {
     var victim: FrozenVictim?
     public internal(set) var checkpointedState: ProcessState?
     var pageAddresses: [UInt64] = []
+    /// Read before the freeze, for the capture.
+    var mappingFlags: StateReader.MappingFlags?
     var writer: ImageWriter?
     var backend: (any FAMBackend)?
     /// Post-copy: slots the target asked for, served before the background order.
@@ -141,6 +143,8 @@ public final class Dumper: EngineActor {
         case .preflight:
             timeline.record(.started, at: clock.now())
             do { try Preflight.check(victimProcessID) } catch { throw .checkpoint(error) }
+            // Out of the downtime: smaps is slow to read and its flags do not change while the mappings do not.
+            mappingFlags = StateReader.mappingFlags(victimProcessID)
             let estimatedPageCount: Int
             do {
                 estimatedPageCount = try Preflight.estimatedDirtyPageCount(victimProcessID)
@@ -166,10 +170,11 @@ public final class Dumper: EngineActor {
             guard let victim else { preconditionFailure("capture without a frozen victim") }
             let captured: ProcessState
             do {
-                captured = try victim.capture()
+                captured = try victim.capture(mappingFlags: mappingFlags)
                 pageAddresses = try victim.dirtyPageAddresses(mappings: captured.mappings)
             } catch { throw .checkpoint(error) }
             checkpointedState = captured
+            timeline.record(.captured, at: clock.now())
             let oracleStart = clock.now()
             do { try observer?.victimFrozen(processID: victimProcessID, state: captured, pageAddresses: pageAddresses) } catch {
                 throw .aborted("freeze oracle: \(error)")
@@ -189,6 +194,7 @@ public final class Dumper: EngineActor {
                 state = pageAddresses.isEmpty ? .commit : .dumping(nextSlot: 0)
                 return
             }
+            var earlyFailure: SyscallError?
             do {
                 guard var backend else { preconditionFailure("metadata before the FAM was created") }
                 // The victim ran on between the estimate and the freeze: a program that grows fast (or
@@ -202,9 +208,20 @@ public final class Dumper: EngineActor {
                 }
                 var newWriter = try ImageWriter.create(backend: backend, generation: generation, metadata: metadata,
                                                        pageAddresses: pageAddresses, key: key, creator: creator)
-                newWriter.commitMetadata()
+                if case .postcopyFAM = mode {
+                    // Marked before the metadata commit, so a target finds them there at once instead of
+                    // asking for them and waiting for this node within its downtime.
+                    let early = Self.slotsNeededBeforeResume(captured, pageAddresses: pageAddresses)
+                    do throws(SyscallError) {
+                        for run in early { try newWriter.dumpPages(processID: victimProcessID, slots: run) }
+                        timeline.add(early.reduce(0) { $0 + $1.count }, to: "pagesDumped")
+                    } catch { earlyFailure = error }
+                }
+                // Kept also after a failure, so that the abort withdraws the image.
+                if earlyFailure == nil { newWriter.commitMetadata() }
                 writer = newWriter
             } catch { throw .image(error) }
+            if let earlyFailure { throw .fam("dumping the pages the target needs before it resumes: \(earlyFailure)") }
             timeline.record(.metadataCommitted, at: clock.now())
             if case .postcopyFAM(let transport) = mode {
                 do { try transport.send(.metadataCommitted(generation: generation)) } catch {
@@ -250,6 +267,48 @@ public final class Dumper: EngineActor {
     }
 
     // MARK: Post-copy
+
+    /// Runs of slots a post-copy target installs before it resumes (LazyMemory's rule, seen from the
+    /// source): pages outside the memory it registers lazily (private file pages, which userfaultfd
+    /// cannot register on ext4), memfd pages, and the rseq areas the kernel writes at registration. A
+    /// hint: the target still asks for any such page that is not marked when it looks.
+    static func slotsNeededBeforeResume(_ state: ProcessState, pageAddresses: [UInt64]) -> [Range<Int>] {
+        var ranges: [Range<UInt64>] = []
+        for mapping in state.mappings {
+            switch mapping.kind {
+            case .anonymous where !mapping.shared, .heap where !mapping.shared, .stack where !mapping.shared: continue
+            case .sharedMemory(let object) where object.memfdName == nil: continue
+            default: ranges.append(mapping.start..<mapping.end)
+            }
+        }
+        for rseq in state.threads.compactMap(\.rseq) {
+            let firstPage = rseq.address & ~UInt64(ImageLayout.pageSize - 1)
+            ranges.append(firstPage..<((rseq.address + UInt64(max(rseq.byteCount, 1)) + UInt64(ImageLayout.pageSize) - 1) & ~UInt64(ImageLayout.pageSize - 1)))
+        }
+        var runs: [Range<Int>] = []
+        for range in ranges.sorted(by: { $0.lowerBound < $1.lowerBound }) {
+            // pageAddresses is sorted: the slots of a range are one run.
+            let first = firstIndex(notBelow: range.lowerBound, in: pageAddresses)
+            let end = firstIndex(notBelow: range.upperBound, in: pageAddresses)
+            guard first < end else { continue }
+            if let last = runs.last, last.upperBound >= first {
+                runs[runs.count - 1] = last.lowerBound..<max(last.upperBound, end)
+            } else {
+                runs.append(first..<end)
+            }
+        }
+        return runs
+    }
+
+    /// Binary search: the index of the first address >= `address` in sorted `addresses`.
+    private static func firstIndex(notBelow address: UInt64, in addresses: [UInt64]) -> Int {
+        var low = 0, high = addresses.count
+        while low < high {
+            let middle = (low + high) / 2
+            if addresses[middle] < address { low = middle + 1 } else { high = middle }
+        }
+        return low
+    }
 
     /// At most this many frames are taken off the transport per step, so a peer that floods requests
     /// cannot keep the dumper from its own work; the rest wait for the next step.
@@ -333,7 +392,10 @@ public final class Dumper: EngineActor {
 
     /// First step of a batch: the pages go from the victim into their FAM slots, not yet durable.
     func copy(_ slots: Range<Int>) throws(EngineError) {
-        do { try writer!.copyPagesFromProcess(processID: victimProcessID, slots: slots) } catch {
+        do {
+            if writer!.slotsBeingCopied != slots { writer!.startCopyingPagesFromProcess(processID: victimProcessID, slots: slots) }
+            try writer!.finishCopyingPages()
+        } catch {
             throw .fam("dumping pages \(slots) of pid \(victimProcessID): \(error)")
         }
         unsealed = slots
@@ -342,6 +404,13 @@ public final class Dumper: EngineActor {
     /// Second step: flush the batch's lines, fence, then store and flush each page's mark (fenced by the
     /// next batch's fence, or by `fenceMarks`/`commit`).
     func seal(_ slots: Range<Int>) throws(EngineError) {
+        if case .nonlive = mode, slots.upperBound < pageAddresses.count, writer!.slotsBeingCopied == nil {
+            // The next batch is read from the victim while this one is sealed: the real backend copies on
+            // a thread of its own, so process_vm_readv and the flushes and digests use both cores (a model
+            // copies at once). The next `copy` step waits for it.
+            writer!.startCopyingPagesFromProcess(processID: victimProcessID,
+                                                 slots: slots.upperBound..<min(slots.upperBound + batchPageCount, pageAddresses.count))
+        }
         writer!.flushPages(slots: slots)
         writer!.fence()
         for slot in slots { writer!.storeMark(slot: slot) }

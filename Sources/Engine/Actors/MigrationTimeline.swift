@@ -5,6 +5,8 @@ import Synchronization
 public enum MigrationEvent: String, CaseIterable, Sendable, Codable {
     case started, freezeRequested, frozen, metadataCommitted, dumpCommitted, victimReleased
     case restoreStarted, targetResumed, lastPageInstalled
+    /// Finer instants of the downtime, in their order (a report's breakdown of freeze → resume).
+    case captured, imageFound, spawned, layoutBuilt, pagesBeforeResumeInstalled, stateRestored, prepared
 }
 
 public final class MigrationTimeline: Sendable {

@@ -54,6 +54,8 @@ public final class Restorer: EngineActor {
     /// Post-copy: pages that must be in before the process runs, not yet installed.
     var eagerSlotsLeft: Set<Int> = []
     var eagerRequested = false
+    /// Nonlive: the next batch's page digests, under way while this batch is installed.
+    var verificationAhead: PageVerification?
     let handedOver = Mutex<LazyMemory?>(nil)
 
     /// The target's memory, once the process runs (post-copy); the fault handler and pusher read it.
@@ -146,6 +148,7 @@ public final class Restorer: EngineActor {
             guard imageAvailable() else {
                 throw .timedOut("no usable image or process state from the source within \(imageWait); the source failed or is too slow")
             }
+            timeline.record(.imageFound, at: clock.now())
             try openImage()
             timeline.record(.restoreStarted, at: clock.now())
             state = .spawn
@@ -160,9 +163,11 @@ public final class Restorer: EngineActor {
                 return
             } catch { throw .restore(error) }
             restoredProcessID = target!.processID
+            timeline.record(.spawned, at: clock.now())
             state = .layout
         case .layout:
             do { try target!.buildLayout(checkpointedState!) } catch { throw .restore(error) }
+            timeline.record(.layoutBuilt, at: clock.now())
             if case .eager = mode {
                 state = pageAddresses.isEmpty ? .restoreState : .installing(nextSlot: 0)
             } else {
@@ -174,6 +179,7 @@ public final class Restorer: EngineActor {
         case .eagerPages:
             try installEagerPages()
         case .restoreState:
+            timeline.record(.pagesBeforeResumeInstalled, at: clock.now())
             if case .eager = mode {
                 precondition(installedPageCount == pageAddresses.count, "\(pageAddresses.count - installedPageCount) dumped pages not installed")
                 timeline.record(.lastPageInstalled, at: clock.now())
@@ -182,18 +188,22 @@ public final class Restorer: EngineActor {
                 if case .eager = mode { try target!.finishInstalling() }
                 try target!.restoreState(checkpointedState!)
             } catch { throw .restore(error) }
+            timeline.record(.stateRestored, at: clock.now())
             state = .prepare
         case .prepare:
             do {
-                let restored = try target!.prepareToResume(checkpointedState!)
+                let restored = try target!.prepareToResume(checkpointedState!, readBack: observer != nil)
                 let oracleStart = clock.now()
                 defer { timeline.add(nanoseconds(clock.now() - oracleStart), to: MigrationTimeline.targetOracleNanoseconds) }
-                try observer?.targetReady(processID: target!.processID, checkpointed: checkpointedState!, restored: restored)
+                if let observer, let restored {
+                    try observer.targetReady(processID: target!.processID, checkpointed: checkpointedState!, restored: restored)
+                }
             } catch let error as RestoreError {
                 throw .restore(error)
             } catch {
                 throw .restore(.oracle("\(error)"))
             }
+            timeline.record(.prepared, at: clock.now())
             state = .resume
         case .resume:
             let target = target!
@@ -258,12 +268,15 @@ public final class Restorer: EngineActor {
         // Each page against its mark digest, just before it is installed (invariants 3 and 4: its mark
         // observed, nothing used that does not verify); a corrupted page stops the restore, and the
         // target is killed.
-        for slot in slots {
-            guard self.reader!.isMarked(slot: slot) else {
-                throw .image(.pageNotMarked(path: self.reader!.path, slot: slot, address: self.reader!.pageAddresses[slot]))
-            }
-            do { try self.reader!.verifyPage(slot: slot) } catch { throw .image(error) }
-        }
+        do throws(ImageError) {
+            let verification: PageVerification
+            if let ahead = verificationAhead, ahead.slots == slots { verification = ahead } else { verification = try startVerifying(slots) }
+            verificationAhead = nil
+            try verification.finish()
+            // The next batch is digested (on a thread of the real backend) while this one is installed.
+            let next = slots.upperBound..<min(slots.upperBound + batchPageCount, reader!.pageCount)
+            if !next.isEmpty { verificationAhead = try startVerifying(next) }
+        } catch { throw .image(error) }
         let reader = reader!
         // Write runs of pages that are adjacent both in the victim and in FAM with one call each.
         var runStart = slots.lowerBound
@@ -283,6 +296,14 @@ public final class Restorer: EngineActor {
         }
         installedPageCount += slots.count
         state = slots.upperBound == reader.pageCount ? .restoreState : .installing(nextSlot: slots.upperBound)
+    }
+
+    /// Observes each slot's mark, then starts digesting the pages against them.
+    func startVerifying(_ slots: Range<Int>) throws(ImageError) -> PageVerification {
+        for slot in slots {
+            guard reader!.isMarked(slot: slot) else { throw .pageNotMarked(path: reader!.path, slot: slot, address: reader!.pageAddresses[slot]) }
+        }
+        return try reader!.startVerifyingPages(slots: slots)
     }
 
     // MARK: Post-copy

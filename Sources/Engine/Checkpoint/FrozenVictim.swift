@@ -72,9 +72,10 @@ final class FrozenVictim {
     }
 
     /// Reads everything but page contents. Leaves the victim exactly as it was (registers, memory).
-    func capture() throws(CheckpointError) -> ProcessState {
+    /// `mappingFlags`: what the dumper read before the freeze (used if the mappings did not change).
+    func capture(mappingFlags: StateReader.MappingFlags? = nil) throws(CheckpointError) -> ProcessState {
         do {
-            return try captureThrowing()
+            return try captureThrowing(mappingFlags: mappingFlags)
         } catch let error as CheckpointError {
             throw error
         } catch {
@@ -85,12 +86,12 @@ final class FrozenVictim {
 
     /// Refusals found only now (a child forked after the preflight, a dumpable flag prctl cannot set) throw
     /// before anything was written anywhere: the dumper's abort detaches the victim, which runs on.
-    private func captureThrowing() throws -> ProcessState {
+    private func captureThrowing(mappingFlags: StateReader.MappingFlags?) throws -> ProcessState {
         try Preflight.checkNoChildren(processID)
         let registers = try tracee.registers()
         let signalMask = try tracee.signalMask()
         let injected = try injectQueries(registers: registers, signalMask: signalMask)
-        let state = try StateReader.read(tracees: tracees, processID: processID, injected: injected)
+        let state = try StateReader.read(tracees: tracees, processID: processID, injected: injected, mappingFlags: mappingFlags)
         try ContextReader.checkRestorable(state, processID: processID)
         return state
     }

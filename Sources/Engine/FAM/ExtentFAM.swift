@@ -41,6 +41,16 @@ public final class ExtentFAM: FAMBackend, @unchecked Sendable {
         return try base.storeFromProcess(processID: processID, ranges: movedRanges)
     }
 
+    public func startStoreFromProcess(processID: ProcessID, ranges: [ProcessReadRange]) -> PendingStore {
+        base.startStoreFromProcess(processID: processID, ranges: ranges.map { range in
+            (remoteAddress: range.remoteAddress, byteCount: range.byteCount, mappingOffset: moved(range.mappingOffset, range.byteCount))
+        })
+    }
+
+    public func startDigests(at byteOffsets: [Int], count: Int, seeds: [UInt64]) -> PendingDigests {
+        base.startDigests(at: byteOffsets.map { moved($0, count) }, count: count, seeds: seeds)
+    }
+
     public func flush(at byteOffset: Int, count: Int) { base.flush(at: moved(byteOffset, count), count: count) }
     public func fence() { base.fence() }
 

@@ -24,6 +24,14 @@ public protocol FAMBackend: AnyObject, Sendable {
     /// The dump path: process_vm_readv from `processID` straight into FAM. Returns the bytes copied.
     @discardableResult
     func storeFromProcess(processID: ProcessID, ranges: [ProcessReadRange]) throws(SyscallError) -> Int
+    /// The same copy, begun now and finished by `PendingStore.finish()`: a backend may run it on a thread
+    /// of its own (the real one does) while the caller seals the batch before it. The caller touches none
+    /// of those bytes (no flush, no load) before `finish()`. A model does the copy at once.
+    func startStoreFromProcess(processID: ProcessID, ranges: [ProcessReadRange]) -> PendingStore
+    /// csys_digest64 of `count` bytes at each offset (with its seed), begun now and finished by
+    /// `PendingDigests.finish()`: the real backend computes them on a thread of its own while the caller
+    /// installs the batch before (the nonlive restore's pipeline); a model computes them at once.
+    func startDigests(at byteOffsets: [Int], count: Int, seeds: [UInt64]) -> PendingDigests
     /// Writes back (clwb) every cache line overlapping the range; not ordered until `fence()`.
     func flush(at byteOffset: Int, count: Int)
     /// Orders every earlier flush before any later store (sfence).
@@ -34,4 +42,96 @@ public protocol FAMBackend: AnyObject, Sendable {
     func loadUInt64(at byteOffset: Int) -> UInt64
     /// csys_digest64 of `count` bytes (a multiple of 8) as this node sees them.
     func digest(at byteOffset: Int, count: Int, seed: UInt64) -> UInt64
+}
+
+extension FAMBackend {
+    /// At once, on the caller's thread: every backend whose stores must stay in the caller's order.
+    public func startStoreFromProcess(processID: ProcessID, ranges: [ProcessReadRange]) -> PendingStore {
+        PendingStore(outcome: Result { () throws(SyscallError) in try storeFromProcess(processID: processID, ranges: ranges) })
+    }
+}
+
+extension FAMBackend {
+    /// At once, on the caller's thread.
+    public func startDigests(at byteOffsets: [Int], count: Int, seeds: [UInt64]) -> PendingDigests {
+        precondition(byteOffsets.count == seeds.count, "\(byteOffsets.count) offsets, \(seeds.count) seeds")
+        return PendingDigests(digests: zip(byteOffsets, seeds).map { digest(at: $0, count: count, seed: $1) })
+    }
+}
+
+/// Digests under way (see `FAMBackend.startDigests`); `finish()` waits for them, once.
+public final class PendingDigests: @unchecked Sendable {
+    private final class Box: @unchecked Sendable { var digests: [UInt64] = [] }
+    private var digests: [UInt64]?
+    private var thread: OSThread?
+    private var box: Box?
+
+    init(digests: [UInt64]) { self.digests = digests }
+
+    /// Runs `compute` on a new thread; if no thread can be made, runs it here.
+    init(running compute: @escaping @Sendable () -> [UInt64]) {
+        let box = Box()
+        do {
+            thread = try OSThread(name: "fammig-verify", stackByteCount: 256 << 10) { box.digests = compute() }
+            self.box = box
+        } catch {
+            digests = compute()
+        }
+    }
+
+    /// Dropped unfinished (its owner failed): still wait, so no thread reads FAM after this.
+    deinit { thread?.join() }
+
+    public func finish() -> [UInt64] {
+        if let thread {
+            thread.join()
+            self.thread = nil
+            digests = box?.digests
+        }
+        guard let digests else { preconditionFailure("pending digests finished twice") }
+        self.digests = nil
+        return digests
+    }
+}
+
+/// A `storeFromProcess` under way: done already, or running on a thread of its own. `finish()` waits for
+/// it (joining the thread) and gives its outcome; it must be called once, before anything reads, flushes
+/// or frees the bytes it writes.
+public final class PendingStore: @unchecked Sendable {
+    private var outcome: Result<Int, SyscallError>?
+    private var thread: OSThread?
+
+    init(outcome: Result<Int, SyscallError>) { self.outcome = outcome }
+
+    /// Runs `copy` on a new thread; if no thread can be made, runs it here.
+    init(running copy: @escaping @Sendable () throws(SyscallError) -> Int) {
+        let box = OutcomeBox()
+        do {
+            thread = try OSThread(name: "fammig-dump-copy", stackByteCount: 256 << 10) {
+                box.outcome = Result { () throws(SyscallError) in try copy() }
+            }
+            self.box = box
+        } catch {
+            outcome = Result { () throws(SyscallError) in try copy() }
+        }
+    }
+
+    private final class OutcomeBox: @unchecked Sendable { var outcome: Result<Int, SyscallError>? }
+    private var box: OutcomeBox?
+
+    /// Dropped unfinished (its owner failed): still wait, so no thread writes into FAM after this.
+    deinit { thread?.join() }
+
+    /// Waits for the copy; returns the bytes copied or throws its error.
+    @discardableResult
+    public func finish() throws(SyscallError) -> Int {
+        if let thread {
+            thread.join()
+            self.thread = nil
+            outcome = box?.outcome
+        }
+        guard let outcome else { preconditionFailure("a pending FAM store finished twice") }
+        self.outcome = nil
+        return try outcome.get()
+    }
 }

@@ -60,6 +60,20 @@ public final class RealFAM: FAMBackend {
         try mapping.readFromProcess(processID: processID, ranges: ranges)
     }
 
+    /// On a thread of its own: process_vm_readv of the next batch overlaps the flush and digests of the
+    /// one before (both cores work; the nonlive dump's pipeline).
+    public func startStoreFromProcess(processID: ProcessID, ranges: [ProcessReadRange]) -> PendingStore {
+        let mapping = mapping
+        return PendingStore { () throws(SyscallError) in try mapping.readFromProcess(processID: processID, ranges: ranges) }
+    }
+
+    /// On a thread of its own: a restore verifies the next batch while it installs this one.
+    public func startDigests(at byteOffsets: [Int], count: Int, seeds: [UInt64]) -> PendingDigests {
+        precondition(byteOffsets.count == seeds.count, "\(byteOffsets.count) offsets, \(seeds.count) seeds")
+        let mapping = mapping
+        return PendingDigests { zip(byteOffsets, seeds).map { mapping.digest(at: $0, count: count, seed: $1) } }
+    }
+
     public func flush(at byteOffset: Int, count: Int) { mapping.flush(at: byteOffset, count: count) }
     public func fence() { mapping.fence() }
 

@@ -219,6 +219,20 @@ public struct ImageReader: Sendable {
         guard actual == expected else { throw .pageChecksumMismatch(path: path, slot: slot, address: address) }
     }
 
+    /// `verifyPage` for a run of slots, begun now (the backend may digest them on a thread of its own);
+    /// the answer's `finish()` throws for the first page that does not match. Only for observed marks.
+    public func startVerifyingPages(slots: Range<Int>) throws(ImageError) -> PageVerification {
+        var offsets: [Int] = [], seeds: [UInt64] = [], expected: [UInt64] = []
+        for slot in slots {
+            offsets.append(pageOffset(slot: slot))
+            seeds.append(ImageDigestSeed.page(generation: generation, address: pageAddresses[slot]))
+            guard let digest = pageDigest(slot: slot) else { throw .pageNotMarked(path: path, slot: slot, address: pageAddresses[slot]) }
+            expected.append(digest)
+        }
+        return PageVerification(slots: slots, expected: expected, pending: backend.startDigests(at: offsets, count: ImageLayout.pageSize, seeds: seeds),
+                                path: path, pageAddresses: Array(pageAddresses[slots]))
+    }
+
     /// The slot holding the page at `address` (page-aligned), or nil when the image has no such page.
     public func slot(forAddress address: UInt64) -> Int? {
         var lowerSlot = 0
@@ -240,5 +254,21 @@ public struct ImageReader: Sendable {
     /// How many marks are stored now (reads every mark; for inspection, not the fault path).
     public func storedMarkCount() -> Int {
         (0..<pageCount).count(where: { pageDigest(slot: $0) != nil })
+    }
+}
+
+/// Page digests under way against their marks (`ImageReader.startVerifyingPages`).
+public struct PageVerification: Sendable {
+    public let slots: Range<Int>
+    let expected: [UInt64]
+    let pending: PendingDigests
+    let path: String
+    let pageAddresses: [UInt64]
+
+    /// Waits for the digests; throws for the first page whose digest is not its mark's.
+    public func finish() throws(ImageError) {
+        for (index, actual) in pending.finish().enumerated() where actual != expected[index] {
+            throw .pageChecksumMismatch(path: path, slot: slots.lowerBound + index, address: pageAddresses[index])
+        }
     }
 }

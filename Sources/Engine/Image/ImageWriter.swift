@@ -36,6 +36,14 @@ public struct ImageWriter: Sendable {
     private var headerFlushEpoch: Int?
 
     private var path: String { backend.path ?? "FAM" }
+    /// The page copy under way (begun, not finished).
+    private struct PageCopy: Sendable {
+        var slots: Range<Int>
+        var processID: ProcessID
+        var ranges: [ProcessReadRange]
+        var pending: PendingStore?
+    }
+    private var copying: PageCopy?
     private let authenticator: ImageAuthenticator
     /// The header's code, stored in the superblock; the commit code is bound to it.
     private var headerCode: [UInt8] = []
@@ -141,8 +149,16 @@ public struct ImageWriter: Sendable {
     /// Step 1: process_vm_readv the pages of `slots` into their slots, one range per run of adjacent
     /// pages. If a page cannot be read, nothing of the batch is marked; the caller may retry or abort.
     public mutating func copyPagesFromProcess(processID: ProcessID, slots: Range<Int>) throws(SyscallError) {
+        startCopyingPagesFromProcess(processID: processID, slots: slots)
+        try finishCopyingPages()
+    }
+
+    /// Step 1, begun: the copy may run on while the caller seals an earlier batch (the backend decides);
+    /// `finishCopyingPages()` must come before anything else touches these slots. One copy at a time.
+    public mutating func startCopyingPagesFromProcess(processID: ProcessID, slots: Range<Int>) {
         precondition(phase == .created || phase == .metadataCommitted, "dump in phase \(phase)")
         precondition(slots.lowerBound >= 0 && slots.upperBound <= layout.pageCount, "slots \(slots) outside 0..<\(layout.pageCount)")
+        precondition(copying == nil, "a page copy started while \(copying!.slots) is still being copied")
         var ranges: [ProcessReadRange] = []
         for slot in slots {
             precondition(!markedSlots[slot], "page slot \(slot) dumped twice")
@@ -154,17 +170,28 @@ public struct ImageWriter: Sendable {
                 ranges.append((remoteAddress: address, byteCount: ImageLayout.pageSize, mappingOffset: layout.pageOffset(slot: slot)))
             }
         }
-        if ranges.isEmpty { return }
         // A page copied again after an earlier flush is no longer durable until flushed anew.
         for slot in slots { pageFlushEpochs[slot] = nil }
+        let pending = ranges.isEmpty ? nil : backend.startStoreFromProcess(processID: processID, ranges: ranges)
+        copying = PageCopy(slots: slots, processID: processID, ranges: ranges, pending: pending)
+    }
+
+    /// The slots of the copy under way, if any.
+    public var slotsBeingCopied: Range<Int>? { copying?.slots }
+
+    /// Step 1, finished: waits for the copy begun last. process_vm_readv refuses pages the victim may not
+    /// read itself (PROT_NONE); /proc/PID/mem reads them by force. A page neither can read (beyond the
+    /// end of its file) stays an error.
+    public mutating func finishCopyingPages() throws(SyscallError) {
+        guard let copy = copying else { preconditionFailure("finishCopyingPages without a copy under way") }
+        copying = nil
+        guard let pending = copy.pending else { return }
         do {
-            try backend.storeFromProcess(processID: processID, ranges: ranges)
+            try pending.finish()
         } catch where error.errno == .badAddress {
-            // process_vm_readv refuses pages the victim may not read itself (PROT_NONE); /proc/PID/mem
-            // reads them by force. A page neither can read (beyond the end of its file) stays an error.
-            for range in ranges {
+            for range in copy.ranges {
                 let bytes: [UInt8]
-                do { bytes = try readProcessMemory(processID, address: range.remoteAddress, byteCount: range.byteCount) } catch let failure {
+                do { bytes = try readProcessMemory(copy.processID, address: range.remoteAddress, byteCount: range.byteCount) } catch let failure {
                     throw (failure as? SyscallError) ?? error
                 }
                 backend.store(bytes, at: range.mappingOffset)
@@ -175,6 +202,7 @@ public struct ImageWriter: Sendable {
     /// Step 2: write back every line of the slots' pages (not yet ordered: see `fence()`).
     public mutating func flushPages(slots: Range<Int>) {
         precondition(slots.lowerBound >= 0 && slots.upperBound <= layout.pageCount, "slots \(slots) outside 0..<\(layout.pageCount)")
+        precondition(copying.map { !$0.slots.overlaps(slots) } ?? true, "flush of slots \(slots) while they are still being copied")
         if slots.isEmpty { return }
         backend.flush(at: layout.pageOffset(slot: slots.lowerBound), count: slots.count * ImageLayout.pageSize)
         for slot in slots { pageFlushEpochs[slot] = fenceEpoch }
@@ -226,6 +254,7 @@ public struct ImageWriter: Sendable {
         var record = Self.encodedCommitRecord(generation: generation, pageCount: layout.pageCount, marksDigest: marksDigest)
         // The code covers the marks themselves, not only their (unkeyed) checksum.
         let marks = backend.loadBytes(at: layout.marks.offset, count: layout.marksByteCount)
+        precondition(copying == nil, "commit record while pages are still being copied")
         record += Array(authenticator.commitCode(headerCode: headerCode, commitRecord: record, marks: marks))
         precondition(record.count == ImageLayout.commitRecordByteCount, "commit record of \(record.count) bytes")
         backend.store(record, at: layout.commitRecord.offset)
@@ -238,6 +267,8 @@ public struct ImageWriter: Sendable {
     /// Marks the image unusable, durably. Allowed in any phase (a complete image can be withdrawn);
     /// aborting twice does nothing more.
     public mutating func abort() {
+        // A copy still running would write into FAM that may be handed to someone else once withdrawn.
+        if copying != nil { try? finishCopyingPages() }
         if phase == .aborted { return }
         storeState(.aborted)
         phase = .aborted

@@ -332,14 +332,18 @@ final class TargetProcess {
 
     // MARK: Resume
 
-    /// Reads the rebuilt state back for the oracles (while the scratch page still exists), removes the
-    /// scratch page (running its munmap to the syscall-exit stop, since the int3 after it is gone), then
-    /// sets the victim's mask and registers. The target is stopped, about to run the victim's next
-    /// instruction; returns the state read back from it.
-    func prepareToResume(_ state: ProcessState) throws(RestoreError) -> ProcessState {
+    /// With `readBack`, reads the rebuilt state back for the oracles (while the scratch page still
+    /// exists); then removes the scratch page (running its munmap to the syscall-exit stop, since the
+    /// int3 after it is gone) and sets the victim's mask and registers. The target is stopped, about to
+    /// run the victim's next instruction; returns the state read back from it (nil without `readBack`:
+    /// the read-back is some ninety injected syscalls, and only an oracle looks at it, so it is not
+    /// part of the downtime when none does).
+    func prepareToResume(_ state: ProcessState, readBack: Bool) throws(RestoreError) -> ProcessState? {
         do {
-            let injected = try StateReader.injectQueries(injector: injector, threadInjectors: otherThreads.map(\.injector),
-                                                         memory: memory, dataAddress: dataAddress)
+            let injected = readBack
+                ? try StateReader.injectQueries(injector: injector, threadInjectors: otherThreads.map(\.injector),
+                                                memory: memory, dataAddress: dataAddress)
+                : nil
             let result = try injector.callToExitStop("munmap(scratch)", Syscall.munmap, scratchAddress, Self.scratchByteCount)
             guard result == 0 else { throw RestoreError.system("munmap(scratch) failed: \(result)") }
             for (thread, threadTracee) in zip(state.threads, allTracees) {

@@ -9,26 +9,7 @@ extension TargetProcess {
     func restoreState(_ state: ProcessState) throws(RestoreError) {
         do {
             try DescriptorRestorer(injector: injector, memory: memory, dataAddress: dataAddress, processID: processID).restore(state.files)
-            for action in state.signalActions where !action.isDefault {
-                var record: [UInt8] = []
-                for word in [action.handler, action.flags, action.restorer, action.mask] { record.appendLittleEndian(word) }
-                try memory.write(record, at: dataAddress)
-                try injector.call("rt_sigaction(\(action.signal))", Syscall.rtSigaction, UInt64(action.signal), dataAddress, 0, 8)
-            }
-            try injector.call("personality", Syscall.personality, UInt64(state.personality))
-            try memory.write(Array(state.commandName.utf8.prefix(15)) + [0], at: dataAddress)
-            try injector.call("prctl(PR_SET_NAME)", Syscall.prctl, 15, dataAddress)
-            // Always: the stub was started with PDEATHSIG SIGKILL, so that it dies with a crashed restorer.
-            try injector.call("prctl(PR_SET_PDEATHSIG)", Syscall.prctl, 1, UInt64(state.parentDeathSignal))
-            // Limits before credentials: lowering needs nothing, raising a hard limit needs the
-            // restorer's privileges, which the target still has here.
-            for limit in state.resourceLimits {
-                var record: [UInt8] = []
-                record.appendLittleEndian(limit.soft)
-                record.appendLittleEndian(limit.hard)
-                try memory.write(record, at: dataAddress)
-                try injector.call("prlimit64(\(limit.resource))", Syscall.prlimit64, 0, UInt64(limit.resource), dataAddress, 0)
-            }
+            try restoreSignalActionsAndLimits(state)
             // Filters go in while the target still holds every capability (seccomp needs CAP_SYS_ADMIN or
             // no_new_privs); PTRACE_O_SUSPEND_SECCOMP keeps them from judging our later injections.
             for filter in state.seccompFilters {
@@ -75,6 +56,44 @@ extension TargetProcess {
     /// Creates each thread with its old TID: the main thread runs clone3(set_tid) from the scratch page;
     /// the new thread spins there until it is seized and interrupted, then waits, every signal blocked,
     /// for its own state.
+    /// Signal actions, personality, name, parent-death signal and resource limits in one batch of
+    /// injected syscalls (one stop, not some twenty to eighty): every record has its own place in the
+    /// data area, written at once, and the loop's code and table follow them.
+    private func restoreSignalActionsAndLimits(_ state: ProcessState) throws {
+        typealias Call = SyscallInjector.BatchedCall
+        var records: [UInt8] = []
+        var calls: [Call] = []
+        let recordsAddress = dataAddress + 256
+        func place(_ bytes: [UInt8]) -> UInt64 {
+            defer { records += bytes }
+            return recordsAddress + UInt64(records.count)
+        }
+        for action in state.signalActions where !action.isDefault {
+            var record: [UInt8] = []
+            for word in [action.handler, action.flags, action.restorer, action.mask] { record.appendLittleEndian(word) }
+            calls.append(Call("rt_sigaction(\(action.signal))", Syscall.rtSigaction, UInt64(action.signal), place(record), 0, 8))
+        }
+        calls.append(Call("personality", Syscall.personality, UInt64(state.personality)))
+        calls.append(Call("prctl(PR_SET_NAME)", Syscall.prctl, 15, place(Array(state.commandName.utf8.prefix(15)) + [UInt8](repeating: 0, count: 16 - min(15, state.commandName.utf8.count)))))
+        // Always: the stub was started with PDEATHSIG SIGKILL, so that it dies with a crashed restorer.
+        calls.append(Call("prctl(PR_SET_PDEATHSIG)", Syscall.prctl, 1, UInt64(state.parentDeathSignal)))
+        // Limits before credentials: lowering needs nothing, raising a hard limit needs the
+        // restorer's privileges, which the target still has here.
+        for limit in state.resourceLimits {
+            var record: [UInt8] = []
+            record.appendLittleEndian(limit.soft)
+            record.appendLittleEndian(limit.hard)
+            calls.append(Call("prlimit64(\(limit.resource))", Syscall.prlimit64, 0, UInt64(limit.resource), place(record), 0))
+        }
+        let tableAddress = dataAddress + 4 * .pageSize
+        precondition(256 + records.count <= 4 * Int(UInt64.pageSize), "\(records.count) bytes of records overlap the batch table")
+        precondition(tableAddress + UInt64(calls.count * SyscallInjector.batchEntryByteCount) <= scratchAddress + Self.scratchByteCount,
+                     "\(calls.count) injected calls overflow the scratch area")
+        try memory.write(SyscallInjector.batchLoopCode, at: dataAddress)
+        try memory.write(records, at: recordsAddress)
+        try injector.callBatch(calls, codeAddress: dataAddress, tableAddress: tableAddress, memory: memory)
+    }
+
     private func createThreads(_ threads: ArraySlice<ThreadState>) throws {
         guard !threads.isEmpty else { return }
         let codeAddress = scratchAddress + 16

@@ -24,47 +24,107 @@ enum StateReader {
     static func injectQueries(injector: SyscallInjector, threadInjectors: [SyscallInjector], memory: ProcessMemory,
                               dataAddress: UInt64) throws -> InjectedAnswers {
         var answers = InjectedAnswers(brk: 0, actions: [], securebits: 0, parentDeathSignal: 0)
-        answers.brk = try injector.call("brk(0)", Syscall.brk, 0)
-        for signal in Int32(1)...64 where signal != KernelLimits.killSignal && signal != KernelLimits.stopSignal {
-            try injector.call("rt_sigaction(\(signal))", Syscall.rtSigaction, UInt64(signal), 0, dataAddress, 8)
-            let raw = try memory.read(at: dataAddress, byteCount: 32)
+        // The other threads' own queries first, one by one (each thread runs its own).
+        var otherTIDAddresses: [UInt64] = [], otherStacks: [SignalStack] = []
+        for threadInjector in threadInjectors {
+            try threadInjector.call("prctl(PR_GET_TID_ADDRESS)", Syscall.prctl, 40, dataAddress)
+            otherTIDAddresses.append(try memory.read(at: dataAddress, byteCount: 8).littleEndianWord(at: 0))
+            try threadInjector.call("sigaltstack", Syscall.sigaltstack, 0, dataAddress)
+            otherStacks.append(SignalStack(stackT: try memory.read(at: dataAddress, byteCount: 24)))
+        }
+        // The main thread's, all in one batch (one stop instead of some ninety): each answer that comes
+        // through memory has a place of its own in `outputs`, read back at once afterwards.
+        let layout = QueryLayout(dataAddress: dataAddress)
+        let signals = (Int32(1)...64).filter { $0 != KernelLimits.killSignal && $0 != KernelLimits.stopSignal }
+        typealias Call = SyscallInjector.BatchedCall
+        var calls: [Call] = [Call("brk(0)", Syscall.brk, 0)]
+        for (index, signal) in signals.enumerated() {
+            calls.append(Call("rt_sigaction(\(signal))", Syscall.rtSigaction, UInt64(signal), 0, layout.output(QueryLayout.actions + index * 32), 8))
+        }
+        calls.append(Call("prctl(PR_GET_SECUREBITS)", Syscall.prctl, 27))
+        calls.append(Call("prctl(PR_GET_PDEATHSIG)", Syscall.prctl, 2, layout.output(QueryLayout.parentDeathSignal)))
+        for resource in 0..<16 {
+            calls.append(Call("prlimit64(\(resource))", Syscall.prlimit64, 0, UInt64(resource), 0, layout.output(QueryLayout.limits + resource * 16)))
+        }
+        calls.append(Call("prctl(PR_GET_DUMPABLE)", Syscall.prctl, 3))
+        calls.append(Call("prctl(PR_GET_THP_DISABLE)", Syscall.prctl, 42))
+        calls.append(Call("prctl(PR_GET_TID_ADDRESS)", Syscall.prctl, 40, layout.output(QueryLayout.tidAddress)))
+        calls.append(Call("sigaltstack", Syscall.sigaltstack, 0, layout.output(QueryLayout.signalStack)))
+        // Last: ITIMER_REAL runs on while the process is stopped, and the shared pending signals (read
+        // next) should see an expiry that getitimer already counted.
+        for (index, kind) in IntervalTimer.Kind.allCases.enumerated() {
+            calls.append(Call("getitimer(\(kind))", Syscall.getitimer, UInt64(kind.rawValue), layout.output(QueryLayout.timers + index * 32)))
+        }
+        precondition(256 + QueryLayout.outputByteCount <= 4096 && SyscallInjector.batchLoopCode.count <= 256, "query answers overlap the table or the code")
+        precondition(calls.count * SyscallInjector.batchEntryByteCount <= QueryLayout.tableByteCountLimit, "\(calls.count) queries overflow the scratch area")
+        try memory.write(SyscallInjector.batchLoopCode, at: layout.codeAddress)
+        let results = try injector.callBatch(calls, codeAddress: layout.codeAddress, tableAddress: layout.tableAddress, memory: memory)
+        let outputs = try memory.read(at: layout.output(0), byteCount: QueryLayout.outputByteCount)
+        func bytes(_ offset: Int, _ count: Int) -> [UInt8] { Array(outputs[offset..<(offset + count)]) }
+        var resultIndex = 0
+        func nextResult() -> UInt64 { defer { resultIndex += 1 }; return results[resultIndex] }
+
+        answers.brk = nextResult()
+        for (index, signal) in signals.enumerated() {
+            _ = nextResult()
+            let raw = bytes(QueryLayout.actions + index * 32, 32)
             answers.actions.append(SignalAction(signal: signal, handler: raw.littleEndianWord(at: 0),
                                                 flags: raw.littleEndianWord(at: 8), restorer: raw.littleEndianWord(at: 16),
                                                 mask: raw.littleEndianWord(at: 24)))
         }
-        answers.securebits = UInt32(truncatingIfNeeded: try injector.call("prctl(PR_GET_SECUREBITS)", Syscall.prctl, 27))
-        try injector.call("prctl(PR_GET_PDEATHSIG)", Syscall.prctl, 2, dataAddress)
-        answers.parentDeathSignal = Int32(truncatingIfNeeded: try memory.read(at: dataAddress, byteCount: 8).littleEndianWord(at: 0))
+        answers.securebits = UInt32(truncatingIfNeeded: nextResult())
+        _ = nextResult()
+        answers.parentDeathSignal = Int32(truncatingIfNeeded: bytes(QueryLayout.parentDeathSignal, 8).littleEndianWord(at: 0))
         for resource in Int32(0)..<16 {
-            try injector.call("prlimit64(\(resource))", Syscall.prlimit64, 0, UInt64(resource), 0, dataAddress)
-            let raw = try memory.read(at: dataAddress, byteCount: 16)
-            answers.resourceLimits.append(ResourceLimit(resource: resource, soft: raw.littleEndianWord(at: 0),
-                                                        hard: raw.littleEndianWord(at: 8)))
+            _ = nextResult()
+            let raw = bytes(QueryLayout.limits + Int(resource) * 16, 16)
+            answers.resourceLimits.append(ResourceLimit(resource: resource, soft: raw.littleEndianWord(at: 0), hard: raw.littleEndianWord(at: 8)))
         }
-        answers.dumpable = Int32(truncatingIfNeeded: try injector.call("prctl(PR_GET_DUMPABLE)", Syscall.prctl, 3))
-        answers.transparentHugePagesDisabled = UInt32(truncatingIfNeeded: try injector.call("prctl(PR_GET_THP_DISABLE)", Syscall.prctl, 42))
-        for threadInjector in [injector] + threadInjectors {
-            try threadInjector.call("prctl(PR_GET_TID_ADDRESS)", Syscall.prctl, 40, dataAddress)
-            answers.clearChildTIDs.append(try memory.read(at: dataAddress, byteCount: 8).littleEndianWord(at: 0))
-            try threadInjector.call("sigaltstack", Syscall.sigaltstack, 0, dataAddress)
-            answers.signalStacks.append(SignalStack(stackT: try memory.read(at: dataAddress, byteCount: 24)))
-        }
-        // Last: ITIMER_REAL runs on while the process is stopped, and the shared pending signals (read
-        // next) should see an expiry that getitimer already counted.
-        for kind in IntervalTimer.Kind.allCases {
-            try injector.call("getitimer(\(kind))", Syscall.getitimer, UInt64(kind.rawValue), dataAddress)
-            guard let timer = IntervalTimer(kind: kind, itimerval: try memory.read(at: dataAddress, byteCount: 32)) else {
+        answers.dumpable = Int32(truncatingIfNeeded: nextResult())
+        answers.transparentHugePagesDisabled = UInt32(truncatingIfNeeded: nextResult())
+        _ = nextResult()
+        answers.clearChildTIDs = [bytes(QueryLayout.tidAddress, 8).littleEndianWord(at: 0)] + otherTIDAddresses
+        _ = nextResult()
+        answers.signalStacks = [SignalStack(stackT: bytes(QueryLayout.signalStack, 24))] + otherStacks
+        for (index, kind) in IntervalTimer.Kind.allCases.enumerated() {
+            _ = nextResult()
+            guard let timer = IntervalTimer(kind: kind, itimerval: bytes(QueryLayout.timers + index * 32, 32)) else {
                 throw InjectionError.failed(name: "getitimer(\(kind)) answered no valid itimerval", errno: ErrorNumber.invalidArgument)
             }
             answers.intervalTimers.append(timer)
         }
+        precondition(resultIndex == calls.count, "\(calls.count - resultIndex) batched answers not read")
         return answers
+    }
+
+    /// Where the batched queries live in the scratch data area (at least 12 KiB from `dataAddress`,
+    /// writable and executable): the loop's code, the answers that come through memory, the table.
+    struct QueryLayout {
+        let dataAddress: UInt64
+        var codeAddress: UInt64 { dataAddress }
+        var tableAddress: UInt64 { dataAddress + 4096 }
+        func output(_ offset: Int) -> UInt64 { dataAddress + 256 + UInt64(offset) }
+        static let actions = 0                       // 62 struct sigaction of 32 bytes
+        static let parentDeathSignal = 62 * 32       // one int, in 8 bytes
+        static let limits = parentDeathSignal + 8    // 16 struct rlimit of 16 bytes
+        static let tidAddress = limits + 16 * 16     // one pointer
+        static let signalStack = tidAddress + 8      // one stack_t of 24 bytes
+        static let timers = signalStack + 24         // 3 struct itimerval of 32 bytes
+        static let outputByteCount = timers + 3 * 32
+        /// The table fills the rest: 8 KiB, 128 entries.
+        static let tableByteCountLimit = 8 * 1024
+    }
+
+    /// A read-back that was not asked for (no injected answers) reads nothing.
+    static func read(tracees: [Tracee], processID: ProcessID, injected: InjectedAnswers?) throws -> ProcessState? {
+        guard let injected else { return nil }
+        return try read(tracees: tracees, processID: processID, injected: injected, excluding: nil)
     }
 
     /// Everything else, through ptrace and /proc. Every thread (`tracees`, main first) must be stopped,
     /// traced by the caller's thread.
     static func read(tracees: [Tracee], processID: ProcessID, injected: InjectedAnswers,
-                     excluding excludedRange: Range<UInt64>? = nil) throws -> ProcessState {
+                     excluding excludedRange: Range<UInt64>? = nil, mappingFlags: MappingFlags? = nil) throws -> ProcessState {
         let tracee = tracees[0]
         let filters = try tracee.seccompFilters().map { SeccompFilter(program: $0.program, flags: $0.flags) }
         let sharedPending = try tracee.pendingSignals(shared: true).map { PendingSignal(shared: true, siginfo: $0) }
@@ -109,8 +169,8 @@ enum StateReader {
         let personality = UInt32(personalityText.filter { $0.isHexDigit }, radix: 16) ?? 0
         let files = try DescriptorReader.read(processID, contents: true)
         var mappings = try Preflight.mappings(processID)
+        let noReserveStarts = mappingFlags.flatMap { $0.mappings == mappings ? $0.noReserveStarts : nil } ?? Self.noReserveMappingStarts(processID)
         if let excludedRange { mappings.removeAll { excludedRange.contains($0.start) } }
-        let noReserveStarts = Self.noReserveMappingStarts(processID)
         for index in mappings.indices where noReserveStarts.contains(mappings[index].start) { mappings[index].noReserve = true }
         var context = ProcessContext()
         context.workingDirectory = try ContextReader.workingDirectory(processID)
@@ -142,6 +202,24 @@ enum StateReader {
     }
 
     /// Start addresses of the mappings whose VmFlags (/proc/PID/smaps) include "nr" (MAP_NORESERVE).
+    /// Which mappings are MAP_NORESERVE, read while the process still runs: /proc/PID/smaps walks every
+    /// page table to count pages (some 10 ms for 512 MiB here, ten times that on a loaded machine), and
+    /// its VmFlags are the only place that says "nr". Good for a later read only while the mappings
+    /// listed then are the ones listed now (a flag is fixed at mmap; a mapping made or moved since
+    /// changes the list, and smaps is read again).
+    struct MappingFlags: Sendable {
+        let mappings: [Mapping]
+        let noReserveStarts: Set<UInt64>
+    }
+
+    static func mappingFlags(_ processID: ProcessID) -> MappingFlags? {
+        guard let before = try? Preflight.mappings(processID) else { return nil }
+        let starts = noReserveMappingStarts(processID)
+        // A list that changed while smaps was read may pair a flag with the wrong mapping: no snapshot.
+        guard let after = try? Preflight.mappings(processID), after == before else { return nil }
+        return MappingFlags(mappings: before, noReserveStarts: starts)
+    }
+
     static func noReserveMappingStarts(_ processID: ProcessID) -> Set<UInt64> {
         guard let text = try? ProcFS.readText("/proc/\(processID)/smaps") else { return [] }
         var starts = Set<UInt64>()
