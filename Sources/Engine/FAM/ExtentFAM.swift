@@ -47,8 +47,8 @@ public final class ExtentFAM: FAMBackend, @unchecked Sendable {
         })
     }
 
-    public func startDigests(at byteOffsets: [Int], count: Int, seeds: [UInt64]) -> PendingDigests {
-        base.startDigests(at: byteOffsets.map { moved($0, count) }, count: count, seeds: seeds)
+    public func startPageCodes(at byteOffsets: [Int], count: Int, code: @escaping @Sendable (Int, [UInt8]) -> UInt64) -> PendingDigests {
+        base.startPageCodes(at: byteOffsets.map { moved($0, count) }, count: count, code: code)
     }
 
     public func flush(at byteOffset: Int, count: Int) { base.flush(at: moved(byteOffset, count), count: count) }

@@ -28,10 +28,10 @@ public protocol FAMBackend: AnyObject, Sendable {
     /// of its own (the real one does) while the caller seals the batch before it. The caller touches none
     /// of those bytes (no flush, no load) before `finish()`. A model does the copy at once.
     func startStoreFromProcess(processID: ProcessID, ranges: [ProcessReadRange]) -> PendingStore
-    /// csys_digest64 of `count` bytes at each offset (with its seed), begun now and finished by
-    /// `PendingDigests.finish()`: the real backend computes them on a thread of its own while the caller
-    /// installs the batch before (the nonlive restore's pipeline); a model computes them at once.
-    func startDigests(at byteOffsets: [Int], count: Int, seeds: [UInt64]) -> PendingDigests
+    /// `code(index, bytes)` of the `count` bytes at each offset (a page's keyed mark code), begun now and
+    /// finished by `PendingDigests.finish()`: the real backend computes them on a thread of its own while
+    /// the caller installs the batch before (the nonlive restore's pipeline); a model computes them at once.
+    func startPageCodes(at byteOffsets: [Int], count: Int, code: @escaping @Sendable (Int, [UInt8]) -> UInt64) -> PendingDigests
     /// Writes back (clwb) every cache line overlapping the range; not ordered until `fence()`.
     func flush(at byteOffset: Int, count: Int)
     /// Orders every earlier flush before any later store (sfence).
@@ -53,13 +53,12 @@ extension FAMBackend {
 
 extension FAMBackend {
     /// At once, on the caller's thread.
-    public func startDigests(at byteOffsets: [Int], count: Int, seeds: [UInt64]) -> PendingDigests {
-        precondition(byteOffsets.count == seeds.count, "\(byteOffsets.count) offsets, \(seeds.count) seeds")
-        return PendingDigests(digests: zip(byteOffsets, seeds).map { digest(at: $0, count: count, seed: $1) })
+    public func startPageCodes(at byteOffsets: [Int], count: Int, code: @escaping @Sendable (Int, [UInt8]) -> UInt64) -> PendingDigests {
+        PendingDigests(digests: byteOffsets.enumerated().map { code($0.offset, loadBytes(at: $0.element, count: count)) })
     }
 }
 
-/// Digests under way (see `FAMBackend.startDigests`); `finish()` waits for them, once.
+/// Digests under way (see `FAMBackend.startPageCodes`); `finish()` waits for them, once.
 public final class PendingDigests: @unchecked Sendable {
     private final class Box: @unchecked Sendable { var digests: [UInt64] = [] }
     private var digests: [UInt64]?

@@ -68,10 +68,9 @@ public final class RealFAM: FAMBackend {
     }
 
     /// On a thread of its own: a restore verifies the next batch while it installs this one.
-    public func startDigests(at byteOffsets: [Int], count: Int, seeds: [UInt64]) -> PendingDigests {
-        precondition(byteOffsets.count == seeds.count, "\(byteOffsets.count) offsets, \(seeds.count) seeds")
+    public func startPageCodes(at byteOffsets: [Int], count: Int, code: @escaping @Sendable (Int, [UInt8]) -> UInt64) -> PendingDigests {
         let mapping = mapping
-        return PendingDigests { zip(byteOffsets, seeds).map { mapping.digest(at: $0, count: count, seed: $1) } }
+        return PendingDigests { byteOffsets.enumerated().map { code($0.offset, mapping.loadBytes(at: $0.element, count: count)) } }
     }
 
     public func flush(at byteOffset: Int, count: Int) { mapping.flush(at: byteOffset, count: count) }

@@ -219,18 +219,22 @@ public struct ImageReader: Sendable {
         guard actual == expected else { throw .pageChecksumMismatch(path: path, slot: slot, address: address) }
     }
 
-    /// `verifyPage` for a run of slots, begun now (the backend may digest them on a thread of its own);
-    /// the answer's `finish()` throws for the first page that does not match. Only for observed marks.
+    /// `verifyPage` for a run of slots, begun now (the backend may compute the pages' keyed codes on a
+    /// thread of its own); the answer's `finish()` throws for the first page that does not match. Only
+    /// for observed marks.
     public func startVerifyingPages(slots: Range<Int>) throws(ImageError) -> PageVerification {
-        var offsets: [Int] = [], seeds: [UInt64] = [], expected: [UInt64] = []
+        var offsets: [Int] = [], expected: [UInt64] = []
         for slot in slots {
             offsets.append(pageOffset(slot: slot))
-            seeds.append(ImageDigestSeed.page(generation: generation, address: pageAddresses[slot]))
             guard let digest = pageDigest(slot: slot) else { throw .pageNotMarked(path: path, slot: slot, address: pageAddresses[slot]) }
             expected.append(digest)
         }
-        return PageVerification(slots: slots, expected: expected, pending: backend.startDigests(at: offsets, count: ImageLayout.pageSize, seeds: seeds),
-                                path: path, pageAddresses: Array(pageAddresses[slots]))
+        let addresses = Array(pageAddresses[slots])
+        let (authenticator, headerCode, generation) = (authenticator, headerCode, generation)
+        let pending = backend.startPageCodes(at: offsets, count: ImageLayout.pageSize) { index, page in
+            authenticator.markDigest(page: page, generation: generation, address: addresses[index], headerCode: headerCode)
+        }
+        return PageVerification(slots: slots, expected: expected, pending: pending, path: path, pageAddresses: addresses)
     }
 
     /// The slot holding the page at `address` (page-aligned), or nil when the image has no such page.
