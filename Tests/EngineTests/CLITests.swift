@@ -438,7 +438,8 @@ extension ProcessTests {
             #expect(programGone, "the program fammig started still runs")
             let famFiles = ((try? ProcFS.directoryEntries("/dev/shm")) ?? []).filter { $0.hasPrefix("fammig-\(run.processID)-") }
             #expect(famFiles.isEmpty, "FAM files left: \(famFiles)")
-            let newRunDirectories = ((try? ProcFS.directoryEntries("/tmp")) ?? []).filter { $0.hasPrefix("fammig-run-") && !runDirectoriesBefore.contains($0) }
+            // Named after the run's PID: another fammig running meanwhile makes directories of its own.
+            let newRunDirectories = ((try? ProcFS.directoryEntries("/tmp")) ?? []).filter { $0.hasPrefix("fammig-run-\(run.processID)-") && !runDirectoriesBefore.contains($0) }
             #expect(newRunDirectories.isEmpty, "run directories left: \(newRunDirectories)")
         }
     }
