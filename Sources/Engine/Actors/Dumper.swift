@@ -41,7 +41,7 @@ public final class Dumper: EngineActor {
     let creator: ImageCreator
 
     var state = State.preflight
-    var victim: FrozenVictim?
+    var victim: FrozenTree?
     public internal(set) var checkpointedState: ProcessState?
     var pageAddresses: [UInt64] = []
     var writer: ImageWriter?
@@ -103,6 +103,11 @@ public final class Dumper: EngineActor {
         self.logger = logger
     }
 
+    /// Nonlive migrates the victim's whole process tree; post-copy refuses a victim with children.
+    var migratesTrees: Bool {
+        if case .nonlive = mode { true } else { false }
+    }
+
     var transport: (any Transport)? {
         switch mode {
         case .nonlive: nil
@@ -140,7 +145,7 @@ public final class Dumper: EngineActor {
         switch state {
         case .preflight:
             timeline.record(.started, at: clock.now())
-            do { try Preflight.check(victimProcessID) } catch { throw .checkpoint(error) }
+            do { try Preflight.check(victimProcessID, allowingTree: migratesTrees) } catch { throw .checkpoint(error) }
             let estimatedPageCount: Int
             do {
                 estimatedPageCount = try Preflight.estimatedDirtyPageCount(victimProcessID)
@@ -158,7 +163,7 @@ public final class Dumper: EngineActor {
             state = .freeze
         case .freeze:
             timeline.record(.freezeRequested, at: clock.now())
-            do { victim = try FrozenVictim.freeze(victimProcessID) } catch { throw .checkpoint(error) }
+            do { victim = try FrozenTree.freeze(victimProcessID, allowingChildren: migratesTrees) } catch { throw .checkpoint(error) }
             timeline.record(.frozen, at: clock.now())
             logger.debug("victim frozen", metadata: ["pid": "\(victimProcessID)"])
             state = .capture
@@ -167,7 +172,7 @@ public final class Dumper: EngineActor {
             let captured: ProcessState
             do {
                 captured = try victim.capture()
-                pageAddresses = try victim.dirtyPageAddresses(mappings: captured.mappings)
+                pageAddresses = try victim.dirtyPageAddresses(state: captured)
             } catch { throw .checkpoint(error) }
             checkpointedState = captured
             let oracleStart = clock.now()
@@ -333,7 +338,7 @@ public final class Dumper: EngineActor {
 
     /// First step of a batch: the pages go from the victim into their FAM slots, not yet durable.
     func copy(_ slots: Range<Int>) throws(EngineError) {
-        do { try writer!.copyPagesFromProcess(processID: victimProcessID, slots: slots) } catch {
+        do { try copyTreePages(slots, processIDsByOrdinal: victim?.processIDsByOrdinal ?? [victimProcessID]) } catch {
             throw .fam("dumping pages \(slots) of pid \(victimProcessID): \(error)")
         }
         unsealed = slots

@@ -8,7 +8,7 @@ extension TargetProcess {
     /// Descriptors, signal actions, pending signals, personality, rseq, seccomp, credentials, xstate, mask.
     func restoreState(_ state: ProcessState) throws(RestoreError) {
         do {
-            try DescriptorRestorer(injector: injector, memory: memory, dataAddress: dataAddress, processID: processID).restore(state.files)
+            if !descriptorsRestored { try restoreDescriptors(state) }
             for action in state.signalActions where !action.isDefault {
                 var record: [UInt8] = []
                 for word in [action.handler, action.flags, action.restorer, action.mask] { record.appendLittleEndian(word) }
@@ -70,6 +70,13 @@ extension TargetProcess {
         } catch {
             throw RestoreError(error)
         }
+    }
+
+    /// The process's own descriptors (a tree member's inherited ones are already there).
+    func restoreDescriptors(_ state: ProcessState) throws {
+        let own = state.files.filter { inherited?.descriptors.contains($0.descriptor) != true }
+        try DescriptorRestorer(injector: injector, memory: memory, dataAddress: dataAddress, processID: processID).restore(own)
+        descriptorsRestored = true
     }
 
     /// Creates each thread with its old TID: the main thread runs clone3(set_tid) from the scratch page;
