@@ -39,7 +39,7 @@ public final class MigrationOracles: MigrationObserver {
             if case .live(let live) = member { live.threads.compactMap(\.rseq) } else { [] }
         }
         try pages.withLock {
-            try $0.recordFrozen(processIDs: [processID] + state.members.map(\.processID), pageAddresses: pageAddresses, rseq: rseqByOrdinal)
+            try $0.recordFrozen(processIDs: StateOracle.nodeProcessIDs(root: processID, state: state), pageAddresses: pageAddresses, rseq: rseqByOrdinal)
         }
         victim.withLock { $0 = processID }
     }
@@ -78,9 +78,10 @@ public final class MigrationOracles: MigrationObserver {
     public func targetReady(processID: ProcessID, checkpointed: ProcessState, restored: ProcessState) throws {
         var mismatches = StateOracle.compare(checkpointed: checkpointed, restored: restored)
         mismatches += StateOracle.restartsLandOnSyscall(processID: processID, checkpointed: checkpointed, restored: restored)
-        for (expected, actual) in zip(checkpointed.members, restored.members) {
+        let nodeProcessIDs = StateOracle.nodeProcessIDs(root: processID, state: restored)
+        for (index, (expected, actual)) in zip(checkpointed.members, restored.members).enumerated() {
             guard case .live(let expectedState) = expected, case .live(let actualState) = actual else { continue }
-            mismatches += StateOracle.restartsLandOnSyscall(processID: actual.processID, checkpointed: expectedState, restored: actualState)
+            mismatches += StateOracle.restartsLandOnSyscall(processID: nodeProcessIDs[index + 1], checkpointed: expectedState, restored: actualState)
         }
         record(OracleVerdict(name: "registers and state", passed: mismatches.isEmpty,
                              detail: mismatches.isEmpty ? "identical (rseq cpu fields masked)" : mismatches.map(\.description).joined(separator: "; ")))
@@ -89,7 +90,7 @@ public final class MigrationOracles: MigrationObserver {
         if victim.withLock({ $0 }) != nil && !lazyPages.withLock({ $0 }) {
             do {
                 let count = try pages.withLock { (oracle) throws -> Int in
-                    try oracle.verifyTarget(processIDs: [processID] + restored.members.map(\.processID))
+                    try oracle.verifyTarget(processIDs: nodeProcessIDs)
                     return oracle.checkedPageCount
                 }
                 record(OracleVerdict(name: "pages", passed: true, detail: "\(count) pages match the freeze digests"))

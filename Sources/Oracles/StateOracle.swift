@@ -287,7 +287,7 @@ extension StateOracle {
     /// root's parent, and its group and session when it leads neither) are the restorer's: they are
     /// compared as "the root's", never by number.
     static func treeMismatches(checkpointed: ProcessState, restored: ProcessState, into mismatches: inout [StateMismatch]) {
-        guard checkpointed.lineage.sessionID.rawValue != 0 else { return }
+        guard checkpointed.lineage.isRecorded else { return }
         func identity(_ id: ProcessID, in tree: ProcessState) -> String {
             if tree.treeProcessIDs.contains(id) { return "pid \(id)" }
             if id == tree.lineage.processGroupID { return "the root's group from outside the tree" }
@@ -329,5 +329,26 @@ extension StateOracle {
                 mismatches.append(StateMismatch(field: "\(name)", expected: "\(expected)".prefix(40).description, actual: "\(actual)".prefix(40).description))
             }
         }
+    }
+}
+
+extension StateOracle {
+    /// This node's PID of each process of a tree by ordinal (the root's first), found by walking the
+    /// root's descendants in /proc (the oracle's own reading): the records hold the tree's own numbers,
+    /// which differ when the root is pid 1 of a namespace of its own. A process not found keeps its number.
+    public static func nodeProcessIDs(root: ProcessID, state: ProcessState) -> [ProcessID] {
+        guard !state.members.isEmpty else { return [root] }
+        var byOwnNumber: [ProcessID: ProcessID] = [:]
+        var queue = [root]
+        var next = 0
+        while next < queue.count && queue.count <= TreeLimits.processCountMax {
+            let parent = queue[next]
+            next += 1
+            for child in (try? ProcFS.childProcessIDs(parent)) ?? [] {
+                byOwnNumber[(try? ProcFS.innermostProcessID(child)) ?? child] = child
+                queue.append(child)
+            }
+        }
+        return [root] + state.members.map { byOwnNumber[$0.processID] ?? $0.processID }
     }
 }

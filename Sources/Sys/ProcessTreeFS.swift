@@ -16,6 +16,13 @@ public struct ProcessTreeFields: Equatable, Sendable {
     public var exitCode: Int32
     /// The number of PID namespaces it is in (NSpid fields): 1 when it is in the init namespace only.
     public var namespaceDepth: Int
+    /// Its own PID, group and session as its own PID namespace numbers them (the last NSpid, NSpgid,
+    /// NSsid fields; 0 for a group or session from an outer namespace); the fields above otherwise.
+    public var ownProcessID: ProcessID
+    public var ownProcessGroupID: ProcessID
+    public var ownSessionID: ProcessID
+    /// readlink of /proc/PID/ns/pid ("pid:[inode]"), nil when unreadable (a zombie's).
+    public var namespace: String?
 
     public var isZombie: Bool { state == "Z" }
 }
@@ -30,10 +37,17 @@ public enum ProcessTreeFS {
             return value
         }
         guard let state = stat[3]?.first else { throw ProcFSError(path: "/proc/\(processID)/stat", reason: "no state") }
-        let depth = (try? ProcFS.status(processID))?["NSpid"]?.split(whereSeparator: { $0 == " " || $0 == "\t" }).count ?? 1
-        return ProcessTreeFields(state: state, parentProcessID: ProcessID(try number(4)), processGroupID: ProcessID(try number(5)),
-                                 sessionID: ProcessID(try number(6)), exitSignal: try number(38), exitCode: try number(52),
-                                 namespaceDepth: depth)
+        let status = (try? ProcFS.status(processID)) ?? [:]
+        func innermost(_ key: String) -> ProcessID? {
+            status[key]?.split(whereSeparator: { $0 == " " || $0 == "\t" }).last.flatMap { Int32($0) }.map { ProcessID(rawValue: $0) }
+        }
+        let depth = status["NSpid"]?.split(whereSeparator: { $0 == " " || $0 == "\t" }).count ?? 1
+        let group = ProcessID(try number(5)), session = ProcessID(try number(6))
+        return ProcessTreeFields(state: state, parentProcessID: ProcessID(try number(4)), processGroupID: group,
+                                 sessionID: session, exitSignal: try number(38), exitCode: try number(52),
+                                 namespaceDepth: depth, ownProcessID: innermost("NSpid") ?? processID,
+                                 ownProcessGroupID: innermost("NSpgid") ?? group, ownSessionID: innermost("NSsid") ?? session,
+                                 namespace: try? ProcFS.readLink("/proc/\(processID)/ns/pid"))
     }
 
     /// kcmp(KCMP_FILE) across two processes: whether `firstDescriptor` of `first` and `secondDescriptor`

@@ -18,10 +18,10 @@ final class FrozenTree {
     /// are refused as before, by the capture).
     static func freeze(_ processID: ProcessID, allowingChildren: Bool) throws(CheckpointError) -> FrozenTree {
         let tree = FrozenTree(root: try FrozenVictim.freeze(processID))
-        guard allowingChildren, TreePreflight.isInThisNamespace(processID) else { return tree }
+        guard allowingChildren else { return tree }
         tree.root.isTreeMember = true
         do {
-            tree.rootListing = TreeListing(processID: processID, fields: try ProcessTreeFS.fields(processID))
+            tree.rootListing = TreeListing(processID: processID, fields: try ProcessTreeFS.fields(processID), earlier: [])
             var queue = [processID]
             var next = 0
             // Ends when every frozen process's children are listed; the tree is bounded by processCountMax.
@@ -40,7 +40,7 @@ final class FrozenTree {
                         }
                     }
                     frozen?.isTreeMember = true
-                    tree.members.append((TreeListing(processID: child, fields: try ProcessTreeFS.fields(child)), frozen))
+                    tree.members.append((TreeListing(processID: child, fields: try ProcessTreeFS.fields(child), earlier: tree.listing), frozen))
                     if frozen != nil { queue.append(child) }
                 }
             }
@@ -59,12 +59,12 @@ final class FrozenTree {
     func capture() throws(CheckpointError) -> ProcessState {
         var state = try root.capture()
         guard let rootListing else { return state }
-        state.lineage = Self.lineage(rootListing.fields)
+        state.lineage = Self.lineage(rootListing)
         let all = listing
         for (listing, frozen) in members {
-            var lineage = Self.lineage(listing.fields)
+            var lineage = Self.lineage(listing)
             guard let frozen else {
-                state.members.append(.zombie(ZombieProcess(processID: listing.processID, lineage: lineage, waitStatus: listing.fields.exitCode)))
+                state.members.append(.zombie(ZombieProcess(processID: listing.ownProcessID, lineage: lineage, waitStatus: listing.fields.exitCode)))
                 continue
             }
             let inherited = try TreePreflight.inheritance(of: listing, in: all)
@@ -77,12 +77,14 @@ final class FrozenTree {
         return state
     }
 
-    static func lineage(_ fields: ProcessTreeFields) -> ProcessLineage {
+    /// Its place in the tree in the tree's own numbers (TreeListing).
+    static func lineage(_ listing: TreeListing) -> ProcessLineage {
         var lineage = ProcessLineage()
-        lineage.parentProcessID = fields.parentProcessID
-        lineage.processGroupID = fields.processGroupID
-        lineage.sessionID = fields.sessionID
-        lineage.exitSignal = fields.exitSignal
+        lineage.isRecorded = true
+        lineage.parentProcessID = listing.ownParentProcessID
+        lineage.processGroupID = listing.fields.ownProcessGroupID
+        lineage.sessionID = listing.fields.ownSessionID
+        lineage.exitSignal = listing.fields.exitSignal
         return lineage
     }
 
@@ -107,7 +109,8 @@ final class FrozenTree {
         let frozenByProcessID = Dictionary(uniqueKeysWithValues: ([root] + members.compactMap(\.frozen)).map { ($0.processID, $0) })
         for member in members.reversed() {
             member.frozen?.release(kill: true)
-            frozenByProcessID[member.listing.fields.parentProcessID]?.reapChild(member.listing.processID)
+            // wait4 takes the child's number as its parent knows it.
+            frozenByProcessID[member.listing.fields.parentProcessID]?.reapChild(member.listing.ownProcessID)
         }
         root.release(kill: true)
     }

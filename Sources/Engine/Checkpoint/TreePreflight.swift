@@ -4,9 +4,27 @@
 import Sys
 
 /// A process of a tree as /proc lists it, in creation order for the restore (each after its parent).
+/// `processID` is this node's number for it (for /proc, ptrace, kcmp); the tree's own numbers (its
+/// records, its lineage) are those of the root's PID namespace (`fields.own...`, `ownParentProcessID`),
+/// the same unless the root is pid 1 of a namespace of its own.
 struct TreeListing: Equatable {
     var processID: ProcessID
     var fields: ProcessTreeFields
+    /// The parent as the tree numbers it: 0 for a root whose parent is outside its namespace.
+    var ownParentProcessID: ProcessID
+
+    /// `processID`'s entry, its parent found among `earlier` (a root when there is none).
+    init(processID: ProcessID, fields: ProcessTreeFields, earlier: [TreeListing]) {
+        self.processID = processID
+        self.fields = fields
+        if let parent = earlier.first(where: { $0.processID == fields.parentProcessID }) {
+            ownParentProcessID = parent.fields.ownProcessID
+        } else {
+            ownParentProcessID = fields.ownProcessID == processID ? fields.parentProcessID : ProcessID(rawValue: 0)
+        }
+    }
+
+    var ownProcessID: ProcessID { fields.ownProcessID }
 }
 
 enum TreePreflight {
@@ -14,12 +32,6 @@ enum TreePreflight {
     /// checked; throws the first reason it cannot be migrated.
     @discardableResult
     static func check(root: ProcessID) throws(CheckpointError) -> [TreeListing] {
-        // A root in a PID namespace of its own (pid 1 there) migrates alone, as before trees: its
-        // children's numbers are not this node's to give.
-        guard isInThisNamespace(root) else {
-            try Preflight.checkProcess(root, checkingChildren: true)
-            return []
-        }
         try Preflight.checkProcess(root)
         let listing = try list(root: root)
         for process in listing.dropFirst() where !process.fields.isZombie {
@@ -34,15 +46,11 @@ enum TreePreflight {
         return listing
     }
 
-    static func isInThisNamespace(_ processID: ProcessID) -> Bool {
-        (try? ProcFS.innermostProcessID(processID)) == processID
-    }
-
     /// Breadth first from the root; a child that ends meanwhile is listed as the zombie it became.
     static func list(root: ProcessID) throws(CheckpointError) -> [TreeListing] {
         var listing: [TreeListing] = []
         do {
-            listing.append(TreeListing(processID: root, fields: try ProcessTreeFS.fields(root)))
+            listing.append(TreeListing(processID: root, fields: try ProcessTreeFS.fields(root), earlier: []))
             var next = 0
             // Ends when every listed process's children are listed: at most processCountMax of them.
             while next < listing.count {
@@ -53,7 +61,7 @@ enum TreePreflight {
                     guard listing.count < TreeLimits.processCountMax else {
                         throw CheckpointError.unsupportedTree(root, reason: "it has more than \(TreeLimits.processCountMax) processes")
                     }
-                    listing.append(TreeListing(processID: child, fields: try ProcessTreeFS.fields(child)))
+                    listing.append(TreeListing(processID: child, fields: try ProcessTreeFS.fields(child), earlier: listing))
                 }
             }
         } catch let error as CheckpointError {
@@ -65,33 +73,33 @@ enum TreePreflight {
         return listing
     }
 
-    /// Namespaces, shared address spaces, exit statuses, sessions and groups.
+    /// Namespaces, shared address spaces, exit statuses, sessions and groups, in the tree's own numbers.
     static func checkShape(_ listing: [TreeListing]) throws(CheckpointError) {
         let root = listing[0]
         func refuse(_ reason: String) -> CheckpointError { .unsupportedTree(root.processID, reason: reason) }
         var position: [ProcessID: Int] = [:]
-        for (index, process) in listing.enumerated() { position[process.processID] = index }
-        let outside: Set<ProcessID> = [root.fields.processGroupID, root.fields.sessionID]
+        for (index, process) in listing.enumerated() { position[process.ownProcessID] = index }
+        let outside: Set<ProcessID> = [root.fields.ownProcessGroupID, root.fields.ownSessionID]
         for (index, process) in listing.enumerated() where index > 0 {
-            let pid = process.processID, fields = process.fields
-            guard fields.isZombie || (fields.namespaceDepth == root.fields.namespaceDepth && isInThisNamespace(pid)) else {
-                throw refuse("pid \(pid) lives in another PID namespace than this node's")
+            let pid = process.ownProcessID, fields = process.fields
+            guard fields.isZombie || (fields.namespace != nil && fields.namespace == root.fields.namespace) else {
+                throw refuse("pid \(process.processID) lives in another PID namespace than its tree's root")
             }
             if fields.isZombie {
-                guard fields.exitCode & 0x80 == 0 else { throw refuse("zombie \(pid) dumped core (its status cannot be made again)") }
+                guard fields.exitCode & 0x80 == 0 else { throw refuse("zombie \(process.processID) dumped core (its status cannot be made again)") }
                 continue
             }
-            let parent = fields.parentProcessID
-            if (try? ProcessTreeFS.sameAddressSpace(pid, parent)) == true {
-                throw refuse("pid \(pid) shares its parent's address space (a vfork in progress, or clone(CLONE_VM))")
+            let parent = process.ownParentProcessID
+            if (try? ProcessTreeFS.sameAddressSpace(process.processID, fields.parentProcessID)) == true {
+                throw refuse("pid \(process.processID) shares its parent's address space (a vfork in progress, or clone(CLONE_VM))")
             }
-            let session = fields.sessionID, group = fields.processGroupID
-            if session != pid, session != listing[position[parent] ?? 0].fields.sessionID {
-                throw refuse("pid \(pid) stays in session \(session) that its parent \(parent) left")
+            let session = fields.ownSessionID, group = fields.ownProcessGroupID
+            if session != pid, session != listing[position[parent] ?? 0].fields.ownSessionID {
+                throw refuse("pid \(process.processID) stays in session \(session) that its parent left")
             }
             if group != pid, !outside.contains(group) {
                 guard let leader = position[group], leader < index else {
-                    throw refuse("pid \(pid)'s process group \(group) is led by no process of the tree created before it")
+                    throw refuse("pid \(process.processID)'s process group \(group) is led by no process of the tree created before it")
                 }
             }
         }

@@ -10,6 +10,9 @@ final class TargetTree {
     let root: TargetProcess
     /// One per member of the checkpointed state, in its order; nil for a zombie.
     private(set) var members: [TargetProcess?] = []
+    /// This node's number for each member (a zombie's too), in the same order: the tree's own numbers
+    /// (the records') are its root's PID namespace's, which a fresh namespace numbers apart.
+    private var memberNodeProcessIDs: [ProcessID] = []
 
     var processID: ProcessID { root.processID }
     private var live: [TargetProcess] { [root] + members.compactMap { $0 } }
@@ -17,9 +20,6 @@ final class TargetTree {
     private init(root: TargetProcess) { self.root = root }
 
     static func spawn(state: ProcessState, stubPath: String, pidNamespace: PIDNamespace) throws(RestoreError) -> TargetTree {
-        if !state.members.isEmpty, case .fresh = pidNamespace {
-            throw .layout("a process tree restores only into this node's PID namespace, not a fresh one")
-        }
         let others = state.liveMembers.flatMap { $0.mappings.map { ($0.start, $0.end) } }
         return TargetTree(root: try TargetProcess.spawn(state: state, stubPath: stubPath, pidNamespace: pidNamespace, avoiding: others))
     }
@@ -36,13 +36,14 @@ final class TargetTree {
     /// led, and laid out (a zombie ends right there).
     func buildLayout(_ state: ProcessState) throws(RestoreError) {
         try root.buildLayout(state)
-        guard state.lineage.sessionID.rawValue != 0 else { return }
+        guard state.lineage.isRecorded else { return }
         do {
-            try lead(root, state.lineage, parentGroup: nil, rootGroup: nil)
+            try lead(root, ownID: state.processID, state.lineage, parentGroup: nil, rootGroup: nil)
             if state.members.isEmpty { return }
             try root.restoreDescriptors(state)
-            let restoredRootGroup = try ProcessTreeFS.fields(root.processID).processGroupID
-            var byProcessID: [ProcessID: TargetProcess] = [root.processID: root]
+            let restoredRootGroup = try ProcessTreeFS.fields(root.processID).ownProcessGroupID
+            // By the tree's own numbers, which the records use.
+            var byProcessID: [ProcessID: TargetProcess] = [state.processID: root]
             for member in state.members {
                 let lineage = member.lineage
                 guard let parent = byProcessID[lineage.parentProcessID] else {
@@ -50,12 +51,13 @@ final class TargetTree {
                 }
                 let child = try clone(member.processID, from: parent, exitSignal: lineage.exitSignal)
                 members.append(child)
-                let parentGroup = try ProcessTreeFS.fields(parent.processID).processGroupID
-                try lead(child, lineage, parentGroup: parentGroup,
+                memberNodeProcessIDs.append(child.processID)
+                let parentGroup = try ProcessTreeFS.fields(parent.processID).ownProcessGroupID
+                try lead(child, ownID: member.processID, lineage, parentGroup: parentGroup,
                          rootGroup: state.lineage.processGroupID == state.processID ? nil : (state.lineage.processGroupID, restoredRootGroup))
                 switch member {
                 case .zombie(let zombie):
-                    try end(child, status: zombie.waitStatus)
+                    try end(child, ownID: member.processID, status: zombie.waitStatus)
                     members[members.count - 1] = nil
                     try drainChildSignal(parent, signal: lineage.exitSignal)
                 case .live(let memberState):
@@ -75,9 +77,8 @@ final class TargetTree {
     /// setsid for a session leader, setpgid for a group leader or a member of another group than its
     /// parent's. The root's group from outside the tree (`rootGroup`: checkpointed, restored) is the
     /// group the restorer gave the root.
-    private func lead(_ process: TargetProcess, _ lineage: ProcessLineage, parentGroup: ProcessID?,
+    private func lead(_ process: TargetProcess, ownID pid: ProcessID, _ lineage: ProcessLineage, parentGroup: ProcessID?,
                       rootGroup: (ProcessID, ProcessID)?) throws {
-        let pid = process.processID
         if lineage.sessionID == pid {
             try process.injector.call("setsid", Syscall.setsid)
         } else if lineage.processGroupID == pid {
@@ -109,8 +110,11 @@ final class TargetTree {
         let result = try cloneInjector.raw("clone3(process \(processID))", Syscall.clone3, [argumentsAddress, 88])
         if result == -Int64(ErrorNumber.fileExists) { throw RestoreError.processIDInUse(processID) }
         if result < 0 { throw RestoreError.system("clone3 for process \(processID) in \(parent.processID) failed: errno \(-result)") }
-        let created = ProcessID(rawValue: Int32(result))
-        precondition(created == processID, "clone3(set_tid) gave pid \(created), wanted \(processID)")
+        precondition(result == Int64(processID.rawValue), "clone3(set_tid) gave pid \(result), wanted \(processID)")
+        // The parent knows it by the tree's number; ptrace and /proc need this node's.
+        guard let created = try ProcFS.childProcessIDs(parent.processID).first(where: { (try? ProcFS.innermostProcessID($0)) == processID }) else {
+            throw RestoreError.system("process \(processID) was created in \(parent.processID) but is not listed")
+        }
         let tracee = try Tracee.seize(created)
         try tracee.interrupt()
         // Ends at the seize's event stop or the process's death; other stops are resumed past.
@@ -131,7 +135,7 @@ final class TargetTree {
 
     /// Ends a restored zombie with `status`: exit_group(code), or its signal at the default action
     /// with no core (RLIMIT_CORE 0). Its tracer (us) sees the end first, then its parent has a zombie.
-    private func end(_ process: TargetProcess, status: Int32) throws {
+    private func end(_ process: TargetProcess, ownID: ProcessID, status: Int32) throws {
         var registers = process.injector.template
         registers.rip = process.scratchAddress
         registers.origRax = UInt64.max
@@ -147,7 +151,7 @@ final class TargetTree {
             try process.injector.call("prlimit64(RLIMIT_CORE, 0)", Syscall.prlimit64, 0, 4, process.dataAddress, 0)
             try process.tracee.setSignalMask(0)
             registers.rax = UInt64(Syscall.kill)
-            registers.rdi = UInt64(process.processID.rawValue)
+            registers.rdi = UInt64(ownID.rawValue)
             registers.rsi = signal
         }
         try process.tracee.setRegisters(registers)
@@ -216,16 +220,18 @@ final class TargetTree {
     /// what it shares with its parent found again with kcmp on the restored processes themselves.
     func prepareToResume(_ state: ProcessState) throws(RestoreError) -> ProcessState {
         var restored = try root.prepareToResume(state)
-        guard state.lineage.sessionID.rawValue != 0 else { return restored }
+        guard state.lineage.isRecorded else { return restored }
         do {
-            let rootListing = TreeListing(processID: root.processID, fields: try ProcessTreeFS.fields(root.processID))
-            restored.lineage = FrozenTree.lineage(rootListing.fields)
+            let rootListing = TreeListing(processID: root.processID, fields: try ProcessTreeFS.fields(root.processID), earlier: [])
+            restored.lineage = FrozenTree.lineage(rootListing)
             var listing = [rootListing]
-            for member in state.members { listing.append(TreeListing(processID: member.processID, fields: try ProcessTreeFS.fields(member.processID))) }
+            for nodeProcessID in memberNodeProcessIDs {
+                listing.append(TreeListing(processID: nodeProcessID, fields: try ProcessTreeFS.fields(nodeProcessID), earlier: listing))
+            }
             for (index, (member, memberState)) in zip(members, state.members).enumerated() {
-                var lineage = FrozenTree.lineage(listing[index + 1].fields)
+                var lineage = FrozenTree.lineage(listing[index + 1])
                 guard let member, case .live(let live) = memberState else {
-                    restored.members.append(.zombie(ZombieProcess(processID: memberState.processID, lineage: lineage,
+                    restored.members.append(.zombie(ZombieProcess(processID: listing[index + 1].ownProcessID, lineage: lineage,
                                                                   waitStatus: listing[index + 1].fields.isZombie ? listing[index + 1].fields.exitCode : -1)))
                     continue
                 }

@@ -5,6 +5,9 @@ import Sys
 
 /// Where a process sits in its tree, as /proc/PID/stat shows it.
 public struct ProcessLineage: Equatable, Sendable {
+    /// Read at a nonlive freeze (the tree's own numbers, which may be 0 for ids from outside its PID
+    /// namespace); false: nothing recorded (post-copy, or an older checkpoint path), nothing restored.
+    public var isRecorded = false
     public var parentProcessID = ProcessID(rawValue: 0)
     public var processGroupID = ProcessID(rawValue: 0)
     public var sessionID = ProcessID(rawValue: 0)
@@ -93,6 +96,7 @@ extension Syscall {
 
 extension ProcessLineage {
     func encode(into writer: inout BinaryWriter) {
+        writer.writeBool(isRecorded)
         writer.writeInt32(parentProcessID.rawValue)
         writer.writeInt32(processGroupID.rawValue)
         writer.writeInt32(sessionID.rawValue)
@@ -103,6 +107,7 @@ extension ProcessLineage {
 
     static func decode(_ reader: inout BinaryReader) throws(ImageError) -> ProcessLineage {
         var lineage = ProcessLineage()
+        lineage.isRecorded = try reader.readBool()
         lineage.parentProcessID = ProcessID(rawValue: try reader.readInt32())
         lineage.processGroupID = ProcessID(rawValue: try reader.readInt32())
         lineage.sessionID = ProcessID(rawValue: try reader.readInt32())
