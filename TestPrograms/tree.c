@@ -25,6 +25,8 @@
  *   pidns  one more child, the first of its own PID namespace, asleep;
  *   vfork  a thread of the parent vforks a child that sleeps until the end
  *          (a vfork in progress: the child shares the parent's memory).
+ * and what migrates too: dup  B duplicates its inherited stdout as fd 9 (a
+ * dup of an inherited description: still the parent's one).
  */
 #define _GNU_SOURCE
 #include "common.h"
@@ -58,6 +60,7 @@ static int pipe_fd[2];
 static int log_fd;
 
 static volatile int vfork_quit;
+static int b_duplicates_stdout;
 
 /* Sleeps in vfork's child (sharing the parent's memory) until the parent says so. */
 static void *vfork_thread(void *arg)
@@ -178,6 +181,8 @@ static void worker_process(int worker, uint64_t seed, pid_t parent)
     if (worker == W_B) {
         if (setpgid(0, 0) != 0)
             _exit(TP_EXIT_SYSERR);
+        if (b_duplicates_stdout && dup2(1, 9) != 9)
+            _exit(TP_EXIT_SYSERR);
         serve(W_B, seed, parent);
         _exit(21);
     }
@@ -235,15 +240,16 @@ int main(int argc, char **argv)
         { "seed",     &seed,     0, UINT64_MAX, "seed of the workers' steps" },
     };
     const char *with = "none";
-    static const char *const with_choices[] = { "none", "pidns", "vfork", NULL };
+    static const char *const with_choices[] = { "none", "pidns", "vfork", "dup", NULL };
     struct tp_stropt sopts[] = {
-        { "with", &with, with_choices, "what to add that a migrator must refuse: none, pidns, vfork" },
+        { "with", &with, with_choices, "what to add: none, pidns or vfork (refused), dup (migrates)" },
     };
     tp_parse_args_with_strings(argc, argv,
                   "A parent with workers in their own group and session, a grandchild, a threaded child and two "
                   "zombies, sharing memory, a pipe and a memfd; each round every worker takes one step.",
                   opts, TP_NOPTS(opts), sopts, TP_NOPTS(sopts));
 
+    b_duplicates_stdout = strcmp(with, "dup") == 0;
     sh = mmap(NULL, sizeof *sh, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     if (sh == MAP_FAILED)
         tp_syserr("mmap shared");

@@ -34,9 +34,11 @@ extension ProcessTests {
         /// `fammig run --mode nonlive`: the migrated tree ends with the reference run's checksum (every
         /// worker answered every round from its own restored state, found its parent, group and session,
         /// read the pipe's buffered word, moved the memfd's one offset; the zombies were reaped with
-        /// their statuses), and the state oracle compared every process of the tree.
-        @Test(arguments: ["tree-static", "tree"]) func treeMigratesNonlive(_ program: String) throws {
-            try migrateProgram(program, arguments: ["--rounds", "60", "--pause-us", "10000"],
+        /// their statuses), and the state oracle compared every process of the tree. `--with dup`: B holds
+        /// a dup of its inherited stdout (restored as a dup of the inherited description).
+        @Test(arguments: [("tree-static", "none"), ("tree", "none"), ("tree-static", "dup")])
+        func treeMigratesNonlive(_ program: String, _ with: String) throws {
+            try migrateProgram(program, arguments: ["--rounds", "60", "--pause-us", "10000", "--with", with],
                                runOptions: ["--mode", "nonlive", "--after-ms", "300"], timeout: .seconds(90)) { report, _ in
                 #expect(report.error == nil)
                 #expect(report.programStatus == "exited with status 0")

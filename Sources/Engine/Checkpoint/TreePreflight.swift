@@ -118,11 +118,17 @@ enum TreePreflight {
             let parentDescriptors = Set(try ProcFS.descriptors(parent))
             var othersDescriptors: [ProcessID: [Int32]] = [:]
             for other in others { othersDescriptors[other] = try ProcFS.descriptors(other) }
-            for descriptor in try ProcFS.descriptors(pid) {
-                if parentDescriptors.contains(descriptor), try ProcessTreeFS.sameOpenFile(parent, descriptor, pid, descriptor) {
-                    descriptors.append(descriptor)
-                    continue
+            let own = try ProcFS.descriptors(pid)
+            for descriptor in own where parentDescriptors.contains(descriptor) {
+                if try ProcessTreeFS.sameOpenFile(parent, descriptor, pid, descriptor) { descriptors.append(descriptor) }
+            }
+            for descriptor in own where !descriptors.contains(descriptor) {
+                // A dup of an inherited descriptor is restored as a dup of it (DescriptorRestorer), one description.
+                var isDuplicateOfInherited = false
+                for inherited in descriptors where try ProcessTreeFS.sameOpenFile(pid, inherited, pid, descriptor) {
+                    isDuplicateOfInherited = true
                 }
+                if isDuplicateOfInherited { continue }
                 for other in others {
                     for theirs in othersDescriptors[other] ?? [] where try ProcessTreeFS.sameOpenFile(other, theirs, pid, descriptor) {
                         throw CheckpointError.unsupportedTree(root, reason: "fd \(descriptor) of pid \(pid) is one open file description with fd \(theirs) of pid \(other), not inherited at the same number from its parent (only those stay shared)")
