@@ -148,7 +148,8 @@ public final class Dumper: EngineActor {
             do { try Preflight.check(victimProcessID, allowingTree: migratesTrees) } catch { throw .checkpoint(error) }
             let estimatedPageCount: Int
             do {
-                estimatedPageCount = try Preflight.estimatedDirtyPageCount(victimProcessID)
+                estimatedPageCount = migratesTrees ? try TreePreflight.estimatedDirtyPageCount(root: victimProcessID)
+                    : try Preflight.estimatedDirtyPageCount(victimProcessID)
             } catch { throw .checkpoint(error) }
             // The victim still runs and may touch more pages before the freeze: leave a margin.
             let plannedPageCount = estimatedPageCount + estimatedPageCount / 8 + 256

@@ -46,6 +46,16 @@ enum TreePreflight {
         return listing
     }
 
+    /// How many pages a dump of the whole tree would take now (a plan for the FAM's size, so that it is
+    /// not made again during the downtime); a member that ends meanwhile counts nothing.
+    static func estimatedDirtyPageCount(root: ProcessID) throws(CheckpointError) -> Int {
+        var count = try Preflight.estimatedDirtyPageCount(root)
+        for process in try list(root: root).dropFirst() where !process.fields.isZombie {
+            count += (try? Preflight.estimatedDirtyPageCount(process.processID)) ?? 0
+        }
+        return count
+    }
+
     /// Breadth first from the root; a child that ends meanwhile is listed as the zombie it became.
     static func list(root: ProcessID) throws(CheckpointError) -> [TreeListing] {
         var listing: [TreeListing] = []
