@@ -34,7 +34,13 @@ public final class MigrationOracles: MigrationObserver {
     public func record(_ verdict: OracleVerdict) { verdictList.withLock { $0.append(verdict) } }
 
     public func victimFrozen(processID: ProcessID, state: ProcessState, pageAddresses: [UInt64]) throws {
-        try pages.withLock { try $0.recordFrozen(processID: processID, pageAddresses: pageAddresses, rseq: state.threads.compactMap(\.rseq)) }
+        // A tree's pages carry their process's ordinal (TreePageAddress): each is read from its own process.
+        let rseqByOrdinal = [state.threads.compactMap(\.rseq)] + state.members.map { member -> [RseqConfiguration] in
+            if case .live(let live) = member { live.threads.compactMap(\.rseq) } else { [] }
+        }
+        try pages.withLock {
+            try $0.recordFrozen(processIDs: StateOracle.nodeProcessIDs(root: processID, state: state), pageAddresses: pageAddresses, rseq: rseqByOrdinal)
+        }
         victim.withLock { $0 = processID }
     }
 
@@ -72,6 +78,11 @@ public final class MigrationOracles: MigrationObserver {
     public func targetReady(processID: ProcessID, checkpointed: ProcessState, restored: ProcessState) throws {
         var mismatches = StateOracle.compare(checkpointed: checkpointed, restored: restored)
         mismatches += StateOracle.restartsLandOnSyscall(processID: processID, checkpointed: checkpointed, restored: restored)
+        let nodeProcessIDs = StateOracle.nodeProcessIDs(root: processID, state: restored)
+        for (index, (expected, actual)) in zip(checkpointed.members, restored.members).enumerated() {
+            guard case .live(let expectedState) = expected, case .live(let actualState) = actual else { continue }
+            mismatches += StateOracle.restartsLandOnSyscall(processID: nodeProcessIDs[index + 1], checkpointed: expectedState, restored: actualState)
+        }
         record(OracleVerdict(name: "registers and state", passed: mismatches.isEmpty,
                              detail: mismatches.isEmpty ? "identical (rseq cpu fields masked)" : mismatches.map(\.description).joined(separator: "; ")))
         // Pages are compared only when this process also saw the freeze (fammig run); a standalone
@@ -79,7 +90,7 @@ public final class MigrationOracles: MigrationObserver {
         if victim.withLock({ $0 }) != nil && !lazyPages.withLock({ $0 }) {
             do {
                 let count = try pages.withLock { (oracle) throws -> Int in
-                    try oracle.verifyTarget(processID: processID)
+                    try oracle.verifyTarget(processIDs: nodeProcessIDs)
                     return oracle.checkedPageCount
                 }
                 record(OracleVerdict(name: "pages", passed: true, detail: "\(count) pages match the freeze digests"))

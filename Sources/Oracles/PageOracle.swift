@@ -21,15 +21,29 @@ public final class PageOracle: @unchecked Sendable {
 
     /// Digests every page of `pageAddresses` in the frozen process.
     public func recordFrozen(processID: ProcessID, pageAddresses: [UInt64], rseq: [RseqConfiguration]) throws {
-        maskedRanges = rseq.flatMap { Self.rseqCPUFields($0) }
-        let memory = try ProcessMemory(processID, writable: false)
-        defer { memory.close() }
+        try recordFrozen(processIDs: [processID], pageAddresses: pageAddresses, rseq: [rseq])
+    }
+
+    /// Digests every page of a frozen tree: a page address carries the ordinal of its process
+    /// (TreePageAddress; `processIDs` and `rseq` are by ordinal), and is read from that process.
+    public func recordFrozen(processIDs: [ProcessID], pageAddresses: [UInt64], rseq: [[RseqConfiguration]]) throws {
+        maskedRanges = rseq.enumerated().flatMap { ordinal, configurations in
+            configurations.flatMap { Self.rseqCPUFields($0) }.map {
+                (TreePageAddress.tagged($0.0, ordinal: ordinal), TreePageAddress.tagged($0.1, ordinal: ordinal))
+            }
+        }
         digests.reserveCapacity(pageAddresses.count)
-        try Self.forEachRun(pageAddresses) { start, pageCount in
-            let bytes = try memory.read(at: start, byteCount: pageCount * .pageSize)
-            for index in 0..<pageCount {
-                let address = start + UInt64(index) * .pageSize
-                digests[address] = digestPage(bytes, offset: index * .pageSize, address: address)
+        for (ordinal, processID) in processIDs.enumerated() {
+            let own = pageAddresses.filter { TreePageAddress.ordinal(of: $0) == ordinal }
+            if own.isEmpty { continue }
+            let memory = try ProcessMemory(processID, writable: false)
+            defer { memory.close() }
+            try Self.forEachRun(own) { start, pageCount in
+                let bytes = try memory.read(at: TreePageAddress.address(of: start), byteCount: pageCount * .pageSize)
+                for index in 0..<pageCount {
+                    let address = start + UInt64(index) * .pageSize
+                    digests[address] = digestPage(bytes, offset: index * .pageSize, address: address)
+                }
             }
         }
     }
@@ -37,10 +51,19 @@ public final class PageOracle: @unchecked Sendable {
     /// Reads recorded pages back from the target and compares; throws on the first mismatch. Without
     /// `addresses`, every recorded page (a nonlive target holds them all before it runs).
     public func verifyTarget(processID: ProcessID, addresses requested: [UInt64]? = nil) throws {
+        try verifyTarget(processIDs: [processID], addresses: requested)
+    }
+
+    /// The same for a tree: each page read back from the process of its ordinal (`processIDs`).
+    public func verifyTarget(processIDs: [ProcessID], addresses requested: [UInt64]? = nil) throws {
         if requested == nil { checkedPageCount = 0 }
         let addresses = requested ?? digests.keys.sorted()
         try Self.forEachRun(addresses) { start, pageCount in
-            let bytes = try readProcessMemory(processID, address: start, byteCount: pageCount * .pageSize)
+            let ordinal = TreePageAddress.ordinal(of: start)
+            guard ordinal < processIDs.count else {
+                throw PageMismatch(address: start, reason: "its process (ordinal \(ordinal) of the tree) was not restored")
+            }
+            let bytes = try readProcessMemory(processIDs[ordinal], address: TreePageAddress.address(of: start), byteCount: pageCount * .pageSize)
             for index in 0..<pageCount {
                 let address = start + UInt64(index) * .pageSize
                 guard digestPage(bytes, offset: index * .pageSize, address: address) == digests[address] else {

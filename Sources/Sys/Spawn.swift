@@ -158,11 +158,20 @@ public enum Spawn {
     /// zombie until its tracer waits for it, and the leader (and, for pid 1 of a namespace, the whole
     /// namespace) cannot go before it. Returns the leader's status, nil if it was not ours to reap.
     @discardableResult
+    /// So are the processes of its tree this process traces (a tree frozen by a source that died): each
+    /// stays a zombie until waited for here, and a namespace's pid 1 waits for them.
     public static func killAndReap(_ processID: ProcessID, limit: Duration = .seconds(10)) -> ExitStatus? {
+        let descendants = descendantProcessIDs(processID)
         kill(processID)
         let clock = ContinuousClock()
         let start = clock.now
         while clock.now - start < limit {
+            for descendant in descendants {
+                for thread in (try? ProcFS.threadIDs(descendant)) ?? [descendant] {
+                    var status: Int32 = 0
+                    _ = waitpid(thread.rawValue, &status, __WALL | WNOHANG)
+                }
+            }
             let threads = (try? ProcFS.threadIDs(processID)) ?? []
             for thread in threads where thread != processID {
                 var status: Int32 = 0
@@ -179,6 +188,20 @@ public enum Spawn {
             usleep(200)
         }
         return nil
+    }
+
+    /// Every descendant of a process (children first listed, then theirs), at most 4096.
+    public static func descendantProcessIDs(_ processID: ProcessID) -> [ProcessID] {
+        var found: [ProcessID] = []
+        var queue = [processID]
+        var next = 0
+        while next < queue.count && found.count < 4096 {
+            let children = (try? ProcFS.childProcessIDs(queue[next])) ?? []
+            next += 1
+            found += children
+            queue += children
+        }
+        return found
     }
 
     /// The number of CPUs online.

@@ -37,7 +37,7 @@ public enum Report {
         var lines = [String(format: "%d iterations in %.1f s (%.1f per second): %d passed, %d failed, %d environment errors",
                             results.count, seconds, Double(results.count) / max(seconds, 0.001), passed, failed, errors)]
         let refused = results.filter { $0.passed && $0.outcome.hasPrefix("refused before the freeze") }.count
-        if refused > 0 { lines.append("  \(refused) refused before the freeze, untouched (the workload held what fammig does not migrate)") }
+        if refused > 0 { lines.append("  \(refused) refused before the freeze, untouched (a workload held what fammig does not migrate, or a program post-copy refuses by design: a process tree)") }
         for mode in MigrationMode.allCases {
             let ofMode = results.filter { $0.scenario.mode == mode }
             guard !ofMode.isEmpty else { continue }

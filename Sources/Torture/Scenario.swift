@@ -15,6 +15,9 @@ public struct ProgramSpec: Sendable {
     /// The option that puts the program's own files in a directory torture gives it (removed after each
     /// iteration: a program killed by a failed migration never removes them itself).
     public var fileDirectoryOption: String? = nil
+    /// A program that post-copy refuses before the freeze (a process tree): in a post-copy iteration that
+    /// refusal, with the program left untouched, is the right outcome.
+    public var refusedInPostcopy = false
 
     public static let catalog: [ProgramSpec] = [
         ProgramSpec(name: "memwalk", binary: "memwalk-static",
@@ -64,6 +67,8 @@ public struct ProgramSpec: Sendable {
                     fileDirectoryOption: "--dir"),
         ProgramSpec(name: "sharedmem", binary: "sharedmem-static",
                     arguments: { ["--rounds", "\(8 + 8 * $0)", "--pause-us", "0"] }, steps: { 8 + 8 * $0 }),
+        ProgramSpec(name: "tree", binary: "tree-static",
+                    arguments: { ["--rounds", "\(8 + 8 * $0)", "--pause-us", "0"] }, steps: { 8 + 8 * $0 }, refusedInPostcopy: true),
     ]
 
     public static func named(_ name: String) -> ProgramSpec? { (catalog + optIn).first { $0.name == name } }

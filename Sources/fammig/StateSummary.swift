@@ -6,7 +6,8 @@ enum StateSummary {
     static func lines(_ state: ProcessState) -> [String] {
         let thread = state.mainThread
         var lines = [
-            "process         pid \(state.processID), \(state.executablePath)",
+            "process         pid \(state.processID), \(state.executablePath)"
+                + (state.lineage.isRecorded ? ", group \(state.lineage.processGroupID), session \(state.lineage.sessionID)" : ""),
             "registers       rip \(hex(thread.registers.rip)) rsp \(hex(thread.registers.rsp)) fs_base \(hex(thread.registers.fsBase))"
                 + (thread.registers.interruptedSyscallRestartCode != nil ? " (inside syscall \(thread.registers.origRax))" : ""),
             "xstate          \(thread.extendedState.count) bytes",
@@ -29,6 +30,19 @@ enum StateSummary {
         }
         lines.append("files           \(state.files.count)")
         for file in state.files { lines.append("  fd \(file.descriptor) \(file.kind.name) \(file.path) at \(file.position)") }
+        if !state.members.isEmpty {
+            lines.append("tree            \(state.members.count + 1) processes, \(state.members.count - state.liveMembers.count) zombies")
+            for member in state.members {
+                let lineage = member.lineage
+                let what: String
+                switch member {
+                case .live(let live): what = "\(live.threads.count) thread\(live.threads.count == 1 ? "" : "s"), \(live.mappings.count) mappings, "
+                    + "\(live.files.count) files (\(lineage.inheritedDescriptors.count) inherited), \(lineage.inheritedMappingStarts.count) shared mappings inherited"
+                case .zombie(let zombie): what = "zombie, wait status \(hex(UInt64(UInt32(bitPattern: zombie.waitStatus))))"
+                }
+                lines.append("  pid \(member.processID) parent \(lineage.parentProcessID) group \(lineage.processGroupID) session \(lineage.sessionID): \(what)")
+            }
+        }
         return lines
     }
 }

@@ -26,10 +26,10 @@ func untouchedProblem(_ processID: ProcessID) -> String? {
 
 extension ProcessTests {
     @Suite(.serialized) struct TreeRefusalTests {
-        /// `checkpoint` (nonlive) and `source` (both post-copy modes) refuse a parent with a child before
-        /// the freeze; both processes run on, never stopped or traced, and the parent still finishes with
-        /// its child (it checks the child every round, and reaps it at the end).
-        @Test(arguments: ["nonlive", "postcopy-socket", "postcopy-fam"]) func parentWithChildIsRefusedAndKeepsRunning(_ mode: String) throws {
+        /// `source` (both post-copy modes: trees migrate only nonlive, ProcessTreeTests) refuses a parent
+        /// with a child before the freeze; both processes run on, never stopped or traced, and the parent
+        /// still finishes with its child (it checks the child every round, and reaps it at the end).
+        @Test(arguments: ["postcopy-socket", "postcopy-fam"]) func parentWithChildIsRefusedAndKeepsRunning(_ mode: String) throws {
             let program = try TestPaths.testProgram("forker-static")
             let directory = try ScratchDirectory(under: "/dev/shm")
             defer { directory.remove() }
@@ -113,9 +113,9 @@ extension ProcessTests {
                     == reference.standardOutput.split(separator: "\n").last.map(String.init))
         }
 
-        /// `fammig run` refuses it in every mode with the same message (and, as always after a refusal,
-        /// ends the program it started: the child dies with its parent).
-        @Test(arguments: ["nonlive", "postcopy-socket", "postcopy-fam"]) func runRefusesParentWithChild(_ mode: String) throws {
+        /// `fammig run` refuses it in both post-copy modes with the same message (and, as always after a
+        /// refusal, ends the program it started: the child dies with its parent).
+        @Test(arguments: ["postcopy-socket", "postcopy-fam"]) func runRefusesParentWithChild(_ mode: String) throws {
             let program = try TestPaths.testProgram("forker")
             let leftovers = LeftoverCheck()
             defer { leftovers.finish() }
@@ -124,6 +124,7 @@ extension ProcessTests {
             let outcome = try leftovers.fammig(["run", "--mode", mode, "--no-reference", "--after-ms", "200", "--", program] + arguments)
             #expect(outcome.exitStatus == 2 && !outcome.killedBySignal, "exit \(outcome.exitStatus): \(outcome.standardError)")
             #expect(outcome.standardError.contains("has 1 child process"), "\(outcome.standardError)")
+            #expect(outcome.standardError.contains("process trees migrate only in nonlive mode"), "\(outcome.standardError)")
         }
     }
 }

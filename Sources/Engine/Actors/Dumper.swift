@@ -41,7 +41,7 @@ public final class Dumper: EngineActor {
     let creator: ImageCreator
 
     var state = State.preflight
-    var victim: FrozenVictim?
+    var victim: FrozenTree?
     public internal(set) var checkpointedState: ProcessState?
     var pageAddresses: [UInt64] = []
     /// Read before the freeze, for the capture.
@@ -105,6 +105,11 @@ public final class Dumper: EngineActor {
         self.logger = logger
     }
 
+    /// Nonlive migrates the victim's whole process tree; post-copy refuses a victim with children.
+    var migratesTrees: Bool {
+        if case .nonlive = mode { true } else { false }
+    }
+
     var transport: (any Transport)? {
         switch mode {
         case .nonlive: nil
@@ -142,12 +147,13 @@ public final class Dumper: EngineActor {
         switch state {
         case .preflight:
             timeline.record(.started, at: clock.now())
-            do { try Preflight.check(victimProcessID) } catch { throw .checkpoint(error) }
+            do { try Preflight.check(victimProcessID, allowingTree: migratesTrees) } catch { throw .checkpoint(error) }
             // Out of the downtime: smaps is slow to read and its flags do not change while the mappings do not.
             mappingFlags = StateReader.mappingFlags(victimProcessID)
             let estimatedPageCount: Int
             do {
-                estimatedPageCount = try Preflight.estimatedDirtyPageCount(victimProcessID)
+                estimatedPageCount = migratesTrees ? try TreePreflight.estimatedDirtyPageCount(root: victimProcessID)
+                    : try Preflight.estimatedDirtyPageCount(victimProcessID)
             } catch { throw .checkpoint(error) }
             // The victim still runs and may touch more pages before the freeze: leave a margin.
             let plannedPageCount = estimatedPageCount + estimatedPageCount / 8 + 256
@@ -162,7 +168,7 @@ public final class Dumper: EngineActor {
             state = .freeze
         case .freeze:
             timeline.record(.freezeRequested, at: clock.now())
-            do { victim = try FrozenVictim.freeze(victimProcessID) } catch { throw .checkpoint(error) }
+            do { victim = try FrozenTree.freeze(victimProcessID, allowingChildren: migratesTrees) } catch { throw .checkpoint(error) }
             timeline.record(.frozen, at: clock.now())
             logger.debug("victim frozen", metadata: ["pid": "\(victimProcessID)"])
             state = .capture
@@ -171,7 +177,7 @@ public final class Dumper: EngineActor {
             let captured: ProcessState
             do {
                 captured = try victim.capture(mappingFlags: mappingFlags)
-                pageAddresses = try victim.dirtyPageAddresses(mappings: captured.mappings)
+                pageAddresses = try victim.dirtyPageAddresses(state: captured)
             } catch { throw .checkpoint(error) }
             checkpointedState = captured
             timeline.record(.captured, at: clock.now())
@@ -393,8 +399,13 @@ public final class Dumper: EngineActor {
     /// First step of a batch: the pages go from the victim into their FAM slots, not yet durable.
     func copy(_ slots: Range<Int>) throws(EngineError) {
         do {
-            if writer!.slotsBeingCopied != slots { writer!.startCopyingPagesFromProcess(processID: victimProcessID, slots: slots) }
-            try writer!.finishCopyingPages()
+            if let processIDs = victim?.processIDsByOrdinal, processIDs.count > 1 {
+                // A tree's batch may hold pages of several processes: each run is read from its own.
+                try copyTreePages(slots, processIDsByOrdinal: processIDs)
+            } else {
+                if writer!.slotsBeingCopied != slots { writer!.startCopyingPagesFromProcess(processID: victimProcessID, slots: slots) }
+                try writer!.finishCopyingPages()
+            }
         } catch {
             throw .fam("dumping pages \(slots) of pid \(victimProcessID): \(error)")
         }
@@ -404,7 +415,8 @@ public final class Dumper: EngineActor {
     /// Second step: flush the batch's lines, fence, then store and flush each page's mark (fenced by the
     /// next batch's fence, or by `fenceMarks`/`commit`).
     func seal(_ slots: Range<Int>) throws(EngineError) {
-        if case .nonlive = mode, slots.upperBound < pageAddresses.count, writer!.slotsBeingCopied == nil {
+        if case .nonlive = mode, slots.upperBound < pageAddresses.count, writer!.slotsBeingCopied == nil,
+           (victim?.processIDsByOrdinal.count ?? 1) <= 1 {
             // The next batch is read from the victim while this one is sealed: the real backend copies on
             // a thread of its own, so process_vm_readv and the flushes and digests use both cores (a model
             // copies at once). The next `copy` step waits for it.

@@ -68,7 +68,7 @@ public enum EngineError: Error, CustomStringConvertible, Sendable {
         switch self {
         case .checkpoint(.noSuchProcess), .checkpoint(.cannotCheckpointSelf), .checkpoint(.alreadyTraced),
              .checkpoint(.multipleThreads), .checkpoint(.unsupportedDescriptor), .checkpoint(.unsupportedMapping),
-             .checkpoint(.hasChildren), .checkpoint(.unsupportedContext):
+             .checkpoint(.hasChildren), .checkpoint(.unsupportedTree), .checkpoint(.unsupportedContext):
             true
         case .image: true
         case .restore(.processIDInUse): true

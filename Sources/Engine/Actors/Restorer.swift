@@ -47,7 +47,7 @@ public final class Restorer: EngineActor {
     var reader: ImageReader?
     var pageAddresses: [UInt64] = []
     public internal(set) var checkpointedState: ProcessState?
-    var target: TargetProcess?
+    var target: TargetTree?
     var spawnFirstTried: Duration?
     public internal(set) var restoredProcessID: ProcessID?
     public internal(set) var installedPageCount = 0
@@ -153,8 +153,11 @@ public final class Restorer: EngineActor {
             timeline.record(.restoreStarted, at: clock.now())
             state = .spawn
         case .spawn:
+            if case .eager = mode {} else if !checkpointedState!.members.isEmpty {
+                throw .restore(.layout("the image holds a process tree of \(checkpointedState!.members.count + 1) processes, which restores only nonlive"))
+            }
             do {
-                target = try TargetProcess.spawn(state: checkpointedState!, stubPath: stubPath, pidNamespace: pidNamespace)
+                target = try TargetTree.spawn(state: checkpointedState!, stubPath: stubPath, pidNamespace: pidNamespace)
             } catch .processIDInUse(let processID) {
                 // The victim may not be reaped yet: retry for a while before giving up.
                 let now = clock.now()

@@ -10,6 +10,8 @@ public enum CheckpointError: Error, CustomStringConvertible, Sendable {
     case unsupportedMapping(ProcessID, range: String, reason: String)
     /// Children (zombies included) would be orphaned by the checkpoint and cannot be restored with it.
     case hasChildren(ProcessID, children: [ProcessID])
+    /// A process tree holding something its restore could not rebuild (TreePreflight).
+    case unsupportedTree(ProcessID, reason: String)
     /// A part of the process context (cwd, oom_score_adj, dumpable, ...) that cannot be restored.
     case unsupportedContext(ProcessID, reason: String)
     case victimDied(ProcessID, reason: String)
@@ -30,7 +32,9 @@ public enum CheckpointError: Error, CustomStringConvertible, Sendable {
         case .unsupportedMapping(let pid, let range, let reason):
             "pid \(pid): mapping \(range) cannot be migrated (\(reason)). The process was left running untouched."
         case .hasChildren(let pid, let children):
-            "pid \(pid) has \(children.count) child process\(children.count == 1 ? "" : "es") (\(children.prefix(8).map { "\($0)" }.joined(separator: ", "))\(children.count > 8 ? ", ..." : "")); process trees cannot be migrated yet, and migrating the parent alone would orphan them. The process was left running untouched."
+            "pid \(pid) has \(children.count) child process\(children.count == 1 ? "" : "es") (\(children.prefix(8).map { "\($0)" }.joined(separator: ", "))\(children.count > 8 ? ", ..." : "")); process trees migrate only in nonlive mode (post-copy of a tree is not supported yet), and migrating the parent alone would orphan them. The process was left running untouched."
+        case .unsupportedTree(let pid, let reason):
+            "pid \(pid)'s process tree cannot be migrated: \(reason). Every process of it was left running untouched."
         case .unsupportedContext(let pid, let reason):
             "pid \(pid) cannot be migrated: \(reason). The process was left running untouched."
         case .victimDied(let pid, let reason):

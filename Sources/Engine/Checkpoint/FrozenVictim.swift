@@ -9,6 +9,8 @@ final class FrozenVictim {
     private(set) var tracees: [Tracee]
     var tracee: Tracee { tracees[0] }
     private(set) var isReleased = false
+    /// A process frozen as part of its tree (FrozenTree): its children are the tree's, not a refusal.
+    var isTreeMember = false
 
     private init(processID: ProcessID, tracee: Tracee) {
         self.processID = processID
@@ -87,7 +89,7 @@ final class FrozenVictim {
     /// Refusals found only now (a child forked after the preflight, a dumpable flag prctl cannot set) throw
     /// before anything was written anywhere: the dumper's abort detaches the victim, which runs on.
     private func captureThrowing(mappingFlags: StateReader.MappingFlags?) throws -> ProcessState {
-        try Preflight.checkNoChildren(processID)
+        if !isTreeMember { try Preflight.checkNoChildren(processID) }
         let registers = try tracee.registers()
         let signalMask = try tracee.signalMask()
         let injected = try injectQueries(registers: registers, signalMask: signalMask)

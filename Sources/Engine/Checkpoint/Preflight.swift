@@ -3,15 +3,26 @@
 import Sys
 
 enum Preflight {
-    /// Throws the first reason `processID` cannot be migrated.
-    static func check(_ processID: ProcessID) throws(CheckpointError) {
+    /// Throws the first reason `processID` cannot be migrated. With `allowingTree` (nonlive), its
+    /// children (and theirs) migrate with it, each checked as it is (TreePreflight); otherwise a process
+    /// with children is refused.
+    static func check(_ processID: ProcessID, allowingTree: Bool = false) throws(CheckpointError) {
+        if allowingTree {
+            _ = try TreePreflight.check(root: processID)
+        } else {
+            try checkProcess(processID, checkingChildren: true)
+        }
+    }
+
+    /// Every check of one process; its children only with `checkingChildren` (a tree checks them itself).
+    static func checkProcess(_ processID: ProcessID, checkingChildren: Bool = false) throws(CheckpointError) {
         guard processID.rawValue > 0, ProcFS.isAlive(processID) else { throw .noSuchProcess(processID) }
         if processID == .current || processID == .parent { throw .cannotCheckpointSelf(processID) }
         guard let status = try? ProcFS.status(processID) else { throw .noSuchProcess(processID) }
         if let tracer = status["TracerPid"], tracer != "0" { throw .alreadyTraced(processID, tracer: tracer) }
         guard let threads = try? ProcFS.threadIDs(processID) else { throw .noSuchProcess(processID) }
         if threads.count > ProcessState.maximumThreadCount { throw .multipleThreads(processID, count: threads.count) }
-        try checkNoChildren(processID)
+        if checkingChildren { try checkNoChildren(processID) }
         _ = try descriptors(processID)
         _ = try mappings(processID)
         try ContextReader.checkRestorable(processID)

@@ -180,6 +180,7 @@ extension ImageReader {
         let state = try ProcessState.decode(metadata)
         try state.validate(pageAddresses: pageAddresses, path: path)
         try creator.checkAdmits(state.credentials, path: path)
+        for member in state.liveMembers { try creator.checkAdmits(member.credentials, path: path) }
         return state
     }
 }

@@ -113,7 +113,10 @@ public struct ImageReader: Sendable {
                 throw .badPageAddress(path: path, slot: slot, address: address, reason: "is not page-aligned")
             }
             // Only user memory is ever dumped ([vsyscall] never is): anything else is not a victim's page.
-            guard address >= AddressSpace.lowestAddress, address < AddressSpace.userSpaceEnd else {
+            // A tree's page carries its process's ordinal above user space (TreePageAddress).
+            let userAddress = TreePageAddress.address(of: address)
+            guard userAddress >= AddressSpace.lowestAddress, userAddress < AddressSpace.userSpaceEnd,
+                  TreePageAddress.ordinal(of: address) < TreeLimits.processCountMax else {
                 throw .badPageAddress(path: path, slot: slot, address: address, reason: "lies outside user space")
             }
             if let previous = addresses.last, previous >= address {

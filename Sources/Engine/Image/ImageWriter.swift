@@ -162,7 +162,8 @@ public struct ImageWriter: Sendable {
         var ranges: [ProcessReadRange] = []
         for slot in slots {
             precondition(!markedSlots[slot], "page slot \(slot) dumped twice")
-            let address = pageAddresses[slot]
+            // A tree's page table tags each member's pages with its ordinal (TreePageAddress).
+            let address = TreePageAddress.address(of: pageAddresses[slot])
             // Slots are consecutive, so adjacent pages are adjacent in FAM too: extend the last range.
             if let last = ranges.last, last.remoteAddress + UInt64(last.byteCount) == address {
                 ranges[ranges.count - 1].byteCount += ImageLayout.pageSize

@@ -47,8 +47,9 @@ extension ProcessState {
     /// Everything the restorer relies on that decoding alone does not check; throws the first problem.
     /// Every dumped page must lie in a mapping that the restorer creates and may write.
     public func validate(pageAddresses: [UInt64], path: String) throws(ImageError) {
+        if !members.isEmpty { try validateTree(pageAddresses: pageAddresses, path: path) }
         try validateMappings(path: path)
-        try validatePages(pageAddresses, path: path)
+        try validatePages(members.isEmpty ? pageAddresses : pageAddresses.filter { TreePageAddress.ordinal(of: $0) == 0 }, path: path)
         try validateThreads(path: path)
         try validateSignals(path: path)
         try validateCredentials(path: path)

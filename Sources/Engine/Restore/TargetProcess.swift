@@ -33,7 +33,12 @@ final class TargetProcess {
     var otherThreads: [(tracee: Tracee, injector: SyscallInjector)] = []
     var allTracees: [Tracee] { [tracee] + otherThreads.map(\.tracee) }
 
-    private init(processID: ProcessID, tracee: Tracee, memory: ProcessMemory, injector: SyscallInjector, scratchAddress: UInt64) {
+    /// Descriptors restored before the pages (a tree's parent, so that its children inherit them).
+    var descriptorsRestored = false
+    /// A tree member's: the descriptors and shared mappings it keeps from the parent it was cloned from.
+    var inherited: (descriptors: Set<Int32>, mappingStarts: Set<UInt64>)?
+
+    init(processID: ProcessID, tracee: Tracee, memory: ProcessMemory, injector: SyscallInjector, scratchAddress: UInt64) {
         self.processID = processID
         self.tracee = tracee
         self.memory = memory
@@ -42,7 +47,9 @@ final class TargetProcess {
     }
 
     /// Starts the stub (this executable, stopped at exec) as `state.processID` and maps the scratch page.
-    static func spawn(state: ProcessState, stubPath: String, pidNamespace: PIDNamespace) throws(RestoreError) -> TargetProcess {
+    /// The scratch page also avoids `avoiding` (a tree's other processes' mappings: their clones keep it).
+    static func spawn(state: ProcessState, stubPath: String, pidNamespace: PIDNamespace,
+                      avoiding: [(UInt64, UInt64)] = []) throws(RestoreError) -> TargetProcess {
         let processID: ProcessID
         switch pidNamespace {
         case .shared:
@@ -66,7 +73,7 @@ final class TargetProcess {
             let registers = try tracee.registers()
             let stubRanges = try ProcFS.maps(processID).map { ($0.start, $0.end) }
             guard let scratch = AddressSpace.freeRange(
-                byteCount: scratchByteCount, avoiding: stubRanges + state.mappings.map { ($0.start, $0.end) }) else {
+                byteCount: scratchByteCount, avoiding: stubRanges + state.mappings.map { ($0.start, $0.end) } + avoiding) else {
                 throw RestoreError.layout("no free range for the scratch mapping")
             }
             try memory.write(syscallTrapInstruction, at: registers.rip)
@@ -103,9 +110,17 @@ final class TargetProcess {
     /// and maps every victim VMA at its address.
     func buildLayout(_ state: ProcessState) throws(RestoreError) {
         do {
-            try injector.call("close_range", Syscall.closeRange, 0, UInt64(UInt32.max), 0)
+            if let inherited {
+                // A tree member cloned from its restored parent keeps what it inherited, nothing else.
+                for descriptor in try ProcFS.descriptors(processID) where !inherited.descriptors.contains(descriptor) {
+                    try injector.call("close(\(descriptor))", Syscall.close, UInt64(descriptor))
+                }
+            } else {
+                try injector.call("close_range", Syscall.closeRange, 0, UInt64(UInt32.max), 0)
+            }
             let stubMaps = try ProcFS.maps(processID)
-            for entry in stubMaps where entry.start != scratchAddress && !entry.path.hasPrefix("[v") {
+            for entry in stubMaps where entry.start != scratchAddress && !entry.path.hasPrefix("[v")
+                && inherited?.mappingStarts.contains(entry.start) != true {
                 try injector.call("munmap(stub \(entry.path))", Syscall.munmap, entry.start, entry.byteCount)
             }
             try moveVDSO(stubMaps: stubMaps, state: state)
@@ -180,8 +195,10 @@ final class TargetProcess {
             case .vdsoPart, .vsyscall:
                 continue
             case .sharedMemory(let object):
-                // Every mapping of an object is made with its first (they are one object).
-                guard sharedObjectsMade.insert(object.object).inserted else { continue }
+                // Every mapping of an object is made with its first (they are one object); an object
+                // inherited from the parent is already there (the tree preflight refuses half of one).
+                guard sharedObjectsMade.insert(object.object).inserted,
+                      inherited?.mappingStarts.contains(mapping.start) != true else { continue }
                 try SharedMemoryRestorer(injector: injector, memory: memory, dataAddress: dataAddress)
                     .make(object, mappings: state.mappings, avoiding: [scratchAddress..<(scratchAddress + Self.scratchByteCount)])
             case .anonymous, .heap, .stack:

@@ -8,7 +8,7 @@ extension TargetProcess {
     /// Descriptors, signal actions, pending signals, personality, rseq, seccomp, credentials, xstate, mask.
     func restoreState(_ state: ProcessState) throws(RestoreError) {
         do {
-            try DescriptorRestorer(injector: injector, memory: memory, dataAddress: dataAddress, processID: processID).restore(state.files)
+            if !descriptorsRestored { try restoreDescriptors(state) }
             try restoreSignalActionsAndLimits(state)
             // Filters go in while the target still holds every capability (seccomp needs CAP_SYS_ADMIN or
             // no_new_privs); PTRACE_O_SUSPEND_SECCOMP keeps them from judging our later injections.
@@ -51,6 +51,13 @@ extension TargetProcess {
         } catch {
             throw RestoreError(error)
         }
+    }
+
+    /// The process's own descriptors (a tree member's inherited ones are already there).
+    func restoreDescriptors(_ state: ProcessState) throws {
+        let own = state.files.filter { inherited?.descriptors.contains($0.descriptor) != true }
+        try DescriptorRestorer(injector: injector, memory: memory, dataAddress: dataAddress, processID: processID).restore(own)
+        descriptorsRestored = true
     }
 
     /// Creates each thread with its old TID: the main thread runs clone3(set_tid) from the scratch page;

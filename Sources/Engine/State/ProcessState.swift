@@ -168,6 +168,10 @@ public struct ProcessState: Equatable, Sendable {
     public var files: [OpenFile]
     /// cwd, umask, oom_score_adj, dumpable, THP-disable.
     public var context = ProcessContext()
+    /// Its parent, process group and session, and what it inherited from its parent (ProcessTree.swift).
+    public var lineage = ProcessLineage()
+    /// The root of a tree only: every other process of the tree, each after its parent (ProcessTree.swift).
+    public var members: [TreeMember] = []
 
     public var mainThread: ThreadState { threads[0] }
     /// More threads than this are refused at checkpoint and rejected in an image.

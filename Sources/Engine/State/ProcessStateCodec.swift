@@ -8,7 +8,8 @@ extension ProcessState {
     /// 4: the interval timers (setitimer).
     /// 5: shared-memory mappings (shared anonymous, memfd), and each descriptor's kind (directory, deleted file, memfd, dup, pipe, eventfd, signalfd, timerfd,
     ///    epoll, UNIX socket pair) with what it carries.
-    static let encodingVersion: UInt32 = 5
+    /// 6: process trees: each process's lineage (parent, group, session, what it inherited), and the root's members.
+    static let encodingVersion: UInt32 = 6
 
     public func encoded() -> [UInt8] {
         var writer = BinaryWriter()
@@ -61,10 +62,15 @@ extension ProcessState {
             writer.writeUInt64(timer.intervalMicroseconds)
             writer.writeUInt64(timer.valueMicroseconds)
         }
+        encodeTree(into: &writer)
         return writer.bytes
     }
 
     public static func decode(_ bytes: [UInt8]) throws(ImageError) -> ProcessState {
+        try decode(bytes, isMember: false)
+    }
+
+    static func decode(_ bytes: [UInt8], isMember: Bool) throws(ImageError) -> ProcessState {
         var reader = BinaryReader(bytes)
         let version = try reader.readUInt32()
         guard version == encodingVersion else {
@@ -144,6 +150,7 @@ extension ProcessState {
             guard let kind = IntervalTimer.Kind(rawValue: rawKind) else { throw .malformedMetadata(reason: "interval timer \(rawKind)") }
             return IntervalTimer(kind: kind, intervalMicroseconds: try reader.readUInt64(), valueMicroseconds: try reader.readUInt64())
         }
+        let (lineage, members) = try decodeTree(&reader, isMember: isMember)
         try reader.expectEnd()
         var state = ProcessState(processID: processID, executablePath: executablePath, commandName: commandName, threads: threads,
                             signalActions: actions, sharedPendingSignals: shared, memoryDescriptor: fields,
@@ -151,6 +158,8 @@ extension ProcessState {
                             resourceLimits: limits,
                             seccompMode: seccompMode, seccompFilters: filters, mappings: mappings, files: files)
         state.context = context
+        state.lineage = lineage
+        state.members = members
         return state
     }
 

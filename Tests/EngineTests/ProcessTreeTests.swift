@@ -1,0 +1,221 @@
+// Issue 11, item 2: process trees migrate nonlive: every process with its PID and parent, threads in a
+// child, a process-group leader, a session leader with a grandchild, two zombies (an exit status and a
+// killing signal), shared anonymous memory, a pipe and a memfd inherited by the children (one object,
+// one open file description). Post-copy keeps refusing trees (TreeRefusalTests); what a tree holds that
+// does not migrate is refused before the freeze, every process left running.
+import Foundation
+import Glibc
+import Testing
+@testable import Engine
+import Oracles
+import Sys
+
+/// A running `tree` program, its tree frozen and captured, then let go on: a real tree's state.
+private func capturedTree(_ program: SpawnedProgram) throws -> ProcessState {
+    let tree = try FrozenTree.freeze(program.processID, allowingChildren: true)
+    defer { tree.release(kill: false) }
+    return try tree.capture()
+}
+
+private func startTree(_ directory: ScratchDirectory, leftovers: LeftoverCheck, rounds: Int = 400, pauseMicroseconds: Int = 20000,
+                       extra: [String] = []) throws -> SpawnedProgram {
+    let program = leftovers.own(try SpawnedProgram(try TestPaths.testProgram("tree-static"),
+                                                   ["--rounds", "\(rounds)", "--pause-us", "\(pauseMicroseconds)"] + extra,
+                                                   standardOutputPath: directory.path("out"), standardErrorPath: directory.path("err")))
+    let started = pollUntil(timeout: .seconds(5)) {
+        ((try? String(contentsOfFile: directory.path("out"), encoding: .utf8)) ?? "").contains("round 1/")
+    }
+    #expect(started, "tree never reached its first round: \((try? String(contentsOfFile: directory.path("err"), encoding: .utf8)) ?? "")")
+    return program
+}
+
+extension ProcessTests {
+    @Suite(.serialized) struct ProcessTreeTests {
+        /// `fammig run --mode nonlive`: the migrated tree ends with the reference run's checksum (every
+        /// worker answered every round from its own restored state, found its parent, group and session,
+        /// read the pipe's buffered word, moved the memfd's one offset; the zombies were reaped with
+        /// their statuses), and the state oracle compared every process of the tree. `--with dup`: B holds
+        /// a dup of its inherited stdout (restored as a dup of the inherited description).
+        @Test(arguments: [("tree-static", "none"), ("tree", "none"), ("tree-static", "dup")])
+        func treeMigratesNonlive(_ program: String, _ with: String) throws {
+            try migrateProgram(program, arguments: ["--rounds", "60", "--pause-us", "10000", "--with", with],
+                               runOptions: ["--mode", "nonlive", "--after-ms", "300"], timeout: .seconds(90)) { report, _ in
+                #expect(report.error == nil)
+                #expect(report.programStatus == "exited with status 0")
+                #expect(report.migratedChecksum != nil && report.migratedChecksum == report.referenceChecksum)
+                let failed = report.verdicts.filter { !$0.passed }
+                #expect(failed.isEmpty, "\(failed)")
+                #expect(report.verdicts.contains { $0.name == "registers and state" })
+            }
+        }
+
+        /// `checkpoint` then `restore` (the two nonlive commands): the restored tree runs to the same end.
+        @Test func checkpointAndRestoreATree() throws {
+            let directory = try ScratchDirectory(under: "/dev/shm")
+            defer { directory.remove() }
+            let leftovers = LeftoverCheck()
+            defer { leftovers.finish() }
+            let arguments = ["--rounds", "80", "--pause-us", "10000"]
+            let reference = try runCommand(try TestPaths.testProgram("tree-static"), arguments)
+            let expected = try #require(reference.standardOutput.split(separator: "\n").last.map(String.init))
+            let program = try startTree(directory, leftovers: leftovers, rounds: 80, pauseMicroseconds: 10000)
+            let members = try capturedTree(program).members.map(\.processID)
+            #expect(members.count == 6, "\(members)")
+            let famPath = directory.path("image.fam"), keyPath = directory.path("migration.key")
+            let checkpoint = try leftovers.fammig("checkpoint", "--pid", "\(program.processID)", "--fam", famPath, "--key-file", keyPath)
+            #expect(checkpoint.exitStatus == 0, "\(checkpoint.standardError)")
+            #expect(try program.waitForExit(timeout: .seconds(10)) == .killed(signal: SIGKILL))
+            for member in members { #expect(!ProcFS.isAlive(member), "pid \(member) outlived the checkpoint") }
+            let restore = try leftovers.fammig("restore", "--fam", famPath, "--key-file", keyPath)
+            #expect(restore.exitStatus == 0, "\(restore.standardError)")
+            #expect(pollUntil(timeout: .seconds(30)) { lastChecksum(inFile: directory.path("out")).map { "checksum=" + $0 } == expected },
+                    "restored tree: \((try? String(contentsOfFile: directory.path("err"), encoding: .utf8)) ?? "")")
+            #expect(pollUntil(timeout: .seconds(10)) { !ProcFS.isAlive(program.processID) && members.allSatisfy { !ProcFS.isAlive($0) } })
+        }
+
+        /// The captured tree: one record per process, parents first, the lineage /proc shows, what each
+        /// child inherited; it encodes and decodes to itself, and the image checks accept it.
+        @Test func capturedTreeHoldsEveryProcess() throws {
+            let directory = try ScratchDirectory(under: "/tmp")
+            defer { directory.remove() }
+            let leftovers = LeftoverCheck()
+            defer { leftovers.finish() }
+            let program = try startTree(directory, leftovers: leftovers)
+            let state = try capturedTree(program)
+            #expect(state.members.count == 6)
+            let zombies = state.members.compactMap { if case .zombie(let zombie) = $0 { zombie } else { nil } }
+            #expect(zombies.map(\.waitStatus).sorted() == [Int32(SIGUSR1), 7 << 8])
+            let live = state.liveMembers
+            #expect(live.count == 4)
+            #expect(live.first { $0.threads.count == 2 } != nil, "A's second thread")
+            #expect(live.contains { $0.lineage.processGroupID == $0.processID && $0.lineage.sessionID != $0.processID }, "B leads its group")
+            let sessionLeader = try #require(live.first { $0.lineage.sessionID == $0.processID })
+            #expect(live.contains { $0.lineage.parentProcessID == sessionLeader.processID && $0.lineage.sessionID == sessionLeader.processID }, "G")
+            for member in live {
+                #expect(member.lineage.inheritedMappingStarts.count >= 1, "pid \(member.processID) shares the area")
+                #expect(Set(member.lineage.inheritedDescriptors).isSuperset(of: [0, 1, 2]), "\(member.lineage.inheritedDescriptors)")
+            }
+            #expect(try ProcessState.decode(state.encoded()) == state)
+            #expect(untouchedProblem(program.processID) == nil, "\(untouchedProblem(program.processID) ?? "")")
+            program.kill()
+        }
+
+        /// The state oracle fails a lost child, a wrong process group, a lost session, a zombie's status
+        /// and a description no longer shared.
+        @Test func stateOracleCatchesTreeDifferences() throws {
+            let directory = try ScratchDirectory(under: "/tmp")
+            defer { directory.remove() }
+            let leftovers = LeftoverCheck()
+            defer { leftovers.finish() }
+            let program = try startTree(directory, leftovers: leftovers)
+            let state = try capturedTree(program)
+            program.kill()
+            // The state compared with itself differs only where the oracle expects a restart (threads
+            // frozen in a system call): a change must add its own field to those.
+            let baseline = Set(StateOracle.compare(checkpointed: state, restored: state).map(\.field))
+            #expect(baseline.allSatisfy { $0.hasSuffix("register rax") || $0.hasSuffix("register rip") }, "\(baseline)")
+            func mismatches(_ change: (inout ProcessState) -> Void) -> [String] {
+                var restored = state
+                change(&restored)
+                return StateOracle.compare(checkpointed: state, restored: restored).map(\.field).filter { !baseline.contains($0) }
+            }
+            #expect(mismatches { $0.members.removeLast() }.contains("tree processes"))
+            let leaderIndex = try #require(state.members.firstIndex { $0.lineage.sessionID == $0.processID })
+            #expect(mismatches {
+                guard case .live(var member) = $0.members[leaderIndex] else { return }
+                member.lineage.processGroupID = $0.processID
+                member.lineage.sessionID = $0.lineage.sessionID
+                $0.members[leaderIndex] = .live(member)
+            }.contains { $0.hasSuffix("process group") || $0.hasSuffix("session") })
+            let zombieIndex = try #require(state.members.firstIndex { if case .zombie = $0 { true } else { false } })
+            #expect(mismatches {
+                guard case .zombie(var zombie) = $0.members[zombieIndex] else { return }
+                zombie.waitStatus = 0
+                $0.members[zombieIndex] = .zombie(zombie)
+            }.contains { $0.hasSuffix("zombie wait status") })
+            #expect(mismatches {
+                guard case .live(var member) = $0.members.first(where: { if case .live = $0 { true } else { false } })! else { return }
+                let index = $0.members.firstIndex { $0.processID == member.processID }!
+                member.lineage.inheritedDescriptors.removeLast()
+                $0.members[index] = .live(member)
+            }.contains { $0.hasSuffix("inherited descriptors") })
+        }
+
+        /// An image's tree is untrusted: a member whose parent is not before it, a group led by no one,
+        /// a wait status no process can end with, pages of a process the tree does not hold, and more
+        /// members than the bound are refused before any process is made.
+        @Test func hostileTreesAreRejected() throws {
+            let directory = try ScratchDirectory(under: "/tmp")
+            defer { directory.remove() }
+            let leftovers = LeftoverCheck()
+            defer { leftovers.finish() }
+            let program = try startTree(directory, leftovers: leftovers)
+            let state = try capturedTree(program)
+            program.kill()
+            func rejected(_ change: (inout ProcessState) -> Void, pages: [UInt64] = []) -> Bool {
+                var hostile = state
+                change(&hostile)
+                do { try hostile.validate(pageAddresses: pages, path: "test") } catch { return true }
+                return false
+            }
+            #expect(!rejected { _ in })
+            #expect(rejected { $0.members.reverse() })
+            #expect(rejected { state in
+                guard case .zombie(var zombie) = state.members.first(where: { if case .zombie = $0 { true } else { false } })! else { return }
+                let index = state.members.firstIndex { $0.processID == zombie.processID }!
+                zombie.waitStatus = 0x137f
+                state.members[index] = .zombie(zombie)
+            })
+            #expect(rejected { state in
+                guard case .live(var member) = state.members.first(where: { if case .live = $0 { true } else { false } })! else { return }
+                let index = state.members.firstIndex { $0.processID == member.processID }!
+                member.lineage.processGroupID = ProcessID(rawValue: 999_999)
+                state.members[index] = .live(member)
+            })
+            #expect(rejected({ _ in }, pages: [TreePageAddress.tagged(0x400000, ordinal: 7)]))
+            var crowded = state
+            let zombie = crowded.members.first { if case .zombie = $0 { true } else { false } }!
+            for index in 0..<TreeLimits.processCountMax {
+                guard case .zombie(var copy) = zombie else { break }
+                copy.processID = ProcessID(rawValue: 900_000 + Int32(index))
+                crowded.members.append(.zombie(copy))
+            }
+            #expect(throws: ImageError.self) { try ProcessState.decode(crowded.encoded()) }
+        }
+
+        /// What a tree holds that its restore could not rebuild is refused before the freeze, with
+        /// every process left running: a child in another PID namespace, a vfork in progress, a traced
+        /// child. The program then runs to its own end.
+        @Test(arguments: ["pidns", "vfork", "traced"]) func unsupportedTreeIsRefusedBeforeTheFreeze(_ what: String) throws {
+            let directory = try ScratchDirectory(under: "/tmp")
+            defer { directory.remove() }
+            let leftovers = LeftoverCheck()
+            defer { leftovers.finish() }
+            let program = try startTree(directory, leftovers: leftovers, rounds: 60,
+                                        extra: what == "traced" ? [] : ["--with", what])
+            var tracee: Tracee?
+            if what == "traced" {
+                let worker = try #require(try ProcFS.childProcessIDs(program.processID).last)
+                tracee = try Tracee.seize(worker)
+            }
+            let outcome = try leftovers.fammig("checkpoint", "--pid", "\(program.processID)", "--fam", directory.path("image.fam"),
+                                               "--key-file", directory.path("migration.key"))
+            if let tracee {
+                try tracee.interrupt()
+                _ = try tracee.waitForStop()
+                try tracee.detach()
+            }
+            #expect(outcome.exitStatus == 2 && !outcome.killedBySignal, "exit \(outcome.exitStatus): \(outcome.standardError)")
+            let expected = ["pidns": "another PID namespace", "vfork": "shares its parent's address space", "traced": "is traced by pid"][what]!
+            #expect(outcome.standardError.contains(expected), "\(outcome.standardError)")
+            #expect(outcome.standardError.contains("left running untouched"), "\(outcome.standardError)")
+            #expect(!FileManager.default.fileExists(atPath: directory.path("image.fam")))
+            for process in [program.processID] + ((try? ProcFS.childProcessIDs(program.processID)) ?? []) {
+                if (try? ProcessTreeFS.fields(process))?.isZombie == true { continue }
+                #expect(untouchedProblem(process) == nil, "\(untouchedProblem(process) ?? "")")
+            }
+            let status = try program.waitForExit(timeout: .seconds(30))
+            #expect(status == .exited(0), "\((try? String(contentsOfFile: directory.path("err"), encoding: .utf8)) ?? "")")
+        }
+    }
+}
