@@ -352,10 +352,12 @@ int main(int argc, char **argv)
             last_virtual = v_us;
             last_prof = p_us;
             uint64_t period = alarm_ms >= 1000 ? 1000000ULL : alarm_ms * 1000;
-            if (timeval_us(real.it_interval) != period || timeval_us(real.it_value) == 0 ||
-                timeval_us(real.it_value) > period)
+            /* A periodic ITIMER_REAL that has just expired reads 0 left until its SIGALRM is
+             * dequeued (the kernel re-arms it then): under load that happens between two of
+             * these reads. Armed shows in the interval, and in the SIGALRM awaited below. */
+            if (timeval_us(real.it_interval) != period || timeval_us(real.it_value) > period)
                 tp_selfcheck_fail("round %llu: ITIMER_REAL %llu us left of period "
-                                  "%llu us, want 1..%llu of %llu",
+                                  "%llu us, want 0..%llu of %llu",
                                   (unsigned long long)(r + 1),
                                   (unsigned long long)timeval_us(real.it_value),
                                   (unsigned long long)timeval_us(real.it_interval),

@@ -149,7 +149,10 @@ public final class Campaign: Sendable {
                     guard position < indices.count else { return }
                     let index = indices[position]
                     let seed = Scenario.iterationSeed(campaignSeed: options.seed, index: index)
-                    let result = runOne(seed: seed, filter: options.filter, worker: worker, keepTrace: false)
+                    // Every iteration keeps its schedule until it passes: a failure that does not replay
+                    // (uncontrolled nondeterminism) still shows the steps it took, in the reports.
+                    var result = runOne(seed: seed, filter: options.filter, worker: worker, keepTrace: true)
+                    if result.passed { result.trace = nil }
                     results.withLock { $0[index] = result }
                     if !result.passed { failureSeen.withLock { $0 = true } }
                     reportLock.withLock { done in

@@ -21,6 +21,10 @@ public enum Report {
         if let error = result.environmentError { lines.append("  environment: \(error)") }
         for failure in result.failures { lines.append("  oracle \(failure)") }
         lines.append("  outcome: \(result.outcome); \(result.stepCount) steps; trace hash \(result.traceHash)")
+        if let trace = result.trace, !trace.isEmpty {
+            // Its own last steps: should the replay take another schedule, these are the failure's.
+            lines.append("  last steps: " + trace.suffix(6).joined(separator: " | "))
+        }
         lines.append("  replay: \(replayCommand(seed: result.scenario.seed, filter: filter))")
         return lines.joined(separator: "\n")
     }

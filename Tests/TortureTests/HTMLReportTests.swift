@@ -93,6 +93,12 @@ extension ProcessSpawningTortureTests {
             #expect(parsed.text.contains("torture --replay 0x"))
             // A check that judges the end fires after the last step.
             #expect(parsed.text.contains("end to end fired at step"))
+            // The failure keeps its own schedule in the JSON report (a failure that does not replay still
+            // shows what it did): every step, as many as it took.
+            let report = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: directory + "/report.json"))) as? [String: Any]
+            let failed = try #require((report?["results"] as? [[String: Any]])?.first?["result"] as? [String: Any])
+            let steps = try #require(failed["stepCount"] as? Int)
+            #expect((failed["trace"] as? [String])?.count == steps && steps > 0)
             try renderedInChromium(directory + "/" + pages[0])
         }
 
