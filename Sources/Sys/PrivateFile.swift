@@ -42,6 +42,23 @@ public enum PrivateFile {
 
     /// Reads at most `maxByteCount` bytes of `path` without following a symlink at its last component
     /// and without blocking on a FIFO; the caller judges the owner and mode it reports.
+    /// Reads a descriptor handed to this process (a pipe, a file) to its end, at most `maxByteCount + 1`
+    /// bytes, then closes it: a key passed this way must not stay open for a process started later
+    /// (the restorer's stub is this executable, exec'd) to inherit.
+    public static func readAndClose(descriptor: Int32, maxByteCount: Int) throws(SyscallError) -> [UInt8] {
+        defer { _ = Glibc.close(descriptor) }
+        var buffer = [UInt8](repeating: 0, count: maxByteCount + 1)
+        var total = 0
+        while total < buffer.count {
+            let count = try retryingInterrupts("read(fd \(descriptor))") {
+                buffer.withUnsafeMutableBytes { Glibc.read(descriptor, $0.baseAddress! + total, $0.count - total) }
+            }
+            if count == 0 { break }
+            total += count
+        }
+        return Array(buffer[0..<total])
+    }
+
     public static func read(path: String, maxByteCount: Int) throws(SyscallError) -> PrivateFileContents {
         let descriptor = try retryingInterrupts("open(\(path))") {
             Glibc.open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)

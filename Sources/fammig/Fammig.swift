@@ -168,8 +168,7 @@ struct Restore: ParsableCommand {
     @Option(help: "The FAM pool the checkpoint kept its image in (instead of --fam); the extent is freed once the process runs.")
     var pool: String?
 
-    @Option(help: "The key file the checkpoint wrote (mode 0600, owned by this user): the image must verify under it.")
-    var keyFile: String
+    @OptionGroup var keySource: KeySourceOptions
 
     @Option(help: "shared: the old PID in this node's PID namespace; fresh: pid 1 of a new namespace (a victim started by `fammig launch`).")
     var pidNamespace: PIDNamespaceChoice = .shared
@@ -183,7 +182,7 @@ struct Restore: ParsableCommand {
     func run() throws {
         let logger = common.bootstrapLogging()
         if let fam, !ProcFS.exists(fam) { throw fail("\(fam): no such file; pass the image the checkpoint wrote.", code: 2) }
-        let key = try KeyFile.read(path: keyFile)
+        let key = try keySource.read()
         let poolImage = try pool.map { PoolImage(pool: try PoolFile.open(path: $0, prefault: true), key: key) }
         let openBackend = poolImage?.openBackend() ?? openRealBackend(path: fam ?? "")
         let source = fam ?? "the pool \(pool ?? "")"
@@ -220,15 +219,14 @@ struct Inspect: ParsableCommand {
     @Option(help: "The FAM image file to inspect (owned by this user, writable by no one else).")
     var fam: String
 
-    @Option(help: "The key file the checkpoint wrote (mode 0600, owned by this user): the image must verify under it.")
-    var keyFile: String
+    @OptionGroup var keySource: KeySourceOptions
 
     @OptionGroup var common: CommonOptions
 
     func run() throws {
         _ = common.bootstrapLogging()
         guard ProcFS.exists(fam) else { throw fail("\(fam): no such file; pass an image file.", code: 2) }
-        let key = try KeyFile.read(path: keyFile)
+        let key = try keySource.read()
         do {
             let reader = try ImageReader.open(backend: RealFAM.openTrusted(path: fam), key: key, requireComplete: true)
             // What restore would refuse, inspect reports too.

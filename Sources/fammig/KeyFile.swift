@@ -7,6 +7,25 @@ import ArgumentParser
 import Engine
 import Sys
 
+/// Where a reading command takes the key from: `--key-file PATH` or `--key-fd N`, exactly one.
+struct KeySourceOptions: ParsableArguments {
+    @Option(help: "The key file the source node wrote (mode 0600, owned by this user): the image (and the source) must verify under it.")
+    var keyFile: String?
+
+    @Option(help: "A descriptor to read the key from instead (one key line, as in a key file; read to its end and closed first).")
+    var keyFd: Int32?
+
+    func validate() throws {
+        guard (keyFile == nil) != (keyFd == nil) else { throw ValidationError("pass the migration key: --key-file PATH or --key-fd N (one of them).") }
+        if let keyFd, keyFd < 0 { throw ValidationError("--key-fd takes a descriptor number, 0 or more.") }
+    }
+
+    func read() throws(ExitCode) -> MigrationKey {
+        if let keyFd { return try KeyFile.read(descriptor: keyFd) }
+        return try KeyFile.read(path: keyFile ?? "")
+    }
+}
+
 enum KeyFile {
     static let header = "fammig-migration-key-v1 "
 
@@ -45,7 +64,23 @@ enum KeyFile {
             throw fail("the key file \(path) has mode \(String(contents.permissionBits, radix: 8)): group or others may read or write it; "
                        + "refused (chmod 600 it, and treat the key as leaked if others did read it).", code: 2)
         }
-        let text = String(decoding: contents.bytes, as: UTF8.self)
+        return try parse(contents.bytes, source: "the key file \(path)")
+    }
+
+    /// The key on descriptor `descriptor` (`--key-fd`: a pipe or file the caller opened, read to its
+    /// end and closed). Whoever could hand this process the descriptor already holds the key, so there
+    /// is no owner or mode to check.
+    static func read(descriptor: Int32) throws(ExitCode) -> MigrationKey {
+        let bytes: [UInt8]
+        do { bytes = try PrivateFile.readAndClose(descriptor: descriptor, maxByteCount: 256) } catch {
+            throw fail("cannot read the key from --key-fd \(descriptor): \(error); pass a descriptor open for reading.", code: 2)
+        }
+        return try parse(bytes, source: "--key-fd \(descriptor)")
+    }
+
+    /// `bytes`: one key line; `source` names where it came from in the message.
+    private static func parse(_ bytes: [UInt8], source: String) throws(ExitCode) -> MigrationKey {
+        let text = String(decoding: bytes, as: UTF8.self)
         let digits = text.hasPrefix(header) ? text.dropFirst(header.count).trimmingSuffix(while: { $0 == "\n" }) : ""
         var bytes: [UInt8] = []
         var index = digits.startIndex
@@ -56,7 +91,7 @@ enum KeyFile {
             index = next
         }
         guard bytes.count == MigrationKey.byteCount, let key = try? MigrationKey(bytes: bytes) else {
-            throw fail("the key file \(path) is not a fammig migration key (one line: \"\(header)\" and \(2 * MigrationKey.byteCount) hex digits).", code: 2)
+            throw fail("\(source) is not a fammig migration key (one line: \"\(header)\" and \(2 * MigrationKey.byteCount) hex digits).", code: 2)
         }
         return key
     }

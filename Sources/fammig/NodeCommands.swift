@@ -142,8 +142,7 @@ struct Target: ParsableCommand {
     @Option(help: "The source node, as IPV4:PORT.")
     var connect: String
 
-    @Option(help: "The key file the source wrote (mode 0600, owned by this user): the source must prove it holds the same key, and the image must verify under it.")
-    var keyFile: String
+    @OptionGroup var keySource: KeySourceOptions
 
     @Option(help: "postcopy-fam: install the remaining pages from FAM in the background (on) or only on faults (off).")
     var push: Switch = .on
@@ -165,7 +164,7 @@ struct Target: ParsableCommand {
 
     func run() throws {
         let logger = common.bootstrapLogging()
-        let key = try KeyFile.read(path: keyFile)
+        let key = try keySource.read()
         let poolImage = try pool.map { PoolImage(pool: try PoolFile.open(path: $0, prefault: true), key: key) }
         // Freed when the target is done with it (every page in, or the process gone), or failed.
         defer { poolImage?.release() }

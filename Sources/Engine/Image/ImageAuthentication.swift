@@ -114,13 +114,14 @@ public struct ImageCreator: Equatable, Sendable {
 package struct ImageAuthenticator: Sendable {
     private let key: MigrationKey
     package let keyIdentifier: [UInt8]
-    /// The sub-key of the page marks, derived once: a code per page is on the dump and fault paths.
-    private let pageKeyBytes: [UInt8]
+    /// The page marks' HMAC, keyed and labelled once: a code per page is on the dump and fault paths,
+    /// and keying an HMAC (two SHA-256 blocks, a sub-key derivation) costs more than a page's worth.
+    private let pageCode: PreparedPageCode
 
     package init(key: MigrationKey) {
         self.key = key
         keyIdentifier = key.identifier
-        pageKeyBytes = key.derivedBytes(purpose: "image page marks", byteCount: 32)
+        pageCode = PreparedPageCode(keyBytes: key.derivedBytes(purpose: "image page marks", byteCount: 32))
     }
 
     private func code(label: String, parts: [[UInt8]]) -> HashedAuthenticationCode<SHA256> {
@@ -158,8 +159,7 @@ package struct ImageAuthenticator: Sendable {
         prefix.writeUInt64(generation)
         prefix.writeUInt64(address)
         prefix.writeBytes(headerCode)
-        var hmac = HMAC<SHA256>(key: SymmetricKey(data: pageKeyBytes))
-        hmac.update(data: Array("fammig page mark".utf8))
+        var hmac = pageCode.prepared  // a copy: swift-crypto's hash states are copy-on-write values
         hmac.update(data: prefix.bytes)
         hmac.update(data: page)
         return LittleEndian.words(Array(Array(hmac.finalize()).prefix(8)), count: 1)[0]
@@ -182,5 +182,18 @@ extension ImageReader {
         try creator.checkAdmits(state.credentials, path: path)
         for member in state.liveMembers { try creator.checkAdmits(member.credentials, path: path) }
         return state
+    }
+}
+
+/// An HMAC keyed and fed its label, never changed afterwards: every use copies it (HMAC is a value with
+/// copy-on-write hash states), so threads that check pages at once share nothing they mutate. A class
+/// only because swift-crypto's HMAC does not declare Sendable.
+private final class PreparedPageCode: @unchecked Sendable {
+    let prepared: HMAC<SHA256>
+
+    init(keyBytes: [UInt8]) {
+        var hmac = HMAC<SHA256>(key: SymmetricKey(data: keyBytes))
+        hmac.update(data: Array("fammig page mark".utf8))
+        prepared = hmac
     }
 }
