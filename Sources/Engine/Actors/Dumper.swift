@@ -393,8 +393,8 @@ public final class Dumper: EngineActor {
     /// First step of a batch: the pages go from the victim into their FAM slots, not yet durable.
     func copy(_ slots: Range<Int>) throws(EngineError) {
         do {
-            if writer!.slotsBeingCopied != slots { writer!.startCopyingPagesFromProcess(processID: victimProcessID, slots: slots) }
-            try writer!.finishCopyingPages()
+            // The nonlive pipeline began this batch while sealing the one before; anything else copies now.
+            if writer!.slotsBeingCopied == slots { try writer!.finishCopyingPages() } else { try writer!.copyPagesFromProcess(processID: victimProcessID, slots: slots) }
         } catch {
             throw .fam("dumping pages \(slots) of pid \(victimProcessID): \(error)")
         }
