@@ -402,9 +402,11 @@ public final class Dumper: EngineActor {
             if let processIDs = victim?.processIDsByOrdinal, processIDs.count > 1 {
                 // A tree's batch may hold pages of several processes: each run is read from its own.
                 try copyTreePages(slots, processIDsByOrdinal: processIDs)
-            } else {
-                if writer!.slotsBeingCopied != slots { writer!.startCopyingPagesFromProcess(processID: victimProcessID, slots: slots) }
+            } else if writer!.slotsBeingCopied == slots {
+                // The nonlive pipeline began this batch while sealing the one before.
                 try writer!.finishCopyingPages()
+            } else {
+                try writer!.copyPagesFromProcess(processID: victimProcessID, slots: slots)
             }
         } catch {
             throw .fam("dumping pages \(slots) of pid \(victimProcessID): \(error)")

@@ -149,13 +149,14 @@ public struct ImageWriter: Sendable {
     /// Step 1: process_vm_readv the pages of `slots` into their slots, one range per run of adjacent
     /// pages. If a page cannot be read, nothing of the batch is marked; the caller may retry or abort.
     public mutating func copyPagesFromProcess(processID: ProcessID, slots: Range<Int>) throws(SyscallError) {
-        startCopyingPagesFromProcess(processID: processID, slots: slots)
+        startCopyingPagesFromProcess(processID: processID, slots: slots, concurrently: false)
         try finishCopyingPages()
     }
 
-    /// Step 1, begun: the copy may run on while the caller seals an earlier batch (the backend decides);
+    /// Step 1, begun: `concurrently`, the copy may run on while the caller seals an earlier batch (the
+    /// backend decides; a thread per copy, worth it for big batches only); else it is done here.
     /// `finishCopyingPages()` must come before anything else touches these slots. One copy at a time.
-    public mutating func startCopyingPagesFromProcess(processID: ProcessID, slots: Range<Int>) {
+    public mutating func startCopyingPagesFromProcess(processID: ProcessID, slots: Range<Int>, concurrently: Bool = true) {
         precondition(phase == .created || phase == .metadataCommitted, "dump in phase \(phase)")
         precondition(slots.lowerBound >= 0 && slots.upperBound <= layout.pageCount, "slots \(slots) outside 0..<\(layout.pageCount)")
         precondition(copying == nil, "a page copy started while \(copying!.slots) is still being copied")
@@ -173,7 +174,10 @@ public struct ImageWriter: Sendable {
         }
         // A page copied again after an earlier flush is no longer durable until flushed anew.
         for slot in slots { pageFlushEpochs[slot] = nil }
-        let pending = ranges.isEmpty ? nil : backend.startStoreFromProcess(processID: processID, ranges: ranges)
+        let backend = backend
+        let pending = ranges.isEmpty ? nil
+            : concurrently ? backend.startStoreFromProcess(processID: processID, ranges: ranges)
+            : PendingStore(outcome: Result { () throws(SyscallError) in try backend.storeFromProcess(processID: processID, ranges: ranges) })
         copying = PageCopy(slots: slots, processID: processID, ranges: ranges, pending: pending)
     }
 
