@@ -92,6 +92,7 @@ final class FrozenVictim {
         let injected = try injectQueries(registers: registers, signalMask: signalMask)
         let state = try StateReader.read(tracees: tracees, processID: processID, injected: injected)
         try ContextReader.checkRestorable(state, processID: processID)
+        try detachTCPSockets(state.files)
         return state
     }
 
@@ -151,8 +152,50 @@ final class FrozenVictim {
             // The tracer sees each thread's death; the parent (maybe us) reaps the process.
             Tracee.killAndWait(tracees, processID: processID)
         } else {
+            reinstateTCPSockets()
             detachAll()
         }
+    }
+
+    /// TCP sockets read at the capture and since disconnected (TCPSocketRestorer.detach).
+    private var detachedSockets: [(descriptor: Int32, end: TCPSocketEnd)] = []
+
+    /// Frees the address of every TCP socket just read, so that the target's can take it on this node
+    /// (on one machine the two would collide: a connection's address pair, a listener's port); a
+    /// connection, in repair mode since it was read, goes without a FIN or RST.
+    private func detachTCPSockets(_ files: [OpenFile]) throws {
+        for file in files {
+            guard case .tcpSocket(let end) = file.kind else { continue }
+            let socket = try ForeignDescriptor(processID: processID, remoteDescriptor: file.descriptor)
+            try TCPSocketRestorer.detach(socket, end)
+            detachedSockets.append((file.descriptor, end))
+        }
+    }
+
+    /// The checkpoint was abandoned before the victim's end: its sockets become again what they were.
+    private func reinstateTCPSockets() {
+        var rebuilt: [(ForeignDescriptor, TCPSocketEnd)] = []
+        for (descriptor, end) in detachedSockets {
+            do {
+                let socket = try ForeignDescriptor(processID: processID, remoteDescriptor: descriptor)
+                try TCPSocketRestorer.reinstate(socket, end)
+                if !end.isListening { rebuilt.append((socket, end)) }
+            } catch {
+                // Nothing better to do than say so: the victim runs on, this socket no longer connected.
+                reportReinstateFailure(descriptor, end, error)
+            }
+        }
+        for (socket, end) in rebuilt {
+            do { try TCPSocketRestorer.goLive(socket, end) } catch { reportReinstateFailure(socket.descriptor, end, error) }
+        }
+        detachedSockets = []
+    }
+
+    /// What could not be given back to a victim that runs on (the dumper logs each).
+    private(set) var reinstateProblems: [String] = []
+
+    private func reportReinstateFailure(_ descriptor: Int32, _ end: TCPSocketEnd, _ error: any Error) {
+        reinstateProblems.append("could not give the victim back its TCP socket fd \(descriptor) (\(end.local)): \(error)")
     }
 }
 

@@ -31,6 +31,8 @@ final class TargetProcess {
     /// The threads besides the main one, created by `restoreState`, in the checkpoint's order; each with
     /// an injector that runs `syscall; int3` from the scratch page.
     var otherThreads: [(tracee: Tracee, injector: SyscallInjector)] = []
+    /// Established TCP connections restored in repair mode: they go live when the process is let go.
+    var liveTCPSockets: [(descriptor: Int32, end: TCPSocketEnd)] = []
     var allTracees: [Tracee] { [tracee] + otherThreads.map(\.tracee) }
 
     private init(processID: ProcessID, tracee: Tracee, memory: ProcessMemory, injector: SyscallInjector, scratchAddress: UInt64) {
@@ -355,6 +357,9 @@ final class TargetProcess {
     /// Lets the restored process run.
     func resume() throws(RestoreError) {
         do {
+            for (descriptor, end) in liveTCPSockets {
+                try TCPSocketRestorer.goLive(try ForeignDescriptor(processID: processID, remoteDescriptor: descriptor), end)
+            }
             for thread in otherThreads { try thread.tracee.detach() }
             try tracee.detach()
         } catch { throw .system("\(error)") }

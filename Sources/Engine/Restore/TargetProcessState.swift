@@ -8,7 +8,9 @@ extension TargetProcess {
     /// Descriptors, signal actions, pending signals, personality, rseq, seccomp, credentials, xstate, mask.
     func restoreState(_ state: ProcessState) throws(RestoreError) {
         do {
-            try DescriptorRestorer(injector: injector, memory: memory, dataAddress: dataAddress, processID: processID).restore(state.files)
+            let descriptors = DescriptorRestorer(injector: injector, memory: memory, dataAddress: dataAddress, processID: processID)
+            try descriptors.restore(state.files)
+            liveTCPSockets = descriptors.liveSockets
             for action in state.signalActions where !action.isDefault {
                 var record: [UInt8] = []
                 for word in [action.handler, action.flags, action.restorer, action.mask] { record.appendLittleEndian(word) }
