@@ -87,6 +87,7 @@ final class FrozenVictim {
     /// before anything was written anywhere: the dumper's abort detaches the victim, which runs on.
     private func captureThrowing() throws -> ProcessState {
         try Preflight.checkNoChildren(processID)
+        try lockOutsideConnections()
         let registers = try tracee.registers()
         let signalMask = try tracee.signalMask()
         let injected = try injectQueries(registers: registers, signalMask: signalMask)
@@ -157,6 +158,19 @@ final class FrozenVictim {
         }
     }
 
+    /// Local ports of connections whose peer is outside the victim, locked (Sys/NetworkLock.swift)
+    /// before they are read; the target unlocks them once its sockets are live, or `release` does when
+    /// the victim runs on.
+    private(set) var lockedPorts: [UInt16] = []
+
+    private func lockOutsideConnections() throws {
+        let files = try Preflight.descriptors(processID)
+        for (port, family) in TCPSocketRestorer.outsideConnectionPorts(files) {
+            lockedPorts.append(port)  // first: a lock that fails half-way is undone too
+            try NetworkLock.lock(port: port, family: family)
+        }
+    }
+
     /// TCP sockets read at the capture and since disconnected (TCPSocketRestorer.detach).
     private var detachedSockets: [(descriptor: Int32, end: TCPSocketEnd)] = []
 
@@ -189,6 +203,8 @@ final class FrozenVictim {
             do { try TCPSocketRestorer.goLive(socket, end) } catch { reportReinstateFailure(socket.descriptor, end, error) }
         }
         detachedSockets = []
+        for port in lockedPorts { NetworkLock.unlock(port: port) }
+        lockedPorts = []
     }
 
     /// What could not be given back to a victim that runs on (the dumper logs each).

@@ -84,6 +84,19 @@ enum TCPSocketRestorer {
         try socket.setSocketOption(level: TCPOption.socketLevel, name: TCPOption.reuseAddress, value: end.options.reuseAddress)
     }
 
+    /// The local ports of established connections whose peer is not another socket of the same
+    /// process: their segments must be held back (NetworkLock) while they are away.
+    static func outsideConnectionPorts(_ files: [OpenFile]) -> [(port: UInt16, family: Int32)] {
+        let ends = files.compactMap { file -> TCPSocketEnd? in if case .tcpSocket(let end) = file.kind { end } else { nil } }
+        let locals = Set(ends.map { "\($0.local)" })
+        var ports: [UInt16: Int32] = [:]
+        for end in ends {
+            guard let peer = end.peer, !locals.contains("\(peer)") else { continue }
+            ports[end.local.port] = end.local.family
+        }
+        return ports.keys.sorted().map { ($0, ports[$0]!) }
+    }
+
     /// On the source, once the victim's sockets are read: each stops holding its address (a listener
     /// stops listening; a connection in repair mode is dropped silently), so the target's socket can take
     /// it on this node; the victim's descriptor keeps an idle socket that `reinstate` can rebuild.

@@ -360,6 +360,12 @@ final class TargetProcess {
             for (descriptor, end) in liveTCPSockets {
                 try TCPSocketRestorer.goLive(try ForeignDescriptor(processID: processID, remoteDescriptor: descriptor), end)
             }
+            // The source locked these connections' segments while they were away (FrozenVictim).
+            for port in TCPSocketRestorer.outsideConnectionPorts(liveTCPSockets.map {
+                OpenFile(descriptor: $0.descriptor, path: "", flags: 0, position: 0, kind: .tcpSocket($0.end))
+            }) {
+                NetworkLock.unlock(port: port.port)
+            }
             for thread in otherThreads { try thread.tracee.detach() }
             try tracee.detach()
         } catch { throw .system("\(error)") }
