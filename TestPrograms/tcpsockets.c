@@ -18,6 +18,8 @@
  *   conn6    the same over [::1]
  *   pending  a listener on 127.0.0.1 with one connection it never accepts
  *            (not migratable: refused before the freeze)
+ *   closewait a connection whose other end it closed: the end it keeps is in
+ *            CLOSE_WAIT (not migratable: refused before the freeze)
  * Each round is one step (--rendezvous counts rounds); it prints one line
  * per round and pauses --pause-us. The checksum hashes only data the model
  * determines (no ports).
@@ -276,7 +278,7 @@ int main(int argc, char **argv)
         { "pause-us", &pause_us, 0, 10000000, "pause after each round (us)" },
     };
     struct tp_stropt sopts[] = {
-        { "with", &with, NULL, "comma-separated kinds: listen4,listen6,conn4,conn6,pending" },
+        { "with", &with, NULL, "comma-separated kinds: listen4,listen6,conn4,conn6,pending,closewait" },
     };
     struct listener pending = { .name = "pending", .family = AF_INET, .backlog = 3 };
     int pending_client = -1;
@@ -295,6 +297,13 @@ int main(int argc, char **argv)
         if (use_connection[i])
             make_connection(&connections[i], i == 0 ? AF_INET : AF_INET6, 0x7c9 + (uint64_t)i * 2);
     }
+    int closewait_fd = -1;
+    if (want(with, "closewait")) {
+        struct connection half = { .name = "closewait" };
+        make_connection(&half, AF_INET, 1);
+        close(half.server);
+        closewait_fd = half.client;
+    }
     if (want(with, "pending")) {
         make_listener(&pending);
         pending_client = connect_to(&pending);
@@ -312,6 +321,8 @@ int main(int argc, char **argv)
         if (pause_us)
             tp_nanosleep_ns(pause_us * 1000ULL);
     }
+    if (closewait_fd >= 0)
+        close(closewait_fd);
     if (pending_client >= 0) {
         close(pending_client);
         close(pending.fd);
