@@ -164,6 +164,11 @@ final class FrozenVictim {
     private(set) var lockedPorts: [UInt16] = []
 
     private func lockOutsideConnections() throws {
+        // Reading every descriptor twice costs downtime: only a process with a socket can need a lock.
+        let hasSocket = try ProcFS.descriptors(processID).contains {
+            ((try? ProcFS.readLink("/proc/\(processID)/fd/\($0)")) ?? "").hasPrefix("socket:")
+        }
+        guard hasSocket else { return }
         let files = try Preflight.descriptors(processID)
         for (port, family) in TCPSocketRestorer.outsideConnectionPorts(files) {
             lockedPorts.append(port)  // first: a lock that fails half-way is undone too
