@@ -207,6 +207,13 @@ public enum StateOracle {
                 if let problem = timerProblem(wantedTimer, gotTimer) { mismatch(" timer", "\(wantedTimer)", "\(gotTimer): \(problem)") }
                 continue
             }
+            if case .tcpSocket(let wantedSocket) = wanted.kind, case .tcpSocket(let gotSocket) = got.kind {
+                var comparable = got
+                comparable.kind = wanted.kind
+                if comparable != wanted { mismatch("", "\(wanted)", "\(got)") }
+                if let problem = tcpSocketProblem(wantedSocket, gotSocket) { mismatch(" socket", describe(wanted.kind), "\(describe(got.kind)): \(problem)") }
+                continue
+            }
             guard wanted != got else { continue }
             if wanted.kind.name != got.kind.name { mismatch(" kind", wanted.kind.name, got.kind.name); continue }
             if wanted.path != got.path { mismatch(" path", wanted.path, got.path) }
@@ -239,6 +246,7 @@ public enum StateOracle {
         case .deletedFile(let file): "\(file.contents.count) bytes, mode 0o\(String(file.mode, radix: 8)), owner \(file.userID):\(file.groupID), digest \(hex(digest(file.contents)))"
         case .memfd(let name, let file, let seals): "memfd \(name), \(file.contents.count) bytes, mode 0o\(String(file.mode, radix: 8)), seals \(hex(UInt64(seals))), digest \(hex(digest(file.contents)))"
         case .pipe(let end): "channel \(end.channel) \(end.isReadEnd ? "read" : "write") end, capacity \(end.capacityByteCount), \(end.buffered.count) bytes buffered, digest \(hex(digest(end.buffered)))"
+        case .tcpSocket(let end): tcpDescription(end)
         case .unixSocket(let end): "type \(end.type), peer \(end.peer), \(end.queued.count) messages of \(end.queued.map(\.count)) bytes, digest \(hex(digest(end.queued.flatMap { $0 }))), shutdown \(end.shutdown), buffers \(end.sendBufferByteCount)/\(end.receiveBufferByteCount)"
         default: "\(kind)"
         }

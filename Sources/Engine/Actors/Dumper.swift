@@ -263,6 +263,7 @@ public final class Dumper: EngineActor {
             state = .release
         case .release:
             victim?.release(kill: release == .kill)
+            for problem in victim?.reinstateProblems ?? [] { logger.warning("\(problem)") }
             timeline.record(.victimReleased, at: clock.now())
             // The target may already be gone (it finished): nobody needs to hear it then.
             try? transport?.send(.complete(generation: generation))
@@ -445,6 +446,7 @@ public final class Dumper: EngineActor {
         if writer?.phase != .complete { writer?.abort() }
         let committed = writer?.phase == .complete
         victim?.release(kill: committed && release == .kill)
+        for problem in victim?.reinstateProblems ?? [] { logger.warning("\(problem)") }
         state = .failed
     }
 }

@@ -90,11 +90,13 @@ final class FrozenVictim {
     /// before anything was written anywhere: the dumper's abort detaches the victim, which runs on.
     private func captureThrowing(mappingFlags: StateReader.MappingFlags?) throws -> ProcessState {
         if !isTreeMember { try Preflight.checkNoChildren(processID) }
+        try lockOutsideConnections()
         let registers = try tracee.registers()
         let signalMask = try tracee.signalMask()
         let injected = try injectQueries(registers: registers, signalMask: signalMask)
         let state = try StateReader.read(tracees: tracees, processID: processID, injected: injected, mappingFlags: mappingFlags)
         try ContextReader.checkRestorable(state, processID: processID)
+        try detachTCPSockets(state.files)
         return state
     }
 
@@ -154,8 +156,70 @@ final class FrozenVictim {
             // The tracer sees each thread's death; the parent (maybe us) reaps the process.
             Tracee.killAndWait(tracees, processID: processID)
         } else {
+            reinstateTCPSockets()
             detachAll()
         }
+    }
+
+    /// Local ports of connections whose peer is outside the victim, locked (Sys/NetworkLock.swift)
+    /// before they are read; the target unlocks them once its sockets are live, or `release` does when
+    /// the victim runs on.
+    private(set) var lockedPorts: [UInt16] = []
+
+    private func lockOutsideConnections() throws {
+        // Reading every descriptor twice costs downtime: only a process with a socket can need a lock.
+        let hasSocket = try ProcFS.descriptors(processID).contains {
+            ((try? ProcFS.readLink("/proc/\(processID)/fd/\($0)")) ?? "").hasPrefix("socket:")
+        }
+        guard hasSocket else { return }
+        let files = try Preflight.descriptors(processID)
+        for (port, family) in TCPSocketRestorer.outsideConnectionPorts(files) {
+            lockedPorts.append(port)  // first: a lock that fails half-way is undone too
+            try NetworkLock.lock(port: port, family: family)
+        }
+    }
+
+    /// TCP sockets read at the capture and since disconnected (TCPSocketRestorer.detach).
+    private var detachedSockets: [(descriptor: Int32, end: TCPSocketEnd)] = []
+
+    /// Frees the address of every TCP socket just read, so that the target's can take it on this node
+    /// (on one machine the two would collide: a connection's address pair, a listener's port); a
+    /// connection, in repair mode since it was read, goes without a FIN or RST.
+    private func detachTCPSockets(_ files: [OpenFile]) throws {
+        for file in files {
+            guard case .tcpSocket(let end) = file.kind else { continue }
+            let socket = try ForeignDescriptor(processID: processID, remoteDescriptor: file.descriptor)
+            try TCPSocketRestorer.detach(socket, end)
+            detachedSockets.append((file.descriptor, end))
+        }
+    }
+
+    /// The checkpoint was abandoned before the victim's end: its sockets become again what they were.
+    private func reinstateTCPSockets() {
+        var rebuilt: [(ForeignDescriptor, TCPSocketEnd)] = []
+        for (descriptor, end) in detachedSockets {
+            do {
+                let socket = try ForeignDescriptor(processID: processID, remoteDescriptor: descriptor)
+                try TCPSocketRestorer.reinstate(socket, end)
+                if !end.isListening { rebuilt.append((socket, end)) }
+            } catch {
+                // Nothing better to do than say so: the victim runs on, this socket no longer connected.
+                reportReinstateFailure(descriptor, end, error)
+            }
+        }
+        for (socket, end) in rebuilt {
+            do { try TCPSocketRestorer.goLive(socket, end) } catch { reportReinstateFailure(socket.descriptor, end, error) }
+        }
+        detachedSockets = []
+        for port in lockedPorts { NetworkLock.unlock(port: port) }
+        lockedPorts = []
+    }
+
+    /// What could not be given back to a victim that runs on (the dumper logs each).
+    private(set) var reinstateProblems: [String] = []
+
+    private func reportReinstateFailure(_ descriptor: Int32, _ end: TCPSocketEnd, _ error: any Error) {
+        reinstateProblems.append("could not give the victim back its TCP socket fd \(descriptor) (\(end.local)): \(error)")
     }
 }
 

@@ -15,6 +15,8 @@ final class DescriptorRestorer {
     /// Where each record's object waits (final descriptor -> parked one), above every final number.
     private var parked: [Int32: Int32] = [:]
     private var parkingBase: UInt64 = 0
+    /// Established TCP connections left in repair mode until the process is let go (final descriptor).
+    private(set) var liveSockets: [(descriptor: Int32, end: TCPSocketEnd)] = []
 
     init(injector: SyscallInjector, memory: ProcessMemory, dataAddress: UInt64, processID: ProcessID) {
         (self.injector, self.memory, self.dataAddress, self.processID) = (injector, memory, dataAddress, processID)
@@ -22,6 +24,7 @@ final class DescriptorRestorer {
 
     private enum Number {
         static let socketpair = 53, shutdown = 48, fcntl = 72, epollCtl = 233, timerfdCreate = 283, signalfd4 = 289
+        static let socket = 41
         static let eventfd2 = 290, epollCreate1 = 291, pipe2 = 293, memfdCreate = 319, getdents64 = 217
     }
     private static let duplicateAbove: UInt64 = 0        // F_DUPFD
@@ -218,6 +221,13 @@ final class DescriptorRestorer {
             for message in peerEnd.queued { try mine.append(message) }
             try mine.shutdownSocket(end.shutdown)
             try theirs.shutdownSocket(peerEnd.shutdown)
+        case .tcpSocket(let end):
+            let created = try injector.call("socket(TCP)", Number.socket, UInt64(end.local.family), 1 | UInt64(OpenFlag.closeOnExec), 6)
+            let copy = try take(try parkedNumber(created, record))
+            do { try TCPSocketRestorer.rebuild(copy, end) } catch {
+                throw RestoreError.system("fd \(record.descriptor): rebuilding TCP socket \(end.local)\(end.peer.map { " to \($0)" } ?? ""): \(error)")
+            }
+            if !end.isListening { liveSockets.append((record.descriptor, end)) }
         case .duplicate, .eventPoll:
             preconditionFailure("fd \(record.descriptor): \(record.kind.name) records are restored after the others")
         }

@@ -321,6 +321,8 @@ extension ProcessState {
                     guard let target = byDescriptor[entry.descriptor] else { throw bad(file, "watches fd \(entry.descriptor), which is not restored") }
                     if case .eventPoll = target.kind { throw bad(file, "watches another epoll set") }
                 }
+            case .tcpSocket(let end):
+                if let problem = end.problem { throw bad(file, problem) }
             case .eventCounter(let count, _):
                 guard count < UInt64.max else { throw bad(file, "holds count \(count)") }
             case .timer(let timer):

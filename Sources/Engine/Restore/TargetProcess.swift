@@ -31,6 +31,8 @@ final class TargetProcess {
     /// The threads besides the main one, created by `restoreState`, in the checkpoint's order; each with
     /// an injector that runs `syscall; int3` from the scratch page.
     var otherThreads: [(tracee: Tracee, injector: SyscallInjector)] = []
+    /// Established TCP connections restored in repair mode: they go live when the process is let go.
+    var liveTCPSockets: [(descriptor: Int32, end: TCPSocketEnd)] = []
     var allTracees: [Tracee] { [tracee] + otherThreads.map(\.tracee) }
 
     /// Descriptors restored before the pages (a tree's parent, so that its children inherit them).
@@ -376,6 +378,15 @@ final class TargetProcess {
     /// Lets the restored process run.
     func resume() throws(RestoreError) {
         do {
+            for (descriptor, end) in liveTCPSockets {
+                try TCPSocketRestorer.goLive(try ForeignDescriptor(processID: processID, remoteDescriptor: descriptor), end)
+            }
+            // The source locked these connections' segments while they were away (FrozenVictim).
+            for port in TCPSocketRestorer.outsideConnectionPorts(liveTCPSockets.map {
+                OpenFile(descriptor: $0.descriptor, path: "", flags: 0, position: 0, kind: .tcpSocket($0.end))
+            }) {
+                NetworkLock.unlock(port: port.port)
+            }
             for thread in otherThreads { try thread.tracee.detach() }
             try tracee.detach()
         } catch { throw .system("\(error)") }

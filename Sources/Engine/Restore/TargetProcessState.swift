@@ -56,7 +56,9 @@ extension TargetProcess {
     /// The process's own descriptors (a tree member's inherited ones are already there).
     func restoreDescriptors(_ state: ProcessState) throws {
         let own = state.files.filter { inherited?.descriptors.contains($0.descriptor) != true }
-        try DescriptorRestorer(injector: injector, memory: memory, dataAddress: dataAddress, processID: processID).restore(own)
+        let descriptors = DescriptorRestorer(injector: injector, memory: memory, dataAddress: dataAddress, processID: processID)
+        try descriptors.restore(own)
+        liveTCPSockets = descriptors.liveSockets
         descriptorsRestored = true
     }
 

@@ -83,7 +83,11 @@ enum DescriptorReader {
             if identity.isFIFO { pipeEnds[identity.inode, default: []].append(probe) }
             if identity.isSocket {
                 guard let info = try UnixSocketDiagnostics.socket(inode: identity.inode) else {
-                    throw refuse(probe, "only UNIX socket pairs can be migrated")
+                    // Not a UNIX socket: a TCP one is read by classify.
+                    guard TCPSocketReader.isTCP(try ForeignDescriptor(processID: processID, remoteDescriptor: probe.descriptor)) else {
+                        throw refuse(probe, "only UNIX socket pairs and TCP sockets can be migrated")
+                    }
+                    continue
                 }
                 sockets[identity.inode] = (probe, info)
             }
@@ -244,7 +248,15 @@ enum DescriptorReader {
                                              sendBufferByteCount: try copy.socketOption(level: SocketOption.socketLevel, name: SocketOption.sendBuffer),
                                              receiveBufferByteCount: try copy.socketOption(level: SocketOption.socketLevel, name: SocketOption.receiveBuffer)))
         }
-        throw refuse(probe, "not a file, pipe, UNIX socket pair, eventfd, signalfd, timerfd or epoll")
+        if identity.isSocket {
+            let copy = try ForeignDescriptor(processID: processID, remoteDescriptor: probe.descriptor)
+            if TCPSocketReader.isTCP(copy) {
+                do { return .tcpSocket(try TCPSocketReader.read(copy, contents: contents)) } catch let refusal as TCPRefusal {
+                    throw refuse(probe, refusal.reason)
+                }
+            }
+        }
+        throw refuse(probe, "not a file, pipe, UNIX socket pair, TCP socket, eventfd, signalfd, timerfd or epoll")
     }
 
     /// The bytes a record will carry, counted before the freeze without reading them.
@@ -254,6 +266,8 @@ enum DescriptorReader {
         case .pipe(let end) where !end.isReadEnd: return 0
         case .pipe, .unixSocket:
             return (try? ForeignDescriptor(processID: processID, remoteDescriptor: probe.descriptor).queuedByteCount()) ?? 0
+        case .tcpSocket:
+            return (try? ForeignDescriptor(processID: processID, remoteDescriptor: probe.descriptor)).map(TCPSocketReader.plannedByteCount) ?? 0
         default: return 0
         }
     }

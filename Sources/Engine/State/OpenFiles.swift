@@ -83,6 +83,8 @@ public enum OpenFileKind: Equatable, Sendable {
     case timer(TimerDescriptor)
     case eventPoll([EpollEntry])
     case unixSocket(UnixSocketEnd)
+    /// An IPv4/IPv6 TCP socket, listening or established (TCPSockets.swift).
+    case tcpSocket(TCPSocketEnd)
 
     /// A short name, for messages.
     public var name: String {
@@ -98,6 +100,7 @@ public enum OpenFileKind: Equatable, Sendable {
         case .timer: "timerfd"
         case .eventPoll: "epoll"
         case .unixSocket: "unix socket"
+        case .tcpSocket: "TCP socket"
         }
     }
 
@@ -107,6 +110,7 @@ public enum OpenFileKind: Equatable, Sendable {
         case .deletedFile(let file), .memfd(_, let file, _): file.contents.count
         case .pipe(let end): end.buffered.count
         case .unixSocket(let end): end.queued.reduce(0) { $0 + $1.count }
+        case .tcpSocket(let end): (end.connection?.sendQueue.count ?? 0) + (end.connection?.receiveQueue.count ?? 0)
         default: 0
         }
     }

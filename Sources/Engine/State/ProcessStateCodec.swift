@@ -321,6 +321,7 @@ extension OpenFile {
             writer.writeUInt8(10); writer.writeInt32(end.type); writer.writeInt32(end.peer)
             writer.writeArray(end.queued) { writer, message in writer.writeBytes(message) }
             writer.writeUInt8(end.shutdown); writer.writeInt32(end.sendBufferByteCount); writer.writeInt32(end.receiveBufferByteCount)
+        case .tcpSocket(let end): writer.writeUInt8(12); end.encode(into: &writer)
         }
     }
 
@@ -365,6 +366,7 @@ extension OpenFile {
                                                   sendBufferByteCount: try reader.readInt32(), receiveBufferByteCount: try reader.readInt32()))
         case 11:
             file.kind = .memfdOfMapping(mappingStart: try reader.readUInt64(), mappingEnd: try reader.readUInt64(), seals: try reader.readUInt32())
+        case 12: file.kind = .tcpSocket(try TCPSocketEnd.decode(&reader, descriptor: descriptor))
         case let other: throw .malformedMetadata(reason: "fd \(descriptor) has unknown kind \(other)")
         }
         return file
