@@ -10,6 +10,8 @@ final class FrozenTree {
     var processID: ProcessID { root.processID }
     /// The PID of each ordinal (TreePageAddress): the root, then the members.
     var processIDsByOrdinal: [ProcessID] { [root.processID] + members.map(\.listing.processID) }
+    /// What could not be given back to any process of the tree when it was let go (its TCP sockets).
+    var reinstateProblems: [String] { root.reinstateProblems + members.compactMap(\.frozen).flatMap(\.reinstateProblems) }
     var listing: [TreeListing] { (rootListing.map { [$0] } ?? []) + members.map(\.listing) }
 
     private init(root: FrozenVictim) { self.root = root }
