@@ -205,6 +205,17 @@ public final class TCPSocket: @unchecked Sendable {
         return pending == 0 ? nil : SyscallError(call: call, errno: Errno(rawValue: pending))
     }
 
+    /// Kernel buffers of `byteCount` each way (SO_SNDBUFFORCE/SO_RCVBUFFORCE: past the sysctl limits, for
+    /// CAP_NET_ADMIN), so that one side can send that much before the other reads.
+    public func reserveBuffers(byteCount: Int32) throws(SyscallError) {
+        for option in [SO_SNDBUFFORCE, SO_RCVBUFFORCE] {
+            var value = byteCount
+            try checked("setsockopt(\(option == SO_SNDBUFFORCE ? "SO_SNDBUFFORCE" : "SO_RCVBUFFORCE"))") {
+                setsockopt(descriptor, SOL_SOCKET, option, &value, socklen_t(MemoryLayout<Int32>.size))
+            }
+        }
+    }
+
     // MARK: Sending and receiving
 
     /// Sends every byte. When the kernel's buffer is full it waits for room, but throws ETIMEDOUT after

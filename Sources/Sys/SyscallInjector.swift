@@ -72,6 +72,8 @@ public final class SyscallInjector: @unchecked Sendable {
         do {
             try tracee.setRegisters(registers)
             try tracee.resume()
+            // The tracee's code leaves the table's loop only through its trap or a fault, so this
+            // ends at the trap, or throws at any other stop but a group-stop.
             while true {
                 let reason = try tracee.waitForStop()
                 switch reason {

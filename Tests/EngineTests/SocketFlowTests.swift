@@ -53,6 +53,11 @@ extension ProcessTests {
             let targetSide = try TCPTransport.connect(to: listener.endpoint, timeoutMilliseconds: 5000)
             let sourceSide = try #require(try TCPTransport.accept(on: listener, timeoutMilliseconds: 5000))
             defer { targetSide.close(); sourceSide.close() }
+            // One thread plays both ends: the source's sends of a full window (up to three 2 MiB chunks)
+            // must fit in the kernel's buffers while the target end reads only between them (a loaded
+            // machine's autotuned loopback buffers held less: the send stalled 30 s and timed out).
+            try targetSide.reserveBuffers(byteCount: 16 << 20)
+            try sourceSide.reserveBuffers(byteCount: 16 << 20)
             let dumper = Dumper(victim: victim, makeBackend: { (_: Int) throws(ImageError) -> any FAMBackend in preconditionFailure("no FAM in socket mode") },
                                 generation: 1, key: testKey, release: .kill, observer: nil, clock: MonotonicClock(),
                                 timeline: MigrationTimeline(), logger: Logger(label: "flow"),

@@ -331,11 +331,6 @@ final class TargetProcess {
         return memory
     }
 
-    /// Writes bytes that came over the socket into the target (private file pages).
-    func writeBytes(_ bytes: [UInt8], to address: UInt64) throws {
-        try memory.write(bytes, at: address)
-    }
-
     /// Ends eager installation: unregisters every range and lets the userfaultfd go.
     func finishInstalling() throws(RestoreError) {
         guard let userfaultfd else { return }

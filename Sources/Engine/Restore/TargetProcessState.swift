@@ -160,3 +160,10 @@ extension TargetProcess {
     }
 
 }
+
+extension TargetProcess {
+    /// Writes bytes that came over the socket into the target (private file pages).
+    func writeBytes(_ bytes: [UInt8], to address: UInt64) throws {
+        try memory.write(bytes, at: address)
+    }
+}

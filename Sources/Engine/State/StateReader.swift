@@ -55,7 +55,7 @@ enum StateReader {
         for (index, kind) in IntervalTimer.Kind.allCases.enumerated() {
             calls.append(Call("getitimer(\(kind))", Syscall.getitimer, UInt64(kind.rawValue), layout.output(QueryLayout.timers + index * 32)))
         }
-        precondition(256 + QueryLayout.outputByteCount <= 4096 && SyscallInjector.batchLoopCode.count <= 256, "query answers overlap the table or the code")
+        precondition(256 + QueryLayout.outputByteCount <= Int.pageSize && SyscallInjector.batchLoopCode.count <= 256, "query answers overlap the table or the code")
         precondition(calls.count * SyscallInjector.batchEntryByteCount <= QueryLayout.tableByteCountLimit, "\(calls.count) queries overflow the scratch area")
         try memory.write(SyscallInjector.batchLoopCode, at: layout.codeAddress)
         let results = try injector.callBatch(calls, codeAddress: layout.codeAddress, tableAddress: layout.tableAddress, memory: memory)
@@ -102,7 +102,7 @@ enum StateReader {
     struct QueryLayout {
         let dataAddress: UInt64
         var codeAddress: UInt64 { dataAddress }
-        var tableAddress: UInt64 { dataAddress + 4096 }
+        var tableAddress: UInt64 { dataAddress + .pageSize }
         func output(_ offset: Int) -> UInt64 { dataAddress + 256 + UInt64(offset) }
         static let actions = 0                       // 62 struct sigaction of 32 bytes
         static let parentDeathSignal = 62 * 32       // one int, in 8 bytes

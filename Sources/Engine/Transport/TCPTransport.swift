@@ -88,6 +88,12 @@ public final class TCPTransport: Transport {
 
     public var readableDescriptor: Int32? { socket.descriptor >= 0 ? socket.descriptor : nil }
 
+    /// Kernel buffers of `byteCount` each way (a single-threaded test whose one end reads only between
+    /// the other's sends needs room for a whole window).
+    public func reserveBuffers(byteCount: Int32) throws(TransportError) {
+        do { try socket.reserveBuffers(byteCount: byteCount) } catch { throw .system(error) }
+    }
+
     public func close() {
         guard !isClosed.exchange(true, ordering: .acquiringAndReleasing) else { return }
         // Wake any thread blocked in send or waitReadable, then wait for both to let go before the number
