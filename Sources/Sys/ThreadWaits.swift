@@ -46,9 +46,7 @@ extension ProcFS {
 
     /// The system call thread `threadID` of `processID` is blocked in (nil: running, or not in one).
     public static func currentSyscall(_ processID: ProcessID, thread threadID: ProcessID) -> Int? {
-        guard let text = try? readText("/proc/\(processID.rawValue)/task/\(threadID.rawValue)/syscall"),
-              let first = text.split(separator: " ").first else { return nil }
-        return Int(first)
+        currentSyscallCall(processID, thread: threadID)?.number
     }
 
     /// The system call thread `threadID` of `processID` is blocked in, with its six arguments (nil:

@@ -212,30 +212,32 @@ public struct ImageReader: Sendable {
     /// Checks the page in FAM against its mark's keyed code (so a page or mark rewritten by someone
     /// without the key fails here, on every install path). Only for an observed mark.
     public func verifyPage(slot: Int) throws(ImageError) {
-        let offset = pageOffset(slot: slot)
         let address = pageAddresses[slot]
-        guard let expected = pageDigest(slot: slot) else {
-            throw .pageNotMarked(path: path, slot: slot, address: address)
-        }
-        let actual = authenticator.markDigest(page: backend.loadBytes(at: offset, count: ImageLayout.pageSize), generation: generation,
-                                              address: address, headerCode: headerCode)
+        let expected = try markedDigest(slot: slot)
+        let actual = pageCode(backend.loadBytes(at: pageOffset(slot: slot), count: ImageLayout.pageSize), address: address)
         guard actual == expected else { throw .pageChecksumMismatch(path: path, slot: slot, address: address) }
+    }
+
+    /// The digest an observed mark of `slot` holds, or `pageNotMarked`.
+    private func markedDigest(slot: Int) throws(ImageError) -> UInt64 {
+        guard let digest = pageDigest(slot: slot) else { throw .pageNotMarked(path: path, slot: slot, address: pageAddresses[slot]) }
+        return digest
+    }
+
+    /// The keyed code a page's mark must hold (the writer's definition: ImageAuthenticator.markDigest).
+    private func pageCode(_ page: [UInt8], address: UInt64) -> UInt64 {
+        authenticator.markDigest(page: page, generation: generation, address: address, headerCode: headerCode)
     }
 
     /// `verifyPage` for a run of slots, begun now (the backend may compute the pages' keyed codes on a
     /// thread of its own); the answer's `finish()` throws for the first page that does not match. Only
     /// for observed marks.
     public func startVerifyingPages(slots: Range<Int>) throws(ImageError) -> PageVerification {
-        var offsets: [Int] = [], expected: [UInt64] = []
-        for slot in slots {
-            offsets.append(pageOffset(slot: slot))
-            guard let digest = pageDigest(slot: slot) else { throw .pageNotMarked(path: path, slot: slot, address: pageAddresses[slot]) }
-            expected.append(digest)
-        }
+        let expected = try slots.map { (slot) throws(ImageError) in try markedDigest(slot: slot) }
         let addresses = Array(pageAddresses[slots])
-        let (authenticator, headerCode, generation) = (authenticator, headerCode, generation)
-        let pending = backend.startPageCodes(at: offsets, count: ImageLayout.pageSize) { index, page in
-            authenticator.markDigest(page: page, generation: generation, address: addresses[index], headerCode: headerCode)
+        let reader = self
+        let pending = backend.startPageCodes(at: slots.map(pageOffset(slot:)), count: ImageLayout.pageSize) { index, page in
+            reader.pageCode(page, address: addresses[index])
         }
         return PageVerification(slots: slots, expected: expected, pending: pending, path: path, pageAddresses: addresses)
     }
