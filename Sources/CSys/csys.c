@@ -355,3 +355,15 @@ int csys_thread_take_file_identity(uid_t fsuid, gid_t fsgid, const gid_t *groups
 int csys_access_as_open(const char *path, int mode) {
     return (int)syscall(SYS_faccessat2, AT_FDCWD, path, mode, AT_EACCESS);
 }
+
+int csys_open_checked(const char *path, int mode) {
+    int descriptor = open(path, O_PATH | O_CLOEXEC);
+    if (descriptor < 0) return -1;
+    if (syscall(SYS_faccessat2, descriptor, "", mode, AT_EACCESS | AT_EMPTY_PATH) != 0) {
+        int saved = errno;
+        close(descriptor);
+        errno = saved;
+        return -1;
+    }
+    return descriptor;
+}

@@ -19,7 +19,7 @@ struct FuzzCommand: ParsableCommand {
             target depends on --seed and I only. Exit 0: every oracle held; 1: an input broke one (its \
             replay command is printed); 2: usage or corpus error.
             """,
-        subcommands: [Run.self, ImportImage.self, SeedFrames.self],
+        subcommands: [Run.self, ImportImage.self, SeedFrames.self, SeedChannel.self],
         defaultSubcommand: Run.self)
 }
 
@@ -209,5 +209,29 @@ struct SeedFrames: ParsableCommand {
         FileManager.default.createFile(atPath: "\(directory)/stream/handshake-then-pages.bin",
                                        contents: Data(frames[0].1.encoded() + frames[1].1.encoded() + frames[4].1.encoded() + frames[5].1.encoded()))
         print("fuzz: wrote \(frames.count) frames and 2 streams under \(directory)")
+    }
+}
+
+/// Writes transcripts of the sealed channel (source to target, after the handshake) to the corpus.
+struct SeedChannel: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "seed-channel",
+                                                    abstract: "Writes sealed-channel transcripts (under the corpus key) to the corpus.")
+
+    @OptionGroup var corpusOptions: CorpusOptions
+
+    func run() throws {
+        let transcripts: [(String, [Message])] = [
+            ("postcopy-fam", [.metadataCommitted(generation: 9), .marked(slots: [0, 1, 5]), .marked(slots: [2]), .complete(generation: 9)]),
+            ("postcopy-socket", [.pages(address: 0x7f00_0000_0000, bytes: (0..<8192).map { UInt8(truncatingIfNeeded: $0 * 13) }),
+                                 .pages(address: 0x7f00_0000_4000, bytes: [UInt8](repeating: 0xA5, count: 4096)), .complete(generation: 9)]),
+            ("abort", [.metadataCommitted(generation: 9), .abort(reason: "the source gave up")]),
+            ("one-frame", [.complete(generation: 9)]),
+        ]
+        let directory = corpusOptions.corpus + "/channel"
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        for (name, messages) in transcripts {
+            FileManager.default.createFile(atPath: "\(directory)/\(name).bin", contents: Data(try ChannelFuzz.transcript(messages)))
+        }
+        print("fuzz: wrote \(transcripts.count) channel transcripts under \(directory)")
     }
 }

@@ -1,6 +1,6 @@
 // Why this file exists: the decoders that read another node's bytes (the image reader: superblock,
 // metadata, page table, marks, commit record; the process state codec; the frame decoder and the stream
-// assembler in front of it) are fuzzed here, each with an oracle stronger than "did not trap":
+// assembler in front of it; the sealed channel, ChannelFuzz.swift) are fuzzed here, each with an oracle stronger than "did not trap":
 //   * state, frame: what decodes encodes back to the very same bytes (one encoding per value, so no
 //     two byte strings mean one thing and nothing is silently dropped);
 //   * stream: the frames handed out, re-encoded, are exactly a prefix of the bytes fed in;
@@ -14,6 +14,8 @@ import Sys
 
 public enum FuzzTarget: String, CaseIterable, Sendable {
     case state, frame, stream, image
+    /// The sealed channel's receiving side (ChannelFuzz.swift).
+    case channel
 }
 
 /// The corpus of one campaign: named entries per target (files under Tests/fuzz/corpus/TARGET/).
@@ -82,6 +84,12 @@ public struct Fuzzer: Sendable {
                                  imageMode: .changedWithoutKey)
             }
             return FuzzInput(entryName: entry.name, bytes: sealedMutation(of: entry.bytes, random: &random), imageMode: .sealedWithKey)
+        case .channel:
+            if random.chance(1, in: 2) {
+                return FuzzInput(entryName: entry.name, bytes: mutator.mutated(entry.bytes, other: other, random: &random), imageMode: .changedWithoutKey)
+            }
+            return FuzzInput(entryName: entry.name, bytes: ChannelFuzz.insiderMutation(of: entry.bytes, mutator: mutator, random: &random),
+                             imageMode: .sealedWithKey)
         }
     }
 
@@ -92,6 +100,7 @@ public struct Fuzzer: Sendable {
         case .frame: Self.checkFrame(input.bytes)
         case .stream: Self.checkStream(input.bytes, chunkSeed: UInt64(truncatingIfNeeded: input.bytes.count) ^ seed)
         case .image: checkImage(input)
+        case .channel: ChannelFuzz.check(input.bytes)
         }
     }
 

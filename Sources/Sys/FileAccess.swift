@@ -4,6 +4,10 @@
 // takes on the victim's filesystem user and group, its groups and its effective capabilities (Linux
 // credentials are per thread at the syscall level; the thread ends with its checks, so no other thread
 // ever runs as the victim), each path is checked with faccessat2(AT_EACCESS) as open(2) would check it.
+// The check and the open must be about one file: the thread resolves each path once (O_PATH, as the
+// victim resolves it), checks that inode, and keeps the descriptor; the restore then opens the file
+// through /proc/PID/fd/N, which names that inode, not the path. Someone who swaps the path for a
+// symlink to /etc/shadow between the check and the open changes nothing the restore opens.
 internal import CSys
 import SystemPackage
 #if canImport(Glibc)
@@ -38,11 +42,43 @@ public struct FileAccessRequest: Equatable, Sendable {
     public init(path: String, need: Need) { (self.path, self.need) = (path, need) }
 }
 
+/// The files an access check resolved, held open (O_PATH) until the restore has reopened them.
+/// Invariant: each descriptor is this process's, O_PATH|O_CLOEXEC, and closed exactly once (by `close`
+/// or deinit); no process started later inherits one.
+public final class CheckedPaths: @unchecked Sendable {
+    private let lock = Lock()
+    private var descriptors: [Int32?]
+
+    init(descriptors: [Int32?]) { self.descriptors = descriptors }
+
+    /// Where request `index`'s file opens again as the very inode checked (nil: it was refused, or closed).
+    public func reopenPath(_ index: Int) -> String? {
+        lock.withLock { descriptors[index].map { "/proc/\(getpid())/fd/\($0)" } }
+    }
+
+    public func close() {
+        lock.withLock {
+            for case let descriptor? in descriptors { _ = Glibc.close(descriptor) }
+            descriptors = descriptors.map { _ in nil }
+        }
+    }
+
+    deinit { close() }
+}
+
 public enum FileAccess {
     /// For each request, nil when `identity` may access the path as asked, else the errno the kernel
     /// gave (EACCES, ENOENT, ...). Throws when the checking thread cannot take on the identity.
     public static func check(_ requests: [FileAccessRequest], as identity: FileAccessIdentity) throws(SyscallError) -> [Errno?] {
-        final class Outcome: @unchecked Sendable { var result: Result<[Errno?], SyscallError> = .success([]) }
+        let (outcomes, paths) = try resolve(requests, as: identity)
+        paths.close()
+        return outcomes
+    }
+
+    /// `check`, keeping each admitted path's file open (O_PATH) for the restore to reopen.
+    public static func resolve(_ requests: [FileAccessRequest], as identity: FileAccessIdentity) throws(SyscallError)
+        -> (outcomes: [Errno?], paths: CheckedPaths) {
+        final class Outcome: @unchecked Sendable { var result: Result<[Int32?], SyscallError> = .success([]); var errnos: [Errno?] = [] }
         let outcome = Outcome()
         let thread = try OSThread(name: "fammig-access", stackByteCount: 256 << 10) {
             var groups = identity.supplementaryGroups.map { gid_t($0) }
@@ -54,11 +90,15 @@ public enum FileAccess {
                 outcome.result = .failure(.current("taking on uid \(identity.fileSystemUserID) gid \(identity.fileSystemGroupID) to check file access"))
                 return
             }
-            outcome.result = .success(requests.map { request in
-                csys_access_as_open(request.path, request.need.rawValue) == 0 ? nil : Errno(rawValue: Glibc.errno)
-            })
+            var descriptors: [Int32?] = []
+            for request in requests {
+                let descriptor = csys_open_checked(request.path, request.need.rawValue)
+                descriptors.append(descriptor >= 0 ? descriptor : nil)
+                outcome.errnos.append(descriptor >= 0 ? nil : Errno(rawValue: Glibc.errno))
+            }
+            outcome.result = .success(descriptors)
         }
         thread.join()
-        return try outcome.result.get()
+        return (outcome.errnos, CheckedPaths(descriptors: try outcome.result.get()))
     }
 }

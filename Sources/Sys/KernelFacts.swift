@@ -33,6 +33,7 @@ public enum OpenFlag {
     public static let nonBlocking = O_NONBLOCK
     public static let closeOnExec = O_CLOEXEC
     public static let direct: Int32 = 0o40000
+    public static let noFollow = O_NOFOLLOW
 }
 
 /// Socket options the engine reads from a victim's sockets and sets on a target's.

@@ -40,6 +40,28 @@ public enum PrivateFile {
         }
     }
 
+    /// What fstat says of a descriptor handed to this process (`--key-fd` of a writing command), so the
+    /// caller can refuse a regular file that others may read before a key goes into it.
+    public static func describe(descriptor: Int32) throws(SyscallError) -> PrivateFileContents {
+        var status = stat()
+        try checked("fstat(fd \(descriptor))") { fstat(descriptor, &status) }
+        return PrivateFileContents(bytes: [], ownerUserID: status.st_uid, permissionBits: UInt32(status.st_mode) & 0o7777,
+                                   isRegularFile: status.st_mode & S_IFMT == S_IFREG)
+    }
+
+    /// Writes `bytes` whole to a descriptor handed to this process, then closes it (a key written this way
+    /// must not stay open for a process started later to inherit). EPIPE is an error like any other.
+    public static func writeAndClose(descriptor: Int32, bytes: [UInt8]) throws(SyscallError) {
+        defer { _ = Glibc.close(descriptor) }
+        var written = 0
+        while written < bytes.count {
+            let count = try retryingInterrupts("write(fd \(descriptor))") {
+                bytes[written...].withUnsafeBytes { Glibc.write(descriptor, $0.baseAddress, $0.count) }
+            }
+            written += count
+        }
+    }
+
     /// Reads at most `maxByteCount` bytes of `path` without following a symlink at its last component
     /// and without blocking on a FIFO; the caller judges the owner and mode it reports.
     /// Reads a descriptor handed to this process (a pipe, a file) to its end, at most `maxByteCount + 1`

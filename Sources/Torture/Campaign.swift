@@ -55,6 +55,7 @@ public final class Campaign: Sendable {
             filter.tamper = false
             filter.racer = false
             filter.killTarget = false
+            filter.attacker = false
         }
         let scenario = Scenario.make(seed: seed, filter: filter)
         var environment = TortureEnvironment(programDirectory: options.programDirectory, stubPath: options.stubPath,

@@ -103,11 +103,19 @@ public struct Iteration {
         let key = MigrationKey.forIteration(seed: scenario.seed)
         let plan = MigrationPlan(mode: scenario.mode, push: scenario.push, generation: generation, key: key,
                                  batchPageCount: scenario.batchPageCount)
+        // With an attacker on the wire, the link is sealed as between two nodes (nonces from the seed).
+        let sealed = scenario.attack == nil ? nil : link.map { link in
+            var nonces = SeededGenerator(seed: scenario.seed ^ 0x4E4F_4E43_4553_0000)
+            let nonce = { (0..<Message.handshakeNonceByteCount).map { _ in UInt8(truncatingIfNeeded: nonces.below(256)) } }
+            return SecureChannel.sealedPair(source: link.source, target: link.target, key: key, sourceNonce: nonce(), targetNonce: nonce())
+        }
+        let sourceTransport: (any Transport)? = sealed?.source ?? link?.source
+        let targetTransport: (any Transport)? = sealed?.target ?? link?.target
         let dumper = try Migration.source(plan, victim: victim, ports: SourcePorts(
-            makeBackend: makeBackend, transport: link?.source, observer: observer, clock: virtualClock, timeline: timeline,
+            makeBackend: makeBackend, transport: sourceTransport, observer: observer, clock: virtualClock, timeline: timeline,
             logger: logger)).dumper
         let target = try Migration.target(plan, ports: TargetPorts(
-            openBackend: openBackend, transport: link?.target, stubPath: environment.stubPath, observer: observer, clock: virtualClock,
+            openBackend: openBackend, transport: targetTransport, stubPath: environment.stubPath, observer: observer, clock: virtualClock,
             timeline: timeline, metrics: metrics, logger: logger, pidNamespace: .fresh, gate: runner,
             processIDWait: .milliseconds(50), imageWait: .milliseconds(50)))
         let restorer = target.restorer
@@ -139,6 +147,8 @@ public struct Iteration {
             }
         }
         if let targetNemesis { participants.append(targetNemesis) }
+        let attacker = scenario.attack.map { AttackerParticipant(plan: $0, link: link, model: { box.model }, generation: generation, key: key) }
+        if let attacker { participants.append(attacker) }
 
         let driver = DeterministicDriver(participants: participants, clock: virtualClock,
                                          scheduler: Scheduler(strategy: scenario.strategy, rng: &rng),
@@ -160,6 +170,7 @@ public struct Iteration {
         let outcome = driver.run(rng: &rng)
         // A refusal must leave the victim as it was: not killed (Iteration judges a workload's refusal by it).
         let victimUntouched = !ProcFS.isKilledOrEnded(victim)
+        let imageCompleteAtEnd = box.model.map { !$0.isReleased && ImageReader.peekState(backend: UncheckedFabricView(model: $0)) == .complete } ?? false
         result.traceHash = driver.hash.hex
         result.stepCount = driver.stepCount
         if keepTrace { result.trace = driver.trace }
@@ -245,8 +256,17 @@ public struct Iteration {
             if tamperer?.fired == true && !caughtTamper && !(nemesis?.fired == true) && targetNemesis?.fired != true {
                 failures.append("tamper: the migration failed, but not on the changed page slot \(tamperer!.tamperedSlot!): \(error)")
             }
+            // An attack must be refused with its own cause, and before the commit record the victim must
+            // come out of it alive: after it, the image in FAM is the process.
+            let caughtAttack = attacker?.fired == true && scenario.attack?.isItsRefusal(error) == true
+            if let attacker, attacker.fired {
+                if !caughtAttack { failures.append("attack: the migration failed, but not with the attack's refusal: \(error)") }
+                if !victimUntouched && !imageCompleteAtEnd {
+                    failures.append("attack: the victim was lost to \(scenario.attack!.summary), with no complete image to restore it from")
+                }
+            }
             // A source that loses its target (the target node died) fails too: the victim goes on.
-            let expected = caughtTamper || nemesis?.fired == true && (killedBeforeCommit || scenario.mode == .postcopySocket)
+            let expected = caughtTamper || caughtAttack || nemesis?.fired == true && (killedBeforeCommit || scenario.mode == .postcopySocket)
                 || targetNemesis?.fired == true
             // A workload may hold, at the drawn system call, what fammig refuses before the freeze (a directory
             // or a pipe open, a child): the right answer is that refusal, with the victim left untouched.
@@ -264,7 +284,7 @@ public struct Iteration {
             failures.append("liveness: \(reason)")
         }
         if let nemesis, nemesis.fired, !killedBeforeCommit, scenario.mode != .postcopySocket, case .failed = outcome,
-           tamperer?.fired != true {
+           tamperer?.fired != true, attacker?.fired != true {
             failures.append("source kill after the commit record: the migration must complete from FAM, but \(result.outcome)")
         }
         var famViolationStep: Int?

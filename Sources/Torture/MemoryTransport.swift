@@ -43,12 +43,30 @@ public final class MemoryLink: @unchecked Sendable {
         }
     }
 
+    /// Frames delivered so far, both directions (the attacker's clock).
+    public private(set) var deliveredCount = 0
+    /// The last message frame delivered in each direction, as it went on the wire (what a replay resends).
+    private var lastDelivered: [Direction: [UInt8]] = [:]
+
     /// Moves the oldest frame of `direction` into its receiver's inbox.
     public func deliver(_ direction: Direction) {
         guard !inFlight[direction]!.isEmpty else { preconditionFailure("nothing in flight \(direction.rawValue)") }
         let frame = inFlight[direction]!.removeFirst()
+        deliveredCount += 1
+        if case .message(let bytes, _) = frame { lastDelivered[direction] = bytes }
         let receiver = direction == .toTarget ? target : source
         receiver.arrive(frame)
+    }
+
+    /// The last message frame delivered in `direction`, nil before the first.
+    public func lastDeliveredFrame(_ direction: Direction) -> [UInt8]? { lastDelivered[direction] }
+
+    /// A frame that no node sent, queued in `direction` behind what is in flight (a rogue peer on the
+    /// wire: it can add frames, not remove or reorder the nodes' own). Nothing is queued after the
+    /// sender's close: the receiver stops reading there.
+    public func inject(_ bytes: [UInt8], kind: String, direction: Direction) {
+        if case .close? = inFlight[direction]!.last { return }
+        inFlight[direction]!.append(.message(bytes, kind: kind))
     }
 
     /// A node died: its endpoint is closed at once; frames it had sent are lost (`dropInFlight`) or

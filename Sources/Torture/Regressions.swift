@@ -103,6 +103,7 @@ public enum Regressions {
                 guard let syscall = Int(try value(option)), syscall >= 1 else { throw FilterError(reason: "--freeze-at-syscall takes a count from 1") }
                 filter.freezeAtSyscall = syscall
             case "--tamper": filter.tamper = try onOrOff(option)
+            case "--attacker": filter.attacker = try onOrOff(option)
             case "--racer": filter.racer = try onOrOff(option)
             case "--kill-target": filter.killTarget = try onOrOff(option)
             case "--rendezvous-wait": filter.rendezvousWaits = try RendezvousWait.list(try value(option))

@@ -123,6 +123,8 @@ public struct ScenarioFilter: Sendable, Codable, Equatable {
     public var racer: Bool?
     /// The target-node nemesis on (every post-copy iteration without a source kill), off, or drawn (nil).
     public var killTarget: Bool?
+    /// The attacker (a rogue peer, a FAM writer without the key: Attacker.swift) on, off, or drawn (nil).
+    public var attacker: Bool?
     /// Run under the threaded driver with real ports and seeded perturbations (Chaos.swift), not the
     /// deterministic driver: the seed then names the perturbations, not the interleaving.
     public var chaos = false
@@ -157,6 +159,7 @@ public struct ScenarioFilter: Sendable, Codable, Equatable {
         if let tamper { options += ["--tamper", tamper ? "on" : "off"] }
         if let racer { options += ["--racer", racer ? "on" : "off"] }
         if let killTarget { options += ["--kill-target", killTarget ? "on" : "off"] }
+        if let attacker { options += ["--attacker", attacker ? "on" : "off"] }
         if chaos { options.append("--chaos") }
         if let workload { options += ["--workload", Workload.shellQuoted(workload)] }
         if let check { options += ["--check", Workload.shellQuoted(check)] }
@@ -190,6 +193,8 @@ public struct Scenario: Sendable, Codable, Equatable {
     public var check: String? = nil
     /// The call the program waits in at its rendezvous (nil: sigwaitinfo, as before the choice existed).
     public var rendezvousWait: RendezvousWait? = nil
+    /// A rogue peer or a FAM writer without the key (nil: none, as before the attacker existed).
+    public var attack: AttackPlan? = nil
 
     /// The seed of iteration `index` of a campaign started with `seed`.
     public static func iterationSeed(campaignSeed: UInt64, index: Int) -> UInt64 {
@@ -229,6 +234,18 @@ public struct Scenario: Sendable, Codable, Equatable {
         let targetKillDrawn = filter.killTarget ?? targetGenerator.chance(1, in: 12)
         let targetKill = targetKillDrawn && mode.isPostcopy && kill == nil
             ? TargetKillPlan(afterFaultHandlerSteps: targetGenerator.below(8), dropInFlight: targetGenerator.chance(1, in: 2)) : nil
+        // The attacker, from a generator of its own too; never beside the other nemeses, whose endings
+        // its oracle would have to tell apart from its own.
+        var attackGenerator = SeededGenerator(seed: seed ^ 0x4154_5441_434B_4552)
+        let attackDrawn = filter.attacker ?? attackGenerator.chance(1, in: 10)
+        let attackKinds = AttackPlan.kinds(for: mode)
+        let attackKind = attackKinds[attackGenerator.below(attackKinds.count)]
+        let attackTowardTarget = attackGenerator.chance(1, in: 2)
+        // A FAM writer acts within a few steps of what it changes appearing: a target reads the header
+        // and the commit record soon after they are stored, and later changes would only miss.
+        let attackDelay = attackGenerator.below(attackKind.isRoguePeer ? 40 : 6)
+        let attack = attackDrawn && kill == nil && tamper == nil && targetKill == nil && !filter.chaos
+            ? AttackPlan(kind: attackKind, towardTarget: attackTowardTarget, delay: attackDelay) : nil
         // A workload takes every draw a catalog program would, so that its seeds mix modes and strategies alike;
         // its freeze point is drawn once its system calls are counted (Workload.freezeSyscall).
         let workload = filter.workload.map(Workload.words)
@@ -242,7 +259,7 @@ public struct Scenario: Sendable, Codable, Equatable {
                         rendezvous: workload == nil ? rendezvous : filter.freezeAtSyscall ?? 0, strategy: strategy, batchPageCount: batchPageCount, kill: kill,
                         adversarialSteps: filter.adversarialSteps ?? Int.max, tamper: tamper, racer: racer,
                         targetKill: targetKill, check: workload == nil ? nil : filter.check,
-                        rendezvousWait: wait == .sigwait ? nil : wait)
+                        rendezvousWait: wait == .sigwait ? nil : wait, attack: attack)
     }
 
     /// The program's arguments when its files go to `workDirectory`.
@@ -262,6 +279,7 @@ public struct Scenario: Sendable, Codable, Equatable {
         if adversarialSteps != Int.max { text += " adversarial-steps \(adversarialSteps)" }
         if let tamper { text += tamper.corruptsMark ? " tampered-mark" : " tampered-page" }
         if racer { text += " racer" }
+        if let attack { text += " " + attack.summary }
         if let targetKill {
             text += " kill-target-after-fault-handler-step \(targetKill.afterFaultHandlerSteps)"
             if targetKill.dropInFlight { text += " dropping its in-flight" }

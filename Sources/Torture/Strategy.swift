@@ -22,6 +22,8 @@ public enum ActorName: String, Sendable, CaseIterable, Codable {
     case racer
     /// Kills the target node after the restored process ran (its fault handler and pusher die with it).
     case targetNemesis = "target-nemesis"
+    /// A rogue peer on the link or a FAM writer without the key (Attacker.swift).
+    case attacker
 }
 
 /// One step some actor could take now.
@@ -66,7 +68,7 @@ struct Scheduler {
         self.strategy = strategy
         if strategy == .pct {
             // The tamperer is left out (lowest): adding it must not reorder the other actors of old seeds.
-            var order = ActorName.allCases.filter { $0 != .tamperer && $0 != .racer && $0 != .targetNemesis }
+            var order = ActorName.allCases.filter { $0 != .tamperer && $0 != .racer && $0 != .targetNemesis && $0 != .attacker }
             order.shuffle(using: &rng)
             for (index, actor) in order.enumerated() { priorities[actor] = index + 10 }
             // Depth 3: two change points within the first few thousand steps.
@@ -78,7 +80,8 @@ struct Scheduler {
     mutating func pick(_ choices: [Choice], step: Int, rng: inout SeededGenerator) -> Int {
         precondition(!choices.isEmpty, "pick from no choices")
         // A planned kill goes first: when it fires is the plan's business, not the scheduler's.
-        if let nemesis = choices.firstIndex(where: { $0.actor == .nemesis || $0.actor == .targetNemesis }) { return nemesis }
+        // So does the attacker's move (it is only offered at its planned moment).
+        if let nemesis = choices.firstIndex(where: { $0.actor == .nemesis || $0.actor == .targetNemesis || $0.actor == .attacker }) { return nemesis }
         switch strategy {
         case .random, .killedSource:
             return weighted(choices, rng: &rng) { $0.actor == .fabric ? 1 : 4 }

@@ -72,6 +72,9 @@ struct TortureCommand: ParsableCommand {
     @Option(help: "The target-node nemesis, which kills the target node after the restored process ran (post-copy): on or off (default: drawn per seed).", transform: parseSwitch)
     var killTarget: Bool?
 
+    @Option(help: "The attacker, a rogue peer on the link (forged, replayed or unsealed frames) or a FAM writer without the key (header code, metadata, page table, commit record), in iterations without another nemesis: on or off (default: drawn per seed).", transform: parseSwitch)
+    var attacker: Bool?
+
     @Option(help: "The calls a test program waits in at its rendezvous, where it is frozen (comma-separated: \(RendezvousWait.allCases.map(\.rawValue).joined(separator: ", ")); default: sigwait in two seeds of three, else one of the others).", transform: { try parseList($0) { RendezvousWait(rawValue: $0) } })
     var rendezvousWait: [RendezvousWait]?
 
@@ -156,6 +159,7 @@ struct TortureCommand: ParsableCommand {
         filter.chaos = chaos
         filter.racer = racer
         filter.killTarget = killTarget
+        filter.attacker = attacker
         filter.rendezvousWaits = rendezvousWait
         filter.workload = workload
         filter.check = check

@@ -117,8 +117,7 @@ struct Checkpoint: ParsableCommand {
     @Option(help: "A FAM pool (`fammig pool create`) to keep the image in, as an extent that waits for its restore (instead of --fam).")
     var pool: String?
 
-    @Option(help: "The key file to create (mode 0600; it must not exist). The image is authenticated with this new key: hand the file to the node that restores it, out of band.")
-    var keyFile: String
+    @OptionGroup var keySink: KeySinkOptions
 
     @Flag(help: "Let the process run on after the checkpoint instead of killing it.")
     var leaveRunning = false
@@ -134,7 +133,7 @@ struct Checkpoint: ParsableCommand {
         if let fam, ProcFS.exists(fam) { throw fail("\(fam) already exists; pass a new path or remove it.", code: 2) }
         let poolPath = pool
         let opened = try poolPath.map { try PoolFile.open(path: $0, prefault: true) }
-        let key = try KeyFile.create(path: keyFile)
+        let key = try keySink.create()
         let poolImage = opened.map { PoolImage(pool: $0, key: key) }
         let timeline = MigrationTimeline()
         let source = try Migration.source(MigrationPlan(mode: .nonlive, key: key), victim: ProcessID(pid), ports: SourcePorts(
@@ -147,7 +146,7 @@ struct Checkpoint: ParsableCommand {
         } catch {
             if let fam { _ = try? SharedMapping.remove(path: fam) }
             poolImage?.release()
-            try? FileManager.default.removeItem(atPath: keyFile)
+            keySink.removeCreated()
             if let error = error as? PoolError { throw fail("\(error)", code: 2) }
             throw engineFailure(error as? EngineError ?? .aborted("\(error)"))
         }

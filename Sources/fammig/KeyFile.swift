@@ -5,6 +5,7 @@
 // write an image this node will restore.
 import ArgumentParser
 import Engine
+import Glibc
 import Sys
 
 /// Where a reading command takes the key from: `--key-file PATH` or `--key-fd N`, exactly one.
@@ -26,23 +27,75 @@ struct KeySourceOptions: ParsableArguments {
     }
 }
 
+/// Where a writing command (`checkpoint`, `source`) puts the new key: `--key-file PATH` or `--key-fd N`.
+struct KeySinkOptions: ParsableArguments {
+    @Option(help: "The key file to create (mode 0600; it must not exist). The image and the connection are authenticated with this new key: hand the file to the node that reads the image, out of band.")
+    var keyFile: String?
+
+    @Option(help: "A descriptor to write the new key to instead (one key line, then closed): a pipe, or a file only this user may read.")
+    var keyFd: Int32?
+
+    func validate() throws {
+        guard (keyFile == nil) != (keyFd == nil) else { throw ValidationError("say where the new migration key goes: --key-file PATH or --key-fd N (one of them).") }
+        if let keyFd, keyFd < 0 { throw ValidationError("--key-fd takes a descriptor number, 0 or more.") }
+    }
+
+    /// A new key, written where the options say.
+    func create() throws(ExitCode) -> MigrationKey {
+        if let keyFd { return try KeyFile.create(descriptor: keyFd) }
+        return try KeyFile.create(path: keyFile ?? "")
+    }
+
+    /// After a failed migration, its key is worth nothing: the file goes (a descriptor was closed already).
+    func removeCreated() {
+        if let keyFile { _ = unlink(keyFile) }
+    }
+}
+
 enum KeyFile {
     static let header = "fammig-migration-key-v1 "
 
     /// A new key, written to a new file at `path` (which must not exist).
     static func create(path: String) throws(ExitCode) -> MigrationKey {
         let key = MigrationKey.generate()
-        let line = header + key.bytes.map { byte in
-            let digits = String(byte, radix: 16)
-            return digits.count == 1 ? "0" + digits : digits
-        }.joined() + "\n"
-        do { try PrivateFile.create(path: path, bytes: Array(line.utf8)) } catch {
+        do { try PrivateFile.create(path: path, bytes: Array(line(key).utf8)) } catch {
             if error.errno == .fileExists {
                 throw fail("--key-file \(path) already exists; pass a new path (each migration gets a key of its own).", code: 2)
             }
             throw fail("cannot create the key file \(path): \(error)", code: 2)
         }
         return key
+    }
+
+    /// A new key, written as one key line to `descriptor` (`--key-fd`), which is then closed. A regular
+    /// file that another user owns, or that group or others may read or write, is refused before the
+    /// key is made: the key would leak through it.
+    static func create(descriptor: Int32) throws(ExitCode) -> MigrationKey {
+        let described: PrivateFileContents
+        do { described = try PrivateFile.describe(descriptor: descriptor) } catch {
+            throw fail("cannot write the key to --key-fd \(descriptor): \(error); pass a descriptor open for writing.", code: 2)
+        }
+        if described.isRegularFile {
+            let userID = ProcessIdentity.current().effectiveUserID
+            guard described.ownerUserID == userID, described.permissionBits & 0o077 == 0 else {
+                _ = close(descriptor)
+                throw fail("--key-fd \(descriptor) is a file of uid \(described.ownerUserID) with mode \(String(described.permissionBits, radix: 8)): "
+                           + "others could read the key; refused (give a pipe, or a file of this user with mode 0600).", code: 2)
+            }
+        }
+        let key = MigrationKey.generate()
+        do { try PrivateFile.writeAndClose(descriptor: descriptor, bytes: Array(line(key).utf8)) } catch {
+            throw fail("cannot write the key to --key-fd \(descriptor): \(error); pass a descriptor open for writing.", code: 2)
+        }
+        return key
+    }
+
+    /// The key file's one line.
+    static func line(_ key: MigrationKey) -> String {
+        header + key.bytes.map { byte in
+            let digits = String(byte, radix: 16)
+            return digits.count == 1 ? "0" + digits : digits
+        }.joined() + "\n"
     }
 
     /// The key in the file at `path`, after checking that only this user could have read or written it.

@@ -45,8 +45,7 @@ struct Source: ParsableCommand {
     @Option(help: "Where to wait for the target node, as IPV4:PORT (only that address is bound).")
     var listen: String
 
-    @Option(help: "The key file to create (mode 0600; it must not exist). The image and the connection are authenticated with this new key: copy the file to the target node, out of band, before starting `fammig target`.")
-    var keyFile: String
+    @OptionGroup var keySink: KeySinkOptions
 
     @Option(help: "postcopy-socket: push the remaining pages in the background (on) or send pages only on request (off).")
     var push: Switch = .on
@@ -71,10 +70,10 @@ struct Source: ParsableCommand {
         let logger = common.bootstrapLogging()
         let endpoint = try! Endpoint(parsing: listen)
         guard ProcFS.isAlive(ProcessID(pid)) else { throw fail("pid \(pid): no such process; pass the PID of a running process.", code: 2) }
-        let key = try KeyFile.create(path: keyFile)
+        let key = try keySink.create()
         // Mapped and pre-faulted before anything else, as a node keeps its pool mapped.
         let poolImage = try pool.map { PoolImage(pool: try PoolFile.open(path: $0, prefault: true), key: key) }
-        let removeKeyFile = { try? FileManager.default.removeItem(atPath: keyFile) }
+        let removeKeyFile = { keySink.removeCreated() }
         let transport: SecureTransport
         do {
             let listener = try TCPTransport.listen(on: endpoint)
@@ -88,7 +87,7 @@ struct Source: ParsableCommand {
                 let left = deadline - ContinuousClock.now
                 guard left > .zero, let accepted = try TCPTransport.accept(on: listener, timeoutMilliseconds: Int32(max(1, left.components.seconds * 1000 + 1))) else {
                     removeKeyFile()
-                    throw fail("no target node that holds the key connected to \(endpoint) within \(acceptTimeout) s; start `fammig target --connect \(endpoint)` with this --key-file.", code: 2)
+                    throw fail("no target node that holds the key connected to \(endpoint) within \(acceptTimeout) s; start `fammig target --connect \(endpoint)` with this key.", code: 2)
                 }
                 do {
                     secured = try SecureChannel.establish(over: accepted, role: .source, key: key,

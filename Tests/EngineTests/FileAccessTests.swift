@@ -49,6 +49,42 @@ func rewriteImage(path: String, to newPath: String, key: MigrationKey, _ change:
 @Suite struct FileAccessTests {
     static let nobody: UInt32 = 65534
 
+    /// The gap between the check and the open, closed: the victim's own file passes the check, then
+    /// someone who can write its directory swaps the path for a symlink to /etc/shadow. By the path, the
+    /// root restorer would now open /etc/shadow; through the checked file it opens the victim's file.
+    @Test func aPathSwappedAfterTheCheckStillOpensTheCheckedFile() throws {
+        let directory = try ScratchDirectory(under: "/tmp")
+        defer { directory.remove() }
+        try #require(chmod(directory.path, 0o1777) == 0)
+        let path = directory.path("notes")
+        try #require(FileManager.default.createFile(atPath: path, contents: Data("the victim's own\n".utf8)))
+        try #require(chown(path, Self.nobody, Self.nobody) == 0 && chmod(path, 0o600) == 0)
+        let state = victimState(userID: Self.nobody, groupID: Self.nobody, files: [
+            OpenFile(descriptor: 3, path: path, flags: OpenFlag.readOnly, position: 0)])
+        let checked = try state.checkFileAccess(path: "/dev/shm/test-image")
+        let reopenPath = try #require(checked.reopenPaths[state.processID]?[3], "no checked file for fd 3")
+
+        try #require(unlink(path) == 0 && symlink("/etc/shadow", path) == 0)
+        #expect(fileAccessRejection(state)?.contains("fd 3 opens \(path) for reading") == true, "a check now refuses the planted path")
+        let shadow = try String(contentsOfFile: "/etc/shadow", encoding: .utf8)
+        #expect(try String(contentsOfFile: path, encoding: .utf8) == shadow, "the path, opened as root, is /etc/shadow now")
+        #expect(try String(contentsOfFile: reopenPath, encoding: .utf8) == "the victim's own\n", "the checked file is not what opens")
+        checked.close()
+        #expect(access(reopenPath, F_OK) != 0, "the checked file stays open after close")
+    }
+
+    /// Each process of a tree is checked with its own credentials: a member asking for /etc/shadow as
+    /// nobody refuses the whole restore, naming the member.
+    @Test func everyProcessOfATreeIsChecked() throws {
+        var member = victimState(userID: Self.nobody, groupID: Self.nobody, files: [
+            OpenFile(descriptor: 5, path: "/etc/shadow", flags: OpenFlag.readOnly, position: 0)])
+        member.processID = ProcessID(4243)
+        var root = victimState(userID: Self.nobody, groupID: Self.nobody, files: [])
+        root.members = [.live(member)]
+        let reason = try #require(fileAccessRejection(root))
+        #expect(reason.contains("tree member pid 4243: fd 5 opens /etc/shadow for reading"), "\(reason)")
+    }
+
     @Test func aPathTheVictimCanOpenPasses() {
         let state = victimState(userID: Self.nobody, groupID: Self.nobody, files: [
             OpenFile(descriptor: 0, path: "/dev/null", flags: OpenFlag.readWrite, position: 0),

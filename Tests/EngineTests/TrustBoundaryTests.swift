@@ -70,7 +70,7 @@ func escalate(_ state: inout ProcessState) {
 
 /// A complete image of `state` over `source`'s dumped pages, written under `key` by `creator`.
 func writeAuthenticatedImage(path: String, state: ProcessState, source: SourceMemory, key: MigrationKey = testKey,
-                             creator: ImageCreator) throws {
+                             creator: ImageCreator, commit: Bool = true) throws {
     let metadata = state.encoded()
     let addresses = dumpedPageIndexes.map { source.address(pageIndex: $0) }
     let fam = try RealFAM.create(path: path, byteCount: ImageLayout.byteCount(metadataByteCount: metadata.count, pageCount: addresses.count),
@@ -79,7 +79,7 @@ func writeAuthenticatedImage(path: String, state: ProcessState, source: SourceMe
                                         key: key, creator: creator)
     writer.commitMetadata()
     try writer.dumpPages(processID: selfProcessID, slots: 0..<addresses.count)
-    writer.commit()
+    if commit { writer.commit() }
 }
 
 /// What the restorer checks before it creates a process; nil when all of it passes.

@@ -92,6 +92,10 @@ int csys_thread_take_file_identity(uid_t fsuid, gid_t fsgid, const gid_t *groups
 /// faccessat2(AT_FDCWD, path, mode, AT_EACCESS): checked as an open would be, with the thread's
 /// filesystem IDs, groups and effective capabilities.
 int csys_access_as_open(const char *path, int mode);
+/// The path resolved (O_PATH, as the calling thread's filesystem identity resolves it) and its inode
+/// checked with faccessat2(AT_EACCESS|AT_EMPTY_PATH) for `mode`: one resolution serves the check and,
+/// reopened through /proc/PID/fd, the later open. The O_PATH|O_CLOEXEC descriptor, or -1 and errno.
+int csys_open_checked(const char *path, int mode);
 
 static const unsigned long CSYS_UFFDIO_API = UFFDIO_API;
 static const unsigned long CSYS_UFFDIO_REGISTER = UFFDIO_REGISTER;

@@ -68,6 +68,8 @@ extension Dumper {
             let message: Message?
             do { message = try transport.receive() } catch {
                 if targetDone { return }
+                // A frame that does not open is not the target's end: someone else is on the wire.
+                if case .malformed = error { throw .aborted("the channel from the target was refused (\(error))") }
                 throw .aborted("the target node went away: \(error)")
             }
             guard let message else { return }

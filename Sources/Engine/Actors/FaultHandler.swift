@@ -24,6 +24,9 @@ public final class FaultHandler: EngineActor {
     private var pending: [Int: [Pending]] = [:]
     private var sourceComplete = false
     private var sourceGone = false
+    /// A frame from the source did not open or decode (forged, replayed, changed on the wire): nothing more
+    /// is read from the channel, but it is not the source's end, so this node still says when it is done.
+    private var channelRefused = false
     private var finished = false
     private var toldSourceDone = false
     /// postcopy-fam: pages a synchronous fault installs at most (the faulting one and marked neighbours).
@@ -48,7 +51,7 @@ public final class FaultHandler: EngineActor {
         guard let memory = lazy(), memory.isRunning else { return .waiting(.peer("restorer")) }
         if memory.isComplete || Spawn.hasEnded(memory.targetProcessID) { return .ready(.faultHandler(.finish)) }
         var descriptors = [memory.userfaultfd.descriptor]
-        if let transport, !sourceGone, let descriptor = transport.readableDescriptor { descriptors.append(descriptor) }
+        if let transport, !sourceGone, !channelRefused, let descriptor = transport.readableDescriptor { descriptors.append(descriptor) }
         // A pending fault is servable once its page's mark is stored; until then serving it would be a
         // step that changes nothing (a scheduler that favours this actor then starves the dumper).
         if memory.userfaultfd.waitReadable(timeoutMilliseconds: 0) || transportHasData() || hasPendingDumped(memory)
@@ -63,7 +66,7 @@ public final class FaultHandler: EngineActor {
     }
 
     private func transportHasData() -> Bool {
-        guard let transport, !sourceGone else { return false }
+        guard let transport, !sourceGone, !channelRefused else { return false }
         return transport.waitReadable(timeoutMilliseconds: 0)
     }
 
@@ -106,7 +109,7 @@ public final class FaultHandler: EngineActor {
     }
 
     private func receiveMessages(_ memory: LazyMemory) throws {
-        guard let transport, !sourceGone else { return }
+        guard let transport, !sourceGone, !channelRefused else { return }
         // Taken in, then acknowledged (after any request for a page that came too late, so a source
         // that sees every byte acknowledged knows nothing more will be asked for); pages the restorer
         // took in before the resume are acknowledged here too.
@@ -114,10 +117,13 @@ public final class FaultHandler: EngineActor {
         for _ in 0..<64 {
             let message: Message?
             do { message = try transport.receive() } catch {
-                sourceGone = true
+                if case .malformed = error { channelRefused = true } else { sourceGone = true }
                 // After the commit record the image alone completes the migration; before it, pages
                 // the target still needs are lost with the source: fail (the target gets killed).
                 if memory.isComplete || memory.imageIsCommitted() { return }
+                if channelRefused {
+                    throw EngineError.aborted("the channel from the source was refused before the migration completed (\(error)); the target was killed")
+                }
                 throw EngineError.aborted("the source node went away before the migration completed (\(error)); the target was killed")
             }
             guard let message else { return }

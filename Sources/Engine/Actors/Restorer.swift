@@ -47,6 +47,8 @@ public final class Restorer: EngineActor {
     var reader: ImageReader?
     var pageAddresses: [UInt64] = []
     public internal(set) var checkpointedState: ProcessState?
+    /// The files the access check resolved, held until the descriptors are restored from them.
+    var checkedFiles = CheckedFiles()
     var target: TargetTree?
     var spawnFirstTried: Duration?
     public internal(set) var restoredProcessID: ProcessID?
@@ -166,6 +168,7 @@ public final class Restorer: EngineActor {
                 return
             } catch { throw .restore(error) }
             restoredProcessID = target!.processID
+            target!.openThrough(checkedFiles, rootProcessID: checkpointedState!.processID)
             timeline.record(.spawned, at: clock.now())
             state = .layout
         case .layout:
@@ -191,6 +194,7 @@ public final class Restorer: EngineActor {
                 if case .eager = mode { try target!.finishInstalling() }
                 try target!.restoreState(checkpointedState!)
             } catch { throw .restore(error) }
+            checkedFiles.close()
             timeline.record(.stateRestored, at: clock.now())
             state = .prepare
         case .prepare:
@@ -242,7 +246,7 @@ public final class Restorer: EngineActor {
                 checkpointedState = try ProcessState.decode(stateBytes)
                 try checkpointedState!.validate(pageAddresses: addresses, path: "the source's socket")
                 try Self.checkPageTable(addresses)
-                try checkpointedState!.checkFileAccess(path: "the source's socket")
+                checkedFiles = try checkpointedState!.checkFileAccess(path: "the source's socket")
             } catch { throw .image(error) }
             pageAddresses = addresses
             return
@@ -253,7 +257,7 @@ public final class Restorer: EngineActor {
             if case .eager = mode { complete = true } else { complete = false }
             let opened = try ImageReader.open(backend: backend, key: key, requireComplete: complete, deferPageChecks: true)
             checkpointedState = try opened.checkedProcessState()
-            try checkpointedState!.checkFileAccess(path: opened.path)
+            checkedFiles = try checkpointedState!.checkFileAccess(path: opened.path)
             reader = opened
             pageAddresses = opened.pageAddresses
         } catch { throw .image(error) }

@@ -18,8 +18,20 @@ final class DescriptorRestorer {
     /// Established TCP connections left in repair mode until the process is let go (final descriptor).
     private(set) var liveSockets: [(descriptor: Int32, end: TCPSocketEnd)] = []
 
-    init(injector: SyscallInjector, memory: ProcessMemory, dataAddress: UInt64, processID: ProcessID) {
+    /// Regular files and directories opened through the file the access check resolved (/proc/PID/fd/N
+    /// of this node's fammig), not by their path again: by number.
+    let reopenPaths: [Int32: String]
+
+    init(injector: SyscallInjector, memory: ProcessMemory, dataAddress: UInt64, processID: ProcessID, reopenPaths: [Int32: String] = [:]) {
         (self.injector, self.memory, self.dataAddress, self.processID) = (injector, memory, dataAddress, processID)
+        self.reopenPaths = reopenPaths
+    }
+
+    /// Opens a regular file or directory record: through its checked file when there is one (a magic
+    /// link, which O_NOFOLLOW would refuse; the path was resolved at the check), else by its path.
+    private func openChecked(_ record: OpenFile, flags: Int32) throws -> Int32 {
+        guard let reopenPath = reopenPaths[record.descriptor] else { return try openInTarget(record.path, flags: flags) }
+        return try openInTarget(reopenPath, flags: flags & ~OpenFlag.noFollow)
     }
 
     private enum Number {
@@ -110,9 +122,9 @@ final class DescriptorRestorer {
         func parkedNumber(_ created: UInt64, _ owner: OpenFile) throws -> Int32 { try park(created, owner) }
         switch record.kind {
         case .regular:
-            try park(UInt64(try openInTarget(record.path, flags: flags)), record)
+            try park(UInt64(try openChecked(record, flags: flags)), record)
         case .directory:
-            let descriptor = UInt64(try openInTarget(record.path, flags: flags))
+            let descriptor = UInt64(try openChecked(record, flags: flags))
             if record.position != 0 {
                 // ext4 keeps a hashed directory's walk state beside the offset, created at the first
                 // getdents: made at an offset (say the end) it believes a later rewind to 0 is where it

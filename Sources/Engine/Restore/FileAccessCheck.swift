@@ -5,15 +5,22 @@
 // as the victim would open it (its filesystem IDs, groups and effective capabilities, from the
 // authenticated credentials), and a path the victim could not open refuses the restore, naming it.
 //
+// One resolution serves the check and the open: the checking thread keeps each descriptor's file open
+// (O_PATH, resolved as the victim resolves it), and the restorer opens /proc/PID/fd/N instead of the
+// path, so a path swapped between the check and the open (a symlink to /etc/shadow planted by someone
+// who can write its directory) opens the file that was checked, not the one planted. Every process of
+// a tree is checked, each with its own credentials.
+//
 // The kernel does not say with whose credentials a descriptor was opened: one inherited from a more
 // privileged opener (stdout redirected by root into a root-owned 0644 file, then setuid) is refused
 // too. That is the safe side: make such a file the victim's, or open it in the victim.
 import Sys
 
 extension ProcessState {
-    /// What the restore of this state opens by path, and what each open needs.
-    func fileAccessRequests() -> [(what: String, request: FileAccessRequest)] {
-        var requests: [(String, FileAccessRequest)] = []
+    /// What the restore of this state opens by path, what each open needs, and the descriptor the
+    /// restorer opens through the checked file instead of the path (regular files and directories).
+    func fileAccessRequests() -> [(what: String, request: FileAccessRequest, reopens: Int32?)] {
+        var requests: [(String, FileAccessRequest, Int32?)] = []
         func need(forFlags flags: Int32) -> FileAccessRequest.Need {
             switch flags & OpenFlag.accessModeMask {
             case OpenFlag.writeOnly: .write
@@ -25,13 +32,13 @@ extension ProcessState {
             let what = "fd \(file.descriptor)"
             switch file.kind {
             case .regular, .directory:
-                requests.append((what, FileAccessRequest(path: file.path, need: need(forFlags: file.flags))))
+                requests.append((what, FileAccessRequest(path: file.path, need: need(forFlags: file.flags)), file.descriptor))
             case .pipe(let end) where !file.path.isEmpty:
-                requests.append((what + " (FIFO)", FileAccessRequest(path: file.path, need: end.isReadEnd ? .read : .write)))
+                requests.append((what + " (FIFO)", FileAccessRequest(path: file.path, need: end.isReadEnd ? .read : .write), nil))
             case .deletedFile:
                 // Recreated under its old name, then unlinked: the victim must be able to do that there.
                 requests.append((what + " (deleted file, recreated in its directory)",
-                                 FileAccessRequest(path: Self.directoryPath(of: file.path), need: [.write, .search])))
+                                 FileAccessRequest(path: Self.directoryPath(of: file.path), need: [.write, .search]), nil))
             default:
                 break
             }
@@ -39,15 +46,15 @@ extension ProcessState {
         // The executable needs only execute permission (exec maps it for a process that may not read
         // it); every other file mapping was mapped from an open for reading (and writing, if shared
         // and writable).
-        if !executablePath.isEmpty { requests.append(("the executable", FileAccessRequest(path: executablePath, need: .search))) }
+        if !executablePath.isEmpty { requests.append(("the executable", FileAccessRequest(path: executablePath, need: .search), nil)) }
         for mapping in mappings {
             guard case .file(let path) = mapping.kind, path != executablePath else { continue }
             let writesBack = mapping.shared && mapping.writable
             requests.append(("the mapping at 0x\(String(mapping.start, radix: 16))",
-                             FileAccessRequest(path: path, need: writesBack ? [.read, .write] : .read)))
+                             FileAccessRequest(path: path, need: writesBack ? [.read, .write] : .read), nil))
         }
         if !context.workingDirectory.isEmpty {
-            requests.append(("the working directory", FileAccessRequest(path: context.workingDirectory, need: .search)))
+            requests.append(("the working directory", FileAccessRequest(path: context.workingDirectory, need: .search), nil))
         }
         return requests
     }
@@ -64,9 +71,26 @@ extension ProcessState {
     }
 
     /// Refuses a state that would have the restorer open a path its victim could not, or give a carried
-    /// file (deleted file, memfd) an owner the victim could not give it. Call after `validate` (it
-    /// needs four IDs of each kind) and before any process is created.
-    public func checkFileAccess(path: String) throws(ImageError) {
+    /// file (deleted file, memfd) an owner the victim could not give it, in any process of its tree.
+    /// Call after `validate` (it needs four IDs of each kind) and before any process is created. The
+    /// files it checked stay open until the result is closed (or goes), for the restorer to reopen.
+    @discardableResult
+    public func checkFileAccess(path: String) throws(ImageError) -> CheckedFiles {
+        var checked = CheckedFiles()
+        do throws(ImageError) {
+            for (ordinal, state) in liveProcesses {
+                let (paths, reopened) = try state.checkOwnFileAccess(path: path, who: ordinal == 0 ? "" : "tree member pid \(state.processID): ")
+                checked.paths.append(paths)
+                checked.reopenPaths[state.processID] = reopened
+            }
+        } catch {
+            checked.close()
+            throw error
+        }
+        return checked
+    }
+
+    private func checkOwnFileAccess(path: String, who: String) throws(ImageError) -> (CheckedPaths?, [Int32: String]) {
         let identity = fileAccessIdentity
         let changesOwners = credentials.effective & (1 << 0) != 0  // CAP_CHOWN
         for file in files {
@@ -77,22 +101,40 @@ extension ProcessState {
             }
             if !changesOwners && (carried.userID != identity.fileSystemUserID
                 || (carried.groupID != identity.fileSystemGroupID && !identity.supplementaryGroups.contains(carried.groupID))) {
-                throw .fileAccessDenied(path: path, reason: "fd \(file.descriptor) is a file owned by uid \(carried.userID) gid \(carried.groupID), "
+                throw .fileAccessDenied(path: path, reason: "\(who)fd \(file.descriptor) is a file owned by uid \(carried.userID) gid \(carried.groupID), "
                                         + "which the victim (uid \(identity.fileSystemUserID)) could not have made without CAP_CHOWN")
             }
         }
         let requests = fileAccessRequests()
-        if requests.isEmpty { return }
-        let outcomes = Result { () throws(SyscallError) in try FileAccess.check(requests.map(\.request), as: identity) }
-        guard case .success(let outcomes) = outcomes else {
-            throw .fileAccessDenied(path: path, reason: "its files cannot be checked as the victim would open them: \(outcomes)")
+        if requests.isEmpty { return (nil, [:]) }
+        let resolved = Result { () throws(SyscallError) in try FileAccess.resolve(requests.map(\.request), as: identity) }
+        guard case .success(let (outcomes, paths)) = resolved else {
+            throw .fileAccessDenied(path: path, reason: "\(who)its files cannot be checked as the victim would open them: \(resolved)")
         }
-        for ((what, request), outcome) in zip(requests, outcomes) {
-            guard let errno = outcome else { continue }
+        var reopenPaths: [Int32: String] = [:]
+        for (index, ((what, request, reopens), outcome)) in zip(requests, outcomes).enumerated() {
+            guard let errno = outcome else {
+                if let reopens, let reopenPath = paths.reopenPath(index) { reopenPaths[reopens] = reopenPath }
+                continue
+            }
+            paths.close()
             let needs = [(FileAccessRequest.Need.read, "reading"), (.write, "writing"), (.search, "search")]
                 .filter { request.need.contains($0.0) }.map(\.1).joined(separator: " and ")
-            throw .fileAccessDenied(path: path, reason: "\(what) opens \(request.path) for \(needs), which the victim (fsuid \(identity.fileSystemUserID), "
+            throw .fileAccessDenied(path: path, reason: "\(who)\(what) opens \(request.path) for \(needs), which the victim (fsuid \(identity.fileSystemUserID), "
                                     + "fsgid \(identity.fileSystemGroupID)) may not on this node: \(errno)")
         }
+        return (paths, reopenPaths)
     }
+}
+
+/// The files a restore's access check resolved, held open for the restorer to reopen as the very files
+/// checked: for each process (by its own PID), its descriptors' numbers to /proc/PID/fd paths.
+public struct CheckedFiles: Sendable {
+    fileprivate(set) var paths: [CheckedPaths?] = []
+    public fileprivate(set) var reopenPaths: [ProcessID: [Int32: String]] = [:]
+
+    public init() {}
+
+    /// Closes the held files (once the descriptors are restored, or the restore failed).
+    public func close() { for case let held? in paths { held.close() } }
 }

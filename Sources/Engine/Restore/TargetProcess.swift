@@ -37,6 +37,8 @@ final class TargetProcess {
 
     /// Descriptors restored before the pages (a tree's parent, so that its children inherit them).
     var descriptorsRestored = false
+    /// Descriptors to open through the file the access check resolved (FileAccessCheck.swift), by number.
+    var reopenPaths: [Int32: String] = [:]
     /// A tree member's: the descriptors and shared mappings it keeps from the parent it was cloned from.
     var inherited: (descriptors: Set<Int32>, mappingStarts: Set<UInt64>)?
 

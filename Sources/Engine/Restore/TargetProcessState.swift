@@ -56,7 +56,8 @@ extension TargetProcess {
     /// The process's own descriptors (a tree member's inherited ones are already there).
     func restoreDescriptors(_ state: ProcessState) throws {
         let own = state.files.filter { inherited?.descriptors.contains($0.descriptor) != true }
-        let descriptors = DescriptorRestorer(injector: injector, memory: memory, dataAddress: dataAddress, processID: processID)
+        let descriptors = DescriptorRestorer(injector: injector, memory: memory, dataAddress: dataAddress, processID: processID,
+                                             reopenPaths: reopenPaths)
         try descriptors.restore(own)
         liveTCPSockets = descriptors.liveSockets
         descriptorsRestored = true

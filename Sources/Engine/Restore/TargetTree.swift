@@ -24,6 +24,15 @@ final class TargetTree {
         return TargetTree(root: try TargetProcess.spawn(state: state, stubPath: stubPath, pidNamespace: pidNamespace, avoiding: others))
     }
 
+    /// Every process's descriptors to open through its checked files (by the tree's own PIDs).
+    private var reopenPaths: [ProcessID: [Int32: String]] = [:]
+
+    /// Opens each regular file and directory through the file its access check resolved.
+    func openThrough(_ checked: CheckedFiles, rootProcessID: ProcessID) {
+        reopenPaths = checked.reopenPaths
+        root.reopenPaths = checked.reopenPaths[rootProcessID] ?? [:]
+    }
+
     /// Kills every process made so far (members first), none left running on holes.
     func kill() {
         for member in members.reversed() { member?.kill() }
@@ -63,6 +72,7 @@ final class TargetTree {
                 case .live(let memberState):
                     child.inherited = (Set(lineage.inheritedDescriptors), Set(lineage.inheritedMappingStarts))
                     try child.buildLayout(memberState)
+                    child.reopenPaths = reopenPaths[member.processID] ?? [:]
                     try child.restoreDescriptors(memberState)
                     byProcessID[member.processID] = child
                 }

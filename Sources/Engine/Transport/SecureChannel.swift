@@ -119,12 +119,29 @@ public enum SecureChannel {
             guard closing.nonce == sourceNonce else { throw .refused("the source changed its nonce within the handshake") }
             try verify(closing.proof, .source, sourceNonce: sourceNonce, targetNonce: targetNonce)
         }
+        return sealed(transport, role: role, key: key, sourceNonce: sourceNonce, targetNonce: targetNonce)
+    }
+
+    /// The channel a handshake with these nonces leaves `role` with.
+    static func sealed(_ transport: any Transport, role: NodeRole, key: MigrationKey, sourceNonce: [UInt8], targetNonce: [UInt8]) -> SecureTransport {
         func directionKey(_ from: NodeRole) -> SymmetricKey {
             HKDF<SHA256>.deriveKey(inputKeyMaterial: key.subkey("channel"), salt: sourceNonce + targetNonce,
                                    info: Array("fammig channel from \(from.rawValue)".utf8), outputByteCount: 32)
         }
         let other: NodeRole = role == .source ? .target : .source
         return SecureTransport(inner: transport, sendKey: directionKey(role), receiveKey: directionKey(other))
+    }
+
+    /// Both ends of one connection sealed as a handshake with these nonces would leave them, without the
+    /// exchange: for torture's one-thread driver, which cannot run two blocking handshakes against each
+    /// other (the handshake itself runs over TCP in every node command and in SecureChannelTests). Every
+    /// frame after it is sealed, numbered and checked exactly as between two nodes.
+    public static func sealedPair(source: any Transport, target: any Transport, key: MigrationKey,
+                                  sourceNonce: [UInt8], targetNonce: [UInt8]) -> (source: SecureTransport, target: SecureTransport) {
+        precondition(sourceNonce.count == Message.handshakeNonceByteCount && targetNonce.count == Message.handshakeNonceByteCount,
+                     "handshake nonces of \(sourceNonce.count) and \(targetNonce.count) bytes")
+        return (sealed(source, role: .source, key: key, sourceNonce: sourceNonce, targetNonce: targetNonce),
+                sealed(target, role: .target, key: key, sourceNonce: sourceNonce, targetNonce: targetNonce))
     }
 }
 
@@ -168,6 +185,16 @@ public final class SecureTransport: Transport, @unchecked Sendable {
             }
             sentCount += 1
             try inner.send(.sealed(bytes: Array(sealed.ciphertext) + Array(sealed.tag)))
+        }
+    }
+
+    /// The next frame this side would send for `plaintext`, which need not be a valid message: the fuzzer's
+    /// insider, who holds the key and seals what it likes. Numbered like `send`; nothing is sent.
+    package func sealedFrame(plaintext: [UInt8]) -> Message {
+        sendLock.withLock {
+            let sealed = try! ChaChaPoly.seal(plaintext, using: sendKey, nonce: Self.nonce(sentCount))  // a 32-byte key, a 12-byte nonce
+            sentCount += 1
+            return .sealed(bytes: Array(sealed.ciphertext) + Array(sealed.tag))
         }
     }
 
