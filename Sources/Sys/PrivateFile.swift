@@ -40,6 +40,23 @@ public enum PrivateFile {
         }
     }
 
+    /// Writes `bytes` to `path` (created, or truncated), with exactly `mode` whatever the umask, from
+    /// its first byte on (fchmod before the write), never following a symlink at the last component.
+    public static func write(path: String, bytes: [UInt8], mode: UInt32) throws(SyscallError) {
+        let descriptor = try retryingInterrupts("open(\(path), O_CREAT|O_TRUNC)") {
+            Glibc.open(path, O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC | O_NOFOLLOW, mode_t(mode))
+        }
+        defer { _ = Glibc.close(descriptor) }
+        try checked("fchmod(\(path), \(String(mode, radix: 8)))") { fchmod(descriptor, mode_t(mode)) }
+        var written = 0
+        while written < bytes.count {
+            let count = try retryingInterrupts("write(\(path))") {
+                bytes[written...].withUnsafeBytes { Glibc.write(descriptor, $0.baseAddress, $0.count) }
+            }
+            written += count
+        }
+    }
+
     /// What fstat says of a descriptor handed to this process (`--key-fd` of a writing command), so the
     /// caller can refuse a regular file that others may read before a key goes into it.
     public static func describe(descriptor: Int32) throws(SyscallError) -> PrivateFileContents {

@@ -154,7 +154,7 @@ struct Bench: ParsableCommand {
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
             // A figure that does not exist (total time without pushing) is "nan" in the JSON too.
             encoder.nonConformingFloatEncodingStrategy = .convertToString(positiveInfinity: "inf", negativeInfinity: "-inf", nan: "nan")
-            try encoder.encode(Output(baselines: baselines, samples: samples)).write(to: URL(fileURLWithPath: json))
+            try writeReport(try encoder.encode(Output(baselines: baselines, samples: samples)), to: json)
         }
     }
 

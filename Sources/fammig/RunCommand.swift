@@ -201,7 +201,7 @@ struct Run: ParsableCommand {
         guard let json else { return }
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-        do { try encoder.encode(report).write(to: URL(fileURLWithPath: json)) } catch {
+        do { try writeReport(try encoder.encode(report), to: json) } catch {
             throw fail("cannot write \(json): \(error)", code: 2)
         }
     }
@@ -323,4 +323,10 @@ struct RunReport: Codable {
         }
         return lines.joined(separator: "\n")
     }
+}
+
+/// Writes a report (`--json`) with mode 0644 whatever the umask: under umask 0 it would be 0666, and
+/// anyone could rewrite the figures or verdicts another tool reads from it.
+func writeReport(_ data: Data, to path: String) throws {
+    try PrivateFile.write(path: path, bytes: Array(data), mode: 0o644)
 }

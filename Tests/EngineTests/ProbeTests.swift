@@ -1,0 +1,80 @@
+// Issue 12's probes that had no test of their own yet, on real processes: a rogue listener where a root
+// `fammig target --connect` looks (silent, forging the source's proof, or sending state before any
+// proof) gets nothing and hands nothing over: the target exits 2 naming why and creates no process; and
+// `run --json` writes its report 0644 even under umask 0.
+import Foundation
+import Glibc
+import Testing
+@testable import Engine
+import Sys
+
+extension ProcessTests {
+    @Suite(.serialized) struct ProbeTests {
+        enum RogueListener: String, CaseIterable { case silent, forgedProof, stateBeforeProof }
+
+        @Test(arguments: RogueListener.allCases) func aRogueListenerIsRefusedByTheTarget(_ rogue: RogueListener) throws {
+            let directory = try ScratchDirectory(under: "/tmp")
+            defer { directory.remove() }
+            let leftovers = LeftoverCheck()
+            defer { leftovers.finish() }
+            let keyPath = directory.path("migration.key")
+            try writeKeyFile(MigrationKey.generate(), to: keyPath)
+            let port = 29000 + Int(getpid() % 1000) + 1000 * (RogueListener.allCases.firstIndex(of: rogue) ?? 0)
+            let listener = try TCPTransport.listen(on: Endpoint(host: "127.0.0.1", port: UInt16(port)))
+            defer { listener.close() }
+            let target = leftovers.own(try StartedProcess(try TestPaths.fammig(),
+                                                          ["target", "--mode", "postcopy-socket", "--key-file", keyPath, "--connect", "127.0.0.1:\(port)",
+                                                           "--pid-namespace", "fresh", "--connect-timeout", "3"],
+                                                          standardOutputPath: directory.path("target.out"),
+                                                          standardErrorPath: directory.path("target.err")))
+            let accepted = try #require(try TCPTransport.accept(on: listener, timeoutMilliseconds: 20_000), "the target never connected")
+            defer { accepted.close() }
+            let agreement = ChannelAgreement(mode: .postcopySocket, generation: MigrationPlan.singleGeneration)
+            let nonce = SecureChannel.randomNonce()
+            let expected: String
+            switch rogue {
+            case .silent:
+                expected = "did not complete the handshake within 3 s"
+            case .forgedProof:
+                try accepted.send(.hello(mode: agreement.modeCode, generation: agreement.generation, nonce: nonce, proof: []))
+                // The target proves itself first; the rogue cannot answer with a proof of its own.
+                var answer: Message?
+                _ = pollUntil(timeout: .seconds(10)) {
+                    answer = try? accepted.receive()
+                    return answer != nil
+                }
+                guard case .hello(_, _, _, let proof)? = answer else { Issue.record("the target sent no hello: \(String(describing: answer))"); return }
+                #expect(!proof.isEmpty)
+                try accepted.send(.hello(mode: agreement.modeCode, generation: agreement.generation, nonce: nonce,
+                                         proof: proof.map { $0 ^ 0x5A }))
+                expected = "did not prove that it holds this migration's key"
+            case .stateBeforeProof:
+                try accepted.send(.metadata(state: plausibleState(processID: ProcessID(4244), dataRange: 0x7f00_0000_0000..<0x7f00_0000_8000).encoded(),
+                                            pageAddresses: []))
+                expected = "before proving that it holds the migration key"
+            }
+            let outcome = try target.waitForExit(timeout: .seconds(30))
+            #expect(outcome.exitStatus == 2 && !outcome.killedBySignal, "\(rogue): exit \(outcome.exitStatus): \(outcome.standardError)")
+            #expect(outcome.standardError.contains(expected), "\(rogue): \(outcome.standardError)")
+            #expect(!outcome.standardOutput.contains("restored pid"), "\(rogue): \(outcome.standardOutput)")
+            #expect(processLife(ProcessID(4244)) == .gone)
+        }
+
+        @Test func runReportsAreNotWritableByOthersWhateverTheUmask() throws {
+            let directory = try ScratchDirectory(under: "/tmp")
+            defer { directory.remove() }
+            let leftovers = LeftoverCheck()
+            defer { leftovers.finish() }
+            let program = try TestPaths.testProgram("memwalk-static")
+            let arguments = ["--mib", "4", "--steps", "20000", "--pause-us", "2000"]
+            leftovers.expectProgram([program] + arguments)
+            let jsonPath = directory.path("report.json")
+            let quoted = ([try TestPaths.fammig(), "run", "--after-ms", "30", "--no-reference", "--json", jsonPath, "--", program] + arguments)
+                .map { "'\($0)'" }.joined(separator: " ")
+            let outcome = try runCommand("/bin/sh", ["-c", "umask 0; exec \(quoted)"], timeout: .seconds(120))
+            #expect(outcome.exitStatus == 0, "\(outcome.standardError)")
+            let mode = try #require(try FileManager.default.attributesOfItem(atPath: jsonPath)[.posixPermissions] as? Int)
+            #expect(mode == 0o644, "report mode \(String(mode, radix: 8))")
+        }
+    }
+}
