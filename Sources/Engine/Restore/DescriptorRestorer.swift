@@ -18,8 +18,8 @@ final class DescriptorRestorer {
     /// Established TCP connections left in repair mode until the process is let go (final descriptor).
     private(set) var liveSockets: [(descriptor: Int32, end: TCPSocketEnd)] = []
 
-    /// Regular files and directories opened through the file the access check resolved (/proc/PID/fd/N
-    /// of this node's fammig), not by their path again: by number.
+    /// Regular files, directories and FIFO ends opened through the file the access check resolved
+    /// (/proc/PID/fd/N of this node's fammig), not by their path again: by number.
     let reopenPaths: [Int32: String]
 
     init(injector: SyscallInjector, memory: ProcessMemory, dataAddress: UInt64, processID: ProcessID, reopenPaths: [Int32: String] = [:]) {
@@ -178,9 +178,12 @@ final class DescriptorRestorer {
                 readEnd = UInt64(pair.littleEndianWord(at: 0) & 0xffff_ffff)
                 writeEnd = pair.littleEndianWord(at: 0) >> 32
             } else {
-                // A reader first, so that a non-blocking open for writing finds one.
-                readEnd = UInt64(try openInTarget(record.path, flags: OpenFlag.readOnly | OpenFlag.nonBlocking | OpenFlag.closeOnExec))
-                writeEnd = UInt64(try openInTarget(record.path, flags: OpenFlag.writeOnly | OpenFlag.nonBlocking | OpenFlag.closeOnExec))
+                // A reader first, so that a non-blocking open for writing finds one. Each end through the
+                // FIFO its own access check resolved (for reading, for writing), when there is one.
+                readEnd = UInt64(try openInTarget(reopenPaths[readRecord.descriptor] ?? record.path,
+                                                  flags: OpenFlag.readOnly | OpenFlag.nonBlocking | OpenFlag.closeOnExec))
+                writeEnd = UInt64(try openInTarget(reopenPaths[writeRecord.descriptor] ?? record.path,
+                                                   flags: OpenFlag.writeOnly | OpenFlag.nonBlocking | OpenFlag.closeOnExec))
             }
             let readDescriptor = try parkedNumber(readEnd, readRecord)
             let writeDescriptor = try parkedNumber(writeEnd, writeRecord)

@@ -5,11 +5,11 @@
 // as the victim would open it (its filesystem IDs, groups and effective capabilities, from the
 // authenticated credentials), and a path the victim could not open refuses the restore, naming it.
 //
-// One resolution serves the check and the open: the checking thread keeps each descriptor's file open
-// (O_PATH, resolved as the victim resolves it), and the restorer opens /proc/PID/fd/N instead of the
-// path, so a path swapped between the check and the open (a symlink to /etc/shadow planted by someone
-// who can write its directory) opens the file that was checked, not the one planted. Every process of
-// a tree is checked, each with its own credentials.
+// One resolution serves the check and the open: the checking thread keeps each descriptor's file,
+// directory or FIFO open (O_PATH, resolved as the victim resolves it), and the restorer opens
+// /proc/PID/fd/N instead of the path, so a path swapped between the check and the open (a symlink to
+// /etc/shadow planted by someone who can write its directory) opens the file that was checked, not the
+// one planted. Every process of a tree is checked, each with its own credentials.
 //
 // The kernel does not say with whose credentials a descriptor was opened: one inherited from a more
 // privileged opener (stdout redirected by root into a root-owned 0644 file, then setuid) is refused
@@ -18,7 +18,7 @@ import Sys
 
 extension ProcessState {
     /// What the restore of this state opens by path, what each open needs, and the descriptor the
-    /// restorer opens through the checked file instead of the path (regular files and directories).
+    /// restorer opens through the checked file instead of the path (regular files, directories, FIFOs).
     func fileAccessRequests() -> [(what: String, request: FileAccessRequest, reopens: Int32?)] {
         var requests: [(String, FileAccessRequest, Int32?)] = []
         func need(forFlags flags: Int32) -> FileAccessRequest.Need {
@@ -34,7 +34,7 @@ extension ProcessState {
             case .regular, .directory:
                 requests.append((what, FileAccessRequest(path: file.path, need: need(forFlags: file.flags)), file.descriptor))
             case .pipe(let end) where !file.path.isEmpty:
-                requests.append((what + " (FIFO)", FileAccessRequest(path: file.path, need: end.isReadEnd ? .read : .write), nil))
+                requests.append((what + " (FIFO)", FileAccessRequest(path: file.path, need: end.isReadEnd ? .read : .write), file.descriptor))
             case .deletedFile:
                 // Recreated under its old name, then unlinked: the victim must be able to do that there.
                 requests.append((what + " (deleted file, recreated in its directory)",
