@@ -27,7 +27,7 @@ final class TargetTree {
     /// Every process's descriptors to open through its checked files (by the tree's own PIDs).
     private var reopenPaths: [ProcessID: [Int32: String]] = [:]
 
-    /// Opens each regular file and directory through the file its access check resolved.
+    /// Opens each regular file, directory and FIFO through the file its access check resolved.
     func openThrough(_ checked: CheckedFiles, rootProcessID: ProcessID) {
         reopenPaths = checked.reopenPaths
         root.reopenPaths = checked.reopenPaths[rootProcessID] ?? [:]
