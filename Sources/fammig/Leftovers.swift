@@ -122,7 +122,7 @@ enum Leftovers {
         case .famFile, .ownerRecord:
             return unlink(leftover.name) == 0 || errno == ENOENT ? nil : "unlink: \(String(cString: strerror(errno)))"
         case .workDirectory:
-            do { try FileManager.default.removeItem(atPath: leftover.name) } catch { return "\(error)" }
+            do { try DirectoryTree.remove(leftover.name) } catch { return "\(error)" }
             return nil
         case .namespace:
             do { try NodeNetwork.removeNamespace(leftover.name) } catch { return "\(error)" }
