@@ -21,6 +21,7 @@ struct KernelObjectCase: Sendable, CustomTestStringConvertible {
     static let all: [KernelObjectCase] = [
         KernelObjectCase(arguments: ["--rounds", "60", "--pause-us", "10000", "--with", "timers,seals,sysv"], mode: "nonlive"),
         KernelObjectCase(arguments: ["--rounds", "60", "--pause-us", "10000", "--with", "timers,seals"], mode: "postcopy-socket"),
+        KernelObjectCase(arguments: ["--rounds", "60", "--pause-us", "10000", "--with", "timers,seals"], mode: "postcopy-socket", push: "off"),
         KernelObjectCase(arguments: ["--rounds", "60", "--pause-us", "10000", "--with", "timers,seals"], mode: "postcopy-fam"),
         KernelObjectCase(arguments: ["--rounds", "60", "--pause-us", "10000", "--with", "timers,seals"], mode: "postcopy-fam", push: "off"),
     ] + ["nonlive", "postcopy-socket", "postcopy-fam"].map { mode in
