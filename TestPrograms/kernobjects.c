@@ -25,11 +25,12 @@
  *            (wd 4, IN_ATTRIB): each round makes, writes and removes a file,
  *            modifies the file and touches the subdirectory, and reads
  *            exactly the expected events back at once
- *   seals    a memfd "fammig-sealed" of 4 pages, mapped shared and written,
- *            then sealed F_SEAL_SHRINK|F_SEAL_GROW|F_SEAL_FUTURE_WRITE and
- *            F_SEAL_SEAL, its descriptor kept: each round the seals, its
- *            name, that it can neither grow nor take a write(), and that a
- *            store through the (older, writable) mapping shows in pread
+ *   seals    a memfd "fammig-sealed" of 4 pages, mode 0640 (fchmod), mapped
+ *            shared and written, then sealed F_SEAL_SHRINK|F_SEAL_GROW|
+ *            F_SEAL_FUTURE_WRITE and F_SEAL_SEAL, its descriptor kept: each
+ *            round the seals, its name and mode, that it can neither grow
+ *            nor take a write(), and that a store through the (older,
+ *            writable) mapping shows in pread
  *   sysv     a SysV segment (IPC_PRIVATE, 5 pages, mode 0640) attached and
  *            marked for removal (it goes with the process), plus a second
  *            attach of it read-only: each round updates words through the
@@ -299,8 +300,8 @@ int main(int argc, char **argv)
     const unsigned sealed_seals = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_FUTURE_WRITE | F_SEAL_SEAL;
     if (use_seals) {
         sealed_fd = (int)syscall(SYS_memfd_create, "fammig-sealed", MFD_ALLOW_SEALING);
-        if (sealed_fd < 0 || ftruncate(sealed_fd, (off_t)(sealed_pages * PAGE)) != 0)
-            tp_syserr("memfd_create/ftruncate (sealed)");
+        if (sealed_fd < 0 || ftruncate(sealed_fd, (off_t)(sealed_pages * PAGE)) != 0 || fchmod(sealed_fd, 0640) != 0)
+            tp_syserr("memfd_create/ftruncate/fchmod (sealed)");
         sealed = mmap(NULL, sealed_pages * PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, sealed_fd, 0);
         sealed_model = calloc(sealed_pages * WORDS_PER_PAGE, 8);
         if (sealed == MAP_FAILED || sealed_model == NULL)
@@ -382,6 +383,10 @@ int main(int argc, char **argv)
             target[n < 0 ? 0 : n] = '\0';
             if (strcmp(target, "/memfd:fammig-sealed (deleted)") != 0)
                 tp_selfcheck_fail("round %llu: the sealed memfd is \"%s\"", (unsigned long long)round, target);
+            struct stat status;
+            if (fstat(sealed_fd, &status) != 0 || (status.st_mode & 07777) != 0640)
+                tp_selfcheck_fail("round %llu: the sealed memfd has mode %o, expected 640", (unsigned long long)round,
+                                  (unsigned)(status.st_mode & 07777));
             if (ftruncate(sealed_fd, (off_t)(2 * sealed_pages * PAGE)) == 0 || write(sealed_fd, "z", 1) >= 0 ||
                 fcntl(sealed_fd, F_ADD_SEALS, F_SEAL_WRITE) == 0)
                 tp_selfcheck_fail("round %llu: the sealed memfd grew, took a write or a seal", (unsigned long long)round);

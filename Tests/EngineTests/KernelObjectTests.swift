@@ -127,7 +127,7 @@ extension ProcessTests {
                        intervalNanoseconds: 1_800_000_000_000),
             PosixTimer(id: 5, clock: 7, notification: .signal, signal: 23, value: 5),
         ]
-        let sealed = SharedMemory(object: 0, memfdName: "fammig-sealed", byteCount: 4 * 4096, seals: 0x17)
+        let sealed = SharedMemory(object: 0, memfdName: "fammig-sealed", byteCount: 4 * 4096, seals: 0x17, mode: 0o640, userID: 1000, groupID: 100)
         let segment = SharedMemory(object: 1, memfdName: nil, byteCount: 5 * 4096,
                                    sysv: SysVSegment(identifier: 31, byteCount: 5 * 4096, mode: 0o640, userID: 0, groupID: 0, markedForRemoval: true))
         state.mappings += [
@@ -161,7 +161,12 @@ extension ProcessTests {
             ("POSIX timer 0", { $0.context.posixTimers[0].value = 1 }),
             ("memory layout", { state in
                 let index = state.mappings.firstIndex { $0.start == 0x7f10_0000_0000 }!
-                state.mappings[index].kind = .sharedMemory(SharedMemory(object: 0, memfdName: "fammig-sealed", byteCount: 4 * 4096, seals: 0x16))
+                state.mappings[index].kind = .sharedMemory(SharedMemory(object: 0, memfdName: "fammig-sealed", byteCount: 4 * 4096, seals: 0x16,
+                                                                        mode: 0o640, userID: 1000, groupID: 100))
+            }),
+            ("memory layout", { state in
+                let index = state.mappings.firstIndex { $0.start == 0x7f10_0000_0000 }!
+                state.mappings[index].kind = .sharedMemory(SharedMemory(object: 0, memfdName: "fammig-sealed", byteCount: 4 * 4096, seals: 0x17))
             }),
             ("memory layout", { state in
                 let index = state.mappings.firstIndex { $0.start == 0x7f10_0001_0000 }!

@@ -160,8 +160,10 @@ enum Preflight {
         if segment != nil, entry.fileOffset != 0 || entry.byteCount != byteCount {
             throw .unsupportedMapping(processID, range: range, reason: "a part of a SysV attach (shmat attaches whole segments)")
         }
-        return SharedMemory(object: object, memfdName: memfdName, byteCount: byteCount, sealingForbidden: seals == SharedMemory.sealSeal,
-                            seals: seals, sysv: segment)
+        var memory = SharedMemory(object: object, memfdName: memfdName, byteCount: byteCount, sealingForbidden: seals == SharedMemory.sealSeal,
+                                  seals: seals, sysv: segment)
+        if segment == nil { (memory.mode, memory.userID, memory.groupID) = (identity.mode & 0o7777, identity.userID, identity.groupID) }
+        return memory
     }
 
     /// What /proc/sysvipc/shm says of the segment a mapping attaches (its inode is the shmid). Only a

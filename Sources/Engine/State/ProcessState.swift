@@ -76,11 +76,17 @@ public struct SharedMemory: Equatable, Sendable {
     public var seals: UInt32 = 0
     /// A SysV segment (shmget/shmat); nil for shared anonymous memory and memfds.
     public var sysv: SysVSegment?
+    /// The object's permission bits and owner (fchmod/fchown on a memfd; the creator's for shared
+    /// anonymous memory). A SysV segment has its own (`sysv`).
+    public var mode: UInt32 = 0o777
+    public var userID: UInt32 = 0
+    public var groupID: UInt32 = 0
 
     public init(object: Int32, memfdName: String?, byteCount: UInt64, sealingForbidden: Bool = false, seals: UInt32 = 0,
-                sysv: SysVSegment? = nil) {
+                sysv: SysVSegment? = nil, mode: UInt32 = 0o777, userID: UInt32 = 0, groupID: UInt32 = 0) {
         (self.object, self.memfdName, self.byteCount, self.sealingForbidden) = (object, memfdName, byteCount, sealingForbidden)
         (self.seals, self.sysv) = (seals, sysv)
+        (self.mode, self.userID, self.groupID) = (mode, userID, groupID)
     }
 
     /// F_SEAL_SEAL, SHRINK, GROW, WRITE, FUTURE_WRITE, EXEC.

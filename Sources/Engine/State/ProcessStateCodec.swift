@@ -278,6 +278,9 @@ extension Mapping {
                 writer.writeUInt32(segment.groupID)
                 writer.writeBool(segment.markedForRemoval)
             }
+            writer.writeUInt32(memory.mode)
+            writer.writeUInt32(memory.userID)
+            writer.writeUInt32(memory.groupID)
         }
     }
 
@@ -311,6 +314,8 @@ extension Mapping {
                 segment = SysVSegment(identifier: try reader.readInt32(), byteCount: try reader.readUInt64(), mode: try reader.readUInt32(),
                                       userID: try reader.readUInt32(), groupID: try reader.readUInt32(), markedForRemoval: try reader.readBool())
             }
+            let mode = try reader.readUInt32(), userID = try reader.readUInt32(), groupID = try reader.readUInt32()
+            guard mode <= 0o7777 else { throw .malformedMetadata(reason: "shared memory object \(object) has mode 0o\(String(mode, radix: 8))") }
             guard (0..<65536).contains(object), byteCount % .pageSize == 0, byteCount <= AddressSpace.userSpaceEnd,
                   fileOffset <= byteCount, end &- start <= byteCount - fileOffset else {
                 throw .malformedMetadata(reason: "shared memory object \(object) of \(byteCount) bytes mapped at offset \(hex(fileOffset))")
@@ -325,7 +330,7 @@ extension Mapping {
                 }
             }
             kind = .sharedMemory(SharedMemory(object: object, memfdName: name, byteCount: byteCount, sealingForbidden: sealingForbidden,
-                                              seals: seals, sysv: segment))
+                                              seals: seals, sysv: segment, mode: mode, userID: userID, groupID: groupID))
         case let other: throw .malformedMetadata(reason: "unknown mapping kind \(other)")
         }
         var mapping = Mapping(start: start, end: end, readable: bits & 1 != 0, writable: bits & 2 != 0,
