@@ -20,7 +20,8 @@
  *            store in the mapping shows in pread; the offset moves on
  *   sysv     (not in the default) a SysV segment (IPC_PRIVATE, 4 pages)
  *            attached and at once marked for removal, so that it goes with
- *            the process: SysV memory does not migrate, this is refused
+ *            the process: migrated nonlive, refused in post-copy (kernobjects
+ *            checks one every round)
  *
  * Each round is one step (--rendezvous counts rounds); it prints one line
  * per round and pauses --pause-us. The checksum hashes the final contents.

@@ -20,6 +20,10 @@
  *            (not migratable: refused before the freeze)
  *   closewait a connection whose other end it closed: the end it keeps is in
  *            CLOSE_WAIT (not migratable: refused before the freeze)
+ *   urgent   (not in the default) a connection with one urgent byte
+ *            (MSG_OOB) sent and never read (refused before the freeze)
+ *   fastopen (not in the default) a listener with TCP_FASTOPEN set
+ *            (refused before the freeze)
  * Each round is one step (--rendezvous counts rounds); it prints one line
  * per round and pauses --pause-us. The checksum hashes only data the model
  * determines (no ports).
@@ -307,6 +311,19 @@ int main(int argc, char **argv)
     if (want(with, "pending")) {
         make_listener(&pending);
         pending_client = connect_to(&pending);
+    }
+    struct connection urgent = { .name = "urgent" };
+    if (want(with, "urgent")) {
+        make_connection(&urgent, AF_INET, 3);
+        if (send(urgent.client, "!", 1, MSG_OOB) != 1)
+            tp_syserr("send(MSG_OOB)");
+    }
+    struct listener fastopen = { .name = "fastopen", .family = AF_INET, .backlog = 3, .nonblocking = 0 };
+    if (want(with, "fastopen")) {
+        make_listener(&fastopen);
+        int queue = 5;
+        if (setsockopt(fastopen.fd, IPPROTO_TCP, TCP_FASTOPEN, &queue, sizeof queue) != 0)
+            tp_syserr("setsockopt(TCP_FASTOPEN)");
     }
     uint64_t h = 0x7c95eed;
     for (uint64_t round = 1; round <= rounds; round++) {

@@ -53,8 +53,18 @@ public enum StateOracle {
         let mayHaveFired = Set(timerMismatches(checkpointed.context.intervalTimers, restored.context.intervalTimers,
                                                restoredPendingSignals: Set(restored.sharedPendingSignals.map(\.signal)),
                                                into: &mismatches))
+            .union(posixTimerMismatches(checkpointed.context.posixTimers, restored.context.posixTimers, into: &mismatches))
         let checkpointedSignals = Set(checkpointed.sharedPendingSignals.map(\.signal))
-        let restoredPending = restored.sharedPendingSignals.filter { !mayHaveFired.contains($0.signal) || checkpointedSignals.contains($0.signal) }
+        // A POSIX timer's signal pending at the freeze is restored as a queued signal, not as the timer's
+        // own: the timer's next expiry queues its own again, so one may be there twice.
+        var keptCounts: [Int32: Int] = [:]
+        let checkpointedCounts = Dictionary(checkpointed.sharedPendingSignals.map { ($0.signal, 1) }, uniquingKeysWith: +)
+        let restoredPending = restored.sharedPendingSignals.filter { pending in
+            guard mayHaveFired.contains(pending.signal) else { return true }
+            guard checkpointedSignals.contains(pending.signal) else { return false }
+            keptCounts[pending.signal, default: 0] += 1
+            return keptCounts[pending.signal]! <= checkpointedCounts[pending.signal, default: 0]
+        }
         check("shared pending signals", checkpointed.sharedPendingSignals, restoredPending) { "\($0.map(\.signal))" }
         check("mm fields", checkpointed.memoryDescriptor, restored.memoryDescriptor)
         check("personality", checkpointed.personality, restored.personality, render: { hex(UInt64($0)) })
@@ -178,6 +188,49 @@ public enum StateOracle {
             } else {
                 mismatch(" time left")
             }
+        }
+        return mayHaveFired
+    }
+
+    /// Compares the POSIX timers: the same IDs, each with the same clock, notification, signal, value and
+    /// period; its time left may be lower by the slack (it runs from its timer_settime in the restore), and
+    /// one with little left, or a periodic one, may have expired meanwhile. Returns the signals of the
+    /// process-directed ones that may have fired (their signal may be pending in the restored process).
+    static func posixTimerMismatches(_ expected: [PosixTimer], _ actual: [PosixTimer], into mismatches: inout [StateMismatch]) -> [Int32] {
+        guard expected.map(\.id) == actual.map(\.id) else {
+            mismatches.append(StateMismatch(field: "POSIX timers", expected: "IDs \(expected.map(\.id))", actual: "IDs \(actual.map(\.id))"))
+            return []
+        }
+        let slack = descriptorTimerSlackNanoseconds
+        var mayHaveFired: [Int32] = []
+        for (wanted, got) in zip(expected, actual) {
+            var comparable = got
+            comparable.valueNanoseconds = wanted.valueNanoseconds
+            if comparable != wanted {
+                mismatches.append(StateMismatch(field: "POSIX timer \(wanted.id)", expected: "\(wanted)", actual: "\(got)"))
+                continue
+            }
+            let periodic = wanted.intervalNanoseconds != 0
+            let problem: String?
+            if !wanted.isArmed {
+                // A periodic one expired and waiting for its signal to be taken is armed again 1 ns ahead.
+                problem = got.isArmed && !(periodic && got.valueNanoseconds <= wanted.intervalNanoseconds) ? "a disarmed timer runs" : nil
+            } else if got.isArmed && got.valueNanoseconds <= wanted.valueNanoseconds && wanted.valueNanoseconds - got.valueNanoseconds <= slack {
+                problem = nil
+            } else if got.isArmed && got.valueNanoseconds > wanted.valueNanoseconds && !(periodic && got.valueNanoseconds <= wanted.intervalNanoseconds) {
+                problem = "more time left than at the checkpoint"
+            } else if wanted.valueNanoseconds > slack && !(periodic && wanted.intervalNanoseconds <= slack) {
+                problem = got.isArmed ? "time left lost" : "an armed timer was disarmed"
+            } else if !periodic {
+                problem = got.isArmed ? "a one-shot timer re-armed" : nil
+            } else {
+                problem = got.valueNanoseconds <= wanted.intervalNanoseconds ? nil : "re-armed beyond its interval"
+            }
+            if let problem {
+                mismatches.append(StateMismatch(field: "POSIX timer \(wanted.id) time left", expected: "\(wanted)", actual: "\(got): \(problem)"))
+            }
+            let mayFire = wanted.valueNanoseconds <= slack || (periodic && wanted.intervalNanoseconds <= slack) || !wanted.isArmed
+            if mayFire, case .signal = wanted.notification { mayHaveFired.append(wanted.signal) }
         }
         return mayHaveFired
     }

@@ -93,6 +93,12 @@ public final class ForeignDescriptor {
         descriptor = try retryingInterrupts("open(\(path))") { open(path, O_RDONLY | O_CLOEXEC) }
     }
 
+    /// open(path, O_RDWR): a mapping's object through /proc/PID/map_files/START-END (root only), for
+    /// what needs a writable descriptor of it (F_ADD_SEALS).
+    public init(openingForWriting path: String) throws(SyscallError) {
+        descriptor = try retryingInterrupts("open(\(path), O_RDWR)") { open(path, O_RDWR | O_CLOEXEC) }
+    }
+
     /// The parts of [start, end) that hold data (lseek SEEK_DATA/SEEK_HOLE): for shared memory, the
     /// pages it has (resident or swapped); a hole reads as zeros and needs no copy.
     public func dataRanges(from start: Int64, to end: Int64) throws(SyscallError) -> [Range<Int64>] {
@@ -234,6 +240,19 @@ public final class ForeignDescriptor {
         var count: Int32 = 0
         try checked("ioctl(FIONREAD)") { csys_ioctl_pointer(descriptor, 0x541B, &count) }
         return Int(count)
+    }
+
+    /// Reads off and drops whatever is queued now (FIONREAD bytes), without waiting for more: the
+    /// IN_IGNORED events an inotify instance queued while the restorer shaped it.
+    public func discardQueued() throws(SyscallError) {
+        let count = try queuedByteCount()
+        guard count > 0 else { return }
+        var buffer = [UInt8](repeating: 0, count: count)
+        let read = try retryingInterrupts("read(\(count))") { buffer.withUnsafeMutableBytes { Glibc.read(descriptor, $0.baseAddress, count) } }
+        guard read == count else {
+            Glibc.errno = EIO
+            throw SyscallError.current("read(\(count)) of queued events, \(read) read")
+        }
     }
 
     // MARK: Pipes

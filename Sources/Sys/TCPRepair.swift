@@ -119,6 +119,25 @@ extension ForeignDescriptor {
         try checked("listen(\(backlog))") { Glibc.listen(descriptor, backlog) }
     }
 
+    /// Whether urgent data (MSG_OOB) waits to be read: recv(MSG_OOB | MSG_PEEK) answers the urgent byte
+    /// when it is there, EAGAIN when the urgent pointer came before the byte, EINVAL when there is none
+    /// (or SO_OOBINLINE put it in the stream; SIOCATMARK then says whether the stream is at the mark).
+    /// Nothing is consumed.
+    public func hasUrgentData() throws(SyscallError) -> Bool {
+        var byte: UInt8 = 0
+        let oob: Int32 = 0x1, peek: Int32 = 0x2, dontWait: Int32 = 0x40
+        let received = recv(descriptor, &byte, 1, oob | peek | dontWait)
+        if received >= 0 { return received > 0 }
+        switch Glibc.errno {
+        case EAGAIN: return true
+        case EINVAL:
+            var atMark: Int32 = 0
+            try checked("ioctl(SIOCATMARK)") { csys_ioctl_pointer(descriptor, 0x8905, &atMark) }
+            return atMark != 0
+        default: throw SyscallError.current("recv(MSG_OOB|MSG_PEEK)")
+        }
+    }
+
     public func tcpInfo() throws(SyscallError) -> TCPInfo {
         var bytes = [UInt8](repeating: 0, count: 232)
         var length = socklen_t(bytes.count)

@@ -69,6 +69,14 @@ public struct ProgramSpec: Sendable {
                     arguments: { ["--rounds", "\(8 + 8 * $0)", "--pause-us", "0"] }, steps: { 8 + 8 * $0 }),
         ProgramSpec(name: "tree", binary: "tree-static",
                     arguments: { ["--rounds", "\(8 + 8 * $0)", "--pause-us", "0"] }, steps: { 8 + 8 * $0 }, refusedInPostcopy: true),
+        // POSIX timers (none firing: nothing asynchronous), inotify watches, a sealed mapped memfd.
+        ProgramSpec(name: "kernobjects", binary: "kernobjects-static",
+                    arguments: { ["--rounds", "\(8 + 8 * $0)", "--pause-us", "0", "--timer-ms", "0", "--with", "timers,inotify,seals"] },
+                    steps: { 8 + 8 * $0 }, fileDirectoryOption: "--dir"),
+        // A SysV segment marked for removal: nonlive only.
+        ProgramSpec(name: "kernobjects-sysv", binary: "kernobjects-static",
+                    arguments: { ["--rounds", "\(8 + 8 * $0)", "--pause-us", "0", "--with", "sysv"] }, steps: { 8 + 8 * $0 },
+                    refusedInPostcopy: true),
     ]
 
     public static func named(_ name: String) -> ProgramSpec? { (catalog + optIn).first { $0.name == name } }

@@ -37,7 +37,9 @@ extension ProcessTests {
         /// A listener with a connection it has not accepted yet cannot carry it, and a connection in any
         /// state but ESTABLISHED (here CLOSE_WAIT: its peer closed) cannot be rebuilt: refused before the
         /// freeze, the program left running (it then ends well).
-        @Test(arguments: [("pending", "1 connections not yet accepted"), ("closewait", "a TCP socket in state CLOSE_WAIT")])
+        /// Also urgent data not yet read and TCP Fast Open, which both migrated silently before (issue 11).
+        @Test(arguments: [("pending", "1 connections not yet accepted"), ("closewait", "a TCP socket in state CLOSE_WAIT"),
+                          ("urgent", "urgent (MSG_OOB) data not yet read"), ("fastopen", "TCP_FASTOPEN set")])
         func unsupportedTCPSocketIsRefused(_ kind: String, _ reason: String) throws {
             let directory = try ScratchDirectory(under: "/dev/shm")
             defer { directory.remove() }

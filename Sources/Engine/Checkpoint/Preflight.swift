@@ -11,6 +11,18 @@ enum Preflight {
             _ = try TreePreflight.check(root: processID)
         } else {
             try checkProcess(processID, checkingChildren: true)
+            try checkNoSysVMemory(processID)
+        }
+    }
+
+    /// Post-copy installs shared memory through userfaultfd, which does not register on a SysV segment's
+    /// mapping (it is not shmem's own), and the victim still holds its segment's ID while the target
+    /// would need it: SysV shared memory migrates only nonlive.
+    static func checkNoSysVMemory(_ processID: ProcessID) throws(CheckpointError) {
+        for mapping in try mappings(processID) {
+            guard case .sharedMemory(let memory) = mapping.kind, let segment = memory.sysv else { continue }
+            throw .unsupportedMapping(processID, range: "\(hex(mapping.start))-\(hex(mapping.end)) SysV segment \(segment.identifier)",
+                                      reason: "SysV shared memory migrates only in nonlive mode")
         }
     }
 
@@ -54,6 +66,12 @@ enum Preflight {
             switch mapping.kind {
             case .vdsoPart, .vsyscall: continue
             case .file where mapping.shared: continue
+            case .sharedMemory(let memory) where memory.sysv != nil:
+                // A SysV segment's pages are written through /proc/PID/mem (userfaultfd does not register
+                // on it), which a read-only attach refuses: dump them once, from its first writable attach.
+                let first = mappings.first { if case .sharedMemory(let other) = $0.kind { other.object == memory.object && $0.writable } else { false } }
+                if first?.start == mapping.start { addresses += try sharedMemoryPageAddresses(processID, mapping: mapping) }
+                continue
             case .sharedMemory:
                 addresses += try sharedMemoryPageAddresses(processID, mapping: mapping)
                 continue
@@ -110,10 +128,14 @@ enum Preflight {
         guard entry.shared, entry.path.hasSuffix(deleted) else { return nil }
         let name = String(entry.path.dropLast(deleted.count))
         let memfdName: String?
+        var segment: SysVSegment?
         if name == "/dev/zero" {
             memfdName = nil
         } else if name.hasPrefix("/memfd:") {
             memfdName = String(name.dropFirst("/memfd:".count))
+        } else if name.hasPrefix("/SYSV") {
+            memfdName = nil
+            segment = try sysvSegment(processID, entry: entry, range: range)
         } else {
             return nil
         }
@@ -124,7 +146,9 @@ enum Preflight {
         var seals: UInt32 = 0
         if memfdName != nil {
             seals = (try? ForeignDescriptor(openingForReading: path).seals()) ?? 0
-            guard seals & ~1 == 0 else { throw .unsupportedMapping(processID, range: range, reason: "a mapped memfd with seals \(seals)") }
+            guard seals & SharedMemory.writeSeal == 0, seals & ~SharedMemory.knownSeals == 0 else {
+                throw .unsupportedMapping(processID, range: range, reason: "a mapped memfd with seals \(hex(UInt64(seals))): F_SEAL_WRITE needs every writable mapping gone, and the pages come in through one")
+            }
         }
         let key = "\(entry.device) \(entry.inode)"
         let object = objects[key] ?? Int32(objects.count)
@@ -133,7 +157,42 @@ enum Preflight {
         guard entry.fileOffset + entry.byteCount <= byteCount else {
             throw .unsupportedMapping(processID, range: range, reason: "it maps beyond the end of its shared memory object")
         }
-        return SharedMemory(object: object, memfdName: memfdName, byteCount: byteCount, sealingForbidden: seals == 1)
+        if segment != nil, entry.fileOffset != 0 || entry.byteCount != byteCount {
+            throw .unsupportedMapping(processID, range: range, reason: "a part of a SysV attach (shmat attaches whole segments)")
+        }
+        var memory = SharedMemory(object: object, memfdName: memfdName, byteCount: byteCount, sealingForbidden: seals == SharedMemory.sealSeal,
+                                  seals: seals, sysv: segment)
+        if segment == nil { (memory.mode, memory.userID, memory.groupID) = (identity.mode & 0o7777, identity.userID, identity.groupID) }
+        return memory
+    }
+
+    /// What /proc/sysvipc/shm says of the segment a mapping attaches (its inode is the shmid). Only a
+    /// segment marked for removal and attached by this process alone goes with the process: any other
+    /// would be left behind at the source, or shared with another process.
+    static func sysvSegment(_ processID: ProcessID, entry: MapsEntry, range: String) throws(CheckpointError) -> SysVSegment {
+        let text: String
+        do { text = try ProcFS.readText("/proc/sysvipc/shm") } catch {
+            throw .unsupportedMapping(processID, range: range, reason: "SysV shared memory, and /proc/sysvipc/shm cannot be read (\(error))")
+        }
+        // key shmid perms size cpid lpid nattch uid gid cuid cgid atime dtime ctime rss swap
+        guard let fields = text.split(separator: "\n").dropFirst().map({ $0.split(separator: " ") })
+            .first(where: { $0.count >= 11 && UInt64($0[1]) == entry.inode }),
+              let key = Int64(fields[0]), let identifier = Int32(fields[1]), let perms = UInt32(fields[2], radix: 8),
+              let size = UInt64(fields[3]), let attachCount = Int(fields[6]), let userID = UInt32(fields[7]), let groupID = UInt32(fields[8]) else {
+            throw .unsupportedMapping(processID, range: range, reason: "SysV segment \(entry.inode) is not listed in /proc/sysvipc/shm (another IPC namespace?)")
+        }
+        let destroyFlag: UInt32 = 0o1000, lockFlag: UInt32 = 0o2000
+        guard perms & destroyFlag != 0 else {
+            throw .unsupportedMapping(processID, range: range, reason: "SysV segment \(identifier) (key \(hex(UInt64(bitPattern: key)))) is not marked for removal, so it would outlive the process at the source; only a segment removed with IPC_RMID while attached migrates")
+        }
+        guard perms & lockFlag == 0 else { throw .unsupportedMapping(processID, range: range, reason: "SysV segment \(identifier) is locked in memory (SHM_LOCK)") }
+        guard size > 0, size <= SysVSegment.byteCountMax else { throw .unsupportedMapping(processID, range: range, reason: "SysV segment \(identifier) of \(size) bytes") }
+        // nattch counts every VMA of the segment (a split attach counts twice), in every process.
+        let ownCount = ((try? ProcFS.maps(processID)) ?? []).filter { $0.shared && $0.inode == entry.inode && $0.device == entry.device && $0.path == entry.path }.count
+        guard attachCount == ownCount else {
+            throw .unsupportedMapping(processID, range: range, reason: "SysV segment \(identifier) is attached \(attachCount) times, \(ownCount) of them by this process: it is shared with another process")
+        }
+        return SysVSegment(identifier: identifier, byteCount: size, mode: perms & 0o777, userID: userID, groupID: groupID, markedForRemoval: true)
     }
 
     /// The VMA table, classified, refusing what the restorer cannot rebuild.
@@ -161,7 +220,7 @@ enum Preflight {
                     throw .unsupportedMapping(processID, range: range, reason: "special mapping \(entry.path)")
                 }
                 if entry.path.hasPrefix("/SYSV") {
-                    throw .unsupportedMapping(processID, range: range, reason: "SysV shared memory (shmat) does not migrate yet")
+                    throw .unsupportedMapping(processID, range: range, reason: "SysV shared memory mapped in a way this fammig does not know")
                 }
                 if entry.path.hasSuffix(" (deleted)") {
                     throw .unsupportedMapping(processID, range: range, reason: entry.shared ? "its file was deleted"
@@ -179,6 +238,15 @@ enum Preflight {
             result.append(Mapping(start: entry.start, end: entry.end, readable: entry.readable,
                                   writable: entry.writable, executable: entry.executable, shared: entry.shared,
                                   fileOffset: entry.fileOffset, kind: kind))
+        }
+        // A SysV segment's pages go in through a writable attach (dirtyPageAddresses).
+        for mapping in result {
+            guard case .sharedMemory(let memory) = mapping.kind, let segment = memory.sysv else { continue }
+            let writable = result.contains { if case .sharedMemory(let other) = $0.kind { other.object == memory.object && $0.writable } else { false } }
+            if !writable {
+                throw .unsupportedMapping(processID, range: "\(hex(mapping.start))-\(hex(mapping.end)) SysV segment \(segment.identifier)",
+                                          reason: "a SysV segment attached only read-only (its pages are restored through a writable attach)")
+            }
         }
         return result
     }

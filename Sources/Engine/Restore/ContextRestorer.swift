@@ -32,7 +32,7 @@ struct ContextRestorer {
         }
     }
 
-    /// The dumpable flag, once the credentials are final; then the interval timers, as late as the
+    /// The dumpable flag, once the credentials are final; then the interval and POSIX timers, as late as the
     /// restore allows (ITIMER_REAL counts wall time from here), each with the time it had left at the
     /// freeze: the downtime does not count against it. A timer not armed then is disarmed here.
     func restoreAfterCredentials(_ context: ProcessContext) throws {
@@ -45,6 +45,35 @@ struct ContextRestorer {
             try memory.write(timer.itimerval, at: dataAddress)
             try injector.call("setitimer(\(timer.kind))", Syscall.setitimer, UInt64(timer.kind.rawValue), dataAddress, 0)
         }
+        try restorePosixTimers(context.posixTimers)
+    }
+
+    /// Each POSIX timer with its own ID: with PR_TIMER_CREATE_RESTORE_IDS on, timer_create takes the ID
+    /// written where it returns one (EBUSY if taken), so IDs need no filling of gaps; then armed with the
+    /// time it had left. An expired periodic timer whose signal waits to be taken is armed 1 ns ahead.
+    private func restorePosixTimers(_ timers: [PosixTimer]) throws {
+        guard !timers.isEmpty else { return }
+        let restoreIDs: UInt64 = 77, on: UInt64 = 1, off: UInt64 = 0
+        do {
+            try injector.call("prctl(PR_TIMER_CREATE_RESTORE_IDS, on)", Syscall.prctl, restoreIDs, on, 0, 0, 0)
+        } catch {
+            throw RestoreError.system("this kernel cannot create a POSIX timer with a given ID (PR_TIMER_CREATE_RESTORE_IDS, Linux 6.16): \(error)")
+        }
+        let eventAddress = dataAddress, idAddress = dataAddress + 64, settingAddress = dataAddress + 128
+        for var timer in timers {
+            try memory.write(timer.sigevent, at: eventAddress)
+            var wanted: [UInt8] = []
+            wanted.appendLittleEndian(timer.id)
+            try memory.write(wanted, at: idAddress)
+            try injector.call("timer_create(\(timer.id))", Syscall.timerCreate, UInt64(timer.clock), eventAddress, idAddress)
+            let created = Int32(truncatingIfNeeded: try memory.read(at: idAddress, byteCount: 8).littleEndianWord(at: 0))
+            guard created == timer.id else { throw RestoreError.system("timer_create gave POSIX timer \(created), not \(timer.id)") }
+            if timer.valueNanoseconds == 0 && timer.intervalNanoseconds != 0 { timer.valueNanoseconds = 1 }
+            guard timer.isArmed else { continue }
+            try memory.write(timer.itimerspec, at: settingAddress)
+            try injector.call("timer_settime(\(timer.id))", Syscall.timerSettime, UInt64(timer.id), 0, settingAddress, 0)
+        }
+        try injector.call("prctl(PR_TIMER_CREATE_RESTORE_IDS, off)", Syscall.prctl, restoreIDs, off, 0, 0, 0)
     }
 
     /// sigaltstack refuses (EPERM) to change the stack the thread is on, judged by its stack pointer:

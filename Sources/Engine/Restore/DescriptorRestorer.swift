@@ -38,6 +38,7 @@ final class DescriptorRestorer {
         static let socketpair = 53, shutdown = 48, fcntl = 72, epollCtl = 233, timerfdCreate = 283, signalfd4 = 289
         static let socket = 41
         static let eventfd2 = 290, epollCreate1 = 291, pipe2 = 293, memfdCreate = 319, getdents64 = 217
+        static let inotifyInit1 = 294, inotifyAddWatch = 254, inotifyRemoveWatch = 255
     }
     private static let duplicateAbove: UInt64 = 0        // F_DUPFD
     private static let setStatusFlags: UInt64 = 4        // F_SETFL
@@ -243,9 +244,37 @@ final class DescriptorRestorer {
                 throw RestoreError.system("fd \(record.descriptor): rebuilding TCP socket \(end.local)\(end.peer.map { " to \($0)" } ?? ""): \(error)")
             }
             if !end.isListening { liveSockets.append((record.descriptor, end)) }
+        case .inotify(let watches):
+            let created = try injector.call("inotify_init1", Number.inotifyInit1, UInt64(OpenFlag.closeOnExec))
+            let descriptor = try parkedNumber(created, record)
+            try addWatches(watches, to: descriptor)
         case .duplicate, .eventPoll:
             preconditionFailure("fd \(record.descriptor): \(record.kind.name) records are restored after the others")
         }
+    }
+
+    /// Each watch with its own watch descriptor. The kernel gives the one after the last it gave (1 for
+    /// a new instance): below the wanted one, the watch is added and removed again until the next is
+    /// the wanted one; the IN_IGNORED events of those removals are read off through a copy.
+    private func addWatches(_ watches: [InotifyWatch], to descriptor: Int32) throws {
+        var skipped = false
+        for watch in watches {
+            try memory.write(Array(watch.path.utf8) + [0], at: dataAddress + 8192)
+            let isLink = (try? ProcFS.readLink(watch.path)) != nil
+            let mask = UInt64(watch.mask | (isLink ? InotifyReader.dontFollow : 0))
+            var attempts = 0
+            while true {
+                let given = try injector.call("inotify_add_watch(\(watch.path))", Number.inotifyAddWatch, UInt64(descriptor), dataAddress + 8192, mask)
+                if given == UInt64(watch.watchDescriptor) { break }
+                attempts += 1
+                guard Int64(given) < Int64(watch.watchDescriptor), attempts <= DescriptorLimits.inotifyWatchCountMax * 2 else {
+                    throw RestoreError.system("inotify_add_watch(\(watch.path)) gave watch \(given), not \(watch.watchDescriptor) (two watches on one file?)")
+                }
+                try injector.call("inotify_rm_watch(\(given))", Number.inotifyRemoveWatch, UInt64(descriptor), given)
+                skipped = true
+            }
+        }
+        if skipped { try take(descriptor).discardQueued() }
     }
 
     /// openat(AT_FDCWD, path, flags) inside the target; returns the new descriptor.

@@ -15,7 +15,7 @@ public enum RestoreError: Error, CustomStringConvertible, Sendable {
         case .processIDInUse(let pid) where pid.rawValue == 1:
             "pid 1 is the init of this node's PID namespace; a process that was pid 1 of its own namespace (started by `fammig launch`) is restored with --pid-namespace fresh."
         case .processIDInUse(let pid):
-            "pid \(pid) is still in use on this node; the restored process needs its old PID. Kill that process (or wait for its parent to reap it) and restore again."
+            "pid \(pid) (or a SysV shared memory ID it held) is still in use on this node; the restored process needs its old PID and IDs. Kill that process (or wait for its parent to reap it; ipcs -m lists the IDs) and restore again."
         case .stubFailed(let message): "could not start the restore stub: \(message)"
         case .layout(let message): "could not rebuild the memory layout: \(message)"
         case .injected(let error): "restore failed: \(error)"

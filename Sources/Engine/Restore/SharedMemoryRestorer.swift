@@ -11,13 +11,17 @@ struct SharedMemoryRestorer {
     let memory: ProcessMemory
     let dataAddress: UInt64
 
-    private enum Number { static let ftruncate = 77, memfdCreate = 319 }
+    private enum Number { static let ftruncate = 77, memfdCreate = 319, shmget = 29, shmat = 30, shmctl = 31 }
     private static let mapShared: UInt64 = 0x01, mapAnonymous: UInt64 = 0x20, fixedNoReplace: UInt64 = 0x100000
     private static let mayMoveFixed: UInt64 = 3  // MREMAP_MAYMOVE | MREMAP_FIXED
 
     func make(_ object: SharedMemory, mappings: [Mapping], avoiding extra: [Range<UInt64>]) throws {
         let parts = mappings.filter { if case .sharedMemory(let other) = $0.kind { other.object == object.object } else { false } }
         precondition(!parts.isEmpty, "shared memory object \(object.object) has no mapping")
+        if let segment = object.sysv {
+            try makeSysV(segment, parts: parts)
+            return
+        }
         if let name = object.memfdName {
             try memory.write(Array(name.utf8) + [0], at: dataAddress + 8192)
             // MFD_CLOEXEC, and MFD_ALLOW_SEALING unless the victim's had none.
@@ -46,5 +50,60 @@ struct SharedMemoryRestorer {
             }
         }
         try injector.call("munmap(staging)", Syscall.munmap, staging, object.byteCount)
+    }
+
+    /// The SysV segment IDs of `state` that this node's IPC namespace still has (the victim's, while it
+    /// lives on one machine).
+    static func sysvIdentifiersInUse(_ state: ProcessState) -> [Int32] {
+        let wanted = Set(state.mappings.compactMap { mapping -> Int32? in
+            if case .sharedMemory(let object) = mapping.kind { object.sysv?.identifier } else { nil }
+        })
+        guard !wanted.isEmpty, let text = try? ProcFS.readText("/proc/sysvipc/shm") else { return [] }
+        let present = text.split(separator: "\n").dropFirst().compactMap { line in line.split(separator: " ").dropFirst().first.flatMap { Int32($0) } }
+        return present.filter { wanted.contains($0) }.sorted()
+    }
+
+    /// A SysV segment with its old ID (kernel.shm_next_id names the ID the next shmget of this IPC
+    /// namespace takes), its mode and owner, attached at each of its addresses, and marked for removal
+    /// again. Its pages come afterwards through its first writable attach (Preflight).
+    private func makeSysV(_ segment: SysVSegment, parts: [Mapping]) throws {
+        let privateKey: UInt64 = 0, create: UInt64 = 0o1000, exclusive: UInt64 = 0o2000
+        do { try ProcFS.writeText("/proc/sys/kernel/shm_next_id", "\(segment.identifier)") } catch {
+            throw RestoreError.system("setting kernel.shm_next_id to \(segment.identifier) for a SysV segment: \(error)")
+        }
+        let made = try injector.raw("shmget(\(segment.identifier))", Number.shmget, [privateKey, segment.byteCount, create | exclusive | UInt64(segment.mode)])
+        _ = try? ProcFS.writeText("/proc/sys/kernel/shm_next_id", "-1")
+        guard made >= 0 else {
+            throw RestoreError.system("shmget for SysV segment \(segment.identifier) failed: errno \(-made) (ENOSPC: that ID is taken on this node)")
+        }
+        let identifier = UInt64(made)
+        guard made == Int64(segment.identifier) else {
+            _ = try? injector.raw("shmctl(IPC_RMID)", Number.shmctl, [identifier, 0, 0])
+            throw RestoreError.system("shmget gave SysV segment \(made), not \(segment.identifier) (its ID is taken on this node)")
+        }
+        let readOnly: UInt64 = 0o10000, executable: UInt64 = 0o100000
+        for part in parts {
+            let flags = (part.writable ? 0 : readOnly) | (part.executable ? executable : 0)
+            let address = try injector.call("shmat(\(segment.identifier), \(hex(part.start)))", Number.shmat, identifier, part.start, flags)
+            guard address == part.start else { throw RestoreError.layout("shmat put SysV segment \(segment.identifier) at \(hex(address)), not \(hex(part.start))") }
+        }
+        if segment.userID != 0 || segment.groupID != 0 {
+            // struct shmid64_ds: shm_perm (key, uid, gid, cuid, cgid, mode ...) first; IPC_SET takes uid,
+            // gid and the low 9 bits of mode.
+            var record: [UInt8] = []
+            record.appendLittleEndian(UInt32(0))
+            record.appendLittleEndian(segment.userID)
+            record.appendLittleEndian(segment.groupID)
+            record.appendLittleEndian(UInt64(0))  // cuid, cgid: not settable
+            record.appendLittleEndian(UInt16(segment.mode))
+            record += [UInt8](repeating: 0, count: 112 - record.count)
+            try memory.write(record, at: dataAddress + 8192)
+            let ipcSet: UInt64 = 1
+            try injector.call("shmctl(\(segment.identifier), IPC_SET)", Number.shmctl, identifier, ipcSet, dataAddress + 8192)
+        }
+        if segment.markedForRemoval {
+            let ipcRemove: UInt64 = 0
+            try injector.call("shmctl(\(segment.identifier), IPC_RMID)", Number.shmctl, identifier, ipcRemove, 0)
+        }
     }
 }

@@ -85,6 +85,27 @@ extension ProcessState {
         for timer in context.intervalTimers where timer.intervalMicroseconds > IntervalTimer.microsecondsMax || timer.valueMicroseconds > IntervalTimer.microsecondsMax {
             throw .unrestorableState(path: path, reason: "interval timer \(timer) is beyond setitimer's range")
         }
+        // POSIX timers: what timer_create and timer_settime take, each ID once, in order; a thread one
+        // names a thread of the process.
+        for (previous, next) in zip(context.posixTimers, context.posixTimers.dropFirst()) where previous.id >= next.id {
+            throw .unrestorableState(path: path, reason: "POSIX timers \(previous.id) and \(next.id) are out of order or repeated")
+        }
+        let threadIDs = Set(threads.map(\.threadID))
+        for timer in context.posixTimers {
+            let what = "POSIX timer \(timer.id)"
+            guard timer.id >= 0, PosixTimer.clocks.contains(timer.clock) else {
+                throw .unrestorableState(path: path, reason: "\(what) has clock \(timer.clock), not one of \(PosixTimer.clocks.sorted())")
+            }
+            guard timer.notification == .none || KernelLimits.signalNumbers.contains(timer.signal) else {
+                throw .unrestorableState(path: path, reason: "\(what) signals \(timer.signal)")
+            }
+            if case .thread(let thread) = timer.notification, !threadIDs.contains(thread) {
+                throw .unrestorableState(path: path, reason: "\(what) signals thread \(thread), which the process does not have")
+            }
+            guard timer.valueNanoseconds <= PosixTimer.nanosecondsMax, timer.intervalNanoseconds <= PosixTimer.nanosecondsMax else {
+                throw .unrestorableState(path: path, reason: "\(what) is set beyond timer_settime's range")
+            }
+        }
         for thread in threads {
             let stack = thread.signalStack
             let what = "thread \(thread.threadID)'s sigaltstack (\(stack.byteCount) bytes at \(hex(stack.address)), flags \(hex(UInt64(stack.flags))))"
@@ -126,6 +147,15 @@ extension ProcessState {
                     throw .unrestorableState(path: path, reason: "\(range) describes shared memory object \(memory.object) unlike its other mappings")
                 }
                 sharedObjects[memory.object] = memory
+                if let segment = memory.sysv {
+                    // shmat attaches a whole segment, and only one that goes with the process is recreated.
+                    guard mapping.fileOffset == 0, mapping.byteCount == memory.byteCount, segment.markedForRemoval else {
+                        throw .unrestorableState(path: path, reason: "\(range) is not a whole attach of a SysV segment marked for removal")
+                    }
+                    if sharedObjects.values.contains(where: { $0.object != memory.object && $0.sysv?.identifier == segment.identifier }) {
+                        throw .unrestorableState(path: path, reason: "\(range): two shared memory objects are SysV segment \(segment.identifier)")
+                    }
+                }
             case .vdsoPart, .vsyscall:
                 break
             }
@@ -333,6 +363,16 @@ extension ProcessState {
                 guard mappings.contains(where: { mapping in
                     if case .sharedMemory(let memory) = mapping.kind { memory.memfdName != nil && mapping.start == start && mapping.end == end } else { false }
                 }) else { throw bad(file, "reopens a memfd mapping at \(hex(start))-\(hex(end)) that is not restored") }
+            case .inotify(let watches):
+                for (previous, next) in zip(watches, watches.dropFirst()) where previous.watchDescriptor >= next.watchDescriptor {
+                    throw bad(file, "lists watches \(previous.watchDescriptor) and \(next.watchDescriptor) out of order")
+                }
+                for watch in watches {
+                    guard watch.watchDescriptor >= 1, watch.mask & ~InotifyReader.restorableMask == 0, watch.mask & InotifyReader.eventMask != 0 else {
+                        throw bad(file, "has watch \(watch.watchDescriptor) with mask \(hex(UInt64(watch.mask)))")
+                    }
+                    try Self.checkPath(watch.path, "fd \(file.descriptor)'s watch \(watch.watchDescriptor)", path: path)
+                }
             case .regular, .directory, .deletedFile, .signalQueue: break
             }
         }

@@ -238,6 +238,10 @@ final class TargetProcess {
         try taken.handshake(features: Userfaultfd.restoreFeatures)
         for mapping in state.mappings {
             switch mapping.kind {
+            case .sharedMemory(let object) where object.sysv != nil:
+                // userfaultfd does not register on a SysV attach (not shmem's own mapping): its pages
+                // are written through /proc/PID/mem, so nonlive only (Preflight).
+                continue
             case .anonymous where !mapping.shared, .heap where !mapping.shared, .stack where !mapping.shared, .sharedMemory:
                 try taken.registerMissing(start: mapping.start, byteCount: mapping.byteCount)
                 registeredRanges.append(mapping.start..<mapping.end)

@@ -8,6 +8,7 @@ extension TargetProcess {
     /// Descriptors, signal actions, pending signals, personality, rseq, seccomp, credentials, xstate, mask.
     func restoreState(_ state: ProcessState) throws(RestoreError) {
         do {
+            try restoreSharedMemoryFiles(state)
             if !descriptorsRestored { try restoreDescriptors(state) }
             try restoreSignalActionsAndLimits(state)
             // Filters go in while the target still holds every capability (seccomp needs CAP_SYS_ADMIN or
@@ -50,6 +51,34 @@ extension TargetProcess {
             }
         } catch {
             throw RestoreError(error)
+        }
+    }
+
+    /// A shared-memory object's owner and mode (the target made it as root), and a mapped memfd's seals
+    /// once every page of it is in (they are installed before the state, in every mode): set from here
+    /// through the object's lowest mapping (map_files, opened for writing, which F_ADD_SEALS needs),
+    /// F_SEAL_SEAL last. An object inherited from the parent has them already.
+    func restoreSharedMemoryFiles(_ state: ProcessState) throws {
+        var done: Set<Int32> = []
+        for mapping in state.mappings {
+            guard case .sharedMemory(let object) = mapping.kind, object.sysv == nil, done.insert(object.object).inserted else { continue }
+            let path = "/proc/\(processID)/map_files/\(String(mapping.start, radix: 16))-\(String(mapping.end, radix: 16))"
+            do {
+                let file = try ForeignDescriptor(openingForWriting: path)
+                let identity = try file.identity()
+                if identity.userID != object.userID || identity.groupID != object.groupID {
+                    try file.changeOwner(userID: object.userID, groupID: object.groupID)
+                }
+                if identity.mode & 0o7777 != object.mode { try file.changeMode(object.mode) }
+                guard object.memfdName != nil, !object.sealingForbidden, object.seals != 0 else { continue }
+                let present = try file.seals()
+                guard present != object.seals else { continue }
+                let missing = object.seals & ~present
+                if missing & ~SharedMemory.sealSeal != 0 { try file.addSeals(missing & ~SharedMemory.sealSeal) }
+                if missing & SharedMemory.sealSeal != 0 { try file.addSeals(SharedMemory.sealSeal) }
+            } catch {
+                throw RestoreError.system("giving shared memory object \(object.object) at \(hex(mapping.start)) its owner, mode 0o\(String(object.mode, radix: 8)) and seals \(hex(UInt64(object.seals))): \(error)")
+            }
         }
     }
 

@@ -9,6 +9,7 @@ enum Syscall {
     static let userfaultfd = 323, closeRange = 436, prlimit64 = 302
     static let clone3 = 435, setRobustList = 273, setTidAddress = 218
     static let chdir = 80, umask = 95, sigaltstack = 131, getitimer = 36, setitimer = 38
+    static let timerCreate = 222, timerSettime = 223, timerGettime = 224, timerDelete = 226
 }
 
 enum AddressSpace {

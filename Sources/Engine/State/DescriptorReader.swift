@@ -161,6 +161,16 @@ enum DescriptorReader {
             guard entries.count <= DescriptorLimits.epollEntryCountMax else { throw refuse(probe, "more than \(DescriptorLimits.epollEntryCountMax) registrations") }
             // fdinfo lists them in the kernel's tree order (by file address): sort them by descriptor.
             return .eventPoll(entries.map(\.entry).sorted { $0.descriptor < $1.descriptor })
+        case "anon_inode:inotify":
+            let watches: [InotifyWatch]
+            do { watches = try InotifyReader.watches(fdinfo: probe.fdinfoText) } catch { throw refuse(probe, error.reason) }
+            // At the freeze (and on the target), not before it: an event queued for a moment while the
+            // victim runs is no reason to refuse it.
+            if contents {
+                let queued = try ForeignDescriptor(processID: processID, remoteDescriptor: probe.descriptor).queuedByteCount()
+                if queued > 0 { throw refuse(probe, "\(queued) bytes of events queued, which cannot be read without taking them from the process") }
+            }
+            return .inotify(watches)
         default: break
         }
         guard let identity = probe.identity else { throw refuse(probe, "not a file, pipe, UNIX socket pair, eventfd, signalfd, timerfd or epoll") }
@@ -256,7 +266,7 @@ enum DescriptorReader {
                 }
             }
         }
-        throw refuse(probe, "not a file, pipe, UNIX socket pair, TCP socket, eventfd, signalfd, timerfd or epoll")
+        throw refuse(probe, "not a file, pipe, UNIX socket pair, TCP socket, eventfd, signalfd, timerfd, epoll or inotify")
     }
 
     /// The bytes a record will carry, counted before the freeze without reading them.

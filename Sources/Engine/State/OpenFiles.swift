@@ -60,6 +60,18 @@ public struct EpollEntry: Equatable, Sendable {
     public var data: UInt64
 }
 
+/// One inotify watch: its watch descriptor, the path of the inode it watches (found again from the
+/// file handle fdinfo shows) and its mask (events and IN_ONESHOT, IN_EXCL_UNLINK).
+public struct InotifyWatch: Equatable, Sendable {
+    public var watchDescriptor: Int32
+    public var path: String
+    public var mask: UInt32
+
+    public init(watchDescriptor: Int32, path: String, mask: UInt32) {
+        (self.watchDescriptor, self.path, self.mask) = (watchDescriptor, path, mask)
+    }
+}
+
 /// What an open descriptor is, which decides how the restorer recreates it.
 public enum OpenFileKind: Equatable, Sendable {
     /// A regular file (or /dev/null) reopened by path at its offset.
@@ -85,6 +97,9 @@ public enum OpenFileKind: Equatable, Sendable {
     case unixSocket(UnixSocketEnd)
     /// An IPv4/IPv6 TCP socket, listening or established (TCPSockets.swift).
     case tcpSocket(TCPSocketEnd)
+    /// An inotify instance with its watches, by watch descriptor (events queued at the freeze are
+    /// refused: reading them would take them from the victim).
+    case inotify([InotifyWatch])
 
     /// A short name, for messages.
     public var name: String {
@@ -101,6 +116,7 @@ public enum OpenFileKind: Equatable, Sendable {
         case .eventPoll: "epoll"
         case .unixSocket: "unix socket"
         case .tcpSocket: "TCP socket"
+        case .inotify: "inotify"
         }
     }
 
@@ -125,6 +141,9 @@ public enum DescriptorLimits {
     public static let queuedMessageCountMax = 1024
     /// Registrations in one epoll set.
     public static let epollEntryCountMax = 1 << 12
+    /// Watches of one inotify instance (fs.inotify.max_user_watches is far larger; a process seldom
+    /// holds more than a few hundred).
+    public static let inotifyWatchCountMax = 1 << 13
     /// Pipe capacity the restorer sets (fs.pipe-max-size's default).
     public static let pipeCapacityByteCountMax: Int32 = 1 << 20
 }

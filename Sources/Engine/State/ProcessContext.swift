@@ -101,6 +101,8 @@ public struct ProcessContext: Equatable, Sendable {
     public var intervalTimers: [IntervalTimer] = IntervalTimer.Kind.allCases.map {
         IntervalTimer(kind: $0, intervalMicroseconds: 0, valueMicroseconds: 0)
     }
+    /// timer_create's timers, by ID (PosixTimers.swift).
+    public var posixTimers: [PosixTimer] = []
 
     public init() {}
 
@@ -172,6 +174,7 @@ enum ContextReader {
     static func checkRestorable(_ processID: ProcessID) throws(CheckpointError) {
         try checkSameRoot(processID)
         _ = try workingDirectory(processID)
+        _ = try PosixTimerReader.list(processID)
         let wanted = try oomScoreAdjustment(processID)
         let own = try oomScoreAdjustment(.current)
         let ownStatus = (try? ProcFS.status(.current)) ?? [:]

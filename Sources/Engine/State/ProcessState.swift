@@ -71,10 +71,51 @@ public struct SharedMemory: Equatable, Sendable {
     public var byteCount: UInt64
     /// A memfd made without MFD_ALLOW_SEALING (its only seal is F_SEAL_SEAL).
     public var sealingForbidden = false
+    /// A memfd's seals (F_GET_SEALS), added again once its pages are in (F_SEAL_WRITE is refused: it
+    /// needs every writable mapping gone, and the pages come in through one).
+    public var seals: UInt32 = 0
+    /// A SysV segment (shmget/shmat); nil for shared anonymous memory and memfds.
+    public var sysv: SysVSegment?
+    /// The object's permission bits and owner (fchmod/fchown on a memfd; the creator's for shared
+    /// anonymous memory). A SysV segment has its own (`sysv`).
+    public var mode: UInt32 = 0o777
+    public var userID: UInt32 = 0
+    public var groupID: UInt32 = 0
 
-    public init(object: Int32, memfdName: String?, byteCount: UInt64, sealingForbidden: Bool = false) {
+    public init(object: Int32, memfdName: String?, byteCount: UInt64, sealingForbidden: Bool = false, seals: UInt32 = 0,
+                sysv: SysVSegment? = nil, mode: UInt32 = 0o777, userID: UInt32 = 0, groupID: UInt32 = 0) {
         (self.object, self.memfdName, self.byteCount, self.sealingForbidden) = (object, memfdName, byteCount, sealingForbidden)
+        (self.seals, self.sysv) = (seals, sysv)
+        (self.mode, self.userID, self.groupID) = (mode, userID, groupID)
     }
+
+    /// F_SEAL_SEAL, SHRINK, GROW, WRITE, FUTURE_WRITE, EXEC.
+    public static let knownSeals: UInt32 = 0x3f
+    public static let sealSeal: UInt32 = 1, writeSeal: UInt32 = 8
+}
+
+/// A SysV shared memory segment as /proc/sysvipc/shm shows it. Only a segment marked for removal
+/// (IPC_RMID: it goes with its last attach, so with the process) migrates, recreated with its ID; its
+/// key is then IPC_PRIVATE (the kernel forgets it at IPC_RMID).
+public struct SysVSegment: Equatable, Sendable {
+    /// shmid, given again on the target (kernel.shm_next_id).
+    public var identifier: Int32
+    /// The segment's own size (shm_segsz), not rounded to pages.
+    public var byteCount: UInt64
+    /// The permission bits (shm_perm.mode & 0o777).
+    public var mode: UInt32
+    public var userID: UInt32
+    public var groupID: UInt32
+    /// SHM_DEST: marked for removal.
+    public var markedForRemoval: Bool
+
+    public init(identifier: Int32, byteCount: UInt64, mode: UInt32, userID: UInt32, groupID: UInt32, markedForRemoval: Bool) {
+        (self.identifier, self.byteCount, self.mode, self.userID, self.groupID) = (identifier, byteCount, mode, userID, groupID)
+        self.markedForRemoval = markedForRemoval
+    }
+
+    /// SHMMAX here is far larger; what an image may ask for.
+    public static let byteCountMax: UInt64 = 1 << 40
 }
 
 /// One VMA of the victim.

@@ -9,7 +9,8 @@ extension ProcessState {
     /// 5: shared-memory mappings (shared anonymous, memfd), and each descriptor's kind (directory, deleted file, memfd, dup, pipe, eventfd, signalfd, timerfd,
     ///    epoll, UNIX socket pair) with what it carries.
     /// 6: process trees: each process's lineage (parent, group, session, what it inherited), and the root's members.
-    static let encodingVersion: UInt32 = 6
+    /// 7: POSIX timers; a mapped memfd's seals; SysV shared memory.
+    static let encodingVersion: UInt32 = 7
 
     public func encoded() -> [UInt8] {
         var writer = BinaryWriter()
@@ -61,6 +62,19 @@ extension ProcessState {
             writer.writeInt32(timer.kind.rawValue)
             writer.writeUInt64(timer.intervalMicroseconds)
             writer.writeUInt64(timer.valueMicroseconds)
+        }
+        writer.writeArray(context.posixTimers) { writer, timer in
+            writer.writeInt32(timer.id)
+            writer.writeInt32(timer.clock)
+            switch timer.notification {
+            case .signal: writer.writeUInt8(0); writer.writeInt32(0)
+            case .none: writer.writeUInt8(1); writer.writeInt32(0)
+            case .thread(let thread): writer.writeUInt8(2); writer.writeInt32(thread.rawValue)
+            }
+            writer.writeInt32(timer.signal)
+            writer.writeUInt64(timer.value)
+            writer.writeUInt64(timer.valueNanoseconds)
+            writer.writeUInt64(timer.intervalNanoseconds)
         }
         encodeTree(into: &writer)
         return writer.bytes
@@ -149,6 +163,19 @@ extension ProcessState {
             let rawKind = try reader.readInt32()
             guard let kind = IntervalTimer.Kind(rawValue: rawKind) else { throw .malformedMetadata(reason: "interval timer \(rawKind)") }
             return IntervalTimer(kind: kind, intervalMicroseconds: try reader.readUInt64(), valueMicroseconds: try reader.readUInt64())
+        }
+        context.posixTimers = try reader.readArray(maximumCount: PosixTimer.countMax) { (reader) throws(ImageError) -> PosixTimer in
+            let id = try reader.readInt32(), clock = try reader.readInt32()
+            let notification: PosixTimer.Notification
+            let notify = try reader.readUInt8(), thread = try reader.readInt32()
+            switch notify {
+            case 0: notification = .signal
+            case 1: notification = .none
+            case 2: notification = .thread(ProcessID(thread))
+            default: throw .malformedMetadata(reason: "POSIX timer \(id) notifies by unknown kind \(notify)")
+            }
+            return PosixTimer(id: id, clock: clock, notification: notification, signal: try reader.readInt32(), value: try reader.readUInt64(),
+                              valueNanoseconds: try reader.readUInt64(), intervalNanoseconds: try reader.readUInt64())
         }
         let (lineage, members) = try decodeTree(&reader, isMember: isMember)
         try reader.expectEnd()
@@ -241,6 +268,19 @@ extension Mapping {
             if let name = memory.memfdName { writer.writeString(name) }
             writer.writeUInt64(memory.byteCount)
             writer.writeBool(memory.sealingForbidden)
+            writer.writeUInt32(memory.seals)
+            writer.writeBool(memory.sysv != nil)
+            if let segment = memory.sysv {
+                writer.writeInt32(segment.identifier)
+                writer.writeUInt64(segment.byteCount)
+                writer.writeUInt32(segment.mode)
+                writer.writeUInt32(segment.userID)
+                writer.writeUInt32(segment.groupID)
+                writer.writeBool(segment.markedForRemoval)
+            }
+            writer.writeUInt32(memory.mode)
+            writer.writeUInt32(memory.userID)
+            writer.writeUInt32(memory.groupID)
         }
     }
 
@@ -268,11 +308,29 @@ extension Mapping {
             let name: String? = try reader.readBool() ? try reader.readString(maximumByteCount: 249) : nil
             let byteCount = try reader.readUInt64()
             let sealingForbidden = try reader.readBool()
+            let seals = try reader.readUInt32()
+            var segment: SysVSegment?
+            if try reader.readBool() {
+                segment = SysVSegment(identifier: try reader.readInt32(), byteCount: try reader.readUInt64(), mode: try reader.readUInt32(),
+                                      userID: try reader.readUInt32(), groupID: try reader.readUInt32(), markedForRemoval: try reader.readBool())
+            }
+            let mode = try reader.readUInt32(), userID = try reader.readUInt32(), groupID = try reader.readUInt32()
+            guard mode <= 0o7777 else { throw .malformedMetadata(reason: "shared memory object \(object) has mode 0o\(String(mode, radix: 8))") }
             guard (0..<65536).contains(object), byteCount % .pageSize == 0, byteCount <= AddressSpace.userSpaceEnd,
                   fileOffset <= byteCount, end &- start <= byteCount - fileOffset else {
                 throw .malformedMetadata(reason: "shared memory object \(object) of \(byteCount) bytes mapped at offset \(hex(fileOffset))")
             }
-            kind = .sharedMemory(SharedMemory(object: object, memfdName: name, byteCount: byteCount, sealingForbidden: sealingForbidden))
+            guard seals & ~SharedMemory.knownSeals == 0, seals == 0 || name != nil, !(name != nil && segment != nil) else {
+                throw .malformedMetadata(reason: "shared memory object \(object) has seals \(hex(UInt64(seals))) or is both a memfd and a SysV segment")
+            }
+            if let segment {
+                guard segment.identifier >= 0, segment.byteCount > 0, segment.byteCount <= SysVSegment.byteCountMax,
+                      (segment.byteCount + .pageSize - 1) / .pageSize * .pageSize == byteCount, segment.mode <= 0o777 else {
+                    throw .malformedMetadata(reason: "SysV segment \(segment.identifier) of \(segment.byteCount) bytes, mode 0o\(String(segment.mode, radix: 8)), in an object of \(byteCount)")
+                }
+            }
+            kind = .sharedMemory(SharedMemory(object: object, memfdName: name, byteCount: byteCount, sealingForbidden: sealingForbidden,
+                                              seals: seals, sysv: segment, mode: mode, userID: userID, groupID: groupID))
         case let other: throw .malformedMetadata(reason: "unknown mapping kind \(other)")
         }
         var mapping = Mapping(start: start, end: end, readable: bits & 1 != 0, writable: bits & 2 != 0,
@@ -322,6 +380,11 @@ extension OpenFile {
             writer.writeArray(end.queued) { writer, message in writer.writeBytes(message) }
             writer.writeUInt8(end.shutdown); writer.writeInt32(end.sendBufferByteCount); writer.writeInt32(end.receiveBufferByteCount)
         case .tcpSocket(let end): writer.writeUInt8(12); end.encode(into: &writer)
+        case .inotify(let watches):
+            writer.writeUInt8(13)
+            writer.writeArray(watches) { writer, watch in
+                writer.writeInt32(watch.watchDescriptor); writer.writeString(watch.path); writer.writeUInt32(watch.mask)
+            }
         }
     }
 
@@ -367,6 +430,11 @@ extension OpenFile {
         case 11:
             file.kind = .memfdOfMapping(mappingStart: try reader.readUInt64(), mappingEnd: try reader.readUInt64(), seals: try reader.readUInt32())
         case 12: file.kind = .tcpSocket(try TCPSocketEnd.decode(&reader, descriptor: descriptor))
+        case 13:
+            file.kind = .inotify(try reader.readArray(maximumCount: DescriptorLimits.inotifyWatchCountMax) { (reader) throws(ImageError) in
+                InotifyWatch(watchDescriptor: try reader.readInt32(), path: try reader.readString(maximumByteCount: KernelLimits.pathByteCountMax),
+                             mask: try reader.readUInt32())
+            })
         case let other: throw .malformedMetadata(reason: "fd \(descriptor) has unknown kind \(other)")
         }
         return file

@@ -16,6 +16,7 @@ struct InjectedAnswers: Equatable {
     var dumpable: Int32 = 1
     var transparentHugePagesDisabled: UInt32 = 0
     var intervalTimers: [IntervalTimer] = []
+    var posixTimers: [PosixTimer] = []
 }
 
 enum StateReader {
@@ -94,6 +95,15 @@ enum StateReader {
             answers.intervalTimers.append(timer)
         }
         precondition(resultIndex == calls.count, "\(calls.count - resultIndex) batched answers not read")
+        // The POSIX timers right after the interval timers, for the same reason.
+        for var timer in try PosixTimerReader.list(injector.tracee.processID) {
+            try injector.call("timer_gettime(\(timer.id))", Syscall.timerGettime, UInt64(timer.id), dataAddress)
+            guard let setting = PosixTimer.setting(itimerspec: try memory.read(at: dataAddress, byteCount: 32)) else {
+                throw InjectionError.failed(name: "timer_gettime(\(timer.id)) answered no valid itimerspec", errno: ErrorNumber.invalidArgument)
+            }
+            (timer.valueNanoseconds, timer.intervalNanoseconds) = setting
+            answers.posixTimers.append(timer)
+        }
         return answers
     }
 
@@ -179,6 +189,7 @@ enum StateReader {
         context.dumpable = injected.dumpable
         context.transparentHugePagesDisabled = injected.transparentHugePagesDisabled
         context.intervalTimers = injected.intervalTimers
+        context.posixTimers = injected.posixTimers
         // Inside its own PID namespace (a node of its own) the process knows itself by another number.
         let ownProcessID = try ProcFS.innermostProcessID(processID)
         var state = ProcessState(

@@ -100,6 +100,15 @@ enum TCPSocketReader {
         options.keepIdleSeconds = try copy.socketOption(level: TCPOption.level, name: TCPOption.keepIdle)
         options.keepIntervalSeconds = try copy.socketOption(level: TCPOption.level, name: TCPOption.keepInterval)
         options.keepCount = try copy.socketOption(level: TCPOption.level, name: TCPOption.keepCount)
+        // TCP Fast Open: a listener's queue of fast-open requests and its cookie key, and a client's
+        // pending fast-open connect, are kernel state no call reads back.
+        let fastOpen: Int32 = 23, fastOpenConnect: Int32 = 30
+        if try copy.socketOption(level: TCPOption.level, name: fastOpen) != 0 {
+            throw TCPRefusal(reason: "a TCP socket with TCP_FASTOPEN set, whose fast-open state does not migrate")
+        }
+        if try copy.socketOption(level: TCPOption.level, name: fastOpenConnect) != 0 {
+            throw TCPRefusal(reason: "a TCP socket with TCP_FASTOPEN_CONNECT set, whose fast-open state does not migrate")
+        }
         if info.state == listening {
             // tcpi_unacked is the accept queue, tcpi_sacked the backlog, for a listener.
             guard info.unacknowledged == 0 else {
@@ -108,6 +117,10 @@ enum TCPSocketReader {
             return TCPSocketEnd(local: local, peer: nil, backlog: Int32(clamping: info.selectivelyAcknowledged), options: options, connection: nil)
         }
         guard let peer = try copy.inetAddress(peer: true) else { throw TCPRefusal(reason: "an established TCP socket without a peer address") }
+        // Repair mode carries the queues' bytes, not the urgent pointer: the byte would arrive in band.
+        if try copy.hasUrgentData() {
+            throw TCPRefusal(reason: "an established TCP socket with urgent (MSG_OOB) data not yet read, whose urgent mark does not migrate")
+        }
         let limit = DescriptorLimits.carriedByteCountMax
         let receiveCount = try copy.queuedByteCount(), sendCount = try copy.sendQueueByteCount()
         guard receiveCount + sendCount <= limit else { throw TCPRefusal(reason: "\(receiveCount + sendCount) bytes queued, more than an image carries") }
