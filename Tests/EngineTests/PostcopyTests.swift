@@ -57,7 +57,11 @@ extension ProcessTests {
             let jsonPath = directory.path("report.json")
             let outcome = try leftovers.fammig(["run", "--mode", mode, "--push", push, "--after-ms", "\(afterMilliseconds)",
                                                 "--json", jsonPath, "--", program] + arguments, timeout: .seconds(120))
-            let report = try JSONDecoder().decode(PostcopyReport.self, from: Data(contentsOf: URL(fileURLWithPath: jsonPath)))
+            // A run that failed before writing its report is told by its own output, not by a missing file.
+            guard let json = FileManager.default.contents(atPath: jsonPath) else {
+                throw FammigRunFailed(description: "no report (exit \(outcome.exitStatus)):\n\(outcome.standardOutput)\n\(outcome.standardError)")
+            }
+            let report = try JSONDecoder().decode(PostcopyReport.self, from: json)
             return (outcome, report)
         }
 
@@ -195,4 +199,8 @@ extension ProcessTests {
             }
         }
     }
+}
+
+struct FammigRunFailed: Error, CustomStringConvertible {
+    let description: String
 }

@@ -150,7 +150,9 @@ enum DescriptorReader {
             // fdinfo shows a periodic timer that expired and was not read yet with no time left: only
             // timerfd_gettime moves it on to its next expiry (adding the expiries missed to its ticks),
             // so ask that first and read ticks and flags after it.
-            let setting = try ForeignDescriptor(processID: processID, remoteDescriptor: probe.descriptor).timerSetting()
+            let copy = try ForeignDescriptor(processID: processID, remoteDescriptor: probe.descriptor)
+            let setting = try TimerDescriptor.settledSetting(first: try copy.timerSetting(), wait: { OSThread.sleep(for: .milliseconds(1)) },
+                                                             read: copy.timerSetting)
             let fresh = fields(try ProcFS.readText("/proc/\(processID)/fdinfo/\(probe.descriptor)"))
             guard var timer = timerDescriptor(fresh) else { throw refuse(probe, "its fdinfo does not describe a timer") }
             (timer.valueNanoseconds, timer.intervalNanoseconds) = (setting.valueNanoseconds, setting.intervalNanoseconds)

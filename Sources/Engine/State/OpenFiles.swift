@@ -51,6 +51,25 @@ public struct TimerDescriptor: Equatable, Sendable {
     /// Time left until the next expiry (0: disarmed), and the period.
     public var valueNanoseconds: UInt64
     public var intervalNanoseconds: UInt64
+
+    /// The setting to keep, from timerfd_gettime readings. A periodic timer whose expiry time has passed
+    /// but whose expiry the kernel has not handled yet (a late timer interrupt on a loaded machine) reads
+    /// 0 left, as a timer disarmed with a period still set does; kept as read, the restore would disarm
+    /// a running timer. So such a reading is taken again, a millisecond apart, until the kernel handled
+    /// the expiry (time left again, the expiry counted in the ticks) or `rereadsMax` readings all said 0:
+    /// then it is disarmed.
+    static func settledSetting(first: TimerSetting, rereadsMax: Int = 20, wait: () -> Void,
+                               read: () throws(SyscallError) -> TimerSetting) throws(SyscallError) -> TimerSetting {
+        var setting = first
+        var rereads = 0
+        // Bounded by rereadsMax.
+        while setting.valueNanoseconds == 0 && setting.intervalNanoseconds != 0 && rereads < rereadsMax {
+            wait()
+            setting = try read()
+            rereads += 1
+        }
+        return setting
+    }
 }
 
 /// One registration in an epoll set.
