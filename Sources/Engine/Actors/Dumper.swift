@@ -291,8 +291,7 @@ public final class Dumper: EngineActor {
         unsealed = slots
     }
 
-    /// Second step: flush the batch's lines, fence, then store and flush each page's mark (fenced by the
-    /// next batch's fence, or by `fenceMarks`/`commit`).
+    /// Second step: the writer seals the batch (flush, fence, marks: `ImageWriter.seal`).
     func seal(_ slots: Range<Int>) throws(EngineError) {
         if case .nonlive = mode, slots.upperBound < pageAddresses.count, writer!.slotsBeingCopied == nil,
            (victim?.processIDsByOrdinal.count ?? 1) <= 1 {
@@ -302,9 +301,7 @@ public final class Dumper: EngineActor {
             writer!.startCopyingPagesFromProcess(processID: victimProcessID,
                                                  slots: slots.upperBound..<min(slots.upperBound + batchPageCount, pageAddresses.count))
         }
-        writer!.flushPages(slots: slots)
-        writer!.fence()
-        for slot in slots { writer!.storeMark(slot: slot) }
+        writer!.seal(slots: slots)
         timeline.add(slots.count, to: "pagesDumped")
         unsealed = nil
     }

@@ -27,8 +27,8 @@ extension Dumper {
         var runs: [Range<Int>] = []
         for range in ranges.sorted(by: { $0.lowerBound < $1.lowerBound }) {
             // pageAddresses is sorted: the slots of a range are one run.
-            let first = firstIndex(notBelow: range.lowerBound, in: pageAddresses)
-            let end = firstIndex(notBelow: range.upperBound, in: pageAddresses)
+            let first = firstSlot(notBelow: range.lowerBound, in: pageAddresses)
+            let end = firstSlot(notBelow: range.upperBound, in: pageAddresses)
             guard first < end else { continue }
             if let last = runs.last, last.upperBound >= first {
                 runs[runs.count - 1] = last.lowerBound..<max(last.upperBound, end)
@@ -37,16 +37,6 @@ extension Dumper {
             }
         }
         return runs
-    }
-
-    /// Binary search: the index of the first address >= `address` in sorted `addresses`.
-    private static func firstIndex(notBelow address: UInt64, in addresses: [UInt64]) -> Int {
-        var low = 0, high = addresses.count
-        while low < high {
-            let middle = (low + high) / 2
-            if addresses[middle] < address { low = middle + 1 } else { high = middle }
-        }
-        return low
     }
 
     /// At most this many frames are taken off the transport per step, so a peer that floods requests
@@ -108,8 +98,7 @@ extension Dumper {
         prioritySlots.removeAll()
         do {
             if !requested.isEmpty {
-                for slot in Set(requested).sorted() { try writer!.dumpPages(processID: victimProcessID, slots: slot..<(slot + 1)) }
-                writer!.fenceMarks()
+                try writer!.dumpPagesMarkedNow(processID: victimProcessID, slots: Set(requested).sorted().map { $0..<($0 + 1) })
                 try? transport.send(.marked(slots: Set(requested).sorted().map { UInt32($0) }))
                 timeline.add(Set(requested).count, to: "pagesDumped")
             } else {

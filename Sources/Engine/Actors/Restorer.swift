@@ -54,8 +54,8 @@ public final class Restorer: EngineActor {
     /// Post-copy: pages that must be in before the process runs, not yet installed.
     var eagerSlotsLeft: Set<Int> = []
     var eagerRequested = false
-    /// Nonlive: the next batch's page digests, under way while this batch is installed.
-    var verificationAhead: PageVerification?
+    /// Nonlive: the next batch's checked copy, under way while this batch is installed.
+    var verificationAhead: PendingVerifiedPages?
     let handedOver = Mutex<LazyMemory?>(nil)
 
     /// The target's memory, once the process runs (post-copy); the fault handler and pusher read it.
@@ -268,20 +268,21 @@ public final class Restorer: EngineActor {
 
     func installBatch(from nextSlot: Int) throws(EngineError) {
         let slots = nextSlot..<min(nextSlot + batchPageCount, reader!.pageCount)
-        // Each page against its mark digest, just before it is installed (invariants 3 and 4: its mark
-        // observed, nothing used that does not verify); a corrupted page stops the restore, and the
-        // target is killed.
+        // Each page against its mark digest, from the one copy that is installed (invariants 3 and 4: its
+        // mark observed, nothing used that does not verify, and nothing installed that was not verified);
+        // a corrupted page stops the restore, and the target is killed.
+        let pages: [UInt8]
         do throws(ImageError) {
-            let verification: PageVerification
+            let verification: PendingVerifiedPages
             if let ahead = verificationAhead, ahead.slots == slots { verification = ahead } else { verification = try startVerifying(slots) }
             verificationAhead = nil
-            try verification.finish()
-            // The next batch is digested (on a thread of the real backend) while this one is installed.
+            pages = try verification.finish()
+            // The next batch is loaded and digested (on a thread of the real backend) while this one is installed.
             let next = slots.upperBound..<min(slots.upperBound + batchPageCount, reader!.pageCount)
             if !next.isEmpty { verificationAhead = try startVerifying(next) }
         } catch { throw .image(error) }
         let reader = reader!
-        // Write runs of pages that are adjacent both in the victim and in FAM with one call each.
+        // Write runs of pages that are adjacent in the victim with one call each.
         var runStart = slots.lowerBound
         for slot in slots {
             let runEnds = slot + 1 == slots.upperBound
@@ -289,9 +290,8 @@ public final class Restorer: EngineActor {
             guard runEnds else { continue }
             do {
                 let byteCount = (slot + 1 - runStart) * ImageLayout.pageSize
-                let region = reader.backend.readableRegion(at: reader.pageOffset(slot: runStart), count: byteCount)
-                let newlyInstalled = try target!.writePages(from: region.mapping, at: region.offset, byteCount: byteCount,
-                                                            to: reader.pageAddresses[runStart])
+                let newlyInstalled = try target!.writePages(pages, offset: (runStart - slots.lowerBound) * ImageLayout.pageSize,
+                                                            byteCount: byteCount, to: reader.pageAddresses[runStart])
                 // Every page of the run is in: copied, or written over a page found present.
                 precondition(newlyInstalled == slot + 1 - runStart, "page run at \(hex(reader.pageAddresses[runStart])) not wholly installed")
             } catch { throw .restore(error) }
@@ -302,11 +302,11 @@ public final class Restorer: EngineActor {
     }
 
     /// Observes each slot's mark, then starts digesting the pages against them.
-    func startVerifying(_ slots: Range<Int>) throws(ImageError) -> PageVerification {
+    func startVerifying(_ slots: Range<Int>) throws(ImageError) -> PendingVerifiedPages {
         for slot in slots {
             guard reader!.isMarked(slot: slot) else { throw .pageNotMarked(path: reader!.path, slot: slot, address: reader!.pageAddresses[slot]) }
         }
-        return try reader!.startVerifyingPages(slots: slots)
+        return try reader!.startVerifiedPages(slots: slots)
     }
 
     // MARK: Post-copy

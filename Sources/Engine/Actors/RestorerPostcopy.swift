@@ -11,9 +11,9 @@ extension Restorer {
             try memory.installFromFAM(slot: slot, count: 1)
         } else {
             precondition(memory.isDumped(slot), "page slot \(slot) read before its mark was seen")
-            try memory.verifyPage(slot: slot)
-            let location = memory.famLocation(slot: slot)
-            try target!.writePages(from: location.mapping, at: location.offset, byteCount: .pageSize, to: address)
+            // Checked and written from one copy: nothing read from FAM after the check.
+            let page = try memory.verifiedPages(slot: slot, count: 1)
+            try target!.writePages(page, offset: 0, byteCount: .pageSize, to: address)
             try observer?.pagesInstalled(processID: target!.processID, address: address, targetAddress: address, byteCount: .pageSize, installedBytes: nil)
             memory.noteInstalledElsewhere(slot: slot)
         }
