@@ -38,6 +38,15 @@ public final class ProcessMemory: @unchecked Sendable {
         }
     }
 
+    /// Writes `byteCount` bytes at `offset` of `bytes` into the process.
+    public func write(_ bytes: [UInt8], offset: Int, byteCount: Int, to address: UInt64) throws {
+        precondition(offset >= 0 && offset + byteCount <= bytes.count, "write of \(byteCount) bytes at \(offset) of \(bytes.count)")
+        try bytes.withUnsafeBytes { (buffer) throws in
+            try transfer(UnsafeMutableRawBufferPointer(mutating: UnsafeRawBufferPointer(rebasing: buffer[offset..<(offset + byteCount)])),
+                         address: address, writing: true)
+        }
+    }
+
     /// Writes `byteCount` bytes from a FAM mapping straight into the process (no intermediate copy).
     public func write(from mapping: SharedMapping, at mappingOffset: Int, byteCount: Int, to address: UInt64) throws {
         precondition(mappingOffset >= 0 && mappingOffset + byteCount <= mapping.byteCount, "write past the FAM mapping")

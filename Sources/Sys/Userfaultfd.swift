@@ -107,6 +107,15 @@ public final class Userfaultfd: @unchecked Sendable {
         }
     }
 
+    /// UFFDIO_COPY of `byteCount` bytes at `offset` of `bytes` (a private copy of pages, checked before).
+    public func copy(bytes: [UInt8], offset: Int, byteCount: Int, to address: UInt64, dontWake: Bool) throws -> CopyOutcome {
+        precondition(offset >= 0 && byteCount > 0 && offset + byteCount <= bytes.count && byteCount % 4096 == 0,
+                     "copy of \(byteCount) bytes at \(offset) of \(bytes.count): not whole pages inside")
+        return try bytes.withUnsafeBytes { (buffer) throws -> CopyOutcome in
+            try copyRaw(source: UInt64(UInt(bitPattern: buffer.baseAddress! + offset)), to: address, byteCount: byteCount, dontWake: dontWake)
+        }
+    }
+
     private func copyRaw(source: UInt64, to address: UInt64, byteCount: Int, dontWake: Bool) throws(SyscallError) -> CopyOutcome {
         var copy = uffdio_copy(dst: address, src: source, len: UInt64(byteCount),
                                mode: dontWake ? UInt64(UFFDIO_COPY_MODE_DONTWAKE) : 0, copy: 0)

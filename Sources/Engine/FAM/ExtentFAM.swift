@@ -47,8 +47,9 @@ public final class ExtentFAM: FAMBackend, @unchecked Sendable {
         })
     }
 
-    public func startPageCodes(at byteOffsets: [Int], count: Int, code: @escaping @Sendable (Int, [UInt8]) -> UInt64) -> PendingDigests {
-        base.startPageCodes(at: byteOffsets.map { moved($0, count) }, count: count, code: code)
+    public func startPageLoad(at byteOffset: Int, pageCount: Int, pageByteCount: Int,
+                              code: @escaping @Sendable (Int, [UInt8]) -> UInt64) -> PendingPages {
+        base.startPageLoad(at: moved(byteOffset, pageCount * pageByteCount), pageCount: pageCount, pageByteCount: pageByteCount, code: code)
     }
 
     public func flush(at byteOffset: Int, count: Int) { base.flush(at: moved(byteOffset, count), count: count) }

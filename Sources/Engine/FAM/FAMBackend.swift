@@ -28,10 +28,13 @@ public protocol FAMBackend: AnyObject, Sendable {
     /// of its own (the real one does) while the caller seals the batch before it. The caller touches none
     /// of those bytes (no flush, no load) before `finish()`. A model does the copy at once.
     func startStoreFromProcess(processID: ProcessID, ranges: [ProcessReadRange]) -> PendingStore
-    /// `code(index, bytes)` of the `count` bytes at each offset (a page's keyed mark code), begun now and
-    /// finished by `PendingDigests.finish()`: the real backend computes them on a thread of its own while
-    /// the caller installs the batch before (the nonlive restore's pipeline); a model computes them at once.
-    func startPageCodes(at byteOffsets: [Int], count: Int, code: @escaping @Sendable (Int, [UInt8]) -> UInt64) -> PendingDigests
+    /// One private copy of `pageCount` pages of `pageByteCount` bytes from `byteOffset`, and
+    /// `code(index, page)` of each page of that copy (its keyed mark code), begun now and finished by
+    /// `PendingPages.finish()`: the real backend loads and codes them on a thread of its own while the caller
+    /// installs the batch before (the nonlive restore's pipeline); a model does it at once. The caller
+    /// installs the very bytes the codes were computed over, never a second read of FAM.
+    func startPageLoad(at byteOffset: Int, pageCount: Int, pageByteCount: Int,
+                       code: @escaping @Sendable (Int, [UInt8]) -> UInt64) -> PendingPages
     /// Writes back (clwb) every cache line overlapping the range; not ordered until `fence()`.
     func flush(at byteOffset: Int, count: Int)
     /// Orders every earlier flush before any later store (sfence).
@@ -53,43 +56,53 @@ extension FAMBackend {
 
 extension FAMBackend {
     /// At once, on the caller's thread.
-    public func startPageCodes(at byteOffsets: [Int], count: Int, code: @escaping @Sendable (Int, [UInt8]) -> UInt64) -> PendingDigests {
-        PendingDigests(digests: byteOffsets.enumerated().map { code($0.offset, loadBytes(at: $0.element, count: count)) })
+    public func startPageLoad(at byteOffset: Int, pageCount: Int, pageByteCount: Int,
+                              code: @escaping @Sendable (Int, [UInt8]) -> UInt64) -> PendingPages {
+        PendingPages(PendingPages.loadAndCode(loadBytes(at: byteOffset, count: pageCount * pageByteCount), pageByteCount: pageByteCount, code: code))
     }
 }
 
-/// Digests under way (see `FAMBackend.startPageCodes`); `finish()` waits for them, once.
-public final class PendingDigests: @unchecked Sendable {
-    private final class Box: @unchecked Sendable { var digests: [UInt64] = [] }
-    private var digests: [UInt64]?
+/// Pages loaded and coded (see `FAMBackend.startPageLoad`); `finish()` waits for them, once.
+public final class PendingPages: @unchecked Sendable {
+    public typealias Loaded = (bytes: [UInt8], codes: [UInt64])
+    private final class Box: @unchecked Sendable { var loaded: Loaded? }
+    private var loaded: Loaded?
     private var thread: OSThread?
     private var box: Box?
 
-    init(digests: [UInt64]) { self.digests = digests }
+    init(_ loaded: Loaded) { self.loaded = loaded }
 
-    /// Runs `compute` on a new thread; if no thread can be made, runs it here.
-    init(running compute: @escaping @Sendable () -> [UInt64]) {
+    /// Runs `load` on a new thread; if no thread can be made, runs it here.
+    init(running load: @escaping @Sendable () -> Loaded) {
         let box = Box()
         do {
-            thread = try OSThread(name: "fammig-verify", stackByteCount: 256 << 10) { box.digests = compute() }
+            thread = try OSThread(name: "fammig-verify", stackByteCount: 256 << 10) { box.loaded = load() }
             self.box = box
         } catch {
-            digests = compute()
+            loaded = load()
         }
+    }
+
+    /// The codes of each page of `bytes`.
+    static func loadAndCode(_ bytes: [UInt8], pageByteCount: Int, code: (Int, [UInt8]) -> UInt64) -> Loaded {
+        let codes = (0..<(bytes.count / pageByteCount)).map { index in
+            code(index, Array(bytes[(index * pageByteCount)..<((index + 1) * pageByteCount)]))
+        }
+        return (bytes, codes)
     }
 
     /// Dropped unfinished (its owner failed): still wait, so no thread reads FAM after this.
     deinit { thread?.join() }
 
-    public func finish() -> [UInt64] {
+    public func finish() -> Loaded {
         if let thread {
             thread.join()
             self.thread = nil
-            digests = box?.digests
+            loaded = box?.loaded
         }
-        guard let digests else { preconditionFailure("pending digests finished twice") }
-        self.digests = nil
-        return digests
+        guard let loaded else { preconditionFailure("pending pages finished twice") }
+        self.loaded = nil
+        return loaded
     }
 }
 

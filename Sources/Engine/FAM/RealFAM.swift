@@ -67,10 +67,13 @@ public final class RealFAM: FAMBackend {
         return PendingStore { () throws(SyscallError) in try mapping.readFromProcess(processID: processID, ranges: ranges) }
     }
 
-    /// On a thread of its own: a restore verifies the next batch while it installs this one.
-    public func startPageCodes(at byteOffsets: [Int], count: Int, code: @escaping @Sendable (Int, [UInt8]) -> UInt64) -> PendingDigests {
+    /// On a thread of its own: a restore loads and verifies the next batch while it installs this one.
+    public func startPageLoad(at byteOffset: Int, pageCount: Int, pageByteCount: Int,
+                              code: @escaping @Sendable (Int, [UInt8]) -> UInt64) -> PendingPages {
         let mapping = mapping
-        return PendingDigests { byteOffsets.enumerated().map { code($0.offset, mapping.loadBytes(at: $0.element, count: count)) } }
+        return PendingPages {
+            PendingPages.loadAndCode(mapping.loadBytes(at: byteOffset, count: pageCount * pageByteCount), pageByteCount: pageByteCount, code: code)
+        }
     }
 
     public func flush(at byteOffset: Int, count: Int) { mapping.flush(at: byteOffset, count: count) }

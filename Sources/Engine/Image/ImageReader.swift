@@ -38,8 +38,8 @@ public struct ImageReader: Sendable {
     /// record, every mark and every page are verified too; without it (post-copy, where the dump is still
     /// running) the metadata commit is enough, and each page is read only after its mark is observed.
     /// `deferPageChecks`: a complete image's pages are not digested here; the caller checks each page
-    /// with `verifyPage(slot:)` right before it uses it (the restorer does, batch by batch, so the
-    /// check reads FAM once, just before the install reads it again from cache).
+    /// with `verifiedPages(slots:)` as it uses it, and installs the copy that was checked (the restorer
+    /// does, batch by batch: FAM is read once per page).
     ///
     /// `key`: the migration's key. The image must carry its identifier (else: wrong key), its header
     /// code must verify (else: the header was changed after the source wrote it), and with
@@ -212,10 +212,24 @@ public struct ImageReader: Sendable {
     /// Checks the page in FAM against its mark's keyed code (so a page or mark rewritten by someone
     /// without the key fails here, on every install path). Only for an observed mark.
     public func verifyPage(slot: Int) throws(ImageError) {
-        let address = pageAddresses[slot]
-        let expected = try markedDigest(slot: slot)
-        let actual = pageCode(backend.loadBytes(at: pageOffset(slot: slot), count: ImageLayout.pageSize), address: address)
-        guard actual == expected else { throw .pageChecksumMismatch(path: path, slot: slot, address: address) }
+        _ = try verifiedPages(slots: slot..<(slot + 1))
+    }
+
+    /// The pages of `slots` as one private copy, each checked against its mark's keyed code: what a
+    /// caller installs is exactly what was checked (invariant 4 without a window: a page checked in FAM
+    /// and then copied from FAM again could be changed in between, and go in unchecked). Only for
+    /// observed marks; throws for the first page that does not match.
+    public func verifiedPages(slots: Range<Int>) throws(ImageError) -> [UInt8] {
+        guard !slots.isEmpty else { return [] }
+        for slot in slots { precondition(observedMarks[slot], "page slot \(slot) read before its mark was observed") }
+        let bytes = backend.loadBytes(at: pageOffset(slot: slots.lowerBound), count: slots.count * ImageLayout.pageSize)
+        for slot in slots {
+            let page = Array(bytes[((slot - slots.lowerBound) * ImageLayout.pageSize)..<((slot - slots.lowerBound + 1) * ImageLayout.pageSize)])
+            guard pageCode(page, address: pageAddresses[slot]) == (try markedDigest(slot: slot)) else {
+                throw .pageChecksumMismatch(path: path, slot: slot, address: pageAddresses[slot])
+            }
+        }
+        return bytes
     }
 
     /// The digest an observed mark of `slot` holds, or `pageNotMarked`.
@@ -229,29 +243,23 @@ public struct ImageReader: Sendable {
         authenticator.markDigest(page: page, generation: generation, address: address, headerCode: headerCode)
     }
 
-    /// `verifyPage` for a run of slots, begun now (the backend may compute the pages' keyed codes on a
-    /// thread of its own); the answer's `finish()` throws for the first page that does not match. Only
-    /// for observed marks.
-    public func startVerifyingPages(slots: Range<Int>) throws(ImageError) -> PageVerification {
+    /// `verifiedPages` begun now: the backend may load and code the pages on a thread of its own (the
+    /// nonlive restore does, one batch ahead); the answer's `finish()` gives the checked copy, or throws
+    /// for the first page that does not match. Only for observed marks.
+    public func startVerifiedPages(slots: Range<Int>) throws(ImageError) -> PendingVerifiedPages {
         let expected = try slots.map { (slot) throws(ImageError) in try markedDigest(slot: slot) }
         let addresses = Array(pageAddresses[slots])
         let reader = self
-        let pending = backend.startPageCodes(at: slots.map(pageOffset(slot:)), count: ImageLayout.pageSize) { index, page in
-            reader.pageCode(page, address: addresses[index])
-        }
-        return PageVerification(slots: slots, expected: expected, pending: pending, path: path, pageAddresses: addresses)
+        let pending = slots.isEmpty ? PendingPages(([], []))
+            : backend.startPageLoad(at: pageOffset(slot: slots.lowerBound), pageCount: slots.count, pageByteCount: ImageLayout.pageSize) { index, page in
+                reader.pageCode(page, address: addresses[index])
+            }
+        for slot in slots { precondition(observedMarks[slot], "page slot \(slot) read before its mark was observed") }
+        return PendingVerifiedPages(slots: slots, expected: expected, pending: pending, path: path, pageAddresses: addresses)
     }
 
     /// The slot holding the page at `address` (page-aligned), or nil when the image has no such page.
-    public func slot(forAddress address: UInt64) -> Int? {
-        var lowerSlot = 0
-        var upperSlot = pageAddresses.count
-        while lowerSlot < upperSlot {
-            let middleSlot = (lowerSlot + upperSlot) / 2
-            if pageAddresses[middleSlot] < address { lowerSlot = middleSlot + 1 } else { upperSlot = middleSlot }
-        }
-        return lowerSlot < pageAddresses.count && pageAddresses[lowerSlot] == address ? lowerSlot : nil
-    }
+    public func slot(forAddress address: UInt64) -> Int? { slotIndex(of: address, in: pageAddresses) }
 
     /// The state word as it is in FAM now (a post-copy target polls it for complete or aborted).
     public func currentState() throws(ImageError) -> ImageState {
@@ -266,18 +274,21 @@ public struct ImageReader: Sendable {
     }
 }
 
-/// Page digests under way against their marks (`ImageReader.startVerifyingPages`).
-public struct PageVerification: Sendable {
+/// Pages loaded and coded under way, against their marks (`ImageReader.startVerifiedPages`).
+public struct PendingVerifiedPages: Sendable {
     public let slots: Range<Int>
     let expected: [UInt64]
-    let pending: PendingDigests
+    let pending: PendingPages
     let path: String
     let pageAddresses: [UInt64]
 
-    /// Waits for the digests; throws for the first page whose digest is not its mark's.
-    public func finish() throws(ImageError) {
-        for (index, actual) in pending.finish().enumerated() where actual != expected[index] {
+    /// Waits for the copy; throws for the first page whose code is not its mark's, else gives the copy
+    /// (the bytes to install: no second read of FAM).
+    public func finish() throws(ImageError) -> [UInt8] {
+        let loaded = pending.finish()
+        for (index, actual) in loaded.codes.enumerated() where actual != expected[index] {
             throw .pageChecksumMismatch(path: path, slot: slots.lowerBound + index, address: pageAddresses[index])
         }
+        return loaded.bytes
     }
 }

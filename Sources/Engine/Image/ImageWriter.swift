@@ -141,9 +141,23 @@ public struct ImageWriter: Sendable {
     /// early. Slots may come in any order across calls; each slot is dumped once.
     public mutating func dumpPages(processID: ProcessID, slots: Range<Int>) throws(SyscallError) {
         try copyPagesFromProcess(processID: processID, slots: slots)
+        seal(slots: slots)
+    }
+
+    /// Steps 2 to 4 of a batch copied into its slots (the unsealed batch): flush its lines, fence, then
+    /// store and flush each page's mark (invariant 1, written once, here). The marks themselves are
+    /// fenced by the next fence (the next batch's, `fenceMarks()` or `commit()`).
+    public mutating func seal(slots: Range<Int>) {
         flushPages(slots: slots)
         fence()
         for slot in slots { storeMark(slot: slot) }
+    }
+
+    /// The whole dump of `slots`, one page run at a time, with the marks fenced at the end: a post-copy
+    /// target that looks now sees every one of them (pages a target asked for, or needs before it resumes).
+    public mutating func dumpPagesMarkedNow(processID: ProcessID, slots runs: [Range<Int>]) throws(SyscallError) {
+        for run in runs { try dumpPages(processID: processID, slots: run) }
+        fenceMarks()
     }
 
     /// Step 1: process_vm_readv the pages of `slots` into their slots, one range per run of adjacent

@@ -217,9 +217,6 @@ public final class LazyMemory: @unchecked Sendable {
         lock.withLock { (start..<installed.count).first { !installed[$0] } }
     }
 
-    /// Installs `count` adjacent slots from FAM (the marks must be stored), shows the oracle the bytes
-    /// copied, then wakes whoever faulted on them. Returns how many were newly installed here.
-    @discardableResult
     /// After every dumped page is proved installed: let the userfaultfd go, so the kernel serves the
     /// rest (never before: an unregistered missing page would read as zeros).
     ///

@@ -3,6 +3,10 @@
 import Sys
 
 extension LazyMemory {
+    /// Installs `count` adjacent slots from FAM (the marks must be stored): one private copy checked
+    /// against the marks, copied in, shown to the oracle, then whoever faulted on them woken. Returns
+    /// how many were newly installed here.
+    @discardableResult
     func installFromFAM(slot: Int, count: Int) throws -> Int {
         guard let reader = lock.withLock({ reader }) else { preconditionFailure("installFromFAM without an image") }
         for index in slot..<(slot + count) {
@@ -12,19 +16,17 @@ extension LazyMemory {
             // Only the leading run still missing and still adjacent where the pages are now.
             let run = missingRun(slot: slot, count: count)
             guard run > 0 else { return 0 }
-            // Invariant 4 on this path too: every page against its mark's digest before it goes in. A
-            // page changed in FAM after its seal stops the migration (the target is killed) rather than
-            // running the program on it.
-            for index in slot..<(slot + run) { try verifyPage(slot: index) }
+            // Invariant 4 on this path too: every page against its mark's digest before it goes in, and
+            // what goes in is the copy that was checked (a page changed in FAM between a check there and
+            // a copy from there would go in unchecked). A page changed in FAM after its seal stops the
+            // migration (the target is killed) rather than running the program on it.
+            let pages = try reader.verifiedPages(slots: slot..<(slot + run))
             let address = currentAddress(slot)
-            let byteCount = run * .pageSize
-            let region = reader.backend.readableRegion(at: reader.pageOffset(slot: slot), count: byteCount)
-            let copied = try copyAll(slot: slot, address: address, byteCount: byteCount) { offset, remaining throws -> CopyOutcome in
-                try userfaultfd.copy(from: region.mapping, at: region.offset + offset,
-                                     to: address + UInt64(offset), byteCount: remaining, dontWake: true)
+            let copied = try copyAll(slot: slot, address: address, byteCount: pages.count) { offset, remaining throws -> CopyOutcome in
+                try userfaultfd.copy(bytes: pages, offset: offset, byteCount: remaining, to: address + UInt64(offset), dontWake: true)
             }
             try finishInstall(slot: slot, count: run, copied: copied) { offset in
-                reader.backend.loadBytes(at: reader.pageOffset(slot: slot) + offset * .pageSize, count: .pageSize)
+                Array(pages[(offset * .pageSize)..<((offset + 1) * .pageSize)])
             }
             return copied.newly.count
         }
@@ -78,19 +80,12 @@ extension LazyMemory {
     /// The slot of a page by the address it had at the freeze (the source's numbering).
     func frozenSlot(for address: UInt64) -> Int? { slotIndex(of: address, in: pageAddresses) }
 
-    /// Checks a page in FAM against its mark's digest (its mark must have been seen here first).
-    func verifyPage(slot: Int) throws(ImageError) {
-        guard let reader = lock.withLock({ reader }) else { preconditionFailure("verifyPage without an image") }
-        try reader.verifyPage(slot: slot)
-    }
-
-    /// Where a dumped page lies in FAM, for an installer that does not use the userfaultfd (pwrite of
-    /// a private file page). The mark must have been seen here first (invariant 3).
-    func famLocation(slot: Int) -> (mapping: SharedMapping, offset: Int) {
-        lock.withLock {
-            guard let reader else { preconditionFailure("famLocation without an image") }
-            return reader.backend.readableRegion(at: reader.pageOffset(slot: slot), count: .pageSize)
-        }
+    /// `count` pages from `slot` as one private copy checked against their marks' digests (their marks
+    /// must have been seen here first): the copy to install, for an installer that does not use the
+    /// userfaultfd (pwrite of a private file page).
+    func verifiedPages(slot: Int, count: Int) throws(ImageError) -> [UInt8] {
+        guard let reader = lock.withLock({ reader }) else { preconditionFailure("verifiedPages without an image") }
+        return try reader.verifiedPages(slots: slot..<(slot + count))
     }
 
     /// A page outside registered memory was written another way (pwrite of a private file page).

@@ -266,11 +266,12 @@ final class TargetProcess {
 
     // MARK: Pages
 
-    /// Installs `byteCount` bytes of a FAM mapping at `address` of the target: UFFDIO_COPY inside
-    /// registered ranges (one copy never crosses a mapping), pwrite elsewhere. Returns the pages newly
+    /// Installs `byteCount` bytes at `offset` of `bytes` (pages checked against their marks, never read
+    /// from FAM again) at `address` of the target: UFFDIO_COPY inside registered ranges (one copy never
+    /// crosses a mapping), pwrite elsewhere. Returns the pages newly
     /// installed (pages already present are skipped, as UFFDIO_COPY reports them).
     @discardableResult
-    func writePages(from mapping: SharedMapping, at mappingOffset: Int, byteCount: Int, to address: UInt64) throws(RestoreError) -> Int {
+    func writePages(_ bytes: [UInt8], offset: Int, byteCount: Int, to address: UInt64) throws(RestoreError) -> Int {
         var installedPageCount = 0
         var done = 0
         do {
@@ -281,9 +282,8 @@ final class TargetProcess {
                     let pieceByteCount = min(remaining, Int(range.upperBound - current))
                     var pieceDone = 0
                     while pieceDone < pieceByteCount {
-                        let outcome = try userfaultfd.copy(from: mapping, at: mappingOffset + done + pieceDone,
-                                                           to: current + UInt64(pieceDone), byteCount: pieceByteCount - pieceDone,
-                                                           dontWake: false)
+                        let outcome = try userfaultfd.copy(bytes: bytes, offset: offset + done + pieceDone, byteCount: pieceByteCount - pieceDone,
+                                                           to: current + UInt64(pieceDone), dontWake: false)
                         switch outcome {
                         case .copied:
                             installedPageCount += (pieceByteCount - pieceDone) / .pageSize
@@ -299,8 +299,7 @@ final class TargetProcess {
                             // nonlive restores under load: a stack page, cause not found). UFFDIO_COPY
                             // left it as it was: write the dumped bytes over it, so the page is right
                             // whatever put it there.
-                            try memory.write(from: mapping, at: mappingOffset + done + pieceDone, byteCount: .pageSize,
-                                             to: current + UInt64(pieceDone))
+                            try memory.write(bytes, offset: offset + done + pieceDone, byteCount: .pageSize, to: current + UInt64(pieceDone))
                             installedPageCount += 1
                             pieceDone += .pageSize
                         }
@@ -309,7 +308,7 @@ final class TargetProcess {
                 } else {
                     let nextRegistered = registeredRanges.map(\.lowerBound).filter { $0 > current }.min() ?? UInt64.max
                     let pieceByteCount = min(remaining, Int(min(nextRegistered - current, UInt64(remaining))))
-                    try memory.write(from: mapping, at: mappingOffset + done, byteCount: pieceByteCount, to: current)
+                    try memory.write(bytes, offset: offset + done, byteCount: pieceByteCount, to: current)
                     installedPageCount += pieceByteCount / .pageSize
                     done += pieceByteCount
                 }

@@ -194,9 +194,9 @@ final class TargetTree {
 
     /// Installs a run of pages at a tagged address (TreePageAddress) into the process it belongs to.
     @discardableResult
-    func writePages(from mapping: SharedMapping, at mappingOffset: Int, byteCount: Int, to address: UInt64) throws(RestoreError) -> Int {
+    func writePages(_ bytes: [UInt8], offset: Int, byteCount: Int, to address: UInt64) throws(RestoreError) -> Int {
         try process(ordinal: TreePageAddress.ordinal(of: address))
-            .writePages(from: mapping, at: mappingOffset, byteCount: byteCount, to: TreePageAddress.address(of: address))
+            .writePages(bytes, offset: offset, byteCount: byteCount, to: TreePageAddress.address(of: address))
     }
 
     private func process(ordinal: Int) throws(RestoreError) -> TargetProcess {

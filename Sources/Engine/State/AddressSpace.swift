@@ -40,12 +40,19 @@ enum AddressSpace {
     }
 }
 
-/// The slot of `address` in a strictly increasing page table (binary search), or nil.
+/// The slot of `address` in a strictly increasing page table (binary search), or nil: the one slot
+/// lookup every node uses.
 func slotIndex(of address: UInt64, in pageAddresses: [UInt64]) -> Int? {
+    let low = firstSlot(notBelow: address, in: pageAddresses)
+    return low < pageAddresses.count && pageAddresses[low] == address ? low : nil
+}
+
+/// Binary search: the index of the first address >= `address` in sorted `pageAddresses`.
+func firstSlot(notBelow address: UInt64, in pageAddresses: [UInt64]) -> Int {
     var low = 0, high = pageAddresses.count
     while low < high {
         let middle = (low + high) / 2
         if pageAddresses[middle] < address { low = middle + 1 } else { high = middle }
     }
-    return low < pageAddresses.count && pageAddresses[low] == address ? low : nil
+    return low
 }

@@ -1,0 +1,160 @@
+// Why this file exists: postcopy-fam's source strategy: which pages a post-copy target needs before it
+// resumes (dumped before the metadata commit), the target's page requests (PostcopySource, shared with
+// the socket page server), and the background dump that serves them first.
+import Logging
+import Sys
+
+extension Dumper {
+    /// Runs of slots a post-copy target installs before it resumes (LazyMemory's rule, seen from the
+    /// source): pages outside the memory it registers lazily (private file pages, which userfaultfd
+    /// cannot register on ext4), memfd pages, and the rseq areas the kernel writes at registration. A
+    /// hint: the target still asks for any such page that is not marked when it looks.
+    static func slotsNeededBeforeResume(_ state: ProcessState, pageAddresses: [UInt64]) -> [Range<Int>] {
+        var ranges: [Range<UInt64>] = []
+        for mapping in state.mappings {
+            switch mapping.kind {
+            case .anonymous where !mapping.shared, .heap where !mapping.shared, .stack where !mapping.shared: continue
+            case .sharedMemory(let object) where object.memfdName == nil: continue
+            default: ranges.append(mapping.start..<mapping.end)
+            }
+        }
+        for rseq in state.threads.compactMap(\.rseq) {
+            let firstPage = rseq.address & ~UInt64(ImageLayout.pageSize - 1)
+            ranges.append(firstPage..<((rseq.address + UInt64(max(rseq.byteCount, 1)) + UInt64(ImageLayout.pageSize) - 1) & ~UInt64(ImageLayout.pageSize - 1)))
+        }
+        var runs: [Range<Int>] = []
+        for range in ranges.sorted(by: { $0.lowerBound < $1.lowerBound }) {
+            // pageAddresses is sorted: the slots of a range are one run.
+            let first = firstSlot(notBelow: range.lowerBound, in: pageAddresses)
+            let end = firstSlot(notBelow: range.upperBound, in: pageAddresses)
+            guard first < end else { continue }
+            if let last = runs.last, last.upperBound >= first {
+                runs[runs.count - 1] = last.lowerBound..<max(last.upperBound, end)
+            } else {
+                runs.append(first..<end)
+            }
+        }
+        return runs
+    }
+}
+
+/// The source side of both post-copy modes: the link to the target and the requests that come over it.
+/// postcopy-socket also counts what it sent and what the target acknowledged (its push window).
+class PostcopySource {
+    let link: any Transport
+    /// Slots the target asked for, served before the background order.
+    var prioritySlots: [Int] = []
+    /// The background order's next candidate slot.
+    var backgroundCursor = 0
+    /// The target said it needs nothing more.
+    var targetDone = false
+    /// postcopy-socket flow: bytes of `pages` sent, and how many of them the target says it took in.
+    var sentPageByteCount: UInt64 = 0
+    var acknowledgedPageByteCount: UInt64 = 0
+
+    init(transport: any Transport) { link = transport }
+
+    var transport: (any Transport)? { link }
+    var usesFAM: Bool { true }
+    var migratesTrees: Bool { false }
+    var pipelinesCopies: Bool { false }
+
+    /// How the requests that arrived in one step change the push chunk (postcopy-socket only).
+    func requestsTaken(requestArrived: Bool, acknowledgementAdvanced: Bool, batchPageCount: Int) {}
+
+    /// At most this many frames are taken off the transport per step, so a peer that floods requests
+    /// cannot keep the dumper from its own work; the rest wait for the next step.
+    static let maximumFramesPerStep = 1 << 12
+
+    /// Takes the target's page requests off the transport (without waiting).
+    func receiveRequests(_ dumper: Dumper) throws(EngineError) {
+        var requestArrived = false
+        var acknowledgementAdvanced = false
+        defer { requestsTaken(requestArrived: requestArrived, acknowledgementAdvanced: acknowledgementAdvanced, batchPageCount: dumper.batchPageCount) }
+        for _ in 0..<Self.maximumFramesPerStep {
+            let message: Message?
+            do { message = try link.receive() } catch {
+                if targetDone { return }
+                // A frame that does not open is not the target's end: someone else is on the wire.
+                if case .malformed = error { throw .aborted("the channel from the target was refused (\(error))") }
+                throw .aborted("the target node went away: \(error)")
+            }
+            guard let message else { return }
+            switch message {
+            case .pageRequest(let address):
+                dumper.logger.trace("request arrived", metadata: ["address": "\(hex(address))", "us": "\(nanoseconds(dumper.clock.now()) / 1000)"])
+                guard let slot = slotIndex(of: address, in: dumper.pageAddresses) else {
+                    throw .aborted("the target asked for page \(hex(address)), which the victim never touched")
+                }
+                prioritySlots.append(slot)
+                requestArrived = true
+            case .received(let pageByteCount):
+                guard pageByteCount <= sentPageByteCount else {
+                    throw .aborted("the target acknowledged \(pageByteCount) bytes of pages, more than the \(sentPageByteCount) sent")
+                }
+                if pageByteCount > acknowledgedPageByteCount { acknowledgementAdvanced = true }
+                acknowledgedPageByteCount = max(acknowledgedPageByteCount, pageByteCount)
+            case .complete:
+                targetDone = true
+            case .abort(let reason):
+                throw .aborted("the target aborted: \(reason)")
+            default:
+                dumper.logger.debug("dumper ignores \(message)")
+            }
+        }
+    }
+}
+
+/// postcopy-fam: one step dumps either every requested page (then fences their marks and tells the target)
+/// or the next background batch of pages not dumped yet (copied in one step, sealed in the next).
+final class PostcopyFAMDump: PostcopySource, SourcePageStrategy {
+    func writeMetadata(_ dumper: Dumper, state: ProcessState, metadata: [UInt8]) throws(EngineError) {
+        let victimProcessID = dumper.victimProcessID
+        let timeline = dumper.timeline
+        // Marked before the metadata commit, so a target finds them there at once instead of asking for
+        // them and waiting for this node within its downtime.
+        let early = Dumper.slotsNeededBeforeResume(state, pageAddresses: dumper.pageAddresses)
+        try dumper.createImage(metadata: metadata) { (writer) throws(SyscallError) in
+            for run in early { try writer.dumpPages(processID: victimProcessID, slots: run) }
+            timeline.add(early.reduce(0) { $0 + $1.count }, to: "pagesDumped")
+        }
+        do { try link.send(.metadataCommitted(generation: dumper.generation)) } catch {
+            throw .aborted("telling the target the metadata is committed: \(error)")
+        }
+    }
+
+    func waitingWhileDumping(_ dumper: Dumper) -> NextAction? { nil }
+
+    func sealed(_ dumper: Dumper, slots: Range<Int>) -> DumpProgress {
+        dumper.writer!.markedPageCount == dumper.pageAddresses.count ? .done : .stay
+    }
+
+    /// Background batches are small (64 pages) so that a request waits for at most one of them.
+    func dump(_ dumper: Dumper, nextSlot: Int) throws(EngineError) -> DumpProgress {
+        let backgroundBatchPageCount = min(dumper.batchPageCount, 64)
+        let pageCount = dumper.pageAddresses.count
+        try receiveRequests(dumper)
+        let requested = prioritySlots.filter { !dumper.writer!.isMarked(slot: $0) }
+        prioritySlots.removeAll()
+        do {
+            if !requested.isEmpty {
+                try dumper.writer!.dumpPagesMarkedNow(processID: dumper.victimProcessID, slots: Set(requested).sorted().map { $0..<($0 + 1) })
+                try? link.send(.marked(slots: Set(requested).sorted().map { UInt32($0) }))
+                dumper.timeline.add(Set(requested).count, to: "pagesDumped")
+            } else {
+                while backgroundCursor < pageCount && dumper.writer!.isMarked(slot: backgroundCursor) { backgroundCursor += 1 }
+                var end = backgroundCursor
+                while end < pageCount && end - backgroundCursor < backgroundBatchPageCount && !dumper.writer!.isMarked(slot: end) { end += 1 }
+                if end > backgroundCursor {
+                    try dumper.copy(backgroundCursor..<end)
+                    backgroundCursor = end
+                }
+            }
+        } catch let error as EngineError {
+            throw error
+        } catch {
+            throw .fam("dumping pages of pid \(dumper.victimProcessID): \(error)")
+        }
+        return dumper.writer!.markedPageCount == pageCount ? .done : .stay
+    }
+}

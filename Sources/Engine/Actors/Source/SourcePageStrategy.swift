@@ -1,0 +1,72 @@
+// Why this file exists: the source's one seam between the dumper's lifecycle (Dumper: preflight, freeze,
+// capture, metadata, pages, commit, release) and what a mode does with the victim's memory. A mode is
+// one strategy in this folder: nonlive batches (below), the post-copy FAM dump with its priority queue
+// (PostcopyFAMDump), the socket page server (SocketPageServer). A fourth mode is a fourth strategy.
+import Sys
+
+/// What a dump or seal step leaves the dumper's page state at.
+enum DumpProgress: Equatable {
+    /// Still dumping, from the same slot (the step label keeps its slot).
+    case stay
+    /// Still dumping, from this slot on.
+    case next(Int)
+    /// Every page is out: commit next.
+    case done
+}
+
+/// What one mode does with the victim's pages on the source. Called by the dumper only, on its thread;
+/// a strategy keeps its own state (requests, window, cursor) and uses the dumper's image writer through
+/// the dumper's `copy`, `createImage` and `writer`, never flushes, fences or marks itself.
+protocol SourcePageStrategy: AnyObject {
+    /// Whether the mode writes an image into FAM (its backend is made before the freeze).
+    var usesFAM: Bool { get }
+    /// Whether the victim's whole process tree migrates (else a victim with children is refused).
+    var migratesTrees: Bool { get }
+    /// Whether the next batch is read from the victim while this one is sealed.
+    var pipelinesCopies: Bool { get }
+    /// The link to the target, if the mode has one.
+    var transport: (any Transport)? { get }
+    /// Publishes the captured state: into the image in FAM (`dumper.createImage`), or over the link.
+    func writeMetadata(_ dumper: Dumper, state: ProcessState, metadata: [UInt8]) throws(EngineError)
+    /// While dumping: why the dumper waits now (nil: it is ready).
+    func waitingWhileDumping(_ dumper: Dumper) -> NextAction?
+    /// One dump step with no batch left unsealed.
+    func dump(_ dumper: Dumper, nextSlot: Int) throws(EngineError) -> DumpProgress
+    /// After the dumper sealed `slots` (copied by an earlier `dump`).
+    func sealed(_ dumper: Dumper, slots: Range<Int>) -> DumpProgress
+}
+
+extension DumpMode {
+    /// The source strategy of this mode.
+    func sourceStrategy(batchPageCount: Int) -> any SourcePageStrategy {
+        switch self {
+        case .nonlive: NonliveBatchDump()
+        case .postcopyFAM(let transport): PostcopyFAMDump(transport: transport)
+        case .postcopySocket(let transport, let push): SocketPageServer(transport: transport, push: push, batchPageCount: batchPageCount)
+        }
+    }
+}
+
+/// nonlive: every page into FAM in batches while the victim is frozen, each copied in one step and
+/// sealed in the next, the next batch read from the victim while this one is sealed.
+final class NonliveBatchDump: SourcePageStrategy {
+    var usesFAM: Bool { true }
+    var migratesTrees: Bool { true }
+    var pipelinesCopies: Bool { true }
+    var transport: (any Transport)? { nil }
+
+    func writeMetadata(_ dumper: Dumper, state: ProcessState, metadata: [UInt8]) throws(EngineError) {
+        try dumper.createImage(metadata: metadata) { _ throws(SyscallError) in }
+    }
+
+    func waitingWhileDumping(_ dumper: Dumper) -> NextAction? { nil }
+
+    func dump(_ dumper: Dumper, nextSlot: Int) throws(EngineError) -> DumpProgress {
+        try dumper.copy(nextSlot..<min(nextSlot + dumper.batchPageCount, dumper.pageAddresses.count))
+        return .stay
+    }
+
+    func sealed(_ dumper: Dumper, slots: Range<Int>) -> DumpProgress {
+        slots.upperBound == dumper.pageAddresses.count ? .done : .next(slots.upperBound)
+    }
+}
