@@ -223,7 +223,7 @@ struct SeedChannel: ParsableCommand {
         let transcripts: [(String, [Message])] = [
             ("postcopy-fam", [.metadataCommitted(generation: 9), .marked(slots: [0, 1, 5]), .marked(slots: [2]), .complete(generation: 9)]),
             ("postcopy-socket", [.pages(address: 0x7f00_0000_0000, bytes: (0..<8192).map { UInt8(truncatingIfNeeded: $0 * 13) }),
-                                 .pages(address: 0x7f00_0000_4000, bytes: [UInt8](repeating: 0xA5, count: 4096)), .complete(generation: 9)]),
+                                 .pages(address: 0x7f00_0000_4000, bytes: [UInt8](repeating: 0xA5, count: Int.pageSize)), .complete(generation: 9)]),
             ("abort", [.metadataCommitted(generation: 9), .abort(reason: "the source gave up")]),
             ("one-frame", [.complete(generation: 9)]),
         ]

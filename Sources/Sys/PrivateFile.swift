@@ -66,6 +66,18 @@ public enum PrivateFile {
                                    isRegularFile: status.st_mode & S_IFMT == S_IFREG)
     }
 
+    /// Removes a key file made by `create` (a failed migration's key is worth nothing); a file already
+    /// gone is not an error.
+    public static func remove(path: String) {
+        _ = unlink(path)
+    }
+
+    /// Closes a descriptor handed to this process that is refused (it must not stay open for a process
+    /// started later to inherit).
+    public static func close(descriptor: Int32) {
+        _ = Glibc.close(descriptor)
+    }
+
     /// Writes `bytes` whole to a descriptor handed to this process, then closes it (a key written this way
     /// must not stay open for a process started later to inherit). EPIPE is an error like any other.
     public static func writeAndClose(descriptor: Int32, bytes: [UInt8]) throws(SyscallError) {

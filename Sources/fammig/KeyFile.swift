@@ -5,7 +5,6 @@
 // write an image this node will restore.
 import ArgumentParser
 import Engine
-import Glibc
 import Sys
 
 /// Where a reading command takes the key from: `--key-file PATH` or `--key-fd N`, exactly one.
@@ -48,7 +47,7 @@ struct KeySinkOptions: ParsableArguments {
 
     /// After a failed migration, its key is worth nothing: the file goes (a descriptor was closed already).
     func removeCreated() {
-        if let keyFile { _ = unlink(keyFile) }
+        if let keyFile { PrivateFile.remove(path: keyFile) }
     }
 }
 
@@ -78,7 +77,7 @@ enum KeyFile {
         if described.isRegularFile {
             let userID = ProcessIdentity.current().effectiveUserID
             guard described.ownerUserID == userID, described.permissionBits & 0o077 == 0 else {
-                _ = close(descriptor)
+                PrivateFile.close(descriptor: descriptor)
                 throw fail("--key-fd \(descriptor) is a file of uid \(described.ownerUserID) with mode \(String(described.permissionBits, radix: 8)): "
                            + "others could read the key; refused (give a pipe, or a file of this user with mode 0600).", code: 2)
             }

@@ -146,3 +146,9 @@ public struct BinaryReader: Sendable {
         return value
     }
 }
+
+extension Array where Element == UInt8 {
+    mutating func appendLittleEndian<T: FixedWidthInteger>(_ value: T) {
+        LittleEndian.append(value, to: &self)
+    }
+}

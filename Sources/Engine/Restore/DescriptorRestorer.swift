@@ -263,6 +263,7 @@ final class DescriptorRestorer {
             let isLink = (try? ProcFS.readLink(watch.path)) != nil
             let mask = UInt64(watch.mask | (isLink ? InotifyReader.dontFollow : 0))
             var attempts = 0
+            // Bounded: at most twice the watch count limit of attempts (the guard below), then refused.
             while true {
                 let given = try injector.call("inotify_add_watch(\(watch.path))", Number.inotifyAddWatch, UInt64(descriptor), dataAddress + 8192, mask)
                 if given == UInt64(watch.watchDescriptor) { break }

@@ -394,9 +394,3 @@ final class TargetProcess {
         memory.close()
     }
 }
-
-extension Array where Element == UInt8 {
-    mutating func appendLittleEndian<T: FixedWidthInteger>(_ value: T) {
-        LittleEndian.append(value, to: &self)
-    }
-}
