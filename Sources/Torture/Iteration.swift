@@ -132,6 +132,8 @@ public struct Iteration {
                                                 budget: max(1, scenario.batchPageCount / 4), key: key))
         }
 
+        if scenario.bystander == true { participants.append(Bystander(restorer: restorer)) }
+
         let targetNemesis = scenario.targetKill.flatMap { plan in
             faultHandlerParticipant.map { faultHandler in
                 TargetNemesisParticipant(plan: plan, node: [restorerParticipant, faultHandler] + [pusherParticipant].compactMap { $0 },

@@ -104,6 +104,7 @@ public enum Regressions {
                 filter.freezeAtSyscall = syscall
             case "--tamper": filter.tamper = try onOrOff(option)
             case "--racer": filter.racer = try onOrOff(option)
+            case "--bystander": filter.bystander = try onOrOff(option)
             case "--kill-target": filter.killTarget = try onOrOff(option)
             case "--rendezvous-wait": filter.rendezvousWaits = try RendezvousWait.list(try value(option))
             case "--adversarial-steps":

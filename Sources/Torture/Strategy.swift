@@ -22,6 +22,8 @@ public enum ActorName: String, Sendable, CaseIterable, Codable {
     case racer
     /// Kills the target node after the restored process ran (its fault handler and pusher die with it).
     case targetNemesis = "target-nemesis"
+    /// Reads the target's command line while the restorer builds it (as ps does): Bystander.swift.
+    case bystander
 }
 
 /// One step some actor could take now.
@@ -66,7 +68,7 @@ struct Scheduler {
         self.strategy = strategy
         if strategy == .pct {
             // The tamperer is left out (lowest): adding it must not reorder the other actors of old seeds.
-            var order = ActorName.allCases.filter { $0 != .tamperer && $0 != .racer && $0 != .targetNemesis }
+            var order = ActorName.allCases.filter { $0 != .tamperer && $0 != .racer && $0 != .targetNemesis && $0 != .bystander }
             order.shuffle(using: &rng)
             for (index, actor) in order.enumerated() { priorities[actor] = index + 10 }
             // Depth 3: two change points within the first few thousand steps.
@@ -79,6 +81,8 @@ struct Scheduler {
         precondition(!choices.isEmpty, "pick from no choices")
         // A planned kill goes first: when it fires is the plan's business, not the scheduler's.
         if let nemesis = choices.firstIndex(where: { $0.actor == .nemesis || $0.actor == .targetNemesis }) { return nemesis }
+        // So does the bystander: it aims at one window (between the restorer's layout and its next step).
+        if let bystander = choices.firstIndex(where: { $0.actor == .bystander }) { return bystander }
         switch strategy {
         case .random, .killedSource:
             return weighted(choices, rng: &rng) { $0.actor == .fabric ? 1 : 4 }

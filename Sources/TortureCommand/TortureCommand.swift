@@ -69,6 +69,9 @@ struct TortureCommand: ParsableCommand {
     @Option(help: "The racing installer, which installs sealed pages behind the engine's back (postcopy-fam): on or off (default: drawn per seed).", transform: parseSwitch)
     var racer: Bool?
 
+    @Option(help: "The bystander, which reads the target's command line while the restorer builds it, as ps does (post-copy): on or off (default: drawn per seed).", transform: parseSwitch)
+    var bystander: Bool?
+
     @Option(help: "The target-node nemesis, which kills the target node after the restored process ran (post-copy): on or off (default: drawn per seed).", transform: parseSwitch)
     var killTarget: Bool?
 
@@ -155,6 +158,7 @@ struct TortureCommand: ParsableCommand {
         filter.tamper = tamper
         filter.chaos = chaos
         filter.racer = racer
+        filter.bystander = bystander
         filter.killTarget = killTarget
         filter.rendezvousWaits = rendezvousWait
         filter.workload = workload

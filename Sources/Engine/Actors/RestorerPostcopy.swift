@@ -7,7 +7,7 @@ import Sys
 extension Restorer {
     func installEager(slot: Int, memory: LazyMemory) throws {
         let address = pageAddresses[slot]
-        if memory.isRegistered(address) {
+        if memory.isRegistered(address) && !strayPageSlots.contains(slot) {
             try memory.installFromFAM(slot: slot, count: 1)
         } else {
             precondition(memory.isDumped(slot), "page slot \(slot) read before its mark was seen")
@@ -30,7 +30,7 @@ extension Restorer {
             guard memory.slot(for: pageAddress) == first + index else {
                 throw EngineError.aborted("the source sent pages at \(hex(address)) that are not adjacent dumped pages")
             }
-            if memory.isRegistered(pageAddress) {
+            if memory.isRegistered(pageAddress) && !strayPageSlots.contains(first + index) {
                 try memory.installBytes(address: pageAddress, bytes: page)
             } else if !memory.isInstalled(first + index) {
                 try target!.writeBytes(page, to: pageAddress)

@@ -331,6 +331,21 @@ final class TargetProcess {
         return memory
     }
 
+    /// Pages present (or swapped) in the registered private mappings, read from pagemap: before any
+    /// install, only a reader that faulted one in before the registration can have put them there.
+    func pagesPresentInPrivateRegisteredMemory() throws(RestoreError) -> [UInt64] {
+        var addresses: [UInt64] = []
+        do {
+            for range in registeredRanges where !sharedRanges.contains(range) {
+                let words = try ProcFS.pagemap(processID, address: range.lowerBound, pageCount: Int((range.upperBound - range.lowerBound) / .pageSize))
+                for (index, word) in words.enumerated() where word & (3 << 62) != 0 {
+                    addresses.append(range.lowerBound + UInt64(index) * .pageSize)
+                }
+            }
+        } catch { throw .system("reading the target's pagemap: \(error)") }
+        return addresses
+    }
+
     /// Ends eager installation: unregisters every range and lets the userfaultfd go.
     func finishInstalling() throws(RestoreError) {
         guard let userfaultfd else { return }
