@@ -59,7 +59,7 @@ public final class Restorer: EngineActor {
     var strayPageSlots: Set<Int> = []
     /// Whether the registered memory was checked for pages nobody of ours installed (the first step
     /// after the layout does it).
-    public private(set) var strayPagesChecked = false
+    public internal(set) var strayPagesChecked = false
     /// Nonlive: the next batch's page digests, under way while this batch is installed.
     var verificationAhead: PageVerification?
     let handedOver = Mutex<LazyMemory?>(nil)
@@ -387,24 +387,6 @@ public final class Restorer: EngineActor {
             throw .aborted("installing the pages needed before the resume: \(error)")
         }
         if eagerSlotsLeft.isEmpty { state = .restoreState }
-    }
-
-    /// Pages of registered memory that are present before any install: a read of the process's command
-    /// line or environment (/proc/PID/cmdline, as ps does, by anyone) between the mmap of the stack and
-    /// its registration faults the argument page in as the kernel's zero page. UFFDIO_COPY then fails
-    /// with EEXIST, which the installers take for "another installer put the dumped page there", and the
-    /// process would run on a zeroed top stack page (a `ret` to 0). Once registered, no reader can fault a
-    /// page in any more (the kernel refuses remote faults it cannot hand to the userfaultfd), so one look
-    /// right after the layout finds every such page; each is then written over with its dumped bytes
-    /// before the resume, as a page outside registered memory is.
-    func checkStrayPages(_ memory: LazyMemory) throws {
-        strayPagesChecked = true
-        for address in try target!.pagesPresentInPrivateRegisteredMemory() {
-            guard let slot = memory.slot(for: address), !memory.isInstalled(slot) else { continue }
-            logger.info("a registered page was present before its install; it is written with its dumped bytes", metadata: ["address": "\(hex(address))"])
-            strayPageSlots.insert(slot)
-            eagerSlotsLeft.insert(slot)
-        }
     }
 
     public func abort(reason: String) {

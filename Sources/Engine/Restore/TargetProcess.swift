@@ -20,10 +20,10 @@ final class TargetProcess {
     /// Anonymous private ranges registered with the target's userfaultfd: pages go in by UFFDIO_COPY
     /// straight from FAM; everything else (private file pages) by pwrite to /proc/PID/mem.
     private var userfaultfd: Userfaultfd?
-    private var registeredRanges: [Range<UInt64>] = []
+    private(set) var registeredRanges: [Range<UInt64>] = []
     /// Registered shared-memory mappings: a page found present there was installed through another
     /// mapping of the same object, with the same dumped bytes.
-    private var sharedRanges: [Range<UInt64>] = []
+    private(set) var sharedRanges: [Range<UInt64>] = []
     /// Mapped memfds: in post-copy installed before the resume, since the process may read or write one
     /// through a descriptor, which userfaultfd does not see (a hole would read as zeros, and a write
     /// into one would drop the rest of the dumped page).
@@ -329,21 +329,6 @@ final class TargetProcess {
                                 watchdog: watchdog)
         self.userfaultfd = nil
         return memory
-    }
-
-    /// Pages present (or swapped) in the registered private mappings, read from pagemap: before any
-    /// install, only a reader that faulted one in before the registration can have put them there.
-    func pagesPresentInPrivateRegisteredMemory() throws(RestoreError) -> [UInt64] {
-        var addresses: [UInt64] = []
-        do {
-            for range in registeredRanges where !sharedRanges.contains(range) {
-                let words = try ProcFS.pagemap(processID, address: range.lowerBound, pageCount: Int((range.upperBound - range.lowerBound) / .pageSize))
-                for (index, word) in words.enumerated() where word & (3 << 62) != 0 {
-                    addresses.append(range.lowerBound + UInt64(index) * .pageSize)
-                }
-            }
-        } catch { throw .system("reading the target's pagemap: \(error)") }
-        return addresses
     }
 
     /// Ends eager installation: unregisters every range and lets the userfaultfd go.
