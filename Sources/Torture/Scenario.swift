@@ -117,6 +117,9 @@ public struct ScenarioFilter: Sendable, Codable, Equatable {
     public var size: Int?
     public var noKill = false
     public var adversarialSteps: Int?
+    /// Identical steps in a row that count as no progress (shrinking a liveness failure; nil: the
+    /// driver's own limit).
+    public var repeatLimit: Int?
     /// The tamperer on (every FAM-mode iteration), off, or drawn per seed (nil).
     public var tamper: Bool?
     /// The racing installer on (every postcopy-fam iteration), off, or drawn per seed (nil).
@@ -156,6 +159,7 @@ public struct ScenarioFilter: Sendable, Codable, Equatable {
         if let size { options += ["--size", "\(size)"] }
         if noKill { options.append("--no-kill") }
         if let adversarialSteps { options += ["--adversarial-steps", "\(adversarialSteps)"] }
+        if let repeatLimit { options += ["--repeat-limit", "\(repeatLimit)"] }
         if let tamper { options += ["--tamper", tamper ? "on" : "off"] }
         if let racer { options += ["--racer", racer ? "on" : "off"] }
         if let bystander { options += ["--bystander", bystander ? "on" : "off"] }
@@ -189,6 +193,8 @@ public struct Scenario: Sendable, Codable, Equatable {
     public var racer = false
     /// A bystander reads the target's command line while it is built (post-copy only).
     public var bystander: Bool? = nil
+    /// Identical steps in a row that end the run as no progress (nil: DeterministicDriver.repeatLimit).
+    public var repeatLimit: Int? = nil
     /// The target node dies after the resume.
     public var targetKill: TargetKillPlan?
     /// A workload's check command (`--check`), which judges its migrated run end to end.
@@ -252,6 +258,7 @@ public struct Scenario: Sendable, Codable, Equatable {
                         targetKill: targetKill, check: workload == nil ? nil : filter.check,
                         rendezvousWait: wait == .sigwait ? nil : wait)
         scenario.bystander = bystander ? true : nil
+        scenario.repeatLimit = filter.repeatLimit
         return scenario
     }
 
@@ -270,6 +277,7 @@ public struct Scenario: Sendable, Codable, Equatable {
             if kill.dropInFlight { text += " dropping in-flight" }
         }
         if adversarialSteps != Int.max { text += " adversarial-steps \(adversarialSteps)" }
+        if let repeatLimit { text += " repeat-limit \(repeatLimit)" }
         if let tamper { text += tamper.corruptsMark ? " tampered-mark" : " tampered-page" }
         if racer { text += " racer" }
         if bystander == true { text += " bystander" }

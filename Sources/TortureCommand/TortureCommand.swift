@@ -96,6 +96,9 @@ struct TortureCommand: ParsableCommand {
     @Option(help: "Adversarial scheduling for this many steps only, then a fixed fair order (shrinking uses it).")
     var adversarialSteps: Int?
 
+    @Option(help: "Identical steps in a row that end a run as a liveness failure (no progress; default 10000, shrinking tries fewer).")
+    var repeatLimit: Int?
+
     @Option(help: "Run only part K of N of the campaign's iterations (K/N, e.g. 2/4).", transform: parseShard)
     var shard: Shard = Shard(part: 1, count: 1)
 
@@ -134,6 +137,7 @@ struct TortureCommand: ParsableCommand {
         guard jobs >= 1 && jobs <= 64 else { throw ValidationError("--jobs must be between 1 and 64.") }
         if let size, !(0...2).contains(size) { throw ValidationError("--size must be 0, 1 or 2.") }
         if let adversarialSteps, adversarialSteps < 0 { throw ValidationError("--adversarial-steps must be 0 or more.") }
+        if let repeatLimit, repeatLimit < 2 { throw ValidationError("--repeat-limit must be 2 or more.") }
         if chaos && (checkDeterminism || trace || shrink) {
             throw ValidationError("--chaos runs real threads: a seed does not fix its interleaving, so --check-determinism, --trace and --shrink do not apply.")
         }
@@ -155,6 +159,7 @@ struct TortureCommand: ParsableCommand {
         filter.size = size
         filter.noKill = noKill
         filter.adversarialSteps = adversarialSteps
+        filter.repeatLimit = repeatLimit
         filter.tamper = tamper
         filter.chaos = chaos
         filter.racer = racer
