@@ -186,9 +186,15 @@ struct TortureCommand: ParsableCommand {
         if let replay {
             let result = campaign.runOne(seed: replay, filter: filter, keepTrace: htmlDirectory != nil, traceSink: trace ? { print($0) } : nil)
             print(Report.line(result))
+            var shrunk: Shrunk?
             if !result.passed {
                 print(Report.failureText(result, filter: filter))
-                try writeHTMLReports(campaign, failing: [result], shrunk: nil)
+                if shrink && result.environmentError == nil {
+                    shrunk = Shrinker(campaign: campaign, filter: filter).shrink(result)
+                    print("shrunk: \(Report.replayCommand(seed: shrunk!.scenario.seed, filter: shrunk!.filter))")
+                    print("        \(shrunk!.result.scenario.summary), \(shrunk!.result.stepCount) steps, trace \(shrunk!.result.traceHash)")
+                }
+                try writeHTMLReports(campaign, failing: [result], shrunk: shrunk)
             }
             try Report.write(results: [result], json: json, junit: junit, run: nil, filter: filter)
             if result.environmentError != nil { throw ExitCode(2) }
