@@ -289,10 +289,12 @@ final class TargetProcess {
                             installedPageCount += 1
                             pieceDone += .pageSize
                         case .firstPageAlreadyPresent:
-                            // Something made the page present before its install (seen once in 1000s of
-                            // nonlive restores under load: a stack page, cause not found). UFFDIO_COPY
-                            // left it as it was: write the dumped bytes over it, so the page is right
-                            // whatever put it there.
+                            // Something made the page present before its install: a reader of
+                            // /proc/PID/cmdline or environ (ps, pgrep -f, anyone's) between the stack's
+                            // mmap and its registration faults the argument page in as the zero page
+                            // (seen in nonlive restores under load, and as post-copy's zeroed top stack
+                            // page). UFFDIO_COPY left it as it was: write the dumped bytes over it, so
+                            // the page is right whatever put it there.
                             try memory.write(from: mapping, at: mappingOffset + done + pieceDone, byteCount: .pageSize,
                                              to: current + UInt64(pieceDone))
                             installedPageCount += 1
