@@ -195,14 +195,22 @@ public enum ProcFS {
 
     /// Whether the process is dead, dying, or has SIGKILL pending (a kill is recorded at once, while
     /// the death it causes comes a little later): "was it killed" without a race.
+    /// Torture asks before every step: only the three lines it needs are parsed.
     public static func isKilledOrEnded(_ processID: ProcessID) -> Bool {
-        guard let status = try? status(processID), let state = status["State"] else { return true }
-        if state.hasPrefix("Z") || state.hasPrefix("X") { return true }
+        guard let text = try? readText("/proc/\(processID)/status") else { return true }
         let killBit: UInt64 = 1 << 8  // SIGKILL is signal 9
-        for field in ["ShdPnd", "SigPnd"] {
-            if let text = status[field], let mask = UInt64(text, radix: 16), mask & killBit != 0 { return true }
+        var stateSeen = false
+        for line in text.utf8.split(separator: UInt8(ascii: "\n")) {
+            let line = Substring(line)
+            if line.hasPrefix("State:") {
+                stateSeen = true
+                let state = line.dropFirst("State:".count).trimmingSpaces()
+                if state.hasPrefix("Z") || state.hasPrefix("X") { return true }
+            } else if line.hasPrefix("ShdPnd:") || line.hasPrefix("SigPnd:") {
+                if let mask = UInt64(line.dropFirst("SigPnd:".count).trimmingSpaces(), radix: 16), mask & killBit != 0 { return true }
+            }
         }
-        return false
+        return !stateSeen
     }
 
     /// Whether a PID names a live (not zombie) process.
@@ -214,7 +222,19 @@ public enum ProcFS {
 
 extension Substring {
     /// The text without leading and trailing spaces and tabs (/proc pads its columns with both).
+    /// Scans bytes, not characters: /proc is read for every process state and every driver step, and
+    /// the character-wise version (reversed twice) was a fifth of a torture campaign's CPU time.
     public func trimmingSpaces() -> String {
-        String(drop(while: { $0 == " " || $0 == "\t" }).reversed().drop(while: { $0 == " " || $0 == "\t" }).reversed())
+        let bytes = utf8
+        var start = bytes.startIndex
+        var end = bytes.endIndex
+        while start < end, bytes[start] == 0x20 || bytes[start] == 0x09 { start = bytes.index(after: start) }
+        while start < end {
+            let last = bytes.index(before: end)
+            guard bytes[last] == 0x20 || bytes[last] == 0x09 else { break }
+            end = last
+        }
+        // Spaces and tabs are one byte each: both ends stay on character boundaries.
+        return String(self[start..<end])
     }
 }

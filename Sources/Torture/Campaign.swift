@@ -54,6 +54,7 @@ public final class Campaign: Sendable {
             filter.noKill = true
             filter.tamper = false
             filter.racer = false
+            filter.bystander = false
             filter.killTarget = false
             filter.attacker = false
         }

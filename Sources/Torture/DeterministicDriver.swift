@@ -114,6 +114,8 @@ final class DeterministicDriver {
     /// After this many steps the strategy stops: the rest runs in a fixed, fair order (shrinking cuts
     /// the adversarial part of a schedule short with it).
     private let adversarialSteps: Int
+    /// Identical steps in a row that end the run as no progress.
+    private let repeatLimit: Int
     private let traceSink: ((String) -> Void)?
     private(set) var trace: [String] = []
     private(set) var hash = TraceHash()
@@ -123,7 +125,8 @@ final class DeterministicDriver {
     var onStep: ((Int) -> Void)?
 
     init(participants: [Participant], clock: VirtualClock, scheduler: Scheduler, stepLimit: Int, adversarialSteps: Int,
-         keepTrace: Bool, traceSink: ((String) -> Void)?) {
+         repeatLimit: Int = DeterministicDriver.repeatLimit, keepTrace: Bool, traceSink: ((String) -> Void)?) {
+        self.repeatLimit = repeatLimit
         self.participants = participants
         self.clock = clock
         self.scheduler = scheduler
@@ -135,7 +138,9 @@ final class DeterministicDriver {
 
     /// The same step, with the same outcome, this many times in a row and nothing else between: a
     /// participant that reports itself ready makes no progress (a busy wait that a priority scheduler
-    /// turns into a livelock). Judged here rather than after the whole step budget.
+    /// turns into a livelock). Judged here rather than after the whole step budget. High, since a step
+    /// that progresses may repeat its label (a link delivering one more frame of the same kind); the
+    /// shrinker then tries a low one, so that a shrunk liveness failure is a short schedule.
     static let repeatLimit = 10_000
 
     func run(rng: inout SeededGenerator) -> DriverOutcome {
@@ -206,7 +211,7 @@ final class DeterministicDriver {
                 record("\(stepCount) " + step)
                 repeats = step == lastStep ? repeats + 1 : 1
                 lastStep = step
-                if repeats >= Self.repeatLimit {
+                if repeats >= repeatLimit {
                     abortAll(reason: "no progress")
                     return .stuck("no progress: \(step) was taken \(repeats) times in a row and nothing else moved")
                 }

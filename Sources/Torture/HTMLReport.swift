@@ -88,7 +88,7 @@ public enum HTMLReport {
     static let colours: [String: String] = [
         "dumper": "#1f77b4", "restorer": "#ff7f0e", "fault-handler": "#2ca02c", "pusher": "#9467bd", "target": "#d62728",
         "link": "#8c564b", "fabric": "#7f7f7f", "nemesis": "#000000", "tamperer": "#e377c2", "racer": "#bcbd22",
-        "attacker": "#ff1493",
+        "attacker": "#ff1493", "bystander": "#17becf",
     ]
 
     /// Lanes in ActorName order (then any actor the trace names that this version does not know).

@@ -140,6 +140,8 @@ public struct Iteration {
                                                 budget: max(1, scenario.batchPageCount / 4), key: key))
         }
 
+        if scenario.bystander == true { participants.append(Bystander(restorer: restorer)) }
+
         let targetNemesis = scenario.targetKill.flatMap { plan in
             faultHandlerParticipant.map { faultHandler in
                 TargetNemesisParticipant(plan: plan, node: [restorerParticipant, faultHandler] + [pusherParticipant].compactMap { $0 },
@@ -153,6 +155,7 @@ public struct Iteration {
         let driver = DeterministicDriver(participants: participants, clock: virtualClock,
                                          scheduler: Scheduler(strategy: scenario.strategy, rng: &rng),
                                          stepLimit: environment.stepLimit, adversarialSteps: scenario.adversarialSteps,
+                                         repeatLimit: scenario.repeatLimit ?? DeterministicDriver.repeatLimit,
                                          keepTrace: keepTrace, traceSink: traceSink)
         // The victim may die only once the image is complete (the source then lets it go), or by the
         // nemesis: killed earlier, a failed migration would leave nothing to go back to. Looked at before

@@ -105,8 +105,12 @@ public enum Regressions {
             case "--tamper": filter.tamper = try onOrOff(option)
             case "--attacker": filter.attacker = try onOrOff(option)
             case "--racer": filter.racer = try onOrOff(option)
+            case "--bystander": filter.bystander = try onOrOff(option)
             case "--kill-target": filter.killTarget = try onOrOff(option)
             case "--rendezvous-wait": filter.rendezvousWaits = try RendezvousWait.list(try value(option))
+            case "--repeat-limit":
+                guard let limit = Int(try value(option)), limit >= 2 else { throw FilterError(reason: "--repeat-limit takes a count from 2") }
+                filter.repeatLimit = limit
             case "--adversarial-steps":
                 guard let steps = Int(try value(option)), steps >= 0 else { throw FilterError(reason: "--adversarial-steps takes a count") }
                 filter.adversarialSteps = steps

@@ -125,10 +125,15 @@ public struct ScenarioFilter: Sendable, Codable, Equatable {
     public var size: Int?
     public var noKill = false
     public var adversarialSteps: Int?
+    /// Identical steps in a row that count as no progress (shrinking a liveness failure; nil: the
+    /// driver's own limit).
+    public var repeatLimit: Int?
     /// The tamperer on (every FAM-mode iteration), off, or drawn per seed (nil).
     public var tamper: Bool?
     /// The racing installer on (every postcopy-fam iteration), off, or drawn per seed (nil).
     public var racer: Bool?
+    /// The bystander that reads the target's command line while it is built (post-copy): on, off, or drawn (nil).
+    public var bystander: Bool?
     /// The target-node nemesis on (every post-copy iteration without a source kill), off, or drawn (nil).
     public var killTarget: Bool?
     /// The attacker (a rogue peer, a FAM writer without the key: Attacker.swift) on, off, or drawn (nil).
@@ -164,8 +169,10 @@ public struct ScenarioFilter: Sendable, Codable, Equatable {
         if let size { options += ["--size", "\(size)"] }
         if noKill { options.append("--no-kill") }
         if let adversarialSteps { options += ["--adversarial-steps", "\(adversarialSteps)"] }
+        if let repeatLimit { options += ["--repeat-limit", "\(repeatLimit)"] }
         if let tamper { options += ["--tamper", tamper ? "on" : "off"] }
         if let racer { options += ["--racer", racer ? "on" : "off"] }
+        if let bystander { options += ["--bystander", bystander ? "on" : "off"] }
         if let killTarget { options += ["--kill-target", killTarget ? "on" : "off"] }
         if let attacker { options += ["--attacker", attacker ? "on" : "off"] }
         if chaos { options.append("--chaos") }
@@ -195,6 +202,10 @@ public struct Scenario: Sendable, Codable, Equatable {
     public var tamper: TamperPlan?
     /// A second installer races the engine's (postcopy-fam only).
     public var racer = false
+    /// A bystander reads the target's command line while it is built (post-copy only).
+    public var bystander: Bool? = nil
+    /// Identical steps in a row that end the run as no progress (nil: DeterministicDriver.repeatLimit).
+    public var repeatLimit: Int? = nil
     /// The target node dies after the resume.
     public var targetKill: TargetKillPlan?
     /// A workload's check command (`--check`), which judges its migrated run end to end.
@@ -260,7 +271,10 @@ public struct Scenario: Sendable, Codable, Equatable {
         // Chaos releases the program as soon as it resumes, which only sigwaitinfo takes at any moment.
         let wait = workload == nil && !filter.chaos ? RendezvousWait.draw(seed: seed, allowed: filter.rendezvousWaits) : .sigwait
         let waitArguments = wait == .sigwait ? [] : ["--rendezvous-wait", "\(wait.argument)"]
-        return Scenario(seed: seed, mode: mode, push: push, program: workload == nil ? spec.name : Workload.programName,
+        // Its own generator too; drawn in post-copy, where a page found present is taken for installed.
+        var bystanderGenerator = SeededGenerator(seed: seed ^ 0x4259_5354_414E_4452)
+        let bystander = mode.isPostcopy && (filter.bystander ?? bystanderGenerator.chance(1, in: 8))
+        var scenario = Scenario(seed: seed, mode: mode, push: push, program: workload == nil ? spec.name : Workload.programName,
                         binary: workload?.first ?? spec.binary,
                         arguments: workload.map { Array($0.dropFirst()) } ?? spec.arguments(size) + ["--rendezvous", "\(rendezvous)"] + waitArguments,
                         size: workload == nil ? size : 0,
@@ -268,6 +282,9 @@ public struct Scenario: Sendable, Codable, Equatable {
                         adversarialSteps: filter.adversarialSteps ?? Int.max, tamper: tamper, racer: racer,
                         targetKill: targetKill, check: workload == nil ? nil : filter.check,
                         rendezvousWait: wait == .sigwait ? nil : wait, attack: attack)
+        scenario.bystander = bystander ? true : nil
+        scenario.repeatLimit = filter.repeatLimit
+        return scenario
     }
 
     /// The program's arguments when its files go to `workDirectory`.
@@ -285,9 +302,11 @@ public struct Scenario: Sendable, Codable, Equatable {
             if kill.dropInFlight { text += " dropping in-flight" }
         }
         if adversarialSteps != Int.max { text += " adversarial-steps \(adversarialSteps)" }
+        if let repeatLimit { text += " repeat-limit \(repeatLimit)" }
         if let tamper { text += tamper.corruptsMark ? " tampered-mark" : " tampered-page" }
         if racer { text += " racer" }
         if let attack { text += " " + attack.summary }
+        if bystander == true { text += " bystander" }
         if let targetKill {
             text += " kill-target-after-fault-handler-step \(targetKill.afterFaultHandlerSteps)"
             if targetKill.dropInFlight { text += " dropping its in-flight" }

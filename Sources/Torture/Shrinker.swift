@@ -36,6 +36,16 @@ public struct Shrinker {
             candidate.size = 0
             _ = attempt(candidate)
         }
+        // A liveness failure (the same step taken again and again, nothing else moving) is judged after
+        // DeterministicDriver.repeatLimit repeats in a campaign, where a step that progresses may repeat
+        // its label; in a replay of a seed known to livelock, a few repeats are enough to show it.
+        if Self.isNoProgress(best.result) {
+            for limit in [4, 64] where best.scenario.repeatLimit.map({ $0 > limit }) ?? true {
+                var candidate = best.filter
+                candidate.repeatLimit = limit
+                if attempt(candidate), Self.isNoProgress(best.result) { break }
+            }
+        }
         // The shortest adversarial prefix that still fails (binary search; failing is not monotonic in
         // general, so this finds a short one, not always the shortest).
         var low = 0
@@ -47,5 +57,9 @@ public struct Shrinker {
             if attempt(candidate) { high = middle } else { low = middle + 1 }
         }
         return best
+    }
+
+    static func isNoProgress(_ result: IterationResult) -> Bool {
+        ([result.outcome] + result.failures).contains { $0.contains("no progress:") }
     }
 }

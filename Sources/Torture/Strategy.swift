@@ -24,6 +24,8 @@ public enum ActorName: String, Sendable, CaseIterable, Codable {
     case targetNemesis = "target-nemesis"
     /// A rogue peer on the link or a FAM writer without the key (Attacker.swift).
     case attacker
+    /// Reads the target's command line while the restorer builds it (as ps does): Bystander.swift.
+    case bystander
 }
 
 /// One step some actor could take now.
@@ -68,7 +70,7 @@ struct Scheduler {
         self.strategy = strategy
         if strategy == .pct {
             // The tamperer is left out (lowest): adding it must not reorder the other actors of old seeds.
-            var order = ActorName.allCases.filter { $0 != .tamperer && $0 != .racer && $0 != .targetNemesis && $0 != .attacker }
+            var order = ActorName.allCases.filter { $0 != .tamperer && $0 != .racer && $0 != .targetNemesis && $0 != .attacker && $0 != .bystander }
             order.shuffle(using: &rng)
             for (index, actor) in order.enumerated() { priorities[actor] = index + 10 }
             // Depth 3: two change points within the first few thousand steps.
@@ -82,6 +84,8 @@ struct Scheduler {
         // A planned kill goes first: when it fires is the plan's business, not the scheduler's.
         // So does the attacker's move (it is only offered at its planned moment).
         if let nemesis = choices.firstIndex(where: { $0.actor == .nemesis || $0.actor == .targetNemesis || $0.actor == .attacker }) { return nemesis }
+        // So does the bystander: it aims at one window (between the restorer's layout and its next step).
+        if let bystander = choices.firstIndex(where: { $0.actor == .bystander }) { return bystander }
         switch strategy {
         case .random, .killedSource:
             return weighted(choices, rng: &rng) { $0.actor == .fabric ? 1 : 4 }

@@ -69,6 +69,9 @@ struct TortureCommand: ParsableCommand {
     @Option(help: "The racing installer, which installs sealed pages behind the engine's back (postcopy-fam): on or off (default: drawn per seed).", transform: parseSwitch)
     var racer: Bool?
 
+    @Option(help: "The bystander, which reads the target's command line while the restorer builds it, as ps does (post-copy): on or off (default: drawn per seed).", transform: parseSwitch)
+    var bystander: Bool?
+
     @Option(help: "The target-node nemesis, which kills the target node after the restored process ran (post-copy): on or off (default: drawn per seed).", transform: parseSwitch)
     var killTarget: Bool?
 
@@ -95,6 +98,9 @@ struct TortureCommand: ParsableCommand {
 
     @Option(help: "Adversarial scheduling for this many steps only, then a fixed fair order (shrinking uses it).")
     var adversarialSteps: Int?
+
+    @Option(help: "Identical steps in a row that end a run as a liveness failure (no progress; default 10000, shrinking tries fewer).")
+    var repeatLimit: Int?
 
     @Option(help: "Run only part K of N of the campaign's iterations (K/N, e.g. 2/4).", transform: parseShard)
     var shard: Shard = Shard(part: 1, count: 1)
@@ -134,6 +140,7 @@ struct TortureCommand: ParsableCommand {
         guard jobs >= 1 && jobs <= 64 else { throw ValidationError("--jobs must be between 1 and 64.") }
         if let size, !(0...2).contains(size) { throw ValidationError("--size must be 0, 1 or 2.") }
         if let adversarialSteps, adversarialSteps < 0 { throw ValidationError("--adversarial-steps must be 0 or more.") }
+        if let repeatLimit, repeatLimit < 2 { throw ValidationError("--repeat-limit must be 2 or more.") }
         if chaos && (checkDeterminism || trace || shrink) {
             throw ValidationError("--chaos runs real threads: a seed does not fix its interleaving, so --check-determinism, --trace and --shrink do not apply.")
         }
@@ -155,9 +162,11 @@ struct TortureCommand: ParsableCommand {
         filter.size = size
         filter.noKill = noKill
         filter.adversarialSteps = adversarialSteps
+        filter.repeatLimit = repeatLimit
         filter.tamper = tamper
         filter.chaos = chaos
         filter.racer = racer
+        filter.bystander = bystander
         filter.killTarget = killTarget
         filter.attacker = attacker
         filter.rendezvousWaits = rendezvousWait
@@ -181,9 +190,15 @@ struct TortureCommand: ParsableCommand {
         if let replay {
             let result = campaign.runOne(seed: replay, filter: filter, keepTrace: htmlDirectory != nil, traceSink: trace ? { print($0) } : nil)
             print(Report.line(result))
+            var shrunk: Shrunk?
             if !result.passed {
                 print(Report.failureText(result, filter: filter))
-                try writeHTMLReports(campaign, failing: [result], shrunk: nil)
+                if shrink && result.environmentError == nil {
+                    shrunk = Shrinker(campaign: campaign, filter: filter).shrink(result)
+                    print("shrunk: \(Report.replayCommand(seed: shrunk!.scenario.seed, filter: shrunk!.filter))")
+                    print("        \(shrunk!.result.scenario.summary), \(shrunk!.result.stepCount) steps, trace \(shrunk!.result.traceHash)")
+                }
+                try writeHTMLReports(campaign, failing: [result], shrunk: shrunk)
             }
             try Report.write(results: [result], json: json, junit: junit, run: nil, filter: filter)
             if result.environmentError != nil { throw ExitCode(2) }

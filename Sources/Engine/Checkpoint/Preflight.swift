@@ -84,13 +84,17 @@ enum Preflight {
             }
             let isFile: Bool
             if case .file = mapping.kind { isFile = true } else { isFile = false }
-            for (index, word) in words.enumerated() {
-                let present = word & (1 << 63) != 0
-                let swapped = word & (1 << 62) != 0
-                let fileBacked = word & (1 << 61) != 0
-                if (present || swapped) && !(isFile && fileBacked) {
+            // A plain index loop: a sparse mapping has millions of words, and the enumerated sequence
+            // cost a sixth of a torture campaign's CPU time in the debug build CI runs.
+            let wanted: UInt64 = (1 << 63) | (1 << 62)  // present or swapped
+            let fileBacked: UInt64 = 1 << 61
+            var index = 0
+            while index < words.count {
+                let word = words[index]
+                if word & wanted != 0 && !(isFile && word & fileBacked != 0) {
                     addresses.append(mapping.start + UInt64(index) * .pageSize)
                 }
+                index += 1
             }
         }
         return addresses

@@ -20,10 +20,10 @@ final class TargetProcess {
     /// Anonymous private ranges registered with the target's userfaultfd: pages go in by UFFDIO_COPY
     /// straight from FAM; everything else (private file pages) by pwrite to /proc/PID/mem.
     private var userfaultfd: Userfaultfd?
-    private var registeredRanges: [Range<UInt64>] = []
+    private(set) var registeredRanges: [Range<UInt64>] = []
     /// Registered shared-memory mappings: a page found present there was installed through another
     /// mapping of the same object, with the same dumped bytes.
-    private var sharedRanges: [Range<UInt64>] = []
+    private(set) var sharedRanges: [Range<UInt64>] = []
     /// Mapped memfds: in post-copy installed before the resume, since the process may read or write one
     /// through a descriptor, which userfaultfd does not see (a hole would read as zeros, and a write
     /// into one would drop the rest of the dumped page).
@@ -295,10 +295,12 @@ final class TargetProcess {
                             installedPageCount += 1
                             pieceDone += .pageSize
                         case .firstPageAlreadyPresent:
-                            // Something made the page present before its install (seen once in 1000s of
-                            // nonlive restores under load: a stack page, cause not found). UFFDIO_COPY
-                            // left it as it was: write the dumped bytes over it, so the page is right
-                            // whatever put it there.
+                            // Something made the page present before its install: a reader of
+                            // /proc/PID/cmdline or environ (ps, pgrep -f, anyone's) between the stack's
+                            // mmap and its registration faults the argument page in as the zero page
+                            // (seen in nonlive restores under load, and as post-copy's zeroed top stack
+                            // page). UFFDIO_COPY left it as it was: write the dumped bytes over it, so
+                            // the page is right whatever put it there.
                             try memory.write(bytes, offset: offset + done + pieceDone, byteCount: .pageSize, to: current + UInt64(pieceDone))
                             installedPageCount += 1
                             pieceDone += .pageSize

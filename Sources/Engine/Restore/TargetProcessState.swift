@@ -196,4 +196,19 @@ extension TargetProcess {
     func writeBytes(_ bytes: [UInt8], to address: UInt64) throws {
         try memory.write(bytes, at: address)
     }
+
+    /// Pages present (or swapped) in the registered private mappings, read from pagemap: before any
+    /// install, only a reader that faulted one in before the registration can have put them there.
+    func pagesPresentInPrivateRegisteredMemory() throws(RestoreError) -> [UInt64] {
+        var addresses: [UInt64] = []
+        do {
+            for range in registeredRanges where !sharedRanges.contains(range) {
+                let words = try ProcFS.pagemap(processID, address: range.lowerBound, pageCount: Int((range.upperBound - range.lowerBound) / .pageSize))
+                for (index, word) in words.enumerated() where word & (3 << 62) != 0 {
+                    addresses.append(range.lowerBound + UInt64(index) * .pageSize)
+                }
+            }
+        } catch { throw .system("reading the target's pagemap: \(error)") }
+        return addresses
+    }
 }

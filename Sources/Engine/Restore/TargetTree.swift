@@ -215,6 +215,11 @@ final class TargetTree {
         return try root.makeLazyMemory(pageAddresses: pageAddresses, origin: origin, observer: observer, gate: gate)
     }
 
+    func pagesPresentInPrivateRegisteredMemory() throws(RestoreError) -> [UInt64] {
+        precondition(members.isEmpty, "post-copy of a process tree")
+        return try root.pagesPresentInPrivateRegisteredMemory()
+    }
+
     func finishInstalling() throws(RestoreError) {
         for process in live { try process.finishInstalling() }
     }

@@ -13,8 +13,34 @@ class LazyHandover {
     /// Pages that must be in before the process runs, not yet installed.
     var eagerSlotsLeft: Set<Int> = []
     var eagerRequested = false
+    /// Dumped pages found present in registered memory before anything was installed there (see
+    /// `checkStrayPages`): written with their dumped bytes before the resume.
+    var strayPageSlots: Set<Int> = []
+    /// Whether the registered memory was checked for pages nobody of ours installed (the first step
+    /// after the layout does it).
+    var strayPagesChecked = false
 
     init(transport: any Transport) { link = transport }
+
+    /// Pages of registered memory that are present before any install: a read of the process's command
+    /// line or environment (/proc/PID/cmdline, as ps does, by anyone) between the mmap of the stack and
+    /// its registration faults the argument page in as the kernel's zero page. UFFDIO_COPY then fails
+    /// with EEXIST, which the installers take for "another installer put the dumped page there", and the
+    /// process would run on a zeroed top stack page (a `ret` to 0). Once registered, no reader can fault a
+    /// page in any more (the kernel refuses remote faults it cannot hand to the userfaultfd), so one look
+    /// right after the layout finds every such page; each is then written over with its dumped bytes
+    /// before the resume, as a page outside registered memory is.
+    func checkStrayPages(_ restorer: Restorer, _ memory: LazyMemory) throws {
+        guard !strayPagesChecked else { return }
+        strayPagesChecked = true
+        for address in try restorer.target!.pagesPresentInPrivateRegisteredMemory() {
+            guard let slot = memory.slot(for: address), !memory.isInstalled(slot) else { continue }
+            restorer.logger.info("a registered page was present before its install; it is written with its dumped bytes",
+                                 metadata: ["address": "\(hex(address))"])
+            strayPageSlots.insert(slot)
+            eagerSlotsLeft.insert(slot)
+        }
+    }
 
     var transport: (any Transport)? { link }
     var needsCompleteImage: Bool { false }
@@ -87,6 +113,7 @@ final class LazyFromFAM: LazyHandover, TargetPageStrategy {
     func installPagesBeforeResume(_ restorer: Restorer) throws(EngineError) -> Bool {
         guard let memory = restorer.lazyMemory else { preconditionFailure("eager pages without lazy memory") }
         do {
+            try checkStrayPages(restorer, memory)
             // After the commit record FAM alone completes the migration: the source may be gone.
             let committed = memory.imageIsCommitted()
             if !eagerRequested {
@@ -116,7 +143,7 @@ final class LazyFromFAM: LazyHandover, TargetPageStrategy {
 
     func install(_ restorer: Restorer, slot: Int, memory: LazyMemory) throws {
         let address = restorer.pageAddresses[slot]
-        if memory.isRegistered(address) {
+        if memory.isRegistered(address) && !strayPageSlots.contains(slot) {
             try memory.installFromFAM(slot: slot, count: 1)
         } else {
             precondition(memory.isDumped(slot), "page slot \(slot) read before its mark was seen")
@@ -148,6 +175,7 @@ final class LazyFromSocket: LazyHandover, TargetPageStrategy {
     func installPagesBeforeResume(_ restorer: Restorer) throws(EngineError) -> Bool {
         guard let memory = restorer.lazyMemory else { preconditionFailure("eager pages without lazy memory") }
         do {
+            try checkStrayPages(restorer, memory)
             if !eagerRequested {
                 for slot in eagerSlotsLeft.sorted() { try link.send(.pageRequest(address: restorer.pageAddresses[slot])) }
                 eagerRequested = true
@@ -184,7 +212,7 @@ final class LazyFromSocket: LazyHandover, TargetPageStrategy {
             guard memory.slot(for: pageAddress) == first + index else {
                 throw EngineError.aborted("the source sent pages at \(hex(address)) that are not adjacent dumped pages")
             }
-            if memory.isRegistered(pageAddress) {
+            if memory.isRegistered(pageAddress) && !strayPageSlots.contains(first + index) {
                 try memory.installBytes(address: pageAddress, bytes: page)
             } else if !memory.isInstalled(first + index) {
                 try target.writeBytes(page, to: pageAddress)
