@@ -37,6 +37,9 @@ public final class Restorer: EngineActor {
     let pidNamespace: PIDNamespace
     /// What this mode does with the pages.
     let strategy: any TargetPageStrategy
+    /// Post-copy: whether the registered memory was checked for pages nobody of ours installed
+    /// (LazyHandover.checkStrayPages, the first step after the layout).
+    public var strayPagesChecked: Bool { (strategy as? LazyHandover)?.strayPagesChecked ?? false }
     let gate: any TargetGate
     let imageWait: Duration
     /// The migration's key: every image is authenticated with it before anything in it is used.
