@@ -4,27 +4,35 @@ import Sys
 
 extension LazyMemory {
     func installFromFAM(slot: Int, count: Int) throws -> Int {
-        guard let reader = lock.withLock({ reader }) else { preconditionFailure("installFromFAM without an image") }
-        for index in slot..<(slot + count) {
-            precondition(lock.withLock { self.reader!.hasObservedMark(slot: index) }, "page slot \(index) read before its mark was seen")
+        // The reader is used only inside `lock`, never copied out of it: a copy alive while isMarked
+        // records a mark (under the lock, on another thread) makes that store copy the reader's whole
+        // observed-marks array, a Bool per page of the image (128 KiB at 512 MiB), on the fault path.
+        let region = lock.withLock { () -> (mapping: SharedMapping, offset: Int) in
+            guard reader != nil else { preconditionFailure("installFromFAM without an image") }
+            for index in slot..<(slot + count) {
+                precondition(reader!.hasObservedMark(slot: index), "page slot \(index) read before its mark was seen")
+            }
+            return reader!.backend.readableRegion(at: reader!.pageOffset(slot: slot), count: count * .pageSize)
         }
+        // Invariant 4 on this path too: every page against its mark's digest before it goes in. Checked
+        // before the install lock is taken (the check reads FAM, not the install state), so that a fault
+        // never waits behind another installer's page codes; the run installed below lies inside the
+        // range checked here. A page changed in FAM after its seal stops the migration (the target is
+        // killed) rather than running the program on it.
+        for index in slot..<(slot + count) { try verifyPage(slot: index) }
         return try installLock.withLock { () throws -> Int in
             // Only the leading run still missing and still adjacent where the pages are now.
             let run = missingRun(slot: slot, count: count)
             guard run > 0 else { return 0 }
-            // Invariant 4 on this path too: every page against its mark's digest before it goes in. A
-            // page changed in FAM after its seal stops the migration (the target is killed) rather than
-            // running the program on it.
-            for index in slot..<(slot + run) { try verifyPage(slot: index) }
+            precondition(run <= count, "a run of \(run) pages installed where \(count) were checked")
             let address = currentAddress(slot)
             let byteCount = run * .pageSize
-            let region = reader.backend.readableRegion(at: reader.pageOffset(slot: slot), count: byteCount)
             let copied = try copyAll(slot: slot, address: address, byteCount: byteCount) { offset, remaining throws -> CopyOutcome in
                 try userfaultfd.copy(from: region.mapping, at: region.offset + offset,
                                      to: address + UInt64(offset), byteCount: remaining, dontWake: true)
             }
             try finishInstall(slot: slot, count: run, copied: copied) { offset in
-                reader.backend.loadBytes(at: reader.pageOffset(slot: slot) + offset * .pageSize, count: .pageSize)
+                lock.withLock { reader!.backend.loadBytes(at: reader!.pageOffset(slot: slot) + offset * .pageSize, count: .pageSize) }
             }
             return copied.newly.count
         }
@@ -79,17 +87,21 @@ extension LazyMemory {
     func frozenSlot(for address: UInt64) -> Int? { slotIndex(of: address, in: pageAddresses) }
 
     /// Checks a page in FAM against its mark's digest (its mark must have been seen here first).
+    /// Under the state lock, one page at a time: the reader is never copied out of the lock (see
+    /// installFromFAM), and another thread waits for at most one page's code.
     func verifyPage(slot: Int) throws(ImageError) {
-        guard let reader = lock.withLock({ reader }) else { preconditionFailure("verifyPage without an image") }
-        try reader.verifyPage(slot: slot)
+        try lock.withLock { () throws(ImageError) in
+            guard reader != nil else { preconditionFailure("verifyPage without an image") }
+            try reader!.verifyPage(slot: slot)
+        }
     }
 
     /// Where a dumped page lies in FAM, for an installer that does not use the userfaultfd (pwrite of
     /// a private file page). The mark must have been seen here first (invariant 3).
     func famLocation(slot: Int) -> (mapping: SharedMapping, offset: Int) {
         lock.withLock {
-            guard let reader else { preconditionFailure("famLocation without an image") }
-            return reader.backend.readableRegion(at: reader.pageOffset(slot: slot), count: .pageSize)
+            guard reader != nil else { preconditionFailure("famLocation without an image") }
+            return reader!.backend.readableRegion(at: reader!.pageOffset(slot: slot), count: .pageSize)
         }
     }
 
