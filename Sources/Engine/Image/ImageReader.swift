@@ -191,10 +191,44 @@ public struct ImageReader: Sendable {
     public func hasObservedMark(slot: Int) -> Bool { observedMarks[slot] }
 
     /// The page digest its mark holds, or nil while the mark is not stored.
-    public func pageDigest(slot: Int) -> UInt64? {
-        let markOffset = layout.markOffset(slot: slot)
-        guard backend.loadUInt64(at: markOffset + 8) == ImageLayout.markTag(generation: generation) else { return nil }
-        return backend.loadUInt64(at: markOffset)
+    public func pageDigest(slot: Int) -> UInt64? { pageChecker.digest(slot: slot) }
+
+    /// What checking a page against its mark needs, without the reader's record of observed marks: values
+    /// never changed after the open, so a thread may keep one outside the lock that guards a reader (a
+    /// copy of the reader alive there would make the next mark recorded copy that whole record).
+    public struct PageChecker: Sendable {
+        fileprivate let backend: any FAMBackend
+        fileprivate let path: String
+        fileprivate let generation: UInt64
+        fileprivate let layout: ImageLayout
+        fileprivate let pageAddresses: [UInt64]
+        fileprivate let authenticator: ImageAuthenticator
+        fileprivate let headerCode: [UInt8]
+
+        /// The page digest the slot's mark holds, or nil while the mark is not stored.
+        public func digest(slot: Int) -> UInt64? {
+            let markOffset = layout.markOffset(slot: slot)
+            guard backend.loadUInt64(at: markOffset + 8) == ImageLayout.markTag(generation: generation) else { return nil }
+            return backend.loadUInt64(at: markOffset)
+        }
+
+        /// The keyed code a page's mark must hold (the writer's definition: ImageAuthenticator.markDigest).
+        func code(_ page: [UInt8], address: UInt64) -> UInt64 {
+            authenticator.markDigest(page: page, generation: generation, address: address, headerCode: headerCode)
+        }
+
+        /// `ImageReader.verifyPage`; the caller has observed the slot's mark (invariant 3).
+        public func verify(slot: Int) throws(ImageError) {
+            let address = pageAddresses[slot]
+            guard let expected = digest(slot: slot) else { throw .pageNotMarked(path: path, slot: slot, address: address) }
+            let actual = code(backend.loadBytes(at: layout.pageOffset(slot: slot), count: ImageLayout.pageSize), address: address)
+            guard actual == expected else { throw .pageChecksumMismatch(path: path, slot: slot, address: address) }
+        }
+    }
+
+    public var pageChecker: PageChecker {
+        PageChecker(backend: backend, path: path, generation: generation, layout: layout, pageAddresses: pageAddresses,
+                    authenticator: authenticator, headerCode: headerCode)
     }
 
     /// Byte offset of the slot's page in FAM (for UFFDIO_COPY straight from `backend.readableMapping`).
@@ -212,10 +246,8 @@ public struct ImageReader: Sendable {
     /// Checks the page in FAM against its mark's keyed code (so a page or mark rewritten by someone
     /// without the key fails here, on every install path). Only for an observed mark.
     public func verifyPage(slot: Int) throws(ImageError) {
-        let address = pageAddresses[slot]
-        let expected = try markedDigest(slot: slot)
-        let actual = pageCode(backend.loadBytes(at: pageOffset(slot: slot), count: ImageLayout.pageSize), address: address)
-        guard actual == expected else { throw .pageChecksumMismatch(path: path, slot: slot, address: address) }
+        precondition(observedMarks[slot], "page slot \(slot) read before its mark was observed")
+        try pageChecker.verify(slot: slot)
     }
 
     /// The digest an observed mark of `slot` holds, or `pageNotMarked`.
@@ -225,9 +257,7 @@ public struct ImageReader: Sendable {
     }
 
     /// The keyed code a page's mark must hold (the writer's definition: ImageAuthenticator.markDigest).
-    private func pageCode(_ page: [UInt8], address: UInt64) -> UInt64 {
-        authenticator.markDigest(page: page, generation: generation, address: address, headerCode: headerCode)
-    }
+    private func pageCode(_ page: [UInt8], address: UInt64) -> UInt64 { pageChecker.code(page, address: address) }
 
     /// `verifyPage` for a run of slots, begun now (the backend may compute the pages' keyed codes on a
     /// thread of its own); the answer's `finish()` throws for the first page that does not match. Only

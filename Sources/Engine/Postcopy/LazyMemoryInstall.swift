@@ -87,13 +87,15 @@ extension LazyMemory {
     func frozenSlot(for address: UInt64) -> Int? { slotIndex(of: address, in: pageAddresses) }
 
     /// Checks a page in FAM against its mark's digest (its mark must have been seen here first).
-    /// Under the state lock, one page at a time: the reader is never copied out of the lock (see
-    /// installFromFAM), and another thread waits for at most one page's code.
+    /// The page's code is computed outside the state lock, with the reader's page checker (the reader
+    /// itself never leaves the lock: see installFromFAM), so no other thread waits for it.
     func verifyPage(slot: Int) throws(ImageError) {
-        try lock.withLock { () throws(ImageError) in
+        let checker = lock.withLock { () -> ImageReader.PageChecker in
             guard reader != nil else { preconditionFailure("verifyPage without an image") }
-            try reader!.verifyPage(slot: slot)
+            precondition(reader!.hasObservedMark(slot: slot), "page slot \(slot) checked before its mark was seen")
+            return reader!.pageChecker
         }
+        try checker.verify(slot: slot)
     }
 
     /// Where a dumped page lies in FAM, for an installer that does not use the userfaultfd (pwrite of
