@@ -68,7 +68,7 @@ struct StudyReport {
 
     // MARK: Plots
 
-    private static let width = 900.0, height = 280.0, left = 70.0, right = 190.0, top = 30.0, bottom = 40.0
+    private static let width = 960.0, height = 280.0, left = 70.0, right = 250.0, top = 30.0, bottom = 40.0
     private var plotWidth: Double { Self.width - Self.left - Self.right }
     private var plotHeight: Double { Self.height - Self.top - Self.bottom }
 
