@@ -21,7 +21,8 @@
  *
  * stdout: a header, one line per step with the operation counts so far,
  * the final check and the checksum, all deterministic. With --report-ms N
- * (default 100; 0 = off) it also prints ops/s every N ms on stderr.
+ * (default 100; 0 = off) it also prints ops/s every N ms on stderr, with
+ * "progress T N": the CLOCK_MONOTONIC seconds and the operations done.
  * The checksum covers every record (key number, version, value), found
  * by key; never a time or an address.
  */
@@ -375,9 +376,10 @@ int main(int argc, char **argv)
             if (report_ms != 0 && (o & 1023) == 1023) {
                 double now = tp_now();
                 if (now - last_report >= (double)report_ms / 1000.0) {
-                    fprintf(stderr, "kvstore: %.0f ops/s\n",
+                    fprintf(stderr, "kvstore: %.0f ops/s progress %.6f %llu\n",
                             (double)(o + 1 - ops_at_last_report) /
-                                (now - last_report));
+                                (now - last_report),
+                            now, (unsigned long long)(o + 1));
                     last_report = now;
                     ops_at_last_report = o + 1;
                 }

@@ -69,7 +69,7 @@ static void fail_page(const char *when, const uint64_t *page, uint64_t idx,
 int main(int argc, char **argv)
 {
     unsigned long long mib = 4, seed = 1, steps = 20000, batch = 500;
-    unsigned long long pause_us = 1000, verbose = 0;
+    unsigned long long pause_us = 1000, verbose = 0, report_ms = 0;
     const struct tp_opt opts[] = {
         { "mib",      &mib,      1, 1ULL << 20, "MiB of anonymous memory to map" },
         { "seed",     &seed,     0, UINT64_MAX, "PRNG seed (page data and walk order)" },
@@ -77,6 +77,8 @@ int main(int argc, char **argv)
         { "batch",    &batch,    1, UINT64_MAX, "steps between pacing pauses" },
         { "pause-us", &pause_us, 0, 60000000ULL, "pacing pause in microseconds" },
         { "verbose",  &verbose,  0, 1, "1 = phase timings on stderr" },
+        { "report-ms", &report_ms, 0, 3600000ULL,
+          "progress on stderr every this many ms (CLOCK_MONOTONIC seconds and steps done); 0 = never" },
     };
     tp_parse_args(argc, argv,
                   "Random page walk over anonymous memory; verifies every page "
@@ -110,6 +112,7 @@ int main(int argc, char **argv)
     /* Walk. */
     uint64_t rng = tp_mix64(seed ^ 0x77616c6b6572ULL);
     uint64_t report_every = steps >= 10 ? steps / 10 : 1;
+    double last_progress = tp_now();
     for (uint64_t s = 0; s < steps; s++) {
         tp_rendezvous(s + 1);
         uint64_t p = tp_rand_below(&rng, npages);
@@ -122,6 +125,15 @@ int main(int argc, char **argv)
 
         if ((s + 1) % report_every == 0)
             tp_say("step %llu/%llu\n", (unsigned long long)(s + 1), steps);
+        /* The clock is read every 256 steps only (a step is about a microsecond). */
+        if (report_ms != 0 && (s & 255) == 255) {
+            double now = tp_now();
+            if (now - last_progress >= (double)report_ms / 1000.0) {
+                fprintf(stderr, "memwalk: progress %.6f %llu\n", now,
+                        (unsigned long long)(s + 1));
+                last_progress = now;
+            }
+        }
         if ((s + 1) % batch == 0 && s + 1 < steps)
             tp_nanosleep_ns(pause_us * 1000ULL);
     }

@@ -12,7 +12,7 @@ struct Fammig: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "fammig",
         abstract: "Migrate a live Linux process between nodes through fabric-attached memory (FAM).",
-        subcommands: [Checkpoint.self, Restore.self, Inspect.self, Run.self, Bench.self, Source.self, Target.self, Launch.self, Pool.self,
+        subcommands: [Checkpoint.self, Restore.self, Inspect.self, Run.self, Bench.self, Study.self, Source.self, Target.self, Launch.self, Pool.self,
                       GC.self])
 
     /// As ParsableCommand's, except that usage errors exit 2 (argument-parser's default is 64), the

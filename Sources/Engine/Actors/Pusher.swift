@@ -13,6 +13,8 @@ public final class Pusher: EngineActor {
     private let logger: Logger
     private var cursor = 0
     private var finished = false
+    /// Pages one install takes at most (128 KiB: tens of microseconds of UFFDIO_COPY).
+    static let installPiecePageCount = 32
 
     public init(lazy: @escaping () -> LazyMemory?, batchPageCount: Int = 512, clock: any EngineClock, metrics: FaultMetrics, logger: Logger) {
         precondition(batchPageCount > 0, "a push batch holds at least one page")
@@ -42,7 +44,12 @@ public final class Pusher: EngineActor {
         let first = memory.firstMissing(from: 0) ?? memory.pageCount
         guard let run = memory.nextInstallableRun(from: min(cursor, first), limit: batchPageCount) else { return }
         let start = clock.now()
-        do { try memory.installFromFAM(slot: run.slot, count: run.count) } catch {
+        // In pieces: each takes the install lock once, so a fault waits behind at most one piece's copy.
+        do {
+            for first in stride(from: run.slot, to: run.slot + run.count, by: Self.installPiecePageCount) {
+                try memory.installFromFAM(slot: first, count: min(Self.installPiecePageCount, run.slot + run.count - first))
+            }
+        } catch {
             if Spawn.endsSoon(memory.targetProcessID) { finished = true; return }
             throw .aborted("pusher installing \(run.count) pages at slot \(run.slot): \(error)")
         }

@@ -45,4 +45,18 @@ public final class FaultMetrics: @unchecked Sendable {
             }
         }
     }
+
+    /// Faults (for `.push`, batches) recorded so far per path: a sampler's reading while the migration runs.
+    public var counts: [InstallPath: Int] {
+        lock.withLock { histograms.mapValues { Int($0.totalCount) } }
+    }
+
+    /// The latency distribution of one path as (microseconds, fraction of faults at or below) points, at
+    /// the given percentiles (0...100); empty when the path saw nothing.
+    public func distribution(_ path: InstallPath, percentiles: [Double]) -> [(microseconds: Double, fraction: Double)] {
+        lock.withLock {
+            guard let histogram = histograms[path], histogram.totalCount > 0 else { return [] }
+            return percentiles.map { (Double(histogram.valueAtPercentile($0)) / 1000, $0 / 100) }
+        }
+    }
 }
