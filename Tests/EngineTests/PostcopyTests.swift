@@ -140,7 +140,10 @@ extension ProcessTests {
                           ("postcopy-fam", "after-commit", .completes), ("postcopy-socket", "none", .completes)])
         func sourceAndTargetProcesses(mode: String, dieAt: String, ending: Ending) throws {
             let program = try TestPaths.testProgram("memwalk-static")
-            let arguments = ["--mib", "64", "--steps", "40000", "--pause-us", "20000"]
+            // About 4.8 s of life (240 pauses of 20 ms): the source is a second fammig process started after
+            // `launch`, and under load (seen at load average 15) a victim of 1.6 s had ended before it
+            // attached ("pid N: no such process").
+            let arguments = ["--mib", "64", "--steps", "120000", "--pause-us", "20000"]
             let directory = try ScratchDirectory(under: "/tmp")
             defer { directory.remove() }
             let leftovers = LeftoverCheck()
