@@ -17,7 +17,9 @@ extension LazyMemory {
         // Only the leading run still missing and adjacent is read (another installer may have put in
         // some already); the install below may find it shorter, never longer.
         let wanted = missingRun(slot: slot, count: count)
-        guard wanted > 0 else { return 0 }
+        // Installed already: once the install lock is free, whoever installed it has woken its waiters
+        // (as when the run is found installed inside the lock below).
+        guard wanted > 0 else { return installLock.withLock { 0 } }
         let checked = checker.load(slots: slot..<(slot + wanted))
         return try installLock.withLock { () throws -> Int in
             let run = missingRun(slot: slot, count: wanted)
