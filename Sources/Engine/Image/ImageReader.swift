@@ -287,8 +287,6 @@ public struct ImageReader: Sendable {
         return digest
     }
 
-    /// The keyed code a page's mark must hold (the writer's definition: ImageAuthenticator.markDigest).
-
     /// `verifiedPages` begun now: the backend may load and code the pages on a thread of its own (the
     /// nonlive restore does, one batch ahead); the answer's `finish()` gives the checked copy, or throws
     /// for the first page that does not match. Only for observed marks.
