@@ -286,6 +286,39 @@ func flipByte(path: String, at byteOffset: Int) throws {
         #expect(openError(imagePath, requireComplete: false) == .aborted(path: imagePath))
     }
 
+    /// The fault path's check (LazyMemory.installFromFAM): one private copy, read once and checked
+    /// outside any lock; what is handed out is that copy, and only its leading pages that passed.
+    @Test func checkedPagesAreOneCopyAndOnlyItsCheckedPrefix() throws {
+        let files = ScratchFiles()
+        defer { files.removeAll() }
+        let source = try SourceMemory(path: files.path("source"))
+        let imagePath = files.path("image")
+        let layout = try writeImage(path: imagePath, source: source).layout
+        var reader = try ImageReader.open(backend: try RealFAM.open(path: imagePath, writable: false), key: testKey,
+                                          requireComplete: true, deferPageChecks: true)
+        for slot in 0..<reader.pageCount {
+            let marked = reader.isMarked(slot: slot)
+            #expect(marked)
+        }
+        let checker = reader.pageChecker(observed: 1..<5)
+        let checked = checker.load(slots: 1..<5)
+        // FAM changes after the load: the copy handed out is the one that was checked.
+        try flipByte(path: imagePath, at: layout.pageOffset(slot: 3) + 100)
+        let pages = try checked.prefix(4)
+        #expect(pages.count == 4 * ImageLayout.pageSize)
+        for (index, pageIndex) in dumpedPageIndexes[1..<5].enumerated() {
+            #expect(Array(pages[(index * ImageLayout.pageSize)..<((index + 1) * ImageLayout.pageSize)]) == SourceMemory.pattern(pageIndex: pageIndex))
+        }
+        // Loaded now, slot 3 fails: the pages before it are handed out; a prefix that includes it throws
+        // the error a check of just those pages gives.
+        let changed = checker.load(slots: 1..<5)
+        #expect(try changed.prefix(2) == Array(pages.prefix(2 * ImageLayout.pageSize)))
+        let expected = ImageError.pageChecksumMismatch(path: imagePath, slot: 3, address: source.address(pageIndex: dumpedPageIndexes[3]))
+        #expect(throws: expected) { try changed.prefix(3) }
+        #expect(throws: expected) { try reader.verifiedPages(slots: 1..<5) }
+        #expect(try reader.verifiedPages(slots: 1..<3) == Array(pages.prefix(2 * ImageLayout.pageSize)))
+    }
+
     @Test func emptyImageRoundTrips() throws {
         let files = ScratchFiles()
         defer { files.removeAll() }

@@ -191,10 +191,68 @@ public struct ImageReader: Sendable {
     public func hasObservedMark(slot: Int) -> Bool { observedMarks[slot] }
 
     /// The page digest its mark holds, or nil while the mark is not stored.
-    public func pageDigest(slot: Int) -> UInt64? {
-        let markOffset = layout.markOffset(slot: slot)
-        guard backend.loadUInt64(at: markOffset + 8) == ImageLayout.markTag(generation: generation) else { return nil }
-        return backend.loadUInt64(at: markOffset)
+    public func pageDigest(slot: Int) -> UInt64? { PageChecker(self, observed: 0..<0).digest(slot: slot) }
+
+    /// What checking pages against their marks needs, for `observed` slots whose marks this reader has
+    /// seen (invariant 3, checked when it is made): the values fixed at the open, without the reader's
+    /// record of observed marks. A thread keeps one outside the lock that guards a shared reader (a copy
+    /// of the reader alive there would make the next mark recorded copy that whole record, a Bool per
+    /// page of the image) and loads and checks its private copy without holding any lock.
+    public struct PageChecker: Sendable {
+        fileprivate let backend: any FAMBackend
+        fileprivate let path: String
+        fileprivate let generation: UInt64
+        fileprivate let layout: ImageLayout
+        fileprivate let pageAddresses: [UInt64]
+        fileprivate let authenticator: ImageAuthenticator
+        fileprivate let headerCode: [UInt8]
+        /// The slots whose pages this checker may read.
+        public let observed: Range<Int>
+
+        fileprivate init(_ reader: ImageReader, observed: Range<Int>) {
+            (backend, path, generation, layout) = (reader.backend, reader.path, reader.generation, reader.layout)
+            (pageAddresses, authenticator, headerCode) = (reader.pageAddresses, reader.authenticator, reader.headerCode)
+            self.observed = observed
+        }
+
+        /// The page digest the slot's mark holds, or nil while the mark is not stored.
+        fileprivate func digest(slot: Int) -> UInt64? {
+            let markOffset = layout.markOffset(slot: slot)
+            guard backend.loadUInt64(at: markOffset + 8) == ImageLayout.markTag(generation: generation) else { return nil }
+            return backend.loadUInt64(at: markOffset)
+        }
+
+        /// The keyed code a page's mark must hold (the writer's definition: ImageAuthenticator.markDigest).
+        fileprivate func code(_ page: [UInt8], address: UInt64) -> UInt64 {
+            authenticator.markDigest(page: page, generation: generation, address: address, headerCode: headerCode)
+        }
+
+        /// The pages of `slots` (inside `observed`) as one private copy, read from FAM once, each page
+        /// checked against its mark's keyed code. The answer says which leading pages passed; the bytes
+        /// are only ever handed out for those (`CheckedPages.prefix`).
+        public func load(slots: Range<Int>) -> CheckedPages {
+            precondition(slots.isEmpty || (slots.lowerBound >= observed.lowerBound && slots.upperBound <= observed.upperBound),
+                         "page slots \(slots) read outside the observed \(observed)")
+            guard !slots.isEmpty else { return CheckedPages(slots: slots, bytes: [], failure: nil) }
+            let bytes = backend.loadBytes(at: layout.pageOffset(slot: slots.lowerBound), count: slots.count * ImageLayout.pageSize)
+            for slot in slots {
+                let start = (slot - slots.lowerBound) * ImageLayout.pageSize
+                let address = pageAddresses[slot]
+                guard let expected = digest(slot: slot) else {
+                    return CheckedPages(slots: slots, bytes: bytes, failure: (slot, .pageNotMarked(path: path, slot: slot, address: address)))
+                }
+                guard code(Array(bytes[start..<(start + ImageLayout.pageSize)]), address: address) == expected else {
+                    return CheckedPages(slots: slots, bytes: bytes, failure: (slot, .pageChecksumMismatch(path: path, slot: slot, address: address)))
+                }
+            }
+            return CheckedPages(slots: slots, bytes: bytes, failure: nil)
+        }
+    }
+
+    /// A checker for `slots`, whose marks this reader must have observed (a precondition).
+    public func pageChecker(observed slots: Range<Int>) -> PageChecker {
+        for slot in slots { precondition(observedMarks[slot], "page slot \(slot) read before its mark was observed") }
+        return PageChecker(self, observed: slots)
     }
 
     /// Byte offset of the slot's page in FAM (for UFFDIO_COPY straight from `backend.readableMapping`).
@@ -220,16 +278,7 @@ public struct ImageReader: Sendable {
     /// and then copied from FAM again could be changed in between, and go in unchecked). Only for
     /// observed marks; throws for the first page that does not match.
     public func verifiedPages(slots: Range<Int>) throws(ImageError) -> [UInt8] {
-        guard !slots.isEmpty else { return [] }
-        for slot in slots { precondition(observedMarks[slot], "page slot \(slot) read before its mark was observed") }
-        let bytes = backend.loadBytes(at: pageOffset(slot: slots.lowerBound), count: slots.count * ImageLayout.pageSize)
-        for slot in slots {
-            let page = Array(bytes[((slot - slots.lowerBound) * ImageLayout.pageSize)..<((slot - slots.lowerBound + 1) * ImageLayout.pageSize)])
-            guard pageCode(page, address: pageAddresses[slot]) == (try markedDigest(slot: slot)) else {
-                throw .pageChecksumMismatch(path: path, slot: slot, address: pageAddresses[slot])
-            }
-        }
-        return bytes
+        try pageChecker(observed: slots).load(slots: slots).prefix(slots.count)
     }
 
     /// The digest an observed mark of `slot` holds, or `pageNotMarked`.
@@ -238,23 +287,19 @@ public struct ImageReader: Sendable {
         return digest
     }
 
-    /// The keyed code a page's mark must hold (the writer's definition: ImageAuthenticator.markDigest).
-    private func pageCode(_ page: [UInt8], address: UInt64) -> UInt64 {
-        authenticator.markDigest(page: page, generation: generation, address: address, headerCode: headerCode)
-    }
-
     /// `verifiedPages` begun now: the backend may load and code the pages on a thread of its own (the
     /// nonlive restore does, one batch ahead); the answer's `finish()` gives the checked copy, or throws
     /// for the first page that does not match. Only for observed marks.
     public func startVerifiedPages(slots: Range<Int>) throws(ImageError) -> PendingVerifiedPages {
         let expected = try slots.map { (slot) throws(ImageError) in try markedDigest(slot: slot) }
         let addresses = Array(pageAddresses[slots])
-        let reader = self
+        // The checker, not the reader, goes to the loading thread: a copy of the reader alive there would
+        // make the next mark recorded copy the whole observed-marks record.
+        let checker = pageChecker(observed: slots)
         let pending = slots.isEmpty ? PendingPages(([], []))
             : backend.startPageLoad(at: pageOffset(slot: slots.lowerBound), pageCount: slots.count, pageByteCount: ImageLayout.pageSize) { index, page in
-                reader.pageCode(page, address: addresses[index])
+                checker.code(page, address: addresses[index])
             }
-        for slot in slots { precondition(observedMarks[slot], "page slot \(slot) read before its mark was observed") }
         return PendingVerifiedPages(slots: slots, expected: expected, pending: pending, path: path, pageAddresses: addresses)
     }
 
@@ -271,6 +316,23 @@ public struct ImageReader: Sendable {
     /// How many marks are stored now (reads every mark; for inspection, not the fault path).
     public func storedMarkCount() -> Int {
         (0..<pageCount).count(where: { pageDigest(slot: $0) != nil })
+    }
+}
+
+/// A private copy of pages read once from FAM and checked against their marks (`PageChecker.load`):
+/// the checked leading pages are what an installer puts in, so nothing goes in that no check saw.
+public struct CheckedPages: Sendable {
+    public let slots: Range<Int>
+    let bytes: [UInt8]
+    /// The first page that failed its check (not marked any more, or not its mark's code), and why.
+    let failure: (slot: Int, error: ImageError)?
+
+    /// The copy of the first `pageCount` pages; throws the first failure among them (the same error a
+    /// check of just those pages gives).
+    public func prefix(_ pageCount: Int) throws(ImageError) -> [UInt8] {
+        precondition(pageCount >= 0 && pageCount <= slots.count, "\(pageCount) pages wanted of \(slots.count) checked")
+        if let failure, failure.slot < slots.lowerBound + pageCount { throw failure.error }
+        return pageCount == slots.count ? bytes : Array(bytes.prefix(pageCount * ImageLayout.pageSize))
     }
 }
 

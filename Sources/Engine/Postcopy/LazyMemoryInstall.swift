@@ -6,21 +6,29 @@ extension LazyMemory {
     /// Installs `count` adjacent slots from FAM (the marks must be stored): one private copy checked
     /// against the marks, copied in, shown to the oracle, then whoever faulted on them woken. Returns
     /// how many were newly installed here.
+    ///
+    /// The copy is read and checked before the install lock is taken and outside the state lock (with
+    /// the reader's page checker: the reader itself never leaves the state lock, see `pageChecker`), so
+    /// a fault never waits behind another installer's page codes; inside the install lock only the run
+    /// still missing is computed and installed from that copy, and it lies inside the checked range.
     @discardableResult
     func installFromFAM(slot: Int, count: Int) throws -> Int {
-        guard let reader = lock.withLock({ reader }) else { preconditionFailure("installFromFAM without an image") }
-        for index in slot..<(slot + count) {
-            precondition(lock.withLock { self.reader!.hasObservedMark(slot: index) }, "page slot \(index) read before its mark was seen")
-        }
+        let checker = pageChecker(observed: slot..<(slot + count))
+        // Only the leading run still missing and adjacent is read (another installer may have put in
+        // some already); the install below may find it shorter, never longer.
+        let wanted = missingRun(slot: slot, count: count)
+        // Installed already: once the install lock is free, whoever installed it has woken its waiters
+        // (as when the run is found installed inside the lock below).
+        guard wanted > 0 else { return installLock.withLock { 0 } }
+        let checked = checker.load(slots: slot..<(slot + wanted))
         return try installLock.withLock { () throws -> Int in
-            // Only the leading run still missing and still adjacent where the pages are now.
-            let run = missingRun(slot: slot, count: count)
+            let run = missingRun(slot: slot, count: wanted)
             guard run > 0 else { return 0 }
             // Invariant 4 on this path too: every page against its mark's digest before it goes in, and
             // what goes in is the copy that was checked (a page changed in FAM between a check there and
             // a copy from there would go in unchecked). A page changed in FAM after its seal stops the
             // migration (the target is killed) rather than running the program on it.
-            let pages = try reader.verifiedPages(slots: slot..<(slot + run))
+            let pages = try checked.prefix(run)
             let address = currentAddress(slot)
             let copied = try copyAll(slot: slot, address: address, byteCount: pages.count) { offset, remaining throws -> CopyOutcome in
                 try userfaultfd.copy(bytes: pages, offset: offset, byteCount: remaining, to: address + UInt64(offset), dontWake: true)
@@ -32,8 +40,18 @@ extension LazyMemory {
         }
     }
 
+    /// A checker for pages whose marks were seen here (a precondition), taken under the state lock: the
+    /// reader is never copied out of it (a copy alive while another thread records a mark under the lock
+    /// makes that store copy the reader's whole observed-marks record, a Bool per page, on the fault path).
+    func pageChecker(observed slots: Range<Int>) -> ImageReader.PageChecker {
+        lock.withLock {
+            guard reader != nil else { preconditionFailure("a page checker without an image") }
+            return reader!.pageChecker(observed: slots)
+        }
+    }
+
     /// How many slots from `slot` (at most `count`) are not installed and lie adjacent at their current
-    /// addresses. Call with the install lock held.
+    /// addresses. Stands while the install lock is held; without it, a hint (installFromFAM's read).
     func missingRun(slot: Int, count: Int) -> Int {
         lock.withLock {
             var run = 0
@@ -84,8 +102,7 @@ extension LazyMemory {
     /// must have been seen here first): the copy to install, for an installer that does not use the
     /// userfaultfd (pwrite of a private file page).
     func verifiedPages(slot: Int, count: Int) throws(ImageError) -> [UInt8] {
-        guard let reader = lock.withLock({ reader }) else { preconditionFailure("verifiedPages without an image") }
-        return try reader.verifiedPages(slots: slot..<(slot + count))
+        try pageChecker(observed: slot..<(slot + count)).load(slots: slot..<(slot + count)).prefix(count)
     }
 
     /// A page outside registered memory was written another way (pwrite of a private file page).
