@@ -155,11 +155,21 @@ struct Run: ParsableCommand {
         do {
             try ThreadedDriver(logger: logger, pinToCPU: mode == .nonlive ? 0 : nil).run(nodes.actors)
         } catch {
-            Spawn.kill(victim)
-            _ = try? Spawn.waitForExit(victim)
+            // A program that ended by itself is reaped and named: its status and stderr say why, and its
+            // PID, no longer ours, is never signalled.
+            let ended = try? Spawn.pollExit(victim)
+            if ended == nil {
+                Spawn.kill(victim)
+                _ = try? Spawn.waitForExit(victim)
+            }
             report.verdicts = oracles?.verdicts ?? []
             report.error = "\(error)"
             try writeJSON(report)
+            if let ended, restorer.restoredProcessID == nil {
+                let errorText = (try? String(contentsOfFile: workDirectory + "/migrated.err", encoding: .utf8)) ?? ""
+                let firstLine = errorText.split(separator: "\n").first.map(String.init) ?? "(no stderr)"
+                throw fail("\(error) (\(command[0]) had \(ended); its stderr: \(firstLine))", code: error.isUsageOrEnvironment ? 2 : 1)
+            }
             throw engineFailure(error)
         }
         guard let restored = restorer.restoredProcessID else { preconditionFailure("restorer finished without a process") }

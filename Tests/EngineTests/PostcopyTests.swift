@@ -157,7 +157,8 @@ extension ProcessTests {
             defer { try? FileManager.default.removeItem(atPath: famPath) }
             let launched = try leftovers.fammig(["launch", "--output", outputPath, "--", program] + arguments)
             let victim = try #require(Int32(launched.standardOutput.trimmingCharacters(in: .whitespacesAndNewlines)))
-            defer { _ = kill(victim, SIGKILL) }
+            let victimHandle = try ProcessHandle(ProcessID(victim))  // never a kill of a PID reused since
+            defer { victimHandle.kill() }
             usleep(500_000)
 
             let port = 17000 + Int(getpid() % 2000)

@@ -398,7 +398,8 @@ extension ProcessTests {
             defer { try? FileManager.default.removeItem(atPath: famPath) }
             let launched = try leftovers.fammig(["launch", "--output", outputPath, "--", program] + arguments)
             let victim = try #require(Int32(launched.standardOutput.trimmingCharacters(in: .whitespacesAndNewlines)))
-            defer { _ = kill(victim, SIGKILL) }
+            let victimHandle = try ProcessHandle(ProcessID(victim))  // never a kill of a PID reused since
+            defer { victimHandle.kill() }
             usleep(300_000)
 
             let port = 21000 + Int(getpid() % 2000)
@@ -446,7 +447,8 @@ extension ProcessTests {
             defer { try? FileManager.default.removeItem(atPath: famPath) }
             let launched = try leftovers.fammig(["launch", "--output", outputPath, "--", program] + arguments)
             let victim = try #require(Int32(launched.standardOutput.trimmingCharacters(in: .whitespacesAndNewlines)))
-            defer { _ = kill(victim, SIGKILL) }
+            let victimHandle = try ProcessHandle(ProcessID(victim))  // never a kill of a PID reused since
+            defer { victimHandle.kill() }
             usleep(500_000)
 
             let port = 19000 + Int(getpid() % 2000)
@@ -513,7 +515,8 @@ extension ProcessTests {
             let outputPath = directory.path("victim.out")
             let launched = try leftovers.fammig(["launch", "--output", outputPath, "--", program] + arguments)
             let victim = try #require(Int32(launched.standardOutput.trimmingCharacters(in: .whitespacesAndNewlines)))
-            defer { _ = kill(victim, SIGKILL) }
+            let victimHandle = try ProcessHandle(ProcessID(victim))  // never a kill of a PID reused since
+            defer { victimHandle.kill() }
             usleep(300_000)
 
             let port = 23000 + Int(getpid() % 2000)

@@ -44,3 +44,11 @@ public enum CheckpointError: Error, CustomStringConvertible, Sendable {
         }
     }
 }
+
+extension CheckpointError {
+    /// What a failed read of `processID`'s /proc files means: the process is gone, or (while it still
+    /// lives) the read itself failed, named with `what` and the error, never taken for a vanished process.
+    static func readFailed(_ processID: ProcessID, _ what: String, _ error: any Error) -> CheckpointError {
+        ProcFS.isAlive(processID) ? .system(processID, "\(what): \(error)") : .noSuchProcess(processID)
+    }
+}

@@ -30,9 +30,11 @@ enum Preflight {
     static func checkProcess(_ processID: ProcessID, checkingChildren: Bool = false) throws(CheckpointError) {
         guard processID.rawValue > 0, ProcFS.isAlive(processID) else { throw .noSuchProcess(processID) }
         if processID == .current || processID == .parent { throw .cannotCheckpointSelf(processID) }
-        guard let status = try? ProcFS.status(processID) else { throw .noSuchProcess(processID) }
+        let status: [String: String]
+        do { status = try ProcFS.status(processID) } catch { throw .readFailed(processID, "reading its status", error) }
         if let tracer = status["TracerPid"], tracer != "0" { throw .alreadyTraced(processID, tracer: tracer) }
-        guard let threads = try? ProcFS.threadIDs(processID) else { throw .noSuchProcess(processID) }
+        let threads: [ProcessID]
+        do { threads = try ProcFS.threadIDs(processID) } catch { throw .readFailed(processID, "listing its threads", error) }
         if threads.count > ProcessState.maximumThreadCount { throw .multipleThreads(processID, count: threads.count) }
         if checkingChildren { try checkNoChildren(processID) }
         _ = try descriptors(processID)
@@ -202,7 +204,7 @@ enum Preflight {
     /// The VMA table, classified, refusing what the restorer cannot rebuild.
     static func mappings(_ processID: ProcessID) throws(CheckpointError) -> [Mapping] {
         let entries: [MapsEntry]
-        do { entries = try ProcFS.maps(processID) } catch { throw .noSuchProcess(processID) }
+        do { entries = try ProcFS.maps(processID) } catch { throw .readFailed(processID, "reading its memory map", error) }
         var result: [Mapping] = []
         var sharedObjects: [String: Int32] = [:]
         for entry in entries {

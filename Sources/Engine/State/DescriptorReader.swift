@@ -29,7 +29,7 @@ enum DescriptorReader {
 
     private static func readThrowing(_ processID: ProcessID, contents: Bool) throws -> [OpenFile] {
         let numbers: [Int32]
-        do { numbers = try ProcFS.descriptors(processID) } catch { throw CheckpointError.noSuchProcess(processID) }
+        do { numbers = try ProcFS.descriptors(processID) } catch { throw CheckpointError.readFailed(processID, "listing its descriptors", error) }
         var probes: [Probe] = []
         for number in numbers {
             let linkPath = "/proc/\(processID)/fd/\(number)"
