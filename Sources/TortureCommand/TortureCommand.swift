@@ -317,7 +317,9 @@ struct TortureCommand: ParsableCommand {
             throw ValidationError("\(absolute)/\(spec.binary) is missing; run make -C TestPrograms.")
         }
         // One length for every run's name (pids have up to 7 digits): a program's arguments name it.
-        return (absolute, executable, "/tmp/torture-" + String(getpid() + 10_000_000).dropFirst())
+        // The stub is this very executable, named by /proc/self/exe in the child that execs it: a binary
+        // rebuilt (replaced) while a campaign runs would otherwise start half-written or another torture.
+        return (absolute, "/proc/self/exe", "/tmp/torture-" + String(getpid() + 10_000_000).dropFirst())
     }
 }
 

@@ -80,8 +80,10 @@ func defaultFAMPath() -> String {
 
 /// The executable the restorer starts (stopped at exec) and turns into the victim.
 func stubPath() throws(ExitCode) -> String {
-    guard let path = try? ProcFS.readLink("/proc/self/exe") else { throw fail("cannot read /proc/self/exe", code: 2) }
-    return path
+    // Named by /proc/self/exe in the child that execs it: this very executable, even if its file was
+    // replaced (a rebuild) since this fammig started.
+    guard (try? ProcFS.readLink("/proc/self/exe")) != nil else { throw fail("cannot read /proc/self/exe", code: 2) }
+    return "/proc/self/exe"
 }
 
 func makeRealBackend(path: String) -> (Int) throws(ImageError) -> any FAMBackend {

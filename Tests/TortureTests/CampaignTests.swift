@@ -134,6 +134,37 @@ extension ProcessSpawningTortureTests {
             return (process.terminationStatus, String(decoding: data, as: UTF8.self))
         }
 
+        /// A torture binary replaced while its campaign runs (a rebuild: the linker writes a new file) must
+        /// not break the campaign: each restore's stub is this very executable, not whatever file now has
+        /// its path. Before, a half-written file there failed every later iteration ("the stub failed").
+        @Test func aCampaignSurvivesItsBinaryBeingReplaced() throws {
+            #expect(TorturePaths.programsBuilt)
+            let directory = "/tmp/torture-replaced-\(getpid())"
+            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+            defer { try? FileManager.default.removeItem(atPath: directory) }
+            let binary = directory + "/torture"
+            try FileManager.default.copyItem(atPath: try TorturePaths.torture(), toPath: binary)
+            let outputPath = directory + "/output"
+            #expect(FileManager.default.createFile(atPath: outputPath, contents: nil))
+            let output = try #require(FileHandle(forWritingAtPath: outputPath))
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: binary)
+            process.arguments = ["--iterations", "12", "--seed", "5", "--no-regressions", "--programs", TorturePaths.programDirectory]
+            process.standardOutput = output
+            process.standardError = output
+            try process.run()
+            try output.close()
+            func printed() -> String { (try? String(contentsOfFile: outputPath, encoding: .utf8)) ?? "" }
+            // Replaced as soon as it runs (Foundation spawns with vfork semantics: run() returns after the
+            // exec), so every iteration's stub starts after the path names a half-written file.
+            let halfWritten = Array(try Data(contentsOf: URL(fileURLWithPath: binary)).prefix(1000))
+            #expect(FileManager.default.createFile(atPath: binary + ".new", contents: Data(halfWritten), attributes: [.posixPermissions: 0o755]))
+            #expect(rename(binary + ".new", binary) == 0)
+            process.waitUntilExit()
+            #expect(process.terminationStatus == 0, "\(printed())")
+            #expect(printed().contains("12 passed"), "\(printed())")
+        }
+
         @Test func helpAndUsageErrors() throws {
             let help = try runTorture(["--help"])
             #expect(help.status == 0)
