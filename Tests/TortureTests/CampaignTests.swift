@@ -165,6 +165,19 @@ extension ProcessSpawningTortureTests {
             #expect(printed().contains("12 passed"), "\(printed())")
         }
 
+        /// With --fail-fast, a failing regression seed is the first failure: the campaign is not run.
+        @Test func failFastStopsAtAFailingRegressionSeed() throws {
+            #expect(TorturePaths.programsBuilt)
+            let path = "/tmp/torture-regressions-\(getpid()).txt"
+            defer { unlink(path) }
+            let line = "0x1 pass --workload 'sha256sum /etc/services' --check 'false' --mode nonlive --no-kill # always judged wrong\n"
+            #expect(FileManager.default.createFile(atPath: path, contents: Data(line.utf8)))
+            let run = try runTorture(["--iterations", "200", "--seed", "3", "--regressions", path, "--fail-fast"])
+            #expect(run.status == 1, "\(run.output)")
+            #expect(run.output.contains("first failure at a regression seed; the campaign was not run"), "\(run.output)")
+            #expect(!run.output.contains("iterations in"), "the campaign ran: \(run.output)")
+        }
+
         @Test func helpAndUsageErrors() throws {
             let help = try runTorture(["--help"])
             #expect(help.status == 0)
