@@ -151,6 +151,10 @@ public struct ScenarioFilter: Sendable, Codable, Equatable {
     public var freezeAtSyscall: Int?
     /// The calls a test program may wait in at its rendezvous (nil: drawn per seed).
     public var rendezvousWaits: [RendezvousWait]?
+    /// A written schedule the driver follows instead of the strategy (shrinking; `--schedule`).
+    public var schedule: [SchedulePick]?
+    /// Pages per dump batch instead of the drawn size (shrinking: fewer, larger batches are fewer steps).
+    public var batchPageCount: Int?
 
     public init(modes: [MigrationMode]? = nil, programs: [String]? = nil, strategies: [StrategyName]? = nil, push: Bool? = nil) {
         self.modes = modes
@@ -180,6 +184,8 @@ public struct ScenarioFilter: Sendable, Codable, Equatable {
         if let check { options += ["--check", Workload.shellQuoted(check)] }
         if let freezeAtSyscall { options += ["--freeze-at-syscall", "\(freezeAtSyscall)"] }
         if let rendezvousWaits { options += ["--rendezvous-wait", rendezvousWaits.map(\.rawValue).joined(separator: ",")] }
+        if let batchPageCount { options += ["--batch", "\(batchPageCount)"] }
+        if let schedule { options += ["--schedule", ScheduleScript.encode(schedule)] }
         return options
     }
 }
@@ -214,6 +220,8 @@ public struct Scenario: Sendable, Codable, Equatable {
     public var rendezvousWait: RendezvousWait? = nil
     /// A rogue peer or a FAM writer without the key (nil: none, as before the attacker existed).
     public var attack: AttackPlan? = nil
+    /// A written schedule followed instead of the strategy (nil: the strategy schedules).
+    public var schedule: [SchedulePick]? = nil
 
     /// The seed of iteration `index` of a campaign started with `seed`.
     public static func iterationSeed(campaignSeed: UInt64, index: Int) -> UInt64 {
@@ -233,7 +241,8 @@ public struct Scenario: Sendable, Codable, Equatable {
         let rendezvous = 1 + rng.below(max(1, steps))
         let strategies = filter.strategies ?? StrategyName.allCases
         let strategy = strategies[rng.below(strategies.count)]
-        let batchPageCount = [16, 64, 512][rng.below(3)]
+        let drawnBatchPageCount = [16, 64, 512][rng.below(3)]
+        let batchPageCount = filter.batchPageCount ?? drawnBatchPageCount
         var kill: KillPlan?
         let killDrawn = strategy == .killedSource || rng.chance(1, in: 10)
         let afterSteps = 1 + rng.below(12)
@@ -284,6 +293,7 @@ public struct Scenario: Sendable, Codable, Equatable {
                         rendezvousWait: wait == .sigwait ? nil : wait, attack: attack)
         scenario.bystander = bystander ? true : nil
         scenario.repeatLimit = filter.repeatLimit
+        scenario.schedule = filter.schedule
         return scenario
     }
 
@@ -303,6 +313,7 @@ public struct Scenario: Sendable, Codable, Equatable {
         }
         if adversarialSteps != Int.max { text += " adversarial-steps \(adversarialSteps)" }
         if let repeatLimit { text += " repeat-limit \(repeatLimit)" }
+        if let schedule { text += " scripted \(schedule.count) picks" }
         if let tamper { text += tamper.corruptsMark ? " tampered-mark" : " tampered-page" }
         if racer { text += " racer" }
         if let attack { text += " " + attack.summary }

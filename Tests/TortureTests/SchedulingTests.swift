@@ -121,6 +121,37 @@ import Testing
         }
     }
 
+    @Test func aScheduleScriptReadsBackWhatItWroteAndNamesWhatIsWrong() throws {
+        let picks = [SchedulePick(actor: .dumper), SchedulePick(actor: .dumper), SchedulePick(actor: .dumper),
+                     SchedulePick(actor: .link, index: 1), SchedulePick(actor: .faultHandler), SchedulePick(actor: .dumper)]
+        #expect(ScheduleScript.encode(picks) == "dumper*3,link.1,fault-handler,dumper")
+        #expect(try ScheduleScript.decode(ScheduleScript.encode(picks)).get() == picks)
+        #expect(ScheduleScript.encode([]) == "none")
+        #expect(try ScheduleScript.decode("none").get() == [])
+        for bad in ["", "dumper,", "dumper*0", "dumper*x", "link.", "link.-1", "dumpr", "dumper*2*3"] {
+            #expect(throws: ScheduleScriptError.self) { try ScheduleScript.decode(bad).get() }
+        }
+        guard case .failure(let error) = ScheduleScript.decode("dumpr*2") else { return }
+        #expect(error.description.contains("'dumpr' is not an actor"))
+    }
+
+    @Test func aScriptedDriverFollowsTheScriptThenTheFairOrder() {
+        let dumper = FakeParticipant(actor: .dumper, steps: 3)
+        let target = FakeParticipant(actor: .target, steps: 3)
+        var rng = SeededGenerator(seed: 3)
+        // The restorer never moves here: its pick is passed over.
+        let script = [SchedulePick(actor: .target), SchedulePick(actor: .restorer), SchedulePick(actor: .target), SchedulePick(actor: .dumper)]
+        let driver = DeterministicDriver(participants: [dumper, target], clock: VirtualClock(),
+                                         scheduler: Scheduler(strategy: .random, rng: &rng), stepLimit: 100,
+                                         adversarialSteps: Int.max, script: script, keepTrace: true, traceSink: nil)
+        guard case .completed = driver.run(rng: &rng) else {
+            Issue.record("the scripted run did not complete")
+            return
+        }
+        // Scripted: target, target, dumper; then the fair order (list order): dumper, dumper, target.
+        #expect(driver.picks.map(\.actor) == [.target, .target, .dumper, .dumper, .dumper, .target])
+    }
+
     @Test func theTraceHashDependsOnEveryLineAndItsOrder() {
         var first = TraceHash()
         first.add("1 dumper: freeze")
