@@ -99,6 +99,7 @@ public struct Iteration {
         let openBackend: () throws(ImageError) -> (any FAMBackend)? = { box.model?.targetNode }
 
         let link: MemoryLink? = scenario.mode == .nonlive ? nil : MemoryLink()
+        link?.deliversAtOnce = scenario.instantLink == true
         if scenario.mode.isPostcopy { observer.oracles.expectLazyPages() }
         let key = MigrationKey.forIteration(seed: scenario.seed)
         let plan = MigrationPlan(mode: scenario.mode, push: scenario.push, generation: generation, key: key,

@@ -72,6 +72,9 @@ struct TortureCommand: ParsableCommand {
     @Option(help: "The bystander, which reads the target's command line while the restorer builds it, as ps does (post-copy): on or off (default: drawn per seed).", transform: parseSwitch)
     var bystander: Bool?
 
+    @Option(help: "A link that delivers every frame as it is sent, before the receiving node looks again, as a fast network does (post-copy): on or off (default: drawn per seed).", transform: parseSwitch)
+    var instantLink: Bool?
+
     @Option(help: "The target-node nemesis, which kills the target node after the restored process ran (post-copy): on or off (default: drawn per seed).", transform: parseSwitch)
     var killTarget: Bool?
 
@@ -177,6 +180,7 @@ struct TortureCommand: ParsableCommand {
         filter.chaos = chaos
         filter.racer = racer
         filter.bystander = bystander
+        filter.instantLink = instantLink
         filter.killTarget = killTarget
         filter.attacker = attacker
         filter.rendezvousWaits = rendezvousWait

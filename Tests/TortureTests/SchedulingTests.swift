@@ -110,6 +110,32 @@ import Testing
         #expect(link.source.bytesSent == link.target.bytesReceived)
     }
 
+    @Test func anInstantLinkDeliversAsItSendsButNeverOvertakes() throws {
+        let link = MemoryLink()
+        link.deliversAtOnce = true
+        try link.source.send(.marked(slots: [3]))
+        // Readable before any delivery step: the receiver's next look finds it.
+        #expect(link.target.waitReadable(timeoutMilliseconds: 0))
+        #expect(link.deliverable.isEmpty)
+        #expect(try link.target.receive() == .marked(slots: [3]))
+        // A frame of a rogue peer waits in flight: what a node sends after it waits behind it.
+        link.inject(Message.pageRequest(address: 0x1000).encoded(), kind: "injected", direction: .toTarget)
+        try link.source.send(.marked(slots: [4]))
+        #expect(link.deliverable == [.toTarget])
+        link.deliver(.toTarget)
+        #expect(try link.target.receive() == .pageRequest(address: 0x1000))
+        #expect(try link.target.receive() == nil)
+        link.deliver(.toTarget)
+        #expect(try link.target.receive() == .marked(slots: [4]))
+        // Drawn in post-copy only, from a generator of its own, and spelled in the replay command.
+        let drawn = (0..<600).map { Scenario.make(seed: Scenario.iterationSeed(campaignSeed: 1, index: $0), filter: ScenarioFilter()) }
+        #expect(drawn.contains { $0.instantLink == true } && drawn.allSatisfy { $0.instantLink != true || $0.mode.isPostcopy })
+        var filter = ScenarioFilter()
+        filter.instantLink = false
+        #expect(drawn.allSatisfy { var plain = $0; plain.instantLink = nil; return plain == Scenario.make(seed: $0.seed, filter: filter) })
+        #expect(filter.commandLineOptions == ["--instant-link", "off"])
+    }
+
     @Test func aCrashedNodeLosesOrDeliversWhatItSent() throws {
         for drop in [true, false] {
             let link = MemoryLink()
