@@ -75,8 +75,8 @@ public struct Shrinker {
         return cutSchedule(best, seed: seed, oracle: failing.oracleName)
     }
 
-    /// Replays spent on cutting the script at most (each is one iteration: about a second here).
-    static let scheduleAttemptLimit = 300
+    /// Replays spent on cutting the script at most (each is one iteration: about half a second here).
+    static let scheduleAttemptLimit = 160
 
     /// Delta debugging over the schedule's picks (Zeller's ddmin, complements only): the script of the
     /// steps up to the one where the oracle fired, cut while the same oracle still fires at a step no
