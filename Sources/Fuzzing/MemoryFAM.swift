@@ -5,7 +5,7 @@ import Engine
 import Sys
 
 /// An image in memory: one node's coherent view, no caches, no persistence. For the reader only (the
-/// installer's `readableRegion` needs a real mapping, the dumper a process: both are refused).
+/// dumper needs a process: that is refused).
 public final class MemoryFAM: FAMBackend, @unchecked Sendable {
     // Used by one thread at a time: a fuzz input is opened, checked and dropped on one thread.
     public private(set) var bytes: [UInt8]
@@ -14,10 +14,6 @@ public final class MemoryFAM: FAMBackend, @unchecked Sendable {
 
     public var byteCount: Int { bytes.count }
     public var path: String? { "fuzz-image" }
-
-    public func readableRegion(at byteOffset: Int, count: Int) -> (mapping: SharedMapping, offset: Int) {
-        preconditionFailure("MemoryFAM has no mapping to install pages from (\(count) bytes at \(byteOffset))")
-    }
 
     public func store(_ newBytes: [UInt8], at byteOffset: Int) {
         checkRange(byteOffset, newBytes.count)

@@ -123,9 +123,19 @@ final class DeterministicDriver {
     private let keepTrace: Bool
     /// Called with each step's number before it is taken (the model FAM logs stores by step).
     var onStep: ((Int) -> Void)?
+    /// A written schedule to follow instead of the strategy (shrinking): each step takes the next
+    /// scripted pick that is possible then (a pick whose actor cannot move is passed over); once the
+    /// script is used up, the fixed fair order. The strategy is still asked during the adversarial steps
+    /// (and its answer ignored), so that the generator's draws (which the fabric, racer and nemesis use
+    /// too) are those of the run the script was recorded from: the whole script replays that run exactly.
+    private let script: [SchedulePick]?
+    private var scriptPosition = 0
+    /// What was picked at each step, in the script's terms.
+    private(set) var picks: [SchedulePick] = []
 
     init(participants: [Participant], clock: VirtualClock, scheduler: Scheduler, stepLimit: Int, adversarialSteps: Int,
-         repeatLimit: Int = DeterministicDriver.repeatLimit, keepTrace: Bool, traceSink: ((String) -> Void)?) {
+         repeatLimit: Int = DeterministicDriver.repeatLimit, script: [SchedulePick]? = nil, keepTrace: Bool, traceSink: ((String) -> Void)?) {
+        self.script = script
         self.repeatLimit = repeatLimit
         self.participants = participants
         self.clock = clock
@@ -193,15 +203,20 @@ final class DeterministicDriver {
             }
             idleRounds = 0
             stuck = false
+            // Fair and fixed: the engine's actors in list order, the fabric last.
+            let fair = choices.firstIndex { $0.actor != .fabric } ?? 0
             let index: Int
-            if stepCount < adversarialSteps {
+            if let script {
+                if stepCount < adversarialSteps { _ = scheduler.pick(choices, step: stepCount, rng: &rng) }
+                index = nextScripted(script, owners: owners) ?? fair
+            } else if stepCount < adversarialSteps {
                 index = scheduler.pick(choices, step: stepCount, rng: &rng)
             } else {
-                // Fair and fixed: the engine's actors in list order, the fabric last.
-                index = choices.firstIndex { $0.actor != .fabric } ?? 0
+                index = fair
             }
             let choice = choices[index]
             let (participant, ownIndex) = owners[index]
+            picks.append(SchedulePick(actor: choice.actor, index: ownIndex))
             stepCount += 1
             clock.advance(by: .microseconds(1))
             onStep?(stepCount)
@@ -224,6 +239,17 @@ final class DeterministicDriver {
         }
         abortAll(reason: "step limit")
         return .stuck("the schedule did not finish within \(stepLimit) steps")
+    }
+
+    /// The choice the script names next, passing over picks whose actor cannot move now (or whose
+    /// choice index it does not offer); nil once the script is used up.
+    private func nextScripted(_ script: [SchedulePick], owners: [(Participant, Int)]) -> Int? {
+        while scriptPosition < script.count {
+            let pick = script[scriptPosition]
+            scriptPosition += 1
+            if let index = owners.firstIndex(where: { $0.0.actor == pick.actor && $0.1 == pick.index }) { return index }
+        }
+        return nil
     }
 
     /// The trace keeps exactly the hashed lines: a detail (an error's text, which may name this machine's

@@ -60,7 +60,7 @@ public struct FAMStore: Equatable, Sendable, CustomStringConvertible {
 /// One read by the target node that depends on the bytes being durable.
 public struct FAMRead: Equatable, Sendable, CustomStringConvertible {
     public enum Kind: String, Sendable {
-        case loadBytes, digest, readableRegion
+        case loadBytes, digest
     }
 
     public let kind: Kind

@@ -99,6 +99,7 @@ public struct Iteration {
         let openBackend: () throws(ImageError) -> (any FAMBackend)? = { box.model?.targetNode }
 
         let link: MemoryLink? = scenario.mode == .nonlive ? nil : MemoryLink()
+        link?.deliversAtOnce = scenario.instantLink == true
         if scenario.mode.isPostcopy { observer.oracles.expectLazyPages() }
         let key = MigrationKey.forIteration(seed: scenario.seed)
         let plan = MigrationPlan(mode: scenario.mode, push: scenario.push, generation: generation, key: key,
@@ -156,7 +157,7 @@ public struct Iteration {
                                          scheduler: Scheduler(strategy: scenario.strategy, rng: &rng),
                                          stepLimit: environment.stepLimit, adversarialSteps: scenario.adversarialSteps,
                                          repeatLimit: scenario.repeatLimit ?? DeterministicDriver.repeatLimit,
-                                         keepTrace: keepTrace, traceSink: traceSink)
+                                         script: scenario.schedule, keepTrace: keepTrace, traceSink: traceSink)
         // The victim may die only once the image is complete (the source then lets it go), or by the
         // nemesis: killed earlier, a failed migration would leave nothing to go back to. Looked at before
         // every step, by what the kernel recorded (a pending SIGKILL), so the verdict does not hang on
@@ -176,7 +177,10 @@ public struct Iteration {
         let imageCompleteAtEnd = box.model.map { !$0.isReleased && ImageReader.peekState(backend: UncheckedFabricView(model: $0)) == .complete } ?? false
         result.traceHash = driver.hash.hex
         result.stepCount = driver.stepCount
-        if keepTrace { result.trace = driver.trace }
+        if keepTrace {
+            result.trace = driver.trace
+            result.picks = driver.picks
+        }
 
         // Whatever happened, nothing of this iteration may outlive it: reap the victim, and a target that
         // is still there (it must not be: a failed migration kills it) is a failure, then killed.

@@ -43,6 +43,8 @@ public struct IterationResult: Sendable, Codable {
     public var milliseconds: Double
     /// The schedule, when asked for.
     public var trace: [String]?
+    /// Who moved at each step, with the trace (what `--schedule` replays).
+    public var picks: [SchedulePick]?
     /// A failed iteration: the step at which the first oracle fired (an oracle that judges the end, at the
     /// last step), and which.
     public var oracleStep: Int?

@@ -80,8 +80,13 @@ public final class MemoryLink: @unchecked Sendable {
         }
     }
 
+    /// Every frame a node sends arrives as it is sent (a link faster than the receiver's next look),
+    /// unless frames are still in flight that way: it never overtakes them.
+    public var deliversAtOnce = false
+
     fileprivate func enqueue(_ frame: Frame, from endpoint: MemoryTransport) {
         inFlight[endpoint.sendingDirection]!.append(frame)
+        if deliversAtOnce && inFlight[endpoint.sendingDirection]!.count == 1 { deliver(endpoint.sendingDirection) }
     }
 
     fileprivate func hasInFlight(toward endpoint: MemoryTransport) -> Bool {

@@ -9,7 +9,7 @@
 // Durable means: flushed and then fenced after the line's latest store. An early write-back (or a lucky
 // line at a crash) makes bytes visible, never durable: a reader that relied on it got lucky, and the
 // checker says so. The target's polling loads (`loadUInt64`, and a `loadBytes` within one 8-byte word)
-// may see any visible value; its `loadBytes`, `digest` and `readableRegion` are dependent reads.
+// may see any visible value; its `loadBytes` and `digest` are dependent reads.
 //
 // Both files behind the mappings are removed as soon as they are mapped, so no model can leak a file;
 // `release()` (or the last reference going away) unmaps them, and a `ModelFAMLedger` counts the models
@@ -159,15 +159,6 @@ public final class ModelFAMNode: FAMBackend, @unchecked Sendable {
     public var byteCount: Int { core.byteCount }
     /// Not a file: the engine uses `path` only in messages.
     public var path: String? { "model FAM (\(side))" }
-
-    /// The target gets the fabric, and the read is checked as one that depends on durable bytes. The
-    /// source gets its own view (the engine never asks it; it would copy its own stores).
-    public func readableRegion(at byteOffset: Int, count: Int) -> (mapping: SharedMapping, offset: Int) {
-        switch side {
-        case .source: (core.sourceRead(), byteOffset)
-        case .target: (core.targetDependentRead(.readableRegion, byteRange: byteOffset..<(byteOffset + count)), byteOffset)
-        }
-    }
 
     // MARK: Writer side
 

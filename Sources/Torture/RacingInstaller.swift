@@ -56,9 +56,13 @@ final class RacingInstaller: Participant {
         guard !slots.isEmpty else { preconditionFailure("racer stepped with nothing to race") }
         let slot = slots[rng.below(slots.count)]
         budget -= 1
-        // An honest installer: a page that does not match its mark (the tamperer's) is left alone.
-        do { try reader.verifyPage(slot: slot) } catch { return "slot \(slot) (\(hex(reader.pageAddresses[slot]))): does not verify, left" }
-        let bytes = reader.backend.loadBytes(at: reader.layout.pageOffset(slot: slot), count: ImageLayout.pageSize)
+        // An honest installer, as the engine's are: one private copy, checked against the page's mark, is
+        // what goes in (a page checked in FAM and then copied from FAM again could change in between); a
+        // page that does not match its mark (the tamperer's) is left alone.
+        let bytes: [UInt8]
+        do { bytes = try reader.verifiedPages(slots: slot..<(slot + 1)) } catch {
+            return "slot \(slot) (\(hex(reader.pageAddresses[slot]))): does not verify, left"
+        }
         let address = memory.currentAddress(slot)
         let outcome: String
         do {

@@ -106,6 +106,15 @@ public enum Regressions {
             case "--attacker": filter.attacker = try onOrOff(option)
             case "--racer": filter.racer = try onOrOff(option)
             case "--bystander": filter.bystander = try onOrOff(option)
+            case "--instant-link": filter.instantLink = try onOrOff(option)
+            case "--batch":
+                guard let batch = Int(try value(option)), (1...65536).contains(batch) else { throw FilterError(reason: "--batch takes 1 to 65536 pages") }
+                filter.batchPageCount = batch
+            case "--schedule":
+                switch ScheduleScript.decode(try value(option)) {
+                case .success(let picks): filter.schedule = picks
+                case .failure(let error): throw FilterError(reason: "--schedule: \(error)")
+                }
             case "--kill-target": filter.killTarget = try onOrOff(option)
             case "--rendezvous-wait": filter.rendezvousWaits = try RendezvousWait.list(try value(option))
             case "--repeat-limit":

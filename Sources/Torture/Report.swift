@@ -29,6 +29,12 @@ public enum Report {
         return lines.joined(separator: "\n")
     }
 
+    /// A shrunk failure's length: its whole run, and the steps up to the one where the first oracle fired
+    /// (the failing schedule; what ran after it only finishes the run).
+    public static func shrunkLength(_ result: IterationResult) -> String {
+        "\(result.stepCount) steps, first oracle (\(result.oracleName ?? "none")) at step \(result.oracleStep.map(String.init) ?? "-")"
+    }
+
     public static func seconds(_ duration: Duration) -> Double {
         Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18
     }

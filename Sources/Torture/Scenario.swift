@@ -136,6 +136,8 @@ public struct ScenarioFilter: Sendable, Codable, Equatable {
     public var bystander: Bool?
     /// The target-node nemesis on (every post-copy iteration without a source kill), off, or drawn (nil).
     public var killTarget: Bool?
+    /// The link delivers each frame as it is sent (post-copy): on, off, or drawn (nil).
+    public var instantLink: Bool?
     /// The attacker (a rogue peer, a FAM writer without the key: Attacker.swift) on, off, or drawn (nil).
     public var attacker: Bool?
     /// Run under the threaded driver with real ports and seeded perturbations (Chaos.swift), not the
@@ -151,6 +153,10 @@ public struct ScenarioFilter: Sendable, Codable, Equatable {
     public var freezeAtSyscall: Int?
     /// The calls a test program may wait in at its rendezvous (nil: drawn per seed).
     public var rendezvousWaits: [RendezvousWait]?
+    /// A written schedule the driver follows instead of the strategy (shrinking; `--schedule`).
+    public var schedule: [SchedulePick]?
+    /// Pages per dump batch instead of the drawn size (shrinking: fewer, larger batches are fewer steps).
+    public var batchPageCount: Int?
 
     public init(modes: [MigrationMode]? = nil, programs: [String]? = nil, strategies: [StrategyName]? = nil, push: Bool? = nil) {
         self.modes = modes
@@ -173,6 +179,7 @@ public struct ScenarioFilter: Sendable, Codable, Equatable {
         if let tamper { options += ["--tamper", tamper ? "on" : "off"] }
         if let racer { options += ["--racer", racer ? "on" : "off"] }
         if let bystander { options += ["--bystander", bystander ? "on" : "off"] }
+        if let instantLink { options += ["--instant-link", instantLink ? "on" : "off"] }
         if let killTarget { options += ["--kill-target", killTarget ? "on" : "off"] }
         if let attacker { options += ["--attacker", attacker ? "on" : "off"] }
         if chaos { options.append("--chaos") }
@@ -180,6 +187,8 @@ public struct ScenarioFilter: Sendable, Codable, Equatable {
         if let check { options += ["--check", Workload.shellQuoted(check)] }
         if let freezeAtSyscall { options += ["--freeze-at-syscall", "\(freezeAtSyscall)"] }
         if let rendezvousWaits { options += ["--rendezvous-wait", rendezvousWaits.map(\.rawValue).joined(separator: ",")] }
+        if let batchPageCount { options += ["--batch", "\(batchPageCount)"] }
+        if let schedule { options += ["--schedule", ScheduleScript.encode(schedule)] }
         return options
     }
 }
@@ -204,6 +213,9 @@ public struct Scenario: Sendable, Codable, Equatable {
     public var racer = false
     /// A bystander reads the target's command line while it is built (post-copy only).
     public var bystander: Bool? = nil
+    /// The link delivers each frame as it is sent, so the receiver's next look already finds it (post-copy
+    /// only; nil: every frame waits for a delivery step, as before the choice existed).
+    public var instantLink: Bool? = nil
     /// Identical steps in a row that end the run as no progress (nil: DeterministicDriver.repeatLimit).
     public var repeatLimit: Int? = nil
     /// The target node dies after the resume.
@@ -214,6 +226,8 @@ public struct Scenario: Sendable, Codable, Equatable {
     public var rendezvousWait: RendezvousWait? = nil
     /// A rogue peer or a FAM writer without the key (nil: none, as before the attacker existed).
     public var attack: AttackPlan? = nil
+    /// A written schedule followed instead of the strategy (nil: the strategy schedules).
+    public var schedule: [SchedulePick]? = nil
 
     /// The seed of iteration `index` of a campaign started with `seed`.
     public static func iterationSeed(campaignSeed: UInt64, index: Int) -> UInt64 {
@@ -233,7 +247,8 @@ public struct Scenario: Sendable, Codable, Equatable {
         let rendezvous = 1 + rng.below(max(1, steps))
         let strategies = filter.strategies ?? StrategyName.allCases
         let strategy = strategies[rng.below(strategies.count)]
-        let batchPageCount = [16, 64, 512][rng.below(3)]
+        let drawnBatchPageCount = [16, 64, 512][rng.below(3)]
+        let batchPageCount = filter.batchPageCount ?? drawnBatchPageCount
         var kill: KillPlan?
         let killDrawn = strategy == .killedSource || rng.chance(1, in: 10)
         let afterSteps = 1 + rng.below(12)
@@ -274,6 +289,11 @@ public struct Scenario: Sendable, Codable, Equatable {
         // Its own generator too; drawn in post-copy, where a page found present is taken for installed.
         var bystanderGenerator = SeededGenerator(seed: seed ^ 0x4259_5354_414E_4452)
         let bystander = mode.isPostcopy && (filter.bystander ?? bystanderGenerator.chance(1, in: 8))
+        // Its own generator too. A delivery step between a send and its arrival gives every actor one more
+        // look at FAM first; a fast network gives none (a fault handler woken by a message acts on it
+        // before it polls the marks again), and only an instant link lets torture reach that order.
+        var linkGenerator = SeededGenerator(seed: seed ^ 0x494E_5354_414E_544C)
+        let instantLink = mode.isPostcopy && (filter.instantLink ?? linkGenerator.chance(1, in: 6))
         var scenario = Scenario(seed: seed, mode: mode, push: push, program: workload == nil ? spec.name : Workload.programName,
                         binary: workload?.first ?? spec.binary,
                         arguments: workload.map { Array($0.dropFirst()) } ?? spec.arguments(size) + ["--rendezvous", "\(rendezvous)"] + waitArguments,
@@ -283,7 +303,9 @@ public struct Scenario: Sendable, Codable, Equatable {
                         targetKill: targetKill, check: workload == nil ? nil : filter.check,
                         rendezvousWait: wait == .sigwait ? nil : wait, attack: attack)
         scenario.bystander = bystander ? true : nil
+        scenario.instantLink = instantLink ? true : nil
         scenario.repeatLimit = filter.repeatLimit
+        scenario.schedule = filter.schedule
         return scenario
     }
 
@@ -303,10 +325,12 @@ public struct Scenario: Sendable, Codable, Equatable {
         }
         if adversarialSteps != Int.max { text += " adversarial-steps \(adversarialSteps)" }
         if let repeatLimit { text += " repeat-limit \(repeatLimit)" }
+        if let schedule { text += " scripted \(schedule.count) picks" }
         if let tamper { text += tamper.corruptsMark ? " tampered-mark" : " tampered-page" }
         if racer { text += " racer" }
         if let attack { text += " " + attack.summary }
         if bystander == true { text += " bystander" }
+        if instantLink == true { text += " instant-link" }
         if let targetKill {
             text += " kill-target-after-fault-handler-step \(targetKill.afterFaultHandlerSteps)"
             if targetKill.dropInFlight { text += " dropping its in-flight" }

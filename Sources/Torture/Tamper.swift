@@ -78,9 +78,6 @@ final class UncheckedFabricView: FAMBackend, @unchecked Sendable {
     }
     var byteCount: Int { model.byteCount }
     var path: String? { "model FAM (fabric, unchecked)" }
-    func readableRegion(at byteOffset: Int, count: Int) -> (mapping: SharedMapping, offset: Int) {
-        preconditionFailure("the unchecked fabric view is not for installing pages")
-    }
     func store(_ bytes: [UInt8], at byteOffset: Int) { preconditionFailure("the unchecked fabric view is read-only") }
     func storeUInt64(_ value: UInt64, at byteOffset: Int) { preconditionFailure("the unchecked fabric view is read-only") }
     func storeFromProcess(processID: ProcessID, ranges: [ProcessReadRange]) throws(SyscallError) -> Int {

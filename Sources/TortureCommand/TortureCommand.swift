@@ -72,6 +72,9 @@ struct TortureCommand: ParsableCommand {
     @Option(help: "The bystander, which reads the target's command line while the restorer builds it, as ps does (post-copy): on or off (default: drawn per seed).", transform: parseSwitch)
     var bystander: Bool?
 
+    @Option(help: "A link that delivers every frame as it is sent, before the receiving node looks again, as a fast network does (post-copy): on or off (default: drawn per seed).", transform: parseSwitch)
+    var instantLink: Bool?
+
     @Option(help: "The target-node nemesis, which kills the target node after the restored process ran (post-copy): on or off (default: drawn per seed).", transform: parseSwitch)
     var killTarget: Bool?
 
@@ -101,6 +104,13 @@ struct TortureCommand: ParsableCommand {
 
     @Option(help: "Identical steps in a row that end a run as a liveness failure (no progress; default 10000, shrinking tries fewer).")
     var repeatLimit: Int?
+
+    @Option(help: "Pages per dump batch instead of the drawn 16, 64 or 512 (shrinking uses it).")
+    var batch: Int?
+
+    @Option(help: "Follow this written schedule instead of the strategy, then a fixed fair order (a shrunk replay prints it): comma-separated ACTOR, ACTOR.CHOICE or ACTOR*COUNT, or none.",
+            transform: parseSchedule)
+    var schedule: [SchedulePick]?
 
     @Option(help: "Run only part K of N of the campaign's iterations (K/N, e.g. 2/4).", transform: parseShard)
     var shard: Shard = Shard(part: 1, count: 1)
@@ -141,6 +151,7 @@ struct TortureCommand: ParsableCommand {
         if let size, !(0...2).contains(size) { throw ValidationError("--size must be 0, 1 or 2.") }
         if let adversarialSteps, adversarialSteps < 0 { throw ValidationError("--adversarial-steps must be 0 or more.") }
         if let repeatLimit, repeatLimit < 2 { throw ValidationError("--repeat-limit must be 2 or more.") }
+        if let batch, !(1...65536).contains(batch) { throw ValidationError("--batch must be between 1 and 65536 pages.") }
         if chaos && (checkDeterminism || trace || shrink) {
             throw ValidationError("--chaos runs real threads: a seed does not fix its interleaving, so --check-determinism, --trace and --shrink do not apply.")
         }
@@ -163,10 +174,13 @@ struct TortureCommand: ParsableCommand {
         filter.noKill = noKill
         filter.adversarialSteps = adversarialSteps
         filter.repeatLimit = repeatLimit
+        filter.schedule = schedule
+        filter.batchPageCount = batch
         filter.tamper = tamper
         filter.chaos = chaos
         filter.racer = racer
         filter.bystander = bystander
+        filter.instantLink = instantLink
         filter.killTarget = killTarget
         filter.attacker = attacker
         filter.rendezvousWaits = rendezvousWait
@@ -196,7 +210,7 @@ struct TortureCommand: ParsableCommand {
                 if shrink && result.environmentError == nil {
                     shrunk = Shrinker(campaign: campaign, filter: filter).shrink(result)
                     print("shrunk: \(Report.replayCommand(seed: shrunk!.scenario.seed, filter: shrunk!.filter))")
-                    print("        \(shrunk!.result.scenario.summary), \(shrunk!.result.stepCount) steps, trace \(shrunk!.result.traceHash)")
+                    print("        \(shrunk!.result.scenario.summary), \(Report.shrunkLength(shrunk!.result)), trace \(shrunk!.result.traceHash)")
                 }
                 try writeHTMLReports(campaign, failing: [result], shrunk: shrunk)
             }
@@ -235,7 +249,7 @@ struct TortureCommand: ParsableCommand {
             let shrunk = Shrinker(campaign: campaign, filter: filter).shrink(first)
             shrunkFirst = shrunk
             print("shrunk: \(Report.replayCommand(seed: shrunk.scenario.seed, filter: shrunk.filter))")
-            print("        \(shrunk.result.scenario.summary), \(shrunk.result.stepCount) steps, trace \(shrunk.result.traceHash)")
+            print("        \(shrunk.result.scenario.summary), \(Report.shrunkLength(shrunk.result)), trace \(shrunk.result.traceHash)")
             failed[0] = shrunk.result
         }
         try writeHTMLReports(campaign, failing: Array(failing.prefix(5)), shrunk: shrunkFirst)
@@ -388,5 +402,12 @@ final class ProgressPrinter: @unchecked Sendable {
 
     func finish() {
         if isTerminal { print("") }
+    }
+}
+
+func parseSchedule(_ text: String) throws -> [SchedulePick] {
+    switch ScheduleScript.decode(text) {
+    case .success(let picks): return picks
+    case .failure(let error): throw ValidationError("--schedule: \(error).")
     }
 }

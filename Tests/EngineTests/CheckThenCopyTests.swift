@@ -59,11 +59,6 @@ final class SecondReadChangingFAM: FAMBackend, @unchecked Sendable {
     func loadUInt64(at byteOffset: Int) -> UInt64 { inner.loadUInt64(at: byteOffset) }
     func digest(at byteOffset: Int, count: Int, seed: UInt64) -> UInt64 { inner.digest(at: byteOffset, count: count, seed: seed) }
 
-    func readableRegion(at byteOffset: Int, count: Int) -> (mapping: SharedMapping, offset: Int) {
-        noteRead(at: byteOffset, count: count)
-        return inner.readableRegion(at: byteOffset, count: count)
-    }
-
     func loadBytes(at byteOffset: Int, count: Int) -> [UInt8] {
         noteRead(at: byteOffset, count: count)
         return inner.loadBytes(at: byteOffset, count: count)

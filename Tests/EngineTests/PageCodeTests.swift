@@ -30,7 +30,6 @@ final class ForgingFAM: FAMBackend, @unchecked Sendable {
 
     var byteCount: Int { inner.byteCount }
     var path: String? { inner.path }
-    func readableRegion(at byteOffset: Int, count: Int) -> (mapping: SharedMapping, offset: Int) { inner.readableRegion(at: byteOffset, count: count) }
     func store(_ bytes: [UInt8], at byteOffset: Int) { inner.store(bytes, at: byteOffset) }
     func storeFromProcess(processID: ProcessID, ranges: [ProcessReadRange]) throws(SyscallError) -> Int {
         try inner.storeFromProcess(processID: processID, ranges: ranges)

@@ -45,6 +45,32 @@ extension ProcessSpawningTortureTests {
             }
         }
 
+        /// A schedule written down (the picks of a run with its adversarial steps) replays that run step
+        /// for step; a script cut short hands over to the fair order and still completes. What the
+        /// shrinker's cuts stand on.
+        @Test func aWrittenScheduleReplaysTheRunItWasTakenFrom() throws {
+            let options = try TorturePaths.campaignOptions(seed: 5, iterations: 1, filter: ScenarioFilter())
+            let campaign = Campaign(options: options)
+            for mode in MigrationMode.allCases {
+                var filter = ScenarioFilter(modes: [mode], programs: ["memwalk", "signals"], strategies: [.random])
+                filter.noKill = true
+                filter.adversarialSteps = 30
+                let first = campaign.runOne(seed: 0xBEEF + UInt64(MigrationMode.allCases.firstIndex(of: mode)!), filter: filter, keepTrace: true)
+                #expect(first.passed, "\(Report.failureText(first, filter: filter))")
+                let picks = try #require(first.picks)
+                #expect(picks.count == first.stepCount)
+                var scripted = filter
+                scripted.schedule = try ScheduleScript.decode(ScheduleScript.encode(picks)).get()
+                let replayed = campaign.runOne(seed: first.scenario.seed, filter: scripted, keepTrace: true)
+                #expect(replayed.traceHash == first.traceHash)
+                #expect(replayed.trace == first.trace)
+                scripted.schedule = Array(picks.prefix(12))
+                let cut = campaign.runOne(seed: first.scenario.seed, filter: scripted, keepTrace: true)
+                #expect(cut.passed, "\(Report.failureText(cut, filter: scripted))")
+                #expect(cut.picks.map { Array($0.prefix(12)) } == Array(picks.prefix(12)))
+            }
+        }
+
         /// The target node dies after the restored process ran: its watchdog kills the restored process
         /// before it reads a hole (unless every page was in), in both post-copy modes, and a replay
         /// gives the same schedule. The nemesis found, on its first run, that a held wake of the dead
@@ -93,7 +119,6 @@ extension ProcessSpawningTortureTests {
             init(_ inner: any FAMBackend) { self.inner = inner }
             var byteCount: Int { inner.byteCount }
             var path: String? { inner.path }
-            func readableRegion(at byteOffset: Int, count: Int) -> (mapping: SharedMapping, offset: Int) { inner.readableRegion(at: byteOffset, count: count) }
             func store(_ bytes: [UInt8], at byteOffset: Int) { inner.store(bytes, at: byteOffset) }
             func storeUInt64(_ value: UInt64, at byteOffset: Int) { inner.storeUInt64(value, at: byteOffset) }
             func storeFromProcess(processID: ProcessID, ranges: [ProcessReadRange]) throws(SyscallError) -> Int {

@@ -41,7 +41,6 @@ private final class PowerCutFAM: FAMBackend, @unchecked Sendable {
 
     var byteCount: Int { base.byteCount }
     var path: String? { "power-cut FAM" }
-    func readableRegion(at byteOffset: Int, count: Int) -> (mapping: SharedMapping, offset: Int) { base.readableRegion(at: byteOffset, count: count) }
 
     /// Does the store unless the power is gone, and cuts it after store `cutAfter`.
     private func take(_ store: () -> Void) {
@@ -88,7 +87,6 @@ private final class WordTearingFAM: FAMBackend, @unchecked Sendable {
     }
 
     var path: String? { "word-tearing FAM" }
-    func readableRegion(at byteOffset: Int, count: Int) -> (mapping: SharedMapping, offset: Int) { preconditionFailure("the pool reads by loads") }
     func store(_ bytes: [UInt8], at byteOffset: Int) {
         visible.replaceSubrange(byteOffset..<(byteOffset + bytes.count), with: bytes)
         if bytes.isEmpty { return }

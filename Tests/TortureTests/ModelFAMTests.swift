@@ -200,7 +200,7 @@ private func zeros(_ count: Int) -> [UInt8] { Array(repeating: 0, count: count) 
         model.currentStep = 5
         _ = model.targetNode.loadBytes(at: 120, count: 24)
         _ = model.targetNode.digest(at: 128, count: 64, seed: 1)
-        _ = model.targetNode.readableRegion(at: 0, count: 4096)
+        _ = model.targetNode.loadBytes(at: 0, count: 4096)
         #expect(model.violations.count == 3)
         for violation in model.violations {
             guard case .readBeforeDurable(_, let store, let line, let durability) = violation else {
@@ -216,7 +216,7 @@ private func zeros(_ count: Int) -> [UInt8] { Array(repeating: 0, count: count) 
 
         model.sourceNode.fence()
         _ = model.targetNode.loadBytes(at: 120, count: 24)
-        _ = model.targetNode.readableRegion(at: 0, count: 4096)
+        _ = model.targetNode.loadBytes(at: 0, count: 4096)
         #expect(model.violations.count == 3, "after the fence the store is durable")
     }
 
@@ -263,8 +263,7 @@ private func zeros(_ count: Int) -> [UInt8] { Array(repeating: 0, count: count) 
             #expect(isMarked)
             #expect(reader.loadPage(slot: slot) == SourcePages.pattern(page: slot))
         }
-        let region = model.targetNode.readableRegion(at: reader.pageOffset(slot: 0), count: 5 * pageByteCount)
-        #expect(region.mapping.loadBytes(at: region.offset + pageByteCount, count: pageByteCount) == SourcePages.pattern(page: 1))
+        #expect(try reader.verifiedPages(slots: 0..<5) == (0..<5).flatMap { SourcePages.pattern(page: $0) })
         #expect(model.violations.isEmpty, "\(model.violations)")
         #expect(model.stores.contains { $0.kind == .storeFromProcess })
     }
@@ -407,14 +406,14 @@ private func zeros(_ count: Int) -> [UInt8] { Array(repeating: 0, count: count) 
         #expect(model.targetNode.loadUInt64(at: layout.markOffset(slot: 1) + 8) == ImageLayout.markTag(generation: testGeneration))
         _ = model.targetNode.digest(at: layout.pageOffset(slot: 1), count: pageByteCount, seed: 3)
         #expect(model.violations.count == 1, "slot 1's mark was observed")
-        _ = model.targetNode.readableRegion(at: layout.pageOffset(slot: 0), count: 3 * pageByteCount)
+        _ = model.targetNode.loadBytes(at: layout.pageOffset(slot: 0), count: 3 * pageByteCount)
         violations = model.violations
         #expect(violations.count == 2)
         guard case .pageReadBeforeMark(let slot, let read)? = violations.last else {
             Issue.record("expected pageReadBeforeMark, got \(violations)")
             return
         }
-        #expect(slot == 0 && read.kind == .readableRegion)
+        #expect(slot == 0 && read.kind == .loadBytes)
     }
 
     @Test func aNewImageWithdrawsTheMarksTheTargetObserved() throws {

@@ -26,10 +26,6 @@ public final class ExtentFAM: FAMBackend, @unchecked Sendable {
         return startOffset + byteOffset
     }
 
-    public func readableRegion(at byteOffset: Int, count: Int) -> (mapping: SharedMapping, offset: Int) {
-        base.readableRegion(at: moved(byteOffset, count), count: count)
-    }
-
     public func store(_ bytes: [UInt8], at byteOffset: Int) { base.store(bytes, at: moved(byteOffset, bytes.count)) }
     public func storeUInt64(_ value: UInt64, at byteOffset: Int) { base.storeUInt64(value, at: moved(byteOffset, 8)) }
 

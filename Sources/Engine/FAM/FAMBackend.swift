@@ -11,12 +11,6 @@ public protocol FAMBackend: AnyObject, Sendable {
     var byteCount: Int { get }
     /// The file behind it, for messages; nil for a model that has none.
     var path: String? { get }
-    /// Where a reader on another node finds `count` bytes at `byteOffset` to copy them itself (UFFDIO_COPY
-    /// or pwrite straight from FAM, without a load through this protocol). For the real backend the
-    /// mapping itself; a model returns its fabric copy and records the read as one that depends on those
-    /// bytes being durable.
-    func readableRegion(at byteOffset: Int, count: Int) -> (mapping: SharedMapping, offset: Int)
-
     // Writer side.
     func store(_ bytes: [UInt8], at byteOffset: Int)
     /// One 8-byte store; at an 8-aligned offset a reader sees either the old or the new value.

@@ -48,7 +48,6 @@ public final class RealFAM: FAMBackend {
 
     public var byteCount: Int { mapping.byteCount }
     public var path: String? { mapping.path }
-    public func readableRegion(at byteOffset: Int, count: Int) -> (mapping: SharedMapping, offset: Int) { (mapping, byteOffset) }
     /// Which write-back instruction `flush` uses on this CPU.
     public var flushInstruction: FlushInstruction { mapping.flushInstruction }
 

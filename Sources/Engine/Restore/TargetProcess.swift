@@ -24,6 +24,8 @@ final class TargetProcess {
     /// Registered shared-memory mappings: a page found present there was installed through another
     /// mapping of the same object, with the same dumped bytes.
     private(set) var sharedRanges: [Range<UInt64>] = []
+    /// Registered private pages found present before any install (`checkStrayPages`; nil: not looked yet).
+    var strayPageAddresses: Set<UInt64>?
     /// Mapped memfds: in post-copy installed before the resume, since the process may read or write one
     /// through a descriptor, which userfaultfd does not see (a hole would read as zeros, and a write
     /// into one would drop the rest of the dumped page).
@@ -268,18 +270,21 @@ final class TargetProcess {
 
     /// Installs `byteCount` bytes at `offset` of `bytes` (pages checked against their marks, never read
     /// from FAM again) at `address` of the target: UFFDIO_COPY inside registered ranges (one copy never
-    /// crosses a mapping), pwrite elsewhere. Returns the pages newly
-    /// installed (pages already present are skipped, as UFFDIO_COPY reports them).
+    /// crosses a mapping), pwrite elsewhere and on stray pages (checkStrayPages). Returns the pages installed.
     @discardableResult
     func writePages(_ bytes: [UInt8], offset: Int, byteCount: Int, to address: UInt64) throws(RestoreError) -> Int {
+        precondition(userfaultfd == nil || strayPageAddresses != nil, "pages installed before the look for stray pages")
+        let strays = strayPageAddresses ?? []
         var installedPageCount = 0
         var done = 0
         do {
             while done < byteCount {
                 let current = address + UInt64(done)
                 let remaining = byteCount - done
-                if let range = registeredRanges.first(where: { $0.contains(current) }), let userfaultfd {
-                    let pieceByteCount = min(remaining, Int(range.upperBound - current))
+                if let range = registeredRanges.first(where: { $0.contains(current) }), let userfaultfd, !strays.contains(current) {
+                    // Up to the range's end or the next stray page, which is written, not copied.
+                    let end = min(range.upperBound, strays.filter { $0 > current }.min() ?? .max)
+                    let pieceByteCount = min(remaining, Int(end - current))
                     var pieceDone = 0
                     while pieceDone < pieceByteCount {
                         let outcome = try userfaultfd.copy(bytes: bytes, offset: offset + done + pieceDone, byteCount: pieceByteCount - pieceDone,
@@ -295,26 +300,23 @@ final class TargetProcess {
                             installedPageCount += 1
                             pieceDone += .pageSize
                         case .firstPageAlreadyPresent:
-                            // Something made the page present before its install: a reader of
-                            // /proc/PID/cmdline or environ (ps, pgrep -f, anyone's) between the stack's
-                            // mmap and its registration faults the argument page in as the zero page
-                            // (seen in nonlive restores under load, and as post-copy's zeroed top stack
-                            // page). UFFDIO_COPY left it as it was: write the dumped bytes over it, so
-                            // the page is right whatever put it there.
-                            try memory.write(bytes, offset: offset + done + pieceDone, byteCount: .pageSize, to: current + UInt64(pieceDone))
-                            installedPageCount += 1
-                            pieceDone += .pageSize
+                            // The only installer here, and the look for stray pages found none at this page.
+                            throw RestoreError.layout("page \(hex(current + UInt64(pieceDone))) of registered memory was present at its install, "
+                                                      + "though it was not when the restore looked; the restore stops rather than guess whose it is")
                         }
                     }
                     done += pieceByteCount
                 } else {
+                    // Outside registered memory (pwrite), or a stray page inside it, written over whatever put it there.
                     let nextRegistered = registeredRanges.map(\.lowerBound).filter { $0 > current }.min() ?? UInt64.max
-                    let pieceByteCount = min(remaining, Int(min(nextRegistered - current, UInt64(remaining))))
+                    let pieceByteCount = strays.contains(current) ? .pageSize : min(remaining, Int(min(nextRegistered - current, UInt64(remaining))))
                     try memory.write(bytes, offset: offset + done, byteCount: pieceByteCount, to: current)
                     installedPageCount += pieceByteCount / .pageSize
                     done += pieceByteCount
                 }
             }
+        } catch let error as RestoreError {
+            throw error
         } catch { throw .system("installing pages at \(hex(address)): \(error)") }
         return installedPageCount
     }

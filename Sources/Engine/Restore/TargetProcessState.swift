@@ -197,9 +197,27 @@ extension TargetProcess {
         try memory.write(bytes, at: address)
     }
 
+    /// The one place where a page present in registered private memory is told apart from one another
+    /// installer of ours put there. A read of the process's command line or environment
+    /// (/proc/PID/cmdline, as ps does, by anyone) between the mmap of the stack and its registration
+    /// faults the argument page in as the kernel's zero page, and UFFDIO_COPY then answers EEXIST, which an
+    /// installer must take for "installed already" in post-copy (the fault handler, the pusher and torture's
+    /// racer meet on pages): the process would run on a zeroed top stack page (a `ret` to 0). Once
+    /// registered, no reader can fault a page in any more (the kernel refuses remote faults it cannot hand
+    /// to the userfaultfd), so one look before the first install, in the step after the layout, finds every
+    /// such page; every mode then writes each over with its dumped bytes (pwrite, as a page outside
+    /// registered memory), and an EEXIST from then on is another installer's page.
+    @discardableResult
+    func checkStrayPages() throws(RestoreError) -> Set<UInt64> {
+        if let strayPageAddresses { return strayPageAddresses }
+        let found = Set(try pagesPresentInPrivateRegisteredMemory())
+        strayPageAddresses = found
+        return found
+    }
+
     /// Pages present (or swapped) in the registered private mappings, read from pagemap: before any
     /// install, only a reader that faulted one in before the registration can have put them there.
-    func pagesPresentInPrivateRegisteredMemory() throws(RestoreError) -> [UInt64] {
+    private func pagesPresentInPrivateRegisteredMemory() throws(RestoreError) -> [UInt64] {
         var addresses: [UInt64] = []
         do {
             for range in registeredRanges where !sharedRanges.contains(range) {

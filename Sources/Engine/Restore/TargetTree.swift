@@ -215,9 +215,18 @@ final class TargetTree {
         return try root.makeLazyMemory(pageAddresses: pageAddresses, origin: origin, observer: observer, gate: gate)
     }
 
-    func pagesPresentInPrivateRegisteredMemory() throws(RestoreError) -> [UInt64] {
+    /// Looks once, in every process, for registered pages present before any install (TargetProcess.checkStrayPages).
+    func checkStrayPages() throws(RestoreError) {
+        for process in live { try process.checkStrayPages() }
+    }
+
+    /// Whether that look was made.
+    var strayPagesChecked: Bool { root.strayPageAddresses != nil }
+
+    /// The stray pages of the one process post-copy restores.
+    func strayPageAddresses() -> Set<UInt64> {
         precondition(members.isEmpty, "post-copy of a process tree")
-        return try root.pagesPresentInPrivateRegisteredMemory()
+        return root.strayPageAddresses ?? []
     }
 
     func finishInstalling() throws(RestoreError) {

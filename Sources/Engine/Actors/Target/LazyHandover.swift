@@ -13,27 +13,19 @@ class LazyHandover {
     /// Pages that must be in before the process runs, not yet installed.
     var eagerSlotsLeft: Set<Int> = []
     var eagerRequested = false
-    /// Dumped pages found present in registered memory before anything was installed there (see
-    /// `checkStrayPages`): written with their dumped bytes before the resume.
+    /// Dumped pages found present in registered memory before anything was installed there
+    /// (TargetProcess.checkStrayPages, which the restorer ran before this step): written with their dumped
+    /// bytes before the resume, since an installer of lazy memory takes a present page for installed.
     var strayPageSlots: Set<Int> = []
-    /// Whether the registered memory was checked for pages nobody of ours installed (the first step
-    /// after the layout does it).
-    var strayPagesChecked = false
+    var strayPagesNoted = false
 
     init(transport: any Transport) { link = transport }
 
-    /// Pages of registered memory that are present before any install: a read of the process's command
-    /// line or environment (/proc/PID/cmdline, as ps does, by anyone) between the mmap of the stack and
-    /// its registration faults the argument page in as the kernel's zero page. UFFDIO_COPY then fails
-    /// with EEXIST, which the installers take for "another installer put the dumped page there", and the
-    /// process would run on a zeroed top stack page (a `ret` to 0). Once registered, no reader can fault a
-    /// page in any more (the kernel refuses remote faults it cannot hand to the userfaultfd), so one look
-    /// right after the layout finds every such page; each is then written over with its dumped bytes
-    /// before the resume, as a page outside registered memory is.
-    func checkStrayPages(_ restorer: Restorer, _ memory: LazyMemory) throws {
-        guard !strayPagesChecked else { return }
-        strayPagesChecked = true
-        for address in try restorer.target!.pagesPresentInPrivateRegisteredMemory() {
+    /// Makes each stray page one to install before the resume, by pwrite.
+    func noteStrayPages(_ restorer: Restorer, _ memory: LazyMemory) {
+        guard !strayPagesNoted else { return }
+        strayPagesNoted = true
+        for address in restorer.target!.strayPageAddresses().sorted() {
             guard let slot = memory.slot(for: address), !memory.isInstalled(slot) else { continue }
             restorer.logger.info("a registered page was present before its install; it is written with its dumped bytes",
                                  metadata: ["address": "\(hex(address))"])
@@ -113,7 +105,7 @@ final class LazyFromFAM: LazyHandover, TargetPageStrategy {
     func installPagesBeforeResume(_ restorer: Restorer) throws(EngineError) -> Bool {
         guard let memory = restorer.lazyMemory else { preconditionFailure("eager pages without lazy memory") }
         do {
-            try checkStrayPages(restorer, memory)
+            noteStrayPages(restorer, memory)
             // After the commit record FAM alone completes the migration: the source may be gone.
             let committed = memory.imageIsCommitted()
             if !eagerRequested {
@@ -175,7 +167,7 @@ final class LazyFromSocket: LazyHandover, TargetPageStrategy {
     func installPagesBeforeResume(_ restorer: Restorer) throws(EngineError) -> Bool {
         guard let memory = restorer.lazyMemory else { preconditionFailure("eager pages without lazy memory") }
         do {
-            try checkStrayPages(restorer, memory)
+            noteStrayPages(restorer, memory)
             if !eagerRequested {
                 for slot in eagerSlotsLeft.sorted() { try link.send(.pageRequest(address: restorer.pageAddresses[slot])) }
                 eagerRequested = true

@@ -37,9 +37,9 @@ public final class Restorer: EngineActor {
     let pidNamespace: PIDNamespace
     /// What this mode does with the pages.
     let strategy: any TargetPageStrategy
-    /// Post-copy: whether the registered memory was checked for pages nobody of ours installed
-    /// (LazyHandover.checkStrayPages, the first step after the layout).
-    public var strayPagesChecked: Bool { (strategy as? LazyHandover)?.strayPagesChecked ?? false }
+    /// Whether the registered memory was checked for pages nobody of ours installed (the first page step
+    /// after the layout does it, in every mode: TargetProcess.checkStrayPages).
+    public var strayPagesChecked: Bool { target?.strayPagesChecked ?? false }
     let gate: any TargetGate
     let imageWait: Duration
     /// The migration's key: every image is authenticated with it before anything in it is used.
@@ -147,8 +147,10 @@ public final class Restorer: EngineActor {
             timeline.record(.layoutBuilt, at: clock.now())
             state = try strategy.pagesAfterLayout(self)
         case .installing(let nextSlot):
+            do { try target!.checkStrayPages() } catch { throw .restore(error) }
             state = try strategy.installBatch(self, from: nextSlot)
         case .eagerPages:
+            do { try target!.checkStrayPages() } catch { throw .restore(error) }
             if try strategy.installPagesBeforeResume(self) { state = .restoreState }
         case .restoreState:
             timeline.record(.pagesBeforeResumeInstalled, at: clock.now())
