@@ -9,9 +9,6 @@
 // end at their syscall's exit stop, not at an int3, so a tracer death there leaves no SIGTRAP to kill
 // it. Once the image is committed, EXITKILL is set and the guard kills the victim instead.
 import Sys
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// A seized, stopped victim: every thread. Every method must run on the thread that called `freeze`.
 final class FrozenVictim {
@@ -55,7 +52,7 @@ final class FrozenVictim {
         do {
             if !wasStopped {
                 sourceGuard.willStopVictim()
-                _ = Glibc.kill(processID.rawValue, SIGSTOP)
+                Spawn.kill(processID, signal: SignalNumber.stop)
             }
             try stop(main, processID: processID, groupStop: !wasStopped)
             // Ends when a listing finds no thread not yet stopped: a stopped thread creates none, so the
@@ -89,7 +86,7 @@ final class FrozenVictim {
         for _ in 0..<1000 {
             let reason = try tracee.waitForStop()
             switch reason {
-            case .event(Tracee.eventStop, let signal) where !groupStop || signal == SIGSTOP: return
+            case .event(Tracee.eventStop, let signal) where !groupStop || signal == SignalNumber.stop: return
             case .event: try tracee.resume()
             case .signal(let signal): try tracee.resume(signal: signal)
             case .syscall: try tracee.resume()
@@ -107,7 +104,7 @@ final class FrozenVictim {
     /// left to do.
     private func letGo() {
         detachAll()
-        if stoppedByFreeze { _ = Glibc.kill(processID.rawValue, SIGCONT) }
+        if stoppedByFreeze { Spawn.kill(processID, signal: SignalNumber.continue) }
         sourceGuard.disarm()
     }
 

@@ -167,3 +167,12 @@ public struct CheckedFiles: Sendable {
     /// Closes the held files (once the descriptors are restored, or the restore failed).
     public func close() { for case let held? in paths { held.close() } }
 }
+
+extension TargetProcess {
+    /// Where the file the access check resolved for `opened` opens again: never the image's path, which
+    /// may lead elsewhere by now (a symlink planted after the check).
+    func checkedPath(_ opened: ReopenPaths.Opened, _ what: String) throws(RestoreError) -> String {
+        guard let path = reopenPaths[opened] else { throw .layout("\(what) was not checked as the victim would open it") }
+        return path
+    }
+}

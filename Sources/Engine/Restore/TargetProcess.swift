@@ -37,8 +37,7 @@ final class TargetProcess {
 
     /// Descriptors restored before the pages (a tree's parent, so that its children inherit them).
     var descriptorsRestored = false
-    /// What to open through the file the access check resolved (FileAccessCheck.swift): descriptors,
-    /// file mappings, the executable, the working directory.
+    /// Every file to open through the one its access check resolved (FileAccessCheck.swift).
     var reopenPaths = ReopenPaths()
     /// A tree member's: the descriptors and shared mappings it keeps from the parent it was cloned from.
     var inherited: (descriptors: Set<Int32>, mappingStarts: Set<UInt64>)?
@@ -175,8 +174,7 @@ final class TargetProcess {
 
     private func setMemoryDescriptor(_ state: ProcessState) throws {
         let fields = state.memoryDescriptor
-        let exeDescriptor = try openInTarget(try checkedPath(.executable, "the executable \(state.executablePath)"),
-                                             flags: OpenFlag.readOnly | OpenFlag.closeOnExec)
+        let exeDescriptor = try openInTarget(try checkedPath(.executable, "the executable"), flags: OpenFlag.readOnly | OpenFlag.closeOnExec)
         let auxvAddress = dataAddress + 256
         try memory.write(fields.auxiliaryVector, at: auxvAddress)
         var record: [UInt8] = []
@@ -220,9 +218,8 @@ final class TargetProcess {
                 if let open = openFiles[key] {
                     descriptor = open
                 } else {
-                    let checked = path == state.executablePath && !writableShared
-                        ? try checkedPath(.executable, "the executable \(path)")
-                        : try checkedPath(.mapping(path: path, writable: writableShared), "the mapping of \(path) at \(hex(mapping.start))")
+                    let checked = try checkedPath(path == state.executablePath && !writableShared ? .executable
+                                                  : .mapping(path: path, writable: writableShared), "the mapping of \(path) at \(hex(mapping.start))")
                     descriptor = UInt64(try openInTarget(checked, flags: (writableShared ? OpenFlag.readWrite : OpenFlag.readOnly) | OpenFlag.closeOnExec))
                     openFiles[key] = descriptor
                 }
@@ -258,13 +255,6 @@ final class TargetProcess {
             }
         }
         userfaultfd = taken
-    }
-
-    /// Where the file the access check resolved for `opened` opens again: never the image's path, which
-    /// may lead elsewhere by now (a symlink planted after the check).
-    func checkedPath(_ opened: ReopenPaths.Opened, _ what: String) throws(RestoreError) -> String {
-        guard let path = reopenPaths[opened] else { throw .layout("\(what) was not checked as the victim would open it") }
-        return path
     }
 
     /// openat(AT_FDCWD, path, flags) inside the target; returns the new descriptor.
