@@ -15,6 +15,8 @@
 #include <string.h>
 #include <pthread.h>
 #include <poll.h>
+#include <sys/wait.h>
+#include <stdio.h>
 #include <sys/socket.h>
 #include <linux/capability.h>
 
@@ -329,6 +331,217 @@ pid_t csys_spawn_hole_watchdog(int pidfd, int userfaultfd, int *disarmDescriptor
     close(pipeDescriptors[0]);
     *disarmDescriptor = pipeDescriptors[1];
     return child;
+}
+
+// The source guard's work once its owner (the tracer) is gone. The kernel detaches a dead tracer's
+// tracees only as the tracer thread finishes exiting, after its descriptors closed: seizing is retried
+// until the victim is free (bounded). A victim frozen by the owner sits in a group-stop, so it stays
+// stopped once detached until the guard lets it go.
+static int guard_seize(pid_t thread) {
+    const unsigned long options = 0x200000UL | 1UL;  // PTRACE_O_SUSPEND_SECCOMP | PTRACE_O_TRACESYSGOOD
+    for (int attempt = 0; attempt < 10000; attempt++) {
+        if (syscall(SYS_ptrace, PTRACE_SEIZE, thread, NULL, (void *)options) == 0) break;
+        if (errno != EPERM) return -1;
+        usleep(1000);
+        if (attempt == 9999) return -1;
+    }
+    syscall(SYS_ptrace, PTRACE_INTERRUPT, thread, NULL, NULL);
+    for (int stops = 0; stops < 1000; stops++) {
+        int status = 0;
+        if (waitpid(thread, &status, __WALL) < 0) { if (errno == EINTR) continue; return -1; }
+        if (!WIFSTOPPED(status)) return -1;
+        if ((status >> 16) == PTRACE_EVENT_STOP) return 0;
+        // A signal of the victim's own: deliver it, then stop again.
+        int signal = WSTOPSIG(status) == (SIGTRAP | 0x80) ? 0 : WSTOPSIG(status);
+        syscall(SYS_ptrace, PTRACE_CONT, thread, NULL, (void *)(long)signal);
+        syscall(SYS_ptrace, PTRACE_INTERRUPT, thread, NULL, NULL);
+    }
+    return -1;
+}
+
+// munmap(address, byteCount) run by `thread` from `at` (the victim's own code: `syscall` written there
+// for the call and put back), to the syscall's exit stop: no int3, no signal.
+static void guard_unmap(pid_t thread, int memory, const struct user_regs_struct *template,
+                        uint64_t address, uint64_t byteCount) {
+    uint8_t saved[2], code[2] = { 0x0f, 0x05 };
+    uint64_t at = template->rip;
+    if (pread(memory, saved, 2, (off_t)at) != 2 || pwrite(memory, code, 2, (off_t)at) != 2) return;
+    struct user_regs_struct registers = *template;
+    registers.rax = 11;  // munmap
+    registers.orig_rax = (unsigned long long)-1;
+    registers.rdi = address;
+    registers.rsi = byteCount;
+    registers.rip = at;
+    uint64_t blocked = ~0ULL;
+    syscall(SYS_ptrace, 0x420b /* PTRACE_SETSIGMASK */, thread, (void *)8, &blocked);
+    if (syscall(SYS_ptrace, PTRACE_SETREGS, thread, NULL, &registers) == 0) {
+        for (int stops = 0, syscallStops = 0; syscallStops < 2 && stops < 100; stops++) {
+            if (syscall(SYS_ptrace, PTRACE_SYSCALL, thread, NULL, NULL) != 0) break;
+            int status = 0;
+            while (waitpid(thread, &status, __WALL) < 0 && errno == EINTR) {}
+            if (!WIFSTOPPED(status)) break;
+            if (WSTOPSIG(status) == (SIGTRAP | 0x80)) syscallStops++;
+        }
+    }
+    pwrite(memory, saved, 2, (off_t)at);
+}
+
+static void guard_act(struct csys_source_guard_log *log, int mayContinue) {
+    pid_t victim = log->victim;
+    switch (log->phase) {
+    case CSYS_SOURCE_GUARD_COMMITTED:
+        kill(victim, SIGKILL);
+        return;
+    case CSYS_SOURCE_GUARD_COMMITTING:
+        dprintf(2, "fammig: the source died while storing the commit record of pid %d's image; pid %d is left "
+                   "stopped: if a restore of the image succeeds, kill it; otherwise let it run on with kill -CONT %d\n",
+                victim, victim, victim);
+        return;
+    case CSYS_SOURCE_GUARD_FROZEN:
+        break;
+    default:
+        return;
+    }
+    int threadCount = log->threadCount;
+    if (threadCount > CSYS_SOURCE_GUARD_THREADS_MAX) threadCount = CSYS_SOURCE_GUARD_THREADS_MAX;
+    int changed = threadCount > 0 || log->codeByteCount > 0 || log->scratchByteCount > 0;
+    if (changed) {
+        char path[64];
+        snprintf(path, sizeof path, "/proc/%d/mem", victim);
+        int memory = open(path, O_RDWR | O_CLOEXEC);
+        int seized[CSYS_SOURCE_GUARD_THREADS_MAX];
+        for (int index = 0; index < threadCount; index++) seized[index] = guard_seize(log->threads[index].threadID) == 0;
+        if (memory >= 0 && log->codeByteCount > 0 && log->codeByteCount <= 16)
+            pwrite(memory, log->code, (size_t)log->codeByteCount, (off_t)log->codeAddress);
+        if (memory >= 0 && log->scratchByteCount > 0 && threadCount > 0 && seized[0])
+            guard_unmap(log->threads[0].threadID, memory, &log->threads[0].registers, log->scratchAddress, log->scratchByteCount);
+        for (int index = 0; index < threadCount; index++) {
+            if (!seized[index]) continue;
+            pid_t thread = log->threads[index].threadID;
+            syscall(SYS_ptrace, PTRACE_SETREGS, thread, NULL, &log->threads[index].registers);
+            uint64_t mask = log->threads[index].signalMask;
+            syscall(SYS_ptrace, 0x420b /* PTRACE_SETSIGMASK */, thread, (void *)8, &mask);
+        }
+        // Detached in its group-stop, each thread stays stopped until the SIGCONT below.
+        for (int index = 0; index < threadCount; index++)
+            if (seized[index]) syscall(SYS_ptrace, PTRACE_DETACH, log->threads[index].threadID, NULL, NULL);
+        if (memory >= 0) close(memory);
+    } else {
+        // Nothing to undo: wait until the kernel has let the victim go (its tracer's exit), then resume it.
+        char path[64];
+        snprintf(path, sizeof path, "/proc/%d/status", victim);
+        for (int attempt = 0; attempt < 10000; attempt++) {
+            char text[4096];
+            int descriptor = open(path, O_RDONLY | O_CLOEXEC);
+            if (descriptor < 0) return;  // gone
+            ssize_t count = read(descriptor, text, sizeof text - 1);
+            close(descriptor);
+            if (count <= 0) return;
+            text[count] = 0;
+            char *tracer = strstr(text, "TracerPid:\t");
+            if (tracer == NULL || strncmp(tracer + 11, "0\n", 2) == 0) break;
+            usleep(1000);
+        }
+    }
+    if (log->continueAfter && mayContinue) kill(victim, SIGCONT);
+}
+
+pid_t csys_spawn_source_guard(struct csys_source_guard_log *log, int *disarmDescriptor) {
+    int pair[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) != 0) return -1;
+    pid_t child = fork();
+    if (child < 0) {
+        int saved = errno;
+        close(pair[0]);
+        close(pair[1]);
+        errno = saved;
+        return -1;
+    }
+    if (child == 0) {
+        int keep[2] = { pair[0] < 2 ? pair[0] : 2, pair[0] < 2 ? 2 : pair[0] };
+        close_all_but(keep, 2);
+        setsid();
+        int ignored[] = { SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGPIPE, SIGTSTP, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2 };
+        for (size_t index = 0; index < sizeof ignored / sizeof ignored[0]; index++) signal(ignored[index], SIG_IGN);
+        sigset_t none;
+        sigemptyset(&none);
+        sigprocmask(SIG_SETMASK, &none, NULL);
+        prctl(PR_SET_NAME, (unsigned long)"fammig-guard", 0, 0, 0);
+        for (;;) {
+            char word = 0;
+            ssize_t count = read(pair[0], &word, 1);
+            if (count < 0 && errno == EINTR) continue;
+            if (count == 1 && word == 'D') _exit(0);
+            // Act now, as if the owner died ('S': but leave the victim stopped, for a caller to look at).
+            if (count == 1 && (word == 'A' || word == 'S')) { guard_act(log, word == 'A'); _exit(0); }
+            if (count == 1) continue;
+            break;  // EOF: the owner is gone
+        }
+        guard_act(log, 1);
+        _exit(0);
+    }
+    close(pair[0]);
+    *disarmDescriptor = pair[1];
+    return child;
+}
+
+int csys_source_guard_send(int disarmDescriptor, char word) {
+    return (int)send(disarmDescriptor, &word, 1, MSG_NOSIGNAL);
+}
+
+#define FAM_BUS_SLOTS 64
+static struct { volatile uintptr_t start, end; char path[256]; } fam_bus_slots[FAM_BUS_SLOTS];
+static pthread_mutex_t fam_bus_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct sigaction fam_bus_previous;
+static int fam_bus_installed;
+
+static void fam_bus_handler(int signal, siginfo_t *info, void *context) {
+    uintptr_t address = (uintptr_t)info->si_addr;
+    for (int slot = 0; slot < FAM_BUS_SLOTS; slot++) {
+        uintptr_t start = fam_bus_slots[slot].start, end = fam_bus_slots[slot].end;
+        if (start == 0 || address < start || address >= end) continue;
+        static const char prefix[] = "fammig: ";
+        static const char suffix[] = " changed size under this process (truncated while mapped): its image cannot be read; "
+                                     "nothing restored from it runs on. Give the image back its size, or migrate again.\n";
+        write(2, prefix, sizeof prefix - 1);
+        write(2, fam_bus_slots[slot].path, strnlen(fam_bus_slots[slot].path, sizeof fam_bus_slots[slot].path));
+        write(2, suffix, sizeof suffix - 1);
+        _exit(2);
+    }
+    // Not a FAM mapping: the disposition from before handles it when the access faults again.
+    (void)signal; (void)context;
+    sigaction(SIGBUS, &fam_bus_previous, NULL);
+}
+
+int csys_fam_bus_register(const void *start, size_t byteCount, const char *path) {
+    pthread_mutex_lock(&fam_bus_lock);
+    if (!fam_bus_installed) {
+        struct sigaction action;
+        memset(&action, 0, sizeof action);
+        action.sa_sigaction = fam_bus_handler;
+        action.sa_flags = SA_SIGINFO | SA_NODEFER;
+        sigemptyset(&action.sa_mask);
+        if (sigaction(SIGBUS, &action, &fam_bus_previous) == 0) fam_bus_installed = 1;
+    }
+    int found = -1;
+    for (int slot = 0; slot < FAM_BUS_SLOTS && found < 0; slot++) {
+        if (fam_bus_slots[slot].start != 0) continue;
+        strncpy(fam_bus_slots[slot].path, path, sizeof fam_bus_slots[slot].path - 1);
+        fam_bus_slots[slot].path[sizeof fam_bus_slots[slot].path - 1] = 0;
+        fam_bus_slots[slot].end = (uintptr_t)start + byteCount;
+        __atomic_store_n(&fam_bus_slots[slot].start, (uintptr_t)start, __ATOMIC_RELEASE);
+        found = slot;
+    }
+    pthread_mutex_unlock(&fam_bus_lock);
+    return found;
+}
+
+void csys_fam_bus_unregister(int slot) {
+    if (slot < 0 || slot >= FAM_BUS_SLOTS) return;
+    pthread_mutex_lock(&fam_bus_lock);
+    __atomic_store_n(&fam_bus_slots[slot].start, 0, __ATOMIC_RELEASE);
+    fam_bus_slots[slot].end = 0;
+    pthread_mutex_unlock(&fam_bus_lock);
 }
 
 int csys_hole_watchdog_disarm(int disarmDescriptor) {

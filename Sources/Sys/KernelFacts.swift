@@ -55,4 +55,6 @@ public enum FileType {
 public enum SignalNumber {
     public static let trap = SIGTRAP
     public static let kill = SIGKILL
+    public static let stop = SIGSTOP
+    public static let `continue` = SIGCONT
 }

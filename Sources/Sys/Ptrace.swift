@@ -53,10 +53,11 @@ public final class Tracee: @unchecked Sendable {
         self.isAttached = attached
     }
 
-    /// PTRACE_SEIZE (no stop) with EXITKILL and SUSPEND_SECCOMP, so that a dying tracer takes the tracee
-    /// with it and injected syscalls are not judged by the victim's own seccomp filter.
-    public static func seize(_ processID: ProcessID) throws -> Tracee {
-        let options = optionExitKill | optionTraceSysGood | optionSuspendSeccomp
+    /// PTRACE_SEIZE (no stop) with SUSPEND_SECCOMP, so that injected syscalls are not judged by the
+    /// victim's own seccomp filter, and with EXITKILL unless `killedWithTracer` is false: a source's
+    /// victim must outlive its tracer until the commit record (`setKilledWithTracer` turns it on then).
+    public static func seize(_ processID: ProcessID, killedWithTracer: Bool = true) throws -> Tracee {
+        let options = (killedWithTracer ? optionExitKill : 0) | optionTraceSysGood | optionSuspendSeccomp
         try checked("ptrace(PTRACE_SEIZE, \(processID))") {
             csys_ptrace(Int(PTRACE_SEIZE.rawValue), processID.rawValue, nil, UnsafeMutableRawPointer(bitPattern: options))
         }
@@ -87,6 +88,12 @@ public final class Tracee: @unchecked Sendable {
         return try checked("ptrace(\(name), \(processID))") {
             csys_ptrace(Int(code), processID.rawValue, address, data)
         }
+    }
+
+    /// PTRACE_SETOPTIONS with or without EXITKILL (the tracee must be in a ptrace-stop).
+    public func setKilledWithTracer(_ killed: Bool) throws {
+        let options = (killed ? Tracee.optionExitKill : 0) | Tracee.optionTraceSysGood | Tracee.optionSuspendSeccomp
+        try request("PTRACE_SETOPTIONS", PTRACE_SETOPTIONS.rawValue, nil, UnsafeMutableRawPointer(bitPattern: options))
     }
 
     public func interrupt() throws {

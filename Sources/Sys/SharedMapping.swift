@@ -55,6 +55,9 @@ public final class SharedMapping: @unchecked Sendable {
     public let permissionBits: UInt32
     /// nil once closed, and for an empty file (mmap cannot map 0 bytes).
     private var base: UnsafeMutableRawPointer?
+    /// This mapping's slot with the SIGBUS handler (csys_fam_bus_register): the file truncated under it
+    /// is exit 2 with the path named, not a crash.
+    private var busSlot: Int32 = -1
 
     private init(path: String, base: UnsafeMutableRawPointer?, byteCount: Int, isWritable: Bool,
                  ownerUserID: UInt32 = geteuid(), permissionBits: UInt32 = SharedMapping.createdFileMode) {
@@ -65,6 +68,7 @@ public final class SharedMapping: @unchecked Sendable {
         self.byteCount = byteCount
         self.isWritable = isWritable
         self.flushInstruction = FlushInstruction.best()
+        if let base { busSlot = csys_fam_bus_register(base, byteCount, path) }
     }
 
     deinit { close() }
@@ -142,6 +146,8 @@ public final class SharedMapping: @unchecked Sendable {
     /// Unmaps. Safe to call twice; any access afterwards is a precondition failure.
     public func close() {
         if let base {
+            csys_fam_bus_unregister(busSlot)
+            busSlot = -1
             _ = munmap(base, byteCount)
             self.base = nil
         }

@@ -37,6 +37,12 @@ public final class SyscallInjector: @unchecked Sendable {
     /// syscall-restart logic never rewrites the registers we set.
     public var template: GeneralRegisters
     public private(set) var injectedCount = 0
+    /// Whether each injection ends at its (last) syscall's exit stop instead of the int3 after it. A
+    /// tracer that dies with its tracee in the int3's SIGTRAP stop leaves that SIGTRAP to be delivered
+    /// (fatal, and an int3 with SIGTRAP blocked resets the victim's SIGTRAP action to SIG_DFL); one that
+    /// dies at a syscall-exit stop leaves no signal. The source's injections use it (two stops a call):
+    /// its victim must outlive a dead tracer. Call `park` before the victim's own registers are final.
+    public var endsAtSyscallExit = false
     /// Where the injected code traps, from `instructionAddress` (3 for `syscall; int3`).
     public var trapOffset: UInt64 = 3
 
@@ -61,7 +67,8 @@ public final class SyscallInjector: @unchecked Sendable {
 
     /// Runs one syscall; returns the raw result (negative errno on failure).
     public func raw(_ name: String, _ number: Int, _ arguments: [UInt64]) throws(InjectionError) -> Int64 {
-        let after = try runToTrap(name, registers: registersFor(number, arguments), trapAddress: instructionAddress + trapOffset)
+        let after = endsAtSyscallExit ? try runToSyscallExit(name, registers: registersFor(number, arguments), syscallCount: 1)
+            : try runToTrap(name, registers: registersFor(number, arguments), trapAddress: instructionAddress + trapOffset)
         injectedCount += 1
         return after.syscallResult
     }
@@ -93,6 +100,66 @@ public final class SyscallInjector: @unchecked Sendable {
                     throw InjectionError.unexpectedStop(name: name, reason: reason, rip: after.rip)
                 }
             }
+        } catch let error as InjectionError {
+            throw error
+        } catch let error as SyscallError {
+            throw .ptrace(error)
+        } catch {
+            preconditionFailure("unexpected error \(error)")
+        }
+    }
+
+    /// Sets `registers`, lets the tracee run to the exit stop of its `syscallCount`-th syscall, and
+    /// returns its registers there; throws at any other stop but a group-stop.
+    private func runToSyscallExit(_ name: String, registers: GeneralRegisters, syscallCount: Int) throws(InjectionError) -> GeneralRegisters {
+        do {
+            try tracee.setRegisters(registers)
+            // Ends after 2 * syscallCount syscall stops (entry and exit alternate) or at a stop that throws.
+            var syscallStops = 0
+            while syscallStops < 2 * syscallCount {
+                try tracee.resumeToSyscall()
+                let reason = try tracee.waitForStop()
+                switch reason {
+                case .syscall: syscallStops += 1
+                case .event: continue
+                case .exited, .killed: throw InjectionError.traceeDied(name: name, reason: reason)
+                case .signal:
+                    let after = try tracee.registers()
+                    throw InjectionError.unexpectedStop(name: name, reason: reason, rip: after.rip)
+                }
+            }
+            return try tracee.registers()
+        } catch let error as InjectionError {
+            throw error
+        } catch let error as SyscallError {
+            throw .ptrace(error)
+        } catch {
+            preconditionFailure("unexpected error \(error)")
+        }
+    }
+
+    /// After injections that ended at a syscall-exit stop, with the thread's own registers set again:
+    /// moves it to an interrupt stop (no user instruction runs in between), where the kernel's restart
+    /// logic will see its registers when it resumes, as at the freeze. Every signal but SIGKILL and
+    /// SIGSTOP must be blocked meanwhile, so no handler of the victim runs here.
+    public func park() throws(InjectionError) {
+        do {
+            try tracee.interrupt()
+            try tracee.resume()
+            // Ends at the interrupt stop: only a stop or the end can come with every signal blocked.
+            for _ in 0..<1000 {
+                let reason = try tracee.waitForStop()
+                switch reason {
+                case .event(Tracee.eventStop, _): return
+                case .event, .syscall: try tracee.resume()
+                case .exited, .killed: throw InjectionError.traceeDied(name: "park", reason: reason)
+                case .signal(let signal) where signal == SIGSTOP: try tracee.resume(signal: signal)
+                case .signal:
+                    let after = try tracee.registers()
+                    throw InjectionError.unexpectedStop(name: "park", reason: reason, rip: after.rip)
+                }
+            }
+            throw InjectionError.unexpectedStop(name: "park", reason: .syscall, rip: 0)
         } catch let error as InjectionError {
             throw error
         } catch let error as SyscallError {
@@ -161,6 +228,14 @@ public final class SyscallInjector: @unchecked Sendable {
         registers.r13 = UInt64(calls.count)
         registers.rip = codeAddress
         let name = "a batch of \(calls.count) (\(calls[0].name) ... \(calls[calls.count - 1].name))"
+        if endsAtSyscallExit {
+            // Stopped at the last call's exit, before the loop stores its result: that one is in rax.
+            let after = try runToSyscallExit(name, registers: registers, syscallCount: calls.count)
+            guard after.r13 == 1 else { throw InjectionError.unexpectedStop(name: name, reason: .syscall, rip: after.rip) }
+            injectedCount += calls.count
+            let words = LittleEndian.words(try memory.read(at: tableAddress, byteCount: table.count), count: calls.count * 8)
+            return (0..<(calls.count - 1)).map { Int64(bitPattern: words[$0 * 8 + 7]) } + [after.syscallResult]
+        }
         let after = try runToTrap(name, registers: registers, trapAddress: codeAddress + UInt64(Self.batchLoopCode.count))
         guard after.r13 == 0 else { throw InjectionError.unexpectedStop(name: name, reason: .signal(SIGTRAP), rip: after.rip) }
         injectedCount += calls.count

@@ -131,7 +131,7 @@ public struct Iteration {
         if let link { participants.append(LinkParticipant(link: link)) }
         if scenario.mode != .postcopySocket { participants.append(FabricParticipant(model: { box.model })) }
         let nemesis = scenario.kill.map {
-            NemesisParticipant(plan: $0, dumper: dumperParticipant, victim: victim, model: { box.model }, link: link)
+            NemesisParticipant(plan: $0, dumper: dumperParticipant, sourceDumper: dumper, victim: victim, model: { box.model }, link: link)
         }
         if let nemesis { participants.append(nemesis) }
         let tamperer = scenario.tamper.map { TamperParticipant(plan: $0, model: { box.model }, key: key) }
@@ -289,6 +289,15 @@ public struct Iteration {
         case .stuck(let reason):
             result.outcome = "stuck: \(reason)"
             failures.append("liveness: \(reason)")
+        }
+        // A dead source leaves its victim running on before the commit record, and dead after it.
+        if let nemesis, nemesis.fired {
+            let committed = nemesis.imageStateAtKill == .complete
+            if !committed && !nemesis.victimAliveAfterKill && scenario.mode != .postcopySocket {
+                failures.append("source kill before the commit record: the victim must run on, but it did not survive")
+            } else if committed && nemesis.victimAliveAfterKill {
+                failures.append("source kill after the commit record: the victim must die with its source, but it runs on")
+            }
         }
         if let nemesis, nemesis.fired, !killedBeforeCommit, scenario.mode != .postcopySocket, case .failed = outcome,
            tamperer?.fired != true, attacker?.fired != true {

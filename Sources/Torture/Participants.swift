@@ -53,23 +53,28 @@ final class FabricParticipant: Participant {
 }
 
 /// Kills the source node once the dumper has taken the planned number of steps: the dumper never steps
-/// again (no cleanup runs), the victim dies, pending FAM lines reach the fabric or not, and the link
+/// again (no cleanup runs), the victim is left as a dead tracer leaves it (running on before the commit
+/// record, killed after it: Dumper.loseTracer), pending FAM lines reach the fabric or not, and the link
 /// loses or delivers what the source had sent, then shows the close.
 final class NemesisParticipant: Participant {
     let actor = ActorName.nemesis
     let isEssential = false
     private let plan: KillPlan
     private let dumper: EngineParticipant
+    private let sourceDumper: Dumper
     private let victim: ProcessID
     private let model: () -> ModelFAM?
     private let link: MemoryLink?
     private(set) var fired = false
     /// The image state the target could see right after the kill (nil: no image, socket mode).
     private(set) var imageStateAtKill: ImageState?
+    /// Whether the victim was alive right after the kill (its guard had let it go, or not).
+    private(set) var victimAliveAfterKill = false
 
-    init(plan: KillPlan, dumper: EngineParticipant, victim: ProcessID, model: @escaping () -> ModelFAM?, link: MemoryLink?) {
+    init(plan: KillPlan, dumper: EngineParticipant, sourceDumper: Dumper, victim: ProcessID, model: @escaping () -> ModelFAM?, link: MemoryLink?) {
         self.plan = plan
         self.dumper = dumper
+        self.sourceDumper = sourceDumper
         self.victim = victim
         self.model = model
         self.link = link
@@ -91,6 +96,11 @@ final class NemesisParticipant: Participant {
     func take(_ index: Int, rng: inout SeededGenerator) throws -> String? {
         fired = true
         dumper.crashed = true
+        // As a dead tracer leaves it, but stopped rather than running on: it must be whole, untraced
+        // and not killed before the commit record (killed after it). Then it goes, as the iteration's
+        // ending does not depend on a victim that runs in real time beside the target.
+        sourceDumper.loseTracer(resume: false)
+        victimAliveAfterKill = Self.isLetGo(victim)
         Spawn.kill(victim)
         if let link { link.crash(link.source, dropInFlight: plan.dropInFlight) }
         guard let model = model() else { return "killed before any FAM existed" }
@@ -100,6 +110,12 @@ final class NemesisParticipant: Participant {
     }
 
     func abort(reason: String) {}
+
+    /// Alive and traced by nobody: what a dead source leaves before the commit (stopped, when it froze it).
+    static func isLetGo(_ victim: ProcessID) -> Bool {
+        guard !ProcFS.isKilledOrEnded(victim), let status = try? ProcFS.status(victim) else { return false }
+        return status["TracerPid"] == "0"
+    }
 }
 
 /// Kills the target node once the restored process ran and its fault handler took the planned number

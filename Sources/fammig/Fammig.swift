@@ -124,6 +124,9 @@ struct Checkpoint: ParsableCommand {
     @Flag(help: "Let the process run on after the checkpoint instead of killing it.")
     var leaveRunning = false
 
+    @Option(help: "Testing: kill this fammig at this point of the checkpoint (before-freeze, frozen, before-commit, after-commit).")
+    var dieAt: SourceNemesis.Moment?
+
     @OptionGroup var common: CommonOptions
 
     func validate() throws {
@@ -138,8 +141,10 @@ struct Checkpoint: ParsableCommand {
         let key = try keySink.create()
         let poolImage = opened.map { PoolImage(pool: $0, key: key) }
         let timeline = MigrationTimeline()
+        let nemesis = dieAt.map { SourceNemesis(moment: $0) }
+        let makeBackend = poolImage?.makeBackend() ?? makeRealBackend(path: fam ?? "")
         let source = try Migration.source(MigrationPlan(mode: .nonlive, key: key), victim: ProcessID(pid), ports: SourcePorts(
-            makeBackend: poolImage?.makeBackend() ?? makeRealBackend(path: fam ?? ""), transport: nil, observer: nil, clock: MonotonicClock(),
+            makeBackend: nemesis?.wrap(makeBackend) ?? makeBackend, transport: nil, observer: nemesis, clock: MonotonicClock(),
             timeline: timeline, logger: logger, release: leaveRunning ? .leaveRunning : .kill))
         do {
             try ThreadedDriver(logger: logger, pinToCPU: 0).run(source.actors)

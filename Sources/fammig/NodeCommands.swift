@@ -10,10 +10,25 @@ import Sys
 
 /// Kills this process at a point of the source's protocol: how tests show what a dead source leaves.
 final class SourceNemesis: MigrationObserver, @unchecked Sendable {
-    enum Moment: String, ExpressibleByArgument, CaseIterable { case beforeCommit = "before-commit", afterCommit = "after-commit" }
+    /// before-freeze: once the FAM file is made, before the victim is seized; frozen: once its state is
+    /// read (every injected query done), before anything is dumped; before-commit: every page dumped
+    /// and marked, before the commit record; after-commit: right after it.
+    enum Moment: String, ExpressibleByArgument, CaseIterable {
+        case beforeFreeze = "before-freeze", frozen, beforeCommit = "before-commit", afterCommit = "after-commit"
+    }
     let moment: Moment
     init(moment: Moment) { self.moment = moment }
-    func victimFrozen(processID: ProcessID, state: ProcessState, pageAddresses: [UInt64]) throws {}
+    /// The FAM maker, which dies right after its first FAM at `before-freeze`.
+    func wrap(_ makeBackend: @escaping (Int) throws(ImageError) -> any FAMBackend) -> (Int) throws(ImageError) -> any FAMBackend {
+        { [moment] (byteCount) throws(ImageError) in
+            let backend = try makeBackend(byteCount)
+            if moment == .beforeFreeze { Glibc.kill(getpid(), SIGKILL) }
+            return backend
+        }
+    }
+    func victimFrozen(processID: ProcessID, state: ProcessState, pageAddresses: [UInt64]) throws {
+        if moment == .frozen { Glibc.kill(getpid(), SIGKILL) }
+    }
     func targetReady(processID: ProcessID, checkpointed: ProcessState, restored: ProcessState) throws {}
     func pagesInstalled(processID: ProcessID, address: UInt64, targetAddress: UInt64, byteCount: Int, installedBytes: [UInt8]?) throws {}
     func imageWillCommit() { if moment == .beforeCommit { Glibc.kill(getpid(), SIGKILL) } }
@@ -53,7 +68,7 @@ struct Source: ParsableCommand {
     @Option(help: "Seconds to wait for a target node that proves the key. A connection that does not complete the handshake within \(SecureChannel.handshakeTimeoutMilliseconds / 1000) s, or proves another key, is refused, and the source waits for the next one.")
     var acceptTimeout: Int32 = 30
 
-    @Option(help: "Testing: kill this source node at this point of the protocol.")
+    @Option(help: "Testing: kill this source node at this point of the protocol (before-freeze, frozen, before-commit, after-commit).")
     var dieAt: SourceNemesis.Moment?
 
     @OptionGroup var common: CommonOptions
@@ -108,9 +123,11 @@ struct Source: ParsableCommand {
         defer { poolImage?.release() }
         let timeline = MigrationTimeline()
         let famPath = fam ?? ""
+        let nemesis = dieAt.map { SourceNemesis(moment: $0) }
+        let makeBackend = poolImage?.makeBackend() ?? makeRealBackend(path: famPath)
         let source = try Migration.source(MigrationPlan(mode: mode, push: push == .on, key: key), victim: ProcessID(pid),
-                                           ports: SourcePorts(makeBackend: poolImage?.makeBackend() ?? makeRealBackend(path: famPath), transport: transport,
-                                                              observer: dieAt.map { SourceNemesis(moment: $0) }, clock: MonotonicClock(),
+                                           ports: SourcePorts(makeBackend: nemesis?.wrap(makeBackend) ?? makeBackend, transport: transport,
+                                                              observer: nemesis, clock: MonotonicClock(),
                                                               timeline: timeline, logger: logger))
         do {
             try ThreadedDriver(logger: logger).run(source.actors)
@@ -149,7 +166,7 @@ struct Target: ParsableCommand {
     @Option(help: "shared: the old PID in this node's PID namespace; fresh: pid 1 of a new namespace (a victim started by `fammig launch`).")
     var pidNamespace: PIDNamespaceChoice = .shared
 
-    @Option(help: "Seconds to keep trying to reach the source, and then to wait for its handshake (a source busy refusing another peer answers late).")
+    @Option(help: "Seconds to keep trying to reach the source, then to wait for its handshake (a source busy refusing another peer answers late), and then for the process state or image it sends.")
     var connectTimeout: Int32 = 30
 
     @OptionGroup var common: CommonOptions
@@ -191,7 +208,7 @@ struct Target: ParsableCommand {
                                           ports: TargetPorts(openBackend: poolImage?.openBackend() ?? openRealBackend(path: fam ?? "/nonexistent"),
                                                              transport: transport, stubPath: try stubPath(), observer: oracles, clock: clock,
                                                              timeline: timeline, metrics: metrics, logger: logger,
-                                                             pidNamespace: pidNamespace.namespace))
+                                                             pidNamespace: pidNamespace.namespace, imageWait: .seconds(Int64(connectTimeout))))
         let restorer = target.restorer
         do {
             try ThreadedDriver(logger: logger).run(target.actors)

@@ -49,7 +49,7 @@ extension ProcessTests {
             let targetErrors = { (try? String(contentsOfFile: directory.path("target.err"), encoding: .utf8)) ?? "" }
             let sourceOutcome = try source.waitForExit(timeout: .seconds(60))
             #expect(sourceOutcome.killedBySignal, "the source did not die after the commit record: \(sourceOutcome.standardError)")
-            // The source's death takes the victim with it (it was traced); only the image is left of it.
+            // After the commit record the source's death takes the victim with it (EXITKILL, and its guard); only the image is left of it.
             #expect(pollUntil(timeout: .seconds(5)) { processLife(ProcessID(victim)) != .running }, "the victim outlived its source")
 
             func children(named name: String) -> [ProcessID] {

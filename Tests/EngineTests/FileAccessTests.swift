@@ -3,6 +3,7 @@
 // takes on the victim's filesystem IDs, groups and effective capabilities, before any process exists.
 import Foundation
 import Glibc
+import Logging
 import Testing
 @testable import Engine
 import Sys
@@ -73,6 +74,43 @@ func rewriteImage(path: String, to newPath: String, key: MigrationKey, _ change:
         // Closed: nothing names a checked file any more (the number itself may be reused at once by
         // another test of this process, so the path is not what to look at).
         #expect(checked.paths.allSatisfy { $0?.reopenPath(0) == nil }, "a checked file stays open after close")
+    }
+
+    /// The same gap for what the restorer opens besides descriptors: a file mapping, the executable and
+    /// the working directory are each kept open by the check, so each path swapped afterwards (the file
+    /// for a symlink to /etc/shadow, the directory for one to /root) still opens the one checked.
+    @Test func aMappingExecutableAndWorkingDirectorySwappedAfterTheCheckStillOpenTheCheckedFiles() throws {
+        let directory = try ScratchDirectory(under: "/tmp")
+        defer { directory.remove() }
+        try #require(chmod(directory.path, 0o1777) == 0)
+        let (mapped, executable, working) = (directory.path("mapped"), directory.path("program"), directory.path("work"))
+        try #require(FileManager.default.createFile(atPath: mapped, contents: Data("the victim's mapped file\n".utf8)))
+        try #require(FileManager.default.createFile(atPath: executable, contents: Data("#!/bin/true\n".utf8)))
+        try #require(mkdir(working, 0o700) == 0)
+        for path in [mapped, executable, working] { try #require(chown(path, Self.nobody, Self.nobody) == 0) }
+        try #require(chmod(mapped, 0o600) == 0 && chmod(executable, 0o700) == 0)
+        var state = victimState(userID: Self.nobody, groupID: Self.nobody, files: [])
+        state.executablePath = executable
+        state.context.workingDirectory = working
+        state.mappings.insert(Mapping(start: 0x50_0000, end: 0x50_1000, readable: true, writable: false, executable: false, shared: false,
+                                      fileOffset: 0, kind: .file(path: mapped)), at: 1)
+        state.mappings.insert(Mapping(start: 0x40_0000, end: 0x40_1000, readable: true, writable: false, executable: true, shared: false,
+                                      fileOffset: 0, kind: .file(path: executable)), at: 0)
+        let checked = try state.checkFileAccess(path: "/dev/shm/test-image")
+        defer { checked.close() }
+        let reopens = try #require(checked.reopenPaths[state.processID])
+        let mappingPath = try #require(reopens[.mapping(path: mapped, writable: false)], "no checked file for the mapping")
+        let executableOpen = try #require(reopens[.executable], "no checked file for the executable")
+        let workingOpen = try #require(reopens[.workingDirectory], "no checked file for the working directory")
+
+        for path in [mapped, executable] { try #require(unlink(path) == 0 && symlink("/etc/shadow", path) == 0) }
+        try #require(rename(working, directory.path("work.moved")) == 0 && symlink("/root", working) == 0)
+        let shadow = try String(contentsOfFile: "/etc/shadow", encoding: .utf8)
+        #expect(try String(contentsOfFile: mapped, encoding: .utf8) == shadow, "the mapping's path, opened as root, is /etc/shadow now")
+        #expect(fileAccessRejection(state)?.contains("the executable opens \(executable) for search") == true, "a check now refuses the planted files")
+        #expect(try String(contentsOfFile: mappingPath, encoding: .utf8) == "the victim's mapped file\n", "the mapping opens another file")
+        #expect(try String(contentsOfFile: executableOpen, encoding: .utf8) == "#!/bin/true\n", "the executable opens another file")
+        #expect(try ProcFS.readLink(workingOpen) == directory.path("work.moved"), "the working directory is another one")
     }
 
     /// Each process of a tree is checked with its own credentials: a member asking for /etc/shadow as
@@ -209,6 +247,60 @@ extension ProcessTests {
             #expect(try ProcFS.status(victimID)["Uid"]?.split(whereSeparator: \.isWhitespace) == ["65534", "65534", "65534", "65534"])
             #expect(pollUntil(timeout: .seconds(30)) { processLife(victimID) != .running }, "the restored process did not end")
             #expect(lastChecksum(inFile: directory.path("victim.out")) != nil, "the restored process did not finish its run")
+        }
+
+        /// On a real process: filemaps runs from a copy of its binary, in a working directory of its own,
+        /// with its two mapped files in a directory of its own. It is checkpointed; the restorer opens the
+        /// image (the access check runs there), and only then are the executable, both mapped files and
+        /// the working directory swapped for symlinks to /etc/shadow and /root. The restore goes on and
+        /// the restored process has the files that were checked (now under their moved names), none of
+        /// the planted ones.
+        @Test func aRestoreOpensTheCheckedFilesWhenPathsAreSwappedAfterTheCheck() throws {
+            let directory = try ScratchDirectory(under: "/tmp")
+            defer { directory.remove() }
+            let leftovers = LeftoverCheck()
+            defer { leftovers.finish() }
+            try #require(chmod(directory.path, 0o755) == 0)
+            let (program, work, data) = (directory.path("filemaps"), directory.path("work"), directory.path("data"))
+            try #require(mkdir(work, 0o755) == 0 && mkdir(data, 0o755) == 0)
+            try FileManager.default.copyItem(atPath: try TestPaths.testProgram("filemaps-static"), toPath: program)
+            let arguments = ["--dir", data, "--rounds", "100000", "--pause-us", "20000"]
+            let victim = leftovers.own(try SpawnedProgram("/bin/sh", ["-c", "cd \(work) && exec \(program) " + arguments.joined(separator: " ")],
+                                                          standardOutputPath: directory.path("victim.out"),
+                                                          standardErrorPath: directory.path("victim.err")))
+            defer { victim.kill() }
+            let victimID = victim.processID
+            let started = pollUntil(timeout: .seconds(10)) {
+                ((try? ProcFS.maps(victimID)) ?? []).filter { $0.path.hasPrefix(data + "/") }.count == 2
+            }
+            try #require(started, "filemaps did not map its files")
+            let mappedFiles = Set(try ProcFS.maps(victimID).map(\.path).filter { $0.hasPrefix(data + "/") }).sorted()
+            let imagePath = directory.path("image.fam"), keyPath = directory.path("migration.key")
+            let checkpoint = try leftovers.fammig("checkpoint", "--pid", "\(victimID)", "--fam", imagePath, "--key-file", keyPath)
+            try #require(checkpoint.exitStatus == 0, "checkpoint failed: \(checkpoint.standardError)")
+            #expect(try victim.waitForExit(timeout: .seconds(5)) == .killed(signal: SIGKILL))
+
+            let restorer = Restorer(openBackend: { () throws(ImageError) in try RealFAM.openTrusted(path: imagePath) },
+                                    key: try readKeyFile(keyPath), stubPath: try TestPaths.fammig(), observer: nil,
+                                    clock: MonotonicClock(), timeline: MigrationTimeline(), logger: Logger(label: "swap-test"))
+            try restorer.perform()
+            guard case .spawn = restorer.state else { Issue.record("the restorer did not open the image first: \(restorer.state)"); return }
+            for path in [program] + mappedFiles {
+                try #require(rename(path, path + ".moved") == 0 && symlink("/etc/shadow", path) == 0)
+            }
+            try #require(rename(work, work + ".moved") == 0 && symlink("/root", work) == 0)
+            for _ in 0..<100_000 {
+                if case .finished = restorer.nextAction() { break }
+                try restorer.perform()
+            }
+            let restoredID = try #require(restorer.restoredProcessID)
+            defer { _ = Spawn.killAndReap(restoredID) }
+            #expect(try ProcFS.readLink("/proc/\(restoredID)/exe") == program + ".moved")
+            #expect(try ProcFS.readLink("/proc/\(restoredID)/cwd") == work + ".moved")
+            let restoredPaths = Set(try ProcFS.maps(restoredID).map(\.path))
+            for path in mappedFiles { #expect(restoredPaths.contains(path + ".moved"), "\(path) is not mapped from the checked file") }
+            #expect(!restoredPaths.contains { $0.contains("shadow") || mappedFiles.contains($0) || $0 == program }, "\(restoredPaths.sorted())")
+            #expect(ProcFS.isAlive(restoredID), "the restored process did not run on")
         }
 
         static let nobody: UInt32 = 65534

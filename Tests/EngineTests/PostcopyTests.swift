@@ -200,10 +200,16 @@ extension ProcessTests {
                 let namesTheCause = target.standardError.contains("closed the connection") || target.standardError.contains("went away")
                 #expect(namesTheCause, "\(target.standardError)")
                 #expect(sourceOutcome.killedBySignal)
-                // The victim died with its tracer, and no restored process runs on holes.
-                let victimEnded = pollUntil(timeout: .seconds(5)) { processLife(ProcessID(victim)) != .running }
-                #expect(victimEnded)
-                #expect(lastChecksum(inFile: outputPath) == nil)
+                // Before the commit record the victim is the process: its dead source's guard lets it run
+                // on, unfrozen, to the unmigrated end; no restored process runs on holes (target exit 1).
+                let unfrozen = pollUntil(timeout: .seconds(10)) {
+                    guard let status = try? ProcFS.status(ProcessID(victim)) else { return false }
+                    return status["TracerPid"] == "0" && !(status["State"] ?? "T").hasPrefix("T")
+                }
+                #expect(unfrozen, "the victim was left frozen by its dead source")
+                let victimEnded = pollUntil(timeout: .seconds(60)) { processLife(ProcessID(victim)) != .running }
+                #expect(victimEnded, "the victim did not run to its end")
+                #expect(lastChecksum(inFile: outputPath).map { "checksum=" + $0 } == referenceChecksum)
             }
         }
     }

@@ -60,6 +60,42 @@ extension ProcessTests {
             #expect(processLife(ProcessID(4244)) == .gone)
         }
 
+        /// Timeouts on every wait of the target, with the figure in --help: a source that holds the key,
+        /// completes the handshake and then says nothing is given up on after --connect-timeout (the
+        /// probe: a target connected to a silent source waited 75 s), exit 1 naming the wait, and no
+        /// process is created.
+        @Test func aSourceThatFallsSilentAfterTheHandshakeIsGivenUpOn() throws {
+            let help = try runCommand(try TestPaths.fammig(), ["target", "--help"])
+            let helpText = help.standardOutput.split(whereSeparator: \.isWhitespace).joined(separator: " ")
+            #expect(helpText.contains("--connect-timeout") && helpText.contains("(default: 30)"), "\(helpText)")
+            #expect(helpText.contains("and then for the process state"), "the help does not say what --connect-timeout bounds: \(helpText)")
+            let directory = try ScratchDirectory(under: "/tmp")
+            defer { directory.remove() }
+            let leftovers = LeftoverCheck()
+            defer { leftovers.finish() }
+            let key = MigrationKey.generate()
+            let keyPath = directory.path("migration.key")
+            try writeKeyFile(key, to: keyPath)
+            let port = 33000 + Int(getpid() % 1000)
+            let listener = try TCPTransport.listen(on: Endpoint(host: "127.0.0.1", port: UInt16(port)))
+            defer { listener.close() }
+            let target = leftovers.own(try StartedProcess(try TestPaths.fammig(),
+                                                          ["target", "--mode", "postcopy-socket", "--key-file", keyPath, "--connect", "127.0.0.1:\(port)",
+                                                           "--pid-namespace", "fresh", "--connect-timeout", "3"],
+                                                          standardOutputPath: directory.path("target.out"),
+                                                          standardErrorPath: directory.path("target.err")))
+            let accepted = try #require(try TCPTransport.accept(on: listener, timeoutMilliseconds: 20_000), "the target never connected")
+            defer { accepted.close() }
+            let channel = try SecureChannel.establish(over: accepted, role: .source, key: key,
+                                                      agreement: ChannelAgreement(mode: .postcopySocket, generation: MigrationPlan.singleGeneration),
+                                                      nonce: SecureChannel.randomNonce())
+            defer { channel.close() }
+            let outcome = try target.waitForExit(timeout: .seconds(60))
+            #expect(outcome.exitStatus != 0 && !outcome.killedBySignal, "exit \(outcome.exitStatus): \(outcome.standardError)")
+            #expect(outcome.standardError.contains("within"), "the target does not name the wait: \(outcome.standardError)")
+            #expect(!outcome.standardOutput.contains("restored pid"), "\(outcome.standardOutput)")
+        }
+
         @Test func runReportsAreNotWritableByOthersWhateverTheUmask() throws {
             let directory = try ScratchDirectory(under: "/tmp")
             defer { directory.remove() }

@@ -64,6 +64,55 @@ pid_t csys_spawn_hole_watchdog(int pidfd, int userfaultfd, int *disarmDescriptor
 /// Sends the watchdog its 'D' (MSG_NOSIGNAL: no SIGPIPE when it has exited already).
 int csys_hole_watchdog_disarm(int disarmDescriptor);
 
+/// What a source guard (below) undoes in a victim whose tracer died before the commit record: every
+/// field is written by the tracer before it changes the victim, so the log always holds the victim's
+/// original values (putting them back twice does no harm). Lives in a MAP_SHARED page both processes see.
+#define CSYS_SOURCE_GUARD_THREADS_MAX 256
+enum {
+    CSYS_SOURCE_GUARD_IDLE = 0,        // nothing to do: the victim is not ours (not frozen, or released)
+    CSYS_SOURCE_GUARD_FROZEN = 1,      // before the commit record: undo, detach, let it run on
+    CSYS_SOURCE_GUARD_COMMITTING = 2,  // the commit record is being stored: leave it stopped, say so
+    CSYS_SOURCE_GUARD_COMMITTED = 3,   // the image is the process: kill the victim
+};
+struct csys_source_guard_thread {
+    int32_t threadID;
+    int32_t reserved;
+    uint64_t signalMask;
+    struct user_regs_struct registers;
+};
+struct csys_source_guard_log {
+    volatile int32_t phase;
+    int32_t victim;
+    /// 1 once the tracer sent the victim the SIGSTOP of its freeze: the guard sends SIGCONT.
+    volatile int32_t continueAfter;
+    volatile int32_t threadCount;
+    volatile uint64_t codeAddress;
+    volatile int32_t codeByteCount;
+    uint8_t code[16];
+    volatile uint64_t scratchAddress;
+    volatile uint64_t scratchByteCount;
+    struct csys_source_guard_thread threads[CSYS_SOURCE_GUARD_THREADS_MAX];
+};
+/// Forks a source guard over `log->victim`: a child that keeps only the read end of a socket pair whose
+/// other end (O_CLOEXEC, returned in *disarmDescriptor) only this process holds, and stderr. On 'D' it
+/// exits; when the other end closes without it (this process died: SIGKILL included) it acts on `log`
+/// as its phase says. It ignores terminal signals and has its own session. Only syscalls run in the
+/// child, so this is safe from a multi-threaded parent. Returns the guard's PID, or -1 (errno).
+pid_t csys_spawn_source_guard(struct csys_source_guard_log *log, int *disarmDescriptor);
+/// Sends the guard 'D' (disarm: exit, touch nothing), 'A' (act now on the log, as if this process died)
+/// or 'S' (the same, but without the SIGCONT).
+int csys_source_guard_send(int disarmDescriptor, char word);
+
+/// A FAM file truncated under its mapping makes every later access beyond the new end a SIGBUS: that is
+/// input (another user, another node, a full disk), not a bug. Each registered mapping's range is known
+/// to a SIGBUS handler (installed with the first registration) that, for a fault inside one, writes
+/// "fammig: PATH changed size under this process ..." to stderr and exits 2 at once (so the processes
+/// this one traces with EXITKILL, and the restored process its hole watchdog guards, die with it: no
+/// half-restored process runs on). A fault anywhere else goes to the handler that was there before.
+/// Returns the slot (for `unregister`), or -1 when all 64 slots are taken.
+int csys_fam_bus_register(const void *start, size_t byteCount, const char *path);
+void csys_fam_bus_unregister(int slot);
+
 /// posix_spawn_file_actions_addclosefrom_np (glibc 2.34), which Swift does not import.
 int csys_spawn_actions_close_from(posix_spawn_file_actions_t *actions, int firstDescriptor);
 

@@ -36,7 +36,8 @@ final class FrozenTree {
                     }
                     var frozen: FrozenVictim?
                     if try !ProcessTreeFS.fields(child).isZombie {
-                        do { frozen = try FrozenVictim.freeze(child) } catch {
+                        // No group-stop: its parent, frozen in the tree, would get a SIGCHLD it then carries.
+                        do { frozen = try FrozenVictim.freeze(child, groupStop: false) } catch {
                             // It ended between the listing and the seize: its parent is frozen, so it stays a zombie.
                             guard (try? ProcessTreeFS.fields(child))?.isZombie == true else { throw error }
                         }
@@ -116,6 +117,24 @@ final class FrozenTree {
             frozenByProcessID[member.listing.fields.parentProcessID]?.reapChild(member.listing.ownProcessID)
         }
         root.release(kill: true)
+    }
+}
+
+extension FrozenTree {
+    private var frozenProcesses: [FrozenVictim] { [root] + members.compactMap(\.frozen) }
+
+    /// The commit record is about to be stored, for every process (FrozenVictim.committing).
+    func committing() { for process in frozenProcesses { process.committing() } }
+
+    /// The image is complete: every process now dies with its tracer (FrozenVictim.committed).
+    func committed() { for process in frozenProcesses { process.committed() } }
+
+    /// What a dead tracer leaves (FrozenVictim.loseTracer): before the commit every process runs on,
+    /// after it the tree is killed as its release kills it.
+    package func loseTracer(resume: Bool = true) {
+        if root.isCommitted { release(kill: true); return }
+        for member in members.reversed() { member.frozen?.loseTracer(resume: resume) }
+        root.loseTracer(resume: resume)
     }
 }
 

@@ -1,5 +1,13 @@
-// The victim between freeze and release: seized and interrupted by the dumper's thread, its state read
+// The victim between freeze and release: seized and stopped by the dumper's thread, its state read
 // through ptrace, /proc and a few injected syscalls, and its dirty pages listed from pagemap.
+//
+// Until the commit record the victim is the only copy of the process, so the tracer's death (fammig
+// killed, SIGKILL included) must leave it as it was, running on: it is seized without
+// PTRACE_O_EXITKILL and frozen in a group-stop (SIGSTOP), so the kernel's detach of a dead tracer
+// leaves it stopped; a guard process (Sys/SourceGuard.swift) that logged its original registers,
+// signal masks and code before every change puts them back and sends the SIGCONT. Injected queries
+// end at their syscall's exit stop, not at an int3, so a tracer death there leaves no SIGTRAP to kill
+// it. Once the image is committed, EXITKILL is set and the guard kills the victim instead.
 import Sys
 
 /// A seized, stopped victim: every thread. Every method must run on the thread that called `freeze`.
@@ -11,24 +19,42 @@ final class FrozenVictim {
     private(set) var isReleased = false
     /// A process frozen as part of its tree (FrozenTree): its children are the tree's, not a refusal.
     var isTreeMember = false
+    /// Undoes what this tracer changed if it dies before the commit record (see the top of the file).
+    let sourceGuard: SourceGuard
+    /// Whether the freeze sent the SIGSTOP (the victim ran): a release that lets it run sends SIGCONT.
+    /// A victim found stopped already (a workload frozen at a system call) stays stopped, as it was.
+    private let stoppedByFreeze: Bool
 
-    private init(processID: ProcessID, tracee: Tracee) {
+    private init(processID: ProcessID, tracee: Tracee, sourceGuard: SourceGuard, stoppedByFreeze: Bool) {
         self.processID = processID
         self.tracees = [tracee]
+        self.sourceGuard = sourceGuard
+        self.stoppedByFreeze = stoppedByFreeze
     }
 
-    /// PTRACE_SEIZE + PTRACE_INTERRUPT of every thread, then waits for each interrupt stop. Threads
-    /// are listed again until no new one appeared: a stopped thread creates none.
-    static func freeze(_ processID: ProcessID) throws(CheckpointError) -> FrozenVictim {
+    /// PTRACE_SEIZE of every thread (without EXITKILL) and a SIGSTOP, then waits for each thread's
+    /// group-stop (a victim stopped already, or frozen without `groupStop`, is interrupted instead: a
+    /// dead tracer then leaves it running with whatever it was given). Threads are listed again until
+    /// no new one appeared: a stopped thread creates none. The group-stop is what the victim's parent
+    /// sees (SIGCHLD, CLD_STOPPED, and CLD_CONTINUED when it runs on).
+    static func freeze(_ processID: ProcessID, groupStop: Bool = true) throws(CheckpointError) -> FrozenVictim {
+        let wasStopped = !groupStop || ((try? ProcFS.status(processID))?["State"] ?? "").hasPrefix("T")
+        let sourceGuard: SourceGuard
+        do { sourceGuard = try SourceGuard(victim: processID) } catch { throw .system(processID, "starting its guard: \(error)") }
         let main: Tracee
-        do { main = try Tracee.seize(processID) } catch {
+        do { main = try Tracee.seize(processID, killedWithTracer: false) } catch {
+            sourceGuard.disarm()
             // A process that ended just now (a zombie refuses PTRACE_SEIZE with EPERM) is gone, not forbidden.
             if (error as? SyscallError)?.errno == .noSuchProcess || ProcFS.isKilledOrEnded(processID) { throw .noSuchProcess(processID) }
             throw .system(processID, "\(error)")
         }
-        let victim = FrozenVictim(processID: processID, tracee: main)
+        let victim = FrozenVictim(processID: processID, tracee: main, sourceGuard: sourceGuard, stoppedByFreeze: !wasStopped)
         do {
-            try stop(main, processID: processID)
+            if !wasStopped {
+                sourceGuard.willStopVictim()
+                Spawn.kill(processID, signal: SignalNumber.stop)
+            }
+            try stop(main, processID: processID, groupStop: !wasStopped)
             // Ends when a listing finds no thread not yet stopped: a stopped thread creates none, so the
             // rounds are bounded by the threads the victim can start before each one is seized.
             while true {
@@ -37,29 +63,30 @@ final class FrozenVictim {
                 if listed.isEmpty { break }
                 for threadID in listed {
                     // A thread may exit between the listing and the seize: skip it.
-                    guard let thread = try? Tracee.seize(threadID) else { continue }
+                    guard let thread = try? Tracee.seize(threadID, killedWithTracer: false) else { continue }
                     victim.tracees.append(thread)
-                    try stop(thread, processID: processID)
+                    try stop(thread, processID: processID, groupStop: !wasStopped)
                 }
             }
             return victim
         } catch let error as CheckpointError {
-            victim.detachAll()
+            victim.letGo()
             throw error
         } catch {
-            victim.detachAll()
+            victim.letGo()
             throw .system(processID, "\(error)")
         }
     }
 
-    /// Interrupts one seized thread and waits for its interrupt stop; a signal that arrives first is
-    /// delivered (the victim handles it before the freeze) rather than lost.
-    private static func stop(_ tracee: Tracee, processID: ProcessID) throws {
-        try tracee.interrupt()
+    /// Waits for one seized thread's group-stop (`groupStop`: the freeze's SIGSTOP is on its way), or
+    /// interrupts it and waits for its interrupt stop; a signal that arrives first is delivered (the
+    /// victim handles it before the freeze) rather than lost.
+    private static func stop(_ tracee: Tracee, processID: ProcessID, groupStop: Bool) throws {
+        if !groupStop { try tracee.interrupt() }
         for _ in 0..<1000 {
             let reason = try tracee.waitForStop()
             switch reason {
-            case .event(Tracee.eventStop, _): return
+            case .event(Tracee.eventStop, let signal) where !groupStop || signal == SignalNumber.stop: return
             case .event: try tracee.resume()
             case .signal(let signal): try tracee.resume(signal: signal)
             case .syscall: try tracee.resume()
@@ -71,6 +98,43 @@ final class FrozenVictim {
 
     private func detachAll() {
         for tracee in tracees where tracee.isAttached { try? tracee.detach() }
+    }
+
+    /// Detaches every thread and lets the victim run on as before the freeze; the guard has nothing
+    /// left to do.
+    private func letGo() {
+        detachAll()
+        if stoppedByFreeze { Spawn.kill(processID, signal: SignalNumber.continue) }
+        sourceGuard.disarm()
+    }
+
+    /// Whether the image holding this victim is complete (`committed`).
+    var isCommitted: Bool { sourceGuard.isCommitted }
+
+    /// The commit record is about to be stored: a dead tracer from now on leaves the victim stopped.
+    func committing() { sourceGuard.committing() }
+
+    /// The image is complete: from now on the tracer's death kills the victim (EXITKILL), and so does
+    /// the guard's (for a tracee the option could not be set on).
+    func committed() {
+        sourceGuard.committed()
+        for tracee in tracees where tracee.isAttached { try? tracee.setKilledWithTracer(true) }
+    }
+
+    /// What the kernel does to this victim when its tracer dies: every thread detached where it
+    /// stopped, nothing put back. Then the guard acts, as on its owner's death (without `resume`, it
+    /// leaves the victim stopped rather than sending SIGCONT). Torture's nemesis kills the source node
+    /// this way (its tracer is the driver's own thread, which lives on).
+    package func loseTracer(resume: Bool = true) {
+        guard !isReleased else { return }
+        isReleased = true
+        if sourceGuard.isCommitted {
+            Tracee.killAndWait(tracees, processID: processID)
+            sourceGuard.disarm()
+            return
+        }
+        detachAll()
+        sourceGuard.actNow(resume: resume)
     }
 
     /// Reads everything but page contents. Leaves the victim exactly as it was (registers, memory).
@@ -111,14 +175,22 @@ final class FrozenVictim {
             throw CheckpointError.system(processID, "no free address range for a scratch mapping")
         }
         let originalCode = try memory.read(at: registers.rip, byteCount: syscallTrapInstruction.count)
+        // Logged before each change, so that a guard acting on a dead tracer puts back the originals.
+        sourceGuard.recordThread(tracee.processID, registers: registers, signalMask: signalMask)
+        sourceGuard.recordCode(originalCode, at: registers.rip)
+        sourceGuard.recordScratch(address: scratch, byteCount: scratchByteCount)
         try tracee.setSignalMask(~UInt64(0))
+        let injector = SyscallInjector(tracee: tracee, instructionAddress: registers.rip, template: registers)
+        injector.endsAtSyscallExit = true
         defer {
             try? memory.write(originalCode, at: registers.rip)
-            try? tracee.setSignalMask(signalMask)
             try? tracee.setRegisters(registers)
+            // Back to an interrupt stop with its own registers, signals still blocked, then its mask.
+            try? injector.park()
+            try? tracee.setSignalMask(signalMask)
+            sourceGuard.clearChanges()
         }
         try memory.write(syscallTrapInstruction, at: registers.rip)
-        let injector = SyscallInjector(tracee: tracee, instructionAddress: registers.rip, template: registers)
         try injector.call("mmap(scratch)", Syscall.mmap, scratch, scratchByteCount, 7, 0x22 | 0x100000, UInt64.max, 0)
         defer { _ = try? injector.raw("munmap(scratch)", Syscall.munmap, [scratch, scratchByteCount]) }
         try memory.write(originalCode, at: registers.rip)
@@ -129,16 +201,21 @@ final class FrozenVictim {
         var others: [SyscallInjector] = []
         var saved: [(Tracee, GeneralRegisters, UInt64)] = []
         defer {
-            for (thread, threadRegisters, threadMask) in saved {
-                try? thread.setSignalMask(threadMask)
+            for ((thread, threadRegisters, threadMask), threadInjector) in zip(saved, others) {
                 try? thread.setRegisters(threadRegisters)
+                try? threadInjector.park()
+                try? thread.setSignalMask(threadMask)
             }
         }
         for thread in tracees.dropFirst() {
             let threadRegisters = try thread.registers()
-            saved.append((thread, threadRegisters, try thread.signalMask()))
+            let threadMask = try thread.signalMask()
+            sourceGuard.recordThread(thread.processID, registers: threadRegisters, signalMask: threadMask)
+            saved.append((thread, threadRegisters, threadMask))
             try thread.setSignalMask(~UInt64(0))
-            others.append(SyscallInjector(tracee: thread, instructionAddress: scratch, template: threadRegisters))
+            let threadInjector = SyscallInjector(tracee: thread, instructionAddress: scratch, template: threadRegisters)
+            threadInjector.endsAtSyscallExit = true
+            others.append(threadInjector)
         }
         return try StateReader.injectQueries(injector: injector, threadInjectors: others, memory: memory, dataAddress: scratch + .pageSize)
     }
@@ -154,10 +231,12 @@ final class FrozenVictim {
         isReleased = true
         if kill {
             // The tracer sees each thread's death; the parent (maybe us) reaps the process.
+            sourceGuard.committed()
             Tracee.killAndWait(tracees, processID: processID)
+            sourceGuard.disarm()
         } else {
             reinstateTCPSockets()
-            detachAll()
+            letGo()
         }
     }
 

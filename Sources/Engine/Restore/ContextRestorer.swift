@@ -10,12 +10,15 @@ struct ContextRestorer {
     let dataAddress: UInt64
     /// The target as this node numbers it (its /proc directory).
     let processID: ProcessID
+    /// Where the working directory the access check resolved opens again (not its path, which may lead
+    /// elsewhere by now).
+    let workingDirectoryPath: String
 
     /// cwd, umask, oom_score_adj, THP-disable, and each thread's sigaltstack (`threadInjectors` in the
     /// order of `state.threads`, main first).
     func restoreBeforeCredentials(_ state: ProcessState, threadInjectors: [SyscallInjector]) throws {
         let context = state.context
-        try memory.write(Array(context.workingDirectory.utf8) + [0], at: dataAddress)
+        try memory.write(Array(workingDirectoryPath.utf8) + [0], at: dataAddress)
         try injector.call("chdir(\(context.workingDirectory))", Syscall.chdir, dataAddress)
         try injector.call("umask", Syscall.umask, UInt64(context.fileCreationMask))
         do {

@@ -20,9 +20,9 @@ final class DescriptorRestorer {
 
     /// Regular files, directories and FIFO ends opened through the file the access check resolved
     /// (/proc/PID/fd/N of this node's fammig), not by their path again: by number.
-    let reopenPaths: [Int32: String]
+    let reopenPaths: ReopenPaths
 
-    init(injector: SyscallInjector, memory: ProcessMemory, dataAddress: UInt64, processID: ProcessID, reopenPaths: [Int32: String] = [:]) {
+    init(injector: SyscallInjector, memory: ProcessMemory, dataAddress: UInt64, processID: ProcessID, reopenPaths: ReopenPaths = ReopenPaths()) {
         (self.injector, self.memory, self.dataAddress, self.processID) = (injector, memory, dataAddress, processID)
         self.reopenPaths = reopenPaths
     }

@@ -6,10 +6,11 @@
 // authenticated credentials), and a path the victim could not open refuses the restore, naming it.
 //
 // One resolution serves the check and the open: the checking thread keeps each descriptor's file,
-// directory or FIFO open (O_PATH, resolved as the victim resolves it), and the restorer opens
-// /proc/PID/fd/N instead of the path, so a path swapped between the check and the open (a symlink to
-// /etc/shadow planted by someone who can write its directory) opens the file that was checked, not the
-// one planted. Every process of a tree is checked, each with its own credentials.
+// directory or FIFO, each mapped file, the executable and the working directory open (O_PATH, resolved
+// as the victim resolves it), and the restorer opens (or chdirs to) /proc/PID/fd/N instead of the path,
+// so a path swapped between the check and the open (a symlink to /etc/shadow planted by someone who can
+// write its directory) opens the file that was checked, not the one planted. Every process of a tree is
+// checked, each with its own credentials.
 //
 // The kernel does not say with whose credentials a descriptor was opened: one inherited from a more
 // privileged opener (stdout redirected by root into a root-owned 0644 file, then setuid) is refused
@@ -17,10 +18,10 @@
 import Sys
 
 extension ProcessState {
-    /// What the restore of this state opens by path, what each open needs, and the descriptor the
-    /// restorer opens through the checked file instead of the path (regular files, directories, FIFOs).
-    func fileAccessRequests() -> [(what: String, request: FileAccessRequest, reopens: Int32?)] {
-        var requests: [(String, FileAccessRequest, Int32?)] = []
+    /// What the restore of this state opens by path, what each open needs, and what the restorer opens
+    /// through the checked file instead of the path (every open but a deleted file's directory).
+    func fileAccessRequests() -> [(what: String, request: FileAccessRequest, reopens: ReopenPaths.Opened?)] {
+        var requests: [(String, FileAccessRequest, ReopenPaths.Opened?)] = []
         func need(forFlags flags: Int32) -> FileAccessRequest.Need {
             switch flags & OpenFlag.accessModeMask {
             case OpenFlag.writeOnly: .write
@@ -32,9 +33,10 @@ extension ProcessState {
             let what = "fd \(file.descriptor)"
             switch file.kind {
             case .regular, .directory:
-                requests.append((what, FileAccessRequest(path: file.path, need: need(forFlags: file.flags)), file.descriptor))
+                requests.append((what, FileAccessRequest(path: file.path, need: need(forFlags: file.flags)), .descriptor(file.descriptor)))
             case .pipe(let end) where !file.path.isEmpty:
-                requests.append((what + " (FIFO)", FileAccessRequest(path: file.path, need: end.isReadEnd ? .read : .write), file.descriptor))
+                requests.append((what + " (FIFO)", FileAccessRequest(path: file.path, need: end.isReadEnd ? .read : .write),
+                                 .descriptor(file.descriptor)))
             case .deletedFile:
                 // Recreated under its old name, then unlinked: the victim must be able to do that there.
                 requests.append((what + " (deleted file, recreated in its directory)",
@@ -44,17 +46,20 @@ extension ProcessState {
             }
         }
         // The executable needs only execute permission (exec maps it for a process that may not read
-        // it); every other file mapping was mapped from an open for reading (and writing, if shared
-        // and writable).
-        if !executablePath.isEmpty { requests.append(("the executable", FileAccessRequest(path: executablePath, need: .search), nil)) }
+        // it), and its read-only mappings open through it; every other file mapping was mapped from an
+        // open for reading (and writing, if shared and writable).
+        if !executablePath.isEmpty {
+            requests.append(("the executable", FileAccessRequest(path: executablePath, need: .search), .executable))
+        }
         for mapping in mappings {
-            guard case .file(let path) = mapping.kind, path != executablePath else { continue }
+            guard case .file(let path) = mapping.kind else { continue }
             let writesBack = mapping.shared && mapping.writable
+            if path == executablePath && !writesBack { continue }
             requests.append(("the mapping at 0x\(String(mapping.start, radix: 16))",
-                             FileAccessRequest(path: path, need: writesBack ? [.read, .write] : .read), nil))
+                             FileAccessRequest(path: path, need: writesBack ? [.read, .write] : .read), .mapping(path: path, writable: writesBack)))
         }
         if !context.workingDirectory.isEmpty {
-            requests.append(("the working directory", FileAccessRequest(path: context.workingDirectory, need: .search), nil))
+            requests.append(("the working directory", FileAccessRequest(path: context.workingDirectory, need: .search), .workingDirectory))
         }
         return requests
     }
@@ -90,7 +95,7 @@ extension ProcessState {
         return checked
     }
 
-    private func checkOwnFileAccess(path: String, who: String) throws(ImageError) -> (CheckedPaths?, [Int32: String]) {
+    private func checkOwnFileAccess(path: String, who: String) throws(ImageError) -> (CheckedPaths?, ReopenPaths) {
         let identity = fileAccessIdentity
         let changesOwners = credentials.effective & (1 << 0) != 0  // CAP_CHOWN
         for file in files {
@@ -106,15 +111,15 @@ extension ProcessState {
             }
         }
         let requests = fileAccessRequests()
-        if requests.isEmpty { return (nil, [:]) }
+        if requests.isEmpty { return (nil, ReopenPaths()) }
         let resolved = Result { () throws(SyscallError) in try FileAccess.resolve(requests.map(\.request), as: identity) }
         guard case .success(let (outcomes, paths)) = resolved else {
             throw .fileAccessDenied(path: path, reason: "\(who)its files cannot be checked as the victim would open them: \(resolved)")
         }
-        var reopenPaths: [Int32: String] = [:]
+        var reopenPaths = ReopenPaths()
         for (index, ((what, request, reopens), outcome)) in zip(requests, outcomes).enumerated() {
             guard let errno = outcome else {
-                if let reopens, let reopenPath = paths.reopenPath(index) { reopenPaths[reopens] = reopenPath }
+                if let reopens, let reopenPath = paths.reopenPath(index) { reopenPaths.record(reopens, at: reopenPath) }
                 continue
             }
             paths.close()
@@ -127,14 +132,47 @@ extension ProcessState {
     }
 }
 
+/// Where one process's checked files open again: /proc/PID/fd paths of the files its access check
+/// resolved and holds, for its descriptors (by number), its file mappings (by path and whether they
+/// write back), its executable and its working directory.
+public struct ReopenPaths: Sendable {
+    public enum Opened: Hashable, Sendable {
+        case descriptor(Int32)
+        case mapping(path: String, writable: Bool)
+        case executable
+        case workingDirectory
+    }
+    public private(set) var opened: [Opened: String] = [:]
+
+    public init() {}
+
+    /// A descriptor's checked file (nil: it has none, and opens as its kind says).
+    public subscript(descriptor: Int32) -> String? { opened[.descriptor(descriptor)] }
+    public subscript(opened: Opened) -> String? { self.opened[opened] }
+
+    /// The first resolution of a path counts: several mappings of one file open the one file checked.
+    mutating func record(_ what: Opened, at reopenPath: String) {
+        if opened[what] == nil { opened[what] = reopenPath }
+    }
+}
+
 /// The files a restore's access check resolved, held open for the restorer to reopen as the very files
-/// checked: for each process (by its own PID), its descriptors' numbers to /proc/PID/fd paths.
+/// checked: for each process (by its own PID), where each of its checked files opens again.
 public struct CheckedFiles: Sendable {
     fileprivate(set) var paths: [CheckedPaths?] = []
-    public fileprivate(set) var reopenPaths: [ProcessID: [Int32: String]] = [:]
+    public fileprivate(set) var reopenPaths: [ProcessID: ReopenPaths] = [:]
 
     public init() {}
 
     /// Closes the held files (once the descriptors are restored, or the restore failed).
     public func close() { for case let held? in paths { held.close() } }
+}
+
+extension TargetProcess {
+    /// Where the file the access check resolved for `opened` opens again: never the image's path, which
+    /// may lead elsewhere by now (a symlink planted after the check).
+    func checkedPath(_ opened: ReopenPaths.Opened, _ what: String) throws(RestoreError) -> String {
+        guard let path = reopenPaths[opened] else { throw .layout("\(what) was not checked as the victim would open it") }
+        return path
+    }
 }

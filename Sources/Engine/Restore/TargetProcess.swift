@@ -39,8 +39,8 @@ final class TargetProcess {
 
     /// Descriptors restored before the pages (a tree's parent, so that its children inherit them).
     var descriptorsRestored = false
-    /// Descriptors to open through the file the access check resolved (FileAccessCheck.swift), by number.
-    var reopenPaths: [Int32: String] = [:]
+    /// Every file to open through the one its access check resolved (FileAccessCheck.swift).
+    var reopenPaths = ReopenPaths()
     /// A tree member's: the descriptors and shared mappings it keeps from the parent it was cloned from.
     var inherited: (descriptors: Set<Int32>, mappingStarts: Set<UInt64>)?
 
@@ -176,7 +176,7 @@ final class TargetProcess {
 
     private func setMemoryDescriptor(_ state: ProcessState) throws {
         let fields = state.memoryDescriptor
-        let exeDescriptor = try openInTarget(state.executablePath, flags: OpenFlag.readOnly | OpenFlag.closeOnExec)
+        let exeDescriptor = try openInTarget(try checkedPath(.executable, "the executable"), flags: OpenFlag.readOnly | OpenFlag.closeOnExec)
         let auxvAddress = dataAddress + 256
         try memory.write(fields.auxiliaryVector, at: auxvAddress)
         var record: [UInt8] = []
@@ -220,7 +220,9 @@ final class TargetProcess {
                 if let open = openFiles[key] {
                     descriptor = open
                 } else {
-                    descriptor = UInt64(try openInTarget(path, flags: (writableShared ? OpenFlag.readWrite : OpenFlag.readOnly) | OpenFlag.closeOnExec))
+                    let checked = try checkedPath(path == state.executablePath && !writableShared ? .executable
+                                                  : .mapping(path: path, writable: writableShared), "the mapping of \(path) at \(hex(mapping.start))")
+                    descriptor = UInt64(try openInTarget(checked, flags: (writableShared ? OpenFlag.readWrite : OpenFlag.readOnly) | OpenFlag.closeOnExec))
                     openFiles[key] = descriptor
                 }
                 let flags: UInt64 = (mapping.shared ? 0x01 : 0x02) | fixedNoReplace

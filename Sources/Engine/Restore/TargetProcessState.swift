@@ -38,7 +38,8 @@ extension TargetProcess {
                 try injector.call("rt_sigqueueinfo(\(pending.signal))", Syscall.rtSigqueueinfo,
                                   UInt64(state.processID.rawValue), UInt64(pending.signal), dataAddress)
             }
-            let context = ContextRestorer(injector: injector, memory: memory, dataAddress: dataAddress, processID: processID)
+            let context = ContextRestorer(injector: injector, memory: memory, dataAddress: dataAddress, processID: processID,
+                                          workingDirectoryPath: try checkedPath(.workingDirectory, "the working directory \(state.context.workingDirectory)"))
             try context.restoreBeforeCredentials(state, threadInjectors: [injector] + otherThreads.map(\.injector))
             for threadInjector in [injector] + otherThreads.map(\.injector) {
                 try CredentialRestorer(injector: threadInjector, memory: memory, dataAddress: dataAddress, processID: processID)

@@ -28,12 +28,12 @@ final class TargetTree {
     }
 
     /// Every process's descriptors to open through its checked files (by the tree's own PIDs).
-    private var reopenPaths: [ProcessID: [Int32: String]] = [:]
+    private var reopenPaths: [ProcessID: ReopenPaths] = [:]
 
     /// Opens each regular file, directory and FIFO through the file its access check resolved.
     func openThrough(_ checked: CheckedFiles, rootProcessID: ProcessID) {
         reopenPaths = checked.reopenPaths
-        root.reopenPaths = checked.reopenPaths[rootProcessID] ?? [:]
+        root.reopenPaths = checked.reopenPaths[rootProcessID] ?? ReopenPaths()
     }
 
     /// Kills every process made so far (members first), none left running on holes.
@@ -75,7 +75,7 @@ final class TargetTree {
                 case .live(let memberState):
                     child.inherited = (Set(lineage.inheritedDescriptors), Set(lineage.inheritedMappingStarts))
                     try child.buildLayout(memberState)
-                    child.reopenPaths = reopenPaths[member.processID] ?? [:]
+                    child.reopenPaths = reopenPaths[member.processID] ?? ReopenPaths()
                     try child.restoreDescriptors(memberState)
                     byProcessID[member.processID] = child
                 }

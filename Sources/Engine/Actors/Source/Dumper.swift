@@ -167,9 +167,14 @@ public final class Dumper: EngineActor {
             case .done: state = .commit
             }
         case .commit:
-            if writer != nil { observer?.imageWillCommit() }
-            writer?.commit()
-            if writer != nil { observer?.imageCommitted() }
+            if writer != nil {
+                observer?.imageWillCommit()
+                // Before the commit record a dead source leaves the victim running on; after it, dead.
+                victim?.committing()
+                writer!.commit()
+                victim?.committed()
+                observer?.imageCommitted()
+            }
             timeline.record(.dumpCommitted, at: clock.now())
             state = .release
         case .release:
@@ -241,6 +246,14 @@ public final class Dumper: EngineActor {
         } catch { throw .image(error) }
         if let earlyFailure { throw .fam("dumping the pages the target needs before it resumes: \(earlyFailure)") }
         timeline.record(.metadataCommitted, at: clock.now())
+    }
+
+    /// The source node died (torture's nemesis): the victim is left as the kernel and the guard leave
+    /// a dead tracer's victim (FrozenVictim.loseTracer): as it was before the freeze (stopped, without
+    /// `resume`) before the commit record, killed after it. Nothing else of this node is cleaned up.
+    package func loseTracer(resume: Bool = true) {
+        victim?.loseTracer(resume: resume)
+        state = .failed
     }
 
     /// Before the commit the victim is resumed untouched and the image withdrawn; after it the victim is

@@ -1,0 +1,201 @@
+// Issue 12 items 3 and 4: before the commit record the victim is the only copy of the process, so a
+// source that dies then (SIGKILL included) must leave it running on as it was; after the commit record
+// the image is the process and the victim dies with its source. The source's tracer seizes without
+// PTRACE_O_EXITKILL, freezes the victim in a group-stop, and a guard process puts back what it changed
+// (FrozenVictim.swift, Sys/SourceGuard.swift). On real processes: `fammig checkpoint` killed at named
+// points (`--die-at`), killed from outside during a long dump, and a tracer lost in the middle of an
+// injected query.
+import Foundation
+import Glibc
+import Testing
+@testable import Engine
+import Sys
+
+extension ProcessTests {
+    @Suite(.serialized) struct SourceDeathTests {
+        static let program = "memwalk-static"
+
+        /// The unmigrated run's checksum of `arguments`.
+        static func referenceChecksum(_ arguments: [String]) throws -> String {
+            let reference = try runCommand(try TestPaths.testProgram(program), arguments, timeout: .seconds(120))
+            let line = try #require(reference.standardOutput.split(separator: "\n").last { $0.hasPrefix("checksum=") })
+            return String(line.dropFirst("checksum=".count))
+        }
+
+        /// Whether a thread of `tracer` (the tracer is a thread, TracerPid names it) traces `processID`.
+        static func isTraced(_ processID: ProcessID, by tracer: ProcessID) -> Bool {
+            guard let tracerThread = (try? ProcFS.status(processID))?["TracerPid"], tracerThread != "0" else { return false }
+            return ProcFS.exists("/proc/\(tracer)/task/\(tracerThread)")
+        }
+
+        /// Guards of dead sources have done their work and exited.
+        static func guardProcesses() -> [ProcessID] {
+            allProcessIDs().filter { ((try? ProcFS.status($0))?["Name"]) == "fammig-guard" }
+        }
+
+        /// The victim goes on as if nothing happened: not stopped, not traced, and it ends with the
+        /// unmigrated checksum (memwalk checks every word it reads against its own model).
+        static func expectRunsOnIntact(_ victim: SpawnedProgram, output: String, reference: String, _ what: String) throws {
+            let unfrozen = pollUntil(timeout: .seconds(10)) {
+                guard let status = try? ProcFS.status(victim.processID) else { return false }
+                return status["TracerPid"] == "0" && !(status["State"] ?? "T").hasPrefix("T")
+            }
+            #expect(unfrozen, "\(what): the victim was left \((try? ProcFS.status(victim.processID))?["State"] ?? "gone")")
+            #expect(try victim.waitForExit(timeout: .seconds(120)) == .exited(0), "\(what): the victim did not run to its end")
+            #expect(lastChecksum(inFile: output) == reference, "\(what): the victim's run differs from the unmigrated one")
+        }
+
+        enum Point: String, CaseIterable, CustomTestStringConvertible {
+            case beforeFreeze = "before-freeze", frozen, beforeCommit = "before-commit", afterCommit = "after-commit"
+            var testDescription: String { rawValue }
+        }
+
+        /// `fammig checkpoint --die-at POINT` SIGKILLs itself there. Before the commit record the victim
+        /// runs on intact; after it the victim is dead and the image restores it to the same end.
+        @Test(arguments: Point.allCases) func checkpointKilledAtAPoint(point: Point) throws {
+            let directory = try ScratchDirectory(under: "/dev/shm")
+            defer { directory.remove() }
+            let leftovers = LeftoverCheck()
+            defer { leftovers.finish() }
+            let arguments = ["--mib", "32", "--steps", "40000", "--pause-us", "100"]
+            let reference = try Self.referenceChecksum(arguments)
+            let path = try TestPaths.testProgram(Self.program)
+            let output = directory.path("victim.out")
+            let victim = leftovers.own(try SpawnedProgram(path, arguments, standardOutputPath: output, standardErrorPath: directory.path("victim.err")))
+            leftovers.expectProgram([path] + arguments)
+            try #require(pollUntil(timeout: .seconds(10)) { ((try? String(contentsOfFile: output, encoding: .utf8)) ?? "").contains("\n") },
+                         "the victim printed nothing")
+            let imagePath = directory.path("image.fam"), keyPath = directory.path("migration.key")
+            let checkpoint = try leftovers.fammig("checkpoint", "--pid", "\(victim.processID)", "--fam", imagePath, "--key-file", keyPath,
+                                                  "--die-at", point.rawValue)
+            #expect(checkpoint.killedBySignal, "checkpoint did not die at \(point): \(checkpoint.standardError)")
+            if point == .afterCommit {
+                #expect(try victim.waitForExit(timeout: .seconds(10)) == .killed(signal: SIGKILL), "the victim outlived its committed image")
+                let restore = try leftovers.fammig("restore", "--fam", imagePath, "--key-file", keyPath)
+                try #require(restore.exitStatus == 0, "restore failed: \(restore.standardError)")
+                #expect(pollUntil(timeout: .seconds(120)) { processLife(victim.processID) != .running }, "the restored process did not end")
+                #expect(lastChecksum(inFile: output) == reference, "the restored run differs from the unmigrated one")
+            } else {
+                try Self.expectRunsOnIntact(victim, output: output, reference: reference, point.rawValue)
+            }
+            #expect(pollUntil(timeout: .seconds(10)) { Self.guardProcesses().isEmpty }, "a source guard is left: \(Self.guardProcesses())")
+        }
+
+        /// kill -9 from outside, while a 256 MiB dump is under way (the victim is frozen by then and the
+        /// dump takes far longer than the kill): the victim runs on intact.
+        @Test func checkpointKilledDuringTheDump() throws {
+            let directory = try ScratchDirectory(under: "/dev/shm")
+            defer { directory.remove() }
+            let leftovers = LeftoverCheck()
+            defer { leftovers.finish() }
+            let arguments = ["--mib", "256", "--steps", "60000", "--pause-us", "100"]
+            let reference = try Self.referenceChecksum(arguments)
+            let path = try TestPaths.testProgram(Self.program)
+            let output = directory.path("victim.out")
+            let victim = leftovers.own(try SpawnedProgram(path, arguments, standardOutputPath: output, standardErrorPath: directory.path("victim.err")))
+            leftovers.expectProgram([path] + arguments)
+            try #require(pollUntil(timeout: .seconds(30)) { ((try? String(contentsOfFile: output, encoding: .utf8)) ?? "").contains("\n") },
+                         "the victim printed nothing")
+            let imagePath = directory.path("image.fam"), keyPath = directory.path("migration.key")
+            let checkpoint = leftovers.own(try StartedProcess(try TestPaths.fammig(), [
+                "checkpoint", "--pid", "\(victim.processID)", "--fam", imagePath, "--key-file", keyPath,
+            ], standardOutputPath: directory.path("checkpoint.out"), standardErrorPath: directory.path("checkpoint.err")))
+            let frozen = pollUntil(timeout: .seconds(30)) { Self.isTraced(victim.processID, by: checkpoint.processID) }
+            try #require(frozen, "checkpoint never seized the victim")
+            _ = Glibc.kill(checkpoint.processID.rawValue, SIGKILL)
+            #expect(pollUntil(timeout: .seconds(10)) { !checkpoint.process.isRunning })
+            try Self.expectRunsOnIntact(victim, output: output, reference: reference, "killed during the dump")
+            #expect(pollUntil(timeout: .seconds(10)) { Self.guardProcesses().isEmpty }, "a source guard is left: \(Self.guardProcesses())")
+        }
+
+        /// The worst moment: the tracer dies half-way through an injected query, with the victim's code at
+        /// rip overwritten, its registers set for another syscall, every signal blocked and a scratch
+        /// mapping made. The kernel's detach is what Dumper.loseTracer does; the guard puts back what it
+        /// logged, and the victim runs on to the unmigrated end.
+        @Test func aTracerLostInTheMiddleOfAnInjectedQueryLeavesTheVictimIntact() throws {
+            let directory = try ScratchDirectory(under: "/dev/shm")
+            defer { directory.remove() }
+            let leftovers = LeftoverCheck()
+            defer { leftovers.finish() }
+            let arguments = ["--mib", "16", "--steps", "20000", "--pause-us", "200"]
+            let reference = try Self.referenceChecksum(arguments)
+            let path = try TestPaths.testProgram(Self.program)
+            let output = directory.path("victim.out")
+            let victim = leftovers.own(try SpawnedProgram(path, arguments, standardOutputPath: output, standardErrorPath: directory.path("victim.err")))
+            leftovers.expectProgram([path] + arguments)
+            try #require(pollUntil(timeout: .seconds(10)) { ((try? String(contentsOfFile: output, encoding: .utf8)) ?? "").contains("\n") },
+                         "the victim printed nothing")
+            let frozen = try FrozenVictim.freeze(victim.processID)
+            let tracee = frozen.tracee
+            let registers = try tracee.registers()
+            let mask = try tracee.signalMask()
+            let memory = try ProcessMemory(victim.processID, writable: true)
+            defer { memory.close() }
+            let code = try memory.read(at: registers.rip, byteCount: syscallTrapInstruction.count)
+            let scratch = try #require(AddressSpace.freeRange(byteCount: 4 * .pageSize,
+                                                              avoiding: try ProcFS.maps(victim.processID).map { ($0.start, $0.end) }))
+            frozen.sourceGuard.recordThread(tracee.processID, registers: registers, signalMask: mask)
+            frozen.sourceGuard.recordCode(code, at: registers.rip)
+            frozen.sourceGuard.recordScratch(address: scratch, byteCount: 4 * .pageSize)
+            try tracee.setSignalMask(~UInt64(0))
+            try memory.write(syscallTrapInstruction, at: registers.rip)
+            let injector = SyscallInjector(tracee: tracee, instructionAddress: registers.rip, template: registers)
+            injector.endsAtSyscallExit = true
+            try injector.call("mmap(scratch)", Syscall.mmap, scratch, 4 * .pageSize, 7, 0x22 | 0x100000, UInt64.max, 0)
+            // Registers set for the next call, as when the tracer dies between two injections.
+            var changed = registers
+            (changed.rax, changed.rdi, changed.rip) = (39, 0, registers.rip)
+            try tracee.setRegisters(changed)
+
+            frozen.loseTracer()
+            #expect(!(try ProcFS.maps(victim.processID)).contains { $0.start <= scratch && scratch < $0.end }, "the scratch mapping is left in the victim")
+            try Self.expectRunsOnIntact(victim, output: output, reference: reference, "lost in an injection")
+        }
+    }
+}
+
+extension ProcessTests {
+    /// Issue 12 item 5: a FAM file truncated under a restore is exit 2 naming the file, never a crash, and
+    /// no half-restored process is left running (the stub is traced with EXITKILL until it is whole).
+    @Suite(.serialized) struct TruncatedUnderARestoreTests {
+        @Test func anImageTruncatedWhileItIsRestoredIsExitTwoAndNoProcess() throws {
+            let directory = try ScratchDirectory(under: "/dev/shm")
+            defer { directory.remove() }
+            let leftovers = LeftoverCheck()
+            defer { leftovers.finish() }
+            let path = try TestPaths.testProgram("memwalk-static")
+            let arguments = ["--mib", "256", "--steps", "100000", "--pause-us", "100"]
+            let output = directory.path("victim.out")
+            let victim = leftovers.own(try SpawnedProgram(path, arguments, standardOutputPath: output, standardErrorPath: directory.path("victim.err")))
+            leftovers.expectProgram([path] + arguments)
+            try #require(pollUntil(timeout: .seconds(30)) { ((try? String(contentsOfFile: output, encoding: .utf8)) ?? "").contains("\n") },
+                         "the victim printed nothing")
+            let imagePath = directory.path("image.fam"), keyPath = directory.path("migration.key")
+            let checkpoint = try leftovers.fammig("checkpoint", "--pid", "\(victim.processID)", "--fam", imagePath, "--key-file", keyPath)
+            try #require(checkpoint.exitStatus == 0, "checkpoint failed: \(checkpoint.standardError)")
+            #expect(try victim.waitForExit(timeout: .seconds(10)) == .killed(signal: SIGKILL))
+
+            let restore = leftovers.own(try StartedProcess(try TestPaths.fammig(), ["restore", "--fam", imagePath, "--key-file", keyPath],
+                                                           standardOutputPath: directory.path("restore.out"),
+                                                           standardErrorPath: directory.path("restore.err")))
+            // As soon as the restored process exists (its layout is being built, 256 MiB of pages to go).
+            let spawned = pollUntil(timeout: .seconds(60)) {
+                SourceDeathTests.isTraced(victim.processID, by: restore.processID) || !restore.process.isRunning
+            }
+            try #require(spawned, "the restore never started the process")
+            try #require(truncate(imagePath, off_t(4096)) == 0)
+            let outcome = try restore.waitForExit(timeout: .seconds(60))
+            #expect(!outcome.killedBySignal, "the restore crashed: \(outcome.standardError)")
+            if outcome.exitStatus == 0 {
+                // It had read every page before the cut: then the process is whole.
+                #expect(pollUntil(timeout: .seconds(120)) { processLife(victim.processID) != .running })
+                #expect(lastChecksum(inFile: output) != nil, "a restore that succeeded left a process that did not finish")
+            } else {
+                #expect(outcome.exitStatus == 2, "restore: exit \(outcome.exitStatus): \(outcome.standardError)")
+                #expect(outcome.standardError.contains(imagePath) && outcome.standardError.contains("changed size"), "\(outcome.standardError)")
+                #expect(pollUntil(timeout: .seconds(10)) { processLife(victim.processID) != .running },
+                        "a half-restored process runs on after the failed restore")
+            }
+        }
+    }
+}
