@@ -116,12 +116,27 @@ final class TargetRunner: Participant, TargetGate, @unchecked Sendable {
     /// other in an order that timing decides. On one CPU under SCHED_FIFO they run one at a time, each
     /// until it blocks, in an order that follows from what they do (threads they create inherit both).
     /// The restored state was judged before this; the program's output does not depend on it.
+    /// A tree's processes too: every thread of every process on the one CPU.
     private func serialiseThreads(_ processID: ProcessID) throws {
         let cpu = Int32(Spawn.onlineCPUCount - 1)
-        for thread in try ProcFS.threadIDs(processID) {
-            Spawn.pin(threadID: thread, cpu: cpu)
-            try Spawn.runFirstInFirstOut(threadID: thread)
+        for process in Self.treeProcessIDs(processID) {
+            for thread in try ProcFS.threadIDs(process) {
+                Spawn.pin(threadID: thread, cpu: cpu)
+                try Spawn.runFirstInFirstOut(threadID: thread)
+            }
         }
+    }
+
+    /// The restored process and its descendants (a tree restored post-copy runs as one target), breadth
+    /// first, bounded as trees are.
+    static func treeProcessIDs(_ root: ProcessID) -> [ProcessID] {
+        var processes = [root]
+        var next = 0
+        while next < processes.count && processes.count <= TreeLimits.processCountMax {
+            processes += (try? ProcFS.childProcessIDs(processes[next])) ?? []
+            next += 1
+        }
+        return processes
     }
 
     /// Waits until every thread of the target is blocked on a userfaultfd fault, or the process ended.
@@ -154,14 +169,23 @@ final class TargetRunner: Participant, TargetGate, @unchecked Sendable {
     /// Nothing in the target can move by itself: every thread sleeps in the kernel's userfault handler
     /// or on a futex (a thread waiting for another: a mutex, a condition variable, a join), or has
     /// exited, and at least one waits for a page. A thread that runs, or sleeps on a timer, is not quiet.
+    ///
+    /// A tree: every thread of every process of it, and a parent waiting for a child (wait4, waitid)
+    /// waits for another of the tree too; a child that ends wakes it, and none runs while all are quiet.
     static func isQuiet(_ processID: ProcessID) -> Bool {
-        guard let threads = try? ProcFS.threadIDs(processID), !threads.isEmpty else { return false }
         var faulting = false
-        for thread in threads {
-            switch ProcFS.threadWait(processID, thread: thread) {
-            case .ended, .futex: continue
-            case .userfault: faulting = true
-            case .running, .other: return false
+        for process in treeProcessIDs(processID) {
+            guard let threads = try? ProcFS.threadIDs(process), !threads.isEmpty else {
+                if process == processID { return false }
+                continue  // a member that ended and was reaped meanwhile
+            }
+            for thread in threads {
+                switch ProcFS.threadWait(process, thread: thread) {
+                case .ended, .futex: continue
+                case .userfault: faulting = true
+                case .other(let wchan) where wchan.hasPrefix("do_wait"): continue
+                case .running, .other: return false
+                }
             }
         }
         return faulting

@@ -1,8 +1,9 @@
-// Issue 11, item 2: process trees migrate nonlive: every process with its PID and parent, threads in a
+// Issue 11, item 2: process trees migrate: every process with its PID and parent, threads in a
 // child, a process-group leader, a session leader with a grandchild, two zombies (an exit status and a
 // killing signal), shared anonymous memory, a pipe and a memfd inherited by the children (one object,
-// one open file description). Post-copy keeps refusing trees (TreeRefusalTests); what a tree holds that
-// does not migrate is refused before the freeze, every process left running.
+// one open file description), in all three modes (post-copy: one userfaultfd per process, served by the
+// one fault handler and pusher); what a tree holds that does not migrate is refused before the freeze,
+// every process left running.
 import Foundation
 import Glibc
 import Testing
@@ -46,6 +47,26 @@ extension ProcessTests {
                 let failed = report.verdicts.filter { !$0.passed }
                 #expect(failed.isEmpty, "\(failed)")
                 #expect(report.verdicts.contains { $0.name == "registers and state" })
+            }
+        }
+
+        /// `fammig run` in both post-copy modes, pushing or not: every process of the tree resumes at once
+        /// and its pages come lazily through its own userfaultfd, all served by the one fault handler (and
+        /// pusher). Each worker's answers come from its own restored memory (its stack and the shared
+        /// area), so a page served to the wrong process, or not at all, fails the checksum; every page
+        /// installed in any process is checked against its freeze digest, and the state oracle compares
+        /// every process (lineage, zombies, inherited descriptors and shared memory found with kcmp).
+        @Test(arguments: [("postcopy-fam", "on"), ("postcopy-fam", "off"), ("postcopy-socket", "on"), ("postcopy-socket", "off")])
+        func treeMigratesPostcopy(_ mode: String, _ push: String) throws {
+            try migrateProgram("tree-static", arguments: ["--rounds", "60", "--pause-us", "10000"],
+                               runOptions: ["--mode", mode, "--push", push, "--after-ms", "300"], timeout: .seconds(90)) { report, _ in
+                #expect(report.error == nil)
+                #expect(report.programStatus == "exited with status 0")
+                #expect(report.migratedChecksum != nil && report.migratedChecksum == report.referenceChecksum)
+                let failed = report.verdicts.filter { !$0.passed }
+                #expect(failed.isEmpty, "\(failed)")
+                #expect(report.verdicts.contains { $0.name == "registers and state" })
+                #expect(report.verdicts.contains { $0.name == "pages" && $0.passed })
             }
         }
 

@@ -325,17 +325,24 @@ final class TargetProcess {
     /// instead of reading zeros where pages are missing (it holds the userfaultfd until then).
     func makeLazyMemory(pageAddresses: [UInt64], origin: PageOrigin, observer: (any MigrationObserver)?,
                         gate: any TargetGate) throws(RestoreError) -> LazyMemory {
+        let handed = try handOver()
+        return LazyMemory(targetProcessID: processID, pageAddresses: pageAddresses, userfaultfd: TreeUserfaultfd(handed.userfaultfd),
+                          registeredRanges: handed.registered, sharedRanges: handed.shared, eagerRanges: handed.eager,
+                          origin: origin, observer: observer, gate: gate,
+                          watchdogs: [handed.watchdog])
+    }
+
+    /// What lazy memory takes over from this process (a tree's lazy memory takes it from each): its
+    /// userfaultfd, its registered, shared and eagerly installed ranges, and its armed watchdog.
+    func handOver() throws(RestoreError)
+        -> (userfaultfd: Userfaultfd, registered: [Range<UInt64>], shared: [Range<UInt64>], eager: [Range<UInt64>], watchdog: HoleWatchdog) {
         guard let userfaultfd else { preconditionFailure("lazy memory before the userfaultfd was registered") }
         let watchdog: HoleWatchdog
         do { watchdog = try HoleWatchdog(guarding: processID, userfaultfd: userfaultfd) } catch {
             throw .system("starting the watchdog that kills the target if its fault server dies: \(error)")
         }
-        let memory = LazyMemory(targetProcessID: processID, pageAddresses: pageAddresses, userfaultfd: userfaultfd,
-                                registeredRanges: registeredRanges, sharedRanges: sharedRanges, eagerRanges: memfdRanges,
-                                origin: origin, observer: observer, gate: gate,
-                                watchdog: watchdog)
         self.userfaultfd = nil
-        return memory
+        return (userfaultfd, registeredRanges, sharedRanges, memfdRanges, watchdog)
     }
 
     /// Ends eager installation: unregisters every range and lets the userfaultfd go.

@@ -1,4 +1,4 @@
-// The restored process tree (nonlive): the root is the stub started as the victim's PID; every other
+// The restored process tree (every mode): the root is the stub started as the victim's PID; every other
 // process is cloned (clone3 with set_tid) from its own restored parent once that parent's layout and
 // descriptors are rebuilt, so that it inherits what it inherited at the source (the same open file
 // descriptions, the same shared memory objects) and keeps only that. Sessions and groups are made as
@@ -207,17 +207,65 @@ final class TargetTree {
         return member
     }
 
-    func writeBytes(_ bytes: [UInt8], to address: UInt64) throws { try root.writeBytes(bytes, to: address) }
-
-    func makeLazyMemory(pageAddresses: [UInt64], origin: PageOrigin, observer: (any MigrationObserver)?,
-                        gate: any TargetGate) throws(RestoreError) -> LazyMemory {
-        precondition(members.isEmpty, "post-copy of a process tree")
-        return try root.makeLazyMemory(pageAddresses: pageAddresses, origin: origin, observer: observer, gate: gate)
+    /// Writes bytes at a tagged address (TreePageAddress) of the process it belongs to.
+    func writeBytes(_ bytes: [UInt8], to address: UInt64) throws {
+        try process(ordinal: TreePageAddress.ordinal(of: address)).writeBytes(bytes, to: TreePageAddress.address(of: address))
     }
 
+    /// This node's PID of the process of `ordinal` (nil: a zombie, or no such process).
+    func nodeProcessID(ordinal: Int) -> ProcessID? {
+        ordinal == 0 ? root.processID : ordinal <= members.count ? members[ordinal - 1]?.processID : nil
+    }
+
+    /// Post-copy: one lazy memory for the whole tree. Each live process hands over its userfaultfd (it
+    /// belongs to that process's mm), its ranges (tagged with its ordinal, as its page addresses are) and
+    /// its watchdog; the fault handler and the pusher then serve every process through the one page
+    /// table. A single process's is exactly its own.
+    func makeLazyMemory(pageAddresses: [UInt64], origin: PageOrigin, observer: (any MigrationObserver)?,
+                        gate: any TargetGate) throws(RestoreError) -> LazyMemory {
+        guard !members.isEmpty else {
+            return try root.makeLazyMemory(pageAddresses: pageAddresses, origin: origin, observer: observer, gate: gate)
+        }
+        var userfaultfds: [Userfaultfd?] = []
+        var processIDs: [ProcessID?] = []
+        var registered: [Range<UInt64>] = [], shared: [Range<UInt64>] = [], eager: [Range<UInt64>] = []
+        var watchdogs: [HoleWatchdog] = []
+        for (ordinal, process) in ([root] + members).enumerated() {
+            guard let process else {
+                userfaultfds.append(nil)
+                processIDs.append(nil)
+                continue
+            }
+            let handed: (userfaultfd: Userfaultfd, registered: [Range<UInt64>], shared: [Range<UInt64>], eager: [Range<UInt64>], watchdog: HoleWatchdog)
+            do { handed = try process.handOver() } catch {
+                // The watchdogs armed so far would kill their processes once this node lets them go:
+                // the restorer kills the tree anyway.
+                for watchdog in watchdogs { watchdog.disarm() }
+                throw error
+            }
+            func tagged(_ ranges: [Range<UInt64>]) -> [Range<UInt64>] {
+                ranges.map { TreePageAddress.tagged($0.lowerBound, ordinal: ordinal)..<TreePageAddress.tagged($0.upperBound, ordinal: ordinal) }
+            }
+            userfaultfds.append(handed.userfaultfd)
+            processIDs.append(process.processID)
+            registered += tagged(handed.registered)
+            shared += tagged(handed.shared)
+            eager += tagged(handed.eager)
+            watchdogs.append(handed.watchdog)
+        }
+        return LazyMemory(targetProcessID: root.processID, pageAddresses: pageAddresses, userfaultfd: TreeUserfaultfd(byOrdinal: userfaultfds),
+                          registeredRanges: registered, sharedRanges: shared, eagerRanges: eager, origin: origin, observer: observer,
+                          gate: gate, watchdogs: watchdogs, processIDsByOrdinal: processIDs)
+    }
+
+    /// Pages present in any process's registered private memory before any install (tagged addresses).
     func pagesPresentInPrivateRegisteredMemory() throws(RestoreError) -> [UInt64] {
-        precondition(members.isEmpty, "post-copy of a process tree")
-        return try root.pagesPresentInPrivateRegisteredMemory()
+        var addresses = try root.pagesPresentInPrivateRegisteredMemory()
+        for (index, member) in members.enumerated() {
+            guard let member else { continue }
+            addresses += try member.pagesPresentInPrivateRegisteredMemory().map { TreePageAddress.tagged($0, ordinal: index + 1) }
+        }
+        return addresses
     }
 
     func finishInstalling() throws(RestoreError) {
