@@ -157,7 +157,13 @@ final class TargetRunner: Participant, TargetGate, @unchecked Sendable {
             }
             // Once released, nothing can hold the process any more: only its end ends the step (a
             // sample of its state on the way would depend on timing).
-            if !isReleased && Self.isQuiet(processID) { return "blocked on a fault" }
+            if !isReleased && Self.isQuiet(processID) {
+                // It may have gone to sleep in its rendezvous call since the look above, while another
+                // thread (or process of a tree) faulted: it is let go first, as the unmigrated one was,
+                // whatever the timing (seed 0x5623aa95c000173 of the tree parted so at step 114).
+                if releaseDue, let release, release.isBlocked(processID, thread: processID) { continue }
+                return "blocked on a fault"
+            }
             spins += 1
             if spins > 50 { OSThread.sleep(for: .microseconds(50)) } else { OSThread.yield() }
             if clock.now - start > runLimit {
@@ -172,23 +178,41 @@ final class TargetRunner: Participant, TargetGate, @unchecked Sendable {
     ///
     /// A tree: every thread of every process of it, and a parent waiting for a child (wait4, waitid)
     /// waits for another of the tree too; a child that ends wakes it, and none runs while all are quiet.
+    ///
+    /// The threads are read one after another, not at one instant: a thread seen asleep may be woken by
+    /// one read later, which then blocks before it is read (seen with trees: a worker answered, woke the
+    /// parent and faulted; the parent, read asleep before, ran on behind the verdict and faulted at a
+    /// time the schedule did not choose). So each thread's count of times it was put on a CPU
+    /// (schedstat) is read before its state and again after every thread's: unchanged, it slept from
+    /// its reading to the end of the pass, and all of them slept at once.
     static func isQuiet(_ processID: ProcessID) -> Bool {
         var faulting = false
+        var runCounts: [(process: ProcessID, thread: ProcessID, count: Substring?)] = []
         for process in treeProcessIDs(processID) {
             guard let threads = try? ProcFS.threadIDs(process), !threads.isEmpty else {
                 if process == processID { return false }
                 continue  // a member that ended and was reaped meanwhile
             }
             for thread in threads {
+                let count = runCount(process, thread: thread)
                 switch ProcFS.threadWait(process, thread: thread) {
-                case .ended, .futex: continue
+                case .ended: continue
+                case .futex: break
                 case .userfault: faulting = true
-                case .other(let wchan) where wchan.hasPrefix("do_wait"): continue
+                case .other(let wchan) where wchan.hasPrefix("do_wait"): break
                 case .running, .other: return false
                 }
+                runCounts.append((process, thread, count))
             }
         }
-        return faulting
+        guard faulting else { return false }
+        return runCounts.allSatisfy { runCount($0.process, thread: $0.thread) == $0.count }
+    }
+
+    /// How many times the thread was put on a CPU (the third field of schedstat); nil once it is gone.
+    private static func runCount(_ processID: ProcessID, thread: ProcessID) -> Substring? {
+        guard let text = try? ProcFS.readText("/proc/\(processID.rawValue)/task/\(thread.rawValue)/schedstat") else { return nil }
+        return text.split(separator: " ").last.map { $0.hasSuffix("\n") ? $0.dropLast() : $0 }
     }
 
     func abort(reason: String) {
