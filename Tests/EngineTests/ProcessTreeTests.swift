@@ -9,7 +9,7 @@ import Glibc
 import Testing
 @testable import Engine
 import Oracles
-import Sys
+@testable import Sys
 
 /// A running `tree` program, its tree frozen and captured, then let go on: a real tree's state.
 private func capturedTree(_ program: SpawnedProgram) throws -> ProcessState {
@@ -68,6 +68,24 @@ extension ProcessTests {
                 #expect(report.verdicts.contains { $0.name == "registers and state" })
                 #expect(report.verdicts.contains { $0.name == "pages" && $0.passed })
             }
+        }
+
+        /// A tree's userfaultfd speaks in tagged addresses: a fault or memory event read from the
+        /// userfaultfd of ordinal N comes out tagged with N (every address of it, an mremap's both ends),
+        /// and the root's (ordinal 0) exactly as the kernel gave it, so a single process is unchanged.
+        @Test func treeUserfaultfdTagsMessagesWithTheirOrdinal() {
+            let fault = PageFault(address: 0x7fff_ffff_d000, isWrite: true, threadID: ProcessID(rawValue: 7))
+            #expect(TreeUserfaultfd.tagged(.fault(fault), ordinal: 0) == .fault(fault))
+            var tagged = fault
+            tagged.address = TreePageAddress.tagged(fault.address, ordinal: 3)
+            #expect(TreeUserfaultfd.tagged(.fault(fault), ordinal: 3) == .fault(tagged))
+            #expect(TreePageAddress.ordinal(of: tagged.address) == 3 && TreePageAddress.address(of: tagged.address) == fault.address)
+            #expect(TreeUserfaultfd.tagged(.event(.remapped(from: 0x1000, to: 0x5000, length: 0x2000)), ordinal: 2)
+                    == .event(.remapped(from: TreePageAddress.tagged(0x1000, ordinal: 2), to: TreePageAddress.tagged(0x5000, ordinal: 2), length: 0x2000)))
+            #expect(TreeUserfaultfd.tagged(.event(.removed(start: 0x1000, end: 0x3000)), ordinal: 5)
+                    == .event(.removed(start: TreePageAddress.tagged(0x1000, ordinal: 5), end: TreePageAddress.tagged(0x3000, ordinal: 5))))
+            #expect(TreeUserfaultfd.tagged(.event(.unmapped(start: 0x1000, end: 0x3000)), ordinal: 1)
+                    == .event(.unmapped(start: TreePageAddress.tagged(0x1000, ordinal: 1), end: TreePageAddress.tagged(0x3000, ordinal: 1))))
         }
 
         /// `checkpoint` then `restore` (the two nonlive commands): the restored tree runs to the same end.
