@@ -42,6 +42,7 @@ public final class MigrationOracles: MigrationObserver {
             try $0.recordFrozen(processIDs: StateOracle.nodeProcessIDs(root: processID, state: state), pageAddresses: pageAddresses, rseq: rseqByOrdinal)
         }
         victim.withLock { $0 = processID }
+        frozenState.withLock { $0 = state }
     }
 
     /// Set for post-copy: pages are checked as they are installed, not all before the target runs.
@@ -54,12 +55,32 @@ public final class MigrationOracles: MigrationObserver {
             if let installedBytes, !readsBackInstalledPages {
                 try pages.withLock { try $0.verify(bytes: installedBytes, at: address) }
             } else {
-                // Read where the pages are now, judged against their digests from where they were.
-                try pages.withLock { try $0.verifyTarget(processID: processID, frozenAddress: address, targetAddress: targetAddress, byteCount: byteCount) }
+                // Read where the pages are now, judged against their digests from where they were. A tree's
+                // addresses carry their process's ordinal (TreePageAddress): read from that process.
+                let ordinal = TreePageAddress.ordinal(of: targetAddress)
+                let owner = ordinal == 0 ? processID : treeMember(ordinal: ordinal, root: processID)
+                try pages.withLock {
+                    try $0.verifyTarget(processID: owner, frozenAddress: address, targetAddress: TreePageAddress.address(of: targetAddress), byteCount: byteCount)
+                }
             }
         } catch {
             record(OracleVerdict(name: "pages", passed: false, detail: "\(error)"))
             throw error
+        }
+    }
+
+    /// The checkpointed tree (its own numbers), from the freeze; and this node's PIDs of the restored
+    /// tree by ordinal, found once (the oracle's own walk of /proc) when a member's page is first shown.
+    private let frozenState = Mutex<ProcessState?>(nil)
+    private let restoredTree = Mutex<(root: ProcessID, processIDs: [ProcessID])?>(nil)
+
+    private func treeMember(ordinal: Int, root: ProcessID) -> ProcessID {
+        restoredTree.withLock { known in
+            if let known, known.root == root, ordinal < known.processIDs.count { return known.processIDs[ordinal] }
+            guard let state = frozenState.withLock({ $0 }) else { return root }
+            let processIDs = StateOracle.nodeProcessIDs(root: root, state: state)
+            known = (root, processIDs)
+            return ordinal < processIDs.count ? processIDs[ordinal] : root
         }
     }
 

@@ -68,7 +68,7 @@ public struct ProgramSpec: Sendable {
         ProgramSpec(name: "sharedmem", binary: "sharedmem-static",
                     arguments: { ["--rounds", "\(8 + 8 * $0)", "--pause-us", "0"] }, steps: { 8 + 8 * $0 }),
         ProgramSpec(name: "tree", binary: "tree-static",
-                    arguments: { ["--rounds", "\(8 + 8 * $0)", "--pause-us", "0"] }, steps: { 8 + 8 * $0 }, refusedInPostcopy: true),
+                    arguments: { ["--rounds", "\(8 + 8 * $0)", "--pause-us", "0"] }, steps: { 8 + 8 * $0 }),
         // POSIX timers (none firing: nothing asynchronous), inotify watches, a sealed mapped memfd.
         ProgramSpec(name: "kernobjects", binary: "kernobjects-static",
                     arguments: { ["--rounds", "\(8 + 8 * $0)", "--pause-us", "0", "--timer-ms", "0", "--with", "timers,inotify,seals"] },

@@ -116,12 +116,27 @@ final class TargetRunner: Participant, TargetGate, @unchecked Sendable {
     /// other in an order that timing decides. On one CPU under SCHED_FIFO they run one at a time, each
     /// until it blocks, in an order that follows from what they do (threads they create inherit both).
     /// The restored state was judged before this; the program's output does not depend on it.
+    /// A tree's processes too: every thread of every process on the one CPU.
     private func serialiseThreads(_ processID: ProcessID) throws {
         let cpu = Int32(Spawn.onlineCPUCount - 1)
-        for thread in try ProcFS.threadIDs(processID) {
-            Spawn.pin(threadID: thread, cpu: cpu)
-            try Spawn.runFirstInFirstOut(threadID: thread)
+        for process in Self.treeProcessIDs(processID) {
+            for thread in try ProcFS.threadIDs(process) {
+                Spawn.pin(threadID: thread, cpu: cpu)
+                try Spawn.runFirstInFirstOut(threadID: thread)
+            }
         }
+    }
+
+    /// The restored process and its descendants (a tree restored post-copy runs as one target), breadth
+    /// first, bounded as trees are.
+    static func treeProcessIDs(_ root: ProcessID) -> [ProcessID] {
+        var processes = [root]
+        var next = 0
+        while next < processes.count && processes.count <= TreeLimits.processCountMax {
+            processes += (try? ProcFS.childProcessIDs(processes[next])) ?? []
+            next += 1
+        }
+        return processes
     }
 
     /// Waits until every thread of the target is blocked on a userfaultfd fault, or the process ended.
@@ -142,7 +157,13 @@ final class TargetRunner: Participant, TargetGate, @unchecked Sendable {
             }
             // Once released, nothing can hold the process any more: only its end ends the step (a
             // sample of its state on the way would depend on timing).
-            if !isReleased && Self.isQuiet(processID) { return "blocked on a fault" }
+            if !isReleased && Self.isQuiet(processID) {
+                // It may have gone to sleep in its rendezvous call since the look above, while another
+                // thread (or process of a tree) faulted: it is let go first, as the unmigrated one was,
+                // whatever the timing (seed 0x5623aa95c000173 of the tree parted so at step 114).
+                if releaseDue, let release, release.isBlocked(processID, thread: processID) { continue }
+                return "blocked on a fault"
+            }
             spins += 1
             if spins > 50 { OSThread.sleep(for: .microseconds(50)) } else { OSThread.yield() }
             if clock.now - start > runLimit {
@@ -154,17 +175,44 @@ final class TargetRunner: Participant, TargetGate, @unchecked Sendable {
     /// Nothing in the target can move by itself: every thread sleeps in the kernel's userfault handler
     /// or on a futex (a thread waiting for another: a mutex, a condition variable, a join), or has
     /// exited, and at least one waits for a page. A thread that runs, or sleeps on a timer, is not quiet.
+    ///
+    /// A tree: every thread of every process of it, and a parent waiting for a child (wait4, waitid)
+    /// waits for another of the tree too; a child that ends wakes it, and none runs while all are quiet.
+    ///
+    /// The threads are read one after another, not at one instant: a thread seen asleep may be woken by
+    /// one read later, which then blocks before it is read (seen with trees: a worker answered, woke the
+    /// parent and faulted; the parent, read asleep before, ran on behind the verdict and faulted at a
+    /// time the schedule did not choose). So each thread's count of times it was put on a CPU
+    /// (schedstat) is read before its state and again after every thread's: unchanged, it slept from
+    /// its reading to the end of the pass, and all of them slept at once.
     static func isQuiet(_ processID: ProcessID) -> Bool {
-        guard let threads = try? ProcFS.threadIDs(processID), !threads.isEmpty else { return false }
         var faulting = false
-        for thread in threads {
-            switch ProcFS.threadWait(processID, thread: thread) {
-            case .ended, .futex: continue
-            case .userfault: faulting = true
-            case .running, .other: return false
+        var runCounts: [(process: ProcessID, thread: ProcessID, count: Substring?)] = []
+        for process in treeProcessIDs(processID) {
+            guard let threads = try? ProcFS.threadIDs(process), !threads.isEmpty else {
+                if process == processID { return false }
+                continue  // a member that ended and was reaped meanwhile
+            }
+            for thread in threads {
+                let count = runCount(process, thread: thread)
+                switch ProcFS.threadWait(process, thread: thread) {
+                case .ended: continue
+                case .futex: break
+                case .userfault: faulting = true
+                case .other(let wchan) where wchan.hasPrefix("do_wait"): break
+                case .running, .other: return false
+                }
+                runCounts.append((process, thread, count))
             }
         }
-        return faulting
+        guard faulting else { return false }
+        return runCounts.allSatisfy { runCount($0.process, thread: $0.thread) == $0.count }
+    }
+
+    /// How many times the thread was put on a CPU (the third field of schedstat); nil once it is gone.
+    private static func runCount(_ processID: ProcessID, thread: ProcessID) -> Substring? {
+        guard let text = try? ProcFS.readText("/proc/\(processID.rawValue)/task/\(thread.rawValue)/schedstat") else { return nil }
+        return text.split(separator: " ").last.map { $0.hasSuffix("\n") ? $0.dropLast() : $0 }
     }
 
     func abort(reason: String) {

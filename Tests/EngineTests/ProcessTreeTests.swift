@@ -1,14 +1,15 @@
-// Issue 11, item 2: process trees migrate nonlive: every process with its PID and parent, threads in a
+// Issue 11, item 2: process trees migrate: every process with its PID and parent, threads in a
 // child, a process-group leader, a session leader with a grandchild, two zombies (an exit status and a
 // killing signal), shared anonymous memory, a pipe and a memfd inherited by the children (one object,
-// one open file description). Post-copy keeps refusing trees (TreeRefusalTests); what a tree holds that
-// does not migrate is refused before the freeze, every process left running.
+// one open file description), in all three modes (post-copy: one userfaultfd per process, served by the
+// one fault handler and pusher); what a tree holds that does not migrate is refused before the freeze,
+// every process left running.
 import Foundation
 import Glibc
 import Testing
 @testable import Engine
 import Oracles
-import Sys
+@testable import Sys
 
 /// A running `tree` program, its tree frozen and captured, then let go on: a real tree's state.
 private func capturedTree(_ program: SpawnedProgram) throws -> ProcessState {
@@ -47,6 +48,44 @@ extension ProcessTests {
                 #expect(failed.isEmpty, "\(failed)")
                 #expect(report.verdicts.contains { $0.name == "registers and state" })
             }
+        }
+
+        /// `fammig run` in both post-copy modes, pushing or not: every process of the tree resumes at once
+        /// and its pages come lazily through its own userfaultfd, all served by the one fault handler (and
+        /// pusher). Each worker's answers come from its own restored memory (its stack and the shared
+        /// area), so a page served to the wrong process, or not at all, fails the checksum; every page
+        /// installed in any process is checked against its freeze digest, and the state oracle compares
+        /// every process (lineage, zombies, inherited descriptors and shared memory found with kcmp).
+        @Test(arguments: [("postcopy-fam", "on"), ("postcopy-fam", "off"), ("postcopy-socket", "on"), ("postcopy-socket", "off")])
+        func treeMigratesPostcopy(_ mode: String, _ push: String) throws {
+            try migrateProgram("tree-static", arguments: ["--rounds", "60", "--pause-us", "10000"],
+                               runOptions: ["--mode", mode, "--push", push, "--after-ms", "300"], timeout: .seconds(90)) { report, _ in
+                #expect(report.error == nil)
+                #expect(report.programStatus == "exited with status 0")
+                #expect(report.migratedChecksum != nil && report.migratedChecksum == report.referenceChecksum)
+                let failed = report.verdicts.filter { !$0.passed }
+                #expect(failed.isEmpty, "\(failed)")
+                #expect(report.verdicts.contains { $0.name == "registers and state" })
+                #expect(report.verdicts.contains { $0.name == "pages" && $0.passed })
+            }
+        }
+
+        /// A tree's userfaultfd speaks in tagged addresses: a fault or memory event read from the
+        /// userfaultfd of ordinal N comes out tagged with N (every address of it, an mremap's both ends),
+        /// and the root's (ordinal 0) exactly as the kernel gave it, so a single process is unchanged.
+        @Test func treeUserfaultfdTagsMessagesWithTheirOrdinal() {
+            let fault = PageFault(address: 0x7fff_ffff_d000, isWrite: true, threadID: ProcessID(rawValue: 7))
+            #expect(TreeUserfaultfd.tagged(.fault(fault), ordinal: 0) == .fault(fault))
+            var tagged = fault
+            tagged.address = TreePageAddress.tagged(fault.address, ordinal: 3)
+            #expect(TreeUserfaultfd.tagged(.fault(fault), ordinal: 3) == .fault(tagged))
+            #expect(TreePageAddress.ordinal(of: tagged.address) == 3 && TreePageAddress.address(of: tagged.address) == fault.address)
+            #expect(TreeUserfaultfd.tagged(.event(.remapped(from: 0x1000, to: 0x5000, length: 0x2000)), ordinal: 2)
+                    == .event(.remapped(from: TreePageAddress.tagged(0x1000, ordinal: 2), to: TreePageAddress.tagged(0x5000, ordinal: 2), length: 0x2000)))
+            #expect(TreeUserfaultfd.tagged(.event(.removed(start: 0x1000, end: 0x3000)), ordinal: 5)
+                    == .event(.removed(start: TreePageAddress.tagged(0x1000, ordinal: 5), end: TreePageAddress.tagged(0x3000, ordinal: 5))))
+            #expect(TreeUserfaultfd.tagged(.event(.unmapped(start: 0x1000, end: 0x3000)), ordinal: 1)
+                    == .event(.unmapped(start: TreePageAddress.tagged(0x1000, ordinal: 1), end: TreePageAddress.tagged(0x3000, ordinal: 1))))
         }
 
         /// `checkpoint` then `restore` (the two nonlive commands): the restored tree runs to the same end.

@@ -1,5 +1,6 @@
-// Issue 11, item 1: a process with children is refused before anything is done to it, in every mode and
-// every command, and both parent and child run on untouched (never stopped, never traced).
+// Issue 11, item 1: a process with children is never destroyed: it migrates as a tree in every mode (here
+// the post-copy commands that once refused it), and a refusal (after the freeze) leaves it running
+// untouched (never stopped, never traced).
 import Engine
 import Foundation
 import Glibc
@@ -26,62 +27,58 @@ func untouchedProblem(_ processID: ProcessID) -> String? {
 
 extension ProcessTests {
     @Suite(.serialized) struct TreeRefusalTests {
-        /// `source` (both post-copy modes: trees migrate only nonlive, ProcessTreeTests) refuses a parent
-        /// with a child before the freeze; both processes run on, never stopped or traced, and the parent
-        /// still finishes with its child (it checks the child every round, and reaps it at the end).
-        @Test(arguments: ["postcopy-socket", "postcopy-fam"]) func parentWithChildIsRefusedAndKeepsRunning(_ mode: String) throws {
+        /// `source` and `target` (both post-copy modes) migrate a parent with a child as a tree, where they
+        /// once refused it: the victim (pid 1 of its own namespace, `fammig launch`) is restored into a
+        /// fresh one, parent and child with their PIDs, and the parent still finds its child every round
+        /// and reaps it with its status at the end, ending with the unmigrated run's checksum; the victim's
+        /// tree is gone once the migration completed.
+        @Test(arguments: ["postcopy-socket", "postcopy-fam"]) func parentWithChildMigratesBetweenTwoNodes(_ mode: String) throws {
             let program = try TestPaths.testProgram("forker-static")
             let directory = try ScratchDirectory(under: "/dev/shm")
             defer { directory.remove() }
             let leftovers = LeftoverCheck()
             defer { leftovers.finish() }
-            let arguments = ["--rounds", "150", "--pause-us", "10000"]
-            let parent = leftovers.own(try SpawnedProgram(program, arguments, standardOutputPath: directory.path("out"),
-                                                          standardErrorPath: directory.path("err")))
+            let arguments = ["--rounds", "250", "--pause-us", "10000"]
             // The child has the same command line: a child left running is a leftover too.
-            leftovers.expectProgram(parent.argumentVector)
+            leftovers.expectProgram([program] + arguments)
+            let reference = try runCommand(program, arguments, timeout: .seconds(60))
+            let referenceChecksum = try #require(reference.standardOutput.split(separator: "\n").last.map(String.init))
+            let outputPath = directory.path("victim.out")
+            let launched = try leftovers.fammig(["launch", "--output", outputPath, "--", program] + arguments)
+            let victim = try #require(Int32(launched.standardOutput.trimmingCharacters(in: .whitespacesAndNewlines)))
+            defer { _ = kill(victim, SIGKILL) }
             var children: [ProcessID] = []
             #expect(pollUntil(timeout: .seconds(5)) {
-                children = (try? ProcFS.childProcessIDs(parent.processID)) ?? []
+                children = (try? ProcFS.childProcessIDs(ProcessID(victim))) ?? []
                 return !children.isEmpty
             })
             let child = try #require(children.first)
             let famPath = directory.path("image.fam")
-
-            let outcome: CommandOutcome
-            if mode == "nonlive" {
-                outcome = try leftovers.fammig("checkpoint", "--pid", "\(parent.processID)", "--fam", famPath,
-                                               "--key-file", directory.path("migration.key"))
-            } else {
-                let port = 19000 + Int(getpid() % 2000) + (mode == "postcopy-fam" ? 1 : 0)
-                var sourceArguments = ["source", "--pid", "\(parent.processID)", "--mode", mode, "--listen", "127.0.0.1:\(port)"]
-                var targetArguments = ["target", "--mode", mode, "--connect", "127.0.0.1:\(port)"]
-                let keyPath = directory.path("migration.key")
-                sourceArguments += ["--key-file", keyPath]
-                targetArguments += ["--key-file", keyPath]
-                if mode == "postcopy-fam" {
-                    sourceArguments += ["--fam", famPath]
-                    targetArguments += ["--fam", famPath]
-                }
-                let source = leftovers.own(try StartedProcess(try TestPaths.fammig(), sourceArguments,
-                                                              standardOutputPath: directory.path("source.out"),
-                                                              standardErrorPath: directory.path("source.err")))
-                #expect(waitForKeyFile(keyPath), "the source wrote no key file")
-                let target = try leftovers.fammig(targetArguments, timeout: .seconds(60))
-                #expect(target.exitStatus != 0, "the target restored something: \(target.standardOutput)")
-                outcome = try source.waitForExit(timeout: .seconds(30))
+            let port = 19000 + Int(getpid() % 2000) + (mode == "postcopy-fam" ? 1 : 0)
+            var sourceArguments = ["source", "--pid", "\(victim)", "--mode", mode, "--listen", "127.0.0.1:\(port)"]
+            var targetArguments = ["target", "--mode", mode, "--connect", "127.0.0.1:\(port)", "--pid-namespace", "fresh"]
+            let keyPath = directory.path("migration.key")
+            sourceArguments += ["--key-file", keyPath]
+            targetArguments += ["--key-file", keyPath]
+            if mode == "postcopy-fam" {
+                sourceArguments += ["--fam", famPath]
+                targetArguments += ["--fam", famPath]
             }
-            #expect(outcome.exitStatus == 2 && !outcome.killedBySignal, "exit \(outcome.exitStatus): \(outcome.standardError)")
-            #expect(outcome.standardError.contains("has 1 child process (\(child))"), "\(outcome.standardError)")
-            #expect(outcome.standardError.contains("left running untouched"), "\(outcome.standardError)")
-            #expect(!FileManager.default.fileExists(atPath: famPath))
-            #expect(untouchedProblem(parent.processID) == nil, "\(untouchedProblem(parent.processID) ?? "")")
-            #expect(untouchedProblem(child) == nil, "\(untouchedProblem(child) ?? "")")
-
-            // The parent goes on to its end: every round it found its child, and reaped it at the end.
-            let status = try parent.waitForExit(timeout: .seconds(30))
-            #expect(status == .exited(0), "forker \(status): \((try? String(contentsOfFile: directory.path("err"), encoding: .utf8)) ?? "")")
-            #expect(lastChecksum(inFile: directory.path("out")) != nil)
+            let source = leftovers.own(try StartedProcess(try TestPaths.fammig(), sourceArguments,
+                                                          standardOutputPath: directory.path("source.out"),
+                                                          standardErrorPath: directory.path("source.err")))
+            #expect(waitForKeyFile(keyPath), "the source wrote no key file")
+            let target = try leftovers.fammig(targetArguments, timeout: .seconds(60))
+            let sourceOutcome = try source.waitForExit(timeout: .seconds(30))
+            #expect(target.exitStatus == 0, "target: \(target.standardOutput) \(target.standardError) source: \(sourceOutcome.standardError)")
+            #expect(sourceOutcome.exitStatus == 0, "source: \(sourceOutcome.standardError)")
+            // The victim's tree was killed at the release, the child (reaped by its frozen parent) first.
+            #expect(pollUntil(timeout: .seconds(5)) { !ProcFS.isAlive(ProcessID(victim)) && !ProcFS.isAlive(child) })
+            let finished = pollUntil(timeout: .seconds(30)) {
+                (try? String(contentsOfFile: outputPath, encoding: .utf8))?.contains("checksum=") == true
+            }
+            #expect(finished, "the restored tree never printed its checksum")
+            #expect(lastChecksum(inFile: outputPath).map { "checksum=" + $0 } == referenceChecksum)
         }
 
         /// A refusal after the freeze (state read, nothing dumped) detaches the victim: it runs on, neither
@@ -113,18 +110,16 @@ extension ProcessTests {
                     == reference.standardOutput.split(separator: "\n").last.map(String.init))
         }
 
-        /// `fammig run` refuses it in both post-copy modes with the same message (and, as always after a
-        /// refusal, ends the program it started: the child dies with its parent).
-        @Test(arguments: ["postcopy-socket", "postcopy-fam"]) func runRefusesParentWithChild(_ mode: String) throws {
-            let program = try TestPaths.testProgram("forker")
-            let leftovers = LeftoverCheck()
-            defer { leftovers.finish() }
-            let arguments = ["--rounds", "100", "--pause-us", "10000"]
-            leftovers.expectProgram([program] + arguments)
-            let outcome = try leftovers.fammig(["run", "--mode", mode, "--no-reference", "--after-ms", "200", "--", program] + arguments)
-            #expect(outcome.exitStatus == 2 && !outcome.killedBySignal, "exit \(outcome.exitStatus): \(outcome.standardError)")
-            #expect(outcome.standardError.contains("has 1 child process"), "\(outcome.standardError)")
-            #expect(outcome.standardError.contains("process trees migrate only in nonlive mode"), "\(outcome.standardError)")
+        /// `fammig run` migrates it in both post-copy modes with every oracle (it once refused it with "process
+        /// trees migrate only in nonlive mode"): the state oracle compares parent and child, the pages of
+        /// both are checked as they are installed, and the run ends with the reference checksum.
+        @Test(arguments: ["postcopy-socket", "postcopy-fam"]) func runMigratesParentWithChild(_ mode: String) throws {
+            try migrateProgram("forker", arguments: ["--rounds", "100", "--pause-us", "10000"],
+                               runOptions: ["--mode", mode, "--after-ms", "200"], timeout: .seconds(90)) { report, _ in
+                #expect(report.error == nil)
+                #expect(report.programStatus == "exited with status 0")
+                #expect(report.migratedChecksum != nil && report.migratedChecksum == report.referenceChecksum)
+            }
         }
     }
 }

@@ -50,7 +50,7 @@ public final class FaultHandler: EngineActor {
         if finished { return .finished }
         guard let memory = lazy(), memory.isRunning else { return .waiting(.peer("restorer")) }
         if memory.isComplete || Spawn.hasEnded(memory.targetProcessID) { return .ready(.faultHandler(.finish)) }
-        var descriptors = [memory.userfaultfd.descriptor]
+        var descriptors = memory.userfaultfd.descriptors
         if let transport, !sourceGone, !channelRefused, let descriptor = transport.readableDescriptor { descriptors.append(descriptor) }
         // A pending fault is servable once its page's mark is stored; until then serving it would be a
         // step that changes nothing (a scheduler that favours this actor then starves the dumper).
@@ -77,12 +77,16 @@ public final class FaultHandler: EngineActor {
                 try finish(memory)
                 return
             }
+            // A tree member that ended takes no more pages (nor can it: its memory is gone).
+            memory.discardPagesOfEndedMembers()
             try receiveMessages(memory)
             try serveFaults(memory)
             if memory.usesFAM { try servePendingFromFAM(memory) }
         } catch {
             // A target that ended meanwhile (it exited, or was killed) makes installs fail with ESRCH:
             // nothing is left to serve, which is an end, not a failure.
+            // A tree member that ended meanwhile: its pages are discarded, and the next step goes on.
+            if memory.discardPagesOfEndedMembers() > 0 { return }
             if Spawn.endsSoon(memory.targetProcessID) {
                 // Still tell the source: a socket-mode source waits for this before it lets go of the victim.
                 try? finish(memory)

@@ -41,6 +41,8 @@ public final class Pusher: EngineActor {
             finished = true
             return
         }
+        // A tree member that ended takes no more pages (an install into it would fail with ESRCH).
+        memory.discardPagesOfEndedMembers()
         let first = memory.firstMissing(from: 0) ?? memory.pageCount
         guard let run = memory.nextInstallableRun(from: min(cursor, first), limit: batchPageCount) else { return }
         let start = clock.now()
@@ -50,6 +52,7 @@ public final class Pusher: EngineActor {
                 try memory.installFromFAM(slot: first, count: min(Self.installPiecePageCount, run.slot + run.count - first))
             }
         } catch {
+            if memory.discardPagesOfEndedMembers() > 0 { return }
             if Spawn.endsSoon(memory.targetProcessID) { finished = true; return }
             throw .aborted("pusher installing \(run.count) pages at slot \(run.slot): \(error)")
         }

@@ -32,7 +32,7 @@ public enum CheckpointError: Error, CustomStringConvertible, Sendable {
         case .unsupportedMapping(let pid, let range, let reason):
             "pid \(pid): mapping \(range) cannot be migrated (\(reason)). The process was left running untouched."
         case .hasChildren(let pid, let children):
-            "pid \(pid) has \(children.count) child process\(children.count == 1 ? "" : "es") (\(children.prefix(8).map { "\($0)" }.joined(separator: ", "))\(children.count > 8 ? ", ..." : "")); process trees migrate only in nonlive mode (post-copy of a tree is not supported yet), and migrating the parent alone would orphan them. The process was left running untouched."
+            "pid \(pid) has \(children.count) child process\(children.count == 1 ? "" : "es") (\(children.prefix(8).map { "\($0)" }.joined(separator: ", "))\(children.count > 8 ? ", ..." : "")); this mode does not migrate process trees, and migrating the parent alone would orphan them. The process was left running untouched."
         case .unsupportedTree(let pid, let reason):
             "pid \(pid)'s process tree cannot be migrated: \(reason). Every process of it was left running untouched."
         case .unsupportedContext(let pid, let reason):

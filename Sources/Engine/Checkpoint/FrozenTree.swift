@@ -1,4 +1,4 @@
-// A victim and, in nonlive mode, its whole process tree, frozen: each process seized and stopped before
+// A victim and (in every mode that migrates trees) its whole process tree, frozen: each process seized and stopped before
 // its children are listed (a stopped process forks no more), its zombies recorded as they are.
 import Sys
 
@@ -156,6 +156,28 @@ extension FrozenVictim {
 }
 
 extension Dumper {
+    /// The PID of the victim's process that a page slot belongs to (a tree's: its ordinal's).
+    func sourceProcessID(slot: Int) -> ProcessID {
+        guard let processIDs = victim?.processIDsByOrdinal, processIDs.count > 1 else { return victimProcessID }
+        return processIDs[TreePageAddress.ordinal(of: pageAddresses[slot])]
+    }
+
+    /// Runs of slots cut where the process changes, each with the PID it is read from.
+    func splitByProcess(_ runs: [Range<Int>]) -> [(processID: ProcessID, slots: Range<Int>)] {
+        var pieces: [(processID: ProcessID, slots: Range<Int>)] = []
+        for run in runs {
+            var start = run.lowerBound
+            while start < run.upperBound {
+                let ordinal = TreePageAddress.ordinal(of: pageAddresses[start])
+                var end = start + 1
+                while end < run.upperBound && TreePageAddress.ordinal(of: pageAddresses[end]) == ordinal { end += 1 }
+                pieces.append((sourceProcessID(slot: start), start..<end))
+                start = end
+            }
+        }
+        return pieces
+    }
+
     /// Copies the pages of `slots` from the process each belongs to (one call per process's run).
     func copyTreePages(_ slots: Range<Int>, processIDsByOrdinal: [ProcessID]) throws(SyscallError) {
         var start = slots.lowerBound

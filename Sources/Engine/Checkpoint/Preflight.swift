@@ -3,12 +3,16 @@
 import Sys
 
 enum Preflight {
-    /// Throws the first reason `processID` cannot be migrated. With `allowingTree` (nonlive), its
-    /// children (and theirs) migrate with it, each checked as it is (TreePreflight); otherwise a process
-    /// with children is refused.
-    static func check(_ processID: ProcessID, allowingTree: Bool = false) throws(CheckpointError) {
+    /// Throws the first reason `processID` cannot be migrated. With `allowingTree` (every mode today),
+    /// its children (and theirs) migrate with it, each checked as it is (TreePreflight); otherwise a
+    /// process with children is refused.
+    /// `allowingSysV` (nonlive): SysV shared memory too (post-copy refuses it in every process).
+    static func check(_ processID: ProcessID, allowingTree: Bool = false, allowingSysV: Bool = false) throws(CheckpointError) {
         if allowingTree {
-            _ = try TreePreflight.check(root: processID)
+            let listing = try TreePreflight.check(root: processID)
+            if !allowingSysV {
+                for process in listing where !process.fields.isZombie { try checkNoSysVMemory(process.processID) }
+            }
         } else {
             try checkProcess(processID, checkingChildren: true)
             try checkNoSysVMemory(processID)
@@ -43,7 +47,7 @@ enum Preflight {
     }
 
     /// A checkpoint kills the victim: its children would be orphaned (re-parented, their exit statuses
-    /// lost) and the restored process would not be their parent. Until trees migrate, refuse them.
+    /// lost) and the restored process would not be their parent. A mode that migrates no trees refuses them.
     /// Also called once the victim is frozen, when it can fork no more.
     static func checkNoChildren(_ processID: ProcessID) throws(CheckpointError) {
         let children: [ProcessID]

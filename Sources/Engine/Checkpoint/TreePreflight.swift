@@ -1,4 +1,4 @@
-// The checks of a process tree (nonlive): every process as Preflight checks one, and what only a tree
+// The checks of a process tree: every process as Preflight checks one, and what only a tree
 // can hold that its restore could not rebuild. Run before the freeze on the running tree (/proc only),
 // and again on the frozen one, which may have changed in between.
 import Sys

@@ -21,7 +21,10 @@ public final class LazyMemory: @unchecked Sendable {
     public let targetProcessID: ProcessID
     public let pageAddresses: [UInt64]
     /// `package`: torture's racing installer copies through it behind the engine's back.
-    package let userfaultfd: Userfaultfd
+    /// A tree's: one per process, addressed by tagged addresses (TreeUserfaultfd).
+    package let userfaultfd: TreeUserfaultfd
+    /// This node's PID of each process of the tree by ordinal (nil: a zombie); the root's is `targetProcessID`.
+    public let processIDsByOrdinal: [ProcessID?]
     let registeredRanges: [Range<UInt64>]
     let lock = Lock()
     var reader: ImageReader?
@@ -48,7 +51,8 @@ public final class LazyMemory: @unchecked Sendable {
     var receivedPageBytes: UInt64 = 0
     /// Kills the target if this process goes away before every page is in (never run on holes);
     /// disarmed once `unregisterAll` proved every page installed.
-    let watchdog: HoleWatchdog?
+    /// One per process of the tree, each holding that process's userfaultfd.
+    let watchdogs: [HoleWatchdog]
 
     /// Registered shared-memory mappings: a page found present there was installed through another
     /// mapping of the same object (with the same dumped bytes), and shown to the oracle there. It is not
@@ -60,12 +64,14 @@ public final class LazyMemory: @unchecked Sendable {
     /// Slots counted installed because their page was already there through another mapping.
     public internal(set) var aliasPageCount = 0
 
-    init(targetProcessID: ProcessID, pageAddresses: [UInt64], userfaultfd: Userfaultfd, registeredRanges: [Range<UInt64>],
+    /// A tree's ranges are tagged with their process's ordinal, as its page addresses are.
+    init(targetProcessID: ProcessID, pageAddresses: [UInt64], userfaultfd: TreeUserfaultfd, registeredRanges: [Range<UInt64>],
          sharedRanges: [Range<UInt64>] = [], eagerRanges: [Range<UInt64>] = [], origin: PageOrigin,
-         observer: (any MigrationObserver)?, gate: any TargetGate, watchdog: HoleWatchdog? = nil) {
+         observer: (any MigrationObserver)?, gate: any TargetGate, watchdogs: [HoleWatchdog] = [], processIDsByOrdinal: [ProcessID?]? = nil) {
         self.sharedRanges = sharedRanges
         self.eagerRanges = eagerRanges
-        self.watchdog = watchdog
+        self.watchdogs = watchdogs
+        self.processIDsByOrdinal = processIDsByOrdinal ?? [targetProcessID]
         self.gate = gate
         self.targetProcessID = targetProcessID
         self.pageAddresses = pageAddresses
@@ -144,6 +150,38 @@ public final class LazyMemory: @unchecked Sendable {
                 installed[slot] = true
                 installedPageCount += 1
                 discardedPageCount += 1
+            }
+        }
+    }
+
+    /// Ordinals of tree members seen ended (their slots discarded).
+    private var endedOrdinals: Set<Int> = []
+
+    /// A member of a tree that ended needs no more pages (its memory is gone, and an install into it
+    /// fails with ESRCH): its missing slots count as done, never installed. The root's end ends the
+    /// migration instead (the fault handler finishes). Returns how many slots this call discarded.
+    @discardableResult
+    func discardPagesOfEndedMembers() -> Int {
+        guard processIDsByOrdinal.count > 1 else { return 0 }
+        var newlyEnded: Set<Int> = []
+        for (ordinal, processID) in processIDsByOrdinal.enumerated().dropFirst() {
+            guard let processID, !lock.withLock({ endedOrdinals.contains(ordinal) }), Spawn.hasEnded(processID) else { continue }
+            newlyEnded.insert(ordinal)
+        }
+        guard !newlyEnded.isEmpty else { return 0 }
+        // Under the install lock: no install into the ended process is half-way.
+        return installLock.withLock {
+            lock.withLock {
+                endedOrdinals.formUnion(newlyEnded)
+                var count = 0
+                for slot in pageAddresses.indices where !installed[slot] && newlyEnded.contains(TreePageAddress.ordinal(of: pageAddresses[slot])) {
+                    installed[slot] = true
+                    installedPageCount += 1
+                    discardedPageCount += 1
+                    count += 1
+                }
+                deferredFaults.removeAll { newlyEnded.contains(TreePageAddress.ordinal(of: $0.address)) }
+                return count
             }
         }
     }
@@ -237,9 +275,9 @@ public final class LazyMemory: @unchecked Sendable {
         installLock.withLock {
             lock.withLock { deferredFaults.removeAll() }
             userfaultfd.close()
-            // The watchdog holds the last copy of the userfaultfd: the release happens once it is disarmed
-            // (and it leaves the target alone: every page is in).
-            watchdog?.disarm()
+            // The watchdogs hold the last copies of the userfaultfds: the release happens once they are
+            // disarmed (and they leave the target alone: every page is in).
+            for watchdog in watchdogs { watchdog.disarm() }
         }
         gate.released(processID: targetProcessID)
     }
@@ -256,10 +294,10 @@ public final class LazyMemory: @unchecked Sendable {
             let armed = lock.withLock { () -> Bool in
                 deferredFaults.removeAll()
                 defer { unregistered = true }
-                return !unregistered && watchdog != nil
+                return !unregistered && !watchdogs.isEmpty
             }
             userfaultfd.close()
-            watchdog?.abandon()
+            for watchdog in watchdogs { watchdog.abandon() }
             return armed
         }
     }

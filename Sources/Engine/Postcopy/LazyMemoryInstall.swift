@@ -114,7 +114,8 @@ extension LazyMemory {
 
     /// Kills the target: a migration that cannot complete must never leave it running on holes.
     func killTarget() {
-        Spawn.kill(targetProcessID)
+        // A tree's members first (the root's death would let them run on, orphaned, on holes).
+        for processID in processIDsByOrdinal.reversed().compactMap({ $0 }) { Spawn.kill(processID) }
     }
 
     /// A never-touched anonymous page: zeros, then wake.

@@ -16,7 +16,8 @@ final class TargetProcess {
     let scratchAddress: UInt64
     static let scratchByteCount: UInt64 = 16 * .pageSize
     var dataAddress: UInt64 { scratchAddress + .pageSize }
-    private(set) var isResumed = false
+    /// Set by `resume()` (TargetProcessResume.swift).
+    var isResumed = false
     /// Anonymous private ranges registered with the target's userfaultfd: pages go in by UFFDIO_COPY
     /// straight from FAM; everything else (private file pages) by pwrite to /proc/PID/mem.
     private var userfaultfd: Userfaultfd?
@@ -329,17 +330,24 @@ final class TargetProcess {
     /// instead of reading zeros where pages are missing (it holds the userfaultfd until then).
     func makeLazyMemory(pageAddresses: [UInt64], origin: PageOrigin, observer: (any MigrationObserver)?,
                         gate: any TargetGate) throws(RestoreError) -> LazyMemory {
+        let handed = try handOver()
+        return LazyMemory(targetProcessID: processID, pageAddresses: pageAddresses, userfaultfd: TreeUserfaultfd(handed.userfaultfd),
+                          registeredRanges: handed.registered, sharedRanges: handed.shared, eagerRanges: handed.eager,
+                          origin: origin, observer: observer, gate: gate,
+                          watchdogs: [handed.watchdog])
+    }
+
+    /// What lazy memory takes over from this process (a tree's lazy memory takes it from each): its
+    /// userfaultfd, its registered, shared and eagerly installed ranges, and its armed watchdog.
+    func handOver() throws(RestoreError)
+        -> (userfaultfd: Userfaultfd, registered: [Range<UInt64>], shared: [Range<UInt64>], eager: [Range<UInt64>], watchdog: HoleWatchdog) {
         guard let userfaultfd else { preconditionFailure("lazy memory before the userfaultfd was registered") }
         let watchdog: HoleWatchdog
         do { watchdog = try HoleWatchdog(guarding: processID, userfaultfd: userfaultfd) } catch {
             throw .system("starting the watchdog that kills the target if its fault server dies: \(error)")
         }
-        let memory = LazyMemory(targetProcessID: processID, pageAddresses: pageAddresses, userfaultfd: userfaultfd,
-                                registeredRanges: registeredRanges, sharedRanges: sharedRanges, eagerRanges: memfdRanges,
-                                origin: origin, observer: observer, gate: gate,
-                                watchdog: watchdog)
         self.userfaultfd = nil
-        return memory
+        return (userfaultfd, registeredRanges, sharedRanges, memfdRanges, watchdog)
     }
 
     /// Ends eager installation: unregisters every range and lets the userfaultfd go.
@@ -353,50 +361,5 @@ final class TargetProcess {
         userfaultfd.close()
         self.userfaultfd = nil
         registeredRanges = []
-    }
-
-    // MARK: Resume
-
-    /// With `readBack`, reads the rebuilt state back for the oracles (while the scratch page still
-    /// exists); then removes the scratch page (running its munmap to the syscall-exit stop, since the
-    /// int3 after it is gone) and sets the victim's mask and registers. The target is stopped, about to
-    /// run the victim's next instruction; returns the state read back from it (nil without `readBack`:
-    /// the read-back is some ninety injected syscalls, and only an oracle looks at it, so it is not
-    /// part of the downtime when none does).
-    func prepareToResume(_ state: ProcessState, readBack: Bool) throws(RestoreError) -> ProcessState? {
-        do {
-            let injected = readBack
-                ? try StateReader.injectQueries(injector: injector, threadInjectors: otherThreads.map(\.injector),
-                                                memory: memory, dataAddress: dataAddress)
-                : nil
-            let result = try injector.callToExitStop("munmap(scratch)", Syscall.munmap, scratchAddress, Self.scratchByteCount)
-            guard result == 0 else { throw RestoreError.system("munmap(scratch) failed: \(result)") }
-            for (thread, threadTracee) in zip(state.threads, allTracees) {
-                try threadTracee.setSignalMask(thread.signalMask)
-                try threadTracee.setRegisters(thread.registers.resumableAfterRestore)
-            }
-            return try StateReader.read(tracees: allTracees, processID: processID, injected: injected)
-        } catch {
-            throw RestoreError(error)
-        }
-    }
-
-    /// Lets the restored process run.
-    func resume() throws(RestoreError) {
-        do {
-            for (descriptor, end) in liveTCPSockets {
-                try TCPSocketRestorer.goLive(try ForeignDescriptor(processID: processID, remoteDescriptor: descriptor), end)
-            }
-            // The source locked these connections' segments while they were away (FrozenVictim).
-            for port in TCPSocketRestorer.outsideConnectionPorts(liveTCPSockets.map {
-                OpenFile(descriptor: $0.descriptor, path: "", flags: 0, position: 0, kind: .tcpSocket($0.end))
-            }) {
-                NetworkLock.unlock(port: port.port)
-            }
-            for thread in otherThreads { try thread.tracee.detach() }
-            try tracee.detach()
-        } catch { throw .system("\(error)") }
-        isResumed = true
-        memory.close()
     }
 }

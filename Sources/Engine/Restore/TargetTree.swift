@@ -1,4 +1,4 @@
-// The restored process tree (nonlive): the root is the stub started as the victim's PID; every other
+// The restored process tree (every mode): the root is the stub started as the victim's PID; every other
 // process is cloned (clone3 with set_tid) from its own restored parent once that parent's layout and
 // descriptors are rebuilt, so that it inherits what it inherited at the source (the same open file
 // descriptions, the same shared memory objects) and keeps only that. Sessions and groups are made as
@@ -74,8 +74,9 @@ final class TargetTree {
                     try drainChildSignal(parent, signal: lineage.exitSignal)
                 case .live(let memberState):
                     child.inherited = (Set(lineage.inheritedDescriptors), Set(lineage.inheritedMappingStarts))
-                    try child.buildLayout(memberState)
+                    // Before the layout: its executable and file mappings open through their checked files too.
                     child.reopenPaths = reopenPaths[member.processID] ?? ReopenPaths()
+                    try child.buildLayout(memberState)
                     try child.restoreDescriptors(memberState)
                     byProcessID[member.processID] = child
                 }
@@ -207,12 +208,9 @@ final class TargetTree {
         return member
     }
 
-    func writeBytes(_ bytes: [UInt8], to address: UInt64) throws { try root.writeBytes(bytes, to: address) }
-
-    func makeLazyMemory(pageAddresses: [UInt64], origin: PageOrigin, observer: (any MigrationObserver)?,
-                        gate: any TargetGate) throws(RestoreError) -> LazyMemory {
-        precondition(members.isEmpty, "post-copy of a process tree")
-        return try root.makeLazyMemory(pageAddresses: pageAddresses, origin: origin, observer: observer, gate: gate)
+    /// Writes bytes at a tagged address (TreePageAddress) of the process it belongs to.
+    func writeBytes(_ bytes: [UInt8], to address: UInt64) throws {
+        try process(ordinal: TreePageAddress.ordinal(of: address)).writeBytes(bytes, to: TreePageAddress.address(of: address))
     }
 
     /// Looks once, in every process, for registered pages present before any install (TargetProcess.checkStrayPages).
@@ -223,10 +221,60 @@ final class TargetTree {
     /// Whether that look was made.
     var strayPagesChecked: Bool { root.strayPageAddresses != nil }
 
-    /// The stray pages of the one process post-copy restores.
+    /// The stray pages of every process, at tagged addresses (TreePageAddress; the root's untagged).
     func strayPageAddresses() -> Set<UInt64> {
-        precondition(members.isEmpty, "post-copy of a process tree")
-        return root.strayPageAddresses ?? []
+        var addresses = root.strayPageAddresses ?? []
+        for (index, member) in members.enumerated() {
+            guard let member else { continue }
+            addresses.formUnion((member.strayPageAddresses ?? []).map { TreePageAddress.tagged($0, ordinal: index + 1) })
+        }
+        return addresses
+    }
+
+    /// This node's PID of the process of `ordinal` (nil: a zombie, or no such process).
+    func nodeProcessID(ordinal: Int) -> ProcessID? {
+        ordinal == 0 ? root.processID : ordinal <= members.count ? members[ordinal - 1]?.processID : nil
+    }
+
+    /// Post-copy: one lazy memory for the whole tree. Each live process hands over its userfaultfd (it
+    /// belongs to that process's mm), its ranges (tagged with its ordinal, as its page addresses are) and
+    /// its watchdog; the fault handler and the pusher then serve every process through the one page
+    /// table. A single process's is exactly its own.
+    func makeLazyMemory(pageAddresses: [UInt64], origin: PageOrigin, observer: (any MigrationObserver)?,
+                        gate: any TargetGate) throws(RestoreError) -> LazyMemory {
+        guard !members.isEmpty else {
+            return try root.makeLazyMemory(pageAddresses: pageAddresses, origin: origin, observer: observer, gate: gate)
+        }
+        var userfaultfds: [Userfaultfd?] = []
+        var processIDs: [ProcessID?] = []
+        var registered: [Range<UInt64>] = [], shared: [Range<UInt64>] = [], eager: [Range<UInt64>] = []
+        var watchdogs: [HoleWatchdog] = []
+        for (ordinal, process) in ([root] + members).enumerated() {
+            guard let process else {
+                userfaultfds.append(nil)
+                processIDs.append(nil)
+                continue
+            }
+            let handed: (userfaultfd: Userfaultfd, registered: [Range<UInt64>], shared: [Range<UInt64>], eager: [Range<UInt64>], watchdog: HoleWatchdog)
+            do { handed = try process.handOver() } catch {
+                // The watchdogs armed so far would kill their processes once this node lets them go:
+                // the restorer kills the tree anyway.
+                for watchdog in watchdogs { watchdog.disarm() }
+                throw error
+            }
+            func tagged(_ ranges: [Range<UInt64>]) -> [Range<UInt64>] {
+                ranges.map { TreePageAddress.tagged($0.lowerBound, ordinal: ordinal)..<TreePageAddress.tagged($0.upperBound, ordinal: ordinal) }
+            }
+            userfaultfds.append(handed.userfaultfd)
+            processIDs.append(process.processID)
+            registered += tagged(handed.registered)
+            shared += tagged(handed.shared)
+            eager += tagged(handed.eager)
+            watchdogs.append(handed.watchdog)
+        }
+        return LazyMemory(targetProcessID: root.processID, pageAddresses: pageAddresses, userfaultfd: TreeUserfaultfd(byOrdinal: userfaultfds),
+                          registeredRanges: registered, sharedRanges: shared, eagerRanges: eager, origin: origin, observer: observer,
+                          gate: gate, watchdogs: watchdogs, processIDsByOrdinal: processIDs)
     }
 
     func finishInstalling() throws(RestoreError) {

@@ -5,8 +5,8 @@ import Sys
 
 /// Where a process sits in its tree, as /proc/PID/stat shows it.
 public struct ProcessLineage: Equatable, Sendable {
-    /// Read at a nonlive freeze (the tree's own numbers, which may be 0 for ids from outside its PID
-    /// namespace); false: nothing recorded (post-copy, or an older checkpoint path), nothing restored.
+    /// Read at the freeze of a tree (the tree's own numbers, which may be 0 for ids from outside its PID
+    /// namespace); false: nothing recorded (a mode without trees, or an older checkpoint path), nothing restored.
     public var isRecorded = false
     public var parentProcessID = ProcessID(rawValue: 0)
     public var processGroupID = ProcessID(rawValue: 0)

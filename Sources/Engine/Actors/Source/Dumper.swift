@@ -108,7 +108,9 @@ public final class Dumper: EngineActor {
         switch state {
         case .preflight:
             timeline.record(.started, at: clock.now())
-            do { try Preflight.check(victimProcessID, allowingTree: strategy.migratesTrees) } catch { throw .checkpoint(error) }
+            do { try Preflight.check(victimProcessID, allowingTree: strategy.migratesTrees, allowingSysV: strategy.migratesSysVMemory) } catch {
+                throw .checkpoint(error)
+            }
             // Out of the downtime: smaps is slow to read and its flags do not change while the mappings do not.
             mappingFlags = StateReader.mappingFlags(victimProcessID)
             let estimatedPageCount: Int

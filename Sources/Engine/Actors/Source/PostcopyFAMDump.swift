@@ -9,18 +9,24 @@ extension Dumper {
     /// source): pages outside the memory it registers lazily (private file pages, which userfaultfd
     /// cannot register on ext4), memfd pages, and the rseq areas the kernel writes at registration. A
     /// hint: the target still asks for any such page that is not marked when it looks.
+    /// A tree's: every process's, tagged with its ordinal as its page addresses are.
     static func slotsNeededBeforeResume(_ state: ProcessState, pageAddresses: [UInt64]) -> [Range<Int>] {
         var ranges: [Range<UInt64>] = []
-        for mapping in state.mappings {
-            switch mapping.kind {
-            case .anonymous where !mapping.shared, .heap where !mapping.shared, .stack where !mapping.shared: continue
-            case .sharedMemory(let object) where object.memfdName == nil: continue
-            default: ranges.append(mapping.start..<mapping.end)
+        for (ordinal, process) in state.liveProcesses {
+            func add(_ range: Range<UInt64>) {
+                ranges.append(TreePageAddress.tagged(range.lowerBound, ordinal: ordinal)..<TreePageAddress.tagged(range.upperBound, ordinal: ordinal))
             }
-        }
-        for rseq in state.threads.compactMap(\.rseq) {
-            let firstPage = rseq.address & ~UInt64(ImageLayout.pageSize - 1)
-            ranges.append(firstPage..<((rseq.address + UInt64(max(rseq.byteCount, 1)) + UInt64(ImageLayout.pageSize) - 1) & ~UInt64(ImageLayout.pageSize - 1)))
+            for mapping in process.mappings {
+                switch mapping.kind {
+                case .anonymous where !mapping.shared, .heap where !mapping.shared, .stack where !mapping.shared: continue
+                case .sharedMemory(let object) where object.memfdName == nil: continue
+                default: add(mapping.start..<mapping.end)
+                }
+            }
+            for rseq in process.threads.compactMap(\.rseq) {
+                let firstPage = rseq.address & ~UInt64(ImageLayout.pageSize - 1)
+                add(firstPage..<((rseq.address + UInt64(max(rseq.byteCount, 1)) + UInt64(ImageLayout.pageSize) - 1) & ~UInt64(ImageLayout.pageSize - 1)))
+            }
         }
         var runs: [Range<Int>] = []
         for range in ranges.sorted(by: { $0.lowerBound < $1.lowerBound }) {
@@ -56,7 +62,9 @@ class PostcopySource {
 
     var transport: (any Transport)? { link }
     var usesFAM: Bool { true }
-    var migratesTrees: Bool { false }
+    /// A tree's pages are each read from its own process (Dumper.splitByProcess).
+    var migratesTrees: Bool { true }
+    var migratesSysVMemory: Bool { false }
     var pipelinesCopies: Bool { false }
 
     /// How the requests that arrived in one step change the push chunk (postcopy-socket only).
@@ -109,14 +117,13 @@ class PostcopySource {
 /// or the next background batch of pages not dumped yet (copied in one step, sealed in the next).
 final class PostcopyFAMDump: PostcopySource, SourcePageStrategy {
     func writeMetadata(_ dumper: Dumper, state: ProcessState, metadata: [UInt8]) throws(EngineError) {
-        let victimProcessID = dumper.victimProcessID
         let timeline = dumper.timeline
         // Marked before the metadata commit, so a target finds them there at once instead of asking for
         // them and waiting for this node within its downtime.
-        let early = Dumper.slotsNeededBeforeResume(state, pageAddresses: dumper.pageAddresses)
+        let early = dumper.splitByProcess(Dumper.slotsNeededBeforeResume(state, pageAddresses: dumper.pageAddresses))
         try dumper.createImage(metadata: metadata) { (writer) throws(SyscallError) in
-            for run in early { try writer.dumpPages(processID: victimProcessID, slots: run) }
-            timeline.add(early.reduce(0) { $0 + $1.count }, to: "pagesDumped")
+            for (processID, run) in early { try writer.dumpPages(processID: processID, slots: run) }
+            timeline.add(early.reduce(0) { $0 + $1.slots.count }, to: "pagesDumped")
         }
         do { try link.send(.metadataCommitted(generation: dumper.generation)) } catch {
             throw .aborted("telling the target the metadata is committed: \(error)")
@@ -138,7 +145,11 @@ final class PostcopyFAMDump: PostcopySource, SourcePageStrategy {
         prioritySlots.removeAll()
         do {
             if !requested.isEmpty {
-                try dumper.writer!.dumpPagesMarkedNow(processID: dumper.victimProcessID, slots: Set(requested).sorted().map { $0..<($0 + 1) })
+                // A tree's requests are pages of several processes: each read from its own.
+                for (processID, run) in dumper.splitByProcess(Set(requested).sorted().map { $0..<($0 + 1) }) {
+                    try dumper.writer!.dumpPages(processID: processID, slots: run)
+                }
+                dumper.writer!.fenceMarks()
                 try? link.send(.marked(slots: Set(requested).sorted().map { UInt32($0) }))
                 dumper.timeline.add(Set(requested).count, to: "pagesDumped")
             } else {

@@ -99,7 +99,9 @@ final class SocketPageServer: PostcopySource, SourcePageStrategy {
 
     func send(_ dumper: Dumper, slots: Range<Int>) throws {
         let address = dumper.pageAddresses[slots.lowerBound]
-        let bytes = try readProcessMemory(dumper.victimProcessID, address: address, byteCount: slots.count * .pageSize)
+        // A tree's slots are one process's (runs end where the ordinal changes: tagged addresses jump).
+        let bytes = try readProcessMemory(dumper.sourceProcessID(slot: slots.lowerBound), address: TreePageAddress.address(of: address),
+                                          byteCount: slots.count * .pageSize)
         try link.send(.pages(address: address, bytes: bytes))
         sentPageByteCount += UInt64(bytes.count)
         dumper.logger.trace("reply sent", metadata: ["us": "\(nanoseconds(dumper.clock.now()) / 1000)"])

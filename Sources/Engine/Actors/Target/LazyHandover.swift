@@ -36,7 +36,8 @@ class LazyHandover {
 
     var transport: (any Transport)? { link }
     var needsCompleteImage: Bool { false }
-    var restoresTrees: Bool { false }
+    /// Every process of a tree gets its lazy memory (TargetTree.makeLazyMemory).
+    var restoresTrees: Bool { true }
 
     func installBatch(_ restorer: Restorer, from nextSlot: Int) throws(EngineError) -> Restorer.State {
         preconditionFailure("a post-copy restore installs no batches")
@@ -59,11 +60,14 @@ class LazyHandover {
         for (slot, address) in pageAddresses.enumerated() where !memory.isRegistered(address) || memory.isInstalledBeforeResume(address) {
             slots.insert(slot)
         }
-        for rseq in restorer.checkpointedState!.threads.compactMap(\.rseq) {
-            let firstPage = rseq.address & ~UInt64(ImageLayout.pageSize - 1)
-            let lastPage = (rseq.address + UInt64(max(rseq.byteCount, 1)) - 1) & ~UInt64(ImageLayout.pageSize - 1)
-            for page in stride(from: firstPage, through: lastPage, by: .pageSize) {
-                if let slot = memory.slot(for: page) { slots.insert(slot) }
+        // Every process of a tree: its pages carry its ordinal (TreePageAddress).
+        for (ordinal, process) in restorer.checkpointedState!.liveProcesses {
+            for rseq in process.threads.compactMap(\.rseq) {
+                let firstPage = rseq.address & ~UInt64(ImageLayout.pageSize - 1)
+                let lastPage = (rseq.address + UInt64(max(rseq.byteCount, 1)) - 1) & ~UInt64(ImageLayout.pageSize - 1)
+                for page in stride(from: firstPage, through: lastPage, by: .pageSize) {
+                    if let slot = memory.slot(for: TreePageAddress.tagged(page, ordinal: ordinal)) { slots.insert(slot) }
+                }
             }
         }
         eagerSlotsLeft = slots
