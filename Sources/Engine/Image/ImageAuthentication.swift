@@ -155,6 +155,12 @@ package struct ImageAuthenticator: Sendable {
     /// stand alone; and HMAC needs no nonce (a GMAC would be faster, but a slot dumped twice under one
     /// nonce would hand a FAM reader the means to forge).
     package func markDigest(page: [UInt8], generation: UInt64, address: UInt64, headerCode: [UInt8]) -> UInt64 {
+        markDigest(page: page[...], generation: generation, address: address, headerCode: headerCode)
+    }
+
+    /// The same code over a page where it lies in a larger copy (the reader checks a run of pages
+    /// without copying each one out first).
+    package func markDigest(page: ArraySlice<UInt8>, generation: UInt64, address: UInt64, headerCode: [UInt8]) -> UInt64 {
         var prefix = BinaryWriter()
         prefix.writeUInt64(generation)
         prefix.writeUInt64(address)

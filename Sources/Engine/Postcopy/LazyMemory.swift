@@ -27,6 +27,10 @@ public final class LazyMemory: @unchecked Sendable {
     var reader: ImageReader?
     var installed: [Bool]
     var requested: [Bool]
+    /// Slots an installer is reading and checking outside the install lock (`installFromFAM`): another
+    /// installer leaves them out of its run, so no page is read and coded twice (a pusher's run and a
+    /// fault-around racing on one range did both code the same pages).
+    var claimed: [Bool]
     public internal(set) var installedPageCount = 0
     let observer: (any MigrationObserver)?
     let gate: any TargetGate
@@ -75,6 +79,7 @@ public final class LazyMemory: @unchecked Sendable {
         self.observer = observer
         installed = [Bool](repeating: false, count: pageAddresses.count)
         requested = [Bool](repeating: false, count: pageAddresses.count)
+        claimed = [Bool](repeating: false, count: pageAddresses.count)
         currentAddresses = pageAddresses
     }
 
