@@ -168,7 +168,11 @@ package struct ImageAuthenticator: Sendable {
         var hmac = pageCode.prepared  // a copy: swift-crypto's hash states are copy-on-write values
         hmac.update(data: prefix.bytes)
         hmac.update(data: page)
-        return LittleEndian.words(Array(Array(hmac.finalize()).prefix(8)), count: 1)[0]
+        // The code's first eight bytes, little endian, without the arrays a conversion makes (this is
+        // on the fault path, once per page).
+        var word: UInt64 = 0
+        for (index, byte) in hmac.finalize().prefix(8).enumerated() { word |= UInt64(byte) << (8 * index) }
+        return word
     }
 
     /// Whether `stored` is `code`, compared in constant time (swift-crypto's comparison), so a forger

@@ -100,6 +100,28 @@ public final class LazyMemory: @unchecked Sendable {
         }
     }
 
+    /// What a fault on `address` finds, under one hold of the lock (the fault path asks this first).
+    enum FaultTarget: Equatable {
+        /// The victim never touched the page: it reads as zeros.
+        case neverDumped
+        case installed(slot: Int)
+        /// Its dumped mark is stored (postcopy-fam): it can go in from FAM now.
+        case dumped(slot: Int)
+        /// Not dumped yet, or it comes over the socket.
+        case missing(slot: Int)
+    }
+
+    /// `slot(for:)`, `isInstalled` and `isDumped` in one go (the mark is read only for a missing page).
+    func faultTarget(address: UInt64) -> FaultTarget {
+        lock.withLock {
+            let found: Int?
+            if let slotByCurrentAddress { found = slotByCurrentAddress[address & ~UInt64(4095)] } else { found = slotIndex(of: address, in: pageAddresses) }
+            guard let slot = found else { return .neverDumped }
+            if installed[slot] { return .installed(slot: slot) }
+            return reader?.isMarked(slot: slot) == true ? .dumped(slot: slot) : .missing(slot: slot)
+        }
+    }
+
     /// Where the slot's page is in the target now.
     package func currentAddress(_ slot: Int) -> UInt64 { lock.withLock { currentAddresses[slot] } }
 

@@ -243,7 +243,8 @@ extension LazyMemory {
     func finishInstall(slot: Int, count: Int, copied: (newly: [Int], present: [Int]), installedBytes: (Int) -> [UInt8]) throws {
         let newly = copied.newly
         lock.withLock {
-            let present = Set(copied.present)
+            // Most installs find nothing present: no set to build then.
+            let present = copied.present.isEmpty ? [] : Set(copied.present)
             for offset in newly + copied.present where !installed[slot + offset] {
                 installed[slot + offset] = true
                 installedPageCount += 1
