@@ -52,6 +52,14 @@ int csys_pin_to_cpu(pid_t tid, int cpu) {
     return sched_setaffinity(tid, sizeof set, &set);
 }
 
+int csys_get_affinity(uint64_t mask[16]) {
+    return sched_getaffinity(0, sizeof(cpu_set_t), (cpu_set_t *)mask);
+}
+
+int csys_set_affinity(const uint64_t mask[16]) {
+    return sched_setaffinity(0, sizeof(cpu_set_t), (const cpu_set_t *)mask);
+}
+
 int csys_first_in_first_out(pid_t tid, int priority) {
     struct sched_param param = { .sched_priority = priority };
     return sched_setscheduler(tid, SCHED_FIFO, &param);

@@ -98,6 +98,8 @@ struct Bench: ParsableCommand {
     struct BaselineFigures: Codable {
         var processVMReadvGigabytesPerSecond: [Int: Double] = [:]
         var userfaultfdCopyMicroseconds: Double = .nan
+        /// One page's mark code (HMAC-SHA256 of 4 KiB): the floor a checked fault adds to the copy.
+        var pageCodeMicroseconds: Double = .nan
         var tcpRoundTripMicroseconds: Double = .nan
         var tcpGigabitsPerSecond: Double = .nan
     }

@@ -319,6 +319,46 @@ func flipByte(path: String, at byteOffset: Int) throws {
         #expect(try reader.verifiedPages(slots: 1..<3) == Array(pages.prefix(2 * ImageLayout.pageSize)))
     }
 
+    /// Invariant 3 as defence in depth on the fault path's check: `PageChecker.load` reads every mark of
+    /// the run before any of its pages, and no page from the first one whose mark is gone; it codes only
+    /// the pages it read (review of ImageReader.PageChecker.load).
+    @Test func checkedPagesReadEveryMarkFirstAndNoPageAfterAMissingOne() throws {
+        let files = ScratchFiles()
+        defer { files.removeAll() }
+        let source = try SourceMemory(path: files.path("source"))
+        let imagePath = files.path("image")
+        let layout = try writeImage(path: imagePath, source: source).layout
+        let fam = LoadRecordingFAM(try RealFAM.open(path: imagePath, writable: true))
+        var reader = try ImageReader.open(backend: fam, key: testKey, requireComplete: true, deferPageChecks: true)
+        for slot in 0..<reader.pageCount {
+            let marked = reader.isMarked(slot: slot)
+            #expect(marked)
+        }
+        let checker = reader.pageChecker(observed: 1..<5)
+        fam.loads.removeAll()
+        let checked = checker.load(slots: 1..<5)
+        #expect(try checked.prefix(4).count == 4 * ImageLayout.pageSize)
+        let markLoads = fam.loads.filter { layout.marks.offset <= $0.byteOffset && $0.byteOffset < layout.marks.offset + layout.marksByteCount }
+        let pageLoads = fam.loads.filter { $0.byteOffset >= layout.pageOffset(slot: 0) }
+        #expect(Set(markLoads.map { ($0.byteOffset - layout.marks.offset) / ImageLayout.markByteCount }) == Set(1..<5))
+        #expect(pageLoads.count == 1 && pageLoads.first?.byteOffset == layout.pageOffset(slot: 1) && pageLoads.first?.count == 4 * ImageLayout.pageSize)
+        let lastMarkLoad = fam.loads.lastIndex { markLoads.map(\.byteOffset).contains($0.byteOffset) }
+        let firstPageLoad = fam.loads.firstIndex { $0.byteOffset >= layout.pageOffset(slot: 0) }
+        #expect(lastMarkLoad != nil && firstPageLoad != nil && lastMarkLoad! < firstPageLoad!)
+
+        // Slot 3's mark is gone (rewritten in FAM after it was seen): only slots 1 and 2 are read, and
+        // they are handed out; a prefix that includes slot 3 says it is not marked.
+        fam.storeUInt64(0, at: layout.markOffset(slot: 3) + 8)
+        fam.loads.removeAll()
+        let cut = checker.load(slots: 1..<5)
+        let cutPageLoads = fam.loads.filter { $0.byteOffset >= layout.pageOffset(slot: 0) }
+        #expect(cutPageLoads.count == 1 && cutPageLoads.first?.count == 2 * ImageLayout.pageSize)
+        #expect(try cut.prefix(2) == Array(try checked.prefix(4).prefix(2 * ImageLayout.pageSize)))
+        let notMarked = ImageError.pageNotMarked(path: imagePath, slot: 3, address: source.address(pageIndex: dumpedPageIndexes[3]))
+        #expect(throws: notMarked) { try cut.prefix(3) }
+        #expect(throws: notMarked) { try cut.prefix(4) }
+    }
+
     @Test func emptyImageRoundTrips() throws {
         let files = ScratchFiles()
         defer { files.removeAll() }
@@ -514,4 +554,36 @@ func flipByte(path: String, at byteOffset: Int) throws {
         #expect(isMalformed(failure([3, 0, 0, 0, 1]) { _ = try $0.readArray(maximumCount: 10) { try $0.readUInt8() } }))
         #expect(isMalformed(failure([0, 0]) { _ = try $0.readUInt8(); try $0.expectEnd() }))
     }
+}
+
+/// A real FAM file that records every load the reader makes through it (offset and byte count, in order).
+final class LoadRecordingFAM: FAMBackend, @unchecked Sendable {
+    struct Load { var byteOffset: Int; var count: Int }
+    private let inner: RealFAM
+    var loads: [Load] = []
+
+    init(_ inner: RealFAM) { self.inner = inner }
+
+    var byteCount: Int { inner.byteCount }
+    var path: String? { inner.path }
+    func readableRegion(at byteOffset: Int, count: Int) -> (mapping: SharedMapping, offset: Int) {
+        loads.append(Load(byteOffset: byteOffset, count: count))
+        return inner.readableRegion(at: byteOffset, count: count)
+    }
+    func store(_ bytes: [UInt8], at byteOffset: Int) { inner.store(bytes, at: byteOffset) }
+    func storeUInt64(_ value: UInt64, at byteOffset: Int) { inner.storeUInt64(value, at: byteOffset) }
+    func storeFromProcess(processID: ProcessID, ranges: [ProcessReadRange]) throws(SyscallError) -> Int {
+        try inner.storeFromProcess(processID: processID, ranges: ranges)
+    }
+    func flush(at byteOffset: Int, count: Int) { inner.flush(at: byteOffset, count: count) }
+    func fence() { inner.fence() }
+    func loadBytes(at byteOffset: Int, count: Int) -> [UInt8] {
+        loads.append(Load(byteOffset: byteOffset, count: count))
+        return inner.loadBytes(at: byteOffset, count: count)
+    }
+    func loadUInt64(at byteOffset: Int) -> UInt64 {
+        loads.append(Load(byteOffset: byteOffset, count: 8))
+        return inner.loadUInt64(at: byteOffset)
+    }
+    func digest(at byteOffset: Int, count: Int, seed: UInt64) -> UInt64 { inner.digest(at: byteOffset, count: count, seed: seed) }
 }

@@ -176,17 +176,22 @@ public final class FaultHandler: EngineActor {
             guard let fault = try memory.nextFault() else { return }
             let start = clock.now()
             metrics.faultCount.wrappingIncrement(ordering: .relaxed)
-            guard let slot = memory.slot(for: fault.address) else {
+            // One look under the lock: which slot, installed or not, marked or not.
+            let target = memory.faultTarget(address: fault.address)
+            let slot: Int
+            switch target {
+            case .neverDumped:
                 // Never dumped: the victim never touched it, so it reads as zeros.
                 try memory.installZeroPage(address: fault.address)
                 metrics.record(.famSync, latency: clock.now() - start, zero: true)
                 continue
-            }
-            if memory.isInstalled(slot) {
+            case .installed:
                 try memory.refault(address: fault.address)
                 continue
+            case .dumped(let dumpedSlot), .missing(let dumpedSlot):
+                slot = dumpedSlot
             }
-            if memory.usesFAM && memory.isDumped(slot) {
+            if case .dumped = target {
                 try memory.installFromFAM(slot: slot, count: 1)
                 if memory.isInstalled(slot) {
                     metrics.record(.famSync, latency: clock.now() - start)

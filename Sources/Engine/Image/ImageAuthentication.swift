@@ -155,6 +155,12 @@ package struct ImageAuthenticator: Sendable {
     /// stand alone; and HMAC needs no nonce (a GMAC would be faster, but a slot dumped twice under one
     /// nonce would hand a FAM reader the means to forge).
     package func markDigest(page: [UInt8], generation: UInt64, address: UInt64, headerCode: [UInt8]) -> UInt64 {
+        markDigest(page: page[...], generation: generation, address: address, headerCode: headerCode)
+    }
+
+    /// The same code over a page where it lies in a larger copy (the reader checks a run of pages
+    /// without copying each one out first).
+    package func markDigest(page: ArraySlice<UInt8>, generation: UInt64, address: UInt64, headerCode: [UInt8]) -> UInt64 {
         var prefix = BinaryWriter()
         prefix.writeUInt64(generation)
         prefix.writeUInt64(address)
@@ -162,7 +168,11 @@ package struct ImageAuthenticator: Sendable {
         var hmac = pageCode.prepared  // a copy: swift-crypto's hash states are copy-on-write values
         hmac.update(data: prefix.bytes)
         hmac.update(data: page)
-        return LittleEndian.words(Array(Array(hmac.finalize()).prefix(8)), count: 1)[0]
+        // The code's first eight bytes, little endian, without the arrays a conversion makes (this is
+        // on the fault path, once per page).
+        var word: UInt64 = 0
+        for (index, byte) in hmac.finalize().prefix(8).enumerated() { word |= UInt64(byte) << (8 * index) }
+        return word
     }
 
     /// Whether `stored` is `code`, compared in constant time (swift-crypto's comparison), so a forger

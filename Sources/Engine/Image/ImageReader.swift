@@ -222,30 +222,49 @@ public struct ImageReader: Sendable {
             return backend.loadUInt64(at: markOffset)
         }
 
-        /// The keyed code a page's mark must hold (the writer's definition: ImageAuthenticator.markDigest).
-        fileprivate func code(_ page: [UInt8], address: UInt64) -> UInt64 {
+        /// The keyed code a page's mark must hold (the writer's definition: ImageAuthenticator.markDigest),
+        /// over the page where it lies in a copy (no copy of its own per page).
+        fileprivate func code(_ page: ArraySlice<UInt8>, address: UInt64) -> UInt64 {
             authenticator.markDigest(page: page, generation: generation, address: address, headerCode: headerCode)
         }
 
         /// The pages of `slots` (inside `observed`) as one private copy, read from FAM once, each page
         /// checked against its mark's keyed code. The answer says which leading pages passed; the bytes
         /// are only ever handed out for those (`CheckedPages.prefix`).
+        ///
+        /// The marks are read first, every one of them, and only then the pages (invariant 3 again, as
+        /// defence in depth: a page's bytes are trusted only when its mark was seen before they were
+        /// read, so a page read ahead of its mark can never pass); pages from the first one not marked
+        /// are not read at all. Callers ask only for the run they mean to install: every page here is
+        /// coded once.
         public func load(slots: Range<Int>) -> CheckedPages {
             precondition(slots.isEmpty || (slots.lowerBound >= observed.lowerBound && slots.upperBound <= observed.upperBound),
                          "page slots \(slots) read outside the observed \(observed)")
             guard !slots.isEmpty else { return CheckedPages(slots: slots, bytes: [], failure: nil) }
-            let bytes = backend.loadBytes(at: layout.pageOffset(slot: slots.lowerBound), count: slots.count * ImageLayout.pageSize)
+            var expected: [UInt64] = []
+            expected.reserveCapacity(slots.count)
+            var failure: (slot: Int, error: ImageError)?
             for slot in slots {
-                let start = (slot - slots.lowerBound) * ImageLayout.pageSize
-                let address = pageAddresses[slot]
-                guard let expected = digest(slot: slot) else {
-                    return CheckedPages(slots: slots, bytes: bytes, failure: (slot, .pageNotMarked(path: path, slot: slot, address: address)))
+                guard let digest = digest(slot: slot) else {
+                    failure = (slot, .pageNotMarked(path: path, slot: slot, address: pageAddresses[slot]))
+                    break
                 }
-                guard code(Array(bytes[start..<(start + ImageLayout.pageSize)]), address: address) == expected else {
-                    return CheckedPages(slots: slots, bytes: bytes, failure: (slot, .pageChecksumMismatch(path: path, slot: slot, address: address)))
+                expected.append(digest)
+            }
+            let markedCount = expected.count
+            let bytes = markedCount == 0 ? []
+                : backend.loadBytes(at: layout.pageOffset(slot: slots.lowerBound), count: markedCount * ImageLayout.pageSize)
+            // A page that fails comes before any page not marked (those were not read): the first failure
+            // in slot order is the one reported, as a check page by page gives.
+            for index in 0..<markedCount {
+                let slot = slots.lowerBound + index
+                let start = index * ImageLayout.pageSize
+                guard code(bytes[start..<(start + ImageLayout.pageSize)], address: pageAddresses[slot]) == expected[index] else {
+                    failure = (slot, .pageChecksumMismatch(path: path, slot: slot, address: pageAddresses[slot]))
+                    break
                 }
             }
-            return CheckedPages(slots: slots, bytes: bytes, failure: nil)
+            return CheckedPages(slots: slots, bytes: bytes, failure: failure)
         }
     }
 
@@ -298,7 +317,7 @@ public struct ImageReader: Sendable {
         let checker = pageChecker(observed: slots)
         let pending = slots.isEmpty ? PendingPages(([], []))
             : backend.startPageLoad(at: pageOffset(slot: slots.lowerBound), pageCount: slots.count, pageByteCount: ImageLayout.pageSize) { index, page in
-                checker.code(page, address: addresses[index])
+                checker.code(page[...], address: addresses[index])
             }
         return PendingVerifiedPages(slots: slots, expected: expected, pending: pending, path: path, pageAddresses: addresses)
     }
@@ -328,11 +347,13 @@ public struct CheckedPages: Sendable {
     let failure: (slot: Int, error: ImageError)?
 
     /// The copy of the first `pageCount` pages; throws the first failure among them (the same error a
-    /// check of just those pages gives).
+    /// check of just those pages gives). `bytes` may stop at the first page not marked: no page at or
+    /// after a failure is ever handed out.
     public func prefix(_ pageCount: Int) throws(ImageError) -> [UInt8] {
         precondition(pageCount >= 0 && pageCount <= slots.count, "\(pageCount) pages wanted of \(slots.count) checked")
         if let failure, failure.slot < slots.lowerBound + pageCount { throw failure.error }
-        return pageCount == slots.count ? bytes : Array(bytes.prefix(pageCount * ImageLayout.pageSize))
+        precondition(bytes.count >= pageCount * ImageLayout.pageSize, "\(pageCount) checked pages handed out of \(bytes.count) bytes read")
+        return bytes.count == pageCount * ImageLayout.pageSize ? bytes : Array(bytes.prefix(pageCount * ImageLayout.pageSize))
     }
 }
 

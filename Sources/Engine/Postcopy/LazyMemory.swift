@@ -30,6 +30,10 @@ public final class LazyMemory: @unchecked Sendable {
     var reader: ImageReader?
     var installed: [Bool]
     var requested: [Bool]
+    /// Slots an installer is reading and checking outside the install lock (`installFromFAM`): another
+    /// installer leaves them out of its run, so no page is read and coded twice (a pusher's run and a
+    /// fault-around racing on one range did both code the same pages).
+    var claimed: [Bool]
     public internal(set) var installedPageCount = 0
     let observer: (any MigrationObserver)?
     let gate: any TargetGate
@@ -81,6 +85,7 @@ public final class LazyMemory: @unchecked Sendable {
         self.observer = observer
         installed = [Bool](repeating: false, count: pageAddresses.count)
         requested = [Bool](repeating: false, count: pageAddresses.count)
+        claimed = [Bool](repeating: false, count: pageAddresses.count)
         currentAddresses = pageAddresses
     }
 
@@ -98,6 +103,28 @@ public final class LazyMemory: @unchecked Sendable {
         lock.withLock {
             if let slotByCurrentAddress { return slotByCurrentAddress[address & ~UInt64(4095)] }
             return slotIndex(of: address, in: pageAddresses)
+        }
+    }
+
+    /// What a fault on `address` finds, under one hold of the lock (the fault path asks this first).
+    enum FaultTarget: Equatable {
+        /// The victim never touched the page: it reads as zeros.
+        case neverDumped
+        case installed(slot: Int)
+        /// Its dumped mark is stored (postcopy-fam): it can go in from FAM now.
+        case dumped(slot: Int)
+        /// Not dumped yet, or it comes over the socket.
+        case missing(slot: Int)
+    }
+
+    /// `slot(for:)`, `isInstalled` and `isDumped` in one go (the mark is read only for a missing page).
+    func faultTarget(address: UInt64) -> FaultTarget {
+        lock.withLock {
+            let found: Int?
+            if let slotByCurrentAddress { found = slotByCurrentAddress[address & ~UInt64(4095)] } else { found = slotIndex(of: address, in: pageAddresses) }
+            guard let slot = found else { return .neverDumped }
+            if installed[slot] { return .installed(slot: slot) }
+            return reader?.isMarked(slot: slot) == true ? .dumped(slot: slot) : .missing(slot: slot)
         }
     }
 

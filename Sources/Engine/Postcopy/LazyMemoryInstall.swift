@@ -14,15 +14,23 @@ extension LazyMemory {
     @discardableResult
     func installFromFAM(slot: Int, count: Int) throws -> Int {
         let checker = pageChecker(observed: slot..<(slot + count))
-        // Only the leading run still missing and adjacent is read (another installer may have put in
-        // some already); the install below may find it shorter, never longer.
-        let wanted = missingRun(slot: slot, count: count)
+        // Only the leading run still missing, adjacent and not being checked by another installer is
+        // read and coded, claimed meanwhile (the install below may find it shorter, never longer). A
+        // first page another installer is checking is read here too, alone: whoever faulted on it does
+        // not wait for that installer's whole run.
+        let claimedCount = claimMissingRun(slot: slot, count: count)
+        defer { releaseClaims(slot..<(slot + claimedCount)) }
+        let wanted = claimedCount > 0 ? claimedCount : missingRun(slot: slot, count: 1)
         // Installed already: once the install lock is free, whoever installed it has woken its waiters
         // (as when the run is found installed inside the lock below).
         guard wanted > 0 else { return installLock.withLock { 0 } }
         let checked = checker.load(slots: slot..<(slot + wanted))
         return try installLock.withLock { () throws -> Int in
             let run = missingRun(slot: slot, count: wanted)
+            // A page of this copy that failed its check stops the migration even when another installer
+            // put that page in first, from its own checked copy: the page changed in FAM after its seal
+            // (which no honest source does), and a racing reader must not hide that.
+            _ = try checked.prefix(wanted)
             guard run > 0 else { return 0 }
             // Invariant 4 on this path too: every page against its mark's digest before it goes in, and
             // what goes in is the copy that was checked (a page changed in FAM between a check there and
@@ -47,6 +55,30 @@ extension LazyMemory {
         lock.withLock {
             guard reader != nil else { preconditionFailure("a page checker without an image") }
             return reader!.pageChecker(observed: slots)
+        }
+    }
+
+    /// `missingRun`, without the slots another installer claimed, claimed for this one: it reads and
+    /// codes them now. Claims last only while one `installFromFAM` runs.
+    func claimMissingRun(slot: Int, count: Int) -> Int {
+        lock.withLock {
+            var run = 0
+            while run < count, !installed[slot + run], !claimed[slot + run],
+                  currentAddresses[slot + run] == currentAddresses[slot] + UInt64(run) * .pageSize {
+                run += 1
+            }
+            for claim in slot..<(slot + run) { claimed[claim] = true }
+            return run
+        }
+    }
+
+    func releaseClaims(_ slots: Range<Int>) {
+        guard !slots.isEmpty else { return }
+        lock.withLock {
+            for claim in slots {
+                precondition(claimed[claim], "page slot \(claim) released but not claimed")
+                claimed[claim] = false
+            }
         }
     }
 
@@ -212,7 +244,8 @@ extension LazyMemory {
     func finishInstall(slot: Int, count: Int, copied: (newly: [Int], present: [Int]), installedBytes: (Int) -> [UInt8]) throws {
         let newly = copied.newly
         lock.withLock {
-            let present = Set(copied.present)
+            // Most installs find nothing present: no set to build then.
+            let present = copied.present.isEmpty ? [] : Set(copied.present)
             for offset in newly + copied.present where !installed[slot + offset] {
                 installed[slot + offset] = true
                 installedPageCount += 1

@@ -48,6 +48,9 @@ public final class Dumper: EngineActor {
     var mappingFlags: StateReader.MappingFlags?
     var writer: ImageWriter?
     var backend: (any FAMBackend)?
+    /// This thread on the victim's CPU from the freeze to the metadata commit: the capture's injected
+    /// syscalls are ptrace round trips (TracerPin).
+    var tracerPin = TracerPin()
     /// A batch copied into FAM whose seal (flush, fence, marks) is the next step (two steps per batch, so
     /// a driver can run the target while pages sit in FAM unmarked).
     var unsealed: Range<Int>?
@@ -100,6 +103,7 @@ public final class Dumper: EngineActor {
             try step()
         } catch {
             state = .failed
+            tracerPin.release()
             throw error
         }
     }
@@ -131,6 +135,7 @@ public final class Dumper: EngineActor {
             state = .freeze
         case .freeze:
             timeline.record(.freezeRequested, at: clock.now())
+            tracerPin.pin(near: victimProcessID)
             do { victim = try FrozenTree.freeze(victimProcessID, allowingChildren: strategy.migratesTrees) } catch { throw .checkpoint(error) }
             timeline.record(.frozen, at: clock.now())
             logger.debug("victim frozen", metadata: ["pid": "\(victimProcessID)"])
@@ -154,6 +159,8 @@ public final class Dumper: EngineActor {
         case .writeMetadata:
             guard let captured = checkpointedState else { preconditionFailure("metadata before capture") }
             try strategy.writeMetadata(self, state: captured, metadata: captured.encoded())
+            // The dump that follows uses every CPU (and the nonlive pipeline a thread of its own).
+            tracerPin.release()
             state = pageAddresses.isEmpty ? .commit : .dumping(nextSlot: 0)
         case .dumping(let nextSlot):
             let progress: DumpProgress
@@ -262,6 +269,7 @@ public final class Dumper: EngineActor {
     /// released as planned (its memory already lives in FAM).
     public func abort(reason: String) {
         logger.info("dumper aborting", metadata: ["reason": "\(reason)", "state": "\(state)"])
+        defer { tracerPin.release() }
         if writer?.phase != .complete { writer?.abort() }
         let committed = writer?.phase == .complete
         victim?.release(kill: committed && release == .kill)

@@ -56,6 +56,10 @@ public final class Restorer: EngineActor {
     public internal(set) var restoredProcessID: ProcessID?
     public internal(set) var installedPageCount = 0
     let handedOver = Mutex<LazyMemory?>(nil)
+    /// This thread on the target's CPU from its spawn to its resume: the layout and state are rebuilt by
+    /// injected syscalls, ptrace round trips (TracerPin). Pinned only after the spawn, so the restored
+    /// process keeps the mask it was created with.
+    var tracerPin = TracerPin()
 
     /// The target's memory, once the process runs (post-copy); the fault handler and pusher read it.
     public var lazyMemory: LazyMemory? { handedOver.withLock { $0 } }
@@ -106,6 +110,7 @@ public final class Restorer: EngineActor {
             try step()
         } catch {
             state = .failed
+            tracerPin.release()
             target?.kill()
             throw error
         }
@@ -139,6 +144,7 @@ public final class Restorer: EngineActor {
                 return
             } catch { throw .restore(error) }
             restoredProcessID = target!.processID
+            tracerPin.pin(near: target!.processID)
             target!.openThrough(checkedFiles, rootProcessID: checkpointedState!.processID)
             timeline.record(.spawned, at: clock.now())
             state = .layout
@@ -148,12 +154,15 @@ public final class Restorer: EngineActor {
             state = try strategy.pagesAfterLayout(self)
         case .installing(let nextSlot):
             do { try target!.checkStrayPages() } catch { throw .restore(error) }
+            // The nonlive install checks pages on a thread of its own, made from this one: on every CPU.
+            tracerPin.release()
             state = try strategy.installBatch(self, from: nextSlot)
         case .eagerPages:
             do { try target!.checkStrayPages() } catch { throw .restore(error) }
             if try strategy.installPagesBeforeResume(self) { state = .restoreState }
         case .restoreState:
             timeline.record(.pagesBeforeResumeInstalled, at: clock.now())
+            tracerPin.pin(near: target!.processID)
             do {
                 try strategy.finishPagesBeforeState(self)
                 try target!.restoreState(checkpointedState!)
@@ -180,6 +189,7 @@ public final class Restorer: EngineActor {
             let target = target!
             do { try gate.resume(processID: target.processID) { () throws(RestoreError) in try target.resume() } } catch { throw .restore(error) }
             timeline.record(.targetResumed, at: clock.now())
+            tracerPin.release()
             lazyMemory?.markRunning()
             state = .finished
         case .finished, .failed:
@@ -227,6 +237,7 @@ public final class Restorer: EngineActor {
 
     public func abort(reason: String) {
         logger.info("restorer aborting", metadata: ["reason": "\(reason)", "state": "\(state)"])
+        defer { tracerPin.release() }
         target?.kill()
         state = .failed
     }
