@@ -124,8 +124,9 @@ final class DeterministicDriver {
     /// Called with each step's number before it is taken (the model FAM logs stores by step).
     var onStep: ((Int) -> Void)?
     /// A written schedule to follow instead of the strategy (shrinking): each step takes the next
-    /// scripted pick that is possible then (a pick whose actor cannot move is passed over); once the
-    /// script is used up, the fixed fair order. The strategy is still asked during the adversarial steps
+    /// scripted pick when its actor can take it; while its actor waits, the fixed fair order moves
+    /// someone else and the pick stays next; a pick whose actor is done (or not in this run) is dropped.
+    /// Once the script is used up, the fair order. The strategy is still asked during the adversarial steps
     /// (and its answer ignored), so that the generator's draws (which the fabric, racer and nemesis use
     /// too) are those of the run the script was recorded from: the whole script replays that run exactly.
     private let script: [SchedulePick]?
@@ -164,6 +165,7 @@ final class DeterministicDriver {
             var earliestRetry: Duration?
             var essentialLeft = false
             var waitingOn: [String] = []
+            var waitingActors = Set<ActorName>()
             for participant in participants {
                 let availability = stuck ? participant.availabilityWhenStuck() : participant.availability()
                 switch availability {
@@ -178,6 +180,7 @@ final class DeterministicDriver {
                     choices.append(Choice(actor: participant.actor, label: step.description, step: step))
                     owners.append((participant, 0))
                 case .waiting(let retry, let reason):
+                    waitingActors.insert(participant.actor)
                     if participant.isEssential {
                         essentialLeft = true
                         waitingOn.append("\(participant.actor.rawValue): \(reason)")
@@ -208,7 +211,7 @@ final class DeterministicDriver {
             let index: Int
             if let script {
                 if stepCount < adversarialSteps { _ = scheduler.pick(choices, step: stepCount, rng: &rng) }
-                index = nextScripted(script, owners: owners) ?? fair
+                index = nextScripted(script, owners: owners, waiting: waitingActors) ?? fair
             } else if stepCount < adversarialSteps {
                 index = scheduler.pick(choices, step: stepCount, rng: &rng)
             } else {
@@ -241,13 +244,17 @@ final class DeterministicDriver {
         return .stuck("the schedule did not finish within \(stepLimit) steps")
     }
 
-    /// The choice the script names next, passing over picks whose actor cannot move now (or whose
-    /// choice index it does not offer); nil once the script is used up.
-    private func nextScripted(_ script: [SchedulePick], owners: [(Participant, Int)]) -> Int? {
+    /// The choice the script names next; nil when its actor cannot take it now (the pick stays next) or
+    /// the script is used up. Picks of actors that are done are dropped on the way.
+    private func nextScripted(_ script: [SchedulePick], owners: [(Participant, Int)], waiting: Set<ActorName>) -> Int? {
         while scriptPosition < script.count {
             let pick = script[scriptPosition]
+            if let index = owners.firstIndex(where: { $0.0.actor == pick.actor && $0.1 == pick.index }) {
+                scriptPosition += 1
+                return index
+            }
+            if waiting.contains(pick.actor) || owners.contains(where: { $0.0.actor == pick.actor }) { return nil }
             scriptPosition += 1
-            if let index = owners.firstIndex(where: { $0.0.actor == pick.actor && $0.1 == pick.index }) { return index }
         }
         return nil
     }

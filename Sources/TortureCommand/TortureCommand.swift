@@ -324,10 +324,3 @@ final class ProgressPrinter: @unchecked Sendable {
         if isTerminal { print("") }
     }
 }
-
-func parseSchedule(_ text: String) throws -> [SchedulePick] {
-    switch ScheduleScript.decode(text) {
-    case .success(let picks): return picks
-    case .failure(let error): throw ValidationError("--schedule: \(error).")
-    }
-}

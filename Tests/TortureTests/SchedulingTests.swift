@@ -165,7 +165,7 @@ import Testing
         let dumper = FakeParticipant(actor: .dumper, steps: 3)
         let target = FakeParticipant(actor: .target, steps: 3)
         var rng = SeededGenerator(seed: 3)
-        // The restorer never moves here: its pick is passed over.
+        // The restorer is not in this run: its pick is dropped.
         let script = [SchedulePick(actor: .target), SchedulePick(actor: .restorer), SchedulePick(actor: .target), SchedulePick(actor: .dumper)]
         let driver = DeterministicDriver(participants: [dumper, target], clock: VirtualClock(),
                                          scheduler: Scheduler(strategy: .random, rng: &rng), stepLimit: 100,
