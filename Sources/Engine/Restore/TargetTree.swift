@@ -74,8 +74,9 @@ final class TargetTree {
                     try drainChildSignal(parent, signal: lineage.exitSignal)
                 case .live(let memberState):
                     child.inherited = (Set(lineage.inheritedDescriptors), Set(lineage.inheritedMappingStarts))
-                    try child.buildLayout(memberState)
+                    // Before the layout: its executable and file mappings open through their checked files too.
                     child.reopenPaths = reopenPaths[member.processID] ?? ReopenPaths()
+                    try child.buildLayout(memberState)
                     try child.restoreDescriptors(memberState)
                     byProcessID[member.processID] = child
                 }
