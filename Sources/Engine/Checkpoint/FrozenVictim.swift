@@ -37,10 +37,17 @@ final class FrozenVictim {
     /// dead tracer then leaves it running with whatever it was given). Threads are listed again until
     /// no new one appeared: a stopped thread creates none. The group-stop is what the victim's parent
     /// sees (SIGCHLD, CLD_STOPPED, and CLD_CONTINUED when it runs on).
-    static func freeze(_ processID: ProcessID, groupStop: Bool = true) throws(CheckpointError) -> FrozenVictim {
+    /// `sourceGuard`: one started for `processID` before the freeze (a fork is milliseconds of downtime
+    /// otherwise), or nil to start it here.
+    static func freeze(_ processID: ProcessID, groupStop: Bool = true, sourceGuard preparedGuard: SourceGuard? = nil) throws(CheckpointError) -> FrozenVictim {
         let wasStopped = !groupStop || ((try? ProcFS.status(processID))?["State"] ?? "").hasPrefix("T")
         let sourceGuard: SourceGuard
-        do { sourceGuard = try SourceGuard(victim: processID) } catch { throw .system(processID, "starting its guard: \(error)") }
+        if let preparedGuard {
+            precondition(preparedGuard.victimProcessID == processID, "the guard of \(preparedGuard.victimProcessID) for \(processID)")
+            sourceGuard = preparedGuard
+        } else {
+            do { sourceGuard = try SourceGuard(victim: processID) } catch { throw .system(processID, "starting its guard: \(error)") }
+        }
         let main: Tracee
         do { main = try Tracee.seize(processID, killedWithTracer: false) } catch {
             sourceGuard.disarm()

@@ -46,6 +46,8 @@ public final class Dumper: EngineActor {
     var pageAddresses: [UInt64] = []
     /// Read before the freeze, for the capture.
     var mappingFlags: StateReader.MappingFlags?
+    /// The victim's guard (FrozenVictim.swift), started in the preflight, handed to the freeze.
+    var preparedGuard: SourceGuard?
     var writer: ImageWriter?
     var backend: (any FAMBackend)?
     /// A batch copied into FAM whose seal (flush, fence, marks) is the next step (two steps per batch, so
@@ -109,8 +111,10 @@ public final class Dumper: EngineActor {
         case .preflight:
             timeline.record(.started, at: clock.now())
             do { try Preflight.check(victimProcessID, allowingTree: strategy.migratesTrees) } catch { throw .checkpoint(error) }
-            // Out of the downtime: smaps is slow to read and its flags do not change while the mappings do not.
+            // Out of the downtime: smaps is slow to read and its flags do not change while the mappings do not;
+            // the victim's guard (a fork: milliseconds) is started here too.
             mappingFlags = StateReader.mappingFlags(victimProcessID)
+            do { preparedGuard = try SourceGuard(victim: victimProcessID) } catch { throw .checkpoint(.system(victimProcessID, "starting its guard: \(error)")) }
             let estimatedPageCount: Int
             do {
                 estimatedPageCount = strategy.migratesTrees ? try TreePreflight.estimatedDirtyPageCount(root: victimProcessID)
@@ -129,7 +133,10 @@ public final class Dumper: EngineActor {
             state = .freeze
         case .freeze:
             timeline.record(.freezeRequested, at: clock.now())
-            do { victim = try FrozenTree.freeze(victimProcessID, allowingChildren: strategy.migratesTrees) } catch { throw .checkpoint(error) }
+            do {
+                victim = try FrozenTree.freeze(victimProcessID, allowingChildren: strategy.migratesTrees, rootGuard: preparedGuard)
+            } catch { throw .checkpoint(error) }
+            preparedGuard = nil
             timeline.record(.frozen, at: clock.now())
             logger.debug("victim frozen", metadata: ["pid": "\(victimProcessID)"])
             state = .capture
