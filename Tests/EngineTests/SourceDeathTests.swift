@@ -239,8 +239,9 @@ extension ProcessTests {
             #expect(try victim.waitForExit(timeout: .seconds(10)) == .killed(signal: SIGKILL))
             let restore = try leftovers.fammig("restore", "--fam", imagePath, "--key-file", keyPath)
             try #require(restore.exitStatus == 0, "restore: \(restore.standardError)")
-            defer { Spawn.kill(victim.processID) }
             #expect((Self.caught(victim.processID) ?? 0) & Self.trapBit != 0, "the restored process lost its SIGTRAP action")
+            Spawn.kill(victim.processID)
+            #expect(pollUntil(timeout: .seconds(10)) { processLife(victim.processID) != .running }, "the restored process did not go")
         }
     }
 }
