@@ -394,11 +394,21 @@ static void guard_unmap(pid_t thread, int memory, const struct user_regs_struct 
     pwrite(memory, saved, 2, (off_t)at);
 }
 
+// The victim's pidfd, opened before the fork: a victim that ended meanwhile is left alone (its PID, and
+// its threads' IDs, may already name other processes), and the kill goes through it.
+static int guard_victim_pidfd = -1;
+
+static int guard_victim_ended(void) {
+    struct pollfd watched = { .fd = guard_victim_pidfd, .events = POLLIN };
+    return guard_victim_pidfd < 0 || poll(&watched, 1, 0) != 0;
+}
+
 static void guard_act(struct csys_source_guard_log *log, int mayContinue) {
     pid_t victim = log->victim;
+    if (guard_victim_ended()) return;
     switch (log->phase) {
     case CSYS_SOURCE_GUARD_COMMITTED:
-        kill(victim, SIGKILL);
+        syscall(SYS_pidfd_send_signal, guard_victim_pidfd, SIGKILL, NULL, 0);
         return;
     case CSYS_SOURCE_GUARD_COMMITTING:
         dprintf(2, "fammig: the source died while storing the commit record of pid %d's image; pid %d is left "
@@ -451,23 +461,30 @@ static void guard_act(struct csys_source_guard_log *log, int mayContinue) {
             usleep(1000);
         }
     }
-    if (log->continueAfter && mayContinue) kill(victim, SIGCONT);
+    if (log->continueAfter && mayContinue && !guard_victim_ended()) syscall(SYS_pidfd_send_signal, guard_victim_pidfd, SIGCONT, NULL, 0);
 }
 
 pid_t csys_spawn_source_guard(struct csys_source_guard_log *log, int *disarmDescriptor) {
     int pair[2];
-    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) != 0) return -1;
+    int pidfd = (int)syscall(SYS_pidfd_open, log->victim, 0);
+    if (pidfd < 0) return -1;
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) != 0) { int saved = errno; close(pidfd); errno = saved; return -1; }
     pid_t child = fork();
     if (child < 0) {
         int saved = errno;
         close(pair[0]);
         close(pair[1]);
+        close(pidfd);
         errno = saved;
         return -1;
     }
     if (child == 0) {
-        int keep[2] = { pair[0] < 2 ? pair[0] : 2, pair[0] < 2 ? 2 : pair[0] };
-        close_all_but(keep, 2);
+        int keep[3] = { 2, pair[0], pidfd };
+        for (int i = 0; i < 3; i++)
+            for (int j = i + 1; j < 3; j++)
+                if (keep[j] < keep[i]) { int swap = keep[i]; keep[i] = keep[j]; keep[j] = swap; }
+        close_all_but(keep, 3);
+        guard_victim_pidfd = pidfd;
         setsid();
         int ignored[] = { SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGPIPE, SIGTSTP, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2 };
         for (size_t index = 0; index < sizeof ignored / sizeof ignored[0]; index++) signal(ignored[index], SIG_IGN);
@@ -489,6 +506,7 @@ pid_t csys_spawn_source_guard(struct csys_source_guard_log *log, int *disarmDesc
         _exit(0);
     }
     close(pair[0]);
+    close(pidfd);
     *disarmDescriptor = pair[1];
     return child;
 }

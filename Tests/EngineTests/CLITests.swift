@@ -398,6 +398,11 @@ extension ProcessTests {
             defer { run.kill() }
             let holding = pollUntil(timeout: .seconds(20)) { ((try? extentLines(leftovers, poolPath)) ?? []).contains { $0.contains("(alive)") } }
             try #require(holding, "the run never took an extent: \((try? extentLines(leftovers, poolPath)) ?? [])")
+            // The victim and the restored process have one command line: the restored one started later.
+            let migrated = allProcessIDs().filter { processLife($0) == .running && commandLineArguments($0) == [program] + arguments }
+            let started = Dictionary(uniqueKeysWithValues: migrated.map { ($0, (try? ProcFS.readText("/proc/\($0)/stat"))
+                .flatMap { $0.split(separator: ")").last?.split(separator: " ").dropFirst(19).first }.flatMap { UInt64($0) } ?? 0) })
+            let restored = migrated.max { started[$0]! < started[$1]! }
             _ = kill(run.processID.rawValue, SIGKILL)
             _ = try run.waitForExit(timeout: .seconds(10))
             // SIGKILL leaves the run's work directory (only its pool extent is the point here).
@@ -409,7 +414,14 @@ extension ProcessTests {
             let collected = try leftovers.fammig("pool", "gc", "--pool", poolPath)
             #expect(collected.exitStatus == 0 && collected.standardOutput.contains("reclaimed 1 extents"), "\(collected.standardOutput)")
             #expect(try extentLines(leftovers, poolPath).isEmpty)
-            // The migrated program died with its fault server (it must never run on holes).
+            // The restored program died with its fault server (it must never run on holes). The victim is
+            // the process until the commit record (push off: the dump may still be going on), so it may
+            // run on, unfrozen, after its source's death; the run started it, so `fammig gc` ends it.
+            if migrated.count > 1, let restored {
+                #expect(pollUntil(timeout: .seconds(5)) { processLife(restored) != .running }, "the restored process runs on without its fault server")
+            }
+            let gc = try leftovers.fammig("gc")
+            #expect(gc.exitStatus == 0, "gc: \(gc.standardError)")
             #expect(pollUntil(timeout: .seconds(5)) {
                 !allProcessIDs().contains { processLife($0) == .running && commandLineArguments($0) == [program] + arguments }
             })

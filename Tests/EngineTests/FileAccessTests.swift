@@ -76,9 +76,10 @@ func rewriteImage(path: String, to newPath: String, key: MigrationKey, _ change:
         #expect(checked.paths.allSatisfy { $0?.reopenPath(0) == nil }, "a checked file stays open after close")
     }
 
-    /// The same gap for what the restorer opens besides descriptors: a file mapping, the executable and
-    /// the working directory are each kept open by the check, so each path swapped afterwards (the file
-    /// for a symlink to /etc/shadow, the directory for one to /root) still opens the one checked.
+    /// The same gap for what the restorer opens besides descriptors: a file mapping, the executable, the
+    /// working directory and the directory a deleted file is recreated in are each kept open by the
+    /// check, so each path swapped afterwards (a file for a symlink to /etc/shadow, a directory for one
+    /// to /root or /etc) still opens the one checked.
     @Test func aMappingExecutableAndWorkingDirectorySwappedAfterTheCheckStillOpenTheCheckedFiles() throws {
         let directory = try ScratchDirectory(under: "/tmp")
         defer { directory.remove() }
@@ -87,9 +88,13 @@ func rewriteImage(path: String, to newPath: String, key: MigrationKey, _ change:
         try #require(FileManager.default.createFile(atPath: mapped, contents: Data("the victim's mapped file\n".utf8)))
         try #require(FileManager.default.createFile(atPath: executable, contents: Data("#!/bin/true\n".utf8)))
         try #require(mkdir(working, 0o700) == 0)
-        for path in [mapped, executable, working] { try #require(chown(path, Self.nobody, Self.nobody) == 0) }
+        let deletedIn = directory.path("deleted-in")
+        try #require(mkdir(deletedIn, 0o700) == 0)
+        for path in [mapped, executable, working, deletedIn] { try #require(chown(path, Self.nobody, Self.nobody) == 0) }
         try #require(chmod(mapped, 0o600) == 0 && chmod(executable, 0o700) == 0)
-        var state = victimState(userID: Self.nobody, groupID: Self.nobody, files: [])
+        let carried = CarriedFile(contents: Array("gone\n".utf8), mode: 0o600, userID: Self.nobody, groupID: Self.nobody)
+        var state = victimState(userID: Self.nobody, groupID: Self.nobody, files: [
+            OpenFile(descriptor: 4, path: deletedIn + "/old", flags: OpenFlag.readWrite, position: 0, kind: .deletedFile(carried))])
         state.executablePath = executable
         state.context.workingDirectory = working
         state.mappings.insert(Mapping(start: 0x50_0000, end: 0x50_1000, readable: true, writable: false, executable: false, shared: false,
@@ -102,15 +107,19 @@ func rewriteImage(path: String, to newPath: String, key: MigrationKey, _ change:
         let mappingPath = try #require(reopens[.mapping(path: mapped, writable: false)], "no checked file for the mapping")
         let executableOpen = try #require(reopens[.executable], "no checked file for the executable")
         let workingOpen = try #require(reopens[.workingDirectory], "no checked file for the working directory")
+        let deletedInOpen = try #require(reopens[.deletedFileDirectory(4)], "no checked directory for the deleted file")
 
         for path in [mapped, executable] { try #require(unlink(path) == 0 && symlink("/etc/shadow", path) == 0) }
         try #require(rename(working, directory.path("work.moved")) == 0 && symlink("/root", working) == 0)
+        try #require(rename(deletedIn, directory.path("deleted-in.moved")) == 0 && symlink("/etc", deletedIn) == 0)
         let shadow = try String(contentsOfFile: "/etc/shadow", encoding: .utf8)
         #expect(try String(contentsOfFile: mapped, encoding: .utf8) == shadow, "the mapping's path, opened as root, is /etc/shadow now")
-        #expect(fileAccessRejection(state)?.contains("the executable opens \(executable) for search") == true, "a check now refuses the planted files")
+        #expect(fileAccessRejection(state)?.contains("fd 4 (deleted file, recreated in its directory) opens \(deletedIn) for writing and search") == true,
+                "a check now refuses the planted files: \(fileAccessRejection(state) ?? "nothing")")
         #expect(try String(contentsOfFile: mappingPath, encoding: .utf8) == "the victim's mapped file\n", "the mapping opens another file")
         #expect(try String(contentsOfFile: executableOpen, encoding: .utf8) == "#!/bin/true\n", "the executable opens another file")
         #expect(try ProcFS.readLink(workingOpen) == directory.path("work.moved"), "the working directory is another one")
+        #expect(try ProcFS.readLink(deletedInOpen) == directory.path("deleted-in.moved"), "the deleted file would be made elsewhere")
     }
 
     /// Each process of a tree is checked with its own credentials: a member asking for /etc/shadow as

@@ -199,3 +199,49 @@ extension ProcessTests {
         }
     }
 }
+
+extension ProcessTests {
+    /// Found with the source's guard: an injected query that ended at an int3 with every signal blocked
+    /// made the kernel force its SIGTRAP through, resetting the victim's SIGTRAP action to SIG_DFL
+    /// (force_sig_info: blocked or ignored means reset) before rt_sigaction read it. The source's
+    /// queries now end at their syscall's exit stop: the action survives the checkpoint, in the image
+    /// and in a victim that runs on.
+    @Suite(.serialized) struct SignalActionTests {
+        static let trapBit: UInt64 = 1 << 4  // SIGTRAP is signal 5
+
+        static func caught(_ processID: ProcessID) -> UInt64? {
+            ((try? ProcFS.status(processID))?["SigCgt"]).flatMap { UInt64($0, radix: 16) }
+        }
+
+        @Test func aSIGTRAPHandlerSurvivesTheCheckpointAndTheRestore() throws {
+            let directory = try ScratchDirectory(under: "/dev/shm")
+            defer { directory.remove() }
+            let leftovers = LeftoverCheck()
+            defer { leftovers.finish() }
+            let python = "/usr/bin/python3"
+            try #require(access(python, X_OK) == 0, "this test needs \(python)")
+            let script = "import signal,time; signal.signal(signal.SIGTRAP, lambda *a: None); print('ready', flush=True); time.sleep(30)"
+            let output = directory.path("victim.out")
+            let victim = leftovers.own(try SpawnedProgram(python, ["-c", script], standardOutputPath: output,
+                                                          standardErrorPath: directory.path("victim.err")))
+            leftovers.expectProgram([python, "-c", script])
+            try #require(pollUntil(timeout: .seconds(20)) { ((try? String(contentsOfFile: output, encoding: .utf8)) ?? "").contains("ready") })
+            try #require((Self.caught(victim.processID) ?? 0) & Self.trapBit != 0, "python did not catch SIGTRAP")
+
+            let keptPath = directory.path("kept.fam"), keptKey = directory.path("kept.key")
+            let kept = try leftovers.fammig("checkpoint", "--pid", "\(victim.processID)", "--fam", keptPath, "--key-file", keptKey, "--leave-running")
+            try #require(kept.exitStatus == 0, "checkpoint --leave-running: \(kept.standardError)")
+            #expect((Self.caught(victim.processID) ?? 0) & Self.trapBit != 0, "the checkpoint reset the victim's SIGTRAP action")
+
+            let imagePath = directory.path("image.fam"), keyPath = directory.path("migration.key")
+            let checkpoint = try leftovers.fammig("checkpoint", "--pid", "\(victim.processID)", "--fam", imagePath, "--key-file", keyPath)
+            try #require(checkpoint.exitStatus == 0, "checkpoint: \(checkpoint.standardError)")
+            #expect(try victim.waitForExit(timeout: .seconds(10)) == .killed(signal: SIGKILL))
+            let restore = try leftovers.fammig("restore", "--fam", imagePath, "--key-file", keyPath)
+            try #require(restore.exitStatus == 0, "restore: \(restore.standardError)")
+            #expect((Self.caught(victim.processID) ?? 0) & Self.trapBit != 0, "the restored process lost its SIGTRAP action")
+            Spawn.kill(victim.processID)
+            #expect(pollUntil(timeout: .seconds(10)) { processLife(victim.processID) != .running }, "the restored process did not go")
+        }
+    }
+}

@@ -18,8 +18,9 @@ final class FrozenTree {
 
     /// Freezes `processID`; with `allowingChildren`, every process of its tree too (else its children
     /// are refused as before, by the capture).
-    static func freeze(_ processID: ProcessID, allowingChildren: Bool) throws(CheckpointError) -> FrozenTree {
-        let tree = FrozenTree(root: try FrozenVictim.freeze(processID))
+    /// `rootGuard`: the root's guard, started before the freeze (out of the downtime).
+    static func freeze(_ processID: ProcessID, allowingChildren: Bool, rootGuard: SourceGuard? = nil) throws(CheckpointError) -> FrozenTree {
+        let tree = FrozenTree(root: try FrozenVictim.freeze(processID, sourceGuard: rootGuard))
         guard allowingChildren else { return tree }
         tree.root.isTreeMember = true
         do {

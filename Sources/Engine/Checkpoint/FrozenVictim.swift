@@ -37,10 +37,22 @@ final class FrozenVictim {
     /// dead tracer then leaves it running with whatever it was given). Threads are listed again until
     /// no new one appeared: a stopped thread creates none. The group-stop is what the victim's parent
     /// sees (SIGCHLD, CLD_STOPPED, and CLD_CONTINUED when it runs on).
-    static func freeze(_ processID: ProcessID, groupStop: Bool = true) throws(CheckpointError) -> FrozenVictim {
-        let wasStopped = !groupStop || ((try? ProcFS.status(processID))?["State"] ?? "").hasPrefix("T")
+    /// `sourceGuard`: one started for `processID` before the freeze (a fork is milliseconds of downtime
+    /// otherwise), or nil to start it here.
+    static func freeze(_ processID: ProcessID, groupStop: Bool = true, sourceGuard preparedGuard: SourceGuard? = nil) throws(CheckpointError) -> FrozenVictim {
+        // A victim detached with SIGSTOP a moment ago (a workload frozen at a system call) may not be
+        // stopped yet: its SIGSTOP pending says it will be, and then it stays stopped, as it was meant to.
+        let status = (try? ProcFS.status(processID)) ?? [:]
+        let stopPending = ["SigPnd", "ShdPnd"].contains { (status[$0].flatMap { UInt64($0, radix: 16) } ?? 0) & (1 << (SignalNumber.stop - 1)) != 0 }
+        let waitsForGroupStop = groupStop && !(status["State"] ?? "").hasPrefix("T")
+        let sendsStop = waitsForGroupStop && !stopPending
         let sourceGuard: SourceGuard
-        do { sourceGuard = try SourceGuard(victim: processID) } catch { throw .system(processID, "starting its guard: \(error)") }
+        if let preparedGuard {
+            precondition(preparedGuard.victimProcessID == processID, "the guard of \(preparedGuard.victimProcessID) for \(processID)")
+            sourceGuard = preparedGuard
+        } else {
+            do { sourceGuard = try SourceGuard(victim: processID) } catch { throw .system(processID, "starting its guard: \(error)") }
+        }
         let main: Tracee
         do { main = try Tracee.seize(processID, killedWithTracer: false) } catch {
             sourceGuard.disarm()
@@ -48,13 +60,13 @@ final class FrozenVictim {
             if (error as? SyscallError)?.errno == .noSuchProcess || ProcFS.isKilledOrEnded(processID) { throw .noSuchProcess(processID) }
             throw .system(processID, "\(error)")
         }
-        let victim = FrozenVictim(processID: processID, tracee: main, sourceGuard: sourceGuard, stoppedByFreeze: !wasStopped)
+        let victim = FrozenVictim(processID: processID, tracee: main, sourceGuard: sourceGuard, stoppedByFreeze: sendsStop)
         do {
-            if !wasStopped {
+            if sendsStop {
                 sourceGuard.willStopVictim()
                 Spawn.kill(processID, signal: SignalNumber.stop)
             }
-            try stop(main, processID: processID, groupStop: !wasStopped)
+            try stop(main, processID: processID, groupStop: waitsForGroupStop)
             // Ends when a listing finds no thread not yet stopped: a stopped thread creates none, so the
             // rounds are bounded by the threads the victim can start before each one is seized.
             while true {
@@ -65,7 +77,7 @@ final class FrozenVictim {
                     // A thread may exit between the listing and the seize: skip it.
                     guard let thread = try? Tracee.seize(threadID, killedWithTracer: false) else { continue }
                     victim.tracees.append(thread)
-                    try stop(thread, processID: processID, groupStop: !wasStopped)
+                    try stop(thread, processID: processID, groupStop: waitsForGroupStop)
                 }
             }
             return victim

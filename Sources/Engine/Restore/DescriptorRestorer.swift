@@ -137,16 +137,19 @@ final class DescriptorRestorer {
         case .deletedFile(let file):
             // Made here under its old name, opened by the target, unlinked again: it reads back as
             // "PATH (deleted)" with its contents, mode and owner.
+            // In the directory the access check resolved (its /proc/PID/fd/N), not the one the path may lead to now.
+            let name = record.path.split(separator: "/", omittingEmptySubsequences: false).last.map(String.init) ?? ""
+            let path = reopenPaths[.deletedFileDirectory(record.descriptor)].map { $0 + "/" + name } ?? record.path
             do {
-                let created = try ForeignDescriptor(creatingExclusively: record.path)
+                let created = try ForeignDescriptor(creatingExclusively: path)
                 try created.write(file.contents, at: 0)
                 try created.changeOwner(userID: file.userID, groupID: file.groupID)
                 try created.changeMode(file.mode)
             } catch {
                 throw RestoreError.system("recreating deleted file \(record.path) for fd \(record.descriptor): \(error) (a file of that name must not exist on this node)")
             }
-            defer { try? ForeignDescriptor.removeFile(record.path) }
-            try park(UInt64(try openInTarget(record.path, flags: flags)), record)
+            defer { try? ForeignDescriptor.removeFile(path) }
+            try park(UInt64(try openInTarget(path, flags: flags)), record)
         case .memfdOfMapping(let start, let end, _):
             // The layout made the object with its mappings; map_files opens it again (as root, which the
             // target still is here).

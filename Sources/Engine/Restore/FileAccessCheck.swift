@@ -19,7 +19,7 @@ import Sys
 
 extension ProcessState {
     /// What the restore of this state opens by path, what each open needs, and what the restorer opens
-    /// through the checked file instead of the path (every open but a deleted file's directory).
+    /// through the checked file instead of the path (every one).
     func fileAccessRequests() -> [(what: String, request: FileAccessRequest, reopens: ReopenPaths.Opened?)] {
         var requests: [(String, FileAccessRequest, ReopenPaths.Opened?)] = []
         func need(forFlags flags: Int32) -> FileAccessRequest.Need {
@@ -40,7 +40,8 @@ extension ProcessState {
             case .deletedFile:
                 // Recreated under its old name, then unlinked: the victim must be able to do that there.
                 requests.append((what + " (deleted file, recreated in its directory)",
-                                 FileAccessRequest(path: Self.directoryPath(of: file.path), need: [.write, .search]), nil))
+                                 FileAccessRequest(path: Self.directoryPath(of: file.path), need: [.write, .search]),
+                                 .deletedFileDirectory(file.descriptor)))
             default:
                 break
             }
@@ -138,6 +139,8 @@ extension ProcessState {
 public struct ReopenPaths: Sendable {
     public enum Opened: Hashable, Sendable {
         case descriptor(Int32)
+        /// The directory a deleted-but-open file (this descriptor's) is recreated in.
+        case deletedFileDirectory(Int32)
         case mapping(path: String, writable: Bool)
         case executable
         case workingDirectory

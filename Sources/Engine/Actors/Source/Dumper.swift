@@ -46,6 +46,8 @@ public final class Dumper: EngineActor {
     var pageAddresses: [UInt64] = []
     /// Read before the freeze, for the capture.
     var mappingFlags: StateReader.MappingFlags?
+    /// The victim's guard (FrozenVictim.swift), started in the preflight, handed to the freeze.
+    var preparedGuard: SourceGuard?
     var writer: ImageWriter?
     var backend: (any FAMBackend)?
     /// This thread on the victim's CPU from the freeze to the metadata commit: the capture's injected
@@ -115,8 +117,10 @@ public final class Dumper: EngineActor {
             do { try Preflight.check(victimProcessID, allowingTree: strategy.migratesTrees, allowingSysV: strategy.migratesSysVMemory) } catch {
                 throw .checkpoint(error)
             }
-            // Out of the downtime: smaps is slow to read and its flags do not change while the mappings do not.
+            // Out of the downtime: smaps is slow to read and its flags do not change while the mappings do not;
+            // the victim's guard (a fork: milliseconds) is started here too.
             mappingFlags = StateReader.mappingFlags(victimProcessID)
+            do { preparedGuard = try SourceGuard(victim: victimProcessID) } catch { throw .checkpoint(.system(victimProcessID, "starting its guard: \(error)")) }
             let estimatedPageCount: Int
             do {
                 estimatedPageCount = strategy.migratesTrees ? try TreePreflight.estimatedDirtyPageCount(root: victimProcessID)
@@ -136,7 +140,10 @@ public final class Dumper: EngineActor {
         case .freeze:
             timeline.record(.freezeRequested, at: clock.now())
             tracerPin.pin(near: victimProcessID)
-            do { victim = try FrozenTree.freeze(victimProcessID, allowingChildren: strategy.migratesTrees) } catch { throw .checkpoint(error) }
+            do {
+                victim = try FrozenTree.freeze(victimProcessID, allowingChildren: strategy.migratesTrees, rootGuard: preparedGuard)
+            } catch { throw .checkpoint(error) }
+            preparedGuard = nil
             timeline.record(.frozen, at: clock.now())
             logger.debug("victim frozen", metadata: ["pid": "\(victimProcessID)"])
             state = .capture
