@@ -566,10 +566,6 @@ final class LoadRecordingFAM: FAMBackend, @unchecked Sendable {
 
     var byteCount: Int { inner.byteCount }
     var path: String? { inner.path }
-    func readableRegion(at byteOffset: Int, count: Int) -> (mapping: SharedMapping, offset: Int) {
-        loads.append(Load(byteOffset: byteOffset, count: count))
-        return inner.readableRegion(at: byteOffset, count: count)
-    }
     func store(_ bytes: [UInt8], at byteOffset: Int) { inner.store(bytes, at: byteOffset) }
     func storeUInt64(_ value: UInt64, at byteOffset: Int) { inner.storeUInt64(value, at: byteOffset) }
     func storeFromProcess(processID: ProcessID, ranges: [ProcessReadRange]) throws(SyscallError) -> Int {
