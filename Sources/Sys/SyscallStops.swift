@@ -127,6 +127,12 @@ public enum SyscallStops {
                         insideCall = false
                         if entered == target {
                             try tracee.detach(signal: SIGSTOP)
+                            // The SIGSTOP is taken once it runs again: wait for the group-stop callers are
+                            // promised (read at once, it was still running: WorkloadTests saw state R).
+                            while let state = (try? ProcFS.statFields(tracee.processID))?[3], !["T", "t", "Z", "X"].contains(state),
+                                  clock.now - start <= limit {
+                                sched_yield()
+                            }
                             return .frozen
                         }
                     } else {

@@ -168,7 +168,8 @@ struct Run: ParsableCommand {
             if let ended, restorer.restoredProcessID == nil {
                 let errorText = (try? String(contentsOfFile: workDirectory + "/migrated.err", encoding: .utf8)) ?? ""
                 let firstLine = errorText.split(separator: "\n").first.map(String.init) ?? "(no stderr)"
-                throw fail("\(error) (\(command[0]) had \(ended); its stderr: \(firstLine))", code: error.isUsageOrEnvironment ? 2 : 1)
+                throw fail("\(command[0]) \(ended) before the migration could freeze it (it still ran at \(afterMs) ms; its stderr: "
+                           + "\(firstLine)); give it more work or lower --after-ms. The engine said: \(error)", code: 2)
             }
             throw engineFailure(error)
         }

@@ -506,7 +506,9 @@ extension ProcessTests {
         /// migration completes, the process ending with the checksum of an unmigrated run.
         @Test func aRoguePeerConnectingFirstIsRefusedAndTheTargetStillMigrates() throws {
             let program = try TestPaths.testProgram("memwalk-static")
-            let arguments = ["--mib", "8", "--steps", "30000", "--pause-us", "20000"]
+            // 6 s of work: the source keeps it running through the rogue's refusal and the target's start
+            // (1.2 s was too short at load 14: it ended by itself, and the source found no such process).
+            let arguments = ["--mib", "8", "--steps", "150000", "--pause-us", "20000"]
             let reference = try runCommand(program, arguments, timeout: .seconds(60))
             let directory = try ScratchDirectory(under: "/tmp")
             defer { directory.remove() }
