@@ -95,7 +95,8 @@ struct Run: ParsableCommand {
             guard reference.status == .exited(0), reference.checksum != nil else {
                 let errorText = (try? String(contentsOfFile: workDirectory + "/reference.err", encoding: .utf8)) ?? ""
                 let code: Int32 = reference.status == .exited(2) ? 2 : 1
-                throw fail("the unmigrated reference run \(reference.status) without a checksum line: \(errorText.split(separator: "\n").first ?? "(no stderr)")", code: code)
+                throw fail("the unmigrated reference run \(reference.status) without a checksum line"
+                           + (reference.outputProblem.map { " (\($0))" } ?? "") + ": \(errorText.split(separator: "\n").first ?? "(no stderr)")", code: code)
             }
         }
 
@@ -217,7 +218,11 @@ struct Run: ParsableCommand {
         }
     }
 
-    private func runToCompletion(program: String, arguments: [String], outputPath: String, errorPath: String) throws -> (status: ExitStatus, checksum: String?) {
+    private func runToCompletion(program: String, arguments: [String], outputPath: String, errorPath: String)
+        throws -> (status: ExitStatus, checksum: String?, outputProblem: String?) {
+        // Made here, so its identity is known before the program's stdout opens it (O_TRUNC keeps the inode).
+        _ = FileManager.default.createFile(atPath: outputPath, contents: nil)
+        let written = FileIdentity.of(path: outputPath)
         do {
             let processID = try Spawn.deferringTermination { () throws(SyscallError) -> ProcessID in
                 let processID = try Spawn.program(path: program, arguments: arguments, environment: ["PATH=/usr/bin:/bin"],
@@ -227,8 +232,23 @@ struct Run: ParsableCommand {
                 return processID
             }
             let status = try Spawn.waitForExit(processID)
-            return (status, lastChecksum(outputPath))
+            let checksum = lastChecksum(outputPath)
+            return (status, checksum, checksum == nil ? Self.outputProblem(outputPath, written: written) : nil)
         } catch { throw fail("cannot run \(program): \(error)", code: 2) }
+    }
+
+    /// Why a stdout file gives no checksum line: gone or replaced since the program started writing it,
+    /// not text, or text without one (its size and last line).
+    static func outputProblem(_ path: String, written: FileIdentity?) -> String {
+        guard let now = FileIdentity.of(path: path) else { return "\(path) is gone" }
+        if let written, written.inode != now.inode || written.device != now.device {
+            return "\(path) was replaced while the program wrote it (inode \(written.inode), now \(now.inode))"
+        }
+        guard let bytes = try? ProcFS.readFile(path) else { return "\(path) cannot be read" }
+        guard let text = String(validatingUTF8: bytes.map { CChar(bitPattern: $0) } + [0]) else {
+            return "\(path) is not UTF-8 text (\(bytes.count) bytes)"
+        }
+        return "\(path) holds \(bytes.count) bytes, last line \"\(text.split(separator: "\n").last.map { String($0.prefix(80)) } ?? "")\""
     }
 }
 

@@ -242,6 +242,17 @@ extension ProcessTests {
             #expect(outcome.standardError.contains("no-such-program"))
         }
 
+        /// A reference run without a checksum line says what its stdout file holds (or that it was
+        /// replaced or removed meanwhile): CI saw this failure without being able to tell which.
+        @Test func referenceRunWithoutAChecksumLineSaysWhatItsOutputHolds() throws {
+            let leftovers = LeftoverCheck()
+            defer { leftovers.finish() }
+            let outcome = try leftovers.fammig("run", "--", "/bin/true")
+            #expect(outcome.exitStatus == 1 && !outcome.killedBySignal, "exit \(outcome.exitStatus): \(outcome.standardError)")
+            #expect(outcome.standardError.contains("without a checksum line"), "\(outcome.standardError)")
+            #expect(outcome.standardError.contains("reference.out holds 0 bytes"), "\(outcome.standardError)")
+        }
+
         @Test func runOfProgramThatEndsBeforeTheMigrationIsRefused() throws {
             let leftovers = LeftoverCheck()
             defer { leftovers.finish() }
