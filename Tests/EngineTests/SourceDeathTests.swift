@@ -57,7 +57,9 @@ extension ProcessTests {
             defer { directory.remove() }
             let leftovers = LeftoverCheck()
             defer { leftovers.finish() }
-            let arguments = ["--mib", "32", "--steps", "40000", "--pause-us", "100"]
+            // 3 s of work (80 pauses of 40 ms): with 100 µs pauses it could end before the checkpoint looked at it
+            // ("pid N: no such process" in CI).
+            let arguments = ["--mib", "32", "--steps", "40000", "--pause-us", "40000"]
             let reference = try Self.referenceChecksum(arguments)
             let path = try TestPaths.testProgram(Self.program)
             let output = directory.path("victim.out")
