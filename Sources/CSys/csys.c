@@ -175,8 +175,8 @@ int csys_spawn_actions_close_from(posix_spawn_file_actions_t *actions, int first
     return posix_spawn_file_actions_addclosefrom_np(actions, firstDescriptor);
 }
 
-pid_t csys_spawn_traced_new_pid_namespace(const char *path, char *const argv[], char *const envp[]) {
-    return spawn_traced(path, argv, envp, 0, 0xffffffffUL, CLONE_NEWPID);
+pid_t csys_spawn_traced_new_pid_namespace(const char *path, char *const argv[], char *const envp[], int newIPCNamespace) {
+    return spawn_traced(path, argv, envp, 0, 0xffffffffUL, CLONE_NEWPID | (newIPCNamespace ? CLONE_NEWIPC : 0));
 }
 
 static int open_onto(const char *path, int flags, int descriptor) {

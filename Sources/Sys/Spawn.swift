@@ -73,14 +73,16 @@ public enum Spawn {
     }
 
     /// Starts `path` as pid 1 of a new PID namespace, traced by the calling thread and stopped at exec.
-    public static func tracedStubInNewPIDNamespace(path: String) throws(SyscallError) -> ProcessID {
+    /// With `newIPCNamespace`, in a fresh IPC namespace too (a SysV segment's ID must be free for the
+    /// restored process while the victim, on the same machine, still holds it).
+    public static func tracedStubInNewPIDNamespace(path: String, newIPCNamespace: Bool = false) throws(SyscallError) -> ProcessID {
         let argv: [UnsafeMutablePointer<CChar>?] = [strdup(path), nil]
         let envp: [UnsafeMutablePointer<CChar>?] = [nil]
         defer { argv.forEach { free($0) } }
-        let processID = try checked("clone3(CLONE_NEWPID)") {
+        let processID = try checked(newIPCNamespace ? "clone3(CLONE_NEWPID|CLONE_NEWIPC)" : "clone3(CLONE_NEWPID)") {
             argv.withUnsafeBufferPointer { argvBuffer in
                 envp.withUnsafeBufferPointer { envpBuffer in
-                    csys_spawn_traced_new_pid_namespace(path, argvBuffer.baseAddress, envpBuffer.baseAddress)
+                    csys_spawn_traced_new_pid_namespace(path, argvBuffer.baseAddress, envpBuffer.baseAddress, newIPCNamespace ? 1 : 0)
                 }
             }
         }

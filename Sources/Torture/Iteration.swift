@@ -277,8 +277,7 @@ public struct Iteration {
                 || targetNemesis?.fired == true
             // A workload may hold, at the drawn system call, what fammig refuses before the freeze (a directory
             // or a pipe open, a child): the right answer is that refusal, with the victim left untouched.
-            // So does a program post-copy refuses by design (a process tree).
-            let refusable = isWorkload || scenario.mode.isPostcopy && ProgramSpec.named(scenario.program)?.refusedInPostcopy == true
+            let refusable = isWorkload
             let refused = refusable && actor == .dumper && error.hasSuffix("left running untouched.") && nemesis?.fired != true
             if refused {
                 result.outcome = "refused before the freeze: \(error)"

@@ -15,9 +15,6 @@ public struct ProgramSpec: Sendable {
     /// The option that puts the program's own files in a directory torture gives it (removed after each
     /// iteration: a program killed by a failed migration never removes them itself).
     public var fileDirectoryOption: String? = nil
-    /// A program that post-copy refuses before the freeze (a process tree): in a post-copy iteration that
-    /// refusal, with the program left untouched, is the right outcome.
-    public var refusedInPostcopy = false
 
     public static let catalog: [ProgramSpec] = [
         ProgramSpec(name: "memwalk", binary: "memwalk-static",
@@ -73,10 +70,10 @@ public struct ProgramSpec: Sendable {
         ProgramSpec(name: "kernobjects", binary: "kernobjects-static",
                     arguments: { ["--rounds", "\(8 + 8 * $0)", "--pause-us", "0", "--timer-ms", "0", "--with", "timers,inotify,seals"] },
                     steps: { 8 + 8 * $0 }, fileDirectoryOption: "--dir"),
-        // A SysV segment marked for removal: nonlive only.
+        // A SysV segment marked for removal (in post-copy installed before the resume; the target gets a
+        // fresh IPC namespace with its fresh PID namespace, since the frozen victim still holds the ID).
         ProgramSpec(name: "kernobjects-sysv", binary: "kernobjects-static",
-                    arguments: { ["--rounds", "\(8 + 8 * $0)", "--pause-us", "0", "--with", "sysv"] }, steps: { 8 + 8 * $0 },
-                    refusedInPostcopy: true),
+                    arguments: { ["--rounds", "\(8 + 8 * $0)", "--pause-us", "0", "--with", "sysv"] }, steps: { 8 + 8 * $0 }),
     ]
 
     public static func named(_ name: String) -> ProgramSpec? { (catalog + optIn).first { $0.name == name } }

@@ -77,7 +77,8 @@ func runAndJudge(leftovers: LeftoverCheck, directory: ScratchDirectory, runOptio
 /// Migrates test program `name` with `fammig run RUNOPTIONS` (see `runAndJudge`) in a scratch directory,
 /// with a leftover check that expects the program (the victim and the process restored from it keep its
 /// command line); `judge` sees the report before the leftovers are judged.
-func migrateProgram(_ name: String, arguments: [String], runOptions: [String], timeout: Duration,
+/// `launcher` goes before the program on `fammig run`'s command line (e.g. `unshare --ipc`, which execs it).
+func migrateProgram(_ name: String, arguments: [String], runOptions: [String], timeout: Duration, launcher: [String] = [],
                     judge: (MigrationReport, LeftoverCheck) throws -> Void) throws {
     let program = try TestPaths.testProgram(name)
     let directory = try ScratchDirectory(under: "/tmp")
@@ -86,7 +87,7 @@ func migrateProgram(_ name: String, arguments: [String], runOptions: [String], t
     defer { leftovers.finish() }
     leftovers.expectProgram([program] + arguments)
     let report = try runAndJudge(leftovers: leftovers, directory: directory, runOptions: runOptions,
-                                 command: [program] + arguments, timeout: timeout)
+                                 command: launcher + [program] + arguments, timeout: timeout)
     try judge(report, leftovers)
 }
 

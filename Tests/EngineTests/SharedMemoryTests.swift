@@ -19,8 +19,8 @@ struct SharedMemoryCase: Sendable, CustomTestStringConvertible {
     static let all: [SharedMemoryCase] = ["nonlive", "postcopy-socket", "postcopy-fam"].flatMap { mode in
         [SharedMemoryCase(program: "sharedmem-static", arguments: ["--rounds", "70", "--pause-us", "10000"], mode: mode),
          SharedMemoryCase(program: "sharedmem", arguments: ["--rounds", "70", "--pause-us", "10000", "--with", "split,memfdfd"], mode: mode)]
-            // A SysV segment marked for removal goes with the process: nonlive only (KernelObjectTests).
-            + (mode == "nonlive" ? [SharedMemoryCase(program: "sharedmem-static", arguments: ["--rounds", "70", "--pause-us", "10000", "--with", "anon,sysv"], mode: mode)] : [])
+            // A SysV segment marked for removal goes with the process, in post-copy before the resume.
+            + [SharedMemoryCase(program: "sharedmem-static", arguments: ["--rounds", "70", "--pause-us", "10000", "--with", "anon,sysv"], mode: mode)]
     }.flatMap { migration in
         migration.mode == "nonlive" ? [migration] : [migration, SharedMemoryCase(program: migration.program, arguments: migration.arguments,
                                                                                   mode: migration.mode, push: "off")]

@@ -40,7 +40,8 @@ pid_t csys_spawn_traced(const char *path, char *const argv[], char *const envp[]
 
 /// Like csys_spawn_traced, but the child is the first process (pid 1) of a new PID namespace: a target
 /// node's PID space on a machine that also hosts the source node.
-pid_t csys_spawn_traced_new_pid_namespace(const char *path, char *const argv[], char *const envp[]);
+/* With newIPCNamespace, the child gets a fresh IPC namespace too (CLONE_NEWIPC). */
+pid_t csys_spawn_traced_new_pid_namespace(const char *path, char *const argv[], char *const envp[], int newIPCNamespace);
 
 /// Starts `path` as pid 1 of a new PID namespace with stdin, stdout and stderr opened from the given
 /// paths (stdout/stderr created 0600, truncated) and every other descriptor closed. Returns the PID

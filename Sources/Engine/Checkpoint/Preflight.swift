@@ -6,27 +6,11 @@ enum Preflight {
     /// Throws the first reason `processID` cannot be migrated. With `allowingTree` (every mode today),
     /// its children (and theirs) migrate with it, each checked as it is (TreePreflight); otherwise a
     /// process with children is refused.
-    /// `allowingSysV` (nonlive): SysV shared memory too (post-copy refuses it in every process).
-    static func check(_ processID: ProcessID, allowingTree: Bool = false, allowingSysV: Bool = false) throws(CheckpointError) {
+    static func check(_ processID: ProcessID, allowingTree: Bool = false) throws(CheckpointError) {
         if allowingTree {
-            let listing = try TreePreflight.check(root: processID)
-            if !allowingSysV {
-                for process in listing where !process.fields.isZombie { try checkNoSysVMemory(process.processID) }
-            }
+            _ = try TreePreflight.check(root: processID)
         } else {
             try checkProcess(processID, checkingChildren: true)
-            try checkNoSysVMemory(processID)
-        }
-    }
-
-    /// Post-copy installs shared memory through userfaultfd, which does not register on a SysV segment's
-    /// mapping (it is not shmem's own), and the victim still holds its segment's ID while the target
-    /// would need it: SysV shared memory migrates only nonlive.
-    static func checkNoSysVMemory(_ processID: ProcessID) throws(CheckpointError) {
-        for mapping in try mappings(processID) {
-            guard case .sharedMemory(let memory) = mapping.kind, let segment = memory.sysv else { continue }
-            throw .unsupportedMapping(processID, range: "\(hex(mapping.start))-\(hex(mapping.end)) SysV segment \(segment.identifier)",
-                                      reason: "SysV shared memory migrates only in nonlive mode")
         }
     }
 
@@ -181,7 +165,9 @@ enum Preflight {
     /// would be left behind at the source, or shared with another process.
     static func sysvSegment(_ processID: ProcessID, entry: MapsEntry, range: String) throws(CheckpointError) -> SysVSegment {
         let text: String
-        do { text = try ProcFS.readText("/proc/sysvipc/shm") } catch {
+        // The table of the process's own IPC namespace (the restored process of a fresh one, checked by
+        // the state oracle, or a victim in a container).
+        do { text = try IPCNamespace.readText("/proc/sysvipc/shm", asSeenBy: processID) } catch {
             throw .unsupportedMapping(processID, range: range, reason: "SysV shared memory, and /proc/sysvipc/shm cannot be read (\(error))")
         }
         // key shmid perms size cpid lpid nattch uid gid cuid cgid atime dtime ctime rss swap

@@ -68,11 +68,13 @@ struct SharedMemoryRestorer {
     /// again. Its pages come afterwards through its first writable attach (Preflight).
     private func makeSysV(_ segment: SysVSegment, parts: [Mapping]) throws {
         let privateKey: UInt64 = 0, create: UInt64 = 0o1000, exclusive: UInt64 = 0o2000
-        do { try ProcFS.writeText("/proc/sys/kernel/shm_next_id", "\(segment.identifier)") } catch {
+        // The target's own IPC namespace (a fresh one, or this node's).
+        let nextIdentifier = "/proc/sys/kernel/shm_next_id", target = injector.tracee.processID
+        do { try IPCNamespace.writeText(nextIdentifier, "\(segment.identifier)", asSeenBy: target) } catch {
             throw RestoreError.system("setting kernel.shm_next_id to \(segment.identifier) for a SysV segment: \(error)")
         }
         let made = try injector.raw("shmget(\(segment.identifier))", Number.shmget, [privateKey, segment.byteCount, create | exclusive | UInt64(segment.mode)])
-        _ = try? ProcFS.writeText("/proc/sys/kernel/shm_next_id", "-1")
+        _ = try? IPCNamespace.writeText(nextIdentifier, "-1", asSeenBy: target)
         guard made >= 0 else {
             throw RestoreError.system("shmget for SysV segment \(segment.identifier) failed: errno \(-made) (ENOSPC: that ID is taken on this node)")
         }

@@ -69,7 +69,12 @@ final class TargetProcess {
             precondition(processID == state.processID, "clone3(set_tid) gave pid \(processID), wanted \(state.processID)")
         case .fresh:
             guard state.processID.rawValue == 1 else { throw .processIDInUse(state.processID) }
-            do { processID = try Spawn.tracedStubInNewPIDNamespace(path: stubPath) } catch { throw .stubFailed("\(error)") }
+            // A SysV segment keeps its ID: a fresh IPC namespace has it free while the victim, on this
+            // machine, may still hold it (post-copy's victim lives until the migration completes).
+            let newIPCNamespace = state.holdsSysVSharedMemory
+            do { processID = try Spawn.tracedStubInNewPIDNamespace(path: stubPath, newIPCNamespace: newIPCNamespace) } catch {
+                throw .stubFailed("\(error)")
+            }
         }
         do {
             let (tracee, reason) = try Tracee.adoptTracedChild(processID)
@@ -244,8 +249,9 @@ final class TargetProcess {
         for mapping in state.mappings {
             switch mapping.kind {
             case .sharedMemory(let object) where object.sysv != nil:
-                // userfaultfd does not register on a SysV attach (not shmem's own mapping): its pages
-                // are written through /proc/PID/mem, so nonlive only (Preflight).
+                // userfaultfd does not register on a SysV attach (shmat gives it the segment's own
+                // operations, so it is not shmem's mapping): its pages are written through /proc/PID/mem,
+                // in post-copy before the resume, as unregistered memory is (LazyHandover).
                 continue
             case .anonymous where !mapping.shared, .heap where !mapping.shared, .stack where !mapping.shared, .sharedMemory:
                 try taken.registerMissing(start: mapping.start, byteCount: mapping.byteCount)

@@ -20,9 +20,9 @@ final class TargetTree {
     private init(root: TargetProcess) { self.root = root }
 
     static func spawn(state: ProcessState, stubPath: String, pidNamespace: PIDNamespace) throws(RestoreError) -> TargetTree {
-        // Like its PID, a SysV segment's ID is the victim's until the victim is gone (on one machine, a
-        // nonlive restore may start before the source's release kills it): wait as for a PID in use.
-        if !SharedMemoryRestorer.sysvIdentifiersInUse(state).isEmpty { throw .processIDInUse(state.processID) }
+        // Like its PID, a SysV segment's ID is the victim's until the victim is gone: in this node's
+        // namespace, wait as for a PID in use (a fresh PID namespace comes with a fresh IPC namespace).
+        if pidNamespace == .shared, !SharedMemoryRestorer.sysvIdentifiersInUse(state).isEmpty { throw .processIDInUse(state.processID) }
         let others = state.liveMembers.flatMap { $0.mappings.map { ($0.start, $0.end) } }
         return TargetTree(root: try TargetProcess.spawn(state: state, stubPath: stubPath, pidNamespace: pidNamespace, avoiding: others))
     }

@@ -80,6 +80,12 @@ extension ProcessState {
     public var liveMembers: [ProcessState] {
         members.compactMap { if case .live(let state) = $0 { state } else { nil } }
     }
+    /// Whether any live process of the tree has a SysV shared memory segment attached.
+    public var holdsSysVSharedMemory: Bool {
+        liveProcesses.contains { process in
+            process.state.mappings.contains { if case .sharedMemory(let object) = $0.kind { object.sysv != nil } else { false } }
+        }
+    }
     /// The live processes of the tree with their ordinals, the root first.
     public var liveProcesses: [(ordinal: Int, state: ProcessState)] {
         [(0, self)] + members.enumerated().compactMap { index, member in

@@ -114,7 +114,7 @@ public final class Dumper: EngineActor {
         switch state {
         case .preflight:
             timeline.record(.started, at: clock.now())
-            do { try Preflight.check(victimProcessID, allowingTree: strategy.migratesTrees, allowingSysV: strategy.migratesSysVMemory) } catch {
+            do { try Preflight.check(victimProcessID, allowingTree: strategy.migratesTrees) } catch {
                 throw .checkpoint(error)
             }
             // Out of the downtime: smaps is slow to read and its flags do not change while the mappings do not;

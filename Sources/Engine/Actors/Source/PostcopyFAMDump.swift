@@ -64,7 +64,6 @@ class PostcopySource {
     var usesFAM: Bool { true }
     /// A tree's pages are each read from its own process (Dumper.splitByProcess).
     var migratesTrees: Bool { true }
-    var migratesSysVMemory: Bool { false }
     var pipelinesCopies: Bool { false }
 
     /// How the requests that arrived in one step change the push chunk (postcopy-socket only).

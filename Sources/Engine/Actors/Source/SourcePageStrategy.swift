@@ -22,8 +22,6 @@ protocol SourcePageStrategy: AnyObject {
     var usesFAM: Bool { get }
     /// Whether the victim's whole process tree migrates (else a victim with children is refused).
     var migratesTrees: Bool { get }
-    /// Whether SysV shared memory migrates (its pages are written through /proc/PID/mem: nonlive only).
-    var migratesSysVMemory: Bool { get }
     /// Whether the next batch is read from the victim while this one is sealed.
     var pipelinesCopies: Bool { get }
     /// The link to the target, if the mode has one.
@@ -54,7 +52,6 @@ extension DumpMode {
 final class NonliveBatchDump: SourcePageStrategy {
     var usesFAM: Bool { true }
     var migratesTrees: Bool { true }
-    var migratesSysVMemory: Bool { true }
     var pipelinesCopies: Bool { true }
     var transport: (any Transport)? { nil }
 

@@ -45,7 +45,7 @@ class LazyHandover {
     func finishPagesBeforeState(_ restorer: Restorer) throws(RestoreError) {}
 
     /// Hands the userfaultfd over to shared lazy memory and lists the pages needed before the resume:
-    /// those outside registered memory (private file pages, written with pwrite) and the rseq area
+    /// those outside registered memory (private file pages and SysV attaches, written with pwrite) and the rseq area
     /// (rseq registration makes the kernel write it, and no fault handler may be needed mid-injection).
     func pagesAfterLayout(_ restorer: Restorer) throws(EngineError) -> Restorer.State {
         let pageAddresses = restorer.pageAddresses
