@@ -73,10 +73,13 @@ public final class ForeignDescriptor {
     public let descriptor: Int32
 
     /// pidfd_getfd(`remoteDescriptor`) of `processID`: the very open file description it holds.
-    public init(processID: ProcessID, remoteDescriptor: Int32) throws(SyscallError) {
-        let pidfd = try checked("pidfd_open(\(processID))") { csys_pidfd_open(processID.rawValue) }
-        defer { Glibc.close(pidfd) }
-        descriptor = try checked("pidfd_getfd(\(processID), \(remoteDescriptor))") { csys_pidfd_getfd(pidfd, remoteDescriptor) }
+    public convenience init(processID: ProcessID, remoteDescriptor: Int32) throws(SyscallError) {
+        try self.init(process: try ProcessHandle(processID), remoteDescriptor: remoteDescriptor)
+    }
+
+    /// pidfd_getfd(`remoteDescriptor`) of `process`: the very open file description it holds.
+    public init(process: ProcessHandle, remoteDescriptor: Int32) throws(SyscallError) {
+        descriptor = try process.copyOfDescriptor(remoteDescriptor)
     }
 
     /// A new open of what /proc/PID/fd/N names (works for a deleted file too), read-only: for reading

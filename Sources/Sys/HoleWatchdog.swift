@@ -18,12 +18,18 @@ public final class HoleWatchdog: Sendable {
     private let disarmDescriptor: Mutex<Int32?>
 
     /// Starts a watchdog over `processID`, whose missing pages `userfaultfd` serves.
-    public init(guarding processID: ProcessID, userfaultfd: Userfaultfd) throws(SyscallError) {
-        let pidfd = try checked("pidfd_open(\(processID))") { csys_pidfd_open(processID.rawValue) }
-        defer { _ = Glibc.close(pidfd) }
+    public convenience init(guarding processID: ProcessID, userfaultfd: Userfaultfd) throws(SyscallError) {
+        try self.init(guarding: try ProcessHandle(processID), userfaultfd: userfaultfd)
+    }
+
+    /// Starts a watchdog over `process`, whose missing pages `userfaultfd` serves. The watchdog gets its
+    /// own copy of the pidfd (it is forked with it); `process` may be closed afterwards.
+    public init(guarding process: ProcessHandle, userfaultfd: Userfaultfd) throws(SyscallError) {
         var descriptor: Int32 = -1
-        let child = try checked("fork(hole watchdog)") { csys_spawn_hole_watchdog(pidfd, userfaultfd.descriptor, &descriptor) }
-        guardedProcessID = processID
+        let child = try process.withDescriptor { pidfd throws(SyscallError) in
+            try checked("fork(hole watchdog)") { csys_spawn_hole_watchdog(pidfd, userfaultfd.descriptor, &descriptor) }
+        }
+        guardedProcessID = process.processID
         watchdogProcessID = ProcessID(child)
         disarmDescriptor = Mutex(descriptor)
     }

@@ -20,6 +20,22 @@ public final class ProcessHandle: Sendable {
         descriptor = Mutex(pidfd)
     }
 
+    /// pidfd_getfd(`remoteDescriptor`): a copy, in this process, of that process's descriptor (the very
+    /// open file description it holds). The caller owns the copy.
+    func copyOfDescriptor(_ remoteDescriptor: Int32) throws(SyscallError) -> Int32 {
+        try withDescriptor { pidfd throws(SyscallError) in
+            try checked("pidfd_getfd(\(processID), \(remoteDescriptor))") { csys_pidfd_getfd(pidfd, remoteDescriptor) }
+        }
+    }
+
+    /// Runs `body` with the pidfd, which stays open meanwhile and must not be closed by it.
+    func withDescriptor<Result>(_ body: (Int32) throws(SyscallError) -> Result) throws(SyscallError) -> Result {
+        try descriptor.withLock { descriptor throws(SyscallError) -> Result in
+            guard let descriptor else { preconditionFailure("pidfd of \(processID) used after it was closed") }
+            return try body(descriptor)
+        }
+    }
+
     /// Sends `signal` to that process if it has not ended; never to a process that reuses its PID.
     public func kill(signal: Int32 = SIGKILL) {
         descriptor.withLock { descriptor in

@@ -263,29 +263,6 @@ public final class SyscallInjector: @unchecked Sendable {
 
     /// Runs the final syscall (munmap of the code it runs from) to its exit stop, never reaching the int3.
     public func callToExitStop(_ name: String, _ number: Int, _ arguments: UInt64...) throws(InjectionError) -> Int64 {
-        let registers = registersFor(number, arguments)
-        do {
-            try tracee.setRegisters(registers)
-            var syscallStops = 0
-            while syscallStops < 2 {
-                try tracee.resumeToSyscall()
-                let reason = try tracee.waitForStop()
-                switch reason {
-                case .syscall: syscallStops += 1
-                case .event: continue
-                case .exited, .killed: throw InjectionError.traceeDied(name: name, reason: reason)
-                case .signal:
-                    let after = try tracee.registers()
-                    throw InjectionError.unexpectedStop(name: name, reason: reason, rip: after.rip)
-                }
-            }
-            return try tracee.registers().syscallResult
-        } catch let error as InjectionError {
-            throw error
-        } catch let error as SyscallError {
-            throw .ptrace(error)
-        } catch {
-            preconditionFailure("unexpected error \(error)")
-        }
+        try runToSyscallExit(name, registers: registersFor(number, arguments), syscallCount: 1).syscallResult
     }
 }

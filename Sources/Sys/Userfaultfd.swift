@@ -46,9 +46,7 @@ public final class Userfaultfd: @unchecked Sendable {
 
     /// Takes a copy of descriptor `remoteDescriptor` of `processID` (pidfd_getfd).
     public init(processID: ProcessID, remoteDescriptor: Int32) throws(SyscallError) {
-        let pidfd = try checked("pidfd_open(\(processID))") { csys_pidfd_open(processID.rawValue) }
-        defer { Glibc.close(pidfd) }
-        descriptor = try checked("pidfd_getfd(\(processID), \(remoteDescriptor))") { csys_pidfd_getfd(pidfd, remoteDescriptor) }
+        descriptor = try ProcessHandle(processID).copyOfDescriptor(remoteDescriptor)
     }
 
     /// Takes ownership of a userfaultfd descriptor of this process.

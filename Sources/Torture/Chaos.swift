@@ -87,31 +87,20 @@ final class ChaoticTransport: Transport, @unchecked Sendable {
 }
 
 /// A FAM whose flushes and fences are disturbed (what a reader on another node sees between them moves).
-final class ChaoticFAM: FAMBackend, @unchecked Sendable {
-    private let inner: any FAMBackend
+final class ChaoticFAM: ForwardingFAM, @unchecked Sendable {
     private let perturbation: Perturbation
     init(_ inner: any FAMBackend, perturbation: Perturbation) {
-        self.inner = inner
         self.perturbation = perturbation
+        super.init(inner)
     }
-    var byteCount: Int { inner.byteCount }
-    var path: String? { inner.path }
-    func store(_ bytes: [UInt8], at byteOffset: Int) { inner.store(bytes, at: byteOffset) }
-    func storeUInt64(_ value: UInt64, at byteOffset: Int) { inner.storeUInt64(value, at: byteOffset) }
-    func storeFromProcess(processID: ProcessID, ranges: [ProcessReadRange]) throws(SyscallError) -> Int {
-        try inner.storeFromProcess(processID: processID, ranges: ranges)
-    }
-    func flush(at byteOffset: Int, count: Int) {
+    override func flush(at byteOffset: Int, count: Int) {
         inner.flush(at: byteOffset, count: count)
         perturbation.disturb(maximumMicroseconds: 50)
     }
-    func fence() {
+    override func fence() {
         perturbation.disturb(maximumMicroseconds: 100)
         inner.fence()
     }
-    func loadBytes(at byteOffset: Int, count: Int) -> [UInt8] { inner.loadBytes(at: byteOffset, count: count) }
-    func loadUInt64(at byteOffset: Int) -> UInt64 { inner.loadUInt64(at: byteOffset) }
-    func digest(at byteOffset: Int, count: Int, seed: UInt64) -> UInt64 { inner.digest(at: byteOffset, count: count, seed: seed) }
 }
 
 /// The production gate, disturbed: the target resumes and is woken at once, after a seeded pause, and

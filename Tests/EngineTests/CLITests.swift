@@ -139,6 +139,7 @@ extension ProcessTests {
 
             let imagePath = directory.path("image.fam")
             let keyPath = directory.path("migration.key")
+            try requireVictimAlive(victimID)
             let checkpoint = try leftovers.fammig("checkpoint", "--pid", "\(victimID)", "--fam", imagePath, "--key-file", keyPath)
             try #require(checkpoint.exitStatus == 0, "checkpoint failed: \(checkpoint.standardError)")
             #expect(checkpoint.standardOutput.contains("checkpointed pid \(victimID)"))
@@ -217,6 +218,7 @@ extension ProcessTests {
 
             let imagePath = directory.path("image.fam")
             let keyPath = directory.path("migration.key")
+            try requireVictimAlive(victim)
             let checkpoint = try leftovers.fammig("checkpoint", "--pid", "\(victim)", "--fam", imagePath, "--key-file", keyPath)
             try #require(checkpoint.exitStatus == 0, "checkpoint failed: \(checkpoint.standardError)")
             #expect(pollUntil(timeout: .seconds(5)) { processLife(ProcessID(victim)) != .running }, "the checkpoint must kill its victim")
@@ -369,6 +371,7 @@ extension ProcessTests {
                 ((try? FileManager.default.attributesOfItem(atPath: victim.standardOutputPath)[.size] as? Int) ?? 0) > 0
             })
             let keyPath = directory.path("migration.key")
+            try requireVictimAlive(victim.processID)
             let checkpoint = try leftovers.fammig("checkpoint", "--pid", "\(victim.processID)", "--pool", poolPath, "--key-file", keyPath)
             try #require(checkpoint.exitStatus == 0, "\(checkpoint.standardError)")
             #expect(try victim.waitForExit(timeout: .seconds(5)) == .killed(signal: SIGKILL))

@@ -13,6 +13,7 @@ import Logging
 import Oracles
 import Sys
 import Testing
+import Torture
 @testable import Engine
 
 /// How often each page slot of the victim's buffer was read from FAM by the target, across every backend
@@ -36,30 +37,18 @@ final class PageReadCounter: @unchecked Sendable {
 
 /// The target's view of a real FAM file, with a writer beside it that changes a page of `changedRange`
 /// right before the target reads that page for the second time.
-final class SecondReadChangingFAM: FAMBackend, @unchecked Sendable {
-    private let inner: RealFAM
+final class SecondReadChangingFAM: ForwardingFAM, @unchecked Sendable {
     private let changedRange: Range<UInt64>
     private let counter: PageReadCounter
     private let lock = Lock()
     private var layout: ImageLayout?
 
     init(_ inner: RealFAM, changedRange: Range<UInt64>, counter: PageReadCounter) {
-        (self.inner, self.changedRange, self.counter) = (inner, changedRange, counter)
+        (self.changedRange, self.counter) = (changedRange, counter)
+        super.init(inner)
     }
 
-    var byteCount: Int { inner.byteCount }
-    var path: String? { inner.path }
-    func store(_ bytes: [UInt8], at byteOffset: Int) { inner.store(bytes, at: byteOffset) }
-    func storeUInt64(_ value: UInt64, at byteOffset: Int) { inner.storeUInt64(value, at: byteOffset) }
-    func storeFromProcess(processID: ProcessID, ranges: [ProcessReadRange]) throws(SyscallError) -> Int {
-        try inner.storeFromProcess(processID: processID, ranges: ranges)
-    }
-    func flush(at byteOffset: Int, count: Int) { inner.flush(at: byteOffset, count: count) }
-    func fence() { inner.fence() }
-    func loadUInt64(at byteOffset: Int) -> UInt64 { inner.loadUInt64(at: byteOffset) }
-    func digest(at byteOffset: Int, count: Int, seed: UInt64) -> UInt64 { inner.digest(at: byteOffset, count: count, seed: seed) }
-
-    func loadBytes(at byteOffset: Int, count: Int) -> [UInt8] {
+    override func loadBytes(at byteOffset: Int, count: Int) -> [UInt8] {
         noteRead(at: byteOffset, count: count)
         return inner.loadBytes(at: byteOffset, count: count)
     }
@@ -151,6 +140,7 @@ extension ProcessTests {
                 oracles.expectLazyPages()
             }
             let plan = MigrationPlan(mode: path.mode, push: path == .postcopyFAMWithPusher, generation: generation, key: testKey, batchPageCount: 64)
+            try requireVictimAlive(victim)
             let sourceNode = try Migration.source(plan, victim: victim, ports: SourcePorts(
                 makeBackend: makeBackend, transport: sourceLink, observer: oracles, clock: MonotonicClock(), timeline: timeline, logger: logger))
             let targetNode = try Migration.target(plan, ports: TargetPorts(

@@ -55,6 +55,7 @@ extension ProcessTests {
             #expect(pollUntil(timeout: .seconds(5)) {
                 (try? ProcFS.readLink("/proc/\(chrooted.processID)/root")) == root.path
             })
+            try requireVictimAlive(chrooted.processID)
             let outcome = try leftovers.fammig("checkpoint", "--pid", "\(chrooted.processID)", "--fam", directory.path("image.fam"),
                                                "--key-file", directory.path("migration.key"))
             #expect(outcome.exitStatus == 2 && !outcome.killedBySignal, "exit \(outcome.exitStatus): \(outcome.standardError)")
@@ -78,6 +79,7 @@ extension ProcessTests {
                     && (try? ProcFS.readLink("/proc/\(sleeper.processID)/cwd")) == workingDirectory.path
             })
             workingDirectory.remove()
+            try requireVictimAlive(sleeper.processID)
             let outcome = try leftovers.fammig("checkpoint", "--pid", "\(sleeper.processID)", "--fam", directory.path("image.fam"),
                                                "--key-file", directory.path("migration.key"))
             #expect(outcome.exitStatus == 2 && !outcome.killedBySignal, "exit \(outcome.exitStatus): \(outcome.standardError)")

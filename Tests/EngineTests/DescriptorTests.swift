@@ -53,6 +53,7 @@ extension ProcessTests {
                                                            ["--rounds", "400", "--pause-us", "20000", "--with", "pipe,halfpipe"],
                                                            standardOutputPath: directory.path("out"), standardErrorPath: directory.path("err")))
             #expect(pollUntil(timeout: .seconds(5)) { ((try? ProcFS.descriptors(program.processID)) ?? []).count >= 6 })
+            try requireVictimAlive(program.processID)
             let outcome = try leftovers.fammig("checkpoint", "--pid", "\(program.processID)", "--fam", directory.path("image.fam"),
                                                "--key-file", directory.path("migration.key"))
             #expect(outcome.exitStatus == 2 && !outcome.killedBySignal, "exit \(outcome.exitStatus): \(outcome.standardError)")

@@ -34,6 +34,7 @@ extension ProcessTests {
 
             let port = 25000 + Int(getpid() % 2000)
             let keyPath = directory.path("migration.key")
+            try requireVictimAlive(victim)
             let source = leftovers.own(try StartedProcess(try TestPaths.fammig(),
                                                           ["source", "--pid", "\(victim)", "--mode", "postcopy-fam", "--fam", famPath,
                                                            "--key-file", keyPath, "--listen", "127.0.0.1:\(port)", "--die-at", "after-commit"],

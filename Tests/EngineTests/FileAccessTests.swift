@@ -231,6 +231,7 @@ extension ProcessTests {
             try #require(started, "the victim printed nothing")
 
             let imagePath = directory.path("image.fam"), keyPath = directory.path("migration.key")
+            try requireVictimAlive(victimID)
             let checkpoint = try leftovers.fammig("checkpoint", "--pid", "\(victimID)", "--fam", imagePath, "--key-file", keyPath)
             try #require(checkpoint.exitStatus == 0, "checkpoint failed: \(checkpoint.standardError)")
             #expect(try victim.waitForExit(timeout: .seconds(5)) == .killed(signal: SIGKILL))
@@ -285,13 +286,15 @@ extension ProcessTests {
             try #require(started, "filemaps did not map its files")
             let mappedFiles = Set(try ProcFS.maps(victimID).map(\.path).filter { $0.hasPrefix(data + "/") }).sorted()
             let imagePath = directory.path("image.fam"), keyPath = directory.path("migration.key")
+            try requireVictimAlive(victimID)
             let checkpoint = try leftovers.fammig("checkpoint", "--pid", "\(victimID)", "--fam", imagePath, "--key-file", keyPath)
             try #require(checkpoint.exitStatus == 0, "checkpoint failed: \(checkpoint.standardError)")
             #expect(try victim.waitForExit(timeout: .seconds(5)) == .killed(signal: SIGKILL))
 
-            let restorer = Restorer(openBackend: { () throws(ImageError) in try RealFAM.openTrusted(path: imagePath) },
-                                    key: try readKeyFile(keyPath), stubPath: try TestPaths.fammig(), observer: nil,
-                                    clock: MonotonicClock(), timeline: MigrationTimeline(), logger: Logger(label: "swap-test"))
+            let restorer = try Migration.target(MigrationPlan(mode: .nonlive, key: try readKeyFile(keyPath)), ports: TargetPorts(
+                openBackend: { () throws(ImageError) in try RealFAM.openTrusted(path: imagePath) }, transport: nil,
+                stubPath: try TestPaths.fammig(), observer: nil, clock: MonotonicClock(), timeline: MigrationTimeline(),
+                logger: Logger(label: "swap-test"))).restorer
             try restorer.perform()
             guard case .spawn = restorer.state else { Issue.record("the restorer did not open the image first: \(restorer.state)"); return }
             for path in [program] + mappedFiles {

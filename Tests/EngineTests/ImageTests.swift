@@ -4,6 +4,7 @@
 import Foundation
 import Glibc
 import Testing
+import Torture
 @testable import Engine
 import Sys
 
@@ -557,29 +558,16 @@ func flipByte(path: String, at byteOffset: Int) throws {
 }
 
 /// A real FAM file that records every load the reader makes through it (offset and byte count, in order).
-final class LoadRecordingFAM: FAMBackend, @unchecked Sendable {
+final class LoadRecordingFAM: ForwardingFAM, @unchecked Sendable {
     struct Load { var byteOffset: Int; var count: Int }
-    private let inner: RealFAM
     var loads: [Load] = []
 
-    init(_ inner: RealFAM) { self.inner = inner }
-
-    var byteCount: Int { inner.byteCount }
-    var path: String? { inner.path }
-    func store(_ bytes: [UInt8], at byteOffset: Int) { inner.store(bytes, at: byteOffset) }
-    func storeUInt64(_ value: UInt64, at byteOffset: Int) { inner.storeUInt64(value, at: byteOffset) }
-    func storeFromProcess(processID: ProcessID, ranges: [ProcessReadRange]) throws(SyscallError) -> Int {
-        try inner.storeFromProcess(processID: processID, ranges: ranges)
-    }
-    func flush(at byteOffset: Int, count: Int) { inner.flush(at: byteOffset, count: count) }
-    func fence() { inner.fence() }
-    func loadBytes(at byteOffset: Int, count: Int) -> [UInt8] {
+    override func loadBytes(at byteOffset: Int, count: Int) -> [UInt8] {
         loads.append(Load(byteOffset: byteOffset, count: count))
         return inner.loadBytes(at: byteOffset, count: count)
     }
-    func loadUInt64(at byteOffset: Int) -> UInt64 {
+    override func loadUInt64(at byteOffset: Int) -> UInt64 {
         loads.append(Load(byteOffset: byteOffset, count: 8))
         return inner.loadUInt64(at: byteOffset)
     }
-    func digest(at byteOffset: Int, count: Int, seed: UInt64) -> UInt64 { inner.digest(at: byteOffset, count: count, seed: seed) }
 }

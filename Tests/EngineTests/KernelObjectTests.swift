@@ -57,6 +57,7 @@ extension ProcessTests {
                                                            standardOutputPath: directory.path("out"), standardErrorPath: directory.path("err")))
             #expect(pollUntil(timeout: .seconds(5)) { ((try? String(contentsOfFile: directory.path("out"), encoding: .utf8)) ?? "").contains("round 1 ok") })
             let famPath = directory.path("image.fam"), keyPath = directory.path("migration.key")
+            try requireVictimAlive(program.processID)
             let outcome: CommandOutcome
             if mode == "nonlive" {
                 outcome = try leftovers.fammig("checkpoint", "--pid", "\(program.processID)", "--fam", famPath, "--key-file", keyPath)

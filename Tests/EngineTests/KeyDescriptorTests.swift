@@ -44,6 +44,7 @@ extension ProcessTests {
             // Refused: a key file others may read, through a descriptor, for both writing commands.
             let leakyKeyPath = directory.path("leaky.key")
             let imagePath = directory.path("image.fam")
+            try requireVictimAlive(victimID)
             let leakyCheckpoint = try fammigWritingKeyToDescriptor(["checkpoint", "--pid", "\(victimID)", "--fam", imagePath, "--key-fd", "3"],
                                                                    keyPath: leakyKeyPath, mode: 0o644)
             #expect(leakyCheckpoint.exitStatus == 2 && leakyCheckpoint.standardError.contains("others could read the key"),

@@ -124,6 +124,7 @@ extension ProcessTests {
                 oracles.expectLazyPages()
             }
             let plan = MigrationPlan(mode: path.mode, push: path == .postcopyFAMWithPusher, generation: generation, key: testKey, batchPageCount: 64)
+            try requireVictimAlive(victim)
             let sourceNode = try Migration.source(plan, victim: victim, ports: SourcePorts(
                 makeBackend: makeBackend, transport: sourceLink, observer: oracles, clock: MonotonicClock(), timeline: timeline, logger: logger))
             let targetNode = try Migration.target(plan, ports: TargetPorts(

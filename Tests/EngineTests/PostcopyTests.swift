@@ -148,33 +148,20 @@ extension ProcessTests {
             defer { directory.remove() }
             let leftovers = LeftoverCheck()
             defer { leftovers.finish() }
-            leftovers.expectProgram([program] + arguments)
-            let reference = try runCommand(program, arguments, timeout: .seconds(60))
-            let referenceChecksum = try #require(reference.standardOutput.split(separator: "\n").last.map(String.init))
-
-            let outputPath = directory.path("victim.out")
+            let launched = try LaunchedVictim.launch(program, arguments, directory: directory, leftovers: leftovers)
+            let (victim, outputPath, referenceChecksum) = (launched.processID, launched.outputPath, launched.referenceChecksum)
             let famPath = "/dev/shm/fammig-twonode-\(getpid()).img"
             defer { try? FileManager.default.removeItem(atPath: famPath) }
-            let launched = try leftovers.fammig(["launch", "--output", outputPath, "--", program] + arguments)
-            let victim = try #require(Int32(launched.standardOutput.trimmingCharacters(in: .whitespacesAndNewlines)))
-            let victimHandle = try ProcessHandle(ProcessID(victim))  // never a kill of a PID reused since
+            let victimHandle = try ProcessHandle(victim)  // never a kill of a PID reused since
             defer { victimHandle.kill() }
             usleep(500_000)
 
             let port = 17000 + Int(getpid() % 2000)
-            var sourceArguments = ["source", "--pid", "\(victim)", "--mode", mode, "--listen", "127.0.0.1:\(port)"]
-            var targetArguments = ["target", "--mode", mode, "--connect", "127.0.0.1:\(port)", "--pid-namespace", "fresh"]
             let keyPath = directory.path("migration.key")
-            sourceArguments += ["--key-file", keyPath]
-            targetArguments += ["--key-file", keyPath]
-            if mode == "postcopy-fam" {
-                sourceArguments += ["--fam", famPath]
-                targetArguments += ["--fam", famPath]
-            }
+            var (sourceArguments, targetArguments) = twoNodeArguments(mode: mode, victim: victim, port: port, keyPath: keyPath, famPath: famPath)
             if dieAt != "none" { sourceArguments += ["--die-at", dieAt] }
-            let source = leftovers.own(try StartedProcess(try TestPaths.fammig(), sourceArguments,
-                                                          standardOutputPath: directory.path("source.out"),
-                                                          standardErrorPath: directory.path("source.err")))
+            try requireVictimAlive(victim)
+            let source = try startSource(sourceArguments, directory: directory, leftovers: leftovers)
             // The key goes from source to target out of band: here, once the source has written it whole.
             #expect(waitForKeyFile(keyPath), "the source wrote no key file")
             let target = try leftovers.fammig(targetArguments, timeout: .seconds(60))
@@ -190,10 +177,7 @@ extension ProcessTests {
                 let sourceEndedAsPlanned = dieAt == "none" ? sourceOutcome.exitStatus == 0 : sourceOutcome.killedBySignal
                 #expect(sourceEndedAsPlanned, "source: \(sourceOutcome.standardError)")
                 // The restored process finishes on its own; its stdout is the victim's file, reopened.
-                let finished = pollUntil(timeout: .seconds(30)) {
-                    (try? String(contentsOfFile: outputPath, encoding: .utf8))?.contains("checksum=") == true
-                }
-                #expect(finished, "the restored process never printed its checksum")
+                #expect(launched.restoredProcessFinished(), "the restored process never printed its checksum")
                 #expect(lastChecksum(inFile: outputPath).map { "checksum=" + $0 } == referenceChecksum)
             case .failsCleanly:
                 #expect(target.exitStatus == 1, "target: \(target.standardOutput) \(target.standardError)")
@@ -203,11 +187,11 @@ extension ProcessTests {
                 // Before the commit record the victim is the process: its dead source's guard lets it run
                 // on, unfrozen, to the unmigrated end; no restored process runs on holes (target exit 1).
                 let unfrozen = pollUntil(timeout: .seconds(10)) {
-                    guard let status = try? ProcFS.status(ProcessID(victim)) else { return false }
+                    guard let status = try? ProcFS.status(victim) else { return false }
                     return status["TracerPid"] == "0" && !(status["State"] ?? "T").hasPrefix("T")
                 }
                 #expect(unfrozen, "the victim was left frozen by its dead source")
-                let victimEnded = pollUntil(timeout: .seconds(60)) { processLife(ProcessID(victim)) != .running }
+                let victimEnded = pollUntil(timeout: .seconds(60)) { processLife(victim) != .running }
                 #expect(victimEnded, "the victim did not run to its end")
                 #expect(lastChecksum(inFile: outputPath).map { "checksum=" + $0 } == referenceChecksum)
             }

@@ -20,15 +20,9 @@ extension ProcessTests {
             let keyPath = directory.path("migration.key")
             try writeKeyFile(MigrationKey.generate(), to: keyPath)
             let port = 29000 + Int(getpid() % 1000) + 1000 * (RogueListener.allCases.firstIndex(of: rogue) ?? 0)
-            let listener = try TCPTransport.listen(on: Endpoint(host: "127.0.0.1", port: UInt16(port)))
-            defer { listener.close() }
-            let target = leftovers.own(try StartedProcess(try TestPaths.fammig(),
-                                                          ["target", "--mode", "postcopy-socket", "--key-file", keyPath, "--connect", "127.0.0.1:\(port)",
-                                                           "--pid-namespace", "fresh", "--connect-timeout", "3"],
-                                                          standardOutputPath: directory.path("target.out"),
-                                                          standardErrorPath: directory.path("target.err")))
-            let accepted = try #require(try TCPTransport.accept(on: listener, timeoutMilliseconds: 20_000), "the target never connected")
-            defer { accepted.close() }
+            let connected = try ListenerWithTarget.start(port: port, keyPath: keyPath, directory: directory, leftovers: leftovers)
+            defer { connected.close() }
+            let (target, accepted) = (connected.target, connected.accepted)
             let agreement = ChannelAgreement(mode: .postcopySocket, generation: MigrationPlan.singleGeneration)
             let nonce = SecureChannel.randomNonce()
             let expected: String
@@ -77,15 +71,9 @@ extension ProcessTests {
             let keyPath = directory.path("migration.key")
             try writeKeyFile(key, to: keyPath)
             let port = 33000 + Int(getpid() % 1000)
-            let listener = try TCPTransport.listen(on: Endpoint(host: "127.0.0.1", port: UInt16(port)))
-            defer { listener.close() }
-            let target = leftovers.own(try StartedProcess(try TestPaths.fammig(),
-                                                          ["target", "--mode", "postcopy-socket", "--key-file", keyPath, "--connect", "127.0.0.1:\(port)",
-                                                           "--pid-namespace", "fresh", "--connect-timeout", "3"],
-                                                          standardOutputPath: directory.path("target.out"),
-                                                          standardErrorPath: directory.path("target.err")))
-            let accepted = try #require(try TCPTransport.accept(on: listener, timeoutMilliseconds: 20_000), "the target never connected")
-            defer { accepted.close() }
+            let connected = try ListenerWithTarget.start(port: port, keyPath: keyPath, directory: directory, leftovers: leftovers)
+            defer { connected.close() }
+            let (target, accepted) = (connected.target, connected.accepted)
             let channel = try SecureChannel.establish(over: accepted, role: .source, key: key,
                                                       agreement: ChannelAgreement(mode: .postcopySocket, generation: MigrationPlan.singleGeneration),
                                                       nonce: SecureChannel.randomNonce())

@@ -101,6 +101,7 @@ extension ProcessTests {
             let members = try capturedTree(program).members.map(\.processID)
             #expect(members.count == 6, "\(members)")
             let famPath = directory.path("image.fam"), keyPath = directory.path("migration.key")
+            try requireVictimAlive(program.processID)
             let checkpoint = try leftovers.fammig("checkpoint", "--pid", "\(program.processID)", "--fam", famPath, "--key-file", keyPath)
             #expect(checkpoint.exitStatus == 0, "\(checkpoint.standardError)")
             #expect(try program.waitForExit(timeout: .seconds(10)) == .killed(signal: SIGKILL))
@@ -237,6 +238,7 @@ extension ProcessTests {
                 let worker = try #require(try ProcFS.childProcessIDs(program.processID).last)
                 tracee = try Tracee.seize(worker)
             }
+            try requireVictimAlive(program.processID)
             let outcome = try leftovers.fammig("checkpoint", "--pid", "\(program.processID)", "--fam", directory.path("image.fam"),
                                                "--key-file", directory.path("migration.key"))
             if let tracee {

@@ -58,10 +58,10 @@ extension ProcessTests {
             // machine's autotuned loopback buffers held less: the send stalled 30 s and timed out).
             try targetSide.reserveBuffers(byteCount: 16 << 20)
             try sourceSide.reserveBuffers(byteCount: 16 << 20)
-            let dumper = Dumper(victim: victim, makeBackend: { (_: Int) throws(ImageError) -> any FAMBackend in preconditionFailure("no FAM in socket mode") },
-                                generation: 1, key: testKey, release: .kill, observer: nil, clock: MonotonicClock(),
-                                timeline: MigrationTimeline(), logger: Logger(label: "flow"),
-                                mode: .postcopySocket(transport: sourceSide, push: true))
+            let dumper = try Migration.source(MigrationPlan(mode: .postcopySocket, push: true, key: testKey), victim: victim, ports: SourcePorts(
+                makeBackend: { (_: Int) throws(ImageError) -> any FAMBackend in preconditionFailure("no FAM in socket mode") },
+                transport: sourceSide, observer: nil, clock: MonotonicClock(), timeline: MigrationTimeline(),
+                logger: Logger(label: "flow"))).dumper
             /// Steps the dumper until it waits (or finishes), giving messages in flight time to arrive.
             func stepUntilWaiting() throws {
                 for _ in 0..<10_000 {

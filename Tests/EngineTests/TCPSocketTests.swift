@@ -49,6 +49,7 @@ extension ProcessTests {
                                                            ["--rounds", "40", "--pause-us", "20000", "--with", "listen4,\(kind)"],
                                                            standardOutputPath: directory.path("out"), standardErrorPath: directory.path("err")))
             #expect(pollUntil(timeout: .seconds(5)) { ((try? String(contentsOfFile: directory.path("out"), encoding: .utf8)) ?? "").contains("round 1 ok") })
+            try requireVictimAlive(program.processID)
             let outcome = try leftovers.fammig("checkpoint", "--pid", "\(program.processID)", "--fam", directory.path("image.fam"),
                                                "--key-file", directory.path("migration.key"))
             #expect(outcome.exitStatus == 2 && !outcome.killedBySignal, "exit \(outcome.exitStatus): \(outcome.standardError)")
@@ -69,6 +70,7 @@ extension ProcessTests {
                                                            ["--rounds", "40", "--pause-us", "20000", "--with", "listen6,conn4,conn6"],
                                                            standardOutputPath: directory.path("out"), standardErrorPath: directory.path("err")))
             #expect(pollUntil(timeout: .seconds(5)) { ((try? String(contentsOfFile: directory.path("out"), encoding: .utf8)) ?? "").contains("round 2 ok") })
+            try requireVictimAlive(program.processID)
             let outcome = try leftovers.fammig("checkpoint", "--pid", "\(program.processID)", "--fam", directory.path("image.fam"),
                                                "--key-file", directory.path("migration.key"), "--leave-running")
             #expect(outcome.exitStatus == 0, "exit \(outcome.exitStatus): \(outcome.standardError)")

@@ -40,44 +40,30 @@ extension ProcessTests {
             defer { leftovers.finish() }
             let arguments = ["--rounds", "250", "--pause-us", "10000"]
             // The child has the same command line: a child left running is a leftover too.
-            leftovers.expectProgram([program] + arguments)
-            let reference = try runCommand(program, arguments, timeout: .seconds(60))
-            let referenceChecksum = try #require(reference.standardOutput.split(separator: "\n").last.map(String.init))
-            let outputPath = directory.path("victim.out")
-            let launched = try leftovers.fammig(["launch", "--output", outputPath, "--", program] + arguments)
-            let victim = try #require(Int32(launched.standardOutput.trimmingCharacters(in: .whitespacesAndNewlines)))
-            defer { _ = kill(victim, SIGKILL) }
+            let launched = try LaunchedVictim.launch(program, arguments, directory: directory, leftovers: leftovers)
+            let (victim, outputPath, referenceChecksum) = (launched.processID, launched.outputPath, launched.referenceChecksum)
+            let victimHandle = try ProcessHandle(victim)  // never a kill of a PID reused since
+            defer { victimHandle.kill() }
             var children: [ProcessID] = []
             #expect(pollUntil(timeout: .seconds(5)) {
-                children = (try? ProcFS.childProcessIDs(ProcessID(victim))) ?? []
+                children = (try? ProcFS.childProcessIDs(victim)) ?? []
                 return !children.isEmpty
             })
             let child = try #require(children.first)
             let famPath = directory.path("image.fam")
             let port = 19000 + Int(getpid() % 2000) + (mode == "postcopy-fam" ? 1 : 0)
-            var sourceArguments = ["source", "--pid", "\(victim)", "--mode", mode, "--listen", "127.0.0.1:\(port)"]
-            var targetArguments = ["target", "--mode", mode, "--connect", "127.0.0.1:\(port)", "--pid-namespace", "fresh"]
             let keyPath = directory.path("migration.key")
-            sourceArguments += ["--key-file", keyPath]
-            targetArguments += ["--key-file", keyPath]
-            if mode == "postcopy-fam" {
-                sourceArguments += ["--fam", famPath]
-                targetArguments += ["--fam", famPath]
-            }
-            let source = leftovers.own(try StartedProcess(try TestPaths.fammig(), sourceArguments,
-                                                          standardOutputPath: directory.path("source.out"),
-                                                          standardErrorPath: directory.path("source.err")))
+            let (sourceArguments, targetArguments) = twoNodeArguments(mode: mode, victim: victim, port: port, keyPath: keyPath, famPath: famPath)
+            try requireVictimAlive(victim)
+            let source = try startSource(sourceArguments, directory: directory, leftovers: leftovers)
             #expect(waitForKeyFile(keyPath), "the source wrote no key file")
             let target = try leftovers.fammig(targetArguments, timeout: .seconds(60))
             let sourceOutcome = try source.waitForExit(timeout: .seconds(30))
             #expect(target.exitStatus == 0, "target: \(target.standardOutput) \(target.standardError) source: \(sourceOutcome.standardError)")
             #expect(sourceOutcome.exitStatus == 0, "source: \(sourceOutcome.standardError)")
             // The victim's tree was killed at the release, the child (reaped by its frozen parent) first.
-            #expect(pollUntil(timeout: .seconds(5)) { !ProcFS.isAlive(ProcessID(victim)) && !ProcFS.isAlive(child) })
-            let finished = pollUntil(timeout: .seconds(30)) {
-                (try? String(contentsOfFile: outputPath, encoding: .utf8))?.contains("checksum=") == true
-            }
-            #expect(finished, "the restored tree never printed its checksum")
+            #expect(pollUntil(timeout: .seconds(5)) { !ProcFS.isAlive(victim) && !ProcFS.isAlive(child) })
+            #expect(launched.restoredProcessFinished(), "the restored tree never printed its checksum")
             #expect(lastChecksum(inFile: outputPath).map { "checksum=" + $0 } == referenceChecksum)
         }
 
@@ -95,6 +81,7 @@ extension ProcessTests {
             let victim = leftovers.own(try SpawnedProgram(program, arguments, standardOutputPath: directory.path("out"),
                                                           standardErrorPath: directory.path("err")))
             usleep(200_000)
+            try requireVictimAlive(victim.processID)
             let famPath = "/dev/shm/fammig-refusal-\(getpid()).img"
             defer { _ = try? SharedMapping.remove(path: famPath) }
             let dumper = try Migration.source(MigrationPlan(mode: .nonlive, key: testKey), victim: victim.processID, ports: SourcePorts(

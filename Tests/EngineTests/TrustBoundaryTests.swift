@@ -294,6 +294,7 @@ extension ProcessTests {
 
             let imagePath = directory.path("image.fam")
             let keyPath = directory.path("migration.key")
+            try requireVictimAlive(victimID)
             let checkpoint = try leftovers.fammig("checkpoint", "--pid", "\(victimID)", "--fam", imagePath, "--key-file", keyPath)
             try #require(checkpoint.exitStatus == 0, "checkpoint failed: \(checkpoint.standardError)")
             #expect(try victim.waitForExit(timeout: .seconds(5)) == .killed(signal: SIGKILL))
@@ -404,6 +405,7 @@ extension ProcessTests {
 
             let port = 21000 + Int(getpid() % 2000)
             let keyPath = directory.path("migration.key")
+            try requireVictimAlive(victim)
             let source = leftovers.own(try StartedProcess(try TestPaths.fammig(),
                                                           ["source", "--pid", "\(victim)", "--mode", "postcopy-fam", "--fam", famPath,
                                                            "--key-file", keyPath, "--listen", "127.0.0.1:\(port)", "--accept-timeout", "5"],
@@ -453,6 +455,7 @@ extension ProcessTests {
 
             let port = 19000 + Int(getpid() % 2000)
             let keyPath = directory.path("migration.key")
+            try requireVictimAlive(victim)
             let source = leftovers.own(try StartedProcess(try TestPaths.fammig(),
                                                           ["source", "--pid", "\(victim)", "--mode", "postcopy-fam", "--fam", famPath,
                                                            "--key-file", keyPath, "--listen", "127.0.0.1:\(port)"],
@@ -523,6 +526,7 @@ extension ProcessTests {
 
             let port = 23000 + Int(getpid() % 2000)
             let keyPath = directory.path("migration.key")
+            try requireVictimAlive(victim)
             let source = leftovers.own(try StartedProcess(try TestPaths.fammig(),
                                                           ["source", "--pid", "\(victim)", "--mode", "postcopy-socket", "--key-file", keyPath,
                                                            "--listen", "127.0.0.1:\(port)"],

@@ -114,21 +114,8 @@ extension ProcessSpawningTortureTests {
 
         /// A FAM backend whose fences do nothing: flushed lines never become durable, and marks and the
         /// commit record are stored over pages that are not. The model's checker must name it.
-        final class FencelessFAM: FAMBackend, @unchecked Sendable {
-            let inner: any FAMBackend
-            init(_ inner: any FAMBackend) { self.inner = inner }
-            var byteCount: Int { inner.byteCount }
-            var path: String? { inner.path }
-            func store(_ bytes: [UInt8], at byteOffset: Int) { inner.store(bytes, at: byteOffset) }
-            func storeUInt64(_ value: UInt64, at byteOffset: Int) { inner.storeUInt64(value, at: byteOffset) }
-            func storeFromProcess(processID: ProcessID, ranges: [ProcessReadRange]) throws(SyscallError) -> Int {
-                try inner.storeFromProcess(processID: processID, ranges: ranges)
-            }
-            func flush(at byteOffset: Int, count: Int) { inner.flush(at: byteOffset, count: count) }
-            func fence() {}
-            func loadBytes(at byteOffset: Int, count: Int) -> [UInt8] { inner.loadBytes(at: byteOffset, count: count) }
-            func loadUInt64(at byteOffset: Int) -> UInt64 { inner.loadUInt64(at: byteOffset) }
-            func digest(at byteOffset: Int, count: Int, seed: UInt64) -> UInt64 { inner.digest(at: byteOffset, count: count, seed: seed) }
+        final class FencelessFAM: ForwardingFAM, @unchecked Sendable {
+            override func fence() {}
         }
 
         @Test func aFAMThatNeverFencesIsCaughtByTheChecker() throws {

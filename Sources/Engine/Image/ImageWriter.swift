@@ -155,8 +155,9 @@ public struct ImageWriter: Sendable {
 
     /// The whole dump of `slots`, one page run at a time, with the marks fenced at the end: a post-copy
     /// target that looks now sees every one of them (pages a target asked for, or needs before it resumes).
-    public mutating func dumpPagesMarkedNow(processID: ProcessID, slots runs: [Range<Int>]) throws(SyscallError) {
-        for run in runs { try dumpPages(processID: processID, slots: run) }
+    /// Each run is read from its own process (a tree's runs may belong to several).
+    public mutating func dumpPagesMarkedNow(_ runs: [(processID: ProcessID, slots: Range<Int>)]) throws(SyscallError) {
+        for run in runs { try dumpPages(processID: run.processID, slots: run.slots) }
         fenceMarks()
     }
 

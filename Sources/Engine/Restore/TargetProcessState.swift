@@ -207,13 +207,13 @@ extension TargetProcess {
     /// registered, no reader can fault a page in any more (the kernel refuses remote faults it cannot hand
     /// to the userfaultfd), so one look before the first install, in the step after the layout, finds every
     /// such page; every mode then writes each over with its dumped bytes (pwrite, as a page outside
-    /// registered memory), and an EEXIST from then on is another installer's page.
-    @discardableResult
-    func checkStrayPages() throws(RestoreError) -> Set<UInt64> {
-        if let strayPageAddresses { return strayPageAddresses }
+    /// registered memory), and an EEXIST from then on is another installer's page. Returns them tagged with
+    /// this process's `ordinal` in its tree (TreePageAddress), as the tree's page table names them.
+    func checkStrayPages(ordinal: Int) throws(RestoreError) -> Set<UInt64> {
+        precondition(strayPageAddresses == nil, "the look for stray pages made twice")
         let found = Set(try pagesPresentInPrivateRegisteredMemory())
         strayPageAddresses = found
-        return found
+        return Set(found.map { TreePageAddress.tagged($0, ordinal: ordinal) })
     }
 
     /// Pages present (or swapped) in the registered private mappings, read from pagemap: before any

@@ -213,23 +213,24 @@ final class TargetTree {
         try process(ordinal: TreePageAddress.ordinal(of: address)).writeBytes(bytes, to: TreePageAddress.address(of: address))
     }
 
-    /// Looks once, in every process, for registered pages present before any install (TargetProcess.checkStrayPages).
+    /// The stray pages of every process, at tagged addresses (TreePageAddress; the root's untagged),
+    /// made by the one look (`checkStrayPages`); nil until it was made.
+    private(set) var strayPageAddresses: Set<UInt64>?
+
+    /// Looks once, in every process, for registered pages present before any install
+    /// (TargetProcess.checkStrayPages); a second call changes nothing.
     func checkStrayPages() throws(RestoreError) {
-        for process in live { try process.checkStrayPages() }
+        guard strayPageAddresses == nil else { return }
+        var tagged = try root.checkStrayPages(ordinal: 0)
+        for (index, member) in members.enumerated() {
+            guard let member else { continue }
+            tagged.formUnion(try member.checkStrayPages(ordinal: index + 1))
+        }
+        strayPageAddresses = tagged
     }
 
     /// Whether that look was made.
-    var strayPagesChecked: Bool { root.strayPageAddresses != nil }
-
-    /// The stray pages of every process, at tagged addresses (TreePageAddress; the root's untagged).
-    func strayPageAddresses() -> Set<UInt64> {
-        var addresses = root.strayPageAddresses ?? []
-        for (index, member) in members.enumerated() {
-            guard let member else { continue }
-            addresses.formUnion((member.strayPageAddresses ?? []).map { TreePageAddress.tagged($0, ordinal: index + 1) })
-        }
-        return addresses
-    }
+    var strayPagesChecked: Bool { strayPageAddresses != nil }
 
     /// This node's PID of the process of `ordinal` (nil: a zombie, or no such process).
     func nodeProcessID(ordinal: Int) -> ProcessID? {

@@ -68,7 +68,7 @@ public final class Dumper: EngineActor {
     /// it is called once more with the exact size, and must then replace what it made the first time.
     /// `key` is the migration's key, made by the source (`MigrationKey.generate`) and handed to the
     /// target out of band.
-    public init(victim: ProcessID, makeBackend: @escaping (Int) throws(ImageError) -> any FAMBackend,
+    init(victim: ProcessID, makeBackend: @escaping (Int) throws(ImageError) -> any FAMBackend,
                 generation: UInt64, key: MigrationKey, release: Release, batchPageCount: Int = 512,
                 observer: (any MigrationObserver)?, clock: any EngineClock, timeline: MigrationTimeline, logger: Logger,
                 mode: DumpMode = .nonlive) {

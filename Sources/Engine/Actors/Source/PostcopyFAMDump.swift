@@ -145,10 +145,7 @@ final class PostcopyFAMDump: PostcopySource, SourcePageStrategy {
         do {
             if !requested.isEmpty {
                 // A tree's requests are pages of several processes: each read from its own.
-                for (processID, run) in dumper.splitByProcess(Set(requested).sorted().map { $0..<($0 + 1) }) {
-                    try dumper.writer!.dumpPages(processID: processID, slots: run)
-                }
-                dumper.writer!.fenceMarks()
+                try dumper.writer!.dumpPagesMarkedNow(dumper.splitByProcess(Set(requested).sorted().map { $0..<($0 + 1) }))
                 try? link.send(.marked(slots: Set(requested).sorted().map { UInt32($0) }))
                 dumper.timeline.add(Set(requested).count, to: "pagesDumped")
             } else {

@@ -25,7 +25,8 @@ class LazyHandover {
     func noteStrayPages(_ restorer: Restorer, _ memory: LazyMemory) {
         guard !strayPagesNoted else { return }
         strayPagesNoted = true
-        for address in restorer.target!.strayPageAddresses().sorted() {
+        guard let strayPageAddresses = restorer.target!.strayPageAddresses else { preconditionFailure("stray pages noted before the look for them") }
+        for address in strayPageAddresses.sorted() {
             guard let slot = memory.slot(for: address), !memory.isInstalled(slot) else { continue }
             restorer.logger.info("a registered page was present before its install; it is written with its dumped bytes",
                                  metadata: ["address": "\(hex(address))"])

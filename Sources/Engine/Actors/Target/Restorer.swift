@@ -65,7 +65,7 @@ public final class Restorer: EngineActor {
     public var lazyMemory: LazyMemory? { handedOver.withLock { $0 } }
 
     /// `openBackend()` returns the FAM holding the image, or nil while it does not exist yet.
-    public init(openBackend: @escaping () throws(ImageError) -> (any FAMBackend)?, key: MigrationKey, stubPath: String, batchPageCount: Int = 512,
+    init(openBackend: @escaping () throws(ImageError) -> (any FAMBackend)?, key: MigrationKey, stubPath: String, batchPageCount: Int = 512,
                 observer: (any MigrationObserver)?, clock: any EngineClock, timeline: MigrationTimeline,
                 logger: Logger, processIDWait: Duration = .seconds(5), pidNamespace: PIDNamespace = .shared,
                 mode: RestoreMode = .eager, gate: any TargetGate = ImmediateTargetGate(), imageWait: Duration = .seconds(600)) {
