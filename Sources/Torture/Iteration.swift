@@ -191,8 +191,9 @@ public struct Iteration {
             if case .completed = outcome {
                 targetStatus = try? Spawn.waitForExit(target)
             } else {
-                // A target that holds every page may run on (it has no holes); any other must be gone.
-                if case .failed = outcome, restorer.lazyMemory?.isComplete != true, !Spawn.endsSoon(target, graceMilliseconds: 2000) {
+                // A target whose node released it (every page in, and the process made its own) may run on;
+                // any other must be gone, also one that holds every page (its victim may run on).
+                if case .failed = outcome, restorer.lazyMemory?.isReleased != true, !Spawn.endsSoon(target, graceMilliseconds: 2000) {
                     failures.append("no harm: the target pid \(target) still runs after a failed migration")
                 }
                 targetStatus = Spawn.killAndReap(target)
@@ -296,6 +297,12 @@ public struct Iteration {
                 failures.append("source kill before the commit record: the victim must run on, but it did not survive")
             } else if committed && nemesis.victimAliveAfterKill {
                 failures.append("source kill after the commit record: the victim must die with its source, but it runs on")
+            }
+            // Two live copies: the dead source let its victim go, and the target made the process its own
+            // anyway (it held every page and disarmed its watchdog before any commit record or hand-over).
+            // (A restored process that ended by itself before it heard of its source's death is no live copy.)
+            if nemesis.victimRunsOnAfterKill && restorer.lazyMemory?.releasedWhileRunning == true {
+                failures.append("source kill: the victim was let go and the restored process was released too: two live copies")
             }
         }
         if let nemesis, nemesis.fired, !killedBeforeCommit, scenario.mode != .postcopySocket, case .failed = outcome,

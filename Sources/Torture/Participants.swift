@@ -70,6 +70,8 @@ final class NemesisParticipant: Participant {
     private(set) var imageStateAtKill: ImageState?
     /// Whether the victim was alive right after the kill (its guard had let it go, or not).
     private(set) var victimAliveAfterKill = false
+    /// ...and would have run on (not left stopped because a hand-over was in doubt).
+    private(set) var victimRunsOnAfterKill = false
 
     init(plan: KillPlan, dumper: EngineParticipant, sourceDumper: Dumper, victim: ProcessID, model: @escaping () -> ModelFAM?, link: MemoryLink?) {
         self.plan = plan
@@ -99,8 +101,10 @@ final class NemesisParticipant: Participant {
         // As a dead tracer leaves it, but stopped rather than running on: it must be whole, untraced
         // and not killed before the commit record (killed after it). Then it goes, as the iteration's
         // ending does not depend on a victim that runs in real time beside the target.
+        let handingOver = sourceDumper.isHandingOver
         sourceDumper.loseTracer(resume: false)
         victimAliveAfterKill = Self.isLetGo(victim)
+        victimRunsOnAfterKill = victimAliveAfterKill && !handingOver
         Spawn.kill(victim)
         if let link { link.crash(link.source, dropInFlight: plan.dropInFlight) }
         guard let model = model() else { return "killed before any FAM existed" }

@@ -12,27 +12,56 @@ import Sys
 final class SourceNemesis: MigrationObserver, @unchecked Sendable {
     /// before-freeze: once the FAM file is made, before the victim is seized; frozen: once its state is
     /// read (every injected query done), before anything is dumped; before-commit: every page dumped
-    /// and marked, before the commit record; after-commit: right after it.
+    /// and marked, before the commit record (postcopy-socket: every page acknowledged, before the
+    /// hand-over); after-commit: right after it; target-done: as before-commit, once the target also said
+    /// it installed every page (waited for up to 10 s): the window in which two live copies were possible.
     enum Moment: String, ExpressibleByArgument, CaseIterable {
-        case beforeFreeze = "before-freeze", frozen, beforeCommit = "before-commit", afterCommit = "after-commit"
+        case beforeFreeze = "before-freeze", frozen, beforeCommit = "before-commit", afterCommit = "after-commit", targetDone = "target-done"
     }
     let moment: Moment
-    init(moment: Moment) { self.moment = moment }
+    /// The link to the target (node commands), read for its `complete` at target-done.
+    let transport: (any Transport)?
+    /// SIGKILL (a dead node), or SIGSTOP (a stalled one: it goes on if continued).
+    let signal: Int32
+    init(moment: Moment, transport: (any Transport)? = nil, signal: Int32 = SIGKILL) {
+        self.moment = moment
+        self.transport = transport
+        self.signal = signal
+    }
+    /// To this very thread (raise: tgkill), so that it stops here: a SIGSTOP sent to the process is taken
+    /// by its main thread, and the group-stop reaches this one only after it went on a little (a stall
+    /// meant before the commit record came after it).
+    private func strike() { _ = raise(signal) }
     /// The FAM maker, which dies right after its first FAM at `before-freeze`.
     func wrap(_ makeBackend: @escaping (Int) throws(ImageError) -> any FAMBackend) -> (Int) throws(ImageError) -> any FAMBackend {
-        { [moment] (byteCount) throws(ImageError) in
+        { [moment, signal] (byteCount) throws(ImageError) in
             let backend = try makeBackend(byteCount)
-            if moment == .beforeFreeze { Glibc.kill(getpid(), SIGKILL) }
+            if moment == .beforeFreeze { _ = raise(signal) }
             return backend
         }
     }
     func victimFrozen(processID: ProcessID, state: ProcessState, pageAddresses: [UInt64]) throws {
-        if moment == .frozen { Glibc.kill(getpid(), SIGKILL) }
+        if moment == .frozen { strike() }
     }
     func targetReady(processID: ProcessID, checkpointed: ProcessState, restored: ProcessState) throws {}
     func pagesInstalled(processID: ProcessID, address: UInt64, targetAddress: UInt64, byteCount: Int, installedBytes: [UInt8]?) throws {}
-    func imageWillCommit() { if moment == .beforeCommit { Glibc.kill(getpid(), SIGKILL) } }
-    func imageCommitted() { if moment == .afterCommit { Glibc.kill(getpid(), SIGKILL) } }
+    func imageWillCommit() {
+        if moment == .targetDone, let transport {
+            // Its `complete` may have been taken by the dumper already (postcopy-socket ends its dump on it):
+            // then none comes, and every page was acknowledged anyway.
+            let deadline = ContinuousClock.now + .seconds(10)
+            waiting: while ContinuousClock.now < deadline {
+                guard transport.waitReadable(timeoutMilliseconds: 100) else { continue }
+                do {
+                    while let message = try transport.receive() {
+                        if case .complete = message { break waiting }
+                    }
+                } catch { break waiting }  // the target went away: nothing more comes
+            }
+        }
+        if moment == .beforeCommit || moment == .targetDone { strike() }
+    }
+    func imageCommitted() { if moment == .afterCommit { strike() } }
 }
 
 /// Where a restored process gets its PID: `--pid-namespace` of `target` and `restore`.
@@ -68,17 +97,25 @@ struct Source: ParsableCommand {
     @Option(help: "Seconds to wait for a target node that proves the key. A connection that does not complete the handshake within \(SecureChannel.handshakeTimeoutMilliseconds / 1000) s, or proves another key, is refused, and the source waits for the next one.")
     var acceptTimeout: Int32 = 30
 
-    @Option(help: "Testing: kill this source node at this point of the protocol (before-freeze, frozen, before-commit, after-commit).")
+    @Option(help: "Seconds to wait for the target once state has moved (\(MigrationPlan.defaultStallTimeoutSeconds) by default): for its page requests and acknowledgements, for a send it takes nothing of, and for its word that it holds the process. Before the target holds it the victim then runs on; while the hand-over is in doubt it is left stopped.")
+    var stallTimeout: Int32 = Int32(MigrationPlan.defaultStallTimeoutSeconds)
+
+    @Option(help: "Testing: kill this source node at this point of the protocol (before-freeze, frozen, before-commit, after-commit, target-done: every page in at the target, before the commit record or hand-over).")
     var dieAt: SourceNemesis.Moment?
+
+    @Option(help: "Testing: stop this source node (SIGSTOP, as a stalled node) at this point of the protocol (as --die-at's).")
+    var stallAt: SourceNemesis.Moment?
 
     @OptionGroup var common: CommonOptions
 
     func validate() throws {
         if mode == .nonlive { throw ValidationError("the node commands migrate post-copy; a nonlive migration is `fammig checkpoint` then `fammig restore`.") }
         if mode == .postcopyFAM && fam == nil && pool == nil { throw ValidationError("postcopy-fam needs --fam PATH, the FAM file both nodes map, or --pool PATH.") }
+        if dieAt != nil && stallAt != nil { throw ValidationError("--die-at and --stall-at are two ends for this node: pass one.") }
         if fam != nil && pool != nil { throw ValidationError("--fam and --pool are two places for the image: pass one.") }
         if let fam, ProcFS.exists(fam) { throw ValidationError("\(fam) already exists; pass a new path or remove it.") }
         do { _ = try Endpoint(parsing: listen) } catch { throw ValidationError("--listen: \(error)") }
+        if stallTimeout < Int32(MigrationPlan.minimumStallTimeoutSeconds) || stallTimeout > 86_400 { throw ValidationError("--stall-timeout takes \(MigrationPlan.minimumStallTimeoutSeconds) to 86400 seconds.") }
     }
 
     func run() throws {
@@ -100,7 +137,8 @@ struct Source: ParsableCommand {
             var secured: SecureTransport?
             while secured == nil {
                 let left = deadline - ContinuousClock.now
-                guard left > .zero, let accepted = try TCPTransport.accept(on: listener, timeoutMilliseconds: Int32(max(1, left.components.seconds * 1000 + 1))) else {
+                guard left > .zero, let accepted = try TCPTransport.accept(on: listener, timeoutMilliseconds: Int32(max(1, left.components.seconds * 1000 + 1)),
+                                                                           stallTimeoutMilliseconds: stallTimeout * 1000) else {
                     removeKeyFile()
                     throw fail("no target node that holds the key connected to \(endpoint) within \(acceptTimeout) s; start `fammig target --connect \(endpoint)` with this key.", code: 2)
                 }
@@ -123,9 +161,11 @@ struct Source: ParsableCommand {
         defer { poolImage?.release() }
         let timeline = MigrationTimeline()
         let famPath = fam ?? ""
-        let nemesis = dieAt.map { SourceNemesis(moment: $0) }
+        let nemesis = dieAt.map { SourceNemesis(moment: $0, transport: transport) }
+            ?? stallAt.map { SourceNemesis(moment: $0, transport: transport, signal: SIGSTOP) }
         let makeBackend = poolImage?.makeBackend() ?? makeRealBackend(path: famPath)
-        let source = try Migration.source(MigrationPlan(mode: mode, push: push == .on, key: key), victim: ProcessID(pid),
+        let plan = MigrationPlan(mode: mode, push: push == .on, key: key, stallTimeout: .seconds(Int64(stallTimeout)))
+        let source = try Migration.source(plan, victim: ProcessID(pid),
                                            ports: SourcePorts(makeBackend: nemesis?.wrap(makeBackend) ?? makeBackend, transport: transport,
                                                               observer: nemesis, clock: MonotonicClock(),
                                                               timeline: timeline, logger: logger))
@@ -169,6 +209,9 @@ struct Target: ParsableCommand {
     @Option(help: "Seconds to keep trying to reach the source, then to wait for its handshake (a source busy refusing another peer answers late), and then for the process state or image it sends.")
     var connectTimeout: Int32 = 30
 
+    @Option(help: "Seconds to wait for the source once state has moved (\(MigrationPlan.defaultStallTimeoutSeconds) by default): for the pages needed before the resume, for a page the restored process faulted on, for a send it takes nothing of, and, with every page in, for the commit record (postcopy-fam) or the source's last word (postcopy-socket). Then the restored process is killed and the target exits 2.")
+    var stallTimeout: Int32 = Int32(MigrationPlan.defaultStallTimeoutSeconds)
+
     @OptionGroup var common: CommonOptions
 
     func validate() throws {
@@ -176,6 +219,7 @@ struct Target: ParsableCommand {
         if mode == .postcopyFAM && fam == nil && pool == nil { throw ValidationError("postcopy-fam needs --fam PATH, the FAM file the source writes, or --pool PATH.") }
         if fam != nil && pool != nil { throw ValidationError("--fam and --pool are two places for the image: pass one.") }
         do { _ = try Endpoint(parsing: connect) } catch { throw ValidationError("--connect: \(error)") }
+        if stallTimeout < Int32(MigrationPlan.minimumStallTimeoutSeconds) || stallTimeout > 86_400 { throw ValidationError("--stall-timeout takes \(MigrationPlan.minimumStallTimeoutSeconds) to 86400 seconds.") }
     }
 
     func run() throws {
@@ -186,7 +230,8 @@ struct Target: ParsableCommand {
         defer { poolImage?.release() }
         let transport: SecureTransport
         do {
-            let connection = try TCPTransport.connect(to: try Endpoint(parsing: connect), timeoutMilliseconds: connectTimeout * 1000)
+            let connection = try TCPTransport.connect(to: try Endpoint(parsing: connect), timeoutMilliseconds: connectTimeout * 1000,
+                                                      stallTimeoutMilliseconds: stallTimeout * 1000)
             do {
                 transport = try SecureChannel.establish(over: connection, role: .target, key: key,
                                                         agreement: ChannelAgreement(mode: mode, generation: MigrationPlan.singleGeneration),
@@ -204,7 +249,7 @@ struct Target: ParsableCommand {
         let clock = MonotonicClock()
         let oracles = common.makeOracles()
         oracles?.expectLazyPages()
-        let target = try Migration.target(MigrationPlan(mode: mode, push: push == .on, key: key),
+        let target = try Migration.target(MigrationPlan(mode: mode, push: push == .on, key: key, stallTimeout: .seconds(Int64(stallTimeout))),
                                           ports: TargetPorts(openBackend: poolImage?.openBackend() ?? openRealBackend(path: fam ?? "/nonexistent"),
                                                              transport: transport, stubPath: try stubPath(), observer: oracles, clock: clock,
                                                              timeline: timeline, metrics: metrics, logger: logger,

@@ -33,14 +33,35 @@ extension ProcessTests {
             allProcessIDs().filter { ((try? ProcFS.status($0))?["Name"]) == "fammig-guard" }
         }
 
-        /// The victim goes on as if nothing happened: not stopped, not traced, and it ends with the
-        /// unmigrated checksum (memwalk checks every word it reads against its own model).
+        /// A memwalk victim that fills its memory and then waits at its rendezvous (before walk step 2)
+        /// until it gets SIGUSR2: however loaded the machine, it cannot end before the test did to it what
+        /// it meant to ("pid N: no such process" when a victim of fixed work ended before its checkpoint).
+        /// Its stdout matches a run without the rendezvous (TestPrograms/common.h).
+        static func startAtRendezvous(_ arguments: [String], directory: ScratchDirectory, leftovers: LeftoverCheck) throws -> SpawnedProgram {
+            let path = try TestPaths.testProgram(program)
+            let argumentVector = arguments + ["--rendezvous", "2"]
+            let victim = leftovers.own(try SpawnedProgram(path, argumentVector, standardOutputPath: directory.path("victim.out"),
+                                                          standardErrorPath: directory.path("victim.err")))
+            leftovers.expectProgram([path] + argumentVector)
+            try #require(pollUntil(timeout: .seconds(60)) { waitsAtRendezvous(victim.processID) }, "the victim never reached its rendezvous")
+            return victim
+        }
+
+        /// In sigwaitinfo (rt_sigtimedwait, 128) and asleep: at its rendezvous.
+        static func waitsAtRendezvous(_ processID: ProcessID) -> Bool {
+            guard let syscall = try? String(contentsOfFile: "/proc/\(processID)/syscall", encoding: .utf8), syscall.hasPrefix("128 ") else { return false }
+            return ((try? ProcFS.status(processID))?["State"] ?? "").hasPrefix("S")
+        }
+
+        /// The victim goes on as if nothing happened: not stopped, not traced, and, released from its
+        /// rendezvous, it ends with the unmigrated checksum (memwalk checks every word it reads).
         static func expectRunsOnIntact(_ victim: SpawnedProgram, output: String, reference: String, _ what: String) throws {
             let unfrozen = pollUntil(timeout: .seconds(10)) {
                 guard let status = try? ProcFS.status(victim.processID) else { return false }
                 return status["TracerPid"] == "0" && !(status["State"] ?? "T").hasPrefix("T")
             }
             #expect(unfrozen, "\(what): the victim was left \((try? ProcFS.status(victim.processID))?["State"] ?? "gone")")
+            _ = Glibc.kill(victim.processID.rawValue, SIGUSR2)
             #expect(try victim.waitForExit(timeout: .seconds(120)) == .exited(0), "\(what): the victim did not run to its end")
             #expect(lastChecksum(inFile: output) == reference, "\(what): the victim's run differs from the unmigrated one")
         }
@@ -50,64 +71,55 @@ extension ProcessTests {
             var testDescription: String { rawValue }
         }
 
-        /// `fammig checkpoint --die-at POINT` SIGKILLs itself there. Before the commit record the victim
-        /// runs on intact; after it the victim is dead and the image restores it to the same end.
-        @Test(arguments: Point.allCases) func checkpointKilledAtAPoint(point: Point) throws {
+        /// The one body of the kill-the-source tests: a victim at its rendezvous, a `fammig checkpoint` of
+        /// it that `kill` ends (given the checkpoint's arguments, it returns once the checkpoint is dead).
+        /// Before the commit record the victim runs on intact; after it (`committed`) the victim is dead
+        /// and the image restores it to the same end. No guard is left either way.
+        static func checkpointKilled(_ arguments: [String], committed: Bool = false, _ what: String,
+                                     kill: (_ checkpointArguments: [String], _ directory: ScratchDirectory, _ leftovers: LeftoverCheck) throws -> Void) throws {
             let directory = try ScratchDirectory(under: "/dev/shm")
             defer { directory.remove() }
             let leftovers = LeftoverCheck()
             defer { leftovers.finish() }
-            // 3 s of work (80 pauses of 40 ms): with 100 µs pauses it could end before the checkpoint looked at it
-            // ("pid N: no such process" in CI).
-            let arguments = ["--mib", "32", "--steps", "40000", "--pause-us", "40000"]
-            let reference = try Self.referenceChecksum(arguments)
-            let path = try TestPaths.testProgram(Self.program)
+            let reference = try referenceChecksum(arguments)
+            let victim = try startAtRendezvous(arguments, directory: directory, leftovers: leftovers)
             let output = directory.path("victim.out")
-            let victim = leftovers.own(try SpawnedProgram(path, arguments, standardOutputPath: output, standardErrorPath: directory.path("victim.err")))
-            leftovers.expectProgram([path] + arguments)
-            try #require(pollUntil(timeout: .seconds(10)) { ((try? String(contentsOfFile: output, encoding: .utf8)) ?? "").contains("\n") },
-                         "the victim printed nothing")
             let imagePath = directory.path("image.fam"), keyPath = directory.path("migration.key")
-            let checkpoint = try leftovers.fammig("checkpoint", "--pid", "\(victim.processID)", "--fam", imagePath, "--key-file", keyPath,
-                                                  "--die-at", point.rawValue)
-            #expect(checkpoint.killedBySignal, "checkpoint did not die at \(point): \(checkpoint.standardError)")
-            if point == .afterCommit {
-                #expect(try victim.waitForExit(timeout: .seconds(10)) == .killed(signal: SIGKILL), "the victim outlived its committed image")
+            try kill(["checkpoint", "--pid", "\(victim.processID)", "--fam", imagePath, "--key-file", keyPath], directory, leftovers)
+            if committed {
+                #expect(try victim.waitForExit(timeout: .seconds(10)) == .killed(signal: SIGKILL), "\(what): the victim outlived its committed image")
                 let restore = try leftovers.fammig("restore", "--fam", imagePath, "--key-file", keyPath)
                 try #require(restore.exitStatus == 0, "restore failed: \(restore.standardError)")
+                _ = Glibc.kill(victim.processID.rawValue, SIGUSR2)
                 #expect(pollUntil(timeout: .seconds(120)) { processLife(victim.processID) != .running }, "the restored process did not end")
                 #expect(lastChecksum(inFile: output) == reference, "the restored run differs from the unmigrated one")
             } else {
-                try Self.expectRunsOnIntact(victim, output: output, reference: reference, point.rawValue)
+                try expectRunsOnIntact(victim, output: output, reference: reference, what)
             }
-            #expect(pollUntil(timeout: .seconds(10)) { Self.guardProcesses().isEmpty }, "a source guard is left: \(Self.guardProcesses())")
+            #expect(pollUntil(timeout: .seconds(10)) { guardProcesses().isEmpty }, "a source guard is left: \(guardProcesses())")
+        }
+
+        /// `fammig checkpoint --die-at POINT` SIGKILLs itself there.
+        @Test(arguments: Point.allCases) func checkpointKilledAtAPoint(point: Point) throws {
+            try Self.checkpointKilled(["--mib", "32", "--steps", "40000", "--pause-us", "100"], committed: point == .afterCommit, point.rawValue) {
+                arguments, _, leftovers in
+                let checkpoint = try leftovers.fammig(arguments + ["--die-at", point.rawValue])
+                #expect(checkpoint.killedBySignal, "checkpoint did not die at \(point): \(checkpoint.standardError)")
+            }
         }
 
         /// kill -9 from outside, while a 256 MiB dump is under way (the victim is frozen by then and the
-        /// dump takes far longer than the kill): the victim runs on intact.
+        /// dump takes far longer than the kill).
         @Test func checkpointKilledDuringTheDump() throws {
-            let directory = try ScratchDirectory(under: "/dev/shm")
-            defer { directory.remove() }
-            let leftovers = LeftoverCheck()
-            defer { leftovers.finish() }
-            let arguments = ["--mib", "256", "--steps", "60000", "--pause-us", "100"]
-            let reference = try Self.referenceChecksum(arguments)
-            let path = try TestPaths.testProgram(Self.program)
-            let output = directory.path("victim.out")
-            let victim = leftovers.own(try SpawnedProgram(path, arguments, standardOutputPath: output, standardErrorPath: directory.path("victim.err")))
-            leftovers.expectProgram([path] + arguments)
-            try #require(pollUntil(timeout: .seconds(30)) { ((try? String(contentsOfFile: output, encoding: .utf8)) ?? "").contains("\n") },
-                         "the victim printed nothing")
-            let imagePath = directory.path("image.fam"), keyPath = directory.path("migration.key")
-            let checkpoint = leftovers.own(try StartedProcess(try TestPaths.fammig(), [
-                "checkpoint", "--pid", "\(victim.processID)", "--fam", imagePath, "--key-file", keyPath,
-            ], standardOutputPath: directory.path("checkpoint.out"), standardErrorPath: directory.path("checkpoint.err")))
-            let frozen = pollUntil(timeout: .seconds(30)) { Self.isTraced(victim.processID, by: checkpoint.processID) }
-            try #require(frozen, "checkpoint never seized the victim")
-            _ = Glibc.kill(checkpoint.processID.rawValue, SIGKILL)
-            #expect(pollUntil(timeout: .seconds(10)) { !checkpoint.process.isRunning })
-            try Self.expectRunsOnIntact(victim, output: output, reference: reference, "killed during the dump")
-            #expect(pollUntil(timeout: .seconds(10)) { Self.guardProcesses().isEmpty }, "a source guard is left: \(Self.guardProcesses())")
+            try Self.checkpointKilled(["--mib", "256", "--steps", "60000", "--pause-us", "100"], "killed during the dump") {
+                arguments, directory, leftovers in
+                let checkpoint = leftovers.own(try StartedProcess(try TestPaths.fammig(), arguments, standardOutputPath: directory.path("checkpoint.out"),
+                                                                  standardErrorPath: directory.path("checkpoint.err")))
+                let victimProcessID = ProcessID(Int32(arguments[2])!)
+                try #require(pollUntil(timeout: .seconds(30)) { Self.isTraced(victimProcessID, by: checkpoint.processID) }, "checkpoint never seized the victim")
+                _ = Glibc.kill(checkpoint.processID.rawValue, SIGKILL)
+                #expect(pollUntil(timeout: .seconds(10)) { !checkpoint.process.isRunning })
+            }
         }
 
         /// The worst moment: the tracer dies half-way through an injected query, with the victim's code at
@@ -121,12 +133,8 @@ extension ProcessTests {
             defer { leftovers.finish() }
             let arguments = ["--mib", "16", "--steps", "20000", "--pause-us", "200"]
             let reference = try Self.referenceChecksum(arguments)
-            let path = try TestPaths.testProgram(Self.program)
+            let victim = try Self.startAtRendezvous(arguments, directory: directory, leftovers: leftovers)
             let output = directory.path("victim.out")
-            let victim = leftovers.own(try SpawnedProgram(path, arguments, standardOutputPath: output, standardErrorPath: directory.path("victim.err")))
-            leftovers.expectProgram([path] + arguments)
-            try #require(pollUntil(timeout: .seconds(10)) { ((try? String(contentsOfFile: output, encoding: .utf8)) ?? "").contains("\n") },
-                         "the victim printed nothing")
             let frozen = try FrozenVictim.freeze(victim.processID)
             let tracee = frozen.tracee
             let registers = try tracee.registers()
@@ -165,13 +173,10 @@ extension ProcessTests {
             defer { directory.remove() }
             let leftovers = LeftoverCheck()
             defer { leftovers.finish() }
-            let path = try TestPaths.testProgram("memwalk-static")
-            let arguments = ["--mib", "256", "--steps", "100000", "--pause-us", "100"]
+            // At its rendezvous until the test releases it: it cannot end before the checkpoint looks at it.
+            let victim = try SourceDeathTests.startAtRendezvous(["--mib", "256", "--steps", "100000", "--pause-us", "100"],
+                                                                directory: directory, leftovers: leftovers)
             let output = directory.path("victim.out")
-            let victim = leftovers.own(try SpawnedProgram(path, arguments, standardOutputPath: output, standardErrorPath: directory.path("victim.err")))
-            leftovers.expectProgram([path] + arguments)
-            try #require(pollUntil(timeout: .seconds(30)) { ((try? String(contentsOfFile: output, encoding: .utf8)) ?? "").contains("\n") },
-                         "the victim printed nothing")
             let imagePath = directory.path("image.fam"), keyPath = directory.path("migration.key")
             let checkpoint = try leftovers.fammig("checkpoint", "--pid", "\(victim.processID)", "--fam", imagePath, "--key-file", keyPath)
             try #require(checkpoint.exitStatus == 0, "checkpoint failed: \(checkpoint.standardError)")
@@ -190,6 +195,7 @@ extension ProcessTests {
             #expect(!outcome.killedBySignal, "the restore crashed: \(outcome.standardError)")
             if outcome.exitStatus == 0 {
                 // It had read every page before the cut: then the process is whole.
+                _ = Glibc.kill(victim.processID.rawValue, SIGUSR2)
                 #expect(pollUntil(timeout: .seconds(120)) { processLife(victim.processID) != .running })
                 #expect(lastChecksum(inFile: output) != nil, "a restore that succeeded left a process that did not finish")
             } else {

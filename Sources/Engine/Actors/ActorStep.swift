@@ -26,7 +26,10 @@ public enum DumperStep: Equatable, Sendable, CustomStringConvertible {
     case dump(fromSlot: Int)
     /// Flush, fence and mark a batch already copied into FAM.
     case seal(slots: Range<Int>)
-    case commit, release
+    case commit
+    /// postcopy-socket: wait for the target to say it holds the process (after the `complete`).
+    case handOver
+    case release
 
     public var description: String {
         switch self {
@@ -37,6 +40,7 @@ public enum DumperStep: Equatable, Sendable, CustomStringConvertible {
         case .dump(let slot): "dump from slot \(slot)"
         case .seal(let slots): "seal slots \(slots)"
         case .commit: "commit"
+        case .handOver: "hand over"
         case .release: "release"
         }
     }

@@ -51,6 +51,8 @@ public enum EngineError: Error, CustomStringConvertible, Sendable {
     case fam(String)
     case aborted(String)
     case timedOut(String)
+    /// The other node went silent once state had moved, for longer than the stall timeout.
+    case stalled(String)
 
     public var description: String {
         switch self {
@@ -60,6 +62,7 @@ public enum EngineError: Error, CustomStringConvertible, Sendable {
         case .fam(let message): "FAM: \(message)"
         case .aborted(let reason): "aborted: \(reason)"
         case .timedOut(let what): "timed out: \(what)"
+        case .stalled(let what): "the other node stalled: \(what); it is stopped, overloaded or cut off: look at it, then migrate again"
         }
     }
 
@@ -72,6 +75,8 @@ public enum EngineError: Error, CustomStringConvertible, Sendable {
             true
         case .image: true
         case .restore(.processIDInUse): true
+        // The other node, not this migration's code, failed: as a refused peer is.
+        case .stalled: true
         default: false
         }
     }

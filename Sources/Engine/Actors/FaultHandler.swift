@@ -15,6 +15,9 @@ public final class FaultHandler: EngineActor {
     private let metrics: FaultMetrics
     private let logger: Logger
     private let generation: UInt64
+    /// The longest a fault waits for the source's page, and the longest the target holds every page
+    /// without hearing that the process is its own (MigrationPlan.stallTimeout).
+    private let stallTimeout: Duration
 
     private struct Pending {
         var address: UInt64
@@ -27,16 +30,36 @@ public final class FaultHandler: EngineActor {
     /// A frame from the source did not open or decode (forged, replayed, changed on the wire): nothing more
     /// is read from the channel, but it is not the source's end, so this node still says when it is done.
     private var channelRefused = false
+    /// Why (the frame that did not open), for the error that names it.
+    private var channelRefusal: TransportError?
     private var finished = false
+    /// The first `complete` said: this node needs nothing more (every page in, or its process ended).
     private var toldSourceDone = false
+    /// When every page was in while the source had not yet made the restored process the process: the
+    /// commit record in FAM (postcopy-fam), or the source's `complete` (postcopy-socket). Until then the
+    /// watchdog stays armed: a source that dies first leaves its victim running on, and this copy must
+    /// die (issue 12's window of two live copies).
+    private var holdingSince: Duration?
     /// postcopy-fam: pages a synchronous fault installs at most (the faulting one and marked neighbours).
     static let faultAroundPageCount = 16
     /// postcopy-socket: the page bytes last acknowledged to the source.
     private var acknowledgedPageByteCount: UInt64 = 0
+    /// postcopy-socket: when this node last told the source anything. A source waits on its target
+    /// only so long (its stall timeout, at least `MigrationPlan.minimumStallTimeout`), and a process that
+    /// runs without faulting is no stall: an idle target repeats its acknowledgement every
+    /// `heartbeatInterval`, well within any timeout the source may have.
+    private var lastSentToSource: Duration = .zero
+    public static let heartbeatInterval: Duration = .milliseconds(500)
+    private var heartbeatDue: Bool {
+        guard let memory = lazy(), !memory.usesFAM, transport != nil, !sourceGone, !channelRefused else { return false }
+        return clock.now() - lastSentToSource > Self.heartbeatInterval
+    }
 
     /// `lazy()` is nil until the restorer has built the target and handed its memory over.
-    public init(lazy: @escaping () -> LazyMemory?, transport: (any Transport)?, generation: UInt64, clock: any EngineClock,
+    public init(lazy: @escaping () -> LazyMemory?, transport: (any Transport)?, generation: UInt64,
+                stallTimeout: Duration = .seconds(MigrationPlan.defaultStallTimeoutSeconds), clock: any EngineClock,
                 timeline: MigrationTimeline, metrics: FaultMetrics, logger: Logger) {
+        self.stallTimeout = stallTimeout
         self.lazy = lazy
         self.transport = transport
         self.generation = generation
@@ -49,16 +72,36 @@ public final class FaultHandler: EngineActor {
     public func nextAction() -> NextAction {
         if finished { return .finished }
         guard let memory = lazy(), memory.isRunning else { return .waiting(.peer("restorer")) }
-        if memory.isComplete || Spawn.hasEnded(memory.targetProcessID) { return .ready(.faultHandler(.finish)) }
+        if Spawn.hasEnded(memory.targetProcessID) || (memory.isComplete && processIsOurs(memory)) { return .ready(.faultHandler(.finish)) }
         var descriptors = memory.userfaultfd.descriptors
         if let transport, !sourceGone, !channelRefused, let descriptor = transport.readableDescriptor { descriptors.append(descriptor) }
         // A pending fault is servable once its page's mark is stored; until then serving it would be a
         // step that changes nothing (a scheduler that favours this actor then starves the dumper).
         if memory.userfaultfd.waitReadable(timeoutMilliseconds: 0) || transportHasData() || hasPendingDumped(memory)
-            || (!sourceGone && memory.receivedPageByteCount > acknowledgedPageByteCount) {
+            || (!sourceGone && memory.receivedPageByteCount > acknowledgedPageByteCount)
+            || (memory.isComplete && (!toldSourceDone || sourceGone || (channelRefused && !memory.usesFAM))) || stalled(memory) != nil || heartbeatDue {
             return .ready(.faultHandler(.serve))
         }
         return .waiting(.readable(descriptors, timeout: .milliseconds(1)))
+    }
+
+    /// Whether the source made the restored process the process: the image's commit record is durable
+    /// (postcopy-fam: the victim dies with its source from then on), or the source said `complete`
+    /// (postcopy-socket: it told this node before it let go of the victim).
+    private func processIsOurs(_ memory: LazyMemory) -> Bool {
+        sourceComplete || memory.imageIsCommitted()
+    }
+
+    /// What this node has waited on for longer than the stall timeout, or nil.
+    private func stalled(_ memory: LazyMemory) -> String? {
+        let now = clock.now()
+        if let holdingSince, now - holdingSince > stallTimeout {
+            return "every page was in, but the source did not make the process this node's (its commit record or its last word) within \(stallTimeout)"
+        }
+        if let oldest = pending.values.lazy.flatMap({ $0 }).min(by: { $0.since < $1.since }), now - oldest.since > stallTimeout {
+            return "the restored process waited \(stallTimeout) for page \(hex(oldest.address)), which the source never delivered"
+        }
+        return nil
     }
 
     private func hasPendingDumped(_ memory: LazyMemory) -> Bool {
@@ -73,15 +116,21 @@ public final class FaultHandler: EngineActor {
     public func perform() throws(EngineError) {
         guard let memory = lazy() else { preconditionFailure("FaultHandler ran before the restorer handed over") }
         do {
-            if memory.isComplete || Spawn.hasEnded(memory.targetProcessID) {
+            if Spawn.hasEnded(memory.targetProcessID) || (memory.isComplete && processIsOurs(memory)) {
                 try finish(memory)
                 return
             }
+            if memory.isComplete { try hold(memory); return }
             // A tree member that ended takes no more pages (nor can it: its memory is gone).
             memory.discardPagesOfEndedMembers()
             try receiveMessages(memory)
             try serveFaults(memory)
             if memory.usesFAM { try servePendingFromFAM(memory) }
+            if heartbeatDue, let transport {
+                try? transport.send(.received(pageByteCount: acknowledgedPageByteCount))
+                lastSentToSource = clock.now()
+            }
+            if let stall = stalled(memory) { throw EngineError.stalled("\(stall); the restored process was killed") }
         } catch {
             // A target that ended meanwhile (it exited, or was killed) makes installs fail with ESRCH:
             // nothing is left to serve, which is an end, not a failure.
@@ -97,6 +146,32 @@ public final class FaultHandler: EngineActor {
         }
     }
 
+    /// Every page is in, and the process is not yet this node's: say that nothing more is needed, keep
+    /// serving (a page the process drops and touches again, its memory events) with the watchdog armed,
+    /// and wait for the commit record or the source's last word. A source that goes first leaves its
+    /// victim running on: this copy is killed (the abort), never left beside it.
+    private func hold(_ memory: LazyMemory) throws {
+        if holdingSince == nil { holdingSince = clock.now() }
+        if !toldSourceDone, let transport, !sourceGone {
+            // The source may release the victim now (postcopy-socket), or commit and kill it (postcopy-fam).
+            try? transport.send(.complete(generation: generation))
+            toldSourceDone = true
+        }
+        try receiveMessages(memory)
+        try serveFaults(memory)
+        if processIsOurs(memory) { return }
+        if sourceGone {
+            throw EngineError.aborted("the source node went away after every page was in but before it made the process this node's "
+                                      + "(no commit record, no last word): its victim runs on there, so the restored process was killed")
+        }
+        // postcopy-fam still sees the commit record in FAM; postcopy-socket can no longer hear the hand-over.
+        if channelRefused && !memory.usesFAM {
+            throw EngineError.aborted("the channel from the source was refused (\(channelRefusal.map { "\($0)" } ?? "a frame did not open")) after every page was in: "
+                                      + "this node cannot hear the source hand the process over, so the restored process was killed")
+        }
+        if let stall = stalled(memory) { throw EngineError.stalled("\(stall); the restored process was killed (the victim is the process)") }
+    }
+
     private func finish(_ memory: LazyMemory) throws {
         logger.debug("fault handler finishing", metadata: ["ms": "\(nanoseconds(clock.now()) / 1_000_000)", "installed": "\(memory.installedPageCount)", "pages": "\(memory.pageCount)",
                                                           "missing": "\(memory.firstMissing(from: 0).map { hex(memory.pageAddresses[$0]) } ?? "none")"])
@@ -104,8 +179,11 @@ public final class FaultHandler: EngineActor {
             try memory.unregisterAll()
             timeline.record(.lastPageInstalled, at: clock.now())
         }
-        if !toldSourceDone, let transport, !sourceGone {
-            // The target needs nothing more: a socket-mode source may now release the victim.
+        if let transport, !sourceGone {
+            // The first `complete`: nothing more is needed (if `hold` did not say it); the second: the
+            // watchdog is disarmed, this node holds the process (a postcopy-socket source kills its
+            // victim only once it heard this).
+            if !toldSourceDone { try? transport.send(.complete(generation: generation)) }
             try? transport.send(.complete(generation: generation))
             toldSourceDone = true
         }
@@ -121,10 +199,11 @@ public final class FaultHandler: EngineActor {
         for _ in 0..<64 {
             let message: Message?
             do { message = try transport.receive() } catch {
-                if case .malformed = error { channelRefused = true } else { sourceGone = true }
+                if case .malformed = error { channelRefused = true; channelRefusal = error } else { sourceGone = true }
                 // After the commit record the image alone completes the migration; before it, pages
-                // the target still needs are lost with the source: fail (the target gets killed).
-                if memory.isComplete || memory.imageIsCommitted() { return }
+                // the target still needs are lost with the source: fail (the target gets killed). With
+                // every page in, `hold` decides (the source's victim may run on: this copy must not).
+                if memory.isComplete || processIsOurs(memory) { return }
                 if channelRefused {
                     throw EngineError.aborted("the channel from the source was refused before the migration completed (\(error)); the target was killed")
                 }
@@ -164,6 +243,7 @@ public final class FaultHandler: EngineActor {
         guard total > acknowledgedPageByteCount else { return }
         try? transport.send(.received(pageByteCount: total))
         acknowledgedPageByteCount = total
+        lastSentToSource = clock.now()
     }
 
     private func slotRange(_ memory: LazyMemory, address: UInt64, count: Int) -> Range<Int> {
@@ -232,7 +312,9 @@ public final class FaultHandler: EngineActor {
 
     public func abort(reason: String) {
         logger.info("fault handler aborting", metadata: ["reason": "\(reason)"])
-        if let memory = lazy(), !memory.isComplete { memory.killTarget() }
+        // Until the watchdog is disarmed (every page in and the process this node's) the restored process
+        // is not the process: killed, also when it holds every page.
+        if let memory = lazy(), !memory.isReleased { memory.killTarget() }
         finished = true
     }
 }

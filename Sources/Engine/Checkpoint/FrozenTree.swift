@@ -127,6 +127,9 @@ extension FrozenTree {
     /// The commit record is about to be stored, for every process (FrozenVictim.committing).
     func committing() { for process in frozenProcesses { process.committing() } }
 
+    /// Every process detached and left stopped (FrozenVictim.leaveStopped).
+    func leaveStopped() { for process in frozenProcesses.reversed() { process.leaveStopped() } }
+
     /// The image is complete: every process now dies with its tracer (FrozenVictim.committed).
     func committed() { for process in frozenProcesses { process.committed() } }
 

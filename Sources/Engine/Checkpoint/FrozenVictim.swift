@@ -120,6 +120,15 @@ final class FrozenVictim {
         sourceGuard.disarm()
     }
 
+    /// Neither running on nor killed: every thread detached in its group-stop (it stays stopped until a
+    /// SIGCONT), the guard disarmed. For a hand-over whose outcome this node cannot know.
+    func leaveStopped() {
+        guard !isReleased else { return }
+        isReleased = true
+        detachAll()
+        sourceGuard.disarm()
+    }
+
     /// Whether the image holding this victim is complete (`committed`).
     var isCommitted: Bool { sourceGuard.isCommitted }
 

@@ -32,12 +32,23 @@ public struct MigrationPlan: Sendable {
     public var key: MigrationKey
     /// Pages per dump, install and push batch.
     public var batchPageCount: Int
+    /// The longest either node waits for the other once state has moved (a page asked for, an
+    /// acknowledgement, the other node's last word): then it gives up, keeping the victim running
+    /// (or stopped, when it cannot know which copy lives) and killing a restored process that is not
+    /// yet the process.
+    public var stallTimeout: Duration
+
+    /// `fammig source`/`target --stall-timeout`'s default, and its least (a few of the target's
+    /// heartbeats, FaultHandler.heartbeatInterval), in seconds.
+    public static let defaultStallTimeoutSeconds: Int64 = 30
+    public static let minimumStallTimeoutSeconds: Int64 = 2
 
     /// The generation of a migration that is not one of many (the CLI's): torture gives each iteration its own.
     public static let singleGeneration: UInt64 = 1
 
     public init(mode: MigrationMode, push: Bool = true, generation: UInt64 = MigrationPlan.singleGeneration, key: MigrationKey,
-                batchPageCount: Int = 512) {
+                batchPageCount: Int = 512, stallTimeout: Duration = .seconds(MigrationPlan.defaultStallTimeoutSeconds)) {
+        self.stallTimeout = stallTimeout
         self.mode = mode
         self.push = push
         self.generation = generation
@@ -149,7 +160,8 @@ public enum Migration {
         }
         return SourceNode(dumper: Dumper(victim: victim, makeBackend: ports.makeBackend, generation: plan.generation, key: plan.key,
                                          release: ports.release, batchPageCount: plan.batchPageCount, observer: ports.observer,
-                                         clock: ports.clock, timeline: ports.timeline, logger: ports.logger, mode: mode))
+                                         clock: ports.clock, timeline: ports.timeline, logger: ports.logger, mode: mode,
+                                         stallTimeout: plan.stallTimeout))
     }
 
     /// The target of a migration.
@@ -164,10 +176,10 @@ public enum Migration {
         let restorer = Restorer(openBackend: ports.openBackend, key: plan.key, stubPath: ports.stubPath, batchPageCount: plan.batchPageCount,
                                 observer: ports.observer, clock: ports.clock, timeline: ports.timeline, logger: ports.logger,
                                 processIDWait: ports.processIDWait, pidNamespace: ports.pidNamespace, mode: mode, gate: ports.gate,
-                                imageWait: ports.imageWait)
+                                imageWait: ports.imageWait, stallTimeout: plan.stallTimeout)
         guard plan.mode.isPostcopy else { return TargetNode(restorer: restorer, faultHandler: nil, pusher: nil) }
         let faultHandler = FaultHandler(lazy: { restorer.lazyMemory }, transport: ports.transport, generation: plan.generation,
-                                        clock: ports.clock, timeline: ports.timeline, metrics: ports.metrics, logger: ports.logger)
+                                        stallTimeout: plan.stallTimeout, clock: ports.clock, timeline: ports.timeline, metrics: ports.metrics, logger: ports.logger)
         let pusher = plan.mode == .postcopyFAM && plan.push
             ? Pusher(lazy: { restorer.lazyMemory }, batchPageCount: plan.batchPageCount, clock: ports.clock, metrics: ports.metrics,
                      logger: ports.logger)

@@ -92,6 +92,12 @@ public final class LazyMemory: @unchecked Sendable {
     public var pageCount: Int { pageAddresses.count }
     public var isComplete: Bool { lock.withLock { installedPageCount == pageAddresses.count } }
     public var isRunning: Bool { lock.withLock { running } }
+    /// Whether the userfaultfd was let go and the watchdogs disarmed (`unregisterAll`): the restored
+    /// process no longer depends on this node. Until then a failed migration kills it.
+    public var isReleased: Bool { lock.withLock { unregistered } }
+    /// Released while the restored process still ran (not after its own end): from then on it is the
+    /// process, and it runs on (torture's one-live-copy oracle).
+    public private(set) var releasedWhileRunning = false
     func markRunning() { lock.withLock { running = true } }
     /// Counts a `pages` message taken in.
     func noteReceivedPages(byteCount: Int) { lock.withLock { receivedPageBytes += UInt64(byteCount) } }
@@ -299,6 +305,8 @@ public final class LazyMemory: @unchecked Sendable {
             return true
         }
         guard proceed else { return }
+        let running = !Spawn.hasEnded(targetProcessID)
+        lock.withLock { releasedWhileRunning = running }
         installLock.withLock {
             lock.withLock { deferredFaults.removeAll() }
             userfaultfd.close()

@@ -144,20 +144,26 @@ extension TCPTransport {
         }
     }
 
-    /// The next connection to `listener`, or nil when none arrived within `timeoutMilliseconds`.
-    public static func accept(on listener: TCPListener, timeoutMilliseconds: Int32) throws(TransportError) -> TCPTransport? {
+    /// The next connection to `listener`, or nil when none arrived within `timeoutMilliseconds`. Its
+    /// sends fail once the peer took nothing in for `stallTimeoutMilliseconds`.
+    public static func accept(on listener: TCPListener, timeoutMilliseconds: Int32,
+                              stallTimeoutMilliseconds: Int32 = 30_000) throws(TransportError) -> TCPTransport? {
         do {
-            return try listener.socket.accept(timeoutMilliseconds: timeoutMilliseconds).map { TCPTransport(connected: $0) }
+            return try listener.socket.accept(timeoutMilliseconds: timeoutMilliseconds).map {
+                TCPTransport(connected: $0, stallTimeoutMilliseconds: stallTimeoutMilliseconds)
+            }
         } catch {
             throw .system(error)
         }
     }
 
     /// Connects to `endpoint`, retrying while it refuses (its listener may start a little later).
-    public static func connect(to endpoint: Endpoint, timeoutMilliseconds: Int32) throws(TransportError) -> TCPTransport {
+    public static func connect(to endpoint: Endpoint, timeoutMilliseconds: Int32,
+                               stallTimeoutMilliseconds: Int32 = 30_000) throws(TransportError) -> TCPTransport {
         do {
             return TCPTransport(connected: try TCPSocket.connect(host: endpoint.host, port: endpoint.port,
-                                                                 timeoutMilliseconds: timeoutMilliseconds))
+                                                                 timeoutMilliseconds: timeoutMilliseconds),
+                                stallTimeoutMilliseconds: stallTimeoutMilliseconds)
         } catch {
             throw .cannotConnect(endpoint, error)
         }

@@ -9,7 +9,7 @@ public final class Dumper: EngineActor {
     public enum Release: Sendable { case kill, leaveRunning }
 
     enum State {
-        case preflight, freeze, capture, writeMetadata, dumping(nextSlot: Int), commit, release, finished, failed
+        case preflight, freeze, capture, writeMetadata, dumping(nextSlot: Int), commit, handingOver, release, finished, failed
         /// The step this state takes (nil once it ended).
         var step: DumperStep? {
             switch self {
@@ -19,6 +19,7 @@ public final class Dumper: EngineActor {
             case .writeMetadata: .writeMetadata
             case .dumping(let nextSlot): .dump(fromSlot: nextSlot)
             case .commit: .commit
+            case .handingOver: .handOver
             case .release: .release
             case .finished, .failed: nil
             }
@@ -35,6 +36,14 @@ public final class Dumper: EngineActor {
     let clock: any EngineClock
     let timeline: MigrationTimeline
     let logger: Logger
+    /// The longest this node waits for the target once state has moved (MigrationPlan.stallTimeout).
+    let stallTimeout: Duration
+    /// postcopy-socket, from the `complete` that hands the process over until the target says it holds
+    /// it: a source that dies (or gives up) meanwhile cannot know which copy lives, so it leaves the
+    /// victim stopped rather than running or dead.
+    var handOverSince: Duration?
+    /// Whether the process is being handed over (a dead source leaves the victim stopped then).
+    package var isHandingOver: Bool { handOverSince != nil }
     /// Authenticates the image; never stored in it.
     let key: MigrationKey
     /// Recorded in the image: this node's user and capabilities, which a restore never exceeds.
@@ -71,7 +80,8 @@ public final class Dumper: EngineActor {
     init(victim: ProcessID, makeBackend: @escaping (Int) throws(ImageError) -> any FAMBackend,
                 generation: UInt64, key: MigrationKey, release: Release, batchPageCount: Int = 512,
                 observer: (any MigrationObserver)?, clock: any EngineClock, timeline: MigrationTimeline, logger: Logger,
-                mode: DumpMode = .nonlive) {
+                mode: DumpMode = .nonlive, stallTimeout: Duration = .seconds(MigrationPlan.defaultStallTimeoutSeconds)) {
+        self.stallTimeout = stallTimeout
         self.strategy = mode.sourceStrategy(batchPageCount: batchPageCount)
         self.key = key
         self.creator = ImageCreator.current()
@@ -96,6 +106,8 @@ public final class Dumper: EngineActor {
             if let waiting = strategy.waitingWhileDumping(self) { return waiting }
             if let unsealed { return .ready(.dumper(.seal(slots: unsealed))) }
             return state.step.map { .ready(.dumper($0)) } ?? .finished
+        case .handingOver:
+            return strategy.waitingForHandOver(self) ?? .ready(.dumper(.handOver))
         default: return state.step.map { .ready(.dumper($0)) } ?? .finished
         }
     }
@@ -190,15 +202,36 @@ public final class Dumper: EngineActor {
                 writer!.commit()
                 victim?.committed()
                 observer?.imageCommitted()
+            } else if let transport {
+                // postcopy-socket has no commit record: the process becomes the target's when the target
+                // hears this `complete` (it keeps its watchdog armed until then). From here until it says
+                // it holds the process, a dead source leaves the victim stopped: which copy lives is not
+                // known here.
+                observer?.imageWillCommit()
+                victim?.committing()
+                handOverSince = clock.now()
+                do { try transport.send(.complete(generation: generation)) } catch {
+                    throw .aborted("handing the process over to the target: \(error)")
+                }
+                state = .handingOver
+                return
             }
+            timeline.record(.dumpCommitted, at: clock.now())
+            state = .release
+        case .handingOver:
+            guard try strategy.handedOver(self) else { return }
+            victim?.committed()
+            observer?.imageCommitted()
+            handOverSince = nil
             timeline.record(.dumpCommitted, at: clock.now())
             state = .release
         case .release:
             victim?.release(kill: release == .kill)
             for problem in victim?.reinstateProblems ?? [] { logger.warning("\(problem)") }
             timeline.record(.victimReleased, at: clock.now())
-            // The target may already be gone (it finished): nobody needs to hear it then.
-            try? transport?.send(.complete(generation: generation))
+            // The target may already be gone (it finished): nobody needs to hear it then. (postcopy-socket
+            // said it before the release.)
+            if writer != nil { try? transport?.send(.complete(generation: generation)) }
             state = .finished
         case .finished, .failed:
             preconditionFailure("Dumper cannot step while \(state)")
@@ -279,6 +312,15 @@ public final class Dumper: EngineActor {
         defer { tracerPin.release() }
         if writer?.phase != .complete { writer?.abort() }
         let committed = writer?.phase == .complete
+        if handOverSince != nil, let victim {
+            // The target was told it holds the process and did not say it took it: it may run it, or have
+            // died with it. Neither running on nor killed: stopped, for whoever knows to decide.
+            victim.leaveStopped()
+            logger.error("the victim is left stopped: the target was handed the process and did not confirm it", metadata: ["pid": "\(victimProcessID)"])
+            handOverSince = nil
+            state = .failed
+            return
+        }
         victim?.release(kill: committed && release == .kill)
         for problem in victim?.reinstateProblems ?? [] { logger.warning("\(problem)") }
         state = .failed

@@ -54,6 +54,15 @@ class PostcopySource {
     var backgroundCursor = 0
     /// The target said it needs nothing more.
     var targetDone = false
+    /// `complete`s the target sent: the first says it needs nothing more, the second that it holds the
+    /// process (its watchdog disarmed).
+    var targetCompleteCount = 0
+    /// The link ended after the target's first `complete` (an end before it is an error at once), and how.
+    var linkEnded = false
+    var linkEnding: TransportError?
+    /// When the target was last heard from (any frame): a postcopy-socket source waiting on it gives up
+    /// after the stall timeout.
+    var lastHeard: Duration = .zero
     /// postcopy-socket flow: bytes of `pages` sent, and how many of them the target says it took in.
     var sentPageByteCount: UInt64 = 0
     var acknowledgedPageByteCount: UInt64 = 0
@@ -81,12 +90,13 @@ class PostcopySource {
         for _ in 0..<Self.maximumFramesPerStep {
             let message: Message?
             do { message = try link.receive() } catch {
-                if targetDone { return }
+                if targetDone { linkEnded = true; linkEnding = error; return }
                 // A frame that does not open is not the target's end: someone else is on the wire.
                 if case .malformed = error { throw .aborted("the channel from the target was refused (\(error))") }
                 throw .aborted("the target node went away: \(error)")
             }
             guard let message else { return }
+            lastHeard = dumper.clock.now()
             switch message {
             case .pageRequest(let address):
                 dumper.logger.trace("request arrived", metadata: ["address": "\(hex(address))", "us": "\(nanoseconds(dumper.clock.now()) / 1000)"])
@@ -103,6 +113,7 @@ class PostcopySource {
                 acknowledgedPageByteCount = max(acknowledgedPageByteCount, pageByteCount)
             case .complete:
                 targetDone = true
+                targetCompleteCount += 1
             case .abort(let reason):
                 throw .aborted("the target aborted: \(reason)")
             default:

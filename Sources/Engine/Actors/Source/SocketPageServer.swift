@@ -46,13 +46,39 @@ final class SocketPageServer: PostcopySource, SourcePageStrategy {
         }
         sent = [Bool](repeating: false, count: dumper.pageAddresses.count)
         dumper.timeline.record(.metadataCommitted, at: dumper.clock.now())
+        lastHeard = dumper.clock.now()
+    }
+
+    /// Waiting on the target (nothing asked, nothing more to push) for longer than the stall timeout.
+    func stalled(_ dumper: Dumper) -> Bool { dumper.clock.now() - lastHeard > dumper.stallTimeout }
+
+    func waitingForHandOver(_ dumper: Dumper) -> NextAction? {
+        guard targetCompleteCount < 2, !linkEnded, !stalled(dumper), !link.waitReadable(timeoutMilliseconds: 0) else { return nil }
+        guard let descriptor = link.readableDescriptor else { return .waiting(.retryAfter(.microseconds(100))) }
+        return .waiting(.readable([descriptor], timeout: .milliseconds(5)))
+    }
+
+    func handedOver(_ dumper: Dumper) throws(EngineError) -> Bool {
+        try receiveRequests(dumper)
+        if targetCompleteCount >= 2 { return true }
+        let leftStopped = "pid \(dumper.victimProcessID) is left stopped: if the target's restored process runs, kill -9 \(dumper.victimProcessID); "
+            + "otherwise let it run on with kill -CONT \(dumper.victimProcessID)"
+        if linkEnded {
+            let how: String
+            if case .malformed? = linkEnding { how = "the channel from the target was refused (\(linkEnding!))" } else { how = "the target went away" }
+            throw .aborted("\(how) after it was handed the process, before it said it holds it; \(leftStopped)")
+        }
+        if stalled(dumper) {
+            throw .stalled("the target did not say it holds the process within \(dumper.stallTimeout) of being handed it; \(leftStopped)")
+        }
+        return false
     }
 
     /// Without pushing (or with every page pushed), a socket source only answers: wait for the target's
     /// next request, or its word that it needs nothing more.
     func waitingWhileDumping(_ dumper: Dumper) -> NextAction? {
         guard prioritySlots.isEmpty, !everyPageAcknowledged, !push || sentPageCount == sent.count || pushWindowIsFull,
-              !link.waitReadable(timeoutMilliseconds: 0) else { return nil }
+              !stalled(dumper), !link.waitReadable(timeoutMilliseconds: 0) else { return nil }
         guard let descriptor = link.readableDescriptor else { return .waiting(.retryAfter(.microseconds(100))) }
         return .waiting(.readable([descriptor], timeout: .milliseconds(5)))
     }
@@ -69,6 +95,12 @@ final class SocketPageServer: PostcopySource, SourcePageStrategy {
     /// pages not sent yet, one chunk. Done when the target acknowledged every page, or says it needs no more.
     func dump(_ dumper: Dumper, nextSlot: Int) throws(EngineError) -> DumpProgress {
         try receiveRequests(dumper)
+        let waitsOnTarget = prioritySlots.isEmpty && !everyPageAcknowledged && !targetDone
+            && (!push || sentPageCount == sent.count || pushWindowIsFull)
+        if waitsOnTarget && stalled(dumper) {
+            throw .stalled("the target took in nothing and asked for nothing for \(dumper.stallTimeout) "
+                            + "(\(acknowledgedPageByteCount) of \(sentPageByteCount) page bytes sent acknowledged)")
+        }
         do {
             // A page asked for again was lost on the target's side (the process moved its memory while
             // it arrived): answer every request, sent before or not.

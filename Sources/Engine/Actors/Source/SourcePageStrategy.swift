@@ -34,6 +34,16 @@ protocol SourcePageStrategy: AnyObject {
     func dump(_ dumper: Dumper, nextSlot: Int) throws(EngineError) -> DumpProgress
     /// After the dumper sealed `slots` (copied by an earlier `dump`).
     func sealed(_ dumper: Dumper, slots: Range<Int>) -> DumpProgress
+    /// postcopy-socket, after the `complete` that hands the process over: why the dumper waits (nil: ready).
+    func waitingForHandOver(_ dumper: Dumper) -> NextAction?
+    /// Takes the target's words; true once it said it holds the process. Throws when it went away, or
+    /// said nothing within the stall timeout.
+    func handedOver(_ dumper: Dumper) throws(EngineError) -> Bool
+}
+
+extension SourcePageStrategy {
+    func waitingForHandOver(_ dumper: Dumper) -> NextAction? { preconditionFailure("only postcopy-socket hands the process over") }
+    func handedOver(_ dumper: Dumper) throws(EngineError) -> Bool { preconditionFailure("only postcopy-socket hands the process over") }
 }
 
 extension DumpMode {

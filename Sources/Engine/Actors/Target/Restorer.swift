@@ -42,6 +42,10 @@ public final class Restorer: EngineActor {
     public var strayPagesChecked: Bool { target?.strayPagesChecked ?? false }
     let gate: any TargetGate
     let imageWait: Duration
+    /// The longest the pages needed before the resume may take to come (MigrationPlan.stallTimeout).
+    let stallTimeout: Duration
+    /// When the restorer began waiting for them.
+    var pagesBeforeResumeSince: Duration?
     /// The migration's key: every image is authenticated with it before anything in it is used.
     let key: MigrationKey
 
@@ -68,7 +72,9 @@ public final class Restorer: EngineActor {
     init(openBackend: @escaping () throws(ImageError) -> (any FAMBackend)?, key: MigrationKey, stubPath: String, batchPageCount: Int = 512,
                 observer: (any MigrationObserver)?, clock: any EngineClock, timeline: MigrationTimeline,
                 logger: Logger, processIDWait: Duration = .seconds(5), pidNamespace: PIDNamespace = .shared,
-                mode: RestoreMode = .eager, gate: any TargetGate = ImmediateTargetGate(), imageWait: Duration = .seconds(600)) {
+                mode: RestoreMode = .eager, gate: any TargetGate = ImmediateTargetGate(), imageWait: Duration = .seconds(600),
+                stallTimeout: Duration = .seconds(MigrationPlan.defaultStallTimeoutSeconds)) {
+        self.stallTimeout = stallTimeout
         self.gate = gate
         self.key = key
         self.imageWait = imageWait
@@ -98,6 +104,7 @@ public final class Restorer: EngineActor {
             if let spawnFirstTried, clock.now() - spawnFirstTried < .milliseconds(2) { return .waiting(.retryAfter(.microseconds(500))) }
             return readyStep
         case .eagerPages:
+            if let since = pagesBeforeResumeSince, clock.now() - since > stallTimeout { return readyStep }
             return strategy.waitingForPagesBeforeResume(self) ?? readyStep
         default: return readyStep
         }
@@ -159,7 +166,12 @@ public final class Restorer: EngineActor {
             state = try strategy.installBatch(self, from: nextSlot)
         case .eagerPages:
             do { try target!.checkStrayPages() } catch { throw .restore(error) }
-            if try strategy.installPagesBeforeResume(self) { state = .restoreState }
+            if pagesBeforeResumeSince == nil { pagesBeforeResumeSince = clock.now() }
+            if try strategy.installPagesBeforeResume(self) {
+                state = .restoreState
+            } else if clock.now() - pagesBeforeResumeSince! > stallTimeout {
+                throw .stalled("the source did not deliver the pages needed before the resume within \(stallTimeout); no process ran")
+            }
         case .restoreState:
             timeline.record(.pagesBeforeResumeInstalled, at: clock.now())
             tracerPin.pin(near: target!.processID)

@@ -1,0 +1,162 @@
+// Issue 12, the last gaps of post-copy between two live nodes, on real processes (`fammig source` and
+// `fammig target`, the victim in a PID namespace of its own so that a restored copy can live beside it):
+// * one live copy: a target that holds every page is not the process until the source made it so (the
+//   commit record, or postcopy-socket's hand-over); a source that dies first leaves its victim running
+//   on, and the target's copy dies (its watchdog stays armed until then);
+// * a deadline on every wait once state has moved (`--stall-timeout`): a stopped source is given up on by
+//   its target (exit 2, the restored process killed), a stopped target by its source (exit 2, the victim
+//   runs on).
+import Foundation
+import Glibc
+import Testing
+@testable import Engine
+import Sys
+
+extension ProcessTests {
+    @Suite(.serialized) struct HandOverTests {
+        enum Mode: String, CaseIterable, CustomTestStringConvertible {
+            case fam = "postcopy-fam", socket = "postcopy-socket"
+            var testDescription: String { rawValue }
+        }
+
+        /// Both nodes of one migration and the victim, with what the tests look at.
+        final class TwoNodes {
+            let directory: ScratchDirectory
+            let leftovers: LeftoverCheck
+            let victim: ProcessID
+            let victimHandle: ProcessHandle
+            let reference: String
+            let source: StartedProcess
+            let target: StartedProcess
+            var output: String { directory.path("victim.out") }
+
+            /// A memwalk victim at its rendezvous (it touches no page until released: a restored copy then
+            /// faults on none, and a pushing node installs every page), a source with `sourceArguments`
+            /// and a target with `targetArguments`, connected.
+            init(mode: Mode, sourceArguments: [String], targetArguments: [String]) throws {
+                let directory = try ScratchDirectory(under: "/dev/shm")
+                let leftovers = LeftoverCheck()
+                self.directory = directory
+                self.leftovers = leftovers
+                let program = try TestPaths.testProgram("memwalk-static")
+                let arguments = ["--mib", "16", "--steps", "40000", "--pause-us", "100"]
+                reference = try SourceDeathTests.referenceChecksum(arguments)
+                leftovers.expectProgram([program] + arguments + ["--rendezvous", "2"])
+                let launched = try leftovers.fammig(["launch", "--output", directory.path("victim.out"), "--", program] + arguments + ["--rendezvous", "2"])
+                let victim = ProcessID(try #require(Int32(launched.standardOutput.trimmingCharacters(in: .whitespacesAndNewlines))))
+                self.victim = victim
+                victimHandle = try ProcessHandle(victim)
+                try #require(pollUntil(timeout: .seconds(60)) { SourceDeathTests.waitsAtRendezvous(victim) }, "the victim never reached its rendezvous")
+                let keyPath = directory.path("migration.key"), famPath = directory.path("image.fam")
+                let famArguments = mode == .fam ? ["--fam", famPath] : []
+                // A port that was free a moment ago (fammig wants one named): other suites and clones run at once.
+                let probe = try TCPTransport.listen(on: Endpoint(host: "127.0.0.1", port: 0))
+                let endpoint = "\(probe.endpoint)"
+                probe.close()
+                source = leftovers.own(try StartedProcess(try TestPaths.fammig(),
+                                                          ["source", "--pid", "\(victim)", "--mode", mode.rawValue, "--key-file", keyPath,
+                                                           "--listen", endpoint] + famArguments + sourceArguments,
+                                                          standardOutputPath: directory.path("source.out"), standardErrorPath: directory.path("source.err")))
+                let listening = pollUntil(timeout: .seconds(30)) { Self.text(directory.path("source.err")).contains("listening on") }
+                try #require(listening && waitForKeyFile(keyPath), "the source never listened: \(Self.text(directory.path("source.err")))")
+                target = leftovers.own(try StartedProcess(try TestPaths.fammig(),
+                                                          ["target", "--mode", mode.rawValue, "--key-file", keyPath, "--connect", endpoint,
+                                                           "--pid-namespace", "fresh"] + famArguments + targetArguments,
+                                                          standardOutputPath: directory.path("target.out"), standardErrorPath: directory.path("target.err")))
+            }
+
+            static func text(_ path: String) -> String { (try? String(contentsOfFile: path, encoding: .utf8)) ?? "" }
+            var sourceErrors: String { Self.text(directory.path("source.err")) }
+            var targetErrors: String { Self.text(directory.path("target.err")) }
+
+            /// The target's restored process (its child named as the victim), once it ran.
+            func restoredProcess() -> ProcessID? {
+                allProcessIDs().first { candidate in
+                    guard let status = try? ProcFS.status(candidate) else { return false }
+                    return status["Name"] == "memwalk-static" && status["PPid"] == "\(target.processID)" && status["TracerPid"] == "0"
+                }
+            }
+
+            /// Nothing of either node is left: no guard, no watchdog, no restored process.
+            func expectNothingLeft(_ what: String) {
+                let helpers = { allProcessIDs().filter { ["fammig-guard", "fammig-watchdog"].contains((try? ProcFS.status($0))?["Name"] ?? "") } }
+                #expect(pollUntil(timeout: .seconds(10)) { helpers().isEmpty }, "\(what): left behind: \(helpers())")
+            }
+
+            func finish() {
+                victimHandle.kill()
+                leftovers.finish()
+                directory.remove()
+            }
+        }
+
+        /// The victim runs on intact once the source is gone: untraced, not stopped, and released from its
+        /// rendezvous it ends with the unmigrated checksum.
+        static func expectVictimRunsOn(_ migration: TwoNodes, _ what: String) throws {
+            let victim = migration.victim
+            let unfrozen = pollUntil(timeout: .seconds(10)) {
+                guard let status = try? ProcFS.status(victim) else { return false }
+                return status["TracerPid"] == "0" && !(status["State"] ?? "T").hasPrefix("T")
+            }
+            try #require(unfrozen, "\(what): the victim was left \((try? ProcFS.status(victim))?["State"] ?? "gone")")
+            _ = Glibc.kill(victim.rawValue, SIGUSR2)
+            #expect(pollUntil(timeout: .seconds(120)) { processLife(victim) != .running }, "\(what): the victim did not run to its end")
+            #expect(lastChecksum(inFile: migration.output) == migration.reference, "\(what): the victim's run differs from the unmigrated one")
+        }
+
+        /// Item 2 of the last gaps: the source dies once the target said it holds every page, before the
+        /// commit record (postcopy-fam) or the hand-over (postcopy-socket). Its victim runs on; the
+        /// target's copy must not: it exits non-zero naming the source, and its restored process is gone.
+        /// (On main before this, the target disarmed its watchdog at its last page: two live copies.)
+        @Test(arguments: Mode.allCases) func aSourceKilledOnceTheTargetHoldsEveryPageLeavesOneLiveCopy(mode: Mode) throws {
+            let migration = try TwoNodes(mode: mode, sourceArguments: ["--die-at", "target-done"], targetArguments: [])
+            defer { migration.finish() }
+            let sourceOutcome = try migration.source.waitForExit(timeout: .seconds(90))
+            #expect(sourceOutcome.killedBySignal, "the source did not die at target-done: \(migration.sourceErrors)")
+            let targetOutcome = try migration.target.waitForExit(timeout: .seconds(60))
+            #expect(targetOutcome.exitStatus != 0 && !targetOutcome.killedBySignal,
+                    "the target finished with the process while its source's victim runs on: \(migration.targetErrors)")
+            #expect(migration.targetErrors.contains("before it made the process this node's"), "\(migration.targetErrors)")
+            #expect(pollUntil(timeout: .seconds(10)) { migration.restoredProcess() == nil }, "the restored copy runs beside the victim")
+            try Self.expectVictimRunsOn(migration, "source killed at target-done")
+            migration.expectNothingLeft("source killed at target-done")
+        }
+
+        /// Item 1: the source stops (SIGSTOP: alive, connected, silent) with every page marked or
+        /// acknowledged and the target holding them, before it made the process the target's. The
+        /// target waits `--stall-timeout` (3 s), then exits 2 naming the stall, its copy killed; the
+        /// stopped source, killed then, leaves its victim to run on intact.
+        @Test(arguments: Mode.allCases) func aSourceStoppedMidPostcopyIsGivenUpOnByItsTarget(mode: Mode) throws {
+            let migration = try TwoNodes(mode: mode, sourceArguments: ["--stall-at", "before-commit"], targetArguments: ["--stall-timeout", "3"])
+            defer { migration.finish() }
+            let targetOutcome = try migration.target.waitForExit(timeout: .seconds(90))
+            #expect(targetOutcome.exitStatus == 2, "target: exit \(targetOutcome.exitStatus): \(migration.targetErrors)")
+            #expect(migration.targetErrors.contains("stalled") && migration.targetErrors.contains("3.0 seconds"), "\(migration.targetErrors)")
+            #expect(pollUntil(timeout: .seconds(10)) { migration.restoredProcess() == nil }, "the restored process outlived its target")
+            let stopped = (try? ProcFS.status(migration.source.processID))?["State"] ?? ""
+            #expect(stopped.hasPrefix("T"), "the source was not stopped at before-commit: \(stopped) \(migration.sourceErrors)")
+            migration.source.kill()
+            try Self.expectVictimRunsOn(migration, "source stopped before its commit")
+            migration.expectNothingLeft("source stopped before its commit")
+        }
+
+        /// Item 1, the other way: postcopy-socket without push, the target stops once its process runs. The
+        /// source hears nothing (no request, no heartbeat) for `--stall-timeout` (3 s): it exits 2 and
+        /// lets its victim run on. The target, continued, finds its source gone and kills its copy.
+        @Test func aTargetStoppedMidPostcopyIsGivenUpOnByItsSource() throws {
+            let migration = try TwoNodes(mode: .socket, sourceArguments: ["--push", "off", "--stall-timeout", "3"], targetArguments: [])
+            defer { migration.finish() }
+            try #require(pollUntil(timeout: .seconds(60)) { migration.restoredProcess() != nil }, "the target never ran its process: \(migration.targetErrors)")
+            _ = Glibc.kill(migration.target.processID.rawValue, SIGSTOP)
+            let sourceOutcome = try migration.source.waitForExit(timeout: .seconds(60))
+            #expect(sourceOutcome.exitStatus == 2, "source: exit \(sourceOutcome.exitStatus): \(migration.sourceErrors)")
+            #expect(migration.sourceErrors.contains("stalled") && migration.sourceErrors.contains("3.0 seconds"), "\(migration.sourceErrors)")
+            try Self.expectVictimRunsOn(migration, "target stopped mid-post-copy")
+            _ = Glibc.kill(migration.target.processID.rawValue, SIGCONT)
+            let targetOutcome = try migration.target.waitForExit(timeout: .seconds(60))
+            #expect(targetOutcome.exitStatus != 0, "the continued target finished without its source: \(migration.targetErrors)")
+            #expect(pollUntil(timeout: .seconds(10)) { migration.restoredProcess() == nil }, "the restored copy outlived the failed migration")
+            migration.expectNothingLeft("target stopped mid-post-copy")
+        }
+    }
+}
