@@ -227,6 +227,7 @@ check_program forker "3 10" 10 --rounds 10 --pause-us 1000
 check_program descriptors "3 10" 10 --rounds 10 --pause-us 1000
 check_program sharedmem "3 10" 10 --rounds 10 --pause-us 1000
 check_program kernobjects "3 10" 10 --rounds 10 --pause-us 1000 --timer-ms 0
+check_program affinity "3 10" 10 --rounds 10 --sleep-ms 2 --cpus 1
 
 if [ "$failures" != 0 ]; then
     echo "$failures check(s) FAILED"

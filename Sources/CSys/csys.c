@@ -60,6 +60,14 @@ int csys_set_affinity(const uint64_t mask[16]) {
     return sched_setaffinity(0, sizeof(cpu_set_t), (const cpu_set_t *)mask);
 }
 
+int csys_get_thread_affinity(pid_t tid, uint64_t mask[16]) {
+    return sched_getaffinity(tid, sizeof(cpu_set_t), (cpu_set_t *)mask);
+}
+
+int csys_set_thread_affinity(pid_t tid, const uint64_t mask[16]) {
+    return sched_setaffinity(tid, sizeof(cpu_set_t), (const cpu_set_t *)mask);
+}
+
 int csys_first_in_first_out(pid_t tid, int priority) {
     struct sched_param param = { .sched_priority = priority };
     return sched_setscheduler(tid, SCHED_FIFO, &param);

@@ -21,6 +21,7 @@ public enum StateOracle {
         check("executable", checkpointed.executablePath, restored.executablePath)
         check("command name", checkpointed.commandName, restored.commandName)
         check("thread count", checkpointed.threads.count, restored.threads.count)
+        let online = CPUSet.online()
         for (expectedThread, actualThread) in zip(checkpointed.threads, restored.threads) {
             let prefix = "thread \(expectedThread.threadID)"
             let expectedWords = expectedResumeRegisters(expectedThread.registers).words
@@ -41,6 +42,9 @@ public enum StateOracle {
             check("\(prefix) clear-child-tid", expectedThread.clearChildTID, actualThread.clearChildTID, render: hex)
             check("\(prefix) name", expectedThread.commandName, actualThread.commandName)
             check("\(prefix) sigaltstack", expectedThread.signalStack, actualThread.signalStack)
+            if let affinity = expectedThread.restoredAffinity(online: online) {
+                check("\(prefix) CPU affinity", affinity, actualThread.cpuAffinity)
+            }
             check("\(prefix) pending signals", expectedThread.pendingSignals.map(\.signal), actualThread.pendingSignals.map(\.signal))
             check("\(prefix) pending siginfo", expectedThread.pendingSignals, actualThread.pendingSignals) { "\($0.count) entries" }
         }

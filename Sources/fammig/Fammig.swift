@@ -147,7 +147,7 @@ struct Checkpoint: ParsableCommand {
             makeBackend: nemesis?.wrap(makeBackend) ?? makeBackend, transport: nil, observer: nemesis, clock: MonotonicClock(),
             timeline: timeline, logger: logger, release: leaveRunning ? .leaveRunning : .kill))
         do {
-            try ThreadedDriver(logger: logger, pinToCPU: 0).run(source.actors)
+            try ThreadedDriver(logger: logger).run(source.actors)
             // Committed: the extent outlives this process, until a restore claims it.
             try poolImage?.keepSourceExtent()
         } catch {
@@ -204,7 +204,7 @@ struct Restore: ParsableCommand {
                 throw ImageError.pool("\(source) holds no image made with this key; pass the key file the checkpoint wrote.")
             }
             _ = try ImageReader.open(backend: backend, key: key, requireComplete: true)
-            try ThreadedDriver(logger: logger, pinToCPU: 0).run(target.actors)
+            try ThreadedDriver(logger: logger).run(target.actors)
         } catch let error as ImageError {
             // Nothing destroyed that cannot be restored: a kept image stays kept for another try.
             try? poolImage?.keepTargetExtent()

@@ -137,7 +137,7 @@ struct MeasuredMigration {
         let finished = DispatchSemaphore(value: 0)
         let actors = UncheckedSendable(nodes.actors)
         let driver = Thread { [logger, mode] in
-            do { try ThreadedDriver(logger: logger, pinToCPU: mode == .nonlive ? 0 : nil).run(actors.value) } catch {
+            do { try ThreadedDriver(logger: logger).run(actors.value) } catch {
                 driverResult.withLock { $0 = error as? EngineError ?? .aborted("\(error)") }
             }
             finished.signal()

@@ -154,7 +154,7 @@ struct Run: ParsableCommand {
         let restorer = nodes.restorer
         defer { nodes.close() }
         do {
-            try ThreadedDriver(logger: logger, pinToCPU: mode == .nonlive ? 0 : nil).run(nodes.actors)
+            try ThreadedDriver(logger: logger).run(nodes.actors)
         } catch {
             // A program that ended by itself is reaped and named: its status and stderr say why, and its
             // PID, no longer ours, is never signalled.

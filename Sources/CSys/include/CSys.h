@@ -29,6 +29,9 @@ int csys_pin_to_cpu(pid_t tid, int cpu);
 /// The calling thread's CPU mask (a 1024-bit cpu_set_t as 16 words), read and set again.
 int csys_get_affinity(uint64_t mask[16]);
 int csys_set_affinity(const uint64_t mask[16]);
+/* Another thread's CPU mask (1024 bits), as sched_getaffinity/sched_setaffinity(tid) see it. */
+int csys_get_thread_affinity(pid_t tid, uint64_t mask[16]);
+int csys_set_thread_affinity(pid_t tid, const uint64_t mask[16]);
 int csys_first_in_first_out(pid_t tid, int priority);
 int csys_prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4, unsigned long a5);
 

@@ -15,14 +15,13 @@ public struct MonotonicClock: EngineClock {
 public final class ThreadedDriver: Sendable {
     private let logger: Logger
     private let deadline: Duration
-    private let pinToCPU: Int32?
 
-    /// `deadline` bounds the whole run; `pinToCPU` pins every actor thread to one CPU (ptrace wake-ups
-    /// across CPUs are slow in these VMs).
-    public init(logger: Logger, deadline: Duration = .seconds(300), pinToCPU: Int32? = nil) {
+    /// `deadline` bounds the whole run. No actor thread is pinned for the whole run: what a thread makes
+    /// (the restored process, a nonlive install's checking thread) inherits its mask, so an actor pins
+    /// itself only around its ptrace round trips (TracerPin) and lets go before it makes anything.
+    public init(logger: Logger, deadline: Duration = .seconds(300)) {
         self.logger = logger
         self.deadline = deadline
-        self.pinToCPU = pinToCPU
     }
 
     private struct Shared {
@@ -41,10 +40,8 @@ public final class ThreadedDriver: Sendable {
             let box = UncheckedBox(actor)
             let logger = self.logger
             let deadline = self.deadline
-            let pin = self.pinToCPU
             do {
                 threads.append(try OSThread(name: "fammig-\(actor.name)") {
-                    if let pin { Spawn.pin(cpu: pin) }
                     Self.drive(box.value, shared: shared, clock: clock, start: start, deadline: deadline, logger: logger)
                     shared.withLock { $0.finishedCount += 1 }
                 })

@@ -28,6 +28,12 @@ extension TargetProcess {
             for (threadState, threadInjector) in zip(state.threads, [injector] + otherThreads.map(\.injector)) {
                 try restorePerThread(threadState, injector: threadInjector, isMain: threadInjector === injector)
             }
+            // From here, not by injection: the tracer's own mask (the restorer may be pinned near its
+            // tracee) is what the stub and its threads were created with, never the victim's.
+            let online = CPUSet.online()
+            for (threadState, threadTracee) in zip(state.threads, allTracees) {
+                if let affinity = threadState.restoredAffinity(online: online) { try affinity.apply(to: threadTracee.processID) }
+            }
             for pending in state.threads.flatMap({ thread in thread.pendingSignals.map { (thread.threadID, $0) } }) {
                 try memory.write(pending.1.siginfo, at: dataAddress)
                 try injector.call("rt_tgsigqueueinfo(\(pending.1.signal))", Syscall.rtTgsigqueueinfo,

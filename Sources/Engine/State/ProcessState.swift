@@ -185,6 +185,19 @@ public struct ThreadState: Equatable, Sendable {
     public var commandName: String = ""
     /// sigaltstack(2).
     public var signalStack = SignalStack.disabled
+    /// sched_getaffinity(2): the CPUs the thread may run on (taskset, pthread_setaffinity_np). Empty: not
+    /// recorded, and the restored thread keeps the mask it was created with.
+    public var cpuAffinity = CPUSet(words: [])!
+
+    /// The mask a thread checkpointed with `cpuAffinity` gets on a node whose online CPUs are `online`:
+    /// the CPUs of both; all of `online` when the victim's CPUs are none of this node's (a mask that
+    /// names only absent CPUs cannot be set); nil when there is nothing to set (not recorded, or this
+    /// node's CPUs unknown). The restorer sets it and the state oracle expects it.
+    public func restoredAffinity(online: CPUSet?) -> CPUSet? {
+        guard !cpuAffinity.isEmpty, let online else { return nil }
+        let common = cpuAffinity.intersection(online)
+        return common.isEmpty ? online : common
+    }
 }
 
 /// Everything about the victim but its page contents.

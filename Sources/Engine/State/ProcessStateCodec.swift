@@ -10,7 +10,8 @@ extension ProcessState {
     ///    epoll, UNIX socket pair) with what it carries.
     /// 6: process trees: each process's lineage (parent, group, session, what it inherited), and the root's members.
     /// 7: POSIX timers; a mapped memfd's seals; SysV shared memory.
-    static let encodingVersion: UInt32 = 7
+    /// 8: each thread's CPU affinity.
+    static let encodingVersion: UInt32 = 8
 
     public func encoded() -> [UInt8] {
         var writer = BinaryWriter()
@@ -221,6 +222,7 @@ extension ThreadState {
         writer.writeUInt64(signalStack.address)
         writer.writeUInt64(signalStack.byteCount)
         writer.writeUInt32(signalStack.flags)
+        writer.writeArray(cpuAffinity.words) { writer, word in writer.writeUInt64(word) }
     }
 
     static func decode(_ reader: inout BinaryReader) throws(ImageError) -> ThreadState {
@@ -244,6 +246,12 @@ extension ThreadState {
         thread.clearChildTID = try reader.readUInt64()
         thread.commandName = try reader.readString(maximumByteCount: 64)
         thread.signalStack = SignalStack(address: try reader.readUInt64(), byteCount: try reader.readUInt64(), flags: try reader.readUInt32())
+        let affinityWords = try reader.readArray(maximumCount: CPUSet.wordCountMax) { (reader) throws(ImageError) in try reader.readUInt64() }
+        // Encoded without trailing zero words: another spelling of one mask would not encode back the same.
+        guard let affinity = CPUSet(words: affinityWords), affinity.words == affinityWords else {
+            throw .malformedMetadata(reason: "thread \(threadID) has a CPU mask with trailing zero words")
+        }
+        thread.cpuAffinity = affinity
         return thread
     }
 }

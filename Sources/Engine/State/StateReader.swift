@@ -150,6 +150,7 @@ enum StateReader {
             state.clearChildTID = index < injected.clearChildTIDs.count ? injected.clearChildTIDs[index] : 0
             state.signalStack = index < injected.signalStacks.count ? injected.signalStacks[index] : .disabled
             state.commandName = String(try ProcFS.readText("/proc/\(processID)/task/\(thread.processID)/comm").prefix { $0 != "\n" })
+            state.cpuAffinity = try CPUSet.of(thread: thread.processID)
             threads.append(state)
         }
 

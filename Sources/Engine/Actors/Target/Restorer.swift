@@ -61,8 +61,8 @@ public final class Restorer: EngineActor {
     public internal(set) var installedPageCount = 0
     let handedOver = Mutex<LazyMemory?>(nil)
     /// This thread on the target's CPU from its spawn to its resume: the layout and state are rebuilt by
-    /// injected syscalls, ptrace round trips (TracerPin). Pinned only after the spawn, so the restored
-    /// process keeps the mask it was created with.
+    /// injected syscalls, ptrace round trips (TracerPin). Pinned only after the spawn, so the stub is not
+    /// made on one CPU; its threads get the victim's masks in restoreState either way (CPUSet).
     var tracerPin = TracerPin()
 
     /// The target's memory, once the process runs (post-copy); the fault handler and pusher read it.
