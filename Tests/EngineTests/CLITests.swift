@@ -419,8 +419,10 @@ extension ProcessTests {
             let restored = migrated.max { started[$0]! < started[$1]! }
             _ = kill(run.processID.rawValue, SIGKILL)
             _ = try run.waitForExit(timeout: .seconds(10))
-            // SIGKILL leaves the run's work directory (only its pool extent is the point here).
-            for name in ((try? ProcFS.directoryEntries("/tmp")) ?? []) where name.hasPrefix("fammig-run-") && !runDirectoriesBefore.contains(name) {
+            // SIGKILL leaves the run's work directory (only its pool extent is the point here). Only this
+            // run's: another fammig's (a concurrent test process on this machine) is still in use.
+            for name in ((try? ProcFS.directoryEntries("/tmp")) ?? [])
+            where name.hasPrefix("fammig-run-\(run.processID)-") && !runDirectoriesBefore.contains(name) {
                 try? FileManager.default.removeItem(atPath: "/tmp/" + name)
             }
             let lines = try extentLines(leftovers, poolPath)
