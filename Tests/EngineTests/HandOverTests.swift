@@ -28,6 +28,9 @@ extension ProcessTests {
             let reference: String
             let source: StartedProcess
             let target: StartedProcess
+            /// Every process before this migration: its helpers are among the others (other clones and
+            /// suites run guards and watchdogs of their own at the same time).
+            let processIDsBefore = allProcessIDs()
             var output: String { directory.path("victim.out") }
 
             /// A memwalk victim at its rendezvous (it touches no page until released: a restored copy then
@@ -79,7 +82,13 @@ extension ProcessTests {
 
             /// Nothing of either node is left: no guard, no watchdog, no restored process.
             func expectNothingLeft(_ what: String) {
-                let helpers = { allProcessIDs().filter { ["fammig-guard", "fammig-watchdog"].contains((try? ProcFS.status($0))?["Name"] ?? "") } }
+                let fammig = (try? TestPaths.fammig()).map { URL(fileURLWithPath: $0).resolvingSymlinksInPath().path } ?? ""
+                let helpers = {
+                    allProcessIDs().subtracting(self.processIDsBefore).sorted().filter {
+                        ["fammig-guard", "fammig-watchdog"].contains((try? ProcFS.status($0))?["Name"] ?? "")
+                            && (try? ProcFS.readLink("/proc/\($0)/exe")) == fammig
+                    }
+                }
                 #expect(pollUntil(timeout: .seconds(10)) { helpers().isEmpty }, "\(what): left behind: \(helpers())")
             }
 

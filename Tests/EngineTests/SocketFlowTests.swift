@@ -120,10 +120,16 @@ extension ProcessTests {
             try stepUntilWaiting()
             #expect(processLife(victim) == .running && !target.sawComplete, "the victim was let go before the last acknowledgement")
             try targetSide.send(.received(pageByteCount: target.receivedPageBytes))
+            // The last acknowledgement: the source hands the process over (its `complete`) and holds the
+            // victim until the target says it holds the process (its own two: nothing more needed, disarmed).
+            try stepUntilWaiting()
+            try target.drain()
+            #expect(target.sawComplete, "the source did not hand the process over on the last acknowledgement")
+            #expect(processLife(victim) == .running, "the victim was let go before the target said it holds the process")
+            try targetSide.send(.complete(generation: 1))
+            try targetSide.send(.complete(generation: 1))
             try stepUntilWaiting()
             #expect(dumper.nextAction() == .finished)
-            try target.drain()
-            #expect(target.sawComplete)
             // Killed and reaped by the dumper, which traced it.
             #expect(pollUntil(timeout: .seconds(5)) { processLife(victim) == .gone }, "the victim was not killed")
         }
