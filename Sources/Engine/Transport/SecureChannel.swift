@@ -168,9 +168,13 @@ public final class SecureTransport: Transport, @unchecked Sendable {
     }
 
     private static func nonce(_ count: UInt64) -> ChaChaPoly.Nonce {
+        try! ChaChaPoly.Nonce(data: nonceBytes(count))  // 12 bytes: always a valid nonce
+    }
+
+    private static func nonceBytes(_ count: UInt64) -> [UInt8] {
         var bytes = [UInt8](repeating: 0, count: 12)
         for index in 0..<8 { bytes[index] = UInt8(truncatingIfNeeded: count >> (8 * UInt64(index))) }
-        return try! ChaChaPoly.Nonce(data: bytes)  // 12 bytes: always a valid nonce
+        return bytes
     }
 
     public func send(_ message: Message) throws(TransportError) {
@@ -206,7 +210,12 @@ public final class SecureTransport: Transport, @unchecked Sendable {
             guard bytes.count >= 16 else { throw .malformed("a sealed frame of \(bytes.count) bytes has no tag") }
             let plain: [UInt8]
             do {
-                let box = try ChaChaPoly.SealedBox(nonce: Self.nonce(receivedCount), ciphertext: bytes.dropLast(16), tag: bytes.suffix(16))
+                // One contiguous nonce + ciphertext + tag: SealedBox(nonce:ciphertext:tag:) joins its parts
+                // with Data's generic `+`, byte by byte (3.4 % of a socket-mode profile).
+                var combined = Self.nonceBytes(receivedCount)
+                combined.reserveCapacity(12 + bytes.count)
+                combined.append(contentsOf: bytes)
+                let box = try ChaChaPoly.SealedBox(combined: combined)
                 plain = Array(try ChaChaPoly.open(box, using: receiveKey))
             } catch {
                 throw .malformed("frame \(receivedCount) does not open under this migration's channel key (changed, replayed, reordered or forged)")

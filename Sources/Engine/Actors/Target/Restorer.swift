@@ -99,6 +99,12 @@ public final class Restorer: EngineActor {
             if imageAvailable() { return .ready(.restorer(.openImage)) }
             if clock.now() > imageWait { return .ready(.restorer(.giveUpWaiting)) }
             if strategy.sourceSpokeFirst { return .ready(.restorer(.readSourceWord)) }
+            // The source's word (metadataCommitted, the process state, an abort, its hang-up) wakes this
+            // thread at once; FAM is looked at again when it does, or after the timeout (a mode without
+            // a link, or a peer whose word never comes: the image may still be committed in FAM).
+            if let descriptor = strategy.transport?.readableDescriptor {
+                return .waiting(.readable([descriptor], timeout: .milliseconds(2)))
+            }
             return .waiting(.retryAfter(.microseconds(200)))
         case .spawn:
             if let spawnFirstTried, clock.now() - spawnFirstTried < .milliseconds(2) { return .waiting(.retryAfter(.microseconds(500))) }
