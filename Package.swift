@@ -3,13 +3,14 @@
 //   fammig, torture (executables)   flags, logging bootstrap, driver choice, exit codes
 //   Torture               deterministic driver, model FAM, in-memory transport, strategies, campaigns
 //   Oracles               register/state compare, page digests, end-to-end checksums
-//   Engine                Migration (assembles a mode's actors from ports); actors: the source's Dumper and
+//   Engine                Migration (the modes, which page strategy each makes, and the one place a
+//                         mode's actors are assembled from ports); actors: the source's Dumper and
 //                         the target's Restorer, each one lifecycle calling one page strategy per mode
 //                         (Actors/Source, Actors/Target), the fault handler and pusher over lazy memory
 //                         (Postcopy); FAM image, real FAM backend, transport and its sealed channel,
 //                         threaded driver
 //   Fuzzing               seeded mutator and fuzz targets over the engine's decoders (beside Torture)
-//   Sys (+ CSys)          the only raw syscalls and unsafe pointers
+//   Sys (+ CSys)          the only raw syscalls and unsafe pointers, and the kernel's numbers, typed
 import PackageDescription
 
 let package = Package(

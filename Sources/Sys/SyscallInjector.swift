@@ -73,10 +73,24 @@ public final class SyscallInjector: @unchecked Sendable {
         return after.syscallResult
     }
 
+    /// Runs `body`, a sequence of ptrace calls and stops: a failed ptrace call becomes `.ptrace`, an
+    /// injection error passes as it is; nothing else can be thrown in there.
+    private func withInjectionErrors<Result>(_ body: () throws -> Result) throws(InjectionError) -> Result {
+        do {
+            return try body()
+        } catch let error as InjectionError {
+            throw error
+        } catch let error as SyscallError {
+            throw .ptrace(error)
+        } catch {
+            preconditionFailure("unexpected error \(error)")
+        }
+    }
+
     /// Sets `registers`, lets the tracee run, and returns its registers at the int3 whose next
     /// instruction is `trapAddress`; throws at any other stop but a group-stop.
     private func runToTrap(_ name: String, registers: GeneralRegisters, trapAddress: UInt64) throws(InjectionError) -> GeneralRegisters {
-        do {
+        try withInjectionErrors {
             try tracee.setRegisters(registers)
             try tracee.resume()
             // The tracee's code leaves the table's loop only through its trap or a fault, so this
@@ -100,19 +114,13 @@ public final class SyscallInjector: @unchecked Sendable {
                     throw InjectionError.unexpectedStop(name: name, reason: reason, rip: after.rip)
                 }
             }
-        } catch let error as InjectionError {
-            throw error
-        } catch let error as SyscallError {
-            throw .ptrace(error)
-        } catch {
-            preconditionFailure("unexpected error \(error)")
         }
     }
 
     /// Sets `registers`, lets the tracee run to the exit stop of its `syscallCount`-th syscall, and
     /// returns its registers there; throws at any other stop but a group-stop.
     private func runToSyscallExit(_ name: String, registers: GeneralRegisters, syscallCount: Int) throws(InjectionError) -> GeneralRegisters {
-        do {
+        try withInjectionErrors {
             try tracee.setRegisters(registers)
             // Ends after 2 * syscallCount syscall stops (entry and exit alternate) or at a stop that throws.
             var syscallStops = 0
@@ -129,12 +137,6 @@ public final class SyscallInjector: @unchecked Sendable {
                 }
             }
             return try tracee.registers()
-        } catch let error as InjectionError {
-            throw error
-        } catch let error as SyscallError {
-            throw .ptrace(error)
-        } catch {
-            preconditionFailure("unexpected error \(error)")
         }
     }
 
@@ -143,7 +145,7 @@ public final class SyscallInjector: @unchecked Sendable {
     /// logic will see its registers when it resumes, as at the freeze. Every signal but SIGKILL and
     /// SIGSTOP must be blocked meanwhile, so no handler of the victim runs here.
     public func park() throws(InjectionError) {
-        do {
+        try withInjectionErrors {
             try tracee.interrupt()
             try tracee.resume()
             // Ends at the interrupt stop: only a stop or the end can come with every signal blocked.
@@ -160,12 +162,6 @@ public final class SyscallInjector: @unchecked Sendable {
                 }
             }
             throw InjectionError.unexpectedStop(name: "park", reason: .syscall, rip: 0)
-        } catch let error as InjectionError {
-            throw error
-        } catch let error as SyscallError {
-            throw .ptrace(error)
-        } catch {
-            preconditionFailure("unexpected error \(error)")
         }
     }
 

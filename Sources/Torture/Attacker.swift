@@ -35,13 +35,10 @@ public struct AttackPlan: Sendable, Codable, Equatable {
     /// after what it changes is there.
     public var delay: Int
 
-    /// The kinds that fit a mode: none for nonlive's wire (there is none), none for socket's FAM.
+    /// The kinds that fit a mode, in `Kind`'s order: rogue peers only where there is a wire between the
+    /// nodes (post-copy), FAM writers only where there is an image (nonlive, postcopy-fam).
     public static func kinds(for mode: MigrationMode) -> [Kind] {
-        switch mode {
-        case .nonlive: [.headerCode, .metadata, .pageTable, .commitRecord]
-        case .postcopySocket: [.forgedFrame, .replayedFrame, .unsealedComplete]
-        case .postcopyFAM: Kind.allCases
-        }
+        Kind.allCases.filter { $0.isRoguePeer ? mode.isPostcopy : mode.usesFAM }
     }
 
     public var summary: String {

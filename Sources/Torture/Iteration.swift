@@ -98,7 +98,7 @@ public struct Iteration {
         }
         let openBackend: () throws(ImageError) -> (any FAMBackend)? = { box.model?.targetNode }
 
-        let link: MemoryLink? = scenario.mode == .nonlive ? nil : MemoryLink()
+        let link: MemoryLink? = scenario.mode.isPostcopy ? MemoryLink() : nil
         link?.deliversAtOnce = scenario.instantLink == true
         if scenario.mode.isPostcopy { observer.oracles.expectLazyPages() }
         let key = MigrationKey.forIteration(seed: scenario.seed)
@@ -129,7 +129,7 @@ public struct Iteration {
         if let pusherParticipant { participants.append(pusherParticipant) }
         participants.append(runner)
         if let link { participants.append(LinkParticipant(link: link)) }
-        if scenario.mode != .postcopySocket { participants.append(FabricParticipant(model: { box.model })) }
+        if scenario.mode.usesFAM { participants.append(FabricParticipant(model: { box.model })) }
         let nemesis = scenario.kill.map {
             NemesisParticipant(plan: $0, dumper: dumperParticipant, sourceDumper: dumper, victim: victim, model: { box.model }, link: link)
         }

@@ -226,6 +226,10 @@ public struct Scenario: Sendable, Codable, Equatable {
     /// A written schedule followed instead of the strategy (nil: the strategy schedules).
     public var schedule: [SchedulePick]? = nil
 
+    /// The modes a seed draws from, in this order (not `MigrationMode.allCases`): a mode added to the
+    /// engine must not change what every existing seed draws; it joins the mix from a generator of its own.
+    public static let drawnModes: [MigrationMode] = [.nonlive, .postcopySocket, .postcopyFAM]
+
     /// The seed of iteration `index` of a campaign started with `seed`.
     public static func iterationSeed(campaignSeed: UInt64, index: Int) -> UInt64 {
         SeededGenerator.mix(campaignSeed &+ SeededGenerator.mix(UInt64(index) &+ 0x746F_7274_7572_65))
@@ -233,7 +237,7 @@ public struct Scenario: Sendable, Codable, Equatable {
 
     public static func make(seed: UInt64, filter: ScenarioFilter) -> Scenario {
         var rng = SeededGenerator(seed: seed ^ 0x5343_454E_4152_494F)
-        let modes = filter.modes ?? MigrationMode.allCases
+        let modes = filter.modes ?? Self.drawnModes
         let mode = modes[rng.below(modes.count)]
         let push = filter.push ?? rng.chance(1, in: 2)
         let programs = (filter.programs ?? ProgramSpec.catalog.map(\.name)).compactMap(ProgramSpec.named)

@@ -80,7 +80,7 @@ final class BenchSetup {
         let clock = ContinuousClock()
         for page in 0..<pageCount {
             let before = clock.now
-            sink ^= authenticator.markDigest(page: pages[(page * .pageSize)..<((page + 1) * .pageSize)], generation: 1,
+            sink ^= authenticator.markDigest(page: pages[(page * .pageSize)..<((page + 1) * .pageSize)], generation: MigrationPlan.singleGeneration,
                                              address: UInt64(page) * .pageSize, headerCode: headerCode)
             let elapsed = clock.now - before
             samples.append(Double(elapsed.components.attoseconds) / 1e12 + Double(elapsed.components.seconds) * 1e6)

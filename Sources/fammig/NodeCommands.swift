@@ -109,7 +109,7 @@ struct Source: ParsableCommand {
     @OptionGroup var common: CommonOptions
 
     func validate() throws {
-        if mode == .nonlive { throw ValidationError("the node commands migrate post-copy; a nonlive migration is `fammig checkpoint` then `fammig restore`.") }
+        if !mode.isPostcopy { throw ValidationError("the node commands migrate post-copy; a nonlive migration is `fammig checkpoint` then `fammig restore`.") }
         if mode == .postcopyFAM && fam == nil && pool == nil { throw ValidationError("postcopy-fam needs --fam PATH, the FAM file both nodes map, or --pool PATH.") }
         if dieAt != nil && stallAt != nil { throw ValidationError("--die-at and --stall-at are two ends for this node: pass one.") }
         if fam != nil && pool != nil { throw ValidationError("--fam and --pool are two places for the image: pass one.") }
@@ -215,7 +215,7 @@ struct Target: ParsableCommand {
     @OptionGroup var common: CommonOptions
 
     func validate() throws {
-        if mode == .nonlive { throw ValidationError("the node commands migrate post-copy; a nonlive migration is `fammig checkpoint` then `fammig restore`.") }
+        if !mode.isPostcopy { throw ValidationError("the node commands migrate post-copy; a nonlive migration is `fammig checkpoint` then `fammig restore`.") }
         if mode == .postcopyFAM && fam == nil && pool == nil { throw ValidationError("postcopy-fam needs --fam PATH, the FAM file the source writes, or --pool PATH.") }
         if fam != nil && pool != nil { throw ValidationError("--fam and --pool are two places for the image: pass one.") }
         do { _ = try Endpoint(parsing: connect) } catch { throw ValidationError("--connect: \(error)") }

@@ -185,7 +185,7 @@ struct Run: ParsableCommand {
         report.faultCount = metrics.faultCount.load(ordering: .relaxed)
         report.zeroPageCount = metrics.zeroPageCount.load(ordering: .relaxed)
         report.tcpByteCount = nodes.transportByteCount
-        report.famByteCount = mode == .postcopySocket ? 0 : report.pageCount * .pageSize
+        report.famByteCount = mode.usesFAM ? report.pageCount * .pageSize : 0
         if mode != .nonlive { oracles?.recordLazyPageVerdict() }
         report.migratedChecksum = checksum
         report.programStatus = "\(status)"

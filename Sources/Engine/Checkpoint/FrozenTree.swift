@@ -154,7 +154,7 @@ extension FrozenVictim {
         try? tracee.setSignalMask(~UInt64(0))
         // A signal stop that came first anyway is suppressed by the next attempt's resume.
         for _ in 0..<3 {
-            if (try? injector.raw("wait4(\(child))", Syscall.wait4, [UInt64(child.rawValue), 0, 0x4000_0000 /* __WALL */, 0])) != nil { return }
+            if (try? injector.raw("wait4(\(child))", Syscall.wait4, [UInt64(child.rawValue), 0, WaitOptions.anyChild.rawValue, 0])) != nil { return }
         }
     }
 }

@@ -212,7 +212,8 @@ final class FrozenVictim {
             sourceGuard.clearChanges()
         }
         try memory.write(syscallTrapInstruction, at: registers.rip)
-        try injector.call("mmap(scratch)", Syscall.mmap, scratch, scratchByteCount, 7, 0x22 | 0x100000, UInt64.max, 0)
+        try injector.call("mmap(scratch)", Syscall.mmap, scratch, scratchByteCount, MemoryProtection.all.rawValue,
+                               MapFlags.scratch.rawValue, UInt64.max, 0)
         defer { _ = try? injector.raw("munmap(scratch)", Syscall.munmap, [scratch, scratchByteCount]) }
         try memory.write(originalCode, at: registers.rip)
         try memory.write(syscallTrapInstruction, at: scratch)

@@ -147,7 +147,7 @@ enum Preflight {
         let key = "\(entry.device) \(entry.inode)"
         let object = objects[key] ?? Int32(objects.count)
         objects[key] = object
-        let byteCount = (UInt64(max(identity.byteCount, 0)) + 4095) / .pageSize * .pageSize
+        let byteCount = (UInt64(max(identity.byteCount, 0)) + .pageSize - 1) / .pageSize * .pageSize
         guard entry.fileOffset + entry.byteCount <= byteCount else {
             throw .unsupportedMapping(processID, range: range, reason: "it maps beyond the end of its shared memory object")
         }

@@ -2,7 +2,10 @@
 // its node commands, checkpoint and restore), torture's iterations and the tests only build ports (a
 // FAM backend, a transport, a clock, an observer) and call `Migration.source` and `Migration.target`;
 // which actors a mode needs, and how they are wired to each other, is this file's business. A new mode
-// is a case of `MigrationMode` and a branch in the two functions below.
+// is a case of `MigrationMode` (and its `wireCode`), a branch in the two functions below, its cases of
+// `DumpMode` and `RestoreMode` with their strategies (NodeModes.swift), and those two strategies, one
+// in Actors/Source and one in Actors/Target. Torture draws only `Scenario.drawnModes`: a new mode joins
+// the mix through a generator of its own, so that no existing seed changes its scenario.
 import Logging
 import Sys
 
@@ -19,6 +22,16 @@ public enum MigrationMode: String, Sendable, CaseIterable, Codable {
     public var isPostcopy: Bool { self != .nonlive }
     /// Whether the source writes an image into FAM.
     public var usesFAM: Bool { self != .postcopySocket }
+
+    /// The mode's number in the handshake's frames and its proof (SecureChannel): fixed per mode, so
+    /// that a mode added later changes no other mode's number.
+    public var wireCode: UInt8 {
+        switch self {
+        case .nonlive: 0
+        case .postcopySocket: 1
+        case .postcopyFAM: 2
+        }
+    }
 }
 
 /// What both nodes of one migration agree on.

@@ -1,5 +1,6 @@
-// How each node moves memory in each mode, as the dumper and the restorer branch on it; built only by
-// Migration.source and Migration.target from a MigrationMode and the node's transport.
+// How each node moves memory in each mode, and the page strategy that does it (Actors/Source,
+// Actors/Target); built only by Migration.source and Migration.target from a MigrationMode and the
+// node's transport.
 
 /// What the source does with the victim's memory.
 public enum DumpMode: Sendable {
@@ -21,4 +22,26 @@ public enum RestoreMode: Sendable {
     case lazyFromFAM(transport: any Transport)
     /// postcopy-socket: metadata and every page over the socket.
     case lazyFromSocket(transport: any Transport)
+}
+
+extension DumpMode {
+    /// The source strategy of this mode.
+    func sourceStrategy(batchPageCount: Int) -> any SourcePageStrategy {
+        switch self {
+        case .nonlive: NonliveBatchDump()
+        case .postcopyFAM(let transport): PostcopyFAMDump(transport: transport)
+        case .postcopySocket(let transport, let push): SocketPageServer(transport: transport, push: push, batchPageCount: batchPageCount)
+        }
+    }
+}
+
+extension RestoreMode {
+    /// The target strategy of this mode.
+    func targetStrategy() -> any TargetPageStrategy {
+        switch self {
+        case .eager: EagerInstall()
+        case .lazyFromFAM(let transport): LazyFromFAM(transport: transport)
+        case .lazyFromSocket(let transport): LazyFromSocket(transport: transport)
+        }
+    }
 }

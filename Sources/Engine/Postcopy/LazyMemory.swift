@@ -107,7 +107,7 @@ public final class LazyMemory: @unchecked Sendable {
     /// The slot of the dumped page now at `address`, or nil for a page the victim never touched.
     public func slot(for address: UInt64) -> Int? {
         lock.withLock {
-            if let slotByCurrentAddress { return slotByCurrentAddress[address & ~UInt64(4095)] }
+            if let slotByCurrentAddress { return slotByCurrentAddress[address & ~(UInt64.pageSize - 1)] }
             return slotIndex(of: address, in: pageAddresses)
         }
     }
@@ -127,7 +127,7 @@ public final class LazyMemory: @unchecked Sendable {
     func faultTarget(address: UInt64) -> FaultTarget {
         lock.withLock {
             let found: Int?
-            if let slotByCurrentAddress { found = slotByCurrentAddress[address & ~UInt64(4095)] } else { found = slotIndex(of: address, in: pageAddresses) }
+            if let slotByCurrentAddress { found = slotByCurrentAddress[address & ~(UInt64.pageSize - 1)] } else { found = slotIndex(of: address, in: pageAddresses) }
             guard let slot = found else { return .neverDumped }
             if installed[slot] { return .installed(slot: slot) }
             return reader?.isMarked(slot: slot) == true ? .dumped(slot: slot) : .missing(slot: slot)

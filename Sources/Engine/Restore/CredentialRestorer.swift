@@ -27,7 +27,7 @@ struct CredentialRestorer {
         if currentGroups != wanted.groupIDs {
             try injector.call("setresgid", Syscall.setresgid, UInt64(wanted.groupIDs[0]), UInt64(wanted.groupIDs[1]),
                               UInt64(wanted.groupIDs[2]))
-            try injector.call("setfsgid", 123, UInt64(wanted.groupIDs[3]))
+            try injector.call("setfsgid", Syscall.setfsgid, UInt64(wanted.groupIDs[3]))
         }
         for capability in 0..<64 where currentBounding & (1 << capability) != 0 && wanted.bounding & (1 << capability) == 0 {
             try injector.call("prctl(PR_CAPBSET_DROP, \(capability))", Syscall.prctl, 24, UInt64(capability))
@@ -39,7 +39,7 @@ struct CredentialRestorer {
         if changesUsers {
             try injector.call("setresuid", Syscall.setresuid, UInt64(wanted.userIDs[0]), UInt64(wanted.userIDs[1]),
                               UInt64(wanted.userIDs[2]))
-            try injector.call("setfsuid", 122, UInt64(wanted.userIDs[3]))
+            try injector.call("setfsuid", Syscall.setfsuid, UInt64(wanted.userIDs[3]))
         }
         var capabilityData: [UInt8] = []
         capabilityData.appendLittleEndian(UInt32(0x2008_0522))  // _LINUX_CAPABILITY_VERSION_3

@@ -12,7 +12,6 @@ struct SharedMemoryRestorer {
     let dataAddress: UInt64
 
     private enum Number { static let ftruncate = 77, memfdCreate = 319, shmget = 29, shmat = 30, shmctl = 31 }
-    private static let mapShared: UInt64 = 0x01, mapAnonymous: UInt64 = 0x20, fixedNoReplace: UInt64 = 0x100000
     private static let mayMoveFixed: UInt64 = 3  // MREMAP_MAYMOVE | MREMAP_FIXED
 
     func make(_ object: SharedMemory, mappings: [Mapping], avoiding extra: [Range<UInt64>]) throws {
@@ -30,7 +29,7 @@ struct SharedMemoryRestorer {
             try injector.call("ftruncate(memfd)", Number.ftruncate, descriptor, object.byteCount)
             for part in parts {
                 try injector.call("mmap(\(hex(part.start)) memfd:\(name))", Syscall.mmap, part.start, part.byteCount,
-                                  UInt64(part.protection), Self.mapShared | Self.fixedNoReplace, descriptor, part.fileOffset)
+                                  UInt64(part.protection), MapFlags([.shared, .fixedNoReplace]).rawValue, descriptor, part.fileOffset)
             }
             return
         }
@@ -38,8 +37,8 @@ struct SharedMemoryRestorer {
         guard let staging = AddressSpace.freeRange(byteCount: object.byteCount, avoiding: avoid) else {
             throw RestoreError.layout("no free range of \(object.byteCount) bytes to make shared memory object \(object.object) in")
         }
-        try injector.call("mmap(shared anonymous \(object.object))", Syscall.mmap, staging, object.byteCount, 3,
-                          Self.mapShared | Self.mapAnonymous | Self.fixedNoReplace, UInt64.max, 0)
+        try injector.call("mmap(shared anonymous \(object.object))", Syscall.mmap, staging, object.byteCount,
+                          MemoryProtection([.read, .write]).rawValue, MapFlags([.shared, .anonymous, .fixedNoReplace]).rawValue, UInt64.max, 0)
         for part in parts {
             // Old size 0: a second mapping of the same pages, not a move, so that mappings whose offsets
             // overlap (a view made by mremap(old_size 0)) each find their pages.

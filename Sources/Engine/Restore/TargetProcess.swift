@@ -92,7 +92,8 @@ final class TargetProcess {
             let injector = SyscallInjector(tracee: tracee, instructionAddress: registers.rip, template: registers)
             let target = TargetProcess(processID: processID, tracee: tracee, memory: memory, injector: injector,
                                        scratchAddress: scratch)
-            try injector.call("mmap(scratch)", Syscall.mmap, scratch, scratchByteCount, 7, 0x22 | 0x100000, UInt64.max, 0)
+            try injector.call("mmap(scratch)", Syscall.mmap, scratch, scratchByteCount, MemoryProtection.all.rawValue,
+                               MapFlags.scratch.rawValue, UInt64.max, 0)
             try memory.write(syscallTrapInstruction, at: scratch)
             injector.instructionAddress = scratch
             try tracee.setSignalMask(~UInt64(0))
@@ -202,7 +203,6 @@ final class TargetProcess {
         var sharedObjectsMade: Set<Int32> = []
         defer { for descriptor in openFiles.values { _ = try? injector.raw("close", Syscall.close, [descriptor]) } }
         for mapping in state.mappings {
-            let fixedNoReplace: UInt64 = 0x100000
             switch mapping.kind {
             case .vdsoPart, .vsyscall:
                 continue
@@ -214,11 +214,11 @@ final class TargetProcess {
                 try SharedMemoryRestorer(injector: injector, memory: memory, dataAddress: dataAddress)
                     .make(object, mappings: state.mappings, avoiding: [scratchAddress..<(scratchAddress + Self.scratchByteCount)])
             case .anonymous, .heap, .stack:
-                var flags: UInt64 = 0x02 | 0x20 | fixedNoReplace  // MAP_PRIVATE | MAP_ANONYMOUS
-                if mapping.kind == .stack { flags |= 0x0100 }     // MAP_GROWSDOWN
-                if mapping.noReserve { flags |= 0x4000 }          // MAP_NORESERVE
+                var flags: MapFlags = [.private, .anonymous, .fixedNoReplace]
+                if mapping.kind == .stack { flags.insert(.growsDown) }
+                if mapping.noReserve { flags.insert(.noReserve) }
                 try injector.call("mmap(\(hex(mapping.start)))", Syscall.mmap, mapping.start, mapping.byteCount,
-                                  UInt64(mapping.protection), flags, UInt64.max, 0)
+                                  UInt64(mapping.protection), flags.rawValue, UInt64.max, 0)
             case .file(let path):
                 let writableShared = mapping.shared && mapping.writable
                 let key = (writableShared ? "rw:" : "r:") + path
@@ -231,9 +231,9 @@ final class TargetProcess {
                     descriptor = UInt64(try openInTarget(checked, flags: (writableShared ? OpenFlag.readWrite : OpenFlag.readOnly) | OpenFlag.closeOnExec))
                     openFiles[key] = descriptor
                 }
-                let flags: UInt64 = (mapping.shared ? 0x01 : 0x02) | fixedNoReplace
+                let flags: MapFlags = [mapping.shared ? .shared : .private, .fixedNoReplace]
                 try injector.call("mmap(\(hex(mapping.start)) \(path))", Syscall.mmap, mapping.start, mapping.byteCount,
-                                  UInt64(mapping.protection), flags, descriptor, mapping.fileOffset)
+                                  UInt64(mapping.protection), flags.rawValue, descriptor, mapping.fileOffset)
             }
         }
     }

@@ -1,17 +1,5 @@
 // Address arithmetic shared by the dumper and the restorer.
 
-/// x86-64 syscall numbers the engine injects.
-enum Syscall {
-    static let read = 0, write = 1, open = 2, close = 3, lseek = 8, mmap = 9, mprotect = 10, munmap = 11
-    static let brk = 12, rtSigaction = 13, mremap = 25, dup2 = 33, prctl = 157, personality = 135
-    static let setresuid = 117, setresgid = 119, setgroups = 116, capset = 126, rtSigqueueinfo = 129
-    static let arch_prctl = 158, openat = 257, rtTgsigqueueinfo = 297, dup3 = 292, rseq = 334, seccomp = 317
-    static let userfaultfd = 323, closeRange = 436, prlimit64 = 302
-    static let clone3 = 435, setRobustList = 273, setTidAddress = 218
-    static let chdir = 80, umask = 95, sigaltstack = 131, getitimer = 36, setitimer = 38
-    static let timerCreate = 222, timerSettime = 223, timerGettime = 224, timerDelete = 226
-}
-
 enum AddressSpace {
     /// The lowest user address mmap may use here, and the top of user space (47-bit).
     static let lowestAddress: UInt64 = 0x10000

@@ -94,9 +94,6 @@ extension ProcessState {
     }
 }
 
-extension Syscall {
-    static let getpid = 39, wait4 = 61, kill = 62, setpgid = 109, setsid = 112, rtSigtimedwait = 128, exitGroup = 231
-}
 
 // MARK: Encoding
 

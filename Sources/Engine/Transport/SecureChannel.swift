@@ -28,7 +28,7 @@ public struct ChannelAgreement: Equatable, Sendable {
         self.generation = generation
     }
 
-    var modeCode: UInt8 { UInt8(MigrationMode.allCases.firstIndex(of: mode)!) }
+    var modeCode: UInt8 { mode.wireCode }
 }
 
 public enum SecureChannel {
@@ -63,7 +63,7 @@ public enum SecureChannel {
                         throw .refused("the peer sent \(message.kindName) before proving that it holds the migration key")
                     }
                     guard mode == agreement.modeCode else {
-                        let theirs = Int(mode) < MigrationMode.allCases.count ? MigrationMode.allCases[Int(mode)].rawValue : "mode \(mode)"
+                        let theirs = MigrationMode.allCases.first { $0.wireCode == mode }?.rawValue ?? "mode \(mode)"
                         throw .refused("the peer migrates \(theirs), this node \(agreement.mode.rawValue)")
                     }
                     guard generation == agreement.generation else {

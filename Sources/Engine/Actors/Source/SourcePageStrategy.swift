@@ -46,17 +46,6 @@ extension SourcePageStrategy {
     func handedOver(_ dumper: Dumper) throws(EngineError) -> Bool { preconditionFailure("only postcopy-socket hands the process over") }
 }
 
-extension DumpMode {
-    /// The source strategy of this mode.
-    func sourceStrategy(batchPageCount: Int) -> any SourcePageStrategy {
-        switch self {
-        case .nonlive: NonliveBatchDump()
-        case .postcopyFAM(let transport): PostcopyFAMDump(transport: transport)
-        case .postcopySocket(let transport, let push): SocketPageServer(transport: transport, push: push, batchPageCount: batchPageCount)
-        }
-    }
-}
-
 /// nonlive: every page into FAM in batches while the victim is frozen, each copied in one step and
 /// sealed in the next, the next batch read from the victim while this one is sealed.
 final class NonliveBatchDump: SourcePageStrategy {

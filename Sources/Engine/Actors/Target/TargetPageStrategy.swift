@@ -33,17 +33,6 @@ protocol TargetPageStrategy: AnyObject {
     func finishPagesBeforeState(_ restorer: Restorer) throws(RestoreError)
 }
 
-extension RestoreMode {
-    /// The target strategy of this mode.
-    func targetStrategy() -> any TargetPageStrategy {
-        switch self {
-        case .eager: EagerInstall()
-        case .lazyFromFAM(let transport): LazyFromFAM(transport: transport)
-        case .lazyFromSocket(let transport): LazyFromSocket(transport: transport)
-        }
-    }
-}
-
 /// nonlive: waits for the commit, opens and verifies the whole image, and installs every page in batches
 /// (each batch's checked copy loaded one batch ahead) before the rest of the state.
 final class EagerInstall: TargetPageStrategy {
