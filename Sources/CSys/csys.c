@@ -167,6 +167,16 @@ uint64_t csys_digest64(const void *address, size_t byteCount, uint64_t seed) {
     return result;
 }
 
+size_t csys_select_pagemap_pages(uint64_t *words, size_t count, uint64_t anyOf, uint64_t noneOf, uint64_t firstAddress) {
+    size_t selected = 0;
+    for (size_t index = 0; index < count; index++) {
+        uint64_t word = words[index];
+        // selected <= index: the address overwrites a word already looked at.
+        if ((word & anyOf) != 0 && (word & noneOf) == 0) words[selected++] = firstAddress + (uint64_t)index * 4096;
+    }
+    return selected;
+}
+
 int csys_ioctl_pointer(int fd, unsigned long request, void *argument) {
     return ioctl(fd, request, argument);
 }
