@@ -27,7 +27,7 @@ extension ProcessTests {
         }
 
         @Test func taskStateFollowsAProcessFromRunningToStoppedToZombie() throws {
-            #expect(ProcFS.state(ProcessID(rawValue: getpid())) == .running, "the test reads its own state while it runs")
+            #expect(ProcFS.state(ProcessID(rawValue: getpid()), thread: Spawn.currentThreadID()) == .running, "this thread reads its own state while it runs")
             let child = try Spawn.program(path: "/bin/sleep", arguments: ["60"], environment: [],
                                           standardOutputPath: "/dev/null", standardErrorPath: "/dev/null")
             defer { _ = Spawn.killAndReap(child) }
