@@ -16,6 +16,7 @@
 #include <pthread.h>
 #include <poll.h>
 #include <sys/wait.h>
+#include <sys/mman.h>
 #include <stdio.h>
 #include <sys/socket.h>
 #include <linux/capability.h>
@@ -89,11 +90,89 @@ static void reset_signals(void) {
     syscall(SYS_rt_sigprocmask, SIG_SETMASK, &empty, 0, 8);
 }
 
+static int open_onto(const char *path, int flags, int descriptor) {
+    long opened = syscall(SYS_openat, AT_FDCWD, path, flags, 0600);
+    if (opened < 0) return -1;
+    if (opened != descriptor) {
+        if (syscall(SYS_dup2, opened, descriptor) < 0) return -1;
+        syscall(SYS_close, opened);
+    }
+    return 0;
+}
+
+struct program_spawn {
+    const char *path;
+    char *const *argv;
+    char *const *envp;
+    /// NULL: keep this process's standard input, output and error (and every other descriptor).
+    const char *standardInput, *standardOutput, *standardError;
+    unsigned long personalityValue;
+    int traced, dieWithParent;
+};
+
+/// The child of spawn_sharing_memory, on its own stack in the parent's memory (CLONE_VM): only raw
+/// syscalls, nothing that writes memory the parent owns, until execve replaces the address space.
+static int program_spawn_child(void *argument) {
+    const struct program_spawn *spawn = argument;
+    // Default dispositions and an empty mask, whatever the parent had (its handlers must never run here).
+    reset_signals();
+    if (spawn->standardInput != NULL) {
+        if (open_onto(spawn->standardInput, O_RDONLY, 0) != 0) syscall(SYS_exit_group, 125);
+        if (open_onto(spawn->standardOutput, O_WRONLY | O_CREAT | O_TRUNC, 1) != 0) syscall(SYS_exit_group, 125);
+        if (open_onto(spawn->standardError, O_WRONLY | O_CREAT | O_TRUNC, 2) != 0) syscall(SYS_exit_group, 125);
+        syscall(SYS_close_range, 3, ~0U, 0);
+    }
+    // A fixed layout for a run that must be repeatable; and it dies with whoever started it.
+    if (spawn->personalityValue != 0xffffffffUL) syscall(SYS_personality, spawn->personalityValue);
+    if (spawn->dieWithParent) syscall(SYS_prctl, PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+    // Traced by the thread that called clone: the exec stops with SIGTRAP before the program's first instruction.
+    if (spawn->traced && syscall(SYS_ptrace, PTRACE_TRACEME, 0, 0, 0) != 0) syscall(SYS_exit_group, 126);
+    syscall(SYS_execve, spawn->path, spawn->argv, spawn->envp);
+    syscall(SYS_exit_group, 127);
+    return 127;
+}
+
+/// Starts a program the way posix_spawn does: the child shares this process's memory (CLONE_VM) on a
+/// stack of its own, and this thread waits (CLONE_VFORK) until it has exec'd or died. A fork instead
+/// copied torture's page tables for every victim, reference run and stub, and made the parent take a
+/// copy-on-write fault on each page it wrote until the child's exec (a tenth of a campaign's CPU time
+/// together). Signals stay blocked across the clone so that none of the parent's handlers runs in the
+/// child before it resets them.
+static pid_t spawn_sharing_memory(const struct program_spawn *spawn, int cloneFlags) {
+    const size_t stackByteCount = 64 * 1024;
+    void *stack = mmap(NULL, stackByteCount, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    if (stack == MAP_FAILED) return -1;
+    sigset_t all, previous;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &previous);
+    pid_t child = clone(program_spawn_child, (char *)stack + stackByteCount, CLONE_VM | CLONE_VFORK | cloneFlags | SIGCHLD,
+                        (void *)spawn);
+    int saved = errno;
+    pthread_sigmask(SIG_SETMASK, &previous, NULL);
+    munmap(stack, stackByteCount);
+    errno = saved;
+    return child;
+}
+
+static pid_t spawn_program_new_pid_namespace(const char *path, char *const argv[], char *const envp[],
+                                             const char *standardInput, const char *standardOutput,
+                                             const char *standardError, unsigned long personalityValue, int traced,
+                                             int dieWithParent) {
+    struct program_spawn spawn = { path, argv, envp, standardInput, standardOutput, standardError, personalityValue,
+                                   traced, dieWithParent };
+    return spawn_sharing_memory(&spawn, CLONE_NEWPID);
+}
+
 /// clone3 (with `flags`, and `wantedPID` as set_tid unless 0), then in the child: default signals,
 /// PDEATHSIG, personality, PTRACE_TRACEME and execve; only raw syscalls there (the parent may have
 /// other threads).
 static pid_t spawn_traced(const char *path, char *const argv[], char *const envp[], pid_t wantedPID,
                           unsigned long personalityValue, unsigned long long flags) {
+    if (wantedPID <= 0) {
+        struct program_spawn spawn = { path, argv, envp, NULL, NULL, NULL, personalityValue, 1, 1 };
+        return spawn_sharing_memory(&spawn, (int)flags);
+    }
+    // clone() cannot ask for a PID (set_tid is clone3's): a fork, then.
     struct clone_args arguments = {0};
     pid_t tids[1] = {wantedPID};
     arguments.flags = flags;
@@ -175,6 +254,16 @@ uint64_t csys_digest64(const void *address, size_t byteCount, uint64_t seed) {
     return result;
 }
 
+size_t csys_select_pagemap_pages(uint64_t *words, size_t count, uint64_t anyOf, uint64_t noneOf, uint64_t firstAddress) {
+    size_t selected = 0;
+    for (size_t index = 0; index < count; index++) {
+        uint64_t word = words[index];
+        // selected <= index: the address overwrites a word already looked at.
+        if ((word & anyOf) != 0 && (word & noneOf) == 0) words[selected++] = firstAddress + (uint64_t)index * 4096;
+    }
+    return selected;
+}
+
 int csys_ioctl_pointer(int fd, unsigned long request, void *argument) {
     return ioctl(fd, request, argument);
 }
@@ -185,41 +274,6 @@ int csys_spawn_actions_close_from(posix_spawn_file_actions_t *actions, int first
 
 pid_t csys_spawn_traced_new_pid_namespace(const char *path, char *const argv[], char *const envp[], int newIPCNamespace) {
     return spawn_traced(path, argv, envp, 0, 0xffffffffUL, CLONE_NEWPID | (newIPCNamespace ? CLONE_NEWIPC : 0));
-}
-
-static int open_onto(const char *path, int flags, int descriptor) {
-    long opened = syscall(SYS_openat, AT_FDCWD, path, flags, 0600);
-    if (opened < 0) return -1;
-    if (opened != descriptor) {
-        if (syscall(SYS_dup2, opened, descriptor) < 0) return -1;
-        syscall(SYS_close, opened);
-    }
-    return 0;
-}
-
-static pid_t spawn_program_new_pid_namespace(const char *path, char *const argv[], char *const envp[],
-                                             const char *standardInput, const char *standardOutput,
-                                             const char *standardError, unsigned long personalityValue, int traced,
-                                             int dieWithParent) {
-    struct clone_args arguments = {0};
-    arguments.flags = CLONE_NEWPID;
-    arguments.exit_signal = SIGCHLD;
-    long child = syscall(SYS_clone3, &arguments, sizeof arguments);
-    if (child != 0) return (pid_t)child;
-    // Child: only raw syscalls. Default dispositions and an empty mask, whatever the parent had.
-    reset_signals();
-    if (open_onto(standardInput, O_RDONLY, 0) != 0) syscall(SYS_exit_group, 125);
-    if (open_onto(standardOutput, O_WRONLY | O_CREAT | O_TRUNC, 1) != 0) syscall(SYS_exit_group, 125);
-    if (open_onto(standardError, O_WRONLY | O_CREAT | O_TRUNC, 2) != 0) syscall(SYS_exit_group, 125);
-    syscall(SYS_close_range, 3, ~0U, 0);
-    // A fixed layout for a run that must be repeatable; and it dies with whoever started it.
-    if (personalityValue != 0xffffffffUL) syscall(SYS_personality, personalityValue);
-    if (dieWithParent) syscall(SYS_prctl, PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
-    // Traced by the thread that called clone3: the exec stops with SIGTRAP before the program's first instruction.
-    if (traced && syscall(SYS_ptrace, PTRACE_TRACEME, 0, 0, 0) != 0) syscall(SYS_exit_group, 126);
-    syscall(SYS_execve, path, argv, envp);
-    syscall(SYS_exit_group, 127);
-    return -1;
 }
 
 pid_t csys_spawn_program_new_pid_namespace(const char *path, char *const argv[], char *const envp[],

@@ -100,6 +100,15 @@ public enum SyscallStops {
         case ended(syscallCount: Int, status: ExitStatus)
     }
 
+    /// Blocks until the child `processID` is in a group-stop or has ended, without reaping it.
+    private static func waitForStopOrEnd(_ processID: ProcessID) {
+        var information = siginfo_t()
+        // Ends at the stop or the end (EINTR retried); any other error means it is not ours to wait for.
+        while waitid(P_PID, id_t(processID.rawValue), &information, WSTOPPED | WEXITED | WNOWAIT | __WALL) != 0 {
+            guard errno == EINTR else { return }
+        }
+    }
+
     private static func run(_ tracee: Tracee, path: String, toExitOf target: Int?, limit: Duration) throws(SyscallStopError) -> Ending {
         let clock = ContinuousClock()
         let start = clock.now
@@ -129,10 +138,10 @@ public enum SyscallStops {
                             try tracee.detach(signal: SIGSTOP)
                             // The SIGSTOP is taken once it runs again: wait for the group-stop callers are
                             // promised (read at once, it was still running: WorkloadTests saw state R).
-                            while let state = (try? ProcFS.statFields(tracee.processID))?[3], !["T", "t", "Z", "X"].contains(state),
-                                  clock.now - start <= limit {
-                                sched_yield()
-                            }
+                            // It is our child, no longer traced: its parent is told of the stop (or of its
+                            // death, if something killed it meanwhile). WNOWAIT leaves either to be
+                            // waited for again, by the dumper that seizes it or by whoever reaps it.
+                            waitForStopOrEnd(tracee.processID)
                             return .frozen
                         }
                     } else {

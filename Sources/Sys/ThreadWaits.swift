@@ -26,18 +26,10 @@ public enum ThreadWait: Equatable, Sendable {
 }
 
 extension ProcFS {
-    /// Thread `threadID` of `processID`: its state letter (R, S, D, Z, ...; nil when it is gone).
-    public static func threadState(_ processID: ProcessID, thread threadID: ProcessID) -> Character? {
-        guard let stat = try? readText("/proc/\(processID.rawValue)/task/\(threadID.rawValue)/stat"),
-              let close = stat.lastIndex(of: ")"), stat.distance(from: close, to: stat.endIndex) > 2 else { return nil }
-        return stat[stat.index(close, offsetBy: 2)]
-    }
-
     /// What thread `threadID` of `processID` waits on.
     public static func threadWait(_ processID: ProcessID, thread threadID: ProcessID) -> ThreadWait {
-        guard let state = threadState(processID, thread: threadID) else { return .ended }
-        if state == "Z" || state == "X" { return .ended }
-        guard state == "S" || state == "D" else { return .running }
+        guard let state = ProcFS.state(processID, thread: threadID), !state.hasEnded else { return .ended }
+        guard state == .sleeping || state == .diskSleep else { return .running }
         guard let wchan = try? readText("/proc/\(processID.rawValue)/task/\(threadID.rawValue)/wchan") else { return .ended }
         if wchan.hasPrefix("handle_userfault") || wchan.hasPrefix("userfaultfd") { return .userfault }
         if wchan.hasPrefix("futex") { return .futex }

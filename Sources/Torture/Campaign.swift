@@ -60,7 +60,7 @@ public final class Campaign: Sendable {
         }
         let scenario = Scenario.make(seed: seed, filter: filter)
         var environment = TortureEnvironment(programDirectory: options.programDirectory, stubPath: options.stubPath,
-                                             workDirectory: options.workDirectory + "/w" + String(worker + 100).dropFirst())
+                                             workDirectory: workDirectory(worker: worker))
         environment.sourceFAMWrapper = options.sourceFAMWrapper
         if filter.chaos { return ChaosIteration(scenario: scenario, environment: environment, references: references).run() }
         let iteration = Iteration(scenario: scenario, environment: environment, references: references, ledger: ledger)
@@ -76,6 +76,12 @@ public final class Campaign: Sendable {
         if !keepTrace { first.trace = nil }
         return first
     }
+
+    /// The directory worker `worker`'s iterations run in (each empties it; it stays for the next).
+    func workDirectory(worker: Int) -> String { options.workDirectory + "/w" + String(worker + 100).dropFirst() }
+
+    /// Removes worker `worker`'s directory, once it runs no more iterations.
+    public func removeWorkDirectory(worker: Int) { try? FileManager.default.removeItem(atPath: workDirectory(worker: worker)) }
 
     /// Where two traces part: the first step whose lines differ, or where one ends.
     static func firstDifference(_ first: [String], _ second: [String]) -> (step: Int, first: String, second: String)? {
@@ -142,7 +148,10 @@ public final class Campaign: Sendable {
         for worker in 0..<max(1, options.jobs) {
             group.enter()
             let thread = Thread { [self] in
-                defer { group.leave() }
+                defer {
+                    removeWorkDirectory(worker: worker)
+                    group.leave()
+                }
                 while !(options.failFast && failureSeen.withLock { $0 }) {
                     let position = next.withLock { value -> Int in
                         defer { value += 1 }

@@ -136,7 +136,8 @@ extension Campaign {
     /// its line expects (the failure names the line).
     public func runRegressions(_ seeds: [RegressionSeed], path: String,
                                report: (IterationResult, RegressionSeed) -> Void) -> [IterationResult] {
-        seeds.map { entry in
+        defer { removeWorkDirectory(worker: 0) }
+        return seeds.map { entry in
             var result = runOne(seed: entry.seed, filter: entry.filter, keepTrace: false,
                                 checkDeterminism: entry.expectation == .replays)
             if !result.passed {

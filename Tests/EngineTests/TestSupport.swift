@@ -237,10 +237,10 @@ enum ProcessLife: Equatable {
 }
 
 func processLife(_ processID: ProcessID) -> ProcessLife {
-    guard let fields = try? ProcFS.statFields(processID), let state = fields[3] else { return .gone }
-    guard state == "Z" || state == "X" else { return .running }
+    guard let state = ProcFS.state(processID) else { return .gone }
+    guard state.hasEnded else { return .running }
     // Field 52, the last (it ends with the newline), is the waitpid status word while nobody reaped it.
-    let lastField = fields[52]?.trimmingCharacters(in: .whitespacesAndNewlines)
+    let lastField = (try? ProcFS.statFields(processID))?[52]?.trimmingCharacters(in: .whitespacesAndNewlines)
     guard let word = lastField.flatMap({ Int32($0) }), word & 0x7f == 0 else { return .zombie(exitCode: nil) }
     return .zombie(exitCode: (word >> 8) & 0xff)
 }

@@ -139,6 +139,10 @@ int csys_best_flush_method(void);
 
 /// Fast 64-bit digest of a buffer whose size is a multiple of 8 (pages always are).
 uint64_t csys_digest64(const void *address, size_t byteCount, uint64_t seed);
+/// Compacts, in place, the pagemap words of `count` pages from `firstAddress`: each word with a bit of
+/// `anyOf` and none of `noneOf` is replaced, in order, by its page's address. Returns how many there are.
+/// A sparse mapping has millions of words, and a Swift loop over them took seconds in a debug build.
+size_t csys_select_pagemap_pages(uint64_t *words, size_t count, uint64_t anyOf, uint64_t noneOf, uint64_t firstAddress);
 
 /// The calling thread, and only it, takes on a file-access identity: supplementary `groups`, then
 /// filesystem group and user IDs, then of its permitted capabilities only those in `effective` as

@@ -105,7 +105,9 @@ public final class FaultHandler: EngineActor {
     }
 
     private func hasPendingDumped(_ memory: LazyMemory) -> Bool {
-        memory.usesFAM && pending.keys.contains { memory.isDumped($0) }
+        // In slot order: whether a mark is stored is read from FAM (the model records each load), so the
+        // order must not be the Dictionary's, which changes with the per-process hash seed.
+        memory.usesFAM && pending.keys.sorted().contains { memory.isDumped($0) }
     }
 
     private func transportHasData() -> Bool {

@@ -67,25 +67,12 @@ enum Preflight {
                 continue
             default: break
             }
-            let pageCount = Int(mapping.byteCount / .pageSize)
-            let words: [UInt64]
-            do { words = try ProcFS.pagemap(processID, address: mapping.start, pageCount: pageCount) } catch {
-                throw .system(processID, "\(error)")
-            }
             let isFile: Bool
             if case .file = mapping.kind { isFile = true } else { isFile = false }
-            // A plain index loop: a sparse mapping has millions of words, and the enumerated sequence
-            // cost a sixth of a torture campaign's CPU time in the debug build CI runs.
-            let wanted: UInt64 = (1 << 63) | (1 << 62)  // present or swapped
-            let fileBacked: UInt64 = 1 << 61
-            var index = 0
-            while index < words.count {
-                let word = words[index]
-                if word & wanted != 0 && !(isFile && word & fileBacked != 0) {
-                    addresses.append(mapping.start + UInt64(index) * .pageSize)
-                }
-                index += 1
-            }
+            do {
+                addresses += try ProcFS.presentPageAddresses(processID, address: mapping.start, pageCount: Int(mapping.byteCount / .pageSize),
+                                                             excludingFilePages: isFile)
+            } catch { throw .system(processID, "\(error)") }
         }
         return addresses
     }

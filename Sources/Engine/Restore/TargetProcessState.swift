@@ -228,10 +228,9 @@ extension TargetProcess {
         var addresses: [UInt64] = []
         do {
             for range in registeredRanges where !sharedRanges.contains(range) {
-                let words = try ProcFS.pagemap(processID, address: range.lowerBound, pageCount: Int((range.upperBound - range.lowerBound) / .pageSize))
-                for (index, word) in words.enumerated() where word & (3 << 62) != 0 {
-                    addresses.append(range.lowerBound + UInt64(index) * .pageSize)
-                }
+                addresses += try ProcFS.presentPageAddresses(processID, address: range.lowerBound,
+                                                             pageCount: Int((range.upperBound - range.lowerBound) / .pageSize),
+                                                             excludingFilePages: false)
             }
         } catch { throw .system("reading the target's pagemap: \(error)") }
         return addresses
