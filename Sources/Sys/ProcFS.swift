@@ -37,8 +37,8 @@ public enum ProcFS {
         var result: [UInt8] = []
         // Torture reads a status or stat file before every step: a 64 KiB array made and zeroed for each
         // read showed in its profile. Most /proc files fit in one page; longer ones take more reads.
-        // Ends at end of file (a /proc file is finite; a regular file, its size).
         try withUnsafeTemporaryAllocation(byteCount: 4096, alignment: 8) { (chunk) throws in
+            // Ends at end of file (a /proc file is finite; a regular file, its size).
             while true {
                 let count = try retryingInterrupts("read(\(path))") { read(descriptor, chunk.baseAddress, chunk.count) }
                 if count == 0 { return }
