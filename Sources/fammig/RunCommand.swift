@@ -15,7 +15,8 @@ enum Switch: String, ExpressibleByArgument, CaseIterable, Codable {
 
 struct Run: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Start a program, migrate it after a delay, let it finish, and check it with every oracle.")
+        abstract: "Start a program, migrate it after a delay, let it finish, and check it with every oracle.",
+        discussion: freezeRetryDiscussion)
 
     @Option(help: "The migration mode.")
     var mode: MigrationMode = .nonlive
