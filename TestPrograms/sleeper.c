@@ -8,12 +8,37 @@
  * the remaining time on EINTR. After waking it re-hashes the state and
  * checks it is unchanged. At the end the whole computation is replayed in
  * a fresh buffer and compared with the live state.
+ *
+ * With --fd-signals 1 each SIGUSR1 opens a UDP socket (fd 40) if it is
+ * closed and closes it if it is open, in the handler: a descriptor that
+ * cannot migrate, open for a window the caller controls (a freeze that
+ * finds it is let go and tried again). The state does not depend on it.
  */
 #include "common.h"
+
+#include <fcntl.h>
+#include <sys/socket.h>
+#include <netinet/in.h>
 
 #define HEAP_BYTES (64u * 1024u)
 #define HEAP_WORDS (HEAP_BYTES / sizeof(uint64_t))
 #define STACK_WORDS 64
+
+#define TOGGLED_FD 40
+
+static void toggle_fd(int signal_number)
+{
+    (void)signal_number;
+    if (fcntl(TOGGLED_FD, F_GETFD) != -1) {
+        close(TOGGLED_FD);
+        return;
+    }
+    int fd = socket(AF_INET, SOCK_DGRAM, 0);
+    if (fd >= 0 && fd != TOGGLED_FD) {
+        dup2(fd, TOGGLED_FD);
+        close(fd);
+    }
+}
 
 static uint64_t round_key(uint64_t seed, uint64_t r)
 {
@@ -56,16 +81,28 @@ static uint64_t hash_state(const uint64_t *heap, const volatile uint64_t *stk,
 
 int main(int argc, char **argv)
 {
-    unsigned long long rounds = 20, sleep_ms = 50, seed = 1;
+    unsigned long long rounds = 20, sleep_ms = 50, seed = 1, fd_signals = 0;
     const struct tp_opt opts[] = {
         { "rounds",   &rounds,   0, 100000000ULL, "number of update+sleep rounds" },
         { "sleep-ms", &sleep_ms, 0, 3600000ULL, "milliseconds blocked per round" },
         { "seed",     &seed,     0, UINT64_MAX, "seed of the state updates" },
+        { "fd-signals", &fd_signals, 0, 1,
+          "1: each SIGUSR1 opens a UDP socket as fd 40, or closes it" },
     };
     tp_parse_args(argc, argv,
                   "Updates memory state, then blocks in nanosleep / "
                   "clock_nanosleep; checks the state after each wake-up.",
                   opts, TP_NOPTS(opts));
+
+    if (fd_signals) {
+        struct sigaction action;
+        memset(&action, 0, sizeof action);
+        action.sa_handler = toggle_fd;
+        sigemptyset(&action.sa_mask);
+        action.sa_flags = SA_RESTART;
+        if (sigaction(SIGUSR1, &action, NULL) != 0)
+            tp_syserr("sigaction(SIGUSR1)");
+    }
 
     uint64_t *heap = malloc(HEAP_BYTES);
     if (heap == NULL)

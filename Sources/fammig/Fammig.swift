@@ -106,9 +106,18 @@ func openRealBackend(path: String) -> () throws(ImageError) -> (any FAMBackend)?
     }
 }
 
+/// What every command that freezes a process says about a freeze that finds more than its preflight did.
+let freezeRetryDiscussion = """
+    What cannot migrate is refused before the freeze, the process left running untouched. A descriptor or \
+    mapping that only the freeze finds (one opened and closed again each round) is taken for a \
+    moment's: the process is let go untouched and frozen again, at most \(Dumper.freezeRetryLimit) times, \
+    4 ms later, then 8, 16, 32, 64 ms; the refusal stands only if the last freeze still finds it.
+    """
+
 struct Checkpoint: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Checkpoint a running process into a FAM image (nonlive) and kill it.")
+        abstract: "Checkpoint a running process into a FAM image (nonlive) and kill it.",
+        discussion: freezeRetryDiscussion)
 
     @Option(help: "The PID of the process to checkpoint.")
     var pid: Int32

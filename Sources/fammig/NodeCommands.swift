@@ -72,7 +72,8 @@ enum PIDNamespaceChoice: String, ExpressibleByArgument, CaseIterable {
 
 struct Source: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "The source node of a post-copy migration: freeze PID, then serve the target that connects.")
+        abstract: "The source node of a post-copy migration: freeze PID, then serve the target that connects.",
+        discussion: freezeRetryDiscussion)
 
     @Option(help: "The PID of the process to migrate.")
     var pid: Int32

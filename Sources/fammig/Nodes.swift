@@ -28,7 +28,8 @@ struct Nodes {
 
     static func make(mode: MigrationMode, push: Bool, victim: ProcessID, storage: ImageStorage, stubPath: String, separateNodes: Bool,
                      oracles: MigrationOracles?, clock: MonotonicClock, timeline: MigrationTimeline, metrics: FaultMetrics,
-                     logger: Logger, network: NodeNetwork? = nil) throws -> Nodes {
+                     logger: Logger, network: NodeNetwork? = nil,
+                     stallTimeoutSeconds: Int32 = Int32(MigrationPlan.defaultStallTimeoutSeconds)) throws -> Nodes {
         let pidNamespace: PIDNamespace = separateNodes ? .fresh : .shared
         // Both nodes live in this process: the key never leaves its memory.
         let key = MigrationKey.generate()
@@ -45,7 +46,8 @@ struct Nodes {
             openBackend = image.openBackend()
             poolImage = image
         }
-        let plan = MigrationPlan(mode: mode, push: push, key: key)
+        let plan = MigrationPlan(mode: mode, push: push, key: key, stallTimeout: .seconds(Int64(stallTimeoutSeconds)))
+        let stallMilliseconds = stallTimeoutSeconds * 1000
         func nodes(source: (any Transport)?, target: (any Transport)?) throws -> Nodes {
             let sourceNode = try Migration.source(plan, victim: victim, ports: SourcePorts(
                 makeBackend: makeBackend, transport: source, observer: oracles, clock: clock, timeline: timeline, logger: logger))
@@ -63,9 +65,9 @@ struct Nodes {
         } ?? TCPTransport.listen(on: Endpoint(host: "127.0.0.1", port: 0))
         defer { listener.close() }
         let targetSide = try network.map { network in
-            try network.inside(network.targetNamespace) { try TCPTransport.connect(to: listener.endpoint, timeoutMilliseconds: 5000) }
-        } ?? TCPTransport.connect(to: listener.endpoint, timeoutMilliseconds: 5000)
-        guard let sourceSide = try TCPTransport.accept(on: listener, timeoutMilliseconds: 5000) else {
+            try network.inside(network.targetNamespace) { try TCPTransport.connect(to: listener.endpoint, timeoutMilliseconds: 5000, stallTimeoutMilliseconds: stallMilliseconds) }
+        } ?? TCPTransport.connect(to: listener.endpoint, timeoutMilliseconds: 5000, stallTimeoutMilliseconds: stallMilliseconds)
+        guard let sourceSide = try TCPTransport.accept(on: listener, timeoutMilliseconds: 5000, stallTimeoutMilliseconds: stallMilliseconds) else {
             targetSide.close()
             throw EngineError.timedOut("the target's connection never arrived at the source")
         }

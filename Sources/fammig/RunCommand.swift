@@ -15,7 +15,8 @@ enum Switch: String, ExpressibleByArgument, CaseIterable, Codable {
 
 struct Run: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Start a program, migrate it after a delay, let it finish, and check it with every oracle.")
+        abstract: "Start a program, migrate it after a delay, let it finish, and check it with every oracle.",
+        discussion: freezeRetryDiscussion)
 
     @Option(help: "The migration mode.")
     var mode: MigrationMode = .nonlive
@@ -34,6 +35,9 @@ struct Run: ParsableCommand {
 
     @Option(help: "Freeze the program at the exit of its N-th system call (counted under ptrace, address randomisation off, as pid 1 of its own PID namespace) instead of after --after-ms: a repeatable freeze point for a program that knows nothing of fammig.")
     var freezeAtSyscall: Int?
+
+    @Option(help: "Post-copy: seconds either node waits for the other once state has moved (\(MigrationPlan.defaultStallTimeoutSeconds) by default; as `source` and `target` take it): pages before the resume, a faulted page, the hand-over or commit record, acknowledgements, a send the other takes nothing of. The migration then fails naming the stall (exit 2).")
+    var stallTimeout: Int32 = Int32(MigrationPlan.defaultStallTimeoutSeconds)
 
     @Option(help: "Also write the report as JSON to this file.")
     var json: String?
@@ -62,6 +66,7 @@ struct Run: ParsableCommand {
             throw ValidationError("\(program) is not an executable path; give its path (e.g. ./TestPrograms/build/memwalk).")
         }
         guard afterMs >= 0 else { throw ValidationError("--after-ms must be 0 or more.") }
+        if stallTimeout < Int32(MigrationPlan.minimumStallTimeoutSeconds) || stallTimeout > 86_400 { throw ValidationError("--stall-timeout takes \(MigrationPlan.minimumStallTimeoutSeconds) to 86400 seconds.") }
         if let freezeAtSyscall, freezeAtSyscall < 1 { throw ValidationError("--freeze-at-syscall counts from 1.") }
         if let fam, ProcFS.exists(fam) { throw ValidationError("\(fam) already exists; pass a new path or remove it.") }
         if fam != nil && pool != nil { throw ValidationError("--fam and --pool are two places for the image: pass one.") }
@@ -145,7 +150,7 @@ struct Run: ParsableCommand {
         do {
             nodes = try Nodes.make(mode: mode, push: push == .on, victim: victim, storage: storage, stubPath: try stubPath(),
                                    separateNodes: separateNodes, oracles: oracles, clock: clock, timeline: timeline,
-                                   metrics: metrics, logger: logger, network: network)
+                                   metrics: metrics, logger: logger, network: network, stallTimeoutSeconds: stallTimeout)
         } catch {
             Spawn.kill(victim)
             _ = try? Spawn.waitForExit(victim)

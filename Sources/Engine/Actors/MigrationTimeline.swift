@@ -26,6 +26,11 @@ public final class MigrationTimeline: Sendable {
         contents.withLock { if $0.instants[event] == nil { $0.instants[event] = instant } }
     }
 
+    /// A freeze undone and tried again (Dumper): its instants are the next freeze's, not this one's.
+    func forget(_ events: [MigrationEvent]) {
+        contents.withLock { for event in events { $0.instants[event] = nil } }
+    }
+
     public func add(_ amount: Int, to counter: String) {
         contents.withLock { $0.counters[counter, default: 0] += amount }
     }

@@ -51,6 +51,16 @@ public final class Dumper: EngineActor {
 
     var state = State.preflight
     var victim: FrozenTree?
+    /// Freezes that found a descriptor or mapping the preflight did not see, each let go untouched and
+    /// frozen again later (`freezeRetryLimit`): a program that opens a descriptor for a moment each round.
+    public internal(set) var transientRefusals = 0
+    /// When a let-go victim is frozen again (the clock's time), while a retry waits.
+    var refreezeAt: Duration?
+    /// How often a freeze that found something the preflight did not (a descriptor or a mapping) is
+    /// undone and tried again before the refusal stands, and the first wait (doubled each time:
+    /// 4, 8, 16, 32, 64 ms, the victim running meanwhile).
+    public static let freezeRetryLimit = 5
+    static let firstRefreezeDelay = Duration.milliseconds(4)
     public internal(set) var checkpointedState: ProcessState?
     var pageAddresses: [UInt64] = []
     /// Read before the freeze, for the capture.
@@ -108,6 +118,9 @@ public final class Dumper: EngineActor {
             return state.step.map { .ready(.dumper($0)) } ?? .finished
         case .handingOver:
             return strategy.waitingForHandOver(self) ?? .ready(.dumper(.handOver))
+        case .freeze:
+            if let refreezeAt, clock.now() < refreezeAt { return .waiting(.retryAfter(refreezeAt - clock.now())) }
+            return .ready(.dumper(.freeze))
         default: return state.step.map { .ready(.dumper($0)) } ?? .finished
         }
     }
@@ -150,6 +163,7 @@ public final class Dumper: EngineActor {
             } catch { throw .image(error) }
             state = .freeze
         case .freeze:
+            refreezeAt = nil
             timeline.record(.freezeRequested, at: clock.now())
             tracerPin.pin(near: victimProcessID)
             do {
@@ -165,7 +179,11 @@ public final class Dumper: EngineActor {
             do {
                 captured = try victim.capture(mappingFlags: mappingFlags)
                 pageAddresses = try victim.dirtyPageAddresses(state: captured)
-            } catch { throw .checkpoint(error) }
+            } catch {
+                guard Self.isTransient(error), transientRefusals < Self.freezeRetryLimit else { throw .checkpoint(error) }
+                letGoForAnotherFreeze(victim, refusal: error)
+                return
+            }
             checkpointedState = captured
             timeline.record(.captured, at: clock.now())
             let oracleStart = clock.now()
@@ -295,6 +313,34 @@ public final class Dumper: EngineActor {
         } catch { throw .image(error) }
         if let earlyFailure { throw .fam("dumping the pages the target needs before it resumes: \(earlyFailure)") }
         timeline.record(.metadataCommitted, at: clock.now())
+    }
+
+    /// What a freeze finds that the preflight did not see, and may not find a moment later: a descriptor
+    /// opened and closed again each round, a mapping made for a moment.
+    static func isTransient(_ error: CheckpointError) -> Bool {
+        switch error {
+        case .unsupportedDescriptor, .unsupportedMapping: true
+        default: false
+        }
+    }
+
+    /// Undoes the freeze as an abort before the commit does (nothing was written anywhere: the victim
+    /// is detached, its sockets reinstated, its guard disarmed, and it runs on), then waits before the
+    /// next freeze, a scheduled step (`nextAction` waits on the clock), with a fresh guard started meanwhile.
+    private func letGoForAnotherFreeze(_ frozen: FrozenTree, refusal: CheckpointError) {
+        frozen.release(kill: false)
+        for problem in frozen.reinstateProblems { logger.warning("\(problem)") }
+        victim = nil
+        tracerPin.release()
+        transientRefusals += 1
+        timeline.forget([.freezeRequested, .frozen])
+        timeline.add(1, to: "freezeRetries")
+        let delay = Self.firstRefreezeDelay * (1 << (transientRefusals - 1))
+        logger.info("freezing again: the freeze found what the preflight did not", metadata: [
+            "pid": "\(victimProcessID)", "try": "\(transientRefusals)", "refusal": "\(refusal)"])
+        refreezeAt = clock.now() + delay
+        preparedGuard = try? SourceGuard(victim: victimProcessID)
+        state = .freeze
     }
 
     /// The source node died (torture's nemesis): the victim is left as the kernel and the guard leave

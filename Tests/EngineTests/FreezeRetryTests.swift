@@ -1,0 +1,105 @@
+// A descriptor the preflight did not see, found at the freeze (a program that opens a descriptor for a
+// moment each round, stopped between the open and the close): the dumper lets the victim go
+// untouched and freezes it again later, at most Dumper.freezeRetryLimit times, before the refusal stands.
+// The victim (sleeper --fd-signals 1) opens and closes a UDP socket (which cannot migrate) as fd 40 on
+// SIGUSR1, so the test decides when the descriptor exists: after the preflight, and (or not) before the
+// next freeze.
+import Engine
+import Foundation
+import Glibc
+import Logging
+import Testing
+import Sys
+
+extension ProcessTests {
+    @Suite(.serialized) struct FreezeRetryTests {
+        static let arguments = ["--rounds", "150", "--sleep-ms", "20", "--fd-signals", "1"]
+
+        /// The preflight passes, then the victim opens its socket and the first freeze finds it: the
+        /// victim runs on untouched and the dumper waits to freeze again; it closes the fd, and the next
+        /// freeze reads its state (the observer then refuses it, so it runs on to its own checksum).
+        @Test func aDescriptorOpenOnlyAtTheFirstFreezeIsFrozenAgain() throws {
+            try withVictim { victim, dumper in
+                try openedAfterThePreflight(victim, dumper)
+                try expectReady(dumper, .freeze)
+                try dumper.perform()
+                try expectReady(dumper, .capture)
+                try dumper.perform()
+                #expect(dumper.transientRefusals == 1)
+                #expect(dumper.checkpointedState == nil)
+                #expect(untouchedProblem(victim.processID) == nil, "\(untouchedProblem(victim.processID) ?? "")")
+                switch dumper.nextAction() {
+                case .waiting(.retryAfter), .ready(.dumper(.freeze)): break
+                case let other: Issue.record("after a transient refusal: \(other)")
+                }
+                // The victim closes it while it runs, before the next freeze.
+                kill(victim.processID.rawValue, SIGUSR1)
+                #expect(pollUntil(timeout: .seconds(10)) { !hasSocketDescriptor(victim.processID) })
+                #expect(throws: EngineError.self) { try ThreadedDriver(logger: Logger(label: "freeze-retry")).run([dumper]) }
+                #expect(dumper.checkpointedState != nil, "the second freeze did not read the state")
+                #expect(dumper.transientRefusals == 1)
+            }
+        }
+
+        /// The descriptor stays open: every freeze finds it, each is undone, and after the last retry the
+        /// refusal stands, with the victim running on untouched.
+        @Test func aDescriptorThatStaysOpenIsRefusedAfterTheRetries() throws {
+            try withVictim { victim, dumper in
+                try openedAfterThePreflight(victim, dumper)
+                var refusal: EngineError?
+                do { try ThreadedDriver(logger: Logger(label: "freeze-retry")).run([dumper]) } catch { refusal = error as? EngineError ?? .aborted("\(error)") }
+                #expect(refusal?.description.hasSuffix("left running untouched.") == true, "\(refusal.map { "\($0)" } ?? "no refusal")")
+                #expect(refusal?.description.contains("fd 40") == true, "\(refusal.map { "\($0)" } ?? "no refusal")")
+                #expect(refusal?.isUsageOrEnvironment == true)
+                #expect(dumper.transientRefusals == Dumper.freezeRetryLimit)
+                #expect(dumper.checkpointedState == nil)
+                #expect(hasSocketDescriptor(victim.processID))
+                kill(victim.processID.rawValue, SIGUSR1)
+            }
+        }
+
+        /// A sleeper with a dumper (nonlive, an observer that refuses any state it is shown), checked after
+        /// `body` to be running untouched and to end as an unmigrated run does.
+        private func withVictim(_ body: (SpawnedProgram, Dumper) throws -> Void) throws {
+            let program = try TestPaths.testProgram("sleeper")
+            let directory = try ScratchDirectory(under: "/tmp")
+            defer { directory.remove() }
+            let leftovers = LeftoverCheck()
+            defer { leftovers.finish() }
+            let reference = try runCommand(program, Self.arguments, timeout: .seconds(60))
+            let victim = leftovers.own(try SpawnedProgram(program, Self.arguments, standardOutputPath: directory.path("out"),
+                                                          standardErrorPath: directory.path("err")))
+            #expect(pollUntil(timeout: .seconds(10)) { lastChecksum(inFile: directory.path("out")) != nil
+                || ((try? String(contentsOfFile: directory.path("out"), encoding: .utf8)) ?? "").contains("round 1/") })
+            try requireVictimAlive(victim.processID)
+            let famPath = "/dev/shm/fammig-freeze-retry-\(getpid()).img"
+            defer { _ = try? SharedMapping.remove(path: famPath) }
+            let dumper = try Migration.source(MigrationPlan(mode: .nonlive, key: testKey), victim: victim.processID, ports: SourcePorts(
+                makeBackend: { (byteCount) throws(ImageError) in try RealFAM.create(path: famPath, byteCount: byteCount, prefault: false) },
+                transport: nil, observer: RefusingObserver(), clock: MonotonicClock(), timeline: MigrationTimeline(),
+                logger: Logger(label: "freeze-retry"))).dumper
+            try body(victim, dumper)
+            #expect(untouchedProblem(victim.processID) == nil, "\(untouchedProblem(victim.processID) ?? "")")
+            let status = try victim.waitForExit(timeout: .seconds(30))
+            #expect(status == .exited(0), "\((try? String(contentsOfFile: directory.path("err"), encoding: .utf8)) ?? "")")
+            #expect(lastChecksum(inFile: directory.path("out")).map { "checksum=" + $0 }
+                    == reference.standardOutput.split(separator: "\n").last.map(String.init))
+        }
+
+        /// The preflight step, then SIGUSR1: the victim opens a UDP socket as fd 40.
+        private func openedAfterThePreflight(_ victim: SpawnedProgram, _ dumper: Dumper) throws {
+            try expectReady(dumper, .preflight)
+            try dumper.perform()
+            kill(victim.processID.rawValue, SIGUSR1)
+            #expect(pollUntil(timeout: .seconds(10)) { hasSocketDescriptor(victim.processID) })
+        }
+
+        private func expectReady(_ dumper: Dumper, _ step: DumperStep, sourceLocation: SourceLocation = #_sourceLocation) throws {
+            try #require(dumper.nextAction() == .ready(.dumper(step)), sourceLocation: sourceLocation)
+        }
+    }
+}
+
+private func hasSocketDescriptor(_ processID: ProcessID) -> Bool {
+    ((try? ProcFS.readLink("/proc/\(processID)/fd/40")) ?? "").hasPrefix("socket:")
+}
