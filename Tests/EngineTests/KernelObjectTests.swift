@@ -115,6 +115,26 @@ extension ProcessTests {
             }
         }
 
+        /// A descriptor on a /proc file names a process of this node by PID: refused before the freeze (it
+        /// was taken for a regular file and reopened by its path, /proc/<the victim's PID>/status, on restore).
+        @Test func aDescriptorOnAProcFileIsRefused() throws {
+            let directory = try ScratchDirectory(under: "/dev/shm")
+            defer { directory.remove() }
+            let leftovers = LeftoverCheck()
+            defer { leftovers.finish() }
+            let program = leftovers.own(try SpawnedProgram("/bin/sh", ["-c", "exec 7</proc/self/status; exec /bin/sleep 30"],
+                                                           standardOutputPath: directory.path("out"), standardErrorPath: directory.path("err")))
+            #expect(pollUntil(timeout: .seconds(5)) { (try? ProcFS.readLink("/proc/\(program.processID)/exe")) == "/usr/bin/sleep" })
+            let famPath = directory.path("image.fam"), keyPath = directory.path("migration.key")
+            let outcome = try leftovers.fammig("checkpoint", "--pid", "\(program.processID)", "--fam", famPath, "--key-file", keyPath)
+            #expect(outcome.exitStatus == 2 && !outcome.killedBySignal, "exit \(outcome.exitStatus): \(outcome.standardError)")
+            #expect(outcome.standardError.contains("a file of /proc"), "\(outcome.standardError)")
+            #expect(outcome.standardError.contains("left running untouched"), "\(outcome.standardError)")
+            #expect(!FileManager.default.fileExists(atPath: famPath))
+            #expect(untouchedProblem(program.processID) == nil, "\(untouchedProblem(program.processID) ?? "")")
+            program.kill()
+        }
+
         /// A SysV segment not marked for removal would outlive the process at the source: refused.
         @Test func sysvSegmentThatOutlivesTheProcessIsRefused() throws {
             let key = 0x6661_0000 + Int32(getpid() & 0xffff)

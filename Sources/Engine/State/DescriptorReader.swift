@@ -180,6 +180,12 @@ enum DescriptorReader {
             path = link
             return .regular
         }
+        // /proc is this node's view of its processes, named by PID: /proc/self/status reopened on another
+        // node (or in the target's PID namespace) is another process's, or none. (A restore checked it
+        // as a regular file of that path, and reopened /proc/<the victim's PID>/status there.)
+        if link == "/proc" || link.hasPrefix("/proc/") {
+            throw refuse(probe, "a file of /proc, which names this node's processes by PID")
+        }
         if identity.isDirectory {
             guard link.hasPrefix("/"), !link.hasSuffix(deletedSuffix) else { throw refuse(probe, "a directory that was removed") }
             path = link
