@@ -287,6 +287,28 @@ func flipByte(path: String, at byteOffset: Int) throws {
         #expect(openError(imagePath, requireComplete: false) == .aborted(path: imagePath))
     }
 
+    /// A target lets its restored process go on its own once it sees the commit (LazyMemory.imageIsCommitted):
+    /// the state word alone is not authenticated, so a FAM writer without the key who sets it to complete
+    /// before the commit record must not be taken for the commit; the real commit record is.
+    @Test func aStateWordSetToCompleteWithoutTheCommitRecordIsNotTheCommit() throws {
+        let files = ScratchFiles()
+        defer { files.removeAll() }
+        let source = try SourceMemory(path: files.path("source"))
+        let imagePath = files.path("image")
+        var writer = try writeImage(path: imagePath, source: source, upTo: .created)
+        writer.commitMetadata()
+        let forger = try RealFAM.open(path: imagePath, writable: true)
+        let reader = try ImageReader.open(backend: try RealFAM.open(path: imagePath, writable: false), key: testKey, requireComplete: false)
+        #expect(!reader.isCommittedAuthentically())
+        try writer.dumpPages(processID: selfProcessID, slots: 0..<dumpedPageIndexes.count)
+        writer.fenceMarks()
+        forger.storeUInt64(ImageLayout.stateWord(.complete), at: ImageLayout.stateWordOffset)
+        #expect(try reader.currentState() == .complete)
+        #expect(!reader.isCommittedAuthentically(), "a forged state word was taken for the commit")
+        writer.commit()
+        #expect(reader.isCommittedAuthentically())
+    }
+
     /// The fault path's check (LazyMemory.installFromFAM): one private copy, read once and checked
     /// outside any lock; what is handed out is that copy, and only its leading pages that passed.
     @Test func checkedPagesAreOneCopyAndOnlyItsCheckedPrefix() throws {

@@ -326,6 +326,16 @@ public struct ImageReader: Sendable {
     public func slot(forAddress address: UInt64) -> Int? { slotIndex(of: address, in: pageAddresses) }
 
     /// The state word as it is in FAM now (a post-copy target polls it for complete or aborted).
+    /// Whether the image is committed now: its state word says complete and its commit record verifies
+    /// under the migration key (the state word alone is not authenticated: a FAM writer without the key
+    /// could set it, and a target that took it for the commit would let its process go on its own while
+    /// the victim still ran). Reads every mark once the word says complete.
+    public func isCommittedAuthentically() -> Bool {
+        guard (try? currentState()) == .complete else { return false }
+        return (try? Self.verifiedCommitRecord(backend: backend, layout: layout, generation: generation, path: path,
+                                               authenticator: authenticator, headerCode: headerCode)) != nil
+    }
+
     public func currentState() throws(ImageError) -> ImageState {
         let word = backend.loadUInt64(at: ImageLayout.stateWordOffset)
         guard let state = ImageLayout.state(fromWord: word) else { throw .damagedState(path: path, word: word) }

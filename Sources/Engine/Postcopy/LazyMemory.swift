@@ -40,6 +40,8 @@ public final class LazyMemory: @unchecked Sendable {
     /// Set by the restorer once the target runs: from then on faults may come.
     var running = false
     var unregistered = false
+    /// The commit record was seen and verified (imageIsCommitted).
+    var commitVerified = false
     /// Where each slot's page is now: its frozen address until an mremap moves it.
     var currentAddresses: [UInt64]
     /// Lookup by current address, once any page moved (nil: current == frozen, use binary search).
@@ -278,9 +280,15 @@ public final class LazyMemory: @unchecked Sendable {
         }
     }
 
-    /// Whether the image's commit record is durable (from then on FAM alone completes the migration).
+    /// Whether the image's commit record is durable and authentic (from then on FAM alone completes the
+    /// migration). Once it verified, it stays so (a commit is never undone); the state word is read until
+    /// then, and the record with every mark checked only while the word says complete.
     func imageIsCommitted() -> Bool {
-        lock.withLock { (try? reader?.currentState()) == .complete }
+        lock.withLock {
+            if commitVerified { return true }
+            commitVerified = reader?.isCommittedAuthentically() == true
+            return commitVerified
+        }
     }
 
     /// The first slot at or after `start` that is not installed, or nil.
