@@ -58,28 +58,6 @@ extension ProcessTests {
             }
         }
 
-        /// The preflight finds the descriptor (a listener with a connection not yet accepted, a moment before
-        /// its accept, failed TCPSocketTests so on a loaded machine): it waits and runs again, and once the
-        /// descriptor is gone the migration goes on to the freeze.
-        @Test func aDescriptorOpenAtThePreflightIsLookedAtAgain() throws {
-            try withVictim { victim, dumper in
-                kill(victim.processID.rawValue, SIGUSR1)
-                #expect(pollUntil(timeout: .seconds(10)) { hasSocketDescriptor(victim.processID) })
-                try expectReady(dumper, .preflight)
-                try dumper.perform()
-                #expect(dumper.transientRefusals == 1)
-                switch dumper.nextAction() {
-                case .waiting(.retryAfter), .ready(.dumper(.preflight)): break
-                case let other: Issue.record("after a refusal at the preflight: \(other)")
-                }
-                kill(victim.processID.rawValue, SIGUSR1)
-                #expect(pollUntil(timeout: .seconds(10)) { !hasSocketDescriptor(victim.processID) })
-                #expect(throws: EngineError.self) { try ThreadedDriver(logger: Logger(label: "freeze-retry")).run([dumper]) }
-                #expect(dumper.checkpointedState != nil, "the preflight was not run again")
-                #expect(dumper.transientRefusals == 1)
-            }
-        }
-
         /// A sleeper with a dumper (nonlive, an observer that refuses any state it is shown), checked after
         /// `body` to be running untouched and to end as an unmigrated run does.
         private func withVictim(_ body: (SpawnedProgram, Dumper) throws -> Void) throws {

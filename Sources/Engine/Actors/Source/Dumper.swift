@@ -53,8 +53,6 @@ public final class Dumper: EngineActor {
     var victim: FrozenTree?
     /// Freezes that found a descriptor or mapping the preflight did not see, each let go untouched and
     /// frozen again later (`freezeRetryLimit`): a program that opens a descriptor for a moment each round.
-    /// Preflights that found one count too (a listener with a connection not yet accepted, a moment
-    /// before its accept): the preflight is run again after the same waits.
     public internal(set) var transientRefusals = 0
     /// When a let-go victim is frozen again (the clock's time), while a retry waits.
     var refreezeAt: Duration?
@@ -120,9 +118,9 @@ public final class Dumper: EngineActor {
             return state.step.map { .ready(.dumper($0)) } ?? .finished
         case .handingOver:
             return strategy.waitingForHandOver(self) ?? .ready(.dumper(.handOver))
-        case .freeze, .preflight:
+        case .freeze:
             if let refreezeAt, clock.now() < refreezeAt { return .waiting(.retryAfter(refreezeAt - clock.now())) }
-            return state.step.map { .ready(.dumper($0)) } ?? .finished
+            return .ready(.dumper(.freeze))
         default: return state.step.map { .ready(.dumper($0)) } ?? .finished
         }
     }
@@ -140,12 +138,9 @@ public final class Dumper: EngineActor {
     func step() throws(EngineError) {
         switch state {
         case .preflight:
-            refreezeAt = nil
-            if transientRefusals == 0 { timeline.record(.started, at: clock.now()) }
+            timeline.record(.started, at: clock.now())
             do { try Preflight.check(victimProcessID, allowingTree: strategy.migratesTrees) } catch {
-                guard Self.isTransient(error), transientRefusals < Self.freezeRetryLimit else { throw .checkpoint(error) }
-                waitBeforeTryingAgain(refusal: error, after: "the preflight")
-                return
+                throw .checkpoint(error)
             }
             // Out of the downtime: smaps is slow to read and its flags do not change while the mappings do not;
             // the victim's guard (a fork: milliseconds) is started here too.
@@ -337,20 +332,15 @@ public final class Dumper: EngineActor {
         for problem in frozen.reinstateProblems { logger.warning("\(problem)") }
         victim = nil
         tracerPin.release()
-        timeline.forget([.freezeRequested, .frozen])
-        waitBeforeTryingAgain(refusal: refusal, after: "the freeze")
-        preparedGuard = try? SourceGuard(victim: victimProcessID)
-        state = .freeze
-    }
-
-    /// Counts a transient refusal and sets when the step that found it runs again (the wait doubles).
-    private func waitBeforeTryingAgain(refusal: CheckpointError, after step: String) {
         transientRefusals += 1
+        timeline.forget([.freezeRequested, .frozen])
         timeline.add(1, to: "freezeRetries")
         let delay = Self.firstRefreezeDelay * (1 << (transientRefusals - 1))
-        logger.info("trying again: \(step) found what may be gone a moment later", metadata: [
+        logger.info("freezing again: the freeze found what the preflight did not", metadata: [
             "pid": "\(victimProcessID)", "try": "\(transientRefusals)", "refusal": "\(refusal)"])
         refreezeAt = clock.now() + delay
+        preparedGuard = try? SourceGuard(victim: victimProcessID)
+        state = .freeze
     }
 
     /// The source node died (torture's nemesis): the victim is left as the kernel and the guard leave
