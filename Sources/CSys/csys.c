@@ -348,6 +348,23 @@ static void close_all_but(const int *keep, int keepCount) {
     syscall(SYS_close_range, next, ~0U, 0);
 }
 
+/* A helper child (the hole watchdog, the source guard) keeps only `keep` (three descriptors), leaves the
+ * session and the terminal's signals, runs with no signal blocked, and takes `name`. */
+static void become_helper(int keep[3], const char *name) {
+    for (int i = 0; i < 3; i++)
+        for (int j = i + 1; j < 3; j++)
+            if (keep[j] < keep[i]) { int swap = keep[i]; keep[i] = keep[j]; keep[j] = swap; }
+    close_all_but(keep, 3);
+    setsid();
+    int ignored[] = { SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGPIPE, SIGTSTP, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2 };
+    for (size_t index = 0; index < sizeof ignored / sizeof ignored[0]; index++) signal(ignored[index], SIG_IGN);
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    prctl(PR_SET_NAME, (unsigned long)name, 0, 0, 0);
+}
+
+
 static void wait_for_exit(int pidfd, int timeoutMilliseconds) {
     struct pollfd waiting = { .fd = pidfd, .events = POLLIN };
     while (poll(&waiting, 1, timeoutMilliseconds) < 0 && errno == EINTR) {}
@@ -368,17 +385,7 @@ pid_t csys_spawn_hole_watchdog(int pidfd, int userfaultfd, int *disarmDescriptor
     }
     if (child == 0) {
         int keep[3] = { pipeDescriptors[0], pidfd, userfaultfd };
-        for (int i = 0; i < 3; i++)
-            for (int j = i + 1; j < 3; j++)
-                if (keep[j] < keep[i]) { int swap = keep[i]; keep[i] = keep[j]; keep[j] = swap; }
-        close_all_but(keep, 3);
-        setsid();
-        int ignored[] = { SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGPIPE, SIGTSTP, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2 };
-        for (size_t index = 0; index < sizeof ignored / sizeof ignored[0]; index++) signal(ignored[index], SIG_IGN);
-        sigset_t none;
-        sigemptyset(&none);
-        sigprocmask(SIG_SETMASK, &none, NULL);
-        prctl(PR_SET_NAME, (unsigned long)"fammig-watchdog", 0, 0, 0);
+        become_helper(keep, "fammig-watchdog");
         for (;;) {
             struct pollfd watched[2] = { { .fd = pipeDescriptors[0], .events = POLLIN }, { .fd = pidfd, .events = POLLIN } };
             if (poll(watched, 2, -1) < 0) {
@@ -542,18 +549,8 @@ pid_t csys_spawn_source_guard(struct csys_source_guard_log *log, int *disarmDesc
     }
     if (child == 0) {
         int keep[3] = { 2, pair[0], pidfd };
-        for (int i = 0; i < 3; i++)
-            for (int j = i + 1; j < 3; j++)
-                if (keep[j] < keep[i]) { int swap = keep[i]; keep[i] = keep[j]; keep[j] = swap; }
-        close_all_but(keep, 3);
+        become_helper(keep, "fammig-guard");
         guard_victim_pidfd = pidfd;
-        setsid();
-        int ignored[] = { SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGPIPE, SIGTSTP, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2 };
-        for (size_t index = 0; index < sizeof ignored / sizeof ignored[0]; index++) signal(ignored[index], SIG_IGN);
-        sigset_t none;
-        sigemptyset(&none);
-        sigprocmask(SIG_SETMASK, &none, NULL);
-        prctl(PR_SET_NAME, (unsigned long)"fammig-guard", 0, 0, 0);
         for (;;) {
             char word = 0;
             ssize_t count = read(pair[0], &word, 1);

@@ -283,12 +283,13 @@ public final class LazyMemory: @unchecked Sendable {
     /// Whether the image's commit record is durable and authentic (from then on FAM alone completes the
     /// migration). Once it verified, it stays so (a commit is never undone); the state word is read until
     /// then, and the record with every mark checked only while the word says complete.
+    /// The record and the marks are read outside the lock: installers and the fault path go on meanwhile.
     func imageIsCommitted() -> Bool {
-        lock.withLock {
-            if commitVerified { return true }
-            commitVerified = reader?.isCommittedAuthentically() == true
-            return commitVerified
-        }
+        let (verified, image) = lock.withLock { (commitVerified, reader) }
+        if verified { return true }
+        guard image?.isCommittedAuthentically() == true else { return false }
+        lock.withLock { commitVerified = true }
+        return true
     }
 
     /// The first slot at or after `start` that is not installed, or nil.
