@@ -12,6 +12,14 @@
  * round. With --itimers 1 it also arms
  * ITIMER_REAL periodically every --alarm-ms ms (a SIGALRM handler counts
  * the expiries) and ITIMER_VIRTUAL and ITIMER_PROF one-shot for an hour.
+ * With --advise 1 it maps 16 pages and gives pairs of them madvise flags
+ * (MADV_DONTDUMP, DONTFORK, WIPEONFORK, HUGEPAGE, NOHUGEPAGE, MERGEABLE,
+ * SEQUENTIAL, RANDOM), and registers for private expedited membarriers
+ * (plain, SYNC_CORE and RSEQ); each round it checks that each of the three
+ * membarriers is allowed (EPERM unregistered) and the registrations
+ * membarrier reports, and at the end the flags in its own /proc/self/smaps
+ * (not each round: a descriptor open on /proc is refused by fammig). (A global
+ * expedited registration is not reported by GET_REGISTRATIONS, 6.18.)
  *
  * Each round it makes one deterministic update of a heap buffer, raises
  * SIGUSR1 (the handler must run on the alternate stack), then checks that
@@ -26,7 +34,9 @@
  */
 #include "common.h"
 
+#include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <sys/stat.h>
 #include <sys/time.h>
 #include <fcntl.h>
@@ -54,6 +64,78 @@ static volatile sig_atomic_t alarm_count;
  * SIGUSR1s (raise() sends to the calling thread). */
 static __thread unsigned char *my_alt_stack;
 static __thread volatile sig_atomic_t usr1_count, usr1_on_alt;
+
+/* --advise 1: what each odd page of the region gets (the even ones stay
+ * plain, so that every advised page is a mapping of its own). */
+static const struct { int advice; const char *mnemonic; } advised[] = {
+    { 16 /* MADV_DONTDUMP */, "dd" }, { 10 /* MADV_DONTFORK */, "dc" },
+    { 18 /* MADV_WIPEONFORK */, "wf" }, { 14 /* MADV_HUGEPAGE */, "hg" },
+    { 15 /* MADV_NOHUGEPAGE */, "nh" }, { 12 /* MADV_MERGEABLE */, "mg" },
+    { 2 /* MADV_SEQUENTIAL */, "sr" }, { 1 /* MADV_RANDOM */, "rr" },
+};
+#define ADVISED_COUNT (sizeof advised / sizeof advised[0])
+/* Each private expedited membarrier command, and its registration (the
+ * next bit). */
+static const int barriers[] = { 1 << 3, 1 << 5, 1 << 7 };
+#define BARRIER_COUNT (sizeof barriers / sizeof barriers[0])
+#define MEMBARRIER_GET_REGISTRATIONS (1 << 9)
+
+/* Whether the VmFlags of the mapping at `start` (in /proc/self/smaps) hold
+ * `mnemonic`; -1 when no mapping starts there. */
+static int has_vm_flag(uintptr_t start, const char *mnemonic)
+{
+    FILE *smaps = fopen("/proc/self/smaps", "re");
+    if (smaps == NULL)
+        tp_syserr("open /proc/self/smaps");
+    char line[512];
+    int found = -1, in_it = 0;
+    while (fgets(line, sizeof line, smaps) != NULL) {
+        unsigned long lo, hi;
+        if (sscanf(line, "%lx-%lx ", &lo, &hi) == 2 && strchr(line, '-') < strchr(line, ' ')) {
+            in_it = lo == start;
+        } else if (in_it && strncmp(line, "VmFlags:", 8) == 0) {
+            char wanted[8];
+            snprintf(wanted, sizeof wanted, " %s", mnemonic);
+            char *at = strstr(line, wanted);
+            found = at != NULL && (at[3] == ' ' || at[3] == '\n');
+            break;
+        }
+    }
+    fclose(smaps);
+    return found;
+}
+
+static const char *check_advice(unsigned char *region, long page, int with_flags)
+{
+    static char error[160];
+    for (size_t i = 0; with_flags && i < ADVISED_COUNT; i++) {
+        uintptr_t start = (uintptr_t)(region + (2 * i + 1) * page);
+        int has = has_vm_flag(start, advised[i].mnemonic);
+        if (has != 1) {
+            snprintf(error, sizeof error, "page %zu: %s", 2 * i + 1,
+                     has < 0 ? "no mapping starts there" : "VmFlags lost its flag");
+            return error;
+        }
+        if (has_vm_flag(start - (uintptr_t)page, advised[i].mnemonic) == 1) {
+            snprintf(error, sizeof error, "page %zu: plain page has %s", 2 * i, advised[i].mnemonic);
+            return error;
+        }
+    }
+    long registrations = syscall(SYS_membarrier, MEMBARRIER_GET_REGISTRATIONS, 0, 0);
+    long want = 0;
+    for (size_t i = 0; i < BARRIER_COUNT; i++)
+        want |= barriers[i] << 1;
+    if (registrations != want) {
+        snprintf(error, sizeof error, "membarrier registrations %#lx, want %#lx", registrations, want);
+        return error;
+    }
+    for (size_t i = 0; i < BARRIER_COUNT; i++)
+        if (syscall(SYS_membarrier, barriers[i], 0, 0) != 0) {
+            snprintf(error, sizeof error, "membarrier %#x: %s", barriers[i], strerror(errno));
+            return error;
+        }
+    return NULL;
+}
 
 static void cleanup(void)
 {
@@ -177,7 +259,7 @@ int main(int argc, char **argv)
 {
     unsigned long long rounds = 100, pause_us = 10000, seed = 1;
     unsigned long long mask = 027, oom = 345, dumpable = 0, thp = 1;
-    unsigned long long autodisarm = 0, itimers = 0, alarm_ms = 5, thread = 0;
+    unsigned long long autodisarm = 0, itimers = 0, alarm_ms = 5, thread = 0, advise = 0, lock_page = 0;
     const char *dir = "/tmp";
     const struct tp_opt opts[] = {
         { "rounds",     &rounds,     0, 100000000ULL, "number of rounds" },
@@ -191,6 +273,8 @@ int main(int argc, char **argv)
         { "itimers",    &itimers,    0, 1, "arm ITIMER_REAL/VIRTUAL/PROF and check them" },
         { "alarm-ms",   &alarm_ms,   1, 1000, "ITIMER_REAL period in ms (--itimers 1)" },
         { "thread",     &thread,     0, 1, "a second thread with its own alternate stack" },
+        { "advise",     &advise,     0, 1, "madvise flags on 8 pages and membarrier registrations" },
+        { "mlock",      &lock_page,  0, 1, "mlock one page of its own (which fammig refuses)" },
     };
     const struct tp_stropt sopts[] = {
         { "dir", &dir, NULL, "where to create the working directory" },
@@ -249,6 +333,29 @@ int main(int argc, char **argv)
     if (sigaction(SIGUSR1, &sa, NULL) != 0)
         tp_syserr("sigaction SIGUSR1");
     my_alt_stack = alt_stack;
+    long page = sysconf(_SC_PAGESIZE);
+    unsigned char *region = NULL;
+    if (advise) {
+        region = mmap(NULL, (size_t)(2 * ADVISED_COUNT) * (size_t)page, PROT_READ | PROT_WRITE,
+                      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (region == MAP_FAILED)
+            tp_syserr("mmap");
+        for (size_t i = 0; i < ADVISED_COUNT; i++)
+            if (madvise(region + (2 * i + 1) * page, (size_t)page, advised[i].advice) != 0)
+                tp_syserr("madvise %s", advised[i].mnemonic);
+        for (size_t i = 0; i < BARRIER_COUNT; i++)
+            if (syscall(SYS_membarrier, barriers[i] << 1, 0, 0) != 0)
+                tp_syserr("membarrier register %#x", barriers[i] << 1);
+        const char *error = check_advice(region, page, 1);
+        if (error != NULL)
+            tp_syserr("right after madvise: %s", error);
+    }
+    if (lock_page) {
+        unsigned char *locked = mmap(NULL, (size_t)page, PROT_READ | PROT_WRITE,
+                                     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (locked == MAP_FAILED || mlock(locked, (size_t)page) != 0)
+            tp_syserr("mlock");
+    }
     pthread_t worker;
     if (thread) {
         worker_autodisarm = (int)autodisarm;
@@ -371,6 +478,12 @@ int main(int argc, char **argv)
             }
         }
 
+        if (advise) {
+            const char *error = check_advice(region, page, r + 1 == rounds);
+            if (error != NULL)
+                tp_selfcheck_fail("round %llu: %s", (unsigned long long)(r + 1), error);
+        }
+
         tp_say("round %llu/%llu ok\n", (unsigned long long)(r + 1), rounds);
         if (pause_us)
             tp_nanosleep_ns(pause_us * 1000ULL);
@@ -394,6 +507,8 @@ int main(int argc, char **argv)
     sum = tp_hash_mix(sum, oom);
     sum = tp_hash_mix(sum, dumpable * 16 + thp);
     sum = tp_hash_mix(sum, (uint64_t)usr1_count);
+    if (advise)
+        sum = tp_hash_mix(sum, ADVISED_COUNT);
     if (chdir("/") != 0)
         tp_syserr("chdir /");
     cleanup();

@@ -94,6 +94,7 @@ public enum StateOracle {
         check("oom_score_adj", expectedContext.oomScoreAdjustment, actualContext.oomScoreAdjustment)
         check("dumpable", expectedContext.dumpable, actualContext.dumpable)
         check("THP disable", expectedContext.transparentHugePagesDisabled, actualContext.transparentHugePagesDisabled)
+        check("membarrier registrations", expectedContext.membarrierRegistrations, actualContext.membarrierRegistrations) { hex(UInt64($0)) }
         treeMismatches(checkpointed: checkpointed, restored: restored, into: &mismatches)
         return mismatches
     }
@@ -314,7 +315,7 @@ public enum StateOracle {
         bytes.reduce(0xcbf2_9ce4_8422_2325) { ($0 ^ UInt64($1)) &* 0x100_0000_01b3 }
     }
 
-    /// Mappings with adjacent, alike VMAs merged (same kind, sharing and protection; files at
+    /// Mappings with adjacent, alike VMAs merged (same kind, sharing, protection and madvise flags; files at
     /// contiguous offsets): the kernel merges such neighbours when the restorer maps them one by one.
     /// The heap is anonymous memory the kernel labels by the brk range: an anonymous VMA right before it
     /// (a static program's bss when brk is not randomised) merges with it, and the whole shows as heap.
@@ -324,7 +325,7 @@ public enum StateOracle {
         for mapping in mappings {
             if var last = result.last, last.end == mapping.start,
                last.kind == mapping.kind || anonymousLike(last.kind) && anonymousLike(mapping.kind),
-               last.shared == mapping.shared, last.protection == mapping.protection {
+               last.shared == mapping.shared, last.protection == mapping.protection, last.advice == mapping.advice {
                 if mapping.kind == .heap { last.kind = .heap }
                 let contiguous: Bool
                 switch mapping.kind {
@@ -343,6 +344,6 @@ public enum StateOracle {
     }
 
     static func describe(_ mappings: [Mapping]) -> String {
-        mappings.map { "\(hex($0.start))-\(hex($0.end)) \($0.kind)" }.joined(separator: ", ")
+        mappings.map { "\(hex($0.start))-\(hex($0.end)) \($0.kind)" + ($0.advice.isEmpty ? "" : " [\($0.advice)]") }.joined(separator: ", ")
     }
 }

@@ -5,7 +5,7 @@
 /// x86-64 syscall numbers the engine injects.
 public enum Syscall {
     public static let read = 0, write = 1, open = 2, close = 3, lseek = 8, mmap = 9, mprotect = 10, munmap = 11
-    public static let brk = 12, rtSigaction = 13, mremap = 25, dup2 = 33, prctl = 157, personality = 135
+    public static let brk = 12, rtSigaction = 13, mremap = 25, madvise = 28, membarrier = 324, dup2 = 33, prctl = 157, personality = 135
     public static let setresuid = 117, setresgid = 119, setgroups = 116, capset = 126, rtSigqueueinfo = 129
     public static let setfsuid = 122, setfsgid = 123
     public static let arch_prctl = 158, openat = 257, rtTgsigqueueinfo = 297, dup3 = 292, rseq = 334, seccomp = 317

@@ -1,5 +1,5 @@
 // Issue 11, item 5: the process context (cwd, umask, oom_score_adj, dumpable, THP-disable, sigaltstack,
-// interval timers)
+// interval timers, membarrier registrations, madvise flags)
 // survives a migration in every mode, with the state oracle comparing each field, so that a loss fails the
 // run instead of passing it; what cannot be restored is refused before the freeze.
 import Foundation
@@ -23,7 +23,9 @@ struct ContextCase: Sendable, CustomTestStringConvertible {
                                                      "--dumpable", "0", "--thp", "3", "--autodisarm", "1", "--thread", "1"], mode: mode),
          // A SIGALRM every 5 ms must keep coming, and the CPU timers stay armed.
          ContextCase(program: "context-static", arguments: ["--rounds", "60", "--pause-us", "10000", "--itimers", "1", "--alarm-ms", "5"],
-                     mode: mode)]
+                     mode: mode),
+         // Eight pages with a madvise flag each, and three membarrier registrations, checked every round.
+         ContextCase(program: "context", arguments: ["--rounds", "60", "--pause-us", "10000", "--advise", "1"], mode: mode)]
     }.flatMap { migration in
         migration.mode == "nonlive" ? [migration] : [migration, ContextCase(program: migration.program, arguments: migration.arguments,
                                                                              mode: migration.mode, push: "off")]
@@ -63,6 +65,33 @@ extension ProcessTests {
             #expect(untouchedProblem(chrooted.processID) == nil, "\(untouchedProblem(chrooted.processID) ?? "")")
         }
 
+        /// mlock cannot be given back (locking again faults every page in, and post-copy's pages are not
+        /// there yet): refused before the freeze, the program left running untouched (checkpoint), and by
+        /// `run` in both post-copy modes (a source waits for its target before it looks at the process).
+        @Test(arguments: ["nonlive", "postcopy-socket", "postcopy-fam"]) func aLockedMappingIsRefusedUntouched(_ mode: String) throws {
+            let directory = try ScratchDirectory(under: "/dev/shm")
+            defer { directory.remove() }
+            let leftovers = LeftoverCheck()
+            defer { leftovers.finish() }
+            let program = try TestPaths.testProgram("context-static")
+            let arguments = ["--rounds", "400", "--pause-us", "20000", "--mlock", "1"]
+            let outcome: CommandOutcome
+            if mode == "nonlive" {
+                let victim = leftovers.own(try SpawnedProgram(program, arguments, standardOutputPath: directory.path("out"),
+                                                              standardErrorPath: directory.path("err")))
+                #expect(pollUntil(timeout: .seconds(5)) { ((try? String(contentsOfFile: directory.path("out"), encoding: .utf8)) ?? "").contains("round 1/") })
+                try requireVictimAlive(victim.processID)
+                outcome = try leftovers.fammig("checkpoint", "--pid", "\(victim.processID)", "--fam", directory.path("image.fam"),
+                                               "--key-file", directory.path("migration.key"))
+                #expect(untouchedProblem(victim.processID) == nil, "\(untouchedProblem(victim.processID) ?? "")")
+            } else {
+                leftovers.expectProgram([program] + arguments)
+                outcome = try leftovers.fammig(["run", "--mode", mode, "--", program] + arguments, timeout: .seconds(90))
+            }
+            #expect(outcome.exitStatus == 2 && !outcome.killedBySignal, "exit \(outcome.exitStatus): \(outcome.standardError)")
+            #expect(outcome.standardError.contains("locked in memory (mlock)"), "\(outcome.standardError)")
+        }
+
         /// A working directory that was deleted has no path to restore it by: refused before the freeze.
         @Test func deletedWorkingDirectoryIsRefused() throws {
             let directory = try ScratchDirectory(under: "/dev/shm")
@@ -99,6 +128,8 @@ extension ProcessTests {
         state.context.oomScoreAdjustment = 345
         state.context.dumpable = 0
         state.context.transparentHugePagesDisabled = 3
+        state.context.membarrierRegistrations = 0x150
+        state.mappings[0].advice = [.dontFork, .wipeOnFork, .hugePage]
         state.threads[0].signalStack = SignalStack(address: 0x7f00_0000_4000, byteCount: 65536, flags: SignalStack.autoDisarmFlag)
         state.context.intervalTimers = [IntervalTimer(kind: .real, intervalMicroseconds: 5000, valueMicroseconds: 3000),
                                         IntervalTimer(kind: .virtual, intervalMicroseconds: 0, valueMicroseconds: 3_600_000_000),
@@ -112,7 +143,24 @@ extension ProcessTests {
         #expect(decoded == state)
         #expect(decoded.context.workingDirectory == "/srv/work dir")
         #expect(decoded.threads[0].signalStack.byteCount == 65536)
+        #expect(decoded.mappings[0].advice == [.dontFork, .wipeOnFork, .hugePage])
         try decoded.validate(pageAddresses: [], path: "test")
+    }
+
+    /// An image asking for a flag the restorer cannot give (mlock, mseal) or does not know is refused.
+    @Test func adviceTheRestorerCannotGiveIsRefusedByTheDecoder() {
+        for advice in [MappingAdvice.locked, .sealed, MappingAdvice(rawValue: 1 << 15)] {
+            var state = contextState()
+            state.mappings[0].advice = advice
+            #expect(throws: ImageError.self) { try ProcessState.decode(state.encoded()) }
+        }
+    }
+
+    /// VmFlags' mnemonics map to the flags, whatever else the line holds.
+    @Test func adviceIsReadFromVmFlagsMnemonics() {
+        #expect(MappingAdvice(mnemonics: "rd wr mr mw me dc ac wf um uw".split(separator: " ")) == [.dontFork, .wipeOnFork])
+        #expect(MappingAdvice(mnemonics: ["rd", "lo", "sl", "nr"]) == [.locked, .sealed])
+        #expect(MappingAdvice(mnemonics: [String]()) == [])
     }
 
     /// Each lost field is named by the oracle (the oracle can fail).
@@ -124,6 +172,8 @@ extension ProcessTests {
             ("oom_score_adj", { $0.context.oomScoreAdjustment = 0 }),
             ("dumpable", { $0.context.dumpable = 1 }),
             ("THP disable", { $0.context.transparentHugePagesDisabled = 0 }),
+            ("membarrier registrations", { $0.context.membarrierRegistrations = 0x10 }),
+            ("memory layout", { $0.mappings[0].advice = [.dontFork, .hugePage] }),
             ("thread 4242 sigaltstack", { $0.threads[0].signalStack = .disabled }),
             ("interval timer virtual time left", { $0.context.intervalTimers[1].valueMicroseconds = 0 }),
             ("interval timer virtual time left", { $0.context.intervalTimers[1].valueMicroseconds = 1_000_000_000 }),

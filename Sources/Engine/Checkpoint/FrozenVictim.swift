@@ -181,6 +181,7 @@ final class FrozenVictim {
         let injected = try injectQueries(registers: registers, signalMask: signalMask)
         let state = try StateReader.read(tracees: tracees, processID: processID, injected: injected, mappingFlags: mappingFlags)
         try ContextReader.checkRestorable(state, processID: processID)
+        try Preflight.checkAdvice(state.mappings, processID: processID)
         try detachTCPSockets(state.files)
         return state
     }

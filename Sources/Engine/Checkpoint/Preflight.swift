@@ -179,6 +179,17 @@ enum Preflight {
     }
 
     /// The VMA table, classified, refusing what the restorer cannot rebuild.
+    /// Mappings whose madvise-like flags the restorer cannot give back: mlock (locking again faults every
+    /// page in, and post-copy's pages are not there yet) and mseal (a sealed mapping cannot be laid out
+    /// and filled the way the restore does).
+    static func checkAdvice(_ mappings: [Mapping], processID: ProcessID) throws(CheckpointError) {
+        for mapping in mappings where !mapping.advice.isDisjoint(with: MappingAdvice.refused) {
+            let range = "\(hex(mapping.start))-\(hex(mapping.end))"
+            let what = mapping.advice.contains(.locked) ? "locked in memory (mlock)" : "sealed (mseal)"
+            throw .unsupportedMapping(processID, range: range, reason: "it is \(what), which the restore cannot do again")
+        }
+    }
+
     static func mappings(_ processID: ProcessID) throws(CheckpointError) -> [Mapping] {
         let entries: [MapsEntry]
         do { entries = try ProcFS.maps(processID) } catch { throw .readFailed(processID, "reading its memory map", error) }

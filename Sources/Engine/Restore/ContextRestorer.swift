@@ -14,7 +14,7 @@ struct ContextRestorer {
     /// elsewhere by now).
     let workingDirectoryPath: String
 
-    /// cwd, umask, oom_score_adj, THP-disable, and each thread's sigaltstack (`threadInjectors` in the
+    /// cwd, umask, oom_score_adj, THP-disable, membarrier registrations, and each thread's sigaltstack (`threadInjectors` in the
     /// order of `state.threads`, main first).
     func restoreBeforeCredentials(_ state: ProcessState, threadInjectors: [SyscallInjector]) throws {
         let context = state.context
@@ -29,6 +29,9 @@ struct ContextRestorer {
         // PR_SET_THP_DISABLE(disable, flags): 3 is "disabled" with PR_THP_DISABLE_EXCEPT_ADVISED (1 << 1).
         let thp = UInt64(context.transparentHugePagesDisabled)
         try injector.call("prctl(PR_SET_THP_DISABLE)", Syscall.prctl, 41, thp & 1, thp & 2, 0, 0)
+        for command in ProcessContext.membarrierRegistrationCommands where context.membarrierRegistrations & command != 0 {
+            try injector.call("membarrier(register \(hex(UInt64(command))))", Syscall.membarrier, UInt64(command), 0, 0)
+        }
         precondition(threadInjectors.count == state.threads.count, "one injector per thread")
         for (thread, threadInjector) in zip(state.threads, threadInjectors) where !thread.signalStack.isDisabled {
             try restoreSignalStack(thread.signalStack, injector: threadInjector)

@@ -52,6 +52,10 @@ extension ProcessState {
         guard ProcessContext.transparentHugePageValues.contains(context.transparentHugePagesDisabled) else {
             throw .unrestorableState(path: path, reason: "THP-disable \(context.transparentHugePagesDisabled) is not 0, 1 or 3")
         }
+        let registrations = ProcessContext.membarrierRegistrationCommands.reduce(0, |)
+        guard context.membarrierRegistrations & ~registrations == 0 else {
+            throw .unrestorableState(path: path, reason: "membarrier registrations \(hex(UInt64(context.membarrierRegistrations))) are not MEMBARRIER_CMD_REGISTER_* commands")
+        }
         // One of each, in order: the restorer sets all three, disarming what was not armed.
         guard context.intervalTimers.map(\.kind) == IntervalTimer.Kind.allCases else {
             throw .unrestorableState(path: path, reason: "the interval timers are \(context.intervalTimers.map { "\($0.kind)" }), not real, virtual, profiling")

@@ -236,6 +236,18 @@ final class TargetProcess {
                                   UInt64(mapping.protection), flags.rawValue, descriptor, mapping.fileOffset)
             }
         }
+        try adviseVictimMappings(state)
+    }
+
+    /// Each mapping's madvise flags, once all are made (an inherited mapping of a tree's child came with
+    /// its parent's: madvise again is harmless).
+    private func adviseVictimMappings(_ state: ProcessState) throws {
+        for mapping in state.mappings where !mapping.advice.isEmpty {
+            for entry in MappingAdvice.catalog where mapping.advice.contains(entry.flag) {
+                guard let advice = entry.madvise else { throw RestoreError.layout("mapping \(hex(mapping.start)) is \(entry.mnemonic), which cannot be restored") }
+                try injector.call("madvise(\(hex(mapping.start)), \(entry.mnemonic))", Syscall.madvise, mapping.start, mapping.byteCount, UInt64(advice))
+            }
+        }
     }
 
     /// Creates a userfaultfd inside the target (it binds to the target's mm), takes it over with

@@ -97,6 +97,9 @@ public struct ProcessContext: Equatable, Sendable {
     public var dumpable: Int32 = 1
     /// PR_GET_THP_DISABLE's answer: 0, 1 (disabled) or 3 (disabled except where madvised, 6.18).
     public var transparentHugePagesDisabled: UInt32 = 0
+    /// membarrier(MEMBARRIER_CMD_GET_REGISTRATIONS)'s answer: the registration commands the process
+    /// issued (MEMBARRIER_CMD_REGISTER_*), each given again by the restorer.
+    public var membarrierRegistrations: UInt32 = 0
     /// ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF, in that order.
     public var intervalTimers: [IntervalTimer] = IntervalTimer.Kind.allCases.map {
         IntervalTimer(kind: $0, intervalMicroseconds: 0, valueMicroseconds: 0)
@@ -110,6 +113,10 @@ public struct ProcessContext: Equatable, Sendable {
     public static let fileCreationMaskMax: UInt32 = 0o777
     public static let dumpableValues: Set<Int32> = [0, 1]
     public static let transparentHugePageValues: Set<UInt32> = [0, 1, 3]
+    /// MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED, _PRIVATE_EXPEDITED, _PRIVATE_EXPEDITED_SYNC_CORE and
+    /// _PRIVATE_EXPEDITED_RSEQ: what GET_REGISTRATIONS (Linux 6.3) can answer.
+    public static let membarrierRegistrationCommands: [UInt32] = [1 << 1, 1 << 4, 1 << 6, 1 << 8]
+    public static let membarrierGetRegistrations: UInt64 = 1 << 9
     /// PATH_MAX counts the terminating NUL.
     public static let workingDirectoryByteCountMax = 4095
 }

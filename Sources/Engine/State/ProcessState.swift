@@ -130,10 +130,55 @@ public struct Mapping: Equatable, Sendable {
     public var kind: MappingKind
     /// MAP_NORESERVE (VmFlags "nr"): no commit charge, so a huge sparse reservation fits where RAM does not.
     public var noReserve = false
+    /// What madvise(2) (or mlock, mseal) set on it, as /proc/PID/smaps's VmFlags show (MappingAdvice).
+    public var advice: MappingAdvice = []
 
     public var byteCount: UInt64 { end - start }
     public var protection: Int32 { (readable ? 1 : 0) | (writable ? 2 : 0) | (executable ? 4 : 0) }
     public func contains(_ address: UInt64) -> Bool { address >= start && address < end }
+}
+
+/// The madvise(2) flags of a mapping, each a VmFlags mnemonic of /proc/PID/smaps. The restorer gives
+/// each back with its madvise; `locked` (mlock) and `sealed` (mseal) are read so that they can be refused
+/// before anything is lost: locking again would fault every page in (post-copy's pages are not there
+/// yet), and a sealed mapping could not be laid out and filled as the restore does.
+public struct MappingAdvice: OptionSet, Equatable, Hashable, Sendable, CustomStringConvertible {
+    public let rawValue: UInt16
+    public init(rawValue: UInt16) { self.rawValue = rawValue }
+
+    public static let dontDump = MappingAdvice(rawValue: 1 << 0)
+    public static let dontFork = MappingAdvice(rawValue: 1 << 1)
+    public static let wipeOnFork = MappingAdvice(rawValue: 1 << 2)
+    public static let hugePage = MappingAdvice(rawValue: 1 << 3)
+    public static let noHugePage = MappingAdvice(rawValue: 1 << 4)
+    public static let mergeable = MappingAdvice(rawValue: 1 << 5)
+    public static let sequential = MappingAdvice(rawValue: 1 << 6)
+    public static let random = MappingAdvice(rawValue: 1 << 7)
+    public static let locked = MappingAdvice(rawValue: 1 << 8)
+    public static let sealed = MappingAdvice(rawValue: 1 << 9)
+
+    /// Each flag with its VmFlags mnemonic and the madvise advice that sets it (nil: not set by madvise).
+    public static let catalog: [(flag: MappingAdvice, mnemonic: String, madvise: Int32?)] = [
+        (.dontDump, "dd", 16), (.dontFork, "dc", 10), (.wipeOnFork, "wf", 18), (.hugePage, "hg", 14),
+        (.noHugePage, "nh", 15), (.mergeable, "mg", 12), (.sequential, "sr", 2), (.random, "rr", 1),
+        (.locked, "lo", nil), (.sealed, "sl", nil),
+    ]
+    public static let known = MappingAdvice(catalog.map(\.flag))
+    /// What the restorer cannot give back.
+    public static let refused: MappingAdvice = [.locked, .sealed]
+
+    /// The flags among VmFlags' mnemonics (others are ignored: permissions, accounting, userfaultfd's).
+    public init<S: Sequence>(mnemonics: S) where S.Element: StringProtocol {
+        var advice: MappingAdvice = []
+        for mnemonic in mnemonics {
+            if let entry = Self.catalog.first(where: { $0.mnemonic == mnemonic }) { advice.insert(entry.flag) }
+        }
+        self = advice
+    }
+
+    public var description: String {
+        Self.catalog.filter { contains($0.flag) }.map(\.mnemonic).joined(separator: " ")
+    }
 }
 
 /// An open descriptor the restorer recreates (OpenFiles.swift has the kinds).

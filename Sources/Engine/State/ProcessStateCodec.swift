@@ -11,7 +11,8 @@ extension ProcessState {
     /// 6: process trees: each process's lineage (parent, group, session, what it inherited), and the root's members.
     /// 7: POSIX timers; a mapped memfd's seals; SysV shared memory.
     /// 8: each thread's CPU affinity.
-    static let encodingVersion: UInt32 = 8
+    /// 9: each mapping's madvise flags; the membarrier registrations.
+    static let encodingVersion: UInt32 = 9
 
     public func encoded() -> [UInt8] {
         var writer = BinaryWriter()
@@ -59,6 +60,7 @@ extension ProcessState {
         writer.writeInt32(context.oomScoreAdjustment)
         writer.writeInt32(context.dumpable)
         writer.writeUInt32(context.transparentHugePagesDisabled)
+        writer.writeUInt32(context.membarrierRegistrations)
         writer.writeArray(context.intervalTimers) { writer, timer in
             writer.writeInt32(timer.kind.rawValue)
             writer.writeUInt64(timer.intervalMicroseconds)
@@ -160,6 +162,7 @@ extension ProcessState {
         context.oomScoreAdjustment = try reader.readInt32()
         context.dumpable = try reader.readInt32()
         context.transparentHugePagesDisabled = try reader.readUInt32()
+        context.membarrierRegistrations = try reader.readUInt32()
         context.intervalTimers = try reader.readArray(maximumCount: IntervalTimer.Kind.allCases.count) { (reader) throws(ImageError) -> IntervalTimer in
             let rawKind = try reader.readInt32()
             guard let kind = IntervalTimer.Kind(rawValue: rawKind) else { throw .malformedMetadata(reason: "interval timer \(rawKind)") }
@@ -262,6 +265,7 @@ extension Mapping {
         writer.writeUInt64(end)
         writer.writeUInt8((readable ? 1 : 0) | (writable ? 2 : 0) | (executable ? 4 : 0) | (shared ? 8 : 0) | (noReserve ? 16 : 0))
         writer.writeUInt64(fileOffset)
+        writer.writeUInt16(advice.rawValue)
         switch kind {
         case .anonymous: writer.writeUInt8(0)
         case .heap: writer.writeUInt8(1)
@@ -298,6 +302,10 @@ extension Mapping {
         let bits = try reader.readUInt8()
         guard bits & ~0x1F == 0 else { throw .malformedMetadata(reason: "mapping at \(hex(start)) has unknown flag bits \(hex(UInt64(bits)))") }
         let fileOffset = try reader.readUInt64()
+        let advice = MappingAdvice(rawValue: try reader.readUInt16())
+        guard advice.isSubset(of: MappingAdvice.known.subtracting(MappingAdvice.refused)) else {
+            throw .malformedMetadata(reason: "mapping \(hex(start))-\(hex(end)) has madvise flags \(hex(UInt64(advice.rawValue))) that cannot be restored")
+        }
         let kind: MappingKind
         switch try reader.readUInt8() {
         case 0: kind = .anonymous
@@ -344,6 +352,7 @@ extension Mapping {
         var mapping = Mapping(start: start, end: end, readable: bits & 1 != 0, writable: bits & 2 != 0,
                               executable: bits & 4 != 0, shared: bits & 8 != 0, fileOffset: fileOffset, kind: kind)
         mapping.noReserve = bits & 16 != 0
+        mapping.advice = advice
         if let problem = mapping.addressProblem { throw .malformedMetadata(reason: "mapping \(hex(start))-\(hex(end)) \(problem)") }
         return mapping
     }

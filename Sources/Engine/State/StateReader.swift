@@ -15,6 +15,7 @@ struct InjectedAnswers: Equatable {
     var signalStacks: [SignalStack] = []
     var dumpable: Int32 = 1
     var transparentHugePagesDisabled: UInt32 = 0
+    var membarrierRegistrations: UInt32 = 0
     var intervalTimers: [IntervalTimer] = []
     var posixTimers: [PosixTimer] = []
 }
@@ -49,6 +50,7 @@ enum StateReader {
         }
         calls.append(Call("prctl(PR_GET_DUMPABLE)", Syscall.prctl, 3))
         calls.append(Call("prctl(PR_GET_THP_DISABLE)", Syscall.prctl, 42))
+        calls.append(Call("membarrier(GET_REGISTRATIONS)", Syscall.membarrier, ProcessContext.membarrierGetRegistrations, 0, 0))
         calls.append(Call("prctl(PR_GET_TID_ADDRESS)", Syscall.prctl, 40, layout.output(QueryLayout.tidAddress)))
         calls.append(Call("sigaltstack", Syscall.sigaltstack, 0, layout.output(QueryLayout.signalStack)))
         // Last: ITIMER_REAL runs on while the process is stopped, and the shared pending signals (read
@@ -83,6 +85,11 @@ enum StateReader {
         }
         answers.dumpable = Int32(truncatingIfNeeded: nextResult())
         answers.transparentHugePagesDisabled = UInt32(truncatingIfNeeded: nextResult())
+        let registrations = Int64(bitPattern: nextResult())
+        guard registrations >= 0 else {
+            throw InjectionError.failed(name: "membarrier(MEMBARRIER_CMD_GET_REGISTRATIONS) (Linux 6.3)", errno: Int32(truncatingIfNeeded: -registrations))
+        }
+        answers.membarrierRegistrations = UInt32(truncatingIfNeeded: registrations)
         _ = nextResult()
         answers.clearChildTIDs = [bytes(QueryLayout.tidAddress, 8).littleEndianWord(at: 0)] + otherTIDAddresses
         _ = nextResult()
@@ -180,15 +187,16 @@ enum StateReader {
         let personality = UInt32(personalityText.filter { $0.isHexDigit }, radix: 16) ?? 0
         let files = try DescriptorReader.read(processID, contents: true)
         var mappings = try Preflight.mappings(processID)
-        let noReserveStarts = mappingFlags.flatMap { $0.mappings == mappings ? $0.noReserveStarts : nil } ?? Self.noReserveMappingStarts(processID)
+        let flags = try mappingFlags.flatMap { $0.mappings == mappings ? $0.flags : nil } ?? ProcFS.smapsFlags(processID)
         if let excludedRange { mappings.removeAll { excludedRange.contains($0.start) } }
-        for index in mappings.indices where noReserveStarts.contains(mappings[index].start) { mappings[index].noReserve = true }
+        applyFlags(flags, to: &mappings)
         var context = ProcessContext()
         context.workingDirectory = try ContextReader.workingDirectory(processID)
         context.fileCreationMask = try ContextReader.fileCreationMask(status: status, processID: processID)
         context.oomScoreAdjustment = try ContextReader.oomScoreAdjustment(processID)
         context.dumpable = injected.dumpable
         context.transparentHugePagesDisabled = injected.transparentHugePagesDisabled
+        context.membarrierRegistrations = injected.membarrierRegistrations
         context.intervalTimers = injected.intervalTimers
         context.posixTimers = injected.posixTimers
         // Inside its own PID namespace (a node of its own) the process knows itself by another number.
@@ -213,37 +221,33 @@ enum StateReader {
         return state
     }
 
-    /// Start addresses of the mappings whose VmFlags (/proc/PID/smaps) include "nr" (MAP_NORESERVE).
-    /// Which mappings are MAP_NORESERVE, read while the process still runs: /proc/PID/smaps walks every
-    /// page table to count pages (some 10 ms for 512 MiB here, ten times that on a loaded machine), and
-    /// its VmFlags are the only place that says "nr". Good for a later read only while the mappings
-    /// listed then are the ones listed now (a flag is fixed at mmap; a mapping made or moved since
-    /// changes the list, and smaps is read again).
+    /// Each mapping's VmFlags (/proc/PID/smaps): MAP_NORESERVE ("nr") and its madvise flags (MappingAdvice),
+    /// read while the process still runs: smaps walks every page table to count pages (some 10 ms for
+    /// 512 MiB here, ten times that on a loaded machine), and its VmFlags are the only place that says
+    /// them. Good for a later read only while the mappings listed then are the ones listed now (nr is
+    /// fixed at mmap; an madvise on part of a mapping splits it, which changes the list, and smaps is read
+    /// again; an madvise on a whole mapping in the moments between this read and the freeze is not seen,
+    /// and the state oracle, which reads the target afresh, reports it).
     struct MappingFlags: Sendable {
         let mappings: [Mapping]
-        let noReserveStarts: Set<UInt64>
+        let flags: [UInt64: SmapsFlags]
     }
 
     static func mappingFlags(_ processID: ProcessID) -> MappingFlags? {
         guard let before = try? Preflight.mappings(processID) else { return nil }
-        let starts = noReserveMappingStarts(processID)
+        let flags = (try? ProcFS.smapsFlags(processID)) ?? [:]
         // A list that changed while smaps was read may pair a flag with the wrong mapping: no snapshot.
         guard let after = try? Preflight.mappings(processID), after == before else { return nil }
-        return MappingFlags(mappings: before, noReserveStarts: starts)
+        return MappingFlags(mappings: before, flags: flags)
     }
 
-    static func noReserveMappingStarts(_ processID: ProcessID) -> Set<UInt64> {
-        guard let text = try? ProcFS.readText("/proc/\(processID)/smaps") else { return [] }
-        var starts = Set<UInt64>()
-        var current: UInt64?
-        for line in text.split(separator: "\n") {
-            if let dash = line.firstIndex(of: "-"), line.first?.isHexDigit == true, let start = UInt64(line[..<dash], radix: 16) {
-                current = start
-            } else if line.hasPrefix("VmFlags:"), let current, line.split(separator: " ").contains("nr") {
-                starts.insert(current)
-            }
+    /// Sets each mapping's noReserve and advice from its VmFlags.
+    static func applyFlags(_ flags: [UInt64: SmapsFlags], to mappings: inout [Mapping]) {
+        for index in mappings.indices {
+            guard let line = flags[mappings[index].start] else { continue }
+            mappings[index].noReserve = line.contains("nr")
+            mappings[index].advice = MappingAdvice(mnemonics: line.mnemonics)
         }
-        return starts
     }
 
     static func credentials(status: [String: String], securebits: UInt32, processID: ProcessID) throws -> Credentials {
