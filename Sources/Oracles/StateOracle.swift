@@ -90,6 +90,7 @@ public enum StateOracle {
         fileMismatches(checkpointed.files, restored.files, into: &mismatches)
         let expectedContext = checkpointed.context, actualContext = restored.context
         check("working directory", expectedContext.workingDirectory, actualContext.workingDirectory)
+        check("root directory", expectedContext.rootDirectory, actualContext.rootDirectory)
         check("umask", expectedContext.fileCreationMask, actualContext.fileCreationMask) { "0o" + String($0, radix: 8) }
         check("oom_score_adj", expectedContext.oomScoreAdjustment, actualContext.oomScoreAdjustment)
         check("dumpable", expectedContext.dumpable, actualContext.dumpable)

@@ -11,7 +11,7 @@ public enum Syscall {
     public static let arch_prctl = 158, openat = 257, rtTgsigqueueinfo = 297, dup3 = 292, rseq = 334, seccomp = 317
     public static let userfaultfd = 323, closeRange = 436, prlimit64 = 302
     public static let clone3 = 435, setRobustList = 273, setTidAddress = 218
-    public static let chdir = 80, umask = 95, sigaltstack = 131, getitimer = 36, setitimer = 38
+    public static let chdir = 80, chroot = 161, umask = 95, sigaltstack = 131, getitimer = 36, setitimer = 38
     public static let timerCreate = 222, timerSettime = 223, timerGettime = 224, timerDelete = 226
     public static let getpid = 39, wait4 = 61, kill = 62, setpgid = 109, setsid = 112, rtSigtimedwait = 128, exitGroup = 231
 }

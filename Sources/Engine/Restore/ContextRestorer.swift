@@ -13,13 +13,21 @@ struct ContextRestorer {
     /// Where the working directory the access check resolved opens again (not its path, which may lead
     /// elsewhere by now).
     let workingDirectoryPath: String
+    /// Where the root directory the access check resolved opens again; nil for this node's root.
+    let rootDirectoryPath: String?
 
-    /// cwd, umask, oom_score_adj, THP-disable, membarrier registrations, and each thread's sigaltstack (`threadInjectors` in the
+    /// cwd, root, umask, oom_score_adj, THP-disable, membarrier registrations, and each thread's sigaltstack (`threadInjectors` in the
     /// order of `state.threads`, main first).
     func restoreBeforeCredentials(_ state: ProcessState, threadInjectors: [SyscallInjector]) throws {
         let context = state.context
         try memory.write(Array(workingDirectoryPath.utf8) + [0], at: dataAddress)
         try injector.call("chdir(\(context.workingDirectory))", Syscall.chdir, dataAddress)
+        // chroot after every open by path (descriptors, mappings, executable, working directory), and
+        // while the target still has CAP_SYS_CHROOT; the working directory stays where chdir put it.
+        if let rootDirectoryPath {
+            try memory.write(Array(rootDirectoryPath.utf8) + [0], at: dataAddress)
+            try injector.call("chroot(\(context.rootDirectory))", Syscall.chroot, dataAddress)
+        }
         try injector.call("umask", Syscall.umask, UInt64(context.fileCreationMask))
         do {
             try ProcFS.writeText("/proc/\(processID)/oom_score_adj", "\(context.oomScoreAdjustment)")

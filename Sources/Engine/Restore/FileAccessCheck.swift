@@ -62,6 +62,9 @@ extension ProcessState {
         if !context.workingDirectory.isEmpty {
             requests.append(("the working directory", FileAccessRequest(path: context.workingDirectory, need: .search), .workingDirectory))
         }
+        if context.rootDirectory != "/" {
+            requests.append(("the root directory", FileAccessRequest(path: context.rootDirectory, need: .search), .rootDirectory))
+        }
         return requests
     }
 
@@ -144,6 +147,7 @@ public struct ReopenPaths: Sendable {
         case mapping(path: String, writable: Bool)
         case executable
         case workingDirectory
+        case rootDirectory
     }
     public private(set) var opened: [Opened: String] = [:]
 

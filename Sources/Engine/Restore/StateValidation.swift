@@ -40,6 +40,9 @@ extension ProcessState {
         guard context.workingDirectory.utf8.count <= ProcessContext.workingDirectoryByteCountMax else {
             throw .unrestorableState(path: path, reason: "the working directory is \(context.workingDirectory.utf8.count) bytes long (PATH_MAX is \(KernelLimits.pathByteCountMax))")
         }
+        guard context.rootDirectory.hasPrefix("/"), !context.rootDirectory.utf8.contains(0) else {
+            throw .unrestorableState(path: path, reason: "the root directory \"\(context.rootDirectory.prefix(256))\" is not an absolute path")
+        }
         guard context.fileCreationMask <= ProcessContext.fileCreationMaskMax else {
             throw .unrestorableState(path: path, reason: "umask 0o\(String(context.fileCreationMask, radix: 8)) has bits beyond 0o777")
         }

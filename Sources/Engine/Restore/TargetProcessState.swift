@@ -45,7 +45,9 @@ extension TargetProcess {
                                   UInt64(state.processID.rawValue), UInt64(pending.signal), dataAddress)
             }
             let context = ContextRestorer(injector: injector, memory: memory, dataAddress: dataAddress, processID: processID,
-                                          workingDirectoryPath: try checkedPath(.workingDirectory, "the working directory \(state.context.workingDirectory)"))
+                                          workingDirectoryPath: try checkedPath(.workingDirectory, "the working directory \(state.context.workingDirectory)"),
+                                          rootDirectoryPath: state.context.rootDirectory == "/" ? nil
+                                              : try checkedPath(.rootDirectory, "the root directory \(state.context.rootDirectory)"))
             try context.restoreBeforeCredentials(state, threadInjectors: [injector] + otherThreads.map(\.injector))
             for threadInjector in [injector] + otherThreads.map(\.injector) {
                 try CredentialRestorer(injector: threadInjector, memory: memory, dataAddress: dataAddress, processID: processID)

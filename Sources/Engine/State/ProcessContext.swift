@@ -89,6 +89,8 @@ public struct IntervalTimer: Equatable, Sendable, CustomStringConvertible {
 public struct ProcessContext: Equatable, Sendable {
     /// The current working directory, restored by path (its file identity is checked at freeze).
     public var workingDirectory: String = "/"
+    /// The root directory (chroot), restored by path once everything else that opens by path is open.
+    public var rootDirectory: String = "/"
     /// umask(2), /proc/PID/status `Umask`.
     public var fileCreationMask: UInt32 = 0o022
     /// /proc/PID/oom_score_adj, -1000...1000.
@@ -163,24 +165,35 @@ enum ContextReader {
         return value
     }
 
-    /// The root directory is not migrated: a process whose root is not this node's (chroot, pivot_root)
-    /// would come back with the restorer's, and its paths would name other files.
-    static func checkSameRoot(_ processID: ProcessID) throws(CheckpointError) {
-        guard let victimRoot = FileIdentity.of(path: "/proc/\(processID)/root") else {
+    /// The root directory (chroot) as a path that resolves, now, from this node's root to the very
+    /// directory the process has as its root; refused when it was deleted or its path leads elsewhere
+    /// (another mount namespace, a pivot_root). Every other path of the process reads the same way
+    /// (/proc shows them from the reader's root), so they open before the restored process is chrooted.
+    static func rootDirectory(_ processID: ProcessID) throws(CheckpointError) -> String {
+        let link = "/proc/\(processID)/root"
+        let path: String
+        do { path = try ProcFS.readLink(link) } catch {
             if !ProcFS.isAlive(processID) { throw .noSuchProcess(processID) }
-            throw .unsupportedContext(processID, reason: "its root directory cannot be examined")
+            throw .unsupportedContext(processID, reason: "its root directory cannot be read (\(error))")
         }
-        guard let ownRoot = FileIdentity.of(path: "/"), victimRoot.isSameFile(as: ownRoot) else {
-            let path = (try? ProcFS.readLink("/proc/\(processID)/root")) ?? "?"
-            throw .unsupportedContext(processID, reason: "its root directory is \(path), not this node's / (chroot is not migrated)")
+        if path.hasSuffix(" (deleted)") {
+            throw .unsupportedContext(processID, reason: "its root directory \(path.dropLast(" (deleted)".count)) was deleted, so no path leads back to it")
         }
+        guard path.hasPrefix("/"), path.utf8.count <= ProcessContext.workingDirectoryByteCountMax, !path.utf8.contains(0) else {
+            throw .unsupportedContext(processID, reason: "its root directory \"\(path.prefix(256))\" is not reachable by a path from this node's root")
+        }
+        guard let actual = FileIdentity.of(path: link) else { throw .unsupportedContext(processID, reason: "its root directory cannot be examined") }
+        guard let named = FileIdentity.of(path: path), named.isSameFile(as: actual), named.isDirectory else {
+            throw .unsupportedContext(processID, reason: "its root directory's path \(path) names another file here (another mount namespace, or pivot_root?)")
+        }
+        return path
     }
 
     /// Before the freeze: what /proc shows that the restorer could not give back. A lower oom_score_adj
     /// than this node's own needs CAP_SYS_RESOURCE (the kernel's oom_score_adj_min), which these
     /// machines lack; the restored process inherits the restorer's minimum.
     static func checkRestorable(_ processID: ProcessID) throws(CheckpointError) {
-        try checkSameRoot(processID)
+        _ = try rootDirectory(processID)
         _ = try workingDirectory(processID)
         _ = try PosixTimerReader.list(processID)
         let wanted = try oomScoreAdjustment(processID)

@@ -11,7 +11,7 @@ extension ProcessState {
     /// 6: process trees: each process's lineage (parent, group, session, what it inherited), and the root's members.
     /// 7: POSIX timers; a mapped memfd's seals; SysV shared memory.
     /// 8: each thread's CPU affinity.
-    /// 9: each mapping's madvise flags; the membarrier registrations.
+    /// 9: each mapping's madvise flags; the membarrier registrations; the root directory.
     static let encodingVersion: UInt32 = 9
 
     public func encoded() -> [UInt8] {
@@ -61,6 +61,7 @@ extension ProcessState {
         writer.writeInt32(context.dumpable)
         writer.writeUInt32(context.transparentHugePagesDisabled)
         writer.writeUInt32(context.membarrierRegistrations)
+        writer.writeString(context.rootDirectory)
         writer.writeArray(context.intervalTimers) { writer, timer in
             writer.writeInt32(timer.kind.rawValue)
             writer.writeUInt64(timer.intervalMicroseconds)
@@ -163,6 +164,7 @@ extension ProcessState {
         context.dumpable = try reader.readInt32()
         context.transparentHugePagesDisabled = try reader.readUInt32()
         context.membarrierRegistrations = try reader.readUInt32()
+        context.rootDirectory = try reader.readString(maximumByteCount: ProcessContext.workingDirectoryByteCountMax)
         context.intervalTimers = try reader.readArray(maximumCount: IntervalTimer.Kind.allCases.count) { (reader) throws(ImageError) -> IntervalTimer in
             let rawKind = try reader.readInt32()
             guard let kind = IntervalTimer.Kind(rawValue: rawKind) else { throw .malformedMetadata(reason: "interval timer \(rawKind)") }

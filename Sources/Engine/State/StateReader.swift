@@ -192,6 +192,7 @@ enum StateReader {
         applyFlags(flags, to: &mappings)
         var context = ProcessContext()
         context.workingDirectory = try ContextReader.workingDirectory(processID)
+        context.rootDirectory = try ContextReader.rootDirectory(processID)
         context.fileCreationMask = try ContextReader.fileCreationMask(status: status, processID: processID)
         context.oomScoreAdjustment = try ContextReader.oomScoreAdjustment(processID)
         context.dumpable = injected.dumpable
