@@ -14,7 +14,11 @@
  *   shared   with --shared 1 only: a file in --shm-dir (tmpfs), mapped
  *            MAP_SHARED read-write. Each round rewrites --writes pages and
  *            then reads them back from the file with pread, which must see
- *            the new data.
+ *            the new data. With --read-only-between 1 the shared mapping
+ *            is made PROT_READ after each round's writes and PROT_READ|
+ *            PROT_WRITE again before the next (the file stays open for
+ *            writing, so the kernel must still allow it: a restore that
+ *            maps it from a read-only open makes that mprotect fail).
  *
  * It closes each descriptor once the file is mapped, so the mappings are
  * the only reference to the files. Every read is checked, and every page
@@ -159,7 +163,7 @@ static void rewrite_page(int kind, uint64_t index, uint64_t round)
 int main(int argc, char **argv)
 {
     unsigned long long pages = 64, rounds = 100, writes = 8;
-    unsigned long long pause_us = 5000, shared = 0, seed = 1;
+    unsigned long long pause_us = 5000, shared = 0, seed = 1, read_only_between = 0;
     const char *dir = "/tmp", *shm_dir = "/dev/shm";
     const struct tp_opt opts[] = {
         { "pages",    &pages,    2, 1ULL << 20, "pages per file" },
@@ -168,6 +172,7 @@ int main(int argc, char **argv)
         { "pause-us", &pause_us, 0, 60000000ULL, "pause per round in microseconds" },
         { "shared",   &shared,   0, 1, "1 = also a MAP_SHARED file in --shm-dir" },
         { "seed",     &seed,     0, UINT64_MAX, "seed of the file data and page choice" },
+        { "read-only-between", &read_only_between, 0, 1, "with --shared 1: PROT_READ between rounds" },
     };
     const struct tp_stropt string_opts[] = {
         { "dir",     &dir,     NULL, "directory for the two private files" },
@@ -196,6 +201,10 @@ int main(int argc, char **argv)
     uint64_t report_every = rounds >= 10 ? rounds / 10 : 1;
     for (uint64_t r = 0; r < rounds; r++) {
         tp_rendezvous(r + 1);
+        if (shared && read_only_between &&
+            mprotect(g_files[FILE_SHARED].base, pages * PAGE_BYTES, PROT_READ | PROT_WRITE) != 0)
+            tp_selfcheck_fail("round %llu: the shared mapping cannot be made writable again: %s",
+                              (unsigned long long)(r + 1), strerror(errno));
         for (uint64_t k = 0; k < writes; k++) {
             /* private: dirty the first half, read the clean second half. */
             rewrite_page(FILE_PRIVATE, tp_rand_below(&rng, half), r + 1);
@@ -213,6 +222,9 @@ int main(int argc, char **argv)
                                 "in the file after a shared write");
             }
         }
+        if (shared && read_only_between &&
+            mprotect(g_files[FILE_SHARED].base, pages * PAGE_BYTES, PROT_READ) != 0)
+            tp_syserr("mprotect PROT_READ");
         if ((r + 1) % report_every == 0)
             tp_say("round %llu/%llu\n", (unsigned long long)(r + 1), rounds);
         if (r + 1 < rounds)

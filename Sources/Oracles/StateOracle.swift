@@ -326,7 +326,8 @@ public enum StateOracle {
         for mapping in mappings {
             if var last = result.last, last.end == mapping.start,
                last.kind == mapping.kind || anonymousLike(last.kind) && anonymousLike(mapping.kind),
-               last.shared == mapping.shared, last.protection == mapping.protection, last.advice == mapping.advice {
+               last.shared == mapping.shared, last.protection == mapping.protection, last.advice == mapping.advice,
+               last.mayWrite == mapping.mayWrite {
                 if mapping.kind == .heap { last.kind = .heap }
                 let contiguous: Bool
                 switch mapping.kind {

@@ -174,6 +174,7 @@ extension ProcessTests {
             ("THP disable", { $0.context.transparentHugePagesDisabled = 0 }),
             ("membarrier registrations", { $0.context.membarrierRegistrations = 0x10 }),
             ("memory layout", { $0.mappings[0].advice = [.dontFork, .hugePage] }),
+            ("memory layout", { $0.mappings[0].mayWrite = false; $0.mappings[0].writable = false }),
             ("thread 4242 sigaltstack", { $0.threads[0].signalStack = .disabled }),
             ("interval timer virtual time left", { $0.context.intervalTimers[1].valueMicroseconds = 0 }),
             ("interval timer virtual time left", { $0.context.intervalTimers[1].valueMicroseconds = 1_000_000_000 }),

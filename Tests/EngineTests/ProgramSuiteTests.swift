@@ -41,5 +41,16 @@ extension ProcessTests {
                 #expect(report.migratedChecksum != nil && report.migratedChecksum == report.referenceChecksum)
             }
         }
+
+        /// A shared file mapping made read-only between rounds, from a file opened for writing: the
+        /// kernel lets the program make it writable again (VmFlags "mw"), so the restore must map it from
+        /// an open for writing too (it mapped it read-only before: mprotect then failed with EACCES).
+        @Test(arguments: ["nonlive", "postcopy-socket", "postcopy-fam"]) func aSharedFileMappingMadeReadOnlyMayWriteAgain(_ mode: String) throws {
+            try migrateProgram("filemaps-static", arguments: ["--rounds", "40", "--pause-us", "20000", "--shared", "1",
+                                                             "--read-only-between", "1", "--shm-dir", "/tmp"],
+                               runOptions: ["--mode", mode, "--after-ms", "250"], timeout: .seconds(120)) { report, _ in
+                #expect(report.migratedChecksum != nil && report.migratedChecksum == report.referenceChecksum)
+            }
+        }
     }
 }

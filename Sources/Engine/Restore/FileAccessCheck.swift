@@ -48,13 +48,13 @@ extension ProcessState {
         }
         // The executable needs only execute permission (exec maps it for a process that may not read
         // it), and its read-only mappings open through it; every other file mapping was mapped from an
-        // open for reading (and writing, if shared and writable).
+        // open for reading (and writing, if shared and writable, or allowed to be made so by mprotect).
         if !executablePath.isEmpty {
             requests.append(("the executable", FileAccessRequest(path: executablePath, need: .search), .executable))
         }
         for mapping in mappings {
             guard case .file(let path) = mapping.kind else { continue }
-            let writesBack = mapping.shared && mapping.writable
+            let writesBack = mapping.writesBack
             if path == executablePath && !writesBack { continue }
             requests.append(("the mapping at 0x\(String(mapping.start, radix: 16))",
                              FileAccessRequest(path: path, need: writesBack ? [.read, .write] : .read), .mapping(path: path, writable: writesBack)))

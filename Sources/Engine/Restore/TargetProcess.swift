@@ -220,7 +220,7 @@ final class TargetProcess {
                 try injector.call("mmap(\(hex(mapping.start)))", Syscall.mmap, mapping.start, mapping.byteCount,
                                   UInt64(mapping.protection), flags.rawValue, UInt64.max, 0)
             case .file(let path):
-                let writableShared = mapping.shared && mapping.writable
+                let writableShared = mapping.writesBack
                 let key = (writableShared ? "rw:" : "r:") + path
                 let descriptor: UInt64
                 if let open = openFiles[key] {

@@ -132,8 +132,13 @@ public struct Mapping: Equatable, Sendable {
     public var noReserve = false
     /// What madvise(2) (or mlock, mseal) set on it, as /proc/PID/smaps's VmFlags show (MappingAdvice).
     public var advice: MappingAdvice = []
+    /// Whether mprotect may make it writable (VmFlags "mw"); read for shared file mappings only, where it
+    /// says whether the file was opened for writing (a private mapping may always write its copy).
+    public var mayWrite = true
 
     public var byteCount: UInt64 { end - start }
+    /// A shared mapping that writes, or may be made to write, its file: mapped from an open for writing.
+    public var writesBack: Bool { shared && (writable || mayWrite) }
     public var protection: Int32 { (readable ? 1 : 0) | (writable ? 2 : 0) | (executable ? 4 : 0) }
     public func contains(_ address: UInt64) -> Bool { address >= start && address < end }
 }

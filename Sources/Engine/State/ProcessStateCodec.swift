@@ -11,7 +11,8 @@ extension ProcessState {
     /// 6: process trees: each process's lineage (parent, group, session, what it inherited), and the root's members.
     /// 7: POSIX timers; a mapped memfd's seals; SysV shared memory.
     /// 8: each thread's CPU affinity.
-    /// 9: each mapping's madvise flags; the membarrier registrations; the root directory.
+    /// 9: each mapping's madvise flags and (shared file mappings) whether it may write; the membarrier
+    ///    registrations; the root directory.
     static let encodingVersion: UInt32 = 9
 
     public func encoded() -> [UInt8] {
@@ -265,7 +266,8 @@ extension Mapping {
     func encode(into writer: inout BinaryWriter) {
         writer.writeUInt64(start)
         writer.writeUInt64(end)
-        writer.writeUInt8((readable ? 1 : 0) | (writable ? 2 : 0) | (executable ? 4 : 0) | (shared ? 8 : 0) | (noReserve ? 16 : 0))
+        writer.writeUInt8((readable ? 1 : 0) | (writable ? 2 : 0) | (executable ? 4 : 0) | (shared ? 8 : 0) | (noReserve ? 16 : 0)
+                          | (mayWrite ? 0 : 32))
         writer.writeUInt64(fileOffset)
         writer.writeUInt16(advice.rawValue)
         switch kind {
@@ -302,7 +304,7 @@ extension Mapping {
         let start = try reader.readUInt64()
         let end = try reader.readUInt64()
         let bits = try reader.readUInt8()
-        guard bits & ~0x1F == 0 else { throw .malformedMetadata(reason: "mapping at \(hex(start)) has unknown flag bits \(hex(UInt64(bits)))") }
+        guard bits & ~0x3F == 0 else { throw .malformedMetadata(reason: "mapping at \(hex(start)) has unknown flag bits \(hex(UInt64(bits)))") }
         let fileOffset = try reader.readUInt64()
         let advice = MappingAdvice(rawValue: try reader.readUInt16())
         guard advice.isSubset(of: MappingAdvice.known.subtracting(MappingAdvice.refused)) else {
@@ -355,6 +357,10 @@ extension Mapping {
                               executable: bits & 4 != 0, shared: bits & 8 != 0, fileOffset: fileOffset, kind: kind)
         mapping.noReserve = bits & 16 != 0
         mapping.advice = advice
+        mapping.mayWrite = bits & 32 == 0
+        guard mapping.mayWrite || !mapping.writable else {
+            throw .malformedMetadata(reason: "mapping \(hex(start))-\(hex(end)) is writable but may not write")
+        }
         if let problem = mapping.addressProblem { throw .malformedMetadata(reason: "mapping \(hex(start))-\(hex(end)) \(problem)") }
         return mapping
     }

@@ -248,6 +248,7 @@ enum StateReader {
             guard let line = flags[mappings[index].start] else { continue }
             mappings[index].noReserve = line.contains("nr")
             mappings[index].advice = MappingAdvice(mnemonics: line.mnemonics)
+            if mappings[index].shared, case .file = mappings[index].kind { mappings[index].mayWrite = line.contains("mw") }
         }
     }
 
