@@ -74,6 +74,11 @@ public struct ProgramSpec: Sendable {
         // fresh IPC namespace with its fresh PID namespace, since the frozen victim still holds the ID).
         ProgramSpec(name: "kernobjects-sysv", binary: "kernobjects-static",
                     arguments: { ["--rounds", "\(8 + 8 * $0)", "--pause-us", "0", "--with", "sysv"] }, steps: { 8 + 8 * $0 }),
+        // Process context: cwd (a directory of its own), umask, oom_score_adj, dumpable, THP-disable, the
+        // alternate stacks of two threads, eight madvise flags and three membarrier registrations.
+        ProgramSpec(name: "context", binary: "context-static",
+                    arguments: { ["--rounds", "\(8 + 8 * $0)", "--pause-us", "0", "--thread", "1", "--advise", "1"] },
+                    steps: { 8 + 8 * $0 }, fileDirectoryOption: "--dir"),
     ]
 
     public static func named(_ name: String) -> ProgramSpec? { (catalog + optIn).first { $0.name == name } }
