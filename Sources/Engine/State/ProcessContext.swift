@@ -129,21 +129,34 @@ enum ContextReader {
     /// The working directory as a path that resolves, now, to the very directory the process works in;
     /// refused when it was deleted, lies outside this node's root, or the path names another file.
     static func workingDirectory(_ processID: ProcessID) throws(CheckpointError) -> String {
-        let link = "/proc/\(processID)/cwd"
+        try directory(processID, link: "cwd", what: "working directory")
+    }
+
+    /// The root directory (chroot) as a path that resolves, now, from this node's root to the very
+    /// directory the process has as its root; refused when it was deleted or its path leads elsewhere
+    /// (another mount namespace, a pivot_root). Every other path of the process reads the same way
+    /// (/proc shows them from the reader's root), so they open before the restored process is chrooted.
+    static func rootDirectory(_ processID: ProcessID) throws(CheckpointError) -> String {
+        try directory(processID, link: "root", what: "root directory")
+    }
+
+    /// /proc/PID/`link` as a path of this node that names the very directory it links to.
+    private static func directory(_ processID: ProcessID, link name: String, what: String) throws(CheckpointError) -> String {
+        let link = "/proc/\(processID)/\(name)"
         let path: String
         do { path = try ProcFS.readLink(link) } catch {
             if !ProcFS.isAlive(processID) { throw .noSuchProcess(processID) }
-            throw .unsupportedContext(processID, reason: "its working directory cannot be read (\(error))")
+            throw .unsupportedContext(processID, reason: "its \(what) cannot be read (\(error))")
         }
         if path.hasSuffix(" (deleted)") {
-            throw .unsupportedContext(processID, reason: "its working directory \(path.dropLast(" (deleted)".count)) was deleted, so no path leads back to it")
+            throw .unsupportedContext(processID, reason: "its \(what) \(path.dropLast(" (deleted)".count)) was deleted, so no path leads back to it")
         }
         guard path.hasPrefix("/"), path.utf8.count <= ProcessContext.workingDirectoryByteCountMax, !path.utf8.contains(0) else {
-            throw .unsupportedContext(processID, reason: "its working directory \"\(path.prefix(256))\" is not reachable by a path from this node's root")
+            throw .unsupportedContext(processID, reason: "its \(what) \"\(path.prefix(256))\" is not reachable by a path from this node's root")
         }
-        guard let actual = FileIdentity.of(path: link) else { throw .unsupportedContext(processID, reason: "its working directory cannot be examined") }
+        guard let actual = FileIdentity.of(path: link) else { throw .unsupportedContext(processID, reason: "its \(what) cannot be examined") }
         guard let named = FileIdentity.of(path: path), named.isSameFile(as: actual), named.isDirectory else {
-            throw .unsupportedContext(processID, reason: "its working directory's path \(path) names another file here (another mount namespace or root?)")
+            throw .unsupportedContext(processID, reason: "its \(what)'s path \(path) names another file here (another mount namespace, a chroot or pivot_root?)")
         }
         return path
     }
@@ -163,30 +176,6 @@ enum ContextReader {
             throw .system(processID, "\(path) holds \"\(text.prefix(32))\", not a value in -1000...1000")
         }
         return value
-    }
-
-    /// The root directory (chroot) as a path that resolves, now, from this node's root to the very
-    /// directory the process has as its root; refused when it was deleted or its path leads elsewhere
-    /// (another mount namespace, a pivot_root). Every other path of the process reads the same way
-    /// (/proc shows them from the reader's root), so they open before the restored process is chrooted.
-    static func rootDirectory(_ processID: ProcessID) throws(CheckpointError) -> String {
-        let link = "/proc/\(processID)/root"
-        let path: String
-        do { path = try ProcFS.readLink(link) } catch {
-            if !ProcFS.isAlive(processID) { throw .noSuchProcess(processID) }
-            throw .unsupportedContext(processID, reason: "its root directory cannot be read (\(error))")
-        }
-        if path.hasSuffix(" (deleted)") {
-            throw .unsupportedContext(processID, reason: "its root directory \(path.dropLast(" (deleted)".count)) was deleted, so no path leads back to it")
-        }
-        guard path.hasPrefix("/"), path.utf8.count <= ProcessContext.workingDirectoryByteCountMax, !path.utf8.contains(0) else {
-            throw .unsupportedContext(processID, reason: "its root directory \"\(path.prefix(256))\" is not reachable by a path from this node's root")
-        }
-        guard let actual = FileIdentity.of(path: link) else { throw .unsupportedContext(processID, reason: "its root directory cannot be examined") }
-        guard let named = FileIdentity.of(path: path), named.isSameFile(as: actual), named.isDirectory else {
-            throw .unsupportedContext(processID, reason: "its root directory's path \(path) names another file here (another mount namespace, or pivot_root?)")
-        }
-        return path
     }
 
     /// Before the freeze: what /proc shows that the restorer could not give back. A lower oom_score_adj
