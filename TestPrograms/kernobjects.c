@@ -47,6 +47,7 @@
 
 #include <fcntl.h>
 #include <limits.h>
+#include <mqueue.h>
 #include <sys/inotify.h>
 #include <sys/mman.h>
 #include <sys/shm.h>
@@ -90,8 +91,17 @@ static void path_in(char *out, size_t size, const char *name)
     snprintf(out, size, "%s/%s", work_dir, name);
 }
 
+/* --with mqueue: a POSIX message queue of its own, open the whole run
+ * (fammig refuses it: its descriptor names "/name" of the mqueue file
+ * system, which no path of this node leads to). */
+static char mqueue_name[64];
+
 static void cleanup(void)
 {
+    if (mqueue_name[0] != '\0') {
+        mq_unlink(mqueue_name);
+        mqueue_name[0] = '\0';
+    }
     if (sysvkey_id >= 0) {
         shmctl(sysvkey_id, IPC_RMID, NULL);
         sysvkey_id = -1;
@@ -223,7 +233,7 @@ int main(int argc, char **argv)
         { "shm-key", &shm_key, 1, 0x7fffffff, "key of the sysvkey segment" },
     };
     struct tp_stropt sopts[] = {
-        { "with", &with, NULL, "comma-separated kinds: timers,inotify,seals,sysv,sysvkey" },
+        { "with", &with, NULL, "comma-separated kinds: timers,inotify,seals,sysv,sysvkey,mqueue" },
         { "dir", &dir, NULL, "directory for the inotify directory" },
     };
     tp_parse_args_with_strings(argc, argv, "POSIX timers, inotify watches, a sealed mapped memfd and SysV shared memory, checked every round.",
@@ -231,6 +241,17 @@ int main(int argc, char **argv)
     int use_timers = want(with, "timers"), use_inotify = want(with, "inotify"), use_seals = want(with, "seals");
     int use_sysv = want(with, "sysv"), use_sysvkey = want(with, "sysvkey");
     atexit(cleanup);
+    if (want(with, "mqueue")) {
+        snprintf(mqueue_name, sizeof mqueue_name, "/fammig-kernobjects-%d", (int)getpid());
+        struct mq_attr attributes = { .mq_maxmsg = 4, .mq_msgsize = 64 };
+        mqd_t queue = mq_open(mqueue_name, O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0600, &attributes);
+        if (queue == (mqd_t)-1) {
+            mqueue_name[0] = '\0';
+            tp_syserr("mq_open");
+        }
+        if (mq_send(queue, "queued", 6, 1) != 0)
+            tp_syserr("mq_send");
+    }
     uint64_t seed = 0x6b6f626a;
     uint64_t h = 0x6b6f;
 

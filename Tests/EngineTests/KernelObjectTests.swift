@@ -135,6 +135,31 @@ extension ProcessTests {
             program.kill()
         }
 
+        /// A POSIX message queue's descriptor shows as "/name" (its path in the mqueue file system): it was
+        /// taken for a regular file of that path, so the checkpoint killed the victim and the restore then
+        /// found no /name (or would have opened another file of that name). Refused before the freeze: a
+        /// descriptor reopened by path must be the file its path names here.
+        @Test func aPOSIXMessageQueueIsRefusedUntouched() throws {
+            let directory = try ScratchDirectory(under: "/dev/shm")
+            defer { directory.remove() }
+            let leftovers = LeftoverCheck()
+            defer { leftovers.finish() }
+            let program = leftovers.own(try SpawnedProgram(try TestPaths.testProgram("kernobjects-static"),
+                                                           ["--rounds", "400", "--pause-us", "20000", "--with", "mqueue"],
+                                                           standardOutputPath: directory.path("out"), standardErrorPath: directory.path("err")))
+            #expect(pollUntil(timeout: .seconds(5)) {
+                ((try? ProcFS.descriptors(program.processID)) ?? []).contains { (try? ProcFS.readLink("/proc/\(program.processID)/fd/\($0)"))?.hasPrefix("/fammig-kernobjects-") == true }
+            })
+            try requireVictimAlive(program.processID)
+            let famPath = directory.path("image.fam"), keyPath = directory.path("migration.key")
+            let outcome = try leftovers.fammig("checkpoint", "--pid", "\(program.processID)", "--fam", famPath, "--key-file", keyPath)
+            #expect(outcome.exitStatus == 2 && !outcome.killedBySignal, "exit \(outcome.exitStatus): \(outcome.standardError)")
+            #expect(outcome.standardError.contains("a POSIX message queue"), "\(outcome.standardError)")
+            #expect(outcome.standardError.contains("left running untouched"), "\(outcome.standardError)")
+            #expect(!FileManager.default.fileExists(atPath: famPath))
+            #expect(untouchedProblem(program.processID) == nil, "\(untouchedProblem(program.processID) ?? "")")
+        }
+
         /// A SysV segment not marked for removal would outlive the process at the source: refused.
         @Test func sysvSegmentThatOutlivesTheProcessIsRefused() throws {
             let key = 0x6661_0000 + Int32(getpid() & 0xffff)

@@ -130,6 +130,17 @@ enum DescriptorReader {
         return records
     }
 
+    /// A file reopened by path must be the file that path names here: a POSIX message queue shows as
+    /// "/name" (its path inside the mqueue filesystem), and a file of another mount namespace as a path
+    /// that leads elsewhere or nowhere on this node. Reopening by that path would open another file,
+    /// or fail after the victim is gone.
+    private static func requireSameFile(at path: String, as identity: FileIdentity, probe: Probe,
+                                        refuse: (Probe, String) -> CheckpointError) throws {
+        guard let named = FileIdentity.of(path: path), named.isSameFile(as: identity) else {
+            throw refuse(probe, "its path names another file, or none, on this node (a POSIX message queue, or a file of another mount namespace)")
+        }
+    }
+
     private static func classify(_ probe: Probe, processID: ProcessID, contents: Bool, path: inout String,
                                  pipeEnds: [UInt64: [Probe]], sockets: [UInt64: (probe: Probe, info: UnixSocketInfo)],
                                  refuse: (Probe, String) -> CheckpointError) throws -> OpenFileKind {
@@ -188,12 +199,14 @@ enum DescriptorReader {
         }
         if identity.isDirectory {
             guard link.hasPrefix("/"), !link.hasSuffix(deletedSuffix) else { throw refuse(probe, "a directory that was removed") }
+            try requireSameFile(at: link, as: identity, probe: probe, refuse: refuse)
             path = link
             return .directory
         }
         if identity.isRegular {
             guard link.hasPrefix("/") else { throw refuse(probe, "not a path") }
             guard link.hasSuffix(deletedSuffix) else {
+                try requireSameFile(at: link, as: identity, probe: probe, refuse: refuse)
                 path = link
                 return .regular
             }
