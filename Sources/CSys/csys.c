@@ -19,6 +19,7 @@
 #include <sys/mman.h>
 #include <stdio.h>
 #include <sys/socket.h>
+#include <netinet/in.h>
 #include <linux/capability.h>
 
 long csys_ptrace(long request, pid_t pid, void *address, void *data) {
@@ -472,6 +473,152 @@ static int guard_victim_ended(void) {
     return guard_victim_pidfd < 0 || poll(&watched, 1, 0) != 0;
 }
 
+int csys_source_guard_run_recipe(int descriptor, const uint8_t *operations, uint64_t byteCount, int retryMilliseconds, uint32_t *failedKind) {
+    uint64_t offset = 0;
+    while (offset + sizeof(struct csys_source_guard_operation) <= byteCount) {
+        struct csys_source_guard_operation operation;
+        memcpy(&operation, operations + offset, sizeof operation);
+        offset += sizeof operation;
+        if (operation.byteCount > byteCount - offset) { errno = EINVAL; *failedKind = operation.kind; return -1; }
+        const uint8_t *bytes = operations + offset;
+        offset += operation.byteCount;
+        int result = 0;
+        for (int waited = 0;; waited += 20) {
+            switch (operation.kind) {
+            case CSYS_GUARD_SETSOCKOPT:
+                result = setsockopt(descriptor, operation.level, operation.name, bytes, operation.byteCount);
+                break;
+            case CSYS_GUARD_SETSOCKOPT_IF_CHANGED: {
+                int current = 0, wanted = 0;
+                socklen_t length = sizeof current;
+                memcpy(&wanted, bytes, operation.byteCount < sizeof wanted ? operation.byteCount : sizeof wanted);
+                result = getsockopt(descriptor, operation.level, operation.name, &current, &length);
+                if (result == 0 && current != wanted) result = setsockopt(descriptor, operation.level, operation.name, &wanted, sizeof wanted);
+                break;
+            }
+            case CSYS_GUARD_BIND: result = bind(descriptor, (const struct sockaddr *)bytes, operation.byteCount); break;
+            case CSYS_GUARD_CONNECT: result = connect(descriptor, (const struct sockaddr *)bytes, operation.byteCount); break;
+            case CSYS_GUARD_LISTEN: result = listen(descriptor, operation.level); break;
+            case CSYS_GUARD_SEND: {
+                uint32_t done = 0;
+                for (int rounds = 0; done < operation.byteCount && rounds < 65536; rounds++) {
+                    ssize_t sent = send(descriptor, bytes + done, operation.byteCount - done, MSG_DONTWAIT | MSG_NOSIGNAL);
+                    if (sent < 0 && errno == EINTR) continue;
+                    if (sent < 0) { result = -1; break; }
+                    done += (uint32_t)sent;
+                }
+                if (result == 0 && done < operation.byteCount) { errno = EIO; result = -1; }
+                break;
+            }
+            default: errno = EINVAL; result = -1;
+            }
+            if (result == 0 || errno == operation.toleratedErrno) { result = 0; break; }
+            if (errno == EINTR) continue;
+            // The target's copy of the socket holds the address until its node kills it.
+            int retried = operation.kind == CSYS_GUARD_BIND || operation.kind == CSYS_GUARD_CONNECT || operation.kind == CSYS_GUARD_LISTEN;
+            if (!retried || (errno != EADDRINUSE && errno != EADDRNOTAVAIL) || waited >= retryMilliseconds) break;
+            usleep(20000);
+        }
+        if (result != 0) { *failedKind = operation.kind; return -1; }
+    }
+    return 0;
+}
+
+// tc ARGUMENTS, its output into `output` (at most `capacity` - 1 bytes, NUL-ended) when asked; its exit
+// status, or -1. The guard is single-threaded (a fork), so fork and exec are safe here.
+static int guard_tc(const char *const *arguments, char *output, size_t capacity) {
+    int pipeDescriptors[2] = { -1, -1 };
+    if (output != NULL && pipe2(pipeDescriptors, O_CLOEXEC) != 0) return -1;
+    pid_t child = fork();
+    if (child < 0) return -1;
+    if (child == 0) {
+        int null = open("/dev/null", O_RDWR | O_CLOEXEC);
+        dup2(null, 0);
+        dup2(output != NULL ? pipeDescriptors[1] : null, 1);
+        dup2(null, 2);
+        char *environment[] = { NULL };
+        execve("/usr/sbin/tc", (char *const *)arguments, environment);
+        _exit(127);
+    }
+    if (output != NULL) {
+        close(pipeDescriptors[1]);
+        size_t done = 0;
+        for (;;) {
+            ssize_t count = read(pipeDescriptors[0], output + done, capacity - 1 - done);
+            if (count < 0 && errno == EINTR) continue;
+            if (count <= 0) break;
+            done += (size_t)count;
+            if (done == capacity - 1) break;
+        }
+        output[done] = 0;
+        close(pipeDescriptors[0]);
+    }
+    int status = 0;
+    while (waitpid(child, &status, 0) < 0 && errno == EINTR) {}
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+// What Sys/NetworkLock.swift's unlock does, for each port the tracer locked: its filters go, and the
+// qdisc once no filter is left.
+static void guard_unlock_ports(struct csys_source_guard_log *log) {
+    int count = log->lockedPortCount;
+    if (count <= 0) return;
+    if (count > CSYS_SOURCE_GUARD_PORTS_MAX) count = CSYS_SOURCE_GUARD_PORTS_MAX;
+    for (int index = 0; index < count; index++) {
+        char preference[16];
+        snprintf(preference, sizeof preference, "%u", (unsigned)log->lockedPorts[index]);
+        const char *protocols[] = { "ip", "ipv6" };
+        for (int family = 0; family < 2; family++) {
+            const char *arguments[] = { "tc", "filter", "del", "dev", "lo", "parent", "1:", "protocol", protocols[family], "pref", preference, NULL };
+            guard_tc(arguments, NULL, 0);
+        }
+    }
+    char filters[256];
+    const char *show[] = { "tc", "filter", "show", "dev", "lo", NULL };
+    if (guard_tc(show, filters, sizeof filters) == 0 && filters[0] == 0) {
+        const char *remove[] = { "tc", "qdisc", "del", "dev", "lo", "root", NULL };
+        guard_tc(remove, NULL, 0);
+    }
+}
+
+// The victim's TCP sockets become again what they were (FrozenVictim.reinstateTCPSockets, from the
+// recipes the tracer recorded): a disconnected one (state CLOSE) is rebuilt; a connection still in
+// repair mode (read, not yet disconnected) is left as it is; then every connection leaves repair mode,
+// once all are rebuilt (a window probe to a peer not yet rebuilt would be answered with a reset).
+static void guard_reinstate_sockets(struct csys_source_guard_log *log) {
+    int count = log->socketCount;
+    if (count > CSYS_SOURCE_GUARD_SOCKETS_MAX) count = CSYS_SOURCE_GUARD_SOCKETS_MAX;
+    int descriptors[CSYS_SOURCE_GUARD_SOCKETS_MAX];
+    for (int index = 0; index < count; index++) {
+        struct csys_source_guard_socket *socket = &log->sockets[index];
+        descriptors[index] = (int)syscall(SYS_pidfd_getfd, guard_victim_pidfd, socket->descriptor, 0);
+        if (descriptors[index] < 0) {
+            dprintf(2, "fammig: could not give pid %d back its TCP socket fd %d: pidfd_getfd: %s\n", log->victim, socket->descriptor, strerror(errno));
+            continue;
+        }
+        uint8_t info[8] = { 0 };
+        socklen_t length = sizeof info;
+        if (getsockopt(descriptors[index], IPPROTO_TCP, 11 /* TCP_INFO */, info, &length) != 0 || info[0] != 7 /* TCP_CLOSE */) continue;
+        uint32_t kind = 0;
+        if (socket->rebuildOffset + socket->rebuildByteCount > log->recipeCapacity
+            || csys_source_guard_run_recipe(descriptors[index], log->recipes + socket->rebuildOffset, socket->rebuildByteCount,
+                                            log->addressRetryMilliseconds, &kind) != 0)
+            dprintf(2, "fammig: could not give pid %d back its TCP socket fd %d (operation %u): %s\n", log->victim, socket->descriptor, kind, strerror(errno));
+    }
+    for (int index = 0; index < count; index++) {
+        struct csys_source_guard_socket *socket = &log->sockets[index];
+        if (descriptors[index] < 0) continue;
+        int repair = 0;
+        socklen_t length = sizeof repair;
+        uint32_t kind = 0;
+        if (socket->isConnection && getsockopt(descriptors[index], IPPROTO_TCP, 19 /* TCP_REPAIR */, &repair, &length) == 0 && repair == 1
+            && socket->liveOffset + socket->liveByteCount <= log->recipeCapacity
+            && csys_source_guard_run_recipe(descriptors[index], log->recipes + socket->liveOffset, socket->liveByteCount, 0, &kind) != 0)
+            dprintf(2, "fammig: pid %d's TCP socket fd %d did not leave repair mode: %s\n", log->victim, socket->descriptor, strerror(errno));
+        close(descriptors[index]);
+    }
+}
+
 static void guard_act(struct csys_source_guard_log *log, int mayContinue) {
     pid_t victim = log->victim;
     if (guard_victim_ended()) return;
@@ -529,6 +676,10 @@ static void guard_act(struct csys_source_guard_log *log, int mayContinue) {
             if (tracer == NULL || strncmp(tracer + 11, "0\n", 2) == 0) break;
             usleep(1000);
         }
+    }
+    if (!guard_victim_ended()) {
+        guard_reinstate_sockets(log);
+        guard_unlock_ports(log);
     }
     if (log->continueAfter && mayContinue && !guard_victim_ended()) syscall(SYS_pidfd_send_signal, guard_victim_pidfd, SIGCONT, NULL, 0);
 }

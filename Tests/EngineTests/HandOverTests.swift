@@ -36,14 +36,18 @@ extension ProcessTests {
             /// A memwalk victim at its rendezvous (it touches no page until released: a restored copy then
             /// faults on none, and a pushing node installs every page), a source with `sourceArguments`
             /// and a target with `targetArguments`, connected.
-            init(mode: Mode, sourceArguments: [String], targetArguments: [String]) throws {
+            /// The victim's program (`programName`, its own arguments) may be another that waits at a rendezvous.
+            let programName: String
+
+            init(mode: Mode, sourceArguments: [String], targetArguments: [String], programName: String = "memwalk-static",
+                 arguments: [String] = ["--mib", "16", "--steps", "40000", "--pause-us", "100"]) throws {
                 let directory = try ScratchDirectory(under: "/dev/shm")
                 let leftovers = LeftoverCheck()
                 self.directory = directory
                 self.leftovers = leftovers
-                let program = try TestPaths.testProgram("memwalk-static")
-                let arguments = ["--mib", "16", "--steps", "40000", "--pause-us", "100"]
-                reference = try SourceDeathTests.referenceChecksum(arguments)
+                self.programName = programName
+                let program = try TestPaths.testProgram(programName)
+                reference = try SourceDeathTests.referenceChecksum(arguments, program: programName)
                 leftovers.expectProgram([program] + arguments + ["--rendezvous", "2"])
                 let launched = try leftovers.fammig(["launch", "--output", directory.path("victim.out"), "--", program] + arguments + ["--rendezvous", "2"])
                 let victim = ProcessID(try #require(Int32(launched.standardOutput.trimmingCharacters(in: .whitespacesAndNewlines))))
@@ -76,7 +80,7 @@ extension ProcessTests {
             func restoredProcess() -> ProcessID? {
                 allProcessIDs().first { candidate in
                     guard let status = try? ProcFS.status(candidate) else { return false }
-                    return status["Name"] == "memwalk-static" && status["PPid"] == "\(target.processID)" && status["TracerPid"] == "0"
+                    return status["Name"] == String(programName.prefix(15)) && status["PPid"] == "\(target.processID)" && status["TracerPid"] == "0"
                 }
             }
 
