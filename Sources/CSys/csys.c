@@ -18,6 +18,7 @@
 #include <sys/wait.h>
 #include <sys/mman.h>
 #include <stdio.h>
+#include <time.h>
 #include <sys/socket.h>
 #include <netinet/in.h>
 #include <linux/capability.h>
@@ -366,6 +367,12 @@ static void become_helper(int keep[3], const char *name) {
 }
 
 
+static long long monotonic_milliseconds(void) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (long long)now.tv_sec * 1000 + now.tv_nsec / 1000000;
+}
+
 static void wait_for_exit(int pidfd, int timeoutMilliseconds) {
     struct pollfd waiting = { .fd = pidfd, .events = POLLIN };
     while (poll(&waiting, 1, timeoutMilliseconds) < 0 && errno == EINTR) {}
@@ -387,24 +394,56 @@ pid_t csys_spawn_hole_watchdog(int pidfd, int userfaultfd, int *disarmDescriptor
     if (child == 0) {
         int keep[3] = { pipeDescriptors[0], pidfd, userfaultfd };
         become_helper(keep, "fammig-watchdog");
+        // A lease ('L' and its milliseconds, then 'R' to renew it): an owner that is alive but does not
+        // run (a stopped node) loses its process too, once the lease runs out.
+        uint32_t leaseMilliseconds = 0;
+        long long deadline = 0;
+        int lapsed = 0;
         for (;;) {
+            int timeout = -1;
+            if (leaseMilliseconds > 0) {
+                long long left = deadline - monotonic_milliseconds();
+                if (left <= 0) { lapsed = 1; break; }
+                timeout = (int)left;
+            }
             struct pollfd watched[2] = { { .fd = pipeDescriptors[0], .events = POLLIN }, { .fd = pidfd, .events = POLLIN } };
-            if (poll(watched, 2, -1) < 0) {
+            int ready = poll(watched, 2, timeout);
+            if (ready < 0) {
                 if (errno == EINTR) continue;
                 break;  // cannot watch any more: treat like a dead owner
             }
+            if (ready == 0) continue;
             if (watched[1].revents) _exit(0);  // the restored process ended: nothing to guard
             if (watched[0].revents) {
                 char word = 0;
                 ssize_t count = read(pipeDescriptors[0], &word, 1);
                 if (count < 0 && errno == EINTR) continue;
                 if (count == 1 && word == 'D') _exit(0);
+                if (count == 1 && word == 'R') { deadline = monotonic_milliseconds() + leaseMilliseconds; continue; }
+                if (count == 1 && word == 'L') {
+                    uint32_t milliseconds = 0;
+                    size_t done = 0;
+                    while (done < sizeof milliseconds) {
+                        ssize_t got = read(pipeDescriptors[0], (char *)&milliseconds + done, sizeof milliseconds - done);
+                        if (got < 0 && errno == EINTR) continue;
+                        if (got <= 0) break;
+                        done += (size_t)got;
+                    }
+                    if (done < sizeof milliseconds) break;
+                    leaseMilliseconds = milliseconds;
+                    deadline = monotonic_milliseconds() + leaseMilliseconds;
+                    continue;
+                }
                 break;  // EOF (owner gone) or anything else
             }
         }
+        if (lapsed)
+            dprintf(2, "fammig: this target node did not renew its lease (%u ms) on its restored process: it was stopped or stalled, "
+                       "and its source may have let the victim run on; the restored process is killed, so that only one copy lives\n",
+                    leaseMilliseconds);
         syscall(SYS_pidfd_send_signal, pidfd, SIGKILL, NULL, 0);
         wait_for_exit(pidfd, 5000);
-        _exit(1);
+        _exit(lapsed ? 3 : 1);
     }
     close(pipeDescriptors[0]);
     *disarmDescriptor = pipeDescriptors[1];
@@ -782,6 +821,17 @@ void csys_fam_bus_unregister(int slot) {
 
 int csys_hole_watchdog_disarm(int disarmDescriptor) {
     char word = 'D';
+    return (int)send(disarmDescriptor, &word, 1, MSG_NOSIGNAL);
+}
+
+int csys_hole_watchdog_lease(int disarmDescriptor, uint32_t leaseMilliseconds) {
+    char words[5] = { 'L' };
+    memcpy(words + 1, &leaseMilliseconds, sizeof leaseMilliseconds);
+    return (int)send(disarmDescriptor, words, sizeof words, MSG_NOSIGNAL);
+}
+
+int csys_hole_watchdog_renew(int disarmDescriptor) {
+    char word = 'R';
     return (int)send(disarmDescriptor, &word, 1, MSG_NOSIGNAL);
 }
 

@@ -70,6 +70,11 @@ pid_t csys_spawn_traced_program_new_pid_namespace(const char *path, char *const 
 pid_t csys_spawn_hole_watchdog(int pidfd, int userfaultfd, int *disarmDescriptor);
 /// Sends the watchdog its 'D' (MSG_NOSIGNAL: no SIGPIPE when it has exited already).
 int csys_hole_watchdog_disarm(int disarmDescriptor);
+/// Gives the watchdog a lease of `leaseMilliseconds` from now: unless renewed ('R', below) within it,
+/// the watchdog says so on stderr and kills the restored process as if its owner had died (exit 3).
+int csys_hole_watchdog_lease(int disarmDescriptor, uint32_t leaseMilliseconds);
+/// Renews the lease for another `leaseMilliseconds` from now.
+int csys_hole_watchdog_renew(int disarmDescriptor);
 
 /// What a source guard (below) undoes in a victim whose tracer died before the commit record: every
 /// field is written by the tracer before it changes the victim, so the log always holds the victim's
