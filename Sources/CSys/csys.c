@@ -18,7 +18,9 @@
 #include <sys/wait.h>
 #include <sys/mman.h>
 #include <stdio.h>
+#include <time.h>
 #include <sys/socket.h>
+#include <netinet/in.h>
 #include <linux/capability.h>
 
 long csys_ptrace(long request, pid_t pid, void *address, void *data) {
@@ -365,6 +367,12 @@ static void become_helper(int keep[3], const char *name) {
 }
 
 
+static long long monotonic_milliseconds(void) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (long long)now.tv_sec * 1000 + now.tv_nsec / 1000000;
+}
+
 static void wait_for_exit(int pidfd, int timeoutMilliseconds) {
     struct pollfd waiting = { .fd = pidfd, .events = POLLIN };
     while (poll(&waiting, 1, timeoutMilliseconds) < 0 && errno == EINTR) {}
@@ -386,24 +394,56 @@ pid_t csys_spawn_hole_watchdog(int pidfd, int userfaultfd, int *disarmDescriptor
     if (child == 0) {
         int keep[3] = { pipeDescriptors[0], pidfd, userfaultfd };
         become_helper(keep, "fammig-watchdog");
+        // A lease ('L' and its milliseconds, then 'R' to renew it): an owner that is alive but does not
+        // run (a stopped node) loses its process too, once the lease runs out.
+        uint32_t leaseMilliseconds = 0;
+        long long deadline = 0;
+        int lapsed = 0;
         for (;;) {
+            int timeout = -1;
+            if (leaseMilliseconds > 0) {
+                long long left = deadline - monotonic_milliseconds();
+                if (left <= 0) { lapsed = 1; break; }
+                timeout = (int)left;
+            }
             struct pollfd watched[2] = { { .fd = pipeDescriptors[0], .events = POLLIN }, { .fd = pidfd, .events = POLLIN } };
-            if (poll(watched, 2, -1) < 0) {
+            int ready = poll(watched, 2, timeout);
+            if (ready < 0) {
                 if (errno == EINTR) continue;
                 break;  // cannot watch any more: treat like a dead owner
             }
+            if (ready == 0) continue;
             if (watched[1].revents) _exit(0);  // the restored process ended: nothing to guard
             if (watched[0].revents) {
                 char word = 0;
                 ssize_t count = read(pipeDescriptors[0], &word, 1);
                 if (count < 0 && errno == EINTR) continue;
                 if (count == 1 && word == 'D') _exit(0);
+                if (count == 1 && word == 'R') { deadline = monotonic_milliseconds() + leaseMilliseconds; continue; }
+                if (count == 1 && word == 'L') {
+                    uint32_t milliseconds = 0;
+                    size_t done = 0;
+                    while (done < sizeof milliseconds) {
+                        ssize_t got = read(pipeDescriptors[0], (char *)&milliseconds + done, sizeof milliseconds - done);
+                        if (got < 0 && errno == EINTR) continue;
+                        if (got <= 0) break;
+                        done += (size_t)got;
+                    }
+                    if (done < sizeof milliseconds) break;
+                    leaseMilliseconds = milliseconds;
+                    deadline = monotonic_milliseconds() + leaseMilliseconds;
+                    continue;
+                }
                 break;  // EOF (owner gone) or anything else
             }
         }
+        if (lapsed)
+            dprintf(2, "fammig: this target node did not renew its lease (%u ms) on its restored process: it was stopped or stalled, "
+                       "and its source may have let the victim run on; the restored process is killed, so that only one copy lives\n",
+                    leaseMilliseconds);
         syscall(SYS_pidfd_send_signal, pidfd, SIGKILL, NULL, 0);
         wait_for_exit(pidfd, 5000);
-        _exit(1);
+        _exit(lapsed ? 3 : 1);
     }
     close(pipeDescriptors[0]);
     *disarmDescriptor = pipeDescriptors[1];
@@ -472,6 +512,152 @@ static int guard_victim_ended(void) {
     return guard_victim_pidfd < 0 || poll(&watched, 1, 0) != 0;
 }
 
+int csys_source_guard_run_recipe(int descriptor, const uint8_t *operations, uint64_t byteCount, int retryMilliseconds, uint32_t *failedKind) {
+    uint64_t offset = 0;
+    while (offset + sizeof(struct csys_source_guard_operation) <= byteCount) {
+        struct csys_source_guard_operation operation;
+        memcpy(&operation, operations + offset, sizeof operation);
+        offset += sizeof operation;
+        if (operation.byteCount > byteCount - offset) { errno = EINVAL; *failedKind = operation.kind; return -1; }
+        const uint8_t *bytes = operations + offset;
+        offset += operation.byteCount;
+        int result = 0;
+        for (int waited = 0;; waited += 20) {
+            switch (operation.kind) {
+            case CSYS_GUARD_SETSOCKOPT:
+                result = setsockopt(descriptor, operation.level, operation.name, bytes, operation.byteCount);
+                break;
+            case CSYS_GUARD_SETSOCKOPT_IF_CHANGED: {
+                int current = 0, wanted = 0;
+                socklen_t length = sizeof current;
+                memcpy(&wanted, bytes, operation.byteCount < sizeof wanted ? operation.byteCount : sizeof wanted);
+                result = getsockopt(descriptor, operation.level, operation.name, &current, &length);
+                if (result == 0 && current != wanted) result = setsockopt(descriptor, operation.level, operation.name, &wanted, sizeof wanted);
+                break;
+            }
+            case CSYS_GUARD_BIND: result = bind(descriptor, (const struct sockaddr *)bytes, operation.byteCount); break;
+            case CSYS_GUARD_CONNECT: result = connect(descriptor, (const struct sockaddr *)bytes, operation.byteCount); break;
+            case CSYS_GUARD_LISTEN: result = listen(descriptor, operation.level); break;
+            case CSYS_GUARD_SEND: {
+                uint32_t done = 0;
+                for (int rounds = 0; done < operation.byteCount && rounds < 65536; rounds++) {
+                    ssize_t sent = send(descriptor, bytes + done, operation.byteCount - done, MSG_DONTWAIT | MSG_NOSIGNAL);
+                    if (sent < 0 && errno == EINTR) continue;
+                    if (sent < 0) { result = -1; break; }
+                    done += (uint32_t)sent;
+                }
+                if (result == 0 && done < operation.byteCount) { errno = EIO; result = -1; }
+                break;
+            }
+            default: errno = EINVAL; result = -1;
+            }
+            if (result == 0 || errno == operation.toleratedErrno) { result = 0; break; }
+            if (errno == EINTR) continue;
+            // The target's copy of the socket holds the address until its node kills it.
+            int retried = operation.kind == CSYS_GUARD_BIND || operation.kind == CSYS_GUARD_CONNECT || operation.kind == CSYS_GUARD_LISTEN;
+            if (!retried || (errno != EADDRINUSE && errno != EADDRNOTAVAIL) || waited >= retryMilliseconds) break;
+            usleep(20000);
+        }
+        if (result != 0) { *failedKind = operation.kind; return -1; }
+    }
+    return 0;
+}
+
+// tc ARGUMENTS, its output into `output` (at most `capacity` - 1 bytes, NUL-ended) when asked; its exit
+// status, or -1. The guard is single-threaded (a fork), so fork and exec are safe here.
+static int guard_tc(const char *const *arguments, char *output, size_t capacity) {
+    int pipeDescriptors[2] = { -1, -1 };
+    if (output != NULL && pipe2(pipeDescriptors, O_CLOEXEC) != 0) return -1;
+    pid_t child = fork();
+    if (child < 0) return -1;
+    if (child == 0) {
+        int null = open("/dev/null", O_RDWR | O_CLOEXEC);
+        dup2(null, 0);
+        dup2(output != NULL ? pipeDescriptors[1] : null, 1);
+        dup2(null, 2);
+        char *environment[] = { NULL };
+        execve("/usr/sbin/tc", (char *const *)arguments, environment);
+        _exit(127);
+    }
+    if (output != NULL) {
+        close(pipeDescriptors[1]);
+        size_t done = 0;
+        for (;;) {
+            ssize_t count = read(pipeDescriptors[0], output + done, capacity - 1 - done);
+            if (count < 0 && errno == EINTR) continue;
+            if (count <= 0) break;
+            done += (size_t)count;
+            if (done == capacity - 1) break;
+        }
+        output[done] = 0;
+        close(pipeDescriptors[0]);
+    }
+    int status = 0;
+    while (waitpid(child, &status, 0) < 0 && errno == EINTR) {}
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+// What Sys/NetworkLock.swift's unlock does, for each port the tracer locked: its filters go, and the
+// qdisc once no filter is left.
+static void guard_unlock_ports(struct csys_source_guard_log *log) {
+    int count = log->lockedPortCount;
+    if (count <= 0) return;
+    if (count > CSYS_SOURCE_GUARD_PORTS_MAX) count = CSYS_SOURCE_GUARD_PORTS_MAX;
+    for (int index = 0; index < count; index++) {
+        char preference[16];
+        snprintf(preference, sizeof preference, "%u", (unsigned)log->lockedPorts[index]);
+        const char *protocols[] = { "ip", "ipv6" };
+        for (int family = 0; family < 2; family++) {
+            const char *arguments[] = { "tc", "filter", "del", "dev", "lo", "parent", "1:", "protocol", protocols[family], "pref", preference, NULL };
+            guard_tc(arguments, NULL, 0);
+        }
+    }
+    char filters[256];
+    const char *show[] = { "tc", "filter", "show", "dev", "lo", NULL };
+    if (guard_tc(show, filters, sizeof filters) == 0 && filters[0] == 0) {
+        const char *remove[] = { "tc", "qdisc", "del", "dev", "lo", "root", NULL };
+        guard_tc(remove, NULL, 0);
+    }
+}
+
+// The victim's TCP sockets become again what they were (FrozenVictim.reinstateTCPSockets, from the
+// recipes the tracer recorded): a disconnected one (state CLOSE) is rebuilt; a connection still in
+// repair mode (read, not yet disconnected) is left as it is; then every connection leaves repair mode,
+// once all are rebuilt (a window probe to a peer not yet rebuilt would be answered with a reset).
+static void guard_reinstate_sockets(struct csys_source_guard_log *log) {
+    int count = log->socketCount;
+    if (count > CSYS_SOURCE_GUARD_SOCKETS_MAX) count = CSYS_SOURCE_GUARD_SOCKETS_MAX;
+    int descriptors[CSYS_SOURCE_GUARD_SOCKETS_MAX];
+    for (int index = 0; index < count; index++) {
+        struct csys_source_guard_socket *socket = &log->sockets[index];
+        descriptors[index] = (int)syscall(SYS_pidfd_getfd, guard_victim_pidfd, socket->descriptor, 0);
+        if (descriptors[index] < 0) {
+            dprintf(2, "fammig: could not give pid %d back its TCP socket fd %d: pidfd_getfd: %s\n", log->victim, socket->descriptor, strerror(errno));
+            continue;
+        }
+        uint8_t info[8] = { 0 };
+        socklen_t length = sizeof info;
+        if (getsockopt(descriptors[index], IPPROTO_TCP, 11 /* TCP_INFO */, info, &length) != 0 || info[0] != 7 /* TCP_CLOSE */) continue;
+        uint32_t kind = 0;
+        if (socket->rebuildOffset + socket->rebuildByteCount > log->recipeCapacity
+            || csys_source_guard_run_recipe(descriptors[index], log->recipes + socket->rebuildOffset, socket->rebuildByteCount,
+                                            log->addressRetryMilliseconds, &kind) != 0)
+            dprintf(2, "fammig: could not give pid %d back its TCP socket fd %d (operation %u): %s\n", log->victim, socket->descriptor, kind, strerror(errno));
+    }
+    for (int index = 0; index < count; index++) {
+        struct csys_source_guard_socket *socket = &log->sockets[index];
+        if (descriptors[index] < 0) continue;
+        int repair = 0;
+        socklen_t length = sizeof repair;
+        uint32_t kind = 0;
+        if (socket->isConnection && getsockopt(descriptors[index], IPPROTO_TCP, 19 /* TCP_REPAIR */, &repair, &length) == 0 && repair == 1
+            && socket->liveOffset + socket->liveByteCount <= log->recipeCapacity
+            && csys_source_guard_run_recipe(descriptors[index], log->recipes + socket->liveOffset, socket->liveByteCount, 0, &kind) != 0)
+            dprintf(2, "fammig: pid %d's TCP socket fd %d did not leave repair mode: %s\n", log->victim, socket->descriptor, strerror(errno));
+        close(descriptors[index]);
+    }
+}
+
 static void guard_act(struct csys_source_guard_log *log, int mayContinue) {
     pid_t victim = log->victim;
     if (guard_victim_ended()) return;
@@ -529,6 +715,10 @@ static void guard_act(struct csys_source_guard_log *log, int mayContinue) {
             if (tracer == NULL || strncmp(tracer + 11, "0\n", 2) == 0) break;
             usleep(1000);
         }
+    }
+    if (!guard_victim_ended()) {
+        guard_reinstate_sockets(log);
+        guard_unlock_ports(log);
     }
     if (log->continueAfter && mayContinue && !guard_victim_ended()) syscall(SYS_pidfd_send_signal, guard_victim_pidfd, SIGCONT, NULL, 0);
 }
@@ -631,6 +821,17 @@ void csys_fam_bus_unregister(int slot) {
 
 int csys_hole_watchdog_disarm(int disarmDescriptor) {
     char word = 'D';
+    return (int)send(disarmDescriptor, &word, 1, MSG_NOSIGNAL);
+}
+
+int csys_hole_watchdog_lease(int disarmDescriptor, uint32_t leaseMilliseconds) {
+    char words[5] = { 'L' };
+    memcpy(words + 1, &leaseMilliseconds, sizeof leaseMilliseconds);
+    return (int)send(disarmDescriptor, words, sizeof words, MSG_NOSIGNAL);
+}
+
+int csys_hole_watchdog_renew(int disarmDescriptor) {
+    char word = 'R';
     return (int)send(disarmDescriptor, &word, 1, MSG_NOSIGNAL);
 }
 

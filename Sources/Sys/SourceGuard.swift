@@ -22,18 +22,36 @@ public final class SourceGuard: @unchecked Sendable {
     private let logByteCount = MemoryLayout<csys_source_guard_log>.size
     private let lock = Lock()
     private var controlDescriptor: Int32?
+    /// The TCP sockets' recipes (csys_source_guard_log.recipes): reserved, not committed, memory; an
+    /// image carries at most 2 MiB of queued bytes in all, and each byte is in one recipe.
+    private let recipes: UnsafeMutableRawPointer
+    public static let recipeByteCountMax = 8 << 20
+    private var recipeByteCount = 0
 
-    public init(victim: ProcessID) throws(SyscallError) {
+    /// `addressRetry`: how long the guard retries rebuilding a socket whose address is still taken
+    /// (by the target's copy of the process, until its node kills it).
+    public init(victim: ProcessID, addressRetry: Duration = .seconds(30)) throws(SyscallError) {
         let mapped = mmap(nil, MemoryLayout<csys_source_guard_log>.size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0)
         guard let mapped, mapped != MAP_FAILED else { throw .current("mmap(source guard log)") }
+        let reserved = mmap(nil, Self.recipeByteCountMax, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        guard let reserved, reserved != MAP_FAILED else {
+            let error = SyscallError.current("mmap(source guard recipes)")
+            munmap(mapped, MemoryLayout<csys_source_guard_log>.size)
+            throw error
+        }
+        recipes = reserved
         log = mapped.bindMemory(to: csys_source_guard_log.self, capacity: 1)
         log.pointee.victim = victim.rawValue
         log.pointee.phase = Int32(CSYS_SOURCE_GUARD_FROZEN)
+        log.pointee.recipes = reserved.assumingMemoryBound(to: UInt8.self)
+        log.pointee.recipeCapacity = UInt64(Self.recipeByteCountMax)
+        log.pointee.addressRetryMilliseconds = Int32(clamping: addressRetry.components.seconds * 1000)
         var descriptor: Int32 = -1
         let child = csys_spawn_source_guard(log, &descriptor)
         guard child > 0 else {
             let error = SyscallError.current("fork(source guard)")
             munmap(mapped, MemoryLayout<csys_source_guard_log>.size)
+            munmap(reserved, Self.recipeByteCountMax)
             throw error
         }
         victimProcessID = victim
@@ -45,6 +63,42 @@ public final class SourceGuard: @unchecked Sendable {
         // Dropped without a word (the owner chose, in some failure path): nothing left to guard.
         release(word: UInt8(ascii: "D"))
         munmap(log, logByteCount)
+        munmap(recipes, Self.recipeByteCountMax)
+    }
+
+    /// A loopback port about to be locked (Sys/NetworkLock.swift): a guard that lets the victim run on
+    /// unlocks it. Recorded before the lock, so that one failing half-way is undone too.
+    public func recordLockedPort(_ port: UInt16) {
+        lock.withLock {
+            let index = Int(log.pointee.lockedPortCount)
+            precondition(index < Int(CSYS_SOURCE_GUARD_PORTS_MAX), "more locked ports than the guard's log holds")
+            withUnsafeMutableBytes(of: &log.pointee.lockedPorts) { $0.bindMemory(to: UInt16.self)[index] = port }
+            log.pointee.lockedPortCount = Int32(index + 1)
+        }
+    }
+
+    /// The victim's TCP socket `descriptor`, read and about to be disconnected: `rebuild` makes it again
+    /// what it was, `live` (a connection) ends its repair mode afterwards. False when the log is full
+    /// (the caller refuses the checkpoint: a socket the guard cannot give back).
+    public func recordTCPSocket(descriptor: Int32, isConnection: Bool, rebuild: TCPSocketRecipe, live: TCPSocketRecipe) -> Bool {
+        lock.withLock {
+            let index = Int(log.pointee.socketCount)
+            let needed = rebuild.bytes.count + live.bytes.count
+            guard index < Int(CSYS_SOURCE_GUARD_SOCKETS_MAX), recipeByteCount + needed <= Self.recipeByteCountMax else { return false }
+            let rebuildOffset = recipeByteCount
+            rebuild.bytes.withUnsafeBytes { if $0.count > 0 { recipes.advanced(by: rebuildOffset).copyMemory(from: $0.baseAddress!, byteCount: $0.count) } }
+            let liveOffset = rebuildOffset + rebuild.bytes.count
+            live.bytes.withUnsafeBytes { if $0.count > 0 { recipes.advanced(by: liveOffset).copyMemory(from: $0.baseAddress!, byteCount: $0.count) } }
+            recipeByteCount = liveOffset + live.bytes.count
+            withUnsafeMutableBytes(of: &log.pointee.sockets) { buffer in
+                buffer.bindMemory(to: csys_source_guard_socket.self)[index] = csys_source_guard_socket(
+                    descriptor: descriptor, isConnection: isConnection ? 1 : 0,
+                    rebuildOffset: UInt64(rebuildOffset), rebuildByteCount: UInt64(rebuild.bytes.count),
+                    liveOffset: UInt64(liveOffset), liveByteCount: UInt64(live.bytes.count))
+            }
+            log.pointee.socketCount = Int32(index + 1)
+            return true
+        }
     }
 
     /// A thread's registers and signal mask as they are before the tracer changes either.

@@ -70,6 +70,17 @@ public struct InetAddress: Equatable, Sendable, CustomStringConvertible {
     }
     /// The length a sockaddr of this family has.
     var isWellFormed: Bool { (family == 2 && bytes.count == 4) || (family == 10 && bytes.count == 16) }
+
+    /// A sockaddr_in (16 bytes) or sockaddr_in6 (28 bytes) of this address, port in network order.
+    var socketAddressBytes: [UInt8] {
+        precondition(isWellFormed, "\(self) is not an IPv4 or IPv6 address")
+        var raw = [UInt8](repeating: 0, count: family == 2 ? 16 : 28)
+        raw[0] = UInt8(family & 0xff); raw[1] = UInt8(family >> 8)
+        raw[2] = UInt8(port >> 8); raw[3] = UInt8(port & 0xff)
+        let start = family == 2 ? 4 : 8
+        for (index, byte) in bytes.enumerated() { raw[start + index] = byte }
+        return raw
+    }
 }
 
 extension ForeignDescriptor {
@@ -97,14 +108,11 @@ extension ForeignDescriptor {
 
     /// bind(2) or connect(2) to `address` (connect in repair mode makes the connection without a SYN).
     public func bindOrConnect(_ address: InetAddress, connect: Bool) throws(SyscallError) {
-        precondition(address.isWellFormed, "\(address) is not an IPv4 or IPv6 address")
+        let socketAddress = address.socketAddressBytes
         var storage = sockaddr_storage()
         let length: Int = withUnsafeMutableBytes(of: &storage) { raw in
-            raw.storeBytes(of: UInt16(address.family), as: UInt16.self)
-            raw[2] = UInt8(address.port >> 8); raw[3] = UInt8(address.port & 0xff)
-            let start = address.family == 2 ? 4 : 8
-            for (index, byte) in address.bytes.enumerated() { raw[start + index] = byte }
-            return address.family == 2 ? 16 : 28
+            for (index, byte) in socketAddress.enumerated() { raw[index] = byte }
+            return socketAddress.count
         }
         try retryingInterrupts(connect ? "connect(\(address))" : "bind(\(address))") {
             withUnsafePointer(to: &storage) { pointer in

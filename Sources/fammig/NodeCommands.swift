@@ -210,7 +210,7 @@ struct Target: ParsableCommand {
     @Option(help: "Seconds to keep trying to reach the source, then to wait for its handshake (a source busy refusing another peer answers late), and then for the process state or image it sends.")
     var connectTimeout: Int32 = 30
 
-    @Option(help: "Seconds to wait for the source once state has moved (\(MigrationPlan.defaultStallTimeoutSeconds) by default): for the pages needed before the resume, for a page the restored process faulted on, for a send it takes nothing of, and, with every page in, for the commit record (postcopy-fam) or the source's last word (postcopy-socket). Then the restored process is killed and the target exits 2.")
+    @Option(help: "Seconds to wait for the source once state has moved (\(MigrationPlan.defaultStallTimeoutSeconds) by default): for the pages needed before the resume, for a page the restored process faulted on, for a send it takes nothing of, and, with every page in, for the commit record (postcopy-fam) or the source's last word (postcopy-socket). Then the restored process is killed and the target exits 2. postcopy-socket: until the process is this node's, it also lives on a lease of half this time: a target node stopped (or starved) that long has its process killed by its watchdog, before its source lets the victim run on, and exits 2 once it runs again. Give both nodes one stall timeout.")
     var stallTimeout: Int32 = Int32(MigrationPlan.defaultStallTimeoutSeconds)
 
     @OptionGroup var common: CommonOptions
@@ -250,7 +250,13 @@ struct Target: ParsableCommand {
         let clock = MonotonicClock()
         let oracles = common.makeOracles()
         oracles?.expectLazyPages()
-        let target = try Migration.target(MigrationPlan(mode: mode, push: push == .on, key: key, stallTimeout: .seconds(Int64(stallTimeout))),
+        var plan = MigrationPlan(mode: mode, push: push == .on, key: key, stallTimeout: .seconds(Int64(stallTimeout)))
+        // postcopy-socket: half the stall timeout, so that a node stopped that long loses its process
+        // before its source, which waits the whole stall timeout for a word from it, lets the victim run
+        // on. A postcopy-fam source waits for no word: it commits, and this copy becomes the process
+        // (killing it then would leave none running), so that mode has no lease.
+        if mode == .postcopySocket { plan.targetLease = .milliseconds(Int64(stallTimeout) * 500) }
+        let target = try Migration.target(plan,
                                           ports: TargetPorts(openBackend: poolImage?.openBackend() ?? openRealBackend(path: fam ?? "/nonexistent"),
                                                              transport: transport, stubPath: try stubPath(), observer: oracles, clock: clock,
                                                              timeline: timeline, metrics: metrics, logger: logger,

@@ -36,14 +36,18 @@ extension ProcessTests {
             /// A memwalk victim at its rendezvous (it touches no page until released: a restored copy then
             /// faults on none, and a pushing node installs every page), a source with `sourceArguments`
             /// and a target with `targetArguments`, connected.
-            init(mode: Mode, sourceArguments: [String], targetArguments: [String]) throws {
+            /// The victim's program (`programName`, its own arguments) may be another that waits at a rendezvous.
+            let programName: String
+
+            init(mode: Mode, sourceArguments: [String], targetArguments: [String], programName: String = "memwalk-static",
+                 arguments: [String] = ["--mib", "16", "--steps", "40000", "--pause-us", "100"]) throws {
                 let directory = try ScratchDirectory(under: "/dev/shm")
                 let leftovers = LeftoverCheck()
                 self.directory = directory
                 self.leftovers = leftovers
-                let program = try TestPaths.testProgram("memwalk-static")
-                let arguments = ["--mib", "16", "--steps", "40000", "--pause-us", "100"]
-                reference = try SourceDeathTests.referenceChecksum(arguments)
+                self.programName = programName
+                let program = try TestPaths.testProgram(programName)
+                reference = try SourceDeathTests.referenceChecksum(arguments, program: programName)
                 leftovers.expectProgram([program] + arguments + ["--rendezvous", "2"])
                 let launched = try leftovers.fammig(["launch", "--output", directory.path("victim.out"), "--", program] + arguments + ["--rendezvous", "2"])
                 let victim = ProcessID(try #require(Int32(launched.standardOutput.trimmingCharacters(in: .whitespacesAndNewlines))))
@@ -76,7 +80,9 @@ extension ProcessTests {
             func restoredProcess() -> ProcessID? {
                 allProcessIDs().first { candidate in
                     guard let status = try? ProcFS.status(candidate) else { return false }
-                    return status["Name"] == "memwalk-static" && status["PPid"] == "\(target.processID)" && status["TracerPid"] == "0"
+                    // A zombie (killed, its stopped parent not reaping it) is no live copy.
+                    return status["Name"] == String(programName.prefix(15)) && status["PPid"] == "\(target.processID)" && status["TracerPid"] == "0"
+                        && !(status["State"] ?? "").hasPrefix("Z")
                 }
             }
 
@@ -166,6 +172,52 @@ extension ProcessTests {
             #expect(targetOutcome.exitStatus != 0, "the continued target finished without its source: \(migration.targetErrors)")
             #expect(pollUntil(timeout: .seconds(10)) { migration.restoredProcess() == nil }, "the restored copy outlived the failed migration")
             migration.expectNothingLeft("target stopped mid-post-copy")
+        }
+
+        /// Item 2 of what was left: the target's lease. postcopy-socket without push, both nodes with a
+        /// 4 s stall timeout (the target's lease: 2 s). The target node stops once its process runs; its
+        /// watchdog hears no renewal for 2 s and kills the copy, so that by the time the source gives up
+        /// (4 s) and lets its victim run on, no second copy lives. Continued, the target says its lease ran
+        /// out and exits 2. (Without the lease, the copy lived until the target was continued.)
+        @Test func aTargetStoppedPastItsLeaseLosesItsCopyBeforeItsSourceLetsTheVictimGo() throws {
+            let migration = try TwoNodes(mode: .socket, sourceArguments: ["--push", "off", "--stall-timeout", "4"],
+                                         targetArguments: ["--stall-timeout", "4"])
+            defer { migration.finish() }
+            try #require(pollUntil(timeout: .seconds(60)) { migration.restoredProcess() != nil }, "the target never ran its process: \(migration.targetErrors)")
+            _ = Glibc.kill(migration.target.processID.rawValue, SIGSTOP)
+            let sourceOutcome = try migration.source.waitForExit(timeout: .seconds(60))
+            #expect(sourceOutcome.exitStatus == 2, "source: exit \(sourceOutcome.exitStatus): \(migration.sourceErrors)")
+            #expect(migration.restoredProcess() == nil, "the stopped target's copy outlived its lease: two live copies once the source let go")
+            try Self.expectVictimRunsOn(migration, "target stopped past its lease")
+            _ = Glibc.kill(migration.target.processID.rawValue, SIGCONT)
+            let targetOutcome = try migration.target.waitForExit(timeout: .seconds(60))
+            #expect(targetOutcome.exitStatus == 2 && !targetOutcome.killedBySignal, "target: exit \(targetOutcome.exitStatus): \(migration.targetErrors)")
+            #expect(migration.targetErrors.contains("lease"), "\(migration.targetErrors)")
+            #expect(pollUntil(timeout: .seconds(10)) { migration.restoredProcess() == nil }, "the restored copy outlived the failed migration")
+            migration.expectNothingLeft("target stopped past its lease")
+        }
+
+        /// The same stop in postcopy-fam: its source waits for no word from the target, it commits the
+        /// image and kills its victim, so the target's copy is the process and has no lease to lose.
+        /// Continued, the target finds the commit record and lets its process go on: released from its
+        /// rendezvous, it ends with the unmigrated checksum. One live copy at the end either way.
+        @Test func aTargetStoppedInPostcopyFAMKeepsTheProcessItsSourceCommitted() throws {
+            let migration = try TwoNodes(mode: .fam, sourceArguments: ["--stall-timeout", "4"], targetArguments: ["--stall-timeout", "4"])
+            defer { migration.finish() }
+            try #require(pollUntil(timeout: .seconds(60)) { migration.restoredProcess() != nil }, "the target never ran its process: \(migration.targetErrors)")
+            _ = Glibc.kill(migration.target.processID.rawValue, SIGSTOP)
+            let sourceOutcome = try migration.source.waitForExit(timeout: .seconds(60))
+            #expect(sourceOutcome.exitStatus == 0, "source: exit \(sourceOutcome.exitStatus): \(migration.sourceErrors)")
+            #expect(pollUntil(timeout: .seconds(10)) { processLife(migration.victim) != .running }, "the source's victim lives beside the committed copy")
+            Thread.sleep(forTimeInterval: 3)  // past the lease a postcopy-socket target would have
+            let restored = try #require(migration.restoredProcess(), "the committed copy died while its target was stopped: no live copy")
+            _ = Glibc.kill(migration.target.processID.rawValue, SIGCONT)
+            _ = Glibc.kill(restored.rawValue, SIGUSR2)
+            let targetOutcome = try migration.target.waitForExit(timeout: .seconds(120))
+            #expect(targetOutcome.exitStatus == 0, "target: exit \(targetOutcome.exitStatus): \(migration.targetErrors)")
+            #expect(pollUntil(timeout: .seconds(120)) { processLife(restored) != .running }, "the committed copy did not run to its end")
+            #expect(lastChecksum(inFile: migration.output) == migration.reference, "the committed copy's run differs from the unmigrated one")
+            migration.expectNothingLeft("target stopped in postcopy-fam")
         }
     }
 }

@@ -70,6 +70,11 @@ pid_t csys_spawn_traced_program_new_pid_namespace(const char *path, char *const 
 pid_t csys_spawn_hole_watchdog(int pidfd, int userfaultfd, int *disarmDescriptor);
 /// Sends the watchdog its 'D' (MSG_NOSIGNAL: no SIGPIPE when it has exited already).
 int csys_hole_watchdog_disarm(int disarmDescriptor);
+/// Gives the watchdog a lease of `leaseMilliseconds` from now: unless renewed ('R', below) within it,
+/// the watchdog says so on stderr and kills the restored process as if its owner had died (exit 3).
+int csys_hole_watchdog_lease(int disarmDescriptor, uint32_t leaseMilliseconds);
+/// Renews the lease for another `leaseMilliseconds` from now.
+int csys_hole_watchdog_renew(int disarmDescriptor);
 
 /// What a source guard (below) undoes in a victim whose tracer died before the commit record: every
 /// field is written by the tracer before it changes the victim, so the log always holds the victim's
@@ -87,6 +92,32 @@ struct csys_source_guard_thread {
     uint64_t signalMask;
     struct user_regs_struct registers;
 };
+#define CSYS_SOURCE_GUARD_SOCKETS_MAX 512
+#define CSYS_SOURCE_GUARD_PORTS_MAX 512
+/// One operation on a socket, as the engine's rebuild of it would make the call (Engine's
+/// TCPSocketRestorer records them): setsockopt(level, name, value), the same only when getsockopt
+/// answers another value, bind or connect to the sockaddr in `bytes`, send `bytes` (a repair queue's
+/// fill), listen(`level`). `toleratedErrno` is an answer that counts as done (bind's EINVAL on a socket
+/// still bound). Followed by `byteCount` bytes.
+enum {
+    CSYS_GUARD_SETSOCKOPT = 1, CSYS_GUARD_SETSOCKOPT_IF_CHANGED = 2, CSYS_GUARD_BIND = 3, CSYS_GUARD_CONNECT = 4,
+    CSYS_GUARD_SEND = 5, CSYS_GUARD_LISTEN = 6,
+};
+struct csys_source_guard_operation {
+    uint32_t kind;
+    int32_t toleratedErrno;
+    int32_t level;
+    int32_t name;
+    uint32_t byteCount;
+};
+/// A TCP socket of the victim (its descriptor number there): `rebuild` (offset and length in the
+/// recipes) makes it again what it was once disconnected; `live` ends its repair mode (a connection).
+struct csys_source_guard_socket {
+    int32_t descriptor;
+    int32_t isConnection;
+    uint64_t rebuildOffset, rebuildByteCount;
+    uint64_t liveOffset, liveByteCount;
+};
 struct csys_source_guard_log {
     volatile int32_t phase;
     int32_t victim;
@@ -99,6 +130,20 @@ struct csys_source_guard_log {
     volatile uint64_t scratchAddress;
     volatile uint64_t scratchByteCount;
     struct csys_source_guard_thread threads[CSYS_SOURCE_GUARD_THREADS_MAX];
+    /// The victim's TCP sockets the tracer read (and then disconnected, so that the target's could take
+    /// their addresses) and the loopback ports it locked: a guard that lets the victim run on rebuilds
+    /// each socket from its recipe and unlocks each port first (csys_source_guard_socket).
+    volatile int32_t socketCount;
+    volatile int32_t lockedPortCount;
+    uint16_t lockedPorts[CSYS_SOURCE_GUARD_PORTS_MAX];
+    struct csys_source_guard_socket sockets[CSYS_SOURCE_GUARD_SOCKETS_MAX];
+    /// How long a rebuild retries a bind, connect or listen that meets the address still taken (by the
+    /// target's copy, until its node kills it): milliseconds.
+    int32_t addressRetryMilliseconds;
+    /// The recipes' operations (csys_source_guard_operation, one after another), in a second shared
+    /// mapping of `recipeCapacity` bytes made before the fork.
+    uint8_t *recipes;
+    uint64_t recipeCapacity;
 };
 /// Forks a source guard over `log->victim`: a child that keeps only the read end of a socket pair whose
 /// other end (O_CLOEXEC, returned in *disarmDescriptor) only this process holds, and stderr. On 'D' it
@@ -106,6 +151,10 @@ struct csys_source_guard_log {
 /// as its phase says. It ignores terminal signals and has its own session. Only syscalls run in the
 /// child, so this is safe from a multi-threaded parent. Returns the guard's PID, or -1 (errno).
 pid_t csys_spawn_source_guard(struct csys_source_guard_log *log, int *disarmDescriptor);
+/// Runs the recipe at `operations` (`byteCount` bytes of csys_source_guard_operation records) on
+/// `descriptor`, retrying a bind, connect or listen that meets EADDRINUSE or EADDRNOTAVAIL for up to
+/// `retryMilliseconds`. 0, or -1 with errno of the first operation that failed (and *failedKind its kind).
+int csys_source_guard_run_recipe(int descriptor, const uint8_t *operations, uint64_t byteCount, int retryMilliseconds, uint32_t *failedKind);
 /// Sends the guard 'D' (disarm: exit, touch nothing), 'A' (act now on the log, as if this process died)
 /// or 'S' (the same, but without the SIGCONT).
 int csys_source_guard_send(int disarmDescriptor, char word);

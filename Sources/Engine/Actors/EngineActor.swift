@@ -53,6 +53,8 @@ public enum EngineError: Error, CustomStringConvertible, Sendable {
     case timedOut(String)
     /// The other node went silent once state had moved, for longer than the stall timeout.
     case stalled(String)
+    /// This node did not run for longer than its lease on a restored process (MigrationPlan.targetLease).
+    case leaseLapsed(String)
 
     public var description: String {
         switch self {
@@ -63,6 +65,7 @@ public enum EngineError: Error, CustomStringConvertible, Sendable {
         case .aborted(let reason): "aborted: \(reason)"
         case .timedOut(let what): "timed out: \(what)"
         case .stalled(let what): "the other node stalled: \(what); it is stopped, overloaded or cut off: look at it, then migrate again"
+        case .leaseLapsed(let what): "this node's lease ran out: \(what)"
         }
     }
 
@@ -76,7 +79,7 @@ public enum EngineError: Error, CustomStringConvertible, Sendable {
         case .image: true
         case .restore(.processIDInUse): true
         // The other node, not this migration's code, failed: as a refused peer is.
-        case .stalled: true
+        case .stalled, .leaseLapsed: true
         default: false
         }
     }

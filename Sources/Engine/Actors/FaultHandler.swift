@@ -18,6 +18,9 @@ public final class FaultHandler: EngineActor {
     /// The longest a fault waits for the source's page, and the longest the target holds every page
     /// without hearing that the process is its own (MigrationPlan.stallTimeout).
     private let stallTimeout: Duration
+    /// MigrationPlan.targetLease: started on the watchdogs at this handler's first step.
+    private let lease: Duration?
+    private var leaseStarted = false
 
     private struct Pending {
         var address: UInt64
@@ -57,9 +60,10 @@ public final class FaultHandler: EngineActor {
 
     /// `lazy()` is nil until the restorer has built the target and handed its memory over.
     public init(lazy: @escaping () -> LazyMemory?, transport: (any Transport)?, generation: UInt64,
-                stallTimeout: Duration = .seconds(MigrationPlan.defaultStallTimeoutSeconds), clock: any EngineClock,
+                stallTimeout: Duration = .seconds(MigrationPlan.defaultStallTimeoutSeconds), lease: Duration? = nil, clock: any EngineClock,
                 timeline: MigrationTimeline, metrics: FaultMetrics, logger: Logger) {
         self.stallTimeout = stallTimeout
+        self.lease = lease
         self.lazy = lazy
         self.transport = transport
         self.generation = generation
@@ -117,6 +121,15 @@ public final class FaultHandler: EngineActor {
 
     public func perform() throws(EngineError) {
         guard let memory = lazy() else { preconditionFailure("FaultHandler ran before the restorer handed over") }
+        if let lease, !leaseStarted {
+            leaseStarted = true
+            do { try memory.startLease(lease) } catch { throw .stalled("cannot start this node's lease on its restored process: \(error)") }
+        }
+        // Before the look at the process: a lapsed lease's watchdog kills it, which is not its end.
+        if let lease, memory.leaseLapsed {
+            throw .leaseLapsed("it did not run for longer than its lease (\(lease), half the stall timeout: it was stopped or starved), "
+                               + "so its source may have let the victim run on; its watchdog killed the restored process, so that only one copy lives")
+        }
         do {
             if Spawn.hasEnded(memory.targetProcessID) || (memory.isComplete && processIsOurs(memory)) {
                 try finish(memory)

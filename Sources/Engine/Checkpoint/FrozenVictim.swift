@@ -182,6 +182,7 @@ final class FrozenVictim {
         let state = try StateReader.read(tracees: tracees, processID: processID, injected: injected, mappingFlags: mappingFlags)
         try ContextReader.checkRestorable(state, processID: processID)
         try Preflight.checkAdvice(state.mappings, processID: processID)
+        try recordTCPSocketsWithGuard(state.files)
         try detachTCPSockets(state.files)
         return state
     }
@@ -277,7 +278,23 @@ final class FrozenVictim {
         let files = try Preflight.descriptors(processID)
         for (port, family) in TCPSocketRestorer.outsideConnectionPorts(files) {
             lockedPorts.append(port)  // first: a lock that fails half-way is undone too
+            sourceGuard.recordLockedPort(port)
             try NetworkLock.lock(port: port, family: family)
+        }
+    }
+
+    /// Before its sockets are disconnected, the guard learns how to give each back (the calls of
+    /// `reinstate` and `goLive`, written down): a tracer that dies before the commit record then leaves
+    /// the victim its connections, live, and its ports unlocked.
+    private func recordTCPSocketsWithGuard(_ files: [OpenFile]) throws {
+        for file in files {
+            guard case .tcpSocket(let end) = file.kind else { continue }
+            let rebuild = TCPSocketRecipe(), live = TCPSocketRecipe()
+            try TCPSocketRestorer.reinstate(rebuild, end)
+            if !end.isListening { try TCPSocketRestorer.goLive(live, end) }
+            guard sourceGuard.recordTCPSocket(descriptor: file.descriptor, isConnection: !end.isListening, rebuild: rebuild, live: live) else {
+                throw CheckpointError.system(processID, "more TCP sockets (or queued bytes) than the source guard can give back: fd \(file.descriptor)")
+            }
         }
     }
 

@@ -50,6 +50,11 @@ public struct MigrationPlan: Sendable {
     /// (or stopped, when it cannot know which copy lives) and killing a restored process that is not
     /// yet the process.
     public var stallTimeout: Duration
+    /// A post-copy target's lease on its restored process until the process is its own (nil: none): a
+    /// target node that does not run for this long (stopped, starved) has its process killed by its
+    /// watchdog, before a source that heard nothing from it for its stall timeout lets the victim run
+    /// on. `fammig target` takes half its stall timeout.
+    public var targetLease: Duration? = nil
 
     /// `fammig source`/`target --stall-timeout`'s default, and its least (a few of the target's
     /// heartbeats, FaultHandler.heartbeatInterval), in seconds.
@@ -192,7 +197,7 @@ public enum Migration {
                                 imageWait: ports.imageWait, stallTimeout: plan.stallTimeout)
         guard plan.mode.isPostcopy else { return TargetNode(restorer: restorer, faultHandler: nil, pusher: nil) }
         let faultHandler = FaultHandler(lazy: { restorer.lazyMemory }, transport: ports.transport, generation: plan.generation,
-                                        stallTimeout: plan.stallTimeout, clock: ports.clock, timeline: ports.timeline, metrics: ports.metrics, logger: ports.logger)
+                                        stallTimeout: plan.stallTimeout, lease: plan.targetLease, clock: ports.clock, timeline: ports.timeline, metrics: ports.metrics, logger: ports.logger)
         let pusher = plan.mode == .postcopyFAM && plan.push
             ? Pusher(lazy: { restorer.lazyMemory }, batchPageCount: plan.batchPageCount, clock: ports.clock, metrics: ports.metrics,
                      logger: ports.logger)

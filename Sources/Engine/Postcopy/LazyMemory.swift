@@ -60,6 +60,15 @@ public final class LazyMemory: @unchecked Sendable {
     /// One per process of the tree, each holding that process's userfaultfd.
     let watchdogs: [HoleWatchdog]
 
+    /// From now on each restored process lives only while this node runs and renews its lease
+    /// (HoleWatchdog.startLease): a node stopped for longer than `duration` loses its process.
+    func startLease(_ duration: Duration) throws(SyscallError) {
+        for watchdog in watchdogs { try watchdog.startLease(duration) }
+    }
+
+    /// Whether a watchdog's lease ran out (its process is killed, or about to be).
+    var leaseLapsed: Bool { watchdogs.contains { $0.leaseLapsed } }
+
     /// Registered shared-memory mappings: a page found present there was installed through another
     /// mapping of the same object (with the same dumped bytes), and shown to the oracle there. It is not
     /// shown again: read back now, it holds what the target wrote since.

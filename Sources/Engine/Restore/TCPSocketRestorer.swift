@@ -8,12 +8,14 @@ import Sys
 
 enum TCPSocketRestorer {
     /// Makes `socket` (a new or disconnected TCP socket of the record's family) what `end` describes.
-    static func rebuild(_ socket: ForeignDescriptor, _ end: TCPSocketEnd) throws {
+    /// `socket` makes each call at once (a ForeignDescriptor) or writes it down (a TCPSocketRecipe, which
+    /// the source guard runs if its owner dies: the one rebuild either way).
+    static func rebuild(_ socket: some TCPSocketCalls, _ end: TCPSocketEnd) throws {
         if let connection = end.connection, let peer = end.peer {
             // Options before repair mode: SO_REUSEADDR would undo the address reuse repair mode forces
             // (and a bind would then collide with a TIME_WAIT socket on the port).
             try setOptions(socket, end)
-            try socket.setRepair(true)
+            try socket.setRepair(true, windowProbe: true)
             // A queue's sequence is set to its start; refilling it moves it to the end we read.
             try socket.setQueueSequence(TCPOption.sendQueue, connection.sendSequence &- UInt32(connection.sendQueue.count))
             try socket.setQueueSequence(TCPOption.receiveQueue, connection.receiveSequence &- UInt32(connection.receiveQueue.count))
@@ -21,7 +23,7 @@ enum TCPSocketRestorer {
             // The victim's own socket, disconnected by `detach`, may still be bound (it was bound to a
             // port explicitly): bind answers EINVAL then. getsockname cannot tell, it still shows the
             // port a disconnect released.
-            try bindUnlessBound(socket, end.local)
+            try socket.bindUnlessBound(end.local)
             try socket.bindOrConnect(peer, connect: true)
             var options: [(code: UInt32, value: UInt32)] = [(2, connection.maximumSegment)]  // TCPOPT_MAXSEG
             if connection.handshakeOptions & 4 != 0 {  // TCPOPT_WINDOW: send scale, receive scale << 16
@@ -44,33 +46,22 @@ enum TCPSocketRestorer {
         // A listener: options first (IPV6_V6ONLY only before bind), repair mode only to bind where the
         // victim's disconnected socket may still sit; leaving it clears address reuse, set again after.
         try setOptions(socket, end)
-        try socket.setRepair(true)
-        try bindUnlessBound(socket, end.local)
+        try socket.setRepair(true, windowProbe: true)
+        try socket.bindUnlessBound(end.local)
         try socket.setRepair(false, windowProbe: false)
         try socket.setSocketOption(level: TCPOption.socketLevel, name: TCPOption.reuseAddress, value: end.options.reuseAddress)
         try socket.listen(backlog: end.backlog)
     }
 
-    /// The victim's own socket, disconnected by `detach`, may still be bound (to a port it chose
-    /// itself): bind answers EINVAL then. getsockname cannot tell: it still shows a released port.
-    private static func bindUnlessBound(_ socket: ForeignDescriptor, _ address: InetAddress) throws {
-        do {
-            try socket.bindOrConnect(address, connect: false)
-        } catch {
-            guard error.errno == .invalidArgument else { throw error }
-        }
-    }
-
-    private static func setOptions(_ socket: ForeignDescriptor, _ end: TCPSocketEnd) throws {
+    private static func setOptions(_ socket: some TCPSocketCalls, _ end: TCPSocketEnd) throws {
         let options = end.options
         try socket.setSocketOption(level: TCPOption.socketLevel, name: TCPOption.reuseAddress, value: options.reuseAddress)
         try socket.setSocketOption(level: TCPOption.socketLevel, name: TCPOption.reusePort, value: options.reusePort)
         try socket.setSocketOption(level: TCPOption.socketLevel, name: TCPOption.keepAlive, value: options.keepAlive)
         try socket.setSocketOption(level: TCPOption.level, name: TCPOption.noDelay, value: options.noDelay)
         // Only before bind; a socket still bound (given back to the victim) keeps its own.
-        if end.local.family == 10 && end.isListening,
-           try socket.socketOption(level: TCPOption.ipv6Level, name: TCPOption.ipv6Only) != options.ipv6Only {
-            try socket.setSocketOption(level: TCPOption.ipv6Level, name: TCPOption.ipv6Only, value: options.ipv6Only)
+        if end.local.family == 10 && end.isListening {
+            try socket.setSocketOptionIfChanged(level: TCPOption.ipv6Level, name: TCPOption.ipv6Only, value: options.ipv6Only)
         }
         if options.keepIdleSeconds > 0 { try socket.setSocketOption(level: TCPOption.level, name: TCPOption.keepIdle, value: options.keepIdleSeconds) }
         if options.keepIntervalSeconds > 0 { try socket.setSocketOption(level: TCPOption.level, name: TCPOption.keepInterval, value: options.keepIntervalSeconds) }
@@ -79,8 +70,8 @@ enum TCPSocketRestorer {
 
     /// Ends repair mode on a rebuilt connection, with a window probe so the peer hears from it at once;
     /// address reuse, which leaving repair mode clears, is set again.
-    static func goLive(_ socket: ForeignDescriptor, _ end: TCPSocketEnd) throws {
-        try socket.setRepair(false)
+    static func goLive(_ socket: some TCPSocketCalls, _ end: TCPSocketEnd) throws {
+        try socket.setRepair(false, windowProbe: true)
         try socket.setSocketOption(level: TCPOption.socketLevel, name: TCPOption.reuseAddress, value: end.options.reuseAddress)
     }
 
@@ -111,7 +102,7 @@ enum TCPSocketRestorer {
     /// The checkpoint was abandoned: the victim's socket becomes again what it was, in repair mode still
     /// if it is a connection (`goLive` each once all are rebuilt: a window probe to a peer not yet
     /// rebuilt would be answered with a reset).
-    static func reinstate(_ socket: ForeignDescriptor, _ end: TCPSocketEnd) throws {
+    static func reinstate(_ socket: some TCPSocketCalls, _ end: TCPSocketEnd) throws {
         try rebuild(socket, end)
     }
 }
