@@ -13,18 +13,65 @@
  * closed and closes it if it is open, in the handler: a descriptor that
  * cannot migrate, open for a window the caller controls (a freeze that
  * finds it is let go and tried again). The state does not depend on it.
+ * With --fd-signals 2 the first SIGUSR1 opens a TCP listener on loopback
+ * (fd 40) and connects to it (fd 41) without accepting, a listener with a
+ * connection not yet accepted (as a server a moment before its accept);
+ * the next accepts that connection and closes all three.
  */
 #include "common.h"
 
 #include <fcntl.h>
 #include <sys/socket.h>
 #include <netinet/in.h>
+#include <arpa/inet.h>
 
 #define HEAP_BYTES (64u * 1024u)
 #define HEAP_WORDS (HEAP_BYTES / sizeof(uint64_t))
 #define STACK_WORDS 64
 
 #define TOGGLED_FD 40
+#define CLIENT_FD 41
+
+/* Moves fd to target (async-signal-safe calls only: this runs in the handler). */
+static void move_fd(int fd, int target)
+{
+    if (fd >= 0 && fd != target) {
+        dup2(fd, target);
+        close(fd);
+    }
+}
+
+static void toggle_pending_listener(int signal_number)
+{
+    (void)signal_number;
+    if (fcntl(TOGGLED_FD, F_GETFD) != -1) {
+        int accepted = accept(TOGGLED_FD, NULL, NULL);
+        if (accepted >= 0)
+            close(accepted);
+        close(CLIENT_FD);
+        close(TOGGLED_FD);
+        return;
+    }
+    struct sockaddr_in address;
+    memset(&address, 0, sizeof address);
+    address.sin_family = AF_INET;
+    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t length = sizeof address;
+    int listener = socket(AF_INET, SOCK_STREAM, 0);
+    if (listener < 0 || bind(listener, (struct sockaddr *)&address, sizeof address) != 0
+        || listen(listener, 4) != 0 || getsockname(listener, (struct sockaddr *)&address, &length) != 0) {
+        if (listener >= 0)
+            close(listener);
+        return;
+    }
+    move_fd(listener, TOGGLED_FD);
+    int client = socket(AF_INET, SOCK_STREAM, 0);
+    if (client >= 0 && connect(client, (struct sockaddr *)&address, sizeof address) != 0) {
+        close(client);
+        return;
+    }
+    move_fd(client, CLIENT_FD);
+}
 
 static void toggle_fd(int signal_number)
 {
@@ -33,11 +80,7 @@ static void toggle_fd(int signal_number)
         close(TOGGLED_FD);
         return;
     }
-    int fd = socket(AF_INET, SOCK_DGRAM, 0);
-    if (fd >= 0 && fd != TOGGLED_FD) {
-        dup2(fd, TOGGLED_FD);
-        close(fd);
-    }
+    move_fd(socket(AF_INET, SOCK_DGRAM, 0), TOGGLED_FD);
 }
 
 static uint64_t round_key(uint64_t seed, uint64_t r)
@@ -86,8 +129,10 @@ int main(int argc, char **argv)
         { "rounds",   &rounds,   0, 100000000ULL, "number of update+sleep rounds" },
         { "sleep-ms", &sleep_ms, 0, 3600000ULL, "milliseconds blocked per round" },
         { "seed",     &seed,     0, UINT64_MAX, "seed of the state updates" },
-        { "fd-signals", &fd_signals, 0, 1,
-          "1: each SIGUSR1 opens a UDP socket as fd 40, or closes it" },
+        { "fd-signals", &fd_signals, 0, 2,
+          "1: each SIGUSR1 opens a UDP socket as fd 40, or closes it; "
+          "2: a TCP listener (fd 40) with a connection not yet accepted "
+          "(fd 41), or accepts it and closes them" },
     };
     tp_parse_args(argc, argv,
                   "Updates memory state, then blocks in nanosleep / "
@@ -97,7 +142,7 @@ int main(int argc, char **argv)
     if (fd_signals) {
         struct sigaction action;
         memset(&action, 0, sizeof action);
-        action.sa_handler = toggle_fd;
+        action.sa_handler = fd_signals == 2 ? toggle_pending_listener : toggle_fd;
         sigemptyset(&action.sa_mask);
         action.sa_flags = SA_RESTART;
         if (sigaction(SIGUSR1, &action, NULL) != 0)

@@ -122,7 +122,9 @@ public struct Iteration {
         let target = try Migration.target(plan, ports: TargetPorts(
             openBackend: openBackend, transport: targetTransport, stubPath: environment.stubPath, observer: observer, clock: virtualClock,
             timeline: timeline, metrics: metrics, logger: logger, pidNamespace: .fresh, gate: runner,
-            processIDWait: .milliseconds(50), imageWait: .milliseconds(50)))
+            processIDWait: .milliseconds(50),
+            // As short as a target may wait (virtual time): the dumper's retries and 50 ms beyond them.
+            imageWait: TargetPorts.shortestImageWait))
         let restorer = target.restorer
         let dumperParticipant = EngineParticipant(dumper, actor: .dumper, notes: observer.notes)
         let restorerParticipant = EngineParticipant(restorer, actor: .restorer, notes: observer.notes)

@@ -111,7 +111,8 @@ let freezeRetryDiscussion = """
     What cannot migrate is refused before the freeze, the process left running untouched. A descriptor or \
     mapping that only the freeze finds (one opened and closed again each round) is taken for a \
     moment's: the process is let go untouched and frozen again, at most \(Dumper.freezeRetryLimit) times, \
-    4 ms later, then 8, 16, 32, 64 ms; the refusal stands only if the last freeze still finds it.
+    4 ms later, then 8, 16, 32, 64 ms; the refusal stands only if the last freeze still finds it. A \
+    preflight that finds a descriptor it refuses looks again after the same waits (both count together).
     """
 
 struct Checkpoint: ParsableCommand {

@@ -3,8 +3,9 @@
 // untouched and freezes it again later, at most Dumper.freezeRetryLimit times, before the refusal stands.
 // The victim (sleeper --fd-signals 1) opens and closes a UDP socket (which cannot migrate) as fd 40 on
 // SIGUSR1, so the test decides when the descriptor exists: after the preflight, and (or not) before the
-// next freeze.
-import Engine
+// next freeze. With --fd-signals 2 it is a TCP listener (fd 40) holding a connection not yet accepted
+// (its client, fd 41), which the next SIGUSR1 accepts: the preflight's refusal TCPSocketTests met.
+@testable import Engine
 import Foundation
 import Glibc
 import Logging
@@ -58,16 +59,64 @@ extension ProcessTests {
             }
         }
 
+        /// The preflight finds the descriptor (a listener with a connection not yet accepted, a moment before
+        /// its accept, failed TCPSocketTests so on a loaded machine): it waits and runs again, and once the
+        /// descriptor is gone the migration goes on to the freeze. `--fd-signals 1` opens a UDP socket;
+        /// `2` the flake's own case, a loopback TCP listener holding a connection it has not accepted.
+        @Test(arguments: [("1", "fd 40"), ("2", "connections not yet accepted")])
+        func aDescriptorOpenAtThePreflightIsLookedAtAgain(_ kind: String, _ refusal: String) throws {
+            try withVictim(fdSignals: kind) { victim, dumper in
+                kill(victim.processID.rawValue, SIGUSR1)
+                #expect(pollUntil(timeout: .seconds(10)) { hasSocketDescriptor(victim.processID) })
+                // The preflight alone refuses it (the same victim, never retried).
+                #expect(throws: CheckpointError.self) { try Preflight.check(victim.processID, allowingTree: false) }
+                do { try Preflight.check(victim.processID, allowingTree: false) } catch {
+                    #expect("\(error)".contains(refusal), "\(error)")
+                }
+                try expectReady(dumper, .preflight)
+                try dumper.perform()
+                #expect(dumper.transientRefusals == 1)
+                #expect(dumper.checkpointedState == nil)
+                switch dumper.nextAction() {
+                case .waiting(.retryAfter), .ready(.dumper(.preflight)): break
+                case let other: Issue.record("after a refusal at the preflight: \(other)")
+                }
+                kill(victim.processID.rawValue, SIGUSR1)
+                #expect(pollUntil(timeout: .seconds(10)) { !hasSocketDescriptor(victim.processID) })
+                #expect(throws: EngineError.self) { try ThreadedDriver(logger: Logger(label: "freeze-retry")).run([dumper]) }
+                #expect(dumper.checkpointedState != nil, "the preflight was not run again")
+                #expect(dumper.transientRefusals == 1)
+            }
+        }
+
+        /// A target waits for the image at least as long as the source's retries may take before it writes
+        /// anything (torture's target, 0.05 s of virtual time, gave up first and took a refusal for a
+        /// failed source): the image wait is computed from the retry budget, and a shorter one is raised.
+        @Test func aTargetWaitsForTheImageLongerThanTheSourceRetries() {
+            var retries = Duration.zero
+            var delay = Duration.milliseconds(4)
+            for _ in 0..<Dumper.freezeRetryLimit { retries += delay; delay *= 2 }
+            #expect(Dumper.transientRetryBudget == retries)
+            #expect(TargetPorts.shortestImageWait > retries)
+            let ports = TargetPorts(openBackend: { nil }, transport: nil, stubPath: "/nonexistent", observer: nil, clock: MonotonicClock(),
+                                    timeline: MigrationTimeline(), logger: Logger(label: "freeze-retry"), imageWait: .milliseconds(50))
+            #expect(ports.imageWait == TargetPorts.shortestImageWait)
+            let patient = TargetPorts(openBackend: { nil }, transport: nil, stubPath: "/nonexistent", observer: nil, clock: MonotonicClock(),
+                                      timeline: MigrationTimeline(), logger: Logger(label: "freeze-retry"), imageWait: .seconds(30))
+            #expect(patient.imageWait == .seconds(30))
+        }
+
         /// A sleeper with a dumper (nonlive, an observer that refuses any state it is shown), checked after
         /// `body` to be running untouched and to end as an unmigrated run does.
-        private func withVictim(_ body: (SpawnedProgram, Dumper) throws -> Void) throws {
+        private func withVictim(fdSignals: String = "1", _ body: (SpawnedProgram, Dumper) throws -> Void) throws {
+            let arguments = Array(Self.arguments.dropLast()) + [fdSignals]
             let program = try TestPaths.testProgram("sleeper")
             let directory = try ScratchDirectory(under: "/tmp")
             defer { directory.remove() }
             let leftovers = LeftoverCheck()
             defer { leftovers.finish() }
-            let reference = try runCommand(program, Self.arguments, timeout: .seconds(60))
-            let victim = leftovers.own(try SpawnedProgram(program, Self.arguments, standardOutputPath: directory.path("out"),
+            let reference = try runCommand(program, arguments, timeout: .seconds(60))
+            let victim = leftovers.own(try SpawnedProgram(program, arguments, standardOutputPath: directory.path("out"),
                                                           standardErrorPath: directory.path("err")))
             #expect(pollUntil(timeout: .seconds(10)) { lastChecksum(inFile: directory.path("out")) != nil
                 || ((try? String(contentsOfFile: directory.path("out"), encoding: .utf8)) ?? "").contains("round 1/") })

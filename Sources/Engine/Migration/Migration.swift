@@ -114,9 +114,17 @@ public struct TargetPorts {
     public var pidNamespace: PIDNamespace
     /// Who lets the restored process run (torture holds it; everyone else lets it go at once).
     public var gate: any TargetGate
-    /// How long the restorer waits for the victim's PID to be free, and for the image to appear.
+    /// How long the restorer waits for the victim's PID to be free, and for the image to appear. The
+    /// image wait is never shorter than `shortestImageWait`: a wait given shorter is raised to it.
     public var processIDWait: Duration
     public var imageWait: Duration
+
+    /// The source's preflight and freeze may find a descriptor open for a moment and look again
+    /// (`Dumper.transientRetryBudget` of waits in all) before anything is written or sent; a target
+    /// waits at least that long, plus `imageWaitBeyondRetries` for the dump's first steps, before it
+    /// takes the source for failed.
+    public static let imageWaitBeyondRetries = Duration.milliseconds(50)
+    public static let shortestImageWait = Dumper.transientRetryBudget + imageWaitBeyondRetries
 
     public init(openBackend: @escaping () throws(ImageError) -> (any FAMBackend)?, transport: (any Transport)?, stubPath: String,
                 observer: (any MigrationObserver)?, clock: any EngineClock, timeline: MigrationTimeline,
@@ -133,7 +141,7 @@ public struct TargetPorts {
         self.pidNamespace = pidNamespace
         self.gate = gate
         self.processIDWait = processIDWait
-        self.imageWait = imageWait
+        self.imageWait = max(imageWait, Self.shortestImageWait)
     }
 }
 

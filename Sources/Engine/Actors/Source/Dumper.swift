@@ -53,6 +53,8 @@ public final class Dumper: EngineActor {
     var victim: FrozenTree?
     /// Freezes that found a descriptor or mapping the preflight did not see, each let go untouched and
     /// frozen again later (`freezeRetryLimit`): a program that opens a descriptor for a moment each round.
+    /// Preflights that found one count too (a listener with a connection not yet accepted, a moment
+    /// before its accept): the preflight is run again after the same waits.
     public internal(set) var transientRefusals = 0
     /// When a let-go victim is frozen again (the clock's time), while a retry waits.
     var refreezeAt: Duration?
@@ -61,6 +63,13 @@ public final class Dumper: EngineActor {
     /// 4, 8, 16, 32, 64 ms, the victim running meanwhile).
     public static let freezeRetryLimit = 5
     static let firstRefreezeDelay = Duration.milliseconds(4)
+    /// The longest the retries wait in all (4 + 8 + 16 + 32 + 64 ms) before a refusal stands or the
+    /// freeze goes on: nothing is written to FAM or sent meanwhile, so a target's image wait
+    /// (`TargetPorts.imageWait`) is computed from it, never shorter (a target that gave up sooner
+    /// would take a source that is still looking for a moment's descriptor for a failed one).
+    public static let transientRetryBudget = (0..<freezeRetryLimit).reduce(Duration.zero) { total, retry in
+        total + firstRefreezeDelay * (1 << retry)
+    }
     public internal(set) var checkpointedState: ProcessState?
     var pageAddresses: [UInt64] = []
     /// Read before the freeze, for the capture.
@@ -118,9 +127,9 @@ public final class Dumper: EngineActor {
             return state.step.map { .ready(.dumper($0)) } ?? .finished
         case .handingOver:
             return strategy.waitingForHandOver(self) ?? .ready(.dumper(.handOver))
-        case .freeze:
+        case .freeze, .preflight:
             if let refreezeAt, clock.now() < refreezeAt { return .waiting(.retryAfter(refreezeAt - clock.now())) }
-            return .ready(.dumper(.freeze))
+            return state.step.map { .ready(.dumper($0)) } ?? .finished
         default: return state.step.map { .ready(.dumper($0)) } ?? .finished
         }
     }
@@ -138,9 +147,12 @@ public final class Dumper: EngineActor {
     func step() throws(EngineError) {
         switch state {
         case .preflight:
-            timeline.record(.started, at: clock.now())
+            refreezeAt = nil
+            if transientRefusals == 0 { timeline.record(.started, at: clock.now()) }
             do { try Preflight.check(victimProcessID, allowingTree: strategy.migratesTrees) } catch {
-                throw .checkpoint(error)
+                guard Self.isTransient(error), transientRefusals < Self.freezeRetryLimit else { throw .checkpoint(error) }
+                waitBeforeTryingAgain(refusal: error, after: "the preflight")
+                return
             }
             // Out of the downtime: smaps is slow to read and its flags do not change while the mappings do not;
             // the victim's guard (a fork: milliseconds) is started here too.
@@ -337,15 +349,20 @@ public final class Dumper: EngineActor {
         for problem in frozen.reinstateProblems { logger.warning("\(problem)") }
         victim = nil
         tracerPin.release()
-        transientRefusals += 1
         timeline.forget([.freezeRequested, .frozen])
-        timeline.add(1, to: "freezeRetries")
-        let delay = Self.firstRefreezeDelay * (1 << (transientRefusals - 1))
-        logger.info("freezing again: the freeze found what the preflight did not", metadata: [
-            "pid": "\(victimProcessID)", "try": "\(transientRefusals)", "refusal": "\(refusal)"])
-        refreezeAt = clock.now() + delay
+        waitBeforeTryingAgain(refusal: refusal, after: "the freeze")
         preparedGuard = try? SourceGuard(victim: victimProcessID)
         state = .freeze
+    }
+
+    /// Counts a transient refusal and sets when the step that found it runs again (the wait doubles).
+    private func waitBeforeTryingAgain(refusal: CheckpointError, after step: String) {
+        transientRefusals += 1
+        timeline.add(1, to: "freezeRetries")
+        let delay = Self.firstRefreezeDelay * (1 << (transientRefusals - 1))
+        logger.info("trying again: \(step) found what may be gone a moment later", metadata: [
+            "pid": "\(victimProcessID)", "try": "\(transientRefusals)", "refusal": "\(refusal)"])
+        refreezeAt = clock.now() + delay
     }
 
     /// The source node died (torture's nemesis): the victim is left as the kernel and the guard leave
