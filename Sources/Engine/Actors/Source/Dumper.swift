@@ -90,9 +90,9 @@ public final class Dumper: EngineActor {
     init(victim: ProcessID, makeBackend: @escaping (Int) throws(ImageError) -> any FAMBackend,
                 generation: UInt64, key: MigrationKey, release: Release, batchPageCount: Int = 512,
                 observer: (any MigrationObserver)?, clock: any EngineClock, timeline: MigrationTimeline, logger: Logger,
-                mode: DumpMode = .nonlive, stallTimeout: Duration = .seconds(MigrationPlan.defaultStallTimeoutSeconds)) {
+                strategy: any SourcePageStrategy, stallTimeout: Duration = .seconds(MigrationPlan.defaultStallTimeoutSeconds)) {
         self.stallTimeout = stallTimeout
-        self.strategy = mode.sourceStrategy(batchPageCount: batchPageCount)
+        self.strategy = strategy
         self.key = key
         self.creator = ImageCreator.current()
         precondition(batchPageCount > 0, "a dump batch holds at least one page")

@@ -72,7 +72,7 @@ public final class Restorer: EngineActor {
     init(openBackend: @escaping () throws(ImageError) -> (any FAMBackend)?, key: MigrationKey, stubPath: String, batchPageCount: Int = 512,
                 observer: (any MigrationObserver)?, clock: any EngineClock, timeline: MigrationTimeline,
                 logger: Logger, processIDWait: Duration = .seconds(5), pidNamespace: PIDNamespace = .shared,
-                mode: RestoreMode = .eager, gate: any TargetGate = ImmediateTargetGate(), imageWait: Duration = .seconds(600),
+                strategy: any TargetPageStrategy, gate: any TargetGate = ImmediateTargetGate(), imageWait: Duration = .seconds(600),
                 stallTimeout: Duration = .seconds(MigrationPlan.defaultStallTimeoutSeconds)) {
         self.stallTimeout = stallTimeout
         self.gate = gate
@@ -87,7 +87,7 @@ public final class Restorer: EngineActor {
         self.timeline = timeline
         self.logger = logger
         self.processIDWait = processIDWait
-        self.strategy = mode.targetStrategy()
+        self.strategy = strategy
     }
 
     var transport: (any Transport)? { strategy.transport }
