@@ -17,6 +17,10 @@ public struct MigrationPlan: Sendable {
     /// Written into the image and the protocol's frames; a reader refuses another generation's.
     public var generation: UInt64
     public var key: MigrationKey
+    /// Which migration the image is of (FAM modes): the source writes it into the image and the target
+    /// refuses an image without it. It comes out of the nodes' handshake (`SecureTransport.imageIdentity`);
+    /// nil where there is none (a checkpoint, torture's one-thread driver): any image of the key.
+    public var imageIdentity: [UInt8]?
     /// Pages per dump, install and push batch.
     public var batchPageCount: Int
     /// The longest either node waits for the other once state has moved (a page asked for, an
@@ -34,7 +38,9 @@ public struct MigrationPlan: Sendable {
     public static let singleGeneration: UInt64 = 1
 
     public init(mode: MigrationMode, push: Bool = true, generation: UInt64 = MigrationPlan.singleGeneration, key: MigrationKey,
-                batchPageCount: Int = 512, stallTimeout: Duration = .seconds(MigrationPlan.defaultStallTimeoutSeconds)) {
+                batchPageCount: Int = 512, stallTimeout: Duration = .seconds(MigrationPlan.defaultStallTimeoutSeconds),
+                imageIdentity: [UInt8]? = nil) {
+        self.imageIdentity = imageIdentity
         self.stallTimeout = stallTimeout
         self.mode = mode
         self.push = push
@@ -142,7 +148,7 @@ public enum Migration {
         return SourceNode(dumper: Dumper(victim: victim, makeBackend: ports.makeBackend, generation: plan.generation, key: plan.key,
                                          release: ports.release, batchPageCount: plan.batchPageCount, observer: ports.observer,
                                          clock: ports.clock, timeline: ports.timeline, logger: ports.logger, strategy: strategy,
-                                         stallTimeout: plan.stallTimeout))
+                                         stallTimeout: plan.stallTimeout, imageIdentity: plan.imageIdentity))
     }
 
     /// The target of a migration.
@@ -152,7 +158,7 @@ public enum Migration {
         let restorer = Restorer(openBackend: ports.openBackend, key: plan.key, stubPath: ports.stubPath, batchPageCount: plan.batchPageCount,
                                 observer: ports.observer, clock: ports.clock, timeline: ports.timeline, logger: ports.logger,
                                 processIDWait: ports.processIDWait, pidNamespace: ports.pidNamespace, strategy: strategy, gate: ports.gate,
-                                imageWait: ports.imageWait, stallTimeout: plan.stallTimeout)
+                                imageWait: ports.imageWait, stallTimeout: plan.stallTimeout, imageIdentity: plan.imageIdentity)
         guard definition.isPostcopy else { return TargetNode(restorer: restorer, faultHandler: nil, pusher: nil) }
         let faultHandler = FaultHandler(lazy: { restorer.lazyMemory }, transport: ports.transport, generation: plan.generation,
                                         stallTimeout: plan.stallTimeout, clock: ports.clock, timeline: ports.timeline, metrics: ports.metrics, logger: ports.logger)
