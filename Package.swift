@@ -3,9 +3,10 @@
 //   fammig, torture (executables)   flags, logging bootstrap, driver choice, exit codes
 //   Torture               deterministic driver, model FAM, in-memory transport, strategies, campaigns
 //   Oracles               register/state compare, page digests, end-to-end checksums
-//   Engine                Migration (the modes, which page strategy each makes, and the one place a
-//                         mode's actors are assembled from ports); actors: the source's Dumper and
-//                         the target's Restorer, each one lifecycle calling one page strategy per mode
+//   Engine                Migration (the one place a node's actors are assembled from ports) and
+//                         Migration/Modes (a folder per mode: its definition and its two page
+//                         strategies, registered in one switch); actors: the source's Dumper and the
+//                         target's Restorer, each one lifecycle calling its mode's page strategy
 //                         (Actors/Source, Actors/Target), the fault handler and pusher over lazy memory
 //                         (Postcopy); FAM image, real FAM backend, transport and its sealed channel,
 //                         threaded driver

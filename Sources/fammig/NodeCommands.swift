@@ -165,7 +165,8 @@ struct Source: ParsableCommand {
         let nemesis = dieAt.map { SourceNemesis(moment: $0, transport: transport) }
             ?? stallAt.map { SourceNemesis(moment: $0, transport: transport, signal: SIGSTOP) }
         let makeBackend = poolImage?.makeBackend() ?? makeRealBackend(path: famPath)
-        let plan = MigrationPlan(mode: mode, push: push == .on, key: key, stallTimeout: .seconds(Int64(stallTimeout)))
+        let plan = MigrationPlan(mode: mode, push: push == .on, key: key, stallTimeout: .seconds(Int64(stallTimeout)),
+                                 imageIdentity: transport.imageIdentity)
         let source = try Migration.source(plan, victim: ProcessID(pid),
                                            ports: SourcePorts(makeBackend: nemesis?.wrap(makeBackend) ?? makeBackend, transport: transport,
                                                               observer: nemesis, clock: MonotonicClock(),
@@ -250,7 +251,8 @@ struct Target: ParsableCommand {
         let clock = MonotonicClock()
         let oracles = common.makeOracles()
         oracles?.expectLazyPages()
-        var plan = MigrationPlan(mode: mode, push: push == .on, key: key, stallTimeout: .seconds(Int64(stallTimeout)))
+        var plan = MigrationPlan(mode: mode, push: push == .on, key: key, stallTimeout: .seconds(Int64(stallTimeout)),
+                                 imageIdentity: transport.imageIdentity)
         // postcopy-socket: half the stall timeout, so that a node stopped that long loses its process
         // before its source, which waits the whole stall timeout for a word from it, lets the victim run
         // on. A postcopy-fam source waits for no word: it commits, and this copy becomes the process

@@ -48,7 +48,9 @@ struct Nodes {
         }
         let plan = MigrationPlan(mode: mode, push: push, key: key, stallTimeout: .seconds(Int64(stallTimeoutSeconds)))
         let stallMilliseconds = stallTimeoutSeconds * 1000
-        func nodes(source: (any Transport)?, target: (any Transport)?) throws -> Nodes {
+        func nodes(source: (any Transport)?, target: (any Transport)?, imageIdentity: [UInt8]? = nil) throws -> Nodes {
+            var plan = plan
+            plan.imageIdentity = imageIdentity
             let sourceNode = try Migration.source(plan, victim: victim, ports: SourcePorts(
                 makeBackend: makeBackend, transport: source, observer: oracles, clock: clock, timeline: timeline, logger: logger))
             let targetNode = try Migration.target(plan, ports: TargetPorts(
@@ -75,6 +77,6 @@ struct Nodes {
         // The same handshake and sealed frames as two separate nodes use (SecureChannel.swift).
         let channel = try SecureChannel.establishBoth(source: sourceSide, target: targetSide, key: key,
                                                       agreement: ChannelAgreement(mode: mode, generation: plan.generation))
-        return try nodes(source: channel.source, target: channel.target)
+        return try nodes(source: channel.source, target: channel.target, imageIdentity: channel.source.imageIdentity)
     }
 }

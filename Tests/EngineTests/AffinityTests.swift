@@ -112,43 +112,29 @@ extension ProcessTests {
             defer { directory.remove() }
             let leftovers = LeftoverCheck()
             defer { leftovers.finish() }
-            leftovers.expectProgram([program] + arguments)
-            let reference = try runCommand(program, arguments, timeout: .seconds(60))
-            #expect(reference.standardOutput.contains("affinity main=0-1 thread=1\n"), "\(reference.standardOutput)")
-            let referenceChecksum = try #require(reference.standardOutput.split(separator: "\n").last.map(String.init))
-
-            let outputPath = directory.path("victim.out")
+            let launched = try LaunchedVictim.launch(program, arguments, directory: directory, leftovers: leftovers)
+            #expect(launched.referenceOutput.contains("affinity main=0-1 thread=1\n"), "\(launched.referenceOutput)")
             let famPath = "/dev/shm/fammig-affinity-\(getpid()).img"
             defer { try? FileManager.default.removeItem(atPath: famPath) }
-            let launched = try leftovers.fammig(["launch", "--output", outputPath, "--", program] + arguments)
-            let victim = try #require(Int32(launched.standardOutput.trimmingCharacters(in: .whitespacesAndNewlines)))
-            let victimHandle = try ProcessHandle(ProcessID(victim))  // never a kill of a PID reused since
+            let victimHandle = try ProcessHandle(launched.processID)  // never a kill of a PID reused since
             defer { victimHandle.kill() }
             usleep(300_000)
 
             let port = 19000 + Int(getpid() % 2000)
             let keyPath = directory.path("migration.key")
-            var sourceArguments = ["source", "--pid", "\(victim)", "--mode", mode, "--listen", "127.0.0.1:\(port)", "--key-file", keyPath]
-            var targetArguments = ["target", "--mode", mode, "--connect", "127.0.0.1:\(port)", "--pid-namespace", "fresh", "--key-file", keyPath]
-            if mode == "postcopy-fam" {
-                sourceArguments += ["--fam", famPath]
-                targetArguments += ["--fam", famPath]
-            }
-            let source = leftovers.own(try StartedProcess(try TestPaths.fammig(), sourceArguments,
-                                                          standardOutputPath: directory.path("source.out"),
-                                                          standardErrorPath: directory.path("source.err")))
+            let (sourceArguments, targetArguments) = twoNodeArguments(mode: mode, victim: launched.processID, port: port,
+                                                                      keyPath: keyPath, famPath: famPath)
+            try requireVictimAlive(launched.processID)
+            let source = try startSource(sourceArguments, directory: directory, leftovers: leftovers)
             #expect(waitForKeyFile(keyPath), "the source wrote no key file")
             let target = try leftovers.fammig(targetArguments, timeout: .seconds(60))
             let sourceOutcome = try source.waitForExit(timeout: .seconds(30))
             #expect(target.exitStatus == 0, "target: \(target.standardOutput) \(target.standardError) source: \(sourceOutcome.standardError)")
             #expect(sourceOutcome.exitStatus == 0, "source: \(sourceOutcome.standardError)")
-            let finished = pollUntil(timeout: .seconds(30)) {
-                (try? String(contentsOfFile: outputPath, encoding: .utf8))?.contains("checksum=") == true
-            }
-            #expect(finished, "the restored process never printed its checksum")
-            let output = (try? String(contentsOfFile: outputPath, encoding: .utf8)) ?? ""
+            #expect(launched.restoredProcessFinished(), "the restored process never printed its checksum")
+            let output = (try? String(contentsOfFile: launched.outputPath, encoding: .utf8)) ?? ""
             #expect(output.contains("affinity main=0-1 thread=1\n"), "\(output)")
-            #expect(lastChecksum(inFile: outputPath).map { "checksum=" + $0 } == referenceChecksum)
+            #expect(lastChecksum(inFile: launched.outputPath).map { "checksum=" + $0 } == launched.referenceChecksum)
         }
     }
 }

@@ -34,7 +34,8 @@ enum ImageDamage: CaseIterable, Sendable, CustomStringConvertible {
         var bytes = image
         func flipByte(at byteOffset: Int) { bytes[byteOffset] ^= 0xFF }
         func store<Word: FixedWidthInteger>(_ value: Word, at byteOffset: Int) {
-            withUnsafeBytes(of: value.littleEndian) { bytes.replaceSubrange(byteOffset..<byteOffset + $0.count, with: $0) }
+            let word = littleEndianBytes(value)
+            bytes.replaceSubrange(byteOffset..<byteOffset + word.count, with: word)
         }
         switch self {
         case .superblock: flipByte(at: ImageLayout.generationOffset)

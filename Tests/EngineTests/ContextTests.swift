@@ -38,8 +38,7 @@ extension ProcessTests {
             try migrateProgram(migration.program, arguments: migration.arguments,
                                runOptions: ["--mode", migration.mode, "--push", migration.push, "--after-ms", "250"],
                                timeout: .seconds(90)) { report, _ in
-                #expect(report.programStatus == "exited with status 0")
-                #expect(report.migratedChecksum != nil && report.migratedChecksum == report.referenceChecksum)
+                expectMigratedAsReference(report)
             }
         }
 

@@ -394,6 +394,50 @@ func flipByte(path: String, at byteOffset: Int) throws {
         #expect(reader.metadata.isEmpty && reader.pageCount == 0 && reader.openedState == .complete)
     }
 
+    /// An image carries the identity of its migration, which the nodes' handshake agreed on: a target that
+    /// agreed on another refuses it by name before it uses any of it, as it refuses an image of no
+    /// migration (a checkpoint's); a reader that asks for none (inspect, restore) reads it; a FAM writer
+    /// without the key who rewrites the stored identity to ours gets the key's refusal (the key identifier
+    /// under the header code is bound to the identity it was written with).
+    @Test func anImageOfAnotherMigrationIsRefused() throws {
+        let files = ScratchFiles()
+        defer { files.removeAll() }
+        let ours = [UInt8](repeating: 0xA5, count: ImageLayout.imageIdentityByteCount)
+        let theirs = [UInt8](repeating: 0x5A, count: ImageLayout.imageIdentityByteCount)
+        func write(_ path: String, identity: [UInt8]?, over existing: Bool = false) throws {
+            let fam = existing ? try RealFAM.open(path: path, writable: true)
+                : try RealFAM.create(path: path, byteCount: ImageLayout.byteCount(metadataByteCount: 0, pageCount: 0), prefault: false)
+            var writer = try ImageWriter.create(backend: fam, generation: 3, metadata: [], pageAddresses: [], key: testKey, imageIdentity: identity)
+            writer.commitMetadata()
+            writer.commit()
+        }
+        func openError(_ path: String, expecting identity: [UInt8]?) -> ImageError? {
+            do throws(ImageError) {
+                _ = try ImageReader.open(backend: try RealFAM.open(path: path, writable: false), key: testKey, requireComplete: true,
+                                         imageIdentity: identity)
+                return nil
+            } catch { return error }
+        }
+        let theirImage = files.path("theirs")
+        try write(theirImage, identity: theirs)
+        #expect(openError(theirImage, expecting: ours) == .anotherMigration(path: theirImage))
+        #expect(ImageError.anotherMigration(path: theirImage).description.contains("pass the FAM file this migration's source writes"))
+        #expect(openError(theirImage, expecting: theirs) == nil)
+        #expect(openError(theirImage, expecting: nil) == nil)
+        let checkpoint = files.path("checkpoint")
+        try write(checkpoint, identity: nil)
+        #expect(openError(checkpoint, expecting: ours) == .anotherMigration(path: checkpoint))
+        #expect(openError(checkpoint, expecting: nil) == nil)
+        // The file held an image of ours before: a new image of no migration leaves no identity behind.
+        try write(checkpoint, identity: ours, over: true)
+        #expect(openError(checkpoint, expecting: ours) == nil)
+        try write(checkpoint, identity: nil, over: true)
+        #expect(openError(checkpoint, expecting: ours) == .anotherMigration(path: checkpoint))
+        let mapping = try SharedMapping.open(path: theirImage, writable: true)
+        mapping.store(bytes: ours, at: ImageLayout.imageIdentityOffset)
+        #expect(openError(theirImage, expecting: ours) == .wrongKey(path: theirImage))
+    }
+
     @Test func unreadablePageIsAnErrorAndStaysUnmarked() throws {
         let files = ScratchFiles()
         defer { files.removeAll() }

@@ -37,11 +37,7 @@ extension ProcessTests {
             try migrateProgram("kernobjects-static", arguments: migration.arguments,
                                runOptions: ["--mode", migration.mode, "--push", migration.push] + migration.freeze,
                                timeout: .seconds(90)) { report, _ in
-                #expect(report.error == nil)
-                #expect(report.programStatus == "exited with status 0")
-                #expect(report.migratedChecksum != nil && report.migratedChecksum == report.referenceChecksum)
-                let failed = report.verdicts.filter { !$0.passed }
-                #expect(failed.isEmpty, "\(failed)")
+                expectMigratedAsReference(report)
             }
         }
 
@@ -107,11 +103,7 @@ extension ProcessTests {
             try migrateProgram("kernobjects-static", arguments: ["--rounds", "60", "--pause-us", "10000", "--with", "sysv"],
                                runOptions: ["--mode", mode, "--after-ms", "250"], timeout: .seconds(90),
                                launcher: ["/usr/bin/unshare", "--ipc"]) { report, _ in
-                #expect(report.error == nil)
-                #expect(report.programStatus == "exited with status 0")
-                #expect(report.migratedChecksum != nil && report.migratedChecksum == report.referenceChecksum)
-                let failed = report.verdicts.filter { !$0.passed }
-                #expect(failed.isEmpty, "\(failed)")
+                expectMigratedAsReference(report)
             }
         }
 
@@ -163,10 +155,7 @@ extension ProcessTests {
         /// A SysV segment not marked for removal would outlive the process at the source: refused.
         @Test func sysvSegmentThatOutlivesTheProcessIsRefused() throws {
             let key = 0x6661_0000 + Int32(getpid() & 0xffff)
-            defer {
-                let identifier = shmget(key, 0, 0)
-                if identifier >= 0 { _ = shmctl(identifier, IPC_RMID, nil) }
-            }
+            defer { removeSysVSegment(key: key) }
             try refusal(["--rounds", "400", "--pause-us", "20000", "--with", "sysvkey", "--shm-key", "\(key)"], mode: "nonlive",
                         expecting: "is not marked for removal, so it would outlive the process")
         }

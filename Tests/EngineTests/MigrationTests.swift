@@ -91,6 +91,16 @@ func migrateProgram(_ name: String, arguments: [String], runOptions: [String], t
     try judge(report, leftovers)
 }
 
+/// What every migration that must end as its reference run expects of the report: no error, the restored
+/// program exited 0 with the reference run's checksum, and no verdict failed.
+func expectMigratedAsReference(_ report: MigrationReport, sourceLocation: SourceLocation = #_sourceLocation) {
+    let failed = report.verdicts.filter { !$0.passed }
+    #expect(report.error == nil, sourceLocation: sourceLocation)
+    #expect(report.programStatus == "exited with status 0", "\(failed)", sourceLocation: sourceLocation)
+    #expect(report.migratedChecksum != nil && report.migratedChecksum == report.referenceChecksum, sourceLocation: sourceLocation)
+    #expect(failed.isEmpty, "\(failed)", sourceLocation: sourceLocation)
+}
+
 extension ProcessTests {
     @Suite(.serialized) struct MigrationTests {
         @Test func addressSpaceRandomizationIsOn() throws {

@@ -41,11 +41,7 @@ extension ProcessTests {
         func treeMigratesNonlive(_ program: String, _ with: String) throws {
             try migrateProgram(program, arguments: ["--rounds", "60", "--pause-us", "10000", "--with", with],
                                runOptions: ["--mode", "nonlive", "--after-ms", "300"], timeout: .seconds(90)) { report, _ in
-                #expect(report.error == nil)
-                #expect(report.programStatus == "exited with status 0")
-                #expect(report.migratedChecksum != nil && report.migratedChecksum == report.referenceChecksum)
-                let failed = report.verdicts.filter { !$0.passed }
-                #expect(failed.isEmpty, "\(failed)")
+                expectMigratedAsReference(report)
                 #expect(report.verdicts.contains { $0.name == "registers and state" })
             }
         }
@@ -60,11 +56,7 @@ extension ProcessTests {
         func treeMigratesPostcopy(_ mode: String, _ push: String) throws {
             try migrateProgram("tree-static", arguments: ["--rounds", "60", "--pause-us", "10000"],
                                runOptions: ["--mode", mode, "--push", push, "--after-ms", "300"], timeout: .seconds(90)) { report, _ in
-                #expect(report.error == nil)
-                #expect(report.programStatus == "exited with status 0")
-                #expect(report.migratedChecksum != nil && report.migratedChecksum == report.referenceChecksum)
-                let failed = report.verdicts.filter { !$0.passed }
-                #expect(failed.isEmpty, "\(failed)")
+                expectMigratedAsReference(report)
                 #expect(report.verdicts.contains { $0.name == "registers and state" })
                 #expect(report.verdicts.contains { $0.name == "pages" && $0.passed })
             }

@@ -38,7 +38,7 @@ extension ProcessTests {
             try migrateProgram(migration.program, arguments: migration.arguments,
                                runOptions: ["--mode", migration.mode, "--push", migration.push, "--after-ms", "150"],
                                timeout: .seconds(120)) { report, _ in
-                #expect(report.migratedChecksum != nil && report.migratedChecksum == report.referenceChecksum)
+                expectMigratedAsReference(report)
             }
         }
 

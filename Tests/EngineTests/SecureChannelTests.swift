@@ -122,6 +122,22 @@ final class QueueTransport: Transport, @unchecked Sendable {
         #expect(reason.contains("generation 2"))
     }
 
+    /// Both nodes leave the handshake with one image identity, fresh per handshake: the source writes it
+    /// into the image and the target refuses an image without it (ImageTests.anImageOfAnotherMigrationIsRefused).
+    @Test func bothNodesAgreeOnTheImageIdentityAndEachMigrationHasItsOwn() throws {
+        let key = MigrationKey.generate()
+        var identities: [[UInt8]] = []
+        for _ in 0..<2 {
+            let (a, b) = QueueTransport.pair()
+            let (source, target) = handshake(source: a, target: b, sourceKey: key, targetKey: key)
+            let sourceIdentity = try source.get().imageIdentity
+            #expect(try target.get().imageIdentity == sourceIdentity)
+            #expect(sourceIdentity.count == ImageLayout.imageIdentityByteCount && sourceIdentity.contains { $0 != 0 })
+            identities.append(sourceIdentity)
+        }
+        #expect(identities[0] != identities[1])
+    }
+
     @Test func aSilentPeerIsRefusedAtTheDeadline() {
         let (a, _) = QueueTransport.pair()
         #expect(throws: TransportError.self) {

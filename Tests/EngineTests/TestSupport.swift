@@ -402,3 +402,15 @@ final class LeftoverCheck {
         ((try? ProcFS.directoryEntries("/tmp")) ?? []).filter { $0.hasPrefix("fammig-run-") }
     }
 }
+
+/// The bytes of `value`, little endian (as the image stores its words).
+func littleEndianBytes<Word: FixedWidthInteger>(_ value: Word) -> [UInt8] {
+    (0..<(Word.bitWidth / 8)).map { UInt8(truncatingIfNeeded: value >> ($0 * 8)) }
+}
+
+/// Removes the SysV shared memory segment of `key`, if a test left one (the fence of tidy's rule 6: the
+/// engine never removes a segment by key, so Sys has no call for it).
+func removeSysVSegment(key: Int32) {
+    let identifier = shmget(key, 0, 0)
+    if identifier >= 0 { _ = shmctl(identifier, IPC_RMID, nil) }
+}

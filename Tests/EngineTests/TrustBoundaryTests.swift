@@ -571,7 +571,7 @@ func resealCodes(path: String, key: MigrationKey = testKey) throws {
         pageTable: mapping.loadBytes(at: layout.pageTable.offset, count: layout.pageTableByteCount)))
     mapping.store(bytes: headerCode, at: ImageLayout.headerCodeOffset)
     let record = mapping.loadBytes(at: layout.commitRecord.offset, count: ImageLayout.commitRecordCodeOffset)
-    guard record.prefix(8).elementsEqual(withUnsafeBytes(of: ImageLayout.commitRecordMagic.littleEndian, Array.init)) else { return }
+    guard record.prefix(8).elementsEqual(littleEndianBytes(ImageLayout.commitRecordMagic)) else { return }
     let commitCode = Array(authenticator.commitCode(headerCode: headerCode, commitRecord: record,
                                                     marks: mapping.loadBytes(at: layout.marks.offset, count: layout.marksByteCount)))
     mapping.store(bytes: commitCode, at: layout.commitRecord.offset + ImageLayout.commitRecordCodeOffset)

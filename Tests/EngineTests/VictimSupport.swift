@@ -20,10 +20,11 @@ func requireVictimAlive(_ processID: Int32, sourceLocation: SourceLocation = #_s
 }
 
 /// A victim that `fammig launch` started as pid 1 of its own PID namespace, its stdout in `outputPath`,
-/// and the checksum line its unmigrated run ends with.
+/// and its unmigrated run's output and the checksum line that ends it.
 struct LaunchedVictim {
     let processID: ProcessID
     let outputPath: String
+    let referenceOutput: String
     let referenceChecksum: String
 
     /// Runs `program` once unmigrated (for its checksum), then launches it; `leftovers` expects it.
@@ -35,7 +36,8 @@ struct LaunchedVictim {
         let outputPath = directory.path("victim.out")
         let launched = try leftovers.fammig(["launch", "--output", outputPath, "--", program] + arguments)
         let victim = try #require(Int32(launched.standardOutput.trimmingCharacters(in: .whitespacesAndNewlines)))
-        return LaunchedVictim(processID: ProcessID(victim), outputPath: outputPath, referenceChecksum: referenceChecksum)
+        return LaunchedVictim(processID: ProcessID(victim), outputPath: outputPath, referenceOutput: reference.standardOutput,
+                              referenceChecksum: referenceChecksum)
     }
 
     /// Whether the restored process printed its checksum line within `timeout`.

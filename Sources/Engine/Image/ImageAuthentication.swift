@@ -48,8 +48,12 @@ public struct MigrationKey: Sendable {
 
     /// Identifies the key without revealing it (a code under a sub-key of its own purpose): stored in the
     /// image so that a reader with another key is told "wrong key", not "tampered".
-    public var identifier: [UInt8] {
-        Array(HMAC<SHA256>.authenticationCode(for: Array("key identifier".utf8), using: subkey("image key identifier"))
+    public var identifier: [UInt8] { identifier(imageIdentity: nil) }
+
+    /// The identifier an image of this key and of `imageIdentity` carries (nil: an image of no
+    /// particular migration, as `identifier`): another migration's image under this key carries another.
+    public func identifier(imageIdentity: [UInt8]?) -> [UInt8] {
+        Array(HMAC<SHA256>.authenticationCode(for: Array("key identifier".utf8) + (imageIdentity ?? []), using: subkey("image key identifier"))
             .prefix(ImageLayout.keyIdentifierByteCount))
     }
 }
@@ -118,9 +122,9 @@ package struct ImageAuthenticator: Sendable {
     /// and keying an HMAC (two SHA-256 blocks, a sub-key derivation) costs more than a page's worth.
     private let pageCode: PreparedPageCode
 
-    package init(key: MigrationKey) {
+    package init(key: MigrationKey, imageIdentity: [UInt8]? = nil) {
         self.key = key
-        keyIdentifier = key.identifier
+        keyIdentifier = key.identifier(imageIdentity: imageIdentity)
         pageCode = PreparedPageCode(keyBytes: key.derivedBytes(purpose: "image page marks", byteCount: 32))
     }
 

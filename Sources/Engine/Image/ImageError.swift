@@ -46,6 +46,8 @@ public enum ImageError: Error, Equatable, Sendable, CustomStringConvertible {
     case badKey(reason: String)
     /// The image was written under another migration key.
     case wrongKey(path: String)
+    /// The image is not of the migration this node agreed on with the source (its image identity).
+    case anotherMigration(path: String)
     /// The header (superblock, creator, metadata, page table) checksums but does not carry the code the
     /// key gives it: someone changed it after the source wrote it.
     case headerNotAuthentic(path: String)
@@ -108,6 +110,8 @@ public enum ImageError: Error, Equatable, Sendable, CustomStringConvertible {
             "the migration key \(reason); pass the key file the source node wrote."
         case .wrongKey(let path):
             "\(path): wrong key: the image was written under another migration key; pass the key file the source node wrote for this image."
+        case .anotherMigration(let path):
+            "\(path): another migration's image: it does not carry the image identity this node agreed on with the source in the handshake; pass the FAM file this migration's source writes."
         case .headerNotAuthentic(let path):
             "\(path): tampered metadata: the header, process metadata or page table does not match its authentication code (HMAC); the image was changed after the source wrote it, refused."
         case .commitRecordNotAuthentic(let path):

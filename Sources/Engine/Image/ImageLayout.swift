@@ -103,7 +103,12 @@ public struct ImageLayout: Equatable, Sendable {
     package static let keyIdentifierByteCount = 16
     package static let creatorOffset = 176       // ImageCreator.encodedByteCount bytes
     package static let headerCodeOffset = 192
-    package static let superblockEncodedByteCount = 224
+    // The image identity (zero: none), after the header code: which migration the image is of, agreed
+    // in the nodes' handshake (MigrationPlan.imageIdentity). Not under the header code itself, but bound
+    // by it: the key identifier stored above is the key's identifier for this identity.
+    package static let imageIdentityOffset = 224
+    package static let imageIdentityByteCount = 16
+    package static let superblockEncodedByteCount = 240
 
     public let metadataByteCount: Int
     public let pageCount: Int

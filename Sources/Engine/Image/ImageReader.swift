@@ -44,8 +44,10 @@ public struct ImageReader: Sendable {
     /// `key`: the migration's key. The image must carry its identifier (else: wrong key), its header
     /// code must verify (else: the header was changed after the source wrote it), and with
     /// `requireComplete` the commit code too (else: the commit record or marks were changed).
+    /// `imageIdentity`: the migration the reader agreed on with the source (MigrationPlan's); an image
+    /// of another (or of none) is refused. Nil: any image of this key.
     public static func open(backend: any FAMBackend, key: MigrationKey, requireComplete: Bool,
-                            deferPageChecks: Bool = false) throws(ImageError) -> ImageReader {
+                            deferPageChecks: Bool = false, imageIdentity: [UInt8]? = nil) throws(ImageError) -> ImageReader {
         let path = backend.path ?? "FAM"
         guard backend.byteCount >= ImageLayout.pageSize else {
             let magicByteCount = ImageLayout.magic.count
@@ -70,7 +72,10 @@ public struct ImageReader: Sendable {
         }
         // Checksums first (a damaged image says "corrupted"), then the code (one that checksums but does
         // not authenticate was changed on purpose); nothing of the metadata is decoded before both.
-        let authenticator = ImageAuthenticator(key: key)
+        let storedIdentityBytes = Array(snapshot[ImageLayout.imageIdentityOffset..<(ImageLayout.imageIdentityOffset + ImageLayout.imageIdentityByteCount)])
+        let storedIdentity = storedIdentityBytes.contains { $0 != 0 } ? storedIdentityBytes : nil
+        if let imageIdentity, storedIdentity != imageIdentity { throw .anotherMigration(path: path) }
+        let authenticator = ImageAuthenticator(key: key, imageIdentity: storedIdentity)
         let storedKeyIdentifier = Array(snapshot[ImageLayout.keyIdentifierOffset..<ImageLayout.creatorOffset])
         guard storedKeyIdentifier == authenticator.keyIdentifier else { throw .wrongKey(path: path) }
         let extensionFields = Array(snapshot[ImageLayout.keyIdentifierOffset..<ImageLayout.headerCodeOffset])

@@ -52,10 +52,15 @@ public struct ImageWriter: Sendable {
     /// durable: `commitMetadata()` makes them so). `pageAddresses` are the victim's pages to dump, one
     /// slot each, page-aligned and strictly increasing. Size the backend with `ImageLayout.byteCount`.
     /// `key` authenticates the image (header and commit codes); `creator` is recorded under the header
-    /// code, and a restore never grants more than it.
+    /// code, and a restore never grants more than it. `imageIdentity` (MigrationPlan's) names the
+    /// migration the image is of; a target that agreed on another refuses it.
     public static func create(backend: any FAMBackend, generation: UInt64, metadata: [UInt8],
-                              pageAddresses: [UInt64], key: MigrationKey,
+                              pageAddresses: [UInt64], key: MigrationKey, imageIdentity: [UInt8]? = nil,
                               creator: ImageCreator = .current()) throws(ImageError) -> ImageWriter {
+        if let imageIdentity {
+            precondition(imageIdentity.count == ImageLayout.imageIdentityByteCount, "an image identity of \(imageIdentity.count) bytes")
+            precondition(imageIdentity.contains { $0 != 0 }, "an image identity of zeros reads as none")
+        }
         for (slot, address) in pageAddresses.enumerated() {
             precondition(address % UInt64(ImageLayout.pageSize) == 0, "page \(slot) at 0x\(String(address, radix: 16)) is not page-aligned")
             precondition(slot == 0 || pageAddresses[slot - 1] < address, "page addresses not increasing at slot \(slot)")
@@ -65,8 +70,8 @@ public struct ImageWriter: Sendable {
             throw .backendTooSmall(path: backend.path ?? "FAM", byteCount: backend.byteCount, requiredByteCount: layout.fileByteCount)
         }
         var writer = ImageWriter(backend: backend, generation: generation, layout: layout, pageAddresses: pageAddresses,
-                                 authenticator: ImageAuthenticator(key: key))
-        writer.storeInitialImage(metadata: metadata, creator: creator)
+                                 authenticator: ImageAuthenticator(key: key, imageIdentity: imageIdentity))
+        writer.storeInitialImage(metadata: metadata, creator: creator, imageIdentity: imageIdentity)
         return writer
     }
 
@@ -82,7 +87,7 @@ public struct ImageWriter: Sendable {
         self.markedSlots = Array(repeating: false, count: layout.pageCount)
     }
 
-    private mutating func storeInitialImage(metadata: [UInt8], creator: ImageCreator) {
+    private mutating func storeInitialImage(metadata: [UInt8], creator: ImageCreator, imageIdentity: [UInt8]?) {
         // The file may hold an older image: first make it unreadable, durably, before overwriting any of
         // it, so no reader ever mixes old and new regions.
         storeState(.creating)
@@ -111,6 +116,12 @@ public struct ImageWriter: Sendable {
         headerCode = Array(authenticator.headerCode(superblock: superblockBytes, extensionFields: extensionFields,
                                                     paddedMetadata: paddedMetadata, pageTable: pageTable.bytes))
         backend.store(extensionFields + headerCode, at: ImageLayout.keyIdentifierOffset)
+        // Zeros when none: the file may hold an older image's identity.
+        if let imageIdentity {
+            backend.store(imageIdentity, at: ImageLayout.imageIdentityOffset)
+        } else if backend.loadBytes(at: ImageLayout.imageIdentityOffset, count: ImageLayout.imageIdentityByteCount).contains(where: { $0 != 0 }) {
+            backend.store(Array(repeating: 0, count: ImageLayout.imageIdentityByteCount), at: ImageLayout.imageIdentityOffset)
+        }
     }
 
     // MARK: Metadata commit

@@ -1,38 +1,12 @@
 // Why this file exists: a migration is assembled here and nowhere else. `fammig` (its one-process run,
 // its node commands, checkpoint and restore), torture's iterations and the tests only build ports (a
 // FAM backend, a transport, a clock, an observer) and call `Migration.source` and `Migration.target`;
-// which actors a mode needs, and how they are wired to each other, is this file's business. A new mode
-// is a case of `MigrationMode` (and its `wireCode`), a branch in the two functions below, its cases of
-// `DumpMode` and `RestoreMode` with their strategies (NodeModes.swift), and those two strategies, one
-// in Actors/Source and one in Actors/Target. Torture draws only `Scenario.drawnModes`: a new mode joins
-// the mix through a generator of its own, so that no existing seed changes its scenario.
+// how a node's actors are wired to each other is this file's business; what differs by mode is asked of
+// the mode's definition (Modes/: a folder per mode, registered in Modes/MigrationMode.swift). Torture
+// draws only `Scenario.drawnModes`: a new mode joins the mix through a generator of its own, so that no
+// existing seed changes its scenario.
 import Logging
 import Sys
-
-/// How a process moves. The raw values are what every command line and report spells.
-public enum MigrationMode: String, Sendable, CaseIterable, Codable {
-    /// Everything into FAM while the victim is frozen; the target starts after the commit.
-    case nonlive
-    /// No FAM: state and pages over the socket; the frozen victim lives until every page was sent.
-    case postcopySocket = "postcopy-socket"
-    /// Metadata into FAM first (the target starts then), pages in the background, faults served from
-    /// FAM once marked, the rest asked of the source; the victim is killed at the commit.
-    case postcopyFAM = "postcopy-fam"
-
-    public var isPostcopy: Bool { self != .nonlive }
-    /// Whether the source writes an image into FAM.
-    public var usesFAM: Bool { self != .postcopySocket }
-
-    /// The mode's number in the handshake's frames and its proof (SecureChannel): fixed per mode, so
-    /// that a mode added later changes no other mode's number.
-    public var wireCode: UInt8 {
-        switch self {
-        case .nonlive: 0
-        case .postcopySocket: 1
-        case .postcopyFAM: 2
-        }
-    }
-}
 
 /// What both nodes of one migration agree on.
 public struct MigrationPlan: Sendable {
@@ -43,6 +17,10 @@ public struct MigrationPlan: Sendable {
     /// Written into the image and the protocol's frames; a reader refuses another generation's.
     public var generation: UInt64
     public var key: MigrationKey
+    /// Which migration the image is of (FAM modes): the source writes it into the image and the target
+    /// refuses an image without it. It comes out of the nodes' handshake (`SecureTransport.imageIdentity`);
+    /// nil where there is none (a checkpoint, torture's one-thread driver): any image of the key.
+    public var imageIdentity: [UInt8]?
     /// Pages per dump, install and push batch.
     public var batchPageCount: Int
     /// The longest either node waits for the other once state has moved (a page asked for, an
@@ -65,7 +43,9 @@ public struct MigrationPlan: Sendable {
     public static let singleGeneration: UInt64 = 1
 
     public init(mode: MigrationMode, push: Bool = true, generation: UInt64 = MigrationPlan.singleGeneration, key: MigrationKey,
-                batchPageCount: Int = 512, stallTimeout: Duration = .seconds(MigrationPlan.defaultStallTimeoutSeconds)) {
+                batchPageCount: Int = 512, stallTimeout: Duration = .seconds(MigrationPlan.defaultStallTimeoutSeconds),
+                imageIdentity: [UInt8]? = nil) {
+        self.imageIdentity = imageIdentity
         self.stallTimeout = stallTimeout
         self.mode = mode
         self.push = push
@@ -177,36 +157,25 @@ public enum MigrationSetupError: Error, CustomStringConvertible, Sendable {
 public enum Migration {
     /// The source of `victim`'s migration.
     public static func source(_ plan: MigrationPlan, victim: ProcessID, ports: SourcePorts) throws(MigrationSetupError) -> SourceNode {
-        let mode: DumpMode
-        switch (plan.mode, ports.transport) {
-        case (.nonlive, _): mode = .nonlive
-        case (.postcopyFAM, let transport?): mode = .postcopyFAM(transport: transport)
-        case (.postcopySocket, let transport?): mode = .postcopySocket(transport: transport, push: plan.push)
-        case (let missing, nil): throw .transportMissing(missing)
-        }
+        let strategy = try plan.mode.definition.sourceStrategy(plan, transport: ports.transport)
         return SourceNode(dumper: Dumper(victim: victim, makeBackend: ports.makeBackend, generation: plan.generation, key: plan.key,
                                          release: ports.release, batchPageCount: plan.batchPageCount, observer: ports.observer,
-                                         clock: ports.clock, timeline: ports.timeline, logger: ports.logger, mode: mode,
-                                         stallTimeout: plan.stallTimeout))
+                                         clock: ports.clock, timeline: ports.timeline, logger: ports.logger, strategy: strategy,
+                                         stallTimeout: plan.stallTimeout, imageIdentity: plan.imageIdentity))
     }
 
     /// The target of a migration.
     public static func target(_ plan: MigrationPlan, ports: TargetPorts) throws(MigrationSetupError) -> TargetNode {
-        let mode: RestoreMode
-        switch (plan.mode, ports.transport) {
-        case (.nonlive, _): mode = .eager
-        case (.postcopyFAM, let transport?): mode = .lazyFromFAM(transport: transport)
-        case (.postcopySocket, let transport?): mode = .lazyFromSocket(transport: transport)
-        case (let missing, nil): throw .transportMissing(missing)
-        }
+        let definition = plan.mode.definition
+        let strategy = try definition.targetStrategy(plan, transport: ports.transport)
         let restorer = Restorer(openBackend: ports.openBackend, key: plan.key, stubPath: ports.stubPath, batchPageCount: plan.batchPageCount,
                                 observer: ports.observer, clock: ports.clock, timeline: ports.timeline, logger: ports.logger,
-                                processIDWait: ports.processIDWait, pidNamespace: ports.pidNamespace, mode: mode, gate: ports.gate,
-                                imageWait: ports.imageWait, stallTimeout: plan.stallTimeout)
-        guard plan.mode.isPostcopy else { return TargetNode(restorer: restorer, faultHandler: nil, pusher: nil) }
+                                processIDWait: ports.processIDWait, pidNamespace: ports.pidNamespace, strategy: strategy, gate: ports.gate,
+                                imageWait: ports.imageWait, stallTimeout: plan.stallTimeout, imageIdentity: plan.imageIdentity)
+        guard definition.isPostcopy else { return TargetNode(restorer: restorer, faultHandler: nil, pusher: nil) }
         let faultHandler = FaultHandler(lazy: { restorer.lazyMemory }, transport: ports.transport, generation: plan.generation,
                                         stallTimeout: plan.stallTimeout, lease: plan.targetLease, clock: ports.clock, timeline: ports.timeline, metrics: ports.metrics, logger: ports.logger)
-        let pusher = plan.mode == .postcopyFAM && plan.push
+        let pusher = definition.runsPusher(plan)
             ? Pusher(lazy: { restorer.lazyMemory }, batchPageCount: plan.batchPageCount, clock: ports.clock, metrics: ports.metrics,
                      logger: ports.logger)
             : nil

@@ -51,15 +51,12 @@ struct SharedMemoryRestorer {
         try injector.call("munmap(staging)", Syscall.munmap, staging, object.byteCount)
     }
 
-    /// The SysV segment IDs of `state` that this node's IPC namespace still has (the victim's, while it
-    /// lives on one machine).
+    /// The SysV segment IDs of `state`'s tree that this node's IPC namespace still has (the victim's,
+    /// while it lives on one machine).
     static func sysvIdentifiersInUse(_ state: ProcessState) -> [Int32] {
-        let wanted = Set(state.mappings.compactMap { mapping -> Int32? in
-            if case .sharedMemory(let object) = mapping.kind { object.sysv?.identifier } else { nil }
-        })
-        guard !wanted.isEmpty, let text = try? ProcFS.readText("/proc/sysvipc/shm") else { return [] }
-        let present = text.split(separator: "\n").dropFirst().compactMap { line in line.split(separator: " ").dropFirst().first.flatMap { Int32($0) } }
-        return present.filter { wanted.contains($0) }.sorted()
+        let wanted = state.sysvSegmentIdentifiers
+        guard !wanted.isEmpty, let present = try? ProcFS.sysvSharedMemoryIdentifiers() else { return [] }
+        return wanted.filter(present.contains)
     }
 
     /// A SysV segment with its old ID (kernel.shm_next_id names the ID the next shmget of this IPC

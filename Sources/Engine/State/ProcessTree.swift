@@ -80,12 +80,16 @@ extension ProcessState {
     public var liveMembers: [ProcessState] {
         members.compactMap { if case .live(let state) = $0 { state } else { nil } }
     }
-    /// Whether any live process of the tree has a SysV shared memory segment attached.
-    public var holdsSysVSharedMemory: Bool {
-        liveProcesses.contains { process in
-            process.state.mappings.contains { if case .sharedMemory(let object) = $0.kind { object.sysv != nil } else { false } }
-        }
+    /// The IDs of the SysV shared memory segments the tree's live processes have attached, sorted, each
+    /// once: the one scan of the mappings for them (whether the tree needs a fresh IPC namespace, whether
+    /// this node's still has them).
+    public var sysvSegmentIdentifiers: [Int32] {
+        Set(liveProcesses.flatMap { process in
+            process.state.mappings.compactMap { if case .sharedMemory(let object) = $0.kind { object.sysv?.identifier } else { nil } }
+        }).sorted()
     }
+    /// Whether any live process of the tree has a SysV shared memory segment attached.
+    public var holdsSysVSharedMemory: Bool { !sysvSegmentIdentifiers.isEmpty }
     /// The live processes of the tree with their ordinals, the root first.
     public var liveProcesses: [(ordinal: Int, state: ProcessState)] {
         [(0, self)] + members.enumerated().compactMap { index, member in

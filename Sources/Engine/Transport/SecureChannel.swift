@@ -11,7 +11,9 @@
 //   source → target  hello(mode, generation, nonce S, HMAC(K, "source" S T mode generation))
 //
 // The target proves itself first, so a rogue listener learns nothing from the source; a source proves
-// itself before the target uses anything it sends.
+// itself before the target uses anything it sends. Both proofs cover S, so both nodes leave with the same
+// image identity (`imageIdentity`, derived from S: fresh per migration): the source writes it into the
+// image, and the target refuses an image without it (another migration's, of the same key).
 import Crypto
 import Sys
 
@@ -129,7 +131,15 @@ public enum SecureChannel {
                                    info: Array("fammig channel from \(from.rawValue)".utf8), outputByteCount: 32)
         }
         let other: NodeRole = role == .source ? .target : .source
-        return SecureTransport(inner: transport, sendKey: directionKey(role), receiveKey: directionKey(other))
+        return SecureTransport(inner: transport, sendKey: directionKey(role), receiveKey: directionKey(other),
+                               imageIdentity: imageIdentity(sourceNonce: sourceNonce))
+    }
+
+    /// The image identity a handshake with this source nonce agrees on (never all zeros, which is none).
+    static func imageIdentity(sourceNonce: [UInt8]) -> [UInt8] {
+        var identity = Array(SHA256.hash(data: Array("fammig image identity".utf8) + sourceNonce).prefix(ImageLayout.imageIdentityByteCount))
+        if !identity.contains(where: { $0 != 0 }) { identity[0] = 1 }
+        return identity
     }
 
     /// Both ends of one connection sealed as a handshake with these nonces would leave them, without the
@@ -149,6 +159,8 @@ public enum SecureChannel {
 /// A frame that does not open (changed, replayed, reordered, dropped before it, or from another key)
 /// poisons the channel: `malformed`, and nothing more is read.
 public final class SecureTransport: Transport, @unchecked Sendable {
+    /// Which migration's image the two nodes agreed on (SecureChannel.imageIdentity): MigrationPlan's.
+    public let imageIdentity: [UInt8]
     private let inner: any Transport
     private let sendKey: SymmetricKey
     private let receiveKey: SymmetricKey
@@ -161,7 +173,8 @@ public final class SecureTransport: Transport, @unchecked Sendable {
     /// A sealed frame carries the inner frame, the tag, and its own kind and length.
     static let overheadByteCount = 64
 
-    init(inner: any Transport, sendKey: SymmetricKey, receiveKey: SymmetricKey) {
+    init(inner: any Transport, sendKey: SymmetricKey, receiveKey: SymmetricKey, imageIdentity: [UInt8]) {
+        self.imageIdentity = imageIdentity
         self.inner = inner
         self.sendKey = sendKey
         self.receiveKey = receiveKey

@@ -86,6 +86,8 @@ public final class Dumper: EngineActor {
     var unsealed: Range<Int>?
     /// What this mode does with the pages.
     let strategy: any SourcePageStrategy
+    /// Written into the image (MigrationPlan.imageIdentity).
+    let imageIdentity: [UInt8]?
     /// Room for the metadata region in the pre-sized FAM (a process state is a few KiB; filters and
     /// the VMA table of a big process stay far below this).
     static let metadataAllowanceByteCount = 1 << 20
@@ -99,9 +101,11 @@ public final class Dumper: EngineActor {
     init(victim: ProcessID, makeBackend: @escaping (Int) throws(ImageError) -> any FAMBackend,
                 generation: UInt64, key: MigrationKey, release: Release, batchPageCount: Int = 512,
                 observer: (any MigrationObserver)?, clock: any EngineClock, timeline: MigrationTimeline, logger: Logger,
-                mode: DumpMode = .nonlive, stallTimeout: Duration = .seconds(MigrationPlan.defaultStallTimeoutSeconds)) {
+                strategy: any SourcePageStrategy, stallTimeout: Duration = .seconds(MigrationPlan.defaultStallTimeoutSeconds),
+                imageIdentity: [UInt8]? = nil) {
         self.stallTimeout = stallTimeout
-        self.strategy = mode.sourceStrategy(batchPageCount: batchPageCount)
+        self.imageIdentity = imageIdentity
+        self.strategy = strategy
         self.key = key
         self.creator = ImageCreator.current()
         precondition(batchPageCount > 0, "a dump batch holds at least one page")
@@ -322,7 +326,7 @@ public final class Dumper: EngineActor {
                 self.backend = backend
             }
             var newWriter = try ImageWriter.create(backend: backend, generation: generation, metadata: metadata,
-                                                   pageAddresses: pageAddresses, key: key, creator: creator)
+                                                   pageAddresses: pageAddresses, key: key, imageIdentity: imageIdentity, creator: creator)
             do throws(SyscallError) { try beforeCommit(&newWriter) } catch { earlyFailure = error }
             // Kept also after a failure, so that the abort withdraws the image.
             if earlyFailure == nil { newWriter.commitMetadata() }

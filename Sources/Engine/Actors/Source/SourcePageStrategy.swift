@@ -1,7 +1,7 @@
 // Why this file exists: the source's one seam between the dumper's lifecycle (Dumper: preflight, freeze,
-// capture, metadata, pages, commit, release) and what a mode does with the victim's memory. A mode is
-// one strategy in this folder: nonlive batches (below), the post-copy FAM dump with its priority queue
-// (PostcopyFAMDump), the socket page server (SocketPageServer). A fourth mode is a fourth strategy.
+// capture, metadata, pages, commit, release) and what a mode does with the victim's memory. Each mode's
+// strategy lives in its folder, Engine/Migration/Modes/<Mode>: nonlive batches (NonliveBatchDump), the
+// post-copy FAM dump with its priority queue (PostcopyFAMDump), the socket page server (SocketPageServer).
 import Sys
 
 /// What a dump or seal step leaves the dumper's page state at.
@@ -44,28 +44,4 @@ protocol SourcePageStrategy: AnyObject {
 extension SourcePageStrategy {
     func waitingForHandOver(_ dumper: Dumper) -> NextAction? { preconditionFailure("only postcopy-socket hands the process over") }
     func handedOver(_ dumper: Dumper) throws(EngineError) -> Bool { preconditionFailure("only postcopy-socket hands the process over") }
-}
-
-/// nonlive: every page into FAM in batches while the victim is frozen, each copied in one step and
-/// sealed in the next, the next batch read from the victim while this one is sealed.
-final class NonliveBatchDump: SourcePageStrategy {
-    var usesFAM: Bool { true }
-    var migratesTrees: Bool { true }
-    var pipelinesCopies: Bool { true }
-    var transport: (any Transport)? { nil }
-
-    func writeMetadata(_ dumper: Dumper, state: ProcessState, metadata: [UInt8]) throws(EngineError) {
-        try dumper.createImage(metadata: metadata) { _ throws(SyscallError) in }
-    }
-
-    func waitingWhileDumping(_ dumper: Dumper) -> NextAction? { nil }
-
-    func dump(_ dumper: Dumper, nextSlot: Int) throws(EngineError) -> DumpProgress {
-        try dumper.copy(nextSlot..<min(nextSlot + dumper.batchPageCount, dumper.pageAddresses.count))
-        return .stay
-    }
-
-    func sealed(_ dumper: Dumper, slots: Range<Int>) -> DumpProgress {
-        slots.upperBound == dumper.pageAddresses.count ? .done : .next(slots.upperBound)
-    }
 }

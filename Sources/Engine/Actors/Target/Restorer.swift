@@ -48,6 +48,8 @@ public final class Restorer: EngineActor {
     var pagesBeforeResumeSince: Duration?
     /// The migration's key: every image is authenticated with it before anything in it is used.
     let key: MigrationKey
+    /// The image must carry it (MigrationPlan.imageIdentity).
+    let imageIdentity: [UInt8]?
 
     var state = State.waitingForImage
     var reader: ImageReader?
@@ -72,9 +74,10 @@ public final class Restorer: EngineActor {
     init(openBackend: @escaping () throws(ImageError) -> (any FAMBackend)?, key: MigrationKey, stubPath: String, batchPageCount: Int = 512,
                 observer: (any MigrationObserver)?, clock: any EngineClock, timeline: MigrationTimeline,
                 logger: Logger, processIDWait: Duration = .seconds(5), pidNamespace: PIDNamespace = .shared,
-                mode: RestoreMode = .eager, gate: any TargetGate = ImmediateTargetGate(), imageWait: Duration = .seconds(600),
-                stallTimeout: Duration = .seconds(MigrationPlan.defaultStallTimeoutSeconds)) {
+                strategy: any TargetPageStrategy, gate: any TargetGate = ImmediateTargetGate(), imageWait: Duration = .seconds(600),
+                stallTimeout: Duration = .seconds(MigrationPlan.defaultStallTimeoutSeconds), imageIdentity: [UInt8]? = nil) {
         self.stallTimeout = stallTimeout
+        self.imageIdentity = imageIdentity
         self.gate = gate
         self.key = key
         self.imageWait = imageWait
@@ -87,7 +90,7 @@ public final class Restorer: EngineActor {
         self.timeline = timeline
         self.logger = logger
         self.processIDWait = processIDWait
-        self.strategy = mode.targetStrategy()
+        self.strategy = strategy
     }
 
     var transport: (any Transport)? { strategy.transport }
@@ -238,7 +241,8 @@ public final class Restorer: EngineActor {
         }
         do {
             guard let backend = try openBackend() else { preconditionFailure("ready without a backend") }
-            let opened = try ImageReader.open(backend: backend, key: key, requireComplete: strategy.needsCompleteImage, deferPageChecks: true)
+            let opened = try ImageReader.open(backend: backend, key: key, requireComplete: strategy.needsCompleteImage, deferPageChecks: true,
+                                              imageIdentity: imageIdentity)
             checkpointedState = try opened.checkedProcessState()
             checkedFiles = try checkpointedState!.checkFileAccess(path: opened.path)
             reader = opened
