@@ -1,0 +1,40 @@
+// Why this file exists: every dumped page gets a keyed code (its mark), and every page installed on the
+// target is checked against it: 131,072 codes for 512 MiB on each side. Through swift-crypto's generic
+// HMAC each code costs about as much again as its SHA-256 (generic metadata, copy-on-write hash states,
+// allocations), and two threads coding at once contend on the runtime's metadata cache. This is the same
+// HMAC-SHA256 over OpenSSL's SHA-256 (CSys/pagecode.c): pad states hashed once, copied per page, no
+// allocation, straight from the bytes where they lie. PageCodingTests checks it against swift-crypto.
+internal import CSys
+
+/// HMAC-SHA256 under one key with its label already fed, prepared once. Immutable after `init` (every
+/// code copies the prepared states), so any number of threads may code with one at once.
+public final class PageMACKey: @unchecked Sendable {
+    /// Invariant: allocated and initialized in `init`, never written again, zeroed and freed in `deinit`.
+    private let key: UnsafeMutablePointer<csys_page_mac_key>
+
+    public init(keyBytes: [UInt8], label: [UInt8]) {
+        key = .allocate(capacity: 1)
+        key.initialize(to: csys_page_mac_key())
+        keyBytes.withUnsafeBufferPointer { keyBuffer in
+            label.withUnsafeBufferPointer { labelBuffer in
+                csys_page_mac_init(key, keyBuffer.baseAddress, keyBuffer.count, labelBuffer.baseAddress, labelBuffer.count)
+            }
+        }
+    }
+
+    deinit {
+        // The pad states are as secret as the key.
+        UnsafeMutableRawPointer(key).initializeMemory(as: UInt8.self, repeating: 0, count: MemoryLayout<csys_page_mac_key>.size)
+        key.deallocate()
+    }
+
+    /// The first 8 bytes (little endian) of HMAC(label || generation || address || headerCode's u32 count
+    /// || headerCode || page): BinaryWriter's layout of the three fields.
+    public func code(page: ArraySlice<UInt8>, generation: UInt64, address: UInt64, headerCode: [UInt8]) -> UInt64 {
+        page.withUnsafeBufferPointer { pageBuffer in
+            headerCode.withUnsafeBufferPointer { headerBuffer in
+                csys_page_mac(key, generation, address, headerBuffer.baseAddress, headerBuffer.count, pageBuffer.baseAddress, pageBuffer.count)
+            }
+        }
+    }
+}
