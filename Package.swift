@@ -31,7 +31,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
     ],
     targets: [
-        .target(name: "CSys"),
+        // libcrypto (OpenSSL, Debian's libssl-dev) for the page marks' HMAC-SHA256 without per-page Swift costs.
+        .target(name: "CSys", linkerSettings: [.linkedLibrary("crypto")]),
         .systemLibrary(name: "CSeccomp", pkgConfig: "libseccomp", providers: [.apt(["libseccomp-dev"])]),
         .systemLibrary(name: "CCap", pkgConfig: "libcap", providers: [.apt(["libcap-dev"])]),
         .target(

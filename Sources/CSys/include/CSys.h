@@ -206,6 +206,19 @@ int csys_access_as_open(const char *path, int mode);
 /// reopened through /proc/PID/fd, the later open. The O_PATH|O_CLOEXEC descriptor, or -1 and errno.
 int csys_open_checked(const char *path, int mode);
 
+/// A page-code key: OpenSSL's HMAC-SHA256 context (an EVP_MAC_CTX), keyed and fed the label once
+/// (pagecode.c); opaque here so this header needs no OpenSSL header.
+typedef struct { void *context; } csys_page_mac_key;
+/// Prepares `key` for HMAC-SHA256 under `keyBytes`, already fed `label`; 0, or -1 when libcrypto has
+/// no HMAC-SHA256.
+int csys_page_mac_init(csys_page_mac_key *key, const uint8_t *keyBytes, size_t keyByteCount, const uint8_t *label, size_t labelByteCount);
+/// Frees (and cleanses) what `csys_page_mac_init` made.
+void csys_page_mac_free(csys_page_mac_key *key);
+/// The first 8 bytes, little endian, of HMAC(key; label || generation (LE64) || address (LE64) ||
+/// headerCode's byte count (LE32) || headerCode || page).
+uint64_t csys_page_mac(const csys_page_mac_key *key, uint64_t generation, uint64_t address, const uint8_t *headerCode, size_t headerCodeByteCount,
+                       const void *page, size_t pageByteCount);
+
 static const unsigned long CSYS_UFFDIO_API = UFFDIO_API;
 static const unsigned long CSYS_UFFDIO_REGISTER = UFFDIO_REGISTER;
 static const unsigned long CSYS_UFFDIO_UNREGISTER = UFFDIO_UNREGISTER;

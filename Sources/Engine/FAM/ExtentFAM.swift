@@ -44,8 +44,13 @@ public final class ExtentFAM: FAMBackend, @unchecked Sendable {
     }
 
     public func startPageLoad(at byteOffset: Int, pageCount: Int, pageByteCount: Int,
-                              code: @escaping @Sendable (Int, [UInt8]) -> UInt64) -> PendingPages {
+                              code: @escaping @Sendable (Int, ArraySlice<UInt8>) -> UInt64) -> PendingPages {
         base.startPageLoad(at: moved(byteOffset, pageCount * pageByteCount), pageCount: pageCount, pageByteCount: pageByteCount, code: code)
+    }
+
+    public func pageCodes(at byteOffset: Int, pageCount: Int, pageByteCount: Int,
+                          code: @escaping @Sendable (Int, ArraySlice<UInt8>) -> UInt64) -> [UInt64] {
+        base.pageCodes(at: moved(byteOffset, pageCount * pageByteCount), pageCount: pageCount, pageByteCount: pageByteCount, code: code)
     }
 
     public func flush(at byteOffset: Int, count: Int) { base.flush(at: moved(byteOffset, count), count: count) }

@@ -28,7 +28,12 @@ public protocol FAMBackend: AnyObject, Sendable {
     /// installs the batch before (the nonlive restore's pipeline); a model does it at once. The caller
     /// installs the very bytes the codes were computed over, never a second read of FAM.
     func startPageLoad(at byteOffset: Int, pageCount: Int, pageByteCount: Int,
-                       code: @escaping @Sendable (Int, [UInt8]) -> UInt64) -> PendingPages
+                       code: @escaping @Sendable (Int, ArraySlice<UInt8>) -> UInt64) -> PendingPages
+    /// `code(index, page)` of each of `pageCount` pages of `pageByteCount` bytes from `byteOffset`, as
+    /// the writer sees them (the dump's marks, coded before the batch is flushed): the real backend
+    /// codes them on every CPU, a model at once, in order, on the caller's thread.
+    func pageCodes(at byteOffset: Int, pageCount: Int, pageByteCount: Int,
+                   code: @escaping @Sendable (Int, ArraySlice<UInt8>) -> UInt64) -> [UInt64]
     /// Writes back (clwb) every cache line overlapping the range; not ordered until `fence()`.
     func flush(at byteOffset: Int, count: Int)
     /// Orders every earlier flush before any later store (sfence).
@@ -51,8 +56,58 @@ extension FAMBackend {
 extension FAMBackend {
     /// At once, on the caller's thread.
     public func startPageLoad(at byteOffset: Int, pageCount: Int, pageByteCount: Int,
-                              code: @escaping @Sendable (Int, [UInt8]) -> UInt64) -> PendingPages {
-        PendingPages(PendingPages.loadAndCode(loadBytes(at: byteOffset, count: pageCount * pageByteCount), pageByteCount: pageByteCount, code: code))
+                              code: @escaping @Sendable (Int, ArraySlice<UInt8>) -> UInt64) -> PendingPages {
+        PendingPages(PendingPages.loadAndCode(loadBytes(at: byteOffset, count: pageCount * pageByteCount), pageByteCount: pageByteCount,
+                                              threadCount: 1, code: code))
+    }
+
+    /// At once, in order, on the caller's thread, from one load of the whole run.
+    public func pageCodes(at byteOffset: Int, pageCount: Int, pageByteCount: Int,
+                          code: @escaping @Sendable (Int, ArraySlice<UInt8>) -> UInt64) -> [UInt64] {
+        PageCoding.codes(of: loadBytes(at: byteOffset, count: pageCount * pageByteCount), pageByteCount: pageByteCount, threadCount: 1, code: code)
+    }
+}
+
+/// Keyed page codes (HMAC-SHA256 of 4 KiB: the dump's and the restore's heaviest work per page) spread
+/// over threads. Each thread codes one contiguous share of the pages; a code is a pure function of its
+/// page, so the answer is the same on any thread count.
+public enum PageCoding {
+    /// Below this many pages a thread costs more than it saves.
+    static let pagesPerThreadMin = 32
+
+    /// The codes of pages `0..<pageCount`, each share `part(range)` (the codes of that range, in order):
+    /// the first share here, the others on up to `threadCount - 1` threads of their own. A thread that
+    /// cannot be made codes its share here instead.
+    public static func codes(pageCount: Int, threadCount: Int, part: @escaping @Sendable (Range<Int>) -> [UInt64]) -> [UInt64] {
+        precondition(pageCount >= 0 && threadCount >= 1, "\(pageCount) pages on \(threadCount) threads")
+        let shareCount = max(1, min(threadCount, pageCount / pagesPerThreadMin))
+        guard shareCount > 1 else { return part(0..<pageCount) }
+        let shares = (0..<shareCount).map { index in (pageCount * index / shareCount)..<(pageCount * (index + 1) / shareCount) }
+        final class Box: @unchecked Sendable { var codes: [UInt64] = [] }
+        var helpers: [(thread: OSThread?, box: Box, share: Range<Int>)] = []
+        for share in shares.dropFirst() {
+            let box = Box()
+            let thread = try? OSThread(name: "fammig-code", stackByteCount: 256 << 10) { box.codes = part(share) }
+            helpers.append((thread, box, share))
+        }
+        var codes = part(shares[0])
+        codes.reserveCapacity(pageCount)
+        for helper in helpers {
+            if let thread = helper.thread { thread.join() } else { helper.box.codes = part(helper.share) }
+            precondition(helper.box.codes.count == helper.share.count, "\(helper.box.codes.count) codes for the \(helper.share.count) pages \(helper.share)")
+            codes += helper.box.codes
+        }
+        precondition(codes.count == pageCount, "\(codes.count) codes for \(pageCount) pages")
+        return codes
+    }
+
+    /// The codes of every page of `bytes` (whole pages of `pageByteCount`), each over its slice of the
+    /// one copy (no copy per page).
+    public static func codes(of bytes: [UInt8], pageByteCount: Int, threadCount: Int,
+                             code: @escaping @Sendable (Int, ArraySlice<UInt8>) -> UInt64) -> [UInt64] {
+        codes(pageCount: bytes.count / pageByteCount, threadCount: threadCount) { share in
+            share.map { index in code(index, bytes[(index * pageByteCount)..<((index + 1) * pageByteCount)]) }
+        }
     }
 }
 
@@ -77,12 +132,10 @@ public final class PendingPages: @unchecked Sendable {
         }
     }
 
-    /// The codes of each page of `bytes`.
-    static func loadAndCode(_ bytes: [UInt8], pageByteCount: Int, code: (Int, [UInt8]) -> UInt64) -> Loaded {
-        let codes = (0..<(bytes.count / pageByteCount)).map { index in
-            code(index, Array(bytes[(index * pageByteCount)..<((index + 1) * pageByteCount)]))
-        }
-        return (bytes, codes)
+    /// The codes of each page of `bytes`, on up to `threadCount` threads.
+    public static func loadAndCode(_ bytes: [UInt8], pageByteCount: Int, threadCount: Int,
+                                   code: @escaping @Sendable (Int, ArraySlice<UInt8>) -> UInt64) -> Loaded {
+        (bytes, PageCoding.codes(of: bytes, pageByteCount: pageByteCount, threadCount: threadCount, code: code))
     }
 
     /// Dropped unfinished (its owner failed): still wait, so no thread reads FAM after this.

@@ -67,11 +67,24 @@ public final class RealFAM: FAMBackend {
     }
 
     /// On a thread of its own: a restore loads and verifies the next batch while it installs this one.
+    /// The codes on every CPU (this thread's share, one more thread per CPU), while the caller installs.
     public func startPageLoad(at byteOffset: Int, pageCount: Int, pageByteCount: Int,
-                              code: @escaping @Sendable (Int, [UInt8]) -> UInt64) -> PendingPages {
+                              code: @escaping @Sendable (Int, ArraySlice<UInt8>) -> UInt64) -> PendingPages {
         let mapping = mapping
         return PendingPages {
-            PendingPages.loadAndCode(mapping.loadBytes(at: byteOffset, count: pageCount * pageByteCount), pageByteCount: pageByteCount, code: code)
+            PendingPages.loadAndCode(mapping.loadBytes(at: byteOffset, count: pageCount * pageByteCount), pageByteCount: pageByteCount,
+                                     threadCount: Spawn.onlineCPUCount, code: code)
+        }
+    }
+
+    /// One share of the pages per CPU, each loaded (one copy per share, not per page) and coded on a
+    /// thread of its own while the next batch is read from the victim.
+    public func pageCodes(at byteOffset: Int, pageCount: Int, pageByteCount: Int,
+                          code: @escaping @Sendable (Int, ArraySlice<UInt8>) -> UInt64) -> [UInt64] {
+        let mapping = mapping
+        return PageCoding.codes(pageCount: pageCount, threadCount: Spawn.onlineCPUCount) { share in
+            let bytes = mapping.loadBytes(at: byteOffset + share.lowerBound * pageByteCount, count: share.count * pageByteCount)
+            return (0..<share.count).map { index in code(share.lowerBound + index, bytes[(index * pageByteCount)..<((index + 1) * pageByteCount)]) }
         }
     }
 

@@ -120,13 +120,16 @@ package struct ImageAuthenticator: Sendable {
     package let keyIdentifier: [UInt8]
     /// The page marks' HMAC, keyed and labelled once: a code per page is on the dump and fault paths,
     /// and keying an HMAC (two SHA-256 blocks, a sub-key derivation) costs more than a page's worth.
-    private let pageCode: PreparedPageCode
+    private let pageCode: PageMACKey
 
     package init(key: MigrationKey, imageIdentity: [UInt8]? = nil) {
         self.key = key
         keyIdentifier = key.identifier(imageIdentity: imageIdentity)
-        pageCode = PreparedPageCode(keyBytes: key.derivedBytes(purpose: "image page marks", byteCount: 32))
+        pageCode = PageMACKey(keyBytes: key.derivedBytes(purpose: Self.pageCodePurpose, byteCount: 32), label: Self.pageCodeLabel)
     }
+
+    static let pageCodePurpose = "image page marks"
+    static let pageCodeLabel = Array("fammig page mark".utf8)
 
     private func code(label: String, parts: [[UInt8]]) -> HashedAuthenticationCode<SHA256> {
         var hmac = HMAC<SHA256>(key: key.subkey("image authentication"))
@@ -164,16 +167,24 @@ package struct ImageAuthenticator: Sendable {
 
     /// The same code over a page where it lies in a larger copy (the reader checks a run of pages
     /// without copying each one out first).
+    /// Computed by Sys (`PageMACKey`: OpenSSL's SHA-256, no allocation per page); `referenceMarkDigest`
+    /// is the same code through swift-crypto, which the tests hold it to.
     package func markDigest(page: ArraySlice<UInt8>, generation: UInt64, address: UInt64, headerCode: [UInt8]) -> UInt64 {
+        pageCode.code(page: page, generation: generation, address: address, headerCode: headerCode)
+    }
+
+    /// The definition of a page's code, through swift-crypto's HMAC: HMAC-SHA256 under the page sub-key
+    /// over the label, then generation, address and header code as BinaryWriter writes them, then the
+    /// page; its first eight bytes, little endian. Slow (generic, allocating); for the tests.
+    package func referenceMarkDigest(page: ArraySlice<UInt8>, generation: UInt64, address: UInt64, headerCode: [UInt8]) -> UInt64 {
         var prefix = BinaryWriter()
         prefix.writeUInt64(generation)
         prefix.writeUInt64(address)
         prefix.writeBytes(headerCode)
-        var hmac = pageCode.prepared  // a copy: swift-crypto's hash states are copy-on-write values
+        var hmac = HMAC<SHA256>(key: SymmetricKey(data: key.derivedBytes(purpose: Self.pageCodePurpose, byteCount: 32)))
+        hmac.update(data: Self.pageCodeLabel)
         hmac.update(data: prefix.bytes)
         hmac.update(data: page)
-        // The code's first eight bytes, little endian, without the arrays a conversion makes (this is
-        // on the fault path, once per page).
         var word: UInt64 = 0
         for (index, byte) in hmac.finalize().prefix(8).enumerated() { word |= UInt64(byte) << (8 * index) }
         return word
@@ -196,18 +207,5 @@ extension ImageReader {
         try creator.checkAdmits(state.credentials, path: path)
         for member in state.liveMembers { try creator.checkAdmits(member.credentials, path: path) }
         return state
-    }
-}
-
-/// An HMAC keyed and fed its label, never changed afterwards: every use copies it (HMAC is a value with
-/// copy-on-write hash states), so threads that check pages at once share nothing they mutate. A class
-/// only because swift-crypto's HMAC does not declare Sendable.
-private final class PreparedPageCode: @unchecked Sendable {
-    let prepared: HMAC<SHA256>
-
-    init(keyBytes: [UInt8]) {
-        var hmac = HMAC<SHA256>(key: SymmetricKey(data: keyBytes))
-        hmac.update(data: Array("fammig page mark".utf8))
-        prepared = hmac
     }
 }

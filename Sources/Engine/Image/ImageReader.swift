@@ -322,7 +322,7 @@ public struct ImageReader: Sendable {
         let checker = pageChecker(observed: slots)
         let pending = slots.isEmpty ? PendingPages(([], []))
             : backend.startPageLoad(at: pageOffset(slot: slots.lowerBound), pageCount: slots.count, pageByteCount: ImageLayout.pageSize) { index, page in
-                checker.code(page[...], address: addresses[index])
+                checker.code(page, address: addresses[index])
             }
         return PendingVerifiedPages(slots: slots, expected: expected, pending: pending, path: path, pageAddresses: addresses)
     }

@@ -44,6 +44,9 @@ public struct ImageWriter: Sendable {
         var pending: PendingStore?
     }
     private var copying: PageCopy?
+    /// The keyed codes of a batch's pages, computed by `codeAhead` before the batch is flushed (on every
+    /// CPU, while the next batch is read from the victim); `storeMark` takes a slot's code from here.
+    private var codesAhead: (slots: Range<Int>, codes: [UInt64])?
     private let authenticator: ImageAuthenticator
     /// The header's code, stored in the superblock; the commit code is bound to it.
     private var headerCode: [UInt8] = []
@@ -198,8 +201,9 @@ public struct ImageWriter: Sendable {
                 ranges.append((remoteAddress: address, byteCount: ImageLayout.pageSize, mappingOffset: layout.pageOffset(slot: slot)))
             }
         }
-        // A page copied again after an earlier flush is no longer durable until flushed anew.
+        // A page copied again after an earlier flush is no longer durable until flushed anew, nor coded.
         for slot in slots { pageFlushEpochs[slot] = nil }
+        if let ahead = codesAhead, ahead.slots.overlaps(slots) { codesAhead = nil }
         let backend = backend
         let pending = ranges.isEmpty ? nil
             : concurrently ? backend.startStoreFromProcess(processID: processID, ranges: ranges)
@@ -230,6 +234,24 @@ public struct ImageWriter: Sendable {
         }
     }
 
+    /// Before step 2, for a batch copied in whole: the keyed code of each page of `slots` as it is in FAM
+    /// now, all at once (the backend spreads them over the CPUs), for `storeMark` to store after the fence.
+    /// Only this writer stores into page slots, and a slot copied again drops its code, so each code is
+    /// of the bytes the flush makes durable.
+    public mutating func codeAhead(slots: Range<Int>) {
+        precondition(slots.lowerBound >= 0 && slots.upperBound <= layout.pageCount, "slots \(slots) outside 0..<\(layout.pageCount)")
+        precondition(copying.map { !$0.slots.overlaps(slots) } ?? true, "codes of slots \(slots) while they are still being copied")
+        guard !slots.isEmpty else { return }
+        let (authenticator, generation, headerCode) = (authenticator, generation, headerCode)
+        let addresses = Array(pageAddresses[slots])
+        let codes = backend.pageCodes(at: layout.pageOffset(slot: slots.lowerBound), pageCount: slots.count,
+                                      pageByteCount: ImageLayout.pageSize) { index, page in
+            authenticator.markDigest(page: page, generation: generation, address: addresses[index], headerCode: headerCode)
+        }
+        precondition(codes.count == slots.count, "\(codes.count) codes for the \(slots.count) pages of \(slots)")
+        codesAhead = (slots, codes)
+    }
+
     /// Step 2: write back every line of the slots' pages (not yet ordered: see `fence()`).
     public mutating func flushPages(slots: Range<Int>) {
         precondition(slots.lowerBound >= 0 && slots.upperBound <= layout.pageCount, "slots \(slots) outside 0..<\(layout.pageCount)")
@@ -253,8 +275,13 @@ public struct ImageWriter: Sendable {
         // Invariant (1): the page's lines were flushed, and a fence has passed since.
         guard let flushEpoch = pageFlushEpochs[slot] else { preconditionFailure("mark of page slot \(slot) before its page was flushed") }
         precondition(flushEpoch < fenceEpoch, "mark of page slot \(slot) before its flush was fenced")
-        let page = backend.loadBytes(at: layout.pageOffset(slot: slot), count: ImageLayout.pageSize)
-        let digest = authenticator.markDigest(page: page, generation: generation, address: pageAddresses[slot], headerCode: headerCode)
+        let digest: UInt64
+        if let ahead = codesAhead, ahead.slots.contains(slot) {
+            digest = ahead.codes[slot - ahead.slots.lowerBound]
+        } else {
+            let page = backend.loadBytes(at: layout.pageOffset(slot: slot), count: ImageLayout.pageSize)
+            digest = authenticator.markDigest(page: page, generation: generation, address: pageAddresses[slot], headerCode: headerCode)
+        }
         let markOffset = layout.markOffset(slot: slot)
         // Digest first, tag second, both in one cache line: a reader that sees the tag sees the digest.
         backend.storeUInt64(digest, at: markOffset)

@@ -305,6 +305,8 @@ public final class Dumper: EngineActor {
             writer!.startCopyingPagesFromProcess(processID: victimProcessID,
                                                  slots: slots.upperBound..<min(slots.upperBound + batchPageCount, pageAddresses.count))
         }
+        // Coded before the flush, while the lines are still in this CPU's cache (and the next batch is read).
+        writer!.codeAhead(slots: slots)
         writer!.seal(slots: slots)
         timeline.add(slots.count, to: "pagesDumped")
         unsealed = nil

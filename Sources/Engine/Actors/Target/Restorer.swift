@@ -42,6 +42,8 @@ public final class Restorer: EngineActor {
     public var strayPagesChecked: Bool { target?.strayPagesChecked ?? false }
     let gate: any TargetGate
     let imageWait: Duration
+    /// When this restorer was made: it looks for the image often at first, then less (`imagePollInterval`).
+    let createdAt: Duration
     /// The longest the pages needed before the resume may take to come (MigrationPlan.stallTimeout).
     let stallTimeout: Duration
     /// When the restorer began waiting for them.
@@ -81,6 +83,7 @@ public final class Restorer: EngineActor {
         self.gate = gate
         self.key = key
         self.imageWait = imageWait
+        self.createdAt = clock.now()
         self.pidNamespace = pidNamespace
         self.openBackend = openBackend
         self.stubPath = stubPath
@@ -108,7 +111,7 @@ public final class Restorer: EngineActor {
             if let descriptor = strategy.transport?.readableDescriptor {
                 return .waiting(.readable([descriptor], timeout: .milliseconds(2)))
             }
-            return .waiting(.retryAfter(.microseconds(200)))
+            return .waiting(.retryAfter(imagePollInterval))
         case .spawn:
             if let spawnFirstTried, clock.now() - spawnFirstTried < .milliseconds(2) { return .waiting(.retryAfter(.microseconds(500))) }
             return readyStep
@@ -117,6 +120,14 @@ public final class Restorer: EngineActor {
             return strategy.waitingForPagesBeforeResume(self) ?? readyStep
         default: return readyStep
         }
+    }
+
+    /// How long a restorer without a link waits before it looks at FAM again: 200 us for the first 10 ms,
+    /// then 1 ms. A nonlive target waits out the whole dump, and on a machine it shares with the source
+    /// (two cores here) waking 5,000 times a second took 13 % of a core from the dump (perf, 512 MiB);
+    /// the commit is then seen at most 1 ms late.
+    var imagePollInterval: Duration {
+        clock.now() - createdAt < .milliseconds(10) ? .microseconds(200) : .milliseconds(1)
     }
 
     var readyStep: NextAction { state.step.map { .ready(.restorer($0)) } ?? .finished }
