@@ -44,6 +44,8 @@ public final class Restorer: EngineActor {
     let imageWait: Duration
     /// The longest the pages needed before the resume may take to come (MigrationPlan.stallTimeout).
     let stallTimeout: Duration
+    /// MigrationPlan.targetLease: started on the watchdogs as lazy memory is made, before the process runs.
+    let lease: Duration?
     /// When the restorer began waiting for them.
     var pagesBeforeResumeSince: Duration?
     /// The migration's key: every image is authenticated with it before anything in it is used.
@@ -73,8 +75,9 @@ public final class Restorer: EngineActor {
                 observer: (any MigrationObserver)?, clock: any EngineClock, timeline: MigrationTimeline,
                 logger: Logger, processIDWait: Duration = .seconds(5), pidNamespace: PIDNamespace = .shared,
                 mode: RestoreMode = .eager, gate: any TargetGate = ImmediateTargetGate(), imageWait: Duration = .seconds(600),
-                stallTimeout: Duration = .seconds(MigrationPlan.defaultStallTimeoutSeconds)) {
+                stallTimeout: Duration = .seconds(MigrationPlan.defaultStallTimeoutSeconds), lease: Duration? = nil) {
         self.stallTimeout = stallTimeout
+        self.lease = lease
         self.gate = gate
         self.key = key
         self.imageWait = imageWait
