@@ -28,9 +28,13 @@ extension ProcessTests {
             return ProcFS.exists("/proc/\(tracer)/task/\(tracerThread)")
         }
 
-        /// Guards of dead sources have done their work and exited.
+        /// Guards of dead sources have done their work and exited. Only this build's fammig's: other
+        /// clones and suites run guards of their own at the same time (torture's, a test runner's).
         static func guardProcesses() -> [ProcessID] {
-            allProcessIDs().filter { ((try? ProcFS.status($0))?["Name"]) == "fammig-guard" }
+            let fammig = (try? TestPaths.fammig()).map { URL(fileURLWithPath: $0).resolvingSymlinksInPath().path } ?? ""
+            return allProcessIDs().filter {
+                ((try? ProcFS.status($0))?["Name"]) == "fammig-guard" && (try? ProcFS.readLink("/proc/\($0)/exe")) == fammig
+            }
         }
 
         /// A memwalk victim that fills its memory and then waits at its rendezvous (before walk step 2)

@@ -18,9 +18,8 @@ public final class FaultHandler: EngineActor {
     /// The longest a fault waits for the source's page, and the longest the target holds every page
     /// without hearing that the process is its own (MigrationPlan.stallTimeout).
     private let stallTimeout: Duration
-    /// MigrationPlan.targetLease: started on the watchdogs at this handler's first step.
+    /// MigrationPlan.targetLease (started by the restorer's hand-over): a lapsed one fails this node.
     private let lease: Duration?
-    private var leaseStarted = false
 
     private struct Pending {
         var address: UInt64
@@ -121,15 +120,8 @@ public final class FaultHandler: EngineActor {
 
     public func perform() throws(EngineError) {
         guard let memory = lazy() else { preconditionFailure("FaultHandler ran before the restorer handed over") }
-        if let lease, !leaseStarted {
-            leaseStarted = true
-            do { try memory.startLease(lease) } catch { throw .stalled("cannot start this node's lease on its restored process: \(error)") }
-        }
         // Before the look at the process: a lapsed lease's watchdog kills it, which is not its end.
-        if let lease, memory.leaseLapsed {
-            throw .leaseLapsed("it did not run for longer than its lease (\(lease), half the stall timeout: it was stopped or starved), "
-                               + "so its source may have let the victim run on; its watchdog killed the restored process, so that only one copy lives")
-        }
+        try checkLease(memory)
         do {
             if Spawn.hasEnded(memory.targetProcessID) || (memory.isComplete && processIsOurs(memory)) {
                 try finish(memory)
@@ -151,6 +143,9 @@ public final class FaultHandler: EngineActor {
             // nothing is left to serve, which is an end, not a failure.
             // A tree member that ended meanwhile: its pages are discarded, and the next step goes on.
             if memory.discardPagesOfEndedMembers() > 0 { return }
+            // A step the node's stop caught half-way goes on after the watchdog killed the process for
+            // the lapsed lease: that death is the lease's, not the process's end.
+            try checkLease(memory)
             if Spawn.endsSoon(memory.targetProcessID) {
                 // Still tell the source: a socket-mode source waits for this before it lets go of the victim.
                 try? finish(memory)
@@ -159,6 +154,13 @@ public final class FaultHandler: EngineActor {
             if let error = error as? EngineError { throw error }
             throw .aborted("fault handler: \(error)")
         }
+    }
+
+    /// A lapsed lease (MigrationPlan.targetLease) fails the migration: the watchdog killed the process.
+    private func checkLease(_ memory: LazyMemory) throws(EngineError) {
+        guard let lease, memory.leaseLapsed else { return }
+        throw .leaseLapsed("it did not run for longer than its lease (\(lease), half the stall timeout: it was stopped or starved), "
+                           + "so its source may have let the victim run on; its watchdog killed the restored process, so that only one copy lives")
     }
 
     /// Every page is in, and the process is not yet this node's: say that nothing more is needed, keep

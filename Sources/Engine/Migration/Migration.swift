@@ -171,7 +171,8 @@ public enum Migration {
         let restorer = Restorer(openBackend: ports.openBackend, key: plan.key, stubPath: ports.stubPath, batchPageCount: plan.batchPageCount,
                                 observer: ports.observer, clock: ports.clock, timeline: ports.timeline, logger: ports.logger,
                                 processIDWait: ports.processIDWait, pidNamespace: ports.pidNamespace, strategy: strategy, gate: ports.gate,
-                                imageWait: ports.imageWait, stallTimeout: plan.stallTimeout, imageIdentity: plan.imageIdentity)
+                                imageWait: ports.imageWait, stallTimeout: plan.stallTimeout, imageIdentity: plan.imageIdentity,
+                                lease: plan.targetLease)
         guard definition.isPostcopy else { return TargetNode(restorer: restorer, faultHandler: nil, pusher: nil) }
         let faultHandler = FaultHandler(lazy: { restorer.lazyMemory }, transport: ports.transport, generation: plan.generation,
                                         stallTimeout: plan.stallTimeout, lease: plan.targetLease, clock: ports.clock, timeline: ports.timeline, metrics: ports.metrics, logger: ports.logger)

@@ -56,6 +56,9 @@ class LazyHandover {
             memory = try restorer.target!.makeLazyMemory(pageAddresses: pageAddresses, origin: origin, observer: restorer.observer,
                                                          gate: restorer.gate)
         } catch { throw .restore(error) }
+        if let lease = restorer.lease {
+            do { try memory.startLease(lease) } catch { throw .restore(.system("starting this node's lease on its restored process: \(error)")) }
+        }
         restorer.handedOver.withLock { $0 = memory }
         var slots = Set<Int>()
         for (slot, address) in pageAddresses.enumerated() where !memory.isRegistered(address) || memory.isInstalledBeforeResume(address) {

@@ -46,6 +46,8 @@ public final class Restorer: EngineActor {
     let createdAt: Duration
     /// The longest the pages needed before the resume may take to come (MigrationPlan.stallTimeout).
     let stallTimeout: Duration
+    /// MigrationPlan.targetLease: started on the watchdogs as lazy memory is made, before the process runs.
+    let lease: Duration?
     /// When the restorer began waiting for them.
     var pagesBeforeResumeSince: Duration?
     /// The migration's key: every image is authenticated with it before anything in it is used.
@@ -77,9 +79,11 @@ public final class Restorer: EngineActor {
                 observer: (any MigrationObserver)?, clock: any EngineClock, timeline: MigrationTimeline,
                 logger: Logger, processIDWait: Duration = .seconds(5), pidNamespace: PIDNamespace = .shared,
                 strategy: any TargetPageStrategy, gate: any TargetGate = ImmediateTargetGate(), imageWait: Duration = .seconds(600),
-                stallTimeout: Duration = .seconds(MigrationPlan.defaultStallTimeoutSeconds), imageIdentity: [UInt8]? = nil) {
+                stallTimeout: Duration = .seconds(MigrationPlan.defaultStallTimeoutSeconds), imageIdentity: [UInt8]? = nil,
+                lease: Duration? = nil) {
         self.stallTimeout = stallTimeout
         self.imageIdentity = imageIdentity
+        self.lease = lease
         self.gate = gate
         self.key = key
         self.imageWait = imageWait
