@@ -151,19 +151,18 @@ enum Preflight {
     /// segment marked for removal and attached by this process alone goes with the process: any other
     /// would be left behind at the source, or shared with another process.
     static func sysvSegment(_ processID: ProcessID, entry: MapsEntry, range: String) throws(CheckpointError) -> SysVSegment {
-        let text: String
+        let table: [SysVSharedMemoryEntry]
         // The table of the process's own IPC namespace (the restored process of a fresh one, checked by
         // the state oracle, or a victim in a container).
-        do { text = try IPCNamespace.readText("/proc/sysvipc/shm", asSeenBy: processID) } catch {
+        do { table = try IPCNamespace.sysvSharedMemory(asSeenBy: processID) } catch {
             throw .unsupportedMapping(processID, range: range, reason: "SysV shared memory, and /proc/sysvipc/shm cannot be read (\(error))")
         }
-        // key shmid perms size cpid lpid nattch uid gid cuid cgid atime dtime ctime rss swap
-        guard let fields = text.split(separator: "\n").dropFirst().map({ $0.split(separator: " ") })
-            .first(where: { $0.count >= 11 && UInt64($0[1]) == entry.inode }),
-              let key = Int64(fields[0]), let identifier = Int32(fields[1]), let perms = UInt32(fields[2], radix: 8),
-              let size = UInt64(fields[3]), let attachCount = Int(fields[6]), let userID = UInt32(fields[7]), let groupID = UInt32(fields[8]) else {
+        // A mapping's inode is its segment's ID.
+        guard let listed = table.first(where: { $0.identifier >= 0 && UInt64($0.identifier) == entry.inode }) else {
             throw .unsupportedMapping(processID, range: range, reason: "SysV segment \(entry.inode) is not listed in /proc/sysvipc/shm (another IPC namespace?)")
         }
+        let (key, identifier, perms, size) = (listed.key, listed.identifier, listed.permissions, listed.byteCount)
+        let (attachCount, userID, groupID) = (listed.attachCount, listed.userID, listed.groupID)
         let destroyFlag: UInt32 = 0o1000, lockFlag: UInt32 = 0o2000
         guard perms & destroyFlag != 0 else {
             throw .unsupportedMapping(processID, range: range, reason: "SysV segment \(identifier) (key \(hex(UInt64(bitPattern: key)))) is not marked for removal, so it would outlive the process at the source; only a segment removed with IPC_RMID while attached migrates")

@@ -110,54 +110,39 @@ enum PosixTimerReader {
 
     struct TimerRefusal: Error { let reason: String }
 
-    /// Groups of four lines: `ID: N`, `signal: SIG/VALUE(hex)`, `notify: KIND/pid.N` or `/tid.N`, `ClockID: N`.
+    /// The timers of a /proc/PID/timers text (ProcFS.parseTimers reads it), or the refusal of the first
+    /// that cannot be recreated the same.
     static func parse(_ text: String, threadID: (ProcessID) -> ProcessID?) throws -> [PosixTimer] {
-        var timers: [PosixTimer] = []
-        var id: Int32?, signal: Int32?, value: UInt64?, notification: PosixTimer.Notification?
-        func malformed(_ line: Substring) -> TimerRefusal { TimerRefusal(reason: "its /proc timers line \"\(line.prefix(80))\" is not understood") }
-        for line in text.split(separator: "\n") {
-            guard let colon = line.firstIndex(of: ":") else { throw malformed(line) }
-            let key = line[..<colon], field = line[line.index(after: colon)...].trimmingSpaces()
-            switch key {
-            case "ID":
-                guard let number = Int32(field), number >= 0 else { throw malformed(line) }
-                id = number
-            case "signal":
-                let parts = field.split(separator: "/")
-                guard parts.count == 2, let number = Int32(parts[0]), let word = UInt64(parts[1], radix: 16) else { throw malformed(line) }
-                (signal, value) = (number, word)
-            case "notify":
-                let parts = field.split(separator: "/")
-                guard parts.count == 2 else { throw malformed(line) }
-                let target = parts[1].split(separator: ".")
-                guard target.count == 2, let number = Int32(target[1]) else { throw malformed(line) }
-                switch (parts[0], target[0]) {
-                case ("signal", "pid"): notification = .signal
-                case ("none", "pid"): notification = PosixTimer.Notification.none
-                case ("signal", "tid"):
-                    guard let own = threadID(ProcessID(number)) else {
-                        throw TimerRefusal(reason: "POSIX timer \(id ?? -1) signals thread \(number), which is not one of its threads")
-                    }
-                    notification = .thread(own)
-                default:
-                    throw TimerRefusal(reason: "POSIX timer \(id ?? -1) notifies by \(field), which is not migrated (only SIGEV_SIGNAL, SIGEV_NONE and SIGEV_THREAD_ID)")
-                }
-            case "ClockID":
-                guard let clock = Int32(field), let timerID = id, let signal, let value, let notify = notification else { throw malformed(line) }
-                guard PosixTimer.clocks.contains(clock) else {
-                    throw TimerRefusal(reason: "POSIX timer \(timerID) runs on clock \(clock); only CLOCK_REALTIME, CLOCK_MONOTONIC and CLOCK_BOOTTIME timers migrate")
-                }
-                if notify != .none {
-                    guard KernelLimits.signalNumbers.contains(signal) else { throw TimerRefusal(reason: "POSIX timer \(timerID) signals \(signal)") }
-                }
-                timers.append(PosixTimer(id: timerID, clock: clock, notification: notify, signal: signal, value: value))
-                (id, notification) = (nil, nil)
-            default:
-                throw malformed(line)
+        let entries: [ProcTimerEntry]
+        do { entries = try ProcFS.parseTimers(text, countMax: PosixTimer.countMax) } catch {
+            switch error {
+            case .malformedLine(let line): throw TimerRefusal(reason: "its /proc timers line \"\(line)\" is not understood")
+            case .endsInTimer(let id): throw TimerRefusal(reason: "its /proc timers list ends in the middle of timer \(id)")
+            case .tooMany(let countMax): throw TimerRefusal(reason: "more than \(countMax) POSIX timers")
             }
-            guard timers.count <= PosixTimer.countMax else { throw TimerRefusal(reason: "more than \(PosixTimer.countMax) POSIX timers") }
         }
-        guard id == nil else { throw TimerRefusal(reason: "its /proc timers list ends in the middle of timer \(id!)") }
+        var timers: [PosixTimer] = []
+        for entry in entries {
+            let notification: PosixTimer.Notification
+            switch (entry.notifyKind, entry.notifyTarget) {
+            case ("signal", "pid"): notification = .signal
+            case ("none", "pid"): notification = PosixTimer.Notification.none
+            case ("signal", "tid"):
+                guard let own = threadID(ProcessID(entry.notifyNumber)) else {
+                    throw TimerRefusal(reason: "POSIX timer \(entry.id) signals thread \(entry.notifyNumber), which is not one of its threads")
+                }
+                notification = .thread(own)
+            default:
+                throw TimerRefusal(reason: "POSIX timer \(entry.id) notifies by \(entry.notifyKind)/\(entry.notifyTarget).\(entry.notifyNumber), which is not migrated (only SIGEV_SIGNAL, SIGEV_NONE and SIGEV_THREAD_ID)")
+            }
+            guard PosixTimer.clocks.contains(entry.clock) else {
+                throw TimerRefusal(reason: "POSIX timer \(entry.id) runs on clock \(entry.clock); only CLOCK_REALTIME, CLOCK_MONOTONIC and CLOCK_BOOTTIME timers migrate")
+            }
+            if notification != .none {
+                guard KernelLimits.signalNumbers.contains(entry.signal) else { throw TimerRefusal(reason: "POSIX timer \(entry.id) signals \(entry.signal)") }
+            }
+            timers.append(PosixTimer(id: entry.id, clock: entry.clock, notification: notification, signal: entry.signal, value: entry.value))
+        }
         return timers.sorted { $0.id < $1.id }
     }
 }

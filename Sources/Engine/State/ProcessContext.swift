@@ -170,10 +170,10 @@ enum ContextReader {
 
     static func oomScoreAdjustment(_ processID: ProcessID) throws(CheckpointError) -> Int32 {
         let path = "/proc/\(processID)/oom_score_adj"
-        let text: String
-        do { text = try ProcFS.readText(path) } catch { throw .readFailed(processID, "reading \(path)", error) }
-        guard let value = Int32(text.filter { !$0.isWhitespace }), ProcessContext.oomScoreAdjustments.contains(value) else {
-            throw .system(processID, "\(path) holds \"\(text.prefix(32))\", not a value in -1000...1000")
+        let value: Int32?
+        do { value = try ProcFS.oomScoreAdjustment(processID) } catch { throw .readFailed(processID, "reading \(path)", error) }
+        guard let value, ProcessContext.oomScoreAdjustments.contains(value) else {
+            throw .system(processID, "\(path) holds \(value.map { "\($0)" } ?? "no number"), not a value in -1000...1000")
         }
         return value
     }

@@ -156,7 +156,7 @@ enum StateReader {
             state.robustListLength = robust.length
             state.clearChildTID = index < injected.clearChildTIDs.count ? injected.clearChildTIDs[index] : 0
             state.signalStack = index < injected.signalStacks.count ? injected.signalStacks[index] : .disabled
-            state.commandName = String(try ProcFS.readText("/proc/\(processID)/task/\(thread.processID)/comm").prefix { $0 != "\n" })
+            state.commandName = try ProcFS.commandName(processID, thread: thread.processID)
             state.cpuAffinity = try CPUSet.of(thread: thread.processID)
             threads.append(state)
         }
@@ -183,8 +183,7 @@ enum StateReader {
         descriptor.brk = injected.brk
         descriptor.auxiliaryVector = try ProcFS.readFile("/proc/\(processID)/auxv")
 
-        let personalityText = try ProcFS.readText("/proc/\(processID)/personality")
-        let personality = UInt32(personalityText.filter { $0.isHexDigit }, radix: 16) ?? 0
+        let personality = try ProcFS.personality(processID) ?? 0
         let files = try DescriptorReader.read(processID, contents: true)
         var mappings = try Preflight.mappings(processID)
         let flags = try mappingFlags.flatMap { $0.mappings == mappings ? $0.flags : nil } ?? ProcFS.smapsFlags(processID)
@@ -205,7 +204,7 @@ enum StateReader {
         var state = ProcessState(
             processID: ownProcessID,
             executablePath: try ProcFS.readLink("/proc/\(processID)/exe"),
-            commandName: String(try ProcFS.readText("/proc/\(processID)/comm").prefix { $0 != "\n" }),
+            commandName: try ProcFS.commandName(processID),
             threads: threads,
             signalActions: injected.actions,
             sharedPendingSignals: sharedPending,
