@@ -231,6 +231,13 @@ enum StateReader {
     struct MappingFlags: Sendable {
         let mappings: [Mapping]
         let flags: [UInt64: SmapsFlags]
+
+        /// The mappings with their flags applied.
+        var flaggedMappings: [Mapping] {
+            var flagged = mappings
+            StateReader.applyFlags(flags, to: &flagged)
+            return flagged
+        }
     }
 
     static func mappingFlags(_ processID: ProcessID) -> MappingFlags? {
