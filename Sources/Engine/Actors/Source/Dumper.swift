@@ -161,7 +161,7 @@ public final class Dumper: EngineActor {
             // Out of the downtime: smaps is slow to read and its flags do not change while the mappings do not;
             // the victim's guard (a fork: milliseconds) is started here too.
             mappingFlags = StateReader.mappingFlags(victimProcessID)
-            do { try mappingFlags.map { try Preflight.checkAdvice($0.flaggedMappings, processID: victimProcessID) } } catch { throw .checkpoint(error) }
+            do { try Preflight.checkAdvice(mappingFlags?.flaggedMappings ?? [], processID: victimProcessID) } catch { throw .checkpoint(error) }
             do { preparedGuard = try SourceGuard(victim: victimProcessID) } catch { throw .checkpoint(.system(victimProcessID, "starting its guard: \(error)")) }
             let estimatedPageCount: Int
             do {
