@@ -81,8 +81,7 @@ public final class HoleWatchdog: Sendable {
         // without a reader would answer that write with SIGPIPE).
         try lease.withLock { lease throws(SyscallError) in
             let thread = try OSThread(name: "fammig-lease", stackByteCount: 256 << 10) { [weak self] in
-                // Bounded by the watchdog: it ends when stopLease writes its word, the watchdog is gone,
-                // or a renewal finds the lease lapsed.
+                // Renewals until stopLease writes its word, the watchdog is gone, or the lease lapsed: it ends then.
                 while true {
                     var waiting = pollfd(fd: stopReadDescriptor, events: Int16(POLLIN), revents: 0)
                     let ready = poll(&waiting, 1, interval)
