@@ -297,7 +297,18 @@ static volatile sig_atomic_t cleanup_path_count = 0;
 static volatile pid_t cleanup_processes[8];
 static volatile sig_atomic_t cleanup_process_count = 0;
 
+// Sections (csys_cleanup_defer_begin/end) in which a process is started and registered: a termination
+// signal that another thread takes meanwhile waits for the section's end, else the process, started
+// but not yet registered, would outlive fammig (seen: TerminationTests in a fresh-clone CI run). The
+// section's own thread blocks the signals too; this covers the process's other threads.
+static volatile sig_atomic_t cleanup_deferrals = 0;
+static volatile sig_atomic_t cleanup_pending = 0;
+
 static void cleanup_on_signal(int signal) {
+    if (__atomic_load_n(&cleanup_deferrals, __ATOMIC_SEQ_CST) > 0) {
+        cleanup_pending = signal;
+        return;
+    }
     // Registered files before their directory: a directory is removed once it is empty.
     for (int index = 0; index < cleanup_path_count; index++) {
         if (unlink(cleanup_paths[index]) != 0) rmdir(cleanup_paths[index]);
@@ -326,6 +337,12 @@ void csys_cleanup_install(void) {
     sigaddset(&termination, SIGTERM);
     sigaddset(&termination, SIGHUP);
     pthread_sigmask(SIG_UNBLOCK, &termination, 0);
+}
+
+void csys_cleanup_defer_begin(void) { __atomic_add_fetch(&cleanup_deferrals, 1, __ATOMIC_SEQ_CST); }
+
+void csys_cleanup_defer_end(void) {
+    if (__atomic_sub_fetch(&cleanup_deferrals, 1, __ATOMIC_SEQ_CST) == 0 && cleanup_pending != 0) cleanup_on_signal(cleanup_pending);
 }
 
 void csys_cleanup_register_path(const char *path) {

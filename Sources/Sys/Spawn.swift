@@ -238,8 +238,13 @@ public enum Spawn {
         sigemptyset(&termination)
         for signal in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&termination, signal) }
         var previous = sigset_t()
+        // This thread blocks them; another thread that takes one waits for the section's end (csys.c).
+        csys_cleanup_defer_begin()
         pthread_sigmask(SIG_BLOCK, &termination, &previous)
-        defer { pthread_sigmask(SIG_SETMASK, &previous, nil) }
+        defer {
+            pthread_sigmask(SIG_SETMASK, &previous, nil)
+            csys_cleanup_defer_end()
+        }
         return try body()
     }
 

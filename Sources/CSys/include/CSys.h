@@ -176,6 +176,10 @@ int csys_spawn_actions_close_from(posix_spawn_file_actions_t *actions, int first
 /// SIGKILLs every registered process, then dies of the same signal. At most 16 paths (an empty directory
 /// is removed too) and 8 processes.
 void csys_cleanup_install(void);
+/// Around starting and registering a process: a termination signal taken by any thread meanwhile is
+/// acted on at the end of the outermost section.
+void csys_cleanup_defer_begin(void);
+void csys_cleanup_defer_end(void);
 void csys_cleanup_register_path(const char *path);
 void csys_cleanup_register_process(pid_t processID);
 
