@@ -117,13 +117,7 @@ extension ProcessTests {
             let program = leftovers.own(try SpawnedProgram("/bin/sh", ["-c", "exec 7</proc/self/status; exec /bin/sleep 30"],
                                                            standardOutputPath: directory.path("out"), standardErrorPath: directory.path("err")))
             #expect(pollUntil(timeout: .seconds(5)) { (try? ProcFS.readLink("/proc/\(program.processID)/exe")) == "/usr/bin/sleep" })
-            let famPath = directory.path("image.fam"), keyPath = directory.path("migration.key")
-            let outcome = try leftovers.fammig("checkpoint", "--pid", "\(program.processID)", "--fam", famPath, "--key-file", keyPath)
-            #expect(outcome.exitStatus == 2 && !outcome.killedBySignal, "exit \(outcome.exitStatus): \(outcome.standardError)")
-            #expect(outcome.standardError.contains("a file of /proc"), "\(outcome.standardError)")
-            #expect(outcome.standardError.contains("left running untouched"), "\(outcome.standardError)")
-            #expect(!FileManager.default.fileExists(atPath: famPath))
-            #expect(untouchedProblem(program.processID) == nil, "\(untouchedProblem(program.processID) ?? "")")
+            try expectCheckpointRefusedUntouched(program.processID, saying: "a file of /proc", directory: directory, leftovers: leftovers)
             program.kill()
         }
 
@@ -143,13 +137,19 @@ extension ProcessTests {
                 ((try? ProcFS.descriptors(program.processID)) ?? []).contains { (try? ProcFS.readLink("/proc/\(program.processID)/fd/\($0)"))?.hasPrefix("/fammig-kernobjects-") == true }
             })
             try requireVictimAlive(program.processID)
+            try expectCheckpointRefusedUntouched(program.processID, saying: "a POSIX message queue", directory: directory, leftovers: leftovers)
+        }
+
+        /// `fammig checkpoint` of `victim` is exit 2 naming `reason`, writes no image, and leaves it untouched.
+        private func expectCheckpointRefusedUntouched(_ victim: ProcessID, saying reason: String, directory: ScratchDirectory,
+                                                      leftovers: LeftoverCheck, sourceLocation: SourceLocation = #_sourceLocation) throws {
             let famPath = directory.path("image.fam"), keyPath = directory.path("migration.key")
-            let outcome = try leftovers.fammig("checkpoint", "--pid", "\(program.processID)", "--fam", famPath, "--key-file", keyPath)
-            #expect(outcome.exitStatus == 2 && !outcome.killedBySignal, "exit \(outcome.exitStatus): \(outcome.standardError)")
-            #expect(outcome.standardError.contains("a POSIX message queue"), "\(outcome.standardError)")
-            #expect(outcome.standardError.contains("left running untouched"), "\(outcome.standardError)")
-            #expect(!FileManager.default.fileExists(atPath: famPath))
-            #expect(untouchedProblem(program.processID) == nil, "\(untouchedProblem(program.processID) ?? "")")
+            let outcome = try leftovers.fammig("checkpoint", "--pid", "\(victim)", "--fam", famPath, "--key-file", keyPath)
+            #expect(outcome.exitStatus == 2 && !outcome.killedBySignal, "exit \(outcome.exitStatus): \(outcome.standardError)", sourceLocation: sourceLocation)
+            #expect(outcome.standardError.contains(reason), "\(outcome.standardError)", sourceLocation: sourceLocation)
+            #expect(outcome.standardError.contains("left running untouched"), "\(outcome.standardError)", sourceLocation: sourceLocation)
+            #expect(!FileManager.default.fileExists(atPath: famPath), sourceLocation: sourceLocation)
+            #expect(untouchedProblem(victim) == nil, "\(untouchedProblem(victim) ?? "")", sourceLocation: sourceLocation)
         }
 
         /// A SysV segment not marked for removal would outlive the process at the source: refused.
