@@ -330,7 +330,6 @@ public struct ImageReader: Sendable {
     /// The slot holding the page at `address` (page-aligned), or nil when the image has no such page.
     public func slot(forAddress address: UInt64) -> Int? { slotIndex(of: address, in: pageAddresses) }
 
-    /// The state word as it is in FAM now (a post-copy target polls it for complete or aborted).
     /// Whether the image is committed now: its state word says complete and its commit record verifies
     /// under the migration key (the state word alone is not authenticated: a FAM writer without the key
     /// could set it, and a target that took it for the commit would let its process go on its own while
@@ -341,6 +340,7 @@ public struct ImageReader: Sendable {
                                                authenticator: authenticator, headerCode: headerCode)) != nil
     }
 
+    /// The state word as it is in FAM now (a post-copy target polls it for complete or aborted).
     public func currentState() throws(ImageError) -> ImageState {
         let word = backend.loadUInt64(at: ImageLayout.stateWordOffset)
         guard let state = ImageLayout.state(fromWord: word) else { throw .damagedState(path: path, word: word) }
