@@ -314,6 +314,14 @@ public final class LazyMemory: @unchecked Sendable {
     /// thread then waits for a reader that no longer exists (the process hung in mremap, state D, once
     /// the fault handler had finished). Releasing the userfaultfd completes every queued and future event
     /// and wakes every fault, and clears every registration, tmpfs-backed ones included.
+    ///
+    /// Unregistering every mapping first is what makes the close safe (Linux 6.18, PREEMPT_NONE): a fault
+    /// that meets a released userfaultfd is retried inside the kernel without sleeping until the release
+    /// has cleared the mapping's flags, and the release needs the mmap lock for writing. A restored
+    /// process faulting on a registered page it dropped (heapchurn's heap) then spun for over 100 s while
+    /// the releasing process waited for that CPU (soft lockup). UFFDIO_UNREGISTER runs before the release,
+    /// so such a fault sleeps instead and is woken by it; and a copy of the userfaultfd held elsewhere no
+    /// longer keeps the process's faults blocked after we let it go.
     func unregisterAll() throws {
         let proceed = lock.withLock { () -> Bool in
             if unregistered { return false }
@@ -327,6 +335,7 @@ public final class LazyMemory: @unchecked Sendable {
         lock.withLock { releasedWhileRunning = running }
         installLock.withLock {
             lock.withLock { deferredFaults.removeAll() }
+            if running { userfaultfd.unregisterEveryMapping(processIDsByOrdinal: processIDsByOrdinal) }
             userfaultfd.close()
             // The watchdogs hold the last copies of the userfaultfds: the release happens once they are
             // disarmed (and they leave the target alone: every page is in).

@@ -93,6 +93,26 @@ public final class TreeUserfaultfd: @unchecked Sendable {
         return all.contains { $0.waitReadable(timeoutMilliseconds: 0) }
     }
 
+    /// Unregisters every mapping of every process, as /proc shows them now, before the userfaultfds are
+    /// let go (LazyMemory.unregisterAll says why). A mapping that cannot be registered (a file, the vDSO)
+    /// or is gone meanwhile refuses, which is fine: nothing of it is registered. The process keeps
+    /// running: when its mappings changed during a pass (an mremap moves a registration with it), the
+    /// pass is made again, at most `passLimit` times.
+    func unregisterEveryMapping(processIDsByOrdinal: [ProcessID?], passLimit: Int = 4) {
+        for (ordinal, processID) in processIDsByOrdinal.enumerated() {
+            guard let processID, ordinal < byOrdinal.count, let userfaultfd = byOrdinal[ordinal] else { continue }
+            var before = (try? ProcFS.maps(processID)) ?? []
+            for _ in 0..<passLimit {
+                for mapping in before {
+                    try? userfaultfd.unregister(start: mapping.start, byteCount: mapping.byteCount)
+                }
+                let after = (try? ProcFS.maps(processID)) ?? []
+                if after == before { break }
+                before = after
+            }
+        }
+    }
+
     /// Lets every process's userfaultfd go (LazyMemory.unregisterAll says why closing is what is safe).
     public func close() {
         for userfaultfd in byOrdinal { userfaultfd?.close() }
