@@ -45,7 +45,7 @@ extension ProcessTests {
             let program = try TestPaths.testProgram("heapchurn-static")
             let scratch = try ScratchDirectory(under: "/tmp")
             defer { scratch.remove() }
-            let victim = try Spawn.program(path: program, arguments: ["--rounds", "300", "--pause-us", "3000"], environment: [],
+            let victim = try Spawn.program(path: program, arguments: ["--rounds", "1000", "--pause-us", "3000"], environment: [],
                                            standardOutputPath: scratch.path("migrated.out"), standardErrorPath: "/dev/null")
             defer { _ = Spawn.killAndReap(victim) }
             usleep(200_000)
@@ -95,10 +95,10 @@ extension ProcessTests {
             #expect(targetNode.restorer.lazyMemory?.isReleased == true)
 
             // Our copies keep the userfaultfd alive: only an unregistration can have cleared the flags.
-            if let flags = try? ProcFS.smapsFlags(restored) {
-                let registered = flags.filter { $0.value.contains("um") || $0.value.contains("uw") }.keys.sorted()
-                #expect(registered.isEmpty, "still registered after the release: \(registered.map { hex($0) })")
-            }
+            // 1000 rounds of at least 3 ms each: the process still runs when its smaps is read here.
+            let flags = try #require(try? ProcFS.smapsFlags(restored), "the restored heapchurn ended before its smaps was read")
+            let registered = flags.filter { $0.value.contains("um") || $0.value.contains("uw") }.keys.sorted()
+            #expect(registered.isEmpty, "still registered after the release: \(registered.map { hex($0) })")
             // heapchurn drops heap pages and touches them again: registered, those faults would wait forever.
             let ended = Spawn.endsSoon(restored, graceMilliseconds: 30_000)
             #expect(ended, "the restored heapchurn is blocked")

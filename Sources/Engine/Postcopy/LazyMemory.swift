@@ -315,7 +315,7 @@ public final class LazyMemory: @unchecked Sendable {
     /// the fault handler had finished). Releasing the userfaultfd completes every queued and future event
     /// and wakes every fault, and clears every registration, tmpfs-backed ones included.
     ///
-    /// Unregistering every mapping first is what makes the close safe (Linux 6.18, PREEMPT_NONE): a fault
+    /// Both are needed: every mapping is unregistered first (Linux 6.18, PREEMPT_NONE), because a fault
     /// that meets a released userfaultfd is retried inside the kernel without sleeping until the release
     /// has cleared the mapping's flags, and the release needs the mmap lock for writing. A restored
     /// process faulting on a registered page it dropped (heapchurn's heap) then spun for over 100 s while
