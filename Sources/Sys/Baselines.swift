@@ -9,8 +9,7 @@ public enum Baselines {
     /// registered anonymous range of this process (what a fault served from FAM costs at least).
     public static func userfaultfdCopyMicroseconds(from mapping: SharedMapping, pageCount: Int) throws -> Double {
         precondition(pageCount > 0 && pageCount * 4096 <= mapping.byteCount, "baseline needs \(pageCount) pages of FAM")
-        let descriptor = try checked("userfaultfd") { csys_syscall6(323 /* userfaultfd, x86-64 */, Int(O_CLOEXEC | O_NONBLOCK), 0, 0, 0, 0, 0) }
-        let userfaultfd = Userfaultfd(descriptor: Int32(descriptor))
+        let userfaultfd = try Userfaultfd.ofThisProcess()
         defer { userfaultfd.close() }
         try userfaultfd.handshake()
         let byteCount = pageCount * 4096

@@ -49,6 +49,12 @@ public final class Userfaultfd: @unchecked Sendable {
         descriptor = try ProcessHandle(processID).copyOfDescriptor(remoteDescriptor)
     }
 
+    /// A new userfaultfd of this process's own mm (non-blocking, close-on-exec), before its handshake.
+    public static func ofThisProcess() throws(SyscallError) -> Userfaultfd {
+        let descriptor = try checked("userfaultfd") { csys_syscall6(Syscall.userfaultfd, Int(O_CLOEXEC | O_NONBLOCK), 0, 0, 0, 0, 0) }
+        return Userfaultfd(descriptor: Int32(descriptor))
+    }
+
     /// Takes ownership of a userfaultfd descriptor of this process.
     init(descriptor: Int32) {
         self.descriptor = descriptor

@@ -41,6 +41,72 @@ extension ProcessTests {
             func closeAll() { lock.lock(); copies.forEach { close($0) }; copies = []; lock.unlock() }
         }
 
+        /// The event half, without a migration: a thread whose MADV_DONTNEED met a registered range waits
+        /// until its event is read or the userfaultfd released. With a copy held elsewhere, the
+        /// unregistration alone leaves it waiting (heapchurn blocked that way in a fresh-clone CI run);
+        /// completeQueuedEvents reads the event, and the thread goes on.
+        @Test func anEventQueuedBeforeTheUnregistrationIsCompletedWhileACopyIsHeldElsewhere() throws {
+            let userfaultfd = try Userfaultfd.ofThisProcess()
+            defer { userfaultfd.close() }
+            try userfaultfd.handshake(features: Userfaultfd.restoreFeatures)
+            let byteCount = 16 * 4096
+            let region = try #require(mmap(nil, byteCount, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0))
+            try #require(region != MAP_FAILED)
+            defer { munmap(region, byteCount) }
+            let start = UInt64(UInt(bitPattern: region))
+            try userfaultfd.registerMissing(start: start, byteCount: UInt64(byteCount))
+            let copy = dup(userfaultfd.descriptor)
+            var copyClosed = false
+            defer { if !copyClosed { close(copy) } }
+
+            let dropper = Dropper(region: UInt(bitPattern: region), byteCount: byteCount)
+            let thread = Thread { dropper.drop() }
+            thread.start()
+            let processID = ProcessID(getpid())
+            var waiting = false
+            for _ in 0..<5000 where !waiting {  // at most 5 s for the thread to meet the registered range
+                if let threadID = dropper.threadID { waiting = ProcFS.threadWait(processID, thread: threadID) == .userfault }
+                if !waiting { usleep(1000) }
+            }
+            try #require(waiting, "madvise did not wait for its event to be read")
+            try userfaultfd.unregister(start: start, byteCount: UInt64(byteCount))
+            usleep(100_000)
+            #expect(!dropper.isDone, "the unregistration alone completed the event (then this test shows nothing)")
+
+            TreeUserfaultfd(userfaultfd).completeQueuedEvents(processIDsByOrdinal: [processID])
+            var done = false
+            for _ in 0..<5000 where !done { done = dropper.isDone; if !done { usleep(1000) } }
+            #expect(done, "madvise still waits for its event after completeQueuedEvents")
+            if !done { close(copy); copyClosed = true; userfaultfd.close() }  // the release completes it
+            while !dropper.isDone { usleep(1000) }  // bounded: released or read, the event is completed
+        }
+
+        /// Drops a region's pages with MADV_DONTNEED on its own thread.
+        final class Dropper: @unchecked Sendable {
+            let lock = NSLock()
+            let region: UInt
+            let byteCount: Int
+            private var tid: ProcessID?
+            private var done = false
+            init(region: UInt, byteCount: Int) { self.region = region; self.byteCount = byteCount }
+            var threadID: ProcessID? { lock.withLock { tid } }
+            var isDone: Bool { lock.withLock { done } }
+            func drop() {
+                lock.withLock { tid = Spawn.currentThreadID() }
+                _ = madvise(UnsafeMutableRawPointer(bitPattern: region), byteCount, MADV_DONTNEED)
+                lock.withLock { done = true }
+            }
+        }
+
+        /// Each thread's state and wait channel, said when the process is blocked.
+        static func threadWaits(_ processID: ProcessID) -> String {
+            let threads = (try? ProcFS.threadIDs(processID)) ?? []
+            return threads.map { thread in
+                let wchan = (try? String(contentsOfFile: "/proc/\(processID.rawValue)/task/\(thread.rawValue)/wchan", encoding: .utf8)) ?? "?"
+                return "thread \(thread.rawValue): \(ProcFS.threadWait(processID, thread: thread)) in \(wchan)"
+            }.joined(separator: "; ")
+        }
+
         @Test func aCopyOfTheUserfaultfdHeldElsewhereLeavesNothingRegisteredAfterTheRelease() throws {
             let program = try TestPaths.testProgram("heapchurn-static")
             let scratch = try ScratchDirectory(under: "/tmp")
@@ -101,7 +167,7 @@ extension ProcessTests {
             #expect(registered.isEmpty, "still registered after the release: \(registered.map { hex($0) })")
             // heapchurn drops heap pages and touches them again: registered, those faults would wait forever.
             let ended = Spawn.endsSoon(restored, graceMilliseconds: 30_000)
-            #expect(ended, "the restored heapchurn is blocked")
+            #expect(ended, "the restored heapchurn is blocked: \(Self.threadWaits(restored))")
             if ended { #expect(try Spawn.waitForExit(restored) == .exited(0), "the restored heapchurn did not end well") }
             for verdict in oracles.verdicts where verdict.name == "pages" {
                 #expect(verdict.passed, "\(verdict.detail)")

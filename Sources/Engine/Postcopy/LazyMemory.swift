@@ -321,7 +321,8 @@ public final class LazyMemory: @unchecked Sendable {
     /// process faulting on a registered page it dropped (heapchurn's heap) then spun for over 100 s while
     /// the releasing process waited for that CPU (soft lockup). UFFDIO_UNREGISTER runs before the release,
     /// so such a fault sleeps instead and is woken by it; and a copy of the userfaultfd held elsewhere no
-    /// longer keeps the process's faults blocked after we let it go.
+    /// longer keeps the process's faults blocked after we let it go. Events queued before the
+    /// unregistration are then read (so completed): such a copy does not keep them waiting either.
     func unregisterAll() throws {
         let proceed = lock.withLock { () -> Bool in
             if unregistered { return false }
@@ -335,7 +336,10 @@ public final class LazyMemory: @unchecked Sendable {
         lock.withLock { releasedWhileRunning = running }
         installLock.withLock {
             lock.withLock { deferredFaults.removeAll() }
-            if running { userfaultfd.unregisterEveryMapping(processIDsByOrdinal: processIDsByOrdinal) }
+            if running {
+                userfaultfd.unregisterEveryMapping(processIDsByOrdinal: processIDsByOrdinal)
+                userfaultfd.completeQueuedEvents(processIDsByOrdinal: processIDsByOrdinal)
+            }
             userfaultfd.close()
             // The watchdogs hold the last copies of the userfaultfds: the release happens once they are
             // disarmed (and they leave the target alone: every page is in).
