@@ -55,6 +55,13 @@ public final class Userfaultfd: @unchecked Sendable {
         return Userfaultfd(descriptor: Int32(descriptor))
     }
 
+    /// Another descriptor of the same userfaultfd (dup), as a debugger or a child that inherited it holds
+    /// one: while any copy is open, closing the others releases nothing.
+    public func copy() throws(SyscallError) -> Userfaultfd {
+        let copied = try checked("dup(userfaultfd)") { dup(descriptor) }
+        return Userfaultfd(descriptor: copied)
+    }
+
     /// Takes ownership of a userfaultfd descriptor of this process.
     init(descriptor: Int32) {
         self.descriptor = descriptor

@@ -170,9 +170,11 @@ public struct Iteration {
         // how fast the death follows.
         var victimKilledEarly: Int?
         let watchesVictim = scenario.mode != .postcopySocket
+        let releaseWatch = ReleaseWatch()
         driver.onStep = { step in
             box.model?.currentStep = step
             observer.currentStep = step
+            releaseWatch.observe(restorer.lazyMemory)
             guard watchesVictim, victimKilledEarly == nil, nemesis?.fired != true, ProcFS.isKilledOrEnded(victim) else { return }
             let complete = box.model.map { !$0.isReleased && ImageReader.peekState(backend: UncheckedFabricView(model: $0)) == .complete } ?? false
             if !complete { victimKilledEarly = step }
@@ -205,6 +207,7 @@ public struct Iteration {
                 targetStatus = Spawn.killAndReap(target)
             }
         }
+        releaseWatch.close()
         link?.source.close()
         link?.target.close()
 
@@ -296,6 +299,7 @@ public struct Iteration {
             result.outcome = "stuck: \(reason)"
             failures.append("liveness: \(reason)")
         }
+        if let failure = releaseWatch.failure { failures.append(failure) }
         // A dead source leaves its victim running on before the commit record, and dead after it.
         if let nemesis, nemesis.fired {
             let committed = nemesis.imageStateAtKill == .complete

@@ -21,7 +21,7 @@ extension ProcessTests {
         /// Takes copies of the target's userfaultfds as soon as its lazy memory exists.
         final class CopyTaker: @unchecked Sendable {
             let lock = NSLock()
-            var copies: [Int32] = []
+            var copies: [Userfaultfd] = []
             var stopped = false
             let restorer: Restorer
             init(_ restorer: Restorer) { self.restorer = restorer }
@@ -30,7 +30,7 @@ extension ProcessTests {
                     lock.lock(); let done = stopped || !copies.isEmpty; lock.unlock()
                     if done { return }
                     if let memory = restorer.lazyMemory {
-                        let taken = memory.userfaultfd.descriptors.map { dup($0) }
+                        let taken = (try? memory.userfaultfd.copies()) ?? []
                         lock.lock(); copies = taken; lock.unlock()
                         return
                     }
@@ -38,7 +38,7 @@ extension ProcessTests {
                 }
             }
             func stop() { lock.lock(); stopped = true; lock.unlock() }
-            func closeAll() { lock.lock(); copies.forEach { close($0) }; copies = []; lock.unlock() }
+            func closeAll() { lock.lock(); copies.forEach { $0.close() }; copies = []; lock.unlock() }
         }
 
         /// The event half, without a migration: a thread whose MADV_DONTNEED met a registered range waits
@@ -49,17 +49,13 @@ extension ProcessTests {
             let userfaultfd = try Userfaultfd.ofThisProcess()
             defer { userfaultfd.close() }
             try userfaultfd.handshake(features: Userfaultfd.restoreFeatures)
-            let byteCount = 16 * 4096
-            let region = try #require(mmap(nil, byteCount, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0))
-            try #require(region != MAP_FAILED)
-            defer { munmap(region, byteCount) }
-            let start = UInt64(UInt(bitPattern: region))
-            try userfaultfd.registerMissing(start: start, byteCount: UInt64(byteCount))
-            let copy = dup(userfaultfd.descriptor)
-            var copyClosed = false
-            defer { if !copyClosed { close(copy) } }
+            let region = try PrivateRegion(pageCount: 16)
+            defer { region.unmap() }
+            try userfaultfd.registerMissing(start: region.start, byteCount: UInt64(region.byteCount))
+            let copy = try userfaultfd.copy()
+            defer { copy.close() }
 
-            let dropper = Dropper(region: UInt(bitPattern: region), byteCount: byteCount)
+            let dropper = Dropper(region)
             let thread = Thread { dropper.drop() }
             thread.start()
             let processID = ProcessID(getpid())
@@ -69,7 +65,7 @@ extension ProcessTests {
                 if !waiting { usleep(1000) }
             }
             try #require(waiting, "madvise did not wait for its event to be read")
-            try userfaultfd.unregister(start: start, byteCount: UInt64(byteCount))
+            try userfaultfd.unregister(start: region.start, byteCount: UInt64(region.byteCount))
             usleep(100_000)
             #expect(!dropper.isDone, "the unregistration alone completed the event (then this test shows nothing)")
 
@@ -77,23 +73,22 @@ extension ProcessTests {
             var done = false
             for _ in 0..<5000 where !done { done = dropper.isDone; if !done { usleep(1000) } }
             #expect(done, "madvise still waits for its event after completeQueuedEvents")
-            if !done { close(copy); copyClosed = true; userfaultfd.close() }  // the release completes it
+            if !done { copy.close(); userfaultfd.close() }  // the release completes it
             while !dropper.isDone { usleep(1000) }  // bounded: released or read, the event is completed
         }
 
         /// Drops a region's pages with MADV_DONTNEED on its own thread.
         final class Dropper: @unchecked Sendable {
             let lock = NSLock()
-            let region: UInt
-            let byteCount: Int
+            let region: PrivateRegion
             private var tid: ProcessID?
             private var done = false
-            init(region: UInt, byteCount: Int) { self.region = region; self.byteCount = byteCount }
+            init(_ region: PrivateRegion) { self.region = region }
             var threadID: ProcessID? { lock.withLock { tid } }
             var isDone: Bool { lock.withLock { done } }
             func drop() {
                 lock.withLock { tid = Spawn.currentThreadID() }
-                _ = madvise(UnsafeMutableRawPointer(bitPattern: region), byteCount, MADV_DONTNEED)
+                region.dropPages()
                 lock.withLock { done = true }
             }
         }

@@ -210,6 +210,29 @@ func pollUntil(timeout: Duration, _ condition: () -> Bool) -> Bool {
     return true
 }
 
+/// Private anonymous pages of this process (mmap), for a test that registers them with its own
+/// userfaultfd; unmapped by `unmap()`.
+final class PrivateRegion: @unchecked Sendable {
+    let start: UInt64
+    let byteCount: Int
+    private var mapped = true
+
+    init(pageCount: Int) throws {
+        byteCount = pageCount * 4096
+        guard let region = mmap(nil, byteCount, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), region != MAP_FAILED else {
+            throw TestSupportError.cannotCreate(path: "an anonymous mapping of \(pageCount) pages")
+        }
+        start = UInt64(UInt(bitPattern: region))
+    }
+
+    /// MADV_DONTNEED over the whole region (registered with EVENT_REMOVE, it waits for its event's reader).
+    func dropPages() { _ = madvise(UnsafeMutableRawPointer(bitPattern: UInt(start)), byteCount, MADV_DONTNEED) }
+
+    func unmap() {
+        if mapped { munmap(UnsafeMutableRawPointer(bitPattern: UInt(start)), byteCount); mapped = false }
+    }
+}
+
 /// A fresh directory (mkdtemp) for one test's files, removed with everything in it by `remove()`.
 /// Its name starts with "fammigtest-", never with the "fammig-" or "fammig-run-" of fammig's own files.
 struct ScratchDirectory {

@@ -20,6 +20,13 @@ public final class TreeUserfaultfd: @unchecked Sendable {
     /// Every process's descriptor (to wait on all of them at once).
     public var descriptors: [Int32] { byOrdinal.compactMap { $0?.descriptor } }
 
+    /// A copy of every process's userfaultfd, held elsewhere (torture holds them through a run).
+    public func copies() throws(SyscallError) -> [Userfaultfd] {
+        var copies: [Userfaultfd] = []
+        for userfaultfd in byOrdinal.compactMap({ $0 }) { copies.append(try userfaultfd.copy()) }
+        return copies
+    }
+
     private func userfaultfd(for taggedAddress: UInt64, _ call: String) throws(SyscallError) -> (Userfaultfd, UInt64) {
         let ordinal = TreePageAddress.ordinal(of: taggedAddress)
         guard ordinal < byOrdinal.count, let userfaultfd = byOrdinal[ordinal] else {
