@@ -164,6 +164,20 @@ public final class Userfaultfd: @unchecked Sendable {
         try checked("ioctl(UFFDIO_WAKE, 0x\(String(address, radix: 16)))") { csys_ioctl_pointer(descriptor, CSYS_UFFDIO_WAKE, &range) }
     }
 
+    /// Whether a memory event of this userfaultfd is on its way: an mremap, munmap or MADV_DONTNEED met a
+    /// registered range and its thread has not yet seen its event completed (read by us, or the
+    /// userfaultfd released). Until the event is queued its thread runs in the kernel, so a read that
+    /// finds no message does not prove that none will come; this does. The kernel counts such events
+    /// (the context's mmap_changing, from the event's preparation until its thread saw it completed)
+    /// and refuses UFFDIO_WRITEPROTECT with EAGAIN while the count is not zero, before it looks at the
+    /// range (Linux 6.18, mm/userfaultfd.c); the probe asks to un-protect one page at 4 GiB, which no
+    /// restore registers for write protection, so without an event it fails (ENOENT) and changes nothing.
+    public func hasEventInFlight() -> Bool {
+        var probe = uffdio_writeprotect(range: uffdio_range(start: 1 << 32, len: 4096), mode: 0)
+        let result = csys_ioctl_pointer(descriptor, CSYS_UFFDIO_WRITEPROTECT, &probe)
+        return result < 0 && errno == EAGAIN
+    }
+
     /// The next pending fault or event, or nil when none is pending.
     public func nextMessage() throws(SyscallError) -> UserfaultMessage? {
         var message = uffd_msg()

@@ -229,6 +229,7 @@ static const unsigned long CSYS_UFFDIO_UNREGISTER = UFFDIO_UNREGISTER;
 static const unsigned long CSYS_UFFDIO_COPY = UFFDIO_COPY;
 static const unsigned long CSYS_UFFDIO_ZEROPAGE = UFFDIO_ZEROPAGE;
 static const unsigned long CSYS_UFFDIO_WAKE = UFFDIO_WAKE;
+static const unsigned long CSYS_UFFDIO_WRITEPROTECT = UFFDIO_WRITEPROTECT;
 int csys_ioctl_pointer(int fd, unsigned long request, void *argument);
 
 #endif

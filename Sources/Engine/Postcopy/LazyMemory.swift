@@ -338,7 +338,7 @@ public final class LazyMemory: @unchecked Sendable {
             lock.withLock { deferredFaults.removeAll() }
             if running {
                 userfaultfd.unregisterEveryMapping(processIDsByOrdinal: processIDsByOrdinal)
-                userfaultfd.completeQueuedEvents(processIDsByOrdinal: processIDsByOrdinal)
+                userfaultfd.completeQueuedEvents()
             }
             userfaultfd.close()
             // The watchdogs hold the last copies of the userfaultfds: the release happens once they are

@@ -120,24 +120,23 @@ public final class TreeUserfaultfd: @unchecked Sendable {
         }
     }
 
-    /// Reads (and so completes) every memory event still queued once nothing is registered: an munmap,
-    /// mremap or MADV_DONTNEED that met a registered range before the unregistration queues its event and
-    /// its thread waits until the event is read or the userfaultfd is released, and a copy of the
-    /// userfaultfd held elsewhere keeps the release from happening (ReleaseTests: heapchurn asleep in
-    /// userfaultfd_event_wait_completion for good). An munmap queues its event only after it let go of
-    /// the mmap lock, so it may come after a drain: while a thread of the tree still waits in the
-    /// userfault code, the queues are read again, at most `roundLimit` times 10 ms. What is read is not
-    /// applied: nothing is registered any more, the kernel serves the process's memory from now on.
-    func completeQueuedEvents(processIDsByOrdinal: [ProcessID?], roundLimit: Int = 50) {
-        let processIDs = processIDsByOrdinal.compactMap { $0 }
+    /// Reads (and so completes) every memory event still on its way once nothing is registered: an
+    /// munmap, mremap or MADV_DONTNEED that met a registered range before the unregistration waits until
+    /// its event is read or the userfaultfd released, and a copy of the userfaultfd held elsewhere keeps
+    /// the release from happening (heapchurn asleep in userfaultfd_event_wait_completion for good). Such
+    /// an event is queued only after its system call let go of the mmap lock, so it may come after a
+    /// read found the queue empty: the queues are read until the kernel counts no event in flight
+    /// (Userfaultfd.hasEventInFlight); none can begin once nothing is registered. What is read is not
+    /// applied: the kernel serves the process's memory from now on. Bounded: `roundLimit` times 10 ms.
+    func completeQueuedEvents(roundLimit: Int = 500) {
+        let all = byOrdinal.compactMap { $0 }
         for _ in 0..<roundLimit {
-            for userfaultfd in byOrdinal.compactMap({ $0 }) {
+            var inFlight = false
+            for userfaultfd in all {
                 while case .some = try? userfaultfd.nextMessage() {}
+                if userfaultfd.hasEventInFlight() { inFlight = true }
             }
-            let waiting = processIDs.contains { processID in
-                ((try? ProcFS.threadIDs(processID)) ?? []).contains { ProcFS.threadWait(processID, thread: $0) == .userfault }
-            }
-            guard waiting else { return }
+            guard inFlight else { return }
             _ = waitReadable(timeoutMilliseconds: 10)
         }
     }
