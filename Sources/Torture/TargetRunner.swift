@@ -156,7 +156,14 @@ final class TargetRunner: Participant, TargetGate, @unchecked Sendable {
                 Spawn.kill(processID, signal: release.releaseSignal)
             }
             // Once released, nothing can hold the process any more: only its end ends the step (a
-            // sample of its state on the way would depend on timing).
+            // sample of its state on the way would depend on timing). But a released process asleep in
+            // the userfault code (and only there or on its own futexes) can never move again: its
+            // faults or memory events wait for a reader that is gone (torture holds a copy of the
+            // userfaultfd, so no release completes them: ReleaseWatch). That is a hang, judged at once.
+            if isReleased && Self.isQuiet(processID) {
+                throw TortureError.targetHung("the process was let go, yet it waits in the userfault code: "
+                                              + "its faults or memory events have no reader any more (\(Self.userfaultWaits(processID)))")
+            }
             if !isReleased && Self.isQuiet(processID) {
                 // It may have gone to sleep in its rendezvous call since the look above, while another
                 // thread (or process of a tree) faulted: it is let go first, as the unmigrated one was,
@@ -207,6 +214,14 @@ final class TargetRunner: Participant, TargetGate, @unchecked Sendable {
         }
         guard faulting else { return false }
         return runCounts.allSatisfy { runCount($0.process, thread: $0.thread) == $0.count }
+    }
+
+    /// Which threads of the tree wait in the userfault code, for the hang's message.
+    static func userfaultWaits(_ processID: ProcessID) -> String {
+        treeProcessIDs(processID).flatMap { process in
+            ((try? ProcFS.threadIDs(process)) ?? []).filter { ProcFS.threadWait(process, thread: $0) == .userfault }
+                .map { "pid \(process.rawValue) thread \($0.rawValue)" }
+        }.joined(separator: ", ")
     }
 
     /// How many times the thread was put on a CPU (the third field of schedstat); nil once it is gone.
