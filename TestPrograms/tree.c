@@ -26,7 +26,10 @@
  *   vfork  a thread of the parent vforks a child that sleeps until the end
  *          (a vfork in progress: the child shares the parent's memory).
  * and what migrates too: dup  B duplicates its inherited stdout as fd 9 (a
- * dup of an inherited description: still the parent's one).
+ * dup of an inherited description: still the parent's one); split  the pipe
+ * is split between the parent and A: the parent keeps only its write end,
+ * A only its read end, B and C neither (a tree pipe: each end in another
+ * process, a word always buffered between them).
  */
 #define _GNU_SOURCE
 #include "common.h"
@@ -61,6 +64,7 @@ static int log_fd;
 
 static volatile int vfork_quit;
 static int b_duplicates_stdout;
+static int pipe_split;
 
 /* Sleeps in vfork's child (sharing the parent's memory) until the parent says so. */
 static void *vfork_thread(void *arg)
@@ -168,6 +172,9 @@ static void worker_process(int worker, uint64_t seed, pid_t parent)
     /* A worker never outlives its parent (a killed test leaves no worker waiting forever). */
     if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0 || getppid() != parent)
         _exit(TP_EXIT_SYSERR);
+    /* Split: A keeps only the read end, the others no end at all. */
+    if (pipe_split && (close(pipe_fd[1]) != 0 || (worker != W_A && close(pipe_fd[0]) != 0)))
+        _exit(TP_EXIT_SYSERR);
     if (worker == W_A) {
         static struct worker_args thread_args;
         thread_args = (struct worker_args){ W_A_THREAD, seed, parent };
@@ -240,9 +247,9 @@ int main(int argc, char **argv)
         { "seed",     &seed,     0, UINT64_MAX, "seed of the workers' steps" },
     };
     const char *with = "none";
-    static const char *const with_choices[] = { "none", "pidns", "vfork", "dup", NULL };
+    static const char *const with_choices[] = { "none", "pidns", "vfork", "dup", "split", NULL };
     struct tp_stropt sopts[] = {
-        { "with", &with, with_choices, "what to add: none, pidns or vfork (refused), dup (migrates)" },
+        { "with", &with, with_choices, "what to add: none, pidns or vfork (refused), dup or split (migrate)" },
     };
     tp_parse_args_with_strings(argc, argv,
                   "A parent with workers in their own group and session, a grandchild, a threaded child and two "
@@ -250,6 +257,7 @@ int main(int argc, char **argv)
                   opts, TP_NOPTS(opts), sopts, TP_NOPTS(sopts));
 
     b_duplicates_stdout = strcmp(with, "dup") == 0;
+    pipe_split = strcmp(with, "split") == 0;
     sh = mmap(NULL, sizeof *sh, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     if (sh == MAP_FAILED)
         tp_syserr("mmap shared");
@@ -289,6 +297,9 @@ int main(int argc, char **argv)
         if (workers[i] == 0)
             worker_process(kinds[i], seed, parent);
     }
+    /* Split: the parent keeps only the write end (A holds the read end alone). */
+    if (pipe_split && close(pipe_fd[0]) != 0)
+        tp_syserr("close pipe read end");
     pid_t namespaced = 0;
     pthread_t vforker;
     if (strcmp(with, "pidns") == 0) {

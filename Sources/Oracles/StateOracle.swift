@@ -304,6 +304,7 @@ public enum StateOracle {
         switch kind {
         case .deletedFile(let file): "\(file.contents.count) bytes, mode 0o\(String(file.mode, radix: 8)), owner \(file.userID):\(file.groupID), digest \(hex(digest(file.contents)))"
         case .memfd(let name, let file, let seals): "memfd \(name), \(file.contents.count) bytes, mode 0o\(String(file.mode, radix: 8)), seals \(hex(UInt64(seals))), digest \(hex(digest(file.contents)))"
+        case .treePipe(let end): "tree pipe \(end.pipe) \(end.isReadEnd ? "read" : "write") end, capacity \(end.capacityByteCount), \(end.buffered.count) bytes buffered, digest \(hex(digest(end.buffered)))"
         case .pipe(let end): "channel \(end.channel) \(end.isReadEnd ? "read" : "write") end, capacity \(end.capacityByteCount), \(end.buffered.count) bytes buffered, digest \(hex(digest(end.buffered)))"
         case .tcpSocket(let end): tcpDescription(end)
         case .unixSocket(let end): "type \(end.type), peer \(end.peer), \(end.queued.count) messages of \(end.queued.map(\.count)) bytes, digest \(hex(digest(end.queued.flatMap { $0 }))), shutdown \(end.shutdown), buffers \(end.sendBufferByteCount)/\(end.receiveBufferByteCount)"

@@ -79,6 +79,7 @@ final class FrozenTree {
             member.lineage = lineage
             state.members.append(.live(member))
         }
+        try state.numberTreePipes(root: processID)
         return state
     }
 

@@ -180,6 +180,8 @@ final class FrozenVictim {
         let signalMask = try tracee.signalMask()
         let injected = try injectQueries(registers: registers, signalMask: signalMask)
         let state = try StateReader.read(tracees: tracees, processID: processID, injected: injected, mappingFlags: mappingFlags)
+        // A tree numbers its pipes' lone ends (FrozenTree.capture); a process alone refuses them.
+        if !isTreeMember { try TreePipes.refuseLoneEnds(state.files, processID: processID) }
         try ContextReader.checkRestorable(state, processID: processID)
         try Preflight.checkAdvice(state.mappings, processID: processID)
         try recordTCPSocketsWithGuard(state.files)

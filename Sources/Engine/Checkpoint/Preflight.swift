@@ -14,8 +14,10 @@ enum Preflight {
         }
     }
 
-    /// Every check of one process; its children only with `checkingChildren` (a tree checks them itself).
-    static func checkProcess(_ processID: ProcessID, checkingChildren: Bool = false) throws(CheckpointError) {
+    /// Every check of one process; its children only with `checkingChildren` (a tree checks them itself,
+    /// and the pipes its processes share: the descriptors are returned for that).
+    @discardableResult
+    static func checkProcess(_ processID: ProcessID, checkingChildren: Bool = false) throws(CheckpointError) -> [OpenFile] {
         guard processID.rawValue > 0, ProcFS.isAlive(processID) else { throw .noSuchProcess(processID) }
         if processID == .current || processID == .parent { throw .cannotCheckpointSelf(processID) }
         let status: [String: String]
@@ -25,9 +27,11 @@ enum Preflight {
         do { threads = try ProcFS.threadIDs(processID) } catch { throw .readFailed(processID, "listing its threads", error) }
         if threads.count > ProcessState.maximumThreadCount { throw .multipleThreads(processID, count: threads.count) }
         if checkingChildren { try checkNoChildren(processID) }
-        _ = try descriptors(processID)
+        let files = try descriptors(processID)
+        if checkingChildren { try TreePipes.refuseLoneEnds(files, processID: processID) }
         _ = try mappings(processID)
         try ContextReader.checkRestorable(processID)
+        return files
     }
 
     /// A checkpoint kills the victim: its children would be orphaned (re-parented, their exit statuses
@@ -105,16 +109,15 @@ enum Preflight {
     /// have to be set after its pages are in).
     static func sharedMemory(_ processID: ProcessID, entry: MapsEntry, range: String,
                              objects: inout [String: Int32]) throws(CheckpointError) -> SharedMemory? {
-        let deleted = " (deleted)"
-        guard entry.shared, entry.path.hasSuffix(deleted) else { return nil }
-        let name = String(entry.path.dropLast(deleted.count))
+        let named = entry.kernelPath
+        guard entry.shared, named.isDeleted else { return nil }
         let memfdName: String?
         var segment: SysVSegment?
-        if name == "/dev/zero" {
+        if named.isSharedAnonymousObject {
             memfdName = nil
-        } else if name.hasPrefix("/memfd:") {
-            memfdName = String(name.dropFirst("/memfd:".count))
-        } else if name.hasPrefix("/SYSV") {
+        } else if let name = named.memfdName {
+            memfdName = name
+        } else if named.isSysVSegment {
             memfdName = nil
             segment = try sysvSegment(processID, entry: entry, range: range)
         } else {
@@ -209,18 +212,18 @@ enum Preflight {
             case "[vvar]", "[vvar_vclock]", "[vdso]": kind = .vdsoPart(name: entry.path)
             case "[vsyscall]": kind = .vsyscall
             default:
-                if entry.path.hasPrefix("[") {
+                let object = entry.kernelPath
+                if object.isSpecial {
                     throw .unsupportedMapping(processID, range: range, reason: "special mapping \(entry.path)")
                 }
-                if entry.path.hasPrefix("/SYSV") {
+                if object.isSysVSegment {
                     throw .unsupportedMapping(processID, range: range, reason: "SysV shared memory mapped in a way this fammig does not know")
                 }
-                if entry.path.hasSuffix(" (deleted)") {
+                if object.isDeleted {
                     throw .unsupportedMapping(processID, range: range, reason: entry.shared ? "its file was deleted"
                         : "a private mapping of a deleted file or memfd")
                 }
-                guard entry.path.hasPrefix("/"), !entry.path.hasPrefix("/dev/"), !entry.path.hasPrefix("/memfd:"),
-                      !entry.path.hasPrefix("/SYSV") else {
+                guard object.isFilePath else {
                     throw .unsupportedMapping(processID, range: range, reason: "not a regular file")
                 }
                 kind = .file(path: entry.path)

@@ -32,16 +32,23 @@ enum TreePreflight {
     /// checked; throws the first reason it cannot be migrated.
     @discardableResult
     static func check(root: ProcessID) throws(CheckpointError) -> [TreeListing] {
-        try Preflight.checkProcess(root)
+        var holders = [TreePipeHolder(processID: root, files: try Preflight.checkProcess(root), inherited: [])]
         let listing = try list(root: root)
+        var files: [ProcessID: [OpenFile]] = [:]
         for process in listing.dropFirst() where !process.fields.isZombie {
-            do { try Preflight.checkProcess(process.processID) } catch .alreadyTraced(let child, let tracer) {
+            do { files[process.processID] = try Preflight.checkProcess(process.processID) } catch .alreadyTraced(let child, let tracer) {
                 throw .unsupportedTree(root, reason: "its child pid \(child) is traced by pid \(tracer) (a debugger?)")
             }
         }
         try checkShape(listing)
         for process in listing.dropFirst() where !process.fields.isZombie {
-            _ = try inheritance(of: process, in: listing)
+            let inherited = try inheritance(of: process, in: listing)
+            holders.append(TreePipeHolder(processID: process.processID, files: files[process.processID] ?? [], inherited: Set(inherited.descriptors)))
+        }
+        if holders.count == 1 {
+            try TreePipes.refuseLoneEnds(holders[0].files, processID: root)
+        } else {
+            try TreePipes.number(&holders, root: root)
         }
         return listing
     }
@@ -148,11 +155,11 @@ enum TreePreflight {
             let parentMaps = try ProcFS.maps(parent)
             var objectsElsewhere: [String: ProcessID] = [:]
             for other in others {
-                for entry in try ProcFS.maps(other) where entry.shared && entry.path.hasSuffix(" (deleted)") {
+                for entry in try ProcFS.maps(other) where entry.shared && entry.kernelPath.isDeleted {
                     objectsElsewhere["\(entry.device) \(entry.inode)"] = other
                 }
             }
-            for entry in try ProcFS.maps(pid) where entry.shared && entry.path.hasSuffix(" (deleted)") {
+            for entry in try ProcFS.maps(pid) where entry.shared && entry.kernelPath.isDeleted {
                 let key = "\(entry.device) \(entry.inode)"
                 if parentMaps.contains(where: { $0.start == entry.start && $0.end == entry.end && $0.fileOffset == entry.fileOffset
                                                 && $0.device == entry.device && $0.inode == entry.inode && $0.shared }) {

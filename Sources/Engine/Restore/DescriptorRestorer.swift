@@ -21,10 +21,14 @@ final class DescriptorRestorer {
     /// Regular files, directories and FIFO ends opened through the file the access check resolved
     /// (/proc/PID/fd/N of this node's fammig), not by their path again: by number.
     let reopenPaths: ReopenPaths
+    /// A tree's pipes, and this process's own number in the tree.
+    let treePipes: (restore: TreePipeRestore, ownProcessID: ProcessID)?
 
-    init(injector: SyscallInjector, memory: ProcessMemory, dataAddress: UInt64, processID: ProcessID, reopenPaths: ReopenPaths = ReopenPaths()) {
+    init(injector: SyscallInjector, memory: ProcessMemory, dataAddress: UInt64, processID: ProcessID, reopenPaths: ReopenPaths = ReopenPaths(),
+         treePipes: (restore: TreePipeRestore, ownProcessID: ProcessID)? = nil) {
         (self.injector, self.memory, self.dataAddress, self.processID) = (injector, memory, dataAddress, processID)
         self.reopenPaths = reopenPaths
+        self.treePipes = treePipes
     }
 
     /// Opens a regular file or directory record: through its checked file when there is one (a magic
@@ -51,7 +55,7 @@ final class DescriptorRestorer {
 
         for record in records {
             switch record.kind {
-            case .duplicate, .eventPoll: continue
+            case .duplicate, .eventPoll, .treePipe: continue
             case .pipe(let end) where end.channel != record.descriptor: continue  // made with its channel
             case .unixSocket(let end) where end.peer < record.descriptor: continue  // made with its peer
             default: break
@@ -74,6 +78,7 @@ final class DescriptorRestorer {
             guard let descriptor = parked[record.descriptor] else { continue }
             try moveToFinal(descriptor, record)
         }
+        try restoreTreePipes(records)
         for record in records {
             guard case .duplicate(let original) = record.kind else { continue }
             try injector.call("dup3", Syscall.dup3, UInt64(original), UInt64(record.descriptor), closeOnExec(record))
@@ -93,6 +98,37 @@ final class DescriptorRestorer {
             }
             try injector.call("fcntl(F_SETFL)", Number.fcntl, epoll, Self.setStatusFlags, UInt64(UInt32(bitPattern: record.flags)))
             try moveToFinal(Int32(epoll), record)
+        }
+    }
+
+    /// Makes the tree pipes this process is the nearest common ancestor of their holders of, parked at
+    /// the tree's temporary base or above, filled and flagged; then takes this process's own ends from
+    /// where they are parked (made here, or inherited from the parent it was cloned from).
+    private func restoreTreePipes(_ records: [OpenFile]) throws {
+        if let (pipes, own) = treePipes {
+            for pipe in pipes.pipes(madeBy: own) {
+                try injector.call("pipe2", Number.pipe2, dataAddress, UInt64(OpenFlag.closeOnExec))
+                let pair = try memory.read(at: dataAddress, byteCount: 8).littleEndianWord(at: 0)
+                var parkedEnds: [Int32] = []
+                for made in [pair & 0xffff_ffff, pair >> 32] {
+                    parkedEnds.append(Int32(try injector.call("fcntl(F_DUPFD)", Number.fcntl, made, Self.duplicateAbove, UInt64(pipes.temporaryBase))))
+                    try injector.call("close", Syscall.close, made)
+                }
+                let writer = try take(parkedEnds[1])
+                try writer.setPipeCapacity(Int(pipe.capacityByteCount))
+                if !pipe.buffered.isEmpty { try writer.append(pipe.buffered) }
+                for (end, record) in zip(parkedEnds, [pipe.read, pipe.write]) {
+                    try injector.call("fcntl(F_SETFL)", Number.fcntl, UInt64(end), Self.setStatusFlags, UInt64(UInt32(bitPattern: record.flags)))
+                }
+                pipes.park(pipe.ordinal, read: parkedEnds[0], write: parkedEnds[1])
+            }
+        }
+        for record in records {
+            guard case .treePipe(let end) = record.kind else { continue }
+            guard let parked = treePipes?.restore.parked[end.pipe] else {
+                throw RestoreError.system("fd \(record.descriptor): its pipe's other end is held by no process of the tree it descends from")
+            }
+            try injector.call("dup3", Syscall.dup3, UInt64(end.isReadEnd ? parked.read : parked.write), UInt64(record.descriptor), closeOnExec(record))
         }
     }
 
@@ -169,6 +205,7 @@ final class DescriptorRestorer {
                 try copy.addSeals(seals & ~1)
                 if seals & 1 != 0 { try copy.addSeals(1) }
             }
+        case .treePipe: break  // restoreTreePipes
         case .pipe(let end):
             guard let other = records.first(where: { if case .pipe(let otherEnd) = $0.kind { otherEnd.channel == end.channel && $0.descriptor != record.descriptor } else { false } }),
                   case .pipe(let otherEnd) = other.kind else {

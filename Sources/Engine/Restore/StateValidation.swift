@@ -22,6 +22,11 @@ extension ProcessState {
     /// Every dumped page must lie in a mapping that the restorer creates and may write.
     public func validate(pageAddresses: [UInt64], path: String) throws(ImageError) {
         if !members.isEmpty { try validateTree(pageAddresses: pageAddresses, path: path) }
+        // A tree's pipes are checked across its processes (the root's call sees them all, TreePipes);
+        // a process of no tree may hold none.
+        if !members.isEmpty || !lineage.isRecorded, let problem = TreePipes.validate(self) {
+            throw .unrestorableState(path: path, reason: problem)
+        }
         try validateMappings(path: path)
         try validatePages(members.isEmpty ? pageAddresses : pageAddresses.filter { TreePageAddress.ordinal(of: $0) == 0 }, path: path)
         try validateThreads(path: path)
@@ -354,7 +359,7 @@ extension ProcessState {
                     }
                     try Self.checkPath(watch.path, "fd \(file.descriptor)'s watch \(watch.watchDescriptor)", path: path)
                 }
-            case .regular, .directory, .deletedFile, .signalQueue: break
+            case .regular, .directory, .deletedFile, .signalQueue, .treePipe: break  // a tree pipe: TreePipes.validate
             }
         }
     }

@@ -44,6 +44,10 @@ final class TargetProcess {
     var reopenPaths = ReopenPaths()
     /// A tree member's: the descriptors and shared mappings it keeps from the parent it was cloned from.
     var inherited: (descriptors: Set<Int32>, mappingStarts: Set<UInt64>)?
+    /// A tree's pipes, with this process's own number in the tree (TreePipes.swift).
+    var treePipes: (restore: TreePipeRestore, ownProcessID: ProcessID)?
+    /// The parked ends of tree pipes this member inherited: kept until the whole tree is built.
+    var keptParkedDescriptors: Set<Int32> = []
 
     init(processID: ProcessID, tracee: Tracee, memory: ProcessMemory, injector: SyscallInjector, scratchAddress: UInt64) {
         self.processID = processID
@@ -125,7 +129,8 @@ final class TargetProcess {
         do {
             if let inherited {
                 // A tree member cloned from its restored parent keeps what it inherited, nothing else.
-                for descriptor in try ProcFS.descriptors(processID) where !inherited.descriptors.contains(descriptor) {
+                for descriptor in try ProcFS.descriptors(processID)
+                where !inherited.descriptors.contains(descriptor) && !keptParkedDescriptors.contains(descriptor) {
                     try injector.call("close(\(descriptor))", Syscall.close, UInt64(descriptor))
                 }
             } else {

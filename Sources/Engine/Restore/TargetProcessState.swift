@@ -95,7 +95,7 @@ extension TargetProcess {
     func restoreDescriptors(_ state: ProcessState) throws {
         let own = state.files.filter { inherited?.descriptors.contains($0.descriptor) != true }
         let descriptors = DescriptorRestorer(injector: injector, memory: memory, dataAddress: dataAddress, processID: processID,
-                                             reopenPaths: reopenPaths)
+                                             reopenPaths: reopenPaths, treePipes: treePipes)
         try descriptors.restore(own)
         liveTCPSockets = descriptors.liveSockets
         descriptorsRestored = true

@@ -52,7 +52,11 @@ final class TargetTree {
         do {
             try lead(root, ownID: state.processID, state.lineage, parentGroup: nil, rootGroup: nil)
             if state.members.isEmpty { return }
+            let treePipes = TreePipeRestore(state)
+            root.treePipes = treePipes.map { ($0, state.processID) }
             try root.restoreDescriptors(state)
+            // The parked ends of tree pipes each process holds (made there, or inherited), by this node's PID.
+            var parkedHeld: [ProcessID: Set<Int32>] = [root.processID: treePipes?.parkedDescriptors(madeBy: state.processID) ?? []]
             let restoredRootGroup = try ProcessTreeFS.fields(root.processID).ownProcessGroupID
             // By the tree's own numbers, which the records use.
             var byProcessID: [ProcessID: TargetProcess] = [state.processID: root]
@@ -62,6 +66,7 @@ final class TargetTree {
                     preconditionFailure("member \(member.processID)'s parent was validated but not created")
                 }
                 let child = try clone(member.processID, from: parent, exitSignal: lineage.exitSignal)
+                parkedHeld[child.processID] = parkedHeld[parent.processID] ?? []
                 members.append(child)
                 memberNodeProcessIDs.append(child.processID)
                 let parentGroup = try ProcessTreeFS.fields(parent.processID).ownProcessGroupID
@@ -74,11 +79,20 @@ final class TargetTree {
                     try drainChildSignal(parent, signal: lineage.exitSignal)
                 case .live(let memberState):
                     child.inherited = (Set(lineage.inheritedDescriptors), Set(lineage.inheritedMappingStarts))
+                    child.keptParkedDescriptors = parkedHeld[child.processID] ?? []
+                    child.treePipes = treePipes.map { ($0, member.processID) }
                     // Before the layout: its executable and file mappings open through their checked files too.
                     child.reopenPaths = reopenPaths[member.processID] ?? ReopenPaths()
                     try child.buildLayout(memberState)
                     try child.restoreDescriptors(memberState)
+                    parkedHeld[child.processID, default: []].formUnion(treePipes?.parkedDescriptors(madeBy: member.processID) ?? [])
                     byProcessID[member.processID] = child
+                }
+            }
+            // Every holder has taken its ends: the parked ones go, in every process that holds them.
+            for process in live {
+                for descriptor in (parkedHeld[process.processID] ?? []).sorted() {
+                    try process.injector.call("close(\(descriptor))", Syscall.close, UInt64(descriptor))
                 }
             }
         } catch let error as RestoreError {
@@ -327,6 +341,8 @@ final class TargetTree {
                 memberRestored.lineage = lineage
                 restored.members.append(.live(memberRestored))
             }
+            // Numbered as the checkpoint's were, so that the records compare equal.
+            try restored.numberTreePipes(root: root.processID)
         } catch let error as RestoreError {
             throw error
         } catch {

@@ -23,8 +23,7 @@ enum DescriptorReader {
         var descriptor: Int32
         var link: String
         var identity: FileIdentity?
-        var fdinfo: [String: String]
-        var fdinfoText: String
+        var info: FDInfo
     }
 
     private static func readThrowing(_ processID: ProcessID, contents: Bool) throws -> [OpenFile] {
@@ -36,7 +35,7 @@ enum DescriptorReader {
             guard let link = try? ProcFS.readLink(linkPath),
                   let fdinfoText = try? ProcFS.readText("/proc/\(processID)/fdinfo/\(number)") else { continue }  // closed meanwhile
             let identity = FileIdentity.of(path: linkPath)
-            probes.append(Probe(descriptor: number, link: link, identity: identity, fdinfo: fields(fdinfoText), fdinfoText: fdinfoText))
+            probes.append(Probe(descriptor: number, link: link, identity: identity, info: FDInfo(text: fdinfoText)))
         }
         func refuse(_ probe: Probe, _ reason: String) -> CheckpointError {
             .unsupportedDescriptor(processID, descriptor: probe.descriptor, target: "\(probe.link) (\(reason))")
@@ -95,15 +94,15 @@ enum DescriptorReader {
 
         // Memfds that are also mapped, by device and inode: the lowest mapping of each.
         var mappedMemfds: [String: (start: UInt64, end: UInt64)] = [:]
-        for entry in (try? ProcFS.maps(processID)) ?? [] where entry.shared && entry.path.hasPrefix("/memfd:") {
+        for entry in (try? ProcFS.maps(processID)) ?? [] where entry.shared && entry.kernelPath.isMemfd {
             let key = "\(entry.device) \(entry.inode)"
             if mappedMemfds[key] == nil { mappedMemfds[key] = (entry.start, entry.end) }
         }
         var carriedByteCount = 0
         var records: [OpenFile] = []
         for probe in probes {
-            let flags = Int32(probe.fdinfo["flags"] ?? "0", radix: 8) ?? 0
-            let position = Int64(probe.fdinfo["pos"] ?? "0") ?? 0
+            let flags = probe.info.statusFlags
+            let position = probe.info.position
             if let first = firstOfDescription[probe.descriptor] {
                 let original = records.first { $0.descriptor == first }!
                 records.append(OpenFile(descriptor: probe.descriptor, path: original.path, flags: flags, position: position,
@@ -111,7 +110,7 @@ enum DescriptorReader {
                 continue
             }
             var record = OpenFile(descriptor: probe.descriptor, path: "", flags: flags, position: position)
-            if let identity = probe.identity, identity.isRegular, probe.link.hasPrefix("/memfd:"),
+            if let identity = probe.identity, identity.isRegular, KernelPath(probe.link).isMemfd,
                let mapping = mappedMemfds[mapsDevice(identity.device) + " \(identity.inode)"] {
                 let seals = try ForeignDescriptor(processID: processID, remoteDescriptor: probe.descriptor).seals()
                 record.kind = .memfdOfMapping(mappingStart: mapping.start, mappingEnd: mapping.end, seals: seals)
@@ -145,17 +144,12 @@ enum DescriptorReader {
                                  pipeEnds: [UInt64: [Probe]], sockets: [UInt64: (probe: Probe, info: UnixSocketInfo)],
                                  refuse: (Probe, String) -> CheckpointError) throws -> OpenFileKind {
         let link = probe.link
-        let deletedSuffix = " (deleted)"
         switch link {
         case "anon_inode:[eventfd]":
-            guard let countText = probe.fdinfo["eventfd-count"], let count = UInt64(countText, radix: 16) else {
-                throw refuse(probe, "its fdinfo has no eventfd-count")
-            }
-            return .eventCounter(count: count, semaphore: probe.fdinfo["eventfd-semaphore"] == "1")
+            guard let counter = probe.info.eventCounter else { throw refuse(probe, "its fdinfo has no eventfd-count") }
+            return .eventCounter(count: counter.count, semaphore: counter.semaphore)
         case "anon_inode:[signalfd]":
-            guard let maskText = probe.fdinfo["sigmask"], let mask = UInt64(maskText, radix: 16) else {
-                throw refuse(probe, "its fdinfo has no sigmask")
-            }
+            guard let mask = probe.info.signalMask else { throw refuse(probe, "its fdinfo has no sigmask") }
             return .signalQueue(mask: mask)
         case "anon_inode:[timerfd]":
             // fdinfo shows a periodic timer that expired and was not read yet with no time left: only
@@ -164,19 +158,22 @@ enum DescriptorReader {
             let copy = try ForeignDescriptor(processID: processID, remoteDescriptor: probe.descriptor)
             let setting = try TimerDescriptor.settledSetting(first: try copy.timerSetting(), wait: { OSThread.sleep(for: .milliseconds(1)) },
                                                              read: copy.timerSetting)
-            let fresh = fields(try ProcFS.readText("/proc/\(processID)/fdinfo/\(probe.descriptor)"))
-            guard var timer = timerDescriptor(fresh) else { throw refuse(probe, "its fdinfo does not describe a timer") }
-            (timer.valueNanoseconds, timer.intervalNanoseconds) = (setting.valueNanoseconds, setting.intervalNanoseconds)
+            guard let shown = try FDInfo.read(processID, descriptor: probe.descriptor).timer else {
+                throw refuse(probe, "its fdinfo does not describe a timer")
+            }
+            let timer = TimerDescriptor(clock: shown.clock, ticks: shown.ticks, settimeFlags: shown.settimeFlags,
+                                        valueNanoseconds: setting.valueNanoseconds, intervalNanoseconds: setting.intervalNanoseconds)
             guard [0, 1, 7].contains(timer.clock) else { throw refuse(probe, "alarm clock \(timer.clock) needs CAP_WAKE_ALARM semantics") }
             return .timer(timer)
         case "anon_inode:[eventpoll]":
-            guard let entries = epollEntries(probe.fdinfoText) else { throw refuse(probe, "its fdinfo lists malformed registrations") }
+            guard let registrations = probe.info.epollRegistrations else { throw refuse(probe, "its fdinfo lists malformed registrations") }
+            let entries = registrations.map { EpollEntry(descriptor: $0.descriptor, events: $0.events, data: $0.data) }
             guard entries.count <= DescriptorLimits.epollEntryCountMax else { throw refuse(probe, "more than \(DescriptorLimits.epollEntryCountMax) registrations") }
             // fdinfo lists them in the kernel's tree order (by file address): sort them by descriptor.
-            return .eventPoll(entries.map(\.entry).sorted { $0.descriptor < $1.descriptor })
+            return .eventPoll(entries.sorted { $0.descriptor < $1.descriptor })
         case "anon_inode:inotify":
             let watches: [InotifyWatch]
-            do { watches = try InotifyReader.watches(fdinfo: probe.fdinfoText) } catch { throw refuse(probe, error.reason) }
+            do { watches = try InotifyReader.watches(fdinfo: probe.info) } catch { throw refuse(probe, error.reason) }
             // At the freeze (and on the target), not before it: an event queued for a moment while the
             // victim runs is no reason to refuse it.
             if contents {
@@ -198,24 +195,24 @@ enum DescriptorReader {
             throw refuse(probe, "a file of /proc, which names this node's processes by PID")
         }
         if identity.isDirectory {
-            guard link.hasPrefix("/"), !link.hasSuffix(deletedSuffix) else { throw refuse(probe, "a directory that was removed") }
+            guard link.hasPrefix("/"), !KernelPath(link).isDeleted else { throw refuse(probe, "a directory that was removed") }
             try requireSameFile(at: link, as: identity, probe: probe, refuse: refuse)
             path = link
             return .directory
         }
         if identity.isRegular {
             guard link.hasPrefix("/") else { throw refuse(probe, "not a path") }
-            guard link.hasSuffix(deletedSuffix) else {
+            guard KernelPath(link).isDeleted else {
                 try requireSameFile(at: link, as: identity, probe: probe, refuse: refuse)
                 path = link
                 return .regular
             }
-            let name = String(link.dropLast(deletedSuffix.count))
+            let name = KernelPath(link).name
             let carried = CarriedFile(contents: [], mode: identity.mode & 0o7777, userID: identity.userID, groupID: identity.groupID)
             guard identity.byteCount <= Int64(DescriptorLimits.carriedByteCountMax) else {
                 throw refuse(probe, "\(identity.byteCount) bytes, more than the \(DescriptorLimits.carriedByteCountMax) an image carries")
             }
-            if name.hasPrefix("/memfd:") {
+            if let memfdName = KernelPath(link).memfdName {
                 var file = carried
                 if contents {
                     file.contents = try readContents(try ForeignDescriptor(reopening: processID, remoteDescriptor: probe.descriptor),
@@ -223,7 +220,7 @@ enum DescriptorReader {
                 }
                 path = ""
                 let seals = try ForeignDescriptor(processID: processID, remoteDescriptor: probe.descriptor).seals()
-                return .memfd(name: String(name.dropFirst("/memfd:".count)), file: file, seals: seals)
+                return .memfd(name: memfdName, file: file, seals: seals)
             }
             var file = carried
             if contents {
@@ -236,16 +233,19 @@ enum DescriptorReader {
         if identity.isFIFO {
             let ends = pipeEnds[identity.inode] ?? []
             let readers = ends.filter { accessMode($0) != OpenFlag.writeOnly }, writers = ends.filter { accessMode($0) != OpenFlag.readOnly }
-            guard readers.count == 1, writers.count == 1, ends.count == 2 else {
+            // One end alone: the other may be another process's of the tree (TreePipes decides; a single
+            // process refuses it there).
+            let lone = link.hasPrefix("pipe:") && ends.count == 1 && readers.count + writers.count == 1
+            guard lone || (readers.count == 1 && writers.count == 1 && ends.count == 2) else {
                 throw refuse(probe, "a pipe must have its read end and its write end open once each in the process (found \(readers.count) and \(writers.count))")
             }
             if link.hasPrefix("pipe:") {
                 path = ""
             } else {
-                guard link.hasPrefix("/"), !link.hasSuffix(deletedSuffix) else { throw refuse(probe, "a FIFO without a path") }
+                guard link.hasPrefix("/"), !KernelPath(link).isDeleted else { throw refuse(probe, "a FIFO without a path") }
                 path = link
             }
-            let flags = Int32(probe.fdinfo["flags"] ?? "0", radix: 8) ?? 0
+            let flags = probe.info.statusFlags
             if flags & OpenFlag.direct != 0 { throw refuse(probe, "a packet-mode (O_DIRECT) pipe") }
             let isReadEnd = accessMode(probe) == OpenFlag.readOnly
             let copy = try ForeignDescriptor(processID: processID, remoteDescriptor: probe.descriptor)
@@ -255,6 +255,10 @@ enum DescriptorReader {
                 case .bytes(let bytes): buffered = bytes
                 case .tooLarge: throw refuse(probe, "more bytes buffered than an image carries")
                 }
+            }
+            if lone {
+                return .treePipe(TreePipeEnd(pipe: -1, isReadEnd: isReadEnd, capacityByteCount: Int32(try copy.pipeCapacity()),
+                                             buffered: buffered, inode: identity.inode))
             }
             return .pipe(PipeEnd(channel: min(ends[0].descriptor, ends[1].descriptor), isReadEnd: isReadEnd,
                                  capacityByteCount: Int32(try copy.pipeCapacity()), buffered: buffered))
@@ -295,7 +299,8 @@ enum DescriptorReader {
         switch kind {
         case .deletedFile, .memfd: return Int(probe.identity?.byteCount ?? 0)
         case .pipe(let end) where !end.isReadEnd: return 0
-        case .pipe, .unixSocket:
+        case .treePipe(let end) where !end.isReadEnd: return 0
+        case .pipe, .treePipe, .unixSocket:
             return (try? ForeignDescriptor(processID: processID, remoteDescriptor: probe.descriptor).queuedByteCount()) ?? 0
         case .tcpSocket:
             return (try? ForeignDescriptor(processID: processID, remoteDescriptor: probe.descriptor)).map(TCPSocketReader.plannedByteCount) ?? 0
@@ -311,7 +316,7 @@ enum DescriptorReader {
     }
 
     private static func accessMode(_ probe: Probe) -> Int32 {
-        (Int32(probe.fdinfo["flags"] ?? "0", radix: 8) ?? 0) & OpenFlag.accessModeMask
+        probe.info.statusFlags & OpenFlag.accessModeMask
     }
 
     /// Every registration must point at a descriptor that still holds the file registered (a registration
@@ -321,7 +326,7 @@ enum DescriptorReader {
         let byDescriptor = Dictionary(uniqueKeysWithValues: probes.map { ($0.descriptor, $0) })
         for record in records {
             guard case .eventPoll(let entries) = record.kind, let probe = byDescriptor[record.descriptor] else { continue }
-            let registeredInodes = Dictionary((epollEntries(probe.fdinfoText) ?? []).map { ($0.entry.descriptor, $0.inode) },
+            let registeredInodes = Dictionary((probe.info.epollRegistrations ?? []).map { ($0.descriptor, $0.inode) },
                                               uniquingKeysWith: { first, _ in first })
             for entry in entries {
                 guard let target = byDescriptor[entry.descriptor], let inode = registeredInodes[entry.descriptor],
@@ -339,53 +344,5 @@ enum DescriptorReader {
         let minor = device & 0xff | (device >> 12) & ~0xff
         func twoDigits(_ value: UInt64) -> String { let text = String(value, radix: 16); return text.count < 2 ? "0" + text : text }
         return twoDigits(major) + ":" + twoDigits(minor)
-    }
-
-    /// `key:\tvalue` lines of an fdinfo file.
-    static func fields(_ text: String) -> [String: String] {
-        var result: [String: String] = [:]
-        for line in text.split(separator: "\n") {
-            guard let colon = line.firstIndex(of: ":") else { continue }
-            result[String(line[..<colon])] = line[line.index(after: colon)...].trimmingSpaces()
-        }
-        return result
-    }
-
-    /// `tfd: N events: HEX data: HEX pos:N ino:HEX sdev:HEX` lines; nil if one does not parse.
-    static func epollEntries(_ text: String) -> [(entry: EpollEntry, inode: UInt64)]? {
-        var result: [(EpollEntry, UInt64)] = []
-        for line in text.split(separator: "\n") where line.hasPrefix("tfd:") {
-            var values: [String: String] = [:]
-            let words = line.split(whereSeparator: { $0 == " " || $0 == "\t" })
-            var index = 0
-            while index < words.count {
-                let word = words[index]
-                if word.hasSuffix(":"), index + 1 < words.count {
-                    values[String(word.dropLast())] = String(words[index + 1]); index += 2
-                } else if let colon = word.firstIndex(of: ":") {
-                    values[String(word[..<colon])] = String(word[word.index(after: colon)...]); index += 1
-                } else { index += 1 }
-            }
-            guard let descriptor = values["tfd"].flatMap({ Int32($0) }), let events = values["events"].flatMap({ UInt32($0, radix: 16) }),
-                  let data = values["data"].flatMap({ UInt64($0, radix: 16) }), let inode = values["ino"].flatMap({ UInt64($0, radix: 16) }) else {
-                return nil
-            }
-            result.append((EpollEntry(descriptor: descriptor, events: events, data: data), inode))
-        }
-        return result
-    }
-
-    /// clockid, ticks, settime flags, it_value: (s, ns), it_interval: (s, ns).
-    static func timerDescriptor(_ fields: [String: String]) -> TimerDescriptor? {
-        func pair(_ text: String?) -> UInt64? {
-            guard let text else { return nil }
-            let numbers = text.filter { $0.isNumber || $0 == "," }.split(separator: ",").compactMap { UInt64($0) }
-            guard numbers.count == 2, numbers[1] < 1_000_000_000, numbers[0] < UInt64.max / 2_000_000_000 else { return nil }
-            return numbers[0] * 1_000_000_000 + numbers[1]
-        }
-        guard let clock = fields["clockid"].flatMap({ Int32($0) }), let ticks = fields["ticks"].flatMap({ UInt64($0) }),
-              let flags = fields["settime flags"].flatMap({ Int32($0, radix: 8) }),
-              let value = pair(fields["it_value"]), let interval = pair(fields["it_interval"]) else { return nil }
-        return TimerDescriptor(clock: clock, ticks: ticks, settimeFlags: flags, valueNanoseconds: value, intervalNanoseconds: interval)
     }
 }

@@ -19,15 +19,10 @@ enum InotifyReader {
 
     /// `inotify wd:N ino:HEX sdev:HEX mask:HEX ignored_mask:HEX fhandle-bytes:HEX fhandle-type:HEX f_handle:HEX`
     /// lines, by watch descriptor; `resolve` turns (device, handle type, handle) into a path.
-    static func watches(fdinfo text: String, resolve: (UInt64, Int32, [UInt8]) -> String? = FileHandles.path)
+    static func watches(fdinfo: FDInfo, resolve: (UInt64, Int32, [UInt8]) -> String? = FileHandles.path)
         throws(Refusal) -> [InotifyWatch] {
         var watches: [InotifyWatch] = []
-        for line in text.split(separator: "\n") where line.hasPrefix("inotify ") {
-            var values: [Substring: Substring] = [:]
-            for word in line.split(separator: " ").dropFirst() {
-                guard let colon = word.firstIndex(of: ":") else { continue }
-                values[word[..<colon]] = word[word.index(after: colon)...]
-            }
+        for (line, values) in fdinfo.inotifyLines {
             guard let wd = values["wd"].flatMap({ Int32($0) }), wd >= 1,
                   let inode = values["ino"].flatMap({ UInt64($0, radix: 16) }),
                   let device = values["sdev"].flatMap({ UInt64($0, radix: 16) }),

@@ -24,6 +24,9 @@ extension OpenFile {
         case .pipe(let end):
             writer.writeUInt8(5); writer.writeInt32(end.channel); writer.writeBool(end.isReadEnd)
             writer.writeInt32(end.capacityByteCount); writer.writeBytes(end.buffered)
+        case .treePipe(let end):
+            writer.writeUInt8(14); writer.writeInt32(end.pipe); writer.writeBool(end.isReadEnd)
+            writer.writeInt32(end.capacityByteCount); writer.writeBytes(end.buffered)
         case .eventCounter(let count, let semaphore): writer.writeUInt8(6); writer.writeUInt64(count); writer.writeBool(semaphore)
         case .signalQueue(let mask): writer.writeUInt8(7); writer.writeUInt64(mask)
         case .timer(let timer):
@@ -72,6 +75,9 @@ extension OpenFile {
         case 5:
             file.kind = .pipe(PipeEnd(channel: try reader.readInt32(), isReadEnd: try reader.readBool(),
                                       capacityByteCount: try reader.readInt32(), buffered: try reader.readBytes(maximumByteCount: limit)))
+        case 14:
+            file.kind = .treePipe(TreePipeEnd(pipe: try reader.readInt32(), isReadEnd: try reader.readBool(),
+                                              capacityByteCount: try reader.readInt32(), buffered: try reader.readBytes(maximumByteCount: limit)))
         case 6: file.kind = .eventCounter(count: try reader.readUInt64(), semaphore: try reader.readBool())
         case 7: file.kind = .signalQueue(mask: try reader.readUInt64())
         case 8:

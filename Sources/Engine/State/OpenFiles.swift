@@ -25,6 +25,22 @@ public struct PipeEnd: Equatable, Sendable {
     public var buffered: [UInt8]
 }
 
+/// One end of a pipe whose other end another process of the tree holds (a parent that writes, a child
+/// that reads; two children of a shell's pipeline). The restore makes the pipe once, in the nearest
+/// process that both holders descend from, and hands each end down to its holder (TreePipes.swift).
+public struct TreePipeEnd: Equatable, Sendable {
+    /// The pipe's number in the tree: the order in which the tree's processes (in tree order, each by
+    /// descriptor) first hold it. -1 while a process's descriptors are read, before the tree numbers them.
+    public var pipe: Int32
+    public var isReadEnd: Bool
+    /// F_GETPIPE_SZ.
+    public var capacityByteCount: Int32
+    /// The bytes buffered in the pipe, in order (on the read end's records; empty on the write end's).
+    public var buffered: [UInt8]
+    /// This node's inode of the pipe, only until the tree numbers its pipes (never in the image: 0).
+    public var inode: UInt64 = 0
+}
+
 /// One end of a UNIX socket pair, the peer held by the process too.
 public struct UnixSocketEnd: Equatable, Sendable {
     /// SOCK_STREAM 1 or SOCK_DGRAM 2.
@@ -109,6 +125,8 @@ public enum OpenFileKind: Equatable, Sendable {
     case duplicate(of: Int32)
     /// A pipe end; with a path (OpenFile.path) a FIFO.
     case pipe(PipeEnd)
+    /// A pipe end whose other end another process of the tree holds.
+    case treePipe(TreePipeEnd)
     case eventCounter(count: UInt64, semaphore: Bool)
     case signalQueue(mask: UInt64)
     case timer(TimerDescriptor)
@@ -129,6 +147,7 @@ public enum OpenFileKind: Equatable, Sendable {
         case .memfd, .memfdOfMapping: "memfd"
         case .duplicate: "duplicate"
         case .pipe: "pipe"
+        case .treePipe: "pipe end"
         case .eventCounter: "eventfd"
         case .signalQueue: "signalfd"
         case .timer: "timerfd"
@@ -144,6 +163,7 @@ public enum OpenFileKind: Equatable, Sendable {
         switch self {
         case .deletedFile(let file), .memfd(_, let file, _): file.contents.count
         case .pipe(let end): end.buffered.count
+        case .treePipe(let end): end.buffered.count
         case .unixSocket(let end): end.queued.reduce(0) { $0 + $1.count }
         case .tcpSocket(let end): (end.connection?.sendQueue.count ?? 0) + (end.connection?.receiveQueue.count ?? 0)
         default: 0

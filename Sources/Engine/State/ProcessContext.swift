@@ -148,8 +148,8 @@ enum ContextReader {
             if !ProcFS.isAlive(processID) { throw .noSuchProcess(processID) }
             throw .unsupportedContext(processID, reason: "its \(what) cannot be read (\(error))")
         }
-        if path.hasSuffix(" (deleted)") {
-            throw .unsupportedContext(processID, reason: "its \(what) \(path.dropLast(" (deleted)".count)) was deleted, so no path leads back to it")
+        if KernelPath(path).isDeleted {
+            throw .unsupportedContext(processID, reason: "its \(what) \(KernelPath(path).name) was deleted, so no path leads back to it")
         }
         guard path.hasPrefix("/"), path.utf8.count <= ProcessContext.workingDirectoryByteCountMax, !path.utf8.contains(0) else {
             throw .unsupportedContext(processID, reason: "its \(what) \"\(path.prefix(256))\" is not reachable by a path from this node's root")
