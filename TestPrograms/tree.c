@@ -65,6 +65,9 @@ static int log_fd;
 static volatile int vfork_quit;
 static int b_duplicates_stdout;
 static int pipe_split;
+/* --answer-stall-us: a pause between reading a worker's answer word and waiting on it (the window of
+ * a lost wake-up, made wide enough that a test meets it every time). */
+static unsigned long long answer_stall_us;
 
 /* Sleeps in vfork's child (sharing the parent's memory) until the parent says so. */
 static void *vfork_thread(void *arg)
@@ -217,8 +220,14 @@ static void worker_process(int worker, uint64_t seed, pid_t parent)
 static void wait_answer(int worker, uint32_t request)
 {
     struct slot *s = &sh->slot[worker];
-    while (__atomic_load_n(&s->answered, __ATOMIC_ACQUIRE) != request)
-        futex_wait(&s->answered, s->answered);
+    /* The value seen is the one the wait compares: read again, it may already be the answer, and the
+     * wait would sleep on it with the wake already gone (the tree hung so under load, 60 s in torture). */
+    uint32_t seen;
+    while ((seen = __atomic_load_n(&s->answered, __ATOMIC_ACQUIRE)) != request) {
+        if (answer_stall_us)
+            usleep((useconds_t)answer_stall_us);
+        futex_wait(&s->answered, seen);
+    }
 }
 
 static void ask(int worker, uint32_t request)
@@ -245,6 +254,7 @@ int main(int argc, char **argv)
         { "rounds",   &rounds,   0, 100000000ULL, "number of rounds" },
         { "pause-us", &pause_us, 0, 10000000ULL, "microseconds paused per round" },
         { "seed",     &seed,     0, UINT64_MAX, "seed of the workers' steps" },
+        { "answer-stall-us", &answer_stall_us, 0, 1000000ULL, "microseconds between reading an answer word and waiting on it" },
     };
     const char *with = "none";
     static const char *const with_choices[] = { "none", "pidns", "vfork", "dup", "split", NULL };

@@ -64,6 +64,22 @@ extension ProcessTests {
             }
         }
 
+        /// tree's parent reads a worker's answer word and then waits on it: the wait must compare the
+        /// value it read, not read it again, or an answer that came in between is slept through for good
+        /// (a gate run on a loaded machine saw tree never reach its rendezvous in 60 s). The stall makes
+        /// that window wider than any answer takes: the run must still end, at once.
+        @Test func treeNeverSleepsThroughAnAnswer() throws {
+            let directory = try ScratchDirectory(under: "/tmp")
+            defer { directory.remove() }
+            let leftovers = LeftoverCheck()
+            defer { leftovers.finish() }
+            let program = leftovers.own(try SpawnedProgram(try TestPaths.testProgram("tree-static"),
+                                                           ["--rounds", "5", "--pause-us", "0", "--answer-stall-us", "5000"],
+                                                           standardOutputPath: directory.path("out"), standardErrorPath: directory.path("err")))
+            let status = try program.waitForExit(timeout: .seconds(30))
+            #expect(status == .exited(0), "\((try? String(contentsOfFile: directory.path("err"), encoding: .utf8)) ?? "")")
+        }
+
         /// The split pipe in both post-copy modes: A reads, through the pipe remade in its restored parent,
         /// the word the parent wrote before the freeze and each one it writes after the resume.
         @Test(arguments: [("postcopy-fam", "on"), ("postcopy-socket", "off")])
