@@ -29,7 +29,10 @@
  * dup of an inherited description: still the parent's one); split  the pipe
  * is split between the parent and A: the parent keeps only its write end,
  * A only its read end, B and C neither (a tree pipe: each end in another
- * process, a word always buffered between them).
+ * process, a word always buffered between them); pipeline  a second pipe
+ * between two workers, as a shell's pipeline: B writes a word each round,
+ * the grandchild G reads one (a word or two always buffered); the parent,
+ * which made the pipe, and C, G's parent, hold neither end.
  */
 #define _GNU_SOURCE
 #include "common.h"
@@ -65,6 +68,8 @@ static int log_fd;
 static volatile int vfork_quit;
 static int b_duplicates_stdout;
 static int pipe_split;
+static int pipeline;
+static int pipeline_fd[2] = { -1, -1 };
 /* --answer-stall-us: a pause between reading a worker's answer word and waiting on it (the window of
  * a lost wake-up, made wide enough that a test meets it every time). */
 static unsigned long long answer_stall_us;
@@ -144,6 +149,13 @@ static uint64_t serve(int worker, uint64_t seed, pid_t expected_parent)
             if (write(log_fd, &round, sizeof round) != sizeof round)
                 s->failure = 11;
         }
+        if (pipeline && worker == W_B && write(pipeline_fd[1], &(uint64_t){ round + 1 }, sizeof(uint64_t)) != sizeof(uint64_t))
+            s->failure = 12;
+        if (pipeline && worker == W_G) {
+            uint64_t word;
+            if (read(pipeline_fd[0], &word, sizeof word) != sizeof word || word != round)
+                s->failure = 13;
+        }
         if (s->failure == 0)
             s->failure = check_place(worker, expected_parent);
         state = step_of(worker, seed, state, round);
@@ -178,6 +190,12 @@ static void worker_process(int worker, uint64_t seed, pid_t parent)
     /* Split: A keeps only the read end, the others no end at all. */
     if (pipe_split && (close(pipe_fd[1]) != 0 || (worker != W_A && close(pipe_fd[0]) != 0)))
         _exit(TP_EXIT_SYSERR);
+    /* Pipeline: B keeps only the write end (and writes the first word), G only the read end. */
+    if (pipeline && worker != W_B && worker != W_C && (close(pipeline_fd[0]) != 0 || close(pipeline_fd[1]) != 0))
+        _exit(TP_EXIT_SYSERR);
+    if (pipeline && worker == W_B && (close(pipeline_fd[0]) != 0
+                                      || write(pipeline_fd[1], &(uint64_t){ 0 }, sizeof(uint64_t)) != sizeof(uint64_t)))
+        _exit(TP_EXIT_SYSERR);
     if (worker == W_A) {
         static struct worker_args thread_args;
         thread_args = (struct worker_args){ W_A_THREAD, seed, parent };
@@ -204,9 +222,13 @@ static void worker_process(int worker, uint64_t seed, pid_t parent)
         if (g == 0) {
             if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0 || getppid() != sh->c_pid)
                 _exit(TP_EXIT_SYSERR);
+            if (pipeline && close(pipeline_fd[1]) != 0)
+                _exit(TP_EXIT_SYSERR);
             serve(W_G, seed, sh->c_pid);
             _exit(23);
         }
+        if (pipeline && (close(pipeline_fd[0]) != 0 || close(pipeline_fd[1]) != 0))
+            _exit(TP_EXIT_SYSERR);
         serve(W_C, seed, parent);
         int status;
         while (waitpid(g, &status, 0) < 0)
@@ -257,9 +279,9 @@ int main(int argc, char **argv)
         { "answer-stall-us", &answer_stall_us, 0, 1000000ULL, "microseconds between reading an answer word and waiting on it" },
     };
     const char *with = "none";
-    static const char *const with_choices[] = { "none", "pidns", "vfork", "dup", "split", NULL };
+    static const char *const with_choices[] = { "none", "pidns", "vfork", "dup", "split", "pipeline", NULL };
     struct tp_stropt sopts[] = {
-        { "with", &with, with_choices, "what to add: none, pidns or vfork (refused), dup or split (migrate)" },
+        { "with", &with, with_choices, "what to add: none, pidns or vfork (refused), dup, split or pipeline (migrate)" },
     };
     tp_parse_args_with_strings(argc, argv,
                   "A parent with workers in their own group and session, a grandchild, a threaded child and two "
@@ -268,11 +290,14 @@ int main(int argc, char **argv)
 
     b_duplicates_stdout = strcmp(with, "dup") == 0;
     pipe_split = strcmp(with, "split") == 0;
+    pipeline = strcmp(with, "pipeline") == 0;
     sh = mmap(NULL, sizeof *sh, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     if (sh == MAP_FAILED)
         tp_syserr("mmap shared");
     if (pipe(pipe_fd) != 0)
         tp_syserr("pipe");
+    if (pipeline && pipe(pipeline_fd) != 0)
+        tp_syserr("pipe (pipeline)");
     log_fd = memfd_create("tree-log", MFD_CLOEXEC);
     if (log_fd < 0)
         tp_syserr("memfd_create");
@@ -310,6 +335,8 @@ int main(int argc, char **argv)
     /* Split: the parent keeps only the write end (A holds the read end alone). */
     if (pipe_split && close(pipe_fd[0]) != 0)
         tp_syserr("close pipe read end");
+    if (pipeline && (close(pipeline_fd[0]) != 0 || close(pipeline_fd[1]) != 0))
+        tp_syserr("close the pipeline's ends");
     pid_t namespaced = 0;
     pthread_t vforker;
     if (strcmp(with, "pidns") == 0) {

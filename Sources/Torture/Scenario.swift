@@ -69,6 +69,9 @@ public struct ProgramSpec: Sendable {
         // The tree with its pipe split: the parent holds only the write end, A only the read end.
         ProgramSpec(name: "tree-split", binary: "tree-static",
                     arguments: { ["--rounds", "\(8 + 8 * $0)", "--pause-us", "0", "--with", "split"] }, steps: { 8 + 8 * $0 }),
+        // A pipeline between two workers (B writes, the grandchild G reads), made by the parent, which holds no end.
+        ProgramSpec(name: "tree-pipeline", binary: "tree-static",
+                    arguments: { ["--rounds", "\(8 + 8 * $0)", "--pause-us", "0", "--with", "pipeline"] }, steps: { 8 + 8 * $0 }),
         // POSIX timers (none firing: nothing asynchronous), inotify watches, a sealed mapped memfd.
         ProgramSpec(name: "kernobjects", binary: "kernobjects-static",
                     arguments: { ["--rounds", "\(8 + 8 * $0)", "--pause-us", "0", "--timer-ms", "0", "--with", "timers,inotify,seals"] },

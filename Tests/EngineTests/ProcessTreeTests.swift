@@ -38,8 +38,10 @@ extension ProcessTests {
         /// their statuses), and the state oracle compared every process of the tree. `--with dup`: B holds
         /// a dup of its inherited stdout (restored as a dup of the inherited description). `--with split`:
         /// the parent holds only the pipe's write end and A only its read end, a word buffered between
-        /// them (one pipe, made in the parent and handed down to A).
-        @Test(arguments: [("tree-static", "none"), ("tree", "none"), ("tree-static", "dup"), ("tree-static", "split")])
+        /// them (one pipe, made in the parent and handed down to A). `--with pipeline`: B writes and the
+        /// grandchild G reads a second pipe, which their common ancestor (the parent) made and holds no
+        /// end of, handed down to G through C.
+        @Test(arguments: [("tree-static", "none"), ("tree", "none"), ("tree-static", "dup"), ("tree-static", "split"), ("tree-static", "pipeline")])
         func treeMigratesNonlive(_ program: String, _ with: String) throws {
             try migrateProgram(program, arguments: ["--rounds", "60", "--pause-us", "10000", "--with", with],
                                runOptions: ["--mode", "nonlive", "--after-ms", "300"], timeout: .seconds(90)) { report, _ in
@@ -80,11 +82,13 @@ extension ProcessTests {
             #expect(status == .exited(0), "\((try? String(contentsOfFile: directory.path("err"), encoding: .utf8)) ?? "")")
         }
 
-        /// The split pipe in both post-copy modes: A reads, through the pipe remade in its restored parent,
-        /// the word the parent wrote before the freeze and each one it writes after the resume.
-        @Test(arguments: [("postcopy-fam", "on"), ("postcopy-socket", "off")])
-        func splitPipeMigratesPostcopy(_ mode: String, _ push: String) throws {
-            try migrateProgram("tree-static", arguments: ["--rounds", "60", "--pause-us", "10000", "--with", "split"],
+        /// Split pipes in both post-copy modes: A reads, through the pipe remade in its restored parent,
+        /// the word the parent wrote before the freeze and each one it writes after the resume; G reads
+        /// what B writes, through the pipeline remade in the parent.
+        @Test(arguments: [("postcopy-fam", "on", "split"), ("postcopy-socket", "off", "split"), ("postcopy-fam", "off", "pipeline"),
+                          ("postcopy-socket", "on", "pipeline")])
+        func splitPipeMigratesPostcopy(_ mode: String, _ push: String, _ with: String) throws {
+            try migrateProgram("tree-static", arguments: ["--rounds", "60", "--pause-us", "10000", "--with", with],
                                runOptions: ["--mode", mode, "--push", push, "--after-ms", "300"], timeout: .seconds(90)) { report, _ in
                 expectMigratedAsReference(report)
                 #expect(report.verdicts.contains { $0.name == "registers and state" && $0.passed })
