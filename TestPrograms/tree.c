@@ -32,7 +32,9 @@
  * process, a word always buffered between them); pipeline  a second pipe
  * between two workers, as a shell's pipeline: B writes a word each round,
  * the grandchild G reads one (a word or two always buffered); the parent,
- * which made the pipe, and C, G's parent, hold neither end.
+ * which made the pipe, and C, G's parent, hold neither end; renumber  A
+ * moves its inherited read end to fd 7 (dup2, then close), which the parent
+ * keeps at its own number: one open file description at two numbers.
  */
 #define _GNU_SOURCE
 #include "common.h"
@@ -69,6 +71,9 @@ static volatile int vfork_quit;
 static int b_duplicates_stdout;
 static int pipe_split;
 static int pipeline;
+static int renumber;
+/* The descriptor A reads the pipe from (fd 7 with --with renumber). */
+static int a_read_fd = -1;
 static int pipeline_fd[2] = { -1, -1 };
 /* --answer-stall-us: a pause between reading a worker's answer word and waiting on it (the window of
  * a lost wake-up, made wide enough that a test meets it every time). */
@@ -143,7 +148,7 @@ static uint64_t serve(int worker, uint64_t seed, pid_t expected_parent)
         if (worker == W_A) {
             uint64_t word;
             if (round > 0) {
-                if (read(pipe_fd[0], &word, sizeof word) != sizeof word || word != round - 1)
+                if (read(a_read_fd, &word, sizeof word) != sizeof word || word != round - 1)
                     s->failure = 10;
             }
             if (write(log_fd, &round, sizeof round) != sizeof round)
@@ -196,6 +201,11 @@ static void worker_process(int worker, uint64_t seed, pid_t parent)
     if (pipeline && worker == W_B && (close(pipeline_fd[0]) != 0
                                       || write(pipeline_fd[1], &(uint64_t){ 0 }, sizeof(uint64_t)) != sizeof(uint64_t)))
         _exit(TP_EXIT_SYSERR);
+    if (renumber && worker == W_A) {
+        if (dup2(pipe_fd[0], 7) != 7 || close(pipe_fd[0]) != 0)
+            _exit(TP_EXIT_SYSERR);
+        a_read_fd = 7;
+    }
     if (worker == W_A) {
         static struct worker_args thread_args;
         thread_args = (struct worker_args){ W_A_THREAD, seed, parent };
@@ -279,9 +289,9 @@ int main(int argc, char **argv)
         { "answer-stall-us", &answer_stall_us, 0, 1000000ULL, "microseconds between reading an answer word and waiting on it" },
     };
     const char *with = "none";
-    static const char *const with_choices[] = { "none", "pidns", "vfork", "dup", "split", "pipeline", NULL };
+    static const char *const with_choices[] = { "none", "pidns", "vfork", "dup", "split", "pipeline", "renumber", NULL };
     struct tp_stropt sopts[] = {
-        { "with", &with, with_choices, "what to add: none, pidns or vfork (refused), dup, split or pipeline (migrate)" },
+        { "with", &with, with_choices, "what to add: none, pidns or vfork (refused), dup, split, pipeline or renumber (migrate)" },
     };
     tp_parse_args_with_strings(argc, argv,
                   "A parent with workers in their own group and session, a grandchild, a threaded child and two "
@@ -291,11 +301,13 @@ int main(int argc, char **argv)
     b_duplicates_stdout = strcmp(with, "dup") == 0;
     pipe_split = strcmp(with, "split") == 0;
     pipeline = strcmp(with, "pipeline") == 0;
+    renumber = strcmp(with, "renumber") == 0;
     sh = mmap(NULL, sizeof *sh, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     if (sh == MAP_FAILED)
         tp_syserr("mmap shared");
     if (pipe(pipe_fd) != 0)
         tp_syserr("pipe");
+    a_read_fd = pipe_fd[0];
     if (pipeline && pipe(pipeline_fd) != 0)
         tp_syserr("pipe (pipeline)");
     log_fd = memfd_create("tree-log", MFD_CLOEXEC);

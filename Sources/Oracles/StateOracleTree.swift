@@ -26,6 +26,8 @@ extension StateOracle {
                 check("parent", identity(expected.parentProcessID, in: checkpointed), identity(actual.parentProcessID, in: restored))
                 check("exit signal", "\(expected.exitSignal)", "\(actual.exitSignal)")
                 check("inherited descriptors", "\(expected.inheritedDescriptors.sorted())", "\(actual.inheritedDescriptors.sorted())")
+                check("descriptors taken from the parent", "\(expected.renumberedDescriptors.map { "\($0.parentDescriptor)->\($0.descriptor)" }.sorted())",
+                      "\(actual.renumberedDescriptors.map { "\($0.parentDescriptor)->\($0.descriptor)" }.sorted())")
                 check("inherited shared memory", "\(expected.inheritedMappingStarts.sorted().map(hex))", "\(actual.inheritedMappingStarts.sorted().map(hex))")
             }
             check("process group", identity(expected.processGroupID, in: checkpointed), identity(actual.processGroupID, in: restored))

@@ -9,7 +9,7 @@ public enum Syscall {
     public static let setresuid = 117, setresgid = 119, setgroups = 116, capset = 126, rtSigqueueinfo = 129
     public static let setfsuid = 122, setfsgid = 123
     public static let arch_prctl = 158, openat = 257, rtTgsigqueueinfo = 297, dup3 = 292, rseq = 334, seccomp = 317
-    public static let userfaultfd = 323, closeRange = 436, prlimit64 = 302
+    public static let userfaultfd = 323, closeRange = 436, prlimit64 = 302, fcntl = 72
     public static let clone3 = 435, setRobustList = 273, setTidAddress = 218
     public static let chdir = 80, chroot = 161, umask = 95, sigaltstack = 131, getitimer = 36, setitimer = 38
     public static let timerCreate = 222, timerSettime = 223, timerGettime = 224, timerDelete = 226

@@ -72,6 +72,9 @@ public struct ProgramSpec: Sendable {
         // A pipeline between two workers (B writes, the grandchild G reads), made by the parent, which holds no end.
         ProgramSpec(name: "tree-pipeline", binary: "tree-static",
                     arguments: { ["--rounds", "\(8 + 8 * $0)", "--pause-us", "0", "--with", "pipeline"] }, steps: { 8 + 8 * $0 }),
+        // A reads the pipe at fd 7, the parent holds the same description at fd 3.
+        ProgramSpec(name: "tree-renumber", binary: "tree-static",
+                    arguments: { ["--rounds", "\(8 + 8 * $0)", "--pause-us", "0", "--with", "renumber"] }, steps: { 8 + 8 * $0 }),
         // POSIX timers (none firing: nothing asynchronous), inotify watches, a sealed mapped memfd.
         ProgramSpec(name: "kernobjects", binary: "kernobjects-static",
                     arguments: { ["--rounds", "\(8 + 8 * $0)", "--pause-us", "0", "--timer-ms", "0", "--with", "timers,inotify,seals"] },

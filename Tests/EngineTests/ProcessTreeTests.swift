@@ -40,8 +40,10 @@ extension ProcessTests {
         /// the parent holds only the pipe's write end and A only its read end, a word buffered between
         /// them (one pipe, made in the parent and handed down to A). `--with pipeline`: B writes and the
         /// grandchild G reads a second pipe, which their common ancestor (the parent) made and holds no
-        /// end of, handed down to G through C.
-        @Test(arguments: [("tree-static", "none"), ("tree", "none"), ("tree-static", "dup"), ("tree-static", "split"), ("tree-static", "pipeline")])
+        /// end of, handed down to G through C. `--with renumber`: A holds the pipe's read end at fd 7, the
+        /// parent at fd 3 (one description at two numbers: A's is taken from the parent's and moved).
+        @Test(arguments: [("tree-static", "none"), ("tree", "none"), ("tree-static", "dup"), ("tree-static", "split"), ("tree-static", "pipeline"),
+                          ("tree-static", "renumber")])
         func treeMigratesNonlive(_ program: String, _ with: String) throws {
             try migrateProgram(program, arguments: ["--rounds", "60", "--pause-us", "10000", "--with", with],
                                runOptions: ["--mode", "nonlive", "--after-ms", "300"], timeout: .seconds(90)) { report, _ in
@@ -86,7 +88,7 @@ extension ProcessTests {
         /// the word the parent wrote before the freeze and each one it writes after the resume; G reads
         /// what B writes, through the pipeline remade in the parent.
         @Test(arguments: [("postcopy-fam", "on", "split"), ("postcopy-socket", "off", "split"), ("postcopy-fam", "off", "pipeline"),
-                          ("postcopy-socket", "on", "pipeline")])
+                          ("postcopy-socket", "on", "pipeline"), ("postcopy-fam", "on", "renumber")])
         func splitPipeMigratesPostcopy(_ mode: String, _ push: String, _ with: String) throws {
             try migrateProgram("tree-static", arguments: ["--rounds", "60", "--pause-us", "10000", "--with", with],
                                runOptions: ["--mode", mode, "--push", push, "--after-ms", "300"], timeout: .seconds(90)) { report, _ in
@@ -297,6 +299,19 @@ extension ProcessTests {
                 state.members[index] = .live(member)
             })
             #expect(rejected({ _ in }, pages: [TreePageAddress.tagged(0x400000, ordinal: 7)]))
+            #expect(rejected { state in
+                guard case .live(var member) = state.members.first(where: { if case .live = $0 { true } else { false } })! else { return }
+                let index = state.members.firstIndex { $0.processID == member.processID }!
+                member.lineage.renumberedDescriptors = [RenumberedDescriptor(descriptor: 9, parentDescriptor: 999)]
+                state.members[index] = .live(member)
+            }, "a descriptor taken from one its parent does not hold")
+            var renumbered = state
+            if case .live(var member) = renumbered.members.first(where: { if case .live = $0 { true } else { false } })! {
+                let index = renumbered.members.firstIndex { $0.processID == member.processID }!
+                member.lineage.renumberedDescriptors = [RenumberedDescriptor(descriptor: 9, parentDescriptor: 1)]
+                renumbered.members[index] = .live(member)
+            }
+            #expect(try ProcessState.decode(renumbered.encoded()) == renumbered, "a taken descriptor encodes and decodes")
             var crowded = state
             let zombie = crowded.members.first { if case .zombie = $0 { true } else { false } }!
             for index in 0..<TreeLimits.processCountMax {

@@ -74,6 +74,7 @@ final class FrozenTree {
             }
             let inherited = try TreePreflight.inheritance(of: listing, in: all)
             lineage.inheritedDescriptors = inherited.descriptors
+            lineage.renumberedDescriptors = inherited.renumbered
             lineage.inheritedMappingStarts = inherited.mappings
             var member = try frozen.capture()
             member.lineage = lineage

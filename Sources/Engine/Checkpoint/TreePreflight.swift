@@ -43,7 +43,8 @@ enum TreePreflight {
         try checkShape(listing)
         for process in listing.dropFirst() where !process.fields.isZombie {
             let inherited = try inheritance(of: process, in: listing)
-            holders.append(TreePipeHolder(processID: process.processID, files: files[process.processID] ?? [], inherited: Set(inherited.descriptors)))
+            holders.append(TreePipeHolder(processID: process.processID, files: files[process.processID] ?? [],
+                                          inherited: Set(inherited.descriptors + inherited.renumbered.map(\.descriptor))))
         }
         if holders.count == 1 {
             try TreePipes.refuseLoneEnds(holders[0].files, processID: root)
@@ -125,12 +126,14 @@ enum TreePreflight {
     /// What a child holds as its parent holds it (one open file description at one number, one shared
     /// memory object at one address), which its restore inherits from the restored parent; anything
     /// else it shares with another process of the tree is refused.
-    static func inheritance(of process: TreeListing, in listing: [TreeListing]) throws(CheckpointError) -> (descriptors: [Int32], mappings: [UInt64]) {
+    static func inheritance(of process: TreeListing, in listing: [TreeListing])
+        throws(CheckpointError) -> (descriptors: [Int32], mappings: [UInt64], renumbered: [RenumberedDescriptor]) {
         let pid = process.processID, parent = process.fields.parentProcessID
         let root = listing[0].processID
         let others = listing.filter { $0.processID != pid && !$0.fields.isZombie }.map(\.processID)
         var descriptors: [Int32] = []
         var mappings: [UInt64] = []
+        var renumbered: [RenumberedDescriptor] = []
         do {
             let parentDescriptors = Set(try ProcFS.descriptors(parent))
             var othersDescriptors: [ProcessID: [Int32]] = [:]
@@ -146,9 +149,14 @@ enum TreePreflight {
                     isDuplicateOfInherited = true
                 }
                 if isDuplicateOfInherited { continue }
+                // The parent's description at another number: taken from the parent and moved.
+                if let theirs = try parentDescriptors.sorted().first(where: { try ProcessTreeFS.sameOpenFile(parent, $0, pid, descriptor) }) {
+                    renumbered.append(RenumberedDescriptor(descriptor: descriptor, parentDescriptor: theirs))
+                    continue
+                }
                 for other in others {
                     for theirs in othersDescriptors[other] ?? [] where try ProcessTreeFS.sameOpenFile(other, theirs, pid, descriptor) {
-                        throw CheckpointError.unsupportedTree(root, reason: "fd \(descriptor) of pid \(pid) is one open file description with fd \(theirs) of pid \(other), not inherited at the same number from its parent (only those stay shared)")
+                        throw CheckpointError.unsupportedTree(root, reason: "fd \(descriptor) of pid \(pid) is one open file description with fd \(theirs) of pid \(other), not its parent's (only a parent's descriptions stay shared, at the same number or another)")
                     }
                 }
             }
@@ -174,6 +182,6 @@ enum TreePreflight {
             if !ProcFS.isAlive(pid) { throw .noSuchProcess(pid) }
             throw .system(pid, "comparing what it shares with its tree: \(error)")
         }
-        return (descriptors, mappings)
+        return (descriptors, mappings, renumbered)
     }
 }

@@ -46,6 +46,8 @@ final class TargetProcess {
     var inherited: (descriptors: Set<Int32>, mappingStarts: Set<UInt64>)?
     /// A tree's pipes, with this process's own number in the tree (TreePipes.swift).
     var treePipes: (restore: TreePipeRestore, ownProcessID: ProcessID)?
+    /// A tree member's descriptors that are its parent's at another number (ProcessLineage).
+    var renumbered: [RenumberedDescriptor] = []
     /// The parked ends of tree pipes this member inherited: kept until the whole tree is built.
     var keptParkedDescriptors: Set<Int32> = []
 
@@ -128,11 +130,7 @@ final class TargetProcess {
     func buildLayout(_ state: ProcessState) throws(RestoreError) {
         do {
             if let inherited {
-                // A tree member cloned from its restored parent keeps what it inherited, nothing else.
-                for descriptor in try ProcFS.descriptors(processID)
-                where !inherited.descriptors.contains(descriptor) && !keptParkedDescriptors.contains(descriptor) {
-                    try injector.call("close(\(descriptor))", Syscall.close, UInt64(descriptor))
-                }
+                try keepInherited(inherited.descriptors, state: state)
             } else {
                 try injector.call("close_range", Syscall.closeRange, 0, UInt64(UInt32.max), 0)
             }

@@ -93,7 +93,8 @@ extension TargetProcess {
 
     /// The process's own descriptors (a tree member's inherited ones are already there).
     func restoreDescriptors(_ state: ProcessState) throws {
-        let own = state.files.filter { inherited?.descriptors.contains($0.descriptor) != true }
+        let taken = Set(renumbered.map(\.descriptor))
+        let own = state.files.filter { inherited?.descriptors.contains($0.descriptor) != true && !taken.contains($0.descriptor) }
         let descriptors = DescriptorRestorer(injector: injector, memory: memory, dataAddress: dataAddress, processID: processID,
                                              reopenPaths: reopenPaths, treePipes: treePipes)
         try descriptors.restore(own)
@@ -236,5 +237,26 @@ extension TargetProcess {
             }
         } catch { throw .system("reading the target's pagemap: \(error)") }
         return addresses
+    }
+
+    /// A tree member cloned from its restored parent keeps what it inherited (`inherited`, and the parked
+    /// ends of tree pipes), nothing else.
+    /// What it holds at another number than its parent is moved there, first parked above every
+    /// number, so that one move never lands on another's source.
+    func keepInherited(_ inherited: Set<Int32>, state: ProcessState) throws {
+        let present = try ProcFS.descriptors(processID)
+        let base = (present + renumbered.map(\.descriptor)).max().map { UInt64($0) + 1 } ?? 0
+        var moves: [(parked: Int32, to: RenumberedDescriptor)] = []
+        for move in renumbered {
+            moves.append((Int32(try injector.call("fcntl(F_DUPFD \(move.parentDescriptor))", Syscall.fcntl, UInt64(move.parentDescriptor), 0, base)), move))
+        }
+        for descriptor in present where !inherited.contains(descriptor) && !keptParkedDescriptors.contains(descriptor) {
+            try injector.call("close(\(descriptor))", Syscall.close, UInt64(descriptor))
+        }
+        for (parked, move) in moves {
+            let closeOnExec = (state.files.first { $0.descriptor == move.descriptor }?.flags ?? 0) & OpenFlag.closeOnExec
+            try injector.call("dup3(\(move.descriptor))", Syscall.dup3, UInt64(parked), UInt64(move.descriptor), UInt64(UInt32(bitPattern: closeOnExec)))
+            try injector.call("close", Syscall.close, UInt64(parked))
+        }
     }
 }

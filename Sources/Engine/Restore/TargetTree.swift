@@ -79,6 +79,7 @@ final class TargetTree {
                     try drainChildSignal(parent, signal: lineage.exitSignal)
                 case .live(let memberState):
                     child.inherited = (Set(lineage.inheritedDescriptors), Set(lineage.inheritedMappingStarts))
+                    child.renumbered = lineage.renumberedDescriptors
                     child.keptParkedDescriptors = parkedHeld[child.processID] ?? []
                     child.treePipes = treePipes.map { ($0, member.processID) }
                     // Before the layout: its executable and file mappings open through their checked files too.
@@ -336,6 +337,7 @@ final class TargetTree {
                 }
                 let inherited = try TreePreflight.inheritance(of: listing[index + 1], in: listing)
                 lineage.inheritedDescriptors = inherited.descriptors
+                lineage.renumberedDescriptors = inherited.renumbered
                 lineage.inheritedMappingStarts = inherited.mappings
                 guard var memberRestored = try member.prepareToResume(live, readBack: true) else { continue }
                 memberRestored.lineage = lineage

@@ -19,8 +19,18 @@ public struct ProcessLineage: Equatable, Sendable {
     /// Shared-memory mappings this process holds as its parent holds them (same object, address and
     /// offset): kept from the parent at the restore, so the object stays one.
     public var inheritedMappingStarts: [UInt64] = []
+    /// Descriptors this process holds as an open file description its parent holds at another number
+    /// (a dup2 onto stdin of an inherited descriptor the parent keeps): the restored child inherits the
+    /// parent's and moves it to its own number, so they stay one.
+    public var renumberedDescriptors: [RenumberedDescriptor] = []
 
     public init() {}
+}
+
+/// A child's descriptor that is its parent's open file description at another number.
+public struct RenumberedDescriptor: Equatable, Sendable {
+    public var descriptor: Int32
+    public var parentDescriptor: Int32
 }
 
 /// A child that exited but was not reaped: restored as a zombie with the same wait status.
@@ -110,6 +120,10 @@ extension ProcessLineage {
         writer.writeInt32(exitSignal)
         writer.writeArray(inheritedDescriptors) { writer, descriptor in writer.writeInt32(descriptor) }
         writer.writeArray(inheritedMappingStarts) { writer, start in writer.writeUInt64(start) }
+        writer.writeArray(renumberedDescriptors) { writer, renumbered in
+            writer.writeInt32(renumbered.descriptor)
+            writer.writeInt32(renumbered.parentDescriptor)
+        }
     }
 
     static func decode(_ reader: inout BinaryReader) throws(ImageError) -> ProcessLineage {
@@ -127,6 +141,9 @@ extension ProcessLineage {
         }
         lineage.inheritedDescriptors = try reader.readArray(maximumCount: 65536) { (reader) throws(ImageError) in try reader.readInt32() }
         lineage.inheritedMappingStarts = try reader.readArray(maximumCount: 65530) { (reader) throws(ImageError) in try reader.readUInt64() }
+        lineage.renumberedDescriptors = try reader.readArray(maximumCount: 65536) { (reader) throws(ImageError) in
+            RenumberedDescriptor(descriptor: try reader.readInt32(), parentDescriptor: try reader.readInt32())
+        }
         return lineage
     }
 }
@@ -209,9 +226,16 @@ extension ProcessState {
             for descriptor in lineage.inheritedDescriptors where !parent.files.contains(where: { $0.descriptor == descriptor }) {
                 throw refuse("pid \(pid) inherits fd \(descriptor), which its parent does not hold")
             }
+            for renumbered in lineage.renumberedDescriptors {
+                guard parent.files.contains(where: { $0.descriptor == renumbered.parentDescriptor }), renumbered.descriptor >= 0,
+                      !lineage.inheritedDescriptors.contains(renumbered.descriptor),
+                      lineage.renumberedDescriptors.filter({ $0.descriptor == renumbered.descriptor }).count == 1 else {
+                    throw refuse("pid \(pid) takes fd \(renumbered.descriptor) from its parent's fd \(renumbered.parentDescriptor), which is not a descriptor of its parent's or clashes with another")
+                }
+            }
             switch member {
             case .zombie(let zombie):
-                guard lineage.inheritedDescriptors.isEmpty, lineage.inheritedMappingStarts.isEmpty else {
+                guard lineage.inheritedDescriptors.isEmpty, lineage.inheritedMappingStarts.isEmpty, lineage.renumberedDescriptors.isEmpty else {
                     throw refuse("zombie \(pid) holds descriptors or mappings")
                 }
                 let status = zombie.waitStatus

@@ -82,7 +82,8 @@ enum TreePipes {
     static func holders(_ state: ProcessState) -> [TreePipeHolder] {
         var holders = [TreePipeHolder(processID: state.processID, files: state.files, inherited: [])]
         for case .live(let member) in state.members {
-            holders.append(TreePipeHolder(processID: member.processID, files: member.files, inherited: Set(member.lineage.inheritedDescriptors)))
+            let fromParent = member.lineage.inheritedDescriptors + member.lineage.renumberedDescriptors.map(\.descriptor)
+            holders.append(TreePipeHolder(processID: member.processID, files: member.files, inherited: Set(fromParent)))
         }
         return holders
     }
