@@ -179,9 +179,9 @@ final class FrozenVictim {
         let registers = try tracee.registers()
         let signalMask = try tracee.signalMask()
         let injected = try injectQueries(registers: registers, signalMask: signalMask)
-        let state = try StateReader.read(tracees: tracees, processID: processID, injected: injected, mappingFlags: mappingFlags)
         // A tree numbers its pipes' lone ends (FrozenTree.capture); a process alone refuses them.
-        if !isTreeMember { try TreePipes.refuseLoneEnds(state.files, processID: processID) }
+        let state = try StateReader.read(tracees: tracees, processID: processID, injected: injected, mappingFlags: mappingFlags,
+                                         allowingLoneEnds: isTreeMember)
         try ContextReader.checkRestorable(state, processID: processID)
         try Preflight.checkAdvice(state.mappings, processID: processID)
         try recordTCPSocketsWithGuard(state.files)

@@ -17,7 +17,8 @@ enum Preflight {
     /// Every check of one process; its children only with `checkingChildren` (a tree checks them itself,
     /// and the pipes its processes share: the descriptors are returned for that).
     @discardableResult
-    static func checkProcess(_ processID: ProcessID, checkingChildren: Bool = false) throws(CheckpointError) -> [OpenFile] {
+    /// `allowingLoneEnds`: a process of a tree, whose pipes the tree judges (TreePipes).
+    static func checkProcess(_ processID: ProcessID, checkingChildren: Bool = false, allowingLoneEnds: Bool = false) throws(CheckpointError) -> [OpenFile] {
         guard processID.rawValue > 0, ProcFS.isAlive(processID) else { throw .noSuchProcess(processID) }
         if processID == .current || processID == .parent { throw .cannotCheckpointSelf(processID) }
         let status: [String: String]
@@ -27,8 +28,7 @@ enum Preflight {
         do { threads = try ProcFS.threadIDs(processID) } catch { throw .readFailed(processID, "listing its threads", error) }
         if threads.count > ProcessState.maximumThreadCount { throw .multipleThreads(processID, count: threads.count) }
         if checkingChildren { try checkNoChildren(processID) }
-        let files = try descriptors(processID)
-        if checkingChildren { try TreePipes.refuseLoneEnds(files, processID: processID) }
+        let files = try descriptors(processID, allowingLoneEnds: allowingLoneEnds)
         _ = try mappings(processID)
         try ContextReader.checkRestorable(processID)
         return files
@@ -100,8 +100,8 @@ enum Preflight {
     }
 
     /// Every open descriptor, refusing what cannot be recreated (DescriptorReader); contents not read.
-    static func descriptors(_ processID: ProcessID) throws(CheckpointError) -> [OpenFile] {
-        try DescriptorReader.read(processID, contents: false)
+    static func descriptors(_ processID: ProcessID, allowingLoneEnds: Bool = false) throws(CheckpointError) -> [OpenFile] {
+        try DescriptorReader.read(processID, contents: false, allowingLoneEnds: allowingLoneEnds)
     }
 
     /// A MAP_SHARED mapping of shared anonymous memory or of a memfd, numbered by object (device and

@@ -32,11 +32,13 @@ enum TreePreflight {
     /// checked; throws the first reason it cannot be migrated.
     @discardableResult
     static func check(root: ProcessID) throws(CheckpointError) -> [TreeListing] {
-        var holders = [TreePipeHolder(processID: root, files: try Preflight.checkProcess(root), inherited: [])]
+        // A root without children is one process: a pipe end alone is refused where the reader meets it.
+        let hasChildren = !((try? ProcFS.childProcessIDs(root)) ?? []).isEmpty
+        var holders = [TreePipeHolder(processID: root, files: try Preflight.checkProcess(root, allowingLoneEnds: hasChildren), inherited: [])]
         let listing = try list(root: root)
         var files: [ProcessID: [OpenFile]] = [:]
         for process in listing.dropFirst() where !process.fields.isZombie {
-            do { files[process.processID] = try Preflight.checkProcess(process.processID) } catch .alreadyTraced(let child, let tracer) {
+            do { files[process.processID] = try Preflight.checkProcess(process.processID, allowingLoneEnds: true) } catch .alreadyTraced(let child, let tracer) {
                 throw .unsupportedTree(root, reason: "its child pid \(child) is traced by pid \(tracer) (a debugger?)")
             }
         }

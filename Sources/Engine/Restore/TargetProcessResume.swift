@@ -21,7 +21,8 @@ extension TargetProcess {
                 try threadTracee.setSignalMask(thread.signalMask)
                 try threadTracee.setRegisters(thread.registers.resumableAfterRestore)
             }
-            return try StateReader.read(tracees: allTracees, processID: processID, injected: injected)
+            // Read as the checkpoint was: a tree's pipe ends are numbered by the tree (TargetTree).
+            return try StateReader.read(tracees: allTracees, processID: processID, injected: injected, allowingLoneEnds: true)
         } catch {
             throw RestoreError(error)
         }

@@ -8,9 +8,11 @@ import Sys
 enum DescriptorReader {
     /// Every descriptor of `processID`, in descriptor order; throws the first one that cannot migrate.
     /// With `contents` false, carried bytes are only counted (the records hold none).
-    static func read(_ processID: ProcessID, contents: Bool) throws(CheckpointError) -> [OpenFile] {
+    /// With `allowingLoneEnds` (a process of a tree) a pipe end whose other end the process does not
+    /// hold is recorded for the tree to judge (TreePipes); else it is refused where it is met.
+    static func read(_ processID: ProcessID, contents: Bool, allowingLoneEnds: Bool = false) throws(CheckpointError) -> [OpenFile] {
         do {
-            return try readThrowing(processID, contents: contents)
+            return try readThrowing(processID, contents: contents, allowingLoneEnds: allowingLoneEnds)
         } catch let error as CheckpointError {
             throw error
         } catch {
@@ -26,7 +28,7 @@ enum DescriptorReader {
         var info: FDInfo
     }
 
-    private static func readThrowing(_ processID: ProcessID, contents: Bool) throws -> [OpenFile] {
+    private static func readThrowing(_ processID: ProcessID, contents: Bool, allowingLoneEnds: Bool) throws -> [OpenFile] {
         let numbers: [Int32]
         do { numbers = try ProcFS.descriptors(processID) } catch { throw CheckpointError.readFailed(processID, "listing its descriptors", error) }
         var probes: [Probe] = []
@@ -117,7 +119,7 @@ enum DescriptorReader {
                 records.append(record)
                 continue
             }
-            record.kind = try classify(probe, processID: processID, contents: contents, path: &record.path,
+            record.kind = try classify(probe, processID: processID, contents: contents, allowingLoneEnds: allowingLoneEnds, path: &record.path,
                                        pipeEnds: pipeEnds, sockets: sockets, refuse: refuse)
             carriedByteCount += contents ? record.kind.carriedByteCount : plannedByteCount(probe, processID: processID, kind: record.kind)
             if carriedByteCount > DescriptorLimits.carriedByteCountMax {
@@ -140,7 +142,7 @@ enum DescriptorReader {
         }
     }
 
-    private static func classify(_ probe: Probe, processID: ProcessID, contents: Bool, path: inout String,
+    private static func classify(_ probe: Probe, processID: ProcessID, contents: Bool, allowingLoneEnds: Bool, path: inout String,
                                  pipeEnds: [UInt64: [Probe]], sockets: [UInt64: (probe: Probe, info: UnixSocketInfo)],
                                  refuse: (Probe, String) -> CheckpointError) throws -> OpenFileKind {
         let link = probe.link
@@ -235,7 +237,7 @@ enum DescriptorReader {
             let readers = ends.filter { accessMode($0) != OpenFlag.writeOnly }, writers = ends.filter { accessMode($0) != OpenFlag.readOnly }
             // One end alone: the other may be another process's of the tree (TreePipes decides; a single
             // process refuses it there).
-            let lone = link.hasPrefix("pipe:") && ends.count == 1 && readers.count + writers.count == 1
+            let lone = allowingLoneEnds && link.hasPrefix("pipe:") && ends.count == 1 && readers.count + writers.count == 1
             guard lone || (readers.count == 1 && writers.count == 1 && ends.count == 2) else {
                 throw refuse(probe, "a pipe must have its read end and its write end open once each in the process (found \(readers.count) and \(writers.count))")
             }

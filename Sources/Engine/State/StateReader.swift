@@ -133,15 +133,15 @@ enum StateReader {
     }
 
     /// A read-back that was not asked for (no injected answers) reads nothing.
-    static func read(tracees: [Tracee], processID: ProcessID, injected: InjectedAnswers?) throws -> ProcessState? {
+    static func read(tracees: [Tracee], processID: ProcessID, injected: InjectedAnswers?, allowingLoneEnds: Bool = false) throws -> ProcessState? {
         guard let injected else { return nil }
-        return try read(tracees: tracees, processID: processID, injected: injected, excluding: nil)
+        return try read(tracees: tracees, processID: processID, injected: injected, excluding: nil, allowingLoneEnds: allowingLoneEnds)
     }
 
     /// Everything else, through ptrace and /proc. Every thread (`tracees`, main first) must be stopped,
     /// traced by the caller's thread.
     static func read(tracees: [Tracee], processID: ProcessID, injected: InjectedAnswers,
-                     excluding excludedRange: Range<UInt64>? = nil, mappingFlags: MappingFlags? = nil) throws -> ProcessState {
+                     excluding excludedRange: Range<UInt64>? = nil, mappingFlags: MappingFlags? = nil, allowingLoneEnds: Bool = false) throws -> ProcessState {
         let tracee = tracees[0]
         let filters = try tracee.seccompFilters().map { SeccompFilter(program: $0.program, flags: $0.flags) }
         let sharedPending = try tracee.pendingSignals(shared: true).map { PendingSignal(shared: true, siginfo: $0) }
@@ -184,7 +184,7 @@ enum StateReader {
         descriptor.auxiliaryVector = try ProcFS.readFile("/proc/\(processID)/auxv")
 
         let personality = try ProcFS.personality(processID) ?? 0
-        let files = try DescriptorReader.read(processID, contents: true)
+        let files = try DescriptorReader.read(processID, contents: true, allowingLoneEnds: allowingLoneEnds)
         var mappings = try Preflight.mappings(processID)
         let flags = try mappingFlags.flatMap { $0.mappings == mappings ? $0.flags : nil } ?? ProcFS.smapsFlags(processID)
         if let excludedRange { mappings.removeAll { excludedRange.contains($0.start) } }
