@@ -13,7 +13,9 @@ extension ProcessState {
     /// 8: each thread's CPU affinity.
     /// 9: each mapping's madvise flags and (shared file mappings) whether it may write; the membarrier
     ///    registrations; the root directory.
-    static let encodingVersion: UInt32 = 9
+    /// 10: tree pipe ends (a pipe whose two ends two processes of a tree hold); a member's descriptors
+    ///    taken from its parent's at another number.
+    static let encodingVersion: UInt32 = 10
 
     public func encoded() -> [UInt8] {
         var writer = BinaryWriter()
