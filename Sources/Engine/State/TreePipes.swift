@@ -31,7 +31,7 @@ enum TreePipes {
 
     /// The own (not inherited) tree pipe ends of every process, by pipe: which process holds each read
     /// and each write end.
-    private static func ownEnds<Key: Hashable>(_ holders: [TreePipeHolder], key: (TreePipeEnd) -> Key)
+    static func ownEnds<Key: Hashable>(_ holders: [TreePipeHolder], key: (TreePipeEnd) -> Key)
         -> [Key: (read: [(processID: ProcessID, file: OpenFile)], write: [(processID: ProcessID, file: OpenFile)])] {
         var ends: [Key: (read: [(processID: ProcessID, file: OpenFile)], write: [(processID: ProcessID, file: OpenFile)])] = [:]
         for holder in holders {
@@ -162,24 +162,13 @@ final class TreePipeRestore {
             return chain
         }
         var pipes: [Pipe] = []
-        for holder in holders {
-            for file in holder.files where !holder.inherited.contains(file.descriptor) {
-                guard case .treePipe(let end) = file.kind, end.isReadEnd else { continue }
-                // The write end's holder: validated to exist, once.
-                guard let writer = holders.first(where: { other in
-                    other.files.contains { candidate in
-                        guard !other.inherited.contains(candidate.descriptor), case .treePipe(let theirs) = candidate.kind else { return false }
-                        return theirs.pipe == end.pipe && !theirs.isReadEnd
-                    }
-                }), let write = writer.files.first(where: { candidate in
-                    guard !writer.inherited.contains(candidate.descriptor), case .treePipe(let theirs) = candidate.kind else { return false }
-                    return theirs.pipe == end.pipe && !theirs.isReadEnd
-                }) else { continue }
-                let writerLine = Set(ancestors(writer.processID))
-                let creator = ancestors(holder.processID).first { writerLine.contains($0) } ?? state.processID
-                pipes.append(Pipe(ordinal: end.pipe, creator: creator, read: file, write: write,
-                                  capacityByteCount: end.capacityByteCount, buffered: end.buffered))
-            }
+        // Validated: one own read end and one own write end of each pipe that has own ends.
+        for (ordinal, ends) in TreePipes.ownEnds(holders, key: \.pipe) {
+            guard let reader = ends.read.first, let writer = ends.write.first, case .treePipe(let end) = reader.file.kind else { continue }
+            let writerLine = Set(ancestors(writer.processID))
+            let creator = ancestors(reader.processID).first { writerLine.contains($0) } ?? state.processID
+            pipes.append(Pipe(ordinal: ordinal, creator: creator, read: reader.file, write: writer.file,
+                              capacityByteCount: end.capacityByteCount, buffered: end.buffered))
         }
         guard !pipes.isEmpty else { return nil }
         self.pipes = pipes.sorted { $0.ordinal < $1.ordinal }
