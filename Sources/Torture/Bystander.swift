@@ -43,7 +43,7 @@ final class Bystander: Participant {
         }
         let byteCount = mapping.end - mapping.start
         try memory.userfaultfd.unregister(start: mapping.start, byteCount: byteCount)
-        let commandLine = (try? ProcFS.readFile("/proc/\(processID)/cmdline")) ?? []
+        let commandLine = (try? ProcFS.readFile(ProcFS.path(of: processID, .commandLine))) ?? []
         try memory.userfaultfd.registerMissing(start: mapping.start, byteCount: byteCount)
         return "read \(commandLine.count) bytes of /proc/PID/cmdline (arguments at \(hex(argumentStart)))"
     }

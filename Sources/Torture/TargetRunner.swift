@@ -226,7 +226,7 @@ final class TargetRunner: Participant, TargetGate, @unchecked Sendable {
 
     /// How many times the thread was put on a CPU (the third field of schedstat); nil once it is gone.
     private static func runCount(_ processID: ProcessID, thread: ProcessID) -> Substring? {
-        guard let text = try? ProcFS.readText("/proc/\(processID.rawValue)/task/\(thread.rawValue)/schedstat") else { return nil }
+        guard let text = try? ProcFS.readText(ProcFS.path(of: processID, .threadSchedulerStatistics(thread))) else { return nil }
         return text.split(separator: " ").last.map { $0.hasSuffix("\n") ? $0.dropLast() : $0 }
     }
 

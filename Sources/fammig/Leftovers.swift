@@ -35,7 +35,7 @@ enum Leftovers {
     /// A program this `fammig run` started itself, for gc to end if this run is killed.
     static func recordOwnProcess(_ processID: ProcessID) {
         guard let owner = PoolOwner.of(processID) else { return }
-        let executable = (try? ProcFS.readLink("/proc/\(processID.rawValue)/exe")) ?? ""
+        let executable = (try? ProcFS.readLink(ProcFS.path(of: processID, .executable))) ?? ""
         let line = "\(processID.rawValue) \(owner.startTime) \(executable)\n"
         guard let handle = FileHandle(forWritingAtPath: processesPath(getpid())) ?? {
             FileManager.default.createFile(atPath: processesPath(getpid()), contents: nil, attributes: [.posixPermissions: 0o600])

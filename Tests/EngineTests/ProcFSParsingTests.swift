@@ -12,6 +12,26 @@ extension ProcessTests {
             #expect(Substring(input).trimmingSpaces() == expected)
         }
 
+        @Test func everyNamedProcEntryIsWhereTheKernelKeepsIt() throws {
+            let own = ProcessID.current
+            for entry in [ProcEntry.status, .stat, .auxiliaryVector, .executable, .commandLine, .timers, .oomScoreAdjustment,
+                          .workingDirectory, .rootDirectory, .threadSchedulerStatistics(own)] {
+                #expect(ProcFS.exists(ProcFS.path(of: own, entry)), "\(entry)")
+            }
+            #expect(try ProcFS.readLink(ProcFS.path(of: own, .executable)) == ProcFS.readLink("/proc/self/exe"))
+            #expect(try ProcFS.readLink(ProcFS.path(of: own, .workingDirectory)) == FileManager.default.currentDirectoryPath)
+            // A file mapping's map_files link names its file (the range in hex, as maps shows it).
+            let mapping = try #require(try ProcFS.maps(own).first { $0.path.hasPrefix("/") && !$0.kernelPath.isDeleted })
+            #expect(try ProcFS.readLink(ProcFS.path(of: own, .mappedFile(start: mapping.start, end: mapping.end))) == mapping.path)
+            // A descriptor's link and its fdinfo.
+            let file = try #require(FileHandle(forReadingAtPath: "/etc/hostname"))
+            defer { try? file.close() }
+            let number = file.fileDescriptor
+            #expect(try ProcFS.readLink(ProcFS.path(of: own, .descriptor(number))) == "/etc/hostname")
+            #expect(try ProcFS.readText(ProcFS.path(of: own, .descriptorInfo(number))).hasPrefix("pos:"))
+            #expect(!ProcFS.exists(ProcFS.path(of: own, .descriptor(Int32.max))))
+        }
+
         @Test func isKilledOrEndedTellsALiveProcessFromAKilledOne() throws {
             let own = ProcessID(rawValue: getpid())
             #expect(!ProcFS.isKilledOrEnded(own))

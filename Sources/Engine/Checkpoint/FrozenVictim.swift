@@ -274,7 +274,7 @@ final class FrozenVictim {
     private func lockOutsideConnections() throws {
         // Reading every descriptor twice costs downtime: only a process with a socket can need a lock.
         let hasSocket = try ProcFS.descriptors(processID).contains {
-            ((try? ProcFS.readLink("/proc/\(processID)/fd/\($0)")) ?? "").hasPrefix("socket:")
+            ((try? ProcFS.readLink(ProcFS.path(of: processID, .descriptor($0)))) ?? "").hasPrefix("socket:")
         }
         guard hasSocket else { return }
         let files = try Preflight.descriptors(processID)

@@ -85,7 +85,7 @@ enum Preflight {
     /// map_files): a page this process never touched may hold another mapping's data, and a page it
     /// dropped with MADV_DONTNEED is still there; a hole reads as zeros and is not dumped.
     static func sharedMemoryPageAddresses(_ processID: ProcessID, mapping: Mapping) throws(CheckpointError) -> [UInt64] {
-        let path = "/proc/\(processID)/map_files/\(String(mapping.start, radix: 16))-\(String(mapping.end, radix: 16))"
+        let path = ProcFS.path(of: processID, .mappedFile(start: mapping.start, end: mapping.end))
         do {
             let object = try ForeignDescriptor(openingForReading: path)
             let start = Int64(mapping.fileOffset), end = start + Int64(mapping.byteCount)
@@ -123,7 +123,7 @@ enum Preflight {
         } else {
             return nil
         }
-        let path = "/proc/\(processID)/map_files/\(String(entry.start, radix: 16))-\(String(entry.end, radix: 16))"
+        let path = ProcFS.path(of: processID, .mappedFile(start: entry.start, end: entry.end))
         guard let identity = FileIdentity.of(path: path) else {
             throw .unsupportedMapping(processID, range: range, reason: "its shared memory object cannot be opened through map_files")
         }

@@ -30,7 +30,7 @@ struct ContextRestorer {
         }
         try injector.call("umask", Syscall.umask, UInt64(context.fileCreationMask))
         do {
-            try ProcFS.writeText("/proc/\(processID)/oom_score_adj", "\(context.oomScoreAdjustment)")
+            try ProcFS.writeText(ProcFS.path(of: processID, .oomScoreAdjustment), "\(context.oomScoreAdjustment)")
         } catch {
             throw RestoreError.system("setting oom_score_adj \(context.oomScoreAdjustment): \(error) (a value below the restorer's own needs CAP_SYS_RESOURCE)")
         }

@@ -71,7 +71,7 @@ extension TargetProcess {
         var done: Set<Int32> = []
         for mapping in state.mappings {
             guard case .sharedMemory(let object) = mapping.kind, object.sysv == nil, done.insert(object.object).inserted else { continue }
-            let path = "/proc/\(processID)/map_files/\(String(mapping.start, radix: 16))-\(String(mapping.end, radix: 16))"
+            let path = ProcFS.path(of: processID, .mappedFile(start: mapping.start, end: mapping.end))
             do {
                 let file = try ForeignDescriptor(openingForWriting: path)
                 let identity = try file.identity()

@@ -33,9 +33,9 @@ enum DescriptorReader {
         do { numbers = try ProcFS.descriptors(processID) } catch { throw CheckpointError.readFailed(processID, "listing its descriptors", error) }
         var probes: [Probe] = []
         for number in numbers {
-            let linkPath = "/proc/\(processID)/fd/\(number)"
+            let linkPath = ProcFS.path(of: processID, .descriptor(number))
             guard let link = try? ProcFS.readLink(linkPath),
-                  let fdinfoText = try? ProcFS.readText("/proc/\(processID)/fdinfo/\(number)") else { continue }  // closed meanwhile
+                  let fdinfoText = try? ProcFS.readText(ProcFS.path(of: processID, .descriptorInfo(number))) else { continue }  // closed meanwhile
             let identity = FileIdentity.of(path: linkPath)
             probes.append(Probe(descriptor: number, link: link, identity: identity, info: FDInfo(text: fdinfoText)))
         }

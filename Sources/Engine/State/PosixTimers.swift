@@ -99,7 +99,7 @@ enum PosixTimerReader {
     static func list(_ processID: ProcessID, threadID: (ProcessID) -> ProcessID? = { try? ProcFS.innermostProcessID($0) })
         throws(CheckpointError) -> [PosixTimer] {
         let text: String
-        do { text = try ProcFS.readText("/proc/\(processID)/timers") } catch {
+        do { text = try ProcFS.readText(ProcFS.path(of: processID, .timers)) } catch {
             if !ProcFS.isAlive(processID) { throw .noSuchProcess(processID) }
             throw .system(processID, "reading /proc/\(processID)/timers: \(error)")
         }

@@ -129,7 +129,7 @@ enum ContextReader {
     /// The working directory as a path that resolves, now, to the very directory the process works in;
     /// refused when it was deleted, lies outside this node's root, or the path names another file.
     static func workingDirectory(_ processID: ProcessID) throws(CheckpointError) -> String {
-        try directory(processID, link: "cwd", what: "working directory")
+        try directory(processID, link: .workingDirectory, what: "working directory")
     }
 
     /// The root directory (chroot) as a path that resolves, now, from this node's root to the very
@@ -137,12 +137,12 @@ enum ContextReader {
     /// (another mount namespace, a pivot_root). Every other path of the process reads the same way
     /// (/proc shows them from the reader's root), so they open before the restored process is chrooted.
     static func rootDirectory(_ processID: ProcessID) throws(CheckpointError) -> String {
-        try directory(processID, link: "root", what: "root directory")
+        try directory(processID, link: .rootDirectory, what: "root directory")
     }
 
     /// /proc/PID/`link` as a path of this node that names the very directory it links to.
-    private static func directory(_ processID: ProcessID, link name: String, what: String) throws(CheckpointError) -> String {
-        let link = "/proc/\(processID)/\(name)"
+    private static func directory(_ processID: ProcessID, link entry: ProcEntry, what: String) throws(CheckpointError) -> String {
+        let link = ProcFS.path(of: processID, entry)
         let path: String
         do { path = try ProcFS.readLink(link) } catch {
             if !ProcFS.isAlive(processID) { throw .noSuchProcess(processID) }
@@ -169,7 +169,7 @@ enum ContextReader {
     }
 
     static func oomScoreAdjustment(_ processID: ProcessID) throws(CheckpointError) -> Int32 {
-        let path = "/proc/\(processID)/oom_score_adj"
+        let path = ProcFS.path(of: processID, .oomScoreAdjustment)
         let value: Int32?
         do { value = try ProcFS.oomScoreAdjustment(processID) } catch { throw .readFailed(processID, "reading \(path)", error) }
         guard let value, ProcessContext.oomScoreAdjustments.contains(value) else {

@@ -181,7 +181,7 @@ enum StateReader {
         descriptor.envStart = try statField(50)
         descriptor.envEnd = try statField(51)
         descriptor.brk = injected.brk
-        descriptor.auxiliaryVector = try ProcFS.readFile("/proc/\(processID)/auxv")
+        descriptor.auxiliaryVector = try ProcFS.readFile(ProcFS.path(of: processID, .auxiliaryVector))
 
         let personality = try ProcFS.personality(processID) ?? 0
         let files = try DescriptorReader.read(processID, contents: true, allowingLoneEnds: allowingLoneEnds)
@@ -203,7 +203,7 @@ enum StateReader {
         let ownProcessID = try ProcFS.innermostProcessID(processID)
         var state = ProcessState(
             processID: ownProcessID,
-            executablePath: try ProcFS.readLink("/proc/\(processID)/exe"),
+            executablePath: try ProcFS.readLink(ProcFS.path(of: processID, .executable)),
             commandName: try ProcFS.commandName(processID),
             threads: threads,
             signalActions: injected.actions,
