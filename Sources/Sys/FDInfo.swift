@@ -22,7 +22,7 @@ public struct FDInfo: Equatable, Sendable {
 
     /// Descriptor `descriptor` of `processID`'s fdinfo.
     public static func read(_ processID: ProcessID, descriptor: Int32) throws -> FDInfo {
-        FDInfo(text: try ProcFS.readText("/proc/\(processID)/fdinfo/\(descriptor)"))
+        FDInfo(text: try ProcFS.readText(ProcFS.path(of: processID, .descriptorInfo(descriptor))))
     }
 
     /// The open file description's status flags (`flags`, octal; 0 when absent or malformed).

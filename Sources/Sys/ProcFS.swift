@@ -92,7 +92,7 @@ public enum ProcFS {
     /// `Key:\tvalue` lines of /proc/PID/status.
     public static func status(_ processID: ProcessID) throws -> [String: String] {
         var result: [String: String] = [:]
-        for line in try readText("/proc/\(processID)/status").split(separator: "\n") {
+        for line in try readText(path(of: processID, .status)).split(separator: "\n") {
             guard let colon = line.firstIndex(of: ":") else { continue }
             result[String(line[..<colon])] = line[line.index(after: colon)...].trimmingSpaces()
         }
@@ -101,7 +101,7 @@ public enum ProcFS {
 
     /// The fields of /proc/PID/stat after the command name, numbered as in proc(5) (field 1 = pid).
     public static func statFields(_ processID: ProcessID) throws -> [Int: String] {
-        let path = "/proc/\(processID)/stat"
+        let path = Self.path(of: processID, .stat)
         let text = try readText(path)
         // The command name is in parentheses and may contain anything: split after the last ')'.
         guard let close = text.lastIndex(of: ")") else { throw ProcFSError(path: path, reason: "no ')' in stat") }
@@ -216,7 +216,7 @@ public enum ProcFS {
 
     /// The state letter of a process (its main thread) in /proc/PID/stat, typed; nil when it is gone.
     public static func state(_ processID: ProcessID) -> TaskState? {
-        stateInStat("/proc/\(processID.rawValue)/stat")
+        stateInStat(path(of: processID, .stat))
     }
 
     /// The state letter of thread `threadID` of `processID`; nil when it is gone.
@@ -235,7 +235,7 @@ public enum ProcFS {
     /// Torture asks before every step: the three lines it needs are found with libc's strstr, not by
     /// splitting the file into lines (which was a twentieth of a campaign's CPU time in the debug build).
     public static func isKilledOrEnded(_ processID: ProcessID) -> Bool {
-        guard var bytes = try? readFile("/proc/\(processID)/status") else { return true }
+        guard var bytes = try? readFile(path(of: processID, .status)) else { return true }
         bytes.append(0)
         return bytes.withUnsafeBufferPointer { buffer -> Bool in
             let text = UnsafeRawPointer(buffer.baseAddress!).assumingMemoryBound(to: CChar.self)

@@ -47,7 +47,7 @@ extension ProcFS {
     /// /proc/PID/oom_score_adj as a number; nil when it holds something else (the kernel bounds it to
     /// -1000...1000: the caller checks).
     public static func oomScoreAdjustment(_ processID: ProcessID) throws -> Int32? {
-        Int32(try readText("/proc/\(processID)/oom_score_adj").filter { !$0.isWhitespace })
+        Int32(try readText(path(of: processID, .oomScoreAdjustment)).filter { !$0.isWhitespace })
     }
 }
 

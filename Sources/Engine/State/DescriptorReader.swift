@@ -35,9 +35,9 @@ enum DescriptorReader {
         for number in numbers {
             let linkPath = ProcFS.path(of: processID, .descriptor(number))
             guard let link = try? ProcFS.readLink(linkPath),
-                  let fdinfoText = try? ProcFS.readText(ProcFS.path(of: processID, .descriptorInfo(number))) else { continue }  // closed meanwhile
+                  let info = try? FDInfo.read(processID, descriptor: number) else { continue }  // closed meanwhile
             let identity = FileIdentity.of(path: linkPath)
-            probes.append(Probe(descriptor: number, link: link, identity: identity, info: FDInfo(text: fdinfoText)))
+            probes.append(Probe(descriptor: number, link: link, identity: identity, info: info))
         }
         func refuse(_ probe: Probe, _ reason: String) -> CheckpointError {
             .unsupportedDescriptor(processID, descriptor: probe.descriptor, target: "\(probe.link) (\(reason))")
